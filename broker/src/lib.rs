@@ -1,0 +1,2 @@
+//! The broker: identities, policy, the request workflow, PINs, notifications and signed grants
+#![forbid(unsafe_code)]

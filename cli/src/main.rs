@@ -1,0 +1,4 @@
+//! The twokey command line.
+#![forbid(unsafe_code)]
+
+fn main() {}

@@ -1,0 +1,20 @@
+//! What every twokey process runs on: mTLS configuration and SPIFFE identity,
+//! a development PKI, key files, signed audit events, the durable outbox and
+//! its shipper, durable sync for sled, server plumbing and telemetry.
+//!
+//! Nothing here knows about seeds, requests or policy.
+#![forbid(unsafe_code)]
+
+pub mod durable;
+pub mod events;
+pub mod identity;
+pub mod keys;
+pub mod outbox;
+pub mod pki;
+pub mod serve;
+pub mod shipper;
+pub mod telemetry;
+pub mod time;
+pub mod tls;
+
+pub use identity::{Authenticator, SpiffeId};

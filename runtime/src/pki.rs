@@ -1,0 +1,242 @@
+//! A development PKI: a CA and leaf certificates carrying SPIFFE IDs, made
+//! with rcgen. Used by tests and by `twokey pki init`; production deployments
+//! bring certificates from their own CA.
+
+use std::{net::IpAddr, path::Path};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::keys::{KeyError, write_secret_file};
+
+/// Why a certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// rcgen refused the parameters.
+    #[error("cannot make certificate: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A file could not be written.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A file could not be written.
+    #[error("cannot write {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// A PEM certificate and its PEM private key.
+pub struct CertifiedKey {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// The private key, PEM. Secret.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertifiedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertifiedKey")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"[redacted]")
+            .finish()
+    }
+}
+
+impl CertifiedKey {
+    /// Writes `NAME.crt` (0644) and `NAME.key` (0600) into `dir`.
+    pub fn write(&self, dir: &Path, name: &str) -> Result<(), PkiError> {
+        let crt = dir.join(format!("{name}.crt"));
+        std::fs::write(&crt, &self.cert_pem)
+            .map_err(|e| PkiError::Io(crt.display().to_string(), e))?;
+        write_secret_file(&dir.join(format!("{name}.key")), self.key_pem.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// What a leaf certificate should say. Fields beyond the SPIFFE IDs exist so
+/// tests can make certificates that must be refused.
+#[derive(Debug, Clone)]
+pub struct LeafSpec {
+    /// URI SANs; normally exactly one SPIFFE ID.
+    pub spiffe_ids: Vec<String>,
+    /// DNS SANs, e.g. the service name `vault` that clients check.
+    pub dns_names: Vec<String>,
+    /// Start of validity.
+    pub not_before: time::OffsetDateTime,
+    /// End of validity.
+    pub not_after: time::OffsetDateTime,
+}
+
+impl LeafSpec {
+    /// A certificate for one SPIFFE ID, valid from an hour ago for a year.
+    pub fn new(spiffe_id: &str) -> Self {
+        let now = time::OffsetDateTime::now_utc();
+        Self {
+            spiffe_ids: vec![spiffe_id.to_owned()],
+            dns_names: Vec::new(),
+            not_before: now - time::Duration::hours(1),
+            not_after: now + time::Duration::days(365),
+        }
+    }
+
+    /// Adds DNS names (servers: the service name and `localhost`).
+    pub fn dns(mut self, names: &[&str]) -> Self {
+        self.dns_names.extend(names.iter().map(|n| (*n).to_owned()));
+        self
+    }
+}
+
+/// A development certificate authority.
+pub struct DevCa {
+    issuer: Issuer<'static, KeyPair>,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for DevCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCa").finish_non_exhaustive()
+    }
+}
+
+impl DevCa {
+    /// A new CA named after `trust_domain`, valid for ten years.
+    pub fn new(trust_domain: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("twokey development CA ({trust_domain})"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA written by [`DevCa::write`].
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Ok(Self {
+            issuer: Issuer::from_ca_cert_pem(cert_pem, key)?,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Writes `ca.crt` and `ca.key` (0600) into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), PkiError> {
+        CertifiedKey {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        }
+        .write(dir, "ca")
+    }
+
+    /// Issues a leaf certificate for client and server use.
+    pub fn issue(&self, spec: &LeafSpec) -> Result<CertifiedKey, PkiError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            spec.spiffe_ids.first().cloned().unwrap_or_else(|| "no-id".into()),
+        );
+        params.distinguished_name = dn;
+        for id in &spec.spiffe_ids {
+            params
+                .subject_alt_names
+                .push(SanType::URI(id.as_str().try_into()?));
+        }
+        for dns in &spec.dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName(dns.as_str().try_into()?));
+            if dns == "localhost" {
+                for ip in ["127.0.0.1", "::1"] {
+                    let ip: IpAddr = ip.parse().expect("literal IP");
+                    params.subject_alt_names.push(SanType::IpAddress(ip));
+                }
+            }
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A server certificate for service `name` (`vault`, `broker`, `audit`):
+    /// SPIFFE ID `spiffe://TD/svc/NAME`, DNS names `NAME` and `localhost`.
+    pub fn issue_service(&self, trust_domain: &str, name: &str) -> Result<CertifiedKey, PkiError> {
+        self.issue(
+            &LeafSpec::new(&format!("spiffe://{trust_domain}/svc/{name}")).dns(&[name, "localhost"]),
+        )
+    }
+
+    /// A user certificate: SPIFFE ID `spiffe://TD/user/NAME`.
+    pub fn issue_user(&self, trust_domain: &str, name: &str) -> Result<CertifiedKey, PkiError> {
+        self.issue(&LeafSpec::new(&format!("spiffe://{trust_domain}/user/{name}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{identity_of_cert, spiffe_ids_in_cert};
+
+    fn der(pem: &str) -> Vec<u8> {
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap()
+    }
+
+    #[test]
+    fn issued_certificates_carry_their_spiffe_id() {
+        let ca = DevCa::new("example.org").unwrap();
+        let leaf = ca.issue_service("example.org", "vault").unwrap();
+        let id = identity_of_cert(&der(&leaf.cert_pem), "example.org").unwrap();
+        assert_eq!(id.as_str(), "spiffe://example.org/svc/vault");
+        assert!(identity_of_cert(&der(&leaf.cert_pem), "other.org").is_err());
+    }
+
+    #[test]
+    fn two_spiffe_ids_are_refused() {
+        let ca = DevCa::new("example.org").unwrap();
+        let mut spec = LeafSpec::new("spiffe://example.org/user/a");
+        spec.spiffe_ids.push("spiffe://example.org/user/b".into());
+        let leaf = ca.issue(&spec).unwrap();
+        assert_eq!(spiffe_ids_in_cert(&der(&leaf.cert_pem)).unwrap().len(), 2);
+        assert!(identity_of_cert(&der(&leaf.cert_pem), "example.org").is_err());
+    }
+
+    #[test]
+    fn a_written_ca_loads_and_issues() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::new("example.org").unwrap();
+        ca.write(dir.path()).unwrap();
+        let cert = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
+        let key = std::fs::read_to_string(dir.path().join("ca.key")).unwrap();
+        let again = DevCa::load(&cert, &key).unwrap();
+        again.issue_user("example.org", "alice").unwrap();
+    }
+}

@@ -1,0 +1,145 @@
+//! The shipper: streams a source's outbox to the audit service over the
+//! `Append` stream, reconnecting with backoff, and drops each event only once
+//! the audit service has acknowledged it as stored.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use twokey_proto::audit::v1::{
+    AppendRequest, AppendStatus, audit_service_client::AuditServiceClient,
+};
+
+use crate::outbox::Outbox;
+
+/// Events sent but not yet acknowledged, at most.
+const WINDOW: usize = 256;
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The audit service did not acknowledge an event in time.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("audit unavailable: event {0} not acknowledged in time")]
+pub struct AckTimeout(pub u64);
+
+/// Lets callers wait until their event is acknowledged.
+#[derive(Debug, Clone)]
+pub struct ShipperHandle {
+    acked: watch::Receiver<u64>,
+}
+
+impl ShipperHandle {
+    /// The highest sequence number acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        *self.acked.borrow()
+    }
+
+    /// Waits until event `seq` is acknowledged, at most `timeout`.
+    pub async fn wait_acked(&self, seq: u64, timeout: Duration) -> Result<(), AckTimeout> {
+        let mut rx = self.acked.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(|acked| *acked >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(AckTimeout(seq)),
+        }
+    }
+}
+
+/// Starts shipping `outbox` to the audit service at the other end of `channel`.
+pub fn spawn_shipper(outbox: Outbox, channel: Channel) -> ShipperHandle {
+    let start = outbox
+        .first_pending()
+        .unwrap_or_else(|| outbox.next_seq())
+        .saturating_sub(1);
+    let (acked_tx, acked_rx) = watch::channel(start);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match session(&outbox, channel.clone(), &acked_tx, &mut backoff).await {
+                Ok(()) => {}
+                Err(why) => {
+                    tracing::warn!(
+                        source = %outbox.signer().source(),
+                        depth = outbox.depth(),
+                        "audit shipping paused: {why}"
+                    );
+                }
+            }
+            // Retry after the backoff, or at once when a new event arrives.
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = outbox.notified() => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    });
+    ShipperHandle { acked: acked_rx }
+}
+
+async fn session(
+    outbox: &Outbox,
+    channel: Channel,
+    acked: &watch::Sender<u64>,
+    backoff: &mut Duration,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::channel::<AppendRequest>(WINDOW);
+    let mut client = AuditServiceClient::new(channel);
+    let mut next = outbox.first_pending().unwrap_or_else(|| outbox.next_seq());
+    let mut in_flight = 0usize;
+    // Queue the first events before opening the stream so the open carries them.
+    queue(outbox, &tx, &mut next, &mut in_flight).await?;
+    let mut responses = client
+        .append(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    loop {
+        queue(outbox, &tx, &mut next, &mut in_flight).await?;
+        tokio::select! {
+            message = responses.message() => {
+                let response = message
+                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+                    .ok_or("audit closed the stream")?;
+                in_flight = in_flight.saturating_sub(1);
+                match AppendStatus::try_from(response.status) {
+                    Ok(AppendStatus::Stored | AppendStatus::Duplicate) => {
+                        outbox.remove_through(response.seq).map_err(|e| e.to_string())?;
+                        acked.send_if_modified(|a| {
+                            let changed = response.seq > *a;
+                            *a = (*a).max(response.seq);
+                            changed
+                        });
+                        *backoff = Duration::from_millis(50);
+                    }
+                    Ok(AppendStatus::Gap) => {
+                        // Everything below expected_seq is stored; start over from there.
+                        let stored = response.expected_seq.saturating_sub(1);
+                        outbox.remove_through(stored).map_err(|e| e.to_string())?;
+                        return Err(format!("audit expects event {} next; resending", response.expected_seq));
+                    }
+                    _ => return Err(format!("unexpected append status {}", response.status)),
+                }
+            }
+            () = outbox.notified() => {}
+        }
+    }
+}
+
+async fn queue(
+    outbox: &Outbox,
+    tx: &mpsc::Sender<AppendRequest>,
+    next: &mut u64,
+    in_flight: &mut usize,
+) -> Result<(), String> {
+    if *in_flight >= WINDOW {
+        return Ok(());
+    }
+    for (seq, event) in outbox.pending(*next, WINDOW - *in_flight) {
+        tx.send(AppendRequest { event: Some(event) })
+            .await
+            .map_err(|_| "append stream closed")?;
+        *next = seq + 1;
+        *in_flight += 1;
+    }
+    Ok(())
+}
