@@ -1,2 +1,155 @@
-//! The twokey command line: every human role's client for the broker and audit services.
+//! The twokey command line: every human role's client for the broker and
+//! audit services, offline audit verification, and development PKI.
+//!
+//! `main` parses [`Cli`] and calls [`run`]; each command group lives in its
+//! own module and returns `Result<(), CliError>`. Answers go to stdout through
+//! [`output`], errors to stderr as one line.
 #![forbid(unsafe_code)]
+
+pub mod account;
+pub mod audit;
+pub mod code;
+pub mod completions;
+pub mod error;
+pub mod output;
+pub mod pin;
+pub mod pki;
+pub mod profile;
+pub mod request;
+pub mod whoami;
+
+use clap::{Parser, Subcommand};
+
+pub use error::CliError;
+use output::Output;
+use profile::{ConnectionArgs, Settings};
+
+/// twokey: TOTP codes for the most powerful accounts, released only with
+/// approval, a verified PIN and an audit trail.
+///
+/// Connection settings come from flags or from a profile in the config file
+/// ($TWOKEY_CONFIG, else ~/.config/twokey/config.toml), chosen with
+/// --profile NAME or $TWOKEY_PROFILE; flags override the profile:
+///
+///   [profiles.alice]
+///   broker = "https://127.0.0.1:7400"
+///   audit = "https://127.0.0.1:7403"   # auditors only
+///   cert = "/path/alice.crt"
+///   key = "/path/alice.key"
+///   ca = "/path/ca.crt"
+///
+/// Exit codes: 0 success, 1 failure, 2 usage.
+#[derive(Debug, Parser)]
+#[command(
+    name = "twokey",
+    version,
+    propagate_version = true,
+    verbatim_doc_comment
+)]
+pub struct Cli {
+    /// Print the proto3 JSON mapping of the answer and nothing else
+    /// (streams: one JSON object per line).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Where to connect and as whom.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The command groups.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show who the broker thinks you are and your roles per account.
+    Whoami,
+    /// File, list, watch, approve, deny and cancel requests for codes.
+    #[command(subcommand)]
+    Request(request::RequestCommand),
+    /// Verify the PIN the requester reads out, or have a new one sent.
+    #[command(subcommand)]
+    Pin(pin::PinCommand),
+    /// Release a code for a verified request.
+    #[command(subcommand)]
+    Code(code::CodeCommand),
+    /// Enroll, list and remove accounts (seeds live in the vault).
+    #[command(subcommand)]
+    Account(account::AccountCommand),
+    /// Query, export, checkpoint and verify the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// Make development certificates.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
+    /// Print a shell completion script.
+    Completions(completions::CompletionsArgs),
+}
+
+/// Runs a parsed command line; returns the process exit code. Errors are
+/// printed here, as one line on stderr.
+pub fn run(cli: Cli) -> i32 {
+    match execute(cli) {
+        Ok(()) | Err(CliError::BrokenPipe) => 0,
+        Err(err) => {
+            eprintln!("twokey: {}", err.one_line());
+            err.exit_code()
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<(), CliError> {
+    let out = Output { json: cli.json };
+    match cli.command {
+        Command::Pki(cmd) => pki::run(cmd, &cli.connection, out),
+        Command::Completions(args) => completions::run(&args),
+        Command::Whoami => with_runtime(whoami::run(Settings::resolve(&cli.connection)?, out)),
+        Command::Request(cmd) => {
+            with_runtime(request::run(cmd, Settings::resolve(&cli.connection)?, out))
+        }
+        Command::Pin(cmd) => with_runtime(pin::run(cmd, Settings::resolve(&cli.connection)?, out)),
+        Command::Code(cmd) => code::run(cmd, Settings::resolve(&cli.connection)?, out),
+        Command::Account(cmd) => {
+            with_runtime(account::run(cmd, Settings::resolve(&cli.connection)?, out))
+        }
+        Command::Audit(cmd) => audit::run(cmd, &cli.connection, out),
+    }
+}
+
+/// Runs a future on a single-threaded runtime.
+pub fn with_runtime<T>(
+    fut: impl std::future::Future<Output = Result<T, CliError>>,
+) -> Result<T, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Input(format!("cannot start the async runtime: {e}")))?
+        .block_on(fut)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn connection_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "twokey",
+            "request",
+            "list",
+            "--broker",
+            "https://b:1",
+            "--json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.connection.broker.as_deref(), Some("https://b:1"));
+    }
+}

@@ -1,4 +1,10 @@
-//! The twokey command line.
+//! The `twokey` command: parse the command line, run it, exit with its code.
 #![forbid(unsafe_code)]
 
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cli = twokey::Cli::parse();
+    std::process::exit(twokey::run(cli));
+}

@@ -1,0 +1,430 @@
+//! Connection settings: flags, or a named profile from a TOML config file
+//! (`$TWOKEY_CONFIG`, else `~/.config/twokey/config.toml`), flags winning.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use tonic::transport::Channel;
+use twokey_proto::{
+    audit::v1::audit_service_client::AuditServiceClient,
+    broker::v1::broker_service_client::BrokerServiceClient,
+};
+use twokey_runtime::tls::TlsFiles;
+
+use crate::error::{CliError, Target};
+
+/// The TLS server name the dev PKI gives the broker's certificate.
+pub const BROKER_SERVER_NAME: &str = "broker";
+/// The TLS server name the dev PKI gives the audit service's certificate.
+pub const AUDIT_SERVER_NAME: &str = "audit";
+
+/// Where to connect and as whom. Every flag overrides the profile's value.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConnectionArgs {
+    /// Profile to use from the config file.
+    #[arg(long, global = true, env = "TWOKEY_PROFILE", value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Config file holding profiles [default: ~/.config/twokey/config.toml].
+    #[arg(long, global = true, env = "TWOKEY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Broker address, e.g. https://127.0.0.1:7400.
+    #[arg(long, global = true, value_name = "URL")]
+    pub broker: Option<String>,
+    /// Audit service address, e.g. https://127.0.0.1:7403 (auditors only).
+    #[arg(long, global = true, value_name = "URL")]
+    pub audit: Option<String>,
+    /// Your certificate (PEM), carrying your SPIFFE ID.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Your private key (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The CA the services' certificates chain to (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Name the broker's certificate must carry [default: broker].
+    #[arg(long, global = true, value_name = "NAME")]
+    pub broker_server_name: Option<String>,
+    /// Name the audit service's certificate must carry [default: audit].
+    #[arg(long, global = true, value_name = "NAME")]
+    pub audit_server_name: Option<String>,
+}
+
+/// One profile: the connection settings of one identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Broker address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    /// Audit service address (auditors only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<String>,
+    /// Certificate, PEM. Relative paths are relative to the config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// Private key, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// CA certificate, PEM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Name the broker's certificate must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_server_name: Option<String>,
+    /// Name the audit service's certificate must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_server_name: Option<String>,
+}
+
+/// The config file: `[profiles.NAME]` tables and an optional `default_profile`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Profile used when none is named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_profile: Option<String>,
+    /// Profiles by name.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, Profile>,
+}
+
+impl Config {
+    /// Reads a config file; relative paths in profiles become relative to
+    /// the file's directory.
+    pub fn load(path: &Path) -> Result<Self, CliError> {
+        let text = std::fs::read_to_string(path).map_err(CliError::io("read config", path))?;
+        let mut config: Config = toml::from_str(&text).map_err(|e| {
+            CliError::Config(format!(
+                "config file {} is not valid: {} — see `twokey --help` for the profile format",
+                path.display(),
+                crate::error::one_line(e.message())
+            ))
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for profile in config.profiles.values_mut() {
+            for file in [&mut profile.cert, &mut profile.key, &mut profile.ca]
+                .into_iter()
+                .flatten()
+            {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Writes the config as TOML (for `pki init`, the demo and tests).
+    pub fn write(&self, path: &Path) -> Result<(), CliError> {
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| CliError::Config(format!("cannot encode config: {e}")))?;
+        std::fs::write(path, text).map_err(CliError::io("write", path))
+    }
+}
+
+/// The default config path: `$XDG_CONFIG_HOME/twokey/config.toml`, else
+/// `~/.config/twokey/config.toml`.
+pub fn default_config_path() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_CONFIG_HOME").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir).join("twokey/config.toml"));
+    }
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(|home| PathBuf::from(home).join(".config/twokey/config.toml"))
+}
+
+/// Resolved connection settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// The profile they came from, if any.
+    pub profile: Option<String>,
+    /// Merged values.
+    pub values: Profile,
+}
+
+impl Settings {
+    /// Merges the flags over the chosen profile, if any.
+    pub fn resolve(args: &ConnectionArgs) -> Result<Self, CliError> {
+        let config_path = args.config.clone().or_else(default_config_path);
+        let (profile_name, base) = match (&args.profile, &config_path) {
+            (Some(name), Some(path)) => {
+                if !path.exists() {
+                    return Err(CliError::Config(format!(
+                        "profile {name:?} asked for, but config file {} does not exist — create it or give --config FILE",
+                        path.display()
+                    )));
+                }
+                let config = Config::load(path)?;
+                let profile = pick(&config, name, path)?;
+                (Some(name.clone()), profile)
+            }
+            (Some(name), None) => {
+                return Err(CliError::Config(format!(
+                    "profile {name:?} asked for, but there is no config file: set TWOKEY_CONFIG or give --config FILE"
+                )));
+            }
+            (None, Some(path)) if path.exists() => {
+                let config = Config::load(path)?;
+                match &config.default_profile {
+                    Some(name) => (Some(name.clone()), pick(&config, name, path)?),
+                    None => (None, Profile::default()),
+                }
+            }
+            (None, _) => (None, Profile::default()),
+        };
+        let over = |flag: &Option<String>, base: Option<String>| flag.clone().or(base);
+        let over_path = |flag: &Option<PathBuf>, base: Option<PathBuf>| flag.clone().or(base);
+        Ok(Self {
+            profile: profile_name,
+            values: Profile {
+                broker: over(&args.broker, base.broker),
+                audit: over(&args.audit, base.audit),
+                cert: over_path(&args.cert, base.cert),
+                key: over_path(&args.key, base.key),
+                ca: over_path(&args.ca, base.ca),
+                broker_server_name: over(&args.broker_server_name, base.broker_server_name),
+                audit_server_name: over(&args.audit_server_name, base.audit_server_name),
+            },
+        })
+    }
+
+    fn where_from(&self) -> String {
+        match &self.profile {
+            Some(p) => format!(" (profile {p:?} has none)"),
+            None => String::new(),
+        }
+    }
+
+    /// The TLS files, all three required.
+    pub fn tls(&self) -> Result<TlsFiles, CliError> {
+        let v = &self.values;
+        let missing: Vec<&str> = [
+            ("--cert", v.cert.is_none()),
+            ("--key", v.key.is_none()),
+            ("--ca", v.ca.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, missing)| missing.then_some(flag))
+        .collect();
+        match (&v.cert, &v.key, &v.ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+            }),
+            _ => Err(CliError::Usage(format!(
+                "no {} given{}: pass them or choose a profile with --profile NAME (twokey pki init writes one)",
+                missing.join(", "),
+                self.where_from()
+            ))),
+        }
+    }
+
+    fn target(&self, service: &'static str) -> Result<Target, CliError> {
+        let address = match service {
+            "audit" => &self.values.audit,
+            _ => &self.values.broker,
+        };
+        let Some(address) = address else {
+            return Err(CliError::Usage(format!(
+                "no {service} address given{}: pass --{service} https://HOST:PORT or choose a profile with --profile NAME",
+                self.where_from()
+            )));
+        };
+        Ok(Target {
+            service,
+            address: normalize_address(address),
+        })
+    }
+
+    fn channel(
+        &self,
+        service: &'static str,
+        server_name: &str,
+    ) -> Result<(Channel, Target), CliError> {
+        let target = self.target(service)?;
+        let channel = self.tls()?.channel(&target.address, server_name)?;
+        Ok((channel, target))
+    }
+
+    /// A broker client and its target (for error messages).
+    pub fn broker(&self) -> Result<(BrokerServiceClient<Channel>, Target), CliError> {
+        let name = self
+            .values
+            .broker_server_name
+            .as_deref()
+            .unwrap_or(BROKER_SERVER_NAME);
+        let (channel, target) = self.channel("broker", name)?;
+        Ok((BrokerServiceClient::new(channel), target))
+    }
+
+    /// An audit client and its target (for error messages).
+    pub fn audit(&self) -> Result<(AuditServiceClient<Channel>, Target), CliError> {
+        let name = self
+            .values
+            .audit_server_name
+            .as_deref()
+            .unwrap_or(AUDIT_SERVER_NAME);
+        let (channel, target) = self.channel("audit", name)?;
+        Ok((
+            AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            target,
+        ))
+    }
+}
+
+fn pick(config: &Config, name: &str, path: &Path) -> Result<Profile, CliError> {
+    config.profiles.get(name).cloned().ok_or_else(|| {
+        let known: Vec<&str> = config.profiles.keys().map(String::as_str).collect();
+        CliError::Config(format!(
+            "no profile {name:?} in {}; it has: {}",
+            path.display(),
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
+}
+
+/// `HOST:PORT` becomes `https://HOST:PORT`; URLs stay as they are.
+pub fn normalize_address(address: &str) -> String {
+    if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("https://{address}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const ALICE: &str = r#"
+[profiles.alice]
+broker = "https://127.0.0.1:7400"
+audit = "https://127.0.0.1:7403"
+cert = "alice.crt"
+key = "/abs/alice.key"
+ca = "ca.crt"
+"#;
+
+    #[test]
+    fn a_named_profile_loads_with_paths_relative_to_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ConnectionArgs {
+            profile: Some("alice".into()),
+            config: Some(write(dir.path(), ALICE)),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!(s.values.broker.as_deref(), Some("https://127.0.0.1:7400"));
+        assert_eq!(s.values.cert, Some(dir.path().join("alice.crt")));
+        assert_eq!(s.values.key, Some(PathBuf::from("/abs/alice.key")));
+        let tls = s.tls().unwrap();
+        assert_eq!(tls.ca, dir.path().join("ca.crt"));
+    }
+
+    #[test]
+    fn flags_override_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ConnectionArgs {
+            profile: Some("alice".into()),
+            config: Some(write(dir.path(), ALICE)),
+            broker: Some("https://10.0.0.1:9000".into()),
+            cert: Some("/other.crt".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!(s.values.broker.as_deref(), Some("https://10.0.0.1:9000"));
+        assert_eq!(s.values.cert, Some(PathBuf::from("/other.crt")));
+        assert_eq!(s.values.audit.as_deref(), Some("https://127.0.0.1:7403"));
+    }
+
+    #[test]
+    fn an_unknown_profile_names_the_known_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ConnectionArgs {
+            profile: Some("bob".into()),
+            config: Some(write(dir.path(), ALICE)),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&args).unwrap_err().one_line();
+        assert!(err.contains("no profile \"bob\""), "{err}");
+        assert!(err.contains("alice"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_in_a_profile_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = ConnectionArgs {
+            profile: Some("a".into()),
+            config: Some(write(dir.path(), "[profiles.a]\nbrokr = \"x\"\n")),
+            ..Default::default()
+        };
+        let err = Settings::resolve(&args).unwrap_err().one_line();
+        assert!(err.contains("brokr"), "{err}");
+    }
+
+    #[test]
+    fn default_profile_is_used_when_none_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("default_profile = \"alice\"\n{ALICE}");
+        let args = ConnectionArgs {
+            config: Some(write(dir.path(), &text)),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!(s.profile.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn missing_tls_files_is_a_usage_error_naming_the_flags() {
+        let s = Settings {
+            profile: None,
+            values: Profile {
+                cert: Some("/c".into()),
+                ..Default::default()
+            },
+        };
+        let err = s.tls().unwrap_err();
+        assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
+        assert!(err.one_line().contains("--key, --ca"));
+    }
+
+    #[test]
+    fn a_config_round_trips_through_write_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.profiles.insert(
+            "op".into(),
+            Profile {
+                broker: Some("https://127.0.0.1:1".into()),
+                cert: Some(dir.path().join("op.crt")),
+                ..Default::default()
+            },
+        );
+        let path = dir.path().join("c.toml");
+        config.write(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), config);
+    }
+
+    #[test]
+    fn bare_host_port_gets_https() {
+        assert_eq!(
+            normalize_address("127.0.0.1:7400"),
+            "https://127.0.0.1:7400"
+        );
+        assert_eq!(normalize_address("http://x:1"), "http://x:1");
+    }
+}
