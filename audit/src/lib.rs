@@ -1,2 +1,76 @@
-//! The audit service: an append-only Merkle log of signed events with signed checkpoints
+//! The audit service: an append-only Merkle log (RFC 6962 hashing) of events
+//! signed by known sources, with signed checkpoints (C2SP signed notes),
+//! inclusion and consistency proofs, queries for auditors, and offline
+//! verification of exported logs.
+//!
+//! Domain: [`merkle`], [`checkpoint`], [`store`], [`service`], [`verify`] —
+//! no tonic. Edges: [`grpc`], [`config`], [`cli`] and [`serve`].
 #![forbid(unsafe_code)]
+
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod merkle;
+pub mod service;
+pub mod store;
+pub mod verify;
+
+use std::{future::Future, sync::Arc};
+
+use tokio::net::TcpListener;
+use twokey_proto::audit::v1::audit_service_server::AuditServiceServer;
+use twokey_runtime::{
+    Authenticator,
+    keys::load_signing_key,
+    serve::{announce, health, incoming, reflection, server},
+    time::SystemClock,
+};
+
+pub use config::AuditConfig;
+pub use error::AuditError;
+
+use crate::{checkpoint::CheckpointSigner, grpc::AuditGrpc, service::AuditLog, store::SledStore};
+
+/// Serves the audit service on `listener` until `shutdown` resolves.
+/// Prints `twokey-audit listening on <addr>` once it accepts connections.
+pub async fn serve(
+    config: AuditConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AuditError> {
+    let key = load_signing_key(&config.checkpoint_key_file)?;
+    let signer = CheckpointSigner::new(&config.origin, key)?;
+    let tls = config.tls.server_config()?;
+    let store = SledStore::open(&config.data_dir)?;
+    let log = Arc::new(AuditLog::new(
+        store,
+        config.sources.clone(),
+        config.auditors.clone(),
+        signer,
+        Arc::new(SystemClock),
+    ));
+    log.recover().await?;
+    tracing::info!(
+        entries = log.size(),
+        sources = config.sources.len(),
+        auditors = config.auditors.len(),
+        verifier = %log.signer().verifier(),
+        "audit log open"
+    );
+    let grpc = AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone()));
+    let addr = listener.local_addr().map_err(|e| AuditError::Open {
+        path: config.data_dir.clone(),
+        why: format!("listener has no address: {e}"),
+    })?;
+    let router = server(tls)?
+        .add_service(health::<AuditServiceServer<AuditGrpc<SledStore>>>().await)
+        .add_service(reflection())
+        .add_service(grpc.into_server());
+    announce("twokey-audit", addr);
+    router
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .await
+        .map_err(|e| AuditError::Serve(e.into()))
+}

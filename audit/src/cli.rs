@@ -1,0 +1,72 @@
+//! The `twokey-audit` command line: `serve` and `init-key`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use twokey_runtime::{
+    keys::{encode_public_key, generate_signing_key},
+    serve::{bind, shutdown_signal},
+    telemetry,
+};
+
+use crate::{
+    checkpoint::NoteVerifier,
+    config::{AuditConfig, ConfigArgs},
+};
+
+/// The twokey audit service: an append-only, signed, verifiable event log.
+#[derive(Debug, clap::Parser)]
+#[command(name = "twokey-audit", version)]
+pub struct Args {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Serves the audit gRPC API.
+    Serve(ConfigArgs),
+    /// Makes a new checkpoint signing key (mode 0600) and prints its verifier key.
+    InitKey {
+        /// Where to write the key; an existing file is never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+        /// The log's origin, which names the key in checkpoints.
+        #[arg(
+            long,
+            env = "TWOKEY_AUDIT_ORIGIN",
+            default_value = "twokey.local/audit"
+        )]
+        origin: String,
+    },
+}
+
+/// Runs a parsed command line.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Serve(flags) => {
+            let config = AuditConfig::load(&flags)?;
+            telemetry::init(config.log_format);
+            let listener = bind(&config.listen).await?;
+            crate::serve(config, listener, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::InitKey { out, origin } => {
+            // Check the name before writing anything.
+            let probe = NoteVerifier::new(
+                &origin,
+                ed25519_dalek::SigningKey::from_bytes(&[1; 32]).verifying_key(),
+            )?;
+            drop(probe);
+            let key = generate_signing_key(&out)
+                .with_context(|| format!("cannot make the checkpoint key {}", out.display()))?;
+            let verifier = NoteVerifier::new(&origin, key.verifying_key())?;
+            println!("wrote checkpoint signing key {}", out.display());
+            println!("verifier key: {verifier}");
+            println!("public key: {}", encode_public_key(&key.verifying_key()));
+            Ok(())
+        }
+    }
+}

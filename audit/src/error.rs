@@ -1,0 +1,104 @@
+//! The crate's one error type; `grpc` maps it to status codes in one place.
+
+use std::path::PathBuf;
+
+use crate::{checkpoint::CheckpointError, merkle::MerkleError};
+
+/// Why an audit operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The caller is not a configured source.
+    #[error("permission denied: {0} is not a configured audit source")]
+    UnknownSource(String),
+    /// The caller may not append events of another source.
+    #[error("permission denied: {peer} may not append events of source {source_id:?}")]
+    PeerMismatch {
+        /// The mTLS peer.
+        peer: String,
+        /// The source named in the event.
+        source_id: String,
+    },
+    /// The caller may not read the log.
+    #[error("permission denied: {0} is not a configured auditor")]
+    NotAuditor(String),
+    /// An event's signature does not verify.
+    #[error(
+        "event seq {seq} from {source_id}: signature does not verify; the event was altered or signed with another key"
+    )]
+    BadSignature {
+        /// The source.
+        source_id: String,
+        /// The sequence number the event claims.
+        seq: u64,
+    },
+    /// An event is malformed.
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    /// A source sent a different event under a sequence number already stored.
+    #[error(
+        "event seq {seq} from {source_id} differs from the event stored under that number at index {index}; a source must never reuse a sequence number"
+    )]
+    Conflict {
+        /// The source.
+        source_id: String,
+        /// The sequence number.
+        seq: u64,
+        /// Where the stored event is.
+        index: u64,
+    },
+    /// A request argument is invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A requested index or size is beyond the log.
+    #[error("out of range: {0}")]
+    OutOfRange(String),
+    /// Proof generation failed.
+    #[error(transparent)]
+    Merkle(#[from] MerkleError),
+    /// Checkpoint signing failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Storage failed.
+    #[error("audit storage failed: {0}")]
+    Store(String),
+    /// A stored entry cannot be read.
+    #[error("stored entry {index} is corrupt: {why}")]
+    Corrupt {
+        /// The index.
+        index: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// A key file cannot be used.
+    #[error(transparent)]
+    Key(#[from] twokey_runtime::keys::KeyError),
+    /// TLS material cannot be used.
+    #[error(transparent)]
+    Tls(#[from] twokey_runtime::tls::TlsError),
+    /// The server failed.
+    #[error(transparent)]
+    Serve(#[from] twokey_runtime::serve::ServeError),
+    /// The data directory cannot be opened.
+    #[error("cannot open the audit log in {path}: {why}")]
+    Open {
+        /// The data directory.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+impl From<twokey_runtime::durable::StoreError> for AuditError {
+    fn from(e: twokey_runtime::durable::StoreError) -> Self {
+        Self::Store(e.to_string())
+    }
+}
+
+impl From<sled::Error> for AuditError {
+    fn from(e: sled::Error) -> Self {
+        Self::Store(e.to_string())
+    }
+}

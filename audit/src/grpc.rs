@@ -1,0 +1,267 @@
+//! The thin gRPC layer of `AuditService`: authenticates the caller from its
+//! certificate, maps requests to [`AuditLog`] calls, and maps
+//! [`AuditError`] to a status in one place.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::{Stream, StreamExt, stream::FuturesOrdered};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use twokey_proto::audit::v1::{
+    AppendRequest, AppendResponse, GetCheckpointRequest, GetCheckpointResponse,
+    GetConsistencyProofRequest, GetConsistencyProofResponse, GetInclusionProofRequest,
+    GetInclusionProofResponse, QueryRequest, QueryResponse,
+    audit_service_server::{AuditService, AuditServiceServer},
+};
+use twokey_runtime::{Authenticator, SpiffeId, serve::MAX_MESSAGE_BYTES};
+
+use crate::{
+    error::AuditError,
+    service::{AuditLog, QueryFilter},
+    store::LogStore,
+};
+
+/// Appends of one stream written but not yet acknowledged, at most.
+const PIPELINE: usize = 64;
+/// Entries per query answer message, at most.
+const QUERY_BATCH: usize = 100;
+
+impl From<AuditError> for Status {
+    fn from(e: AuditError) -> Self {
+        let message = e.to_string();
+        match e {
+            AuditError::UnknownSource(_)
+            | AuditError::PeerMismatch { .. }
+            | AuditError::NotAuditor(_) => Status::permission_denied(message),
+            AuditError::BadSignature { .. }
+            | AuditError::InvalidEvent(_)
+            | AuditError::InvalidArgument(_) => Status::invalid_argument(message),
+            AuditError::Conflict { .. } => Status::already_exists(message),
+            AuditError::OutOfRange(_) => Status::out_of_range(message),
+            AuditError::Merkle(_) => Status::invalid_argument(message),
+            AuditError::Checkpoint(_)
+            | AuditError::Store(_)
+            | AuditError::Corrupt { .. }
+            | AuditError::Open { .. }
+            | AuditError::Config(_)
+            | AuditError::Key(_)
+            | AuditError::Tls(_)
+            | AuditError::Serve(_) => {
+                tracing::error!(error = %message, "audit request failed");
+                Status::internal(message)
+            }
+        }
+    }
+}
+
+/// The `AuditService` implementation over an [`AuditLog`].
+#[derive(Debug)]
+pub struct AuditGrpc<S> {
+    log: Arc<AuditLog<S>>,
+    auth: Authenticator,
+}
+
+impl<S: LogStore> AuditGrpc<S> {
+    /// The service for `log`, accepting callers of `auth`'s trust domain.
+    pub fn new(log: Arc<AuditLog<S>>, auth: Authenticator) -> Self {
+        Self { log, auth }
+    }
+
+    /// The tonic server with twokey's message size limits.
+    pub fn into_server(self) -> AuditServiceServer<Self> {
+        AuditServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn auditor<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        self.auth.authorize(request, "a configured auditor", |id| {
+            self.log.is_auditor(id)
+        })
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+async fn run_append<S: LogStore>(
+    log: Arc<AuditLog<S>>,
+    peer: SpiffeId,
+    mut inbound: Streaming<AppendRequest>,
+    tx: mpsc::Sender<Result<AppendResponse, Status>>,
+) {
+    let mut pending = FuturesOrdered::new();
+    let mut inbound_open = true;
+    let mut failure: Option<Status> = None;
+    loop {
+        tokio::select! {
+            biased;
+            Some(done) = pending.next(), if !pending.is_empty() => {
+                match done {
+                    Ok(ack) => {
+                        if tx.send(Ok(AppendResponse::from(ack))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        failure = Some(Status::from(e));
+                        break;
+                    }
+                }
+            }
+            message = inbound.message(), if inbound_open && failure.is_none() && pending.len() < PIPELINE => {
+                match message {
+                    Ok(Some(AppendRequest { event: Some(signed) })) => {
+                        match log.begin_append(&peer, signed) {
+                            Ok(p) => {
+                                let log = log.clone();
+                                pending.push_back(async move { log.finish(p).await });
+                            }
+                            Err(e) => {
+                                tracing::warn!(%peer, "append refused: {e}");
+                                failure = Some(Status::from(e));
+                            }
+                        }
+                    }
+                    Ok(Some(AppendRequest { event: None })) => {
+                        failure = Some(Status::invalid_argument("append request without an event"));
+                    }
+                    Ok(None) => inbound_open = false,
+                    Err(status) => {
+                        tracing::debug!(%peer, "append stream ended: {status}");
+                        inbound_open = false;
+                    }
+                }
+            }
+            else => break,
+        }
+        if failure.is_some() && pending.is_empty() {
+            break;
+        }
+    }
+    if let Some(status) = failure {
+        // Earlier appends are acknowledged first; the refusal ends the stream.
+        while let Some(done) = pending.next().await {
+            match done {
+                Ok(ack) => {
+                    if tx.send(Ok(ack.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(Err(status)).await;
+    }
+}
+
+#[tonic::async_trait]
+impl<S: LogStore> AuditService for AuditGrpc<S> {
+    type AppendStream = BoxStream<AppendResponse>;
+    type QueryStream = BoxStream<QueryResponse>;
+
+    async fn append(
+        &self,
+        request: Request<Streaming<AppendRequest>>,
+    ) -> Result<Response<Self::AppendStream>, Status> {
+        let log = self.log.clone();
+        let peer = self
+            .auth
+            .authorize(&request, "a configured audit source", |id| {
+                log.is_source(id)
+            })?;
+        let (tx, rx) = mpsc::channel(PIPELINE);
+        tokio::spawn(run_append(log, peer, request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn query(
+        &self,
+        request: Request<QueryRequest>,
+    ) -> Result<Response<Self::QueryStream>, Status> {
+        let who = self.auditor(&request)?;
+        let req = request.into_inner();
+        let (filter, mut cursor) = QueryFilter::from_request(&req)?;
+        tracing::info!(auditor = %who, "query");
+        let log = self.log.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut remaining = match req.page_size {
+                0 => usize::MAX,
+                n => n as usize,
+            };
+            loop {
+                let batch = match log.query_batch(&filter, cursor, remaining.min(QUERY_BATCH)) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                remaining -= batch.entries.len();
+                let (last, token) = match batch.next {
+                    None => (true, String::new()),
+                    Some(next) if remaining == 0 => (true, next.to_string()),
+                    Some(next) => {
+                        cursor = Some(next);
+                        (false, String::new())
+                    }
+                };
+                let response = QueryResponse {
+                    entries: batch.entries,
+                    next_page_token: token,
+                };
+                if tx.send(Ok(response)).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<GetCheckpointRequest>,
+    ) -> Result<Response<GetCheckpointResponse>, Status> {
+        self.auditor(&request)?;
+        let cp = self.log.checkpoint()?;
+        Ok(Response::new(GetCheckpointResponse {
+            checkpoint: cp.note,
+            tree_size: cp.size,
+            root_hash: cp.root.to_vec(),
+        }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        request: Request<GetInclusionProofRequest>,
+    ) -> Result<Response<GetInclusionProofResponse>, Status> {
+        self.auditor(&request)?;
+        let req = request.into_inner();
+        let (tree_size, hashes) = self.log.inclusion_proof(req.leaf_index, req.tree_size)?;
+        Ok(Response::new(GetInclusionProofResponse {
+            leaf_index: req.leaf_index,
+            tree_size,
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        request: Request<GetConsistencyProofRequest>,
+    ) -> Result<Response<GetConsistencyProofResponse>, Status> {
+        self.auditor(&request)?;
+        let req = request.into_inner();
+        let (second_size, hashes) = self
+            .log
+            .consistency_proof(req.first_size, req.second_size)?;
+        Ok(Response::new(GetConsistencyProofResponse {
+            first_size: req.first_size,
+            second_size,
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+}
