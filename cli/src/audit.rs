@@ -34,7 +34,8 @@ pub enum AuditCommand {
     Checkpoint(CheckpointArgs),
     /// Check an export offline: every signature, each source's sequence
     /// numbers, and the Merkle root against a signed checkpoint. Names the
-    /// first bad entry. Without --export/--checkpoint, fetches them first.
+    /// first bad entry. Without --export, fetches the log (and the
+    /// checkpoint, unless --checkpoint is given) from the audit service first.
     Verify(VerifyArgs),
 }
 
@@ -124,6 +125,10 @@ pub struct VerifyArgs {
     /// `checkpoint_key`.
     #[arg(long, value_name = "FILE")]
     pub sources: PathBuf,
+    /// The checkpoint verifier key (`NAME+ID+KEY`, printed by
+    /// `twokey-audit init-key`); overrides the sources file's checkpoint_key.
+    #[arg(long, value_name = "KEY", env = "TWOKEY_CHECKPOINT_KEY")]
+    pub checkpoint_key: Option<String>,
 }
 
 /// Runs an audit command.
@@ -371,10 +376,14 @@ impl SourcesFile {
 pub struct VerifyReport {
     /// Entries checked.
     pub entries: u64,
-    /// Highest sequence number per source.
+    /// Last sequence number per source.
     pub sources: BTreeMap<String, u64>,
-    /// Tree size of the checkpoint the root was checked against.
-    pub checkpoint_tree_size: u64,
+    /// RFC 6962 root hash of all entries, hex.
+    pub root_hash: String,
+    /// Tree size of the signed checkpoint the root was checked against
+    /// (absent when no checkpoint was given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_tree_size: Option<u64>,
 }
 
 /// Everything offline verification looks at.
@@ -382,9 +391,9 @@ pub struct VerifyReport {
 pub struct VerifyInput {
     /// The log, in index order from 0.
     pub entries: Vec<LogEntry>,
-    /// The checkpoint note text.
-    pub checkpoint: String,
-    /// Keys.
+    /// The checkpoint note text, if any.
+    pub checkpoint: Option<String>,
+    /// The sources' keys and the checkpoint verifier key.
     pub keys: SourcesFile,
 }
 
@@ -392,61 +401,75 @@ pub struct VerifyInput {
 /// continuity, Merkle root against the signed checkpoint. Names the first
 /// bad entry on failure.
 pub fn verify_offline(input: &VerifyInput) -> Result<VerifyReport, CliError> {
-    let _ = input;
-    Err(CliError::Verify(
-        "this build has no offline verifier yet (twokey_audit::verify has not landed); rebuild from a newer checkout"
-            .into(),
-    ))
+    let mut sources = BTreeMap::new();
+    for s in &input.keys.sources {
+        let key = twokey_runtime::keys::parse_public_key(&s.public_key)
+            .map_err(|e| CliError::Input(format!("source {}: {e}", s.id)))?;
+        sources.insert(s.id.clone(), key);
+    }
+    let verifier = match (&input.checkpoint, &input.keys.checkpoint_key) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(CliError::Usage(
+                "a checkpoint needs its verifier key: pass --checkpoint-key KEY (printed by `twokey-audit init-key`) or put checkpoint_key in the sources file".into(),
+            ));
+        }
+        (Some(_), Some(text)) => Some(
+            twokey_audit::checkpoint::NoteVerifier::parse(text.trim())
+                .map_err(|e| CliError::Input(format!("checkpoint key: {e}")))?,
+        ),
+    };
+    let checkpoint = input.checkpoint.as_deref().zip(verifier.as_ref());
+    let report = twokey_audit::verify::verify_log(&input.entries, &sources, checkpoint)
+        .map_err(|e| CliError::Verify(e.to_string()))?;
+    Ok(VerifyReport {
+        entries: report.entries,
+        sources: report.last_seq,
+        root_hash: report.root.iter().map(|b| format!("{b:02x}")).collect(),
+        checkpoint_tree_size: report.checkpoint_size,
+    })
 }
 
 fn verify(a: VerifyArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliError> {
-    let keys = SourcesFile::load(&a.sources)?;
-    let fetched = if a.export.is_none() || a.checkpoint.is_none() {
-        let settings = Settings::resolve(conn)?;
-        let need_export = a.export.is_none();
-        let need_checkpoint = a.checkpoint.is_none();
-        Some(with_runtime(async move {
-            let (mut client, target) = settings.audit()?;
-            // Take the checkpoint first so the export covers at least its tree.
-            let checkpoint = if need_checkpoint {
-                Some(
-                    client
-                        .get_checkpoint(GetCheckpointRequest {})
-                        .await
-                        .map_err(|s| target.error(s))?
-                        .into_inner()
-                        .checkpoint,
-                )
-            } else {
-                None
-            };
-            let entries = if need_export {
+    let mut keys = SourcesFile::load(&a.sources)?;
+    if let Some(k) = &a.checkpoint_key {
+        keys.checkpoint_key = Some(k.clone());
+    }
+    let file_checkpoint = match &a.checkpoint {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(CliError::io("read", path))?),
+        None => None,
+    };
+    let (entries, checkpoint) = match &a.export {
+        // Files given: offline.
+        Some(path) => (read_export(path)?, file_checkpoint),
+        // No export: fetch the log (and the checkpoint, unless given) now.
+        None => {
+            let settings = Settings::resolve(conn)?;
+            with_runtime(async move {
+                let (mut client, target) = settings.audit()?;
+                // The checkpoint first, so that the export covers its tree.
+                let checkpoint = match file_checkpoint {
+                    Some(text) => text,
+                    None => {
+                        client
+                            .get_checkpoint(GetCheckpointRequest {})
+                            .await
+                            .map_err(|s| target.error(s))?
+                            .into_inner()
+                            .checkpoint
+                    }
+                };
                 let dir =
                     std::env::temp_dir().join(format!("twokey-verify-{}", std::process::id()));
                 std::fs::create_dir_all(&dir).map_err(CliError::io("create", &dir))?;
                 let file = dir.join("export.jsonl");
-                let res = export(&mut client, &target, &file).await;
-                let entries = res.and_then(|_| read_export(&file));
+                let entries = export(&mut client, &target, &file)
+                    .await
+                    .and_then(|_| read_export(&file));
                 let _ = std::fs::remove_dir_all(&dir);
-                Some(entries?)
-            } else {
-                None
-            };
-            Ok::<_, CliError>((checkpoint, entries))
-        })?)
-    } else {
-        None
-    };
-    let (fetched_checkpoint, fetched_entries) = fetched.unwrap_or((None, None));
-    let entries = match (&a.export, fetched_entries) {
-        (Some(path), _) => read_export(path)?,
-        (None, Some(entries)) => entries,
-        (None, None) => Vec::new(),
-    };
-    let checkpoint = match (&a.checkpoint, fetched_checkpoint) {
-        (Some(path), _) => std::fs::read_to_string(path).map_err(CliError::io("read", path))?,
-        (None, Some(text)) => text,
-        (None, None) => String::new(),
+                Ok::<_, CliError>((entries?, Some(checkpoint)))
+            })?
+        }
     };
     let report = verify_offline(&VerifyInput {
         entries,
@@ -459,11 +482,18 @@ fn verify(a: VerifyArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliEr
             .iter()
             .map(|(id, seq)| format!("{} up to seq {seq}", short_id(id)))
             .collect();
+        let root = match report.checkpoint_tree_size {
+            Some(size) => format!("the root matches the signed checkpoint of size {size}"),
+            None => "no checkpoint given, so the root was not checked against a signature".into(),
+        };
         format!(
-            "ok: {} entries, every signature valid, sequences continuous ({}), root matches the signed checkpoint of size {}",
+            "ok: {} entries, every signature valid, sequences continuous ({}); {root}",
             report.entries,
-            per_source.join(", "),
-            report.checkpoint_tree_size
+            if per_source.is_empty() {
+                "no events".to_owned()
+            } else {
+                per_source.join(", ")
+            },
         )
     })
 }

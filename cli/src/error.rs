@@ -115,7 +115,8 @@ fn status_text(status: &tonic::Status) -> String {
     let mut source = std::error::Error::source(status);
     while let Some(err) = source {
         let text = err.to_string();
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+        if !text.is_empty() && text != "transport error" && !parts.iter().any(|p| p.contains(&text))
+        {
             parts.push(text);
         }
         source = err.source();

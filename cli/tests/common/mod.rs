@@ -1,0 +1,80 @@
+//! Helpers for running the real `twokey` binary: a clean environment, a
+//! profile file, a development PKI. Tests against running services use
+//! `pki_init` for the certificates and `twokey_as` to act as each user.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+
+/// The `twokey` binary with no TWOKEY_* variables and no home config, so
+/// nothing from the machine leaks into a test.
+pub fn twokey() -> Command {
+    let mut cmd = Command::cargo_bin("twokey").expect("twokey binary");
+    for var in [
+        "TWOKEY_CONFIG",
+        "TWOKEY_PROFILE",
+        "TWOKEY_CHECKPOINT_KEY",
+        "XDG_CONFIG_HOME",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HOME", "/nonexistent-twokey-test-home");
+    cmd
+}
+
+/// `twokey` acting as `profile` from the config file `config`
+/// (what `pki init` writes as DIR/twokey.toml).
+pub fn twokey_as(config: &Path, profile: &str) -> Command {
+    let mut cmd = twokey();
+    cmd.env("TWOKEY_CONFIG", config)
+        .env("TWOKEY_PROFILE", profile);
+    cmd
+}
+
+/// Runs `pki init` into `dir` with `users` (`NAME:ROLE`) and the given
+/// broker/audit addresses; returns the profile file.
+pub fn pki_init(dir: &Path, users: &[&str], broker: &str, audit: &str) -> PathBuf {
+    let mut cmd = twokey();
+    cmd.args(["pki", "init", "--dir"])
+        .arg(dir)
+        .args(["--broker", broker, "--audit", audit]);
+    for u in users {
+        cmd.args(["--user", u]);
+    }
+    cmd.assert().success();
+    dir.join("twokey.toml")
+}
+
+/// Runs a command with `--json` that must succeed; returns each stdout line
+/// parsed as JSON.
+pub fn json_lines(cmd: &mut Command) -> Vec<serde_json::Value> {
+    let out = cmd
+        .arg("--json")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    String::from_utf8(out)
+        .expect("utf-8 stdout")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Runs a command with `--json` that must succeed and print one JSON object.
+pub fn json(cmd: &mut Command) -> serde_json::Value {
+    let mut lines = json_lines(cmd);
+    assert_eq!(lines.len(), 1, "expected one JSON line, got {lines:?}");
+    lines.remove(0)
+}
+
+/// The stderr of a failed run, checked to be exactly one line.
+pub fn one_line_error(cmd: &mut Command, code: i32) -> String {
+    let out = cmd.assert().code(code).get_output().clone();
+    let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
+    assert_eq!(err.lines().count(), 1, "error is not one line: {err:?}");
+    assert!(out.stdout.is_empty(), "stdout not empty on error");
+    err
+}
