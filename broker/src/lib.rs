@@ -1,2 +1,187 @@
-//! The broker: identities, policy, the request workflow, PINs, notifications and signed grants
+//! The broker: identities, policy, the request workflow, PINs, notifications
+//! and signed grants. It holds the authority and no secrets: it never stores
+//! a seed and cannot compute a code.
+//!
+//! Domain (no tonic): [`policy`], [`state`], [`store`], [`pin`], [`grant`],
+//! [`notify`], [`vault`] (the trait the domain calls), and [`service`], the
+//! API as plain functions of (caller, message) that the gRPC layer
+//! ([`grpc`]) and a future HTTP/JSON front end call alike.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod grant;
+pub mod grpc;
+pub mod notify;
+pub mod pin;
+pub mod policy;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod vault;
+
+use std::{future::Future, sync::Arc};
+
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+use tokio::{net::TcpListener, task::JoinSet};
+use twokey_proto::broker::v1::broker_service_server::BrokerServiceServer;
+use twokey_runtime::{
+    Authenticator, SpiffeId,
+    durable::DurableDb,
+    events::EventSigner,
+    identity::identity_of_cert,
+    keys::{self, SecretKey},
+    outbox::Outbox,
+    serve::{self, MAX_MESSAGE_BYTES},
+    time::{Clock, SystemClock},
+};
+
+pub use config::BrokerConfig;
+pub use error::BrokerError;
+
+use crate::{
+    config::{ConfigError, NotifyConfig},
+    grant::GrantSigner,
+    grpc::{BrokerGrpc, GrpcVault},
+    notify::{Notifier, NotifyQueue, mailbox::Mailbox, slack::Slack, webhook::Webhook},
+    pin::PinKey,
+    policy::Policy,
+    service::{Broker, BrokerParts},
+    store::SledStore,
+};
+
+/// The broker's own SPIFFE ID, read from its certificate.
+fn own_identity(config: &BrokerConfig) -> Result<SpiffeId, BrokerError> {
+    let pem = config.tls.cert_pem()?;
+    let der = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| ConfigError::Invalid {
+            field: "tls.cert",
+            problem: format!("{} holds no certificate", config.tls.cert.display()),
+        })?;
+    identity_of_cert(&der, &config.trust_domain).map_err(|e| {
+        ConfigError::Invalid {
+            field: "tls.cert",
+            problem: format!("{}: {e}", config.tls.cert.display()),
+        }
+        .into()
+    })
+}
+
+fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, BrokerError> {
+    let mut out: Vec<Arc<dyn Notifier>> = Vec::new();
+    if let Some(m) = &config.mailbox {
+        out.push(Arc::new(Mailbox::new(m.dir.clone())));
+    }
+    if let Some(w) = &config.webhook {
+        let secret = keys::read_secret_file(&w.secret_file)?;
+        let trimmed = zeroize::Zeroizing::new(secret.trim_ascii().to_vec());
+        out.push(Arc::new(Webhook::new(w.url.clone(), trimmed, w.send_pins)));
+    }
+    if let Some(s) = &config.slack {
+        let token = keys::read_secret_file(&s.token_file)?;
+        let token =
+            zeroize::Zeroizing::new(String::from_utf8_lossy(token.trim_ascii()).into_owned());
+        out.push(Arc::new(Slack::new(
+            s.api_base.clone(),
+            token,
+            s.channel.clone(),
+        )));
+    }
+    if out.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "notify",
+            problem: "no notifier is configured, so PINs could not reach requesters; configure [notify.mailbox], [notify.webhook] or [notify.slack]".into(),
+        }
+        .into());
+    }
+    Ok(out)
+}
+
+/// Serves the broker on `listener` until `shutdown` resolves, with the
+/// system clock.
+pub async fn serve(
+    config: BrokerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BrokerError> {
+    serve_with_clock(config, Arc::new(SystemClock), listener, shutdown).await
+}
+
+/// [`serve`] with a given clock (tests move time with `ManualClock`).
+pub async fn serve_with_clock(
+    config: BrokerConfig,
+    clock: Arc<dyn Clock>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BrokerError> {
+    let policy = Policy::load(&config.policy_file)?;
+    policy.check_trust_domain(&config.trust_domain, &config.policy_file)?;
+    let grants = GrantSigner::new(keys::load_signing_key(&config.grant_key_file)?);
+    let event_key = keys::load_signing_key(&config.event_key_file)?;
+    let pin_key = PinKey::new(SecretKey::load(&config.pin_key_file)?);
+    let identity = own_identity(&config)?;
+    let tls = config.tls.server_config()?.client_auth_optional(true);
+    let vault_channel = config
+        .tls
+        .channel(&config.vault_address, &config.vault_server_name)?;
+    let audit_channel = match &config.audit_address {
+        Some(address) => Some(config.tls.channel(address, &config.audit_server_name)?),
+        None => None,
+    };
+    let notifiers = notifiers(&config.notify)?;
+
+    let db = DurableDb::open(&config.data_dir)?;
+    let outbox = Outbox::open(&db, EventSigner::new(identity, event_key), clock.clone())?;
+    let queue = Arc::new(NotifyQueue::open(
+        &db,
+        outbox.clone(),
+        notifiers,
+        &pin_key,
+        clock.clone(),
+    )?);
+    let store = Arc::new(SledStore::open(&db, outbox.clone(), queue.clone())?);
+    let broker = Arc::new(Broker::new(BrokerParts {
+        policy: Arc::new(policy),
+        store,
+        queue: queue.clone(),
+        clock,
+        pin_key,
+        grants,
+        vault: Arc::new(GrpcVault::new(vault_channel)),
+    }));
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(queue.run());
+    tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
+    if let Some(channel) = audit_channel {
+        twokey_runtime::shipper::spawn_shipper(outbox, channel);
+    } else {
+        tracing::warn!("no audit_address: audit events stay in the outbox until one is configured");
+    }
+
+    let service = BrokerServiceServer::new(BrokerGrpc::new(
+        broker,
+        Authenticator::new(config.trust_domain.clone()),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let health = serve::health::<BrokerServiceServer<BrokerGrpc>>().await;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| serve::ServeError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    serve::announce("twokey-broker", addr);
+    let result = serve::server(tls)?
+        .add_service(health)
+        .add_service(serve::reflection())
+        .add_service(service)
+        .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
+        .await;
+    tasks.shutdown().await;
+    result.map_err(|e| BrokerError::Serve(e.into()))
+}

@@ -1,0 +1,89 @@
+//! The `twokey-broker` command: `serve` and `init-keys`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use twokey_runtime::{
+    keys::{self, SecretKey},
+    serve, telemetry,
+};
+
+use crate::{
+    config::{BrokerConfig, PartialConfig},
+    error::BrokerError,
+};
+
+/// The twokey broker: policy, approvals, PINs and signed grants.
+#[derive(Debug, Parser)]
+#[command(name = "twokey-broker", version)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serves the broker API over mTLS.
+    Serve(ServeArgs),
+    /// Makes grant.key, event.key and pin.key (mode 0600) in a directory and
+    /// prints the public keys the vault and audit configs need.
+    InitKeys(InitKeysArgs),
+}
+
+/// Flags of `serve`.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// The TOML config file; flags and TWOKEY_BROKER_* variables override it.
+    #[arg(long, env = "TWOKEY_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: PartialConfig,
+}
+
+/// Flags of `init-keys`.
+#[derive(Debug, clap::Args)]
+struct InitKeysArgs {
+    /// Directory for the key files (created if needed; existing keys are never overwritten).
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+/// Runs the command.
+pub fn run(args: Args) -> Result<(), BrokerError> {
+    match args.command {
+        Command::Serve(a) => {
+            let config = BrokerConfig::resolve(a.config.as_deref(), a.overrides)?;
+            telemetry::init(config.log_format);
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| BrokerError::Store(format!("cannot start the async runtime: {e}")))?;
+            runtime.block_on(async move {
+                let listener = serve::bind(&config.listen).await?;
+                crate::serve(config, listener, serve::shutdown_signal()).await
+            })
+        }
+        Command::InitKeys(a) => {
+            std::fs::create_dir_all(&a.dir).map_err(|source| {
+                BrokerError::Key(keys::KeyError::Io {
+                    path: a.dir.clone(),
+                    source,
+                })
+            })?;
+            let grant = keys::generate_signing_key(&a.dir.join("grant.key"))?;
+            let event = keys::generate_signing_key(&a.dir.join("event.key"))?;
+            SecretKey::generate().write(&a.dir.join("pin.key"))?;
+            eprintln!(
+                "wrote grant.key, event.key and pin.key (mode 0600) in {}",
+                a.dir.display()
+            );
+            println!(
+                "grant_public_key = \"{}\"",
+                keys::encode_public_key(&grant.verifying_key())
+            );
+            println!(
+                "event_public_key = \"{}\"",
+                keys::encode_public_key(&event.verifying_key())
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! The thin gRPC layer: authenticates the caller from the mTLS certificate,
+//! calls the domain ([`Broker`]), and maps [`BrokerError`] to a gRPC status in
+//! one place. Also the tonic client that is the broker's [`Vault`].
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt, future::BoxFuture};
+use tonic::{Code, Request, Response, Status, transport::Channel};
+use tracing::Instrument;
+use twokey_proto::{
+    broker::v1::{self as pb, broker_service_server::BrokerService},
+    types::v1::{Account, Code as TotpCode},
+    vault::v1::{self as vpb, vault_service_client::VaultServiceClient},
+};
+use twokey_runtime::{Authenticator, serve::MAX_MESSAGE_BYTES};
+
+use crate::{
+    error::BrokerError,
+    service::Broker,
+    vault::{Vault, VaultError, VaultErrorKind},
+};
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Self {
+        let message = e.to_string();
+        let code = match &e {
+            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
+            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
+            BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
+            BrokerError::NotFound(_) => Code::NotFound,
+            BrokerError::InvalidArgument(_) => Code::InvalidArgument,
+            BrokerError::Vault(v) => match v.kind {
+                VaultErrorKind::Unavailable => Code::Unavailable,
+                VaultErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+                VaultErrorKind::InvalidArgument => Code::InvalidArgument,
+                VaultErrorKind::NotFound => Code::NotFound,
+                VaultErrorKind::AlreadyExists => Code::AlreadyExists,
+                VaultErrorKind::PermissionDenied => Code::PermissionDenied,
+                VaultErrorKind::FailedPrecondition => Code::FailedPrecondition,
+                VaultErrorKind::Unauthenticated => Code::Unauthenticated,
+                VaultErrorKind::ResourceExhausted => Code::ResourceExhausted,
+                VaultErrorKind::Internal => Code::Internal,
+            },
+            BrokerError::Store(_) => Code::Unavailable,
+            BrokerError::Policy(_)
+            | BrokerError::Config(_)
+            | BrokerError::Key(_)
+            | BrokerError::Tls(_)
+            | BrokerError::Serve(_) => Code::Internal,
+        };
+        Status::new(code, message)
+    }
+}
+
+impl From<Status> for VaultError {
+    fn from(s: Status) -> Self {
+        let kind = match s.code() {
+            Code::Unavailable => VaultErrorKind::Unavailable,
+            Code::DeadlineExceeded | Code::Cancelled => VaultErrorKind::DeadlineExceeded,
+            Code::InvalidArgument | Code::OutOfRange => VaultErrorKind::InvalidArgument,
+            Code::NotFound => VaultErrorKind::NotFound,
+            Code::AlreadyExists => VaultErrorKind::AlreadyExists,
+            Code::PermissionDenied => VaultErrorKind::PermissionDenied,
+            Code::FailedPrecondition | Code::Aborted => VaultErrorKind::FailedPrecondition,
+            Code::Unauthenticated => VaultErrorKind::Unauthenticated,
+            Code::ResourceExhausted => VaultErrorKind::ResourceExhausted,
+            _ => VaultErrorKind::Internal,
+        };
+        let message = if s.message().is_empty() {
+            format!("{}", s.code())
+        } else {
+            s.message().to_owned()
+        };
+        VaultError { kind, message }
+    }
+}
+
+/// How long one vault call may take.
+const VAULT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// The vault over gRPC and mTLS.
+#[derive(Debug, Clone)]
+pub struct GrpcVault {
+    client: VaultServiceClient<Channel>,
+}
+
+impl GrpcVault {
+    /// A vault client on `channel`.
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: VaultServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        }
+    }
+}
+
+fn with_deadline<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(VAULT_DEADLINE);
+    request
+}
+
+impl Vault for GrpcVault {
+    fn enroll(
+        &self,
+        request: vpb::EnrollRequest,
+    ) -> BoxFuture<'_, Result<vpb::EnrollResponse, VaultError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move { Ok(client.enroll(with_deadline(request)).await?.into_inner()) })
+    }
+
+    fn generate_code(
+        &self,
+        grant: vpb::SignedGrant,
+    ) -> BoxFuture<'_, Result<TotpCode, VaultError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            client
+                .generate_code(with_deadline(vpb::GenerateCodeRequest {
+                    grant: Some(grant),
+                }))
+                .await?
+                .into_inner()
+                .code
+                .ok_or_else(|| VaultError {
+                    kind: VaultErrorKind::Internal,
+                    message: "the vault answered without a code".into(),
+                })
+        })
+    }
+
+    fn list_accounts(&self) -> BoxFuture<'_, Result<Vec<Account>, VaultError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            Ok(client
+                .list_accounts(with_deadline(vpb::ListAccountsRequest {}))
+                .await?
+                .into_inner()
+                .accounts)
+        })
+    }
+
+    fn remove_account(&self, grant: vpb::SignedGrant) -> BoxFuture<'_, Result<String, VaultError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            Ok(client
+                .remove_account(with_deadline(vpb::RemoveAccountRequest {
+                    grant: Some(grant),
+                }))
+                .await?
+                .into_inner()
+                .account_id)
+        })
+    }
+}
+
+/// The `BrokerService` implementation.
+#[derive(Debug, Clone)]
+pub struct BrokerGrpc {
+    broker: Arc<Broker>,
+    auth: Authenticator,
+}
+
+impl BrokerGrpc {
+    /// Serves `broker`, authenticating callers of `auth`'s trust domain.
+    pub fn new(broker: Arc<Broker>, auth: Authenticator) -> Self {
+        Self { broker, auth }
+    }
+}
+
+macro_rules! rpc {
+    ($self:ident, $request:ident, $name:literal, |$caller:ident, $msg:ident| $call:expr) => {{
+        let $caller = $self.auth.authenticate(&$request)?;
+        let span = tracing::info_span!("rpc", method = $name, caller = %$caller);
+        let $msg = $request.into_inner();
+        let result = async { $call }.instrument(span.clone()).await;
+        match result {
+            Ok(response) => Ok(Response::new(response)),
+            Err(e) => {
+                let status = Status::from(e);
+                span.in_scope(|| tracing::info!(code = ?status.code(), "refused: {}", status.message()));
+                Err(status)
+            }
+        }
+    }};
+}
+
+/// The stream type of `WatchRequests`.
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchRequestsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl BrokerService for BrokerGrpc {
+    async fn who_am_i(
+        &self,
+        request: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        rpc!(self, request, "WhoAmI", |caller, _m| Ok::<_, BrokerError>(
+            self.broker.who_am_i(&caller)
+        ))
+    }
+
+    async fn create_request(
+        &self,
+        request: Request<pb::CreateRequestRequest>,
+    ) -> Result<Response<pb::CreateRequestResponse>, Status> {
+        rpc!(self, request, "CreateRequest", |caller, m| self
+            .broker
+            .create_request(&caller, m)
+            .await)
+    }
+
+    async fn get_request(
+        &self,
+        request: Request<pb::GetRequestRequest>,
+    ) -> Result<Response<pb::GetRequestResponse>, Status> {
+        rpc!(self, request, "GetRequest", |caller, m| self
+            .broker
+            .get_request(&caller, m)
+            .await)
+    }
+
+    async fn list_requests(
+        &self,
+        request: Request<pb::ListRequestsRequest>,
+    ) -> Result<Response<pb::ListRequestsResponse>, Status> {
+        rpc!(self, request, "ListRequests", |caller, m| self
+            .broker
+            .list_requests(&caller, m))
+    }
+
+    type WatchRequestsStream = WatchStream;
+
+    async fn watch_requests(
+        &self,
+        request: Request<pb::WatchRequestsRequest>,
+    ) -> Result<Response<Self::WatchRequestsStream>, Status> {
+        rpc!(self, request, "WatchRequests", |caller, m| self
+            .broker
+            .watch_requests(&caller, m)
+            .map(|s| Box::pin(s.map(Ok)) as WatchStream))
+    }
+
+    async fn approve_request(
+        &self,
+        request: Request<pb::ApproveRequestRequest>,
+    ) -> Result<Response<pb::ApproveRequestResponse>, Status> {
+        rpc!(self, request, "ApproveRequest", |caller, m| self
+            .broker
+            .approve_request(&caller, m)
+            .await)
+    }
+
+    async fn deny_request(
+        &self,
+        request: Request<pb::DenyRequestRequest>,
+    ) -> Result<Response<pb::DenyRequestResponse>, Status> {
+        rpc!(self, request, "DenyRequest", |caller, m| self
+            .broker
+            .deny_request(&caller, m)
+            .await)
+    }
+
+    async fn cancel_request(
+        &self,
+        request: Request<pb::CancelRequestRequest>,
+    ) -> Result<Response<pb::CancelRequestResponse>, Status> {
+        rpc!(self, request, "CancelRequest", |caller, m| self
+            .broker
+            .cancel_request(&caller, m)
+            .await)
+    }
+
+    async fn verify_pin(
+        &self,
+        request: Request<pb::VerifyPinRequest>,
+    ) -> Result<Response<pb::VerifyPinResponse>, Status> {
+        rpc!(self, request, "VerifyPin", |caller, m| self
+            .broker
+            .verify_pin(&caller, m)
+            .await)
+    }
+
+    async fn resend_pin(
+        &self,
+        request: Request<pb::ResendPinRequest>,
+    ) -> Result<Response<pb::ResendPinResponse>, Status> {
+        rpc!(self, request, "ResendPin", |caller, m| self
+            .broker
+            .resend_pin(&caller, m)
+            .await)
+    }
+
+    async fn release_code(
+        &self,
+        request: Request<pb::ReleaseCodeRequest>,
+    ) -> Result<Response<pb::ReleaseCodeResponse>, Status> {
+        rpc!(self, request, "ReleaseCode", |caller, m| self
+            .broker
+            .release_code(&caller, m)
+            .await)
+    }
+
+    async fn enroll_account(
+        &self,
+        request: Request<pb::EnrollAccountRequest>,
+    ) -> Result<Response<pb::EnrollAccountResponse>, Status> {
+        rpc!(self, request, "EnrollAccount", |caller, m| self
+            .broker
+            .enroll_account(&caller, m)
+            .await)
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<pb::ListAccountsRequest>,
+    ) -> Result<Response<pb::ListAccountsResponse>, Status> {
+        rpc!(self, request, "ListAccounts", |caller, m| self
+            .broker
+            .list_accounts(&caller, m)
+            .await)
+    }
+
+    async fn remove_account(
+        &self,
+        request: Request<pb::RemoveAccountRequest>,
+    ) -> Result<Response<pb::RemoveAccountResponse>, Status> {
+        rpc!(self, request, "RemoveAccount", |caller, m| self
+            .broker
+            .remove_account(&caller, m)
+            .await)
+    }
+}

@@ -1,0 +1,117 @@
+//! PINs: random digits from the operating system's CSPRNG, stored only as
+//! HMAC-SHA256(PIN key, request id ‖ PIN) and compared in constant time. A
+//! [`Pin`] never prints: its `Debug` says `[redacted]` and it has no `Display`.
+
+use std::fmt;
+
+use hmac::{Hmac, Mac};
+use rand::{Rng, rngs::OsRng};
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+use twokey_runtime::keys::SecretKey;
+use zeroize::Zeroizing;
+
+/// A PIN in the clear, on its way to the requester's notifier.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pin(Zeroizing<String>);
+
+impl fmt::Debug for Pin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Pin([redacted])")
+    }
+}
+
+impl Pin {
+    /// `length` random decimal digits.
+    pub fn generate(length: u32) -> Self {
+        let mut rng = OsRng;
+        let digits: String = (0..length)
+            .map(|_| char::from(b'0' + rng.gen_range(0..10u8)))
+            .collect();
+        Self(Zeroizing::new(digits))
+    }
+
+    /// A PIN from text (what the operator typed, or a decrypted queue entry).
+    pub fn from_text(text: &str) -> Self {
+        Self(Zeroizing::new(text.to_owned()))
+    }
+
+    /// The digits, for the one place that must see them: the requester's
+    /// notification.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The key PINs are hashed with.
+#[derive(Clone, Debug)]
+pub struct PinKey(SecretKey);
+
+impl PinKey {
+    /// Wraps a loaded key.
+    pub fn new(key: SecretKey) -> Self {
+        Self(key)
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        <Hmac<Sha256> as Mac>::new_from_slice(self.0.expose()).expect("HMAC takes any key length")
+    }
+
+    /// HMAC-SHA256(key, request id ‖ PIN).
+    pub fn hash(&self, request_id: &str, pin: &Pin) -> [u8; 32] {
+        let mut mac = self.mac();
+        mac.update(request_id.as_bytes());
+        mac.update(pin.expose().as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `candidate` is the PIN whose hash is `stored`, in constant time.
+    pub fn verify(&self, request_id: &str, candidate: &Pin, stored: &[u8]) -> bool {
+        let hash = self.hash(request_id, candidate);
+        stored.len() == hash.len() && bool::from(hash.ct_eq(stored))
+    }
+
+    /// A key derived for another purpose (e.g. sealing queued notifications).
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = self.mac();
+        mac.update(b"twokey-broker derive\0");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> PinKey {
+        PinKey::new(SecretKey::from_bytes([7; 32]))
+    }
+
+    #[test]
+    fn pins_have_the_asked_length_and_only_digits() {
+        for len in [4, 6, 12] {
+            let pin = Pin::generate(len);
+            assert_eq!(pin.expose().len(), len as usize);
+            assert!(pin.expose().chars().all(|c| c.is_ascii_digit()));
+        }
+    }
+
+    #[test]
+    fn the_hash_binds_the_pin_to_its_request() {
+        let pin = Pin::from_text("123456");
+        let stored = key().hash("r1", &pin);
+        assert!(key().verify("r1", &pin, &stored));
+        assert!(!key().verify("r2", &pin, &stored));
+        assert!(!key().verify("r1", &Pin::from_text("123457"), &stored));
+        assert!(!key().verify("r1", &pin, &stored[..31]));
+        let other = PinKey::new(SecretKey::from_bytes([8; 32]));
+        assert!(!other.verify("r1", &pin, &stored));
+    }
+
+    #[test]
+    fn a_pin_never_prints() {
+        let pin = Pin::from_text("987654");
+        assert_eq!(format!("{pin:?}"), "Pin([redacted])");
+    }
+}

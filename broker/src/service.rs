@@ -1,0 +1,724 @@
+//! The broker's API as plain async functions of (caller, request message):
+//! what the gRPC layer calls, and what an HTTP/JSON front end can call too.
+//! Each state change is stored with its audit events and notifications in
+//! one transaction and synced to disk before the answer.
+
+use std::{
+    cmp::Reverse,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::{Stream, StreamExt, future::ready};
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+use twokey_proto::{
+    audit::v1::Outcome,
+    broker::v1::{self as pb, enroll_account_request},
+    vault::v1::{self as vpb, GrantPurpose},
+};
+use twokey_runtime::{SpiffeId, events::EventDraft, time::Clock};
+
+use crate::{
+    error::BrokerError,
+    grant::{GrantFacts, GrantSigner},
+    notify::{self, NotifyQueue},
+    pin::{Pin, PinKey},
+    policy::{AccountPolicy, Policy, Role},
+    state::{Effects, RequestRecord, State, lacks_role, millis},
+    store::{RequestStore, Writes},
+    vault::Vault,
+};
+
+/// One change, as watchers see it.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// The request after the change.
+    pub request: Arc<RequestRecord>,
+    /// What happened.
+    pub action: String,
+}
+
+/// Everything the broker runs on.
+#[derive(Debug)]
+pub struct BrokerParts {
+    /// The validated policy.
+    pub policy: Arc<Policy>,
+    /// Request storage.
+    pub store: Arc<dyn RequestStore>,
+    /// The notification queue.
+    pub queue: Arc<NotifyQueue>,
+    /// The clock.
+    pub clock: Arc<dyn Clock>,
+    /// The PIN HMAC key.
+    pub pin_key: PinKey,
+    /// The grant signer.
+    pub grants: GrantSigner,
+    /// The vault.
+    pub vault: Arc<dyn Vault>,
+}
+
+/// The broker.
+#[derive(Debug)]
+pub struct Broker {
+    policy: Arc<Policy>,
+    store: Arc<dyn RequestStore>,
+    queue: Arc<NotifyQueue>,
+    clock: Arc<dyn Clock>,
+    pin_key: PinKey,
+    grants: GrantSigner,
+    vault: Arc<dyn Vault>,
+    changes: broadcast::Sender<Change>,
+}
+
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+fn role_to_proto(role: Role) -> pb::Role {
+    match role {
+        Role::Requester => pb::Role::Requester,
+        Role::Approver => pb::Role::Approver,
+        Role::Operator => pb::Role::Operator,
+        Role::Admin => pb::Role::Admin,
+        Role::Intake => pb::Role::Intake,
+    }
+}
+
+fn check_request_id(id: &str) -> Result<(), BrokerError> {
+    if id.is_empty() {
+        return Err(BrokerError::invalid(
+            "request_id is required; list requests with ListRequests",
+        ));
+    }
+    if id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(BrokerError::invalid(format!(
+            "request_id {:?} is malformed; request ids are UUIDs",
+            id.chars().take(70).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+fn not_found(id: &str) -> BrokerError {
+    BrokerError::NotFound(format!("no request {id}; list requests with ListRequests"))
+}
+
+impl Broker {
+    /// A broker over `parts`.
+    pub fn new(parts: BrokerParts) -> Self {
+        let (changes, _) = broadcast::channel(1024);
+        Self {
+            policy: parts.policy,
+            store: parts.store,
+            queue: parts.queue,
+            clock: parts.clock,
+            pin_key: parts.pin_key,
+            grants: parts.grants,
+            vault: parts.vault,
+            changes,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn known(&self, caller: &SpiffeId) -> Result<(), BrokerError> {
+        if self.policy.name_of(caller).is_some() {
+            Ok(())
+        } else {
+            Err(BrokerError::denied(format!(
+                "{caller} is not named in the broker policy; ask an admin to add it"
+            )))
+        }
+    }
+
+    fn account(&self, id: &str) -> Result<&AccountPolicy, BrokerError> {
+        if id.is_empty() {
+            return Err(BrokerError::invalid("account_id is required"));
+        }
+        self.policy.account(id).ok_or_else(|| {
+            BrokerError::NotFound(format!(
+                "unknown account {:?}; the policy names: {}",
+                id.chars().take(70).collect::<String>(),
+                self.policy.describe_accounts()
+            ))
+        })
+    }
+
+    /// Applies `rule` to a stored request (after expiring it if its time ran
+    /// out), stores the change with its events and notifications, syncs,
+    /// tells watchers, and returns the request or the rule's error.
+    async fn act(
+        &self,
+        request_id: &str,
+        check_expiry: bool,
+        mut rule: impl FnMut(
+            &mut RequestRecord,
+            &AccountPolicy,
+            SystemTime,
+        ) -> Result<Effects, BrokerError>,
+    ) -> Result<RequestRecord, BrokerError> {
+        check_request_id(request_id)?;
+        let now = self.clock.now();
+        let mut outcome: Option<(String, Option<BrokerError>)> = None;
+        let record = self
+            .store
+            .update(request_id, &mut |record| {
+                outcome = None;
+                let account = self.policy.account(&record.account_id).ok_or_else(|| {
+                    BrokerError::precondition(format!(
+                        "account {} of request {} is no longer in the policy",
+                        record.account_id, record.id
+                    ))
+                })?;
+                let effects = match check_expiry.then(|| record.expire_if_due(now)).flatten() {
+                    Some(expired) => expired,
+                    None => rule(record, account, now)?,
+                };
+                let messages = notify::messages_for(
+                    &self.policy,
+                    record,
+                    &effects.action,
+                    effects.pin.as_ref(),
+                    millis(now),
+                );
+                let mut events = effects.events;
+                if let Some(pin_message) = messages.iter().find(|m| m.pin.is_some())
+                    && !self.queue.deliverable(pin_message)
+                {
+                    events.push(
+                        EventDraft::new("broker", "notification.failed")
+                            .account(&record.account_id)
+                            .request(&record.id)
+                            .outcome(Outcome::Failure)
+                            .attr("kind", "pin")
+                            .attr("to", record.requester.to_string())
+                            .attr("error", "no notifier can reach the requester"),
+                    );
+                }
+                outcome = Some((effects.action, effects.fail));
+                Ok(Writes { events, messages })
+            })?
+            .ok_or_else(|| not_found(request_id))?;
+        self.store.commit().await?;
+        let (action, fail) = outcome.unwrap_or_default();
+        tracing::info!(request_id, action = %action, state = record.state.as_str(), "request changed");
+        let _ = self.changes.send(Change {
+            request: Arc::new(record.clone()),
+            action,
+        });
+        match fail {
+            Some(e) => Err(e),
+            None => Ok(record),
+        }
+    }
+
+    /// The caller's identity, policy name, groups and roles.
+    pub fn who_am_i(&self, caller: &SpiffeId) -> pb::WhoAmIResponse {
+        pb::WhoAmIResponse {
+            identity: caller.to_string(),
+            name: self.policy.name_of(caller).unwrap_or_default().to_owned(),
+            accounts: self
+                .policy
+                .accounts()
+                .filter_map(|a| {
+                    let roles = a.roles_of(caller);
+                    (!roles.is_empty()).then(|| pb::AccountRoles {
+                        account_id: a.id.clone(),
+                        roles: roles.into_iter().map(|r| role_to_proto(r) as i32).collect(),
+                    })
+                })
+                .collect(),
+            groups: self.policy.groups_of(caller),
+        }
+    }
+
+    /// Files a request (requester, or intake on a requester's behalf).
+    pub async fn create_request(
+        &self,
+        caller: &SpiffeId,
+        req: pb::CreateRequestRequest,
+    ) -> Result<pb::CreateRequestResponse, BrokerError> {
+        self.known(caller)?;
+        let account = self.account(&req.account_id)?;
+        let on_behalf_of = if req.on_behalf_of.is_empty() {
+            None
+        } else {
+            Some(self.policy.resolve(&req.on_behalf_of).ok_or_else(|| {
+                BrokerError::invalid(format!(
+                    "on_behalf_of {:?} is not an identity in the policy; give a policy name or SPIFFE ID",
+                    req.on_behalf_of.chars().take(120).collect::<String>()
+                ))
+            })?)
+        };
+        let now = self.clock.now();
+        let (record, effects) = RequestRecord::create(
+            uuid::Uuid::new_v4().to_string(),
+            account,
+            caller,
+            on_behalf_of,
+            &req.reason,
+            &req.ticket,
+            now,
+        )?;
+        let messages =
+            notify::messages_for(&self.policy, &record, &effects.action, None, millis(now));
+        self.store.create(
+            &record,
+            &Writes {
+                events: effects.events,
+                messages,
+            },
+        )?;
+        self.store.commit().await?;
+        tracing::info!(request_id = %record.id, account_id = %record.account_id, "request created");
+        let _ = self.changes.send(Change {
+            request: Arc::new(record.clone()),
+            action: effects.action,
+        });
+        Ok(pb::CreateRequestResponse {
+            request: Some(record.to_proto()),
+        })
+    }
+
+    fn load_visible(&self, caller: &SpiffeId, id: &str) -> Result<RequestRecord, BrokerError> {
+        check_request_id(id)?;
+        let record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
+        if !record.visible_to(self.policy.account(&record.account_id), caller) {
+            return Err(BrokerError::denied(format!(
+                "{caller} may not see request {id}; only the people on it and the account's approvers, operators and admins may"
+            )));
+        }
+        Ok(record)
+    }
+
+    /// One request the caller may see; expires it first if its time ran out.
+    pub async fn get_request(
+        &self,
+        caller: &SpiffeId,
+        req: pb::GetRequestRequest,
+    ) -> Result<pb::GetRequestResponse, BrokerError> {
+        self.known(caller)?;
+        let mut record = self.load_visible(caller, &req.request_id)?;
+        if record.is_due(self.clock.now()) {
+            match self
+                .act(&req.request_id, true, |_, _, _| Ok(Effects::default()))
+                .await
+            {
+                Ok(r) => record = r,
+                Err(BrokerError::FailedPrecondition(_)) => {
+                    record = self.load_visible(caller, &req.request_id)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(pb::GetRequestResponse {
+            request: Some(record.to_proto()),
+        })
+    }
+
+    /// Requests the caller may see, newest first, a page at a time. Requests
+    /// whose time ran out show as EXPIRED even before the sweeper stores it.
+    pub fn list_requests(
+        &self,
+        caller: &SpiffeId,
+        req: pb::ListRequestsRequest,
+    ) -> Result<pb::ListRequestsResponse, BrokerError> {
+        self.known(caller)?;
+        let state_filter = match pb::RequestState::try_from(req.state) {
+            Ok(s) => State::from_proto(s),
+            Err(_) => {
+                return Err(BrokerError::invalid(format!(
+                    "state {} is not a request state",
+                    req.state
+                )));
+            }
+        };
+        if !req.account_id.is_empty() {
+            self.account(&req.account_id)?;
+        }
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let after = if req.page_token.is_empty() {
+            None
+        } else {
+            let (ms, id) = req
+                .page_token
+                .split_once(':')
+                .and_then(|(ms, id)| Some((ms.parse::<u64>().ok()?, id.to_owned())))
+                .ok_or_else(|| {
+                    BrokerError::invalid(
+                        "page_token is malformed; pass next_page_token from the previous response",
+                    )
+                })?;
+            Some((Reverse(ms), id))
+        };
+        let now = self.clock.now();
+        let mut records: Vec<RequestRecord> = self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|r| r.visible_to(self.policy.account(&r.account_id), caller))
+            .filter(|r| !req.mine || &r.requester == caller || &r.filed_by == caller)
+            .filter(|r| req.account_id.is_empty() || r.account_id == req.account_id)
+            .map(|mut r| {
+                r.expire_if_due(now);
+                r
+            })
+            .filter(|r| state_filter.is_none_or(|s| r.state == s))
+            .collect();
+        records.sort_by(|a, b| (Reverse(a.created_ms), &a.id).cmp(&(Reverse(b.created_ms), &b.id)));
+        let start = after.map_or(0, |key| {
+            records.partition_point(|r| (Reverse(r.created_ms), r.id.clone()) <= key)
+        });
+        let page: Vec<&RequestRecord> = records.iter().skip(start).take(page_size).collect();
+        let next_page_token = if start + page.len() < records.len() {
+            page.last()
+                .map(|r| format!("{}:{}", r.created_ms, r.id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(pb::ListRequestsResponse {
+            requests: page.into_iter().map(RequestRecord::to_proto).collect(),
+            next_page_token,
+        })
+    }
+
+    /// A stream of changes the caller may see, optionally for one account.
+    pub fn watch_requests(
+        &self,
+        caller: &SpiffeId,
+        req: pb::WatchRequestsRequest,
+    ) -> Result<impl Stream<Item = pb::WatchRequestsResponse> + Send + 'static, BrokerError> {
+        self.known(caller)?;
+        if !req.account_id.is_empty() {
+            self.account(&req.account_id)?;
+        }
+        let policy = self.policy.clone();
+        let caller = caller.clone();
+        let account_filter = req.account_id;
+        Ok(
+            BroadcastStream::new(self.changes.subscribe()).filter_map(move |item| {
+                let out = match item {
+                    Ok(change)
+                        if (account_filter.is_empty()
+                            || change.request.account_id == account_filter)
+                            && change.request.visible_to(
+                                policy.account(&change.request.account_id),
+                                &caller,
+                            ) =>
+                    {
+                        Some(pb::WatchRequestsResponse {
+                            request: Some(change.request.to_proto()),
+                            action: change.action,
+                        })
+                    }
+                    Ok(_) => None,
+                    Err(lagged) => {
+                        tracing::warn!("a watcher fell behind: {lagged}");
+                        None
+                    }
+                };
+                ready(out)
+            }),
+        )
+    }
+
+    /// An approver approves.
+    pub async fn approve_request(
+        &self,
+        caller: &SpiffeId,
+        req: pb::ApproveRequestRequest,
+    ) -> Result<pb::ApproveRequestResponse, BrokerError> {
+        self.known(caller)?;
+        let key = &self.pin_key;
+        let record = self
+            .act(&req.request_id, true, |r, a, now| {
+                r.approve(a, caller, &req.comment, key, now)
+            })
+            .await?;
+        Ok(pb::ApproveRequestResponse {
+            request: Some(record.to_proto()),
+        })
+    }
+
+    /// An approver denies.
+    pub async fn deny_request(
+        &self,
+        caller: &SpiffeId,
+        req: pb::DenyRequestRequest,
+    ) -> Result<pb::DenyRequestResponse, BrokerError> {
+        self.known(caller)?;
+        let record = self
+            .act(&req.request_id, true, |r, a, now| {
+                r.deny(a, caller, &req.reason, now)
+            })
+            .await?;
+        Ok(pb::DenyRequestResponse {
+            request: Some(record.to_proto()),
+        })
+    }
+
+    /// The requester cancels.
+    pub async fn cancel_request(
+        &self,
+        caller: &SpiffeId,
+        req: pb::CancelRequestRequest,
+    ) -> Result<pb::CancelRequestResponse, BrokerError> {
+        self.known(caller)?;
+        let record = self
+            .act(&req.request_id, true, |r, _, now| {
+                r.cancel(caller, &req.reason, now)
+            })
+            .await?;
+        Ok(pb::CancelRequestResponse {
+            request: Some(record.to_proto()),
+        })
+    }
+
+    /// The operator checks the PIN.
+    pub async fn verify_pin(
+        &self,
+        caller: &SpiffeId,
+        req: pb::VerifyPinRequest,
+    ) -> Result<pb::VerifyPinResponse, BrokerError> {
+        self.known(caller)?;
+        let pin = Pin::from_text(req.pin.trim());
+        drop(req.pin);
+        let key = &self.pin_key;
+        let record = self
+            .act(&req.request_id, true, |r, a, now| {
+                r.verify_pin(a, caller, &pin, key, now)
+            })
+            .await?;
+        Ok(pb::VerifyPinResponse {
+            request: Some(record.to_proto()),
+        })
+    }
+
+    /// The requester asks for a new PIN.
+    pub async fn resend_pin(
+        &self,
+        caller: &SpiffeId,
+        req: pb::ResendPinRequest,
+    ) -> Result<pb::ResendPinResponse, BrokerError> {
+        self.known(caller)?;
+        let key = &self.pin_key;
+        let record = self
+            .act(&req.request_id, true, |r, _, now| {
+                r.resend_pin(caller, key, now)
+            })
+            .await?;
+        Ok(pb::ResendPinResponse {
+            request: Some(record.to_proto()),
+        })
+    }
+
+    /// Releases one code: reserves it from the quota (stored), signs a
+    /// single-use grant, asks the vault, and records the outcome.
+    pub async fn release_code(
+        &self,
+        caller: &SpiffeId,
+        req: pb::ReleaseCodeRequest,
+    ) -> Result<pb::ReleaseCodeResponse, BrokerError> {
+        self.known(caller)?;
+        let grant_id = GrantSigner::new_grant_id();
+        let reserved = self
+            .act(&req.request_id, true, |r, a, now| {
+                r.reserve_release(a, caller, &grant_id, now)
+            })
+            .await?;
+        let facts = GrantFacts {
+            purpose: GrantPurpose::Release,
+            request_id: reserved.id.clone(),
+            account_id: reserved.account_id.clone(),
+            requester: reserved.requester.to_string(),
+            approvers: reserved
+                .approvals
+                .iter()
+                .map(|a| a.approver.to_string())
+                .collect(),
+            operator: reserved
+                .operator
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+        };
+        let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
+        let answer = self.vault.generate_code(signed).await;
+        let outcome = match &answer {
+            Ok(code) => Ok(code.step),
+            Err(e) => Err((e.message.as_str(), e.kind.surely_refused())),
+        };
+        let record = self
+            .act(&req.request_id, false, |r, _, now| {
+                Ok(r.finish_release(caller, &grant_id, outcome, now))
+            })
+            .await?;
+        let code = answer?;
+        Ok(pb::ReleaseCodeResponse {
+            code: Some(code),
+            request: Some(record.to_proto()),
+        })
+    }
+
+    async fn emit(&self, event: EventDraft) -> Result<(), BrokerError> {
+        self.store.emit(vec![event])?;
+        self.store.commit().await
+    }
+
+    /// An admin enrolls a seed in the vault.
+    pub async fn enroll_account(
+        &self,
+        caller: &SpiffeId,
+        req: pb::EnrollAccountRequest,
+    ) -> Result<pb::EnrollAccountResponse, BrokerError> {
+        self.known(caller)?;
+        let account = self.account(&req.account_id).map_err(|e| match e {
+            BrokerError::NotFound(_) => BrokerError::NotFound(format!(
+                "account {:?} is not in the policy; add [accounts.{}] to the policy and restart the broker first",
+                req.account_id, req.account_id
+            )),
+            e => e,
+        })?;
+        if !account.has(caller, Role::Admin) {
+            return Err(lacks_role(caller, Role::Admin, &account.id));
+        }
+        let seed = match req.seed {
+            Some(enroll_account_request::Seed::OtpauthUri(uri)) => {
+                vpb::enroll_request::Seed::OtpauthUri(uri)
+            }
+            Some(enroll_account_request::Seed::Base32Secret(s)) => {
+                vpb::enroll_request::Seed::Base32Secret(s)
+            }
+            None => {
+                return Err(BrokerError::invalid(
+                    "no seed given; pass an otpauth:// URI or a Base32 secret on stdin",
+                ));
+            }
+        };
+        let answer = self
+            .vault
+            .enroll(vpb::EnrollRequest {
+                account_id: req.account_id.clone(),
+                seed: Some(seed),
+                algorithm: req.algorithm,
+                digits: req.digits,
+                period: req.period,
+                issuer: req.issuer,
+                label: req.label,
+                replace: req.replace,
+                actor: caller.to_string(),
+            })
+            .await?;
+        self.emit(
+            EventDraft::new(caller.to_string(), "account.enrolled")
+                .account(&req.account_id)
+                .attr("replace", req.replace.to_string()),
+        )
+        .await?;
+        Ok(pb::EnrollAccountResponse {
+            account: answer.account,
+            current: answer.current,
+            next: answer.next,
+            warnings: answer.warnings,
+        })
+    }
+
+    /// Enrolled accounts the caller has a role on.
+    pub async fn list_accounts(
+        &self,
+        caller: &SpiffeId,
+        _req: pb::ListAccountsRequest,
+    ) -> Result<pb::ListAccountsResponse, BrokerError> {
+        self.known(caller)?;
+        let accounts = self.vault.list_accounts().await?;
+        Ok(pb::ListAccountsResponse {
+            accounts: accounts
+                .into_iter()
+                .filter(|a| {
+                    self.policy
+                        .account(&a.account_id)
+                        .is_some_and(|p| !p.roles_of(caller).is_empty())
+                })
+                .collect(),
+        })
+    }
+
+    /// An admin removes an account from the vault with a removal grant.
+    pub async fn remove_account(
+        &self,
+        caller: &SpiffeId,
+        req: pb::RemoveAccountRequest,
+    ) -> Result<pb::RemoveAccountResponse, BrokerError> {
+        self.known(caller)?;
+        let account = self.account(&req.account_id)?;
+        if !account.has(caller, Role::Admin) {
+            return Err(lacks_role(caller, Role::Admin, &account.id));
+        }
+        if req.reason.trim().is_empty() {
+            return Err(BrokerError::invalid(
+                "reason is required; say why the account is removed",
+            ));
+        }
+        let grant_id = GrantSigner::new_grant_id();
+        let (_, signed) = self.grants.sign(
+            grant_id.clone(),
+            GrantFacts {
+                purpose: GrantPurpose::Remove,
+                request_id: String::new(),
+                account_id: account.id.clone(),
+                requester: String::new(),
+                approvers: Vec::new(),
+                operator: caller.to_string(),
+            },
+            self.clock.now(),
+        );
+        let removed = self.vault.remove_account(signed).await?;
+        self.emit(
+            EventDraft::new(caller.to_string(), "account.removed")
+                .account(&account.id)
+                .attr("grant_id", grant_id)
+                .attr("reason", req.reason.chars().take(1000).collect::<String>()),
+        )
+        .await?;
+        Ok(pb::RemoveAccountResponse {
+            account_id: removed,
+        })
+    }
+
+    /// Expires every request whose time ran out; returns how many.
+    pub async fn sweep(&self) -> Result<usize, BrokerError> {
+        let now = self.clock.now();
+        let due: Vec<String> = self
+            .store
+            .all()?
+            .into_iter()
+            .filter(|r| r.is_due(now))
+            .map(|r| r.id)
+            .collect();
+        let mut expired = 0;
+        for id in due {
+            match self.act(&id, true, |_, _, _| Ok(Effects::default())).await {
+                Err(BrokerError::FailedPrecondition(_)) | Ok(_) => expired += 1,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Sweeps every `every` until dropped.
+    pub async fn run_sweeper(self: Arc<Self>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.sweep().await {
+                tracing::error!("expiry sweep failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,899 @@
+//! The request state machine: the stored record of a request and the rules
+//! of every action on it, as pure functions of (record, account policy,
+//! caller, time). Only the transitions drawn in DESIGN.md happen:
+//!
+//! ```text
+//! PENDING ──approve×N──▶ APPROVED ──verify PIN──▶ VERIFIED ──release──▶ RELEASED
+//!    │ deny/cancel/expire    │ deny/cancel/expire     │ expire
+//!    ▼                       ▼  wrong PIN × max       ▼
+//!  DENIED / CANCELLED / EXPIRED      LOCKED          EXPIRED
+//! ```
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use twokey_proto::{audit::v1::Outcome, broker::v1 as pb};
+use twokey_runtime::{SpiffeId, events::EventDraft};
+
+use crate::{
+    error::BrokerError,
+    pin::{Pin, PinKey},
+    policy::{AccountPolicy, Delivery, Role},
+};
+
+/// How many times a requester may ask for a new PIN.
+pub const MAX_PIN_RESENDS: u32 = 3;
+/// Longest reason or comment.
+pub const MAX_REASON: usize = 1000;
+/// Longest ticket reference.
+pub const MAX_TICKET: usize = 200;
+
+/// Where a request is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    /// Waiting for approvals.
+    Pending,
+    /// Approved; the PIN went to the requester.
+    Approved,
+    /// The operator verified the PIN.
+    Verified,
+    /// All codes released. Final.
+    Released,
+    /// Denied. Final.
+    Denied,
+    /// Cancelled. Final.
+    Cancelled,
+    /// Ran out of time. Final.
+    Expired,
+    /// Too many wrong PINs. Final.
+    Locked,
+}
+
+impl State {
+    /// Whether nothing more can happen.
+    pub fn is_final(self) -> bool {
+        !matches!(self, State::Pending | State::Approved | State::Verified)
+    }
+
+    /// Whether the diagram has an arrow from `self` to `to`.
+    pub fn can_become(self, to: State) -> bool {
+        use State::*;
+        matches!(
+            (self, to),
+            (Pending, Approved | Denied | Cancelled | Expired)
+                | (Approved, Verified | Denied | Cancelled | Expired | Locked)
+                | (Verified, Released | Expired)
+        )
+    }
+
+    /// The name used in messages and the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "PENDING",
+            State::Approved => "APPROVED",
+            State::Verified => "VERIFIED",
+            State::Released => "RELEASED",
+            State::Denied => "DENIED",
+            State::Cancelled => "CANCELLED",
+            State::Expired => "EXPIRED",
+            State::Locked => "LOCKED",
+        }
+    }
+
+    /// The protobuf enum.
+    pub fn to_proto(self) -> pb::RequestState {
+        match self {
+            State::Pending => pb::RequestState::Pending,
+            State::Approved => pb::RequestState::Approved,
+            State::Verified => pb::RequestState::Verified,
+            State::Released => pb::RequestState::Released,
+            State::Denied => pb::RequestState::Denied,
+            State::Cancelled => pb::RequestState::Cancelled,
+            State::Expired => pb::RequestState::Expired,
+            State::Locked => pb::RequestState::Locked,
+        }
+    }
+
+    /// From the protobuf enum; `None` for unspecified.
+    pub fn from_proto(state: pb::RequestState) -> Option<Self> {
+        Some(match state {
+            pb::RequestState::Unspecified => return None,
+            pb::RequestState::Pending => State::Pending,
+            pb::RequestState::Approved => State::Approved,
+            pb::RequestState::Verified => State::Verified,
+            pb::RequestState::Released => State::Released,
+            pb::RequestState::Denied => State::Denied,
+            pb::RequestState::Cancelled => State::Cancelled,
+            pb::RequestState::Expired => State::Expired,
+            pb::RequestState::Locked => State::Locked,
+        })
+    }
+}
+
+/// One approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// Who approved.
+    pub approver: SpiffeId,
+    /// Their comment.
+    pub comment: String,
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
+}
+
+/// One step in a request's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryRecord {
+    /// When, in Unix milliseconds.
+    pub at_ms: u64,
+    /// Who (or the broker itself).
+    pub actor: String,
+    /// What happened.
+    pub action: String,
+    /// The state after it.
+    pub state: State,
+    /// A comment or reason.
+    pub comment: String,
+}
+
+/// A request as stored. The PIN is kept only as its keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Unique id.
+    pub id: String,
+    /// The account.
+    pub account_id: String,
+    /// Who needs the code.
+    pub requester: SpiffeId,
+    /// Who filed it (the requester or an intake service).
+    pub filed_by: SpiffeId,
+    /// Why.
+    pub reason: String,
+    /// Ticket reference.
+    pub ticket: String,
+    /// Current state.
+    pub state: State,
+    /// Approvals so far.
+    pub approvals: Vec<ApprovalRecord>,
+    /// Approvals needed (from the policy when filed).
+    pub approvals_required: u32,
+    /// The operator who verified the PIN.
+    pub operator: Option<SpiffeId>,
+    /// HMAC of the current PIN, hex; `None` when no PIN is valid.
+    pub pin_hash: Option<String>,
+    /// Wrong PINs so far.
+    pub pin_attempts: u32,
+    /// Wrong PINs that lock it.
+    pub pin_max_attempts: u32,
+    /// Digits of its PINs.
+    pub pin_length: u32,
+    /// New PINs sent on request.
+    pub pin_resends: u32,
+    /// Codes released (or being released) so far.
+    pub codes_released: u32,
+    /// Codes it may release.
+    pub codes_allowed: u32,
+    /// Who gets the code.
+    pub delivery: Delivery,
+    /// How long it may wait for release once approved, in seconds.
+    pub release_window_secs: u64,
+    /// Filed at, Unix ms.
+    pub created_ms: u64,
+    /// Last change, Unix ms.
+    pub updated_ms: u64,
+    /// Expires at, Unix ms.
+    pub expires_ms: u64,
+    /// Everything that happened, oldest first.
+    pub history: Vec<HistoryRecord>,
+}
+
+/// What an action does besides changing the record: audit events, and the
+/// notifications the service turns into messages.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// What happened, e.g. `request.approved` (for watchers and notifiers).
+    pub action: String,
+    /// Audit events to write with the change.
+    pub events: Vec<EventDraft>,
+    /// A new PIN for the requester.
+    pub pin: Option<Pin>,
+    /// An error to return once the change is stored (a wrong PIN, an expiry).
+    pub fail: Option<BrokerError>,
+}
+
+/// Unix milliseconds of an instant.
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ms_to_timestamp(ms: u64) -> twokey_proto::Timestamp {
+    twokey_proto::Timestamp {
+        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+fn rfc3339ish(ms: u64) -> String {
+    format!("unix {}s", ms / 1000)
+}
+
+fn check_text(field: &str, text: &str, max: usize, required: bool) -> Result<(), BrokerError> {
+    if required && text.trim().is_empty() {
+        return Err(BrokerError::invalid(format!(
+            "{field} is required; say why"
+        )));
+    }
+    if text.chars().count() > max {
+        return Err(BrokerError::invalid(format!(
+            "{field} is longer than {max} characters; shorten it"
+        )));
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(BrokerError::invalid(format!(
+            "{field} holds control characters; remove them"
+        )));
+    }
+    Ok(())
+}
+
+/// The error for an identity that lacks `role` on `account`.
+pub fn lacks_role(id: &SpiffeId, role: Role, account: &str) -> BrokerError {
+    let article = if role == Role::Approver
+        || role == Role::Operator
+        || role == Role::Admin
+        || role == Role::Intake
+    {
+        "an"
+    } else {
+        "a"
+    };
+    BrokerError::denied(format!(
+        "{id} is not {article} {} for {account}; ask an admin to add you to the policy",
+        role.as_str()
+    ))
+}
+
+impl RequestRecord {
+    /// Files a new request, PENDING.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        id: String,
+        account: &AccountPolicy,
+        caller: &SpiffeId,
+        on_behalf_of: Option<SpiffeId>,
+        reason: &str,
+        ticket: &str,
+        now: SystemTime,
+    ) -> Result<(Self, Effects), BrokerError> {
+        check_text("reason", reason, MAX_REASON, true)?;
+        check_text("ticket", ticket, MAX_TICKET, false)?;
+        let requester = match on_behalf_of {
+            Some(requester) => {
+                if !account.has(caller, Role::Intake) {
+                    return Err(BrokerError::denied(format!(
+                        "{caller} is not an intake service for {}; only intake services file on someone's behalf — leave on_behalf_of empty",
+                        account.id
+                    )));
+                }
+                if &requester == caller {
+                    return Err(BrokerError::invalid(
+                        "an intake service cannot file on its own behalf",
+                    ));
+                }
+                if !account.has(&requester, Role::Requester) {
+                    return Err(lacks_role(&requester, Role::Requester, &account.id));
+                }
+                requester
+            }
+            None => {
+                if account.has(caller, Role::Intake) && !account.has(caller, Role::Requester) {
+                    return Err(BrokerError::invalid(format!(
+                        "{caller} is an intake service: name the requester in on_behalf_of"
+                    )));
+                }
+                if !account.has(caller, Role::Requester) {
+                    return Err(lacks_role(caller, Role::Requester, &account.id));
+                }
+                caller.clone()
+            }
+        };
+        let now_ms = millis(now);
+        let mut record = Self {
+            id,
+            account_id: account.id.clone(),
+            requester,
+            filed_by: caller.clone(),
+            reason: reason.to_owned(),
+            ticket: ticket.to_owned(),
+            state: State::Pending,
+            approvals: Vec::new(),
+            approvals_required: account.approvals_required,
+            operator: None,
+            pin_hash: None,
+            pin_attempts: 0,
+            pin_max_attempts: account.pin_max_attempts,
+            pin_length: account.pin_length,
+            pin_resends: 0,
+            codes_released: 0,
+            codes_allowed: account.codes_per_request,
+            delivery: account.delivery,
+            release_window_secs: account.release_window.as_secs(),
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            expires_ms: now_ms.saturating_add(millis_of(account.request_ttl)),
+            history: Vec::new(),
+        };
+        let mut effects = Effects::default();
+        record.record(&mut effects, caller, "request.created", None, reason, now);
+        effects.events[0]
+            .attributes
+            .insert("requester".into(), record.requester.to_string());
+        if !record.ticket.is_empty() {
+            effects.events[0]
+                .attributes
+                .insert("ticket".into(), record.ticket.clone());
+        }
+        Ok((record, effects))
+    }
+
+    /// Adds a history entry and an audit event; moves to `to` if given.
+    fn record(
+        &mut self,
+        effects: &mut Effects,
+        actor: &dyn std::fmt::Display,
+        action: &str,
+        to: Option<State>,
+        comment: &str,
+        now: SystemTime,
+    ) {
+        if let Some(to) = to {
+            debug_assert!(
+                self.state.can_become(to),
+                "{:?} -> {to:?} is not drawn",
+                self.state
+            );
+            self.state = to;
+        }
+        let at_ms = millis(now);
+        self.updated_ms = at_ms;
+        self.history.push(HistoryRecord {
+            at_ms,
+            actor: actor.to_string(),
+            action: action.to_owned(),
+            state: self.state,
+            comment: comment.to_owned(),
+        });
+        effects.action = action.to_owned();
+        effects.events.push(
+            EventDraft::new(actor.to_string(), action)
+                .account(&self.account_id)
+                .request(&self.id)
+                .attr("state", self.state.as_str()),
+        );
+    }
+
+    fn move_to(&mut self, to: State) -> Result<(), BrokerError> {
+        if self.state.can_become(to) {
+            Ok(())
+        } else {
+            Err(BrokerError::Store(format!(
+                "internal: {} -> {} is not an allowed transition",
+                self.state.as_str(),
+                to.as_str()
+            )))
+        }
+    }
+
+    /// Whether the request ran out of time at `now`.
+    pub fn is_due(&self, now: SystemTime) -> bool {
+        !self.state.is_final() && millis(now) >= self.expires_ms
+    }
+
+    /// Expires the request if its time ran out; the effects of doing so.
+    pub fn expire_if_due(&mut self, now: SystemTime) -> Option<Effects> {
+        if !self.is_due(now) {
+            return None;
+        }
+        let mut effects = Effects::default();
+        self.pin_hash = None;
+        let comment = format!("expired at {}", rfc3339ish(self.expires_ms));
+        self.record(
+            &mut effects,
+            &"broker",
+            "request.expired",
+            Some(State::Expired),
+            &comment,
+            now,
+        );
+        effects.fail = Some(self.expired_error());
+        Some(effects)
+    }
+
+    fn expired_error(&self) -> BrokerError {
+        BrokerError::precondition(format!(
+            "request {} expired at {}; file a new request",
+            self.id,
+            rfc3339ish(self.expires_ms)
+        ))
+    }
+
+    fn wrong_state(&self, action: &str, wanted: &[State]) -> BrokerError {
+        if self.state == State::Expired {
+            return self.expired_error();
+        }
+        let wanted: Vec<&str> = wanted.iter().map(|s| s.as_str()).collect();
+        let hint = match self.state {
+            State::Pending => "it still needs approvals",
+            State::Approved => "the operator must verify the PIN first",
+            State::Verified => "the PIN is already verified",
+            State::Released => "all its codes were released; file a new request",
+            State::Denied | State::Cancelled | State::Locked => "it is closed; file a new request",
+            State::Expired => "file a new request",
+        };
+        BrokerError::precondition(format!(
+            "cannot {action} request {}: it is {}, not {} ({hint})",
+            self.id,
+            self.state.as_str(),
+            wanted.join(" or ")
+        ))
+    }
+
+    fn require_state(&self, action: &str, wanted: &[State]) -> Result<(), BrokerError> {
+        if wanted.contains(&self.state) {
+            Ok(())
+        } else {
+            Err(self.wrong_state(action, wanted))
+        }
+    }
+
+    fn approved_by(&self, id: &SpiffeId) -> bool {
+        self.approvals.iter().any(|a| &a.approver == id)
+    }
+
+    /// Whether `id` may see this request: the people on it, and those with
+    /// a role on its account other than requester or intake.
+    pub fn visible_to(&self, account: Option<&AccountPolicy>, id: &SpiffeId) -> bool {
+        &self.requester == id
+            || &self.filed_by == id
+            || self.operator.as_ref() == Some(id)
+            || self.approved_by(id)
+            || account.is_some_and(|a| {
+                a.has(id, Role::Approver) || a.has(id, Role::Operator) || a.has(id, Role::Admin)
+            })
+    }
+
+    /// An approver approves; at the threshold the request becomes APPROVED
+    /// and a PIN is made for the requester.
+    pub fn approve(
+        &mut self,
+        account: &AccountPolicy,
+        caller: &SpiffeId,
+        comment: &str,
+        key: &PinKey,
+        now: SystemTime,
+    ) -> Result<Effects, BrokerError> {
+        check_text("comment", comment, MAX_REASON, false)?;
+        if !account.has(caller, Role::Approver) {
+            if account.has(caller, Role::Intake) || &self.filed_by == caller {
+                return Err(BrokerError::denied(format!(
+                    "{caller} is an intake service for {}; intake services file requests and never approve",
+                    self.account_id
+                )));
+            }
+            return Err(lacks_role(caller, Role::Approver, &self.account_id));
+        }
+        if caller == &self.requester || caller == &self.filed_by {
+            return Err(BrokerError::denied(format!(
+                "{caller} filed request {}; nobody approves their own request — another approver must",
+                self.id
+            )));
+        }
+        if self.approved_by(caller) {
+            return Err(BrokerError::denied(format!(
+                "{caller} already approved request {}; approvals must come from {} distinct approvers",
+                self.id, self.approvals_required
+            )));
+        }
+        if self.operator.as_ref() == Some(caller) {
+            return Err(BrokerError::denied(format!(
+                "{caller} is the operator of request {}; the operator cannot approve",
+                self.id
+            )));
+        }
+        self.require_state("approve", &[State::Pending])?;
+        self.approvals.push(ApprovalRecord {
+            approver: caller.clone(),
+            comment: comment.to_owned(),
+            at_ms: millis(now),
+        });
+        let mut effects = Effects::default();
+        let reached = self.approvals.len() as u64 >= u64::from(self.approvals_required);
+        if reached {
+            self.move_to(State::Approved)?;
+            self.expires_ms =
+                millis(now).saturating_add(self.release_window_secs.saturating_mul(1000));
+            self.record(
+                &mut effects,
+                caller,
+                "request.approved",
+                Some(State::Approved),
+                comment,
+                now,
+            );
+            let pin = Pin::generate(self.pin_length);
+            self.pin_hash = Some(hex::encode(key.hash(&self.id, &pin)));
+            effects.pin = Some(pin);
+            effects.events.push(
+                EventDraft::new("broker", "pin.issued")
+                    .account(&self.account_id)
+                    .request(&self.id)
+                    .attr("to", self.requester.to_string()),
+            );
+        } else {
+            self.record(&mut effects, caller, "request.approved", None, comment, now);
+        }
+        if let Some(e) = effects.events.first_mut() {
+            e.attributes.insert(
+                "approvals".into(),
+                format!("{}/{}", self.approvals.len(), self.approvals_required),
+            );
+        }
+        Ok(effects)
+    }
+
+    /// An approver denies.
+    pub fn deny(
+        &mut self,
+        account: &AccountPolicy,
+        caller: &SpiffeId,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Effects, BrokerError> {
+        check_text("reason", reason, MAX_REASON, true)?;
+        if !account.has(caller, Role::Approver) {
+            return Err(lacks_role(caller, Role::Approver, &self.account_id));
+        }
+        if caller == &self.requester {
+            return Err(BrokerError::denied(format!(
+                "{caller} is the requester of {}; use CancelRequest to withdraw it",
+                self.id
+            )));
+        }
+        self.require_state("deny", &[State::Pending, State::Approved])?;
+        self.move_to(State::Denied)?;
+        self.pin_hash = None;
+        let mut effects = Effects::default();
+        self.record(
+            &mut effects,
+            caller,
+            "request.denied",
+            Some(State::Denied),
+            reason,
+            now,
+        );
+        Ok(effects)
+    }
+
+    /// The requester (or the intake service that filed it) cancels.
+    pub fn cancel(
+        &mut self,
+        caller: &SpiffeId,
+        reason: &str,
+        now: SystemTime,
+    ) -> Result<Effects, BrokerError> {
+        check_text("reason", reason, MAX_REASON, false)?;
+        if caller != &self.requester && caller != &self.filed_by {
+            return Err(BrokerError::denied(format!(
+                "{caller} is not the requester of {}; only its requester may cancel it (approvers deny)",
+                self.id
+            )));
+        }
+        self.require_state("cancel", &[State::Pending, State::Approved])?;
+        self.move_to(State::Cancelled)?;
+        self.pin_hash = None;
+        let mut effects = Effects::default();
+        self.record(
+            &mut effects,
+            caller,
+            "request.cancelled",
+            Some(State::Cancelled),
+            reason,
+            now,
+        );
+        Ok(effects)
+    }
+
+    /// The operator submits the PIN the requester read out. A wrong PIN is
+    /// counted (and the count stored) before the error is returned.
+    pub fn verify_pin(
+        &mut self,
+        account: &AccountPolicy,
+        caller: &SpiffeId,
+        pin: &Pin,
+        key: &PinKey,
+        now: SystemTime,
+    ) -> Result<Effects, BrokerError> {
+        if !account.has(caller, Role::Operator) {
+            return Err(lacks_role(caller, Role::Operator, &self.account_id));
+        }
+        if caller == &self.requester || caller == &self.filed_by {
+            return Err(BrokerError::denied(format!(
+                "{caller} is the requester of {}; a different operator must verify the PIN",
+                self.id
+            )));
+        }
+        if self.approved_by(caller) {
+            return Err(BrokerError::denied(format!(
+                "{caller} approved request {}; the operator must be someone who did not approve it",
+                self.id
+            )));
+        }
+        self.require_state("verify the PIN of", &[State::Approved])?;
+        if pin.expose().is_empty() {
+            return Err(BrokerError::invalid(
+                "pin is empty; type the digits the requester reads out",
+            ));
+        }
+        let stored = self
+            .pin_hash
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .unwrap_or_default();
+        let mut effects = Effects::default();
+        if !stored.is_empty() && key.verify(&self.id, pin, &stored) {
+            self.move_to(State::Verified)?;
+            self.pin_hash = None;
+            self.operator = Some(caller.clone());
+            self.record(
+                &mut effects,
+                caller,
+                "pin.verified",
+                Some(State::Verified),
+                "",
+                now,
+            );
+            return Ok(effects);
+        }
+        self.pin_attempts += 1;
+        let left = self.pin_max_attempts.saturating_sub(self.pin_attempts);
+        if left == 0 {
+            self.move_to(State::Locked)?;
+            self.pin_hash = None;
+            self.record(&mut effects, caller, "pin.failed", None, "", now);
+            self.record(
+                &mut effects,
+                caller,
+                "request.locked",
+                Some(State::Locked),
+                "too many wrong PINs",
+                now,
+            );
+            effects.fail = Some(BrokerError::precondition(format!(
+                "wrong PIN; request {} is now LOCKED after {} wrong PINs — file a new request",
+                self.id, self.pin_attempts
+            )));
+        } else {
+            self.record(&mut effects, caller, "pin.failed", None, "", now);
+            effects.fail = Some(BrokerError::invalid(format!(
+                "wrong PIN for request {}; {left} tries left before it locks",
+                self.id
+            )));
+        }
+        for e in &mut effects.events {
+            e.outcome = Outcome::Denied;
+            e.attributes
+                .insert("pin_attempts".into(), self.pin_attempts.to_string());
+        }
+        Ok(effects)
+    }
+
+    /// The requester asks for a new PIN; the old one stops working.
+    pub fn resend_pin(
+        &mut self,
+        caller: &SpiffeId,
+        key: &PinKey,
+        now: SystemTime,
+    ) -> Result<Effects, BrokerError> {
+        if caller != &self.requester {
+            return Err(BrokerError::denied(format!(
+                "{caller} is not the requester of {}; only the requester may ask for a new PIN",
+                self.id
+            )));
+        }
+        self.require_state("resend the PIN of", &[State::Approved])?;
+        if self.pin_resends >= MAX_PIN_RESENDS {
+            return Err(BrokerError::precondition(format!(
+                "the PIN of request {} was already resent {MAX_PIN_RESENDS} times; file a new request",
+                self.id
+            )));
+        }
+        self.pin_resends += 1;
+        let pin = Pin::generate(self.pin_length);
+        self.pin_hash = Some(hex::encode(key.hash(&self.id, &pin)));
+        let mut effects = Effects::default();
+        self.record(&mut effects, caller, "pin.resent", None, "", now);
+        effects.pin = Some(pin);
+        Ok(effects)
+    }
+
+    /// Checks that `caller` may release a code now and reserves one from the
+    /// quota; the code is fetched from the vault afterwards.
+    pub fn reserve_release(
+        &mut self,
+        account: &AccountPolicy,
+        caller: &SpiffeId,
+        grant_id: &str,
+        now: SystemTime,
+    ) -> Result<Effects, BrokerError> {
+        match self.delivery {
+            Delivery::Operator => {
+                if !account.has(caller, Role::Operator) {
+                    return Err(lacks_role(caller, Role::Operator, &self.account_id));
+                }
+                if self.state == State::Verified && self.operator.as_ref() != Some(caller) {
+                    return Err(BrokerError::denied(format!(
+                        "{caller} did not verify the PIN of request {}; only its operator may release the code",
+                        self.id
+                    )));
+                }
+            }
+            Delivery::Requester => {
+                if caller != &self.requester {
+                    return Err(BrokerError::denied(format!(
+                        "{caller} is not the requester of {}; with delivery = \"requester\" only the requester releases the code",
+                        self.id
+                    )));
+                }
+            }
+        }
+        self.require_state("release a code for", &[State::Verified])?;
+        if self.codes_released >= self.codes_allowed {
+            return Err(BrokerError::precondition(format!(
+                "request {} already released the {} codes it allows; file a new request",
+                self.id, self.codes_allowed
+            )));
+        }
+        self.codes_released += 1;
+        let mut effects = Effects::default();
+        self.record(&mut effects, caller, "grant.issued", None, "", now);
+        effects.events[0]
+            .attributes
+            .insert("grant_id".into(), grant_id.to_owned());
+        Ok(effects)
+    }
+
+    /// Records the vault's answer to a reserved release.
+    pub fn finish_release(
+        &mut self,
+        caller: &SpiffeId,
+        grant_id: &str,
+        result: Result<u64, (&str, bool)>,
+        now: SystemTime,
+    ) -> Effects {
+        let mut effects = Effects::default();
+        match result {
+            Ok(step) => {
+                let to = (self.codes_released >= self.codes_allowed
+                    && self.state == State::Verified)
+                    .then_some(State::Released);
+                self.record(&mut effects, caller, "code.released", to, "", now);
+                let e = &mut effects.events[0];
+                e.attributes.insert("grant_id".into(), grant_id.to_owned());
+                e.attributes.insert("step".into(), step.to_string());
+                e.attributes.insert(
+                    "codes".into(),
+                    format!("{}/{}", self.codes_released, self.codes_allowed),
+                );
+            }
+            Err((why, refund)) => {
+                if refund {
+                    self.codes_released = self.codes_released.saturating_sub(1);
+                }
+                self.record(&mut effects, caller, "code.release_failed", None, why, now);
+                let e = &mut effects.events[0];
+                e.outcome = Outcome::Failure;
+                e.attributes.insert("grant_id".into(), grant_id.to_owned());
+                e.attributes.insert("error".into(), why.to_owned());
+            }
+        }
+        effects
+    }
+
+    /// The protobuf view. Never carries the PIN or its hash.
+    pub fn to_proto(&self) -> pb::Request {
+        pb::Request {
+            request_id: self.id.clone(),
+            account_id: self.account_id.clone(),
+            requester: self.requester.to_string(),
+            filed_by: self.filed_by.to_string(),
+            reason: self.reason.clone(),
+            ticket: self.ticket.clone(),
+            state: self.state.to_proto() as i32,
+            approvals: self
+                .approvals
+                .iter()
+                .map(|a| pb::Approval {
+                    approver: a.approver.to_string(),
+                    comment: a.comment.clone(),
+                    approved_at: Some(ms_to_timestamp(a.at_ms)),
+                })
+                .collect(),
+            approvals_required: self.approvals_required,
+            operator: self
+                .operator
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            pin_attempts: self.pin_attempts,
+            pin_max_attempts: self.pin_max_attempts,
+            codes_released: self.codes_released,
+            codes_allowed: self.codes_allowed,
+            delivery: match self.delivery {
+                Delivery::Operator => pb::Delivery::Operator,
+                Delivery::Requester => pb::Delivery::Requester,
+            } as i32,
+            created_at: Some(ms_to_timestamp(self.created_ms)),
+            updated_at: Some(ms_to_timestamp(self.updated_ms)),
+            expires_at: Some(ms_to_timestamp(self.expires_ms)),
+            history: self
+                .history
+                .iter()
+                .map(|h| pb::HistoryEntry {
+                    at: Some(ms_to_timestamp(h.at_ms)),
+                    actor: h.actor.clone(),
+                    action: h.action.clone(),
+                    state: h.state.to_proto() as i32,
+                    comment: h.comment.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn millis_of(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_drawn_transitions_are_allowed() {
+        use State::*;
+        let all = [
+            Pending, Approved, Verified, Released, Denied, Cancelled, Expired, Locked,
+        ];
+        let drawn = [
+            (Pending, Approved),
+            (Pending, Denied),
+            (Pending, Cancelled),
+            (Pending, Expired),
+            (Approved, Verified),
+            (Approved, Denied),
+            (Approved, Cancelled),
+            (Approved, Expired),
+            (Approved, Locked),
+            (Verified, Released),
+            (Verified, Expired),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.can_become(to),
+                    drawn.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+            assert_eq!(
+                from.is_final(),
+                !matches!(from, Pending | Approved | Verified)
+            );
+        }
+    }
+}
