@@ -110,6 +110,24 @@ pub async fn serve(
     serve_with_clock(config, Arc::new(SystemClock), listener, shutdown).await
 }
 
+/// What tests (and embedders) may set beyond the config.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The clock (tests move time with `ManualClock`).
+    pub clock: Arc<dyn Clock>,
+    /// Counts delivered notifications, so tests can wait for one.
+    pub deliveries: Option<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            deliveries: None,
+        }
+    }
+}
+
 /// [`serve`] with a given clock (tests move time with `ManualClock`).
 pub async fn serve_with_clock(
     config: BrokerConfig,
@@ -117,6 +135,26 @@ pub async fn serve_with_clock(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BrokerError> {
+    serve_with(
+        config,
+        ServeOptions {
+            clock,
+            deliveries: None,
+        },
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with [`ServeOptions`].
+pub async fn serve_with(
+    config: BrokerConfig,
+    options: ServeOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BrokerError> {
+    let clock = options.clock;
     let policy = Policy::load(&config.policy_file)?;
     policy.check_trust_domain(&config.trust_domain, &config.policy_file)?;
     let grants = GrantSigner::new(keys::load_signing_key(&config.grant_key_file)?);
@@ -135,13 +173,11 @@ pub async fn serve_with_clock(
 
     let db = DurableDb::open(&config.data_dir)?;
     let outbox = Outbox::open(&db, EventSigner::new(identity, event_key), clock.clone())?;
-    let queue = Arc::new(NotifyQueue::open(
-        &db,
-        outbox.clone(),
-        notifiers,
-        &pin_key,
-        clock.clone(),
-    )?);
+    let mut queue = NotifyQueue::open(&db, outbox.clone(), notifiers, &pin_key, clock.clone())?;
+    if let Some(counter) = options.deliveries {
+        queue = queue.with_delivery_counter(counter);
+    }
+    let queue = Arc::new(queue);
     let store = Arc::new(SledStore::open(&db, outbox.clone(), queue.clone())?);
     let broker = Arc::new(Broker::new(BrokerParts {
         policy: Arc::new(policy),

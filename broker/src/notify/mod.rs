@@ -263,6 +263,7 @@ pub struct NotifyQueue {
     seal: XChaCha20Poly1305,
     clock: Arc<dyn Clock>,
     wake: Notify,
+    delivered: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for NotifyQueue {
@@ -297,7 +298,19 @@ impl NotifyQueue {
             seal: XChaCha20Poly1305::new(seal_key.as_ref().into()),
             clock,
             wake: Notify::new(),
+            delivered: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Uses `counter` to count successful deliveries (tests wait on it).
+    pub fn with_delivery_counter(mut self, counter: tokio::sync::watch::Sender<u64>) -> Self {
+        self.delivered = counter;
+        self
+    }
+
+    /// The number of messages delivered so far, as a watch.
+    pub fn deliveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.delivered.subscribe()
     }
 
     /// The queue's tree, to include in a transaction.
@@ -505,6 +518,9 @@ impl NotifyQueue {
         if failed_event.is_some() {
             self.db.sync().await?;
             self.outbox.committed();
+        }
+        if result.is_ok() {
+            self.delivered.send_modify(|n| *n += 1);
         }
         Ok(())
     }

@@ -1,0 +1,582 @@
+//! Test harness: a dev PKI in a tempdir, a fake vault over mTLS, and the
+//! broker in-process on 127.0.0.1:0 with a manual clock; clients per user.
+#![allow(dead_code)]
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use prost::Message;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{
+    Code, Request, Response, Status,
+    transport::{Certificate, Channel, ClientTlsConfig},
+};
+use twokey_broker::{
+    BrokerConfig, BrokerError, ServeOptions,
+    config::{MailboxConfig, NotifyConfig},
+};
+use twokey_proto::{
+    broker::v1::{self as pb, broker_service_client::BrokerServiceClient},
+    types::v1 as types,
+    vault::v1::{self as vpb, GrantPurpose, vault_service_server::VaultService},
+};
+use twokey_runtime::{
+    Authenticator,
+    keys::{self, SecretKey},
+    pki::DevCa,
+    serve,
+    time::{ManualClock, to_timestamp},
+    tls::TlsFiles,
+};
+
+pub const TD: &str = "twokey.local";
+pub const PROD: &str = "aws-prod-root";
+/// Two approvals, two codes, ten-digit PINs.
+pub const AUDIT: &str = "aws-audit-root";
+pub const FAKE_CODE: &str = "492039";
+
+pub const POLICY: &str = r#"
+[identities]
+alice = "spiffe://twokey.local/user/alice"
+rita = "spiffe://twokey.local/user/rita"
+bob = "spiffe://twokey.local/user/bob"
+dave = "spiffe://twokey.local/user/dave"
+olivia = "spiffe://twokey.local/user/olivia"
+carol = "spiffe://twokey.local/user/carol"
+adam = "spiffe://twokey.local/user/adam"
+bpm = "spiffe://twokey.local/svc/bpm"
+
+[groups]
+requesters = ["alice", "rita"]
+approvers = ["bob", "dave"]
+operators = ["olivia", "bob", "rita"]
+admins = ["adam"]
+
+[accounts.aws-prod-root]
+requesters = ["requesters"]
+approvers = ["approvers"]
+operators = ["operators"]
+admins = ["admins"]
+intake = ["bpm"]
+approvals_required = 1
+request_ttl = "1h"
+release_window = "15m"
+codes_per_request = 1
+pin_length = 6
+pin_max_attempts = 3
+delivery = "operator"
+
+[accounts.aws-audit-root]
+requesters = ["requesters"]
+approvers = ["approvers"]
+operators = ["operators"]
+admins = ["admins"]
+approvals_required = 2
+request_ttl = "1h"
+release_window = "15m"
+codes_per_request = 2
+pin_length = 10
+pin_max_attempts = 5
+delivery = "operator"
+"#;
+
+/// What the fake vault saw and how it behaves.
+#[derive(Debug, Default)]
+pub struct VaultState {
+    pub used_grants: Mutex<HashSet<String>>,
+    pub grants: Mutex<Vec<vpb::Grant>>,
+    pub audit_down: AtomicBool,
+}
+
+/// A vault that checks grants like the real one and answers with a fixed code.
+#[derive(Debug, Clone)]
+pub struct FakeVault {
+    key: VerifyingKey,
+    auth: Authenticator,
+    clock: ManualClock,
+    pub state: Arc<VaultState>,
+}
+
+impl FakeVault {
+    fn check(
+        &self,
+        signed: Option<vpb::SignedGrant>,
+        purpose: GrantPurpose,
+    ) -> Result<vpb::Grant, Status> {
+        let signed = signed.ok_or_else(|| Status::invalid_argument("no grant"))?;
+        let signature = Signature::from_slice(&signed.signature)
+            .map_err(|_| Status::permission_denied("grant signature malformed"))?;
+        self.key
+            .verify_strict(&signed.grant, &signature)
+            .map_err(|_| Status::permission_denied("grant signature does not verify"))?;
+        let grant = vpb::Grant::decode(signed.grant.as_slice())
+            .map_err(|_| Status::invalid_argument("grant does not decode"))?;
+        if grant.purpose != purpose as i32 {
+            return Err(Status::permission_denied("wrong grant purpose"));
+        }
+        let issued = grant.issued_at.unwrap().seconds;
+        let expires = grant.expires_at.unwrap().seconds;
+        let now = to_timestamp(twokey_runtime::time::Clock::now(&self.clock)).seconds;
+        assert!(expires - issued <= 60, "grant lives more than 60 s");
+        if now > expires {
+            return Err(Status::permission_denied("grant expired"));
+        }
+        if !self
+            .state
+            .used_grants
+            .lock()
+            .unwrap()
+            .insert(grant.grant_id.clone())
+        {
+            return Err(Status::permission_denied("grant already used"));
+        }
+        self.state.grants.lock().unwrap().push(grant.clone());
+        Ok(grant)
+    }
+}
+
+fn code() -> types::Code {
+    types::Code {
+        code: FAKE_CODE.into(),
+        step: 1,
+        period: 30,
+        valid_from: None,
+        valid_until: None,
+    }
+}
+
+#[tonic::async_trait]
+impl VaultService for FakeVault {
+    async fn enroll(
+        &self,
+        request: Request<vpb::EnrollRequest>,
+    ) -> Result<Response<vpb::EnrollResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        let r = request.into_inner();
+        Ok(Response::new(vpb::EnrollResponse {
+            account: Some(types::Account {
+                account_id: r.account_id,
+                issuer: r.actor,
+                ..Default::default()
+            }),
+            current: Some(code()),
+            next: Some(code()),
+            warnings: vec![],
+        }))
+    }
+
+    async fn generate_code(
+        &self,
+        request: Request<vpb::GenerateCodeRequest>,
+    ) -> Result<Response<vpb::GenerateCodeResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        if self.state.audit_down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(
+                "audit unavailable: event 7 not acknowledged in time; no code was released",
+            ));
+        }
+        let grant = self.check(request.into_inner().grant, GrantPurpose::Release)?;
+        Ok(Response::new(vpb::GenerateCodeResponse {
+            code: Some(code()),
+            grant_id: grant.grant_id,
+        }))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<vpb::ListAccountsRequest>,
+    ) -> Result<Response<vpb::ListAccountsResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        Ok(Response::new(vpb::ListAccountsResponse {
+            accounts: [PROD, AUDIT, "not-in-policy"]
+                .into_iter()
+                .map(|id| types::Account {
+                    account_id: id.into(),
+                    ..Default::default()
+                })
+                .collect(),
+        }))
+    }
+
+    async fn remove_account(
+        &self,
+        request: Request<vpb::RemoveAccountRequest>,
+    ) -> Result<Response<vpb::RemoveAccountResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        let grant = self.check(request.into_inner().grant, GrantPurpose::Remove)?;
+        Ok(Response::new(vpb::RemoveAccountResponse {
+            account_id: grant.account_id,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<vpb::StatusRequest>,
+    ) -> Result<Response<vpb::StatusResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+}
+
+/// A running server task with its shutdown trigger.
+struct Running {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), String>>,
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task
+            .await
+            .expect("server task panicked")
+            .expect("server failed");
+    }
+}
+
+/// The PKI, keys, fake vault and broker of one test.
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub clock: ManualClock,
+    pub vault: Arc<VaultState>,
+    pub config: BrokerConfig,
+    pub deliveries: tokio::sync::watch::Sender<u64>,
+    broker: Option<Running>,
+    vault_server: Option<Running>,
+}
+
+pub fn pki_dir(root: &Path) -> PathBuf {
+    root.join("pki")
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::start_with_policy(POLICY).await
+    }
+
+    pub async fn start_with_policy(policy: &str) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki_dir(dir.path());
+        std::fs::create_dir_all(&pki).unwrap();
+        let ca = DevCa::new(TD).unwrap();
+        ca.write(&pki).unwrap();
+        for svc in ["broker", "vault"] {
+            ca.issue_service(TD, svc).unwrap().write(&pki, svc).unwrap();
+        }
+        for user in [
+            "alice", "rita", "bob", "dave", "olivia", "carol", "adam", "mallory",
+        ] {
+            ca.issue_user(TD, user).unwrap().write(&pki, user).unwrap();
+        }
+        // An intake service's certificate: spiffe://twokey.local/svc/bpm.
+        ca.issue_service(TD, "bpm")
+            .unwrap()
+            .write(&pki, "bpm")
+            .unwrap();
+        let keys_dir = dir.path().join("keys");
+        std::fs::create_dir_all(&keys_dir).unwrap();
+        let grant = keys::generate_signing_key(&keys_dir.join("grant.key")).unwrap();
+        keys::generate_signing_key(&keys_dir.join("event.key")).unwrap();
+        SecretKey::generate()
+            .write(&keys_dir.join("pin.key"))
+            .unwrap();
+        std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
+
+        let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        let vault = Arc::new(VaultState::default());
+        let fake = FakeVault {
+            key: grant.verifying_key(),
+            auth: Authenticator::new(TD),
+            clock: clock.clone(),
+            state: vault.clone(),
+        };
+        let vault_server = start_vault(fake, &TlsFiles::in_dir(&pki, "vault")).await;
+        let config = BrokerConfig {
+            listen: "127.0.0.1:0".into(),
+            trust_domain: TD.into(),
+            data_dir: dir.path().join("data"),
+            policy_file: dir.path().join("policy.toml"),
+            grant_key_file: keys_dir.join("grant.key"),
+            event_key_file: keys_dir.join("event.key"),
+            pin_key_file: keys_dir.join("pin.key"),
+            vault_address: format!("https://{}", vault_server.addr),
+            vault_server_name: "vault".into(),
+            audit_address: None,
+            audit_server_name: "audit".into(),
+            log_format: Default::default(),
+            tls: TlsFiles::in_dir(&pki, "broker"),
+            notify: NotifyConfig {
+                mailbox: Some(MailboxConfig {
+                    dir: dir.path().join("mailbox"),
+                }),
+                webhook: None,
+                slack: None,
+            },
+            sweep_interval: Duration::from_secs(3600),
+        };
+        let mut h = Self {
+            dir,
+            clock,
+            vault,
+            config,
+            deliveries: tokio::sync::watch::Sender::new(0),
+            broker: None,
+            vault_server: Some(vault_server),
+        };
+        h.start_broker().await;
+        h
+    }
+
+    pub async fn start_broker(&mut self) {
+        assert!(self.broker.is_none());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = ServeOptions {
+            clock: Arc::new(self.clock.clone()),
+            deliveries: Some(self.deliveries.clone()),
+        };
+        let config = self.config.clone();
+        let task = tokio::spawn(async move {
+            twokey_broker::serve_with(config, options, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|e: BrokerError| e.to_string())
+        });
+        self.broker = Some(Running { addr, stop, task });
+    }
+
+    /// Stops the broker (waiting for it to close its database).
+    pub async fn stop_broker(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.stop().await;
+        }
+    }
+
+    /// Stops and starts the broker on the same data directory.
+    pub async fn restart_broker(&mut self) {
+        self.stop_broker().await;
+        self.start_broker().await;
+    }
+
+    pub async fn shutdown(mut self) {
+        self.stop_broker().await;
+        if let Some(v) = self.vault_server.take() {
+            v.stop().await;
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.broker.as_ref().expect("broker running").addr
+    }
+
+    pub fn client(&self, user: &str) -> BrokerServiceClient<Channel> {
+        let channel = TlsFiles::in_dir(&pki_dir(self.dir.path()), user)
+            .channel(&format!("https://{}", self.addr()), "broker")
+            .unwrap();
+        BrokerServiceClient::new(channel)
+    }
+
+    /// A client that trusts the CA but presents no certificate.
+    pub fn anonymous_client(&self) -> BrokerServiceClient<Channel> {
+        let ca = std::fs::read(pki_dir(self.dir.path()).join("ca.crt")).unwrap();
+        let channel = twokey_runtime::tls::endpoint(&format!("https://{}", self.addr()))
+            .unwrap()
+            .tls_config(
+                ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(ca))
+                    .domain_name("broker"),
+            )
+            .unwrap()
+            .connect_lazy();
+        BrokerServiceClient::new(channel)
+    }
+
+    pub fn mailbox_dir(&self) -> PathBuf {
+        self.config.notify.mailbox.as_ref().unwrap().dir.clone()
+    }
+
+    /// Every PIN delivered to `user` for `request_id`, oldest first.
+    pub fn pins_in_mailbox(&self, user: &str, request_id: &str) -> Vec<String> {
+        let Ok(text) = std::fs::read_to_string(self.mailbox_dir().join(format!("{user}.jsonl")))
+        else {
+            return Vec::new();
+        };
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["request_id"] == request_id && v["kind"] == "pin")
+            .map(|v| v["pin"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Waits (on the delivery counter, not a timer) until `user` has `n`
+    /// PINs for `request_id`; returns the newest.
+    pub async fn wait_for_pin(&self, user: &str, request_id: &str, n: usize) -> String {
+        let mut rx = self.deliveries.subscribe();
+        let wait = async {
+            loop {
+                let pins = self.pins_in_mailbox(user, request_id);
+                if pins.len() >= n {
+                    return pins.last().unwrap().clone();
+                }
+                rx.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .expect("the PIN never reached the mailbox")
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    pub fn now(&self) -> SystemTime {
+        twokey_runtime::time::Clock::now(&self.clock)
+    }
+}
+
+async fn start_vault(fake: FakeVault, tls: &TlsFiles) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut server = serve::server(tls.server_config().unwrap()).unwrap();
+    let task = tokio::spawn(async move {
+        server
+            .add_service(vpb::vault_service_server::VaultServiceServer::new(fake))
+            .serve_with_incoming_shutdown(serve::incoming(listener), async {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|e| e.to_string())
+    });
+    Running { addr, stop, task }
+}
+
+/// The gRPC code of a failed call, with its message for assertions.
+pub fn code_of<T: std::fmt::Debug>(result: Result<Response<T>, Status>) -> (Code, String) {
+    match result {
+        Ok(r) => panic!("expected an error, got {r:?}"),
+        Err(s) => (s.code(), s.message().to_owned()),
+    }
+}
+
+pub fn state_of(request: &pb::Request) -> pb::RequestState {
+    pb::RequestState::try_from(request.state).unwrap()
+}
+
+/// Files a request as `requester` for `account`; returns its id.
+pub async fn file(h: &Harness, requester: &str, account: &str) -> String {
+    let r = h
+        .client(requester)
+        .create_request(pb::CreateRequestRequest {
+            account_id: account.into(),
+            reason: "rotate the root password".into(),
+            ticket: "OPS-1".into(),
+            on_behalf_of: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(state_of(&r), pb::RequestState::Pending);
+    r.request_id
+}
+
+pub async fn approve(
+    h: &Harness,
+    approver: &str,
+    id: &str,
+) -> Result<Response<pb::ApproveRequestResponse>, Status> {
+    h.client(approver)
+        .approve_request(pb::ApproveRequestRequest {
+            request_id: id.into(),
+            comment: "ok".into(),
+        })
+        .await
+}
+
+pub async fn verify(
+    h: &Harness,
+    operator: &str,
+    id: &str,
+    pin: &str,
+) -> Result<Response<pb::VerifyPinResponse>, Status> {
+    h.client(operator)
+        .verify_pin(pb::VerifyPinRequest {
+            request_id: id.into(),
+            pin: pin.into(),
+        })
+        .await
+}
+
+pub async fn release(
+    h: &Harness,
+    operator: &str,
+    id: &str,
+) -> Result<Response<pb::ReleaseCodeResponse>, Status> {
+    h.client(operator)
+        .release_code(pb::ReleaseCodeRequest {
+            request_id: id.into(),
+        })
+        .await
+}
+
+pub async fn get(h: &Harness, user: &str, id: &str) -> pb::Request {
+    h.client(user)
+        .get_request(pb::GetRequestRequest {
+            request_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap()
+}
+
+/// alice files on PROD and bob approves: APPROVED, with alice's PIN.
+pub async fn approved_prod(h: &Harness) -> (String, String) {
+    let id = file(h, "alice", PROD).await;
+    let r = approve(h, "bob", &id)
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(state_of(&r), pb::RequestState::Approved);
+    let pin = h.wait_for_pin("alice", &id, 1).await;
+    (id, pin)
+}
+
+/// ... and olivia verifies the PIN: VERIFIED.
+pub async fn verified_prod(h: &Harness) -> String {
+    let (id, pin) = approved_prod(h).await;
+    let r = verify(h, "olivia", &id, &pin)
+        .await
+        .unwrap()
+        .into_inner()
+        .request
+        .unwrap();
+    assert_eq!(state_of(&r), pb::RequestState::Verified);
+    id
+}
