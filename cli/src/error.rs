@@ -146,6 +146,15 @@ fn is_transport_failure(status: &tonic::Status, text: &str) -> bool {
         .any(|needle| text.to_ascii_lowercase().contains(needle))
 }
 
+/// `prefix: text`, unless the server's text already starts with the prefix.
+fn prefixed(prefix: &str, text: &str) -> String {
+    if text.to_ascii_lowercase().starts_with(prefix) {
+        text.to_owned()
+    } else {
+        format!("{prefix}: {text}")
+    }
+}
+
 /// What the CLI says for a failed call.
 pub fn describe_status(target: &Target, status: &tonic::Status) -> String {
     let text = status_text(status);
@@ -159,15 +168,15 @@ pub fn describe_status(target: &Target, status: &tonic::Status) -> String {
         Code::Unavailable => {
             format!("the {service} is unavailable: {text} — try again shortly")
         }
-        Code::PermissionDenied => format!("permission denied: {text}"),
+        Code::PermissionDenied => prefixed("permission denied", &text),
         Code::Unauthenticated => format!(
             "the {service} at {address} did not accept your certificate: {text} — check --cert/--key and that they come from the service's CA"
         ),
-        Code::NotFound => format!("not found: {text}"),
-        Code::InvalidArgument => format!("invalid argument: {text}"),
-        Code::AlreadyExists => format!("already exists: {text}"),
-        Code::FailedPrecondition => format!("not possible now: {text}"),
-        Code::ResourceExhausted => format!("too many tries: {text}"),
+        Code::NotFound => prefixed("not found", &text),
+        Code::InvalidArgument => prefixed("invalid argument", &text),
+        Code::AlreadyExists => prefixed("already exists", &text),
+        Code::FailedPrecondition => prefixed("not possible now", &text),
+        Code::ResourceExhausted => prefixed("too many tries", &text),
         Code::DeadlineExceeded => {
             format!("the {service} at {address} did not answer in time: {text} — try again")
         }
@@ -176,7 +185,7 @@ pub fn describe_status(target: &Target, status: &tonic::Status) -> String {
         ),
         Code::Cancelled => format!("the call to the {service} was cancelled: {text}"),
         Code::Aborted => format!("the {service} aborted the call: {text} — try again"),
-        Code::OutOfRange => format!("out of range: {text}"),
+        Code::OutOfRange => prefixed("out of range", &text),
         _ => format!("the {service} at {address} failed: {text} — see its logs"),
     }
 }
@@ -218,6 +227,17 @@ mod tests {
     fn unavailable_from_the_server_is_not_reported_as_unreachable() {
         let err = broker().error(tonic::Status::unavailable("audit log unavailable"));
         assert!(err.one_line().starts_with("the broker is unavailable"));
+    }
+
+    #[test]
+    fn a_server_message_that_already_names_the_code_is_not_prefixed_twice() {
+        let err = broker().error(tonic::Status::invalid_argument(
+            "invalid argument: wrong PIN for request r-1; 4 tries left",
+        ));
+        assert_eq!(
+            err.one_line(),
+            "invalid argument: wrong PIN for request r-1; 4 tries left"
+        );
     }
 
     #[test]

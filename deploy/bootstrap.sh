@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Makes everything the three services need, in the layout the example configs,
+# the systemd units, compose.yaml and the Kubernetes manifests expect:
+#
+#   OUT/pki/      development CA (ca.key: keep it offline), user certificates,
+#                 twokey.toml (one CLI profile per user)
+#   OUT/vault/    vault.toml  ca.crt vault.crt vault.key master.key event.key
+#   OUT/broker/   broker.toml ca.crt broker.crt broker.key grant.key event.key
+#                 pin.key policy.toml
+#   OUT/audit/    audit.toml  ca.crt audit.crt audit.key checkpoint.key
+#                 verifier.key (for `twokey audit verify --checkpoint-key`)
+#
+# Usage: deploy/bootstrap.sh OUT [NAME:ROLE ...]
+#   default users: alice:requester bob:approver olivia:operator adam:admin carol:auditor
+#
+# Environment:
+#   TWOKEY_TRUST_DOMAIN  trust domain (default twokey.local)
+#   TWOKEY_CONFIG_ROOT   where OUT will be mounted, as written into the configs
+#                        (default /etc/twokey; set it to OUT to run in place)
+#   TWOKEY_DATA_ROOT     parent of the data directories (default /var/lib)
+#   TWOKEY_HOSTS         "services" (vault, broker, audit: compose and k8s,
+#                        default) or "local" (127.0.0.1: one host)
+#   TWOKEY_POLICY        policy file to install (default: policy.example.toml
+#                        beside this script)
+#   TWOKEY_BIN           directory of the twokey binaries (default: from PATH)
+#
+# Keys are written 0600 and never overwritten: OUT must be new or empty.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:?usage: bootstrap.sh OUT [NAME:ROLE ...]}"
+shift
+users=("$@")
+if [ ${#users[@]} -eq 0 ]; then
+  users=(alice:requester bob:approver olivia:operator adam:admin carol:auditor)
+fi
+td="${TWOKEY_TRUST_DOMAIN:-twokey.local}"
+root="${TWOKEY_CONFIG_ROOT:-/etc/twokey}"
+data="${TWOKEY_DATA_ROOT:-/var/lib}"
+hosts="${TWOKEY_HOSTS:-services}"
+policy="${TWOKEY_POLICY:-$here/policy.example.toml}"
+bin() { if [ -n "${TWOKEY_BIN:-}" ]; then echo "$TWOKEY_BIN/$1"; else command -v "$1"; fi; }
+for b in twokey twokey-vault twokey-broker twokey-audit; do
+  [ -x "$(bin "$b" || true)" ] || { echo "bootstrap: $b not found; build it (cargo build --release) or set TWOKEY_BIN" >&2; exit 1; }
+done
+if [ -e "$out" ] && [ -n "$(ls -A "$out")" ]; then
+  echo "bootstrap: $out is not empty; give a new directory" >&2
+  exit 1
+fi
+umask 077
+mkdir -p "$out"
+
+pki_args=()
+auditors=()
+for u in "${users[@]}"; do
+  pki_args+=(--user "$u")
+  [ "${u#*:}" = auditor ] && auditors+=("\"spiffe://$td/user/${u%%:*}\"")
+done
+# CLI profiles point at the published ports on this host.
+broker_url=127.0.0.1:7400
+audit_url=127.0.0.1:7403
+"$(bin twokey)" pki init --dir "$out/pki" --trust-domain "$td" "${pki_args[@]}" \
+  --broker "$broker_url" --audit "$audit_url" >/dev/null
+
+for svc in vault broker audit; do
+  mkdir -p "$out/$svc"
+  install -m 0644 "$out/pki/ca.crt" "$out/$svc/ca.crt"
+  install -m 0644 "$out/pki/$svc.crt" "$out/$svc/$svc.crt"
+  install -m 0600 "$out/pki/$svc.key" "$out/$svc/$svc.key"
+  rm -f "$out/pki/$svc.key"
+done
+
+"$(bin twokey-vault)" init-key --out "$out/vault/master.key" >/dev/null
+vault_event="$("$(bin twokey-vault)" init-event-key --out "$out/vault/event.key" | tail -n 1)"
+broker_keys="$("$(bin twokey-broker)" init-keys --dir "$out/broker" 2>/dev/null)"
+grant_pub="$(printf '%s\n' "$broker_keys" | sed -n 's/^grant_public_key = "\(.*\)"$/\1/p')"
+broker_event="$(printf '%s\n' "$broker_keys" | sed -n 's/^event_public_key = "\(.*\)"$/\1/p')"
+verifier="$("$(bin twokey-audit)" init-key --out "$out/audit/checkpoint.key" --origin "$td/audit" \
+  | sed -n 's/^verifier key: //p')"
+printf '%s\n' "$verifier" > "$out/audit/verifier.key"
+chmod 0644 "$out/audit/verifier.key"
+for v in vault_event grant_pub broker_event verifier; do
+  [ -n "${!v}" ] || { echo "bootstrap: could not read $v from the key tools' output" >&2; exit 1; }
+done
+
+auditor_list="$(IFS=,; echo "${auditors[*]:-}")"
+render() { # render SRC DEST
+  local s=(
+    -e "s|REPLACE_WITH_BROKER_GRANT_PUBLIC_KEY|$grant_pub|"
+    -e "s|REPLACE_WITH_BROKER_EVENT_PUBLIC_KEY|$broker_event|"
+    -e "s|REPLACE_WITH_VAULT_EVENT_PUBLIC_KEY|$vault_event|"
+    -e "s|spiffe://twokey.local/|spiffe://$td/|g"
+    -e "s|^trust_domain = .*|trust_domain = \"$td\"|"
+    -e "s|^origin = .*|origin = \"$td/audit\"|"
+    -e "s|^auditors = .*|auditors = [$auditor_list]|"
+    -e "s|/etc/twokey/|$root/|g"
+    -e "s|/var/lib/twokey-|$data/twokey-|g"
+  )
+  if [ "$hosts" = local ]; then
+    s+=(-e "s|https://vault:|https://127.0.0.1:|" -e "s|https://audit:|https://127.0.0.1:|"
+        -e "s|^listen = \"0.0.0.0:|listen = \"127.0.0.1:|")
+  fi
+  sed "${s[@]}" "$1" > "$2"
+  chmod 0644 "$2"
+}
+render "$here/vault.toml" "$out/vault/vault.toml"
+render "$here/audit.toml" "$out/audit/audit.toml"
+# The example broker config enables every notifier; keep only the mailbox
+# unless the webhook secret and Slack token files are put in place later.
+awk '/^\[notify\.(webhook|slack)\]/{skip=1; next} /^\[/{skip=0} !skip' "$here/broker.toml" \
+  > "$out/broker/broker.in"
+render "$out/broker/broker.in" "$out/broker/broker.toml"
+rm -f "$out/broker/broker.in"
+if [ -f "$policy" ]; then
+  sed "s|spiffe://twokey.local/|spiffe://$td/|g" "$policy" > "$out/broker/policy.toml"
+  chmod 0644 "$out/broker/policy.toml"
+else
+  echo "bootstrap: no policy at $policy; write $out/broker/policy.toml before starting the broker" >&2
+fi
+
+cat <<EOF
+wrote certificates, keys and configs in $out (trust domain $td)
+  start:   twokey-audit serve --config $root/audit/audit.toml
+           twokey-vault serve --config $root/vault/vault.toml
+           twokey-broker serve --config $root/broker/broker.toml
+  CLI:     TWOKEY_CONFIG=$out/pki/twokey.toml twokey --profile NAME whoami
+  verify:  twokey audit verify --sources $out/audit/audit.toml --checkpoint-key "\$(cat $out/audit/verifier.key)"
+keep $out/pki/ca.key offline; each service needs only its own directory
+EOF
