@@ -24,7 +24,7 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serves the broker API over mTLS.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Makes grant.key, event.key and pin.key (mode 0600) in a directory and
     /// prints the public keys the vault and audit configs need.
     InitKeys(InitKeysArgs),
@@ -52,6 +52,7 @@ struct InitKeysArgs {
 pub fn run(args: Args) -> Result<(), BrokerError> {
     match args.command {
         Command::Serve(a) => {
+            let a = *a;
             let config = BrokerConfig::resolve(a.config.as_deref(), a.overrides)?;
             telemetry::init(config.log_format);
             let runtime = tokio::runtime::Runtime::new()

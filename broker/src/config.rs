@@ -486,6 +486,16 @@ channel = "#root-access"
     }
 
     #[test]
+    fn the_deployed_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/broker.toml");
+        if path.exists() {
+            let c = BrokerConfig::resolve(Some(&path), PartialConfig::default()).unwrap();
+            assert_eq!(c.vault_server_name, "vault");
+            assert!(c.notify.mailbox.is_some());
+        }
+    }
+
+    #[test]
     fn flags_override_the_file_and_missing_fields_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");

@@ -616,6 +616,17 @@ delivery = "requester"
     }
 
     #[test]
+    fn the_example_policy_is_valid() {
+        let text = include_str!("../../deploy/policy.example.toml");
+        let p = parse(text).unwrap();
+        p.check_trust_domain("twokey.local", Path::new("policy.example.toml"))
+            .unwrap();
+        let a = p.account("aws-prod-root").unwrap();
+        assert!(a.has(&p.resolve("bpm").unwrap(), Role::Intake));
+        assert!(p.check_trust_domain("other.org", Path::new("p")).is_err());
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));

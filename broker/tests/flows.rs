@@ -423,3 +423,30 @@ async fn wrong_pins_count_toward_the_lock_across_a_restart() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_sweeper_expires_requests_nobody_reads() {
+    let mut h = Harness::start().await;
+    h.stop_broker().await;
+    h.config.sweep_interval = Duration::from_millis(20);
+    h.start_broker().await;
+    let mut olivia = h
+        .client("olivia")
+        .watch_requests(pb::WatchRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let id = file(&h, "alice", PROD).await;
+    assert_eq!(next(&mut olivia).await.action, "request.created");
+    h.advance(Duration::from_secs(3601));
+    let change = next(&mut olivia).await;
+    assert_eq!(change.action, "request.expired");
+    let r = change.request.unwrap();
+    assert_eq!(
+        (r.request_id.as_str(), state_of(&r)),
+        (id.as_str(), pb::RequestState::Expired)
+    );
+    assert_eq!(r.history.last().unwrap().actor, "broker");
+    drop(olivia);
+    h.shutdown().await;
+}
