@@ -5,7 +5,7 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt, stream::FuturesOrdered};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use twokey_proto::audit::v1::{
@@ -60,12 +60,25 @@ impl From<AuditError> for Status {
 pub struct AuditGrpc<S> {
     log: Arc<AuditLog<S>>,
     auth: Authenticator,
+    stopping: Option<watch::Receiver<bool>>,
 }
 
 impl<S: LogStore> AuditGrpc<S> {
     /// The service for `log`, accepting callers of `auth`'s trust domain.
     pub fn new(log: Arc<AuditLog<S>>, auth: Authenticator) -> Self {
-        Self { log, auth }
+        Self {
+            log,
+            auth,
+            stopping: None,
+        }
+    }
+
+    /// Ends open Append streams (UNAVAILABLE, after acknowledging what is
+    /// durable) once `stopping` turns true, so shutdown never waits on a
+    /// connected source.
+    pub fn with_shutdown(mut self, stopping: watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
     }
 
     /// The tonic server with twokey's message size limits.
@@ -89,7 +102,17 @@ async fn run_append<S: LogStore>(
     peer: SpiffeId,
     mut inbound: Streaming<AppendRequest>,
     tx: mpsc::Sender<Result<AppendResponse, Status>>,
+    stopping: Option<watch::Receiver<bool>>,
 ) {
+    let stop = async move {
+        match stopping {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(stop);
     let mut pending = FuturesOrdered::new();
     let mut inbound_open = true;
     let mut failure: Option<Status> = None;
@@ -133,6 +156,9 @@ async fn run_append<S: LogStore>(
                     }
                 }
             }
+            () = &mut stop, if failure.is_none() && (inbound_open || !pending.is_empty()) => {
+                failure = Some(Status::unavailable("the audit service is shutting down; reconnect and resend"));
+            }
             else => break,
         }
         if failure.is_some() && pending.is_empty() {
@@ -174,7 +200,13 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
                 log.is_source(id)
             })?;
         let (tx, rx) = mpsc::channel(PIPELINE);
-        tokio::spawn(run_append(log, peer, request.into_inner(), tx));
+        tokio::spawn(run_append(
+            log,
+            peer,
+            request.into_inner(),
+            tx,
+            self.stopping.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

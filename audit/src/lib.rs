@@ -59,7 +59,13 @@ pub async fn serve(
         verifier = %log.signer().verifier(),
         "audit log open"
     );
-    let grpc = AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let grpc = AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone()))
+        .with_shutdown(stop_rx);
     let addr = listener.local_addr().map_err(|e| AuditError::Open {
         path: config.data_dir.clone(),
         why: format!("listener has no address: {e}"),

@@ -1,0 +1,201 @@
+//! Test fixtures: a development PKI in a tempdir, source and checkpoint keys,
+//! an in-process audit server on 127.0.0.1:0, and mTLS clients.
+#![allow(dead_code)]
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{Status, transport::Channel};
+use twokey_audit::{AuditConfig, AuditError};
+use twokey_proto::audit::v1::{
+    AppendRequest, AppendResponse, LogEntry, QueryRequest, SignedEvent,
+    audit_service_client::AuditServiceClient,
+};
+use twokey_runtime::{
+    SpiffeId,
+    events::{EventDraft, EventSigner},
+    keys::generate_signing_key,
+    pki::DevCa,
+    telemetry::LogFormat,
+    tls::TlsFiles,
+};
+
+pub const TD: &str = "twokey.test";
+pub const VAULT: &str = "spiffe://twokey.test/svc/vault";
+pub const BROKER: &str = "spiffe://twokey.test/svc/broker";
+pub const CAROL: &str = "spiffe://twokey.test/user/carol";
+
+/// A PKI, keys and a config for one audit server.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub vault_key: SigningKey,
+    pub broker_key: SigningKey,
+    pub config: AuditConfig,
+}
+
+pub fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+impl Env {
+    pub fn new() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path();
+        let ca = DevCa::new(TD).unwrap();
+        ca.write(pki).unwrap();
+        for svc in ["audit", "vault", "broker", "intruder"] {
+            ca.issue_service(TD, svc).unwrap().write(pki, svc).unwrap();
+        }
+        for user in ["carol", "mallory"] {
+            ca.issue_user(TD, user).unwrap().write(pki, user).unwrap();
+        }
+        generate_signing_key(&pki.join("checkpoint.key")).unwrap();
+        let vault_key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let broker_key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let config = AuditConfig {
+            listen: "127.0.0.1:0".into(),
+            trust_domain: TD.into(),
+            data_dir: pki.join("data"),
+            checkpoint_key_file: pki.join("checkpoint.key"),
+            origin: "twokey.test/audit".into(),
+            auditors: BTreeSet::from([id(CAROL)]),
+            log_format: LogFormat::Human,
+            tls: TlsFiles::in_dir(pki, "audit"),
+            sources: BTreeMap::from([
+                (id(VAULT), vault_key.verifying_key()),
+                (id(BROKER), broker_key.verifying_key()),
+            ]),
+        };
+        Self {
+            dir,
+            vault_key,
+            broker_key,
+            config,
+        }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    pub fn vault(&self) -> EventSigner {
+        EventSigner::new(id(VAULT), self.vault_key.clone())
+    }
+
+    pub fn broker(&self) -> EventSigner {
+        EventSigner::new(id(BROKER), self.broker_key.clone())
+    }
+
+    /// The sources' keys by name, as `verify_log` takes them.
+    pub fn source_keys(&self) -> BTreeMap<String, VerifyingKey> {
+        self.config
+            .sources
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v))
+            .collect()
+    }
+
+    /// A lazily connecting mTLS channel to `addr` as `name` (a cert in the PKI dir).
+    pub fn channel(&self, addr: SocketAddr, name: &str) -> Channel {
+        TlsFiles::in_dir(self.dir.path(), name)
+            .channel(&format!("https://{addr}"), "audit")
+            .unwrap()
+    }
+
+    pub fn client(&self, addr: SocketAddr, name: &str) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel(addr, name))
+    }
+}
+
+/// An in-process server; `stop` shuts it down and propagates its result.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<Result<(), AuditError>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: AuditConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let join = tokio::spawn(twokey_audit::serve(config, listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            shutdown: Some(tx),
+            join: Some(join),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let join = self.join.take().unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), join).await {
+            Ok(Ok(result)) => result.expect("the audit server failed"),
+            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => panic!("the audit server did not stop within 10 s"),
+        }
+    }
+}
+
+/// An event of `signer` with sequence number `seq`.
+pub fn event(signer: &EventSigner, seq: u64, action: &str) -> SignedEvent {
+    signer.sign(
+        &EventDraft::new("spiffe://twokey.test/user/alice", action)
+            .account("aws-prod")
+            .request(format!("req-{seq}"))
+            .attr("state", "APPROVED")
+            .into_event(signer.source(), seq, SystemTime::now()),
+    )
+}
+
+/// Sends `events` on one Append stream and collects every answer up to the
+/// end of the stream or the first error.
+pub async fn append_all(
+    client: &mut AuditServiceClient<Channel>,
+    events: Vec<SignedEvent>,
+) -> Result<Vec<Result<AppendResponse, Status>>, Status> {
+    let requests = events
+        .into_iter()
+        .map(|e| AppendRequest { event: Some(e) })
+        .collect::<Vec<_>>();
+    let mut responses = client
+        .append(tokio_stream::iter(requests))
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    loop {
+        match responses.message().await {
+            Ok(Some(r)) => out.push(Ok(r)),
+            Ok(None) => break,
+            Err(s) => {
+                out.push(Err(s));
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Every entry of the log, oldest first, as auditor `client`.
+pub async fn query_all(client: &mut AuditServiceClient<Channel>) -> Vec<LogEntry> {
+    let mut stream = client
+        .query(QueryRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut entries = Vec::new();
+    while let Some(batch) = stream.message().await.unwrap() {
+        entries.extend(batch.entries);
+    }
+    entries
+}
