@@ -25,6 +25,7 @@ pub struct Args {
 
 /// The subcommands.
 #[derive(Debug, clap::Subcommand)]
+#[allow(clippy::large_enum_variant, reason = "parsed once at start")]
 pub enum Command {
     /// Serves the audit gRPC API.
     Serve(ConfigArgs),

@@ -64,8 +64,8 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let grpc = AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone()))
-        .with_shutdown(stop_rx);
+    let grpc =
+        AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone())).with_shutdown(stop_rx);
     let addr = listener.local_addr().map_err(|e| AuditError::Open {
         path: config.data_dir.clone(),
         why: format!("listener has no address: {e}"),

@@ -80,7 +80,7 @@ pub fn subtree_root<E>(
     if n == 0 {
         return Ok(empty_root());
     }
-    if n.is_power_of_two() && start % n == 0 {
+    if n.is_power_of_two() && start.is_multiple_of(n) {
         let level = n.trailing_zeros();
         return node(level, start >> level);
     }

@@ -92,34 +92,45 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
     let env = Env::new();
     let config = write_config(&env);
     let vault = env.vault();
-    let events: Vec<_> = (1..=BURST).map(|s| event(&vault, s, "request.created")).collect();
+    let events: Vec<_> = (1..=BURST)
+        .map(|s| event(&vault, s, "request.created"))
+        .collect();
 
     let (mut child, addr) = start(&config).await;
     let mut client = env.client(addr, "vault");
     let (tx, rx) = mpsc::channel(BURST as usize);
     for e in &events {
-        tx.send(AppendRequest { event: Some(e.clone()) }).await.unwrap();
+        tx.send(AppendRequest {
+            event: Some(e.clone()),
+        })
+        .await
+        .unwrap();
     }
     drop(tx);
-    let mut answers = client.append(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let mut answers = client
+        .append(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let mut acked = Vec::new();
     let mut killed = false;
-    loop {
-        match answers.message().await {
-            Ok(Some(ack)) => {
-                assert_eq!(ack.status, AppendStatus::Stored as i32, "{ack:?}");
-                acked.push(ack.seq);
-                if acked.len() == KILL_AFTER {
-                    child.start_kill().unwrap(); // SIGKILL
-                    killed = true;
-                }
-            }
-            Ok(None) | Err(_) => break,
+    while let Ok(Some(ack)) = answers.message().await {
+        assert_eq!(ack.status, AppendStatus::Stored as i32, "{ack:?}");
+        acked.push(ack.seq);
+        if acked.len() == KILL_AFTER {
+            child.start_kill().unwrap(); // SIGKILL
+            killed = true;
         }
     }
-    assert!(killed, "the stream ended before {KILL_AFTER} acknowledgements");
+    assert!(
+        killed,
+        "the stream ended before {KILL_AFTER} acknowledgements"
+    );
     let status = child.wait().await.unwrap();
-    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
     assert!(
         (acked.len() as u64) < BURST,
         "the whole burst was acknowledged before the kill; the test did not crash mid-burst"
@@ -137,16 +148,30 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
         entries.len()
     );
     for (i, seq) in acked.iter().enumerate() {
-        assert_eq!(entries[i].signed_event.as_ref(), Some(&events[*seq as usize - 1]));
+        assert_eq!(
+            entries[i].signed_event.as_ref(),
+            Some(&events[*seq as usize - 1])
+        );
     }
     let verifier = NoteVerifier::new(
         &env.config.origin,
-        load_signing_key(&env.config.checkpoint_key_file).unwrap().verifying_key(),
+        load_signing_key(&env.config.checkpoint_key_file)
+            .unwrap()
+            .verifying_key(),
     )
     .unwrap();
-    let cp = carol.get_checkpoint(GetCheckpointRequest {}).await.unwrap().into_inner();
+    let cp = carol
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cp.tree_size, entries.len() as u64);
-    verify_log(&entries, &env.source_keys(), Some((&cp.checkpoint, &verifier))).unwrap();
+    verify_log(
+        &entries,
+        &env.source_keys(),
+        Some((&cp.checkpoint, &verifier)),
+    )
+    .unwrap();
 
     // The source resends the whole burst: what survived is a duplicate, the
     // rest is stored, and the log stays contiguous and verifiable.
@@ -156,13 +181,31 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
     assert_eq!(answers.len() as u64, BURST);
     for a in &answers {
         let a = a.as_ref().unwrap();
-        let want = if a.seq <= stored_before { AppendStatus::Duplicate } else { AppendStatus::Stored };
+        let want = if a.seq <= stored_before {
+            AppendStatus::Duplicate
+        } else {
+            AppendStatus::Stored
+        };
         assert_eq!(a.status, want as i32, "{a:?}");
     }
     let entries = query_all(&mut carol).await;
     assert_eq!(entries.len() as u64, BURST);
-    let cp2 = carol.get_checkpoint(GetCheckpointRequest {}).await.unwrap().into_inner();
-    verify_log(&entries, &env.source_keys(), Some((&cp2.checkpoint, &verifier))).unwrap();
-    verify_log(&entries, &env.source_keys(), Some((&cp.checkpoint, &verifier))).unwrap();
+    let cp2 = carol
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    verify_log(
+        &entries,
+        &env.source_keys(),
+        Some((&cp2.checkpoint, &verifier)),
+    )
+    .unwrap();
+    verify_log(
+        &entries,
+        &env.source_keys(),
+        Some((&cp.checkpoint, &verifier)),
+    )
+    .unwrap();
     drop(child); // kill_on_drop
 }

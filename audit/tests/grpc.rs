@@ -19,10 +19,7 @@ use twokey_proto::audit::v1::{
     GetInclusionProofRequest, QueryRequest,
 };
 use twokey_runtime::{
-    durable::DurableDb,
-    events::EventDraft,
-    outbox::Outbox,
-    shipper::spawn_shipper,
+    durable::DurableDb, events::EventDraft, outbox::Outbox, shipper::spawn_shipper,
     time::SystemClock,
 };
 
@@ -47,7 +44,10 @@ async fn an_unknown_source_is_refused_with_permission_denied() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains("not a configured audit source"), "{err:?}");
+    assert!(
+        err.message().contains("not a configured audit source"),
+        "{err:?}"
+    );
     // A user certificate is no source either.
     let mut carol = env.client(server.addr, "carol");
     let err = append_all(&mut carol, vec![event(&env.vault(), 1, "x")])
@@ -100,10 +100,16 @@ async fn a_tampered_or_undecodable_event_is_refused_with_invalid_argument() {
     let mut garbage = event(&env.vault(), 1, "x");
     garbage.event = vec![0xff, 0xff, 0xff];
     let answers = append_all(&mut vault, vec![garbage]).await.unwrap();
-    assert_eq!(answers[0].as_ref().unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        answers[0].as_ref().unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     let mut carol = env.client(server.addr, "carol");
-    assert!(query_all(&mut carol).await.is_empty(), "a refused event was stored");
+    assert!(
+        query_all(&mut carol).await.is_empty(),
+        "a refused event was stored"
+    );
     server.stop().await;
 }
 
@@ -120,8 +126,14 @@ async fn a_duplicate_is_acknowledged_with_the_same_leaf_index() {
     append_all(&mut broker, vec![b1]).await.unwrap();
     let answers = append_all(&mut vault, vec![v2, v1.clone()]).await.unwrap();
     let (second, dup) = (ok(&answers[0]), ok(&answers[1]));
-    assert_eq!((status(second), second.leaf_index), (AppendStatus::Stored, 2));
-    assert_eq!((status(dup), dup.seq, dup.leaf_index), (AppendStatus::Duplicate, 1, 0));
+    assert_eq!(
+        (status(second), second.leaf_index),
+        (AppendStatus::Stored, 2)
+    );
+    assert_eq!(
+        (status(dup), dup.seq, dup.leaf_index),
+        (AppendStatus::Duplicate, 1, 0)
+    );
     assert_eq!(dup.expected_seq, 3);
 
     // The same seq with different content is a conflict, never stored.
@@ -147,7 +159,10 @@ async fn a_peer_whose_id_differs_from_the_event_source_is_refused() {
         .unwrap();
     let err = answers[0].as_ref().unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-    assert!(err.message().contains(BROKER) && err.message().contains(VAULT), "{err:?}");
+    assert!(
+        err.message().contains(BROKER) && err.message().contains(VAULT),
+        "{err:?}"
+    );
     let mut carol = env.client(server.addr, "carol");
     assert!(query_all(&mut carol).await.is_empty());
     server.stop().await;
@@ -163,7 +178,10 @@ async fn a_gap_is_refused_and_then_recovered_by_the_shipper() {
     let db = DurableDb::open(outbox_dir.path()).unwrap();
     let outbox = Outbox::open(&db, env.vault(), Arc::new(SystemClock)).unwrap();
     for action in ["request.created", "request.approved", "code.released"] {
-        outbox.emit(EventDraft::new("spiffe://twokey.test/user/alice", action)).await.unwrap();
+        outbox
+            .emit(EventDraft::new("spiffe://twokey.test/user/alice", action))
+            .await
+            .unwrap();
     }
     let pending = outbox.pending(1, 10);
     assert_eq!(pending.len(), 3);
@@ -175,22 +193,52 @@ async fn a_gap_is_refused_and_then_recovered_by_the_shipper() {
         .unwrap();
     assert_eq!(status(ok(&answers[0])), AppendStatus::Stored);
     let gap = ok(&answers[1]);
-    assert_eq!((status(gap), gap.seq, gap.expected_seq), (AppendStatus::Gap, 3, 2));
+    assert_eq!(
+        (status(gap), gap.seq, gap.expected_seq),
+        (AppendStatus::Gap, 3, 2)
+    );
 
     // The real shipper delivers everything, 1 as a duplicate.
     let handle = spawn_shipper(outbox.clone(), env.channel(server.addr, "vault"));
     handle.wait_acked(3, Duration::from_secs(20)).await.unwrap();
-    let seq = outbox.emit(EventDraft::new("spiffe://twokey.test/user/bob", "request.created")).await.unwrap();
-    handle.wait_acked(seq, Duration::from_secs(20)).await.unwrap();
+    let seq = outbox
+        .emit(EventDraft::new(
+            "spiffe://twokey.test/user/bob",
+            "request.created",
+        ))
+        .await
+        .unwrap();
+    handle
+        .wait_acked(seq, Duration::from_secs(20))
+        .await
+        .unwrap();
     assert_eq!(outbox.depth(), 0);
 
     let mut carol = env.client(server.addr, "carol");
     let entries = query_all(&mut carol).await;
-    let seqs: Vec<u64> = entries.iter().map(|e| e.event.as_ref().unwrap().seq).collect();
+    let seqs: Vec<u64> = entries
+        .iter()
+        .map(|e| e.event.as_ref().unwrap().seq)
+        .collect();
     assert_eq!(seqs, [1, 2, 3, 4]);
-    let cp = carol.get_checkpoint(GetCheckpointRequest {}).await.unwrap().into_inner();
-    let verifier = NoteVerifier::new("twokey.test/audit", twokey_runtime::keys::load_signing_key(&env.config.checkpoint_key_file).unwrap().verifying_key()).unwrap();
-    verify_log(&entries, &env.source_keys(), Some((&cp.checkpoint, &verifier))).unwrap();
+    let cp = carol
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let verifier = NoteVerifier::new(
+        "twokey.test/audit",
+        twokey_runtime::keys::load_signing_key(&env.config.checkpoint_key_file)
+            .unwrap()
+            .verifying_key(),
+    )
+    .unwrap();
+    verify_log(
+        &entries,
+        &env.source_keys(),
+        Some((&cp.checkpoint, &verifier)),
+    )
+    .unwrap();
     server.stop().await;
 }
 
@@ -199,22 +247,38 @@ async fn non_auditors_cannot_read_the_log() {
     let env = Env::new();
     let server = TestServer::start(env.config.clone()).await;
     let mut vault = env.client(server.addr, "vault");
-    append_all(&mut vault, vec![event(&env.vault(), 1, "x")]).await.unwrap();
+    append_all(&mut vault, vec![event(&env.vault(), 1, "x")])
+        .await
+        .unwrap();
     for who in ["mallory", "vault", "intruder"] {
         let mut c = env.client(server.addr, who);
         let codes = [
-            c.query(QueryRequest::default()).await.map(|_| ()).unwrap_err().code(),
-            c.get_checkpoint(GetCheckpointRequest {}).await.map(|_| ()).unwrap_err().code(),
-            c.get_inclusion_proof(GetInclusionProofRequest { leaf_index: 0, tree_size: 0 })
+            c.query(QueryRequest::default())
                 .await
                 .map(|_| ())
                 .unwrap_err()
                 .code(),
-            c.get_consistency_proof(GetConsistencyProofRequest { first_size: 0, second_size: 0 })
+            c.get_checkpoint(GetCheckpointRequest {})
                 .await
                 .map(|_| ())
                 .unwrap_err()
                 .code(),
+            c.get_inclusion_proof(GetInclusionProofRequest {
+                leaf_index: 0,
+                tree_size: 0,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .code(),
+            c.get_consistency_proof(GetConsistencyProofRequest {
+                first_size: 0,
+                second_size: 0,
+            })
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .code(),
         ];
         assert_eq!(codes, [Code::PermissionDenied; 4], "{who}");
     }
@@ -225,7 +289,10 @@ async fn non_auditors_cannot_read_the_log() {
 async fn auditors_get_checkpoints_proofs_and_pages_that_verify() {
     let env = Env::new();
     let server = TestServer::start(env.config.clone()).await;
-    let (mut vault, mut broker) = (env.client(server.addr, "vault"), env.client(server.addr, "broker"));
+    let (mut vault, mut broker) = (
+        env.client(server.addr, "vault"),
+        env.client(server.addr, "broker"),
+    );
     let mut carol = env.client(server.addr, "carol");
     let verifier = NoteVerifier::new(
         "twokey.test/audit",
@@ -242,46 +309,122 @@ async fn auditors_get_checkpoints_proofs_and_pages_that_verify() {
         append_all(&mut vault, (1..=40).map(|s| event(&v, s, "v")).collect()),
         append_all(&mut broker, (1..=30).map(|s| event(&b, s, "b")).collect()),
     );
-    assert!(va.unwrap().iter().all(|r| status(ok(r)) == AppendStatus::Stored));
-    assert!(ba.unwrap().iter().all(|r| status(ok(r)) == AppendStatus::Stored));
-    let early = carol.get_checkpoint(GetCheckpointRequest {}).await.unwrap().into_inner();
+    assert!(
+        va.unwrap()
+            .iter()
+            .all(|r| status(ok(r)) == AppendStatus::Stored)
+    );
+    assert!(
+        ba.unwrap()
+            .iter()
+            .all(|r| status(ok(r)) == AppendStatus::Stored)
+    );
+    let early = carol
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(early.tree_size, 70);
-    append_all(&mut vault, vec![event(&v, 41, "v")]).await.unwrap();
-    let cp = carol.get_checkpoint(GetCheckpointRequest {}).await.unwrap().into_inner();
+    append_all(&mut vault, vec![event(&v, 41, "v")])
+        .await
+        .unwrap();
+    let cp = carol
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let opened = verifier.open_checkpoint(&cp.checkpoint).unwrap();
-    assert_eq!((opened.size, opened.root.to_vec()), (71, cp.root_hash.clone()));
+    assert_eq!(
+        (opened.size, opened.root.to_vec()),
+        (71, cp.root_hash.clone())
+    );
 
     let entries = query_all(&mut carol).await;
-    let report = verify_log(&entries, &env.source_keys(), Some((&cp.checkpoint, &verifier))).unwrap();
+    let report = verify_log(
+        &entries,
+        &env.source_keys(),
+        Some((&cp.checkpoint, &verifier)),
+    )
+    .unwrap();
     assert_eq!(report.last_seq[VAULT], 41);
     assert_eq!(report.last_seq[BROKER], 30);
-    verify_log(&entries, &env.source_keys(), Some((&early.checkpoint, &verifier))).unwrap();
+    verify_log(
+        &entries,
+        &env.source_keys(),
+        Some((&early.checkpoint, &verifier)),
+    )
+    .unwrap();
 
     // Inclusion of entry 17 in the tree of the latest checkpoint.
     let proof = carol
-        .get_inclusion_proof(GetInclusionProofRequest { leaf_index: 17, tree_size: 0 })
+        .get_inclusion_proof(GetInclusionProofRequest {
+            leaf_index: 17,
+            tree_size: 0,
+        })
         .await
         .unwrap()
         .into_inner();
     let leaf = merkle::leaf_hash(&entries[17].signed_event.as_ref().unwrap().encode_to_vec());
-    merkle::verify_inclusion(17, proof.tree_size, &leaf, &hashes_from_bytes(&proof.hashes).unwrap(), &opened.root).unwrap();
+    merkle::verify_inclusion(
+        17,
+        proof.tree_size,
+        &leaf,
+        &hashes_from_bytes(&proof.hashes).unwrap(),
+        &opened.root,
+    )
+    .unwrap();
     // The early checkpoint's tree is a prefix of the latest.
     let proof = carol
-        .get_consistency_proof(GetConsistencyProofRequest { first_size: 70, second_size: 71 })
+        .get_consistency_proof(GetConsistencyProofRequest {
+            first_size: 70,
+            second_size: 71,
+        })
         .await
         .unwrap()
         .into_inner();
     let early_root: merkle::Hash = early.root_hash.as_slice().try_into().unwrap();
-    merkle::verify_consistency(70, 71, &hashes_from_bytes(&proof.hashes).unwrap(), &early_root, &opened.root).unwrap();
+    merkle::verify_consistency(
+        70,
+        71,
+        &hashes_from_bytes(&proof.hashes).unwrap(),
+        &early_root,
+        &opened.root,
+    )
+    .unwrap();
 
     // Bad ranges.
-    let err = carol.get_inclusion_proof(GetInclusionProofRequest { leaf_index: 71, tree_size: 0 }).await.unwrap_err();
+    let err = carol
+        .get_inclusion_proof(GetInclusionProofRequest {
+            leaf_index: 71,
+            tree_size: 0,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
-    let err = carol.get_consistency_proof(GetConsistencyProofRequest { first_size: 5, second_size: 80 }).await.unwrap_err();
+    let err = carol
+        .get_consistency_proof(GetConsistencyProofRequest {
+            first_size: 5,
+            second_size: 80,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
-    let err = carol.get_consistency_proof(GetConsistencyProofRequest { first_size: 9, second_size: 5 }).await.unwrap_err();
+    let err = carol
+        .get_consistency_proof(GetConsistencyProofRequest {
+            first_size: 9,
+            second_size: 5,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = carol.query(QueryRequest { page_token: "x".into(), ..QueryRequest::default() }).await.map(|_| ()).unwrap_err();
+    let err = carol
+        .query(QueryRequest {
+            page_token: "x".into(),
+            ..QueryRequest::default()
+        })
+        .await
+        .map(|_| ())
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
     // Newest-first pages of broker events, 12 at a time.
@@ -311,5 +454,24 @@ async fn auditors_get_checkpoints_proofs_and_pages_that_verify() {
         }
     }
     assert_eq!(seen, (1..=30).rev().collect::<Vec<u64>>());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_the_audit_service_serving() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let env = Env::new();
+    let server = TestServer::start(env.config.clone()).await;
+    let mut health = HealthClient::new(env.channel(server.addr, "mallory"));
+    let answer = health
+        .check(HealthCheckRequest {
+            service: "twokey.audit.v1.AuditService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.status(), ServingStatus::Serving);
     server.stop().await;
 }
