@@ -498,4 +498,22 @@ mod tests {
         assert!(!debug.contains("9, 9"));
         assert!(!debug.contains(&B64.encode([9u8; 32])));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn checkpoint_bodies_round_trip(
+            origin in "[a-z0-9./-]{1,40}",
+            size in proptest::prelude::any::<u64>(),
+            root in proptest::prelude::any::<[u8; 32]>(),
+        ) {
+            let cp = Checkpoint { origin, size, root };
+            proptest::prop_assert_eq!(Checkpoint::parse_body(&cp.body()).unwrap(), cp);
+        }
+
+        #[test]
+        fn opening_arbitrary_text_never_panics_or_verifies(text in "\\PC{0,200}(\n\n\u{2014} [a-z]{1,8} [A-Za-z0-9+/=]{0,100}\n)?") {
+            let verifier = NoteVerifier::new("a", SigningKey::from_bytes(&[5; 32]).verifying_key()).unwrap();
+            proptest::prop_assert!(verifier.open(&text).is_err());
+        }
+    }
 }

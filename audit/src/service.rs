@@ -296,11 +296,8 @@ impl<S: LogStore> AuditLog<S> {
                 "event seq 0: sequence numbers start at 1".into(),
             ));
         }
-        // The Merkle leaf: the SignedEvent re-encoded canonically.
-        let signed = SignedEvent {
-            event: signed.event,
-            signature: signed.signature,
-        };
+        // The Merkle leaf: the SignedEvent re-encoded canonically (decoding
+        // dropped anything unknown; the signed bytes are kept as they are).
         let leaf_data = signed.encode_to_vec();
 
         let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
@@ -731,6 +728,58 @@ mod tests {
         assert!(matches!(
             f.log.consistency_proof(5, 4),
             Err(AuditError::InvalidArgument(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_flipped_byte_in_the_store_is_detected_against_an_earlier_checkpoint() {
+        let f = fixture();
+        for seq in 1..=5 {
+            f.log
+                .append(&id(VAULT), event(&f.vault, seq, "x", f.start))
+                .await
+                .unwrap();
+        }
+        let cp = f.log.checkpoint().unwrap();
+        let sources: BTreeMap<String, VerifyingKey> = [
+            (VAULT.to_owned(), f.vault.verifying_key()),
+            (BROKER.to_owned(), f.broker.verifying_key()),
+        ]
+        .into();
+        let verifier = f.log.signer().verifier();
+        let tree = f.log.store().tree();
+        let key = SledStore::entry_key(2);
+        let original = tree.get(&key).unwrap().unwrap().to_vec();
+        // Every byte except the trailing received_at, which no signature covers.
+        let received = LogEntry {
+            received_at: f.log.entry(2).unwrap().unwrap().received_at,
+            ..LogEntry::default()
+        }
+        .encode_to_vec()
+        .len();
+        for pos in 0..original.len() - received {
+            let mut tampered = original.clone();
+            tampered[pos] ^= 0x01;
+            tree.insert(&key, tampered).unwrap();
+            let entries: Result<Vec<LogEntry>, _> =
+                (0..5).map(|i| f.log.entry(i).map(Option::unwrap)).collect();
+            match entries {
+                Err(AuditError::Corrupt { index: 2, .. }) => {}
+                Err(e) => panic!("unexpected error {e}"),
+                Ok(entries) => assert!(
+                    crate::verify::verify_log(&entries, &sources, Some((&cp.note, &verifier)))
+                        .is_err(),
+                    "flipped byte {pos} went unnoticed"
+                ),
+            }
+        }
+        tree.insert(&key, original).unwrap();
+        let entries: Vec<LogEntry> = (0..5).map(|i| f.log.entry(i).unwrap().unwrap()).collect();
+        crate::verify::verify_log(&entries, &sources, Some((&cp.note, &verifier))).unwrap();
+        // A dropped tail entry is detected too.
+        assert!(matches!(
+            crate::verify::verify_log(&entries[..4], &sources, Some((&cp.note, &verifier))),
+            Err(crate::verify::VerifyError::Truncated { have: 4, signed: 5 })
         ));
     }
 }
