@@ -71,3 +71,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_flags_parse_into_config_overrides() {
+        let args = Args::try_parse_from([
+            "twokey-audit",
+            "serve",
+            "--config",
+            "/etc/twokey/audit.toml",
+            "--listen",
+            "127.0.0.1:0",
+            "--auditors",
+            "spiffe://t/user/a,spiffe://t/user/b",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let Command::Serve(flags) = args.command else {
+            panic!("not serve");
+        };
+        assert_eq!(flags.listen.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(flags.auditors.unwrap().len(), 2);
+        assert_eq!(flags.log_format, Some(telemetry::LogFormat::Json));
+    }
+}

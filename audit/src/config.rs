@@ -130,14 +130,22 @@ struct Origin<'a> {
     file: Option<&'a Path>,
 }
 
+/// The flag and environment variable of a field such as `tls.cert` or `sources[2].id`.
+fn flag_names(field: &str) -> (String, String) {
+    let base = field.split('[').next().unwrap_or(field);
+    (
+        base.replace(['_', '.'], "-"),
+        base.to_uppercase().replace('.', "_"),
+    )
+}
+
 impl Origin<'_> {
     fn err(&self, field: &str, flag: bool, what: impl std::fmt::Display) -> AuditError {
         let place = match (flag, self.file) {
-            (true, _) => format!(
-                "--{} (or TWOKEY_AUDIT_{})",
-                field.replace('_', "-"),
-                field.to_uppercase().replace('.', "_")
-            ),
+            (true, _) => {
+                let (flag, env) = flag_names(field);
+                format!("--{flag} (or TWOKEY_AUDIT_{env}): `{field}`")
+            }
             (false, Some(f)) => format!("{}: field `{field}`", f.display()),
             (false, None) => format!("`{field}`"),
         };
@@ -145,8 +153,7 @@ impl Origin<'_> {
     }
 
     fn missing(&self, field: &str) -> AuditError {
-        let flag = field.replace(['_', '.'], "-");
-        let env = field.to_uppercase().replace('.', "_");
+        let (flag, env) = flag_names(field);
         match self.file {
             Some(f) => AuditError::Config(format!(
                 "{}: field `{field}` is missing; set it in the file, with --{flag} or TWOKEY_AUDIT_{env}",
@@ -449,5 +456,31 @@ public_key = "{key}"
         .unwrap_err()
         .to_string();
         assert!(err.contains("auditors[0]"), "{err}");
+    }
+
+    #[test]
+    fn errors_in_flags_name_the_flag() {
+        let args = ConfigArgs {
+            listen: Some("127.0.0.1:0".into()),
+            trust_domain: Some("twokey.local".into()),
+            data_dir: Some("d".into()),
+            checkpoint_key_file: Some("k".into()),
+            origin: Some("twokey.local/audit".into()),
+            tls_cert: Some("c".into()),
+            tls_key: Some("k".into()),
+            tls_ca: Some("a".into()),
+            sources: Some(vec!["spiffe://twokey.local/svc/vault".into()]),
+            ..ConfigArgs::default()
+        };
+        let err = AuditConfig::load(&args).unwrap_err().to_string();
+        assert!(err.contains("--sources (or TWOKEY_AUDIT_SOURCES)"), "{err}");
+        assert!(err.contains("ID=BASE64_PUBLIC_KEY"), "{err}");
+        let err = AuditConfig::load(&ConfigArgs {
+            sources: None,
+            ..args
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`sources` is not set"), "{err}");
     }
 }
