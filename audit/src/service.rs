@@ -205,6 +205,8 @@ pub struct AuditLog<S> {
     clock: Arc<dyn Clock>,
     write: Mutex<()>,
     durable: AtomicU64,
+    sync: tokio::sync::Mutex<()>,
+    syncs: AtomicU64,
 }
 
 impl<S: LogStore> AuditLog<S> {
@@ -224,6 +226,8 @@ impl<S: LogStore> AuditLog<S> {
             clock,
             write: Mutex::new(()),
             durable: AtomicU64::new(0),
+            sync: tokio::sync::Mutex::new(()),
+            syncs: AtomicU64::new(0),
         }
     }
 
@@ -350,13 +354,33 @@ impl<S: LogStore> AuditLog<S> {
 
     /// Waits until a pending append is durable and returns its answer.
     pub async fn finish(&self, pending: PendingAck) -> Result<Ack, AuditError> {
-        if let Some(size) = pending.needs_sync_below
-            && self.durable.load(Ordering::SeqCst) < size
-        {
-            self.store.sync().await?;
-            self.durable.fetch_max(size, Ordering::SeqCst);
+        if let Some(size) = pending.needs_sync_below {
+            self.make_durable(size).await?;
         }
         Ok(pending.ack)
+    }
+
+    /// Group commit: one sync at a time, each covering every entry written
+    /// before it started; whoever waited for it and is covered returns
+    /// without syncing again.
+    async fn make_durable(&self, size: u64) -> Result<(), AuditError> {
+        if self.durable.load(Ordering::SeqCst) >= size {
+            return Ok(());
+        }
+        let _one_at_a_time = self.sync.lock().await;
+        if self.durable.load(Ordering::SeqCst) >= size {
+            return Ok(());
+        }
+        let covered = self.store.size();
+        self.store.sync().await?;
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.durable.fetch_max(covered, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// How many syncs appends have waited for so far.
+    pub fn sync_count(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// The entry at `index`, if durable.
@@ -781,5 +805,37 @@ mod tests {
             crate::verify::verify_log(&entries[..4], &sources, Some((&cp.note, &verifier))),
             Err(crate::verify::VerifyError::Truncated { have: 4, signed: 5 })
         ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appends_from_several_sources_share_one_sync() {
+        let f = fixture();
+        let log = Arc::new(f.log);
+        let mut pending = Vec::new();
+        for seq in 1..=50 {
+            pending.push(
+                log.begin_append(&id(VAULT), event(&f.vault, seq, "v", f.start))
+                    .unwrap(),
+            );
+            pending.push(
+                log.begin_append(&id(BROKER), event(&f.broker, seq, "b", f.start))
+                    .unwrap(),
+            );
+        }
+        // Nothing is visible before it is durable.
+        assert_eq!(log.size(), 0);
+        assert_eq!(log.checkpoint().unwrap().size, 0);
+        let joins: Vec<_> = pending
+            .into_iter()
+            .map(|p| {
+                let log = log.clone();
+                tokio::spawn(async move { log.finish(p).await })
+            })
+            .collect();
+        for j in joins {
+            assert!(matches!(j.await.unwrap().unwrap(), Ack::Stored { .. }));
+        }
+        assert_eq!(log.sync_count(), 1, "100 appends should share one sync");
+        assert_eq!(log.size(), 100);
     }
 }

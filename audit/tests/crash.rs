@@ -68,6 +68,7 @@ async fn start(config: &Path) -> (Child, SocketAddr) {
         .arg(config)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
+        .env("TWOKEY_LOG", "warn")
         .kill_on_drop(true)
         .spawn()
         .expect("twokey-audit starts");
