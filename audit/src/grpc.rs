@@ -7,7 +7,7 @@ use std::{pin::Pin, sync::Arc};
 use futures::{Stream, StreamExt, stream::FuturesOrdered};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 use twokey_proto::audit::v1::{
     AppendRequest, AppendResponse, GetCheckpointRequest, GetCheckpointResponse,
     GetConsistencyProofRequest, GetConsistencyProofResponse, GetInclusionProofRequest,
@@ -116,6 +116,7 @@ async fn run_append<S: LogStore>(
     let mut pending = FuturesOrdered::new();
     let mut inbound_open = true;
     let mut failure: Option<Status> = None;
+    let mut last_seq: Option<u64> = None;
     loop {
         tokio::select! {
             biased;
@@ -137,12 +138,23 @@ async fn run_append<S: LogStore>(
                     Ok(Some(AppendRequest { event: Some(signed) })) => {
                         match log.begin_append(&peer, signed) {
                             Ok(p) => {
+                                last_seq = Some(p.seq());
                                 let log = log.clone();
                                 pending.push_back(async move { log.finish(p).await });
                             }
                             Err(e) => {
                                 tracing::warn!(%peer, "append refused: {e}");
-                                failure = Some(Status::from(e));
+                                let mut status = Status::from(e);
+                                if let (Code::InvalidArgument, Some(n)) = (status.code(), last_seq) {
+                                    // Name the place in the stream when the event itself could not say.
+                                    if !status.message().contains(" seq ") {
+                                        status = Status::invalid_argument(format!(
+                                            "{} (the event after seq {n} on this stream)",
+                                            status.message()
+                                        ));
+                                    }
+                                }
+                                failure = Some(status);
                             }
                         }
                     }
@@ -226,7 +238,11 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
                 n => n as usize,
             };
             loop {
-                let batch = match log.query_batch(&filter, cursor, remaining.min(QUERY_BATCH)) {
+                let (l, f, limit) = (log.clone(), filter.clone(), remaining.min(QUERY_BATCH));
+                let batch = tokio::task::spawn_blocking(move || l.query_batch(&f, cursor, limit))
+                    .await
+                    .unwrap_or_else(|e| Err(AuditError::Store(format!("query task failed: {e}"))));
+                let batch = match batch {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;

@@ -99,6 +99,15 @@ pub struct PendingAck {
     needs_sync_below: Option<u64>,
 }
 
+impl PendingAck {
+    /// The sequence number of the event.
+    pub fn seq(&self) -> u64 {
+        match self.ack {
+            Ack::Stored { seq, .. } | Ack::Duplicate { seq, .. } | Ack::Gap { seq, .. } => seq,
+        }
+    }
+}
+
 /// Which entries a query selects; empty fields match everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueryFilter {
