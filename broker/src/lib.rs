@@ -100,6 +100,24 @@ fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, BrokerErro
     Ok(out)
 }
 
+/// Warns about requesters no configured notifier can send a PIN to.
+fn warn_unreachable_requesters(policy: &Policy, notify: &NotifyConfig) {
+    if notify.mailbox.is_some() || notify.webhook.as_ref().is_some_and(|w| w.send_pins) {
+        return;
+    }
+    for account in policy.accounts() {
+        for requester in &account.requesters {
+            if notify.slack.is_none() || policy.slack_member(requester).is_none() {
+                tracing::warn!(
+                    account_id = %account.id,
+                    %requester,
+                    "no notifier can send this requester a PIN; add a [slack] member id to the policy or configure [notify.mailbox]"
+                );
+            }
+        }
+    }
+}
+
 /// Serves the broker on `listener` until `shutdown` resolves, with the
 /// system clock.
 pub async fn serve(
@@ -170,6 +188,7 @@ pub async fn serve_with(
         None => None,
     };
     let notifiers = notifiers(&config.notify)?;
+    warn_unreachable_requesters(&policy, &config.notify);
 
     let db = DurableDb::open(&config.data_dir)?;
     let outbox = Outbox::open(&db, EventSigner::new(identity, event_key), clock.clone())?;

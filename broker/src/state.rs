@@ -215,8 +215,26 @@ fn ms_to_timestamp(ms: u64) -> twokey_proto::Timestamp {
     }
 }
 
-fn rfc3339ish(ms: u64) -> String {
-    format!("unix {}s", ms / 1000)
+/// RFC 3339 UTC text of Unix milliseconds, to the second.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn check_text(field: &str, text: &str, max: usize, required: bool) -> Result<(), BrokerError> {
@@ -401,7 +419,7 @@ impl RequestRecord {
         }
         let mut effects = Effects::default();
         self.pin_hash = None;
-        let comment = format!("expired at {}", rfc3339ish(self.expires_ms));
+        let comment = format!("expired at {}", rfc3339(self.expires_ms));
         self.record(
             &mut effects,
             &"broker",
@@ -418,7 +436,7 @@ impl RequestRecord {
         BrokerError::precondition(format!(
             "request {} expired at {}; file a new request",
             self.id,
-            rfc3339ish(self.expires_ms)
+            rfc3339(self.expires_ms)
         ))
     }
 
@@ -862,6 +880,13 @@ fn millis_of(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_in_messages_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_900_003_600_999), "2030-03-17T18:46:40Z");
+    }
 
     #[test]
     fn only_the_drawn_transitions_are_allowed() {

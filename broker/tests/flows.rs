@@ -44,6 +44,19 @@ async fn two_approvals_are_needed_when_the_policy_says_two() {
     );
     let pin = h.wait_for_pin("alice", &id, 1).await;
     assert_eq!(pin.len(), 10);
+    // Approvers heard of the new request, the operators of the approval, the
+    // channel of both; none of them got the PIN.
+    h.wait_for_message("dave", &id, "request.created").await;
+    h.wait_for_message("channel", &id, "request.created").await;
+    h.wait_for_message("olivia", &id, "request.approved").await;
+    let m = h.wait_for_message("channel", &id, "request.approved").await;
+    assert!(m.get("pin").is_none());
+    for who in ["bob", "dave", "olivia", "channel"] {
+        assert!(
+            h.messages(who, &id, "pin").is_empty(),
+            "{who} got a PIN message"
+        );
+    }
     h.shutdown().await;
 }
 

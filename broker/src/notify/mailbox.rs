@@ -1,8 +1,13 @@
 //! The mailbox notifier, for local use and tests: one JSON line per message
 //! appended to `<dir>/<recipient name>.jsonl` (`channel.jsonl` for the
-//! channel), fsynced before it counts as delivered.
+//! channel), fsynced before it counts as delivered. Files are mode 0600 in
+//! a 0700 directory: they carry PINs.
 
-use std::{io::Write, path::PathBuf};
+use std::{
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::PathBuf,
+};
 
 use futures::future::BoxFuture;
 
@@ -41,7 +46,11 @@ impl Mailbox {
 
     fn write(&self, message: &Message) -> Result<(), NotifyError> {
         let io = |e: std::io::Error| NotifyError(format!("mailbox {}: {e}", self.dir.display()));
-        std::fs::create_dir_all(&self.dir).map_err(io)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(io)?;
         let mut line = serde_json::json!({
             "id": message.id,
             "kind": message.kind,
@@ -60,6 +69,7 @@ impl Mailbox {
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io)?;
         file.write_all(&bytes).map_err(io)?;
@@ -118,6 +128,12 @@ mod tests {
         let alice = std::fs::read_to_string(dir.path().join("mail/alice.jsonl")).unwrap();
         let line: serde_json::Value = serde_json::from_str(alice.trim()).unwrap();
         assert_eq!(line["pin"], "123456");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("mail/alice.jsonl"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
         let channel = std::fs::read_to_string(dir.path().join("mail/channel.jsonl")).unwrap();
         assert!(!channel.contains("123456"));
         assert_eq!(channel.lines().count(), 1);

@@ -264,6 +264,7 @@ pub struct NotifyQueue {
     clock: Arc<dyn Clock>,
     wake: Notify,
     delivered: tokio::sync::watch::Sender<u64>,
+    next_seq: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for NotifyQueue {
@@ -290,15 +291,24 @@ impl NotifyQueue {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, BrokerError> {
         let seal_key = zeroize::Zeroizing::new(key.derive("notification queue seal"));
+        let tree = db.tree("notify_queue")?;
+        // Keys start with a hex sequence number; carry on after the last one.
+        let next_seq = tree
+            .last()?
+            .and_then(|(k, _)| {
+                u64::from_str_radix(std::str::from_utf8(k.get(..16)?).ok()?, 16).ok()
+            })
+            .map_or(0, |n| n + 1);
         Ok(Self {
             db: db.clone(),
-            tree: db.tree("notify_queue")?,
+            tree,
             outbox,
             notifiers,
             seal: XChaCha20Poly1305::new(seal_key.as_ref().into()),
             clock,
             wake: Notify::new(),
             delivered: tokio::sync::watch::Sender::new(0),
+            next_seq: std::sync::atomic::AtomicU64::new(next_seq),
         })
     }
 
@@ -379,7 +389,11 @@ impl NotifyQueue {
     ) -> Result<(), ConflictableTransactionError<BrokerError>> {
         for message in messages {
             for notifier in self.notifiers.iter().filter(|n| n.accepts(message)) {
-                let id = uuid::Uuid::new_v4().to_string();
+                // Ordered keys: deliveries go out in the order they were queued.
+                let seq = self
+                    .next_seq
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = format!("{seq:016x}-{}", uuid::Uuid::new_v4());
                 let entry = Entry {
                     sealed_pin: message.pin.as_ref().map(|p| self.seal_pin(&id, p)),
                     id: id.clone(),
@@ -664,6 +678,26 @@ mod tests {
         assert_eq!(event.action, "notification.failed");
         assert_eq!(event.attributes["attempts"], MAX_ATTEMPTS.to_string());
         assert!(!format!("{event:?}").contains("4815162342"));
+    }
+
+    #[tokio::test]
+    async fn deliveries_go_out_in_the_order_they_were_queued() {
+        let (_dir, queue, flaky, _clock, _) = setup(false);
+        for kind in ["first", "second", "third"] {
+            let mut m = pin_message();
+            m.kind = kind.into();
+            m.pin = None;
+            enqueue(&queue, m);
+        }
+        assert_eq!(queue.run_due().await, 3);
+        let seen: Vec<String> = flaky
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(seen, ["first", "second", "third"]);
     }
 
     #[test]

@@ -446,6 +446,37 @@ impl Harness {
             .expect("the PIN never reached the mailbox")
     }
 
+    /// Messages of `kind` in `user`'s mailbox (`channel` for the channel) about `request_id`.
+    pub fn messages(&self, user: &str, request_id: &str, kind: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.mailbox_dir().join(format!("{user}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["request_id"] == request_id && v["kind"] == kind)
+            .collect()
+    }
+
+    /// Waits (on the delivery counter) for a message of `kind` to `user`.
+    pub async fn wait_for_message(
+        &self,
+        user: &str,
+        request_id: &str,
+        kind: &str,
+    ) -> serde_json::Value {
+        let mut rx = self.deliveries.subscribe();
+        let wait = async {
+            loop {
+                if let Some(m) = self.messages(user, request_id, kind).pop() {
+                    return m;
+                }
+                rx.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {kind} message reached {user}"))
+    }
+
     pub fn advance(&self, by: Duration) {
         self.clock.advance(by);
     }
