@@ -11,6 +11,7 @@ pub mod audit;
 pub mod code;
 pub mod completions;
 pub mod error;
+pub mod local;
 pub mod output;
 pub mod pin;
 pub mod pki;

@@ -78,3 +78,42 @@ pub fn one_line_error(cmd: &mut Command, code: i32) -> String {
     assert!(out.stdout.is_empty(), "stdout not empty on error");
     err
 }
+
+/// Builds the three service binaries (a no-op when they are fresh) once per
+/// test process and returns the directory holding them and `twokey`.
+pub fn service_binaries() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args([
+                    "build",
+                    "-p",
+                    "twokey-vault",
+                    "-p",
+                    "twokey-broker",
+                    "-p",
+                    "twokey-audit",
+                ])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build for the service binaries");
+            assert!(status.success(), "cargo build of the services failed");
+            Path::new(env!("CARGO_BIN_EXE_twokey"))
+                .parent()
+                .expect("target dir")
+                .to_owned()
+        })
+        .clone()
+}
+
+/// A local system (audit, vault, broker as separate processes on loopback)
+/// in a fresh temporary directory, stopped when dropped.
+pub fn local_system() -> (tempfile::TempDir, twokey::local::LocalSystem) {
+    let bins = service_binaries();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let system = twokey::local::LocalSystem::start(&tmp.path().join("sys"), &bins)
+        .unwrap_or_else(|e| panic!("local system did not start: {}", e.one_line()));
+    (tmp, system)
+}

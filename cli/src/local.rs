@@ -1,0 +1,334 @@
+//! A whole twokey system on loopback — audit, vault and broker as separate
+//! processes with a development PKI, fresh keys, configs and a policy — for
+//! `twokey demo` and for tests that run the CLI against the real services.
+//!
+//! Services listen on `127.0.0.1:0`; their addresses come from the
+//! `twokey-<service> listening on ADDR` line each prints once it serves, so
+//! there are no fixed ports and no sleeps. Dropping [`LocalSystem`] stops the
+//! processes it started.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use twokey_runtime::keys::{SecretKey, encode_public_key, generate_signing_key};
+
+use crate::{
+    error::CliError,
+    pki::{self, InitArgs, UserRole, UserSpec},
+    profile::{Config, Profile},
+};
+
+/// The trust domain of a local system.
+pub const TRUST_DOMAIN: &str = "twokey.local";
+/// The account a local system's policy names.
+pub const ACCOUNT: &str = "aws-demo-root";
+/// The users of a local system: (name, role).
+pub const USERS: [(&str, UserRole); 5] = [
+    ("alice", UserRole::Requester),
+    ("bob", UserRole::Approver),
+    ("olivia", UserRole::Operator),
+    ("adam", UserRole::Admin),
+    ("carol", UserRole::Auditor),
+];
+
+/// How long a service may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running local system.
+#[derive(Debug)]
+pub struct LocalSystem {
+    /// Where everything lives.
+    pub dir: PathBuf,
+    /// The CLI profile file: one profile per user in [`USERS`].
+    pub config: PathBuf,
+    /// `https://127.0.0.1:PORT` of the broker.
+    pub broker: String,
+    /// `https://127.0.0.1:PORT` of the vault.
+    pub vault: String,
+    /// `https://127.0.0.1:PORT` of the audit service.
+    pub audit: String,
+    /// The broker's mailbox directory (`<user>.jsonl` files).
+    pub mailbox: PathBuf,
+    /// The audit config, which `twokey audit verify --sources` reads.
+    pub audit_config: PathBuf,
+    /// The checkpoint verifier key for `twokey audit verify --checkpoint-key`.
+    pub verifier_key: String,
+    children: Vec<(String, Child)>,
+}
+
+impl Drop for LocalSystem {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CliError {
+    CliError::io(action, path)
+}
+
+fn write(path: &Path, text: &str) -> Result<(), CliError> {
+    std::fs::write(path, text).map_err(io("write", path))
+}
+
+fn key_err(e: twokey_runtime::keys::KeyError) -> CliError {
+    CliError::Input(e.to_string())
+}
+
+impl LocalSystem {
+    /// Makes PKI, keys, configs and a policy in `dir` (which must be empty or
+    /// missing) and starts audit, vault and broker from `bin_dir`.
+    pub fn start(dir: &Path, bin_dir: &Path) -> Result<Self, CliError> {
+        let pki_dir = dir.join("pki");
+        let users: Vec<UserSpec> = USERS
+            .iter()
+            .map(|(name, role)| UserSpec {
+                name: (*name).to_owned(),
+                role: *role,
+            })
+            .collect();
+        pki::init(
+            &InitArgs {
+                dir: pki_dir.clone(),
+                trust_domain: TRUST_DOMAIN.into(),
+                users,
+                force: false,
+            },
+            "https://127.0.0.1:0",
+            "https://127.0.0.1:0",
+        )?;
+        for sub in ["keys", "data", "logs"] {
+            let p = dir.join(sub);
+            std::fs::create_dir_all(&p).map_err(io("create", &p))?;
+        }
+        let keys = dir.join("keys");
+        SecretKey::generate()
+            .write(&keys.join("master.key"))
+            .map_err(key_err)?;
+        SecretKey::generate()
+            .write(&keys.join("pin.key"))
+            .map_err(key_err)?;
+        let vault_event = generate_signing_key(&keys.join("vault-event.key")).map_err(key_err)?;
+        let broker_event = generate_signing_key(&keys.join("broker-event.key")).map_err(key_err)?;
+        let grant = generate_signing_key(&keys.join("grant.key")).map_err(key_err)?;
+        let checkpoint = generate_signing_key(&keys.join("checkpoint.key")).map_err(key_err)?;
+        let origin = format!("{TRUST_DOMAIN}/audit");
+        let verifier_key =
+            twokey_audit::checkpoint::NoteVerifier::new(&origin, checkpoint.verifying_key())
+                .map_err(|e| CliError::Input(e.to_string()))?
+                .to_string();
+
+        let td = TRUST_DOMAIN;
+        let p = |name: &str| pki_dir.join(name).display().to_string();
+        let k = |name: &str| keys.join(name).display().to_string();
+        let d = |name: &str| dir.join("data").join(name).display().to_string();
+        let tls = |svc: &str| {
+            format!(
+                "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+                p(&format!("{svc}.crt")),
+                p(&format!("{svc}.key")),
+                p("ca.crt")
+            )
+        };
+
+        let mut system = LocalSystem {
+            dir: dir.to_owned(),
+            config: pki_dir.join(pki::PROFILE_FILE),
+            broker: String::new(),
+            vault: String::new(),
+            audit: String::new(),
+            mailbox: dir.join("data/broker/mailbox"),
+            audit_config: dir.join("audit.toml"),
+            verifier_key,
+            children: Vec::new(),
+        };
+
+        write(
+            &system.audit_config,
+            &format!(
+                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
+                 checkpoint_key_file = {:?}\norigin = \"{origin}\"\n\
+                 auditors = [\"spiffe://{td}/user/carol\"]\nlog_format = \"human\"\n{}\
+                 [[sources]]\nid = \"spiffe://{td}/svc/vault\"\npublic_key = \"{}\"\n\
+                 [[sources]]\nid = \"spiffe://{td}/svc/broker\"\npublic_key = \"{}\"\n",
+                d("audit"),
+                k("checkpoint.key"),
+                tls("audit"),
+                encode_public_key(&vault_event.verifying_key()),
+                encode_public_key(&broker_event.verifying_key()),
+            ),
+        )?;
+        system.audit = system.spawn(bin_dir, "audit", &system.audit_config.clone())?;
+
+        let vault_config = dir.join("vault.toml");
+        write(
+            &vault_config,
+            &format!(
+                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
+                 master_key_file = {:?}\nevent_key_file = {:?}\n\
+                 broker_id = \"spiffe://{td}/svc/broker\"\ngrant_public_key = \"{}\"\n\
+                 audit_address = \"{}\"\naudit_server_name = \"audit\"\n\
+                 audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}",
+                d("vault"),
+                k("master.key"),
+                k("vault-event.key"),
+                encode_public_key(&grant.verifying_key()),
+                system.audit,
+                tls("vault"),
+            ),
+        )?;
+        system.vault = system.spawn(bin_dir, "vault", &vault_config)?;
+
+        let policy = dir.join("policy.toml");
+        write(&policy, &policy_text())?;
+        let broker_config = dir.join("broker.toml");
+        write(
+            &broker_config,
+            &format!(
+                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
+                 policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
+                 pin_key_file = {:?}\nvault_address = \"{}\"\nvault_server_name = \"vault\"\n\
+                 audit_address = \"{}\"\naudit_server_name = \"audit\"\nlog_format = \"human\"\n\
+                 {}[notify.mailbox]\ndir = {:?}\n",
+                d("broker"),
+                policy.display().to_string(),
+                k("grant.key"),
+                k("broker-event.key"),
+                k("pin.key"),
+                system.vault,
+                system.audit,
+                tls("broker"),
+                system.mailbox.display().to_string(),
+            ),
+        )?;
+        system.broker = system.spawn(bin_dir, "broker", &broker_config)?;
+
+        // Profiles with the real addresses.
+        let mut config = Config::default();
+        for (name, role) in USERS {
+            config.profiles.insert(
+                name.to_owned(),
+                Profile {
+                    broker: Some(system.broker.clone()),
+                    audit: (role == UserRole::Auditor).then(|| system.audit.clone()),
+                    cert: Some(format!("{name}.crt").into()),
+                    key: Some(format!("{name}.key").into()),
+                    ca: Some("ca.crt".into()),
+                    ..Default::default()
+                },
+            );
+        }
+        std::fs::remove_file(&system.config).map_err(io("replace", &system.config))?;
+        config.write(&system.config)?;
+        Ok(system)
+    }
+
+    /// Starts `twokey-<svc> serve --config CONFIG` and waits for its
+    /// listening line; returns `https://ADDR`.
+    fn spawn(&mut self, bin_dir: &Path, svc: &str, config: &Path) -> Result<String, CliError> {
+        let bin = bin_dir.join(format!("twokey-{svc}"));
+        let log = self.dir.join("logs").join(format!("{svc}.log"));
+        let log_file = std::fs::File::create(&log).map_err(io("create", &log))?;
+        let mut child = Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("TWOKEY_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| {
+                CliError::Input(format!(
+                    "cannot start {}: {e} — build it first (cargo build -p twokey-{svc})",
+                    bin.display()
+                ))
+            })?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        self.children.push((svc.to_owned(), child));
+        let (tx, rx) = mpsc::channel();
+        let prefix = format!("twokey-{svc} listening on ");
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(None);
+                        return;
+                    }
+                    Ok(_) => {
+                        if let Some(addr) = line.trim().strip_prefix(&prefix) {
+                            let _ = tx.send(Some(addr.to_owned()));
+                            // Keep draining so the service never blocks on stdout.
+                            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Some(addr)) => Ok(format!("https://{addr}")),
+            _ => {
+                let mut text = String::new();
+                let _ = std::fs::File::open(&log).and_then(|mut f| f.read_to_string(&mut text));
+                let last = text.lines().last().unwrap_or("no output").to_owned();
+                Err(CliError::Input(format!(
+                    "twokey-{svc} did not start: {} (log {})",
+                    crate::error::one_line(&last),
+                    log.display()
+                )))
+            }
+        }
+    }
+
+    /// The newest PIN the broker's mailbox holds for `user` and `request_id`.
+    pub fn pin_for(&self, user: &str, request_id: &str) -> Option<String> {
+        let text = std::fs::read_to_string(self.mailbox.join(format!("{user}.jsonl"))).ok()?;
+        text.lines()
+            .rev()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["request_id"] == request_id)
+            .find_map(|v| v["pin"].as_str().map(str::to_owned))
+    }
+
+    /// Stops every service this system started (SIGKILL to each child).
+    pub fn stop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+
+    /// Leaves the services running after this value is dropped; returns
+    /// their process ids (service name, pid).
+    pub fn detach(mut self) -> Vec<(String, u32)> {
+        self.children
+            .drain(..)
+            .map(|(name, child)| (name, child.id()))
+            .collect()
+    }
+}
+
+/// The policy of a local system: one account, one person per role.
+pub fn policy_text() -> String {
+    let td = TRUST_DOMAIN;
+    let mut s = String::from("[identities]\n");
+    for (name, _) in USERS {
+        s.push_str(&format!("{name} = \"spiffe://{td}/user/{name}\"\n"));
+    }
+    s.push_str(&format!(
+        "\n[groups]\nrequesters = [\"alice\"]\napprovers = [\"bob\"]\noperators = [\"olivia\"]\n\n\
+         [accounts.{ACCOUNT}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
+         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
+         request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
+    ));
+    s
+}

@@ -1,0 +1,320 @@
+//! The real `twokey` binary against the real audit, vault and broker
+//! binaries on loopback: the whole story with a `--json` round trip for every
+//! command group, the code checked against an independent TOTP computation,
+//! and the audit log verified offline at the end.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+
+use common::{json, json_lines, local_system, one_line_error, twokey_as};
+use serde_json::Value;
+use twokey::local::ACCOUNT;
+
+const SECRET_B32: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+
+fn secret_bytes() -> Vec<u8> {
+    // RFC 4648 Base32 without padding.
+    let mut out = Vec::new();
+    let (mut buf, mut bits) = (0u64, 0);
+    for c in SECRET_B32.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'2'..=b'7' => c - b'2' + 26,
+            _ => unreachable!(),
+        };
+        buf = (buf << 5) | u64::from(v);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
+
+fn totp_at(unix: u64) -> String {
+    totp_rs::Builder::new()
+        .with_algorithm(totp_rs::Algorithm::SHA1)
+        .with_digits(6)
+        .with_step_duration(30)
+        .with_secret(secret_bytes())
+        .build_noncompliant()
+        .generate(unix)
+        .to_string()
+}
+
+fn seconds(ts: &Value) -> u64 {
+    let text = ts.as_str().expect("timestamp string");
+    let secs = twokey::output::parse_time(text).expect("RFC 3339").seconds;
+    u64::try_from(secs).unwrap()
+}
+
+fn request_id(v: &Value) -> String {
+    v["request"]["requestId"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_whole_story_works_over_real_services_with_json_everywhere() {
+    let (tmp, sys) = local_system();
+    let cfg = &sys.config;
+
+    // whoami
+    let me = json(twokey_as(cfg, "alice").arg("whoami"));
+    assert_eq!(me["identity"], "spiffe://twokey.local/user/alice");
+    assert_eq!(me["accounts"][0]["accountId"], ACCOUNT);
+
+    // account enroll: seed from stdin, two registration codes.
+    let enrolled = json(
+        twokey_as(cfg, "adam")
+            .args([
+                "account",
+                "enroll",
+                ACCOUNT,
+                "--issuer",
+                "Amazon Web Services",
+            ])
+            .write_stdin(format!("{SECRET_B32}\n")),
+    );
+    for which in ["current", "next"] {
+        let code = &enrolled[which];
+        let from = seconds(&code["validFrom"]);
+        assert_eq!(code["code"].as_str().unwrap(), totp_at(from), "{which}");
+    }
+    assert_eq!(
+        seconds(&enrolled["next"]["validFrom"]),
+        seconds(&enrolled["current"]["validUntil"])
+    );
+    let accounts = json(twokey_as(cfg, "adam").args(["account", "list"]));
+    assert_eq!(accounts["accounts"][0]["accountId"], ACCOUNT);
+    assert!(!accounts.to_string().contains(SECRET_B32));
+
+    // request create / list / show
+    let created = json(twokey_as(cfg, "alice").args([
+        "request",
+        "create",
+        "--account",
+        ACCOUNT,
+        "--reason",
+        "rotate keys",
+        "--ticket",
+        "OPS-7",
+    ]));
+    let id = request_id(&created);
+    assert_eq!(created["request"]["state"], "REQUEST_STATE_PENDING");
+    let listed =
+        json(twokey_as(cfg, "alice").args(["request", "list", "--mine", "--state", "pending"]));
+    assert_eq!(listed["requests"][0]["requestId"], id.as_str());
+    let shown = json(twokey_as(cfg, "bob").args(["request", "show", &id]));
+    assert_eq!(shown["request"]["ticket"], "OPS-7");
+
+    // Nobody approves their own request: one line, exit 1.
+    let err = one_line_error(twokey_as(cfg, "alice").args(["request", "approve", &id]), 1);
+    assert!(err.starts_with("twokey: permission denied"), "{err}");
+
+    // approve -> PIN to alice's mailbox
+    let approved = json(twokey_as(cfg, "bob").args(["request", "approve", &id, "--comment", "ok"]));
+    assert_eq!(approved["request"]["state"], "REQUEST_STATE_APPROVED");
+    let pin = sys.pin_for("alice", &id).expect("a PIN in alice's mailbox");
+
+    // pin resend voids the PIN and sends a new one.
+    let resent = json(twokey_as(cfg, "alice").args(["pin", "resend", &id]));
+    assert_eq!(resent["request"]["requestId"], id.as_str());
+    let new_pin = sys.pin_for("alice", &id).expect("a new PIN");
+    let _ = pin;
+
+    // A wrong PIN: one line, exit 1, never echoed.
+    let wrong = if new_pin == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    let err = one_line_error(
+        twokey_as(cfg, "olivia")
+            .args(["pin", "verify", &id, "--pin-stdin"])
+            .write_stdin(format!("{wrong}\n")),
+        1,
+    );
+    assert!(!err.contains(wrong), "{err}");
+
+    let verified = json(
+        twokey_as(cfg, "olivia")
+            .args(["pin", "verify", &id, "--pin-stdin"])
+            .write_stdin(format!("{new_pin}\n")),
+    );
+    assert_eq!(verified["request"]["state"], "REQUEST_STATE_VERIFIED");
+
+    // code release: the code is the TOTP of its step.
+    let released = json(twokey_as(cfg, "olivia").args(["code", "release", &id]));
+    let code = &released["code"];
+    assert_eq!(
+        code["code"].as_str().unwrap(),
+        totp_at(seconds(&code["validFrom"]))
+    );
+    // Human output without a terminal prints once and exits.
+    let err = one_line_error(twokey_as(cfg, "olivia").args(["code", "release", &id]), 1);
+    assert!(err.contains("not possible now"), "{err}");
+
+    // deny and cancel on fresh requests.
+    let second = request_id(&json(twokey_as(cfg, "alice").args([
+        "request",
+        "create",
+        "--account",
+        ACCOUNT,
+        "--reason",
+        "second",
+    ])));
+    let denied = json(twokey_as(cfg, "bob").args(["request", "deny", &second, "--reason", "no"]));
+    assert_eq!(denied["request"]["state"], "REQUEST_STATE_DENIED");
+    let third = request_id(&json(twokey_as(cfg, "alice").args([
+        "request",
+        "create",
+        "--account",
+        ACCOUNT,
+        "--reason",
+        "third",
+    ])));
+    let cancelled = json(twokey_as(cfg, "alice").args(["request", "cancel", &third]));
+    assert_eq!(cancelled["request"]["state"], "REQUEST_STATE_CANCELLED");
+
+    // audit query / export / checkpoint / verify
+    let batches =
+        json_lines(twokey_as(cfg, "carol").args(["audit", "query", "--action", "code.released"]));
+    let entries: Vec<Value> = batches
+        .iter()
+        .flat_map(|b| b["entries"].as_array().cloned().unwrap_or_default())
+        .collect();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["event"]["source"] == "spiffe://twokey.local/svc/vault"),
+        "{batches:?}"
+    );
+    let export = tmp.path().join("log.jsonl");
+    let checkpoint = tmp.path().join("checkpoint.txt");
+    let exported = json(
+        twokey_as(cfg, "carol")
+            .arg("audit")
+            .arg("export")
+            .arg("--out")
+            .arg(&export),
+    );
+    assert!(exported["entries"].as_u64().unwrap() >= 10, "{exported}");
+    let cp = json(
+        twokey_as(cfg, "carol")
+            .arg("audit")
+            .arg("checkpoint")
+            .arg("--out")
+            .arg(&checkpoint),
+    );
+    assert!(
+        cp["checkpoint"]
+            .as_str()
+            .unwrap()
+            .starts_with("twokey.local/audit\n")
+    );
+    let report = json(
+        twokey_as(cfg, "carol")
+            .arg("audit")
+            .arg("verify")
+            .arg("--export")
+            .arg(&export)
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .arg("--sources")
+            .arg(&sys.audit_config)
+            .args(["--checkpoint-key", &sys.verifier_key]),
+    );
+    assert!(
+        report["checkpointTreeSize"].as_u64().unwrap() >= 10,
+        "{report}"
+    );
+    // And fetched live.
+    let live = json(
+        twokey_as(cfg, "carol")
+            .args(["audit", "verify", "--sources"])
+            .arg(&sys.audit_config)
+            .args(["--checkpoint-key", &sys.verifier_key]),
+    );
+    assert!(live["entries"].as_u64().unwrap() >= report["entries"].as_u64().unwrap());
+
+    // Nothing secret ever reached the audit log.
+    let log = std::fs::read_to_string(&export).unwrap();
+    assert!(!log.contains(SECRET_B32));
+    assert!(!log.contains(&format!("\"{new_pin}\"")));
+
+    // account remove
+    let removed =
+        json(twokey_as(cfg, "adam").args(["account", "remove", ACCOUNT, "--reason", "done"]));
+    assert_eq!(removed["accountId"], ACCOUNT);
+}
+
+#[test]
+fn request_watch_streams_one_json_object_per_change() {
+    let (_tmp, sys) = local_system();
+    let cfg = &sys.config;
+    let mut watch = std::process::Command::new(env!("CARGO_BIN_EXE_twokey"))
+        .env("TWOKEY_CONFIG", cfg)
+        .env("TWOKEY_PROFILE", "bob")
+        .args(["request", "watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    // The watch may subscribe after the first create; create until one shows.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = None;
+    for _ in 0..20 {
+        json(twokey_as(cfg, "alice").args([
+            "request",
+            "create",
+            "--account",
+            ACCOUNT,
+            "--reason",
+            "watch me",
+        ]));
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
+            seen = Some(line);
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let line = seen.expect("watch printed a change");
+    let change: Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(change["request"]["accountId"], ACCOUNT);
+    assert!(change["action"].as_str().unwrap().starts_with("request."));
+}
+
+#[test]
+fn a_wrong_server_name_fails_the_handshake_in_one_line() {
+    let (_tmp, sys) = local_system();
+    let err = one_line_error(
+        twokey_as(&sys.config, "alice").args(["whoami", "--broker-server-name", "vault"]),
+        1,
+    );
+    assert!(err.starts_with("twokey: cannot reach the broker"), "{err}");
+}
+
+#[test]
+fn an_auditor_without_a_broker_role_sees_no_accounts_and_cannot_file() {
+    let (_tmp, sys) = local_system();
+    let err = one_line_error(
+        twokey_as(&sys.config, "carol").args([
+            "request",
+            "create",
+            "--account",
+            ACCOUNT,
+            "--reason",
+            "x",
+        ]),
+        1,
+    );
+    assert!(err.starts_with("twokey: permission denied"), "{err}");
+}
