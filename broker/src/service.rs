@@ -241,6 +241,8 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::CreateRequestRequest,
     ) -> Result<pb::CreateRequestResponse, BrokerError> {
+        let account_id = req.account_id.clone();
+        let result: Result<_, BrokerError> = async {
         self.known(caller)?;
         let account = self.account(&req.account_id)?;
         let on_behalf_of = if req.on_behalf_of.is_empty() {
@@ -281,6 +283,10 @@ impl Broker {
         Ok(pb::CreateRequestResponse {
             request: Some(record.to_proto()),
         })
+        }
+        .await;
+        self.audit_denial(caller, "create_request", Some(&account_id), "", result)
+            .await
     }
 
     fn load_visible(&self, caller: &SpiffeId, id: &str) -> Result<RequestRecord, BrokerError> {
@@ -435,16 +441,22 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::ApproveRequestRequest,
     ) -> Result<pb::ApproveRequestResponse, BrokerError> {
-        self.known(caller)?;
-        let key = &self.pin_key;
-        let record = self
-            .act(&req.request_id, true, |r, a, now| {
-                r.approve(a, caller, &req.comment, key, now)
+        let request_id = req.request_id.clone();
+        let result: Result<_, BrokerError> = async {
+            self.known(caller)?;
+            let key = &self.pin_key;
+            let record = self
+                .act(&req.request_id, true, |r, a, now| {
+                    r.approve(a, caller, &req.comment, key, now)
+                })
+                .await?;
+            Ok(pb::ApproveRequestResponse {
+                request: Some(record.to_proto()),
             })
-            .await?;
-        Ok(pb::ApproveRequestResponse {
-            request: Some(record.to_proto()),
-        })
+        }
+        .await;
+        self.audit_denial(caller, "approve", None, &request_id, result)
+            .await
     }
 
     /// An approver denies.
@@ -453,15 +465,21 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::DenyRequestRequest,
     ) -> Result<pb::DenyRequestResponse, BrokerError> {
-        self.known(caller)?;
-        let record = self
-            .act(&req.request_id, true, |r, a, now| {
-                r.deny(a, caller, &req.reason, now)
+        let request_id = req.request_id.clone();
+        let result: Result<_, BrokerError> = async {
+            self.known(caller)?;
+            let record = self
+                .act(&req.request_id, true, |r, a, now| {
+                    r.deny(a, caller, &req.reason, now)
+                })
+                .await?;
+            Ok(pb::DenyRequestResponse {
+                request: Some(record.to_proto()),
             })
-            .await?;
-        Ok(pb::DenyRequestResponse {
-            request: Some(record.to_proto()),
-        })
+        }
+        .await;
+        self.audit_denial(caller, "deny", None, &request_id, result)
+            .await
     }
 
     /// The requester cancels.
@@ -470,15 +488,21 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::CancelRequestRequest,
     ) -> Result<pb::CancelRequestResponse, BrokerError> {
-        self.known(caller)?;
-        let record = self
-            .act(&req.request_id, true, |r, _, now| {
-                r.cancel(caller, &req.reason, now)
+        let request_id = req.request_id.clone();
+        let result: Result<_, BrokerError> = async {
+            self.known(caller)?;
+            let record = self
+                .act(&req.request_id, true, |r, _, now| {
+                    r.cancel(caller, &req.reason, now)
+                })
+                .await?;
+            Ok(pb::CancelRequestResponse {
+                request: Some(record.to_proto()),
             })
-            .await?;
-        Ok(pb::CancelRequestResponse {
-            request: Some(record.to_proto()),
-        })
+        }
+        .await;
+        self.audit_denial(caller, "cancel", None, &request_id, result)
+            .await
     }
 
     /// The operator checks the PIN.
@@ -487,18 +511,24 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::VerifyPinRequest,
     ) -> Result<pb::VerifyPinResponse, BrokerError> {
-        self.known(caller)?;
-        let pin = Pin::from_text(req.pin.trim());
-        drop(req.pin);
-        let key = &self.pin_key;
-        let record = self
-            .act(&req.request_id, true, |r, a, now| {
-                r.verify_pin(a, caller, &pin, key, now)
+        let request_id = req.request_id.clone();
+        let result: Result<_, BrokerError> = async {
+            self.known(caller)?;
+            let pin = Pin::from_text(req.pin.trim());
+            drop(req.pin);
+            let key = &self.pin_key;
+            let record = self
+                .act(&req.request_id, true, |r, a, now| {
+                    r.verify_pin(a, caller, &pin, key, now)
+                })
+                .await?;
+            Ok(pb::VerifyPinResponse {
+                request: Some(record.to_proto()),
             })
-            .await?;
-        Ok(pb::VerifyPinResponse {
-            request: Some(record.to_proto()),
-        })
+        }
+        .await;
+        self.audit_denial(caller, "verify_pin", None, &request_id, result)
+            .await
     }
 
     /// The requester asks for a new PIN.
@@ -507,16 +537,22 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::ResendPinRequest,
     ) -> Result<pb::ResendPinResponse, BrokerError> {
-        self.known(caller)?;
-        let key = &self.pin_key;
-        let record = self
-            .act(&req.request_id, true, |r, _, now| {
-                r.resend_pin(caller, key, now)
+        let request_id = req.request_id.clone();
+        let result: Result<_, BrokerError> = async {
+            self.known(caller)?;
+            let key = &self.pin_key;
+            let record = self
+                .act(&req.request_id, true, |r, _, now| {
+                    r.resend_pin(caller, key, now)
+                })
+                .await?;
+            Ok(pb::ResendPinResponse {
+                request: Some(record.to_proto()),
             })
-            .await?;
-        Ok(pb::ResendPinResponse {
-            request: Some(record.to_proto()),
-        })
+        }
+        .await;
+        self.audit_denial(caller, "resend_pin", None, &request_id, result)
+            .await
     }
 
     /// Releases one code: reserves it from the quota (stored), signs a
@@ -526,45 +562,85 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::ReleaseCodeRequest,
     ) -> Result<pb::ReleaseCodeResponse, BrokerError> {
-        self.known(caller)?;
-        let grant_id = GrantSigner::new_grant_id();
-        let reserved = self
-            .act(&req.request_id, true, |r, a, now| {
-                r.reserve_release(a, caller, &grant_id, now)
+        let request_id = req.request_id.clone();
+        let result: Result<_, BrokerError> = async {
+            self.known(caller)?;
+            let grant_id = GrantSigner::new_grant_id();
+            let reserved = self
+                .act(&req.request_id, true, |r, a, now| {
+                    r.reserve_release(a, caller, &grant_id, now)
+                })
+                .await?;
+            let facts = GrantFacts {
+                purpose: GrantPurpose::Release,
+                request_id: reserved.id.clone(),
+                account_id: reserved.account_id.clone(),
+                requester: reserved.requester.to_string(),
+                approvers: reserved
+                    .approvals
+                    .iter()
+                    .map(|a| a.approver.to_string())
+                    .collect(),
+                operator: reserved
+                    .operator
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            };
+            let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
+            let answer = self.vault.generate_code(signed).await;
+            let outcome = match &answer {
+                Ok(code) => Ok(code.step),
+                Err(e) => Err((e.message.as_str(), e.kind.surely_refused())),
+            };
+            let record = self
+                .act(&req.request_id, false, |r, _, now| {
+                    Ok(r.finish_release(caller, &grant_id, outcome, now))
+                })
+                .await?;
+            let code = answer?;
+            Ok(pb::ReleaseCodeResponse {
+                code: Some(code),
+                request: Some(record.to_proto()),
             })
-            .await?;
-        let facts = GrantFacts {
-            purpose: GrantPurpose::Release,
-            request_id: reserved.id.clone(),
-            account_id: reserved.account_id.clone(),
-            requester: reserved.requester.to_string(),
-            approvers: reserved
-                .approvals
-                .iter()
-                .map(|a| a.approver.to_string())
-                .collect(),
-            operator: reserved
-                .operator
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-        };
-        let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
-        let answer = self.vault.generate_code(signed).await;
-        let outcome = match &answer {
-            Ok(code) => Ok(code.step),
-            Err(e) => Err((e.message.as_str(), e.kind.surely_refused())),
-        };
-        let record = self
-            .act(&req.request_id, false, |r, _, now| {
-                Ok(r.finish_release(caller, &grant_id, outcome, now))
-            })
-            .await?;
-        let code = answer?;
-        Ok(pb::ReleaseCodeResponse {
-            code: Some(code),
-            request: Some(record.to_proto()),
-        })
+        }
+        .await;
+        self.audit_denial(caller, "release_code", None, &request_id, result)
+            .await
+    }
+
+    /// Records a refused attempt (`access.denied`) in the audit log, then
+    /// returns `result` unchanged.
+    async fn audit_denial<T>(
+        &self,
+        caller: &SpiffeId,
+        attempted: &str,
+        account_id: Option<&str>,
+        request_id: &str,
+        result: Result<T, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        if let Err(BrokerError::PermissionDenied(why)) = &result {
+            let account = match account_id {
+                Some(a) => a.to_owned(),
+                None => self
+                    .store
+                    .get(request_id)
+                    .ok()
+                    .flatten()
+                    .map(|r| r.account_id)
+                    .unwrap_or_default(),
+            };
+            let event = EventDraft::new(caller.to_string(), "access.denied")
+                .account(account)
+                .request(request_id)
+                .outcome(Outcome::Denied)
+                .attr("attempted", attempted)
+                .attr("reason", why.chars().take(300).collect::<String>());
+            if let Err(e) = self.emit(event).await {
+                tracing::error!("cannot record a refused attempt: {e}");
+            }
+        }
+        result
     }
 
     async fn emit(&self, event: EventDraft) -> Result<(), BrokerError> {
@@ -578,6 +654,8 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::EnrollAccountRequest,
     ) -> Result<pb::EnrollAccountResponse, BrokerError> {
+        let account_id = req.account_id.clone();
+        let result: Result<_, BrokerError> = async {
         self.known(caller)?;
         let account = self.account(&req.account_id).map_err(|e| match e {
             BrokerError::NotFound(_) => BrokerError::NotFound(format!(
@@ -628,6 +706,10 @@ impl Broker {
             next: answer.next,
             warnings: answer.warnings,
         })
+        }
+        .await;
+        self.audit_denial(caller, "enroll_account", Some(&account_id), "", result)
+            .await
     }
 
     /// Enrolled accounts the caller has a role on.
@@ -656,40 +738,46 @@ impl Broker {
         caller: &SpiffeId,
         req: pb::RemoveAccountRequest,
     ) -> Result<pb::RemoveAccountResponse, BrokerError> {
-        self.known(caller)?;
-        let account = self.account(&req.account_id)?;
-        if !account.has(caller, Role::Admin) {
-            return Err(lacks_role(caller, Role::Admin, &account.id));
+        let account_id = req.account_id.clone();
+        let result: Result<_, BrokerError> = async {
+            self.known(caller)?;
+            let account = self.account(&req.account_id)?;
+            if !account.has(caller, Role::Admin) {
+                return Err(lacks_role(caller, Role::Admin, &account.id));
+            }
+            if req.reason.trim().is_empty() {
+                return Err(BrokerError::invalid(
+                    "reason is required; say why the account is removed",
+                ));
+            }
+            let grant_id = GrantSigner::new_grant_id();
+            let (_, signed) = self.grants.sign(
+                grant_id.clone(),
+                GrantFacts {
+                    purpose: GrantPurpose::Remove,
+                    request_id: String::new(),
+                    account_id: account.id.clone(),
+                    requester: String::new(),
+                    approvers: Vec::new(),
+                    operator: caller.to_string(),
+                },
+                self.clock.now(),
+            );
+            let removed = self.vault.remove_account(signed).await?;
+            self.emit(
+                EventDraft::new(caller.to_string(), "account.removed")
+                    .account(&account.id)
+                    .attr("grant_id", grant_id)
+                    .attr("reason", req.reason.chars().take(1000).collect::<String>()),
+            )
+            .await?;
+            Ok(pb::RemoveAccountResponse {
+                account_id: removed,
+            })
         }
-        if req.reason.trim().is_empty() {
-            return Err(BrokerError::invalid(
-                "reason is required; say why the account is removed",
-            ));
-        }
-        let grant_id = GrantSigner::new_grant_id();
-        let (_, signed) = self.grants.sign(
-            grant_id.clone(),
-            GrantFacts {
-                purpose: GrantPurpose::Remove,
-                request_id: String::new(),
-                account_id: account.id.clone(),
-                requester: String::new(),
-                approvers: Vec::new(),
-                operator: caller.to_string(),
-            },
-            self.clock.now(),
-        );
-        let removed = self.vault.remove_account(signed).await?;
-        self.emit(
-            EventDraft::new(caller.to_string(), "account.removed")
-                .account(&account.id)
-                .attr("grant_id", grant_id)
-                .attr("reason", req.reason.chars().take(1000).collect::<String>()),
-        )
-        .await?;
-        Ok(pb::RemoveAccountResponse {
-            account_id: removed,
-        })
+        .await;
+        self.audit_denial(caller, "remove_account", Some(&account_id), "", result)
+            .await
     }
 
     /// Expires every request whose time ran out; returns how many.

@@ -463,3 +463,82 @@ async fn the_sweeper_expires_requests_nobody_reads() {
     drop(olivia);
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn every_state_change_is_a_signed_audit_event_in_the_outbox() {
+    let mut h = Harness::start().await;
+    let id = verified_prod(&h).await;
+    // A refused attempt is evidence too.
+    let (code, _) = code_of(release(&h, "alice", &id).await);
+    assert_eq!(code, tonic::Code::PermissionDenied);
+    release(&h, "olivia", &id).await.unwrap();
+    h.stop_broker().await;
+
+    let db = twokey_runtime::durable::DurableDb::open(&h.config.data_dir).unwrap();
+    let key = twokey_runtime::keys::load_signing_key(&h.config.event_key_file).unwrap();
+    let signer = twokey_runtime::events::EventSigner::new(
+        twokey_runtime::SpiffeId::parse("spiffe://twokey.local/svc/broker").unwrap(),
+        key.clone(),
+    );
+    let outbox = twokey_runtime::outbox::Outbox::open(
+        &db,
+        signer,
+        std::sync::Arc::new(twokey_runtime::time::SystemClock),
+    )
+    .unwrap();
+    let events: Vec<_> = outbox
+        .pending(0, 1000)
+        .into_iter()
+        .map(|(seq, signed)| {
+            let e = twokey_runtime::events::verify_event(&signed, &key.verifying_key()).unwrap();
+            assert_eq!(e.seq, seq);
+            e
+        })
+        .collect();
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "no gaps"
+    );
+    let actions: Vec<&str> = events
+        .iter()
+        .filter(|e| e.request_id == id)
+        .map(|e| e.action.as_str())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "request.created",
+            "request.approved",
+            "pin.issued",
+            "pin.verified",
+            "access.denied",
+            "grant.issued",
+            "code.released"
+        ]
+    );
+    for e in &events {
+        assert_eq!(
+            e.source, "spiffe://twokey.local/svc/broker",
+            "the source is the broker's certificate identity"
+        );
+        assert!(
+            !format!("{e:?}").contains(FAKE_CODE),
+            "a code reached the audit log"
+        );
+    }
+    let denied = events.iter().find(|e| e.action == "access.denied").unwrap();
+    assert_eq!(denied.actor, "spiffe://twokey.local/user/alice");
+    assert_eq!(denied.account_id, PROD);
+    assert_eq!(denied.attributes["attempted"], "release_code");
+    assert_eq!(
+        denied.outcome,
+        twokey_proto::audit::v1::Outcome::Denied as i32
+    );
+    let created = &events[0];
+    assert_eq!(created.actor, "spiffe://twokey.local/user/alice");
+    assert_eq!(created.account_id, PROD);
+    drop((outbox, db));
+    h.shutdown().await;
+}
