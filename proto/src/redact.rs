@@ -133,7 +133,10 @@ mod tests {
         // proto3 JSON: lowerCamelCase names, 64-bit integers as strings,
         // timestamps as RFC 3339.
         assert!(json.contains("\"step\":\"7\""), "{json}");
-        assert!(json.contains("\"validFrom\":\"1970-01-01T00:03:30"), "{json}");
+        assert!(
+            json.contains("\"validFrom\":\"1970-01-01T00:03:30"),
+            "{json}"
+        );
         let back: types::Code = serde_json::from_str(&json).expect("parse");
         assert_eq!(back, code);
     }

@@ -38,7 +38,12 @@ fn valid_segment_char(c: char) -> bool {
 impl SpiffeId {
     /// Parses and validates a SPIFFE ID (scheme, trust domain, non-empty path).
     pub fn parse(text: &str) -> Result<Self, IdentityError> {
-        let bad = |why| Err(IdentityError::Invalid(text.chars().take(120).collect(), why));
+        let bad = |why| {
+            Err(IdentityError::Invalid(
+                text.chars().take(120).collect(),
+                why,
+            ))
+        };
         if text.len() > 2048 {
             return bad("longer than 2048 bytes");
         }
@@ -49,13 +54,17 @@ impl SpiffeId {
             return bad("needs a path after the trust domain");
         };
         if domain.is_empty()
-            || !domain
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))
+            || !domain.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            })
         {
             return bad("trust domain must be lower-case letters, digits, '.', '-' or '_'");
         }
-        if path.is_empty() || path.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        if path.is_empty()
+            || path
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
+        {
             return bad("path segments must be non-empty and not '.' or '..'");
         }
         if !path.chars().all(|c| c == '/' || valid_segment_char(c)) {

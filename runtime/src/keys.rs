@@ -180,7 +180,10 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(SecretKey::load(&path).unwrap().expose(), key.expose());
-        assert!(key.write(&path).is_err(), "an existing key file was overwritten");
+        assert!(
+            key.write(&path).is_err(),
+            "an existing key file was overwritten"
+        );
         assert_eq!(format!("{key:?}"), "SecretKey([redacted])");
     }
 

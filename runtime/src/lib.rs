@@ -5,6 +5,7 @@
 //! Nothing here knows about seeds, requests or policy.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod durable;
 pub mod events;
 pub mod identity;

@@ -5,8 +5,8 @@
 use std::{net::IpAddr, path::Path};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::keys::{KeyError, write_secret_file};
@@ -105,7 +105,10 @@ impl DevCa {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("twokey development CA ({trust_domain})"));
+        dn.push(
+            DnType::CommonName,
+            format!("twokey development CA ({trust_domain})"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -152,7 +155,10 @@ impl DevCa {
         let mut dn = DistinguishedName::new();
         dn.push(
             DnType::CommonName,
-            spec.spiffe_ids.first().cloned().unwrap_or_else(|| "no-id".into()),
+            spec.spiffe_ids
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "no-id".into()),
         );
         params.distinguished_name = dn;
         for id in &spec.spiffe_ids {
@@ -190,13 +196,16 @@ impl DevCa {
     /// SPIFFE ID `spiffe://TD/svc/NAME`, DNS names `NAME` and `localhost`.
     pub fn issue_service(&self, trust_domain: &str, name: &str) -> Result<CertifiedKey, PkiError> {
         self.issue(
-            &LeafSpec::new(&format!("spiffe://{trust_domain}/svc/{name}")).dns(&[name, "localhost"]),
+            &LeafSpec::new(&format!("spiffe://{trust_domain}/svc/{name}"))
+                .dns(&[name, "localhost"]),
         )
     }
 
     /// A user certificate: SPIFFE ID `spiffe://TD/user/NAME`.
     pub fn issue_user(&self, trust_domain: &str, name: &str) -> Result<CertifiedKey, PkiError> {
-        self.issue(&LeafSpec::new(&format!("spiffe://{trust_domain}/user/{name}")))
+        self.issue(&LeafSpec::new(&format!(
+            "spiffe://{trust_domain}/user/{name}"
+        )))
     }
 }
 

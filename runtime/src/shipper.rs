@@ -47,12 +47,21 @@ impl ShipperHandle {
 
 /// Starts shipping `outbox` to the audit service at the other end of `channel`.
 pub fn spawn_shipper(outbox: Outbox, channel: Channel) -> ShipperHandle {
+    spawn_shipper_task(outbox, channel).0
+}
+
+/// Like [`spawn_shipper`], also returning the task so a server can stop it
+/// (abort, then await) on shutdown and release the database.
+pub fn spawn_shipper_task(
+    outbox: Outbox,
+    channel: Channel,
+) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
     let start = outbox
         .first_pending()
         .unwrap_or_else(|| outbox.next_seq())
         .saturating_sub(1);
     let (acked_tx, acked_rx) = watch::channel(start);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
             match session(&outbox, channel.clone(), &acked_tx, &mut backoff).await {
@@ -73,7 +82,7 @@ pub fn spawn_shipper(outbox: Outbox, channel: Channel) -> ShipperHandle {
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     });
-    ShipperHandle { acked: acked_rx }
+    (ShipperHandle { acked: acked_rx }, task)
 }
 
 async fn session(

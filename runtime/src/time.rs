@@ -71,6 +71,8 @@ pub fn timestamp_from_secs(secs: u64) -> Timestamp {
 /// The instant of a protobuf timestamp, or `None` when it is out of range.
 pub fn from_timestamp(ts: &Timestamp) -> Option<SystemTime> {
     let secs = u64::try_from(ts.seconds).ok()?;
-    let nanos = u32::try_from(ts.nanos).ok().filter(|n| *n < 1_000_000_000)?;
+    let nanos = u32::try_from(ts.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)?;
     UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
 }

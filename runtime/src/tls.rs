@@ -7,7 +7,9 @@ use std::{
     time::Duration,
 };
 
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+};
 
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]

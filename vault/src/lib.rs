@@ -1,2 +1,130 @@
-//! The vault: holds TOTP seeds encrypted and computes a code only for a single-use grant signed by the broker
+//! The vault: the only process that ever holds a TOTP seed. It stores seeds
+//! encrypted, and computes a code only for a single-use grant signed by the
+//! broker, after the audit service has acknowledged the event recording it.
+//! It knows nothing of people, roles or approvals; its only client is the
+//! broker.
 #![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod grant;
+pub mod grpc;
+pub mod seed;
+pub mod service;
+pub mod store;
+pub mod totp;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use twokey_proto::vault::v1::vault_service_server::VaultServiceServer;
+use twokey_runtime::{
+    Authenticator,
+    durable::{DurableDb, StoreError},
+    events::EventSigner,
+    keys::{KeyError, SecretKey, load_signing_key, parse_public_key},
+    outbox::Outbox,
+    serve::{self as rt, MAX_MESSAGE_BYTES, ServeError},
+    shipper::spawn_shipper_task,
+    time::SystemClock,
+    tls::TlsError,
+};
+
+pub use config::VaultConfig;
+use service::{Vault, VaultError};
+use store::SledVaultStore;
+
+/// Why the vault could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A key file.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Storage.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The vault refused to open its data.
+    #[error("cannot start the vault: {0}")]
+    Vault(#[from] VaultError),
+    /// Serving.
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    /// A setting is invalid.
+    #[error("invalid setting: {0}")]
+    Setting(String),
+}
+
+/// Runs the vault on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: VaultConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let master = SecretKey::load(&config.master_key_file)?;
+    let grant_key = parse_public_key(&config.grant_public_key)?;
+    let event_key = load_signing_key(&config.event_key_file)?;
+    let source = config
+        .source_id()
+        .map_err(|e| StartError::Setting(format!("trust_domain: {e}")))?;
+    let server_tls = config.tls.server_config()?;
+    let audit = config
+        .tls
+        .channel(&config.audit_address, &config.audit_server_name)?;
+
+    let db = DurableDb::open(&config.data_dir)?;
+    let clock = Arc::new(SystemClock);
+    let outbox = Outbox::open(&db, EventSigner::new(source, event_key), clock.clone())?;
+    let (shipper, shipper_task) = spawn_shipper_task(outbox.clone(), audit);
+    let store = SledVaultStore::open(&db, outbox).map_err(VaultError::from)?;
+    let vault = Arc::new(Vault::open(
+        store,
+        crypto::MasterKey::new(master),
+        grant::GrantVerifier::new(grant_key),
+        Arc::new(shipper),
+        clock,
+        Duration::from_millis(config.audit_ack_timeout_ms),
+    )?);
+
+    let sweeper = vault.clone();
+    let sweeper_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = sweeper.sweep() {
+                tracing::warn!("sweeping used grants failed: {e}");
+            }
+        }
+    });
+
+    let grpc = grpc::VaultGrpc::new(
+        vault,
+        Authenticator::new(config.trust_domain.clone()),
+        config.broker_id.clone(),
+    );
+    let service = VaultServiceServer::new(grpc)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let health = rt::health::<VaultServiceServer<grpc::VaultGrpc<SledVaultStore>>>().await;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    rt::announce("twokey-vault", addr);
+    let served = rt::server(server_tls)?
+        .add_service(health)
+        .add_service(rt::reflection())
+        .add_service(service)
+        .serve_with_incoming_shutdown(rt::incoming(listener), shutdown)
+        .await;
+    // Stop the background tasks so the database is released.
+    for task in [sweeper_task, shipper_task] {
+        task.abort();
+        let _ = task.await;
+    }
+    served.map_err(ServeError::from)?;
+    Ok(())
+}

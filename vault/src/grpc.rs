@@ -1,0 +1,128 @@
+//! The vault's thin gRPC layer: only the broker's SPIFFE ID may call; each
+//! method maps to one domain call, and [`VaultError`] maps to a status here.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use twokey_proto::vault::v1::{
+    EnrollRequest, EnrollResponse, GenerateCodeRequest, GenerateCodeResponse, ListAccountsRequest,
+    ListAccountsResponse, RemoveAccountRequest, RemoveAccountResponse, StatusRequest,
+    StatusResponse, vault_service_server::VaultService,
+};
+use twokey_runtime::{Authenticator, SpiffeId, time::to_timestamp};
+
+use crate::{
+    grant::GrantError,
+    service::{Vault, VaultError},
+    store::{VaultStore, VaultStoreError},
+};
+
+impl From<VaultError> for Status {
+    fn from(error: VaultError) -> Self {
+        let message = error.to_string();
+        match error {
+            VaultError::InvalidArgument(_)
+            | VaultError::Seed(_)
+            | VaultError::Grant(GrantError::Malformed(_)) => Status::invalid_argument(message),
+            VaultError::Grant(_) | VaultError::Store(VaultStoreError::GrantUsed(_)) => {
+                Status::permission_denied(message)
+            }
+            VaultError::Store(VaultStoreError::AlreadyExists(_)) => Status::already_exists(message),
+            VaultError::Store(VaultStoreError::NotFound(_)) => Status::not_found(message),
+            VaultError::AuditUnavailable(_) => Status::unavailable(message),
+            VaultError::Store(_) | VaultError::Integrity(_) => {
+                tracing::error!("vault failure: {message}");
+                Status::internal("vault storage failure; see the vault's log")
+            }
+        }
+    }
+}
+
+/// The gRPC service.
+#[derive(Debug)]
+pub struct VaultGrpc<S> {
+    vault: Arc<Vault<S>>,
+    auth: Authenticator,
+    broker: SpiffeId,
+}
+
+impl<S> VaultGrpc<S> {
+    /// Serves `vault` to the one caller `broker`.
+    pub fn new(vault: Arc<Vault<S>>, auth: Authenticator, broker: SpiffeId) -> Self {
+        Self {
+            vault,
+            auth,
+            broker,
+        }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        self.auth
+            .authorize(request, "the broker, the vault's only client", |id| {
+                *id == self.broker
+            })
+    }
+}
+
+#[tonic::async_trait]
+impl<S: VaultStore> VaultService for VaultGrpc<S> {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        self.authorize(&request)?;
+        let enrolled = self.vault.enroll(request.get_ref()).await?;
+        Ok(Response::new(EnrollResponse {
+            account: Some(enrolled.account),
+            current: Some(enrolled.current.to_proto()),
+            next: Some(enrolled.next.to_proto()),
+            warnings: enrolled.warnings,
+        }))
+    }
+
+    async fn generate_code(
+        &self,
+        request: Request<GenerateCodeRequest>,
+    ) -> Result<Response<GenerateCodeResponse>, Status> {
+        self.authorize(&request)?;
+        let (code, grant_id) = self
+            .vault
+            .generate_code(request.get_ref().grant.as_ref())
+            .await?;
+        Ok(Response::new(GenerateCodeResponse {
+            code: Some(code.to_proto()),
+            grant_id,
+        }))
+    }
+
+    async fn list_accounts(
+        &self,
+        request: Request<ListAccountsRequest>,
+    ) -> Result<Response<ListAccountsResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(ListAccountsResponse {
+            accounts: self.vault.list()?,
+        }))
+    }
+
+    async fn remove_account(
+        &self,
+        request: Request<RemoveAccountRequest>,
+    ) -> Result<Response<RemoveAccountResponse>, Status> {
+        self.authorize(&request)?;
+        let account_id = self.vault.remove(request.get_ref().grant.as_ref()).await?;
+        Ok(Response::new(RemoveAccountResponse { account_id }))
+    }
+
+    async fn status(
+        &self,
+        request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            account_count: self.vault.count() as u64,
+            server_time: Some(to_timestamp(self.vault.clock().now())),
+        }))
+    }
+}

@@ -1,0 +1,343 @@
+//! The vault's domain core: enrollment, code release for a grant, removal,
+//! listing and status. No tonic here; the gRPC layer maps [`VaultError`].
+//!
+//! Fail closed: a code (or an enrollment's registration codes) is computed
+//! only after the audit service has acknowledged the event that records it.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
+use twokey_proto::{
+    types::v1::{self as types, Account},
+    vault::v1::{EnrollRequest, GrantPurpose, SignedGrant, enroll_request},
+};
+use twokey_runtime::{
+    events::EventDraft,
+    shipper::{AckTimeout, ShipperHandle},
+    time::{Clock, timestamp_from_secs, unix_seconds},
+};
+
+use crate::{
+    crypto::MasterKey,
+    grant::{GrantError, GrantVerifier},
+    seed::{Algorithm, Seed, SeedError, SeedSpec, TotpParams, parse_otpauth},
+    store::{AccountRecord, VaultStore, VaultStoreError},
+    totp::{CodeValue, code_at, code_for_step},
+};
+
+/// Waits for the audit service to acknowledge an event.
+pub trait AuditGate: Send + Sync + std::fmt::Debug + 'static {
+    /// Resolves once event `seq` is acknowledged, or fails after `timeout`.
+    fn confirm(&self, seq: u64, timeout: Duration) -> BoxFuture<'_, Result<(), AckTimeout>>;
+}
+
+impl AuditGate for ShipperHandle {
+    fn confirm(&self, seq: u64, timeout: Duration) -> BoxFuture<'_, Result<(), AckTimeout>> {
+        Box::pin(self.wait_acked(seq, timeout))
+    }
+}
+
+/// Why a vault operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// Bad input.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The seed or its parameters are invalid.
+    #[error("invalid seed: {0}")]
+    Seed(#[from] SeedError),
+    /// The grant was refused.
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    /// Store-level refusal or failure.
+    #[error(transparent)]
+    Store(#[from] VaultStoreError),
+    /// A stored seed does not open with the master key.
+    #[error("the seed of {0} does not decrypt with the master key")]
+    Integrity(String),
+    /// Audit did not acknowledge in time.
+    #[error("{0}")]
+    AuditUnavailable(String),
+}
+
+/// What an enrollment returns.
+#[derive(Debug)]
+pub struct Enrolled {
+    /// Account metadata.
+    pub account: Account,
+    /// Code for the current step.
+    pub current: CodeValue,
+    /// Code for the next step.
+    pub next: CodeValue,
+    /// Non-fatal findings.
+    pub warnings: Vec<String>,
+}
+
+/// The vault.
+#[derive(Debug)]
+pub struct Vault<S> {
+    store: S,
+    key: MasterKey,
+    grants: GrantVerifier,
+    gate: Arc<dyn AuditGate>,
+    clock: Arc<dyn Clock>,
+    ack_timeout: Duration,
+}
+
+/// Checks an account id: 1 to 64 characters of `[a-z0-9._-]`.
+pub fn validate_account_id(id: &str) -> Result<(), VaultError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(VaultError::InvalidArgument(format!(
+            "invalid account id {:?}: use 1 to 64 characters of a-z, 0-9, '.', '_' or '-'",
+            id.chars().take(70).collect::<String>()
+        )))
+    }
+}
+
+fn proto_algorithm(a: Algorithm) -> types::Algorithm {
+    match a {
+        Algorithm::Sha1 => types::Algorithm::Sha1,
+        Algorithm::Sha256 => types::Algorithm::Sha256,
+        Algorithm::Sha512 => types::Algorithm::Sha512,
+    }
+}
+
+fn record_to_proto(r: &AccountRecord) -> Account {
+    Account {
+        account_id: r.account_id.clone(),
+        issuer: r.issuer.clone(),
+        label: r.label.clone(),
+        algorithm: proto_algorithm(r.params.algorithm) as i32,
+        digits: u32::from(r.params.digits),
+        period: r.params.period,
+        created_at: Some(timestamp_from_secs(r.created_at)),
+        last_used_at: r.last_used_at.map(timestamp_from_secs),
+        seed_bits: r.seed_bits,
+        weak_seed: (r.seed_bits as usize) < crate::seed::STRONG_SEED_BYTES * 8,
+    }
+}
+
+/// Reads the seed and parameters out of an enrollment request.
+pub fn seed_spec(request: &EnrollRequest) -> Result<SeedSpec, VaultError> {
+    match &request.seed {
+        Some(enroll_request::Seed::OtpauthUri(uri)) => Ok(parse_otpauth(uri)?),
+        Some(enroll_request::Seed::Base32Secret(secret)) => {
+            let algorithm = match types::Algorithm::try_from(request.algorithm) {
+                Ok(types::Algorithm::Unspecified | types::Algorithm::Sha1) => Algorithm::Sha1,
+                Ok(types::Algorithm::Sha256) => Algorithm::Sha256,
+                Ok(types::Algorithm::Sha512) => Algorithm::Sha512,
+                Err(_) => return Err(SeedError::BadAlgorithm(request.algorithm.to_string()).into()),
+            };
+            let digits = match request.digits {
+                0 => 6,
+                d => u8::try_from(d).map_err(|_| SeedError::BadDigits(d.to_string()))?,
+            };
+            let period = match request.period {
+                0 => 30,
+                p => p,
+            };
+            let params = TotpParams {
+                algorithm,
+                digits,
+                period,
+            }
+            .validated()?;
+            for (what, text) in [("issuer", &request.issuer), ("label", &request.label)] {
+                if text.len() > 256 || text.chars().any(char::is_control) {
+                    return Err(VaultError::InvalidArgument(format!(
+                        "{what} must be at most 256 characters without control characters"
+                    )));
+                }
+            }
+            Ok(SeedSpec {
+                seed: Seed::from_base32(secret)?,
+                params,
+                issuer: request.issuer.clone(),
+                label: request.label.clone(),
+            })
+        }
+        None => Err(VaultError::InvalidArgument(
+            "no seed given: pass an otpauth URI or a Base32 secret".into(),
+        )),
+    }
+}
+
+impl<S: VaultStore> Vault<S> {
+    /// A vault over `store`, checking (or, on first start, recording) that
+    /// `key` is the key the data was sealed with.
+    pub fn open(
+        store: S,
+        key: MasterKey,
+        grants: GrantVerifier,
+        gate: Arc<dyn AuditGate>,
+        clock: Arc<dyn Clock>,
+        ack_timeout: Duration,
+    ) -> Result<Self, VaultError> {
+        match store.key_check()? {
+            Some(check) if !key.matches(&check) => {
+                return Err(VaultError::Integrity(
+                    "this data directory: the master key file is not the key it was created with"
+                        .into(),
+                ));
+            }
+            Some(_) => {}
+            None => store.set_key_check(&key.key_check())?,
+        }
+        Ok(Self {
+            store,
+            key,
+            grants,
+            gate,
+            clock,
+            ack_timeout,
+        })
+    }
+
+    fn now(&self) -> u64 {
+        unix_seconds(self.clock.now())
+    }
+
+    async fn commit_and_confirm(&self, seq: u64, what: &str) -> Result<(), VaultError> {
+        self.store.commit().await?;
+        self.gate.confirm(seq, self.ack_timeout).await.map_err(|_| {
+            tracing::warn!(seq, "audit did not acknowledge in time: {what}");
+            VaultError::AuditUnavailable(format!("audit unavailable, {what}"))
+        })
+    }
+
+    /// Enrolls a seed on behalf of `actor` (the admin, as named by the broker).
+    pub async fn enroll(&self, request: &EnrollRequest) -> Result<Enrolled, VaultError> {
+        validate_account_id(&request.account_id)?;
+        let spec = seed_spec(request)?;
+        let now = self.now();
+        let mut record = AccountRecord {
+            account_id: request.account_id.clone(),
+            issuer: spec.issuer.clone(),
+            label: spec.label.clone(),
+            params: spec.params,
+            seed_bits: u32::try_from(spec.seed.bits()).unwrap_or(u32::MAX),
+            created_at: now,
+            last_used_at: None,
+            sealed_seed: String::new(),
+        };
+        record.set_sealed(&self.key.seal_seed(&record.account_id, spec.seed.expose()));
+        let mut warnings = Vec::new();
+        if spec.seed.is_weak() {
+            warnings.push(format!(
+                "weak seed: {} bits, below the 128 bits RFC 4226 asks for",
+                spec.seed.bits()
+            ));
+        }
+        let action = if request.replace {
+            "account.enrolled.replace"
+        } else {
+            "account.enrolled"
+        };
+        let event = EventDraft::new(request.actor.clone(), action)
+            .account(&record.account_id)
+            .attr("seed_bits", record.seed_bits.to_string())
+            .attr("weak_seed", spec.seed.is_weak().to_string());
+        let seq = self.store.put(&record, request.replace, event)?;
+        self.commit_and_confirm(
+            seq,
+            "no codes released; the seed is stored: enroll again with replace once audit is back",
+        )
+        .await?;
+        let current = code_at(&spec.seed, spec.params, self.now());
+        let next = code_for_step(&spec.seed, spec.params, current.step + 1);
+        tracing::info!(account = %record.account_id, "account enrolled");
+        Ok(Enrolled {
+            account: record_to_proto(&record),
+            current,
+            next,
+            warnings,
+        })
+    }
+
+    /// Computes one code for a valid, unused release grant.
+    pub async fn generate_code(
+        &self,
+        signed: Option<&SignedGrant>,
+    ) -> Result<(CodeValue, String), VaultError> {
+        let grant = self
+            .grants
+            .verify(signed, GrantPurpose::Release, self.clock.now())?;
+        let record = self
+            .store
+            .get(&grant.account_id)?
+            .ok_or_else(|| VaultStoreError::NotFound(grant.account_id.clone()))?;
+        let seed = self
+            .key
+            .open_seed(&record.account_id, &record.sealed())
+            .map_err(|_| VaultError::Integrity(record.account_id.clone()))?;
+        let seed = Seed::from_bytes(seed.to_vec())?;
+        let expires = grant
+            .expires_at
+            .as_ref()
+            .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
+        let event = EventDraft::new(grant.operator.clone(), "code.released")
+            .account(&grant.account_id)
+            .request(&grant.request_id)
+            .attr("grant_id", &grant.grant_id)
+            .attr("requester", &grant.requester)
+            .attr("approvers", grant.approvers.join(","));
+        let seq = self.store.use_grant(
+            &grant.grant_id,
+            expires,
+            &grant.account_id,
+            self.now(),
+            event,
+        )?;
+        self.commit_and_confirm(seq, "no code released").await?;
+        tracing::info!(account = %grant.account_id, request = %grant.request_id, grant = %grant.grant_id, "code released");
+        Ok((code_at(&seed, record.params, self.now()), grant.grant_id))
+    }
+
+    /// Removes an account for a valid removal grant.
+    pub async fn remove(&self, signed: Option<&SignedGrant>) -> Result<String, VaultError> {
+        let grant = self
+            .grants
+            .verify(signed, GrantPurpose::Remove, self.clock.now())?;
+        let expires = grant
+            .expires_at
+            .as_ref()
+            .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
+        let event = EventDraft::new(grant.operator.clone(), "account.removed")
+            .account(&grant.account_id)
+            .request(&grant.request_id)
+            .attr("grant_id", &grant.grant_id);
+        let seq = self
+            .store
+            .remove(&grant.grant_id, expires, &grant.account_id, event)?;
+        self.commit_and_confirm(seq, "removal recorded but not yet acknowledged by audit")
+            .await?;
+        Ok(grant.account_id)
+    }
+
+    /// Metadata of every account.
+    pub fn list(&self) -> Result<Vec<Account>, VaultError> {
+        Ok(self.store.list()?.iter().map(record_to_proto).collect())
+    }
+
+    /// Number of accounts.
+    pub fn count(&self) -> usize {
+        self.store.count()
+    }
+
+    /// Forgets expired used-grant ids.
+    pub fn sweep(&self) -> Result<usize, VaultError> {
+        Ok(self.store.sweep_grants(self.now())?)
+    }
+
+    /// The vault's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+}

@@ -1,0 +1,492 @@
+//! The vault's gRPC API over real mTLS on loopback, called as the broker:
+//! enrollment, release for a grant, and one test per rejection, each
+//! asserting the exact status code.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use ed25519_dalek::SigningKey;
+use tonic::Code;
+use twokey_proto::vault::v1::{
+    EnrollRequest, GenerateCodeRequest, GrantPurpose, ListAccountsRequest, RemoveAccountRequest,
+    StatusRequest, enroll_request::Seed, vault_service_client::VaultServiceClient,
+};
+
+const SECRET: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+
+fn aws_uri() -> String {
+    format!(
+        "otpauth://totp/Amazon%20Web%20Services:root@123456789012?secret={SECRET}&issuer=Amazon%20Web%20Services"
+    )
+}
+
+fn enroll(account: &str, uri: &str) -> EnrollRequest {
+    EnrollRequest {
+        account_id: account.into(),
+        seed: Some(Seed::OtpauthUri(uri.into())),
+        actor: format!("spiffe://{TD}/user/adam"),
+        ..Default::default()
+    }
+}
+
+/// An independent TOTP computation (totp-rs directly, SHA1, 6 digits, 30 s).
+fn expected_code(step: u64) -> String {
+    let seed = data_encoding::BASE32_NOPAD
+        .decode(SECRET.as_bytes())
+        .unwrap();
+    totp_rs::Builder::new()
+        .with_secret(seed)
+        .build_noncompliant()
+        .generate(step * 30)
+        .to_string()
+}
+
+struct Env {
+    fx: Fixture,
+    audit_events: FakeAudit,
+    _audit: Running,
+    vault: Running,
+}
+
+impl Env {
+    async fn new() -> Self {
+        let fx = Fixture::new();
+        let audit_events = FakeAudit::default();
+        let audit = start_fake_audit(&fx, audit_events.clone()).await;
+        let vault = start_vault(fx.vault_config(audit.addr)).await;
+        Self {
+            fx,
+            audit_events,
+            _audit: audit,
+            vault,
+        }
+    }
+
+    fn client(&self) -> VaultServiceClient<tonic::transport::Channel> {
+        self.fx.broker_client(self.vault.addr)
+    }
+
+    async fn enrolled(account: &str) -> Self {
+        let env = Self::new().await;
+        env.client()
+            .enroll(enroll(account, &aws_uri()))
+            .await
+            .unwrap();
+        env
+    }
+
+    async fn release(
+        &self,
+        grant: twokey_proto::vault::v1::SignedGrant,
+    ) -> Result<String, tonic::Status> {
+        self.client()
+            .generate_code(GenerateCodeRequest { grant: Some(grant) })
+            .await
+            .map(|r| r.into_inner().code.unwrap().code)
+    }
+}
+
+#[tokio::test]
+async fn enrollment_returns_the_current_and_next_codes() {
+    let env = Env::new().await;
+    let reply = env
+        .client()
+        .enroll(enroll("aws-prod-root", &aws_uri()))
+        .await
+        .unwrap()
+        .into_inner();
+    let current = reply.current.unwrap();
+    let next = reply.next.unwrap();
+    assert_eq!(next.step, current.step + 1);
+    assert_eq!(current.code, expected_code(current.step));
+    assert_eq!(next.code, expected_code(next.step));
+    assert_eq!(
+        current.valid_until.unwrap().seconds as u64,
+        (current.step + 1) * 30
+    );
+    let account = reply.account.unwrap();
+    assert_eq!(account.issuer, "Amazon Web Services");
+    assert_eq!(account.seed_bits, 320);
+    assert!(reply.warnings.is_empty());
+    let events = env.audit_events.events.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "account.enrolled" && e.account_id == "aws-prod-root")
+    );
+}
+
+#[tokio::test]
+async fn a_weak_80_bit_seed_is_enrolled_with_a_warning() {
+    let env = Env::new().await;
+    let reply = env
+        .client()
+        .enroll(enroll(
+            "github",
+            "otpauth://totp/GitHub:me?secret=JBSWY3DPEHPK3PXP",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.account.unwrap().weak_seed);
+    assert!(
+        reply.warnings[0].contains("weak seed"),
+        "{:?}",
+        reply.warnings
+    );
+}
+
+#[tokio::test]
+async fn an_existing_account_is_not_overwritten_unless_asked() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let err = env
+        .client()
+        .enroll(enroll(
+            "aws-prod-root",
+            "otpauth://totp/x?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    let mut replace = enroll(
+        "aws-prod-root",
+        "otpauth://totp/x?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
+    );
+    replace.replace = true;
+    env.client().enroll(replace).await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_seeds_are_invalid_arguments_with_a_reason() {
+    let env = Env::new().await;
+    let s = "secret=JBSWY3DPEHPK3PXP";
+    let cases = [
+        (
+            "otpauth://totp/x?secret=JBSWY3DPEHPK3PX1".to_owned(),
+            "Base32",
+        ),
+        (format!("otpauth://totp/x?{s}&digits=0"), "digits"),
+        (format!("otpauth://totp/x?{s}&digits=10"), "digits"),
+        (format!("otpauth://totp/x?{s}&period=0"), "period"),
+        (format!("otpauth://totp/x?{s}&algorithm=SHA3"), "algorithm"),
+        (format!("otpauth://totp/%C3%28?{s}"), "UTF-8"),
+    ];
+    for (uri, reason) in cases {
+        let err = env.client().enroll(enroll("acct", &uri)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{uri}: {err:?}");
+        assert!(err.message().contains(reason), "{uri}: {}", err.message());
+    }
+    let mut base32 = enroll("acct", "");
+    base32.seed = Some(Seed::Base32Secret("not base32!".into()));
+    let err = env.client().enroll(base32).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = env
+        .client()
+        .enroll(enroll("Bad Id", &aws_uri()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("account id"));
+}
+
+#[tokio::test]
+async fn a_valid_grant_releases_the_code_once() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let grant = env.fx.grant("aws-prod-root", GrantPurpose::Release);
+    let code = env.release(grant.clone()).await.unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(code == expected_code(now / 30) || code == expected_code(now / 30 - 1));
+    let events = env.audit_events.events.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.action == "code.released" && e.request_id == "req-1")
+    );
+    let err = env.release(grant).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("already used"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_grant_with_another_keys_signature_is_refused() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let other = SigningKey::generate(&mut rand::rngs::OsRng);
+    let grant = env.fx.grant_with(
+        "aws-prod-root",
+        GrantPurpose::Release,
+        Duration::ZERO,
+        Duration::from_secs(60),
+        &other,
+    );
+    let err = env.release(grant).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("signature"));
+}
+
+#[tokio::test]
+async fn a_tampered_grant_is_refused() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let mut grant = env.fx.grant("aws-prod-root", GrantPurpose::Release);
+    let last = grant.grant.len() - 1;
+    grant.grant[last] ^= 1;
+    let err = env.release(grant).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn an_expired_grant_is_refused() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let grant = env.fx.grant_with(
+        "aws-prod-root",
+        GrantPurpose::Release,
+        Duration::from_secs(90),
+        Duration::from_secs(60),
+        &env.fx.grant_key,
+    );
+    let err = env.release(grant).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("expired"));
+}
+
+#[tokio::test]
+async fn a_grant_living_longer_than_120_seconds_is_refused() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let grant = env.fx.grant_with(
+        "aws-prod-root",
+        GrantPurpose::Release,
+        Duration::ZERO,
+        Duration::from_secs(121),
+        &env.fx.grant_key,
+    );
+    let err = env.release(grant).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("120"));
+}
+
+#[tokio::test]
+async fn a_removal_grant_does_not_release_a_code() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let err = env
+        .release(env.fx.grant("aws-prod-root", GrantPurpose::Remove))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("purpose"));
+}
+
+#[tokio::test]
+async fn a_grant_for_an_unknown_account_is_not_found() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let err = env
+        .release(env.fx.grant("aws-dev-root", GrantPurpose::Release))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn a_used_grant_stays_used_after_a_restart() {
+    let fx = Fixture::new();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let vault = start_vault(fx.vault_config(audit.addr)).await;
+    let grant = fx.grant("aws-prod-root", GrantPurpose::Release);
+    {
+        let mut client = fx.broker_client(vault.addr);
+        client
+            .enroll(enroll("aws-prod-root", &aws_uri()))
+            .await
+            .unwrap();
+        client
+            .generate_code(GenerateCodeRequest {
+                grant: Some(grant.clone()),
+            })
+            .await
+            .unwrap();
+    }
+    vault.stop().await;
+    let vault = start_vault(fx.vault_config(audit.addr)).await;
+    let err = fx
+        .broker_client(vault.addr)
+        .generate_code(GenerateCodeRequest { grant: Some(grant) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("already used"));
+}
+
+#[tokio::test]
+async fn removal_needs_a_removal_grant() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let err = env
+        .client()
+        .remove_account(RemoveAccountRequest {
+            grant: Some(env.fx.grant("aws-prod-root", GrantPurpose::Release)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    env.client()
+        .remove_account(RemoveAccountRequest {
+            grant: Some(env.fx.grant("aws-prod-root", GrantPurpose::Remove)),
+        })
+        .await
+        .unwrap();
+    let list = env
+        .client()
+        .list_accounts(ListAccountsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.accounts.is_empty());
+}
+
+#[tokio::test]
+async fn listing_and_status_show_metadata_only() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let list = env
+        .client()
+        .list_accounts(ListAccountsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.accounts.len(), 1);
+    assert!(!format!("{list:?}").contains(SECRET));
+    let status = env
+        .client()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.account_count, 1);
+    assert!(status.server_time.is_some());
+}
+
+#[tokio::test]
+async fn a_caller_other_than_the_broker_is_permission_denied() {
+    let env = Env::new().await;
+    let mut client = VaultServiceClient::new(env.fx.channel(env.vault.addr, "mallory"));
+    let err = client.status(StatusRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("user/mallory"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_cannot_connect() {
+    let env = Env::new().await;
+    let ca = tonic::transport::Certificate::from_pem(
+        std::fs::read(env.fx.path().join("ca.crt")).unwrap(),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", env.vault.addr))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(ca)
+                .domain_name("vault"),
+        )
+        .unwrap()
+        .connect_lazy();
+    let err = VaultServiceClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .unwrap_err();
+    // The TLS handshake fails: the server demands a certificate.
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(
+        format!("{err:?}").contains("CertificateRequired"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_cannot_connect() {
+    let env = Env::new().await;
+    let tls = foreign_broker_cert(env.fx.path());
+    let channel = tls
+        .channel(&format!("https://{}", env.vault.addr), "vault")
+        .unwrap();
+    let err = VaultServiceClient::new(channel)
+        .status(StatusRequest {})
+        .await
+        .unwrap_err();
+    // The TLS handshake fails: the certificate does not chain to the CA.
+    assert_eq!(err.code(), Code::Unknown, "{err:?}");
+    assert!(
+        format!("{err:?}").contains("received fatal alert"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn audit_down_means_no_code_and_other_calls_still_answer() {
+    let fx = Fixture::new();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let audit_addr = audit.addr;
+    let vault = start_vault(fx.vault_config(audit_addr)).await;
+    let mut client = fx.broker_client(vault.addr);
+    client
+        .enroll(enroll("aws-prod-root", &aws_uri()))
+        .await
+        .unwrap();
+    audit.stop().await;
+
+    let started = std::time::Instant::now();
+    let err = client
+        .generate_code(GenerateCodeRequest {
+            grant: Some(fx.grant("aws-prod-root", GrantPurpose::Release)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("audit unavailable, no code released")
+    );
+    // The deadline (1 s in this config) bounds the wait: no global hang.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    client.status(StatusRequest {}).await.unwrap();
+
+    // Audit back on the same address: releases work again.
+    let _audit = start_fake_audit_on(&fx, FakeAudit::default(), &audit_addr.to_string()).await;
+    let code = client
+        .generate_code(GenerateCodeRequest {
+            grant: Some(fx.grant("aws-prod-root", GrantPurpose::Release)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(code.code.unwrap().code.len(), 6);
+}
+
+#[tokio::test]
+async fn seeds_never_reach_the_disk_in_the_clear() {
+    let env = Env::enrolled("aws-prod-root").await;
+    env.release(env.fx.grant("aws-prod-root", GrantPurpose::Release))
+        .await
+        .unwrap();
+    let raw = data_encoding::BASE32_NOPAD
+        .decode(SECRET.as_bytes())
+        .unwrap();
+    for file in files_under(&env.fx.path().join("vault-data")) {
+        let bytes = std::fs::read(&file).unwrap();
+        assert!(
+            !bytes.windows(raw.len()).any(|w| w == raw.as_slice()),
+            "raw seed in {}",
+            file.display()
+        );
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "Base32 seed in {}",
+            file.display()
+        );
+        assert!(
+            !bytes.windows(16).any(|w| w == &SECRET.as_bytes()[..16]),
+            "Base32 seed prefix in {}",
+            file.display()
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The vault as its own process (the real `twokey-vault` binary) over mTLS,
+//! called as the broker: it serves, refuses unsafe key files, and never
+//! writes the seed to its log even at trace level.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    os::unix::fs::PermissionsExt,
+    process::{Child, Command, Stdio},
+};
+
+use common::*;
+use twokey_proto::vault::v1::{
+    EnrollRequest, GenerateCodeRequest, GrantPurpose, enroll_request::Seed,
+};
+
+const SECRET: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBV";
+
+fn write_config(fx: &Fixture, audit: std::net::SocketAddr) -> std::path::PathBuf {
+    let c = fx.vault_config(audit);
+    let text = format!(
+        r#"listen = "127.0.0.1:0"
+trust_domain = "{td}"
+data_dir = "{data}"
+master_key_file = "{master}"
+event_key_file = "{event}"
+broker_id = "{broker}"
+grant_public_key = "{grant}"
+audit_address = "{audit}"
+[tls]
+cert = "{cert}"
+key = "{key}"
+ca = "{ca}"
+"#,
+        td = c.trust_domain,
+        data = c.data_dir.display(),
+        master = c.master_key_file.display(),
+        event = c.event_key_file.display(),
+        broker = c.broker_id,
+        grant = c.grant_public_key,
+        audit = c.audit_address,
+        cert = c.tls.cert.display(),
+        key = c.tls.key.display(),
+        ca = c.tls.ca.display(),
+    );
+    let path = fx.path().join("vault.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The vault binary with `config`; its log (at trace level) goes to a file
+/// beside the config, so a full pipe can never stall it.
+fn vault_command(config: &std::path::Path) -> Command {
+    let log = std::fs::File::create(log_path(config)).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twokey-vault"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .env("TWOKEY_LOG", "trace")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    cmd
+}
+
+fn log_path(config: &std::path::Path) -> std::path::PathBuf {
+    config.with_extension("log")
+}
+
+fn read_log(config: &std::path::Path) -> String {
+    std::fs::read_to_string(log_path(config)).unwrap()
+}
+
+/// Waits for the "listening on" line and returns the address.
+fn wait_listening(child: &mut Child) -> std::net::SocketAddr {
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next().expect("vault exited before serving").unwrap();
+    let addr = line
+        .strip_prefix("twokey-vault listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    addr.parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_vault_process_serves_the_broker_and_never_logs_the_seed() {
+    let fx = Fixture::new();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let config = write_config(&fx, audit.addr);
+    let mut child = vault_command(&config).spawn().unwrap();
+    let addr = wait_listening(&mut child);
+
+    let mut client = fx.broker_client(addr);
+    let enrolled = client
+        .enroll(EnrollRequest {
+            account_id: "aws-prod-root".into(),
+            seed: Some(Seed::Base32Secret(SECRET.into())),
+            actor: format!("spiffe://{TD}/user/adam"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let code = client
+        .generate_code(GenerateCodeRequest {
+            grant: Some(fx.grant("aws-prod-root", GrantPurpose::Release)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .code
+        .unwrap()
+        .code;
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = read_log(&config);
+    assert!(log.contains("code released"), "trace log is empty: {log}");
+    let raw = data_encoding::BASE32_NOPAD
+        .decode(SECRET.as_bytes())
+        .unwrap();
+    let raw_text = String::from_utf8_lossy(&raw).into_owned();
+    for secret in [SECRET, &SECRET[..16], raw_text.as_str()] {
+        assert!(!log.contains(secret), "seed in the log");
+    }
+    for released in [&code, &enrolled.current.unwrap().code] {
+        assert!(!log.contains(released.as_str()), "a code in the log");
+    }
+}
+
+#[tokio::test]
+async fn the_vault_refuses_a_group_readable_master_key() {
+    let fx = Fixture::new();
+    let config = write_config(&fx, "127.0.0.1:9".parse().unwrap());
+    let key = fx.path().join("master.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let output = vault_command(&config).output().unwrap();
+    assert!(!output.status.success());
+    let err = read_log(&config);
+    assert!(
+        err.contains("master.key") && err.contains("chmod 600"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_vault_refuses_a_master_key_that_does_not_match_its_data() {
+    let fx = Fixture::new();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let config = write_config(&fx, audit.addr);
+    let mut child = vault_command(&config).spawn().unwrap();
+    wait_listening(&mut child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let key = fx.path().join("master.key");
+    std::fs::remove_file(&key).unwrap();
+    twokey_runtime::keys::SecretKey::generate()
+        .write(&key)
+        .unwrap();
+    let status = vault_command(&config).status().unwrap();
+    assert!(!status.success());
+    let err = read_log(&config);
+    assert!(err.contains("master key"), "{err}");
+}
