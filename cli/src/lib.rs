@@ -10,6 +10,7 @@ pub mod account;
 pub mod audit;
 pub mod code;
 pub mod completions;
+pub mod demo;
 pub mod error;
 pub mod local;
 pub mod output;
@@ -85,6 +86,9 @@ pub enum Command {
     Pki(pki::PkiCommand),
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
+    /// Run the whole story on loopback: PKI, the three services, an account,
+    /// a request approved, PIN-verified and released, the audit log verified.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs a parsed command line; returns the process exit code. Errors are
@@ -104,6 +108,7 @@ fn execute(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Pki(cmd) => pki::run(cmd, &cli.connection, out),
         Command::Completions(args) => completions::run(&args),
+        Command::Demo(args) => demo::run(args, out),
         Command::Whoami => with_runtime(whoami::run(Settings::resolve(&cli.connection)?, out)),
         Command::Request(cmd) => {
             with_runtime(request::run(cmd, Settings::resolve(&cli.connection)?, out))

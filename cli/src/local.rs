@@ -44,7 +44,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct LocalSystem {
     /// Where everything lives.
     pub dir: PathBuf,
-    /// The CLI profile file: one profile per user in [`USERS`].
+    /// The CLI profile file `DIR/twokey.toml`: one profile per user in [`USERS`].
     pub config: PathBuf,
     /// `https://127.0.0.1:PORT` of the broker.
     pub broker: String,
@@ -137,7 +137,7 @@ impl LocalSystem {
 
         let mut system = LocalSystem {
             dir: dir.to_owned(),
-            config: pki_dir.join(pki::PROFILE_FILE),
+            config: dir.join(pki::PROFILE_FILE),
             broker: String::new(),
             vault: String::new(),
             audit: String::new(),
@@ -215,14 +215,17 @@ impl LocalSystem {
                 Profile {
                     broker: Some(system.broker.clone()),
                     audit: (role == UserRole::Auditor).then(|| system.audit.clone()),
-                    cert: Some(format!("{name}.crt").into()),
-                    key: Some(format!("{name}.key").into()),
-                    ca: Some("ca.crt".into()),
+                    cert: Some(format!("pki/{name}.crt").into()),
+                    key: Some(format!("pki/{name}.key").into()),
+                    ca: Some("pki/ca.crt".into()),
                     ..Default::default()
                 },
             );
         }
-        std::fs::remove_file(&system.config).map_err(io("replace", &system.config))?;
+        // pki init's profile file has no real addresses; the one beside the
+        // configs does.
+        let stale = pki_dir.join(pki::PROFILE_FILE);
+        std::fs::remove_file(&stale).map_err(io("replace", &stale))?;
         config.write(&system.config)?;
         Ok(system)
     }
@@ -278,7 +281,19 @@ impl LocalSystem {
             _ => {
                 let mut text = String::new();
                 let _ = std::fs::File::open(&log).and_then(|mut f| f.read_to_string(&mut text));
-                let last = text.lines().last().unwrap_or("no output").to_owned();
+                // The last line that says something: skip backtrace notes.
+                let last = text
+                    .lines()
+                    .rev()
+                    .find(|l| {
+                        !l.trim().is_empty()
+                            && !l.starts_with(' ')
+                            && !l.starts_with("note:")
+                            && !l.starts_with("stack backtrace")
+                            && !l.starts_with("thread '")
+                    })
+                    .unwrap_or("no output")
+                    .to_owned();
                 Err(CliError::Input(format!(
                     "twokey-{svc} did not start: {} (log {})",
                     crate::error::one_line(&last),

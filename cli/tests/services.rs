@@ -318,3 +318,42 @@ fn an_auditor_without_a_broker_role_sees_no_accounts_and_cannot_file() {
     );
     assert!(err.starts_with("twokey: permission denied"), "{err}");
 }
+
+#[test]
+fn demo_runs_the_whole_story_and_checks_the_code_independently() {
+    let bins = common::service_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let report = json(
+        common::twokey()
+            .env("PATH", &bins)
+            .args(["demo", "--dir"])
+            .arg(&dir),
+    );
+    assert_eq!(report["codeMatches"], true, "{report}");
+    assert!(report["auditEntries"].as_u64().unwrap() >= 8, "{report}");
+    assert!(dir.join("twokey.toml").exists());
+    assert!(report["services"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn demo_keep_leaves_the_services_running_for_the_profiles() {
+    let _ = common::service_binaries();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("demo");
+    let report = json(common::twokey().args(["demo", "--keep", "--dir"]).arg(&dir));
+    let pids: Vec<u64> = report["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s[1].as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 3, "{report}");
+    let listed = json(twokey_as(&dir.join("twokey.toml"), "bob").args(["request", "list"]));
+    let stop = std::process::Command::new("kill")
+        .args(pids.iter().map(u64::to_string))
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    assert_eq!(listed["requests"][0]["state"], "REQUEST_STATE_RELEASED");
+}
