@@ -11,7 +11,9 @@
 #                 verifier.key (for `twokey audit verify --checkpoint-key`)
 #
 # Usage: deploy/bootstrap.sh OUT [NAME:ROLE ...]
-#   default users: alice:requester bob:approver olivia:operator adam:admin carol:auditor
+#   default users (those policy.example.toml names, and an auditor):
+#   alice:requester bob:approver dave:approver olivia:operator adam:admin
+#   carol:auditor bpm:intake
 #
 # Environment:
 #   TWOKEY_TRUST_DOMAIN  trust domain (default twokey.local)
@@ -32,7 +34,7 @@ out="${1:?usage: bootstrap.sh OUT [NAME:ROLE ...]}"
 shift
 users=("$@")
 if [ ${#users[@]} -eq 0 ]; then
-  users=(alice:requester bob:approver olivia:operator adam:admin carol:auditor)
+  users=(alice:requester bob:approver dave:approver olivia:operator adam:admin carol:auditor bpm:intake)
 fi
 td="${TWOKEY_TRUST_DOMAIN:-twokey.local}"
 root="${TWOKEY_CONFIG_ROOT:-/etc/twokey}"

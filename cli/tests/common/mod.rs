@@ -79,7 +79,7 @@ pub fn one_line_error(cmd: &mut Command, code: i32) -> String {
     err
 }
 
-/// Builds the three service binaries (a no-op when they are fresh) once per
+/// Builds the workspace's binaries (a no-op when they are fresh) once per
 /// test process and returns the directory holding them and `twokey`.
 pub fn service_binaries() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -87,19 +87,12 @@ pub fn service_binaries() -> PathBuf {
         .get_or_init(|| {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let status = std::process::Command::new(cargo)
-                .args([
-                    "build",
-                    "-p",
-                    "twokey-vault",
-                    "-p",
-                    "twokey-broker",
-                    "-p",
-                    "twokey-audit",
-                ])
+                // The command scripts/test runs first, so in CI this is a no-op.
+                .args(["build", "--workspace", "--bins"])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .status()
-                .expect("run cargo build for the service binaries");
-            assert!(status.success(), "cargo build of the services failed");
+                .expect("run cargo build for the binaries");
+            assert!(status.success(), "cargo build of the binaries failed");
             Path::new(env!("CARGO_BIN_EXE_twokey"))
                 .parent()
                 .expect("target dir")
