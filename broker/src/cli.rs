@@ -88,3 +88,30 @@ pub fn run(args: Args) -> Result<(), BrokerError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Args::command().debug_assert();
+    }
+
+    #[test]
+    fn every_config_field_has_a_flag_and_an_env_variable() {
+        let command = super::Args::command();
+        let serve = command.find_subcommand("serve").unwrap();
+        for arg in serve.get_arguments().filter(|a| a.get_long().is_some()) {
+            let long = arg.get_long().unwrap();
+            if long == "help" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no env variable"));
+            let expected = format!("TWOKEY_BROKER_{}", long.replace('-', "_").to_uppercase());
+            assert_eq!(env.to_str().unwrap(), expected, "--{long}");
+        }
+    }
+}

@@ -68,6 +68,8 @@ pub struct WebhookConfig {
     /// Whether PIN messages go to the webhook too (only when the webhook is
     /// how requesters are reached).
     pub send_pins: bool,
+    /// Extra CA certificates (PEM) for an internal https endpoint.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The Slack notifier's settings.
@@ -79,6 +81,8 @@ pub struct SlackConfig {
     pub token_file: PathBuf,
     /// Channel for request news; none to send only PIN DMs.
     pub channel: Option<String>,
+    /// Extra CA certificates (PEM), e.g. for a proxy or a test server.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Which notifiers run.
@@ -242,6 +246,14 @@ pub struct PartialWebhook {
         env = "TWOKEY_BROKER_NOTIFY_WEBHOOK_SEND_PINS"
     )]
     pub send_pins: Option<bool>,
+    /// Extra CA certificates (PEM) trusted for the webhook's https endpoint.
+    #[arg(
+        id = "notify_webhook_ca_file",
+        value_name = "FILE",
+        long = "notify-webhook-ca-file",
+        env = "TWOKEY_BROKER_NOTIFY_WEBHOOK_CA_FILE"
+    )]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Slack settings, optional.
@@ -266,6 +278,14 @@ pub struct PartialSlack {
         env = "TWOKEY_BROKER_NOTIFY_SLACK_CHANNEL"
     )]
     pub channel: Option<String>,
+    /// Extra CA certificates (PEM) trusted for the Slack API base.
+    #[arg(
+        id = "notify_slack_ca_file",
+        value_name = "FILE",
+        long = "notify-slack-ca-file",
+        env = "TWOKEY_BROKER_NOTIFY_SLACK_CA_FILE"
+    )]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn rel(base: &Path, p: &mut Option<PathBuf>) {
@@ -304,6 +324,8 @@ impl PartialConfig {
             &mut config.notify.mailbox.dir,
             &mut config.notify.webhook.secret_file,
             &mut config.notify.slack.token_file,
+            &mut config.notify.webhook.ca_file,
+            &mut config.notify.slack.ca_file,
         ] {
             rel(base, p);
         }
@@ -342,11 +364,13 @@ impl PartialConfig {
                         file.notify.webhook.secret_file,
                     ),
                     send_pins: or(self.notify.webhook.send_pins, file.notify.webhook.send_pins),
+                    ca_file: or(self.notify.webhook.ca_file, file.notify.webhook.ca_file),
                 },
                 slack: PartialSlack {
                     api_base: or(self.notify.slack.api_base, file.notify.slack.api_base),
                     token_file: or(self.notify.slack.token_file, file.notify.slack.token_file),
                     channel: or(self.notify.slack.channel, file.notify.slack.channel),
+                    ca_file: or(self.notify.slack.ca_file, file.notify.slack.ca_file),
                 },
             },
         }
@@ -367,6 +391,7 @@ impl PartialConfig {
                 url: need(url, "notify.webhook.url")?,
                 secret_file: need(secret_file, "notify.webhook.secret_file")?,
                 send_pins: self.notify.webhook.send_pins.unwrap_or(false),
+                ca_file: self.notify.webhook.ca_file,
             }),
         };
         let slack = match (self.notify.slack.token_file, self.notify.slack.channel) {
@@ -379,6 +404,7 @@ impl PartialConfig {
                     .unwrap_or_else(|| "https://slack.com/api".into()),
                 token_file: need(token_file, "notify.slack.token_file")?,
                 channel,
+                ca_file: self.notify.slack.ca_file,
             }),
         };
         let sweep_interval = match self.sweep_interval {

@@ -44,7 +44,9 @@ use crate::{
     config::{ConfigError, NotifyConfig},
     grant::GrantSigner,
     grpc::{BrokerGrpc, GrpcVault},
-    notify::{Notifier, NotifyQueue, mailbox::Mailbox, slack::Slack, webhook::Webhook},
+    notify::{
+        Notifier, NotifyQueue, http::HttpClient, mailbox::Mailbox, slack::Slack, webhook::Webhook,
+    },
     pin::PinKey,
     policy::Policy,
     service::{Broker, BrokerParts},
@@ -78,16 +80,30 @@ fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, BrokerErro
     if let Some(w) = &config.webhook {
         let secret = keys::read_secret_file(&w.secret_file)?;
         let trimmed = zeroize::Zeroizing::new(secret.trim_ascii().to_vec());
-        out.push(Arc::new(Webhook::new(w.url.clone(), trimmed, w.send_pins)));
+        let client = HttpClient::new(w.ca_file.as_deref()).map_err(|e| ConfigError::Invalid {
+            field: "notify.webhook.ca_file",
+            problem: e.0,
+        })?;
+        out.push(Arc::new(Webhook::new(
+            w.url.clone(),
+            trimmed,
+            w.send_pins,
+            client,
+        )));
     }
     if let Some(s) = &config.slack {
         let token = keys::read_secret_file(&s.token_file)?;
         let token =
             zeroize::Zeroizing::new(String::from_utf8_lossy(token.trim_ascii()).into_owned());
+        let client = HttpClient::new(s.ca_file.as_deref()).map_err(|e| ConfigError::Invalid {
+            field: "notify.slack.ca_file",
+            problem: e.0,
+        })?;
         out.push(Arc::new(Slack::new(
             s.api_base.clone(),
             token,
             s.channel.clone(),
+            client,
         )));
     }
     if out.is_empty() {

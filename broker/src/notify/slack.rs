@@ -13,6 +13,7 @@ pub struct Slack {
     api_base: String,
     token: Zeroizing<String>,
     channel: Option<String>,
+    client: http::HttpClient,
 }
 
 impl std::fmt::Debug for Slack {
@@ -33,11 +34,17 @@ const CHANNEL_KINDS: &[&str] = &[
 
 impl Slack {
     /// A Slack notifier; `api_base` like `https://slack.com/api`.
-    pub fn new(api_base: String, token: Zeroizing<String>, channel: Option<String>) -> Self {
+    pub fn new(
+        api_base: String,
+        token: Zeroizing<String>,
+        channel: Option<String>,
+        client: http::HttpClient,
+    ) -> Self {
         Self {
             api_base: api_base.trim_end_matches('/').to_owned(),
             token,
             channel,
+            client,
         }
     }
 
@@ -80,7 +87,7 @@ impl Notifier for Slack {
                 ("authorization", format!("Bearer {}", self.token.as_str())),
             ];
             let url = format!("{}/chat.postMessage", self.api_base);
-            let response = http::post(&url, &headers, body.to_vec()).await?;
+            let response = self.client.post(&url, &headers, body.to_vec()).await?;
             if response.status == 429 {
                 return Err(NotifyError(
                     "slack rate-limited the message (HTTP 429)".into(),
@@ -139,6 +146,7 @@ mod tests {
             format!("{}/api/", server.url),
             Zeroizing::new("xoxb-test".into()),
             Some("#root-access".into()),
+            http::HttpClient::new(None).unwrap(),
         );
         slack
             .send(&message(alice(Some("U0123")), "pin", Some("246810")))
@@ -170,7 +178,12 @@ mod tests {
     #[tokio::test]
     async fn slack_skips_people_without_a_member_id_and_reports_api_errors() {
         let server = TestServer::start(200, r#"{"ok":false,"error":"channel_not_found"}"#).await;
-        let slack = Slack::new(server.url.clone(), Zeroizing::new("t".into()), None);
+        let slack = Slack::new(
+            server.url.clone(),
+            Zeroizing::new("t".into()),
+            None,
+            http::HttpClient::new(None).unwrap(),
+        );
         assert!(!slack.accepts(&message(alice(None), "pin", Some("1"))));
         assert!(!slack.accepts(&message(Recipient::Channel, "request.created", None)));
         assert!(!slack.accepts(&message(alice(Some("U1")), "request.denied", None)));

@@ -18,6 +18,7 @@ pub struct Webhook {
     url: String,
     secret: Zeroizing<Vec<u8>>,
     send_pins: bool,
+    client: http::HttpClient,
 }
 
 impl std::fmt::Debug for Webhook {
@@ -38,11 +39,17 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 
 impl Webhook {
     /// A webhook posting to `url`, signing with `secret`.
-    pub fn new(url: String, secret: Zeroizing<Vec<u8>>, send_pins: bool) -> Self {
+    pub fn new(
+        url: String,
+        secret: Zeroizing<Vec<u8>>,
+        send_pins: bool,
+        client: http::HttpClient,
+    ) -> Self {
         Self {
             url,
             secret,
             send_pins,
+            client,
         }
     }
 
@@ -84,7 +91,7 @@ impl Notifier for Webhook {
                 ("x-twokey-event", message.kind.clone()),
                 ("x-twokey-delivery", message.id.clone()),
             ];
-            let response = http::post(&self.url, &headers, body.to_vec()).await?;
+            let response = self.client.post(&self.url, &headers, body.to_vec()).await?;
             if (200..300).contains(&response.status) {
                 Ok(())
             } else {
@@ -128,6 +135,7 @@ mod tests {
             format!("{}/hooks/twokey", server.url),
             Zeroizing::new(b"s3cret".to_vec()),
             false,
+            http::HttpClient::new(None).unwrap(),
         );
         hook.send(&message(Recipient::Channel, None)).await.unwrap();
         let seen = server.requests();
@@ -161,6 +169,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn webhook_posts_over_https_to_an_endpoint_of_a_configured_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        let server = TestServer::start_tls(200, "", &ca).await;
+        assert!(server.url.starts_with("https://127.0.0.1:"));
+        let untrusted = Webhook::new(
+            format!("{}/h", server.url),
+            Zeroizing::new(b"k".to_vec()),
+            false,
+            http::HttpClient::new(None).unwrap(),
+        );
+        let err = untrusted
+            .send(&message(Recipient::Channel, None))
+            .await
+            .unwrap_err();
+        assert!(err.0.contains("TLS"), "{err}");
+        let trusted = Webhook::new(
+            format!("{}/h", server.url),
+            Zeroizing::new(b"k".to_vec()),
+            false,
+            http::HttpClient::new(Some(&ca)).unwrap(),
+        );
+        trusted
+            .send(&message(Recipient::Channel, None))
+            .await
+            .unwrap();
+        let seen = server.requests();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            seen[0].headers[SIGNATURE_HEADER].to_str().unwrap(),
+            signature(b"k", &seen[0].body)
+        );
+    }
+
+    #[tokio::test]
     async fn webhook_takes_pins_only_when_configured_and_reports_http_errors() {
         let person = Recipient::Person {
             name: "alice".into(),
@@ -171,10 +214,16 @@ mod tests {
             "http://127.0.0.1:1/x".into(),
             Zeroizing::new(vec![1]),
             false,
+            http::HttpClient::new(None).unwrap(),
         );
         assert!(!off.accepts(&message(person.clone(), Some("123456"))));
         let server = TestServer::start(500, "oops").await;
-        let on = Webhook::new(format!("{}/x", server.url), Zeroizing::new(vec![1]), true);
+        let on = Webhook::new(
+            format!("{}/x", server.url),
+            Zeroizing::new(vec![1]),
+            true,
+            http::HttpClient::new(None).unwrap(),
+        );
         assert!(on.accepts(&message(person.clone(), Some("123456"))));
         let err = on.send(&message(person, Some("123456"))).await.unwrap_err();
         assert!(err.0.contains("HTTP 500"), "{err}");
