@@ -17,5 +17,6 @@ pub mod shipper;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
+pub mod trace;
 
 pub use identity::{Authenticator, SpiffeId};

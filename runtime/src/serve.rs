@@ -8,6 +8,7 @@ use tonic::{
     server::NamedService,
     transport::{Server, ServerTlsConfig},
 };
+use tower_layer::{Identity, Stack};
 
 /// Largest gRPC message any twokey server accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -44,16 +45,21 @@ pub fn announce(service: &str, addr: SocketAddr) {
     tracing::info!(%addr, "{service} listening");
 }
 
+/// A server with the trace-id layer (see [`crate::trace`]).
+pub type TracedServer = Server<Stack<crate::trace::TraceLayer, Identity>>;
+
 /// A server builder with mTLS and twokey's limits: per-request timeout,
-/// bounded concurrency per connection, keep-alives.
-pub fn server(tls: ServerTlsConfig) -> Result<Server, ServeError> {
+/// bounded concurrency per connection, keep-alives; each call runs in the
+/// scope of its trace id.
+pub fn server(tls: ServerTlsConfig) -> Result<TracedServer, ServeError> {
     Ok(Server::builder()
         .tls_config(tls)?
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true))
+        .tcp_nodelay(true)
+        .layer(crate::trace::TraceLayer))
 }
 
 /// The incoming connection stream of a bound listener.

@@ -31,8 +31,12 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// The W3C trace id of the current OpenTelemetry context, or empty.
+/// The W3C trace id of the call being handled (see [`crate::trace`]), else
+/// of the current OpenTelemetry context, else empty.
 pub fn current_trace_id() -> String {
+    if let Some(id) = crate::trace::current() {
+        return id;
+    }
     let cx = opentelemetry::Context::current();
     let span = cx.span();
     let sc = span.span_context();

@@ -490,3 +490,27 @@ async fn seeds_never_reach_the_disk_in_the_clear() {
         );
     }
 }
+
+#[tokio::test]
+async fn events_carry_the_callers_trace_id() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(GenerateCodeRequest {
+        grant: Some(env.fx.grant("aws-prod-root", GrantPurpose::Release)),
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    env.client().generate_code(request).await.unwrap();
+    let events = env.audit_events.events.lock().unwrap().clone();
+    let released = events.iter().find(|e| e.action == "code.released").unwrap();
+    assert_eq!(released.trace_id, trace);
+    // A call without traceparent still gets a fresh trace id.
+    let enrolled = events
+        .iter()
+        .find(|e| e.action == "account.enrolled")
+        .unwrap();
+    assert_eq!(enrolled.trace_id.len(), 32);
+    assert_ne!(enrolled.trace_id, trace);
+}
