@@ -124,6 +124,14 @@ fn record_to_proto(r: &AccountRecord) -> Account {
     }
 }
 
+/// Unix second a verified grant expires (verification ensures it is set).
+fn grant_expiry(grant: &twokey_proto::vault::v1::Grant) -> u64 {
+    grant
+        .expires_at
+        .as_ref()
+        .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0))
+}
+
 /// Reads the seed and parameters out of an enrollment request.
 pub fn seed_spec(request: &EnrollRequest) -> Result<SeedSpec, VaultError> {
     match &request.seed {
@@ -278,10 +286,7 @@ impl<S: VaultStore> Vault<S> {
             .open_seed(&record.account_id, &record.sealed())
             .map_err(|_| VaultError::Integrity(record.account_id.clone()))?;
         let seed = Seed::from_bytes(seed.to_vec())?;
-        let expires = grant
-            .expires_at
-            .as_ref()
-            .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
+        let expires = grant_expiry(&grant);
         let event = EventDraft::new(grant.operator.clone(), "code.released")
             .account(&grant.account_id)
             .request(&grant.request_id)
@@ -305,10 +310,7 @@ impl<S: VaultStore> Vault<S> {
         let grant = self
             .grants
             .verify(signed, GrantPurpose::Remove, self.clock.now())?;
-        let expires = grant
-            .expires_at
-            .as_ref()
-            .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0));
+        let expires = grant_expiry(&grant);
         let event = EventDraft::new(grant.operator.clone(), "account.removed")
             .account(&grant.account_id)
             .request(&grant.request_id)
