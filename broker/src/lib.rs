@@ -233,6 +233,7 @@ pub async fn serve_with(
         tracing::warn!("no audit_address: audit events stay in the outbox until one is configured");
     }
 
+    let closer = broker.clone();
     let service = BrokerServiceServer::new(BrokerGrpc::new(
         broker,
         Authenticator::new(config.trust_domain.clone()),
@@ -251,7 +252,10 @@ pub async fn serve_with(
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(service)
-        .serve_with_incoming_shutdown(serve::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(serve::incoming(listener), async move {
+            shutdown.await;
+            closer.close();
+        })
         .await;
     tasks.shutdown().await;
     result.map_err(|e| BrokerError::Serve(e.into()))

@@ -69,6 +69,7 @@ pub struct Broker {
     grants: GrantSigner,
     vault: Arc<dyn Vault>,
     changes: broadcast::Sender<Change>,
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 const DEFAULT_PAGE: usize = 100;
@@ -116,7 +117,14 @@ impl Broker {
             grants: parts.grants,
             vault: parts.vault,
             changes,
+            closing: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Ends every open `WatchRequests` stream (on shutdown, so the server
+    /// can stop without waiting for watchers to hang up).
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     /// The policy in force.
@@ -408,8 +416,13 @@ impl Broker {
         let policy = self.policy.clone();
         let caller = caller.clone();
         let account_filter = req.account_id;
-        Ok(
-            BroadcastStream::new(self.changes.subscribe()).filter_map(move |item| {
+        let mut closing = self.closing.subscribe();
+        let closed = async move {
+            let _ = closing.wait_for(|c| *c).await;
+        };
+        Ok(BroadcastStream::new(self.changes.subscribe())
+            .take_until(closed)
+            .filter_map(move |item| {
                 let out = match item {
                     Ok(change)
                         if (account_filter.is_empty()
@@ -431,8 +444,7 @@ impl Broker {
                     }
                 };
                 ready(out)
-            }),
-        )
+            }))
     }
 
     /// An approver approves.

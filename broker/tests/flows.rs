@@ -542,3 +542,24 @@ async fn every_state_change_is_a_signed_audit_event_in_the_outbox() {
     drop((outbox, db));
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_watch_streams() {
+    let mut h = Harness::start().await;
+    let mut olivia = h
+        .client("olivia")
+        .watch_requests(pb::WatchRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    file(&h, "alice", PROD).await;
+    assert_eq!(next(&mut olivia).await.action, "request.created");
+    tokio::time::timeout(Duration::from_secs(20), h.stop_broker())
+        .await
+        .expect("the broker waited for a watcher to hang up");
+    let end = tokio::time::timeout(Duration::from_secs(10), olivia.next())
+        .await
+        .expect("the stream did not end");
+    assert!(matches!(end, None | Some(Err(_))), "{end:?}");
+    h.shutdown().await;
+}
