@@ -233,12 +233,29 @@ impl LocalSystem {
     /// Starts `twokey-<svc> serve --config CONFIG` and waits for its
     /// listening line; returns `https://ADDR`.
     fn spawn(&mut self, bin_dir: &Path, svc: &str, config: &Path) -> Result<String, CliError> {
+        self.spawn_on(bin_dir, svc, config, None)
+    }
+
+    fn spawn_on(
+        &mut self,
+        bin_dir: &Path,
+        svc: &str,
+        config: &Path,
+        listen: Option<&str>,
+    ) -> Result<String, CliError> {
         let bin = bin_dir.join(format!("twokey-{svc}"));
         let log = self.dir.join("logs").join(format!("{svc}.log"));
-        let log_file = std::fs::File::create(&log).map_err(io("create", &log))?;
-        let mut child = Command::new(&bin)
-            .args(["serve", "--config"])
-            .arg(config)
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io("create", &log))?;
+        let mut command = Command::new(&bin);
+        command.args(["serve", "--config"]).arg(config);
+        if let Some(addr) = listen {
+            command.args(["--listen", addr]);
+        }
+        let mut child = command
             .env_remove("RUST_LOG")
             .env_remove("TWOKEY_LOG")
             .stdin(Stdio::null())
@@ -311,6 +328,30 @@ impl LocalSystem {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["request_id"] == request_id)
             .find_map(|v| v["pin"].as_str().map(str::to_owned))
+    }
+
+    /// Kills one service (`audit`, `vault` or `broker`) with SIGKILL, as a
+    /// crash would.
+    pub fn kill(&mut self, svc: &str) {
+        for (_, child) in self.children.iter_mut().filter(|(name, _)| name == svc) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.retain(|(name, _)| name != svc);
+    }
+
+    /// Starts a killed service again, with the same config and data, on the
+    /// address it had, so the others reach it where they expect it.
+    pub fn restart(&mut self, bin_dir: &Path, svc: &str) -> Result<(), CliError> {
+        let address = match svc {
+            "audit" => self.audit.clone(),
+            "vault" => self.vault.clone(),
+            _ => self.broker.clone(),
+        };
+        let listen = address.trim_start_matches("https://").to_owned();
+        let config = self.dir.join(format!("{svc}.toml"));
+        self.spawn_on(bin_dir, svc, &config, Some(&listen))?;
+        Ok(())
     }
 
     /// Stops every service this system started (SIGKILL to each child).

@@ -300,7 +300,20 @@ impl<S: VaultStore> Vault<S> {
             self.now(),
             event,
         )?;
-        self.commit_and_confirm(seq, "no code released").await?;
+        if let Err(e) = self.commit_and_confirm(seq, "no code released").await {
+            // The log holds `code.released` for this grant; say that the code
+            // never left, so the log stays true.
+            let withheld = EventDraft::new(grant.operator.clone(), "code.withheld")
+                .account(&grant.account_id)
+                .request(&grant.request_id)
+                .outcome(twokey_proto::audit::v1::Outcome::Failure)
+                .attr("grant_id", &grant.grant_id)
+                .attr("reason", "audit did not acknowledge code.released in time");
+            if self.store.record(withheld).is_ok() {
+                let _ = self.store.commit().await;
+            }
+            return Err(e);
+        }
         tracing::info!(account = %grant.account_id, request = %grant.request_id, grant = %grant.grant_id, "code released");
         Ok((code_at(&seed, record.params, self.now()), grant.grant_id))
     }

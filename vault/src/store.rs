@@ -105,6 +105,8 @@ pub trait VaultStore: Send + Sync + 'static {
         account_id: &str,
         event: EventDraft,
     ) -> Result<u64, VaultStoreError>;
+    /// Records an event that goes with no other change.
+    fn record(&self, event: EventDraft) -> Result<u64, VaultStoreError>;
     /// Forgets used grant ids whose grants expired before `now`.
     fn sweep_grants(&self, now: u64) -> Result<usize, VaultStoreError>;
     /// Makes every change so far durable and hands new events to the shipper.
@@ -287,6 +289,17 @@ impl VaultStore for SledVaultStore {
             Err(VaultStoreError::GrantUsed(_)) => Err(VaultStoreError::GrantUsed(grant_id.into())),
             other => other,
         }
+    }
+
+    fn record(&self, event: EventDraft) -> Result<u64, VaultStoreError> {
+        let result = self
+            .outbox
+            .tree()
+            .transaction(|outbox| self.outbox.push(outbox, event.clone()));
+        result.map_err(|e| match e {
+            TransactionError::Abort(()) => VaultStoreError::Corrupt("outbox".into()),
+            TransactionError::Storage(e) => sled_err(&self.db)(e),
+        })
     }
 
     fn sweep_grants(&self, now: u64) -> Result<usize, VaultStoreError> {
