@@ -98,6 +98,8 @@ impl GrpcVault {
 fn with_deadline<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(VAULT_DEADLINE);
+    // Carry this call's trace id to the vault, so its events share it.
+    twokey_runtime::trace::inject(request.metadata_mut());
     request
 }
 

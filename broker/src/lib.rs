@@ -227,9 +227,9 @@ pub async fn serve_with(
     let mut tasks = JoinSet::new();
     tasks.spawn(queue.run());
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
-    if let Some(channel) = audit_channel {
-        twokey_runtime::shipper::spawn_shipper(outbox, channel);
-    } else {
+    let shipper =
+        audit_channel.map(|channel| twokey_runtime::shipper::spawn_shipper_task(outbox, channel).1);
+    if shipper.is_none() {
         tracing::warn!("no audit_address: audit events stay in the outbox until one is configured");
     }
 
@@ -258,5 +258,10 @@ pub async fn serve_with(
         })
         .await;
     tasks.shutdown().await;
+    // Stop shipping so the database is released.
+    if let Some(shipper) = shipper {
+        shipper.abort();
+        let _ = shipper.await;
+    }
     result.map_err(|e| BrokerError::Serve(e.into()))
 }

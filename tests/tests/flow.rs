@@ -159,6 +159,13 @@ async fn a_full_flow_releases_the_right_code_and_leaves_a_verifiable_log() {
         .expect("the vault's code.released event");
     assert_eq!(vault_release.request_id, id);
     assert_eq!(vault_release.trace_id.len(), 32);
+    // One trace across processes: the broker's release events and the
+    // vault's share the trace id of the ReleaseCode call.
+    let broker_release = events
+        .iter()
+        .find(|e| e.action == "code.released" && e.source.ends_with("/svc/broker"))
+        .expect("the broker's code.released event");
+    assert_eq!(broker_release.trace_id, vault_release.trace_id);
 
     // No seed, PIN or code anywhere in the log.
     for entry in &log {
