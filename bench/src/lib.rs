@@ -1,0 +1,260 @@
+//! twokey-bench: load scenarios that drive the real `twokey-audit`,
+//! `twokey-vault` and `twokey-broker` processes over mTLS on loopback, each
+//! beside its baseline in the same run, plus footprint (RSS, start time)
+//! and audit-log scaling measurements. `benches/micro.rs` holds the
+//! criterion micro-benchmarks. The numbers are in docs/BENCHMARKS.md.
+#![forbid(unsafe_code)]
+
+pub mod plot;
+pub mod procs;
+pub mod report;
+pub mod scenario;
+pub mod setup;
+pub mod stats;
+pub mod system;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Result, ensure};
+
+pub use report::Report;
+
+use crate::{
+    report::{Machine, load_average},
+    scenario::flow::{MailboxWatcher, People},
+    setup::{ACCOUNT, World},
+    system::{System, broker_client, vault_client},
+};
+
+/// Which scenarios to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Which {
+    /// Everything.
+    All,
+    /// Vault GenerateCode beside Status.
+    Vault,
+    /// Audit Append with group commit beside one sync per event.
+    Audit,
+    /// The full release flow.
+    Flow,
+    /// RSS and start time of each service, with many accounts.
+    Footprint,
+    /// The audit log at growing sizes.
+    Scaling,
+}
+
+/// Preset sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scale {
+    /// The sizes docs/BENCHMARKS.md reports (a few minutes).
+    Full,
+    /// A few dozen operations per scenario (seconds): CI.
+    Ci,
+}
+
+/// `twokey-bench` arguments.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "twokey-bench",
+    about = "Drives the real twokey services over mTLS on loopback and reports throughput and latency, each scenario beside its baseline"
+)]
+pub struct Options {
+    /// Which scenarios.
+    #[arg(value_enum, default_value = "all")]
+    pub which: Which,
+    /// Preset sizes; the flags below override single ones.
+    #[arg(long, value_enum, default_value = "full")]
+    pub scale: Scale,
+    /// Print the report as JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Codes to generate (and Status calls for the baseline).
+    #[arg(long)]
+    pub codes: Option<usize>,
+    /// Concurrent GenerateCode / Status calls.
+    #[arg(long, default_value_t = 64)]
+    pub vault_concurrency: usize,
+    /// Appended events per source in the group-commit run.
+    #[arg(long)]
+    pub appends: Option<usize>,
+    /// Events in the one-sync-per-event baseline.
+    #[arg(long)]
+    pub baseline_appends: Option<usize>,
+    /// Sequential full flows.
+    #[arg(long)]
+    pub flows: Option<usize>,
+    /// Full flows run concurrently (count).
+    #[arg(long)]
+    pub concurrent_flows: Option<usize>,
+    /// Full flows in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub flow_concurrency: usize,
+    /// Accounts enrolled before the vault is restarted and timed.
+    #[arg(long)]
+    pub accounts: Option<usize>,
+    /// Audit log sizes for the scaling run (comma-separated, ascending).
+    #[arg(long, value_delimiter = ',')]
+    pub sizes: Option<Vec<u64>>,
+    /// Latency probes per operation and size in the scaling run.
+    #[arg(long)]
+    pub probes: Option<usize>,
+    /// Write the scaling plot (PNG) here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Where the service binaries are (default: beside this executable,
+    /// built first when run under cargo).
+    #[arg(long, env = "TWOKEY_BENCH_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Upper bound on each measured loop, seconds.
+    #[arg(long, default_value_t = 300)]
+    pub time_limit: u64,
+}
+
+/// Resolved sizes.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    /// See [`Options`].
+    pub codes: usize,
+    /// See [`Options`].
+    pub appends: usize,
+    /// See [`Options`].
+    pub baseline_appends: usize,
+    /// See [`Options`].
+    pub flows: usize,
+    /// See [`Options`].
+    pub concurrent_flows: usize,
+    /// See [`Options`].
+    pub accounts: usize,
+    /// See [`Options`].
+    pub sizes: Vec<u64>,
+    /// See [`Options`].
+    pub probes: usize,
+}
+
+impl Options {
+    /// The sizes after presets and overrides.
+    pub fn sizes(&self) -> Sizes {
+        let full = self.scale == Scale::Full;
+        let pick = |v: Option<usize>, f: usize, c: usize| v.unwrap_or(if full { f } else { c });
+        Sizes {
+            codes: pick(self.codes, 30_000, 64),
+            appends: pick(self.appends, 5_000, 8),
+            baseline_appends: pick(self.baseline_appends, 3_000, 16),
+            flows: pick(self.flows, 1_000, 12),
+            concurrent_flows: pick(self.concurrent_flows, 1_000, 32),
+            accounts: pick(self.accounts, 10_000, 40),
+            sizes: self.sizes.clone().unwrap_or_else(|| {
+                if full {
+                    vec![1_000, 100_000, 1_000_000]
+                } else {
+                    vec![100, 1_000]
+                }
+            }),
+            probes: pick(self.probes, 500, 5),
+        }
+    }
+
+    fn runs(&self, w: Which) -> bool {
+        self.which == Which::All || self.which == w
+    }
+}
+
+/// Runs the chosen scenarios and returns the report.
+pub async fn run(opts: &Options) -> Result<Report> {
+    let sizes = opts.sizes();
+    let limit = Duration::from_secs(opts.time_limit);
+    let mut report = Report {
+        machine: Machine::probe(),
+        ..Report::default()
+    };
+    let bin_dir = procs::bin_dir(opts.bin_dir.as_deref())?;
+    let world = World::new()?;
+    let mut sys = System::start(&world, &bin_dir).await?;
+    let vault = vault_client(&world, &sys.vault.address)?;
+    scenario::vault::enroll(&mut vault.clone(), ACCOUNT).await?;
+    let mut sources = scenario::audit::sources(&world);
+
+    if opts.runs(Which::Vault) {
+        let rows = scenario::vault::run(
+            &vault,
+            &world.grant_key,
+            ACCOUNT,
+            sizes.codes,
+            opts.vault_concurrency,
+            limit,
+        )
+        .await?;
+        report.scenarios.extend(rows);
+    }
+    if opts.runs(Which::Audit) {
+        let rows = scenario::audit::run(
+            &world,
+            &sys.audit.address,
+            &mut sources,
+            sizes.appends,
+            sizes.baseline_appends,
+            limit,
+        )
+        .await?;
+        report.scenarios.extend(rows);
+    }
+    if opts.runs(Which::Flow) {
+        let people = People {
+            alice: broker_client(&world, &sys.broker.address, "alice")?,
+            bob: broker_client(&world, &sys.broker.address, "bob")?,
+            olivia: broker_client(&world, &sys.broker.address, "olivia")?,
+        };
+        let mailbox = Arc::new(MailboxWatcher::start(world.mailbox().join("alice.jsonl")));
+        let rows = scenario::flow::run(
+            people,
+            mailbox,
+            ACCOUNT,
+            sizes.flows,
+            sizes.concurrent_flows,
+            opts.flow_concurrency,
+            limit,
+        )
+        .await?;
+        report.scenarios.extend(rows);
+    }
+    if opts.runs(Which::Footprint) {
+        sys.record_loaded_rss()?;
+        let row = scenario::vault::enroll_many(&vault, sizes.accounts, 64, limit).await;
+        ensure!(
+            row.errors == 0,
+            "enrolling {} accounts failed",
+            sizes.accounts
+        );
+        report.scenarios.push(row);
+        sys.restart_vault(&world, &format!("{} accounts", sizes.accounts + 1))
+            .await?;
+    }
+    report.footprint = std::mem::take(&mut sys.footprints);
+    drop(sys);
+    if opts.runs(Which::Scaling) || opts.runs(Which::Footprint) {
+        let sizes_run = if opts.runs(Which::Scaling) {
+            sizes.sizes.clone()
+        } else {
+            sizes.sizes.last().copied().into_iter().collect()
+        };
+        let (rows, fps) = scenario::scaling::run(
+            &world,
+            &bin_dir,
+            &sources,
+            &sizes_run,
+            (sizes.appends / 4).max(4),
+            sizes.probes,
+            limit,
+        )
+        .await?;
+        report.footprint.extend(fps);
+        if opts.runs(Which::Scaling) {
+            if let Some(path) = &opts.plot {
+                plot::scaling_png(&rows, path)?;
+            }
+            report.scaling = rows;
+        }
+    }
+    report.machine.load_end = load_average();
+    Ok(report)
+}

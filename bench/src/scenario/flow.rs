@@ -1,0 +1,216 @@
+//! The full release flow through the broker: alice creates a request, bob
+//! approves it, the PIN lands in alice's mailbox file, olivia verifies it and
+//! releases the code — every step an audit event, the code only after the
+//! vault's event is durably acknowledged. Measured one flow at a time and
+//! with many flows in flight.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Seek, SeekFrom},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+use twokey_proto::broker::v1::{
+    ApproveRequestRequest, CreateRequestRequest, ReleaseCodeRequest, VerifyPinRequest,
+    WhoAmIRequest, broker_service_client::BrokerServiceClient,
+};
+
+use crate::stats::{Row, drive};
+
+/// Watches a mailbox file on its own thread (polling every 100 µs, reading
+/// only new bytes) and hands out PINs by request id.
+#[derive(Debug)]
+pub struct MailboxWatcher {
+    pins: Arc<Mutex<HashMap<String, String>>>,
+    changed: watch::Receiver<u64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl MailboxWatcher {
+    /// Starts watching `file` (which may not exist yet).
+    pub fn start(file: PathBuf) -> Self {
+        let pins: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let (tx, changed) = watch::channel(0u64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (pins.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut offset = 0u64;
+            let mut partial = String::new();
+            while !s.load(Ordering::Relaxed) {
+                if let Ok(mut f) = std::fs::File::open(&file)
+                    && f.metadata().map(|m| m.len()).unwrap_or(0) > offset
+                    && f.seek(SeekFrom::Start(offset)).is_ok()
+                {
+                    let mut reader = BufReader::new(f);
+                    let mut found = false;
+                    loop {
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                offset += n as u64;
+                                partial.push_str(&line);
+                                if !partial.ends_with('\n') {
+                                    continue;
+                                }
+                                let whole = std::mem::take(&mut partial);
+                                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&whole)
+                                    && let (Some(id), Some(pin)) =
+                                        (v["request_id"].as_str(), v["pin"].as_str())
+                                {
+                                    p.lock()
+                                        .expect("not poisoned")
+                                        .insert(id.to_owned(), pin.to_owned());
+                                    found = true;
+                                }
+                            }
+                        }
+                    }
+                    if found {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        });
+        Self {
+            pins,
+            changed,
+            stop,
+        }
+    }
+
+    /// Waits (at most `limit`) for the PIN of `request_id`.
+    pub async fn pin(&self, request_id: &str, limit: Duration) -> Result<String> {
+        let mut rx = self.changed.clone();
+        let wait = async {
+            loop {
+                rx.borrow_and_update();
+                if let Some(pin) = self.pins.lock().expect("not poisoned").remove(request_id) {
+                    return Ok(pin);
+                }
+                if rx.changed().await.is_err() {
+                    bail!("mailbox watcher stopped");
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait)
+            .await
+            .with_context(|| format!("no PIN for {request_id} within {limit:?}"))?
+    }
+}
+
+impl Drop for MailboxWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The clients of the three people in a flow.
+#[derive(Debug, Clone)]
+pub struct People {
+    /// Requester.
+    pub alice: BrokerServiceClient<Channel>,
+    /// Approver.
+    pub bob: BrokerServiceClient<Channel>,
+    /// Operator.
+    pub olivia: BrokerServiceClient<Channel>,
+}
+
+/// One whole flow; fails unless a code comes back.
+pub async fn one(p: &People, mailbox: &MailboxWatcher, account: &str) -> Result<()> {
+    let (mut alice, mut bob, mut olivia) = (p.alice.clone(), p.bob.clone(), p.olivia.clone());
+    let id = alice
+        .create_request(CreateRequestRequest {
+            account_id: account.into(),
+            reason: "benchmark".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .request
+        .context("no request")?
+        .request_id;
+    bob.approve_request(ApproveRequestRequest {
+        request_id: id.clone(),
+        comment: "ok".into(),
+    })
+    .await?;
+    let pin = mailbox.pin(&id, Duration::from_secs(10)).await?;
+    olivia
+        .verify_pin(VerifyPinRequest {
+            request_id: id.clone(),
+            pin,
+        })
+        .await?;
+    let code = olivia
+        .release_code(ReleaseCodeRequest { request_id: id })
+        .await?
+        .into_inner()
+        .code
+        .context("no code")?;
+    ensure!(code.code.len() == 6, "code is not 6 digits");
+    Ok(())
+}
+
+/// `sequential` flows one at a time, then `concurrent_count` flows at
+/// `concurrency`.
+pub async fn run(
+    people: People,
+    mailbox: Arc<MailboxWatcher>,
+    account: &str,
+    sequential: usize,
+    concurrent_count: usize,
+    concurrency: usize,
+    limit: Duration,
+) -> Result<Vec<Row>> {
+    for _ in 0..3 {
+        one(&people, &mailbox, account).await?;
+    }
+    let op = {
+        let (people, mailbox, account) = (people.clone(), mailbox.clone(), account.to_owned());
+        move |_| {
+            let (people, mailbox, account) = (people.clone(), mailbox.clone(), account.clone());
+            async move { one(&people, &mailbox, &account).await }
+        }
+    };
+    let who = people.alice.clone();
+    let floor = drive(sequential, 1, limit, move |_| {
+        let mut c = who.clone();
+        async move {
+            for _ in 0..5 {
+                c.who_am_i(WhoAmIRequest {}).await?;
+            }
+            Ok(())
+        }
+    })
+    .await
+    .row(
+        "flow",
+        "5 × broker WhoAmI (the flow's 5 round trips)",
+        true,
+        1,
+    );
+    let mut seq = drive(sequential, 1, limit, op.clone()).await.row(
+        "flow",
+        "create → approve → PIN → verify → release",
+        false,
+        1,
+    );
+    seq.target = "p50 ≤ 2 ms, p99 ≤ 10 ms".into();
+    let conc = drive(concurrent_count, concurrency, limit, op).await.row(
+        "flow",
+        "create → approve → PIN → verify → release",
+        false,
+        concurrency,
+    );
+    Ok(vec![floor, seq, conc])
+}

@@ -1,0 +1,233 @@
+//! The bench's world in a temp dir: a development CA (`DevCa`), a certificate
+//! per service, per user and per benchmark audit source, every key, the
+//! service configs (TOML, as an operator would write them) and a policy.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ed25519_dalek::SigningKey;
+use tonic::transport::Channel;
+use twokey_runtime::{
+    SpiffeId,
+    events::EventSigner,
+    keys::{SecretKey, encode_public_key, generate_signing_key},
+    pki::{DevCa, LeafSpec},
+    tls::TlsFiles,
+};
+
+/// Trust domain of the bench's PKI.
+pub const TD: &str = "twokey.bench";
+/// The account the policy names and the vault holds.
+pub const ACCOUNT: &str = "bench-root";
+/// Audit sources beyond vault and broker that the Append scenarios use.
+pub const SOURCES: usize = 8;
+/// The source that fills logs for the scaling runs.
+pub const FILL_SOURCE: &str = "fill";
+
+/// Everything on disk, removed when dropped.
+#[derive(Debug)]
+pub struct World {
+    /// The temp dir.
+    pub tmp: tempfile::TempDir,
+    /// Certificates and keys.
+    pub pki: PathBuf,
+    /// The broker's grant key (the bench signs grants with it too).
+    pub grant_key: SigningKey,
+    /// Signers of the benchmark sources `svc/src-0` … and `svc/fill`.
+    pub sources: Vec<EventSigner>,
+    /// The fill source.
+    pub fill: EventSigner,
+}
+
+fn source_name(i: usize) -> String {
+    format!("src-{i}")
+}
+
+/// SPIFFE ID of a service or source name.
+pub fn svc_id(name: &str) -> SpiffeId {
+    SpiffeId::parse(&format!("spiffe://{TD}/svc/{name}")).expect("valid SPIFFE ID")
+}
+
+impl World {
+    /// Makes the PKI, keys and configs.
+    pub fn new() -> Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tmp = tempfile::Builder::new().prefix("twokey-bench-").tempdir()?;
+        let pki = tmp.path().join("pki");
+        std::fs::create_dir_all(&pki)?;
+        let ca = DevCa::new(TD)?;
+        ca.write(&pki)?;
+        for svc in ["vault", "broker", "audit"] {
+            ca.issue_service(TD, svc)?.write(&pki, svc)?;
+        }
+        for user in ["alice", "bob", "olivia", "adam", "carol"] {
+            ca.issue_user(TD, user)?.write(&pki, user)?;
+        }
+        let mut sources = Vec::new();
+        for i in 0..SOURCES {
+            let name = source_name(i);
+            ca.issue(&LeafSpec::new(svc_id(&name).as_str()))?
+                .write(&pki, &name)?;
+            let key = generate_signing_key(&pki.join(format!("{name}-event.key")))?;
+            sources.push(EventSigner::new(svc_id(&name), key));
+        }
+        let fill_key = generate_signing_key(&pki.join("fill-event.key"))?;
+        let fill = EventSigner::new(svc_id(FILL_SOURCE), fill_key);
+        SecretKey::generate().write(&pki.join("master.key"))?;
+        SecretKey::generate().write(&pki.join("pin.key"))?;
+        generate_signing_key(&pki.join("checkpoint.key"))?;
+        let grant_key = generate_signing_key(&pki.join("grant.key"))?;
+        let world = Self {
+            tmp,
+            pki,
+            grant_key,
+            sources,
+            fill,
+        };
+        world.write_configs()?;
+        Ok(world)
+    }
+
+    /// The temp dir.
+    pub fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// TLS files of `name` (service, user or source).
+    pub fn tls(&self, name: &str) -> TlsFiles {
+        TlsFiles::in_dir(&self.pki, name)
+    }
+
+    /// A lazily connecting mTLS channel to `address` as `name`.
+    pub fn channel(&self, name: &str, address: &str, server: &str) -> Result<Channel> {
+        self.tls(name)
+            .channel(address, server)
+            .with_context(|| format!("channel to {address} as {name}"))
+    }
+
+    fn tls_section(&self, name: &str) -> String {
+        let t = self.tls(name);
+        format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\nca = {:?}\n",
+            t.cert.display().to_string(),
+            t.key.display().to_string(),
+            t.ca.display().to_string()
+        )
+    }
+
+    fn key(&self, name: &str) -> String {
+        self.pki.join(name).display().to_string()
+    }
+
+    /// Writes `audit.toml` for a log in `data_dir`, naming every source.
+    pub fn write_audit_config(&self, file: &Path, data_dir: &Path) -> Result<()> {
+        let public = |key: &str| -> Result<String> {
+            let k = twokey_runtime::keys::load_signing_key(&self.pki.join(key))?;
+            Ok(encode_public_key(&k.verifying_key()))
+        };
+        let mut text = format!(
+            "listen = \"127.0.0.1:0\"\ntrust_domain = \"{TD}\"\ndata_dir = {:?}\n\
+             checkpoint_key_file = {:?}\norigin = \"{TD}/audit\"\n\
+             auditors = [\"spiffe://{TD}/user/carol\"]\nlog_format = \"human\"\n{}",
+            data_dir.display().to_string(),
+            self.key("checkpoint.key"),
+            self.tls_section("audit"),
+        );
+        let mut sources = vec![
+            ("vault".to_owned(), public("vault-event.key")?),
+            ("broker".to_owned(), public("broker-event.key")?),
+            (
+                FILL_SOURCE.to_owned(),
+                encode_public_key(&self.fill.verifying_key()),
+            ),
+        ];
+        for (i, s) in self.sources.iter().enumerate() {
+            sources.push((source_name(i), encode_public_key(&s.verifying_key())));
+        }
+        for (name, key) in sources {
+            text.push_str(&format!(
+                "[[sources]]\nid = \"{}\"\npublic_key = \"{key}\"\n",
+                svc_id(&name)
+            ));
+        }
+        std::fs::write(file, text)?;
+        Ok(())
+    }
+
+    /// Path of a service's config file.
+    pub fn config(&self, svc: &str) -> PathBuf {
+        self.dir().join(format!("{svc}.toml"))
+    }
+
+    /// Data directory of a service.
+    pub fn data(&self, svc: &str) -> PathBuf {
+        self.dir().join("data").join(svc)
+    }
+
+    /// The broker's mailbox directory.
+    pub fn mailbox(&self) -> PathBuf {
+        self.dir().join("mailbox")
+    }
+
+    fn write_configs(&self) -> Result<()> {
+        generate_signing_key(&self.pki.join("vault-event.key"))?;
+        generate_signing_key(&self.pki.join("broker-event.key"))?;
+        self.write_audit_config(&self.config("audit"), &self.data("audit"))?;
+        let policy = self.dir().join("policy.toml");
+        std::fs::write(&policy, policy_text())?;
+        Ok(())
+    }
+
+    /// Writes the vault config, pointing at the audit service at `audit`.
+    pub fn write_vault_config(&self, audit: &str, listen: &str) -> Result<()> {
+        let text = format!(
+            "listen = \"{listen}\"\ntrust_domain = \"{TD}\"\ndata_dir = {:?}\n\
+             master_key_file = {:?}\nevent_key_file = {:?}\n\
+             broker_id = \"spiffe://{TD}/svc/broker\"\ngrant_public_key = \"{}\"\n\
+             audit_address = \"{audit}\"\naudit_server_name = \"audit\"\n\
+             audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}",
+            self.data("vault").display().to_string(),
+            self.key("master.key"),
+            self.key("vault-event.key"),
+            encode_public_key(&self.grant_key.verifying_key()),
+            self.tls_section("vault"),
+        );
+        std::fs::write(self.config("vault"), text)?;
+        Ok(())
+    }
+
+    /// Writes the broker config, pointing at `vault` and `audit`.
+    pub fn write_broker_config(&self, vault: &str, audit: &str) -> Result<()> {
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\ntrust_domain = \"{TD}\"\ndata_dir = {:?}\n\
+             policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
+             pin_key_file = {:?}\nvault_address = \"{vault}\"\nvault_server_name = \"vault\"\n\
+             audit_address = \"{audit}\"\naudit_server_name = \"audit\"\nlog_format = \"human\"\n\
+             {}[notify.mailbox]\ndir = {:?}\n",
+            self.data("broker").display().to_string(),
+            self.dir().join("policy.toml").display().to_string(),
+            self.key("grant.key"),
+            self.key("broker-event.key"),
+            self.key("pin.key"),
+            self.tls_section("broker"),
+            self.mailbox().display().to_string(),
+        );
+        std::fs::write(self.config("broker"), text)?;
+        Ok(())
+    }
+}
+
+/// One account, one person per role, one approval, one code per request.
+pub fn policy_text() -> String {
+    let mut s = String::from("[identities]\n");
+    for name in ["alice", "bob", "olivia", "adam", "carol"] {
+        s.push_str(&format!("{name} = \"spiffe://{TD}/user/{name}\"\n"));
+    }
+    s.push_str(&format!(
+        "\n[groups]\nrequesters = [\"alice\"]\napprovers = [\"bob\"]\noperators = [\"olivia\"]\n\n\
+         [accounts.{ACCOUNT}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
+         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
+         request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
+    ));
+    s
+}
