@@ -28,6 +28,9 @@ enum Command {
     /// Makes grant.key, event.key and pin.key (mode 0600) in a directory and
     /// prints the public keys the vault and audit configs need.
     InitKeys(InitKeysArgs),
+    /// Prints the OpenAPI 3.1 document of the HTTP/JSON API, generated from
+    /// the proto descriptors (`twokey-broker openapi > docs/openapi.json`).
+    Openapi,
 }
 
 /// Flags of `serve`.
@@ -61,6 +64,10 @@ pub fn run(args: Args) -> Result<(), BrokerError> {
                 let listener = serve::bind(&config.listen).await?;
                 crate::serve(config, listener, serve::shutdown_signal()).await
             })
+        }
+        Command::Openapi => {
+            print!("{}", crate::http::openapi::json_text());
+            Ok(())
         }
         Command::InitKeys(a) => {
             std::fs::create_dir_all(&a.dir).map_err(|source| {

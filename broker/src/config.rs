@@ -101,6 +101,8 @@ pub struct NotifyConfig {
 pub struct BrokerConfig {
     /// Address to listen on.
     pub listen: String,
+    /// Address of the HTTP/JSON (Connect) listener; none to serve gRPC only.
+    pub http_listen: Option<String>,
     /// Trust domain of every identity.
     pub trust_domain: String,
     /// sled data directory.
@@ -138,6 +140,9 @@ pub struct PartialConfig {
     /// Address to listen on [default: 127.0.0.1:7400].
     #[arg(long, env = "TWOKEY_BROKER_LISTEN")]
     pub listen: Option<String>,
+    /// Address for the HTTP/JSON (Connect protocol) API, same mTLS; unset: off.
+    #[arg(long, env = "TWOKEY_BROKER_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
     /// Trust domain of every identity [default: twokey.local].
     #[arg(long, env = "TWOKEY_BROKER_TRUST_DOMAIN")]
     pub trust_domain: Option<String>,
@@ -336,6 +341,7 @@ impl PartialConfig {
     pub fn over(self, file: Self) -> Self {
         Self {
             listen: or(self.listen, file.listen),
+            http_listen: or(self.http_listen, file.http_listen),
             trust_domain: or(self.trust_domain, file.trust_domain),
             data_dir: or(self.data_dir, file.data_dir),
             policy_file: or(self.policy_file, file.policy_file),
@@ -424,6 +430,7 @@ impl PartialConfig {
         }
         Ok(BrokerConfig {
             listen: self.listen.unwrap_or_else(|| "127.0.0.1:7400".into()),
+            http_listen: self.http_listen.filter(|a| !a.is_empty()),
             trust_domain: self.trust_domain.unwrap_or_else(|| "twokey.local".into()),
             data_dir: need(self.data_dir, "data_dir")?,
             policy_file: need(self.policy_file, "policy_file")?,
@@ -467,6 +474,7 @@ mod tests {
 
     const EXAMPLE: &str = r##"
 listen = "127.0.0.1:7400"
+http_listen = "127.0.0.1:7404"
 trust_domain = "twokey.local"
 data_dir = "/var/lib/twokey-broker"
 policy_file = "policy.toml"
@@ -509,6 +517,7 @@ channel = "#root-access"
         );
         assert!(!c.notify.webhook.unwrap().send_pins);
         assert_eq!(c.audit_address.as_deref(), Some("https://127.0.0.1:7403"));
+        assert_eq!(c.http_listen.as_deref(), Some("127.0.0.1:7404"));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! Domain (no tonic): [`policy`], [`state`], [`store`], [`pin`], [`grant`],
 //! [`notify`], [`vault`] (the trait the domain calls), and [`service`], the
 //! API as plain functions of (caller, message) that the gRPC layer
-//! ([`grpc`]) and a future HTTP/JSON front end call alike.
+//! ([`grpc`]) and the HTTP/JSON front end ([`http`], Connect protocol) call
+//! alike.
 #![forbid(unsafe_code)]
 
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod grant;
 pub mod grpc;
+pub mod http;
 pub mod notify;
 pub mod pin;
 pub mod policy;
@@ -181,11 +183,29 @@ pub async fn serve_with_clock(
     .await
 }
 
-/// [`serve`] with [`ServeOptions`].
+/// [`serve`] with [`ServeOptions`]. Binds `config.http_listen`, if set, for
+/// the HTTP/JSON API.
 pub async fn serve_with(
     config: BrokerConfig,
     options: ServeOptions,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BrokerError> {
+    let http_listener = match &config.http_listen {
+        Some(addr) => Some(serve::bind(addr).await?),
+        None => None,
+    };
+    serve_listeners(config, options, listener, http_listener, shutdown).await
+}
+
+/// [`serve_with`] on listeners bound by the caller: gRPC on `listener`, the
+/// HTTP/JSON API on `http_listener` if given (`config.http_listen` is not
+/// read).
+pub async fn serve_listeners(
+    config: BrokerConfig,
+    options: ServeOptions,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BrokerError> {
     let clock = options.clock;
@@ -196,6 +216,10 @@ pub async fn serve_with(
     let pin_key = PinKey::new(SecretKey::load(&config.pin_key_file)?);
     let identity = own_identity(&config)?;
     let tls = config.tls.server_config()?.client_auth_optional(true);
+    let http_tls = match &http_listener {
+        Some(_) => Some(http::tls_config(&config.tls)?),
+        None => None,
+    };
     let vault_channel = config
         .tls
         .channel(&config.vault_address, &config.vault_server_name)?;
@@ -234,6 +258,10 @@ pub async fn serve_with(
     }
 
     let closer = broker.clone();
+    let http_api = Arc::new(http::HttpApi::new(
+        broker.clone(),
+        Authenticator::new(config.trust_domain.clone()),
+    ));
     let service = BrokerServiceServer::new(BrokerGrpc::new(
         broker,
         Authenticator::new(config.trust_domain.clone()),
@@ -248,15 +276,30 @@ pub async fn serve_with(
             source,
         })?;
     serve::announce("twokey-broker", addr);
-    let result = serve::server(tls)?
+    // One shutdown for both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let http_server = async move {
+        if let (Some(listener), Some(tls)) = (http_listener, http_tls) {
+            if let Ok(addr) = listener.local_addr() {
+                http::announce(addr);
+            }
+            let mut stopped = stopped;
+            http::serve(http_api, tls, listener, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            })
+            .await;
+        }
+    };
+    let grpc_server = serve::server(tls)?
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(service)
         .serve_with_incoming_shutdown(serve::incoming(listener), async move {
             shutdown.await;
+            let _ = stop.send(true);
             closer.close();
-        })
-        .await;
+        });
+    let (result, ()) = tokio::join!(grpc_server, http_server);
     tasks.shutdown().await;
     // Stop shipping so the database is released.
     if let Some(shipper) = shipper {

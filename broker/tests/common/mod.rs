@@ -237,6 +237,8 @@ impl VaultService for FakeVault {
 /// A running server task with its shutdown trigger.
 struct Running {
     addr: SocketAddr,
+    /// The HTTP/JSON listener (brokers only).
+    http_addr: Option<SocketAddr>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<Result<(), String>>,
 }
@@ -311,6 +313,7 @@ impl Harness {
         let vault_server = start_vault(fake, &TlsFiles::in_dir(&pki, "vault")).await;
         let config = BrokerConfig {
             listen: "127.0.0.1:0".into(),
+            http_listen: None,
             trust_domain: TD.into(),
             data_dir: dir.path().join("data"),
             policy_file: dir.path().join("policy.toml"),
@@ -349,6 +352,8 @@ impl Harness {
         assert!(self.broker.is_none());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_addr = Some(http_listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let options = ServeOptions {
             clock: Arc::new(self.clock.clone()),
@@ -356,13 +361,18 @@ impl Harness {
         };
         let config = self.config.clone();
         let task = tokio::spawn(async move {
-            twokey_broker::serve_with(config, options, listener, async {
+            twokey_broker::serve_listeners(config, options, listener, Some(http_listener), async {
                 let _ = stopped.await;
             })
             .await
             .map_err(|e: BrokerError| e.to_string())
         });
-        self.broker = Some(Running { addr, stop, task });
+        self.broker = Some(Running {
+            addr,
+            http_addr,
+            stop,
+            task,
+        });
     }
 
     /// Stops the broker (waiting for it to close its database).
@@ -387,6 +397,14 @@ impl Harness {
 
     pub fn addr(&self) -> SocketAddr {
         self.broker.as_ref().expect("broker running").addr
+    }
+
+    /// The broker's HTTP/JSON listener.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.broker
+            .as_ref()
+            .and_then(|b| b.http_addr)
+            .expect("broker running")
     }
 
     pub fn client(&self, user: &str) -> BrokerServiceClient<Channel> {
@@ -500,7 +518,12 @@ async fn start_vault(fake: FakeVault, tls: &TlsFiles) -> Running {
             .await
             .map_err(|e| e.to_string())
     });
-    Running { addr, stop, task }
+    Running {
+        addr,
+        http_addr: None,
+        stop,
+        task,
+    }
 }
 
 /// The gRPC code of a failed call, with its message for assertions.

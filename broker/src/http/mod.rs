@@ -1,0 +1,560 @@
+//! The HTTP/JSON front end: the broker API in the Connect protocol's unary
+//! JSON convention (`POST /twokey.broker.v1.BrokerService/<Method>`, proto3
+//! JSON in and out, Connect error JSON) over HTTP/1.1 and HTTP/2, on its own
+//! mTLS listener. Like [`crate::grpc`] it only authenticates the caller from
+//! the verified certificate, decodes, calls the same [`Broker`] function and
+//! maps [`BrokerError`] through the same `From<BrokerError> for Status`, so
+//! every rule has one implementation. `GET /openapi.json` serves
+//! [`openapi`]'s document.
+
+pub mod openapi;
+
+use std::{
+    convert::Infallible, future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration,
+};
+
+use futures::future::BoxFuture;
+use http::{HeaderValue, Method, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use rustls::{
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::net::TcpListener;
+use tonic::{Code, Status};
+use tracing::Instrument;
+use twokey_proto::broker::v1 as pb;
+use twokey_runtime::{
+    Authenticator, SpiffeId, identity::identity_of_cert, serve::MAX_MESSAGE_BYTES, tls::TlsFiles,
+    trace,
+};
+
+use crate::{config::ConfigError, error::BrokerError, service::Broker};
+
+/// Path prefix of every method.
+pub const PREFIX: &str = "/twokey.broker.v1.BrokerService/";
+/// Where the OpenAPI document is served.
+pub const OPENAPI_PATH: &str = "/openapi.json";
+/// How long a client may take to send the request head, and then the body.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one call may run (as on the gRPC listener); `Connect-Timeout-Ms`
+/// may shorten it.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for calls in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The text a caller without a certificate gets, as on the gRPC listener.
+const NO_CERT: &str =
+    "no client certificate: connect with mutual TLS and a certificate from the twokey CA";
+
+/// The Connect code and HTTP status of a gRPC code: the Connect protocol's
+/// table (connectrpc.com/docs/protocol#error-codes).
+pub fn connect_code(code: Code) -> (&'static str, StatusCode) {
+    let status = match code {
+        Code::Ok => StatusCode::OK,
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            StatusCode::BAD_REQUEST
+        }
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+    };
+    let name = match code {
+        Code::Ok => "ok",
+        other => openapi::CONNECT_CODES[other as usize - 1],
+    };
+    (name, status)
+}
+
+/// A refusal: the HTTP status, the Connect code and the message.
+#[derive(Debug)]
+struct Failure {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+impl Failure {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
+        self.headers.push((name, HeaderValue::from_static(value)));
+        self
+    }
+
+    fn into_response(self) -> http::Response<Full<Bytes>> {
+        let body = serde_json::json!({ "code": self.code, "message": self.message });
+        let mut response = json_response(self.status, body.to_string().into_bytes());
+        for (name, value) in self.headers {
+            response.headers_mut().insert(name, value);
+        }
+        response
+    }
+}
+
+/// The one mapping: `BrokerError` → `tonic::Status` (as gRPC answers) → Connect.
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        let (code, http_status) = connect_code(status.code());
+        Self::new(http_status, code, status.message())
+    }
+}
+
+impl From<BrokerError> for Failure {
+    fn from(e: BrokerError) -> Self {
+        Status::from(e).into()
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> http::Response<Full<Bytes>> {
+    let mut response = http::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// The mTLS server config of the HTTP listener: the broker's certificate, and
+/// client certificates verified against the same CA as on the gRPC listener.
+/// A client may connect without one (as on the gRPC listener) to read
+/// `/openapi.json`; every method then answers 401 `unauthenticated`.
+pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+    let bad = |field: &'static str, path: &Path, e: &dyn std::fmt::Display| ConfigError::Invalid {
+        field,
+        problem: format!("{}: {e}", path.display()),
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| bad("tls.cert", &files.cert, &e))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad("tls.key", &files.key, &e))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(&files.ca)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad("tls.ca", &files.ca, &e))?
+    {
+        roots.add(ca).map_err(|e| bad("tls.ca", &files.ca, &e))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad("tls.ca", &files.ca, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls.cert", &files.cert, &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("tls.key", &files.key, &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The HTTP/JSON API over one [`Broker`].
+#[derive(Debug)]
+pub struct HttpApi {
+    broker: Arc<Broker>,
+    auth: Authenticator,
+    openapi: Bytes,
+}
+
+/// The caller of one connection: its SPIFFE ID, or why it has none.
+type Caller = Result<SpiffeId, String>;
+
+impl HttpApi {
+    /// Serves `broker`, authenticating callers of `auth`'s trust domain.
+    pub fn new(broker: Arc<Broker>, auth: Authenticator) -> Self {
+        Self {
+            broker,
+            auth,
+            openapi: Bytes::from(openapi::json_text()),
+        }
+    }
+
+    /// The caller of a connection, from its verified certificate chain, with
+    /// the same trust-domain check as [`Authenticator`].
+    fn caller(&self, certs: Option<&[CertificateDer<'_>]>) -> Caller {
+        let leaf = certs
+            .and_then(<[_]>::first)
+            .ok_or_else(|| NO_CERT.to_owned())?;
+        identity_of_cert(leaf, self.auth.trust_domain()).map_err(|e| e.to_string())
+    }
+
+    /// Answers one HTTP request.
+    pub async fn handle<B>(
+        &self,
+        request: http::Request<B>,
+        caller: &Caller,
+    ) -> http::Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self.route(request, caller).await {
+            Ok(response) => response,
+            Err(failure) => failure.into_response(),
+        }
+    }
+
+    async fn route<B>(
+        &self,
+        request: http::Request<B>,
+        caller: &Caller,
+    ) -> Result<http::Response<Full<Bytes>>, Failure>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = request.uri().path().to_owned();
+        if path == OPENAPI_PATH {
+            if request.method() != Method::GET && request.method() != Method::HEAD {
+                return Err(Failure::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "unimplemented",
+                    "use GET for /openapi.json",
+                )
+                .with_header(header::ALLOW, "GET, HEAD"));
+            }
+            return Ok(json_response(StatusCode::OK, self.openapi.to_vec()));
+        }
+        let Some(method) = path.strip_prefix(PREFIX) else {
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no such path {path:?}: methods are POST {PREFIX}<Method>; GET {OPENAPI_PATH} lists them"
+                ),
+            ));
+        };
+        let method = method.to_owned();
+        if !UNARY.contains(&method.as_str()) {
+            if STREAMING.contains(&method.as_str()) {
+                return Err(Failure::new(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "unimplemented",
+                    format!("{method} is a server-streaming method: call it over gRPC"),
+                ));
+            }
+            return Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!(
+                    "no method {method:?} in twokey.broker.v1.BrokerService; GET {OPENAPI_PATH} lists them"
+                ),
+            ));
+        }
+        if request.method() != Method::POST {
+            return Err(Failure::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "unimplemented",
+                format!("use POST for {method}"),
+            )
+            .with_header(header::ALLOW, "POST"));
+        }
+        let caller = caller.as_ref().map_err(|why| {
+            Failure::new(StatusCode::UNAUTHORIZED, "unauthenticated", why.clone())
+        })?;
+        check_content_type(request.headers())?;
+        let deadline = deadline(request.headers());
+        let trace_id = trace::from_headers(request.headers());
+        let body = read_body(request).await?;
+        let span = tracing::info_span!("http", method = %method, caller = %caller);
+        trace::scope(trace_id, async {
+            let result =
+                match tokio::time::timeout(deadline, self.call(&method, caller, &body)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Failure::from(Status::deadline_exceeded(format!(
+                        "{method} did not finish within {} ms",
+                        deadline.as_millis()
+                    )))),
+                };
+            if let Err(f) = &result {
+                tracing::info!(code = f.code, "refused: {}", f.message);
+            }
+            result.map(|body| json_response(StatusCode::OK, body))
+        })
+        .instrument(span)
+        .await
+    }
+
+    /// Decodes the body, calls the same [`Broker`] function as the gRPC
+    /// layer, encodes the answer.
+    async fn call(&self, method: &str, caller: &SpiffeId, body: &[u8]) -> Result<Vec<u8>, Failure> {
+        let b = &*self.broker;
+        match method {
+            "WhoAmI" => {
+                unary(body, |_: pb::WhoAmIRequest| async {
+                    Ok(b.who_am_i(caller))
+                })
+                .await
+            }
+            "CreateRequest" => unary(body, |m| b.create_request(caller, m)).await,
+            "GetRequest" => unary(body, |m| b.get_request(caller, m)).await,
+            "ListRequests" => unary(body, |m| async move { b.list_requests(caller, m) }).await,
+            "ApproveRequest" => unary(body, |m| b.approve_request(caller, m)).await,
+            "DenyRequest" => unary(body, |m| b.deny_request(caller, m)).await,
+            "CancelRequest" => unary(body, |m| b.cancel_request(caller, m)).await,
+            "VerifyPin" => unary(body, |m| b.verify_pin(caller, m)).await,
+            "ResendPin" => unary(body, |m| b.resend_pin(caller, m)).await,
+            "ReleaseCode" => unary(body, |m| b.release_code(caller, m)).await,
+            "EnrollAccount" => unary(body, |m| b.enroll_account(caller, m)).await,
+            "ListAccounts" => unary(body, |m| b.list_accounts(caller, m)).await,
+            "RemoveAccount" => unary(body, |m| b.remove_account(caller, m)).await,
+            other => Err(Failure::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no method {other:?}"),
+            )),
+        }
+    }
+}
+
+/// The unary methods served over HTTP (every unary method of the service;
+/// a test checks this against the descriptors).
+pub const UNARY: &[&str] = &[
+    "WhoAmI",
+    "CreateRequest",
+    "GetRequest",
+    "ListRequests",
+    "ApproveRequest",
+    "DenyRequest",
+    "CancelRequest",
+    "VerifyPin",
+    "ResendPin",
+    "ReleaseCode",
+    "EnrollAccount",
+    "ListAccounts",
+    "RemoveAccount",
+];
+
+/// Streaming methods, served over gRPC only.
+pub const STREAMING: &[&str] = &["WatchRequests"];
+
+async fn unary<Req, Resp, F, Fut>(body: &[u8], f: F) -> Result<Vec<u8>, Failure>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    F: FnOnce(Req) -> Fut,
+    Fut: Future<Output = Result<Resp, BrokerError>>,
+{
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            "empty body: send the request as a JSON object, e.g. {}",
+        ));
+    }
+    let message: Req = serde_json::from_slice(body).map_err(|e| {
+        Failure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!(
+                "malformed JSON for {}: {e}",
+                std::any::type_name::<Req>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("the request")
+            ),
+        )
+    })?;
+    let response = f(message).await?;
+    serde_json::to_vec(&response).map_err(|e| {
+        Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot encode the answer: {e}"),
+        )
+    })
+}
+
+/// `application/json`, optionally with `charset=utf-8`; anything else is 415.
+fn check_content_type(headers: &http::HeaderMap) -> Result<(), Failure> {
+    let unsupported = |what: String| {
+        Failure::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_argument", what).with_header(
+            header::HeaderName::from_static("accept-post"),
+            "application/json",
+        )
+    };
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_owned());
+    let ok = value.as_deref().is_some_and(|v| {
+        let mut parts = v.split(';').map(str::trim);
+        parts
+            .next()
+            .is_some_and(|m| m.eq_ignore_ascii_case("application/json"))
+            && parts.all(|p| {
+                p.is_empty()
+                    || p.eq_ignore_ascii_case("charset=utf-8")
+                    || p.eq_ignore_ascii_case("charset=\"utf-8\"")
+            })
+    });
+    if !ok {
+        return Err(unsupported(format!(
+            "unsupported content type {}: send Content-Type: application/json with the proto3 JSON of the request",
+            value.map_or("(none)".into(), |v| format!("{v:?}"))
+        )));
+    }
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING)
+        && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(unsupported(format!(
+            "unsupported content encoding {encoding:?}: send the body uncompressed"
+        )));
+    }
+    Ok(())
+}
+
+/// The call's deadline: [`CALL_TIMEOUT`], or `Connect-Timeout-Ms` if shorter.
+fn deadline(headers: &http::HeaderMap) -> Duration {
+    headers
+        .get("connect-timeout-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(CALL_TIMEOUT, |ms| {
+            Duration::from_millis(ms).min(CALL_TIMEOUT)
+        })
+}
+
+async fn read_body<B>(request: http::Request<B>) -> Result<Bytes, Failure>
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large = || {
+        Failure::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "resource_exhausted",
+            format!("the request body is larger than {MAX_MESSAGE_BYTES} bytes"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_MESSAGE_BYTES as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(request.into_body(), MAX_MESSAGE_BYTES);
+    match tokio::time::timeout(READ_TIMEOUT, body.collect()).await {
+        Err(_) => Err(Failure::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "deadline_exceeded",
+            format!(
+                "the request body did not arrive within {} s",
+                READ_TIMEOUT.as_secs()
+            ),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!("cannot read the request body: {e}"),
+        )),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+/// Serves `api` on `listener` with `tls` until `shutdown` resolves, then
+/// waits up to 10 s for calls in flight.
+pub async fn serve(
+    api: Arc<HttpApi>,
+    tls: Arc<rustls::ServerConfig>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!("http accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let api = api.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "http TLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "http TLS handshake timed out");
+                    return;
+                }
+            };
+            let caller = Arc::new(api.caller(tls.get_ref().1.peer_certificates()));
+            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
+                let api = api.clone();
+                let caller = caller.clone();
+                let answer: BoxFuture<'static, Result<_, Infallible>> =
+                    Box::pin(async move { Ok(api.handle(request, &caller).await) });
+                answer
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(READ_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(256)
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(%peer, "http connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("http calls still running after {DRAIN_TIMEOUT:?}; stopping anyway");
+    }
+}
+
+/// Announces the HTTP listener like the gRPC one, with its own prefix.
+pub fn announce(addr: SocketAddr) {
+    twokey_runtime::serve::announce("twokey-broker-http", addr);
+}

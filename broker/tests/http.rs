@@ -1,0 +1,528 @@
+//! The HTTP/JSON (Connect protocol) API driven by a real HTTP client
+//! (hyper over tokio-rustls, with client certificates) against the running
+//! broker: every unary method, the error mappings, the OpenAPI document, and
+//! one rule checked identically over HTTP and gRPC.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use serde_json::{Value, json};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tonic::Code;
+use twokey_broker::http::{PREFIX, UNARY, openapi};
+
+/// A TLS client config trusting the dev CA, presenting `user`'s certificate
+/// (or none), offering `alpn`.
+fn tls(h: &Harness, user: Option<&str>, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let pki = pki_dir(h.dir.path());
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match user {
+        Some(user) => {
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(pki.join(format!("{user}.crt")))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            let key = PrivateKeyDer::from_pem_file(pki.join(format!("{user}.key"))).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+async fn connect(
+    h: &Harness,
+    user: Option<&str>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(h.http_addr()).await.unwrap();
+    tls(h, user, alpn)
+        .connect(ServerName::try_from("broker").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// One answer: status, headers and the body as JSON.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Value,
+}
+
+/// Sends one request over HTTP/1.1 as `user` (or without a certificate).
+async fn send(h: &Harness, user: Option<&str>, request: http::Request<Full<Bytes>>) -> Answer {
+    let io = TokioIo::new(connect(h, user, &[b"http/1.1"]).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn post(path: &str, content_type: &str, body: impl Into<Bytes>) -> http::Request<Full<Bytes>> {
+    http::Request::post(path)
+        .header("host", "broker")
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+/// Calls `method` as `user` with `body`.
+async fn call(h: &Harness, user: &str, method: &str, body: Value) -> Answer {
+    send(
+        h,
+        Some(user),
+        post(
+            &format!("{PREFIX}{method}"),
+            "application/json",
+            body.to_string(),
+        ),
+    )
+    .await
+}
+
+/// Calls `method` and expects 200; returns the body.
+async fn ok(h: &Harness, user: &str, method: &str, body: Value) -> Value {
+    let a = call(h, user, method, body).await;
+    assert_eq!(a.status, 200, "{method} as {user}: {a:?}");
+    assert_eq!(a.headers["content-type"], "application/json");
+    a.body
+}
+
+/// Asserts a Connect error: HTTP status, code, and a piece of the message.
+fn refused(a: &Answer, status: u16, code: &str, text: &str) {
+    assert_eq!(a.status, status, "{a:?}");
+    assert_eq!(a.body["code"], code, "{a:?}");
+    let message = a.body["message"].as_str().unwrap_or_default();
+    assert!(message.contains(text), "{text:?} not in {message:?}");
+}
+
+#[tokio::test]
+async fn every_unary_method_works_over_http_with_client_certificates() {
+    let h = Harness::start().await;
+
+    let me = ok(&h, "bpm", "WhoAmI", json!({})).await;
+    assert_eq!(me["identity"], "spiffe://twokey.local/svc/bpm");
+
+    // The BPM files on alice's behalf; alice sees it as hers.
+    let created = ok(
+        &h,
+        "bpm",
+        "CreateRequest",
+        json!({ "accountId": PROD, "reason": "rotate root keys", "ticket": "OPS-42", "onBehalfOf": "alice" }),
+    )
+    .await;
+    let request = &created["request"];
+    assert_eq!(request["state"], "REQUEST_STATE_PENDING");
+    assert_eq!(request["requester"], "spiffe://twokey.local/user/alice");
+    assert_eq!(request["filedBy"], "spiffe://twokey.local/svc/bpm");
+    let created_at = request["createdAt"].as_str().unwrap();
+    assert!(created_at.starts_with("2030-"), "{created_at}");
+    let id = request["requestId"].as_str().unwrap().to_owned();
+
+    let got = ok(&h, "bpm", "GetRequest", json!({ "requestId": id })).await;
+    assert_eq!(got["request"]["requestId"], id.as_str());
+    let listed = ok(
+        &h,
+        "alice",
+        "ListRequests",
+        json!({ "mine": true, "state": "REQUEST_STATE_PENDING" }),
+    )
+    .await;
+    assert_eq!(listed["requests"][0]["requestId"], id.as_str());
+
+    // bob approves; the PIN goes to alice; she asks for a new one.
+    let approved = ok(
+        &h,
+        "bob",
+        "ApproveRequest",
+        json!({ "requestId": id, "comment": "ticket checked" }),
+    )
+    .await;
+    assert_eq!(approved["request"]["state"], "REQUEST_STATE_APPROVED");
+    h.wait_for_pin("alice", &id, 1).await;
+    let resent = ok(&h, "alice", "ResendPin", json!({ "requestId": id })).await;
+    assert_eq!(resent["request"]["state"], "REQUEST_STATE_APPROVED");
+    let pin = h.wait_for_pin("alice", &id, 2).await;
+
+    // olivia verifies the PIN and releases the code.
+    let verified = ok(
+        &h,
+        "olivia",
+        "VerifyPin",
+        json!({ "requestId": id, "pin": pin }),
+    )
+    .await;
+    assert_eq!(verified["request"]["state"], "REQUEST_STATE_VERIFIED");
+    let released = ok(&h, "olivia", "ReleaseCode", json!({ "requestId": id })).await;
+    assert_eq!(released["code"]["code"], FAKE_CODE);
+    // uint64 in the proto3 JSON mapping: a string.
+    assert_eq!(released["code"]["step"], "1");
+    assert_eq!(released["request"]["state"], "REQUEST_STATE_RELEASED");
+
+    // Deny and cancel.
+    let other = ok(
+        &h,
+        "alice",
+        "CreateRequest",
+        json!({ "accountId": PROD, "reason": "second" }),
+    )
+    .await["request"]["requestId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let denied = ok(
+        &h,
+        "bob",
+        "DenyRequest",
+        json!({ "requestId": other, "reason": "no ticket" }),
+    )
+    .await;
+    assert_eq!(denied["request"]["state"], "REQUEST_STATE_DENIED");
+    let third = ok(
+        &h,
+        "alice",
+        "CreateRequest",
+        json!({ "accountId": PROD, "reason": "third" }),
+    )
+    .await["request"]["requestId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cancelled = ok(
+        &h,
+        "alice",
+        "CancelRequest",
+        json!({ "requestId": third, "reason": "not needed" }),
+    )
+    .await;
+    assert_eq!(cancelled["request"]["state"], "REQUEST_STATE_CANCELLED");
+
+    // Accounts (admin).
+    let enrolled = ok(
+        &h,
+        "adam",
+        "EnrollAccount",
+        json!({ "accountId": PROD, "base32Secret": "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP", "replace": true }),
+    )
+    .await;
+    assert_eq!(enrolled["current"]["code"], FAKE_CODE);
+    let accounts = ok(&h, "adam", "ListAccounts", json!({})).await;
+    let ids: Vec<&str> = accounts["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["accountId"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&PROD), "{ids:?}");
+    let removed = ok(
+        &h,
+        "adam",
+        "RemoveAccount",
+        json!({ "accountId": PROD, "reason": "decommissioned" }),
+    )
+    .await;
+    assert_eq!(removed["accountId"], PROD);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_http_methods_are_exactly_the_unary_methods_of_the_descriptors() {
+    let doc = openapi::document();
+    let mut paths: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    paths.sort();
+    let mut served: Vec<String> = UNARY.iter().map(|m| format!("{PREFIX}{m}")).collect();
+    served.sort();
+    assert_eq!(paths, served);
+}
+
+#[tokio::test]
+async fn errors_are_connect_errors_with_the_connect_http_statuses() {
+    let h = Harness::start().await;
+    let path = format!("{PREFIX}GetRequest");
+
+    // Wrong content type: 415.
+    let a = send(&h, Some("alice"), post(&path, "text/plain", "{}")).await;
+    refused(&a, 415, "invalid_argument", "application/json");
+    assert_eq!(a.headers["accept-post"], "application/json");
+    // A charset parameter is fine.
+    let a = send(
+        &h,
+        Some("alice"),
+        post(
+            &path,
+            "application/json; charset=utf-8",
+            r#"{"requestId":"nope"}"#,
+        ),
+    )
+    .await;
+    refused(&a, 404, "not_found", "nope");
+
+    // Malformed JSON: 400 with the parser's words.
+    let a = send(
+        &h,
+        Some("alice"),
+        post(&path, "application/json", "{\"requestId\":"),
+    )
+    .await;
+    refused(
+        &a,
+        400,
+        "invalid_argument",
+        "malformed JSON for GetRequestRequest",
+    );
+    assert!(a.body["message"].as_str().unwrap().contains("EOF"), "{a:?}");
+    // Unknown fields are rejected, as the proto3 JSON spec asks of parsers by default.
+    let a = call(
+        &h,
+        "alice",
+        "GetRequest",
+        json!({ "requestId": "x", "bogus": 1 }),
+    )
+    .await;
+    refused(&a, 400, "invalid_argument", "unknown field `bogus`");
+    // Empty body.
+    let a = send(&h, Some("alice"), post(&path, "application/json", "")).await;
+    refused(&a, 400, "invalid_argument", "empty body");
+
+    // Unknown method and unknown path: 404.
+    let a = call(&h, "alice", "MakeMeRoot", json!({})).await;
+    refused(&a, 404, "not_found", "MakeMeRoot");
+    let a = send(
+        &h,
+        Some("alice"),
+        post("/nowhere", "application/json", "{}"),
+    )
+    .await;
+    refused(&a, 404, "not_found", "/nowhere");
+    // The streaming method is gRPC only.
+    let a = call(&h, "alice", "WatchRequests", json!({})).await;
+    refused(&a, 501, "unimplemented", "gRPC");
+    // Not POST: 405.
+    let get = http::Request::get(&path)
+        .header("host", "broker")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let a = send(&h, Some("alice"), get).await;
+    refused(&a, 405, "unimplemented", "POST");
+    assert_eq!(a.headers["allow"], "POST");
+
+    // Too large: 413, whether declared or streamed.
+    let big = format!(r#"{{"requestId":"{}"}}"#, "x".repeat(300 * 1024));
+    let a = send(
+        &h,
+        Some("alice"),
+        post(&path, "application/json", big.clone()),
+    )
+    .await;
+    refused(&a, 413, "resource_exhausted", "larger than");
+    let chunked = http::Request::post(&path)
+        .header("host", "broker")
+        .header("content-type", "application/json")
+        .body(http_body_util::StreamBody::new(futures::stream::iter(
+            big.into_bytes()
+                .chunks(16 * 1024)
+                .map(|c| {
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                        Bytes::copy_from_slice(c),
+                    ))
+                })
+                .collect::<Vec<_>>(),
+        )))
+        .unwrap();
+    let io = TokioIo::new(connect(&h, Some("alice"), &[b"http/1.1"]).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(chunked).await.unwrap();
+    assert_eq!(response.status(), 413);
+
+    // No client certificate: the handshake succeeds (as on the gRPC port),
+    // every method answers 401; the OpenAPI document is public.
+    let a = send(&h, None, post(&path, "application/json", "{}")).await;
+    refused(&a, 401, "unauthenticated", "no client certificate");
+
+    // Domain errors through the one BrokerError → Status → Connect mapping.
+    let a = call(
+        &h,
+        "bob",
+        "CreateRequest",
+        json!({ "accountId": PROD, "reason": "x" }),
+    )
+    .await;
+    refused(&a, 403, "permission_denied", "bob");
+    let a = call(&h, "alice", "CreateRequest", json!({ "accountId": PROD })).await;
+    refused(&a, 400, "invalid_argument", "reason");
+    let (id, _pin) = approved_prod(&h).await;
+    let a = call(&h, "dave", "ApproveRequest", json!({ "requestId": id })).await;
+    refused(&a, 400, "failed_precondition", "");
+    let a = call(&h, "olivia", "ReleaseCode", json!({ "requestId": id })).await;
+    refused(&a, 400, "failed_precondition", "");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_that_never_arrives_times_out() {
+    let h = Harness::start().await;
+    let mut tls = connect(&h, Some("alice"), &[b"http/1.1"]).await;
+    let head = format!(
+        "POST {PREFIX}WhoAmI HTTP/1.1\r\nhost: broker\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{{"
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tls.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 20 s");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("deadline_exceeded"), "{text}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn http2_is_served_too() {
+    let h = Harness::start().await;
+    let tls = connect(&h, Some("alice"), &[b"h2"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post(format!("https://broker{PREFIX}WhoAmI"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["identity"], "spiffe://twokey.local/user/alice");
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn self_approval_is_refused_identically_over_http_and_grpc() {
+    // alice is made an approver too, so only separation of duties stops her.
+    let policy = POLICY.replace(
+        "approvers = [\"bob\", \"dave\"]",
+        "approvers = [\"bob\", \"dave\", \"alice\"]",
+    );
+    let h = Harness::start_with_policy(&policy).await;
+    let id = file(&h, "alice", PROD).await;
+
+    let (code, grpc_message) = code_of(approve(&h, "alice", &id).await);
+    assert_eq!(code, Code::PermissionDenied, "{grpc_message}");
+
+    let a = call(&h, "alice", "ApproveRequest", json!({ "requestId": id })).await;
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(a.body["code"], "permission_denied");
+    assert_eq!(a.body["message"], grpc_message.as_str());
+    assert!(grpc_message.contains("own request"), "{grpc_message}");
+    assert_eq!(
+        state_of(&get(&h, "bob", &id).await),
+        twokey_proto::broker::v1::RequestState::Pending
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_matches_the_checked_in_copy() {
+    let h = Harness::start().await;
+    let get = http::Request::get("/openapi.json")
+        .header("host", "broker")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // Public, like gRPC reflection: no client certificate needed.
+    let a = send(&h, None, get).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body, openapi::document());
+    h.shutdown().await;
+
+    let checked_in = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    let text = std::fs::read_to_string(&checked_in).unwrap_or_default();
+    assert!(
+        text == openapi::json_text(),
+        "docs/openapi.json is stale: run `cargo run -q -p twokey-broker -- openapi > docs/openapi.json`"
+    );
+    // Spot checks of the proto3 JSON mapping in the schemas.
+    let doc = openapi::document();
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(
+        schemas["twokey.types.v1.Code"]["properties"]["step"]["type"],
+        "string"
+    );
+    assert_eq!(
+        schemas["twokey.broker.v1.Request"]["properties"]["createdAt"]["format"],
+        "date-time"
+    );
+    assert_eq!(
+        schemas["twokey.broker.v1.RequestState"]["enum"][1],
+        "REQUEST_STATE_PENDING"
+    );
+    assert!(
+        schemas["twokey.broker.v1.CreateRequestRequest"]["properties"]["onBehalfOf"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("intake")
+    );
+}
+
+#[tokio::test]
+async fn the_trace_id_of_traceparent_is_used_for_the_call() {
+    // A call with a traceparent succeeds, and one with a malformed one too
+    // (a fresh trace id is made): the header never makes a call fail.
+    let h = Harness::start().await;
+    for traceparent in [
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "garbage",
+    ] {
+        let request = http::Request::post(format!("{PREFIX}WhoAmI"))
+            .header("host", "broker")
+            .header("content-type", "application/json")
+            .header("traceparent", traceparent)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        assert_eq!(send(&h, Some("alice"), request).await.status, 200);
+    }
+    h.shutdown().await;
+}
