@@ -148,6 +148,8 @@ async fn every_unary_method_works_over_http_with_client_certificates() {
 
     let got = ok(&h, "bpm", "GetRequest", json!({ "requestId": id })).await;
     assert_eq!(got["request"]["requestId"], id.as_str());
+    let filed = ok(&h, "bpm", "ListRequests", json!({ "mine": true })).await;
+    assert_eq!(filed["requests"][0]["requestId"], id.as_str());
     let listed = ok(
         &h,
         "alice",
@@ -307,6 +309,21 @@ async fn errors_are_connect_errors_with_the_connect_http_statuses() {
     )
     .await;
     refused(&a, 400, "invalid_argument", "unknown field `bogus`");
+    // A wrongly typed value is not quoted back (it may be a PIN).
+    let a = call(
+        &h,
+        "olivia",
+        "VerifyPin",
+        json!({ "requestId": "x", "pin": 918273 }),
+    )
+    .await;
+    refused(
+        &a,
+        400,
+        "invalid_argument",
+        "invalid type: integer (value not shown)",
+    );
+    assert!(!a.body.to_string().contains("918273"), "{a:?}");
     // Empty body.
     let a = send(&h, Some("alice"), post(&path, "application/json", "")).await;
     refused(&a, 400, "invalid_argument", "empty body");
@@ -508,21 +525,42 @@ async fn the_openapi_document_is_served_and_matches_the_checked_in_copy() {
 }
 
 #[tokio::test]
-async fn the_trace_id_of_traceparent_is_used_for_the_call() {
-    // A call with a traceparent succeeds, and one with a malformed one too
-    // (a fresh trace id is made): the header never makes a call fail.
-    let h = Harness::start().await;
-    for traceparent in [
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        "garbage",
-    ] {
-        let request = http::Request::post(format!("{PREFIX}WhoAmI"))
-            .header("host", "broker")
-            .header("content-type", "application/json")
-            .header("traceparent", traceparent)
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap();
-        assert_eq!(send(&h, Some("alice"), request).await.status, 200);
-    }
-    h.shutdown().await;
+async fn audit_events_of_an_http_call_carry_its_traceparent_trace_id() {
+    use prost::Message;
+    use twokey_proto::audit::v1::{Event, SignedEvent};
+
+    let mut h = Harness::start().await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let request = http::Request::post(format!("{PREFIX}CreateRequest"))
+        .header("host", "broker")
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .body(Full::new(Bytes::from(
+            json!({ "accountId": PROD, "reason": "traced" }).to_string(),
+        )))
+        .unwrap();
+    let a = send(&h, Some("alice"), request).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    let id = a.body["request"]["requestId"].as_str().unwrap().to_owned();
+    // A malformed traceparent never fails a call (a fresh trace id is made).
+    let request = http::Request::post(format!("{PREFIX}WhoAmI"))
+        .header("host", "broker")
+        .header("content-type", "application/json")
+        .header("traceparent", "garbage")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(send(&h, Some("alice"), request).await.status, 200);
+
+    h.stop_broker().await;
+    let db = twokey_runtime::durable::DurableDb::open(&h.config.data_dir).unwrap();
+    let outbox = db.tree("outbox").unwrap();
+    let created: Vec<Event> = outbox
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|(_, v)| SignedEvent::decode(v.as_ref()).ok())
+        .filter_map(|s| Event::decode(s.event.as_slice()).ok())
+        .filter(|e| e.action == "request.created" && e.request_id == id)
+        .collect();
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(created[0].trace_id, trace_id);
 }

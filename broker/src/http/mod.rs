@@ -88,6 +88,8 @@ struct Failure {
     code: &'static str,
     message: String,
     headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// Not logged: a parse error may quote the body (a PIN sent as a number).
+    quiet: bool,
 }
 
 impl Failure {
@@ -97,6 +99,7 @@ impl Failure {
             code,
             message: message.into(),
             headers: Vec::new(),
+            quiet: false,
         }
     }
 
@@ -294,7 +297,11 @@ impl HttpApi {
                     )))),
                 };
             if let Err(f) = &result {
-                tracing::info!(code = f.code, "refused: {}", f.message);
+                if f.quiet {
+                    tracing::info!(code = f.code, "refused: malformed JSON");
+                } else {
+                    tracing::info!(code = f.code, "refused: {}", f.message);
+                }
             }
             result.map(|body| json_response(StatusCode::OK, body))
         })
@@ -369,16 +376,18 @@ where
             "empty body: send the request as a JSON object, e.g. {}",
         ));
     }
-    let message: Req = serde_json::from_slice(body).map_err(|e| {
-        Failure::new(
+    let message: Req = serde_json::from_slice(body).map_err(|e| Failure {
+        quiet: true,
+        ..Failure::new(
             StatusCode::BAD_REQUEST,
             "invalid_argument",
             format!(
-                "malformed JSON for {}: {e}",
+                "malformed JSON for {}: {}",
                 std::any::type_name::<Req>()
                     .rsplit("::")
                     .next()
-                    .unwrap_or("the request")
+                    .unwrap_or("the request"),
+                without_values(&e.to_string())
             ),
         )
     })?;
@@ -390,6 +399,30 @@ where
             format!("cannot encode the answer: {e}"),
         )
     })
+}
+
+/// A JSON parse error without the values it quotes: serde names a wrongly
+/// typed value between backticks ("invalid type: integer `123456`, expected a
+/// string"), and that value may be a PIN or a seed. Field and variant names
+/// (unknown field `x`) are kept.
+fn without_values(message: &str) -> String {
+    let quotes_a_value = ["invalid type: ", "invalid value: ", "invalid length "]
+        .iter()
+        .any(|p| message.starts_with(p));
+    if !quotes_a_value {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.splitn(3, '`');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(head), Some(_value), Some(tail)) => {
+            out.push_str(head);
+            out.push_str("(value not shown)");
+            out.push_str(tail);
+        }
+        _ => out.push_str(message),
+    }
+    out
 }
 
 /// `application/json`, optionally with `charset=utf-8`; anything else is 415.
