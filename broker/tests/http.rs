@@ -564,3 +564,52 @@ async fn audit_events_of_an_http_call_carry_its_traceparent_trace_id() {
     assert_eq!(created.len(), 1, "{created:?}");
     assert_eq!(created[0].trace_id, trace_id);
 }
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
+    let h = Harness::start().await;
+    // alice's SPIFFE ID, in the right trust domain, from a CA of its own.
+    let rogue = twokey_runtime::pki::DevCa::new(TD).unwrap();
+    let pki = pki_dir(h.dir.path());
+    rogue
+        .issue_user(TD, "alice")
+        .unwrap()
+        .write(&pki, "rogue")
+        .unwrap();
+    let tcp = TcpStream::connect(h.http_addr()).await.unwrap();
+    let result = async {
+        let mut tls = tls(&h, Some("rogue"), &[b"http/1.1"])
+            .connect(ServerName::try_from("broker").unwrap(), tcp)
+            .await?;
+        // With TLS 1.3 the server's verdict arrives after the client's finish.
+        tls.write_all(b"POST /twokey.broker.v1.BrokerService/WhoAmI HTTP/1.1\r\nhost: broker\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}").await?;
+        tls.flush().await?;
+        let mut buf = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    }
+    .await;
+    match result {
+        Err(_) => {}
+        Ok(answer) => assert!(
+            answer.is_empty(),
+            "the broker answered a rogue certificate: {}",
+            String::from_utf8_lossy(&answer)
+        ),
+    }
+    h.shutdown().await;
+}
+
+#[test]
+fn the_openapi_subcommand_prints_the_checked_in_document() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twokey-broker"))
+        .arg("openapi")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let checked_in = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json");
+    assert!(
+        out.stdout == std::fs::read(checked_in).unwrap(),
+        "docs/openapi.json is stale: run `cargo run -q -p twokey-broker -- openapi > docs/openapi.json`"
+    );
+}
