@@ -1,6 +1,7 @@
 //! The HTTP/JSON (Connect protocol) API driven by a real HTTP client
 //! (hyper over tokio-rustls, with client certificates) against the running
-//! broker: every unary method, the error mappings, the OpenAPI document, and
+//! broker: every unary method, WatchRequests as Server-Sent Events, the error
+//! mappings, the OpenAPI document, trace ids in audit events, and
 //! one rule checked identically over HTTP and gRPC.
 
 mod common;
@@ -15,7 +16,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObjec
 use serde_json::{Value, json};
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tonic::Code;
-use twokey_broker::http::{PREFIX, UNARY, openapi};
+use twokey_broker::http::{PREFIX, STREAMING, UNARY, openapi};
 
 /// A TLS client config trusting the dev CA, presenting `user`'s certificate
 /// (or none), offering `alpn`.
@@ -255,11 +256,15 @@ async fn every_unary_method_works_over_http_with_client_certificates() {
 }
 
 #[tokio::test]
-async fn the_http_methods_are_exactly_the_unary_methods_of_the_descriptors() {
+async fn the_http_methods_are_exactly_the_methods_of_the_descriptors() {
     let doc = openapi::document();
     let mut paths: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
     paths.sort();
-    let mut served: Vec<String> = UNARY.iter().map(|m| format!("{PREFIX}{m}")).collect();
+    let mut served: Vec<String> = UNARY
+        .iter()
+        .chain(STREAMING)
+        .map(|m| format!("{PREFIX}{m}"))
+        .collect();
     served.sort();
     assert_eq!(paths, served);
 }
@@ -338,9 +343,9 @@ async fn errors_are_connect_errors_with_the_connect_http_statuses() {
     )
     .await;
     refused(&a, 404, "not_found", "/nowhere");
-    // The streaming method is gRPC only.
-    let a = call(&h, "alice", "WatchRequests", json!({})).await;
-    refused(&a, 501, "unimplemented", "gRPC");
+    // The streaming method checks its request like any other.
+    let a = call(&h, "alice", "WatchRequests", json!({ "accountId": 7 })).await;
+    refused(&a, 400, "invalid_argument", "WatchRequestsRequest");
     // Not POST: 405.
     let get = http::Request::get(&path)
         .header("host", "broker")
@@ -612,4 +617,44 @@ fn the_openapi_subcommand_prints_the_checked_in_document() {
         out.stdout == std::fs::read(checked_in).unwrap(),
         "docs/openapi.json is stale: run `cargo run -q -p twokey-broker -- openapi > docs/openapi.json`"
     );
+}
+
+#[tokio::test]
+async fn watch_requests_streams_changes_as_server_sent_events() {
+    let h = Harness::start().await;
+    let io = TokioIo::new(connect(&h, Some("bob"), &[b"http/1.1"]).await);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(post(
+            &format!("{PREFIX}WatchRequests"),
+            "application/json",
+            json!({ "accountId": PROD }).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut body = response.into_body();
+
+    let id = file(&h, "alice", PROD).await;
+    let mut seen = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        while !seen.contains("\n\n") {
+            let frame = body.frame().await.unwrap().unwrap();
+            if let Ok(data) = frame.into_data() {
+                seen.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no event within 20 s: {seen:?}");
+    let mut lines = seen.lines();
+    assert_eq!(lines.next(), Some("event: request.created"), "{seen}");
+    let data: Value =
+        serde_json::from_str(lines.next().unwrap().strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(data["action"], "request.created");
+    assert_eq!(data["request"]["requestId"], id.as_str());
+    // Shutdown ends the stream rather than waiting for it.
+    h.shutdown().await;
 }

@@ -4,8 +4,9 @@
 //! mTLS listener. Like [`crate::grpc`] it only authenticates the caller from
 //! the verified certificate, decodes, calls the same [`Broker`] function and
 //! maps [`BrokerError`] through the same `From<BrokerError> for Status`, so
-//! every rule has one implementation. `GET /openapi.json` serves
-//! [`openapi`]'s document.
+//! every rule has one implementation. The server-streaming `WatchRequests`
+//! answers with Server-Sent Events. `GET /openapi.json` serves [`openapi`]'s
+//! document.
 
 pub mod openapi;
 
@@ -13,10 +14,10 @@ use std::{
     convert::Infallible, future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration,
 };
 
-use futures::future::BoxFuture;
+use futures::{StreamExt, future::BoxFuture, stream};
 use http::{HeaderValue, Method, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
+use hyper::body::{Bytes, Frame, Incoming};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
@@ -50,6 +51,12 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for calls in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a `WatchRequests` event stream carries a keep-alive comment.
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// The body of every answer: a whole JSON document, or an event stream.
+pub type Body = BoxBody<Bytes, Infallible>;
 
 /// The text a caller without a certificate gets, as on the gRPC listener.
 const NO_CERT: &str =
@@ -108,7 +115,7 @@ impl Failure {
         self
     }
 
-    fn into_response(self) -> http::Response<Full<Bytes>> {
+    fn into_response(self) -> http::Response<Body> {
         let body = serde_json::json!({ "code": self.code, "message": self.message });
         let mut response = json_response(self.status, body.to_string().into_bytes());
         for (name, value) in self.headers {
@@ -132,8 +139,8 @@ impl From<BrokerError> for Failure {
     }
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> http::Response<Full<Bytes>> {
-    let mut response = http::Response::new(Full::new(Bytes::from(body)));
+fn json_response(status: StatusCode, body: Vec<u8>) -> http::Response<Body> {
+    let mut response = http::Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -213,7 +220,7 @@ impl HttpApi {
         &self,
         request: http::Request<B>,
         caller: &Caller,
-    ) -> http::Response<Full<Bytes>>
+    ) -> http::Response<Body>
     where
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -228,7 +235,7 @@ impl HttpApi {
         &self,
         request: http::Request<B>,
         caller: &Caller,
-    ) -> Result<http::Response<Full<Bytes>>, Failure>
+    ) -> Result<http::Response<Body>, Failure>
     where
         B: hyper::body::Body<Data = Bytes> + Send,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -255,14 +262,7 @@ impl HttpApi {
             ));
         };
         let method = method.to_owned();
-        if !UNARY.contains(&method.as_str()) {
-            if STREAMING.contains(&method.as_str()) {
-                return Err(Failure::new(
-                    StatusCode::NOT_IMPLEMENTED,
-                    "unimplemented",
-                    format!("{method} is a server-streaming method: call it over gRPC"),
-                ));
-            }
+        if !UNARY.contains(&method.as_str()) && !STREAMING.contains(&method.as_str()) {
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -286,6 +286,9 @@ impl HttpApi {
         let deadline = deadline(request.headers());
         let trace_id = trace::from_headers(request.headers());
         let body = read_body(request).await?;
+        if STREAMING.contains(&method.as_str()) {
+            return self.watch(caller, &body);
+        }
         let span = tracing::info_span!("http", method = %method, caller = %caller);
         trace::scope(trace_id, async {
             let result =
@@ -307,6 +310,37 @@ impl HttpApi {
         })
         .instrument(span)
         .await
+    }
+
+    /// `WatchRequests` as Server-Sent Events: one `event: <action>` with
+    /// `data: <proto3 JSON of WatchRequestsResponse>` per change the caller
+    /// may see, a `: keep-alive` comment every [`KEEPALIVE`]; the stream ends
+    /// when the broker shuts down.
+    fn watch(&self, caller: &SpiffeId, body: &[u8]) -> Result<http::Response<Body>, Failure> {
+        let request: pb::WatchRequestsRequest = parse(body)?;
+        let changes = self.broker.watch_requests(caller, request)?;
+        let events = changes
+            .map(|change| {
+                let json = serde_json::to_string(&change).unwrap_or_else(|_| "{}".into());
+                let event: String = change.action.chars().filter(|c| !c.is_control()).collect();
+                Some(Bytes::from(format!("event: {event}\ndata: {json}\n\n")))
+            })
+            .chain(stream::once(async { None }));
+        let pings = stream::unfold((), |()| async {
+            tokio::time::sleep(KEEPALIVE).await;
+            Some((Some(Bytes::from_static(b": keep-alive\n\n")), ()))
+        });
+        let frames = stream::select(events, pings)
+            .take_while(|chunk| std::future::ready(chunk.is_some()))
+            .filter_map(|chunk| std::future::ready(chunk.map(|c| Ok(Frame::data(c)))));
+        let mut response = http::Response::new(BodyExt::boxed(StreamBody::new(frames)));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(response)
     }
 
     /// Decodes the body, calls the same [`Broker`] function as the gRPC
@@ -359,7 +393,7 @@ pub const UNARY: &[&str] = &[
     "RemoveAccount",
 ];
 
-/// Streaming methods, served over gRPC only.
+/// Server-streaming methods, served as Server-Sent Events.
 pub const STREAMING: &[&str] = &["WatchRequests"];
 
 async fn unary<Req, Resp, F, Fut>(body: &[u8], f: F) -> Result<Vec<u8>, Failure>
@@ -369,6 +403,19 @@ where
     F: FnOnce(Req) -> Fut,
     Fut: Future<Output = Result<Resp, BrokerError>>,
 {
+    let message: Req = parse(body)?;
+    let response = f(message).await?;
+    serde_json::to_vec(&response).map_err(|e| {
+        Failure::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot encode the answer: {e}"),
+        )
+    })
+}
+
+/// The request message from the proto3 JSON body.
+fn parse<Req: DeserializeOwned>(body: &[u8]) -> Result<Req, Failure> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Failure::new(
             StatusCode::BAD_REQUEST,
@@ -376,7 +423,7 @@ where
             "empty body: send the request as a JSON object, e.g. {}",
         ));
     }
-    let message: Req = serde_json::from_slice(body).map_err(|e| Failure {
+    serde_json::from_slice(body).map_err(|e| Failure {
         quiet: true,
         ..Failure::new(
             StatusCode::BAD_REQUEST,
@@ -389,14 +436,6 @@ where
                     .unwrap_or("the request"),
                 without_values(&e.to_string())
             ),
-        )
-    })?;
-    let response = f(message).await?;
-    serde_json::to_vec(&response).map_err(|e| {
-        Failure::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("cannot encode the answer: {e}"),
         )
     })
 }

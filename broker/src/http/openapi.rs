@@ -344,20 +344,31 @@ pub fn document() -> Value {
         seen: BTreeSet::new(),
     };
     let mut paths = serde_json::Map::new();
-    let mut streaming = Vec::new();
+    let mut grpc_only = Vec::new();
     for (i, method) in service.method.iter().enumerate() {
-        if method.client_streaming() || method.server_streaming() {
-            streaming.push(method.name().to_owned());
+        if method.client_streaming() {
+            grpc_only.push(method.name().to_owned());
             continue;
         }
         let description = index
             .comment(f, &[6, s as i32, 2, i as i32])
             .unwrap_or("")
             .to_owned();
-        paths.insert(
-            format!("/{PACKAGE}.{SERVICE}/{}", method.name()),
-            operation(&mut schemas, method, &description),
-        );
+        let mut op = operation(&mut schemas, method, &description);
+        if method.server_streaming() {
+            let output = method.output_type().trim_start_matches('.');
+            op["post"]["description"] = Value::String(format!(
+                "{description}\n\nServer streaming, served as Server-Sent Events: each change is `event: <action>` and `data: <proto3 JSON of {output}>`; a `: keep-alive` comment comes every 15 s. The stream ends when the broker shuts down; reconnect and read the state again."
+            ));
+            op["post"]["responses"]["200"] = json!({
+                "description": format!("An event stream of {output} messages."),
+                "content": { "text/event-stream": { "schema": { "type": "string" } } },
+            });
+            if let Some(params) = op["post"]["parameters"].as_array_mut() {
+                params.retain(|p| p["name"] != "Connect-Timeout-Ms");
+            }
+        }
+        paths.insert(format!("/{PACKAGE}.{SERVICE}/{}", method.name()), op);
     }
     schemas.build();
     let mut components: serde_json::Map<String, Value> = schemas.out.into_iter().collect();
@@ -369,8 +380,12 @@ pub fn document() -> Value {
             "title": "twokey broker HTTP/JSON API",
             "version": "v1",
             "description": format!(
-                "{service_doc}\n\nThe Connect protocol's unary JSON convention over HTTP/1.1 and HTTP/2: `POST /{PACKAGE}.{SERVICE}/<Method>` with `Content-Type: application/json` and the proto3 JSON mapping of the request; the answer is the proto3 JSON mapping of the response, or a Connect error. Unknown fields are rejected (400). Mutual TLS: callers are known by the SPIFFE ID in their client certificate. Generated from the proto descriptors by `twokey-broker openapi`. Server-streaming methods are served over gRPC only: {}.",
-                streaming.join(", ")
+                "{service_doc}\n\nThe Connect protocol's unary JSON convention over HTTP/1.1 and HTTP/2: `POST /{PACKAGE}.{SERVICE}/<Method>` with `Content-Type: application/json` and the proto3 JSON mapping of the request; the answer is the proto3 JSON mapping of the response, or a Connect error. Unknown fields are rejected (400). Mutual TLS: callers are known by the SPIFFE ID in their client certificate. Server-streaming methods answer with Server-Sent Events (`text/event-stream`) instead.{} Generated from the proto descriptors by `twokey-broker openapi`.",
+                if grpc_only.is_empty() {
+                    String::new()
+                } else {
+                    format!(" Client-streaming methods are served over gRPC only: {}.", grpc_only.join(", "))
+                }
             ),
         },
         "servers": [{ "url": "https://broker.example:7404", "description": "the broker's http_listen address" }],
