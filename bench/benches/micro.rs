@@ -169,6 +169,37 @@ fn merkle_bench(c: &mut Criterion) {
     });
 }
 
+/// What bounds the durable paths: a sled `apply_batch` (which the audit
+/// store uses per event, and sled transactions use likewise) seals and
+/// writes sled's IO buffer with a waiting `sync_file_range`; plain inserts
+/// stay in memory until a flush.
+fn sled_writes(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    let tree = db.open_tree("t").unwrap();
+    let value = vec![7u8; 300];
+    let mut n = 0u64;
+    c.bench_function("sled/apply_batch_6_keys", |b| {
+        b.iter(|| {
+            let mut batch = sled::Batch::default();
+            for k in 0..6u64 {
+                batch.insert(&(n * 8 + k).to_be_bytes(), value.as_slice());
+            }
+            n += 1;
+            tree.apply_batch(batch).unwrap()
+        })
+    });
+    c.bench_function("sled/insert_6_keys", |b| {
+        b.iter(|| {
+            for k in 0..6u64 {
+                tree.insert((n * 8 + k).to_be_bytes(), value.as_slice())
+                    .unwrap();
+            }
+            n += 1;
+        })
+    });
+}
+
 fn seed_open(c: &mut Criterion) {
     let key = MasterKey::new(SecretKey::from_bytes([5; 32]));
     let sealed = key.seal_seed("bench-root", &[1u8; 20]);
@@ -177,5 +208,13 @@ fn seed_open(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, totp, grants, events, merkle_bench, seed_open);
+criterion_group!(
+    benches,
+    totp,
+    grants,
+    events,
+    merkle_bench,
+    seed_open,
+    sled_writes
+);
 criterion_main!(benches);

@@ -109,12 +109,15 @@ impl Service {
             }
         });
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Some((addr, at))) => Ok(Self {
-                name: bin.to_owned(),
-                address: format!("https://{addr}"),
-                started_in: at - spawned,
-                child,
-            }),
+            Ok(Some((addr, at))) => {
+                eprintln!("twokey-bench: {bin} pid {} on {addr}", child.id());
+                Ok(Self {
+                    name: bin.to_owned(),
+                    address: format!("https://{addr}"),
+                    started_in: at - spawned,
+                    child,
+                })
+            }
             _ => {
                 let _ = child.kill();
                 let _ = child.wait();

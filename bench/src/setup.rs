@@ -2,7 +2,10 @@
 //! per service, per user and per benchmark audit source, every key, the
 //! service configs (TOML, as an operator would write them) and a policy.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::{Context, Result};
 use ed25519_dalek::SigningKey;
@@ -36,7 +39,7 @@ pub struct World {
     /// Signers of the benchmark sources `svc/src-0` … and `svc/fill`.
     pub sources: Vec<EventSigner>,
     /// The fill source.
-    pub fill: EventSigner,
+    pub fill: Arc<EventSigner>,
 }
 
 fn source_name(i: usize) -> String {
@@ -72,7 +75,7 @@ impl World {
             sources.push(EventSigner::new(svc_id(&name), key));
         }
         let fill_key = generate_signing_key(&pki.join("fill-event.key"))?;
-        let fill = EventSigner::new(svc_id(FILL_SOURCE), fill_key);
+        let fill = Arc::new(EventSigner::new(svc_id(FILL_SOURCE), fill_key));
         SecretKey::generate().write(&pki.join("master.key"))?;
         SecretKey::generate().write(&pki.join("pin.key"))?;
         generate_signing_key(&pki.join("checkpoint.key"))?;

@@ -15,14 +15,14 @@ use futures::StreamExt;
 use prost::Message;
 use serde::Serialize;
 use twokey_audit::{
-    merkle::leaf_hash,
-    store::{LogStore, SledStore},
+    merkle::{Hash, leaf_hash, node_hash, subtree_root},
+    store::SledStore,
 };
 use twokey_proto::audit::v1::{
     GetCheckpointRequest, GetConsistencyProofRequest, GetInclusionProofRequest, LogEntry,
     QueryRequest, audit_service_client::AuditServiceClient,
 };
-use twokey_runtime::{events::EventSigner, time::to_timestamp};
+use twokey_runtime::{durable::DurableDb, events::EventSigner, time::to_timestamp};
 
 use crate::{
     scenario::audit::{Source, event, group},
@@ -64,26 +64,73 @@ pub struct ScaleRow {
     pub errors: usize,
 }
 
-/// Appends signed `fill` events until the log holds `target` entries; one sync at the end.
-pub async fn fill(dir: &Path, signer: &EventSigner, target: u64) -> Result<()> {
-    let store = SledStore::open(dir)?;
+/// Appends signed `fill` events until the log holds `target` entries, then
+/// one flush + fdatasync.
+///
+/// This is setup, not a measurement, so it writes the audit store's key
+/// layout (see `twokey_audit::store`) with plain sled inserts: a sled
+/// `apply_batch` seals and writes sled's IO buffer with a waiting
+/// `sync_file_range` every time (the bound the Append rows measure), which
+/// would make a million-entry fill take many minutes. The served
+/// checkpoint's root is compared with the root computed here, so a drift
+/// in the layout fails the run instead of measuring a wrong log.
+pub fn fill(dir: &Path, signer: &EventSigner, target: u64) -> Result<Hash> {
+    let db = DurableDb::open(dir)?;
+    let tree = db.tree("audit_log")?;
+    let u64_at = |key: &[u8]| -> Result<Option<u64>> {
+        Ok(match tree.get(key)? {
+            Some(v) => Some(u64::from_be_bytes(v.as_ref().try_into()?)),
+            None => None,
+        })
+    };
+    let node_key = |level: u32, index: u64| {
+        let mut k = vec![b'n', level as u8];
+        k.extend_from_slice(&index.to_be_bytes());
+        k
+    };
     let source = signer.source().as_str().to_owned();
-    let mut seq = store.next_seq(&source)?;
-    while store.size() < target {
+    let mut next_seq_key = vec![b's'];
+    next_seq_key.extend_from_slice(source.as_bytes());
+    let mut size = u64_at(b"m/size")?.unwrap_or(0);
+    let mut seq = u64_at(&next_seq_key)?.unwrap_or(1);
+    while size < target {
         let signed = event(signer, seq);
         let leaf = leaf_hash(&signed.encode_to_vec());
         let e = twokey_proto::audit::v1::Event::decode(signed.event.as_slice())?;
         let entry = LogEntry {
-            index: store.size(),
+            index: size,
             signed_event: Some(signed),
             event: Some(e),
             received_at: Some(to_timestamp(SystemTime::now())),
         };
-        store.append(&entry, &leaf)?;
+        tree.insert(SledStore::entry_key(size), entry.encode_to_vec())?;
+        let mut q = vec![b'q'];
+        q.extend_from_slice(source.as_bytes());
+        q.push(0);
+        q.extend_from_slice(&seq.to_be_bytes());
+        tree.insert(q, &size.to_be_bytes())?;
+        let (mut level, mut i, mut hash) = (0u32, size, leaf);
+        tree.insert(node_key(level, i), &hash)?;
+        while i & 1 == 1 {
+            let left = tree
+                .get(node_key(level, i - 1))?
+                .context("missing left node")?;
+            hash = node_hash(left.as_ref().try_into()?, &hash);
+            level += 1;
+            i >>= 1;
+            tree.insert(node_key(level, i), &hash)?;
+        }
         seq += 1;
+        size += 1;
+        tree.insert(next_seq_key.as_slice(), &seq.to_be_bytes())?;
+        tree.insert(b"m/size", &size.to_be_bytes())?;
     }
-    store.sync().await?;
-    Ok(())
+    db.sync_blocking()?;
+    let root = subtree_root(0, size, &mut |level, index| -> Result<Hash> {
+        let v = tree.get(node_key(level, index))?.context("missing node")?;
+        Ok(v.as_ref().try_into()?)
+    })?;
+    Ok(root)
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -154,11 +201,21 @@ pub async fn run(
         .collect();
     for &size in sizes {
         let t = Instant::now();
-        fill(&data, &world.fill, size).await?;
+        let (dir, signer) = (data.clone(), world.fill.clone());
+        let root = tokio::task::spawn_blocking(move || fill(&dir, &signer, size)).await??;
         let fill_seconds = t.elapsed().as_secs_f64();
         let (svc, fp) = start_audit(world, bin_dir, &config, &format!("{size} entries")).await?;
         footprints.push(fp);
         let mut errors = 0;
+        let served = AuditServiceClient::new(world.channel("carol", &svc.address, "audit")?)
+            .get_checkpoint(GetCheckpointRequest {})
+            .await?
+            .into_inner();
+        anyhow::ensure!(
+            served.tree_size == size && served.root_hash == root,
+            "the served log ({} entries) does not match the filled one ({size})",
+            served.tree_size
+        );
         let (s, e, el) = group(
             world,
             &svc.address,
