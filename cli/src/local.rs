@@ -373,6 +373,38 @@ impl LocalSystem {
     }
 }
 
+/// Runs `cargo build --workspace --bins` from `dir`, for tests that start
+/// the real binaries. It drops the variables cargo sets for a running test
+/// (`CARGO_PKG_*`, `CARGO_MANIFEST_*`, …): build scripts such as ring's watch
+/// them, and inheriting them would rebuild the whole dependency graph instead
+/// of finding it fresh.
+pub fn cargo_build_binaries(dir: &Path) -> std::io::Result<std::process::ExitStatus> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .args(["build", "--workspace", "--bins"])
+        .current_dir(dir);
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy().into_owned();
+        let set_for_tests = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
+            || matches!(
+                name.as_str(),
+                "CARGO" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
+            );
+        if set_for_tests {
+            command.env_remove(&name);
+        }
+    }
+    command.status()
+}
+
 /// The policy of a local system: one account, one person per role.
 pub fn policy_text() -> String {
     let td = TRUST_DOMAIN;

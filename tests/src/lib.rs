@@ -18,8 +18,8 @@ use twokey_proto::{
 };
 use twokey_runtime::tls::TlsFiles;
 
-/// The directory holding the workspace's binaries, built once per test
-/// process if missing (`scripts/test` builds them beforehand).
+/// The directory holding the workspace's binaries, built (or found fresh)
+/// once per test process.
 pub fn bin_dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -30,18 +30,11 @@ pub fn bin_dir() -> PathBuf {
             .and_then(Path::parent)
             .expect("target dir")
             .to_owned();
-        let missing = ["twokey-audit", "twokey-vault", "twokey-broker", "twokey"]
-            .iter()
-            .any(|b| !dir.join(b).exists());
-        if missing {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "--workspace", "--bins"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "cargo build --workspace --bins failed");
-        }
+        // A no-op when fresh (scripts/test builds them first); otherwise the
+        // tests would start stale binaries.
+        let status = twokey::local::cargo_build_binaries(Path::new(env!("CARGO_MANIFEST_DIR")))
+            .expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
         dir
     })
     .clone()

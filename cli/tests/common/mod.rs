@@ -85,12 +85,8 @@ pub fn service_binaries() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                // The command scripts/test runs first, so in CI this is a no-op.
-                .args(["build", "--workspace", "--bins"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
+            // The command scripts/test runs first, so in CI this is a no-op.
+            let status = twokey::local::cargo_build_binaries(Path::new(env!("CARGO_MANIFEST_DIR")))
                 .expect("run cargo build for the binaries");
             assert!(status.success(), "cargo build of the binaries failed");
             Path::new(env!("CARGO_BIN_EXE_twokey"))
