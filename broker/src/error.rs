@@ -1,5 +1,5 @@
 //! The broker's one error type, and the short list of kinds it maps to (gRPC
-//! codes in `grpc`, HTTP statuses in a future JSON front end).
+//! codes in `grpc`; the HTTP/JSON front end derives its statuses from those).
 
 use twokey_runtime::{durable::StoreError, keys::KeyError, serve::ServeError, tls::TlsError};
 

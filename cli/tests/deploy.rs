@@ -81,6 +81,7 @@ fn broker_example_config_has_exactly_the_broker_keys() {
         config_keys("broker.toml"),
         set(&[
             "listen",
+            "http_listen",
             "trust_domain",
             "data_dir",
             "policy_file",
