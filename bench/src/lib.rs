@@ -137,7 +137,7 @@ impl Options {
         let full = self.scale == Scale::Full;
         let pick = |v: Option<usize>, f: usize, c: usize| v.unwrap_or(if full { f } else { c });
         Sizes {
-            codes: pick(self.codes, 30_000, 64),
+            codes: pick(self.codes, 20_000, 64),
             appends: pick(self.appends, 5_000, 8),
             baseline_appends: pick(self.baseline_appends, 3_000, 16),
             flows: pick(self.flows, 1_000, 12),

@@ -34,7 +34,8 @@ use crate::{
 /// Measurements at one log size.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ScaleRow {
-    /// Entries in the log when measured.
+    /// Entries in the log when the reads were measured (the Append run
+    /// then adds its events).
     pub entries: u64,
     /// Seconds to fill the log to this size (bench-side, not a target).
     pub fill_seconds: f64,
@@ -216,24 +217,8 @@ pub async fn run(
             "the served log ({} entries) does not match the filled one ({size})",
             served.tree_size
         );
-        let (s, e, el) = group(
-            world,
-            &svc.address,
-            &mut srcs,
-            appends_per_source,
-            64,
-            limit,
-        )
-        .await?;
-        errors += e;
-        let append = summarise("scaling", "append", false, 0, s, e, el);
         let carol = AuditServiceClient::new(world.channel("carol", &svc.address, "audit")?);
-        let entries = carol
-            .clone()
-            .get_checkpoint(GetCheckpointRequest {})
-            .await?
-            .into_inner()
-            .tree_size;
+        let entries = size;
         let c = carol.clone();
         let (cp, e) = timed(probes, limit, |_| {
             let mut c = c.clone();
@@ -312,6 +297,18 @@ pub async fn run(
         })
         .await;
         errors += e;
+        // Append last, so the reads above saw exactly `size` entries.
+        let (s, e, el) = group(
+            world,
+            &svc.address,
+            &mut srcs,
+            appends_per_source,
+            64,
+            limit,
+        )
+        .await?;
+        errors += e;
+        let append = summarise("scaling", "append", false, 0, s, e, el);
         let rss_after = svc.rss_kib()? as f64 / 1024.0;
         if let Some(fp) = footprints.last_mut() {
             fp.loaded_rss_mib = rss_after;
