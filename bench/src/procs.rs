@@ -31,38 +31,10 @@ pub fn bin_dir(dir: Option<&Path>) -> Result<PathBuf> {
         d = d.parent().context("deps has no parent")?;
     }
     let release = d.ends_with("release");
-    if let Ok(cargo) = std::env::var("CARGO") {
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--bins"]);
-        for b in BINARIES {
-            cmd.args(["-p", b]);
-        }
-        if release {
-            cmd.arg("--release");
-        }
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-        // Drop what cargo sets for a running test or `cargo run`: build
-        // scripts (ring's) watch these, and inheriting them would rebuild the
-        // dependency graph instead of finding it fresh.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy().into_owned();
-            let set_by_cargo = [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-            ]
-            .iter()
-            .any(|p| name.starts_with(p))
-                || matches!(
-                    name.as_str(),
-                    "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
-                );
-            if set_by_cargo {
-                cmd.env_remove(&name);
-            }
-        }
-        let status = cmd.status().context("run cargo build for the services")?;
+    if std::env::var_os("CARGO").is_some() {
+        let status =
+            twokey::local::cargo_build_binaries(Path::new(env!("CARGO_MANIFEST_DIR")), release)
+                .context("run cargo build for the services")?;
         if !status.success() {
             bail!("cargo build of {BINARIES:?} failed");
         }

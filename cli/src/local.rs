@@ -373,17 +373,25 @@ impl LocalSystem {
     }
 }
 
-/// Runs `cargo build --workspace --bins` from `dir`, for tests that start
-/// the real binaries. It drops the variables cargo sets for a running test
+/// Runs `cargo build --workspace --bins` (with `--release` if asked) from
+/// `dir`, for tests and tools that start the real binaries. It always builds
+/// the whole workspace, as `scripts/test` does, so every caller finds the
+/// same artifacts fresh. It drops the variables cargo sets for a running test
 /// (`CARGO_PKG_*`, `CARGO_MANIFEST_*`, …): build scripts such as ring's watch
 /// them, and inheriting them would rebuild the whole dependency graph instead
 /// of finding it fresh.
-pub fn cargo_build_binaries(dir: &Path) -> std::io::Result<std::process::ExitStatus> {
+pub fn cargo_build_binaries(
+    dir: &Path,
+    release: bool,
+) -> std::io::Result<std::process::ExitStatus> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = Command::new(cargo);
     command
         .args(["build", "--workspace", "--bins"])
         .current_dir(dir);
+    if release {
+        command.arg("--release");
+    }
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy().into_owned();
         let set_for_tests = [
