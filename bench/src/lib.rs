@@ -68,6 +68,9 @@ pub struct Options {
     /// Print the report as JSON instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json_file: Option<PathBuf>,
     /// Codes to generate (and Status calls for the baseline).
     #[arg(long)]
     pub codes: Option<usize>,

@@ -7,6 +7,9 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let opts = twokey_bench::Options::parse();
     let report = twokey_bench::run(&opts).await?;
+    if let Some(path) = &opts.json_file {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
