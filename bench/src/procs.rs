@@ -5,10 +5,8 @@
 //! process it started.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Child, Command},
     time::{Duration, Instant},
 };
 
@@ -68,39 +66,10 @@ impl Service {
     pub fn start(bin_dir: &Path, bin: &str, config: &Path, log: &Path) -> Result<Self> {
         let log_file = std::fs::File::create(log)?;
         let spawned = Instant::now();
-        let mut child = Command::new(bin_dir.join(bin))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .env_remove("TWOKEY_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
+        let mut command = Command::new(bin_dir.join(bin));
+        command.args(["serve", "--config"]).arg(config);
+        let (mut child, rx) = twokey::local::spawn_service(command, bin, log_file)
             .with_context(|| format!("start {bin}"))?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let (tx, rx) = mpsc::channel();
-        let prefix = format!("{bin} listening on ");
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(None);
-                        return;
-                    }
-                    Ok(_) => {
-                        if let Some(addr) = line.trim().strip_prefix(&prefix) {
-                            let _ = tx.send(Some((addr.to_owned(), Instant::now())));
-                            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                            return;
-                        }
-                    }
-                }
-            }
-        });
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(Some((addr, at))) => {
                 eprintln!("twokey-bench: {bin} pid {} on {addr}", child.id());

@@ -255,46 +255,16 @@ impl LocalSystem {
         if let Some(addr) = listen {
             command.args(["--listen", addr]);
         }
-        let mut child = command
-            .env_remove("RUST_LOG")
-            .env_remove("TWOKEY_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| {
+        let (child, rx) =
+            spawn_service(command, &format!("twokey-{svc}"), log_file).map_err(|e| {
                 CliError::Input(format!(
                     "cannot start {}: {e} — build it first (cargo build -p twokey-{svc})",
                     bin.display()
                 ))
             })?;
-        let stdout = child.stdout.take().expect("piped stdout");
         self.children.push((svc.to_owned(), child));
-        let (tx, rx) = mpsc::channel();
-        let prefix = format!("twokey-{svc} listening on ");
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(None);
-                        return;
-                    }
-                    Ok(_) => {
-                        if let Some(addr) = line.trim().strip_prefix(&prefix) {
-                            let _ = tx.send(Some(addr.to_owned()));
-                            // Keep draining so the service never blocks on stdout.
-                            let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                            return;
-                        }
-                    }
-                }
-            }
-        });
         match rx.recv_timeout(START_TIMEOUT) {
-            Ok(Some(addr)) => Ok(format!("https://{addr}")),
+            Ok(Some((addr, _))) => Ok(format!("https://{addr}")),
             _ => {
                 let mut text = String::new();
                 let _ = std::fs::File::open(&log).and_then(|mut f| f.read_to_string(&mut text));
@@ -371,6 +341,51 @@ impl LocalSystem {
             .map(|(name, child)| (name, child.id()))
             .collect()
     }
+}
+
+/// The address a service announced and when its line was read.
+pub type Announced = mpsc::Receiver<Option<(String, std::time::Instant)>>;
+
+/// Spawns a service `command` (its logging variables cleared, stdin closed,
+/// stderr to `log`) and returns the child and a receiver that yields the
+/// address from its `NAME listening on ADDR` line, or `None` if it exited
+/// first. Its stdout is drained afterwards, so it never blocks on it.
+pub fn spawn_service(
+    mut command: Command,
+    name: &str,
+    log: std::fs::File,
+) -> std::io::Result<(Child, Announced)> {
+    let mut child = command
+        .env_remove("RUST_LOG")
+        .env_remove("TWOKEY_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    let prefix = format!("{name} listening on ");
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(None);
+                    return;
+                }
+                Ok(_) => {
+                    if let Some(addr) = line.trim().strip_prefix(&prefix) {
+                        let _ = tx.send(Some((addr.to_owned(), std::time::Instant::now())));
+                        let _ = std::io::copy(&mut reader, &mut std::io::sink());
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok((child, rx))
 }
 
 /// Runs `cargo build --workspace --bins` (with `--release` if asked) from
