@@ -307,7 +307,7 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
     ));
 
     s.say("==> the PIN arrives in alice's mailbox only");
-    let pin = system.pin_for("alice", &id).ok_or_else(|| {
+    let pin = system.wait_for_pin("alice", &id, 0).ok_or_else(|| {
         CliError::Input(format!(
             "no PIN for request {id} in {}",
             system.mailbox.join("alice.jsonl").display()

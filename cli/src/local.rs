@@ -290,14 +290,40 @@ impl LocalSystem {
         }
     }
 
-    /// The newest PIN the broker's mailbox holds for `user` and `request_id`.
-    pub fn pin_for(&self, user: &str, request_id: &str) -> Option<String> {
-        let text = std::fs::read_to_string(self.mailbox.join(format!("{user}.jsonl"))).ok()?;
+    /// Every PIN the broker's mailbox holds for `user` and `request_id`,
+    /// oldest first.
+    pub fn pins_for(&self, user: &str, request_id: &str) -> Vec<String> {
+        let Ok(text) = std::fs::read_to_string(self.mailbox.join(format!("{user}.jsonl"))) else {
+            return Vec::new();
+        };
         text.lines()
-            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["request_id"] == request_id)
-            .find_map(|v| v["pin"].as_str().map(str::to_owned))
+            .filter_map(|v| v["pin"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The newest PIN the broker's mailbox holds for `user` and `request_id`.
+    pub fn pin_for(&self, user: &str, request_id: &str) -> Option<String> {
+        self.pins_for(user, request_id).pop()
+    }
+
+    /// Waits, at most 10 s, until the mailbox holds more than `seen` PINs
+    /// for `user` and `request_id` (the broker's notifier delivers them
+    /// asynchronously), and returns the newest. `seen` is 0 for the first PIN,
+    /// 1 for the one after a resend.
+    pub fn wait_for_pin(&self, user: &str, request_id: &str, seen: usize) -> Option<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut pins = self.pins_for(user, request_id);
+            if pins.len() > seen {
+                return pins.pop();
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills one service (`audit`, `vault` or `broker`) with SIGKILL, as a

@@ -115,12 +115,14 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
     // approve -> PIN to alice's mailbox
     let approved = json(twokey_as(cfg, "bob").args(["request", "approve", &id, "--comment", "ok"]));
     assert_eq!(approved["request"]["state"], "REQUEST_STATE_APPROVED");
-    let pin = sys.pin_for("alice", &id).expect("a PIN in alice's mailbox");
+    let pin = sys
+        .wait_for_pin("alice", &id, 0)
+        .expect("a PIN in alice's mailbox");
 
     // pin resend voids the PIN and sends a new one.
     let resent = json(twokey_as(cfg, "alice").args(["pin", "resend", &id]));
     assert_eq!(resent["request"]["requestId"], id.as_str());
-    let new_pin = sys.pin_for("alice", &id).expect("a new PIN");
+    let new_pin = sys.wait_for_pin("alice", &id, 1).expect("a new PIN");
     let _ = pin;
 
     // A wrong PIN: one line, exit 1, never echoed.

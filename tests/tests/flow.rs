@@ -3,8 +3,6 @@
 //! verifiable log from both sources; audit down means no code, and once
 //! audit is back the outboxes drain without a gap and releases work again.
 
-use std::time::{Duration, Instant};
-
 use tonic::Code;
 use twokey::local::ACCOUNT;
 use twokey_audit::{checkpoint::NoteVerifier, verify::verify_log};
@@ -68,14 +66,10 @@ async fn verified_request(sys: &System) -> (String, String) {
         .unwrap();
     assert_eq!(approved.state(), RequestState::Approved);
     // The PIN is delivered asynchronously by the notifier queue.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let pin = loop {
-        if let Some(pin) = sys.local.pin_for("alice", &request.request_id) {
-            break pin;
-        }
-        assert!(Instant::now() < deadline, "no PIN in alice's mailbox");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let pin = sys
+        .local
+        .wait_for_pin("alice", &request.request_id, 0)
+        .expect("a PIN in alice's mailbox");
     let verified = sys
         .broker("olivia")
         .verify_pin(VerifyPinRequest {
