@@ -51,19 +51,7 @@ impl Mailbox {
             .mode(0o700)
             .create(&self.dir)
             .map_err(io)?;
-        let mut line = serde_json::json!({
-            "id": message.id,
-            "kind": message.kind,
-            "request_id": message.request_id,
-            "account_id": message.account_id,
-            "to": message.to,
-            "text": message.text,
-            "at_ms": message.at_ms,
-        });
-        if let Some(pin) = &message.pin {
-            line["pin"] = pin.expose().into();
-        }
-        let mut bytes = serde_json::to_vec(&line).map_err(|e| NotifyError(e.to_string()))?;
+        let mut bytes = message.json_bytes();
         bytes.push(b'\n');
         let path = self.dir.join(Self::file_name(&message.to));
         let mut file = std::fs::OpenOptions::new()

@@ -89,6 +89,24 @@ pub struct Message {
 }
 
 impl Message {
+    /// The message as one JSON object — the mailbox line and the webhook
+    /// body. Holds the PIN when there is one, so it is zeroized on drop.
+    pub fn json_bytes(&self) -> zeroize::Zeroizing<Vec<u8>> {
+        let mut json = serde_json::json!({
+            "id": self.id,
+            "kind": self.kind,
+            "request_id": self.request_id,
+            "account_id": self.account_id,
+            "to": self.to,
+            "text": self.text,
+            "at_ms": self.at_ms,
+        });
+        if let Some(pin) = &self.pin {
+            json["pin"] = pin.expose().into();
+        }
+        zeroize::Zeroizing::new(serde_json::to_vec(&json).expect("JSON values serialize"))
+    }
+
     /// The text with the PIN in it, for notifiers that deliver the PIN.
     pub fn text_with_pin(&self) -> String {
         match &self.pin {

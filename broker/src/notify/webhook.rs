@@ -54,19 +54,7 @@ impl Webhook {
     }
 
     fn body(&self, message: &Message) -> Zeroizing<Vec<u8>> {
-        let mut json = serde_json::json!({
-            "id": message.id,
-            "kind": message.kind,
-            "request_id": message.request_id,
-            "account_id": message.account_id,
-            "to": message.to,
-            "text": message.text,
-            "at_ms": message.at_ms,
-        });
-        if let Some(pin) = &message.pin {
-            json["pin"] = pin.expose().into();
-        }
-        Zeroizing::new(serde_json::to_vec(&json).expect("JSON values serialize"))
+        message.json_bytes()
     }
 }
 
