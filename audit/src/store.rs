@@ -1,16 +1,19 @@
 //! Storage of the log behind a small trait: entries by index, each source's
 //! next expected sequence number and where each (source, seq) landed, and the
 //! roots of every complete subtree, so roots and proofs need O(log n) reads
-//! and nothing is rehashed at startup. The sled implementation writes each
-//! append as one atomic batch and makes it durable with
-//! [`DurableDb::sync`](twokey_runtime::durable::DurableDb::sync), which
-//! concurrent appends share (group commit).
+//! and nothing is rehashed at startup. The sled implementation stages
+//! appends in memory (reads see them) and writes everything staged as one
+//! atomic sled batch when [`LogStore::sync`] is called, then makes it durable
+//! with [`DurableDb::sync`](twokey_runtime::durable::DurableDb::sync): a
+//! group of concurrent appends costs one batch write and one flush +
+//! `fdatasync` (group commit), not one device write per event.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     path::Path,
     sync::{
-        Mutex,
+        Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
 };
@@ -82,13 +85,18 @@ fn read_u64(bytes: &[u8], what: &str) -> Result<u64, AuditError> {
         .map_err(|_| AuditError::Store(format!("stored {what} is not 8 bytes")))
 }
 
+/// Writes staged since the last sync, by key; reads look here first.
+type Staged = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// The log in a sled tree, synced durably.
 #[derive(Debug)]
 pub struct SledStore {
     db: DurableDb,
     tree: sled::Tree,
     size: AtomicU64,
-    write: Mutex<()>,
+    /// Staged writes; held by an append while it runs and by a sync while it
+    /// moves them into the tree, so a reader finds a key in one or the other.
+    staged: Mutex<Staged>,
 }
 
 impl SledStore {
@@ -113,8 +121,36 @@ impl SledStore {
             db,
             tree,
             size: AtomicU64::new(size),
-            write: Mutex::new(()),
+            staged: Mutex::new(Staged::new()),
         })
+    }
+
+    fn staged(&self) -> MutexGuard<'_, Staged> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The value of `key`: staged, else in the tree. A sync moves staged
+    /// keys into the tree under the lock, so a key staged before this call
+    /// is found in one of the two.
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, AuditError> {
+        if let Some(v) = self.staged().get(key) {
+            return Ok(Some(v.clone()));
+        }
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    /// Tree node `level`/`index` while the caller holds the staged writes.
+    fn node_in(&self, staged: &Staged, level: u32, index: u64) -> Result<Hash, AuditError> {
+        let key = node_key(level, index);
+        let v =
+            match staged.get(&key) {
+                Some(v) => v.clone(),
+                None => self.tree.get(&key)?.map(|v| v.to_vec()).ok_or_else(|| {
+                    AuditError::Store(format!("missing tree node {level}/{index}"))
+                })?,
+            };
+        Hash::try_from(v.as_slice())
+            .map_err(|_| AuditError::Store(format!("tree node {level}/{index} is not 32 bytes")))
     }
 
     /// The raw sled tree (tests that tamper with stored bytes).
@@ -134,21 +170,20 @@ impl LogStore for SledStore {
     }
 
     fn next_seq(&self, source: &str) -> Result<u64, AuditError> {
-        match self.tree.get(next_seq_key(source))? {
+        match self.get(&next_seq_key(source))? {
             Some(v) => read_u64(&v, "sequence number"),
             None => Ok(1),
         }
     }
 
     fn index_of(&self, source: &str, seq: u64) -> Result<Option<u64>, AuditError> {
-        self.tree
-            .get(seq_index_key(source, seq))?
+        self.get(&seq_index_key(source, seq))?
             .map(|v| read_u64(&v, "leaf index"))
             .transpose()
     }
 
     fn entry(&self, index: u64) -> Result<Option<LogEntry>, AuditError> {
-        let Some(bytes) = self.tree.get(entry_key(index))? else {
+        let Some(bytes) = self.get(&entry_key(index))? else {
             return Ok(None);
         };
         let entry = LogEntry::decode(bytes.as_ref()).map_err(|e| AuditError::Corrupt {
@@ -159,7 +194,7 @@ impl LogStore for SledStore {
     }
 
     fn append(&self, entry: &LogEntry, leaf: &Hash) -> Result<(), AuditError> {
-        let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        let mut staged = self.staged();
         let index = self.size();
         if entry.index != index {
             return Err(AuditError::Store(format!(
@@ -171,39 +206,52 @@ impl LogStore for SledStore {
             .event
             .as_ref()
             .ok_or_else(|| AuditError::Store("entry without an event".into()))?;
-        let mut batch = sled::Batch::default();
-        batch.insert(entry_key(index), entry.encode_to_vec());
-        batch.insert(
-            seq_index_key(&event.source, event.seq),
-            &index.to_be_bytes(),
-        );
-        batch.insert(next_seq_key(&event.source), &(event.seq + 1).to_be_bytes());
-        batch.insert(SIZE, &(index + 1).to_be_bytes());
+        let mut writes = vec![
+            (entry_key(index), entry.encode_to_vec()),
+            (
+                seq_index_key(&event.source, event.seq),
+                index.to_be_bytes().to_vec(),
+            ),
+            (
+                next_seq_key(&event.source),
+                (event.seq + 1).to_be_bytes().to_vec(),
+            ),
+            (SIZE.to_vec(), (index + 1).to_be_bytes().to_vec()),
+        ];
         // The leaf, and every complete subtree this leaf completes.
         let (mut level, mut i, mut hash) = (0u32, index, *leaf);
-        batch.insert(node_key(level, i), &hash);
+        writes.push((node_key(level, i), hash.to_vec()));
         while i & 1 == 1 {
-            let left = self.node(level, i - 1)?;
+            let left = self.node_in(&staged, level, i - 1)?;
             hash = node_hash(&left, &hash);
             level += 1;
             i >>= 1;
-            batch.insert(node_key(level, i), &hash);
+            writes.push((node_key(level, i), hash.to_vec()));
         }
-        self.tree.apply_batch(batch)?;
+        staged.extend(writes);
         self.size.store(index + 1, Ordering::SeqCst);
         Ok(())
     }
 
     fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError> {
-        let v = self
-            .tree
-            .get(node_key(level, index))?
-            .ok_or_else(|| AuditError::Store(format!("missing tree node {level}/{index}")))?;
-        Hash::try_from(v.as_ref())
-            .map_err(|_| AuditError::Store(format!("tree node {level}/{index} is not 32 bytes")))
+        self.node_in(&self.staged(), level, index)
     }
 
     async fn sync(&self) -> Result<(), AuditError> {
+        {
+            // One atomic batch for everything staged; the lock keeps readers
+            // and appends out until the keys are in the tree. If sled refuses
+            // the batch, the writes stay staged for the next sync.
+            let mut staged = self.staged();
+            if !staged.is_empty() {
+                let mut batch = sled::Batch::default();
+                for (k, v) in staged.iter() {
+                    batch.insert(k.as_slice(), v.as_slice());
+                }
+                self.tree.apply_batch(batch)?;
+                staged.clear();
+            }
+        }
         Ok(self.db.sync().await?)
     }
 }
@@ -259,6 +307,31 @@ mod tests {
         assert_eq!(store.entry(4).unwrap().unwrap(), entry(4, 5).0);
         let got = subtree_root(0, 37, &mut |l, n| store.node(l, n)).unwrap();
         assert_eq!(got, root(&leaves));
+    }
+
+    #[tokio::test]
+    async fn appends_are_staged_until_sync_then_written_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        for i in 0..5 {
+            let (e, leaf) = entry(i, i + 1);
+            store.append(&e, &leaf).unwrap();
+        }
+        // Readers see staged entries; the tree does not hold them yet.
+        assert_eq!(store.entry(3).unwrap().unwrap(), entry(3, 4).0);
+        assert_eq!(store.next_seq("spiffe://t/svc/vault").unwrap(), 6);
+        assert!(store.tree().get(entry_key(3)).unwrap().is_none());
+        store.sync().await.unwrap();
+        assert!(store.tree().get(entry_key(3)).unwrap().is_some());
+        assert_eq!(store.entry(3).unwrap().unwrap(), entry(3, 4).0);
+        // An append after the sync is staged again, and an unsynced append
+        // is not there after a reopen: it was never acknowledged.
+        let (e, leaf) = entry(5, 6);
+        store.append(&e, &leaf).unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.size(), 5);
+        assert!(store.entry(5).unwrap().is_none());
     }
 
     #[test]

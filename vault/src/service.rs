@@ -21,7 +21,7 @@ use crate::{
     crypto::MasterKey,
     grant::{GrantError, GrantVerifier},
     seed::{Algorithm, Seed, SeedError, SeedSpec, TotpParams, parse_otpauth},
-    store::{AccountRecord, VaultStore, VaultStoreError},
+    store::{AccountRecord, GrantUse, VaultStore, VaultStoreError},
     totp::{CodeValue, code_at, code_for_step},
 };
 
@@ -293,13 +293,16 @@ impl<S: VaultStore> Vault<S> {
             .attr("grant_id", &grant.grant_id)
             .attr("requester", &grant.requester)
             .attr("approvers", grant.approvers.join(","));
-        let seq = self.store.use_grant(
-            &grant.grant_id,
-            expires,
-            &grant.account_id,
-            self.now(),
-            event,
-        )?;
+        let seq = self
+            .store
+            .use_grant(GrantUse {
+                grant_id: grant.grant_id.clone(),
+                expires_at: expires,
+                account_id: grant.account_id.clone(),
+                now: self.now(),
+                event,
+            })
+            .await?;
         if let Err(e) = self.commit_and_confirm(seq, "no code released").await {
             // The log holds `code.released` for this grant; say that the code
             // never left, so the log stays true.

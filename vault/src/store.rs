@@ -1,9 +1,14 @@
 //! The vault's store: sealed seeds with their metadata, used grant ids (kept
 //! until their grant expires, so a restart does not reopen a replay), and the
 //! key-check value. Every change writes its audit event into the outbox in
-//! the same sled transaction.
+//! the same sled transaction. Grant uses, the hot path, are group-committed:
+//! concurrent uses share one sled transaction (one log write instead of one
+//! per code), each still checked and answered on its own.
 
-use std::future::Future;
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -91,12 +96,8 @@ pub trait VaultStore: Send + Sync + 'static {
     /// last use, and records the event; refuses a used grant.
     fn use_grant(
         &self,
-        grant_id: &str,
-        expires_at: u64,
-        account_id: &str,
-        now: u64,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError>;
+        grant: GrantUse,
+    ) -> impl Future<Output = Result<u64, VaultStoreError>> + Send;
     /// Marks a removal grant used and deletes the account, with its event.
     fn remove(
         &self,
@@ -113,6 +114,29 @@ pub trait VaultStore: Send + Sync + 'static {
     fn commit(&self) -> impl Future<Output = Result<(), VaultStoreError>> + Send;
 }
 
+/// One use of a release grant, as [`VaultStore::use_grant`] records it.
+#[derive(Debug, Clone)]
+pub struct GrantUse {
+    /// The grant's id.
+    pub grant_id: String,
+    /// Unix time the grant expires (its id is kept until then, and a while).
+    pub expires_at: u64,
+    /// The account the code is for.
+    pub account_id: String,
+    /// Unix time now (the account's last use).
+    pub now: u64,
+    /// The `code.released` event.
+    pub event: EventDraft,
+}
+
+/// A grant use queued for the next group transaction, with its caller's
+/// trace id (for its event) and where to answer.
+type QueuedUse = (
+    GrantUse,
+    Option<String>,
+    tokio::sync::oneshot::Sender<Result<u64, VaultStoreError>>,
+);
+
 /// The sled implementation.
 #[derive(Debug, Clone)]
 pub struct SledVaultStore {
@@ -121,6 +145,10 @@ pub struct SledVaultStore {
     grants: sled::Tree,
     meta: sled::Tree,
     outbox: Outbox,
+    /// Grant uses waiting for a leader to write them.
+    queued: Arc<Mutex<Vec<QueuedUse>>>,
+    /// Held by the caller writing the queue out (one group at a time).
+    leader: Arc<tokio::sync::Mutex<()>>,
 }
 
 const KEY_CHECK: &[u8] = b"key_check";
@@ -151,7 +179,66 @@ impl SledVaultStore {
             meta: db.tree("meta")?,
             db: db.clone(),
             outbox,
+            queued: Arc::default(),
+            leader: Arc::default(),
         })
+    }
+
+    /// Writes a group of grant uses in one transaction and answers each:
+    /// a use of a grant used before (also earlier in the same group) or of a
+    /// missing account is refused on its own; the others are recorded.
+    fn write_uses(&self, group: Vec<QueuedUse>) {
+        let mut uses = Vec::with_capacity(group.len());
+        let mut replies = Vec::with_capacity(group.len());
+        for (u, trace, reply) in group {
+            uses.push((u, trace));
+            replies.push(reply);
+        }
+        let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
+            |(grants, accounts, outbox)| {
+                let mut answers = Vec::with_capacity(uses.len());
+                for (u, trace) in &uses {
+                    if grants.get(&u.grant_id)?.is_some() {
+                        answers.push(Err(Abort::Used));
+                        continue;
+                    }
+                    let Some(bytes) = accounts.get(&u.account_id)? else {
+                        answers.push(Err(Abort::Missing));
+                        continue;
+                    };
+                    grants.insert(u.grant_id.as_bytes(), &u.expires_at.to_be_bytes())?;
+                    if let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes) {
+                        record.last_used_at = Some(u.now);
+                        let updated = serde_json::to_vec(&record).expect("records serialize");
+                        accounts.insert(u.account_id.as_bytes(), updated)?;
+                    }
+                    let seq = twokey_runtime::trace::sync_scope(trace.clone(), || {
+                        self.outbox.push(outbox, u.event.clone())
+                    })?;
+                    answers.push(Ok(seq));
+                }
+                Ok::<_, ConflictableTransactionError<std::convert::Infallible>>(answers)
+            },
+        );
+        let answers = match result {
+            Ok(answers) => answers.into_iter().map(Ok).collect(),
+            Err(TransactionError::Abort(never)) => match never {},
+            Err(TransactionError::Storage(e)) => {
+                let why = e.to_string();
+                uses.iter().map(|_| Err(why.clone())).collect::<Vec<_>>()
+            }
+        };
+        for (((u, _), reply), answer) in uses.iter().zip(replies).zip(answers) {
+            let answer = match answer {
+                Ok(Ok(seq)) => Ok(seq),
+                Ok(Err(Abort::Used)) => Err(VaultStoreError::GrantUsed(u.grant_id.clone())),
+                Ok(Err(_)) => Err(VaultStoreError::NotFound(u.account_id.clone())),
+                Err(why) => Err(VaultStoreError::Store(StoreError::Sync(format!(
+                    "cannot record the grant use: {why}"
+                )))),
+            };
+            let _ = reply.send(answer);
+        }
     }
 
     fn decode(&self, id: &str, bytes: &[u8]) -> Result<AccountRecord, VaultStoreError> {
@@ -235,35 +322,30 @@ impl VaultStore for SledVaultStore {
         self.finish(result, &record.account_id)
     }
 
-    fn use_grant(
-        &self,
-        grant_id: &str,
-        expires_at: u64,
-        account_id: &str,
-        now: u64,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError> {
-        let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
-            |(grants, accounts, outbox)| {
-                if grants.get(grant_id)?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(Abort::Used));
-                }
-                let Some(bytes) = accounts.get(account_id)? else {
-                    return Err(ConflictableTransactionError::Abort(Abort::Missing));
-                };
-                grants.insert(grant_id.as_bytes(), &expires_at.to_be_bytes())?;
-                if let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes) {
-                    record.last_used_at = Some(now);
-                    let updated = serde_json::to_vec(&record).expect("records serialize");
-                    accounts.insert(account_id.as_bytes(), updated)?;
-                }
-                self.outbox.push(outbox, event.clone())
-            },
-        );
-        match self.finish(result, account_id) {
-            Err(VaultStoreError::GrantUsed(_)) => Err(VaultStoreError::GrantUsed(grant_id.into())),
-            other => other,
+    async fn use_grant(&self, grant: GrantUse) -> Result<u64, VaultStoreError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queued.lock().unwrap_or_else(|e| e.into_inner()).push((
+            grant,
+            twokey_runtime::trace::current(),
+            reply,
+        ));
+        {
+            // Whoever holds the lead writes out everything queued so far; a
+            // use queued while a group is being written goes in the next.
+            let _lead = self.leader.lock().await;
+            let group = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
+            if !group.is_empty() {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.write_uses(group))
+                    .await
+                    .map_err(|e| StoreError::Sync(format!("grant write task failed: {e}")))?;
+            }
         }
+        answer.await.map_err(|_| {
+            VaultStoreError::Store(StoreError::Sync(
+                "the grant use was not written; ask for a new grant".into(),
+            ))
+        })?
     }
 
     fn remove(
@@ -324,5 +406,110 @@ impl VaultStore for SledVaultStore {
         self.db.sync().await?;
         self.outbox.committed();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use twokey_runtime::{events::EventSigner, identity::SpiffeId, time::SystemClock};
+
+    fn store(dir: &std::path::Path) -> SledVaultStore {
+        let db = DurableDb::open(dir).unwrap();
+        let signer = EventSigner::new(
+            SpiffeId::parse("spiffe://t/svc/vault").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
+        );
+        let outbox = Outbox::open(&db, signer, Arc::new(SystemClock)).unwrap();
+        let store = SledVaultStore::open(&db, outbox).unwrap();
+        let record = AccountRecord {
+            account_id: "aws-root".into(),
+            issuer: String::new(),
+            label: String::new(),
+            params: TotpParams::default(),
+            seed_bits: 160,
+            created_at: 0,
+            last_used_at: None,
+            sealed_seed: String::new(),
+        };
+        store
+            .put(&record, false, EventDraft::new("admin", "account.enrolled"))
+            .unwrap();
+        store
+    }
+
+    fn grant_use(grant_id: &str, account_id: &str) -> GrantUse {
+        GrantUse {
+            grant_id: grant_id.into(),
+            expires_at: u64::MAX / 2,
+            account_id: account_id.into(),
+            now: 1,
+            event: EventDraft::new("op", "code.released"),
+        }
+    }
+
+    /// Runs `uses` concurrently, so they share group transactions.
+    async fn use_all(
+        store: &SledVaultStore,
+        uses: Vec<GrantUse>,
+    ) -> Vec<Result<u64, VaultStoreError>> {
+        let tasks: Vec<_> = uses
+            .into_iter()
+            .map(|u| {
+                let store = store.clone();
+                tokio::spawn(async move { store.use_grant(u).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_uses_of_one_grant_yield_exactly_one_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let results = use_all(
+            &store,
+            (0..48).map(|_| grant_use("g-1", "aws-root")).collect(),
+        )
+        .await;
+        assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+        for r in results.iter().filter(|r| r.is_err()) {
+            assert!(
+                matches!(r, Err(VaultStoreError::GrantUsed(id)) if id == "g-1"),
+                "{r:?}"
+            );
+        }
+        // And once written, it stays used.
+        let again = store.use_grant(grant_use("g-1", "aws-root")).await;
+        assert!(matches!(again, Err(VaultStoreError::GrantUsed(_))));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_group_answers_each_use_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let mut uses: Vec<_> = (0..40)
+            .map(|i| grant_use(&format!("g-{i}"), "aws-root"))
+            .collect();
+        uses.push(grant_use("g-missing", "no-such-account"));
+        let results = use_all(&store, uses).await;
+        let seqs: BTreeSet<u64> = results[..40].iter().map(|r| *r.as_ref().unwrap()).collect();
+        // The enrollment was event 1; every use got its own event.
+        assert_eq!(seqs, (2..=41).collect());
+        assert!(
+            matches!(&results[40], Err(VaultStoreError::NotFound(id)) if id == "no-such-account")
+        );
+        // Nothing half-written: the missing account's grant is not marked used.
+        assert!(store.grants.get("g-missing").unwrap().is_none());
+        assert_eq!(store.grants.len(), 40);
+        assert_eq!(
+            store.get("aws-root").unwrap().unwrap().last_used_at,
+            Some(1)
+        );
     }
 }
