@@ -130,12 +130,34 @@ pub struct GrantUse {
 }
 
 /// A grant use queued for the next group transaction, with its caller's
-/// trace id (for its event) and where to answer.
+/// trace context (for its event) and where to answer.
 type QueuedUse = (
     GrantUse,
-    Option<String>,
+    CallerContext,
     tokio::sync::oneshot::Sender<Result<u64, VaultStoreError>>,
 );
+
+/// The caller's trace id and span, so an event written by the group's
+/// leader on another thread records the caller's trace, not the leader's.
+#[derive(Debug, Clone)]
+struct CallerContext {
+    trace_id: Option<String>,
+    span: tracing::Span,
+}
+
+impl CallerContext {
+    fn current() -> Self {
+        Self {
+            trace_id: twokey_runtime::trace::current(),
+            span: tracing::Span::current(),
+        }
+    }
+
+    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.span
+            .in_scope(|| twokey_runtime::trace::sync_scope(self.trace_id.clone(), f))
+    }
+}
 
 /// The sled implementation.
 #[derive(Debug, Clone)]
@@ -190,14 +212,14 @@ impl SledVaultStore {
     fn write_uses(&self, group: Vec<QueuedUse>) {
         let mut uses = Vec::with_capacity(group.len());
         let mut replies = Vec::with_capacity(group.len());
-        for (u, trace, reply) in group {
-            uses.push((u, trace));
+        for (u, caller, reply) in group {
+            uses.push((u, caller));
             replies.push(reply);
         }
         let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
             |(grants, accounts, outbox)| {
                 let mut answers = Vec::with_capacity(uses.len());
-                for (u, trace) in &uses {
+                for (u, caller) in &uses {
                     if grants.get(&u.grant_id)?.is_some() {
                         answers.push(Err(Abort::Used));
                         continue;
@@ -212,9 +234,7 @@ impl SledVaultStore {
                         let updated = serde_json::to_vec(&record).expect("records serialize");
                         accounts.insert(u.account_id.as_bytes(), updated)?;
                     }
-                    let seq = twokey_runtime::trace::sync_scope(trace.clone(), || {
-                        self.outbox.push(outbox, u.event.clone())
-                    })?;
+                    let seq = caller.run(|| self.outbox.push(outbox, u.event.clone()))?;
                     answers.push(Ok(seq));
                 }
                 Ok::<_, ConflictableTransactionError<std::convert::Infallible>>(answers)
@@ -326,7 +346,7 @@ impl VaultStore for SledVaultStore {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.queued.lock().unwrap_or_else(|e| e.into_inner()).push((
             grant,
-            twokey_runtime::trace::current(),
+            CallerContext::current(),
             reply,
         ));
         {
