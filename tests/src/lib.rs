@@ -115,3 +115,25 @@ impl System {
             .collect()
     }
 }
+
+impl System {
+    /// Starts audit, vault and broker with extra environment variables
+    /// (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`) set on each service.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let local = LocalSystem::start_with_env(&dir.path().join("sys"), &bin_dir(), env)
+            .unwrap_or_else(|e| panic!("local system did not start: {e}"));
+        Self { local, _dir: dir }
+    }
+
+    /// What service `svc` (`audit`, `vault` or `broker`) wrote to its log.
+    pub fn service_log(&self, svc: &str) -> String {
+        std::fs::read_to_string(self.local.dir.join("logs").join(format!("{svc}.log")))
+            .unwrap_or_default()
+    }
+}
