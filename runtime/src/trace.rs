@@ -368,6 +368,107 @@ mod tests {
         }
     }
 
+    /// Runs `f` with a subscriber that makes OpenTelemetry spans (nothing
+    /// exported), as `telemetry::init` installs.
+    fn with_otel<T>(f: impl FnOnce() -> T) -> T {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt;
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, f)
+    }
+
+    #[test]
+    fn a_server_span_continues_the_callers_trace_and_passes_on_its_own_span() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let caller_span = "00f067aa0ba902b7";
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            format!("00-{id}-{caller_span}-01").parse().unwrap(),
+        );
+        with_otel(|| {
+            let (span, trace_id) = server_span("twokey.vault.v1.VaultService/Status", &headers);
+            assert_eq!(trace_id, id);
+            let own = span_context(&span).expect("a span context");
+            assert_eq!(own.trace_id().to_string(), id);
+            assert_ne!(own.span_id().to_string(), caller_span);
+
+            let (mut md, event) = span.in_scope(|| {
+                let mut md = MetadataMap::new();
+                inject(&mut md);
+                let event =
+                    crate::events::EventDraft::new("spiffe://t/svc/broker", "code.released")
+                        .into_event(
+                            &crate::SpiffeId::parse("spiffe://t/svc/vault").unwrap(),
+                            1,
+                            std::time::SystemTime::now(),
+                        );
+                (md, event)
+            });
+            let sent = md.remove("traceparent").expect("a traceparent");
+            assert_eq!(
+                sent.to_str().unwrap(),
+                format!("00-{id}-{}-01", own.span_id())
+            );
+            // The event names the span it was written in, and audit's span
+            // for it is that span's child.
+            assert_eq!(event.trace_id, id);
+            assert_eq!(event.span_id, own.span_id().to_string());
+            let stored = span_context(&stored_event_span(&event)).expect("an audit span");
+            assert_eq!(stored.trace_id().to_string(), id);
+            assert_ne!(stored.span_id(), own.span_id());
+        });
+    }
+
+    #[test]
+    fn without_a_traceparent_a_call_starts_a_new_trace() {
+        with_otel(|| {
+            let (a, id_a) = server_span("m/A", &http::HeaderMap::new());
+            let (_b, id_b) = server_span("m/B", &http::HeaderMap::new());
+            assert_eq!(id_a.len(), 32);
+            assert_ne!(id_a, id_b);
+            assert_eq!(span_context(&a).unwrap().trace_id().to_string(), id_a);
+        });
+    }
+
+    #[test]
+    fn events_outside_any_trace_get_no_audit_span() {
+        let event = twokey_proto::audit::v1::Event {
+            action: "request.expired".into(),
+            ..Default::default()
+        };
+        with_otel(|| assert!(stored_event_span(&event).is_disabled()));
+        let bad = twokey_proto::audit::v1::Event {
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            span_id: "not hex".into(),
+            ..Default::default()
+        };
+        with_otel(|| assert!(stored_event_span(&bad).is_disabled()));
+    }
+
+    #[test]
+    fn the_cli_interceptor_sends_one_valid_traceparent() {
+        use tonic::service::Interceptor;
+        assert!(SendTraceparent::new("garbage").is_none());
+        assert!(
+            SendTraceparent::new("00-00000000000000000000000000000000-00f067aa0ba902b7-01")
+                .is_none()
+        );
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut send = SendTraceparent::new(value).unwrap();
+        assert_eq!(send.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let request = send.call(tonic::Request::new(())).unwrap();
+        assert_eq!(request.metadata().get("traceparent").unwrap(), value);
+        // A fresh root is valid, and one per process.
+        assert!(parse_traceparent(&new_traceparent()).is_some());
+        assert_eq!(
+            SendTraceparent::process_root().trace_id(),
+            SendTraceparent::process_root().trace_id()
+        );
+    }
+
     #[tokio::test]
     async fn the_trace_id_flows_from_scope_to_outgoing_metadata() {
         assert_eq!(current(), None);
