@@ -364,6 +364,14 @@ impl LocalSystem {
         Ok(())
     }
 
+    /// The process id of a running service (`audit`, `vault` or `broker`).
+    pub fn pid(&self, svc: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(name, _)| name == svc)
+            .map(|(_, child)| child.id())
+    }
+
     /// Stops every service this system started (SIGKILL to each child).
     pub fn stop(&mut self) {
         for (_, child) in &mut self.children {

@@ -547,3 +547,53 @@ async fn a_release_is_one_trace_across_cli_broker_vault_and_audit_with_metrics_a
         assert_no_secret(&format!("the {svc} log"), &log, &pin, &codes);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_service_stopped_by_sigterm_exports_what_it_still_held() {
+    let (receiver, endpoint, _stop) = start_receiver().await;
+    // Nothing leaves on a timer during this test: only the shutdown flush.
+    let sys = System::start_with_env(&[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
+    ]);
+    sys.broker("alice")
+        .who_am_i(twokey_proto::broker::v1::WhoAmIRequest {})
+        .await
+        .expect("whoami");
+    let broker_spans = |r: &Receiver| {
+        spans(r)
+            .into_iter()
+            .filter(|s| s.service == "twokey-broker")
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        broker_spans(&receiver).is_empty(),
+        "spans left before shutdown"
+    );
+
+    let pid = sys.local.pid("broker").expect("the broker runs");
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+
+    let whoami = receiver
+        .wait_for("the broker's spans after SIGTERM", |r| {
+            broker_spans(r)
+                .into_iter()
+                .find(|s| s.name == "twokey.broker.v1.BrokerService/WhoAmI")
+        })
+        .await;
+    assert_eq!(
+        whoami.attributes["twokey.caller"],
+        "spiffe://twokey.local/user/alice"
+    );
+    let expiry = receiver
+        .wait_for("the broker's metrics after SIGTERM", |r| {
+            gauge(r, "twokey-broker", "twokey.certificate.expiry")
+        })
+        .await;
+    assert!(expiry > 86_400.0, "certificate expiry {expiry} s");
+}
