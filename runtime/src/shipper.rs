@@ -13,7 +13,6 @@ use std::{
 };
 
 use prost::Message;
-
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;

@@ -131,6 +131,17 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
     let resource = resource(service);
 
     let mut problems = Vec::new();
+    for var in [
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    ] {
+        if let Some(p) = env(var).filter(|p| p.trim() != "grpc") {
+            problems.push(format!(
+                "{var}={p} is not supported, exporting over grpc; point the endpoint at an OTLP/gRPC port (4317)"
+            ));
+        }
+    }
     let mut tracer_builder = SdkTracerProvider::builder().with_resource(resource.clone());
     let mut exports_traces = false;
     if otlp_enabled("TRACES") {
@@ -142,7 +153,9 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
                 tracer_builder = tracer_builder.with_batch_exporter(exporter);
                 exports_traces = true;
             }
-            Err(e) => problems.push(format!("cannot export spans: {e}")),
+            Err(e) => problems.push(format!(
+                "cannot export spans: {e}; set OTEL_EXPORTER_OTLP_ENDPOINT to http://HOST:4317"
+            )),
         }
     }
     let tracer_provider = tracer_builder.build();
@@ -158,7 +171,9 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
                     .build(),
             ),
             Err(e) => {
-                problems.push(format!("cannot export metrics: {e}"));
+                problems.push(format!(
+                    "cannot export metrics: {e}; set OTEL_EXPORTER_OTLP_ENDPOINT to http://HOST:4317"
+                ));
                 None
             }
         }
@@ -190,9 +205,7 @@ pub fn init(service: &str, format: LogFormat) -> Telemetry {
         .try_init()
         .is_ok();
     for problem in &problems {
-        tracing::warn!(
-            "opentelemetry: {problem}; set OTEL_EXPORTER_OTLP_ENDPOINT to http://HOST:4317"
-        );
+        tracing::warn!("opentelemetry: {problem}");
     }
     if !installed {
         return Telemetry::default();

@@ -137,3 +137,20 @@ impl System {
             .unwrap_or_default()
     }
 }
+
+impl System {
+    /// The log once `done` holds for it: events reach audit asynchronously
+    /// from the broker's outbox (the broker does not wait for their
+    /// acknowledgement), so a test that reads the log right after a call
+    /// waits for the events it expects. Polls the log, at most 10 s.
+    pub async fn log_when(&self, done: impl Fn(&[LogEntry]) -> bool) -> Vec<LogEntry> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.log().await;
+            if done(&log) || std::time::Instant::now() >= deadline {
+                return log;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
