@@ -49,7 +49,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Serve(flags) => {
             let config = AuditConfig::load(&flags)?;
-            telemetry::init(config.log_format);
+            let _telemetry = telemetry::init("twokey-audit", config.log_format);
+            twokey_runtime::metrics::observe_certificate_expiry("twokey-audit", &config.tls.cert);
             let listener = bind(&config.listen).await?;
             crate::serve(config, listener, shutdown_signal()).await?;
             Ok(())

@@ -5,16 +5,18 @@
 use std::{pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt, stream::FuturesOrdered};
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::Instrument;
 use twokey_proto::audit::v1::{
-    AppendRequest, AppendResponse, GetCheckpointRequest, GetCheckpointResponse,
+    AppendRequest, AppendResponse, Event, GetCheckpointRequest, GetCheckpointResponse,
     GetConsistencyProofRequest, GetConsistencyProofResponse, GetInclusionProofRequest,
     GetInclusionProofResponse, QueryRequest, QueryResponse,
     audit_service_server::{AuditService, AuditServiceServer},
 };
-use twokey_runtime::{Authenticator, SpiffeId, serve::MAX_MESSAGE_BYTES};
+use twokey_runtime::{Authenticator, SpiffeId, serve::MAX_MESSAGE_BYTES, trace};
 
 use crate::{
     error::AuditError,
@@ -136,11 +138,14 @@ async fn run_append<S: LogStore>(
             message = inbound.message(), if inbound_open && failure.is_none() && pending.len() < PIPELINE => {
                 match message {
                     Ok(Some(AppendRequest { event: Some(signed) })) => {
-                        match log.begin_append(&peer, signed) {
+                        let span = Event::decode(signed.event.as_slice())
+                            .map(|e| trace::stored_event_span(&e))
+                            .unwrap_or_else(|_| tracing::Span::none());
+                        match span.in_scope(|| log.begin_append(&peer, signed)) {
                             Ok(p) => {
                                 last_seq = Some(p.seq());
                                 let log = log.clone();
-                                pending.push_back(async move { log.finish(p).await });
+                                pending.push_back(async move { log.finish(p).await }.instrument(span));
                             }
                             Err(e) => {
                                 tracing::warn!(%peer, "append refused: {e}");

@@ -57,13 +57,21 @@ pub fn run(args: Args) -> Result<(), BrokerError> {
         Command::Serve(a) => {
             let a = *a;
             let config = BrokerConfig::resolve(a.config.as_deref(), a.overrides)?;
-            telemetry::init(config.log_format);
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| BrokerError::Store(format!("cannot start the async runtime: {e}")))?;
-            runtime.block_on(async move {
+            // The exporters' connections live on the runtime: start them
+            // inside it, and flush them (guard dropped) before it goes away.
+            let mut telemetry = {
+                let _inside = runtime.enter();
+                telemetry::init("twokey-broker", config.log_format)
+            };
+            twokey_runtime::metrics::observe_certificate_expiry("twokey-broker", &config.tls.cert);
+            let result = runtime.block_on(async move {
                 let listener = serve::bind(&config.listen).await?;
                 crate::serve(config, listener, serve::shutdown_signal()).await
-            })
+            });
+            telemetry.shutdown();
+            result
         }
         Command::Openapi => {
             print!("{}", crate::http::openapi::json_text());

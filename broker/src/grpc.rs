@@ -95,10 +95,15 @@ impl GrpcVault {
     }
 }
 
+/// The client span of a call of the vault's `method`.
+fn client_span(method: &str) -> tracing::Span {
+    twokey_runtime::trace::client_span(&format!("twokey.vault.v1.VaultService/{method}"))
+}
+
 fn with_deadline<T>(message: T) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(VAULT_DEADLINE);
-    // Carry this call's trace id to the vault, so its events share it.
+    // Carry this call's span to the vault, so its spans and events join the trace.
     twokey_runtime::trace::inject(request.metadata_mut());
     request
 }
@@ -109,7 +114,10 @@ impl Vault for GrpcVault {
         request: vpb::EnrollRequest,
     ) -> BoxFuture<'_, Result<vpb::EnrollResponse, VaultError>> {
         let mut client = self.client.clone();
-        Box::pin(async move { Ok(client.enroll(with_deadline(request)).await?.into_inner()) })
+        Box::pin(
+            async move { Ok(client.enroll(with_deadline(request)).await?.into_inner()) }
+                .instrument(client_span("Enroll")),
+        )
     }
 
     fn generate_code(
@@ -117,43 +125,52 @@ impl Vault for GrpcVault {
         grant: vpb::SignedGrant,
     ) -> BoxFuture<'_, Result<TotpCode, VaultError>> {
         let mut client = self.client.clone();
-        Box::pin(async move {
-            client
-                .generate_code(with_deadline(vpb::GenerateCodeRequest {
-                    grant: Some(grant),
-                }))
-                .await?
-                .into_inner()
-                .code
-                .ok_or_else(|| VaultError {
-                    kind: VaultErrorKind::Internal,
-                    message: "the vault answered without a code".into(),
-                })
-        })
+        Box::pin(
+            async move {
+                client
+                    .generate_code(with_deadline(vpb::GenerateCodeRequest {
+                        grant: Some(grant),
+                    }))
+                    .await?
+                    .into_inner()
+                    .code
+                    .ok_or_else(|| VaultError {
+                        kind: VaultErrorKind::Internal,
+                        message: "the vault answered without a code".into(),
+                    })
+            }
+            .instrument(client_span("GenerateCode")),
+        )
     }
 
     fn list_accounts(&self) -> BoxFuture<'_, Result<Vec<Account>, VaultError>> {
         let mut client = self.client.clone();
-        Box::pin(async move {
-            Ok(client
-                .list_accounts(with_deadline(vpb::ListAccountsRequest {}))
-                .await?
-                .into_inner()
-                .accounts)
-        })
+        Box::pin(
+            async move {
+                Ok(client
+                    .list_accounts(with_deadline(vpb::ListAccountsRequest {}))
+                    .await?
+                    .into_inner()
+                    .accounts)
+            }
+            .instrument(client_span("ListAccounts")),
+        )
     }
 
     fn remove_account(&self, grant: vpb::SignedGrant) -> BoxFuture<'_, Result<String, VaultError>> {
         let mut client = self.client.clone();
-        Box::pin(async move {
-            Ok(client
-                .remove_account(with_deadline(vpb::RemoveAccountRequest {
-                    grant: Some(grant),
-                }))
-                .await?
-                .into_inner()
-                .account_id)
-        })
+        Box::pin(
+            async move {
+                Ok(client
+                    .remove_account(with_deadline(vpb::RemoveAccountRequest {
+                        grant: Some(grant),
+                    }))
+                    .await?
+                    .into_inner()
+                    .account_id)
+            }
+            .instrument(client_span("RemoveAccount")),
+        )
     }
 }
 
@@ -174,19 +191,52 @@ impl BrokerGrpc {
 macro_rules! rpc {
     ($self:ident, $request:ident, $name:literal, |$caller:ident, $msg:ident| $call:expr) => {{
         let $caller = $self.auth.authenticate(&$request)?;
-        let span = tracing::info_span!("rpc", method = $name, caller = %$caller);
+        let (request_id, account_id) = CallIds::ids($request.get_ref());
+        twokey_runtime::trace::record_ids(request_id, account_id);
         let $msg = $request.into_inner();
-        let result = async { $call }.instrument(span.clone()).await;
+        let result = async { $call }.await;
         match result {
             Ok(response) => Ok(Response::new(response)),
             Err(e) => {
                 let status = Status::from(e);
-                span.in_scope(|| tracing::info!(code = ?status.code(), "refused: {}", status.message()));
+                tracing::info!(method = $name, code = ?status.code(), "refused: {}", status.message());
                 Err(status)
             }
         }
     }};
 }
+
+/// The request and account a call names, recorded on its server span.
+trait CallIds {
+    fn ids(&self) -> (&str, &str) {
+        ("", "")
+    }
+}
+
+macro_rules! call_ids {
+    (request: $($r:ty),*; account: $($a:ty),*; neither: $($n:ty),*) => {
+        $(impl CallIds for $r {
+            fn ids(&self) -> (&str, &str) {
+                (&self.request_id, "")
+            }
+        })*
+        $(impl CallIds for $a {
+            fn ids(&self) -> (&str, &str) {
+                ("", &self.account_id)
+            }
+        })*
+        $(impl CallIds for $n {})*
+    };
+}
+
+call_ids!(
+    request: pb::GetRequestRequest, pb::ApproveRequestRequest, pb::DenyRequestRequest,
+        pb::CancelRequestRequest, pb::VerifyPinRequest, pb::ResendPinRequest,
+        pb::ReleaseCodeRequest;
+    account: pb::CreateRequestRequest, pb::ListRequestsRequest, pb::WatchRequestsRequest,
+        pb::EnrollAccountRequest, pb::RemoveAccountRequest;
+    neither: pb::WhoAmIRequest, pb::ListAccountsRequest
+);
 
 /// The stream type of `WatchRequests`.
 pub type WatchStream =

@@ -15,6 +15,7 @@ pub mod error;
 pub mod grant;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod notify;
 pub mod pin;
 pub mod policy;
@@ -231,13 +232,15 @@ pub async fn serve_listeners(
     warn_unreachable_requesters(&policy, &config.notify);
 
     let db = DurableDb::open(&config.data_dir)?;
-    let outbox = Outbox::open(&db, EventSigner::new(identity, event_key), clock.clone())?;
+    let outbox = Outbox::open(&db, EventSigner::new(identity, event_key), clock.clone())?
+        .with_ack_observer(metrics::observe_event);
     let mut queue = NotifyQueue::open(&db, outbox.clone(), notifiers, &pin_key, clock.clone())?;
     if let Some(counter) = options.deliveries {
         queue = queue.with_delivery_counter(counter);
     }
     let queue = Arc::new(queue);
     let store = Arc::new(SledStore::open(&db, outbox.clone(), queue.clone())?);
+    metrics::observe_requests(&store);
     let broker = Arc::new(Broker::new(BrokerParts {
         policy: Arc::new(policy),
         store,

@@ -10,10 +10,8 @@ use std::{
 
 use clap::{Args, Subcommand, ValueEnum};
 use futures::StreamExt;
-use tonic::transport::Channel;
 use twokey_proto::audit::v1::{
     GetCheckpointRequest, LogEntry, Outcome, QueryRequest, QueryResponse,
-    audit_service_client::AuditServiceClient,
 };
 
 use crate::{
@@ -260,7 +258,7 @@ fn entry_row(e: &LogEntry) -> Vec<String> {
 /// Pages through the whole log, oldest first, and writes one proto3-JSON
 /// `LogEntry` per line to `out`. Returns the number of entries.
 pub async fn export(
-    client: &mut AuditServiceClient<Channel>,
+    client: &mut crate::profile::AuditClient,
     target: &Target,
     out: &Path,
 ) -> Result<u64, CliError> {

@@ -59,6 +59,8 @@ pub struct LocalSystem {
     /// The checkpoint verifier key for `twokey audit verify --checkpoint-key`.
     pub verifier_key: String,
     children: Vec<(String, Child)>,
+    /// Extra environment variables for every service (e.g. `OTEL_*`).
+    env: Vec<(String, String)>,
 }
 
 impl Drop for LocalSystem {
@@ -83,6 +85,16 @@ impl LocalSystem {
     /// Makes PKI, keys, configs and a policy in `dir` (which must be empty or
     /// missing) and starts audit, vault and broker from `bin_dir`.
     pub fn start(dir: &Path, bin_dir: &Path) -> Result<Self, CliError> {
+        Self::start_with_env(dir, bin_dir, Vec::new())
+    }
+
+    /// Like [`LocalSystem::start`], with extra environment variables for
+    /// every service (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub fn start_with_env(
+        dir: &Path,
+        bin_dir: &Path,
+        env: Vec<(String, String)>,
+    ) -> Result<Self, CliError> {
         let pki_dir = dir.join("pki");
         let users: Vec<UserSpec> = USERS
             .iter()
@@ -145,6 +157,7 @@ impl LocalSystem {
             audit_config: dir.join("audit.toml"),
             verifier_key,
             children: Vec::new(),
+            env,
         };
 
         write(
@@ -252,6 +265,7 @@ impl LocalSystem {
             .map_err(io("create", &log))?;
         let mut command = Command::new(&bin);
         command.args(["serve", "--config"]).arg(config);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(addr) = listen {
             command.args(["--listen", addr]);
         }
@@ -348,6 +362,14 @@ impl LocalSystem {
         let config = self.dir.join(format!("{svc}.toml"));
         self.spawn_on(bin_dir, svc, &config, Some(&listen))?;
         Ok(())
+    }
+
+    /// The process id of a running service (`audit`, `vault` or `broker`).
+    pub fn pid(&self, svc: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(name, _)| name == svc)
+            .map(|(_, child)| child.id())
     }
 
     /// Stops every service this system started (SIGKILL to each child).

@@ -6,12 +6,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use tonic::transport::Channel;
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 use twokey_proto::{
     audit::v1::audit_service_client::AuditServiceClient,
     broker::v1::broker_service_client::BrokerServiceClient,
 };
 use twokey_runtime::tls::TlsFiles;
+use twokey_runtime::trace::SendTraceparent;
 
 use crate::error::{CliError, Target};
 
@@ -136,6 +137,11 @@ pub fn default_config_path() -> Option<PathBuf> {
         .map(|home| PathBuf::from(home).join(".config/twokey/config.toml"))
 }
 
+/// A broker client: every call carries this command's `traceparent`.
+pub type BrokerClient = BrokerServiceClient<InterceptedService<Channel, SendTraceparent>>;
+/// An audit client: every call carries this command's `traceparent`.
+pub type AuditClient = AuditServiceClient<InterceptedService<Channel, SendTraceparent>>;
+
 /// Resolved connection settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Settings {
@@ -251,18 +257,21 @@ impl Settings {
     }
 
     /// A broker client and its target (for error messages).
-    pub fn broker(&self) -> Result<(BrokerServiceClient<Channel>, Target), CliError> {
+    pub fn broker(&self) -> Result<(BrokerClient, Target), CliError> {
         let name = self
             .values
             .broker_server_name
             .as_deref()
             .unwrap_or(BROKER_SERVER_NAME);
         let (channel, target) = self.channel("broker", name)?;
-        Ok((BrokerServiceClient::new(channel), target))
+        Ok((
+            BrokerServiceClient::with_interceptor(channel, SendTraceparent::process_root()),
+            target,
+        ))
     }
 
     /// An audit client and its target (for error messages).
-    pub fn audit(&self) -> Result<(AuditServiceClient<Channel>, Target), CliError> {
+    pub fn audit(&self) -> Result<(AuditClient, Target), CliError> {
         let name = self
             .values
             .audit_server_name
@@ -270,7 +279,8 @@ impl Settings {
             .unwrap_or(AUDIT_SERVER_NAME);
         let (channel, target) = self.channel("audit", name)?;
         Ok((
-            AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            AuditServiceClient::with_interceptor(channel, SendTraceparent::process_root())
+                .max_decoding_message_size(64 * 1024 * 1024),
             target,
         ))
     }

@@ -127,6 +127,18 @@ impl EventDraft {
     /// The event for `source` with sequence number `seq` at `time`, carrying
     /// the current trace id.
     pub fn into_event(self, source: &SpiffeId, seq: u64, time: std::time::SystemTime) -> Event {
+        let span = tracing::Span::current();
+        let span_id = crate::trace::span_context(&span)
+            .map(|sc| sc.span_id().to_string())
+            .unwrap_or_default();
+        crate::trace::record_ids(&self.request_id, &self.account_id);
+        tracing::info!(
+            action = %self.action,
+            seq,
+            request_id = %self.request_id,
+            account_id = %self.account_id,
+            "audit event"
+        );
         Event {
             source: source.to_string(),
             seq,
@@ -138,6 +150,7 @@ impl EventDraft {
             outcome: self.outcome as i32,
             trace_id: crate::telemetry::current_trace_id(),
             attributes: self.attributes,
+            span_id,
         }
     }
 }

@@ -189,8 +189,10 @@ impl Authenticator {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
-        identity_of_cert(leaf, &self.trust_domain)
-            .map_err(|e| Status::unauthenticated(e.to_string()))
+        let id = identity_of_cert(leaf, &self.trust_domain)
+            .map_err(|e| Status::unauthenticated(e.to_string()))?;
+        crate::trace::record_caller(&id);
+        Ok(id)
     }
 
     /// The caller's SPIFFE ID if `allowed` accepts it: `UNAUTHENTICATED` when

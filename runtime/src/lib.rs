@@ -1,6 +1,6 @@
 //! What every twokey process runs on: mTLS configuration and SPIFFE identity,
 //! a development PKI, key files, signed audit events, the durable outbox and
-//! its shipper, durable sync for sled, server plumbing and telemetry.
+//! its shipper, durable sync for sled, server plumbing, telemetry and metrics.
 //!
 //! Nothing here knows about seeds, requests or policy.
 #![forbid(unsafe_code)]
@@ -10,6 +10,7 @@ pub mod durable;
 pub mod events;
 pub mod identity;
 pub mod keys;
+pub mod metrics;
 pub mod outbox;
 pub mod pki;
 pub mod serve;

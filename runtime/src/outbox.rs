@@ -7,7 +7,7 @@ use std::sync::Arc;
 use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use tokio::sync::Notify;
-use twokey_proto::audit::v1::SignedEvent;
+use twokey_proto::audit::v1::{Event, SignedEvent};
 
 use crate::{
     durable::{DurableDb, StoreError},
@@ -35,6 +35,17 @@ pub struct Outbox {
     signer: Arc<EventSigner>,
     clock: Arc<dyn Clock>,
     notify: Arc<Notify>,
+    observer: Option<AckObserver>,
+}
+
+/// Called with each event the audit service acknowledged (for metrics).
+#[derive(Clone)]
+struct AckObserver(Arc<dyn Fn(&Event) + Send + Sync>);
+
+impl std::fmt::Debug for AckObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AckObserver")
+    }
 }
 
 impl Outbox {
@@ -50,7 +61,22 @@ impl Outbox {
             signer: Arc::new(signer),
             clock,
             notify: Arc::new(Notify::new()),
+            observer: None,
         })
+    }
+
+    /// Calls `observer` with each event once the audit service has
+    /// acknowledged it (a service counts its metrics from its own events).
+    pub fn with_ack_observer(mut self, observer: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.observer = Some(AckObserver(Arc::new(observer)));
+        self
+    }
+
+    /// Tells the observer (if any) that `event` was acknowledged.
+    pub fn observe_acked(&self, event: &Event) {
+        if let Some(o) = &self.observer {
+            (o.0)(event);
+        }
     }
 
     /// The tree to include in a transaction together with the state change.

@@ -1,14 +1,23 @@
 //! The shipper: streams a source's outbox to the audit service over the
 //! `Append` stream, reconnecting with backoff, and drops each event only once
-//! the audit service has acknowledged it as stored.
+//! the audit service has acknowledged it as stored. It also measures what
+//! the metrics report: outbox depth and acknowledgement latency.
 
-use std::time::Duration;
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use twokey_proto::audit::v1::{
-    AppendRequest, AppendStatus, audit_service_client::AuditServiceClient,
+    AppendRequest, AppendStatus, Event, Outcome, audit_service_client::AuditServiceClient,
 };
 
 use crate::outbox::Outbox;
@@ -61,10 +70,18 @@ pub fn spawn_shipper_task(
         .unwrap_or_else(|| outbox.next_seq())
         .saturating_sub(1);
     let (acked_tx, acked_rx) = watch::channel(start);
+    let depth = Arc::new(AtomicU64::new(0));
+    {
+        let depth = depth.clone();
+        crate::metrics::observe_outbox_depth(outbox.signer().source().to_string(), move || {
+            depth.load(Ordering::Relaxed) as usize
+        });
+    }
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match session(&outbox, channel.clone(), &acked_tx, &mut backoff).await {
+            update_depth(&outbox, &acked_tx, &depth);
+            match session(&outbox, channel.clone(), &acked_tx, &mut backoff, &depth).await {
                 Ok(()) => {}
                 Err(why) => {
                     tracing::warn!(
@@ -85,25 +102,60 @@ pub fn spawn_shipper_task(
     (ShipperHandle { acked: acked_rx }, task)
 }
 
+/// Events written and not yet acknowledged: the sequence numbers above the
+/// acknowledged one.
+fn update_depth(outbox: &Outbox, acked: &watch::Sender<u64>, depth: &AtomicU64) {
+    let written = outbox.next_seq().saturating_sub(1);
+    depth.store(written.saturating_sub(*acked.borrow()), Ordering::Relaxed);
+}
+
+/// An event on its way: when it was sent, and what it was (for metrics).
+struct Sent {
+    seq: u64,
+    at: Instant,
+    event: Option<Event>,
+}
+
+/// Reports the events acknowledged through `seq` to the metrics and the
+/// outbox's observer.
+fn acknowledged(outbox: &Outbox, sent: &mut VecDeque<Sent>, seq: u64) {
+    let source = outbox.signer().source().to_string();
+    while sent.front().is_some_and(|s| s.seq <= seq) {
+        let Some(s) = sent.pop_front() else { break };
+        let Some(event) = s.event else { continue };
+        let outcome = Outcome::try_from(event.outcome)
+            .map(|o| {
+                o.as_str_name()
+                    .trim_start_matches("OUTCOME_")
+                    .to_ascii_lowercase()
+            })
+            .unwrap_or_default();
+        crate::metrics::event_acknowledged(&source, &event.action, &outcome, s.at.elapsed());
+        outbox.observe_acked(&event);
+    }
+}
+
 async fn session(
     outbox: &Outbox,
     channel: Channel,
     acked: &watch::Sender<u64>,
     backoff: &mut Duration,
+    depth: &AtomicU64,
 ) -> Result<(), String> {
+    let mut sent = VecDeque::new();
     let (tx, rx) = mpsc::channel::<AppendRequest>(WINDOW);
     let mut client = AuditServiceClient::new(channel);
     let mut next = outbox.first_pending().unwrap_or_else(|| outbox.next_seq());
     let mut in_flight = 0usize;
     // Queue the first events before opening the stream so the open carries them.
-    queue(outbox, &tx, &mut next, &mut in_flight).await?;
+    queue(outbox, &tx, &mut next, &mut in_flight, &mut sent).await?;
     let mut responses = client
         .append(ReceiverStream::new(rx))
         .await
         .map_err(|s| format!("{}: {}", s.code(), s.message()))?
         .into_inner();
     loop {
-        queue(outbox, &tx, &mut next, &mut in_flight).await?;
+        queue(outbox, &tx, &mut next, &mut in_flight, &mut sent).await?;
         tokio::select! {
             message = responses.message() => {
                 let response = message
@@ -118,6 +170,8 @@ async fn session(
                             *a = (*a).max(response.seq);
                             changed
                         });
+                        acknowledged(outbox, &mut sent, response.seq);
+                        update_depth(outbox, acked, depth);
                         *backoff = Duration::from_millis(50);
                     }
                     Ok(AppendStatus::Gap) => {
@@ -129,7 +183,7 @@ async fn session(
                     _ => return Err(format!("unexpected append status {}", response.status)),
                 }
             }
-            () = outbox.notified() => {}
+            () = outbox.notified() => update_depth(outbox, acked, depth),
         }
     }
 }
@@ -139,11 +193,17 @@ async fn queue(
     tx: &mpsc::Sender<AppendRequest>,
     next: &mut u64,
     in_flight: &mut usize,
+    sent: &mut VecDeque<Sent>,
 ) -> Result<(), String> {
     if *in_flight >= WINDOW {
         return Ok(());
     }
     for (seq, event) in outbox.pending(*next, WINDOW - *in_flight) {
+        sent.push_back(Sent {
+            seq,
+            at: Instant::now(),
+            event: Event::decode(event.event.as_slice()).ok(),
+        });
         tx.send(AppendRequest { event: Some(event) })
             .await
             .map_err(|_| "append stream closed")?;

@@ -115,3 +115,42 @@ impl System {
             .collect()
     }
 }
+
+impl System {
+    /// Starts audit, vault and broker with extra environment variables
+    /// (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`) set on each service.
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let local = LocalSystem::start_with_env(&dir.path().join("sys"), &bin_dir(), env)
+            .unwrap_or_else(|e| panic!("local system did not start: {e}"));
+        Self { local, _dir: dir }
+    }
+
+    /// What service `svc` (`audit`, `vault` or `broker`) wrote to its log.
+    pub fn service_log(&self, svc: &str) -> String {
+        std::fs::read_to_string(self.local.dir.join("logs").join(format!("{svc}.log")))
+            .unwrap_or_default()
+    }
+}
+
+impl System {
+    /// The log once `done` holds for it: events reach audit asynchronously
+    /// from the broker's outbox (the broker does not wait for their
+    /// acknowledgement), so a test that reads the log right after a call
+    /// waits for the events it expects. Polls the log, at most 10 s.
+    pub async fn log_when(&self, done: impl Fn(&[LogEntry]) -> bool) -> Vec<LogEntry> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.log().await;
+            if done(&log) || std::time::Instant::now() >= deadline {
+                return log;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -109,7 +109,14 @@ async fn a_full_flow_releases_the_right_code_and_leaves_a_verifiable_log() {
         (code.step + 1) * 30
     );
 
-    let log = sys.log().await;
+    // The broker's own release events reach audit after it answered.
+    let log = sys
+        .log_when(|log| {
+            log.iter()
+                .filter_map(|e| e.event.as_ref())
+                .any(|e| e.action == "code.released" && e.source.ends_with("/svc/broker"))
+        })
+        .await;
     let checkpoint = sys
         .audit("carol")
         .get_checkpoint(GetCheckpointRequest {})

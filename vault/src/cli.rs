@@ -134,7 +134,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let config = args.load()?;
-            telemetry::init(config.log_format);
+            let _telemetry = telemetry::init("twokey-vault", config.log_format);
+            twokey_runtime::metrics::observe_certificate_expiry("twokey-vault", &config.tls.cert);
             let listener = twokey_runtime::serve::bind(&config.listen).await?;
             crate::serve(config, listener, twokey_runtime::serve::shutdown_signal()).await?;
         }

@@ -71,6 +71,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
         self.authorize(&request)?;
+        twokey_runtime::trace::record_ids("", &request.get_ref().account_id);
         let enrolled = self.vault.enroll(request.get_ref()).await?;
         Ok(Response::new(EnrollResponse {
             account: Some(enrolled.account),
@@ -85,10 +86,20 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         request: Request<GenerateCodeRequest>,
     ) -> Result<Response<GenerateCodeResponse>, Status> {
         self.authorize(&request)?;
-        let (code, grant_id) = self
+        let released = self
             .vault
             .generate_code(request.get_ref().grant.as_ref())
-            .await?;
+            .await;
+        let (code, grant_id) = match released {
+            Ok(ok) => {
+                crate::metrics::code_released();
+                ok
+            }
+            Err(e) => {
+                crate::metrics::grant_rejected(&e);
+                return Err(e.into());
+            }
+        };
         Ok(Response::new(GenerateCodeResponse {
             code: Some(code.to_proto()),
             grant_id,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod grant;
 pub mod grpc;
+pub mod metrics;
 pub mod seed;
 pub mod service;
 pub mod store;

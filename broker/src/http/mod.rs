@@ -284,12 +284,16 @@ impl HttpApi {
         })?;
         check_content_type(request.headers())?;
         let deadline = deadline(request.headers());
-        let trace_id = trace::from_headers(request.headers());
+        let (span, trace_id) = trace::server_span(
+            &format!("twokey.broker.v1.BrokerService/{method}"),
+            request.headers(),
+        );
+        span.record("otel.name", format!("POST {PREFIX}{method}"));
+        span.in_scope(|| trace::record_caller(caller));
         let body = read_body(request).await?;
         if STREAMING.contains(&method.as_str()) {
             return self.watch(caller, &body);
         }
-        let span = tracing::info_span!("http", method = %method, caller = %caller);
         trace::scope(trace_id, async {
             let result =
                 match tokio::time::timeout(deadline, self.call(&method, caller, &body)).await {
