@@ -74,6 +74,8 @@ pub struct Broker {
 
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
+/// Most bytes of requests in one page: well under the gRPC message limit.
+const MAX_PAGE_BYTES: usize = twokey_runtime::serve::MAX_MESSAGE_BYTES / 4 * 3;
 
 fn role_to_proto(role: Role) -> pb::Role {
     match role {
@@ -389,16 +391,28 @@ impl Broker {
         let start = after.map_or(0, |key| {
             records.partition_point(|r| (Reverse(r.created_ms), r.id.clone()) <= key)
         });
-        let page: Vec<&RequestRecord> = records.iter().skip(start).take(page_size).collect();
-        let next_page_token = if start + page.len() < records.len() {
-            page.last()
-                .map(|r| format!("{}:{}", r.created_ms, r.id))
-                .unwrap_or_default()
-        } else {
-            String::new()
+        // A page also ends before it outgrows the message limit (long
+        // reasons and histories): the rest comes with next_page_token.
+        let mut requests = Vec::new();
+        let mut bytes = 0usize;
+        let mut last = None;
+        for record in records.iter().skip(start).take(page_size) {
+            let request = record.to_proto();
+            bytes += prost::Message::encoded_len(&request) + 8;
+            if !requests.is_empty() && bytes > MAX_PAGE_BYTES {
+                break;
+            }
+            requests.push(request);
+            last = Some(record);
+        }
+        let next_page_token = match last {
+            Some(r) if start + requests.len() < records.len() => {
+                format!("{}:{}", r.created_ms, r.id)
+            }
+            _ => String::new(),
         };
         Ok(pb::ListRequestsResponse {
-            requests: page.into_iter().map(RequestRecord::to_proto).collect(),
+            requests,
             next_page_token,
         })
     }

@@ -291,6 +291,49 @@ async fn who_am_i_list_and_get_respect_roles() {
 }
 
 #[tokio::test]
+async fn a_page_of_long_requests_stays_under_the_message_limit() {
+    // 300 requests with the longest reason: ~300 KB, more than one gRPC
+    // message may carry. Found by the end-to-end crash soak, where a page
+    // of 1000 requests answered OUT_OF_RANGE "encoded message length too large".
+    let h = Harness::start().await;
+    let mut alice = h.client("alice");
+    for _ in 0..300 {
+        alice
+            .create_request(pb::CreateRequestRequest {
+                account_id: PROD.into(),
+                reason: "r".repeat(1000),
+                ticket: "OPS-1".into(),
+                on_behalf_of: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut olivia = h.client("olivia");
+    let (mut seen, mut pages, mut token) = (std::collections::BTreeSet::new(), 0, String::new());
+    loop {
+        let page = olivia
+            .list_requests(pb::ListRequestsRequest {
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("a page within the limit")
+            .into_inner();
+        pages += 1;
+        assert!(!page.requests.is_empty());
+        seen.extend(page.requests.into_iter().map(|r| r.request_id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 300);
+    assert!(pages > 1, "one page carried every request");
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn admins_enroll_list_and_remove_accounts_through_the_vault() {
     let h = Harness::start().await;
     let enroll = |account: &str| pb::EnrollAccountRequest {

@@ -340,6 +340,15 @@ impl LocalSystem {
         }
     }
 
+    /// The process id of a running service (`audit`, `vault` or `broker`)
+    /// this system started, for tests that signal or measure it.
+    pub fn pid(&self, svc: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(name, _)| name == svc)
+            .map(|(_, child)| child.id())
+    }
+
     /// Kills one service (`audit`, `vault` or `broker`) with SIGKILL, as a
     /// crash would.
     pub fn kill(&mut self, svc: &str) {
@@ -362,14 +371,6 @@ impl LocalSystem {
         let config = self.dir.join(format!("{svc}.toml"));
         self.spawn_on(bin_dir, svc, &config, Some(&listen))?;
         Ok(())
-    }
-
-    /// The process id of a running service (`audit`, `vault` or `broker`).
-    pub fn pid(&self, svc: &str) -> Option<u32> {
-        self.children
-            .iter()
-            .find(|(name, _)| name == svc)
-            .map(|(_, child)| child.id())
     }
 
     /// Stops every service this system started (SIGKILL to each child).

@@ -43,6 +43,24 @@ struct Inner {
     synced: Mutex<u64>,
 }
 
+/// Removes the snapshot files sled 0.34 never finished. sled writes a
+/// snapshot to `snap.<lsn>.generating` and renames it into place once it is
+/// complete and synced; a write cut short (a full disk, a crash) leaves the
+/// partial file behind, and the next open takes it for the newest snapshot
+/// and refuses the whole database ("Read corrupted data"). Such a file never
+/// was a snapshot, so removing it loses nothing.
+fn remove_partial_snapshots(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        if name.is_some_and(|n| n.starts_with("snap.") && n.ends_with(".generating")) {
+            tracing::warn!(path = %path.display(), "removing an unfinished sled snapshot");
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
+}
+
 impl DurableDb {
     /// Opens (creating if needed) the sled database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -51,6 +69,7 @@ impl DurableDb {
             source,
         };
         std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
+        remove_partial_snapshots(dir).map_err(|e| err(e.into()))?;
         let db = sled::Config::new().path(dir).open().map_err(err)?;
         // sled 0.34 keeps its log and pages in `<dir>/db`.
         let data_file = File::open(dir.join("db")).map_err(|e| err(e.into()))?;
@@ -139,5 +158,22 @@ mod tests {
         }
         let db = DurableDb::open(dir.path()).unwrap();
         assert_eq!(db.db().get(b"k").unwrap().unwrap().as_ref(), b"v");
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_snapshot_does_not_make_the_database_unreadable() {
+        // Found by the end-to-end disk test: sled started on a full disk
+        // left an empty `snap.<lsn>.generating`, and every later open failed
+        // with "Read corrupted data" even after space returned.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = DurableDb::open(dir.path()).unwrap();
+            db.db().insert(b"k", b"v".as_slice()).unwrap();
+            db.sync().await.unwrap();
+        }
+        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFFF.generating"), b"").unwrap();
+        let db = DurableDb::open(dir.path()).unwrap();
+        assert_eq!(db.db().get(b"k").unwrap().unwrap().as_ref(), b"v");
+        assert!(!dir.path().join("snap.FFFFFFFFFFFFFFFF.generating").exists());
     }
 }

@@ -138,19 +138,515 @@ impl System {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Helpers for the fault and load tests (crash, disk, network, load).
+// ---------------------------------------------------------------------------
+
+/// The Base32 secret the fault and load tests enroll.
+pub const SECRET: &str = "KRUGS4ZANFZSA5DIMUQHG5LQMVZCA43FMNZGK5BAONSWKZBAORXSAZDPEBWW65DIMVZA";
+
+/// How long one RPC of a test flow may take before the test calls it a hang.
+pub const RPC_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// An independent TOTP computation of [`SECRET`] for `step` (SHA1, 6 digits, 30 s).
+pub fn totp(step: u64) -> String {
+    let seed = data_encoding::BASE32_NOPAD
+        .decode(SECRET.as_bytes())
+        .expect("SECRET is Base32");
+    totp_rs::Builder::new()
+        .with_secret(seed)
+        .build_noncompliant()
+        .generate(step * 30)
+        .to_string()
+}
+
+/// Where a flow stopped, and the status it got there.
+#[derive(Debug)]
+pub struct FlowError {
+    /// The step: `create`, `approve`, `pin`, `verify` or `release`.
+    pub step: &'static str,
+    /// The request, if it was filed.
+    pub request_id: Option<String>,
+    /// The status (a PIN that never arrived is `DEADLINE_EXCEEDED`).
+    pub status: tonic::Status,
+}
+
+/// A finished flow: the request and the code it released.
+#[derive(Debug)]
+pub struct Released {
+    /// The request.
+    pub request_id: String,
+    /// The code.
+    pub code: twokey_proto::types::v1::Code,
+}
+
+/// The three people of one flow with their broker clients (one mTLS
+/// channel each, reused across flows).
+#[derive(Debug, Clone)]
+pub struct Crew {
+    /// The requester's policy name (its mailbox file is `<name>.jsonl`).
+    pub requester: String,
+    requester_client: BrokerServiceClient<Channel>,
+    approver: BrokerServiceClient<Channel>,
+    operator: BrokerServiceClient<Channel>,
+}
+
+/// Runs `call` with [`RPC_LIMIT`]; a call over the limit is
+/// `DEADLINE_EXCEEDED` with a message saying it hung.
+pub async fn bounded<T, F>(call: F) -> Result<T, tonic::Status>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    match tokio::time::timeout(RPC_LIMIT, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "the test gave up after {RPC_LIMIT:?}: the call hung"
+        ))),
+    }
+}
+
+/// One step of the allowed request lifecycle (the diagram in DESIGN.md),
+/// restated here as the tests' reference: the broker's states may stay or
+/// move only along these arrows.
+pub fn transition_allowed(
+    from: twokey_proto::broker::v1::RequestState,
+    to: twokey_proto::broker::v1::RequestState,
+) -> bool {
+    use twokey_proto::broker::v1::RequestState::*;
+    from == to
+        || matches!(
+            (from, to),
+            (Pending, Approved | Denied | Cancelled | Expired)
+                | (Approved, Verified | Denied | Cancelled | Expired | Locked)
+                | (Verified, Released | Expired)
+        )
+}
+
+/// Checks one request as the broker reports it against the state machine:
+/// its history moves only along allowed arrows from PENDING, it released
+/// at most the codes it allows, a code (or RELEASED) only after
+/// `pin.verified` and with an operator, RELEASED only with every code
+/// released. Returns what is wrong.
+pub fn check_request(r: &twokey_proto::broker::v1::Request) -> Result<(), String> {
+    use twokey_proto::broker::v1::RequestState;
+    let id = &r.request_id;
+    let mut state = RequestState::Pending;
+    let mut verified = false;
+    let mut released_events = 0u32;
+    for (i, h) in r.history.iter().enumerate() {
+        let to = h.state();
+        if i == 0 && (h.action != "request.created" || to != RequestState::Pending) {
+            return Err(format!("{id}: history starts with {} {to:?}", h.action));
+        }
+        if !transition_allowed(state, to) {
+            return Err(format!("{id}: {state:?} -> {to:?} by {}", h.action));
+        }
+        match h.action.as_str() {
+            "pin.verified" => verified = true,
+            "grant.issued" | "code.released" if !verified => {
+                return Err(format!("{id}: {} before pin.verified", h.action));
+            }
+            "code.released" => released_events += 1,
+            _ => {}
+        }
+        state = to;
+    }
+    if r.history.last().map(|h| h.state()) != Some(r.state()) {
+        return Err(format!("{id}: state {:?} is not its history's", r.state()));
+    }
+    if r.codes_released > r.codes_allowed || released_events > r.codes_released {
+        return Err(format!(
+            "{id}: {} codes released ({released_events} code.released) of {} allowed",
+            r.codes_released, r.codes_allowed
+        ));
+    }
+    let state = r.state();
+    if state == RequestState::Released && r.codes_released != r.codes_allowed {
+        return Err(format!("{id}: RELEASED with {} codes", r.codes_released));
+    }
+    if matches!(state, RequestState::Verified | RequestState::Released)
+        && (r.operator.is_empty() || (r.approvals.len() as u32) < r.approvals_required)
+    {
+        return Err(format!("{id}: {state:?} without operator or approvals"));
+    }
+    Ok(())
+}
+
+/// Checks that each grant yielded at most one code: the vault records
+/// `code.released` once per grant id. Returns what is wrong.
+pub fn check_single_use(log: &[LogEntry]) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for e in log.iter().filter_map(|e| e.event.as_ref()) {
+        if e.action == "code.released" && e.source.ends_with("/svc/vault") {
+            let grant = e.attributes.get("grant_id").cloned().unwrap_or_default();
+            if grant.is_empty() || !seen.insert(grant.clone()) {
+                return Err(format!(
+                    "grant {grant:?} released a code twice (or has no id)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Asserts that `before` (what an auditor read earlier) is still the start
+/// of `after`, byte for byte.
+pub fn assert_prefix(before: &[LogEntry], after: &[LogEntry], when: &str) {
+    use prost::Message;
+    assert!(
+        after.len() >= before.len(),
+        "{when}: the log shrank from {} to {} entries",
+        before.len(),
+        after.len()
+    );
+    for (a, b) in before.iter().zip(after) {
+        assert_eq!(
+            a.encode_to_vec(),
+            b.encode_to_vec(),
+            "{when}: entry {} changed",
+            a.index
+        );
+    }
+}
+
+/// A small seeded generator (SplitMix64) so a failing run can be replayed
+/// with its printed seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// From `TWOKEY_SEED` if set, otherwise from the clock; prints the seed.
+    pub fn from_env(test: &str) -> Self {
+        let seed = std::env::var("TWOKEY_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        println!("{test}: seed {seed} (replay with TWOKEY_SEED={seed})");
+        Self(seed)
+    }
+
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A value in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+}
+
+/// `soak` when `TWOKEY_SOAK=1`, else `ci`.
+pub fn soak_or(ci: usize, soak: usize) -> usize {
+    if std::env::var("TWOKEY_SOAK").is_ok_and(|v| v == "1") {
+        soak
+    } else {
+        ci
+    }
+}
+
+/// Resident set size of process `pid` in KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Sends `signal` (e.g. `STOP`, `CONT`) to `pid` with kill(1).
+pub fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
 impl System {
-    /// The log once `done` holds for it: events reach audit asynchronously
-    /// from the broker's outbox (the broker does not wait for their
-    /// acknowledgement), so a test that reads the log right after a call
-    /// waits for the events it expects. Polls the log, at most 10 s.
-    pub async fn log_when(&self, done: impl Fn(&[LogEntry]) -> bool) -> Vec<LogEntry> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    /// Starts audit, vault and broker after `prepare` has run on the
+    /// system's (still empty) directory — e.g. to mount a small file system
+    /// where a data directory will be.
+    pub fn start_with(prepare: impl FnOnce(&Path)) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sys = dir.path().join("sys");
+        std::fs::create_dir_all(&sys).expect("system dir");
+        prepare(&sys);
+        let local = LocalSystem::start(&sys, &bin_dir())
+            .unwrap_or_else(|e| panic!("local system did not start: {e}"));
+        Self { local, _dir: dir }
+    }
+
+    /// The temporary directory the system lives in (beside `local.dir`).
+    pub fn root(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// The process id of a running service.
+    pub fn pid(&self, svc: &str) -> u32 {
+        self.local
+            .pid(svc)
+            .unwrap_or_else(|| panic!("{svc} is not running"))
+    }
+
+    /// Kills `svc` with SIGKILL and starts it again on the same address.
+    pub fn crash_and_restart(&mut self, svc: &str) {
+        self.local.kill(svc);
+        self.local
+            .restart(&bin_dir(), svc)
+            .unwrap_or_else(|e| panic!("{svc} does not restart: {e}"));
+    }
+
+    /// The admin enrolls [`SECRET`] as the local system's account.
+    pub async fn enroll(&self) {
+        bounded(self.broker("adam").enroll_account(
+            twokey_proto::broker::v1::EnrollAccountRequest {
+                account_id: twokey::local::ACCOUNT.into(),
+                seed: Some(
+                    twokey_proto::broker::v1::enroll_account_request::Seed::Base32Secret(
+                        SECRET.into(),
+                    ),
+                ),
+                ..Default::default()
+            },
+        ))
+        .await
+        .expect("the admin enrolls the account");
+    }
+
+    /// A crew of `requester`, `approver` and `operator` (names with
+    /// certificates in the system's PKI directory).
+    pub fn crew(&self, requester: &str, approver: &str, operator: &str) -> Crew {
+        Crew {
+            requester: requester.to_owned(),
+            requester_client: self.broker(requester),
+            approver: self.broker(approver),
+            operator: self.broker(operator),
+        }
+    }
+
+    /// Waits (at most `limit`, polling the mailbox file) for the newest PIN
+    /// the broker delivered to `user` for `request_id`.
+    pub async fn pin(
+        &self,
+        user: &str,
+        request_id: &str,
+        limit: std::time::Duration,
+    ) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(pin) = self.local.pin_for(user, request_id) {
+                return Some(pin);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// One whole flow for the local system's account: create, approve, wait
+    /// for the PIN (at most `pin_limit`), verify, release.
+    pub async fn flow(
+        &self,
+        crew: &Crew,
+        pin_limit: std::time::Duration,
+    ) -> Result<Released, FlowError> {
+        use twokey_proto::broker::v1::{
+            ApproveRequestRequest, CreateRequestRequest, ReleaseCodeRequest, VerifyPinRequest,
+        };
+        fn fail(
+            step: &'static str,
+            id: Option<&String>,
+        ) -> impl FnOnce(tonic::Status) -> FlowError {
+            let request_id = id.cloned();
+            move |status| FlowError {
+                step,
+                request_id,
+                status,
+            }
+        }
+        let mut c = crew.clone();
+        let request = bounded(c.requester_client.create_request(CreateRequestRequest {
+            account_id: twokey::local::ACCOUNT.into(),
+            reason: "fault test".into(),
+            ticket: "OPS-7".into(),
+            on_behalf_of: String::new(),
+        }))
+        .await
+        .map_err(fail("create", None))?;
+        let id = request.request.map(|r| r.request_id).unwrap_or_default();
+        bounded(c.approver.approve_request(ApproveRequestRequest {
+            request_id: id.clone(),
+            comment: "ok".into(),
+        }))
+        .await
+        .map_err(fail("approve", Some(&id)))?;
+        let pin = self
+            .pin(&crew.requester, &id, pin_limit)
+            .await
+            .ok_or_else(|| {
+                fail("pin", Some(&id))(tonic::Status::deadline_exceeded("no PIN delivered in time"))
+            })?;
+        bounded(c.operator.verify_pin(VerifyPinRequest {
+            request_id: id.clone(),
+            pin,
+        }))
+        .await
+        .map_err(fail("verify", Some(&id)))?;
+        let released = bounded(c.operator.release_code(ReleaseCodeRequest {
+            request_id: id.clone(),
+        }))
+        .await
+        .map_err(fail("release", Some(&id)))?;
+        let code = released.code.ok_or_else(|| {
+            fail("release", Some(&id))(tonic::Status::internal("an answer without a code"))
+        })?;
+        Ok(Released {
+            request_id: id,
+            code,
+        })
+    }
+
+    /// Every request, as the admin `adam` sees them (all pages).
+    pub async fn all_requests(&self) -> Vec<twokey_proto::broker::v1::Request> {
+        let mut client = self.broker("adam");
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = bounded(client.list_requests(
+                twokey_proto::broker::v1::ListRequestsRequest {
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .expect("the admin lists requests");
+            out.extend(page.requests);
+            if page.next_page_token.is_empty() {
+                return out;
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// The current signed checkpoint.
+    pub async fn checkpoint(&self) -> String {
+        bounded(
+            self.audit("carol")
+                .get_checkpoint(twokey_proto::audit::v1::GetCheckpointRequest {}),
+        )
+        .await
+        .expect("the auditor reads a checkpoint")
+        .checkpoint
+    }
+
+    /// The log, checked: read after a checkpoint (so the checkpoint covers a
+    /// prefix of it), every entry verified, the checkpoint's root matched;
+    /// also checked against `earlier` checkpoints (a consistency check:
+    /// the log still extends what they signed).
+    pub async fn verified_log(&self, earlier: &[String]) -> Vec<LogEntry> {
+        let checkpoint = self.checkpoint().await;
+        let log = self.log().await;
+        let verifier = twokey_audit::checkpoint::NoteVerifier::parse(&self.local.verifier_key)
+            .expect("verifier key");
+        let sources = self.sources();
+        for note in earlier.iter().chain([&checkpoint]) {
+            twokey_audit::verify::verify_log(&log, &sources, Some((note, &verifier)))
+                .unwrap_or_else(|e| panic!("the log does not verify: {e}"));
+        }
+        log
+    }
+
+    /// A vault client presenting the broker's certificate.
+    pub fn vault_as_broker(
+        &self,
+    ) -> twokey_proto::vault::v1::vault_service_client::VaultServiceClient<Channel> {
+        twokey_proto::vault::v1::vault_service_client::VaultServiceClient::new(
+            self.tls("broker")
+                .channel(&self.local.vault, "vault")
+                .expect("vault channel"),
+        )
+    }
+
+    /// A release grant for the account, signed with the broker's grant key
+    /// (as the broker would), valid for 60 s.
+    pub fn sign_grant(&self, grant_id: &str) -> twokey_proto::vault::v1::SignedGrant {
+        use ed25519_dalek::Signer;
+        use prost::Message;
+        let key = twokey_runtime::keys::load_signing_key(&self.local.dir.join("keys/grant.key"))
+            .expect("grant key");
+        let now = std::time::SystemTime::now();
+        let td = twokey::local::TRUST_DOMAIN;
+        let grant = twokey_proto::vault::v1::Grant {
+            grant_id: grant_id.into(),
+            purpose: twokey_proto::vault::v1::GrantPurpose::Release as i32,
+            request_id: format!("replay-{grant_id}"),
+            account_id: twokey::local::ACCOUNT.into(),
+            requester: format!("spiffe://{td}/user/alice"),
+            approvers: vec![format!("spiffe://{td}/user/bob")],
+            operator: format!("spiffe://{td}/user/olivia"),
+            issued_at: Some(twokey_runtime::time::to_timestamp(now)),
+            expires_at: Some(twokey_runtime::time::to_timestamp(
+                now + std::time::Duration::from_secs(60),
+            )),
+        };
+        let bytes = grant.encode_to_vec();
+        twokey_proto::vault::v1::SignedGrant {
+            signature: key.sign(&bytes).to_bytes().to_vec(),
+            grant: bytes,
+        }
+    }
+}
+
+impl System {
+    /// Reads the log until `done` holds for it (the sources ship their
+    /// outboxes asynchronously), at most `limit`; returns the last read.
+    pub async fn log_until(
+        &self,
+        limit: std::time::Duration,
+        done: impl Fn(&[LogEntry]) -> bool,
+    ) -> Vec<LogEntry> {
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let log = self.log().await;
-            if done(&log) || std::time::Instant::now() >= deadline {
+            if done(&log) || tokio::time::Instant::now() >= deadline {
                 return log;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+}
+
+impl System {
+    /// Sets the vault's `audit_ack_timeout_ms` (how long a release waits for
+    /// audit) and restarts the vault with it.
+    pub fn set_vault_ack_timeout(&mut self, ms: u64) {
+        let path = self.local.dir.join("vault.toml");
+        let text = std::fs::read_to_string(&path).expect("vault config");
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("audit_ack_timeout_ms") {
+                    format!("audit_ack_timeout_ms = {ms}\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&path, text).expect("write vault config");
+        self.crash_and_restart("vault");
     }
 }

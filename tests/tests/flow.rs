@@ -109,20 +109,24 @@ async fn a_full_flow_releases_the_right_code_and_leaves_a_verifiable_log() {
         (code.step + 1) * 30
     );
 
-    // The broker's own release events reach audit after it answered.
-    let log = sys
-        .log_when(|log| {
-            log.iter()
-                .filter_map(|e| e.event.as_ref())
-                .any(|e| e.action == "code.released" && e.source.ends_with("/svc/broker"))
-        })
-        .await;
+    // The checkpoint first: the broker's last events may still be shipping,
+    // and a checkpoint read before the log covers a prefix of it.
     let checkpoint = sys
         .audit("carol")
         .get_checkpoint(GetCheckpointRequest {})
         .await
         .unwrap()
         .into_inner();
+    // The broker ships its events after it answers: wait for its last one.
+    let log = sys
+        .log_until(std::time::Duration::from_secs(10), |log| {
+            log.iter().filter_map(|e| e.event.as_ref()).any(|e| {
+                e.action == "code.released"
+                    && e.source.ends_with("/svc/broker")
+                    && e.request_id == id
+            })
+        })
+        .await;
     let verifier = NoteVerifier::parse(&sys.local.verifier_key).unwrap();
     let report = verify_log(
         &log,

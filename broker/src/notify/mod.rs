@@ -43,6 +43,8 @@ use crate::{
 
 /// Attempts before a notification is given up.
 pub const MAX_ATTEMPTS: u32 = 6;
+/// Most notifications one pass delivers before it looks for PINs again.
+const DELIVERY_BATCH: usize = 64;
 /// First retry delay; doubled on each failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest retry delay.
@@ -441,22 +443,32 @@ impl NotifyQueue {
         self.wake.notify_one();
     }
 
-    fn entries(&self) -> Vec<Entry> {
-        self.tree
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-            .collect()
-    }
-
     /// Tries every entry that is due now once; returns how many were tried.
     pub async fn run_due(&self) -> usize {
         let now_ms = millis(self.clock.now());
-        let due: Vec<Entry> = self
-            .entries()
-            .into_iter()
+        // PINs first: a requester is waiting on the call for theirs, while
+        // the rest only tell people about a change. A bounded batch, so a
+        // PIN queued behind a burst of such messages waits for at most one
+        // batch, not the burst, and a long queue is never all in memory.
+        let mut due = Vec::new();
+        let mut others = Vec::new();
+        for entry in self
+            .tree
+            .iter()
+            .filter_map(Result::ok)
+            .filter_map(|(_, v)| serde_json::from_slice::<Entry>(&v).ok())
             .filter(|e| e.next_ms <= now_ms)
-            .collect();
+        {
+            if entry.sealed_pin.is_some() {
+                if due.len() < DELIVERY_BATCH {
+                    due.push(entry);
+                }
+            } else if others.len() < DELIVERY_BATCH {
+                others.push(entry);
+            }
+        }
+        due.extend(others);
+        due.truncate(DELIVERY_BATCH);
         let tried = due.len();
         for entry in due {
             let result = self.deliver(&entry).await;
@@ -561,7 +573,10 @@ impl NotifyQueue {
     /// up retries that came due.
     pub async fn run(self: Arc<Self>) {
         loop {
-            self.run_due().await;
+            if self.run_due().await >= DELIVERY_BATCH {
+                // More may be due: go on at once.
+                continue;
+            }
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -696,6 +711,26 @@ mod tests {
         assert_eq!(event.action, "notification.failed");
         assert_eq!(event.attributes["attempts"], MAX_ATTEMPTS.to_string());
         assert!(!format!("{event:?}").contains("4815162342"));
+    }
+
+    #[tokio::test]
+    async fn a_pin_goes_out_before_a_burst_of_other_messages_queued_ahead_of_it() {
+        // Found by the end-to-end load test: with 200 approvers and 200
+        // operators notified of every change, PINs waited behind tens of
+        // thousands of such messages and most flows timed out.
+        let (_dir, queue, flaky, _clock, _) = setup(false);
+        for i in 0..DELIVERY_BATCH + 10 {
+            let mut m = pin_message();
+            m.id = format!("fyi-{i}");
+            m.kind = "request.created".into();
+            m.pin = None;
+            enqueue(&queue, m);
+        }
+        enqueue(&queue, pin_message());
+        assert_eq!(queue.run_due().await, DELIVERY_BATCH);
+        assert_eq!(flaky.seen.lock().unwrap()[0].0, "pin");
+        assert_eq!(queue.run_due().await, 11);
+        assert_eq!(queue.depth(), 0);
     }
 
     #[tokio::test]

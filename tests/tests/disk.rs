@@ -1,0 +1,372 @@
+//! A data directory that fills up or turns read-only under a running
+//! service: a small tmpfs mounted where the vault's or the audit service's
+//! data directory lives (these tests run as root, as CI does). Each case:
+//! the release fails with a clear status and no code leaves without its
+//! audit event; the service keeps answering; once space returns (the filler
+//! removed, the file system remounted read-write) releases work again and
+//! the log verifies.
+//!
+//! Mounting needs CAP_SYS_ADMIN. `scripts/test` checks whether this machine
+//! can mount a tmpfs and, if it can, sets `TWOKEY_DISK_TESTS=require`: then a
+//! failed mount fails the test. Without that variable a machine that cannot
+//! mount (an unprivileged container) skips these tests with a message on
+//! stderr, rather than failing on something no code here could change.
+
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use tonic::Code;
+use twokey::local::ACCOUNT;
+use twokey_e2e::{System, bounded, check_request, check_single_use, totp};
+use twokey_proto::broker::v1::{
+    ApproveRequestRequest, CreateRequestRequest, GetRequestRequest, ReleaseCodeRequest, Request,
+    RequestState, VerifyPinRequest,
+};
+
+/// A tmpfs mounted on a directory, unmounted (and the directory removed)
+/// when dropped.
+struct Mount(PathBuf, Option<PathBuf>);
+
+impl Mount {
+    fn tmpfs(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "none",
+            ])
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "these tests mount a small tmpfs and need root (CAP_SYS_ADMIN): mount said {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Self(dir.to_owned(), None)
+    }
+
+    fn remount(&self, options: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "remount {options} failed");
+    }
+
+    /// Fills the file system with a file `filler`; returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).expect("filler");
+        for chunk in [1 << 20, 4096, 1] {
+            let buf = vec![0u8; chunk];
+            while f.write_all(&buf).is_ok() {}
+        }
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+        // The system's temp dir could not be removed around the mount.
+        if let Some(root) = &self.1 {
+            let _ = std::fs::remove_dir_all(root);
+        }
+    }
+}
+
+/// Files a request, approves it and verifies its PIN.
+async fn verified(sys: &System) -> Request {
+    let request = bounded(sys.broker("alice").create_request(CreateRequestRequest {
+        account_id: ACCOUNT.into(),
+        reason: "disk fault test".into(),
+        ticket: "OPS-7".into(),
+        on_behalf_of: String::new(),
+    }))
+    .await
+    .expect("create")
+    .request
+    .unwrap();
+    let id = request.request_id;
+    bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
+        request_id: id.clone(),
+        comment: "ok".into(),
+    }))
+    .await
+    .expect("approve");
+    let pin = sys
+        .pin("alice", &id, Duration::from_secs(10))
+        .await
+        .expect("a PIN delivered");
+    bounded(sys.broker("olivia").verify_pin(VerifyPinRequest {
+        request_id: id,
+        pin,
+    }))
+    .await
+    .expect("verify")
+    .request
+    .unwrap()
+}
+
+async fn release(sys: &System, id: &str) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
+    bounded(sys.broker("olivia").release_code(ReleaseCodeRequest {
+        request_id: id.into(),
+    }))
+    .await
+    .map(|r| r.code.expect("a code"))
+}
+
+async fn get(sys: &System, id: &str) -> Request {
+    bounded(sys.broker("olivia").get_request(GetRequestRequest {
+        request_id: id.into(),
+    }))
+    .await
+    .expect("the broker answers")
+    .request
+    .unwrap()
+}
+
+/// Whether a tmpfs can be mounted here (see the module doc); `false` only
+/// when mounting is not required.
+fn can_mount() -> bool {
+    if std::env::var("TWOKEY_DISK_TESTS").as_deref() == Ok("require") {
+        return true;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "none"])
+        .arg(dir.path())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if mounted {
+        let _ = Command::new("umount").arg(dir.path()).status();
+    } else {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs here (needs CAP_SYS_ADMIN); \
+             set TWOKEY_DISK_TESTS=require to make that a failure"
+        );
+    }
+    mounted
+}
+
+/// Starts a system with `svc`'s data directory on a small tmpfs, or `None`
+/// when this machine cannot mount one (see [`can_mount`]).
+fn start_on_tmpfs(svc: &str) -> Option<(Mount, System)> {
+    if !can_mount() {
+        return None;
+    }
+    let mut mount = None;
+    let sys = System::start_with(|dir| {
+        mount = Some(Mount::tmpfs(&dir.join("data").join(svc), "16m"));
+    });
+    let mut mount = mount.expect("mounted");
+    mount.1 = Some(sys.root().to_owned());
+    Some((mount, sys))
+}
+
+/// Every code the test received has the vault's `code.released` (same
+/// request) in the log, the log verifies (also against `earlier`), the
+/// auditor's earlier read is a prefix, and requests obey the state machine.
+async fn no_code_without_evidence(
+    sys: &System,
+    codes_for: &[String],
+    earlier: &[String],
+    read_before: &[twokey_proto::audit::v1::LogEntry],
+) {
+    let log = sys.verified_log(earlier).await;
+    twokey_e2e::assert_prefix(read_before, &log, "after recovery");
+    check_single_use(&log).unwrap();
+    for id in codes_for {
+        assert!(
+            log.iter()
+                .filter_map(|e| e.event.as_ref())
+                .any(|e| e.action == "code.released"
+                    && e.source.ends_with("/svc/vault")
+                    && &e.request_id == id),
+            "a code for {id} without the vault's event in the log"
+        );
+    }
+    for r in sys.all_requests().await {
+        check_request(&r).unwrap();
+    }
+}
+
+fn assert_clear(err: &tonic::Status, codes: &[Code]) {
+    assert!(
+        codes.contains(&err.code()) && !err.message().is_empty(),
+        "not a clear status: {err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn audit_out_of_space_means_no_code_and_recovers_once_space_returns() {
+    let Some((mount, mut sys)) = start_on_tmpfs("audit") else {
+        return;
+    };
+    sys.set_vault_ack_timeout(1000);
+    sys.enroll().await;
+    let r = verified(&sys).await;
+    let checkpoint = sys.checkpoint().await;
+    let read_before = sys.log().await;
+
+    let filler = mount.fill();
+    let err = release(&sys, &r.request_id)
+        .await
+        .expect_err("a code while audit cannot store its event");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("audit unavailable"),
+        "{}",
+        err.message()
+    );
+    let now = get(&sys, &r.request_id).await;
+    assert_eq!(
+        (now.state(), now.codes_released),
+        (RequestState::Verified, 0)
+    );
+    // Audit itself answers with a clear status, not a hang or a crash.
+    let read = bounded(
+        sys.audit("carol")
+            .get_checkpoint(twokey_proto::audit::v1::GetCheckpointRequest {}),
+    )
+    .await;
+    if let Err(e) = &read {
+        assert_clear(e, &[Code::Internal, Code::Unavailable]);
+    }
+    assert!(sys.local.pid("audit").is_some());
+
+    // Space returns. sled keeps the I/O error it met (every later call
+    // fails with it), so the service recovers on its restart — as a
+    // supervisor would do — and nothing it acknowledged is lost.
+    std::fs::remove_file(filler).expect("remove filler");
+    sys.crash_and_restart("audit");
+    let code = release(&sys, &r.request_id)
+        .await
+        .expect("releases work once space returns");
+    assert_eq!(code.code, totp(code.step));
+    no_code_without_evidence(
+        &sys,
+        std::slice::from_ref(&r.request_id),
+        &[checkpoint],
+        &read_before,
+    )
+    .await;
+}
+
+/// How a data directory becomes unusable.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Full,
+    ReadOnly,
+}
+
+/// `svc` restarts onto a data directory hit by `fault`: it refuses to
+/// start and says why and where; no code meanwhile; once the directory is
+/// usable again it starts on its old data, releases work, nothing is lost.
+async fn refused_start_then_recovery(svc: &str, fault: Fault) {
+    let when = format!("{svc} {fault:?}");
+    let Some((mount, mut sys)) = start_on_tmpfs(svc) else {
+        return;
+    };
+    sys.set_vault_ack_timeout(1000);
+    sys.enroll().await;
+    let r = verified(&sys).await;
+    let checkpoint = sys.checkpoint().await;
+    let read_before = sys.log().await;
+
+    // The service restarts (a crash, an upgrade) onto the bad disk.
+    // A read-only remount needs no file open for writing, so this is
+    // where it happens.
+    sys.local.kill(svc);
+    let filler = match fault {
+        Fault::Full => Some(mount.fill()),
+        Fault::ReadOnly => {
+            mount.remount("ro");
+            None
+        }
+    };
+    let refused = sys
+        .local
+        .restart(&twokey_e2e::bin_dir(), svc)
+        .expect_err("a service started on an unusable data directory");
+    let log = std::fs::read_to_string(sys.local.dir.join("logs").join(format!("{svc}.log")))
+        .expect("service log");
+    let cause = match fault {
+        Fault::Full => "No space left on device",
+        Fault::ReadOnly => "Read-only file system",
+    };
+    assert!(
+        log.contains(cause) && log.contains(&*mount.0.to_string_lossy()),
+        "{when}: the refusal names neither the cause nor the directory: {refused}\n{log}"
+    );
+
+    // Meanwhile no code: the release fails closed with UNAVAILABLE and
+    // the request keeps its code for later.
+    let err = release(&sys, &r.request_id)
+        .await
+        .expect_err("a code with a service down");
+    assert_eq!(err.code(), Code::Unavailable, "{when}: {err:?}");
+    let now = get(&sys, &r.request_id).await;
+    assert_eq!(
+        (now.state(), now.codes_released),
+        (RequestState::Verified, 0),
+        "{when}"
+    );
+
+    // Space returns: the service starts on its old data, releases work.
+    match filler {
+        Some(f) => std::fs::remove_file(f).expect("remove filler"),
+        None => mount.remount("rw"),
+    }
+    sys.local
+        .restart(&twokey_e2e::bin_dir(), svc)
+        .unwrap_or_else(|e| {
+            let log =
+                std::fs::read_to_string(sys.local.dir.join("logs").join(format!("{svc}.log")))
+                    .unwrap_or_default();
+            panic!("{when}: no start once space returned: {e}\n{log}")
+        });
+    let code = release(&sys, &r.request_id)
+        .await
+        .unwrap_or_else(|e| panic!("{when}: no release after recovery: {e:?}"));
+    assert_eq!(code.code, totp(code.step));
+    no_code_without_evidence(
+        &sys,
+        std::slice::from_ref(&r.request_id),
+        &[checkpoint],
+        &read_before,
+    )
+    .await;
+    println!("{when}: refused to start ({cause}), recovered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vault_on_a_full_disk_refuses_to_start_clearly_and_recovers() {
+    refused_start_then_recovery("vault", Fault::Full).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vault_on_a_read_only_disk_refuses_to_start_clearly_and_recovers() {
+    refused_start_then_recovery("vault", Fault::ReadOnly).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_on_a_full_disk_refuses_to_start_clearly_and_recovers() {
+    refused_start_then_recovery("audit", Fault::Full).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_audit_on_a_read_only_disk_refuses_to_start_clearly_and_recovers() {
+    refused_start_then_recovery("audit", Fault::ReadOnly).await;
+}

@@ -1,0 +1,218 @@
+//! Load: many requesters at once, each with their own approver and
+//! operator (certificates from the system's development CA, named in the
+//! policy), running whole flows against the real binaries over mTLS. Every
+//! flow ends in a code or a clear status, nothing deadlocks (an overall
+//! limit), every event the flows caused is in the log exactly once and the
+//! log verifies, and no service's memory runs away.
+//!
+//! 200 concurrent flows (CI); `TWOKEY_SOAK=1` runs 5 waves of 200.
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tonic::Code;
+use twokey::local::{ACCOUNT, TRUST_DOMAIN, USERS};
+use twokey_e2e::{System, check_request, check_single_use, rss_kib, soak_or, totp};
+use twokey_runtime::pki::DevCa;
+
+const CONCURRENT: usize = 200;
+/// No flow, and no wave, may take longer: past it the system is deadlocked.
+const WAVE_LIMIT: Duration = Duration::from_secs(120);
+/// Resident memory each service must stay under, after the load.
+const RSS_LIMIT_KIB: u64 = 200 * 1024;
+
+fn name(role: &str, i: usize) -> String {
+    format!("{role}{i:03}")
+}
+
+/// Issues a certificate for every requester `r…`, approver `a…` and
+/// operator `o…`, and writes a policy naming them beside the local users.
+fn add_people(sys: &System, n: usize) {
+    let pki = sys.local.dir.join("pki");
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("dev CA file");
+    let ca = DevCa::load(&read("ca.crt"), &read("ca.key")).expect("dev CA");
+    let mut identities = String::from("[identities]\n");
+    for (user, _) in USERS {
+        identities.push_str(&format!(
+            "{user} = \"spiffe://{TRUST_DOMAIN}/user/{user}\"\n"
+        ));
+    }
+    let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for (role, group, first) in [
+        ("r", "requesters", "alice"),
+        ("a", "approvers", "bob"),
+        ("o", "operators", "olivia"),
+    ] {
+        let members = groups.entry(group).or_default();
+        members.push(format!("{first:?}"));
+        for i in 0..n {
+            let user = name(role, i);
+            ca.issue_user(TRUST_DOMAIN, &user)
+                .and_then(|c| c.write(&pki, &user))
+                .expect("issue a user certificate");
+            identities.push_str(&format!(
+                "{user} = \"spiffe://{TRUST_DOMAIN}/user/{user}\"\n"
+            ));
+            members.push(format!("{user:?}"));
+        }
+    }
+    let mut policy = identities;
+    policy.push_str("\n[groups]\n");
+    for (group, members) in &groups {
+        policy.push_str(&format!("{group} = [{}]\n", members.join(", ")));
+    }
+    policy.push_str(&format!(
+        "\n[accounts.{ACCOUNT}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
+         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
+         request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
+    ));
+    std::fs::write(sys.local.dir.join("policy.toml"), policy).expect("write policy");
+}
+
+fn rss(sys: &System) -> BTreeMap<&'static str, u64> {
+    ["audit", "vault", "broker"]
+        .into_iter()
+        .map(|svc| (svc, rss_kib(sys.pid(svc))))
+        .collect()
+}
+
+/// The broker events the log must hold for a request: one per history
+/// entry, in order (`pin.issued` and notification events come besides).
+fn history_actions(r: &twokey_proto::broker::v1::Request) -> Vec<String> {
+    r.history.iter().map(|h| h.action.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_flows_finish_lose_no_event_and_stay_bounded() {
+    let waves = soak_or(1, 5);
+    let mut sys = System::start();
+    let t = Instant::now();
+    add_people(&sys, CONCURRENT);
+    // The broker reads its policy when it starts.
+    sys.crash_and_restart("broker");
+    println!("{} identities issued in {:?}", 3 * CONCURRENT, t.elapsed());
+    sys.enroll().await;
+    let logged_before = sys
+        .log_until(Duration::from_secs(10), |log| log.len() >= 2)
+        .await
+        .len();
+    let rss_before = rss(&sys);
+
+    let sys = Arc::new(sys);
+    let crews: Vec<_> = (0..CONCURRENT)
+        .map(|i| sys.crew(&name("r", i), &name("a", i), &name("o", i)))
+        .collect();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut codes = 0usize;
+    for wave in 0..waves {
+        let t = Instant::now();
+        let mut flows = tokio::task::JoinSet::new();
+        for crew in &crews {
+            let (sys, crew) = (sys.clone(), crew.clone());
+            flows.spawn(async move { sys.flow(&crew, Duration::from_secs(60)).await });
+        }
+        let all = tokio::time::timeout(WAVE_LIMIT, flows.join_all())
+            .await
+            .unwrap_or_else(|_| panic!("wave {wave}: flows still running after {WAVE_LIMIT:?}"));
+        let mut latencies = Vec::new();
+        for outcome in all {
+            match outcome {
+                Ok(r) => {
+                    assert_eq!(r.code.code, totp(r.code.step), "a wrong code");
+                    codes += 1;
+                    latencies.push(());
+                    *outcomes.entry("released".into()).or_default() += 1;
+                }
+                Err(e) => {
+                    // A clear status: a code that says what happened, and a
+                    // message.
+                    assert!(
+                        !matches!(e.status.code(), Code::Unknown | Code::Internal | Code::Ok)
+                            && !e.status.message().is_empty(),
+                        "wave {wave}: an unclear failure at {}: {:?}",
+                        e.step,
+                        e.status
+                    );
+                    *outcomes
+                        .entry(format!("{} {:?}", e.step, e.status.code()))
+                        .or_default() += 1;
+                }
+            }
+        }
+        println!(
+            "wave {wave}: {CONCURRENT} concurrent flows in {:?}, outcomes so far {outcomes:?}",
+            t.elapsed()
+        );
+    }
+    // Under this load nothing is broken, so nearly every flow releases.
+    assert!(
+        codes * 100 >= waves * CONCURRENT * 95,
+        "only {codes} of {} flows released: {outcomes:?}",
+        waves * CONCURRENT
+    );
+
+    // Every request obeys the state machine, and each of its history steps
+    // reached the log exactly once, in order — no event lost or doubled.
+    let requests = sys.all_requests().await;
+    assert_eq!(requests.len(), waves * CONCURRENT);
+    let mut expected_broker = 0usize;
+    for r in &requests {
+        check_request(r).unwrap();
+        expected_broker += r.history.len();
+        if r.history.iter().any(|h| h.action == "request.approved") {
+            expected_broker += 1; // pin.issued
+        }
+    }
+    let expected = logged_before + expected_broker + codes;
+    let log = sys
+        .log_until(Duration::from_secs(60), |log| log.len() >= expected)
+        .await;
+    let log = if log.len() >= expected {
+        sys.verified_log(&[]).await
+    } else {
+        log
+    };
+    let mut of_request: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut vault_codes = 0usize;
+    for e in log.iter().filter_map(|e| e.event.as_ref()) {
+        if e.source.ends_with("/svc/vault") && e.action == "code.released" {
+            vault_codes += 1;
+        } else if e.source.ends_with("/svc/broker")
+            && !e.request_id.is_empty()
+            && e.action != "pin.issued"
+        {
+            of_request
+                .entry(e.request_id.as_str())
+                .or_default()
+                .push(e.action.clone());
+        }
+    }
+    for r in &requests {
+        assert_eq!(
+            of_request.get(r.request_id.as_str()),
+            Some(&history_actions(r)),
+            "request {}: the log's events are not its history",
+            r.request_id
+        );
+    }
+    assert_eq!(vault_codes, codes, "the vault's code.released events");
+    assert_eq!(
+        log.len(),
+        expected,
+        "log entries: {} before, {expected_broker} broker, {codes} vault",
+        logged_before
+    );
+    check_single_use(&log).unwrap();
+
+    let rss_after = rss(&sys);
+    println!("VmRSS KiB before {rss_before:?}, after {rss_after:?}");
+    for (svc, kib) in &rss_after {
+        assert!(
+            *kib < RSS_LIMIT_KIB,
+            "{svc} holds {kib} KiB after the load (limit {RSS_LIMIT_KIB} KiB)"
+        );
+    }
+}
