@@ -11,7 +11,7 @@ use twokey_proto::{
     audit::v1::audit_service_client::AuditServiceClient,
     broker::v1::broker_service_client::BrokerServiceClient,
 };
-use twokey_runtime::tls::TlsFiles;
+use twokey_runtime::{serve::MAX_MESSAGE_BYTES, tls::TlsFiles};
 
 use crate::error::{CliError, Target};
 
@@ -214,6 +214,7 @@ impl Settings {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
+                crl: None,
             }),
             _ => Err(CliError::Usage(format!(
                 "no {} given{}: pass them or choose a profile with --profile NAME (twokey pki init writes one)",
@@ -258,7 +259,12 @@ impl Settings {
             .as_deref()
             .unwrap_or(BROKER_SERVER_NAME);
         let (channel, target) = self.channel("broker", name)?;
-        Ok((BrokerServiceClient::new(channel), target))
+        Ok((
+            BrokerServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            target,
+        ))
     }
 
     /// An audit client and its target (for error messages).
@@ -270,7 +276,9 @@ impl Settings {
             .unwrap_or(AUDIT_SERVER_NAME);
         let (channel, target) = self.channel("audit", name)?;
         Ok((
-            AuditServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
+            AuditServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             target,
         ))
     }
