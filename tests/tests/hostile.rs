@@ -427,6 +427,7 @@ async fn random_bytes_on_each_grpc_port_close_only_that_connection() {
                 closed.is_some(),
                 "{url} kept a connection sending {len} random bytes"
             );
+            eprintln!("{url}: {len} random bytes, closed after {closed:?}");
         }
     }
     serves_everyone(&sys).await;
@@ -473,12 +474,15 @@ async fn slow_loris_clients_are_cut_off_and_never_stall_others() {
 
     // Each held connection is closed by the server after the handshake timeout.
     let bound = handshake_timeout + Duration::from_secs(5);
+    let mut longest = Duration::ZERO;
     for (i, (opened, mut stream)) in held.into_iter().enumerate() {
         let left = bound.saturating_sub(opened.elapsed());
         assert!(
             closed_within(&mut stream, left).await.is_some(),
             "slow connection {i} still open {bound:?} after it was opened"
         );
+        longest = longest.max(opened.elapsed());
     }
+    eprintln!("others served in {served_in:?}; slow connections closed after at most {longest:?}");
     serves_everyone(&sys).await;
 }
