@@ -109,13 +109,28 @@ async fn a_full_flow_releases_the_right_code_and_leaves_a_verifiable_log() {
         (code.step + 1) * 30
     );
 
-    let log = sys.log().await;
+    // The vault's code.released is in the log before the code left the
+    // vault; the broker's events are shipped from its outbox a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sys.log().await.iter().any(|e| {
+        e.event
+            .as_ref()
+            .is_some_and(|e| e.action == "code.released" && e.source.ends_with("/svc/broker"))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker's code.released event never reached audit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Checkpoint first: the log read after it may only be longer.
     let checkpoint = sys
         .audit("carol")
         .get_checkpoint(GetCheckpointRequest {})
         .await
         .unwrap()
         .into_inner();
+    let log = sys.log().await;
     let verifier = NoteVerifier::parse(&sys.local.verifier_key).unwrap();
     let report = verify_log(
         &log,
