@@ -244,6 +244,14 @@ async fn hostile_fields_get_an_exact_status_over_the_wire() {
         (format!("otpauth://totp/a%00b?{s}"), "control characters"),
         (format!("otpauth://totp/%FF%FE?{s}"), "not valid UTF-8"),
         (
+            format!("otpauth://totp/{}?{s}", "l".repeat(100 * 1024)),
+            "label is longer than 256 bytes",
+        ),
+        (
+            format!("otpauth://totp/x?{s}&issuer={}", "i".repeat(100 * 1024)),
+            "issuer is longer than 256 bytes",
+        ),
+        (
             "otpauth://totp/x?secret=JBSWY3DP!!!!".into(),
             "not valid Base32",
         ),
@@ -276,6 +284,20 @@ async fn hostile_fields_get_an_exact_status_over_the_wire() {
         assert_eq!(status.code(), Code::InvalidArgument, "{uri}: {status:?}");
         assert!(status.message().contains(says), "{uri}: {status:?}");
     }
+    let long_label = sys
+        .broker("adam")
+        .enroll_account(EnrollAccountRequest {
+            account_id: ACCOUNT.into(),
+            seed: Some(Seed::Base32Secret("JBSWY3DPEHPK3PXP".into())),
+            label: "l".repeat(100 * 1024),
+            ..Default::default()
+        })
+        .await;
+    assert_status(
+        long_label,
+        Code::InvalidArgument,
+        "label must be at most 256 characters",
+    );
     for (secret, digits, period, says) in [
         ("JBSWY3DP 1890 ====", 6, 30, "not valid Base32"),
         (

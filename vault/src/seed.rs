@@ -35,6 +35,9 @@ pub enum SeedError {
     /// The URI or a value in it is not valid UTF-8 or holds control characters.
     #[error("the otpauth URI's {0} is not valid UTF-8 text or holds control characters")]
     BadText(&'static str),
+    /// A label or issuer is longer than [`MAX_TEXT_BYTES`].
+    #[error("the otpauth URI's {0} is longer than 256 bytes; shorten it")]
+    TooLong(&'static str),
     /// A required part is missing.
     #[error("the otpauth URI has no secret parameter")]
     MissingSecret,
@@ -228,8 +231,11 @@ fn clean_text(text: &str, what: &'static str) -> Result<String, SeedError> {
     let decoded = percent_decode_str(text)
         .decode_utf8()
         .map_err(|_| SeedError::BadText(what))?;
-    if decoded.chars().any(char::is_control) || decoded.len() > MAX_TEXT_BYTES {
+    if decoded.chars().any(char::is_control) {
         return Err(SeedError::BadText(what));
+    }
+    if decoded.len() > MAX_TEXT_BYTES {
+        return Err(SeedError::TooLong(what));
     }
     Ok(decoded.into_owned())
 }
@@ -381,6 +387,14 @@ mod tests {
                 SeedError::BadText("issuer"),
             ),
             ("otpauth://totp/x?issuer=a".into(), SeedError::MissingSecret),
+            (
+                format!("otpauth://totp/{}?{s}", "l".repeat(257)),
+                SeedError::TooLong("label"),
+            ),
+            (
+                format!("otpauth://totp/x?{s}&issuer={}", "%41".repeat(257)),
+                SeedError::TooLong("issuer"),
+            ),
             (
                 format!("otpauth://hotp/x?{s}"),
                 SeedError::NotOtpauth("only totp is supported, not hotp"),
