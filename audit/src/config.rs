@@ -75,6 +75,7 @@ struct FileTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     ca: Option<PathBuf>,
+    crl: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +121,10 @@ pub struct ConfigArgs {
     /// CA certificate that callers' certificates chain to (PEM).
     #[arg(long, env = "TWOKEY_AUDIT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Certificate revocation list (PEM) from the CA; listed client
+    /// certificates are refused in the handshake.
+    #[arg(long, env = "TWOKEY_AUDIT_TLS_CRL")]
+    pub tls_crl: Option<PathBuf>,
     /// Event sources as ID=BASE64_PUBLIC_KEY (comma-separated; replaces the file's list).
     #[arg(long, env = "TWOKEY_AUDIT_SOURCES", value_delimiter = ',')]
     pub sources: Option<Vec<String>>,
@@ -251,6 +256,10 @@ impl AuditConfig {
             cert: need_path(pick(args.tls_cert.clone(), file_tls.cert), "tls.cert")?,
             key: need_path(pick(args.tls_key.clone(), file_tls.key), "tls.key")?,
             ca: need_path(pick(args.tls_ca.clone(), file_tls.ca), "tls.ca")?,
+            crl: match pick(args.tls_crl.clone(), file_tls.crl) {
+                (Some(p), f) => Some(rel(p, f)),
+                (None, _) => None,
+            },
         };
 
         let (auditor_list, auditors_flag) = pick(args.auditors.clone(), file.auditors);

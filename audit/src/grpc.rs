@@ -170,6 +170,11 @@ async fn run_append<S: LogStore>(
                     Err(status) => {
                         tracing::debug!(%peer, "append stream ended: {status}");
                         inbound_open = false;
+                        // An event over the size limit is refused, not dropped silently.
+                        let status = twokey_runtime::limits::limit_status(status);
+                        if status.code() == Code::ResourceExhausted {
+                            failure = Some(status);
+                        }
                     }
                 }
             }

@@ -42,7 +42,9 @@ pub async fn serve(
 ) -> Result<(), AuditError> {
     let key = load_signing_key(&config.checkpoint_key_file)?;
     let signer = CheckpointSigner::new(&config.origin, key)?;
-    let tls = config.tls.server_config()?;
+    let tls = config
+        .tls
+        .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
     let store = SledStore::open(&config.data_dir)?;
     let log = Arc::new(AuditLog::new(
         store,
@@ -70,13 +72,13 @@ pub async fn serve(
         path: config.data_dir.clone(),
         why: format!("listener has no address: {e}"),
     })?;
-    let router = server(tls)?
+    let router = server()?
         .add_service(health::<AuditServiceServer<AuditGrpc<SledStore>>>().await)
         .add_service(reflection())
         .add_service(grpc.into_server());
     announce("twokey-audit", addr);
     router
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener, tls), shutdown)
         .await
         .map_err(|e| AuditError::Serve(e.into()))
 }

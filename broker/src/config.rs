@@ -203,6 +203,10 @@ pub struct PartialTls {
     /// The CA that clients, the vault and audit chain to (PEM).
     #[arg(long = "tls-ca", env = "TWOKEY_BROKER_TLS_CA")]
     pub ca: Option<PathBuf>,
+    /// Certificate revocation list (PEM) from the CA; listed client
+    /// certificates are refused in the handshake.
+    #[arg(long = "tls-crl", env = "TWOKEY_BROKER_TLS_CRL")]
+    pub crl: Option<PathBuf>,
 }
 
 /// Notifier settings, optional.
@@ -326,6 +330,7 @@ impl PartialConfig {
             &mut config.tls.cert,
             &mut config.tls.key,
             &mut config.tls.ca,
+            &mut config.tls.crl,
             &mut config.notify.mailbox.dir,
             &mut config.notify.webhook.secret_file,
             &mut config.notify.slack.token_file,
@@ -358,6 +363,7 @@ impl PartialConfig {
                 cert: or(self.tls.cert, file.tls.cert),
                 key: or(self.tls.key, file.tls.key),
                 ca: or(self.tls.ca, file.tls.ca),
+                crl: or(self.tls.crl, file.tls.crl),
             },
             notify: PartialNotify {
                 mailbox: PartialMailbox {
@@ -446,6 +452,7 @@ impl PartialConfig {
                 cert: need(self.tls.cert, "tls.cert")?,
                 key: need(self.tls.key, "tls.key")?,
                 ca: need(self.tls.ca, "tls.ca")?,
+                crl: self.tls.crl,
             },
             notify: NotifyConfig {
                 mailbox: self.notify.mailbox.dir.map(|dir| MailboxConfig { dir }),

@@ -216,7 +216,9 @@ pub async fn serve_listeners(
     let event_key = keys::load_signing_key(&config.event_key_file)?;
     let pin_key = PinKey::new(SecretKey::load(&config.pin_key_file)?);
     let identity = own_identity(&config)?;
-    let tls = config.tls.server_config()?.client_auth_optional(true);
+    let tls = config
+        .tls
+        .server_tls(twokey_runtime::tls::ClientAuth::Optional)?;
     let http_tls = match &http_listener {
         Some(_) => Some(http::tls_config(&config.tls)?),
         None => None,
@@ -293,11 +295,11 @@ pub async fn serve_listeners(
             .await;
         }
     };
-    let grpc_server = serve::server(tls)?
+    let grpc_server = serve::server()?
         .add_service(health)
         .add_service(serve::reflection())
         .add_service(service)
-        .serve_with_incoming_shutdown(serve::incoming(listener), async move {
+        .serve_with_incoming_shutdown(serve::incoming(listener, tls), async move {
             shutdown.await;
             let _ = stop.send(true);
             closer.close();

@@ -148,6 +148,12 @@ impl Broker {
         if id.is_empty() {
             return Err(BrokerError::invalid("account_id is required"));
         }
+        if !crate::policy::valid_account_id(id) {
+            return Err(BrokerError::invalid(format!(
+                "account_id must be 1 to 64 characters of a-z, 0-9, '.', '_', '-' ({} given)",
+                id.chars().count()
+            )));
+        }
         self.policy.account(id).ok_or_else(|| {
             BrokerError::NotFound(format!(
                 "unknown account {:?}; the policy names: {}",

@@ -79,9 +79,9 @@ enum Kind {
     Invalid,
 }
 
-fn kind_of(r: &Result<(), BrokerError>) -> Kind {
+fn kind_of<T>(r: &Result<T, BrokerError>) -> Kind {
     match r {
-        Ok(()) => Kind::Ok,
+        Ok(_) => Kind::Ok,
         Err(BrokerError::PermissionDenied(_)) => Kind::Denied,
         Err(BrokerError::FailedPrecondition(_)) => Kind::Precondition,
         Err(BrokerError::InvalidArgument(_)) => Kind::Invalid,
@@ -306,6 +306,55 @@ proptest! {
             if rec.state != State::Approved {
                 prop_assert!(rec.pin_hash.is_none(), "a PIN hash outlived the APPROVED state");
             }
+        }
+    }
+}
+
+/// The reference rule for filing: who may file, and for whom.
+fn model_create(a: &AccountPolicy, caller: &SpiffeId, on_behalf: Option<&SpiffeId>) -> Kind {
+    match on_behalf {
+        Some(requester) => {
+            if !a.intake.contains(caller) {
+                Kind::Denied
+            } else if requester == caller {
+                Kind::Invalid
+            } else if !a.requesters.contains(requester) {
+                Kind::Denied
+            } else {
+                Kind::Ok
+            }
+        }
+        None if a.intake.contains(caller) && !a.requesters.contains(caller) => Kind::Invalid,
+        None if !a.requesters.contains(caller) => Kind::Denied,
+        None => Kind::Ok,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Any identity files, for itself or on anyone's behalf: only requesters
+    /// file for themselves, only intake services file for someone else, and
+    /// that someone must be a requester; the record names who asked and who
+    /// filed.
+    #[test]
+    fn random_identities_file_only_as_the_rules_allow(
+        caller in 0..PEOPLE.len(),
+        on_behalf in proptest::option::of(0..PEOPLE.len()),
+    ) {
+        let a = account(1, 1);
+        let now = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let caller = id(PEOPLE[caller]);
+        let on_behalf = on_behalf.map(|w| id(PEOPLE[w]));
+        let expected = model_create(&a, &caller, on_behalf.as_ref());
+        let result = RequestRecord::create("r1".into(), &a, &caller, on_behalf.clone(), "why", "", now);
+        let kind = kind_of(&result);
+        prop_assert_eq!(kind, expected, "{:?} for {:?}: {:?}", caller, on_behalf, result.as_ref().err());
+        if let Ok((rec, _)) = result {
+            prop_assert_eq!(&rec.filed_by, &caller);
+            prop_assert_eq!(rec.requester, on_behalf.unwrap_or(caller));
+            prop_assert_eq!(rec.state, State::Pending);
+            prop_assert!(rec.approvals.is_empty() && rec.operator.is_none());
         }
     }
 }

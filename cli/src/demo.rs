@@ -355,12 +355,15 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
     let export_s = export.display().to_string();
     let checkpoint_s = checkpoint.display().to_string();
     let sources_s = system.audit_config.display().to_string();
-    s.run("carol", &["audit", "export", "--out", &export_s], None)?;
+    // Checkpoint first: events still being shipped (the broker's outbox)
+    // may land in between, and an export may cover more than its checkpoint
+    // (verified as a prefix) but never less.
     s.run(
         "carol",
         &["audit", "checkpoint", "--out", &checkpoint_s],
         None,
     )?;
+    s.run("carol", &["audit", "export", "--out", &export_s], None)?;
     let report = s.run(
         "carol",
         &[

@@ -11,8 +11,8 @@ use twokey_proto::{
     audit::v1::audit_service_client::AuditServiceClient,
     broker::v1::broker_service_client::BrokerServiceClient,
 };
-use twokey_runtime::tls::TlsFiles;
 use twokey_runtime::trace::SendTraceparent;
+use twokey_runtime::{serve::MAX_MESSAGE_BYTES, tls::TlsFiles};
 
 use crate::error::{CliError, Target};
 
@@ -220,6 +220,7 @@ impl Settings {
                 cert: cert.clone(),
                 key: key.clone(),
                 ca: ca.clone(),
+                crl: None,
             }),
             _ => Err(CliError::Usage(format!(
                 "no {} given{}: pass them or choose a profile with --profile NAME (twokey pki init writes one)",
@@ -265,7 +266,9 @@ impl Settings {
             .unwrap_or(BROKER_SERVER_NAME);
         let (channel, target) = self.channel("broker", name)?;
         Ok((
-            BrokerServiceClient::with_interceptor(channel, SendTraceparent::process_root()),
+            BrokerServiceClient::with_interceptor(channel, SendTraceparent::process_root())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             target,
         ))
     }
@@ -280,7 +283,8 @@ impl Settings {
         let (channel, target) = self.channel("audit", name)?;
         Ok((
             AuditServiceClient::with_interceptor(channel, SendTraceparent::process_root())
-                .max_decoding_message_size(64 * 1024 * 1024),
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
             target,
         ))
     }

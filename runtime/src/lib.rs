@@ -10,6 +10,7 @@ pub mod durable;
 pub mod events;
 pub mod identity;
 pub mod keys;
+pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod pki;

@@ -1,14 +1,18 @@
 //! Server plumbing shared by the three services: binding, the readiness
 //! line, limits, gRPC health and reflection, and shutdown on SIGINT/SIGTERM.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
-use tokio::net::TcpListener;
-use tonic::{
-    server::NamedService,
-    transport::{Server, ServerTlsConfig},
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::mpsc,
 };
+use tokio_rustls::server::TlsStream;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{server::NamedService, transport::Server};
 use tower_layer::{Identity, Stack};
+
+use crate::tls::ServerTls;
 
 /// Largest gRPC message any twokey server accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -45,29 +49,74 @@ pub fn announce(service: &str, addr: SocketAddr) {
     tracing::info!(%addr, "{service} listening");
 }
 
-/// A server with the trace-id layer (see [`crate::trace`]).
-pub type TracedServer = Server<Stack<crate::trace::TraceLayer, Identity>>;
+/// A server with the message-limit and trace-id layers (see
+/// [`crate::limits`] and [`crate::trace`]).
+pub type TracedServer =
+    Server<Stack<crate::limits::LimitLayer, Stack<crate::trace::TraceLayer, Identity>>>;
 
-/// A server builder with mTLS and twokey's limits: per-request timeout,
-/// bounded concurrency per connection, keep-alives; each call runs in the
-/// scope of its trace id.
-pub fn server(tls: ServerTlsConfig) -> Result<TracedServer, ServeError> {
+/// A server builder with twokey's limits: per-request timeout, bounded
+/// concurrency per connection, keep-alives, RESOURCE_EXHAUSTED for messages
+/// over [`MAX_MESSAGE_BYTES`]; each call runs in the scope of its trace id.
+/// TLS comes from [`incoming`].
+pub fn server() -> Result<TracedServer, ServeError> {
     Ok(Server::builder()
-        .tls_config(tls)?
         .timeout(Duration::from_secs(30))
         .concurrency_limit_per_connection(256)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
-        .layer(crate::trace::TraceLayer))
+        .layer(crate::trace::TraceLayer)
+        .layer(crate::limits::LimitLayer))
 }
 
-/// The incoming connection stream of a bound listener, with TCP_NODELAY on
-/// every accepted socket. (tonic ignores the builder's `tcp_nodelay` for a
-/// caller's own stream; without it a response in more than one TLS record
-/// waits for the peer's delayed ACK, about 40 ms: see docs/BENCHMARKS.md.)
-pub fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// The TLS connections of a bound listener: each accepted socket gets
+/// TCP_NODELAY (without it a response in more than one TLS record waits for
+/// the peer's delayed ACK, about 40 ms: see docs/BENCHMARKS.md) and its own
+/// handshake task, bounded by `tls.handshake_timeout`, so a client that
+/// sends nothing or half a ClientHello holds only its own socket until the
+/// timeout closes it; failed handshakes (no or a refused certificate, a
+/// revoked one, random bytes) close the connection and are logged at debug.
+/// Accepting stops when the server drops the stream.
+pub fn incoming(
+    listener: TcpListener,
+    tls: ServerTls,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, Infallible>> + Send + 'static {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(accept_loop(listener, tls, tx));
+    ReceiverStream::new(rx)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: ServerTls,
+    tx: mpsc::Sender<Result<TlsStream<TcpStream>, Infallible>>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = tx.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(tls.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    let _ = tx.send(Ok(stream)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
 }
 
 /// gRPC reflection for the twokey and health protos.
@@ -79,6 +128,8 @@ pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor sets are valid")
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// gRPC health reporting `S` as serving.
@@ -87,6 +138,8 @@ pub async fn health<S: NamedService>()
     let (reporter, service) = tonic_health::server::health_reporter();
     reporter.set_serving::<S>().await;
     service
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Resolves on SIGINT or SIGTERM.

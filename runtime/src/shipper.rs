@@ -144,7 +144,9 @@ async fn session(
 ) -> Result<(), String> {
     let mut sent = VecDeque::new();
     let (tx, rx) = mpsc::channel::<AppendRequest>(WINDOW);
-    let mut client = AuditServiceClient::new(channel);
+    let mut client = AuditServiceClient::new(channel)
+        .max_decoding_message_size(crate::serve::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::serve::MAX_MESSAGE_BYTES);
     let mut next = outbox.first_pending().unwrap_or_else(|| outbox.next_seq());
     let mut in_flight = 0usize;
     // Queue the first events before opening the stream so the open carries them.

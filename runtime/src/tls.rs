@@ -1,15 +1,23 @@
 //! Mutual TLS from PEM files: server configs that require a client
-//! certificate chaining to the configured CA, and client configs that present
-//! one and check the server's name.
+//! certificate chaining to the configured CA (and not revoked by the
+//! configured CRL), and client configs that present one and check the
+//! server's name.
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
+use rustls::{
+    pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
 };
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// How long a client may take to complete the TLS handshake before the
+/// server closes the connection.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why TLS material could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +46,35 @@ pub enum TlsError {
     /// The transport refused the configuration.
     #[error("TLS configuration refused: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A PEM file does not hold what it should, or rustls refused it.
+    #[error("cannot use {what} {path}: {why}")]
+    Invalid {
+        /// Which file it was.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Whether a server requires a client certificate in the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No certificate, no connection (vault, audit).
+    Required,
+    /// A client without a certificate may connect, so the server can answer
+    /// UNAUTHENTICATED (broker); a certificate that is presented must verify.
+    Optional,
+}
+
+/// A server's TLS: the rustls config and the handshake timeout.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The rustls config (ALPN `h2`).
+    pub config: Arc<rustls::ServerConfig>,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
 }
 
 /// The three PEM files of a TLS identity.
@@ -49,6 +86,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The CA that peers' certificates must chain to.
     pub ca: PathBuf,
+    /// Optional certificate revocation list(s) (PEM) from the CA: a client
+    /// certificate it lists is refused in the handshake. Servers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 fn read_pem(path: &Path, what: &'static str, marker: &str) -> Result<Vec<u8>, TlsError> {
@@ -74,6 +115,7 @@ impl TlsFiles {
             cert: dir.join(format!("{name}.crt")),
             key: dir.join(format!("{name}.key")),
             ca: dir.join("ca.crt"),
+            crl: None,
         }
     }
 
@@ -96,13 +138,76 @@ impl TlsFiles {
         read_pem(&self.cert, "certificate", "CERTIFICATE")
     }
 
-    /// A server config that requires every client to present a certificate
-    /// chaining to the CA. Handshakes that take longer than 10 s are dropped.
-    pub fn server_config(&self) -> Result<ServerTlsConfig, TlsError> {
-        Ok(ServerTlsConfig::new()
-            .identity(self.identity()?)
-            .client_ca_root(self.ca()?)
-            .timeout(Duration::from_secs(10)))
+    /// The server TLS of a gRPC listener: this identity, client
+    /// certificates verified against the CA and the CRL (if configured),
+    /// ALPN `h2`, handshakes bounded by [`HANDSHAKE_TIMEOUT`]. Serve it with
+    /// [`crate::serve::incoming`].
+    pub fn server_tls(&self, auth: ClientAuth) -> Result<ServerTls, TlsError> {
+        Ok(ServerTls {
+            config: Arc::new(self.rustls_server_config(auth, &[b"h2"])?),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        })
+    }
+
+    /// The rustls server config behind [`TlsFiles::server_tls`], with the
+    /// given ALPN protocols (the broker's HTTP listener adds `http/1.1`).
+    pub fn rustls_server_config(
+        &self,
+        auth: ClientAuth,
+        alpn: &[&[u8]],
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let invalid = |what, path: &Path, why: &dyn std::fmt::Display| TlsError::Invalid {
+            what,
+            path: path.to_owned(),
+            why: why.to_string(),
+        };
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem()?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("certificate", &self.cert, &e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&read_pem(&self.key, "private key", "PRIVATE KEY")?)
+                .map_err(|e| invalid("private key", &self.key, &e))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in
+            CertificateDer::pem_slice_iter(&read_pem(&self.ca, "CA certificate", "CERTIFICATE")?)
+        {
+            let ca = ca.map_err(|e| invalid("CA certificate", &self.ca, &e))?;
+            roots
+                .add(ca)
+                .map_err(|e| invalid("CA certificate", &self.ca, &e))?;
+        }
+        let crls = match &self.crl {
+            Some(path) => CertificateRevocationListDer::pem_slice_iter(&read_pem(
+                path,
+                "certificate revocation list",
+                "X509 CRL",
+            )?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("certificate revocation list", path, &e))?,
+            None => Vec::new(),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .with_crls(crls);
+        if auth == ClientAuth::Optional {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = verifier.build().map_err(|e| {
+            invalid(
+                "CA certificate or CRL",
+                self.crl.as_deref().unwrap_or(&self.ca),
+                &e,
+            )
+        })?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid("certificate", &self.cert, &e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| invalid("private key", &self.key, &e))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(config)
     }
 
     /// A client config presenting this identity and requiring the server's

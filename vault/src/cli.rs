@@ -88,6 +88,10 @@ pub struct ServeArgs {
     /// CA certificate file.
     #[arg(long, env = "TWOKEY_VAULT_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Certificate revocation list (PEM) from the CA; listed client
+    /// certificates are refused in the handshake.
+    #[arg(long, env = "TWOKEY_VAULT_TLS_CRL")]
+    tls_crl: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -123,6 +127,7 @@ impl ServeArgs {
                 ("tls.cert", path(&self.tls_cert)),
                 ("tls.key", path(&self.tls_key)),
                 ("tls.ca", path(&self.tls_ca)),
+                ("tls.crl", path(&self.tls_crl)),
             ],
             "TWOKEY_VAULT_",
         )

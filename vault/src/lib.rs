@@ -71,7 +71,9 @@ pub async fn serve(
     let source = config
         .source_id()
         .map_err(|e| StartError::Setting(format!("trust_domain: {e}")))?;
-    let server_tls = config.tls.server_config()?;
+    let server_tls = config
+        .tls
+        .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
     let audit = config
         .tls
         .channel(&config.audit_address, &config.audit_server_name)?;
@@ -115,11 +117,11 @@ pub async fn serve(
         source,
     })?;
     rt::announce("twokey-vault", addr);
-    let served = rt::server(server_tls)?
+    let served = rt::server()?
         .add_service(health)
         .add_service(rt::reflection())
         .add_service(service)
-        .serve_with_incoming_shutdown(rt::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(rt::incoming(listener, server_tls), shutdown)
         .await;
     // Stop the background tasks so the database is released.
     for task in [sweeper_task, shipper_task] {

@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use percent_encoding::percent_decode_str;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use zeroize::Zeroizing;
 
 /// Shortest seed accepted: 80 bits (GitHub and others issue them).
@@ -15,6 +15,16 @@ pub const STRONG_SEED_BYTES: usize = 16;
 pub const MAX_SEED_BYTES: usize = 128;
 /// Longest step accepted, in seconds.
 pub const MAX_PERIOD: u32 = 300;
+/// Longest label or issuer accepted, in bytes after percent-decoding.
+pub const MAX_TEXT_BYTES: usize = 256;
+
+/// What [`SeedSpec::to_uri`] percent-encodes in a label or issuer.
+const URI_TEXT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'@');
 
 /// Why a seed or its parameters were refused. Never contains the secret.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -25,6 +35,9 @@ pub enum SeedError {
     /// The URI or a value in it is not valid UTF-8 or holds control characters.
     #[error("the otpauth URI's {0} is not valid UTF-8 text or holds control characters")]
     BadText(&'static str),
+    /// A label or issuer is longer than [`MAX_TEXT_BYTES`].
+    #[error("the otpauth URI's {0} is longer than 256 bytes; shorten it")]
+    TooLong(&'static str),
     /// A required part is missing.
     #[error("the otpauth URI has no secret parameter")]
     MissingSecret,
@@ -60,6 +73,15 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// The name an otpauth URI uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sha1 => "SHA1",
+            Self::Sha256 => "SHA256",
+            Self::Sha512 => "SHA512",
+        }
+    }
+
     /// Parses `SHA1`, `SHA256`, `SHA512` (any case).
     pub fn parse(text: &str) -> Result<Self, SeedError> {
         match text.to_ascii_uppercase().as_str() {
@@ -168,12 +190,52 @@ pub struct SeedSpec {
     pub label: String,
 }
 
+impl SeedSpec {
+    /// Prints the spec as an `otpauth://totp/` URI that [`parse_otpauth`]
+    /// reads back to the same spec. The URI holds the secret: it is zeroized
+    /// on drop, and only tests and the fuzz targets call this; no service
+    /// sends or logs it.
+    pub fn to_uri(&self) -> Zeroizing<String> {
+        let enc = |t: &str| utf8_percent_encode(t, URI_TEXT).to_string();
+        // The path is `ISSUER:LABEL` when that reads back unchanged, else the
+        // label alone (after a leading ':' when the label itself holds one).
+        let path = if !self.issuer.is_empty()
+            && !self.issuer.contains(':')
+            && self.issuer.trim() == self.issuer
+            && self.issuer.len() + 1 + self.label.len() <= MAX_TEXT_BYTES
+        {
+            format!("{}:{}", enc(&self.issuer), enc(&self.label))
+        } else if self.label.contains(':') {
+            format!(":{}", enc(&self.label))
+        } else {
+            enc(&self.label)
+        };
+        let secret = Zeroizing::new(data_encoding::BASE32_NOPAD.encode(self.seed.expose()));
+        let mut uri = Zeroizing::new(format!("otpauth://totp/{path}?secret="));
+        uri.push_str(&secret);
+        if !self.issuer.is_empty() {
+            uri.push_str("&issuer=");
+            uri.push_str(&enc(&self.issuer));
+        }
+        uri.push_str(&format!(
+            "&algorithm={}&digits={}&period={}",
+            self.params.algorithm.as_str(),
+            self.params.digits,
+            self.params.period
+        ));
+        uri
+    }
+}
+
 fn clean_text(text: &str, what: &'static str) -> Result<String, SeedError> {
     let decoded = percent_decode_str(text)
         .decode_utf8()
         .map_err(|_| SeedError::BadText(what))?;
-    if decoded.chars().any(char::is_control) || decoded.len() > 256 {
+    if decoded.chars().any(char::is_control) {
         return Err(SeedError::BadText(what));
+    }
+    if decoded.len() > MAX_TEXT_BYTES {
+        return Err(SeedError::TooLong(what));
     }
     Ok(decoded.into_owned())
 }
@@ -326,6 +388,14 @@ mod tests {
             ),
             ("otpauth://totp/x?issuer=a".into(), SeedError::MissingSecret),
             (
+                format!("otpauth://totp/{}?{s}", "l".repeat(257)),
+                SeedError::TooLong("label"),
+            ),
+            (
+                format!("otpauth://totp/x?{s}&issuer={}", "%41".repeat(257)),
+                SeedError::TooLong("issuer"),
+            ),
+            (
                 format!("otpauth://hotp/x?{s}"),
                 SeedError::NotOtpauth("only totp is supported, not hotp"),
             ),
@@ -352,11 +422,57 @@ mod tests {
         assert!(!dbg.contains("JBSWY3DPEHPK3PXP") && dbg.contains("[redacted]"));
     }
 
+    #[test]
+    fn to_uri_prints_an_aws_style_uri() {
+        let spec = SeedSpec {
+            seed: Seed::from_base32("JBSWY3DPEHPK3PXP").unwrap(),
+            params: TotpParams::default(),
+            issuer: "Amazon Web Services".into(),
+            label: "root@123456789012".into(),
+        };
+        assert_eq!(
+            *spec.to_uri(),
+            "otpauth://totp/Amazon%20Web%20Services:root@123456789012?secret=JBSWY3DPEHPK3PXP\
+             &issuer=Amazon%20Web%20Services&algorithm=SHA1&digits=6&period=30"
+        );
+    }
+
+    fn same(a: &SeedSpec, b: &SeedSpec) -> bool {
+        a.seed == b.seed && a.params == b.params && a.issuer == b.issuer && a.label == b.label
+    }
+
     proptest::proptest! {
         #[test]
         fn any_input_parses_or_errors_without_panicking(s in "\\PC*") {
             let _ = parse_otpauth(&s);
             let _ = Seed::from_base32(&s);
+        }
+
+        #[test]
+        fn printed_specs_parse_back_to_themselves(
+            seed in proptest::collection::vec(proptest::num::u8::ANY, MIN_SEED_BYTES..=MAX_SEED_BYTES),
+            algorithm in proptest::sample::select(vec![Algorithm::Sha1, Algorithm::Sha256, Algorithm::Sha512]),
+            digits in 6u8..=8,
+            period in 1u32..=MAX_PERIOD,
+            issuer in "[^\\p{Cc}]{0,40}",
+            label in "[^\\p{Cc}]{0,40}",
+        ) {
+            let spec = SeedSpec {
+                seed: Seed::from_bytes(seed).unwrap(),
+                params: TotpParams { algorithm, digits, period },
+                issuer,
+                label: label.trim().to_owned(),
+            };
+            let back = parse_otpauth(&spec.to_uri()).unwrap();
+            proptest::prop_assert!(same(&spec, &back), "{spec:?} came back as {back:?}");
+        }
+
+        #[test]
+        fn parsed_uris_print_and_parse_back_to_the_same_spec(s in "otpauth://totp/[^\\p{Cc}?]{0,30}\\?secret=[A-Z2-7]{16,40}(&[a-z]{1,9}=[^\\p{Cc}&]{0,12}){0,4}") {
+            if let Ok(spec) = parse_otpauth(&s) {
+                let back = parse_otpauth(&spec.to_uri()).unwrap();
+                proptest::prop_assert!(same(&spec, &back), "{s:?}: {spec:?} came back as {back:?}");
+            }
         }
     }
 }

@@ -10,9 +10,7 @@
 
 pub mod openapi;
 
-use std::{
-    convert::Infallible, future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration,
-};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use futures::{StreamExt, future::BoxFuture, stream};
 use http::{HeaderValue, Method, StatusCode, header};
@@ -22,21 +20,21 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{conn::auto, graceful::GracefulShutdown},
 };
-use rustls::{
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
-};
+use rustls::pki_types::CertificateDer;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::TcpListener;
 use tonic::{Code, Status};
 use tracing::Instrument;
 use twokey_proto::broker::v1 as pb;
 use twokey_runtime::{
-    Authenticator, SpiffeId, identity::identity_of_cert, serve::MAX_MESSAGE_BYTES, tls::TlsFiles,
+    Authenticator, SpiffeId,
+    identity::identity_of_cert,
+    serve::MAX_MESSAGE_BYTES,
+    tls::{ClientAuth, TlsFiles},
     trace,
 };
 
-use crate::{config::ConfigError, error::BrokerError, service::Broker};
+use crate::{error::BrokerError, service::Broker};
 
 /// Path prefix of every method.
 pub const PREFIX: &str = "/twokey.broker.v1.BrokerService/";
@@ -154,35 +152,10 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> http::Response<Body> {
 /// A client may connect without one (as on the gRPC listener) to read
 /// `/openapi.json`; every method then answers 401 `unauthenticated`.
 pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
-    let bad = |field: &'static str, path: &Path, e: &dyn std::fmt::Display| ConfigError::Invalid {
-        field,
-        problem: format!("{}: {e}", path.display()),
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| bad("tls.cert", &files.cert, &e))?;
-    let key =
-        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad("tls.key", &files.key, &e))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(&files.ca)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad("tls.ca", &files.ca, &e))?
-    {
-        roots.add(ca).map_err(|e| bad("tls.ca", &files.ca, &e))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| bad("tls.ca", &files.ca, &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("tls.cert", &files.cert, &e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(certs, key)
-        .map_err(|e| bad("tls.key", &files.key, &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(Arc::new(files.rustls_server_config(
+        ClientAuth::Optional,
+        &[b"h2", b"http/1.1"],
+    )?))
 }
 
 /// The HTTP/JSON API over one [`Broker`].

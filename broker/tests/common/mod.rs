@@ -508,11 +508,14 @@ async fn start_vault(fake: FakeVault, tls: &TlsFiles) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let mut server = serve::server(tls.server_config().unwrap()).unwrap();
+    let tls = tls
+        .server_tls(twokey_runtime::tls::ClientAuth::Required)
+        .unwrap();
+    let mut server = serve::server().unwrap();
     let task = tokio::spawn(async move {
         server
             .add_service(vpb::vault_service_server::VaultServiceServer::new(fake))
-            .serve_with_incoming_shutdown(serve::incoming(listener), async {
+            .serve_with_incoming_shutdown(serve::incoming(listener, tls), async {
                 let _ = stopped.await;
             })
             .await

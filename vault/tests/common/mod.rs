@@ -260,17 +260,18 @@ pub async fn start_fake_audit(fx: &Fixture, audit: FakeAudit) -> Running {
 pub async fn start_fake_audit_on(fx: &Fixture, mut audit: FakeAudit, addr: &str) -> Running {
     let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let tls = fx.tls("audit").server_config().unwrap();
+    let tls = fx
+        .tls("audit")
+        .server_tls(twokey_runtime::tls::ClientAuth::Required)
+        .unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let (stop_streams, stopping) = tokio::sync::watch::channel(false);
     audit.stopping = Some(stopping);
     let join = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .tls_config(tls)
-            .unwrap()
             .add_service(AuditServiceServer::new(audit))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                twokey_runtime::serve::incoming(listener, tls),
                 async move {
                     let _ = rx.await;
                     let _ = stop_streams.send(true);
@@ -316,6 +317,7 @@ pub fn foreign_broker_cert(dir: &Path) -> TlsFiles {
         cert: dir.join("foreign-broker.crt"),
         key: dir.join("foreign-broker.key"),
         ca: dir.join("ca.crt"),
+        crl: None,
     }
 }
 
