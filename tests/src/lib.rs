@@ -650,3 +650,59 @@ impl System {
         self.crash_and_restart("vault");
     }
 }
+
+impl System {
+    /// Files a request as alice, approves it as bob and verifies alice's PIN
+    /// as olivia; returns it VERIFIED. Each step is [`bounded`].
+    pub async fn verified_request(&self, reason: &str) -> twokey_proto::broker::v1::Request {
+        use twokey_proto::broker::v1::{
+            ApproveRequestRequest, CreateRequestRequest, RequestState, VerifyPinRequest,
+        };
+        let request = bounded(self.broker("alice").create_request(CreateRequestRequest {
+            account_id: twokey::local::ACCOUNT.into(),
+            reason: reason.into(),
+            ticket: "OPS-7".into(),
+            on_behalf_of: String::new(),
+        }))
+        .await
+        .expect("create")
+        .request
+        .expect("the created request");
+        let id = request.request_id;
+        bounded(self.broker("bob").approve_request(ApproveRequestRequest {
+            request_id: id.clone(),
+            comment: "ok".into(),
+        }))
+        .await
+        .expect("approve");
+        let pin = self
+            .pin("alice", &id, std::time::Duration::from_secs(10))
+            .await
+            .expect("a PIN delivered");
+        let r = bounded(self.broker("olivia").verify_pin(VerifyPinRequest {
+            request_id: id,
+            pin,
+        }))
+        .await
+        .expect("verify")
+        .request
+        .expect("the verified request");
+        assert_eq!(r.state(), RequestState::Verified);
+        r
+    }
+
+    /// Releases a code of request `id` as olivia, [`bounded`].
+    pub async fn release_as_operator(
+        &self,
+        id: &str,
+    ) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
+        bounded(
+            self.broker("olivia")
+                .release_code(twokey_proto::broker::v1::ReleaseCodeRequest {
+                    request_id: id.into(),
+                }),
+        )
+        .await
+        .map(|r| r.code.expect("a code"))
+    }
+}

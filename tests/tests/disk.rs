@@ -16,16 +16,11 @@ use std::{
     io::Write,
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
 use tonic::Code;
-use twokey::local::ACCOUNT;
 use twokey_e2e::{System, bounded, check_request, check_single_use, totp};
-use twokey_proto::broker::v1::{
-    ApproveRequestRequest, CreateRequestRequest, GetRequestRequest, ReleaseCodeRequest, Request,
-    RequestState, VerifyPinRequest,
-};
+use twokey_proto::broker::v1::{GetRequestRequest, Request, RequestState};
 
 /// A tmpfs mounted on a directory, unmounted (and the directory removed)
 /// when dropped.
@@ -84,47 +79,6 @@ impl Drop for Mount {
             let _ = std::fs::remove_dir_all(root);
         }
     }
-}
-
-/// Files a request, approves it and verifies its PIN.
-async fn verified(sys: &System) -> Request {
-    let request = bounded(sys.broker("alice").create_request(CreateRequestRequest {
-        account_id: ACCOUNT.into(),
-        reason: "disk fault test".into(),
-        ticket: "OPS-7".into(),
-        on_behalf_of: String::new(),
-    }))
-    .await
-    .expect("create")
-    .request
-    .unwrap();
-    let id = request.request_id;
-    bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
-        request_id: id.clone(),
-        comment: "ok".into(),
-    }))
-    .await
-    .expect("approve");
-    let pin = sys
-        .pin("alice", &id, Duration::from_secs(10))
-        .await
-        .expect("a PIN delivered");
-    bounded(sys.broker("olivia").verify_pin(VerifyPinRequest {
-        request_id: id,
-        pin,
-    }))
-    .await
-    .expect("verify")
-    .request
-    .unwrap()
-}
-
-async fn release(sys: &System, id: &str) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
-    bounded(sys.broker("olivia").release_code(ReleaseCodeRequest {
-        request_id: id.into(),
-    }))
-    .await
-    .map(|r| r.code.expect("a code"))
 }
 
 async fn get(sys: &System, id: &str) -> Request {
@@ -216,12 +170,13 @@ async fn audit_out_of_space_means_no_code_and_recovers_once_space_returns() {
     };
     sys.set_vault_ack_timeout(1000);
     sys.enroll().await;
-    let r = verified(&sys).await;
+    let r = sys.verified_request("disk fault test").await;
     let checkpoint = sys.checkpoint().await;
     let read_before = sys.log().await;
 
     let filler = mount.fill();
-    let err = release(&sys, &r.request_id)
+    let err = sys
+        .release_as_operator(&r.request_id)
         .await
         .expect_err("a code while audit cannot store its event");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -251,7 +206,8 @@ async fn audit_out_of_space_means_no_code_and_recovers_once_space_returns() {
     // supervisor would do — and nothing it acknowledged is lost.
     std::fs::remove_file(filler).expect("remove filler");
     sys.crash_and_restart("audit");
-    let code = release(&sys, &r.request_id)
+    let code = sys
+        .release_as_operator(&r.request_id)
         .await
         .expect("releases work once space returns");
     assert_eq!(code.code, totp(code.step));
@@ -281,7 +237,7 @@ async fn refused_start_then_recovery(svc: &str, fault: Fault) {
     };
     sys.set_vault_ack_timeout(1000);
     sys.enroll().await;
-    let r = verified(&sys).await;
+    let r = sys.verified_request("disk fault test").await;
     let checkpoint = sys.checkpoint().await;
     let read_before = sys.log().await;
 
@@ -313,7 +269,8 @@ async fn refused_start_then_recovery(svc: &str, fault: Fault) {
 
     // Meanwhile no code: the release fails closed with UNAVAILABLE and
     // the request keeps its code for later.
-    let err = release(&sys, &r.request_id)
+    let err = sys
+        .release_as_operator(&r.request_id)
         .await
         .expect_err("a code with a service down");
     assert_eq!(err.code(), Code::Unavailable, "{when}: {err:?}");
@@ -337,7 +294,8 @@ async fn refused_start_then_recovery(svc: &str, fault: Fault) {
                     .unwrap_or_default();
             panic!("{when}: no start once space returned: {e}\n{log}")
         });
-    let code = release(&sys, &r.request_id)
+    let code = sys
+        .release_as_operator(&r.request_id)
         .await
         .unwrap_or_else(|e| panic!("{when}: no release after recovery: {e:?}"));
     assert_eq!(code.code, totp(code.step));

@@ -9,12 +9,11 @@
 use std::time::{Duration, Instant};
 
 use tonic::Code;
-use twokey::local::ACCOUNT;
 use twokey_e2e::{System, bounded, check_request, check_single_use, signal, totp};
 use twokey_proto::{
     broker::v1::{
-        ApproveRequestRequest, CreateRequestRequest, GetRequestRequest, ListRequestsRequest,
-        ReleaseCodeRequest, Request, RequestState, VerifyPinRequest, WhoAmIRequest,
+        GetRequestRequest, ListRequestsRequest, ReleaseCodeRequest, Request, RequestState,
+        WhoAmIRequest,
     },
     vault::v1::StatusRequest,
 };
@@ -25,49 +24,6 @@ use twokey_proto::{
 const PROMPT: Duration = Duration::from_millis(1500);
 /// The vault's audit acknowledgement timeout in these tests.
 const ACK_TIMEOUT_MS: u64 = 2000;
-
-/// Files a request, approves it and verifies its PIN; returns it VERIFIED.
-async fn verified(sys: &System) -> Request {
-    let request = bounded(sys.broker("alice").create_request(CreateRequestRequest {
-        account_id: ACCOUNT.into(),
-        reason: "network fault test".into(),
-        ticket: "OPS-7".into(),
-        on_behalf_of: String::new(),
-    }))
-    .await
-    .expect("create")
-    .request
-    .unwrap();
-    let id = request.request_id;
-    bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
-        request_id: id.clone(),
-        comment: "ok".into(),
-    }))
-    .await
-    .expect("approve");
-    let pin = sys
-        .pin("alice", &id, Duration::from_secs(10))
-        .await
-        .expect("a PIN delivered");
-    let r = bounded(sys.broker("olivia").verify_pin(VerifyPinRequest {
-        request_id: id,
-        pin,
-    }))
-    .await
-    .expect("verify")
-    .request
-    .unwrap();
-    assert_eq!(r.state(), RequestState::Verified);
-    r
-}
-
-async fn release(sys: &System, id: &str) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
-    bounded(sys.broker("olivia").release_code(ReleaseCodeRequest {
-        request_id: id.into(),
-    }))
-    .await
-    .map(|r| r.code.expect("a code"))
-}
 
 async fn get(sys: &System, id: &str) -> Request {
     bounded(sys.broker("olivia").get_request(GetRequestRequest {
@@ -96,11 +52,12 @@ async fn prompt<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
 async fn vault_unreachable_mid_flow_fails_closed_and_recovers_when_back() {
     let mut sys = System::start();
     sys.enroll().await;
-    let r = verified(&sys).await;
+    let r = sys.verified_request("network fault test").await;
 
     sys.local.kill("vault");
     let t = Instant::now();
-    let err = release(&sys, &r.request_id)
+    let err = sys
+        .release_as_operator(&r.request_id)
         .await
         .expect_err("a code with the vault down");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -115,7 +72,8 @@ async fn vault_unreachable_mid_flow_fails_closed_and_recovers_when_back() {
     sys.local
         .restart(&twokey_e2e::bin_dir(), "vault")
         .expect("vault restarts");
-    let code = release(&sys, &r.request_id)
+    let code = sys
+        .release_as_operator(&r.request_id)
         .await
         .expect("releases work once the vault is back");
     assert_eq!(code.code, totp(code.step));
@@ -170,7 +128,7 @@ async fn a_stalled_audit_blocks_no_unrelated_call_and_release_fails_within_its_d
     let mut sys = System::start();
     sys.set_vault_ack_timeout(ACK_TIMEOUT_MS);
     sys.enroll().await;
-    let first = verified(&sys).await;
+    let first = sys.verified_request("network fault test").await;
     let logged_before = sys.log().await.len();
 
     let audit = sys.pid("audit");
@@ -217,7 +175,11 @@ async fn a_stalled_audit_blocks_no_unrelated_call_and_release_fails_within_its_d
     .await;
     // A whole second flow up to its release: the broker keeps its events in
     // its outbox and does not wait for audit.
-    let second = prompt("create, approve, PIN, verify", verified(&sys)).await;
+    let second = prompt(
+        "create, approve, PIN, verify",
+        sys.verified_request("network fault test"),
+    )
+    .await;
     assert!(
         !pending.is_finished(),
         "the release ended before the unrelated calls: nothing was measured"
@@ -246,7 +208,10 @@ async fn a_stalled_audit_blocks_no_unrelated_call_and_release_fails_within_its_d
     // Audit back: both releases work, and every event reaches the log.
     drop(resume);
     for id in [&first.request_id, &second.request_id] {
-        let code = release(&sys, id).await.expect("releases work again");
+        let code = sys
+            .release_as_operator(id)
+            .await
+            .expect("releases work again");
         assert_eq!(code.code, totp(code.step));
         check_request(&get(&sys, id).await).unwrap();
     }
