@@ -655,6 +655,15 @@ impl System {
     /// Files a request as alice, approves it as bob and verifies alice's PIN
     /// as olivia; returns it VERIFIED. Each step is [`bounded`].
     pub async fn verified_request(&self, reason: &str) -> twokey_proto::broker::v1::Request {
+        self.verified_request_with_pin(reason).await.0
+    }
+
+    /// [`System::verified_request`], also returning the PIN alice received
+    /// (for tests that search for it where it must not be).
+    pub async fn verified_request_with_pin(
+        &self,
+        reason: &str,
+    ) -> (twokey_proto::broker::v1::Request, String) {
         use twokey_proto::broker::v1::{
             ApproveRequestRequest, CreateRequestRequest, RequestState, VerifyPinRequest,
         };
@@ -669,26 +678,29 @@ impl System {
         .request
         .expect("the created request");
         let id = request.request_id;
-        bounded(self.broker("bob").approve_request(ApproveRequestRequest {
+        let approved = bounded(self.broker("bob").approve_request(ApproveRequestRequest {
             request_id: id.clone(),
             comment: "ok".into(),
         }))
         .await
-        .expect("approve");
+        .expect("approve")
+        .request
+        .expect("the approved request");
+        assert_eq!(approved.state(), RequestState::Approved);
         let pin = self
             .pin("alice", &id, std::time::Duration::from_secs(10))
             .await
             .expect("a PIN delivered");
         let r = bounded(self.broker("olivia").verify_pin(VerifyPinRequest {
             request_id: id,
-            pin,
+            pin: pin.clone(),
         }))
         .await
         .expect("verify")
         .request
         .expect("the verified request");
         assert_eq!(r.state(), RequestState::Verified);
-        r
+        (r, pin)
     }
 
     /// Releases a code of request `id` as olivia, [`bounded`].

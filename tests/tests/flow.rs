@@ -4,101 +4,31 @@
 //! audit is back the outboxes drain without a gap and releases work again.
 
 use tonic::Code;
-use twokey::local::ACCOUNT;
 use twokey_audit::{checkpoint::NoteVerifier, verify::verify_log};
-use twokey_e2e::{System, bin_dir};
+use twokey_e2e::{SECRET, System, bin_dir, totp};
 use twokey_proto::{
     audit::v1::GetCheckpointRequest,
-    broker::v1::{
-        ApproveRequestRequest, CreateRequestRequest, EnrollAccountRequest, GetRequestRequest,
-        ReleaseCodeRequest, RequestState, VerifyPinRequest, enroll_account_request::Seed,
-    },
+    broker::v1::{GetRequestRequest, RequestState},
 };
-
-const SECRET: &str = "KRUGS4ZANFZSA5DIMUQHG5LQMVZCA43FMNZGK5BAONSWKZBAORXSAZDPEBWW65DIMVZA";
-
-/// An independent TOTP computation for step `step` (SHA1, 6 digits, 30 s).
-fn totp(step: u64) -> String {
-    let seed = data_encoding::BASE32_NOPAD
-        .decode(SECRET.as_bytes())
-        .unwrap();
-    totp_rs::Builder::new()
-        .with_secret(seed)
-        .build_noncompliant()
-        .generate(step * 30)
-        .to_string()
-}
 
 /// Enrolls the account, files a request, approves it and verifies the PIN;
 /// returns the request id and the PIN.
 async fn verified_request(sys: &System) -> (String, String) {
-    sys.broker("adam")
-        .enroll_account(EnrollAccountRequest {
-            account_id: ACCOUNT.into(),
-            seed: Some(Seed::Base32Secret(SECRET.into())),
-            ..Default::default()
-        })
-        .await
-        .expect("admin enrolls");
-    let request = sys
-        .broker("alice")
-        .create_request(CreateRequestRequest {
-            account_id: ACCOUNT.into(),
-            reason: "rotate the root access keys".into(),
-            ticket: "OPS-42".into(),
-            on_behalf_of: String::new(),
-        })
-        .await
-        .expect("requester files")
-        .into_inner()
-        .request
-        .unwrap();
-    let approved = sys
-        .broker("bob")
-        .approve_request(ApproveRequestRequest {
-            request_id: request.request_id.clone(),
-            comment: "ticket checked".into(),
-        })
-        .await
-        .expect("approver approves")
-        .into_inner()
-        .request
-        .unwrap();
-    assert_eq!(approved.state(), RequestState::Approved);
-    // The PIN is delivered asynchronously by the notifier queue.
-    let pin = sys
-        .local
-        .wait_for_pin("alice", &request.request_id, 0)
-        .expect("a PIN in alice's mailbox");
-    let verified = sys
-        .broker("olivia")
-        .verify_pin(VerifyPinRequest {
-            request_id: request.request_id.clone(),
-            pin: pin.clone(),
-        })
-        .await
-        .expect("operator verifies the PIN")
-        .into_inner()
-        .request
-        .unwrap();
-    assert_eq!(verified.state(), RequestState::Verified);
+    sys.enroll().await;
+    let (request, pin) = sys
+        .verified_request_with_pin("rotate the root access keys")
+        .await;
     (request.request_id, pin)
-}
-
-async fn release(sys: &System, id: &str) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
-    sys.broker("olivia")
-        .release_code(ReleaseCodeRequest {
-            request_id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner().code.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_flow_releases_the_right_code_and_leaves_a_verifiable_log() {
     let sys = System::start();
     let (id, pin) = verified_request(&sys).await;
-    let code = release(&sys, &id).await.expect("operator releases");
+    let code = sys
+        .release_as_operator(&id)
+        .await
+        .expect("operator releases");
     assert_eq!(
         code.code,
         totp(code.step),
@@ -187,7 +117,10 @@ async fn audit_down_means_no_code_and_the_log_heals_when_it_is_back() {
     let (id, _) = verified_request(&sys).await;
 
     sys.local.kill("audit");
-    let err = release(&sys, &id).await.expect_err("a code without audit");
+    let err = sys
+        .release_as_operator(&id)
+        .await
+        .expect_err("a code without audit");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(
         err.message().contains("audit unavailable"),
@@ -211,7 +144,10 @@ async fn audit_down_means_no_code_and_the_log_heals_when_it_is_back() {
     sys.local
         .restart(&bin_dir(), "audit")
         .expect("audit restarts");
-    let code = release(&sys, &id).await.expect("releases work again");
+    let code = sys
+        .release_as_operator(&id)
+        .await
+        .expect("releases work again");
     assert_eq!(code.code, totp(code.step));
 
     // Both outboxes drained into one contiguous log that verifies.

@@ -30,13 +30,8 @@ use opentelemetry_proto::tonic::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use twokey::local::ACCOUNT;
-use twokey_e2e::{System, bin_dir};
-use twokey_proto::broker::v1::{
-    ApproveRequestRequest, CreateRequestRequest, EnrollAccountRequest, RequestState,
-    VerifyPinRequest, enroll_account_request::Seed,
-};
+use twokey_e2e::{SECRET, System, bin_dir};
 
-const SECRET: &str = "KRUGS4ZANFZSA5DIMUQHG5LQMVZCA43FMNZGK5BAONSWKZBAORXSAZDPEBWW65DIMVZA";
 /// The trace the test starts, as a caller of the CLI would (`TRACEPARENT`).
 const TRACE_ID: &str = "5c1e2b7a9d3f4e6081a2b3c4d5e6f708";
 const ROOT_SPAN: &str = "a1b2c3d4e5f60718";
@@ -353,51 +348,11 @@ async fn a_release_is_one_trace_across_cli_broker_vault_and_audit_with_metrics_a
     ]);
 
     // Enroll, request, approve, verify over gRPC.
-    sys.broker("adam")
-        .enroll_account(EnrollAccountRequest {
-            account_id: ACCOUNT.into(),
-            seed: Some(Seed::Base32Secret(SECRET.into())),
-            ..Default::default()
-        })
-        .await
-        .expect("admin enrolls");
-    let request = sys
-        .broker("alice")
-        .create_request(CreateRequestRequest {
-            account_id: ACCOUNT.into(),
-            reason: "rotate the root access keys".into(),
-            ticket: "OPS-42".into(),
-            on_behalf_of: String::new(),
-        })
-        .await
-        .expect("requester files")
-        .into_inner()
-        .request
-        .unwrap();
-    let id = request.request_id.clone();
-    sys.broker("bob")
-        .approve_request(ApproveRequestRequest {
-            request_id: id.clone(),
-            comment: "ticket checked".into(),
-        })
-        .await
-        .expect("approver approves");
-    let pin = sys
-        .local
-        .wait_for_pin("alice", &id, 0)
-        .expect("a PIN in alice's mailbox");
-    let verified = sys
-        .broker("olivia")
-        .verify_pin(VerifyPinRequest {
-            request_id: id.clone(),
-            pin: pin.clone(),
-        })
-        .await
-        .expect("operator verifies the PIN")
-        .into_inner()
-        .request
-        .unwrap();
-    assert_eq!(verified.state(), RequestState::Verified);
+    sys.enroll().await;
+    let (verified, pin) = sys
+        .verified_request_with_pin("rotate the root access keys")
+        .await;
+    let id = verified.request_id;
 
     // The release, by the real CLI, inside a trace the caller started.
     let cli = tokio::task::spawn_blocking({
