@@ -87,6 +87,26 @@ pub struct EventDraft {
     pub outcome: Outcome,
     /// More facts; never secrets.
     pub attributes: BTreeMap<String, String>,
+    /// The call it happened in: its trace id and span, taken when the draft
+    /// is made, so the event records them wherever it is written (a group
+    /// commit writes it on another thread).
+    origin: Origin,
+}
+
+/// The trace id and span current when a draft was made.
+#[derive(Debug, Clone)]
+struct Origin {
+    trace_id: Option<String>,
+    span: tracing::Span,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Self {
+            trace_id: None,
+            span: tracing::Span::none(),
+        }
+    }
 }
 
 impl EventDraft {
@@ -96,6 +116,10 @@ impl EventDraft {
             actor: actor.into(),
             action: action.into(),
             outcome: Outcome::Success,
+            origin: Origin {
+                trace_id: crate::trace::current(),
+                span: tracing::Span::current(),
+            },
             ..Self::default()
         }
     }
@@ -125,8 +149,21 @@ impl EventDraft {
     }
 
     /// The event for `source` with sequence number `seq` at `time`, carrying
-    /// the current trace id.
+    /// the trace id and span id of the call the draft was made in.
     pub fn into_event(self, source: &SpiffeId, seq: u64, time: std::time::SystemTime) -> Event {
+        let origin = self.origin.clone();
+        origin
+            .span
+            .in_scope(|| self.write(source, seq, time, origin.trace_id))
+    }
+
+    fn write(
+        self,
+        source: &SpiffeId,
+        seq: u64,
+        time: std::time::SystemTime,
+        trace_id: Option<String>,
+    ) -> Event {
         let span = tracing::Span::current();
         let span_id = crate::trace::span_context(&span)
             .map(|sc| sc.span_id().to_string())
@@ -148,7 +185,7 @@ impl EventDraft {
             account_id: self.account_id,
             request_id: self.request_id,
             outcome: self.outcome as i32,
-            trace_id: crate::telemetry::current_trace_id(),
+            trace_id: trace_id.unwrap_or_else(crate::telemetry::current_trace_id),
             attributes: self.attributes,
             span_id,
         }
@@ -164,6 +201,22 @@ mod tests {
             SpiffeId::parse("spiffe://t/svc/vault").unwrap(),
             SigningKey::generate(&mut rand::rngs::OsRng),
         )
+    }
+
+    #[tokio::test]
+    async fn a_draft_keeps_the_trace_of_the_call_it_was_made_in() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let draft = crate::trace::scope(trace.into(), async {
+            EventDraft::new("a", "code.released")
+        })
+        .await;
+        // Written later, on a thread outside the call (as a group commit does).
+        let event = std::thread::spawn(move || {
+            draft.into_event(signer().source(), 1, std::time::SystemTime::now())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(event.trace_id, trace);
     }
 
     #[test]

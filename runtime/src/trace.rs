@@ -37,15 +37,6 @@ pub async fn scope<F: Future>(trace_id: String, f: F) -> F::Output {
     TRACE_ID.scope(trace_id, f).await
 }
 
-/// Runs blocking `f` with `trace_id` (if any) as the current trace id: for
-/// work done on another thread for a call, such as a group commit.
-pub fn sync_scope<R>(trace_id: Option<String>, f: impl FnOnce() -> R) -> R {
-    match trace_id {
-        Some(id) => TRACE_ID.sync_scope(id, f),
-        None => f(),
-    }
-}
-
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut buf);

@@ -129,35 +129,12 @@ pub struct GrantUse {
     pub event: EventDraft,
 }
 
-/// A grant use queued for the next group transaction, with its caller's
-/// trace context (for its event) and where to answer.
+/// A grant use queued for the next group transaction, with where to answer.
+/// (Its event draft carries the caller's trace, whichever thread writes it.)
 type QueuedUse = (
     GrantUse,
-    CallerContext,
     tokio::sync::oneshot::Sender<Result<u64, VaultStoreError>>,
 );
-
-/// The caller's trace id and span, so an event written by the group's
-/// leader on another thread records the caller's trace, not the leader's.
-#[derive(Debug, Clone)]
-struct CallerContext {
-    trace_id: Option<String>,
-    span: tracing::Span,
-}
-
-impl CallerContext {
-    fn current() -> Self {
-        Self {
-            trace_id: twokey_runtime::trace::current(),
-            span: tracing::Span::current(),
-        }
-    }
-
-    fn run<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.span
-            .in_scope(|| twokey_runtime::trace::sync_scope(self.trace_id.clone(), f))
-    }
-}
 
 /// The sled implementation.
 #[derive(Debug, Clone)]
@@ -210,16 +187,11 @@ impl SledVaultStore {
     /// a use of a grant used before (also earlier in the same group) or of a
     /// missing account is refused on its own; the others are recorded.
     fn write_uses(&self, group: Vec<QueuedUse>) {
-        let mut uses = Vec::with_capacity(group.len());
-        let mut replies = Vec::with_capacity(group.len());
-        for (u, caller, reply) in group {
-            uses.push((u, caller));
-            replies.push(reply);
-        }
+        let (uses, replies): (Vec<GrantUse>, Vec<_>) = group.into_iter().unzip();
         let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
             |(grants, accounts, outbox)| {
                 let mut answers = Vec::with_capacity(uses.len());
-                for (u, caller) in &uses {
+                for u in &uses {
                     if grants.get(&u.grant_id)?.is_some() {
                         answers.push(Err(Abort::Used));
                         continue;
@@ -234,7 +206,7 @@ impl SledVaultStore {
                         let updated = serde_json::to_vec(&record).expect("records serialize");
                         accounts.insert(u.account_id.as_bytes(), updated)?;
                     }
-                    let seq = caller.run(|| self.outbox.push(outbox, u.event.clone()))?;
+                    let seq = self.outbox.push(outbox, u.event.clone())?;
                     answers.push(Ok(seq));
                 }
                 Ok::<_, ConflictableTransactionError<std::convert::Infallible>>(answers)
@@ -248,7 +220,7 @@ impl SledVaultStore {
                 uses.iter().map(|_| Err(why.clone())).collect::<Vec<_>>()
             }
         };
-        for (((u, _), reply), answer) in uses.iter().zip(replies).zip(answers) {
+        for ((u, reply), answer) in uses.iter().zip(replies).zip(answers) {
             let answer = match answer {
                 Ok(Ok(seq)) => Ok(seq),
                 Ok(Err(Abort::Used)) => Err(VaultStoreError::GrantUsed(u.grant_id.clone())),
@@ -344,11 +316,10 @@ impl VaultStore for SledVaultStore {
 
     async fn use_grant(&self, grant: GrantUse) -> Result<u64, VaultStoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.queued.lock().unwrap_or_else(|e| e.into_inner()).push((
-            grant,
-            CallerContext::current(),
-            reply,
-        ));
+        self.queued
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((grant, reply));
         {
             // Whoever holds the lead writes out everything queued so far; a
             // use queued while a group is being written goes in the next.
