@@ -19,11 +19,11 @@ use twokey_proto::{
 };
 use twokey_runtime::{
     events::{EventSigner, verify_event},
+    grant::GrantVerifier,
     keys::SecretKey,
 };
 use twokey_vault::{
     crypto::MasterKey,
-    grant::GrantVerifier,
     seed::{Seed, TotpParams},
     totp::code_at,
 };

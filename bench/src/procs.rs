@@ -30,9 +30,11 @@ pub fn bin_dir(dir: Option<&Path>) -> Result<PathBuf> {
     }
     let release = d.ends_with("release");
     if std::env::var_os("CARGO").is_some() {
-        let status =
-            twokey::local::cargo_build_binaries(Path::new(env!("CARGO_MANIFEST_DIR")), release)
-                .context("run cargo build for the services")?;
+        let status = twokey_testkit::ready::cargo_build_binaries(
+            Path::new(env!("CARGO_MANIFEST_DIR")),
+            release,
+        )
+        .context("run cargo build for the services")?;
         if !status.success() {
             bail!("cargo build of {BINARIES:?} failed");
         }
@@ -68,7 +70,7 @@ impl Service {
         let spawned = Instant::now();
         let mut command = Command::new(bin_dir.join(bin));
         command.args(["serve", "--config"]).arg(config);
-        let (mut child, rx) = twokey::local::spawn_service(command, bin, log_file)
+        let (mut child, rx) = twokey_testkit::ready::spawn_service(command, bin, log_file)
             .with_context(|| format!("start {bin}"))?;
         match rx.recv_timeout(START_TIMEOUT) {
             Ok(Some((addr, at))) => {

@@ -14,9 +14,9 @@ use twokey_runtime::{
     SpiffeId,
     events::EventSigner,
     keys::{SecretKey, encode_public_key, generate_signing_key},
-    pki::{DevCa, LeafSpec},
     tls::TlsFiles,
 };
+use twokey_testkit::pki::{DevCa, LeafSpec};
 
 /// Trust domain of the bench's PKI.
 pub const TD: &str = "twokey.bench";

@@ -12,7 +12,6 @@
 pub mod cli;
 pub mod config;
 pub mod error;
-pub mod grant;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
@@ -33,6 +32,7 @@ use twokey_runtime::{
     Authenticator, SpiffeId,
     durable::DurableDb,
     events::EventSigner,
+    grant::GrantSigner,
     identity::identity_of_cert,
     keys::{self, SecretKey},
     outbox::Outbox,
@@ -45,7 +45,6 @@ pub use error::BrokerError;
 
 use crate::{
     config::{ConfigError, NotifyConfig},
-    grant::GrantSigner,
     grpc::{BrokerGrpc, GrpcVault},
     notify::{
         Notifier, NotifyQueue, http::HttpClient, mailbox::Mailbox, slack::Slack, webhook::Webhook,

@@ -17,11 +17,15 @@ use twokey_proto::{
     broker::v1::{self as pb, enroll_account_request},
     vault::v1::{self as vpb, GrantPurpose},
 };
-use twokey_runtime::{SpiffeId, events::EventDraft, time::Clock};
+use twokey_runtime::{
+    SpiffeId,
+    events::EventDraft,
+    grant::{GrantFacts, GrantSigner},
+    time::Clock,
+};
 
 use crate::{
     error::BrokerError,
-    grant::{GrantFacts, GrantSigner},
     notify::{self, NotifyQueue},
     pin::{Pin, PinKey},
     policy::{AccountPolicy, Policy, Role},

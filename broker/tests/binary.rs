@@ -10,7 +10,8 @@ use std::{
 };
 
 use twokey_proto::broker::v1::{WhoAmIRequest, broker_service_client::BrokerServiceClient};
-use twokey_runtime::{keys, pki::DevCa, tls::TlsFiles};
+use twokey_runtime::{keys, tls::TlsFiles};
+use twokey_testkit::pki::DevCa;
 
 const BIN: &str = env!("CARGO_BIN_EXE_twokey-broker");
 

@@ -574,7 +574,7 @@ async fn audit_events_of_an_http_call_carry_its_traceparent_trace_id() {
 async fn a_certificate_from_another_ca_is_refused_at_the_handshake() {
     let h = Harness::start().await;
     // alice's SPIFFE ID, in the right trust domain, from a CA of its own.
-    let rogue = twokey_runtime::pki::DevCa::new(TD).unwrap();
+    let rogue = twokey_testkit::pki::DevCa::new(TD).unwrap();
     let pki = pki_dir(h.dir.path());
     rogue
         .issue_user(TD, "alice")

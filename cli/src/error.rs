@@ -68,7 +68,7 @@ pub enum CliError {
     Tls(#[from] twokey_runtime::tls::TlsError),
     /// Certificates could not be made.
     #[error("{0}")]
-    Pki(#[from] twokey_runtime::pki::PkiError),
+    Pki(#[from] twokey_testkit::pki::PkiError),
     /// The reader of stdout went away (`twokey … | head`); exit quietly.
     #[error("stdout closed")]
     BrokenPipe,

@@ -8,14 +8,14 @@
 //! processes it started.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
+    process::{Child, Command},
     time::Duration,
 };
 
 use twokey_runtime::keys::{SecretKey, encode_public_key, generate_signing_key};
+use twokey_testkit::ready::spawn_service;
 
 use crate::{
     error::CliError,
@@ -390,91 +390,6 @@ impl LocalSystem {
             .map(|(name, child)| (name, child.id()))
             .collect()
     }
-}
-
-/// The address a service announced and when its line was read.
-pub type Announced = mpsc::Receiver<Option<(String, std::time::Instant)>>;
-
-/// Spawns a service `command` (its logging variables cleared, stdin closed,
-/// stderr to `log`) and returns the child and a receiver that yields the
-/// address from its `NAME listening on ADDR` line, or `None` if it exited
-/// first. Its stdout is drained afterwards, so it never blocks on it.
-pub fn spawn_service(
-    mut command: Command,
-    name: &str,
-    log: std::fs::File,
-) -> std::io::Result<(Child, Announced)> {
-    let mut child = command
-        .env_remove("RUST_LOG")
-        .env_remove("TWOKEY_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    let prefix = format!("{name} listening on ");
-    std::thread::spawn(move || {
-        let mut reader = BufReader::new(stdout);
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = tx.send(None);
-                    return;
-                }
-                Ok(_) => {
-                    if let Some(addr) = line.trim().strip_prefix(&prefix) {
-                        let _ = tx.send(Some((addr.to_owned(), std::time::Instant::now())));
-                        let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    Ok((child, rx))
-}
-
-/// Runs `cargo build --workspace --bins` (with `--release` if asked) from
-/// `dir`, for tests and tools that start the real binaries. It always builds
-/// the whole workspace, as `scripts/test` does, so every caller finds the
-/// same artifacts fresh. It drops the variables cargo sets for a running test
-/// (`CARGO_PKG_*`, `CARGO_MANIFEST_*`, …): build scripts such as ring's watch
-/// them, and inheriting them would rebuild the whole dependency graph instead
-/// of finding it fresh.
-pub fn cargo_build_binaries(
-    dir: &Path,
-    release: bool,
-) -> std::io::Result<std::process::ExitStatus> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut command = Command::new(cargo);
-    command
-        .args(["build", "--workspace", "--bins"])
-        .current_dir(dir);
-    if release {
-        command.arg("--release");
-    }
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy().into_owned();
-        let set_for_tests = [
-            "CARGO_PKG_",
-            "CARGO_MANIFEST_",
-            "CARGO_CRATE_",
-            "CARGO_BIN_",
-        ]
-        .iter()
-        .any(|p| name.starts_with(p))
-            || matches!(
-                name.as_str(),
-                "CARGO" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "OUT_DIR"
-            );
-        if set_for_tests {
-            command.env_remove(&name);
-        }
-    }
-    command.status()
 }
 
 /// The policy of a local system: one account, one person per role.

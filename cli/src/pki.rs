@@ -8,10 +8,8 @@ use std::{
 };
 
 use clap::{Args, Subcommand, ValueEnum};
-use twokey_runtime::{
-    identity::SpiffeId,
-    pki::{DevCa, LeafSpec},
-};
+use twokey_runtime::identity::SpiffeId;
+use twokey_testkit::pki::{DevCa, LeafSpec};
 
 use crate::{
     error::CliError,

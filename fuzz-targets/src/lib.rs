@@ -19,11 +19,11 @@ use twokey_proto::{
     audit::v1::{Event, SignedEvent},
     vault::v1::{Grant, GrantPurpose, SignedGrant},
 };
-use twokey_runtime::events::{EventError, verify_event};
-use twokey_vault::{
+use twokey_runtime::{
+    events::{EventError, verify_event},
     grant::{GrantError, GrantVerifier, MAX_GRANT_LIFETIME},
-    seed::{MAX_PERIOD, Seed, parse_otpauth},
 };
+use twokey_vault::seed::{MAX_PERIOD, Seed, parse_otpauth};
 
 /// The names of the targets, as `fuzz/fuzz_targets/<name>.rs` and
 /// `fuzz/corpus/<name>/`.

@@ -5,17 +5,20 @@
 //! Nothing here knows about seeds, requests or policy.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod config;
 pub mod durable;
+pub mod error;
 pub mod events;
+pub mod grant;
 pub mod identity;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod outbox;
-pub mod pki;
 pub mod serve;
 pub mod shipper;
+pub mod start;
 pub mod telemetry;
 pub mod time;
 pub mod tls;

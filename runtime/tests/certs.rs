@@ -15,11 +15,10 @@ use tokio::{io::AsyncReadExt, net::TcpStream, sync::oneshot, task::JoinHandle};
 use tonic::{Code, Request, Status, service::interceptor::InterceptedService};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use twokey_runtime::{
-    Authenticator,
-    pki::{DevCa, LeafSpec},
-    serve,
+    Authenticator, serve,
     tls::{ClientAuth, TlsFiles},
 };
+use twokey_testkit::pki::{DevCa, LeafSpec};
 
 const TD: &str = "twokey.local";
 

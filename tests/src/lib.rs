@@ -32,9 +32,11 @@ pub fn bin_dir() -> PathBuf {
             .to_owned();
         // A no-op when fresh (scripts/test builds them first); otherwise the
         // tests would start stale binaries.
-        let status =
-            twokey::local::cargo_build_binaries(Path::new(env!("CARGO_MANIFEST_DIR")), false)
-                .expect("run cargo build");
+        let status = twokey_testkit::ready::cargo_build_binaries(
+            Path::new(env!("CARGO_MANIFEST_DIR")),
+            false,
+        )
+        .expect("run cargo build");
         assert!(status.success(), "cargo build --workspace --bins failed");
         dir
     })

@@ -16,7 +16,7 @@ use std::{
 use tonic::Code;
 use twokey::local::{ACCOUNT, TRUST_DOMAIN, USERS};
 use twokey_e2e::{System, check_request, check_single_use, rss_kib, soak_or, totp};
-use twokey_runtime::pki::DevCa;
+use twokey_testkit::pki::DevCa;
 
 const CONCURRENT: usize = 200;
 /// No flow, and no wave, may take longer: past it the system is deadlocked.

@@ -9,10 +9,9 @@ use twokey_proto::vault::v1::{
     ListAccountsResponse, RemoveAccountRequest, RemoveAccountResponse, StatusRequest,
     StatusResponse, vault_service_server::VaultService,
 };
-use twokey_runtime::{Authenticator, SpiffeId, time::to_timestamp};
+use twokey_runtime::{Authenticator, SpiffeId, grant::GrantError, time::to_timestamp};
 
 use crate::{
-    grant::GrantError,
     service::{Vault, VaultError},
     store::{VaultStore, VaultStoreError},
 };

@@ -8,7 +8,6 @@
 pub mod cli;
 pub mod config;
 pub mod crypto;
-pub mod grant;
 pub mod grpc;
 pub mod metrics;
 pub mod seed;
@@ -86,7 +85,7 @@ pub async fn serve(
     let vault = Arc::new(Vault::open(
         store,
         crypto::MasterKey::new(master),
-        grant::GrantVerifier::new(grant_key),
+        twokey_runtime::grant::GrantVerifier::new(grant_key),
         Arc::new(shipper),
         clock,
         Duration::from_millis(config.audit_ack_timeout_ms),

@@ -7,7 +7,8 @@ use std::sync::OnceLock;
 use opentelemetry::{KeyValue, metrics::Counter};
 use twokey_runtime::metrics::counter;
 
-use crate::{grant::GrantError, service::VaultError, store::VaultStoreError};
+use crate::{service::VaultError, store::VaultStoreError};
+use twokey_runtime::grant::GrantError;
 
 struct Counters {
     codes_released: Counter<u64>,

@@ -13,13 +13,13 @@ use twokey_proto::{
 };
 use twokey_runtime::{
     events::EventDraft,
+    grant::{GrantError, GrantVerifier},
     shipper::{AckTimeout, ShipperHandle},
     time::{Clock, timestamp_from_secs, unix_seconds},
 };
 
 use crate::{
     crypto::MasterKey,
-    grant::{GrantError, GrantVerifier},
     seed::{Algorithm, Seed, SeedError, SeedSpec, TotpParams, parse_otpauth},
     store::{AccountRecord, GrantUse, VaultStore, VaultStoreError},
     totp::{CodeValue, code_at, code_for_step},

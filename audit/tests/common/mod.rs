@@ -21,10 +21,10 @@ use twokey_runtime::{
     SpiffeId,
     events::{EventDraft, EventSigner},
     keys::generate_signing_key,
-    pki::DevCa,
     telemetry::LogFormat,
     tls::TlsFiles,
 };
+use twokey_testkit::pki::DevCa;
 
 pub const TD: &str = "twokey.test";
 pub const VAULT: &str = "spiffe://twokey.test/svc/vault";

@@ -40,7 +40,7 @@ impl TestServer {
     /// whose PEM is written to `ca_file`.
     pub async fn start_tls(status: u16, answer: &'static str, ca_file: &std::path::Path) -> Self {
         use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-        let ca = twokey_runtime::pki::DevCa::new("test.local").unwrap();
+        let ca = twokey_testkit::pki::DevCa::new("test.local").unwrap();
         std::fs::write(ca_file, ca.cert_pem()).unwrap();
         let leaf = ca.issue_service("test.local", "hooks").unwrap();
         let certs: Vec<CertificateDer<'static>> =

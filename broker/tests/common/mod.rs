@@ -32,11 +32,11 @@ use twokey_proto::{
 use twokey_runtime::{
     Authenticator,
     keys::{self, SecretKey},
-    pki::DevCa,
     serve,
     time::{ManualClock, to_timestamp},
     tls::TlsFiles,
 };
+use twokey_testkit::pki::DevCa;
 
 pub const TD: &str = "twokey.local";
 pub const PROD: &str = "aws-prod-root";

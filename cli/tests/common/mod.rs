@@ -86,9 +86,11 @@ pub fn service_binaries() -> PathBuf {
     BUILT
         .get_or_init(|| {
             // The command scripts/test runs first, so in CI this is a no-op.
-            let status =
-                twokey::local::cargo_build_binaries(Path::new(env!("CARGO_MANIFEST_DIR")), false)
-                    .expect("run cargo build for the binaries");
+            let status = twokey_testkit::ready::cargo_build_binaries(
+                Path::new(env!("CARGO_MANIFEST_DIR")),
+                false,
+            )
+            .expect("run cargo build for the binaries");
             assert!(status.success(), "cargo build of the binaries failed");
             Path::new(env!("CARGO_BIN_EXE_twokey"))
                 .parent()

@@ -27,10 +27,10 @@ use twokey_proto::{
 };
 use twokey_runtime::{
     keys::{SecretKey, encode_public_key, generate_signing_key},
-    pki::{DevCa, LeafSpec},
     time::to_timestamp,
     tls::TlsFiles,
 };
+use twokey_testkit::pki::{DevCa, LeafSpec};
 use twokey_vault::VaultConfig;
 
 pub const TD: &str = "twokey.test";

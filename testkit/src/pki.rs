@@ -10,7 +10,7 @@ use rcgen::{
     RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 
-use crate::keys::{KeyError, write_secret_file};
+use twokey_runtime::keys::{KeyError, write_secret_file};
 
 /// Why a certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -242,7 +242,7 @@ impl DevCa {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{identity_of_cert, spiffe_ids_in_cert};
+    use twokey_runtime::identity::{identity_of_cert, spiffe_ids_in_cert};
 
     fn der(pem: &str) -> Vec<u8> {
         let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
