@@ -78,13 +78,9 @@ pub fn time(ts: Option<&Timestamp>) -> String {
     let Some(ts) = ts else {
         return "-".to_owned();
     };
-    let whole = Timestamp {
-        seconds: ts.seconds,
-        nanos: 0,
-    };
-    match serde_json::to_value(whole) {
-        Ok(serde_json::Value::String(s)) => s.replacen('T', " ", 1).replace("+00:00", "Z"),
-        _ => ts.seconds.to_string(),
+    match twokey_runtime::time::from_timestamp(ts) {
+        Some(t) => twokey_runtime::time::rfc3339(t).replacen('T', " ", 1),
+        None => ts.seconds.to_string(),
     }
 }
 
@@ -109,16 +105,7 @@ pub fn parse_time(text: &str) -> Result<Timestamp, String> {
 }
 
 fn parse_age(text: &str) -> Option<Duration> {
-    let unit = text.chars().last()?;
-    let n: u64 = text[..text.len() - unit.len_utf8()].parse().ok()?;
-    let secs = match unit {
-        's' => n,
-        'm' => n.checked_mul(60)?,
-        'h' => n.checked_mul(3600)?,
-        'd' => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    Some(Duration::from_secs(secs))
+    twokey_runtime::time::parse_duration(text).ok()
 }
 
 /// Seconds from now until `ts` (negative when past).

@@ -19,54 +19,64 @@ impl fmt::Debug for types::Code {
     }
 }
 
-impl fmt::Debug for vault::enroll_request::Seed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::OtpauthUri(_) => f.write_str("OtpauthUri([redacted])"),
-            Self::Base32Secret(_) => f.write_str("Base32Secret([redacted])"),
+/// `Debug` for a seed oneof: the variant's name, never its value.
+macro_rules! redacted_seed {
+    ($($ty:ty),+) => {$(
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    Self::OtpauthUri(_) => f.write_str("OtpauthUri([redacted])"),
+                    Self::Base32Secret(_) => f.write_str("Base32Secret([redacted])"),
+                }
+            }
         }
-    }
+    )+};
 }
 
-impl fmt::Debug for broker::enroll_account_request::Seed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::OtpauthUri(_) => f.write_str("OtpauthUri([redacted])"),
-            Self::Base32Secret(_) => f.write_str("Base32Secret([redacted])"),
+redacted_seed!(
+    vault::enroll_request::Seed,
+    broker::enroll_account_request::Seed
+);
+
+/// `Debug` for an enrolment request: its fields, the seed through its
+/// redacting `Debug` above.
+macro_rules! enroll_debug {
+    ($ty:ty, $name:literal, $($field:ident),+) => {
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct($name)
+                    $(.field(stringify!($field), &self.$field))+
+                    .finish()
+            }
         }
-    }
+    };
 }
 
-impl fmt::Debug for vault::EnrollRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EnrollRequest")
-            .field("account_id", &self.account_id)
-            .field("seed", &self.seed)
-            .field("algorithm", &self.algorithm)
-            .field("digits", &self.digits)
-            .field("period", &self.period)
-            .field("issuer", &self.issuer)
-            .field("label", &self.label)
-            .field("replace", &self.replace)
-            .field("actor", &self.actor)
-            .finish()
-    }
-}
-
-impl fmt::Debug for broker::EnrollAccountRequest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EnrollAccountRequest")
-            .field("account_id", &self.account_id)
-            .field("seed", &self.seed)
-            .field("algorithm", &self.algorithm)
-            .field("digits", &self.digits)
-            .field("period", &self.period)
-            .field("issuer", &self.issuer)
-            .field("label", &self.label)
-            .field("replace", &self.replace)
-            .finish()
-    }
-}
+enroll_debug!(
+    vault::EnrollRequest,
+    "EnrollRequest",
+    account_id,
+    seed,
+    algorithm,
+    digits,
+    period,
+    issuer,
+    label,
+    replace,
+    actor
+);
+enroll_debug!(
+    broker::EnrollAccountRequest,
+    "EnrollAccountRequest",
+    account_id,
+    seed,
+    algorithm,
+    digits,
+    period,
+    issuer,
+    label,
+    replace
+);
 
 impl fmt::Debug for broker::VerifyPinRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

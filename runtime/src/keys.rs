@@ -3,7 +3,6 @@
 //! (master key, PIN HMAC key) are stored as one line of base64.
 
 use std::{
-    fmt,
     io::Write,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -12,7 +11,8 @@ use std::{
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand::RngCore;
-use zeroize::Zeroizing;
+use secrecy::{ExposeSecret, SecretBox};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Why a key file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -102,42 +102,53 @@ fn write_b64(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
     write_secret_file(path, text.as_bytes())
 }
 
-/// A 32-byte symmetric key. Zeroized on drop; Debug prints `[redacted]`.
-#[derive(Clone)]
-pub struct SecretKey(Zeroizing<[u8; 32]>);
+/// A 32-byte symmetric key, held in a `secrecy` box: zeroized on drop,
+/// `Debug` prints it redacted.
+pub struct SecretKey(SecretBox<[u8; 32]>);
 
-impl fmt::Debug for SecretKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SecretKey([redacted])")
+    }
+}
+
+impl Clone for SecretKey {
+    fn clone(&self) -> Self {
+        Self::from_bytes(*self.expose())
     }
 }
 
 impl SecretKey {
     /// A fresh key from the operating system's CSPRNG.
     pub fn generate() -> Self {
-        let mut key = Zeroizing::new([0u8; 32]);
-        rand::rngs::OsRng.fill_bytes(key.as_mut());
-        Self(key)
+        let mut key = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut key);
+        Self::from_bytes(key)
     }
 
-    /// A key from raw bytes (tests).
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(Zeroizing::new(bytes))
+    /// A key from raw bytes (the array given is zeroized).
+    pub fn from_bytes(mut bytes: [u8; 32]) -> Self {
+        let key = Self(SecretBox::new(Box::new(bytes)));
+        bytes.zeroize();
+        key
     }
 
     /// Loads a key file (mode 0600, one line of base64).
     pub fn load(path: &Path) -> Result<Self, KeyError> {
-        Ok(Self(read_b64_32(path, "a 32-byte key in base64")?))
+        Ok(Self::from_bytes(*read_b64_32(
+            path,
+            "a 32-byte key in base64",
+        )?))
     }
 
     /// Writes the key to a new file with mode 0600.
     pub fn write(&self, path: &Path) -> Result<(), KeyError> {
-        write_b64(path, self.0.as_ref())
+        write_b64(path, self.expose())
     }
 
     /// The key bytes.
     pub fn expose(&self) -> &[u8; 32] {
-        &self.0
+        self.0.expose_secret()
     }
 }
 

@@ -1,14 +1,8 @@
 //! Message size limits as gRPC says to report them: a message over
 //! [`MAX_MESSAGE_BYTES`](crate::serve::MAX_MESSAGE_BYTES) is answered
 //! RESOURCE_EXHAUSTED with a message naming the limit. (tonic's decoder
-//! refuses it with OUT_OF_RANGE; this layer and [`limit_status`] rewrite
+//! refuses it with OUT_OF_RANGE; [`rewrite_over_limit`] and [`limit_status`] rewrite
 //! exactly that refusal and nothing else.)
-
-use std::{
-    future::Future,
-    pin::Pin,
-    task::{Context, Poll},
-};
 
 use tonic::{Code, Status};
 
@@ -37,55 +31,21 @@ pub fn limit_status(status: Status) -> Status {
     }
 }
 
-/// A tower layer that rewrites a unary call's over-limit refusal (a
-/// trailers-only response) with [`limit_status`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LimitLayer;
-
-impl<S> tower_layer::Layer<S> for LimitLayer {
-    type Service = LimitService<S>;
-    fn layer(&self, inner: S) -> Self::Service {
-        LimitService { inner }
-    }
-}
-
-/// See [`LimitLayer`].
-#[derive(Debug, Clone)]
-pub struct LimitService<S> {
-    inner: S,
-}
-
-impl<S, B, R> tower_service::Service<http::Request<B>> for LimitService<S>
-where
-    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let mut response = future.await?;
-            if let Some(status) = Status::from_header_map(response.headers())
-                && status.code() == Code::OutOfRange
-            {
-                let rewritten = limit_status(status);
-                if rewritten.code() == Code::ResourceExhausted {
-                    let headers = response.headers_mut();
-                    headers.remove("grpc-status");
-                    headers.remove("grpc-message");
-                    headers.remove("grpc-status-details-bin");
-                    let _ = rewritten.add_header(headers);
-                }
-            }
-            Ok(response)
-        })
+/// Rewrites a unary call's over-limit refusal (a trailers-only response)
+/// with [`limit_status`]; every other response is left as it is. The server
+/// layer (`trace::TraceLayer`) applies it to every answer.
+pub fn rewrite_over_limit<R>(response: &mut http::Response<R>) {
+    if let Some(status) = Status::from_header_map(response.headers())
+        && status.code() == Code::OutOfRange
+    {
+        let rewritten = limit_status(status);
+        if rewritten.code() == Code::ResourceExhausted {
+            let headers = response.headers_mut();
+            headers.remove("grpc-status");
+            headers.remove("grpc-message");
+            headers.remove("grpc-status-details-bin");
+            let _ = rewritten.add_header(headers);
+        }
     }
 }
 

@@ -49,10 +49,8 @@ pub fn announce(service: &str, addr: SocketAddr) {
     tracing::info!(%addr, "{service} listening");
 }
 
-/// A server with the message-limit and trace-id layers (see
-/// [`crate::limits`] and [`crate::trace`]).
-pub type TracedServer =
-    Server<Stack<crate::limits::LimitLayer, Stack<crate::trace::TraceLayer, Identity>>>;
+/// A server with the call layer (see [`crate::trace::TraceLayer`]).
+pub type TracedServer = Server<Stack<crate::trace::TraceLayer, Identity>>;
 
 /// A server builder with twokey's limits: per-request timeout, bounded
 /// concurrency per connection, keep-alives, RESOURCE_EXHAUSTED for messages
@@ -65,8 +63,7 @@ pub fn server() -> Result<TracedServer, ServeError> {
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
-        .layer(crate::trace::TraceLayer)
-        .layer(crate::limits::LimitLayer))
+        .layer(crate::trace::TraceLayer))
 }
 
 /// The TLS connections of a bound listener: each accepted socket gets

@@ -76,3 +76,76 @@ pub fn from_timestamp(ts: &Timestamp) -> Option<SystemTime> {
         .filter(|n| *n < 1_000_000_000)?;
     UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
 }
+
+/// RFC 3339 UTC text of an instant, to the second (`2026-11-28T09:46:30Z`).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = i64::try_from(unix_seconds(t)).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// Parses a duration such as `90s`, `15m`, `1h`, `1h30m` or `2d`; the error
+/// says how to write one.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration; write e.g. \"15m\" or \"1h\"".into());
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return Err(format!("unknown unit {c:?} in {text:?}; use s, m, h or d")),
+        };
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a duration; write e.g. \"15m\" or \"1h\""))?;
+        total = total.saturating_add(n.saturating_mul(unit));
+        number.clear();
+    }
+    if !number.is_empty() {
+        return Err(format!(
+            "{text:?} lacks a unit; write e.g. \"{number}s\" or \"{number}m\""
+        ));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_is_utc_with_z_and_whole_seconds() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_764_323_190_999);
+        assert_eq!(rfc3339(t), "2025-11-28T09:46:30Z");
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        // A leap day, and the end of a century-rule year.
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00Z");
+    }
+
+    #[test]
+    fn durations_take_units_and_compounds_and_explain_mistakes() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration(" 2d "), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("").unwrap_err().contains("empty"));
+        assert!(parse_duration("15").unwrap_err().contains("lacks a unit"));
+        assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("h").unwrap_err().contains("not a duration"));
+    }
+}

@@ -275,8 +275,10 @@ pub fn inject(metadata: &mut MetadataMap) {
     }
 }
 
-/// A tower layer that runs each call inside its server span and the scope
-/// of its trace id, and records the gRPC status of the answer.
+/// The server's one tower layer: runs each call inside its server span and
+/// the scope of its trace id, answers an over-limit message with
+/// RESOURCE_EXHAUSTED (`limits::rewrite_over_limit`), and records the gRPC
+/// status of the answer.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TraceLayer;
 
@@ -318,8 +320,9 @@ where
             TRACE_ID.scope(
                 trace_id,
                 async move {
-                    let result = future.await;
-                    if let Ok(response) = &result {
+                    let mut result = future.await;
+                    if let Ok(response) = &mut result {
+                        crate::limits::rewrite_over_limit(response);
                         record_status(&recorder, response.headers());
                     }
                     result
