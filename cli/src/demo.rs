@@ -13,9 +13,10 @@ use std::{
 use clap::Args;
 use serde_json::Value;
 
+use twokey_testkit::local::{ACCOUNT, LocalSystem};
+
 use crate::{
     error::CliError,
-    local::{ACCOUNT, LocalSystem},
     output::{self, Output},
 };
 

@@ -68,10 +68,27 @@ pub enum CliError {
     Tls(#[from] twokey_runtime::tls::TlsError),
     /// Certificates could not be made.
     #[error("{0}")]
-    Pki(#[from] twokey_testkit::pki::PkiError),
+    Pki(twokey_testkit::pki::PkiError),
     /// The reader of stdout went away (`twokey … | head`); exit quietly.
     #[error("stdout closed")]
     BrokenPipe,
+}
+
+impl From<twokey_testkit::pki::PkiError> for CliError {
+    fn from(e: twokey_testkit::pki::PkiError) -> Self {
+        use twokey_testkit::pki::PkiError;
+        match e {
+            PkiError::Usage(m) => Self::Usage(m),
+            PkiError::Directory(m) => Self::Input(m),
+            other => Self::Pki(other),
+        }
+    }
+}
+
+impl From<twokey_testkit::local::LocalError> for CliError {
+    fn from(e: twokey_testkit::local::LocalError) -> Self {
+        Self::Input(e.to_string())
+    }
 }
 
 impl CliError {

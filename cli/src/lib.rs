@@ -12,7 +12,6 @@ pub mod code;
 pub mod completions;
 pub mod demo;
 pub mod error;
-pub mod local;
 pub mod output;
 pub mod pin;
 pub mod pki;

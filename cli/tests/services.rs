@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 
 use common::{json, json_lines, local_system, one_line_error, twokey_as};
 use serde_json::Value;
-use twokey::local::ACCOUNT;
+use twokey_testkit::local::ACCOUNT;
 
 const SECRET_B32: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
 

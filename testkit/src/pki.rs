@@ -1,8 +1,14 @@
 //! A development PKI: a CA and leaf certificates carrying SPIFFE IDs, made
-//! with rcgen. Used by tests and by `twokey pki init`; production deployments
-//! bring certificates from their own CA.
+//! with rcgen, and [`init`], the whole set `twokey pki init` and a local
+//! system write (CA, the three services, each user, a profile file). Used by
+//! tests and the CLI; production deployments bring certificates from their
+//! own CA.
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    net::IpAddr,
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
@@ -24,6 +30,12 @@ pub enum PkiError {
     /// A file could not be written.
     #[error("cannot write {0}: {1}")]
     Io(String, std::io::Error),
+    /// The request itself is wrong (a bad trust domain, a user named twice).
+    #[error("{0}")]
+    Usage(String),
+    /// The directory cannot be used as it is.
+    #[error("{0}")]
+    Directory(String),
 }
 
 /// A PEM certificate and its PEM private key.
@@ -236,6 +248,281 @@ impl DevCa {
         self.issue(&LeafSpec::new(&format!(
             "spiffe://{trust_domain}/user/{name}"
         )))
+    }
+}
+
+/// The default trust domain of development certificates.
+pub const DEFAULT_TRUST_DOMAIN: &str = "twokey.local";
+/// The profile file [`init`] writes next to the certificates.
+pub const PROFILE_FILE: &str = "twokey.toml";
+/// The services that get a certificate.
+pub const SERVICES: [&str; 3] = ["vault", "broker", "audit"];
+
+/// What a user does; decides their SPIFFE ID and the profile written for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UserRole {
+    /// Files requests.
+    Requester,
+    /// Approves requests.
+    Approver,
+    /// Verifies PINs and releases codes.
+    Operator,
+    /// Enrolls and removes accounts.
+    Admin,
+    /// Reads and verifies the audit log.
+    Auditor,
+    /// A service (a BPM) filing requests on requesters' behalf: gets a
+    /// `svc/NAME` identity instead of `user/NAME`.
+    Intake,
+}
+
+impl UserRole {
+    /// Every role, in the order `--help` lists them.
+    pub const ALL: [UserRole; 6] = [
+        Self::Requester,
+        Self::Approver,
+        Self::Operator,
+        Self::Admin,
+        Self::Auditor,
+        Self::Intake,
+    ];
+
+    /// The role's name, as `NAME:ROLE` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requester => "requester",
+            Self::Approver => "approver",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+            Self::Auditor => "auditor",
+            Self::Intake => "intake",
+        }
+    }
+}
+
+/// A `NAME:ROLE` pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSpec {
+    /// The name in the SPIFFE ID and the profile.
+    pub name: String,
+    /// The role.
+    pub role: UserRole,
+}
+
+/// Parses `NAME:ROLE`.
+pub fn parse_user(text: &str) -> Result<UserSpec, String> {
+    let (name, role) = text
+        .split_once(':')
+        .ok_or_else(|| format!("{text:?} is not NAME:ROLE (e.g. alice:requester)"))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    {
+        return Err(format!(
+            "user name {name:?} may hold only letters, digits, '.', '-' and '_'"
+        ));
+    }
+    if SERVICES.contains(&name) || name == "ca" {
+        return Err(format!(
+            "user name {name:?} is taken by a service certificate"
+        ));
+    }
+    let role = UserRole::ALL
+        .into_iter()
+        .find(|r| r.as_str().eq_ignore_ascii_case(role))
+        .ok_or_else(|| {
+            format!(
+                "unknown role {role:?}: use requester, approver, operator, admin, auditor or intake"
+            )
+        })?;
+    Ok(UserSpec {
+        name: name.to_owned(),
+        role,
+    })
+}
+
+/// One certificate written.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Issued {
+    /// File stem: `vault`, `alice`.
+    pub name: String,
+    /// `service`, or the user's role.
+    pub role: String,
+    /// The SPIFFE ID in the certificate.
+    pub spiffe_id: String,
+    /// Certificate path.
+    pub cert: PathBuf,
+    /// Key path.
+    pub key: PathBuf,
+}
+
+/// What [`init`] wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitReport {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The trust domain.
+    pub trust_domain: String,
+    /// The CA certificate.
+    pub ca: PathBuf,
+    /// Every leaf certificate.
+    pub identities: Vec<Issued>,
+    /// The profile file, if users were given.
+    pub config: Option<PathBuf>,
+}
+
+/// Where the users' profiles point.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses<'a> {
+    /// The broker, `https://HOST:PORT`.
+    pub broker: &'a str,
+    /// The audit service (auditors' profiles only).
+    pub audit: &'a str,
+}
+
+/// Writes the CA, the service certificates, the user certificates and (with
+/// users) the profile file [`PROFILE_FILE`] into `dir`, which must be empty
+/// or missing unless `force` (then the twokey files in it are replaced).
+pub fn init(
+    dir: &Path,
+    trust_domain: &str,
+    users: &[UserSpec],
+    force: bool,
+    addresses: Addresses<'_>,
+) -> Result<InitReport, PkiError> {
+    let td = trust_domain;
+    twokey_runtime::SpiffeId::parse(&format!("spiffe://{td}/svc/vault"))
+        .map_err(|e| PkiError::Usage(format!("--trust-domain {td:?}: {e}")))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for u in users {
+        if !seen.insert(u.name.as_str()) {
+            return Err(PkiError::Usage(format!(
+                "user {:?} is given twice; give each --user once",
+                u.name
+            )));
+        }
+    }
+    prepare_dir(dir, force)?;
+    if force {
+        let names = ["ca"]
+            .into_iter()
+            .chain(SERVICES)
+            .chain(users.iter().map(|u| u.name.as_str()));
+        for name in names {
+            for ext in ["crt", "key"] {
+                remove_if_present(&dir.join(format!("{name}.{ext}")))?;
+            }
+        }
+    }
+
+    let ca = DevCa::new(td)?;
+    ca.write(dir)?;
+    let mut identities = Vec::new();
+    for service in SERVICES {
+        let id = format!("spiffe://{td}/svc/{service}");
+        ca.issue_service(td, service)?.write(dir, service)?;
+        identities.push(issued(dir, service, "service", id));
+    }
+    for u in users {
+        let id = match u.role {
+            UserRole::Intake => format!("spiffe://{td}/svc/{}", u.name),
+            _ => format!("spiffe://{td}/user/{}", u.name),
+        };
+        ca.issue(&LeafSpec::new(&id))?.write(dir, &u.name)?;
+        identities.push(issued(dir, &u.name, u.role.as_str(), id));
+    }
+
+    let config = if users.is_empty() {
+        None
+    } else {
+        let path = dir.join(PROFILE_FILE);
+        remove_if_present(&path)?;
+        write_profiles(&path, "", users, addresses)?;
+        Some(path)
+    };
+    Ok(InitReport {
+        dir: dir.to_owned(),
+        trust_domain: td.to_owned(),
+        ca: dir.join("ca.crt"),
+        identities,
+        config,
+    })
+}
+
+/// Writes a CLI profile file at `path`: one `[profiles.NAME]` per user, with
+/// the broker's address, the audit address for auditors, and certificate,
+/// key and CA paths under `pki_prefix` (relative to the file).
+pub fn write_profiles(
+    path: &Path,
+    pki_prefix: &str,
+    users: &[UserSpec],
+    addresses: Addresses<'_>,
+) -> Result<(), PkiError> {
+    let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let mut text = String::new();
+    for u in users {
+        text.push_str(&format!("[profiles.{}]\n", quote(&u.name)));
+        text.push_str(&format!("broker = {}\n", quote(addresses.broker)));
+        if u.role == UserRole::Auditor {
+            text.push_str(&format!("audit = {}\n", quote(addresses.audit)));
+        }
+        let file = |ext: &str| quote(&format!("{pki_prefix}{}.{ext}", u.name));
+        text.push_str(&format!("cert = {}\nkey = {}\n", file("crt"), file("key")));
+        text.push_str(&format!(
+            "ca = {}\n\n",
+            quote(&format!("{pki_prefix}ca.crt"))
+        ));
+    }
+    std::fs::write(path, text).map_err(|e| PkiError::Io(path.display().to_string(), e))
+}
+
+fn issued(dir: &Path, name: &str, role: &str, spiffe_id: String) -> Issued {
+    Issued {
+        name: name.to_owned(),
+        role: role.to_owned(),
+        spiffe_id,
+        cert: dir.join(format!("{name}.crt")),
+        key: dir.join(format!("{name}.key")),
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<(), PkiError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(PkiError::Io(path.display().to_string(), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn prepare_dir(dir: &Path, force: bool) -> Result<(), PkiError> {
+    let io = |e| PkiError::Io(dir.display().to_string(), e);
+    if dir.exists() {
+        if !dir.is_dir() {
+            return Err(PkiError::Usage(format!(
+                "{} exists and is not a directory; give --dir a directory",
+                dir.display()
+            )));
+        }
+        let mut entries = std::fs::read_dir(dir).map_err(io)?;
+        if entries.next().is_some() && !force {
+            return Err(PkiError::Directory(format!(
+                "{} is not empty; pick an empty directory, or pass --force to replace the twokey files in it",
+                dir.display()
+            )));
+        }
+        Ok(())
+    } else {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)
     }
 }
 

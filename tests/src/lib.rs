@@ -1,6 +1,6 @@
 //! Harness for the end-to-end tests: the real `twokey-audit`, `twokey-vault`
 //! and `twokey-broker` binaries as separate processes on loopback (through
-//! `twokey::local::LocalSystem`), and mTLS gRPC clients for each user.
+//! `twokey_testkit::local::LocalSystem`), and mTLS gRPC clients for each user.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -11,12 +11,12 @@ use std::{
 
 use ed25519_dalek::VerifyingKey;
 use tonic::transport::Channel;
-use twokey::local::LocalSystem;
 use twokey_proto::{
     audit::v1::{LogEntry, QueryRequest, audit_service_client::AuditServiceClient},
     broker::v1::broker_service_client::BrokerServiceClient,
 };
 use twokey_runtime::tls::TlsFiles;
+use twokey_testkit::local::LocalSystem;
 
 /// The directory holding the workspace's binaries, built (or found fresh)
 /// once per test process.
@@ -414,7 +414,7 @@ impl System {
     pub async fn enroll(&self) {
         bounded(self.broker("adam").enroll_account(
             twokey_proto::broker::v1::EnrollAccountRequest {
-                account_id: twokey::local::ACCOUNT.into(),
+                account_id: twokey_testkit::local::ACCOUNT.into(),
                 seed: Some(
                     twokey_proto::broker::v1::enroll_account_request::Seed::Base32Secret(
                         SECRET.into(),
@@ -481,7 +481,7 @@ impl System {
         }
         let mut c = crew.clone();
         let request = bounded(c.requester_client.create_request(CreateRequestRequest {
-            account_id: twokey::local::ACCOUNT.into(),
+            account_id: twokey_testkit::local::ACCOUNT.into(),
             reason: "fault test".into(),
             ticket: "OPS-7".into(),
             on_behalf_of: String::new(),
@@ -591,12 +591,12 @@ impl System {
         let key = twokey_runtime::keys::load_signing_key(&self.local.dir.join("keys/grant.key"))
             .expect("grant key");
         let now = std::time::SystemTime::now();
-        let td = twokey::local::TRUST_DOMAIN;
+        let td = twokey_testkit::local::TRUST_DOMAIN;
         let grant = twokey_proto::vault::v1::Grant {
             grant_id: grant_id.into(),
             purpose: twokey_proto::vault::v1::GrantPurpose::Release as i32,
             request_id: format!("replay-{grant_id}"),
-            account_id: twokey::local::ACCOUNT.into(),
+            account_id: twokey_testkit::local::ACCOUNT.into(),
             requester: format!("spiffe://{td}/user/alice"),
             approvers: vec![format!("spiffe://{td}/user/bob")],
             operator: format!("spiffe://{td}/user/olivia"),
@@ -670,7 +670,7 @@ impl System {
             ApproveRequestRequest, CreateRequestRequest, RequestState, VerifyPinRequest,
         };
         let request = bounded(self.broker("alice").create_request(CreateRequestRequest {
-            account_id: twokey::local::ACCOUNT.into(),
+            account_id: twokey_testkit::local::ACCOUNT.into(),
             reason: reason.into(),
             ticket: "OPS-7".into(),
             on_behalf_of: String::new(),

@@ -17,7 +17,6 @@ use tokio::{
     net::TcpStream,
 };
 use tonic::{Code, Status, transport::Channel};
-use twokey::local::ACCOUNT;
 use twokey_e2e::System;
 use twokey_proto::{
     audit::v1::{
@@ -33,6 +32,7 @@ use twokey_proto::{
     },
 };
 use twokey_runtime::{serve::MAX_MESSAGE_BYTES, time::to_timestamp, tls::TlsFiles};
+use twokey_testkit::local::ACCOUNT;
 
 const TD: &str = "twokey.local";
 const OVER: usize = MAX_MESSAGE_BYTES + 16 * 1024;

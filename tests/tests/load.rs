@@ -14,8 +14,8 @@ use std::{
 };
 
 use tonic::Code;
-use twokey::local::{ACCOUNT, TRUST_DOMAIN, USERS};
 use twokey_e2e::{System, check_request, check_single_use, rss_kib, soak_or, totp};
+use twokey_testkit::local::{ACCOUNT, TRUST_DOMAIN, USERS};
 use twokey_testkit::pki::DevCa;
 
 const CONCURRENT: usize = 200;

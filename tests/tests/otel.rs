@@ -29,8 +29,8 @@ use opentelemetry_proto::tonic::{
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
-use twokey::local::ACCOUNT;
 use twokey_e2e::{SECRET, System, bin_dir};
+use twokey_testkit::local::ACCOUNT;
 
 /// The trace the test starts, as a caller of the CLI would (`TRACEPARENT`).
 const TRACE_ID: &str = "5c1e2b7a9d3f4e6081a2b3c4d5e6f708";

@@ -102,10 +102,10 @@ pub fn service_binaries() -> PathBuf {
 
 /// A local system (audit, vault, broker as separate processes on loopback)
 /// in a fresh temporary directory, stopped when dropped.
-pub fn local_system() -> (tempfile::TempDir, twokey::local::LocalSystem) {
+pub fn local_system() -> (tempfile::TempDir, twokey_testkit::local::LocalSystem) {
     let bins = service_binaries();
     let tmp = tempfile::tempdir().expect("tempdir");
-    let system = twokey::local::LocalSystem::start(&tmp.path().join("sys"), &bins)
-        .unwrap_or_else(|e| panic!("local system did not start: {}", e.one_line()));
+    let system = twokey_testkit::local::LocalSystem::start(&tmp.path().join("sys"), &bins)
+        .unwrap_or_else(|e| panic!("local system did not start: {}", e));
     (tmp, system)
 }

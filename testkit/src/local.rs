@@ -15,12 +15,10 @@ use std::{
 };
 
 use twokey_runtime::keys::{SecretKey, encode_public_key, generate_signing_key};
-use twokey_testkit::ready::spawn_service;
 
 use crate::{
-    error::CliError,
-    pki::{self, InitArgs, UserRole, UserSpec},
-    profile::{Config, Profile},
+    pki::{self, Addresses, UserRole, UserSpec},
+    ready::spawn_service,
 };
 
 /// The trust domain of a local system.
@@ -69,22 +67,75 @@ impl Drop for LocalSystem {
     }
 }
 
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CliError {
-    CliError::io(action, path)
+/// Why a local system could not be set up or started; the message names
+/// the file or service and what to do.
+#[derive(Debug)]
+pub struct LocalError(String);
+
+impl std::fmt::Display for LocalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-fn write(path: &Path, text: &str) -> Result<(), CliError> {
+impl std::error::Error for LocalError {}
+
+impl From<pki::PkiError> for LocalError {
+    fn from(e: pki::PkiError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+impl From<twokey_runtime::keys::KeyError> for LocalError {
+    fn from(e: twokey_runtime::keys::KeyError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalError {
+    let path = path.display().to_string();
+    move |e| LocalError(format!("cannot {action} {path}: {e}"))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), LocalError> {
     std::fs::write(path, text).map_err(io("write", path))
 }
 
-fn key_err(e: twokey_runtime::keys::KeyError) -> CliError {
-    CliError::Input(e.to_string())
+/// Makes the checkpoint key with `twokey-audit init-key`, as an operator
+/// would, and returns the verifier key it prints.
+fn checkpoint_key(bin_dir: &Path, out: &Path, origin: &str) -> Result<String, LocalError> {
+    let bin = bin_dir.join("twokey-audit");
+    let output = Command::new(&bin)
+        .args(["init-key", "--origin", origin, "--out"])
+        .arg(out)
+        .output()
+        .map_err(|e| {
+            LocalError(format!(
+                "cannot run {}: {e} — build it first (cargo build -p twokey-audit)",
+                bin.display()
+            ))
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("verifier key: "))
+        .map(|k| k.trim().to_owned())
+        .ok_or_else(|| {
+            LocalError(format!(
+                "twokey-audit init-key printed no verifier key: {}",
+                one_line(&String::from_utf8_lossy(&output.stderr))
+            ))
+        })
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl LocalSystem {
     /// Makes PKI, keys, configs and a policy in `dir` (which must be empty or
     /// missing) and starts audit, vault and broker from `bin_dir`.
-    pub fn start(dir: &Path, bin_dir: &Path) -> Result<Self, CliError> {
+    pub fn start(dir: &Path, bin_dir: &Path) -> Result<Self, LocalError> {
         Self::start_with_env(dir, bin_dir, Vec::new())
     }
 
@@ -94,7 +145,7 @@ impl LocalSystem {
         dir: &Path,
         bin_dir: &Path,
         env: Vec<(String, String)>,
-    ) -> Result<Self, CliError> {
+    ) -> Result<Self, LocalError> {
         let pki_dir = dir.join("pki");
         let users: Vec<UserSpec> = USERS
             .iter()
@@ -104,35 +155,27 @@ impl LocalSystem {
             })
             .collect();
         pki::init(
-            &InitArgs {
-                dir: pki_dir.clone(),
-                trust_domain: TRUST_DOMAIN.into(),
-                users,
-                force: false,
+            &pki_dir,
+            TRUST_DOMAIN,
+            &users,
+            false,
+            Addresses {
+                broker: "https://127.0.0.1:0",
+                audit: "https://127.0.0.1:0",
             },
-            "https://127.0.0.1:0",
-            "https://127.0.0.1:0",
         )?;
         for sub in ["keys", "data", "logs"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
         }
         let keys = dir.join("keys");
-        SecretKey::generate()
-            .write(&keys.join("master.key"))
-            .map_err(key_err)?;
-        SecretKey::generate()
-            .write(&keys.join("pin.key"))
-            .map_err(key_err)?;
-        let vault_event = generate_signing_key(&keys.join("vault-event.key")).map_err(key_err)?;
-        let broker_event = generate_signing_key(&keys.join("broker-event.key")).map_err(key_err)?;
-        let grant = generate_signing_key(&keys.join("grant.key")).map_err(key_err)?;
-        let checkpoint = generate_signing_key(&keys.join("checkpoint.key")).map_err(key_err)?;
+        SecretKey::generate().write(&keys.join("master.key"))?;
+        SecretKey::generate().write(&keys.join("pin.key"))?;
+        let vault_event = generate_signing_key(&keys.join("vault-event.key"))?;
+        let broker_event = generate_signing_key(&keys.join("broker-event.key"))?;
+        let grant = generate_signing_key(&keys.join("grant.key"))?;
         let origin = format!("{TRUST_DOMAIN}/audit");
-        let verifier_key =
-            twokey_audit::checkpoint::NoteVerifier::new(&origin, checkpoint.verifying_key())
-                .map_err(|e| CliError::Input(e.to_string()))?
-                .to_string();
+        let verifier_key = checkpoint_key(bin_dir, &keys.join("checkpoint.key"), &origin)?;
 
         let td = TRUST_DOMAIN;
         let p = |name: &str| pki_dir.join(name).display().to_string();
@@ -220,32 +263,25 @@ impl LocalSystem {
         )?;
         system.broker = system.spawn(bin_dir, "broker", &broker_config)?;
 
-        // Profiles with the real addresses.
-        let mut config = Config::default();
-        for (name, role) in USERS {
-            config.profiles.insert(
-                name.to_owned(),
-                Profile {
-                    broker: Some(system.broker.clone()),
-                    audit: (role == UserRole::Auditor).then(|| system.audit.clone()),
-                    cert: Some(format!("pki/{name}.crt").into()),
-                    key: Some(format!("pki/{name}.key").into()),
-                    ca: Some("pki/ca.crt".into()),
-                    ..Default::default()
-                },
-            );
-        }
-        // pki init's profile file has no real addresses; the one beside the
-        // configs does.
+        // Profiles with the real addresses; pki init's file, beside the
+        // certificates, has none.
         let stale = pki_dir.join(pki::PROFILE_FILE);
         std::fs::remove_file(&stale).map_err(io("replace", &stale))?;
-        config.write(&system.config)?;
+        pki::write_profiles(
+            &system.config,
+            "pki/",
+            &users,
+            Addresses {
+                broker: &system.broker,
+                audit: &system.audit,
+            },
+        )?;
         Ok(system)
     }
 
     /// Starts `twokey-<svc> serve --config CONFIG` and waits for its
     /// listening line; returns `https://ADDR`.
-    fn spawn(&mut self, bin_dir: &Path, svc: &str, config: &Path) -> Result<String, CliError> {
+    fn spawn(&mut self, bin_dir: &Path, svc: &str, config: &Path) -> Result<String, LocalError> {
         self.spawn_on(bin_dir, svc, config, None)
     }
 
@@ -255,7 +291,7 @@ impl LocalSystem {
         svc: &str,
         config: &Path,
         listen: Option<&str>,
-    ) -> Result<String, CliError> {
+    ) -> Result<String, LocalError> {
         let bin = bin_dir.join(format!("twokey-{svc}"));
         let log = self.dir.join("logs").join(format!("{svc}.log"));
         let log_file = std::fs::OpenOptions::new()
@@ -271,7 +307,7 @@ impl LocalSystem {
         }
         let (child, rx) =
             spawn_service(command, &format!("twokey-{svc}"), log_file).map_err(|e| {
-                CliError::Input(format!(
+                LocalError(format!(
                     "cannot start {}: {e} — build it first (cargo build -p twokey-{svc})",
                     bin.display()
                 ))
@@ -295,9 +331,9 @@ impl LocalSystem {
                     })
                     .unwrap_or("no output")
                     .to_owned();
-                Err(CliError::Input(format!(
+                Err(LocalError(format!(
                     "twokey-{svc} did not start: {} (log {})",
-                    crate::error::one_line(&last),
+                    one_line(&last),
                     log.display()
                 )))
             }
@@ -361,7 +397,7 @@ impl LocalSystem {
 
     /// Starts a killed service again, with the same config and data, on the
     /// address it had, so the others reach it where they expect it.
-    pub fn restart(&mut self, bin_dir: &Path, svc: &str) -> Result<(), CliError> {
+    pub fn restart(&mut self, bin_dir: &Path, svc: &str) -> Result<(), LocalError> {
         let address = match svc {
             "audit" => self.audit.clone(),
             "vault" => self.vault.clone(),
