@@ -207,6 +207,19 @@ struct Panel {
 }
 
 impl Panel {
+    /// A 300×320 panel whose left edge is at `x`, below the 50 px title band.
+    fn new(x: i64, xr: (f64, f64), yr: (f64, f64), log_y: bool) -> Self {
+        Self {
+            x,
+            y: 50,
+            w: 300,
+            h: 320,
+            xr,
+            yr,
+            log_y,
+        }
+    }
+
     fn at(&self, xv: f64, yv: f64) -> (i64, i64) {
         let xv = xv.max(1.0).log10();
         let yv = if self.log_y { yv.max(1e-9).log10() } else { yv };
@@ -281,15 +294,7 @@ pub fn scaling_png(rows: &[ScaleRow], path: &Path) -> Result<()> {
     let lo = xs.iter().copied().fold(f64::MAX, f64::min) - 0.3;
     let hi = xs.iter().copied().fold(f64::MIN, f64::max) + 0.3;
     let max_tp = rows.iter().map(|r| r.append_per_s).fold(1.0, f64::max) * 1.15;
-    let left = Panel {
-        x: 90,
-        y: 50,
-        w: 300,
-        h: 320,
-        xr: (lo, hi),
-        yr: (0.0, max_tp),
-        log_y: false,
-    };
+    let left = Panel::new(90, (lo, hi), (0.0, max_tp), false);
     let ticks: Vec<(f64, String)> = (0..=4)
         .map(|i| {
             let v = max_tp * f64::from(i) / 4.0;
@@ -317,15 +322,7 @@ pub fn scaling_png(rows: &[ScaleRow], path: &Path) -> Result<()> {
         .collect();
     let ymin = all.iter().copied().fold(f64::MAX, f64::min).log10().floor();
     let ymax = all.iter().copied().fold(1.0, f64::max).log10().ceil();
-    let right = Panel {
-        x: 540,
-        y: 50,
-        w: 300,
-        h: 320,
-        xr: (lo, hi),
-        yr: (ymin, ymax.max(ymin + 1.0)),
-        log_y: true,
-    };
+    let right = Panel::new(540, (lo, hi), (ymin, ymax.max(ymin + 1.0)), true);
     let ticks: Vec<(f64, String)> = (ymin as i32..=ymax as i32)
         .map(|e| (10f64.powi(e), short(10f64.powi(e))))
         .collect();

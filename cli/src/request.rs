@@ -1,7 +1,7 @@
 //! `twokey request …`: file, list, show, watch, approve, deny and cancel
 //! requests for codes.
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand, builder::TypedValueParser};
 use futures::StreamExt;
 use twokey_proto::broker::v1::{
     ApproveRequestRequest, CancelRequestRequest, CreateRequestRequest, Delivery,
@@ -59,48 +59,26 @@ pub struct CreateArgs {
     pub on_behalf_of: Option<String>,
 }
 
-/// A request state, for filters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StateArg {
-    /// Waiting for approvals.
-    Pending,
-    /// Approved; waiting for the operator to verify the PIN.
-    Approved,
-    /// PIN verified; codes may be released.
-    Verified,
-    /// All allowed codes released.
-    Released,
-    /// Denied by an approver.
-    Denied,
-    /// Cancelled by the requester.
-    Cancelled,
-    /// Ran out of time.
-    Expired,
-    /// Too many wrong PINs.
-    Locked,
-}
-
-impl From<StateArg> for RequestState {
-    fn from(s: StateArg) -> Self {
-        match s {
-            StateArg::Pending => RequestState::Pending,
-            StateArg::Approved => RequestState::Approved,
-            StateArg::Verified => RequestState::Verified,
-            StateArg::Released => RequestState::Released,
-            StateArg::Denied => RequestState::Denied,
-            StateArg::Cancelled => RequestState::Cancelled,
-            StateArg::Expired => RequestState::Expired,
-            StateArg::Locked => RequestState::Locked,
-        }
-    }
+/// The `--state` parser: the states the proto defines, by their short
+/// lower-case names (`pending`, `approved`, …), listed in `--help` and in
+/// the error for an unknown one.
+fn state_parser() -> impl TypedValueParser<Value = RequestState> {
+    let names: Vec<String> = (1..)
+        .map_while(|n| RequestState::try_from(n).ok())
+        .map(|s| state_name(s as i32))
+        .collect();
+    clap::builder::PossibleValuesParser::new(names).map(|name| {
+        RequestState::from_str_name(&format!("REQUEST_STATE_{}", name.to_uppercase()))
+            .unwrap_or_default()
+    })
 }
 
 /// `request list`.
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Only requests in this state.
-    #[arg(long, value_enum)]
-    pub state: Option<StateArg>,
+    #[arg(long, value_parser = state_parser())]
+    pub state: Option<RequestState>,
     /// Only requests you filed or are the requester of.
     #[arg(long)]
     pub mine: bool,
@@ -176,7 +154,7 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
             loop {
                 let page = broker
                     .list_requests(ListRequestsRequest {
-                        state: a.state.map_or(0, |s| RequestState::from(s) as i32),
+                        state: a.state.map_or(0, |s| s as i32),
                         mine: a.mine,
                         account_id: a.account.clone().unwrap_or_default(),
                         page_size: 1000,

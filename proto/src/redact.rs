@@ -38,45 +38,30 @@ redacted_seed!(
     broker::enroll_account_request::Seed
 );
 
-/// `Debug` for an enrolment request: its fields, the seed through its
-/// redacting `Debug` above.
+/// `Debug` for an enrolment request: its fields (the vault's also names
+/// the actor), the seed through its redacting `Debug` above.
 macro_rules! enroll_debug {
-    ($ty:ty, $name:literal, $($field:ident),+) => {
+    ($ty:ty, $name:literal $(, $extra:ident)*) => {
         impl fmt::Debug for $ty {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.debug_struct($name)
-                    $(.field(stringify!($field), &self.$field))+
+                    .field("account_id", &self.account_id)
+                    .field("seed", &self.seed)
+                    .field("algorithm", &self.algorithm)
+                    .field("digits", &self.digits)
+                    .field("period", &self.period)
+                    .field("issuer", &self.issuer)
+                    .field("label", &self.label)
+                    .field("replace", &self.replace)
+                    $(.field(stringify!($extra), &self.$extra))*
                     .finish()
             }
         }
     };
 }
 
-enroll_debug!(
-    vault::EnrollRequest,
-    "EnrollRequest",
-    account_id,
-    seed,
-    algorithm,
-    digits,
-    period,
-    issuer,
-    label,
-    replace,
-    actor
-);
-enroll_debug!(
-    broker::EnrollAccountRequest,
-    "EnrollAccountRequest",
-    account_id,
-    seed,
-    algorithm,
-    digits,
-    period,
-    issuer,
-    label,
-    replace
-);
+enroll_debug!(vault::EnrollRequest, "EnrollRequest", actor);
+enroll_debug!(broker::EnrollAccountRequest, "EnrollAccountRequest");
 
 impl fmt::Debug for broker::VerifyPinRequest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

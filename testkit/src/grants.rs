@@ -22,6 +22,26 @@ pub fn grant(grant_id: &str, account: &str, purpose: GrantPurpose, now: SystemTi
     }
 }
 
+/// A release grant for request `request_id` on `account` in trust domain
+/// `td`, naming the local system's crew (requester alice, approver bob,
+/// operator olivia), issued at `now` for the broker's usual lifetime: what
+/// the broker signs after a real flow.
+pub fn release(
+    td: &str,
+    grant_id: &str,
+    request_id: &str,
+    account: &str,
+    now: SystemTime,
+) -> Grant {
+    Grant {
+        request_id: request_id.to_owned(),
+        requester: format!("spiffe://{td}/user/alice"),
+        approvers: vec![format!("spiffe://{td}/user/bob")],
+        operator: format!("spiffe://{td}/user/olivia"),
+        ..grant(grant_id, account, GrantPurpose::Release, now)
+    }
+}
+
 /// [`grant`], signed with `key`.
 pub fn signed(
     key: &SigningKey,

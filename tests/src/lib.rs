@@ -586,30 +586,16 @@ impl System {
     /// A release grant for the account, signed with the broker's grant key
     /// (as the broker would), valid for 60 s.
     pub fn sign_grant(&self, grant_id: &str) -> twokey_proto::vault::v1::SignedGrant {
-        use ed25519_dalek::Signer;
-        use prost::Message;
         let key = twokey_runtime::keys::load_signing_key(&self.local.dir.join("keys/grant.key"))
             .expect("grant key");
-        let now = std::time::SystemTime::now();
-        let td = twokey_testkit::local::TRUST_DOMAIN;
-        let grant = twokey_proto::vault::v1::Grant {
-            grant_id: grant_id.into(),
-            purpose: twokey_proto::vault::v1::GrantPurpose::Release as i32,
-            request_id: format!("replay-{grant_id}"),
-            account_id: twokey_testkit::local::ACCOUNT.into(),
-            requester: format!("spiffe://{td}/user/alice"),
-            approvers: vec![format!("spiffe://{td}/user/bob")],
-            operator: format!("spiffe://{td}/user/olivia"),
-            issued_at: Some(twokey_runtime::time::to_timestamp(now)),
-            expires_at: Some(twokey_runtime::time::to_timestamp(
-                now + std::time::Duration::from_secs(60),
-            )),
-        };
-        let bytes = grant.encode_to_vec();
-        twokey_proto::vault::v1::SignedGrant {
-            signature: key.sign(&bytes).to_bytes().to_vec(),
-            grant: bytes,
-        }
+        let grant = twokey_testkit::grants::release(
+            twokey_testkit::local::TRUST_DOMAIN,
+            grant_id,
+            &format!("replay-{grant_id}"),
+            twokey_testkit::local::ACCOUNT,
+            std::time::SystemTime::now(),
+        );
+        twokey_runtime::grant::sign_grant(&key, &grant)
     }
 }
 

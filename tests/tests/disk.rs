@@ -132,6 +132,23 @@ fn start_on_tmpfs(svc: &str) -> Option<(Mount, System)> {
 /// Every code the test received has the vault's `code.released` (same
 /// request) in the log, the log verifies (also against `earlier`), the
 /// auditor's earlier read is a prefix, and requests obey the state machine.
+/// After recovery: the verified request releases a valid code, and the log
+/// holds its evidence and everything read before the fault.
+async fn released_with_evidence(
+    sys: &System,
+    request_id: &str,
+    checkpoint: String,
+    read_before: &[twokey_proto::audit::v1::LogEntry],
+    when: &str,
+) {
+    let code = sys
+        .release_as_operator(request_id)
+        .await
+        .unwrap_or_else(|e| panic!("{when}: no release after recovery: {e:?}"));
+    assert_eq!(code.code, totp(code.step));
+    no_code_without_evidence(sys, &[request_id.to_owned()], &[checkpoint], read_before).await;
+}
+
 async fn no_code_without_evidence(
     sys: &System,
     codes_for: &[String],
@@ -206,16 +223,12 @@ async fn audit_out_of_space_means_no_code_and_recovers_once_space_returns() {
     // supervisor would do — and nothing it acknowledged is lost.
     std::fs::remove_file(filler).expect("remove filler");
     sys.crash_and_restart("audit");
-    let code = sys
-        .release_as_operator(&r.request_id)
-        .await
-        .expect("releases work once space returns");
-    assert_eq!(code.code, totp(code.step));
-    no_code_without_evidence(
+    released_with_evidence(
         &sys,
-        std::slice::from_ref(&r.request_id),
-        &[checkpoint],
+        &r.request_id,
+        checkpoint,
         &read_before,
+        "space returned",
     )
     .await;
 }
@@ -294,18 +307,7 @@ async fn refused_start_then_recovery(svc: &str, fault: Fault) {
                     .unwrap_or_default();
             panic!("{when}: no start once space returned: {e}\n{log}")
         });
-    let code = sys
-        .release_as_operator(&r.request_id)
-        .await
-        .unwrap_or_else(|e| panic!("{when}: no release after recovery: {e:?}"));
-    assert_eq!(code.code, totp(code.step));
-    no_code_without_evidence(
-        &sys,
-        std::slice::from_ref(&r.request_id),
-        &[checkpoint],
-        &read_before,
-    )
-    .await;
+    released_with_evidence(&sys, &r.request_id, checkpoint, &read_before, &when).await;
     println!("{when}: refused to start ({cause}), recovered");
 }
 

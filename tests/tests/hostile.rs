@@ -27,8 +27,7 @@ use twokey_proto::{
         CreateRequestRequest, EnrollAccountRequest, WhoAmIRequest, enroll_account_request::Seed,
     },
     vault::v1::{
-        GenerateCodeRequest, Grant, GrantPurpose, SignedGrant, StatusRequest,
-        vault_service_client::VaultServiceClient,
+        GenerateCodeRequest, SignedGrant, StatusRequest, vault_service_client::VaultServiceClient,
     },
 };
 use twokey_runtime::{serve::MAX_MESSAGE_BYTES, time::to_timestamp, tls::TlsFiles};
@@ -339,25 +338,11 @@ async fn hostile_fields_get_an_exact_status_over_the_wire() {
 
     // A grant signed by another key, presented by the broker's identity.
     let now = SystemTime::now();
-    let grant = Grant {
-        grant_id: "forged-1".into(),
-        purpose: GrantPurpose::Release as i32,
-        request_id: "r".into(),
-        account_id: ACCOUNT.into(),
-        requester: format!("spiffe://{TD}/user/alice"),
-        approvers: vec![format!("spiffe://{TD}/user/bob")],
-        operator: format!("spiffe://{TD}/user/olivia"),
-        issued_at: Some(to_timestamp(now)),
-        expires_at: Some(to_timestamp(now + Duration::from_secs(60))),
-    }
-    .encode_to_vec();
+    let grant = twokey_testkit::grants::release(TD, "forged-1", "r", ACCOUNT, now);
     let forger = SigningKey::from_bytes(&[9; 32]);
     let generated = vault(&sys, "broker")
         .generate_code(GenerateCodeRequest {
-            grant: Some(SignedGrant {
-                signature: forger.sign(&grant).to_bytes().to_vec(),
-                grant,
-            }),
+            grant: Some(twokey_runtime::grant::sign_grant(&forger, &grant)),
         })
         .await;
     assert_status(

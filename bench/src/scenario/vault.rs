@@ -9,39 +9,28 @@ use std::{
 };
 
 use anyhow::{Result, ensure};
-use ed25519_dalek::{Signer, SigningKey};
-use prost::Message;
+use ed25519_dalek::SigningKey;
 use tonic::transport::Channel;
 use twokey_proto::vault::v1::{
-    EnrollRequest, GenerateCodeRequest, Grant, GrantPurpose, SignedGrant, StatusRequest,
-    enroll_request, vault_service_client::VaultServiceClient,
+    EnrollRequest, GenerateCodeRequest, SignedGrant, StatusRequest, enroll_request,
+    vault_service_client::VaultServiceClient,
 };
-use twokey_runtime::time::to_timestamp;
 
 use crate::{
     setup::TD,
     stats::{Row, drive},
 };
 
-/// A release grant for `account`, valid for 120 s from now.
+/// A release grant for `account`, as the broker signs one.
 pub fn grant(key: &SigningKey, account: &str, n: usize) -> SignedGrant {
-    let issued = SystemTime::now();
-    let grant = Grant {
-        grant_id: format!("bench-{}-{n}", rand::random::<u64>()),
-        purpose: GrantPurpose::Release as i32,
-        request_id: format!("bench-req-{n}"),
-        account_id: account.into(),
-        requester: format!("spiffe://{TD}/user/alice"),
-        approvers: vec![format!("spiffe://{TD}/user/bob")],
-        operator: format!("spiffe://{TD}/user/olivia"),
-        issued_at: Some(to_timestamp(issued)),
-        expires_at: Some(to_timestamp(issued + Duration::from_secs(120))),
-    };
-    let bytes = grant.encode_to_vec();
-    SignedGrant {
-        signature: key.sign(&bytes).to_bytes().to_vec(),
-        grant: bytes,
-    }
+    let grant = twokey_testkit::grants::release(
+        TD,
+        &format!("bench-{}-{n}", rand::random::<u64>()),
+        &format!("bench-req-{n}"),
+        account,
+        SystemTime::now(),
+    );
+    twokey_runtime::grant::sign_grant(key, &grant)
 }
 
 /// Enrolls `account` with a random 160-bit seed.
