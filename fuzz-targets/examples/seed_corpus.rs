@@ -4,15 +4,14 @@
 
 use std::{path::Path, time::Duration};
 
-use ed25519_dalek::Signer;
 use prost::Message;
 use twokey_audit::checkpoint::{Checkpoint, CheckpointSigner};
 use twokey_fuzz_targets::{key, now};
 use twokey_proto::{
-    audit::v1::{Event, SignedEvent},
-    vault::v1::{Grant, GrantPurpose, SignedGrant},
+    audit::v1::Event,
+    vault::v1::{Grant, GrantPurpose},
 };
-use twokey_runtime::time::to_timestamp;
+use twokey_runtime::{events::sign_event, grant::sign_grant, time::to_timestamp};
 
 fn write(target: &str, name: &str, data: &[u8]) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -57,13 +56,13 @@ fn main() {
         issued_at: Some(to_timestamp(now() - Duration::from_secs(10))),
         expires_at: Some(to_timestamp(now() + Duration::from_secs(50))),
     };
-    let bytes = grant.encode_to_vec();
     // Odd first byte: the target signs; 1 asks for RELEASE_CODE.
-    write("grant", "unsigned", &[[1].as_slice(), &bytes].concat());
-    let signed = SignedGrant {
-        signature: key().sign(&bytes).to_bytes().to_vec(),
-        grant: bytes,
-    };
+    write(
+        "grant",
+        "unsigned",
+        &[[1].as_slice(), &grant.encode_to_vec()].concat(),
+    );
+    let signed = sign_grant(&key(), &grant);
     write(
         "grant",
         "signed",
@@ -83,12 +82,12 @@ fn main() {
         span_id: "00f067aa0ba902b7".into(),
         attributes: [("reason".to_owned(), "rotate keys".to_owned())].into(),
     };
-    let bytes = event.encode_to_vec();
-    write("event", "unsigned", &[[1].as_slice(), &bytes].concat());
-    let signed = SignedEvent {
-        signature: key().sign(&bytes).to_bytes().to_vec(),
-        event: bytes,
-    };
+    write(
+        "event",
+        "unsigned",
+        &[[1].as_slice(), &event.encode_to_vec()].concat(),
+    );
+    let signed = sign_event(&key(), &event);
     write(
         "event",
         "signed",

@@ -53,12 +53,18 @@ impl EventSigner {
 
     /// Encodes and signs an event.
     pub fn sign(&self, event: &Event) -> SignedEvent {
-        let bytes = event.encode_to_vec();
-        let signature = self.key.sign(&bytes).to_bytes().to_vec();
-        SignedEvent {
-            event: bytes,
-            signature,
-        }
+        sign_event(&self.key, event)
+    }
+}
+
+/// Encodes `event` and signs its exact bytes with `key`: the one way an
+/// event is signed, by a source and by tests that forge one.
+pub fn sign_event(key: &SigningKey, event: &Event) -> SignedEvent {
+    let bytes = event.encode_to_vec();
+    let signature = key.sign(&bytes).to_bytes().to_vec();
+    SignedEvent {
+        event: bytes,
+        signature,
     }
 }
 

@@ -10,8 +10,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use ed25519_dalek::{Signer, SigningKey};
-use prost::Message;
+use ed25519_dalek::SigningKey;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -101,11 +100,7 @@ fn vault_event(key: &SigningKey, seq: u64) -> SignedEvent {
         account_id: ACCOUNT.into(),
         ..Default::default()
     };
-    let bytes = event.encode_to_vec();
-    SignedEvent {
-        signature: key.sign(&bytes).to_bytes().to_vec(),
-        event: bytes,
-    }
+    twokey_runtime::events::sign_event(key, &event)
 }
 
 #[tokio::test]
