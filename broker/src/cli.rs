@@ -8,10 +8,9 @@ use twokey_runtime::{
     serve, telemetry,
 };
 
-use crate::{
-    config::{BrokerConfig, PartialConfig},
-    error::BrokerError,
-};
+use twokey_runtime::start::StartError;
+
+use crate::config::{BrokerConfig, PartialConfig};
 
 /// The twokey broker: policy, approvals, PINs and signed grants.
 #[derive(Debug, Parser)]
@@ -52,13 +51,14 @@ struct InitKeysArgs {
 }
 
 /// Runs the command.
-pub fn run(args: Args) -> Result<(), BrokerError> {
+pub fn run(args: Args) -> Result<(), StartError> {
     match args.command {
         Command::Serve(a) => {
             let a = *a;
-            let config = BrokerConfig::resolve(a.config.as_deref(), a.overrides)?;
+            let config = BrokerConfig::resolve(a.config.as_deref(), a.overrides)
+                .map_err(|e| StartError::Setting(e.to_string()))?;
             let runtime = tokio::runtime::Runtime::new()
-                .map_err(|e| BrokerError::Store(format!("cannot start the async runtime: {e}")))?;
+                .map_err(|e| StartError::refused(format!("the async runtime: {e}")))?;
             // The exporters' connections live on the runtime: start them
             // inside it, and flush them (guard dropped) before it goes away.
             let mut telemetry = {
@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<(), BrokerError> {
         }
         Command::InitKeys(a) => {
             std::fs::create_dir_all(&a.dir).map_err(|source| {
-                BrokerError::Key(keys::KeyError::Io {
+                StartError::Key(keys::KeyError::Io {
                     path: a.dir.clone(),
                     source,
                 })

@@ -1,13 +1,17 @@
-//! The broker's one error type, and the short list of kinds it maps to (gRPC
-//! codes in `grpc`; the HTTP/JSON front end derives its statuses from those).
+//! The broker's one domain error type. Each variant says its
+//! [`ErrorKind`], which decides the gRPC code (`grpc`) and the HTTP status
+//! (`http`) alike; start-up failures are `twokey_runtime::start::StartError`.
 
-use twokey_runtime::{durable::StoreError, keys::KeyError, serve::ServeError, tls::TlsError};
+use twokey_runtime::{
+    durable::StoreError,
+    error::{ErrorKind, ServiceError},
+};
 
-use crate::{config::ConfigError, policy::PolicyError, vault::VaultError};
+use crate::vault::VaultError;
 
-/// Everything that can go wrong in the broker. Messages are lower-case, name
-/// what was wrong and, where they can, what to do next. None carries a PIN,
-/// a seed or a code.
+/// Everything that can go wrong in a broker call. Messages are lower-case,
+/// name what was wrong and, where they can, what to do next. None carries a
+/// PIN, a seed or a code.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// The caller has no certificate or no usable identity.
@@ -25,27 +29,26 @@ pub enum BrokerError {
     /// A field of the call is missing or malformed.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// The vault refused or failed; its code and message are kept.
+    /// The vault refused or failed; its kind and message are kept.
     #[error(transparent)]
     Vault(#[from] VaultError),
-    /// The policy file is invalid.
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    /// The configuration is invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// A key file could not be used.
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    /// TLS material could not be used.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The server could not start or failed.
-    #[error(transparent)]
-    Serve(#[from] ServeError),
     /// The database failed.
     #[error("storage failure: {0}")]
     Store(String),
+}
+
+impl ServiceError for BrokerError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            Self::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            Self::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Self::NotFound(_) => ErrorKind::NotFound,
+            Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Self::Vault(v) => v.kind,
+            Self::Store(_) => ErrorKind::Unavailable,
+        }
+    }
 }
 
 impl From<StoreError> for BrokerError {
@@ -74,5 +77,11 @@ impl BrokerError {
     /// A bad-argument error.
     pub fn invalid(what: impl Into<String>) -> Self {
         Self::InvalidArgument(what.into())
+    }
+
+    /// Whether the vault's answer timed out (answered DEADLINE_EXCEEDED, as
+    /// the vault client saw it, rather than as the kind's code).
+    pub fn timed_out(&self) -> bool {
+        matches!(self, Self::Vault(v) if v.timed_out)
     }
 }

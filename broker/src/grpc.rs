@@ -12,66 +12,51 @@ use twokey_proto::{
     types::v1::{Account, Code as TotpCode},
     vault::v1::{self as vpb, vault_service_client::VaultServiceClient},
 };
-use twokey_runtime::{Authenticator, serve::MAX_MESSAGE_BYTES};
+use twokey_runtime::{
+    Authenticator,
+    error::{ErrorKind, to_status},
+    serve::MAX_MESSAGE_BYTES,
+};
 
 use crate::{
     error::BrokerError,
     service::Broker,
-    vault::{Vault, VaultError, VaultErrorKind},
+    vault::{Vault, VaultError},
 };
 
+/// The status of a domain error: its kind's code (`to_status`), except that
+/// a vault call that timed out answers DEADLINE_EXCEEDED, as the vault
+/// client saw it.
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
-        let message = e.to_string();
-        let code = match &e {
-            BrokerError::Unauthenticated(_) => Code::Unauthenticated,
-            BrokerError::PermissionDenied(_) => Code::PermissionDenied,
-            BrokerError::FailedPrecondition(_) => Code::FailedPrecondition,
-            BrokerError::NotFound(_) => Code::NotFound,
-            BrokerError::InvalidArgument(_) => Code::InvalidArgument,
-            BrokerError::Vault(v) => match v.kind {
-                VaultErrorKind::Unavailable => Code::Unavailable,
-                VaultErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
-                VaultErrorKind::InvalidArgument => Code::InvalidArgument,
-                VaultErrorKind::NotFound => Code::NotFound,
-                VaultErrorKind::AlreadyExists => Code::AlreadyExists,
-                VaultErrorKind::PermissionDenied => Code::PermissionDenied,
-                VaultErrorKind::FailedPrecondition => Code::FailedPrecondition,
-                VaultErrorKind::Unauthenticated => Code::Unauthenticated,
-                VaultErrorKind::ResourceExhausted => Code::ResourceExhausted,
-                VaultErrorKind::Internal => Code::Internal,
-            },
-            BrokerError::Store(_) => Code::Unavailable,
-            BrokerError::Policy(_)
-            | BrokerError::Config(_)
-            | BrokerError::Key(_)
-            | BrokerError::Tls(_)
-            | BrokerError::Serve(_) => Code::Internal,
-        };
-        Status::new(code, message)
+        if e.timed_out() {
+            return Status::deadline_exceeded(e.to_string());
+        }
+        to_status(&e)
     }
 }
 
+/// A vault status as the broker keeps it: its kind (out-of-range counts as
+/// an invalid argument, aborted as a failed precondition, as the vault never
+/// answers either), or a timeout.
 impl From<Status> for VaultError {
     fn from(s: Status) -> Self {
+        let timed_out = matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled);
         let kind = match s.code() {
-            Code::Unavailable => VaultErrorKind::Unavailable,
-            Code::DeadlineExceeded | Code::Cancelled => VaultErrorKind::DeadlineExceeded,
-            Code::InvalidArgument | Code::OutOfRange => VaultErrorKind::InvalidArgument,
-            Code::NotFound => VaultErrorKind::NotFound,
-            Code::AlreadyExists => VaultErrorKind::AlreadyExists,
-            Code::PermissionDenied => VaultErrorKind::PermissionDenied,
-            Code::FailedPrecondition | Code::Aborted => VaultErrorKind::FailedPrecondition,
-            Code::Unauthenticated => VaultErrorKind::Unauthenticated,
-            Code::ResourceExhausted => VaultErrorKind::ResourceExhausted,
-            _ => VaultErrorKind::Internal,
+            Code::OutOfRange => ErrorKind::InvalidArgument,
+            Code::Aborted => ErrorKind::FailedPrecondition,
+            code => ErrorKind::of_code(code),
         };
         let message = if s.message().is_empty() {
             format!("{}", s.code())
         } else {
             s.message().to_owned()
         };
-        VaultError { kind, message }
+        VaultError {
+            kind,
+            timed_out,
+            message,
+        }
     }
 }
 
@@ -134,9 +119,8 @@ impl Vault for GrpcVault {
                     .await?
                     .into_inner()
                     .code
-                    .ok_or_else(|| VaultError {
-                        kind: VaultErrorKind::Internal,
-                        message: "the vault answered without a code".into(),
+                    .ok_or_else(|| {
+                        VaultError::new(ErrorKind::Internal, "the vault answered without a code")
                     })
             }
             .instrument(client_span("GenerateCode")),
@@ -382,5 +366,33 @@ impl BrokerService for BrokerGrpc {
             .broker
             .remove_account(&caller, m)
             .await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_decide_codes_and_a_vault_timeout_stays_deadline_exceeded() {
+        let store = Status::from(BrokerError::Store("disk full".into()));
+        assert_eq!(store.code(), Code::Unavailable);
+        assert_eq!(store.message(), "storage failure: disk full");
+        let refused: VaultError = Status::permission_denied("bad grant").into();
+        assert!(refused.surely_refused());
+        assert_eq!(
+            Status::from(BrokerError::from(refused)).code(),
+            Code::PermissionDenied
+        );
+        let late: VaultError = Status::deadline_exceeded("").into();
+        assert!(!late.surely_refused());
+        assert_eq!(
+            late.message,
+            "Deadline expired before operation could complete"
+        );
+        assert_eq!(
+            Status::from(BrokerError::from(late)).code(),
+            Code::DeadlineExceeded
+        );
     }
 }

@@ -37,6 +37,7 @@ use twokey_runtime::{
     keys::{self, SecretKey},
     outbox::Outbox,
     serve::{self, MAX_MESSAGE_BYTES},
+    start::StartError,
     time::{Clock, SystemClock},
 };
 
@@ -44,7 +45,7 @@ pub use config::BrokerConfig;
 pub use error::BrokerError;
 
 use crate::{
-    config::{ConfigError, NotifyConfig},
+    config::NotifyConfig,
     grpc::{BrokerGrpc, GrpcVault},
     notify::{
         Notifier, NotifyQueue, http::HttpClient, mailbox::Mailbox, slack::Slack, webhook::Webhook,
@@ -56,25 +57,22 @@ use crate::{
 };
 
 /// The broker's own SPIFFE ID, read from its certificate.
-fn own_identity(config: &BrokerConfig) -> Result<SpiffeId, BrokerError> {
+fn own_identity(config: &BrokerConfig) -> Result<SpiffeId, StartError> {
     let pem = config.tls.cert_pem()?;
     let der = CertificateDer::pem_slice_iter(&pem)
         .next()
         .and_then(Result::ok)
-        .ok_or_else(|| ConfigError::Invalid {
-            field: "tls.cert",
-            problem: format!("{} holds no certificate", config.tls.cert.display()),
+        .ok_or_else(|| {
+            StartError::Setting(format!(
+                "tls.cert: {} holds no certificate",
+                config.tls.cert.display()
+            ))
         })?;
-    identity_of_cert(&der, &config.trust_domain).map_err(|e| {
-        ConfigError::Invalid {
-            field: "tls.cert",
-            problem: format!("{}: {e}", config.tls.cert.display()),
-        }
-        .into()
-    })
+    identity_of_cert(&der, &config.trust_domain)
+        .map_err(|e| StartError::Setting(format!("tls.cert: {}: {e}", config.tls.cert.display())))
 }
 
-fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, BrokerError> {
+fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, StartError> {
     let mut out: Vec<Arc<dyn Notifier>> = Vec::new();
     if let Some(m) = &config.mailbox {
         out.push(Arc::new(Mailbox::new(m.dir.clone())));
@@ -82,10 +80,8 @@ fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, BrokerErro
     if let Some(w) = &config.webhook {
         let secret = keys::read_secret_file(&w.secret_file)?;
         let trimmed = zeroize::Zeroizing::new(secret.trim_ascii().to_vec());
-        let client = HttpClient::new(w.ca_file.as_deref()).map_err(|e| ConfigError::Invalid {
-            field: "notify.webhook.ca_file",
-            problem: e.0,
-        })?;
+        let client = HttpClient::new(w.ca_file.as_deref())
+            .map_err(|e| StartError::Setting(format!("notify.webhook.ca_file: {}", e.0)))?;
         out.push(Arc::new(Webhook::new(
             w.url.clone(),
             trimmed,
@@ -97,10 +93,8 @@ fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, BrokerErro
         let token = keys::read_secret_file(&s.token_file)?;
         let token =
             zeroize::Zeroizing::new(String::from_utf8_lossy(token.trim_ascii()).into_owned());
-        let client = HttpClient::new(s.ca_file.as_deref()).map_err(|e| ConfigError::Invalid {
-            field: "notify.slack.ca_file",
-            problem: e.0,
-        })?;
+        let client = HttpClient::new(s.ca_file.as_deref())
+            .map_err(|e| StartError::Setting(format!("notify.slack.ca_file: {}", e.0)))?;
         out.push(Arc::new(Slack::new(
             s.api_base.clone(),
             token,
@@ -109,11 +103,9 @@ fn notifiers(config: &NotifyConfig) -> Result<Vec<Arc<dyn Notifier>>, BrokerErro
         )));
     }
     if out.is_empty() {
-        return Err(ConfigError::Invalid {
-            field: "notify",
-            problem: "no notifier is configured, so PINs could not reach requesters; configure [notify.mailbox], [notify.webhook] or [notify.slack]".into(),
-        }
-        .into());
+        return Err(StartError::Setting(
+            "notify: no notifier is configured, so PINs could not reach requesters; configure [notify.mailbox], [notify.webhook] or [notify.slack]".into(),
+        ));
     }
     Ok(out)
 }
@@ -142,7 +134,7 @@ pub async fn serve(
     config: BrokerConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), BrokerError> {
+) -> Result<(), StartError> {
     serve_with_clock(config, Arc::new(SystemClock), listener, shutdown).await
 }
 
@@ -170,7 +162,7 @@ pub async fn serve_with_clock(
     clock: Arc<dyn Clock>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), BrokerError> {
+) -> Result<(), StartError> {
     serve_with(
         config,
         ServeOptions {
@@ -190,7 +182,7 @@ pub async fn serve_with(
     options: ServeOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), BrokerError> {
+) -> Result<(), StartError> {
     let http_listener = match &config.http_listen {
         Some(addr) => Some(serve::bind(addr).await?),
         None => None,
@@ -207,10 +199,12 @@ pub async fn serve_listeners(
     listener: TcpListener,
     http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), BrokerError> {
+) -> Result<(), StartError> {
     let clock = options.clock;
-    let policy = Policy::load(&config.policy_file)?;
-    policy.check_trust_domain(&config.trust_domain, &config.policy_file)?;
+    let policy = Policy::load(&config.policy_file).map_err(StartError::refused)?;
+    policy
+        .check_trust_domain(&config.trust_domain, &config.policy_file)
+        .map_err(StartError::refused)?;
     let grants = GrantSigner::new(keys::load_signing_key(&config.grant_key_file)?);
     let event_key = keys::load_signing_key(&config.event_key_file)?;
     let pin_key = PinKey::new(SecretKey::load(&config.pin_key_file)?);
@@ -235,12 +229,14 @@ pub async fn serve_listeners(
     let db = DurableDb::open(&config.data_dir)?;
     let outbox = Outbox::open(&db, EventSigner::new(identity, event_key), clock.clone())?
         .with_ack_observer(metrics::observe_event);
-    let mut queue = NotifyQueue::open(&db, outbox.clone(), notifiers, &pin_key, clock.clone())?;
+    let mut queue = NotifyQueue::open(&db, outbox.clone(), notifiers, &pin_key, clock.clone())
+        .map_err(StartError::refused)?;
     if let Some(counter) = options.deliveries {
         queue = queue.with_delivery_counter(counter);
     }
     let queue = Arc::new(queue);
-    let store = Arc::new(SledStore::open(&db, outbox.clone(), queue.clone())?);
+    let store =
+        Arc::new(SledStore::open(&db, outbox.clone(), queue.clone()).map_err(StartError::refused)?);
     metrics::observe_requests(&store);
     let broker = Arc::new(Broker::new(BrokerParts {
         policy: Arc::new(policy),
@@ -310,5 +306,5 @@ pub async fn serve_listeners(
         shipper.abort();
         let _ = shipper.await;
     }
-    result.map_err(|e| BrokerError::Serve(e.into()))
+    result.map_err(|e| StartError::Serve(e.into()))
 }

@@ -627,7 +627,7 @@ impl Broker {
             let answer = self.vault.generate_code(signed).await;
             let outcome = match &answer {
                 Ok(code) => Ok(code.step),
-                Err(e) => Err((e.message.as_str(), e.kind.surely_refused())),
+                Err(e) => Err((e.message.as_str(), e.surely_refused())),
             };
             let record = self
                 .act(&req.request_id, false, |r, _, now| {

@@ -7,48 +7,35 @@ use twokey_proto::{
     types::v1::{Account, Code},
     vault::v1::{EnrollRequest, EnrollResponse, SignedGrant},
 };
-
-/// The kind of a vault failure, as the vault reported it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VaultErrorKind {
-    /// The vault (or the audit service behind it) is down.
-    Unavailable,
-    /// The vault did not answer in time.
-    DeadlineExceeded,
-    /// The vault refused the input.
-    InvalidArgument,
-    /// No such account.
-    NotFound,
-    /// The account exists already.
-    AlreadyExists,
-    /// The vault refused the broker or the grant.
-    PermissionDenied,
-    /// The vault's state does not allow it.
-    FailedPrecondition,
-    /// The vault refused the broker's identity.
-    Unauthenticated,
-    /// Too much at once.
-    ResourceExhausted,
-    /// Anything else.
-    Internal,
-}
-
-impl VaultErrorKind {
-    /// Whether the failure shows the vault did not compute a code, so a
-    /// reserved quota slot can be given back.
-    pub fn surely_refused(self) -> bool {
-        !matches!(self, Self::DeadlineExceeded | Self::Internal)
-    }
-}
+use twokey_runtime::error::ErrorKind;
 
 /// A vault call failed.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("vault: {message}")]
 pub struct VaultError {
-    /// What kind of failure.
-    pub kind: VaultErrorKind,
+    /// What kind of failure, as the vault reported it.
+    pub kind: ErrorKind,
+    /// The vault did not answer in time (its kind is then unavailable).
+    pub timed_out: bool,
     /// The vault's message.
     pub message: String,
+}
+
+impl VaultError {
+    /// A failure of `kind` with `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            timed_out: false,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the failure shows the vault did not compute a code, so a
+    /// reserved quota slot can be given back.
+    pub fn surely_refused(&self) -> bool {
+        !self.timed_out && self.kind != ErrorKind::Internal
+    }
 }
 
 /// What the broker asks of the vault.

@@ -28,9 +28,10 @@ use tracing::Instrument;
 use twokey_proto::broker::v1 as pb;
 use twokey_runtime::{
     Authenticator, SpiffeId,
+    error::http_status_of,
     identity::identity_of_cert,
     serve::MAX_MESSAGE_BYTES,
-    tls::{ClientAuth, TlsFiles},
+    tls::{ClientAuth, TlsError, TlsFiles},
     trace,
 };
 
@@ -60,30 +61,14 @@ pub type Body = BoxBody<Bytes, Infallible>;
 const NO_CERT: &str =
     "no client certificate: connect with mutual TLS and a certificate from the twokey CA";
 
-/// The Connect code and HTTP status of a gRPC code: the Connect protocol's
-/// table (connectrpc.com/docs/protocol#error-codes).
+/// The Connect code and HTTP status of a gRPC code; the status is the one
+/// every twokey service gives the code's kind (`runtime::error`).
 pub fn connect_code(code: Code) -> (&'static str, StatusCode) {
-    let status = match code {
-        Code::Ok => StatusCode::OK,
-        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
-        Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
-            StatusCode::BAD_REQUEST
-        }
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::NotFound => StatusCode::NOT_FOUND,
-        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
-        Code::PermissionDenied => StatusCode::FORBIDDEN,
-        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-    };
     let name = match code {
         Code::Ok => "ok",
         other => openapi::CONNECT_CODES[other as usize - 1],
     };
-    (name, status)
+    (name, http_status_of(code))
 }
 
 /// A refusal: the HTTP status, the Connect code and the message.
@@ -151,7 +136,7 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> http::Response<Body> {
 /// client certificates verified against the same CA as on the gRPC listener.
 /// A client may connect without one (as on the gRPC listener) to read
 /// `/openapi.json`; every method then answers 401 `unauthenticated`.
-pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     Ok(Arc::new(files.rustls_server_config(
         ClientAuth::Optional,
         &[b"h2", b"http/1.1"],

@@ -21,7 +21,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig},
 };
 use twokey_broker::{
-    BrokerConfig, BrokerError, ServeOptions,
+    BrokerConfig, ServeOptions,
     config::{MailboxConfig, NotifyConfig},
 };
 use twokey_proto::{
@@ -33,6 +33,7 @@ use twokey_runtime::{
     Authenticator,
     keys::{self, SecretKey},
     serve,
+    start::StartError,
     time::{ManualClock, to_timestamp},
     tls::TlsFiles,
 };
@@ -365,7 +366,7 @@ impl Harness {
                 let _ = stopped.await;
             })
             .await
-            .map_err(|e: BrokerError| e.to_string())
+            .map_err(|e: StartError| e.to_string())
         });
         self.broker = Some(Running {
             addr,
