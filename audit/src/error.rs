@@ -1,6 +1,8 @@
-//! The crate's one error type; `grpc` maps it to status codes in one place.
+//! The crate's one error type for calls; it says its [`ErrorKind`], and
+//! `grpc` maps it to a status through the runtime's one table. Start-up
+//! failures are `twokey_runtime::start::StartError`.
 
-use std::path::PathBuf;
+use twokey_runtime::error::{ErrorKind, ServiceError};
 
 use crate::{checkpoint::CheckpointError, merkle::MerkleError};
 
@@ -69,26 +71,24 @@ pub enum AuditError {
         /// What is wrong.
         why: String,
     },
-    /// The configuration is invalid.
-    #[error("{0}")]
-    Config(String),
-    /// A key file cannot be used.
-    #[error(transparent)]
-    Key(#[from] twokey_runtime::keys::KeyError),
-    /// TLS material cannot be used.
-    #[error(transparent)]
-    Tls(#[from] twokey_runtime::tls::TlsError),
-    /// The server failed.
-    #[error(transparent)]
-    Serve(#[from] twokey_runtime::serve::ServeError),
-    /// The data directory cannot be opened.
-    #[error("cannot open the audit log in {path}: {why}")]
-    Open {
-        /// The data directory.
-        path: PathBuf,
-        /// Why.
-        why: String,
-    },
+}
+
+impl ServiceError for AuditError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::UnknownSource(_) | Self::PeerMismatch { .. } | Self::NotAuditor(_) => {
+                ErrorKind::PermissionDenied
+            }
+            Self::BadSignature { .. }
+            | Self::InvalidEvent(_)
+            | Self::InvalidArgument(_)
+            | Self::Merkle(_) => ErrorKind::InvalidArgument,
+            Self::Conflict { .. } => ErrorKind::AlreadyExists,
+            Self::OutOfRange(_) => ErrorKind::OutOfRange,
+            Self::Store(_) => ErrorKind::Unavailable,
+            Self::Checkpoint(_) | Self::Corrupt { .. } => ErrorKind::Internal,
+        }
+    }
 }
 
 impl From<twokey_runtime::durable::StoreError> for AuditError {

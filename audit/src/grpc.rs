@@ -16,7 +16,7 @@ use twokey_proto::audit::v1::{
     GetInclusionProofResponse, QueryRequest, QueryResponse,
     audit_service_server::{AuditService, AuditServiceServer},
 };
-use twokey_runtime::{Authenticator, SpiffeId, serve::MAX_MESSAGE_BYTES, trace};
+use twokey_runtime::{Authenticator, SpiffeId, error::to_status, serve::MAX_MESSAGE_BYTES, trace};
 
 use crate::{
     error::AuditError,
@@ -31,29 +31,7 @@ const QUERY_BATCH: usize = 100;
 
 impl From<AuditError> for Status {
     fn from(e: AuditError) -> Self {
-        let message = e.to_string();
-        match e {
-            AuditError::UnknownSource(_)
-            | AuditError::PeerMismatch { .. }
-            | AuditError::NotAuditor(_) => Status::permission_denied(message),
-            AuditError::BadSignature { .. }
-            | AuditError::InvalidEvent(_)
-            | AuditError::InvalidArgument(_) => Status::invalid_argument(message),
-            AuditError::Conflict { .. } => Status::already_exists(message),
-            AuditError::OutOfRange(_) => Status::out_of_range(message),
-            AuditError::Merkle(_) => Status::invalid_argument(message),
-            AuditError::Checkpoint(_)
-            | AuditError::Store(_)
-            | AuditError::Corrupt { .. }
-            | AuditError::Open { .. }
-            | AuditError::Config(_)
-            | AuditError::Key(_)
-            | AuditError::Tls(_)
-            | AuditError::Serve(_) => {
-                tracing::error!(error = %message, "audit request failed");
-                Status::internal(message)
-            }
-        }
+        to_status(&e)
     }
 }
 

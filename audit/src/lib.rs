@@ -24,12 +24,13 @@ use twokey_proto::audit::v1::audit_service_server::AuditServiceServer;
 use twokey_runtime::{
     Authenticator,
     keys::load_signing_key,
-    serve::{announce, health, incoming, reflection, server},
+    serve::{ServeError, announce, health, incoming, reflection, server},
     time::SystemClock,
 };
 
 pub use config::AuditConfig;
 pub use error::AuditError;
+pub use twokey_runtime::start::StartError;
 
 use crate::{checkpoint::CheckpointSigner, grpc::AuditGrpc, service::AuditLog, store::SledStore};
 
@@ -39,9 +40,10 @@ pub async fn serve(
     config: AuditConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), AuditError> {
+) -> Result<(), StartError> {
     let key = load_signing_key(&config.checkpoint_key_file)?;
-    let signer = CheckpointSigner::new(&config.origin, key)?;
+    let signer = CheckpointSigner::new(&config.origin, key)
+        .map_err(|e| StartError::Setting(format!("origin: {e}")))?;
     let tls = config
         .tls
         .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
@@ -53,7 +55,7 @@ pub async fn serve(
         signer,
         Arc::new(SystemClock),
     ));
-    log.recover().await?;
+    log.recover().await.map_err(StartError::refused)?;
     tracing::info!(
         entries = log.size(),
         sources = config.sources.len(),
@@ -68,9 +70,9 @@ pub async fn serve(
     };
     let grpc =
         AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone())).with_shutdown(stop_rx);
-    let addr = listener.local_addr().map_err(|e| AuditError::Open {
-        path: config.data_dir.clone(),
-        why: format!("listener has no address: {e}"),
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen.clone(),
+        source,
     })?;
     let router = server()?
         .add_service(health::<AuditServiceServer<AuditGrpc<SledStore>>>().await)
@@ -80,5 +82,6 @@ pub async fn serve(
     router
         .serve_with_incoming_shutdown(incoming(listener, tls), shutdown)
         .await
-        .map_err(|e| AuditError::Serve(e.into()))
+        .map_err(ServeError::from)?;
+    Ok(())
 }

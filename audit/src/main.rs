@@ -1,10 +1,10 @@
 //! `twokey-audit`: the audit service binary.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use twokey_audit::cli;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    twokey_audit::cli::run(twokey_audit::cli::Args::parse()).await
+    cli::run(twokey_runtime::cli::parse::<cli::Args>(cli::ENV_PREFIX)).await
 }

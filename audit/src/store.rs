@@ -20,7 +20,7 @@ use std::{
 
 use prost::Message;
 use twokey_proto::audit::v1::LogEntry;
-use twokey_runtime::durable::DurableDb;
+use twokey_runtime::{durable::DurableDb, start::StartError};
 
 use crate::{
     error::AuditError,
@@ -101,13 +101,14 @@ pub struct SledStore {
 
 impl SledStore {
     /// Opens (creating if needed) the log in `dir`.
-    pub fn open(dir: &Path) -> Result<Self, AuditError> {
-        let open_err = |why: String| AuditError::Open {
-            path: dir.to_owned(),
-            why,
-        };
-        let db = DurableDb::open(dir).map_err(|e| open_err(e.to_string()))?;
-        Self::with_db(db).map_err(|e| open_err(e.to_string()))
+    pub fn open(dir: &Path) -> Result<Self, StartError> {
+        let db = DurableDb::open(dir)?;
+        Self::with_db(db).map_err(|e| {
+            StartError::refused(format!(
+                "cannot open the audit log in {}: {e}",
+                dir.display()
+            ))
+        })
     }
 
     /// The log in an already open database.

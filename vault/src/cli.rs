@@ -1,16 +1,22 @@
-//! The `twokey-vault` command line: `serve` and key generation.
+//! The `twokey-vault` command line: `serve` (the shared service flags plus
+//! the vault's own) and key generation. Every long flag has its
+//! `TWOKEY_VAULT_<FLAG>` variable (`twokey_runtime::cli::parse`).
 
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use twokey_runtime::{
+    cli::ServiceFlags,
     config::{self, path, text},
     keys::{SecretKey, encode_public_key, generate_signing_key},
-    telemetry::{self, LogFormat},
+    telemetry,
 };
 
 use crate::config::VaultConfig;
+
+/// The prefix of the vault's environment variables.
+pub const ENV_PREFIX: &str = "TWOKEY_VAULT_";
 
 /// The twokey vault: holds TOTP seeds encrypted and computes a code only for
 /// a single-use grant signed by the broker.
@@ -41,96 +47,52 @@ enum Command {
 }
 
 /// Flags of `serve`; each overrides the config file.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct ServeArgs {
-    /// TOML config file.
-    #[arg(long, env = "TWOKEY_VAULT_CONFIG")]
-    config: Option<PathBuf>,
-    /// Address to listen on.
-    #[arg(long, env = "TWOKEY_VAULT_LISTEN")]
-    listen: Option<String>,
-    /// SPIFFE trust domain.
-    #[arg(long, env = "TWOKEY_VAULT_TRUST_DOMAIN")]
-    trust_domain: Option<String>,
-    /// Data directory.
-    #[arg(long, env = "TWOKEY_VAULT_DATA_DIR")]
-    data_dir: Option<PathBuf>,
+    /// The flags every service's `serve` takes.
+    #[command(flatten)]
+    pub flags: ServiceFlags,
     /// Master key file.
-    #[arg(long, env = "TWOKEY_VAULT_MASTER_KEY_FILE")]
-    master_key_file: Option<PathBuf>,
+    #[arg(long)]
+    pub master_key_file: Option<PathBuf>,
     /// Event signing key file.
-    #[arg(long, env = "TWOKEY_VAULT_EVENT_KEY_FILE")]
-    event_key_file: Option<PathBuf>,
+    #[arg(long)]
+    pub event_key_file: Option<PathBuf>,
     /// The broker's SPIFFE ID.
-    #[arg(long, env = "TWOKEY_VAULT_BROKER_ID")]
-    broker_id: Option<String>,
+    #[arg(long)]
+    pub broker_id: Option<String>,
     /// The broker's grant public key (base64).
-    #[arg(long, env = "TWOKEY_VAULT_GRANT_PUBLIC_KEY")]
-    grant_public_key: Option<String>,
+    #[arg(long)]
+    pub grant_public_key: Option<String>,
     /// Audit service address.
-    #[arg(long, env = "TWOKEY_VAULT_AUDIT_ADDRESS")]
-    audit_address: Option<String>,
+    #[arg(long)]
+    pub audit_address: Option<String>,
     /// Name in the audit service's certificate.
-    #[arg(long, env = "TWOKEY_VAULT_AUDIT_SERVER_NAME")]
-    audit_server_name: Option<String>,
+    #[arg(long)]
+    pub audit_server_name: Option<String>,
     /// Milliseconds a release waits for audit.
-    #[arg(long, env = "TWOKEY_VAULT_AUDIT_ACK_TIMEOUT_MS")]
-    audit_ack_timeout_ms: Option<u64>,
-    /// Log format.
-    #[arg(long, env = "TWOKEY_VAULT_LOG_FORMAT")]
-    log_format: Option<LogFormat>,
-    /// Certificate file.
-    #[arg(long, env = "TWOKEY_VAULT_TLS_CERT")]
-    tls_cert: Option<PathBuf>,
-    /// Private key file.
-    #[arg(long, env = "TWOKEY_VAULT_TLS_KEY")]
-    tls_key: Option<PathBuf>,
-    /// CA certificate file.
-    #[arg(long, env = "TWOKEY_VAULT_TLS_CA")]
-    tls_ca: Option<PathBuf>,
-    /// Certificate revocation list (PEM) from the CA; listed client
-    /// certificates are refused in the handshake.
-    #[arg(long, env = "TWOKEY_VAULT_TLS_CRL")]
-    tls_crl: Option<PathBuf>,
+    #[arg(long)]
+    pub audit_ack_timeout_ms: Option<u64>,
 }
 
 impl ServeArgs {
-    fn load(&self) -> Result<VaultConfig, config::ConfigError> {
-        let log = self.log_format.map(|f| {
-            toml::Value::String(
-                if f == LogFormat::Json {
-                    "json"
-                } else {
-                    "human"
-                }
-                .into(),
-            )
-        });
-        config::load(
-            self.config.as_deref(),
-            &[
-                ("listen", text(&self.listen)),
-                ("trust_domain", text(&self.trust_domain)),
-                ("data_dir", path(&self.data_dir)),
-                ("master_key_file", path(&self.master_key_file)),
-                ("event_key_file", path(&self.event_key_file)),
-                ("broker_id", text(&self.broker_id)),
-                ("grant_public_key", text(&self.grant_public_key)),
-                ("audit_address", text(&self.audit_address)),
-                ("audit_server_name", text(&self.audit_server_name)),
-                (
-                    "audit_ack_timeout_ms",
-                    self.audit_ack_timeout_ms
-                        .map(|v| toml::Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))),
-                ),
-                ("log_format", log),
-                ("tls.cert", path(&self.tls_cert)),
-                ("tls.key", path(&self.tls_key)),
-                ("tls.ca", path(&self.tls_ca)),
-                ("tls.crl", path(&self.tls_crl)),
-            ],
-            "TWOKEY_VAULT_",
-        )
+    /// The configuration: the file, then these flags over it.
+    pub fn load(&self) -> Result<VaultConfig, config::ConfigError> {
+        let mut overrides = self.flags.overrides();
+        overrides.extend([
+            ("master_key_file", path(&self.master_key_file)),
+            ("event_key_file", path(&self.event_key_file)),
+            ("broker_id", text(&self.broker_id)),
+            ("grant_public_key", text(&self.grant_public_key)),
+            ("audit_address", text(&self.audit_address)),
+            ("audit_server_name", text(&self.audit_server_name)),
+            (
+                "audit_ack_timeout_ms",
+                self.audit_ack_timeout_ms
+                    .map(|v| toml::Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))),
+            ),
+        ]);
+        config::load(self.flags.config.as_deref(), &overrides, ENV_PREFIX)
     }
 }
 
@@ -158,4 +120,49 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     // Give the last log lines a moment to reach stderr.
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use twokey_runtime::cli::with_env;
+
+    #[test]
+    fn every_flag_keeps_its_name_and_environment_variable() {
+        let command = with_env(Cli::command(), ENV_PREFIX);
+        command.clone().debug_assert();
+        let serve: Vec<(String, String)> = command
+            .find_subcommand("serve")
+            .unwrap()
+            .get_arguments()
+            .filter_map(|a| Some((a.get_long()?.to_owned(), a.get_env()?.to_str()?.to_owned())))
+            .collect();
+        let want = [
+            "config",
+            "listen",
+            "trust-domain",
+            "data-dir",
+            "master-key-file",
+            "event-key-file",
+            "broker-id",
+            "grant-public-key",
+            "audit-address",
+            "audit-server-name",
+            "audit-ack-timeout-ms",
+            "log-format",
+            "tls-cert",
+            "tls-key",
+            "tls-ca",
+            "tls-crl",
+        ];
+        for flag in want {
+            let var = format!("TWOKEY_VAULT_{}", flag.replace('-', "_").to_uppercase());
+            assert!(
+                serve.contains(&(flag.to_owned(), var)),
+                "--{flag}: {serve:?}"
+            );
+        }
+        assert_eq!(serve.len(), want.len(), "{serve:?}");
+    }
 }

@@ -9,30 +9,20 @@ use twokey_proto::vault::v1::{
     ListAccountsResponse, RemoveAccountRequest, RemoveAccountResponse, StatusRequest,
     StatusResponse, vault_service_server::VaultService,
 };
-use twokey_runtime::{Authenticator, SpiffeId, grant::GrantError, time::to_timestamp};
+use twokey_runtime::{Authenticator, SpiffeId, error::to_status, time::to_timestamp};
 
 use crate::{
     service::{Vault, VaultError},
-    store::{VaultStore, VaultStoreError},
+    store::VaultStore,
 };
 
 impl From<VaultError> for Status {
     fn from(error: VaultError) -> Self {
-        let message = error.to_string();
-        match error {
-            VaultError::InvalidArgument(_)
-            | VaultError::Seed(_)
-            | VaultError::Grant(GrantError::Malformed(_)) => Status::invalid_argument(message),
-            VaultError::Grant(_) | VaultError::Store(VaultStoreError::GrantUsed(_)) => {
-                Status::permission_denied(message)
-            }
-            VaultError::Store(VaultStoreError::AlreadyExists(_)) => Status::already_exists(message),
-            VaultError::Store(VaultStoreError::NotFound(_)) => Status::not_found(message),
-            VaultError::AuditUnavailable(_) => Status::unavailable(message),
-            VaultError::Store(_) | VaultError::Integrity(_) => {
-                tracing::error!("vault failure: {message}");
-                Status::internal("vault storage failure; see the vault's log")
-            }
+        let status = to_status(&error);
+        if error.is_private() {
+            Status::new(status.code(), "vault storage failure; see the vault's log")
+        } else {
+            status
         }
     }
 }

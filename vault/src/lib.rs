@@ -21,42 +21,19 @@ use tokio::net::TcpListener;
 use twokey_proto::vault::v1::vault_service_server::VaultServiceServer;
 use twokey_runtime::{
     Authenticator,
-    durable::{DurableDb, StoreError},
+    durable::DurableDb,
     events::EventSigner,
-    keys::{KeyError, SecretKey, load_signing_key, parse_public_key},
+    keys::{SecretKey, load_signing_key, parse_public_key},
     outbox::Outbox,
     serve::{self as rt, MAX_MESSAGE_BYTES, ServeError},
     shipper::spawn_shipper_task,
     time::SystemClock,
-    tls::TlsError,
 };
 
 pub use config::VaultConfig;
-use service::{Vault, VaultError};
+use service::Vault;
 use store::SledVaultStore;
-
-/// Why the vault could not start or stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A key file.
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    /// TLS material.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// Storage.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// The vault refused to open its data.
-    #[error("cannot start the vault: {0}")]
-    Vault(#[from] VaultError),
-    /// Serving.
-    #[error(transparent)]
-    Serve(#[from] ServeError),
-    /// A setting is invalid.
-    #[error("invalid setting: {0}")]
-    Setting(String),
-}
+pub use twokey_runtime::start::StartError;
 
 /// Runs the vault on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -81,15 +58,18 @@ pub async fn serve(
     let clock = Arc::new(SystemClock);
     let outbox = Outbox::open(&db, EventSigner::new(source, event_key), clock.clone())?;
     let (shipper, shipper_task) = spawn_shipper_task(outbox.clone(), audit);
-    let store = SledVaultStore::open(&db, outbox).map_err(VaultError::from)?;
-    let vault = Arc::new(Vault::open(
-        store,
-        crypto::MasterKey::new(master),
-        twokey_runtime::grant::GrantVerifier::new(grant_key),
-        Arc::new(shipper),
-        clock,
-        Duration::from_millis(config.audit_ack_timeout_ms),
-    )?);
+    let store = SledVaultStore::open(&db, outbox).map_err(StartError::refused)?;
+    let vault = Arc::new(
+        Vault::open(
+            store,
+            crypto::MasterKey::new(master),
+            twokey_runtime::grant::GrantVerifier::new(grant_key),
+            Arc::new(shipper),
+            clock,
+            Duration::from_millis(config.audit_ack_timeout_ms),
+        )
+        .map_err(StartError::refused)?,
+    );
 
     let sweeper = vault.clone();
     let sweeper_task = tokio::spawn(async move {

@@ -1,10 +1,10 @@
 //! The `twokey-vault` binary.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use twokey_vault::cli;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    twokey_vault::cli::run(twokey_vault::cli::Cli::parse()).await
+    cli::run(twokey_runtime::cli::parse::<cli::Cli>(cli::ENV_PREFIX)).await
 }

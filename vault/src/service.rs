@@ -12,6 +12,7 @@ use twokey_proto::{
     vault::v1::{EnrollRequest, GrantPurpose, SignedGrant, enroll_request},
 };
 use twokey_runtime::{
+    error::{ErrorKind, ServiceError},
     events::EventDraft,
     grant::{GrantError, GrantVerifier},
     shipper::{AckTimeout, ShipperHandle},
@@ -58,6 +59,37 @@ pub enum VaultError {
     /// Audit did not acknowledge in time.
     #[error("{0}")]
     AuditUnavailable(String),
+}
+
+impl ServiceError for VaultError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            Self::InvalidArgument(_) | Self::Seed(_) | Self::Grant(GrantError::Malformed(_)) => {
+                ErrorKind::InvalidArgument
+            }
+            Self::Grant(_) | Self::Store(VaultStoreError::GrantUsed(_)) => {
+                ErrorKind::PermissionDenied
+            }
+            Self::Store(VaultStoreError::AlreadyExists(_)) => ErrorKind::AlreadyExists,
+            Self::Store(VaultStoreError::NotFound(_)) => ErrorKind::NotFound,
+            Self::AuditUnavailable(_) | Self::Store(VaultStoreError::Store(_)) => {
+                ErrorKind::Unavailable
+            }
+            Self::Store(VaultStoreError::Corrupt(_)) | Self::Integrity(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl VaultError {
+    /// Whether the message holds the vault's own details (storage, data
+    /// integrity), which go to its log and not to the caller.
+    pub fn is_private(&self) -> bool {
+        matches!(
+            self,
+            Self::Store(VaultStoreError::Store(_) | VaultStoreError::Corrupt(_))
+                | Self::Integrity(_)
+        )
+    }
 }
 
 /// What an enrollment returns.

@@ -12,7 +12,7 @@ use std::{
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Status, transport::Channel};
-use twokey_audit::{AuditConfig, AuditError};
+use twokey_audit::{AuditConfig, StartError};
 use twokey_proto::audit::v1::{
     AppendRequest, AppendResponse, LogEntry, QueryRequest, SignedEvent,
     audit_service_client::AuditServiceClient,
@@ -118,7 +118,7 @@ impl Env {
 pub struct TestServer {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
-    join: Option<JoinHandle<Result<(), AuditError>>>,
+    join: Option<JoinHandle<Result<(), StartError>>>,
 }
 
 impl TestServer {
