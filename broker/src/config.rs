@@ -1,58 +1,73 @@
 //! The broker's configuration: a TOML file, every field overridable by a
-//! flag and by `TWOKEY_BROKER_<FIELD>` in the environment. Relative paths in
-//! the file are taken relative to the file's directory.
+//! flag and by `TWOKEY_BROKER_<FIELD>` in the environment, loaded by
+//! `twokey_runtime::config::load`. Relative paths in the file are taken
+//! relative to the file's directory.
 
 use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use serde::Deserialize;
-use twokey_runtime::{telemetry::LogFormat, tls::TlsFiles};
+use serde::{Deserialize, Deserializer};
+use twokey_runtime::{
+    config::{self, ConfigError},
+    telemetry::LogFormat,
+    time::parse_duration,
+    tls::TlsFiles,
+};
 
-/// Why the configuration is unusable.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this config.
-    #[error("config {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A required field is missing.
-    #[error(
-        "config: {field} is required; set it in the config file, with --{flag} or with TWOKEY_BROKER_{env}"
-    )]
-    Missing {
-        /// The field.
-        field: &'static str,
-        /// The flag.
-        flag: String,
-        /// The variable suffix.
-        env: String,
-    },
-    /// A field's value is wrong.
-    #[error("config: {field}: {problem}")]
-    Invalid {
-        /// The field.
-        field: &'static str,
-        /// What is wrong.
-        problem: String,
-    },
+/// The prefix of every broker environment variable.
+pub const ENV_PREFIX: &str = "TWOKEY_BROKER_";
+
+/// The complete, checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Address of the HTTP/JSON (Connect) listener; none to serve gRPC only.
+    #[serde(default, deserialize_with = "non_empty")]
+    pub http_listen: Option<String>,
+    /// Trust domain of every identity.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// sled data directory.
+    pub data_dir: PathBuf,
+    /// The policy file.
+    pub policy_file: PathBuf,
+    /// ed25519 key that signs grants.
+    pub grant_key_file: PathBuf,
+    /// ed25519 key that signs audit events.
+    pub event_key_file: PathBuf,
+    /// 32-byte key for PIN hashes.
+    pub pin_key_file: PathBuf,
+    /// The vault, `https://HOST:PORT`.
+    pub vault_address: String,
+    /// Name in the vault's certificate.
+    #[serde(default = "default_vault_server_name")]
+    pub vault_server_name: String,
+    /// The audit service, `https://HOST:PORT`; none to keep events in the outbox.
+    #[serde(default, deserialize_with = "non_empty")]
+    pub audit_address: Option<String>,
+    /// Name in the audit service's certificate.
+    #[serde(default = "default_audit_server_name")]
+    pub audit_server_name: String,
+    /// Log line format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// This broker's certificate, key and CA.
+    pub tls: TlsFiles,
+    /// Notifiers.
+    #[serde(default)]
+    pub notify: NotifyConfig,
+    /// How often the sweeper expires requests.
+    #[serde(default = "default_sweep_interval", deserialize_with = "interval")]
+    pub sweep_interval: Duration,
 }
 
 /// The mailbox notifier's settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct MailboxConfig {
     /// Directory of `<name>.jsonl` files.
     pub dir: PathBuf,
@@ -85,8 +100,10 @@ pub struct SlackConfig {
     pub ca_file: Option<PathBuf>,
 }
 
-/// Which notifiers run.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Which notifiers run. A webhook runs once its url or secret file is set,
+/// Slack once its token file or channel is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "NotifyFile")]
 pub struct NotifyConfig {
     /// File mailbox.
     pub mailbox: Option<MailboxConfig>,
@@ -96,382 +113,193 @@ pub struct NotifyConfig {
     pub slack: Option<SlackConfig>,
 }
 
-/// The complete, checked configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerConfig {
-    /// Address to listen on.
-    pub listen: String,
-    /// Address of the HTTP/JSON (Connect) listener; none to serve gRPC only.
-    pub http_listen: Option<String>,
-    /// Trust domain of every identity.
-    pub trust_domain: String,
-    /// sled data directory.
-    pub data_dir: PathBuf,
-    /// The policy file.
-    pub policy_file: PathBuf,
-    /// ed25519 key that signs grants.
-    pub grant_key_file: PathBuf,
-    /// ed25519 key that signs audit events.
-    pub event_key_file: PathBuf,
-    /// 32-byte key for PIN hashes.
-    pub pin_key_file: PathBuf,
-    /// The vault, `https://HOST:PORT`.
-    pub vault_address: String,
-    /// Name in the vault's certificate.
-    pub vault_server_name: String,
-    /// The audit service, `https://HOST:PORT`; none to keep events in the outbox.
-    pub audit_address: Option<String>,
-    /// Name in the audit service's certificate.
-    pub audit_server_name: String,
-    /// Log line format.
-    pub log_format: LogFormat,
-    /// This broker's certificate, key and CA.
-    pub tls: TlsFiles,
-    /// Notifiers.
-    pub notify: NotifyConfig,
-    /// How often the sweeper expires requests.
-    pub sweep_interval: Duration,
-}
-
-/// Every field, optional: what the file says, or what the flags say.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+/// `[notify]` as written: every notifier field optional.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PartialConfig {
-    /// Address to listen on [default: 127.0.0.1:7400].
-    #[arg(long, env = "TWOKEY_BROKER_LISTEN")]
-    pub listen: Option<String>,
-    /// Address for the HTTP/JSON (Connect protocol) API, same mTLS; unset: off.
-    #[arg(long, env = "TWOKEY_BROKER_HTTP_LISTEN")]
-    pub http_listen: Option<String>,
-    /// Trust domain of every identity [default: twokey.local].
-    #[arg(long, env = "TWOKEY_BROKER_TRUST_DOMAIN")]
-    pub trust_domain: Option<String>,
-    /// sled data directory.
-    #[arg(long, env = "TWOKEY_BROKER_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// The policy file (TOML).
-    #[arg(long, env = "TWOKEY_BROKER_POLICY_FILE")]
-    pub policy_file: Option<PathBuf>,
-    /// ed25519 key file that signs grants (init-keys makes it).
-    #[arg(long, env = "TWOKEY_BROKER_GRANT_KEY_FILE")]
-    pub grant_key_file: Option<PathBuf>,
-    /// ed25519 key file that signs audit events.
-    #[arg(long, env = "TWOKEY_BROKER_EVENT_KEY_FILE")]
-    pub event_key_file: Option<PathBuf>,
-    /// Key file for PIN hashes.
-    #[arg(long, env = "TWOKEY_BROKER_PIN_KEY_FILE")]
-    pub pin_key_file: Option<PathBuf>,
-    /// The vault, https://HOST:PORT.
-    #[arg(long, env = "TWOKEY_BROKER_VAULT_ADDRESS")]
-    pub vault_address: Option<String>,
-    /// Name in the vault's certificate [default: vault].
-    #[arg(long, env = "TWOKEY_BROKER_VAULT_SERVER_NAME")]
-    pub vault_server_name: Option<String>,
-    /// The audit service, https://HOST:PORT.
-    #[arg(long, env = "TWOKEY_BROKER_AUDIT_ADDRESS")]
-    pub audit_address: Option<String>,
-    /// Name in the audit service's certificate [default: audit].
-    #[arg(long, env = "TWOKEY_BROKER_AUDIT_SERVER_NAME")]
-    pub audit_server_name: Option<String>,
-    /// Log line format [default: human].
-    #[arg(long, env = "TWOKEY_BROKER_LOG_FORMAT", value_enum)]
+struct NotifyFile {
     #[serde(default)]
-    pub log_format: Option<LogFormat>,
-    /// How often expired requests are swept, e.g. "5s" [default: 5s].
-    #[arg(long, env = "TWOKEY_BROKER_SWEEP_INTERVAL")]
-    pub sweep_interval: Option<String>,
-    #[command(flatten)]
+    mailbox: Option<MailboxConfig>,
     #[serde(default)]
-    /// TLS files.
-    pub tls: PartialTls,
-    #[command(flatten)]
+    webhook: WebhookFile,
     #[serde(default)]
-    /// Notifiers.
-    pub notify: PartialNotify,
+    slack: SlackFile,
 }
 
-/// TLS files, optional.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PartialTls {
-    /// This broker's certificate (PEM).
-    #[arg(long = "tls-cert", env = "TWOKEY_BROKER_TLS_CERT")]
-    pub cert: Option<PathBuf>,
-    /// This broker's private key (PEM).
-    #[arg(long = "tls-key", env = "TWOKEY_BROKER_TLS_KEY")]
-    pub key: Option<PathBuf>,
-    /// The CA that clients, the vault and audit chain to (PEM).
-    #[arg(long = "tls-ca", env = "TWOKEY_BROKER_TLS_CA")]
-    pub ca: Option<PathBuf>,
-    /// Certificate revocation list (PEM) from the CA; listed client
-    /// certificates are refused in the handshake.
-    #[arg(long = "tls-crl", env = "TWOKEY_BROKER_TLS_CRL")]
-    pub crl: Option<PathBuf>,
+struct WebhookFile {
+    url: Option<String>,
+    secret_file: Option<PathBuf>,
+    send_pins: Option<bool>,
+    ca_file: Option<PathBuf>,
 }
 
-/// Notifier settings, optional.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PartialNotify {
-    #[command(flatten)]
-    #[serde(default)]
-    /// Mailbox.
-    pub mailbox: PartialMailbox,
-    #[command(flatten)]
-    #[serde(default)]
-    /// Webhook.
-    pub webhook: PartialWebhook,
-    #[command(flatten)]
-    #[serde(default)]
-    /// Slack.
-    pub slack: PartialSlack,
+struct SlackFile {
+    api_base: Option<String>,
+    token_file: Option<PathBuf>,
+    channel: Option<String>,
+    ca_file: Option<PathBuf>,
 }
 
-/// Mailbox settings, optional.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct PartialMailbox {
-    /// Mailbox directory: one <name>.jsonl per recipient.
-    #[arg(long = "notify-mailbox-dir", env = "TWOKEY_BROKER_NOTIFY_MAILBOX_DIR")]
-    pub dir: Option<PathBuf>,
-}
+impl TryFrom<NotifyFile> for NotifyConfig {
+    type Error = String;
 
-/// Webhook settings, optional.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct PartialWebhook {
-    /// Webhook URL (http:// or https://).
-    #[arg(long = "notify-webhook-url", env = "TWOKEY_BROKER_NOTIFY_WEBHOOK_URL")]
-    pub url: Option<String>,
-    /// File holding the webhook's HMAC secret (mode 0600).
-    #[arg(
-        long = "notify-webhook-secret-file",
-        env = "TWOKEY_BROKER_NOTIFY_WEBHOOK_SECRET_FILE"
-    )]
-    pub secret_file: Option<PathBuf>,
-    /// Send PINs to the webhook too (only if it is how requesters are reached).
-    #[arg(
-        long = "notify-webhook-send-pins",
-        env = "TWOKEY_BROKER_NOTIFY_WEBHOOK_SEND_PINS"
-    )]
-    pub send_pins: Option<bool>,
-    /// Extra CA certificates (PEM) trusted for the webhook's https endpoint.
-    #[arg(
-        id = "notify_webhook_ca_file",
-        value_name = "FILE",
-        long = "notify-webhook-ca-file",
-        env = "TWOKEY_BROKER_NOTIFY_WEBHOOK_CA_FILE"
-    )]
-    pub ca_file: Option<PathBuf>,
-}
-
-/// Slack settings, optional.
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct PartialSlack {
-    /// Slack Web API base URL [default: https://slack.com/api].
-    #[arg(
-        long = "notify-slack-api-base",
-        env = "TWOKEY_BROKER_NOTIFY_SLACK_API_BASE"
-    )]
-    pub api_base: Option<String>,
-    /// File holding the Slack bot token (mode 0600).
-    #[arg(
-        long = "notify-slack-token-file",
-        env = "TWOKEY_BROKER_NOTIFY_SLACK_TOKEN_FILE"
-    )]
-    pub token_file: Option<PathBuf>,
-    /// Channel for request news, e.g. "#root-access".
-    #[arg(
-        long = "notify-slack-channel",
-        env = "TWOKEY_BROKER_NOTIFY_SLACK_CHANNEL"
-    )]
-    pub channel: Option<String>,
-    /// Extra CA certificates (PEM) trusted for the Slack API base.
-    #[arg(
-        id = "notify_slack_ca_file",
-        value_name = "FILE",
-        long = "notify-slack-ca-file",
-        env = "TWOKEY_BROKER_NOTIFY_SLACK_CA_FILE"
-    )]
-    pub ca_file: Option<PathBuf>,
-}
-
-fn rel(base: &Path, p: &mut Option<PathBuf>) {
-    if let Some(path) = p
-        && path.is_relative()
-    {
-        *path = base.join(&*path);
-    }
-}
-
-fn or<T>(flag: Option<T>, file: Option<T>) -> Option<T> {
-    flag.or(file)
-}
-
-impl PartialConfig {
-    /// Reads a config file; relative paths in it become relative to its directory.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [
-            &mut config.data_dir,
-            &mut config.policy_file,
-            &mut config.grant_key_file,
-            &mut config.event_key_file,
-            &mut config.pin_key_file,
-            &mut config.tls.cert,
-            &mut config.tls.key,
-            &mut config.tls.ca,
-            &mut config.tls.crl,
-            &mut config.notify.mailbox.dir,
-            &mut config.notify.webhook.secret_file,
-            &mut config.notify.slack.token_file,
-            &mut config.notify.webhook.ca_file,
-            &mut config.notify.slack.ca_file,
-        ] {
-            rel(base, p);
-        }
-        Ok(config)
-    }
-
-    /// `self` (flags) over `file`.
-    pub fn over(self, file: Self) -> Self {
-        Self {
-            listen: or(self.listen, file.listen),
-            http_listen: or(self.http_listen, file.http_listen),
-            trust_domain: or(self.trust_domain, file.trust_domain),
-            data_dir: or(self.data_dir, file.data_dir),
-            policy_file: or(self.policy_file, file.policy_file),
-            grant_key_file: or(self.grant_key_file, file.grant_key_file),
-            event_key_file: or(self.event_key_file, file.event_key_file),
-            pin_key_file: or(self.pin_key_file, file.pin_key_file),
-            vault_address: or(self.vault_address, file.vault_address),
-            vault_server_name: or(self.vault_server_name, file.vault_server_name),
-            audit_address: or(self.audit_address, file.audit_address),
-            audit_server_name: or(self.audit_server_name, file.audit_server_name),
-            log_format: or(self.log_format, file.log_format),
-            sweep_interval: or(self.sweep_interval, file.sweep_interval),
-            tls: PartialTls {
-                cert: or(self.tls.cert, file.tls.cert),
-                key: or(self.tls.key, file.tls.key),
-                ca: or(self.tls.ca, file.tls.ca),
-                crl: or(self.tls.crl, file.tls.crl),
-            },
-            notify: PartialNotify {
-                mailbox: PartialMailbox {
-                    dir: or(self.notify.mailbox.dir, file.notify.mailbox.dir),
-                },
-                webhook: PartialWebhook {
-                    url: or(self.notify.webhook.url, file.notify.webhook.url),
-                    secret_file: or(
-                        self.notify.webhook.secret_file,
-                        file.notify.webhook.secret_file,
-                    ),
-                    send_pins: or(self.notify.webhook.send_pins, file.notify.webhook.send_pins),
-                    ca_file: or(self.notify.webhook.ca_file, file.notify.webhook.ca_file),
-                },
-                slack: PartialSlack {
-                    api_base: or(self.notify.slack.api_base, file.notify.slack.api_base),
-                    token_file: or(self.notify.slack.token_file, file.notify.slack.token_file),
-                    channel: or(self.notify.slack.channel, file.notify.slack.channel),
-                    ca_file: or(self.notify.slack.ca_file, file.notify.slack.ca_file),
-                },
-            },
-        }
-    }
-
-    /// Checks that every required field is there.
-    pub fn finish(self) -> Result<BrokerConfig, ConfigError> {
-        fn need<T>(v: Option<T>, field: &'static str) -> Result<T, ConfigError> {
-            v.ok_or_else(|| ConfigError::Missing {
-                field,
-                flag: field.replace(['_', '.'], "-"),
-                env: field.replace('.', "_").to_uppercase(),
-            })
-        }
-        let webhook = match (self.notify.webhook.url, self.notify.webhook.secret_file) {
+    fn try_from(file: NotifyFile) -> Result<Self, String> {
+        let (w, s) = (file.webhook, file.slack);
+        let webhook = match (w.url, w.secret_file) {
             (None, None) => None,
             (url, secret_file) => Some(WebhookConfig {
                 url: need(url, "notify.webhook.url")?,
                 secret_file: need(secret_file, "notify.webhook.secret_file")?,
-                send_pins: self.notify.webhook.send_pins.unwrap_or(false),
-                ca_file: self.notify.webhook.ca_file,
+                send_pins: w.send_pins.unwrap_or(false),
+                ca_file: w.ca_file,
             }),
         };
-        let slack = match (self.notify.slack.token_file, self.notify.slack.channel) {
+        let slack = match (s.token_file, s.channel) {
             (None, None) => None,
             (token_file, channel) => Some(SlackConfig {
-                api_base: self
-                    .notify
-                    .slack
-                    .api_base
-                    .unwrap_or_else(|| "https://slack.com/api".into()),
+                api_base: s.api_base.unwrap_or_else(|| "https://slack.com/api".into()),
                 token_file: need(token_file, "notify.slack.token_file")?,
                 channel,
-                ca_file: self.notify.slack.ca_file,
+                ca_file: s.ca_file,
             }),
         };
-        let sweep_interval = match self.sweep_interval {
-            None => Duration::from_secs(5),
-            Some(text) => {
-                crate::policy::parse_duration(&text).map_err(|problem| ConfigError::Invalid {
-                    field: "sweep_interval",
-                    problem,
-                })?
-            }
-        };
-        if sweep_interval.is_zero() {
-            return Err(ConfigError::Invalid {
-                field: "sweep_interval",
-                problem: "must be more than 0s".into(),
-            });
-        }
-        Ok(BrokerConfig {
-            listen: self.listen.unwrap_or_else(|| "127.0.0.1:7400".into()),
-            http_listen: self.http_listen.filter(|a| !a.is_empty()),
-            trust_domain: self.trust_domain.unwrap_or_else(|| "twokey.local".into()),
-            data_dir: need(self.data_dir, "data_dir")?,
-            policy_file: need(self.policy_file, "policy_file")?,
-            grant_key_file: need(self.grant_key_file, "grant_key_file")?,
-            event_key_file: need(self.event_key_file, "event_key_file")?,
-            pin_key_file: need(self.pin_key_file, "pin_key_file")?,
-            vault_address: need(self.vault_address, "vault_address")?,
-            vault_server_name: self.vault_server_name.unwrap_or_else(|| "vault".into()),
-            audit_address: self.audit_address.filter(|a| !a.is_empty()),
-            audit_server_name: self.audit_server_name.unwrap_or_else(|| "audit".into()),
-            log_format: self.log_format.unwrap_or_default(),
-            tls: TlsFiles {
-                cert: need(self.tls.cert, "tls.cert")?,
-                key: need(self.tls.key, "tls.key")?,
-                ca: need(self.tls.ca, "tls.ca")?,
-                crl: self.tls.crl,
-            },
-            notify: NotifyConfig {
-                mailbox: self.notify.mailbox.dir.map(|dir| MailboxConfig { dir }),
-                webhook,
-                slack,
-            },
-            sweep_interval,
+        Ok(Self {
+            mailbox: file.mailbox,
+            webhook,
+            slack,
         })
     }
 }
 
+/// The message for a required field that is not set: where to set it.
+fn required(field: &str) -> String {
+    format!(
+        "{field} is required; set it in the config file, with --{} or with {ENV_PREFIX}{}",
+        field.replace(['_', '.'], "-"),
+        field.replace('.', "_").to_uppercase()
+    )
+}
+
+fn need<T>(value: Option<T>, field: &str) -> Result<T, String> {
+    value.ok_or_else(|| required(field))
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7400".into()
+}
+
+fn default_trust_domain() -> String {
+    "twokey.local".into()
+}
+
+fn default_vault_server_name() -> String {
+    "vault".into()
+}
+
+fn default_audit_server_name() -> String {
+    "audit".into()
+}
+
+fn default_sweep_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// An optional address; empty means unset.
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|a| !a.is_empty()))
+}
+
+/// A sweep interval such as "5s"; never zero.
+fn interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let every = parse_duration(&text)
+        .map_err(|p| serde::de::Error::custom(format!("sweep_interval: {p}")))?;
+    if every.is_zero() {
+        return Err(serde::de::Error::custom(
+            "sweep_interval: must be more than 0s",
+        ));
+    }
+    Ok(every)
+}
+
+/// Fields of nested tables, by the name serde reports them missing under.
+const NESTED: [(&str, &str); 4] = [
+    ("tls", "tls.cert"),
+    ("cert", "tls.cert"),
+    ("key", "tls.key"),
+    ("ca", "tls.ca"),
+];
+
+/// Names a missing field with its flag and variable.
+fn name_missing(error: ConfigError) -> ConfigError {
+    let ConfigError::Invalid { origin, message } = error else {
+        return error;
+    };
+    let missing = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(field, _)| field);
+    let message = match missing {
+        Some(field) => required(
+            NESTED
+                .iter()
+                .find(|(short, _)| *short == field)
+                .map_or(field, |(_, full)| full),
+        ),
+        None => message,
+    };
+    ConfigError::Invalid { origin, message }
+}
+
 impl BrokerConfig {
-    /// Reads `file` (if any), lays `flags` over it and checks the result.
-    pub fn resolve(file: Option<&Path>, flags: PartialConfig) -> Result<Self, ConfigError> {
-        let from_file = match file {
-            Some(path) => PartialConfig::load(path)?,
-            None => PartialConfig::default(),
-        };
-        flags.over(from_file).finish()
+    /// Reads `file` (if any), lays `overrides` (flags and environment, as
+    /// `(field, value)`) over it and checks the result. Relative paths from
+    /// the file are taken relative to its directory.
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[(&str, Option<toml::Value>)],
+    ) -> Result<Self, ConfigError> {
+        let mut config: Self = config::load(file, overrides, ENV_PREFIX).map_err(name_missing)?;
+        if let Some(base) = file.map(|f| f.parent().unwrap_or(Path::new("."))) {
+            let overridden = |key: &str| overrides.iter().any(|(k, v)| *k == key && v.is_some());
+            for (key, path) in config.paths_mut() {
+                if !overridden(key) && path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
+        Ok(config)
+    }
+
+    /// Every path field, by its dotted name.
+    fn paths_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+        let mut paths = vec![
+            ("data_dir", &mut self.data_dir),
+            ("policy_file", &mut self.policy_file),
+            ("grant_key_file", &mut self.grant_key_file),
+            ("event_key_file", &mut self.event_key_file),
+            ("pin_key_file", &mut self.pin_key_file),
+            ("tls.cert", &mut self.tls.cert),
+            ("tls.key", &mut self.tls.key),
+            ("tls.ca", &mut self.tls.ca),
+        ];
+        paths.extend(self.tls.crl.as_mut().map(|p| ("tls.crl", p)));
+        let n = &mut self.notify;
+        if let Some(m) = n.mailbox.as_mut() {
+            paths.push(("notify.mailbox.dir", &mut m.dir));
+        }
+        if let Some(w) = n.webhook.as_mut() {
+            paths.push(("notify.webhook.secret_file", &mut w.secret_file));
+            paths.extend(w.ca_file.as_mut().map(|p| ("notify.webhook.ca_file", p)));
+        }
+        if let Some(s) = n.slack.as_mut() {
+            paths.push(("notify.slack.token_file", &mut s.token_file));
+            paths.extend(s.ca_file.as_mut().map(|p| ("notify.slack.ca_file", p)));
+        }
+        paths
     }
 }
 
@@ -508,12 +336,16 @@ token_file = "slack.token"
 channel = "#root-access"
 "##;
 
+    fn text(value: &str) -> Option<toml::Value> {
+        Some(toml::Value::String(value.into()))
+    }
+
     #[test]
     fn the_example_config_loads_with_paths_relative_to_its_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, EXAMPLE).unwrap();
-        let c = BrokerConfig::resolve(Some(&path), PartialConfig::default()).unwrap();
+        let c = BrokerConfig::load(Some(&path), &[]).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/twokey-broker"));
         assert_eq!(c.policy_file, dir.path().join("policy.toml"));
         assert_eq!(c.tls.ca, dir.path().join("ca.crt"));
@@ -531,7 +363,7 @@ channel = "#root-access"
     fn the_deployed_example_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/broker.toml");
         if path.exists() {
-            let c = BrokerConfig::resolve(Some(&path), PartialConfig::default()).unwrap();
+            let c = BrokerConfig::load(Some(&path), &[]).unwrap();
             assert_eq!(c.vault_server_name, "vault");
             assert!(c.notify.mailbox.is_some());
         }
@@ -542,28 +374,54 @@ channel = "#root-access"
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("broker.toml");
         std::fs::write(&path, EXAMPLE).unwrap();
-        let flags = PartialConfig {
-            listen: Some("127.0.0.1:0".into()),
-            tls: PartialTls {
-                cert: Some("/x/b.crt".into()),
-                ..PartialTls::default()
-            },
-            ..PartialConfig::default()
-        };
-        let c = BrokerConfig::resolve(Some(&path), flags).unwrap();
+        let flags = [
+            ("listen", text("127.0.0.1:0")),
+            ("tls.cert", text("/x/b.crt")),
+        ];
+        let c = BrokerConfig::load(Some(&path), &flags).unwrap();
         assert_eq!(c.listen, "127.0.0.1:0");
         assert_eq!(c.tls.cert, PathBuf::from("/x/b.crt"));
-        let e = BrokerConfig::resolve(None, PartialConfig::default())
-            .unwrap_err()
-            .to_string();
+        let e = BrokerConfig::load(None, &[]).unwrap_err().to_string();
         assert!(
             e.contains("data_dir is required") && e.contains("TWOKEY_BROKER_DATA_DIR"),
             "{e}"
         );
         std::fs::write(&path, "listen = 1\nbogus = 2\n").unwrap();
-        let e = BrokerConfig::resolve(Some(&path), PartialConfig::default())
+        let e = BrokerConfig::load(Some(&path), &[])
             .unwrap_err()
             .to_string();
         assert!(e.contains("broker.toml"), "{e}");
+    }
+
+    #[test]
+    fn relative_flags_stay_relative_and_nested_fields_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, EXAMPLE).unwrap();
+        let c = BrokerConfig::load(Some(&path), &[("policy_file", text("p.toml"))]).unwrap();
+        assert_eq!(c.policy_file, PathBuf::from("p.toml"));
+        assert_eq!(c.grant_key_file, dir.path().join("grant.key"));
+        let zero = [("sweep_interval", text("0s"))];
+        let e = BrokerConfig::load(Some(&path), &zero)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sweep_interval: must be more than 0s"), "{e}");
+        std::fs::write(&path, EXAMPLE.replace("key = \"broker.key\"\n", "")).unwrap();
+        let e = BrokerConfig::load(Some(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls.key is required") && e.contains("TWOKEY_BROKER_TLS_KEY"),
+            "{e}"
+        );
+        std::fs::write(
+            &path,
+            EXAMPLE.replace("secret_file = \"webhook.secret\"\n", ""),
+        )
+        .unwrap();
+        let e = BrokerConfig::load(Some(&path), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("notify.webhook.secret_file is required"), "{e}");
     }
 }

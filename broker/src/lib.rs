@@ -54,6 +54,7 @@ use crate::{
     policy::Policy,
     service::{Broker, BrokerParts},
     store::SledStore,
+    vault::Vault,
 };
 
 /// The broker's own SPIFFE ID, read from its certificate.
@@ -128,23 +129,18 @@ fn warn_unreachable_requesters(policy: &Policy, notify: &NotifyConfig) {
     }
 }
 
-/// Serves the broker on `listener` until `shutdown` resolves, with the
-/// system clock.
-pub async fn serve(
-    config: BrokerConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    serve_with_clock(config, Arc::new(SystemClock), listener, shutdown).await
-}
-
 /// What tests (and embedders) may set beyond the config.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServeOptions {
     /// The clock (tests move time with `ManualClock`).
     pub clock: Arc<dyn Clock>,
     /// Counts delivered notifications, so tests can wait for one.
     pub deliveries: Option<tokio::sync::watch::Sender<u64>>,
+    /// The vault to call; none for the gRPC vault at `config.vault_address`.
+    pub vault: Option<Arc<dyn Vault>>,
+    /// The HTTP/JSON listener, bound by the caller; none to bind
+    /// `config.http_listen` if it is set.
+    pub http_listener: Option<TcpListener>,
 }
 
 impl Default for ServeOptions {
@@ -152,54 +148,26 @@ impl Default for ServeOptions {
         Self {
             clock: Arc::new(SystemClock),
             deliveries: None,
+            vault: None,
+            http_listener: None,
         }
     }
 }
 
-/// [`serve`] with a given clock (tests move time with `ManualClock`).
-pub async fn serve_with_clock(
-    config: BrokerConfig,
-    clock: Arc<dyn Clock>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    serve_with(
-        config,
-        ServeOptions {
-            clock,
-            deliveries: None,
-        },
-        listener,
-        shutdown,
-    )
-    .await
-}
-
-/// [`serve`] with [`ServeOptions`]. Binds `config.http_listen`, if set, for
-/// the HTTP/JSON API.
-pub async fn serve_with(
+/// Serves the broker until `shutdown` resolves: gRPC on `listener` and, if
+/// [`ServeOptions::http_listener`] or `config.http_listen` gives one, the
+/// HTTP/JSON API, both through `runtime::serve::incoming`.
+pub async fn serve(
     config: BrokerConfig,
     options: ServeOptions,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let http_listener = match &config.http_listen {
-        Some(addr) => Some(serve::bind(addr).await?),
-        None => None,
+    let http_listener = match (options.http_listener, &config.http_listen) {
+        (Some(listener), _) => Some(listener),
+        (None, Some(addr)) => Some(serve::bind(addr).await?),
+        (None, None) => None,
     };
-    serve_listeners(config, options, listener, http_listener, shutdown).await
-}
-
-/// [`serve_with`] on listeners bound by the caller: gRPC on `listener`, the
-/// HTTP/JSON API on `http_listener` if given (`config.http_listen` is not
-/// read).
-pub async fn serve_listeners(
-    config: BrokerConfig,
-    options: ServeOptions,
-    listener: TcpListener,
-    http_listener: Option<TcpListener>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
     let clock = options.clock;
     let policy = Policy::load(&config.policy_file).map_err(StartError::refused)?;
     policy
@@ -216,9 +184,14 @@ pub async fn serve_listeners(
         Some(_) => Some(http::tls_config(&config.tls)?),
         None => None,
     };
-    let vault_channel = config
-        .tls
-        .channel(&config.vault_address, &config.vault_server_name)?;
+    let vault: Arc<dyn Vault> = match options.vault {
+        Some(vault) => vault,
+        None => Arc::new(GrpcVault::new(
+            config
+                .tls
+                .channel(&config.vault_address, &config.vault_server_name)?,
+        )),
+    };
     let audit_channel = match &config.audit_address {
         Some(address) => Some(config.tls.channel(address, &config.audit_server_name)?),
         None => None,
@@ -245,7 +218,7 @@ pub async fn serve_listeners(
         clock,
         pin_key,
         grants,
-        vault: Arc::new(GrpcVault::new(vault_channel)),
+        vault,
     }));
 
     let mut tasks = JoinSet::new();
@@ -284,7 +257,7 @@ pub async fn serve_listeners(
                 http::announce(addr);
             }
             let mut stopped = stopped;
-            http::serve(http_api, tls, listener, async move {
+            http::serve(http_api, serve::incoming(listener, tls), async move {
                 let _ = stopped.wait_for(|s| *s).await;
             })
             .await;

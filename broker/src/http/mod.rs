@@ -12,7 +12,7 @@ pub mod openapi;
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures::{StreamExt, future::BoxFuture, stream};
+use futures::{Stream, StreamExt, future::BoxFuture, stream};
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Bytes, Frame, Incoming};
@@ -22,7 +22,8 @@ use hyper_util::{
 };
 use rustls::pki_types::CertificateDer;
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tonic::{Code, Status};
 use tracing::Instrument;
 use twokey_proto::broker::v1 as pb;
@@ -31,7 +32,7 @@ use twokey_runtime::{
     error::http_status_of,
     identity::identity_of_cert,
     serve::MAX_MESSAGE_BYTES,
-    tls::{ClientAuth, TlsError, TlsFiles},
+    tls::{ClientAuth, ServerTls, TlsError, TlsFiles},
     trace,
 };
 
@@ -46,8 +47,6 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one call may run (as on the gRPC listener); `Connect-Timeout-Ms`
 /// may shorten it.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for calls in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -136,11 +135,10 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> http::Response<Body> {
 /// client certificates verified against the same CA as on the gRPC listener.
 /// A client may connect without one (as on the gRPC listener) to read
 /// `/openapi.json`; every method then answers 401 `unauthenticated`.
-pub fn tls_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    Ok(Arc::new(files.rustls_server_config(
-        ClientAuth::Optional,
-        &[b"h2", b"http/1.1"],
-    )?))
+pub fn tls_config(files: &TlsFiles) -> Result<ServerTls, TlsError> {
+    let mut tls = files.server_tls(ClientAuth::Optional)?;
+    tls.config = Arc::new(files.rustls_server_config(ClientAuth::Optional, &[b"h2", b"http/1.1"])?);
+    Ok(tls)
 }
 
 /// The HTTP/JSON API over one [`Broker`].
@@ -515,45 +513,29 @@ where
     }
 }
 
-/// Serves `api` on `listener` with `tls` until `shutdown` resolves, then
-/// waits up to 10 s for calls in flight.
-pub async fn serve(
-    api: Arc<HttpApi>,
-    tls: Arc<rustls::ServerConfig>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+/// Serves `api` on the TLS connections of `incoming` (see
+/// `runtime::serve::incoming`) until `shutdown` resolves, then waits up to
+/// 10 s for calls in flight.
+pub async fn serve<S>(api: Arc<HttpApi>, incoming: S, shutdown: impl Future<Output = ()> + Send)
+where
+    S: Stream<Item = Result<TlsStream<TcpStream>, Infallible>> + Send,
+{
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut incoming = Box::pin(incoming);
     loop {
-        let (tcp, peer) = tokio::select! {
+        let tls = tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!("http accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            next = incoming.next() => match next {
+                Some(Ok(tls)) => tls,
+                Some(Err(never)) => match never {},
+                None => break,
             },
         };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
         let api = api.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "http TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "http TLS handshake timed out");
-                    return;
-                }
-            };
+            let peer = tls.get_ref().0.peer_addr().ok();
             let caller = Arc::new(api.caller(tls.get_ref().1.peer_certificates()));
             let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
                 let api = api.clone();
@@ -575,11 +557,12 @@ pub async fn serve(
                 .keep_alive_timeout(Duration::from_secs(10));
             let connection = builder.serve_connection(TokioIo::new(tls), service);
             if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(%peer, "http connection ended: {e}");
+                tracing::debug!(?peer, "http connection ended: {e}");
             }
         });
     }
-    drop(listener);
+    // Dropping the stream stops accepting and closes the listener.
+    drop(incoming);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await
         .is_err()

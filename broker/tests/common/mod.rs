@@ -359,10 +359,12 @@ impl Harness {
         let options = ServeOptions {
             clock: Arc::new(self.clock.clone()),
             deliveries: Some(self.deliveries.clone()),
+            http_listener: Some(http_listener),
+            ..ServeOptions::default()
         };
         let config = self.config.clone();
         let task = tokio::spawn(async move {
-            twokey_broker::serve_listeners(config, options, listener, Some(http_listener), async {
+            twokey_broker::serve(config, options, listener, async {
                 let _ = stopped.await;
             })
             .await
