@@ -5,6 +5,7 @@
 
 use std::{
     cmp::Reverse,
+    future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -33,6 +34,15 @@ use crate::{
     store::{RequestStore, Writes},
     vault::Vault,
 };
+
+/// What a refused call was about, for its `access.denied` event.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// An account (filing a request, enrolling, removing).
+    Account(&'a str),
+    /// A stored request (its account is looked up).
+    Request(&'a str),
+}
 
 /// One change, as watchers see it.
 #[derive(Debug, Clone)]
@@ -262,8 +272,7 @@ impl Broker {
         req: pb::CreateRequestRequest,
     ) -> Result<pb::CreateRequestResponse, BrokerError> {
         let account_id = req.account_id.clone();
-        let result: Result<_, BrokerError> = async {
-        self.known(caller)?;
+        self.authorised(caller, "create_request", Target::Account(&account_id), async {
         let account = self.account(&req.account_id)?;
         let on_behalf_of = if req.on_behalf_of.is_empty() {
             None
@@ -303,10 +312,8 @@ impl Broker {
         Ok(pb::CreateRequestResponse {
             request: Some(record.to_proto()),
         })
-        }
-        .await;
-        self.audit_denial(caller, "create_request", Some(&account_id), "", result)
-            .await
+        })
+        .await
     }
 
     fn load_visible(&self, caller: &SpiffeId, id: &str) -> Result<RequestRecord, BrokerError> {
@@ -478,8 +485,7 @@ impl Broker {
         req: pb::ApproveRequestRequest,
     ) -> Result<pb::ApproveRequestResponse, BrokerError> {
         let request_id = req.request_id.clone();
-        let result: Result<_, BrokerError> = async {
-            self.known(caller)?;
+        self.authorised(caller, "approve", Target::Request(&request_id), async {
             let key = &self.pin_key;
             let record = self
                 .act(&req.request_id, true, |r, a, now| {
@@ -489,10 +495,8 @@ impl Broker {
             Ok(pb::ApproveRequestResponse {
                 request: Some(record.to_proto()),
             })
-        }
-        .await;
-        self.audit_denial(caller, "approve", None, &request_id, result)
-            .await
+        })
+        .await
     }
 
     /// An approver denies.
@@ -502,8 +506,7 @@ impl Broker {
         req: pb::DenyRequestRequest,
     ) -> Result<pb::DenyRequestResponse, BrokerError> {
         let request_id = req.request_id.clone();
-        let result: Result<_, BrokerError> = async {
-            self.known(caller)?;
+        self.authorised(caller, "deny", Target::Request(&request_id), async {
             let record = self
                 .act(&req.request_id, true, |r, a, now| {
                     r.deny(a, caller, &req.reason, now)
@@ -512,10 +515,8 @@ impl Broker {
             Ok(pb::DenyRequestResponse {
                 request: Some(record.to_proto()),
             })
-        }
-        .await;
-        self.audit_denial(caller, "deny", None, &request_id, result)
-            .await
+        })
+        .await
     }
 
     /// The requester cancels.
@@ -525,8 +526,7 @@ impl Broker {
         req: pb::CancelRequestRequest,
     ) -> Result<pb::CancelRequestResponse, BrokerError> {
         let request_id = req.request_id.clone();
-        let result: Result<_, BrokerError> = async {
-            self.known(caller)?;
+        self.authorised(caller, "cancel", Target::Request(&request_id), async {
             let record = self
                 .act(&req.request_id, true, |r, _, now| {
                     r.cancel(caller, &req.reason, now)
@@ -535,10 +535,8 @@ impl Broker {
             Ok(pb::CancelRequestResponse {
                 request: Some(record.to_proto()),
             })
-        }
-        .await;
-        self.audit_denial(caller, "cancel", None, &request_id, result)
-            .await
+        })
+        .await
     }
 
     /// The operator checks the PIN.
@@ -548,8 +546,7 @@ impl Broker {
         req: pb::VerifyPinRequest,
     ) -> Result<pb::VerifyPinResponse, BrokerError> {
         let request_id = req.request_id.clone();
-        let result: Result<_, BrokerError> = async {
-            self.known(caller)?;
+        self.authorised(caller, "verify_pin", Target::Request(&request_id), async {
             let pin = Pin::from_text(req.pin.trim());
             drop(req.pin);
             let key = &self.pin_key;
@@ -561,10 +558,8 @@ impl Broker {
             Ok(pb::VerifyPinResponse {
                 request: Some(record.to_proto()),
             })
-        }
-        .await;
-        self.audit_denial(caller, "verify_pin", None, &request_id, result)
-            .await
+        })
+        .await
     }
 
     /// The requester asks for a new PIN.
@@ -574,8 +569,7 @@ impl Broker {
         req: pb::ResendPinRequest,
     ) -> Result<pb::ResendPinResponse, BrokerError> {
         let request_id = req.request_id.clone();
-        let result: Result<_, BrokerError> = async {
-            self.known(caller)?;
+        self.authorised(caller, "resend_pin", Target::Request(&request_id), async {
             let key = &self.pin_key;
             let record = self
                 .act(&req.request_id, true, |r, _, now| {
@@ -585,10 +579,8 @@ impl Broker {
             Ok(pb::ResendPinResponse {
                 request: Some(record.to_proto()),
             })
-        }
-        .await;
-        self.audit_denial(caller, "resend_pin", None, &request_id, result)
-            .await
+        })
+        .await
     }
 
     /// Releases one code: reserves it from the quota (stored), signs a
@@ -599,72 +591,76 @@ impl Broker {
         req: pb::ReleaseCodeRequest,
     ) -> Result<pb::ReleaseCodeResponse, BrokerError> {
         let request_id = req.request_id.clone();
-        let result: Result<_, BrokerError> = async {
-            self.known(caller)?;
-            let grant_id = GrantSigner::new_grant_id();
-            let reserved = self
-                .act(&req.request_id, true, |r, a, now| {
-                    r.reserve_release(a, caller, &grant_id, now)
+        self.authorised(
+            caller,
+            "release_code",
+            Target::Request(&request_id),
+            async {
+                let grant_id = GrantSigner::new_grant_id();
+                let reserved = self
+                    .act(&req.request_id, true, |r, a, now| {
+                        r.reserve_release(a, caller, &grant_id, now)
+                    })
+                    .await?;
+                let facts = GrantFacts {
+                    purpose: GrantPurpose::Release,
+                    request_id: reserved.id.clone(),
+                    account_id: reserved.account_id.clone(),
+                    requester: reserved.requester.to_string(),
+                    approvers: reserved
+                        .approvals
+                        .iter()
+                        .map(|a| a.approver.to_string())
+                        .collect(),
+                    operator: reserved
+                        .operator
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_default(),
+                };
+                let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
+                let answer = self.vault.generate_code(signed).await;
+                let outcome = match &answer {
+                    Ok(code) => Ok(code.step),
+                    Err(e) => Err((e.message.as_str(), e.surely_refused())),
+                };
+                let record = self
+                    .act(&req.request_id, false, |r, _, now| {
+                        Ok(r.finish_release(caller, &grant_id, outcome, now))
+                    })
+                    .await?;
+                let code = answer?;
+                Ok(pb::ReleaseCodeResponse {
+                    code: Some(code),
+                    request: Some(record.to_proto()),
                 })
-                .await?;
-            let facts = GrantFacts {
-                purpose: GrantPurpose::Release,
-                request_id: reserved.id.clone(),
-                account_id: reserved.account_id.clone(),
-                requester: reserved.requester.to_string(),
-                approvers: reserved
-                    .approvals
-                    .iter()
-                    .map(|a| a.approver.to_string())
-                    .collect(),
-                operator: reserved
-                    .operator
-                    .as_ref()
-                    .map(ToString::to_string)
-                    .unwrap_or_default(),
-            };
-            let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
-            let answer = self.vault.generate_code(signed).await;
-            let outcome = match &answer {
-                Ok(code) => Ok(code.step),
-                Err(e) => Err((e.message.as_str(), e.surely_refused())),
-            };
-            let record = self
-                .act(&req.request_id, false, |r, _, now| {
-                    Ok(r.finish_release(caller, &grant_id, outcome, now))
-                })
-                .await?;
-            let code = answer?;
-            Ok(pb::ReleaseCodeResponse {
-                code: Some(code),
-                request: Some(record.to_proto()),
-            })
-        }
-        .await;
-        self.audit_denial(caller, "release_code", None, &request_id, result)
-            .await
+            },
+        )
+        .await
     }
 
-    /// Records a refused attempt (`access.denied`) in the audit log, then
-    /// returns `result` unchanged.
-    async fn audit_denial<T>(
+    /// Runs `call` for a caller named in the policy; a refusal (the caller
+    /// unknown, or the call's own PERMISSION_DENIED) is recorded as an
+    /// `access.denied` event naming what was `attempted` on `target`, and
+    /// the result is returned unchanged.
+    async fn authorised<T>(
         &self,
         caller: &SpiffeId,
         attempted: &str,
-        account_id: Option<&str>,
-        request_id: &str,
-        result: Result<T, BrokerError>,
+        target: Target<'_>,
+        call: impl Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
+        let result = match self.known(caller) {
+            Ok(()) => call.await,
+            Err(e) => Err(e),
+        };
         if let Err(BrokerError::PermissionDenied(why)) = &result {
-            let account = match account_id {
-                Some(a) => a.to_owned(),
-                None => self
-                    .store
-                    .get(request_id)
-                    .ok()
-                    .flatten()
-                    .map(|r| r.account_id)
-                    .unwrap_or_default(),
+            let (account, request_id) = match target {
+                Target::Account(a) => (a.to_owned(), ""),
+                Target::Request(id) => {
+                    let account = self.store.get(id).ok().flatten().map(|r| r.account_id);
+                    (account.unwrap_or_default(), id)
+                }
             };
             let event = EventDraft::new(caller.to_string(), "access.denied")
                 .account(account)
@@ -691,8 +687,7 @@ impl Broker {
         req: pb::EnrollAccountRequest,
     ) -> Result<pb::EnrollAccountResponse, BrokerError> {
         let account_id = req.account_id.clone();
-        let result: Result<_, BrokerError> = async {
-        self.known(caller)?;
+        self.authorised(caller, "enroll_account", Target::Account(&account_id), async {
         let account = self.account(&req.account_id).map_err(|e| match e {
             BrokerError::NotFound(_) => BrokerError::NotFound(format!(
                 "account {:?} is not in the policy; add [accounts.{}] to the policy and restart the broker first",
@@ -742,10 +737,8 @@ impl Broker {
             next: answer.next,
             warnings: answer.warnings,
         })
-        }
-        .await;
-        self.audit_denial(caller, "enroll_account", Some(&account_id), "", result)
-            .await
+        })
+        .await
     }
 
     /// Enrolled accounts the caller has a role on.
@@ -775,45 +768,47 @@ impl Broker {
         req: pb::RemoveAccountRequest,
     ) -> Result<pb::RemoveAccountResponse, BrokerError> {
         let account_id = req.account_id.clone();
-        let result: Result<_, BrokerError> = async {
-            self.known(caller)?;
-            let account = self.account(&req.account_id)?;
-            if !account.has(caller, Role::Admin) {
-                return Err(lacks_role(caller, Role::Admin, &account.id));
-            }
-            if req.reason.trim().is_empty() {
-                return Err(BrokerError::invalid(
-                    "reason is required; say why the account is removed",
-                ));
-            }
-            let grant_id = GrantSigner::new_grant_id();
-            let (_, signed) = self.grants.sign(
-                grant_id.clone(),
-                GrantFacts {
-                    purpose: GrantPurpose::Remove,
-                    request_id: String::new(),
-                    account_id: account.id.clone(),
-                    requester: String::new(),
-                    approvers: Vec::new(),
-                    operator: caller.to_string(),
-                },
-                self.clock.now(),
-            );
-            let removed = self.vault.remove_account(signed).await?;
-            self.emit(
-                EventDraft::new(caller.to_string(), "account.removed")
-                    .account(&account.id)
-                    .attr("grant_id", grant_id)
-                    .attr("reason", req.reason.chars().take(1000).collect::<String>()),
-            )
-            .await?;
-            Ok(pb::RemoveAccountResponse {
-                account_id: removed,
-            })
-        }
-        .await;
-        self.audit_denial(caller, "remove_account", Some(&account_id), "", result)
-            .await
+        self.authorised(
+            caller,
+            "remove_account",
+            Target::Account(&account_id),
+            async {
+                let account = self.account(&req.account_id)?;
+                if !account.has(caller, Role::Admin) {
+                    return Err(lacks_role(caller, Role::Admin, &account.id));
+                }
+                if req.reason.trim().is_empty() {
+                    return Err(BrokerError::invalid(
+                        "reason is required; say why the account is removed",
+                    ));
+                }
+                let grant_id = GrantSigner::new_grant_id();
+                let (_, signed) = self.grants.sign(
+                    grant_id.clone(),
+                    GrantFacts {
+                        purpose: GrantPurpose::Remove,
+                        request_id: String::new(),
+                        account_id: account.id.clone(),
+                        requester: String::new(),
+                        approvers: Vec::new(),
+                        operator: caller.to_string(),
+                    },
+                    self.clock.now(),
+                );
+                let removed = self.vault.remove_account(signed).await?;
+                self.emit(
+                    EventDraft::new(caller.to_string(), "account.removed")
+                        .account(&account.id)
+                        .attr("grant_id", grant_id)
+                        .attr("reason", req.reason.chars().take(1000).collect::<String>()),
+                )
+                .await?;
+                Ok(pb::RemoveAccountResponse {
+                    account_id: removed,
+                })
+            },
+        )
+        .await
     }
 
     /// Expires every request whose time ran out; returns how many.
