@@ -1,31 +1,31 @@
 //! The thin gRPC layer of `AuditService`: authenticates the caller from its
-//! certificate, maps requests to [`AuditLog`] calls, and maps
-//! [`AuditError`] to a status in one place.
+//! certificate, adapts request and answer streams (the append pipeline is
+//! [`append`](crate::append)), converts messages with
+//! [`convert`](crate::convert), and maps [`AuditError`] to a status in one
+//! place.
 
 use std::{pin::Pin, sync::Arc};
 
-use futures::{Stream, StreamExt, stream::FuturesOrdered};
-use prost::Message;
+use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
-use tracing::Instrument;
 use twokey_proto::audit::v1::{
-    AppendRequest, AppendResponse, Event, GetCheckpointRequest, GetCheckpointResponse,
+    AppendRequest, AppendResponse, GetCheckpointRequest, GetCheckpointResponse,
     GetConsistencyProofRequest, GetConsistencyProofResponse, GetInclusionProofRequest,
     GetInclusionProofResponse, QueryRequest, QueryResponse,
     audit_service_server::{AuditService, AuditServiceServer},
 };
-use twokey_runtime::{Authenticator, SpiffeId, error::to_status, serve::MAX_MESSAGE_BYTES, trace};
+use twokey_runtime::{Authenticator, SpiffeId, error::to_status, serve::MAX_MESSAGE_BYTES};
 
 use crate::{
+    append::{self, Inbound, PIPELINE},
+    convert::{consistency_response, inclusion_response},
     error::AuditError,
-    service::{AuditLog, QueryFilter},
+    service::{AuditLog, Query},
     store::LogStore,
 };
 
-/// Appends of one stream written but not yet acknowledged, at most.
-const PIPELINE: usize = 64;
 /// Entries per query answer message, at most.
 const QUERY_BATCH: usize = 100;
 
@@ -77,113 +77,6 @@ impl<S: LogStore> AuditGrpc<S> {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
-async fn run_append<S: LogStore>(
-    log: Arc<AuditLog<S>>,
-    peer: SpiffeId,
-    mut inbound: Streaming<AppendRequest>,
-    tx: mpsc::Sender<Result<AppendResponse, Status>>,
-    stopping: Option<watch::Receiver<bool>>,
-) {
-    let stop = async move {
-        match stopping {
-            Some(mut rx) => {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(stop);
-    let mut pending = FuturesOrdered::new();
-    let mut inbound_open = true;
-    let mut failure: Option<Status> = None;
-    let mut last_seq: Option<u64> = None;
-    loop {
-        tokio::select! {
-            biased;
-            Some(done) = pending.next(), if !pending.is_empty() => {
-                match done {
-                    Ok(ack) => {
-                        if tx.send(Ok(AppendResponse::from(ack))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        failure = Some(Status::from(e));
-                        break;
-                    }
-                }
-            }
-            message = inbound.message(), if inbound_open && failure.is_none() && pending.len() < PIPELINE => {
-                match message {
-                    Ok(Some(AppendRequest { event: Some(signed) })) => {
-                        let span = Event::decode(signed.event.as_slice())
-                            .map(|e| trace::stored_event_span(&e))
-                            .unwrap_or_else(|_| tracing::Span::none());
-                        match span.in_scope(|| log.begin_append(&peer, signed)) {
-                            Ok(p) => {
-                                last_seq = Some(p.seq());
-                                let log = log.clone();
-                                pending.push_back(async move { log.finish(p).await }.instrument(span));
-                            }
-                            Err(e) => {
-                                tracing::warn!(%peer, "append refused: {e}");
-                                let mut status = Status::from(e);
-                                if let (Code::InvalidArgument, Some(n)) = (status.code(), last_seq) {
-                                    // Name the place in the stream when the event itself could not say.
-                                    if !status.message().contains(" seq ") {
-                                        status = Status::invalid_argument(format!(
-                                            "{} (the event after seq {n} on this stream)",
-                                            status.message()
-                                        ));
-                                    }
-                                }
-                                failure = Some(status);
-                            }
-                        }
-                    }
-                    Ok(Some(AppendRequest { event: None })) => {
-                        failure = Some(Status::invalid_argument("append request without an event"));
-                    }
-                    Ok(None) => inbound_open = false,
-                    Err(status) => {
-                        tracing::debug!(%peer, "append stream ended: {status}");
-                        inbound_open = false;
-                        // An event over the size limit is refused, not dropped silently.
-                        let status = twokey_runtime::limits::limit_status(status);
-                        if status.code() == Code::ResourceExhausted {
-                            failure = Some(status);
-                        }
-                    }
-                }
-            }
-            () = &mut stop, if failure.is_none() && (inbound_open || !pending.is_empty()) => {
-                failure = Some(Status::unavailable("the audit service is shutting down; reconnect and resend"));
-            }
-            else => break,
-        }
-        if failure.is_some() && pending.is_empty() {
-            break;
-        }
-    }
-    if let Some(status) = failure {
-        // Earlier appends are acknowledged first; the refusal ends the stream.
-        while let Some(done) = pending.next().await {
-            match done {
-                Ok(ack) => {
-                    if tx.send(Ok(ack.into())).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            }
-        }
-        let _ = tx.send(Err(status)).await;
-    }
-}
-
 #[tonic::async_trait]
 impl<S: LogStore> AuditService for AuditGrpc<S> {
     type AppendStream = BoxStream<AppendResponse>;
@@ -200,14 +93,31 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
                 log.is_source(id)
             })?;
         let (tx, rx) = mpsc::channel(PIPELINE);
-        tokio::spawn(run_append(
-            log,
-            peer,
-            request.into_inner(),
-            tx,
-            self.stopping.clone(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let who = peer.clone();
+        let inbound = request.into_inner().map(move |message| match message {
+            Ok(AppendRequest {
+                event: Some(signed),
+            }) => Inbound::Event(signed),
+            Ok(AppendRequest { event: None }) => {
+                Inbound::Fail(Status::invalid_argument("append request without an event"))
+            }
+            Err(status) => {
+                tracing::debug!(peer = %who, "append stream ended: {status}");
+                // An event over the size limit is refused, not dropped silently.
+                let status = twokey_runtime::limits::limit_status(status);
+                if status.code() == Code::ResourceExhausted {
+                    Inbound::Fail(status)
+                } else {
+                    Inbound::End
+                }
+            }
+        });
+        tokio::spawn(append::run(log, peer, inbound, tx, self.stopping.clone()));
+        let answers = ReceiverStream::new(rx).map(|answer| match answer {
+            Ok(ack) => Ok(AppendResponse::from(ack)),
+            Err(refusal) => Err(Status::from(refusal)),
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn query(
@@ -215,16 +125,16 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         request: Request<QueryRequest>,
     ) -> Result<Response<Self::QueryStream>, Status> {
         let who = self.auditor(&request)?;
-        let req = request.into_inner();
-        let (filter, mut cursor) = QueryFilter::from_request(&req)?;
+        let Query {
+            filter,
+            start: mut cursor,
+            page_size,
+        } = Query::try_from(request.get_ref())?;
         tracing::info!(auditor = %who, "query");
         let log = self.log.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            let mut remaining = match req.page_size {
-                0 => usize::MAX,
-                n => n as usize,
-            };
+            let mut remaining = page_size.unwrap_or(usize::MAX);
             loop {
                 let (l, f, limit) = (log.clone(), filter.clone(), remaining.min(QUERY_BATCH));
                 let batch = tokio::task::spawn_blocking(move || l.query_batch(&f, cursor, limit))
@@ -263,12 +173,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         request: Request<GetCheckpointRequest>,
     ) -> Result<Response<GetCheckpointResponse>, Status> {
         self.auditor(&request)?;
-        let cp = self.log.checkpoint()?;
-        Ok(Response::new(GetCheckpointResponse {
-            checkpoint: cp.note,
-            tree_size: cp.size,
-            root_hash: cp.root.to_vec(),
-        }))
+        Ok(Response::new(self.log.checkpoint()?.into()))
     }
 
     async fn get_inclusion_proof(
@@ -277,12 +182,8 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         self.auditor(&request)?;
         let req = request.into_inner();
-        let (tree_size, hashes) = self.log.inclusion_proof(req.leaf_index, req.tree_size)?;
-        Ok(Response::new(GetInclusionProofResponse {
-            leaf_index: req.leaf_index,
-            tree_size,
-            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
-        }))
+        let proof = self.log.inclusion_proof(req.leaf_index, req.tree_size)?;
+        Ok(Response::new(inclusion_response(req.leaf_index, proof)))
     }
 
     async fn get_consistency_proof(
@@ -291,13 +192,9 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
     ) -> Result<Response<GetConsistencyProofResponse>, Status> {
         self.auditor(&request)?;
         let req = request.into_inner();
-        let (second_size, hashes) = self
+        let proof = self
             .log
             .consistency_proof(req.first_size, req.second_size)?;
-        Ok(Response::new(GetConsistencyProofResponse {
-            first_size: req.first_size,
-            second_size,
-            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
-        }))
+        Ok(Response::new(consistency_response(req.first_size, proof)))
     }
 }

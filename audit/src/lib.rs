@@ -3,13 +3,16 @@
 //! inclusion and consistency proofs, queries for auditors, and offline
 //! verification of exported logs.
 //!
-//! Domain: [`merkle`], [`checkpoint`], [`store`], [`service`], [`verify`] —
-//! no tonic. Edges: [`grpc`], [`config`], [`cli`] and [`serve`].
+//! Domain: [`merkle`], [`checkpoint`], [`store`], [`service`], [`append`],
+//! [`verify`] — no tonic. Edges: [`grpc`], [`convert`], [`config`], [`cli`]
+//! and [`serve`].
 #![forbid(unsafe_code)]
 
+pub mod append;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod merkle;

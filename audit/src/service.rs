@@ -19,7 +19,7 @@ use ed25519_dalek::VerifyingKey;
 use prost::Message;
 use twokey_proto::{
     Timestamp,
-    audit::v1::{AppendResponse, AppendStatus, Event, LogEntry, QueryRequest, SignedEvent},
+    audit::v1::{Event, LogEntry, SignedEvent},
 };
 use twokey_runtime::{
     SpiffeId,
@@ -62,35 +62,6 @@ pub enum Ack {
     },
 }
 
-impl From<Ack> for AppendResponse {
-    fn from(ack: Ack) -> Self {
-        match ack {
-            Ack::Stored { seq, index } => Self {
-                seq,
-                status: AppendStatus::Stored as i32,
-                leaf_index: index,
-                expected_seq: seq + 1,
-            },
-            Ack::Duplicate {
-                seq,
-                index,
-                expected,
-            } => Self {
-                seq,
-                status: AppendStatus::Duplicate as i32,
-                leaf_index: index,
-                expected_seq: expected,
-            },
-            Ack::Gap { seq, expected } => Self {
-                seq,
-                status: AppendStatus::Gap as i32,
-                leaf_index: 0,
-                expected_seq: expected,
-            },
-        }
-    }
-}
-
 /// An append written but not yet durable; [`AuditLog::finish`] syncs it.
 #[derive(Debug)]
 #[must_use = "an append is acknowledged only after finish"]
@@ -131,44 +102,22 @@ pub struct QueryFilter {
     pub newest_first: bool,
 }
 
-fn ts(t: &Timestamp) -> (i64, i32) {
+pub(crate) fn ts(t: &Timestamp) -> (i64, i32) {
     (t.seconds, t.nanos)
 }
 
-impl QueryFilter {
-    /// The filter, page size and starting index of a query request.
-    pub fn from_request(req: &QueryRequest) -> Result<(Self, Option<u64>), AuditError> {
-        let start = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(req.page_token.parse::<u64>().map_err(|_| {
-                AuditError::InvalidArgument(format!(
-                    "page_token {:?} is not a token from a previous answer",
-                    req.page_token.chars().take(40).collect::<String>()
-                ))
-            })?)
-        };
-        let filter = Self {
-            since: req.since.as_ref().map(ts),
-            until: req.until.as_ref().map(ts),
-            source: req.source.clone(),
-            actor: req.actor.clone(),
-            action: req.action.clone(),
-            account_id: req.account_id.clone(),
-            request_id: req.request_id.clone(),
-            outcome: req.outcome,
-            newest_first: req.newest_first,
-        };
-        if let (Some(since), Some(until)) = (filter.since, filter.until)
-            && since > until
-        {
-            return Err(AuditError::InvalidArgument(
-                "since is after until: swap them".into(),
-            ));
-        }
-        Ok((filter, start))
-    }
+/// A query as asked: what to select, from where, and how many at most.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// What to select.
+    pub filter: QueryFilter,
+    /// The index to start from (a previous answer's token), if any.
+    pub start: Option<u64>,
+    /// Entries to answer at most (`None`: all).
+    pub page_size: Option<usize>,
+}
 
+impl QueryFilter {
     /// Whether `event` is selected.
     pub fn matches(&self, event: &Event) -> bool {
         let text = |want: &str, have: &str| want.is_empty() || want == have;

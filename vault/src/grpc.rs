@@ -1,18 +1,22 @@
 //! The vault's thin gRPC layer: only the broker's SPIFFE ID may call; each
-//! method maps to one domain call, and [`VaultError`] maps to a status here.
+//! method converts its request ([`convert`](crate::convert)), makes one
+//! domain call, and [`VaultError`] maps to a status here.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use twokey_proto::vault::v1::{
-    EnrollRequest, EnrollResponse, GenerateCodeRequest, GenerateCodeResponse, ListAccountsRequest,
-    ListAccountsResponse, RemoveAccountRequest, RemoveAccountResponse, StatusRequest,
-    StatusResponse, vault_service_server::VaultService,
+use twokey_proto::{
+    types::v1::Account,
+    vault::v1::{
+        EnrollRequest, EnrollResponse, GenerateCodeRequest, GenerateCodeResponse,
+        ListAccountsRequest, ListAccountsResponse, RemoveAccountRequest, RemoveAccountResponse,
+        StatusRequest, StatusResponse, vault_service_server::VaultService,
+    },
 };
 use twokey_runtime::{Authenticator, SpiffeId, error::to_status, time::to_timestamp};
 
 use crate::{
-    service::{Vault, VaultError},
+    service::{Enrollment, Vault, VaultError},
     store::VaultStore,
 };
 
@@ -61,11 +65,12 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
     ) -> Result<Response<EnrollResponse>, Status> {
         self.authorize(&request)?;
         twokey_runtime::trace::record_ids("", &request.get_ref().account_id);
-        let enrolled = self.vault.enroll(request.get_ref()).await?;
+        let enrollment = Enrollment::try_from(request.get_ref())?;
+        let enrolled = self.vault.enroll(enrollment).await?;
         Ok(Response::new(EnrollResponse {
-            account: Some(enrolled.account),
-            current: Some(enrolled.current.to_proto()),
-            next: Some(enrolled.next.to_proto()),
+            account: Some((&enrolled.account).into()),
+            current: Some((&enrolled.current).into()),
+            next: Some((&enrolled.next).into()),
             warnings: enrolled.warnings,
         }))
     }
@@ -90,7 +95,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
             }
         };
         Ok(Response::new(GenerateCodeResponse {
-            code: Some(code.to_proto()),
+            code: Some((&code).into()),
             grant_id,
         }))
     }
@@ -101,7 +106,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
     ) -> Result<Response<ListAccountsResponse>, Status> {
         self.authorize(&request)?;
         Ok(Response::new(ListAccountsResponse {
-            accounts: self.vault.list()?,
+            accounts: self.vault.list()?.iter().map(Account::from).collect(),
         }))
     }
 

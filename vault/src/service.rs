@@ -7,21 +7,18 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
-use twokey_proto::{
-    types::v1::{self as types, Account},
-    vault::v1::{EnrollRequest, GrantPurpose, SignedGrant, enroll_request},
-};
+use twokey_proto::vault::v1::{GrantPurpose, SignedGrant};
 use twokey_runtime::{
     error::{ErrorKind, ServiceError},
     events::EventDraft,
     grant::{GrantError, GrantVerifier},
     shipper::{AckTimeout, ShipperHandle},
-    time::{Clock, timestamp_from_secs, unix_seconds},
+    time::{Clock, unix_seconds},
 };
 
 use crate::{
     crypto::MasterKey,
-    seed::{Algorithm, Seed, SeedError, SeedSpec, TotpParams, parse_otpauth},
+    seed::{Seed, SeedError, SeedSpec},
     store::{AccountRecord, GrantUse, VaultStore, VaultStoreError},
     totp::{CodeValue, code_at, code_for_step},
 };
@@ -92,11 +89,25 @@ impl VaultError {
     }
 }
 
+/// An enrollment as asked, validated: the account id is well formed and
+/// the seed and its parameters parse.
+#[derive(Debug)]
+pub struct Enrollment {
+    /// The account id.
+    pub account_id: String,
+    /// The seed and how codes are computed.
+    pub spec: SeedSpec,
+    /// Who enrolls (the admin, as named by the broker).
+    pub actor: String,
+    /// Whether an existing account may be overwritten.
+    pub replace: bool,
+}
+
 /// What an enrollment returns.
 #[derive(Debug)]
 pub struct Enrolled {
     /// Account metadata.
-    pub account: Account,
+    pub account: AccountRecord,
     /// Code for the current step.
     pub current: CodeValue,
     /// Code for the next step.
@@ -133,80 +144,12 @@ pub fn validate_account_id(id: &str) -> Result<(), VaultError> {
     }
 }
 
-fn proto_algorithm(a: Algorithm) -> types::Algorithm {
-    match a {
-        Algorithm::Sha1 => types::Algorithm::Sha1,
-        Algorithm::Sha256 => types::Algorithm::Sha256,
-        Algorithm::Sha512 => types::Algorithm::Sha512,
-    }
-}
-
-fn record_to_proto(r: &AccountRecord) -> Account {
-    Account {
-        account_id: r.account_id.clone(),
-        issuer: r.issuer.clone(),
-        label: r.label.clone(),
-        algorithm: proto_algorithm(r.params.algorithm) as i32,
-        digits: u32::from(r.params.digits),
-        period: r.params.period,
-        created_at: Some(timestamp_from_secs(r.created_at)),
-        last_used_at: r.last_used_at.map(timestamp_from_secs),
-        seed_bits: r.seed_bits,
-        weak_seed: (r.seed_bits as usize) < crate::seed::STRONG_SEED_BYTES * 8,
-    }
-}
-
 /// Unix second a verified grant expires (verification ensures it is set).
 fn grant_expiry(grant: &twokey_proto::vault::v1::Grant) -> u64 {
     grant
         .expires_at
         .as_ref()
         .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0))
-}
-
-/// Reads the seed and parameters out of an enrollment request.
-pub fn seed_spec(request: &EnrollRequest) -> Result<SeedSpec, VaultError> {
-    match &request.seed {
-        Some(enroll_request::Seed::OtpauthUri(uri)) => Ok(parse_otpauth(uri)?),
-        Some(enroll_request::Seed::Base32Secret(secret)) => {
-            let algorithm = match types::Algorithm::try_from(request.algorithm) {
-                Ok(types::Algorithm::Unspecified | types::Algorithm::Sha1) => Algorithm::Sha1,
-                Ok(types::Algorithm::Sha256) => Algorithm::Sha256,
-                Ok(types::Algorithm::Sha512) => Algorithm::Sha512,
-                Err(_) => return Err(SeedError::BadAlgorithm(request.algorithm.to_string()).into()),
-            };
-            let digits = match request.digits {
-                0 => 6,
-                d => u8::try_from(d).map_err(|_| SeedError::BadDigits(d.to_string()))?,
-            };
-            let period = match request.period {
-                0 => 30,
-                p => p,
-            };
-            let params = TotpParams {
-                algorithm,
-                digits,
-                period,
-            }
-            .validated()?;
-            for (what, text) in [("issuer", &request.issuer), ("label", &request.label)] {
-                if text.len() > 256 || text.chars().any(char::is_control) {
-                    return Err(VaultError::InvalidArgument(format!(
-                        "{what} must be at most 256 characters without control characters"
-                    )));
-                }
-            }
-            Ok(SeedSpec {
-                seed: Seed::from_base32(secret)?,
-                params,
-                issuer: request.issuer.clone(),
-                label: request.label.clone(),
-            })
-        }
-        None => Err(VaultError::InvalidArgument(
-            "no seed given: pass an otpauth URI or a Base32 secret".into(),
-        )),
-    }
 }
 
 impl<S: VaultStore> Vault<S> {
@@ -252,13 +195,17 @@ impl<S: VaultStore> Vault<S> {
         })
     }
 
-    /// Enrolls a seed on behalf of `actor` (the admin, as named by the broker).
-    pub async fn enroll(&self, request: &EnrollRequest) -> Result<Enrolled, VaultError> {
-        validate_account_id(&request.account_id)?;
-        let spec = seed_spec(request)?;
+    /// Enrolls a seed on behalf of its actor (the admin, as named by the broker).
+    pub async fn enroll(&self, request: Enrollment) -> Result<Enrolled, VaultError> {
+        let Enrollment {
+            account_id,
+            spec,
+            actor,
+            replace,
+        } = request;
         let now = self.now();
         let mut record = AccountRecord {
-            account_id: request.account_id.clone(),
+            account_id,
             issuer: spec.issuer.clone(),
             label: spec.label.clone(),
             params: spec.params,
@@ -275,16 +222,16 @@ impl<S: VaultStore> Vault<S> {
                 spec.seed.bits()
             ));
         }
-        let action = if request.replace {
+        let action = if replace {
             "account.enrolled.replace"
         } else {
             "account.enrolled"
         };
-        let event = EventDraft::new(request.actor.clone(), action)
+        let event = EventDraft::new(actor, action)
             .account(&record.account_id)
             .attr("seed_bits", record.seed_bits.to_string())
             .attr("weak_seed", spec.seed.is_weak().to_string());
-        let seq = self.store.put(&record, request.replace, event)?;
+        let seq = self.store.put(&record, replace, event)?;
         self.commit_and_confirm(
             seq,
             "no codes released; the seed is stored: enroll again with replace once audit is back",
@@ -294,7 +241,7 @@ impl<S: VaultStore> Vault<S> {
         let next = code_for_step(&spec.seed, spec.params, current.step + 1);
         tracing::info!(account = %record.account_id, "account enrolled");
         Ok(Enrolled {
-            account: record_to_proto(&record),
+            account: record,
             current,
             next,
             warnings,
@@ -371,9 +318,9 @@ impl<S: VaultStore> Vault<S> {
         Ok(grant.account_id)
     }
 
-    /// Metadata of every account.
-    pub fn list(&self) -> Result<Vec<Account>, VaultError> {
-        Ok(self.store.list()?.iter().map(record_to_proto).collect())
+    /// Every account (metadata and sealed seed), ordered by id.
+    pub fn list(&self) -> Result<Vec<AccountRecord>, VaultError> {
+        Ok(self.store.list()?)
     }
 
     /// Number of accounts.

@@ -34,19 +34,6 @@ impl fmt::Debug for CodeValue {
     }
 }
 
-impl CodeValue {
-    /// The protobuf form.
-    pub fn to_proto(&self) -> twokey_proto::types::v1::Code {
-        twokey_proto::types::v1::Code {
-            code: self.code.as_str().to_owned(),
-            step: self.step,
-            period: self.period,
-            valid_from: Some(twokey_runtime::time::timestamp_from_secs(self.valid_from)),
-            valid_until: Some(twokey_runtime::time::timestamp_from_secs(self.valid_until)),
-        }
-    }
-}
-
 /// The code of time step `step`. `params` must be validated.
 pub fn code_for_step(seed: &Seed, params: TotpParams, step: u64) -> CodeValue {
     let algorithm = match params.algorithm {
