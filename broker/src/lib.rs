@@ -11,6 +11,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod http;

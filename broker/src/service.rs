@@ -26,11 +26,12 @@ use twokey_runtime::{
 };
 
 use crate::{
+    convert::{self, StateFilter},
     error::BrokerError,
     notify::{self, NotifyQueue},
     pin::{Pin, PinKey},
     policy::{AccountPolicy, Policy, Role},
-    state::{Effects, RequestRecord, State, lacks_role, millis},
+    state::{Effects, RequestRecord, lacks_role, millis},
     store::{RequestStore, Writes},
     vault::Vault,
 };
@@ -90,16 +91,6 @@ const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 /// Most bytes of requests in one page: well under the gRPC message limit.
 const MAX_PAGE_BYTES: usize = twokey_runtime::serve::MAX_MESSAGE_BYTES / 4 * 3;
-
-fn role_to_proto(role: Role) -> pb::Role {
-    match role {
-        Role::Requester => pb::Role::Requester,
-        Role::Approver => pb::Role::Approver,
-        Role::Operator => pb::Role::Operator,
-        Role::Admin => pb::Role::Admin,
-        Role::Intake => pb::Role::Intake,
-    }
-}
 
 fn check_request_id(id: &str) -> Result<(), BrokerError> {
     if id.is_empty() {
@@ -257,7 +248,10 @@ impl Broker {
                     let roles = a.roles_of(caller);
                     (!roles.is_empty()).then(|| pb::AccountRoles {
                         account_id: a.id.clone(),
-                        roles: roles.into_iter().map(|r| role_to_proto(r) as i32).collect(),
+                        roles: roles
+                            .into_iter()
+                            .map(|r| pb::Role::from(r) as i32)
+                            .collect(),
                     })
                 })
                 .collect(),
@@ -310,7 +304,7 @@ impl Broker {
             action: effects.action,
         });
         Ok(pb::CreateRequestResponse {
-            request: Some(record.to_proto()),
+            request: convert::request(&record),
         })
         })
         .await
@@ -348,7 +342,7 @@ impl Broker {
             }
         }
         Ok(pb::GetRequestResponse {
-            request: Some(record.to_proto()),
+            request: convert::request(&record),
         })
     }
 
@@ -360,15 +354,7 @@ impl Broker {
         req: pb::ListRequestsRequest,
     ) -> Result<pb::ListRequestsResponse, BrokerError> {
         self.known(caller)?;
-        let state_filter = match pb::RequestState::try_from(req.state) {
-            Ok(s) => State::from_proto(s),
-            Err(_) => {
-                return Err(BrokerError::invalid(format!(
-                    "state {} is not a request state",
-                    req.state
-                )));
-            }
-        };
+        let StateFilter(state_filter) = req.state.try_into()?;
         if !req.account_id.is_empty() {
             self.account(&req.account_id)?;
         }
@@ -414,7 +400,7 @@ impl Broker {
         let mut bytes = 0usize;
         let mut last = None;
         for record in records.iter().skip(start).take(page_size) {
-            let request = record.to_proto();
+            let request = pb::Request::from(record);
             bytes += prost::Message::encoded_len(&request) + 8;
             if !requests.is_empty() && bytes > MAX_PAGE_BYTES {
                 break;
@@ -464,7 +450,7 @@ impl Broker {
                             ) =>
                     {
                         Some(pb::WatchRequestsResponse {
-                            request: Some(change.request.to_proto()),
+                            request: convert::request(&change.request),
                             action: change.action,
                         })
                     }
@@ -493,7 +479,7 @@ impl Broker {
                 })
                 .await?;
             Ok(pb::ApproveRequestResponse {
-                request: Some(record.to_proto()),
+                request: convert::request(&record),
             })
         })
         .await
@@ -513,7 +499,7 @@ impl Broker {
                 })
                 .await?;
             Ok(pb::DenyRequestResponse {
-                request: Some(record.to_proto()),
+                request: convert::request(&record),
             })
         })
         .await
@@ -533,7 +519,7 @@ impl Broker {
                 })
                 .await?;
             Ok(pb::CancelRequestResponse {
-                request: Some(record.to_proto()),
+                request: convert::request(&record),
             })
         })
         .await
@@ -556,7 +542,7 @@ impl Broker {
                 })
                 .await?;
             Ok(pb::VerifyPinResponse {
-                request: Some(record.to_proto()),
+                request: convert::request(&record),
             })
         })
         .await
@@ -577,7 +563,7 @@ impl Broker {
                 })
                 .await?;
             Ok(pb::ResendPinResponse {
-                request: Some(record.to_proto()),
+                request: convert::request(&record),
             })
         })
         .await
@@ -632,7 +618,7 @@ impl Broker {
                 let code = answer?;
                 Ok(pb::ReleaseCodeResponse {
                     code: Some(code),
-                    request: Some(record.to_proto()),
+                    request: convert::request(&record),
                 })
             },
         )

@@ -12,7 +12,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use twokey_proto::{audit::v1::Outcome, broker::v1 as pb};
+use twokey_proto::audit::v1::Outcome;
 use twokey_runtime::{SpiffeId, events::EventDraft};
 
 use crate::{
@@ -79,35 +79,6 @@ impl State {
             State::Expired => "EXPIRED",
             State::Locked => "LOCKED",
         }
-    }
-
-    /// The protobuf enum.
-    pub fn to_proto(self) -> pb::RequestState {
-        match self {
-            State::Pending => pb::RequestState::Pending,
-            State::Approved => pb::RequestState::Approved,
-            State::Verified => pb::RequestState::Verified,
-            State::Released => pb::RequestState::Released,
-            State::Denied => pb::RequestState::Denied,
-            State::Cancelled => pb::RequestState::Cancelled,
-            State::Expired => pb::RequestState::Expired,
-            State::Locked => pb::RequestState::Locked,
-        }
-    }
-
-    /// From the protobuf enum; `None` for unspecified.
-    pub fn from_proto(state: pb::RequestState) -> Option<Self> {
-        Some(match state {
-            pb::RequestState::Unspecified => return None,
-            pb::RequestState::Pending => State::Pending,
-            pb::RequestState::Approved => State::Approved,
-            pb::RequestState::Verified => State::Verified,
-            pb::RequestState::Released => State::Released,
-            pb::RequestState::Denied => State::Denied,
-            pb::RequestState::Cancelled => State::Cancelled,
-            pb::RequestState::Expired => State::Expired,
-            pb::RequestState::Locked => State::Locked,
-        })
     }
 }
 
@@ -208,33 +179,9 @@ pub fn millis(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn ms_to_timestamp(ms: u64) -> twokey_proto::Timestamp {
-    twokey_proto::Timestamp {
-        seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
-        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
-    }
-}
-
 /// RFC 3339 UTC text of Unix milliseconds, to the second.
 pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    twokey_runtime::time::rfc3339(UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 fn check_text(field: &str, text: &str, max: usize, required: bool) -> Result<(), BrokerError> {
@@ -820,56 +767,6 @@ impl RequestRecord {
             }
         }
         effects
-    }
-
-    /// The protobuf view. Never carries the PIN or its hash.
-    pub fn to_proto(&self) -> pb::Request {
-        pb::Request {
-            request_id: self.id.clone(),
-            account_id: self.account_id.clone(),
-            requester: self.requester.to_string(),
-            filed_by: self.filed_by.to_string(),
-            reason: self.reason.clone(),
-            ticket: self.ticket.clone(),
-            state: self.state.to_proto() as i32,
-            approvals: self
-                .approvals
-                .iter()
-                .map(|a| pb::Approval {
-                    approver: a.approver.to_string(),
-                    comment: a.comment.clone(),
-                    approved_at: Some(ms_to_timestamp(a.at_ms)),
-                })
-                .collect(),
-            approvals_required: self.approvals_required,
-            operator: self
-                .operator
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            pin_attempts: self.pin_attempts,
-            pin_max_attempts: self.pin_max_attempts,
-            codes_released: self.codes_released,
-            codes_allowed: self.codes_allowed,
-            delivery: match self.delivery {
-                Delivery::Operator => pb::Delivery::Operator,
-                Delivery::Requester => pb::Delivery::Requester,
-            } as i32,
-            created_at: Some(ms_to_timestamp(self.created_ms)),
-            updated_at: Some(ms_to_timestamp(self.updated_ms)),
-            expires_at: Some(ms_to_timestamp(self.expires_ms)),
-            history: self
-                .history
-                .iter()
-                .map(|h| pb::HistoryEntry {
-                    at: Some(ms_to_timestamp(h.at_ms)),
-                    actor: h.actor.clone(),
-                    action: h.action.clone(),
-                    state: h.state.to_proto() as i32,
-                    comment: h.comment.clone(),
-                })
-                .collect(),
-        }
     }
 }
 
