@@ -1,0 +1,131 @@
+//! Who gets what message when a request changes: the PIN to the requester
+//! alone; news to the people who must act next and to the channel.
+
+use twokey_runtime::SpiffeId;
+
+use super::{Message, Recipient};
+use crate::{
+    pin::Pin,
+    policy::{Policy, Role},
+    state::RequestRecord,
+};
+
+fn person(policy: &Policy, id: &SpiffeId) -> Recipient {
+    Recipient::Person {
+        name: policy
+            .name_of(id)
+            .map_or_else(|| id.name().to_owned(), ToOwned::to_owned),
+        identity: id.to_string(),
+        slack: policy.slack_member(id).map(ToOwned::to_owned),
+    }
+}
+
+/// The messages a change sends: the PIN to the requester alone; news to the
+/// people who must act next and to the channel.
+pub fn messages_for(
+    policy: &Policy,
+    record: &RequestRecord,
+    action: &str,
+    pin: Option<&Pin>,
+    now_ms: u64,
+) -> Vec<Message> {
+    let account = policy.account(&record.account_id);
+    let make = |kind: &str, to: Recipient, text: String, pin: Option<Pin>| Message {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: kind.to_owned(),
+        request_id: record.id.clone(),
+        account_id: record.account_id.clone(),
+        to,
+        text,
+        pin,
+        at_ms: now_ms,
+    };
+    let who = |id: &SpiffeId| {
+        policy
+            .name_of(id)
+            .map_or_else(|| id.to_string(), ToOwned::to_owned)
+    };
+    let subject = format!(
+        "request {} for {} by {}",
+        record.id,
+        record.account_id,
+        who(&record.requester)
+    );
+    let mut out = Vec::new();
+    if let Some(pin) = pin {
+        out.push(make(
+            "pin",
+            person(policy, &record.requester),
+            format!(
+                "A PIN was issued for your {subject}. Read it out only to the operator on the call."
+            ),
+            Some(pin.clone()),
+        ));
+    }
+    let role_members = |role: Role| -> Vec<SpiffeId> {
+        account
+            .map(|a| match role {
+                Role::Approver => a.approvers.iter().cloned().collect(),
+                Role::Operator => a.operators.iter().cloned().collect(),
+                _ => Vec::new(),
+            })
+            .unwrap_or_default()
+    };
+    let (people, channel, text): (Vec<SpiffeId>, bool, String) = match action {
+        "request.created" => (
+            role_members(Role::Approver)
+                .into_iter()
+                .filter(|id| id != &record.requester)
+                .collect(),
+            true,
+            format!("New {subject}: {}", record.reason),
+        ),
+        "request.approved" if record.state == crate::state::State::Approved => (
+            role_members(Role::Operator)
+                .into_iter()
+                .filter(|id| {
+                    id != &record.requester && !record.approvals.iter().any(|a| &a.approver == id)
+                })
+                .chain([record.requester.clone()])
+                .collect(),
+            true,
+            format!("Approved: {subject}; waiting for the operator to check the PIN"),
+        ),
+        "request.denied" => (
+            vec![record.requester.clone()],
+            true,
+            format!("Denied: {subject}"),
+        ),
+        "request.cancelled" => (
+            vec![record.requester.clone()],
+            false,
+            format!("Cancelled: {subject}"),
+        ),
+        "request.expired" => (
+            vec![record.requester.clone()],
+            false,
+            format!("Expired: {subject}"),
+        ),
+        "request.locked" => (
+            vec![record.requester.clone()],
+            false,
+            format!("Locked after too many wrong PINs: {subject}"),
+        ),
+        "code.released" => (
+            vec![record.requester.clone()],
+            true,
+            format!(
+                "Code released ({}/{}): {subject}",
+                record.codes_released, record.codes_allowed
+            ),
+        ),
+        _ => (Vec::new(), false, String::new()),
+    };
+    for id in people {
+        out.push(make(action, person(policy, &id), text.clone(), None));
+    }
+    if channel {
+        out.push(make(action, Recipient::Channel, text, None));
+    }
+    out
+}
