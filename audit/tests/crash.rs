@@ -4,18 +4,19 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
 
 use common::*;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    sync::mpsc,
-};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use twokey_audit::{checkpoint::NoteVerifier, verify::verify_log};
-use twokey_proto::audit::v1::{AppendRequest, AppendStatus, GetCheckpointRequest};
-use twokey_runtime::keys::{encode_public_key, load_signing_key};
+use twokey_proto::audit::v1::{AppendRequest, AppendStatus};
+use twokey_runtime::keys::encode_public_key;
+use twokey_testkit::ready;
 
 const BURST: u64 = 5000;
 const KILL_AFTER: usize = 300;
@@ -31,25 +32,20 @@ checkpoint_key_file = "{key}"
 origin = "{origin}"
 auditors = ["{carol}"]
 log_format = "json"
-[tls]
-cert = "{cert}"
-key = "{tlskey}"
-ca = "{ca}"
 [[sources]]
 id = "{vault}"
 public_key = "{vault_pub}"
 [[sources]]
 id = "{broker}"
 public_key = "{broker_pub}"
-"#,
+[tls]
+{tls}"#,
         td = c.trust_domain,
         data = c.data_dir.display(),
         key = c.checkpoint_key_file.display(),
         origin = c.origin,
         carol = CAROL,
-        cert = c.tls.cert.display(),
-        tlskey = c.tls.key.display(),
-        ca = c.tls.ca.display(),
+        tls = toml::to_string(&c.tls).unwrap(),
         vault = VAULT,
         vault_pub = encode_public_key(&env.vault_key.verifying_key()),
         broker = BROKER,
@@ -60,32 +56,36 @@ public_key = "{broker_pub}"
     path
 }
 
+/// The running binary; killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the binary and waits for its "listening on" line.
-async fn start(config: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_twokey-audit"))
+async fn start(config: &Path) -> (Running, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_twokey-audit"));
+    command
         .arg("serve")
         .arg("--config")
         .arg(config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .env("TWOKEY_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("twokey-audit starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(addr) = line.strip_prefix("twokey-audit listening on ") {
-                return addr.trim().parse::<SocketAddr>().unwrap();
-            }
-        }
-        panic!("twokey-audit exited before listening");
+        .env("TWOKEY_LOG", "warn");
+    let (child, addr) = tokio::task::spawn_blocking(move || {
+        ready::start(
+            command,
+            "twokey-audit",
+            Stdio::inherit(),
+            Duration::from_secs(60),
+        )
     })
     .await
+    .unwrap()
     .expect("twokey-audit announces itself within 60 s");
-    // Keep reading stdout so the process never writes into a closed pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+    (Running(child), addr)
 }
 
 #[tokio::test]
@@ -119,7 +119,7 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
         assert_eq!(ack.status, AppendStatus::Stored as i32, "{ack:?}");
         acked.push(ack.seq);
         if acked.len() == KILL_AFTER {
-            child.start_kill().unwrap(); // SIGKILL
+            child.0.kill().unwrap(); // SIGKILL
             killed = true;
         }
     }
@@ -127,7 +127,7 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
         killed,
         "the stream ended before {KILL_AFTER} acknowledgements"
     );
-    let status = child.wait().await.unwrap();
+    let status = child.0.wait().unwrap();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
@@ -154,25 +154,9 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
             Some(&events[*seq as usize - 1])
         );
     }
-    let verifier = NoteVerifier::new(
-        &env.config.origin,
-        load_signing_key(&env.config.checkpoint_key_file)
-            .unwrap()
-            .verifying_key(),
-    )
-    .unwrap();
-    let cp = carol
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let cp = checkpoint(&mut carol).await;
     assert_eq!(cp.tree_size, entries.len() as u64);
-    verify_log(
-        &entries,
-        &env.source_keys(),
-        Some((&cp.checkpoint, &verifier)),
-    )
-    .unwrap();
+    env.verify(&entries, &cp.checkpoint);
 
     // The source resends the whole burst: what survived is a duplicate, the
     // rest is stored, and the log stays contiguous and verifiable.
@@ -191,22 +175,8 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
     }
     let entries = query_all(&mut carol).await;
     assert_eq!(entries.len() as u64, BURST);
-    let cp2 = carol
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    verify_log(
-        &entries,
-        &env.source_keys(),
-        Some((&cp2.checkpoint, &verifier)),
-    )
-    .unwrap();
-    verify_log(
-        &entries,
-        &env.source_keys(),
-        Some((&cp.checkpoint, &verifier)),
-    )
-    .unwrap();
-    drop(child); // kill_on_drop
+    let cp2 = checkpoint(&mut carol).await;
+    env.verify(&entries, &cp2.checkpoint);
+    env.verify(&entries, &cp.checkpoint);
+    drop(child); // killed on drop
 }

@@ -9,11 +9,7 @@ use std::{sync::Arc, time::Duration};
 use common::*;
 use prost::Message;
 use tonic::Code;
-use twokey_audit::{
-    checkpoint::NoteVerifier,
-    merkle::{self, hashes_from_bytes},
-    verify::verify_log,
-};
+use twokey_audit::merkle::{self, hashes_from_bytes};
 use twokey_proto::audit::v1::{
     AppendResponse, AppendStatus, GetCheckpointRequest, GetConsistencyProofRequest,
     GetInclusionProofRequest, QueryRequest,
@@ -145,7 +141,7 @@ async fn a_duplicate_is_acknowledged_with_the_same_leaf_index() {
     let mut carol = env.client(server.addr, "carol");
     let entries = query_all(&mut carol).await;
     assert_eq!(entries.len(), 3);
-    verify_log(&entries, &env.source_keys(), None).unwrap();
+    twokey_audit::verify::verify_log(&entries, &env.source_keys(), None).unwrap();
     server.stop().await;
 }
 
@@ -222,24 +218,8 @@ async fn a_gap_is_refused_and_then_recovered_by_the_shipper() {
         .map(|e| e.event.as_ref().unwrap().seq)
         .collect();
     assert_eq!(seqs, [1, 2, 3, 4]);
-    let cp = carol
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let verifier = NoteVerifier::new(
-        "twokey.test/audit",
-        twokey_runtime::keys::load_signing_key(&env.config.checkpoint_key_file)
-            .unwrap()
-            .verifying_key(),
-    )
-    .unwrap();
-    verify_log(
-        &entries,
-        &env.source_keys(),
-        Some((&cp.checkpoint, &verifier)),
-    )
-    .unwrap();
+    let cp = checkpoint(&mut carol).await;
+    env.verify(&entries, &cp.checkpoint);
     server.stop().await;
 }
 
@@ -295,13 +275,7 @@ async fn auditors_get_checkpoints_proofs_and_pages_that_verify() {
         env.client(server.addr, "broker"),
     );
     let mut carol = env.client(server.addr, "carol");
-    let verifier = NoteVerifier::new(
-        "twokey.test/audit",
-        twokey_runtime::keys::load_signing_key(&env.config.checkpoint_key_file)
-            .unwrap()
-            .verifying_key(),
-    )
-    .unwrap();
+    let verifier = env.verifier();
 
     // Both sources stream concurrently.
     let v = env.vault();
@@ -320,20 +294,12 @@ async fn auditors_get_checkpoints_proofs_and_pages_that_verify() {
             .iter()
             .all(|r| status(ok(r)) == AppendStatus::Stored)
     );
-    let early = carol
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let early = checkpoint(&mut carol).await;
     assert_eq!(early.tree_size, 70);
     append_all(&mut vault, vec![event(&v, 41, "v")])
         .await
         .unwrap();
-    let cp = carol
-        .get_checkpoint(GetCheckpointRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let cp = checkpoint(&mut carol).await;
     let opened = verifier.open_checkpoint(&cp.checkpoint).unwrap();
     assert_eq!(
         (opened.size, opened.root.to_vec()),
@@ -341,20 +307,10 @@ async fn auditors_get_checkpoints_proofs_and_pages_that_verify() {
     );
 
     let entries = query_all(&mut carol).await;
-    let report = verify_log(
-        &entries,
-        &env.source_keys(),
-        Some((&cp.checkpoint, &verifier)),
-    )
-    .unwrap();
+    let report = env.verify(&entries, &cp.checkpoint);
     assert_eq!(report.last_seq[VAULT], 41);
     assert_eq!(report.last_seq[BROKER], 30);
-    verify_log(
-        &entries,
-        &env.source_keys(),
-        Some((&early.checkpoint, &verifier)),
-    )
-    .unwrap();
+    env.verify(&entries, &early.checkpoint);
 
     // Inclusion of entry 17 in the tree of the latest checkpoint.
     let proof = carol
@@ -394,39 +350,31 @@ async fn auditors_get_checkpoints_proofs_and_pages_that_verify() {
     .unwrap();
 
     // Bad ranges.
-    let err = carol
-        .get_inclusion_proof(GetInclusionProofRequest {
-            leaf_index: 71,
-            tree_size: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange);
-    let err = carol
-        .get_consistency_proof(GetConsistencyProofRequest {
-            first_size: 5,
-            second_size: 80,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange);
-    let err = carol
-        .get_consistency_proof(GetConsistencyProofRequest {
-            first_size: 9,
-            second_size: 5,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    let err = carol
-        .query(QueryRequest {
-            page_token: "x".into(),
-            ..QueryRequest::default()
-        })
-        .await
-        .map(|_| ())
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
+    let inclusion = |leaf_index, tree_size| GetInclusionProofRequest {
+        leaf_index,
+        tree_size,
+    };
+    let consistency = |first_size, second_size| GetConsistencyProofRequest {
+        first_size,
+        second_size,
+    };
+    assert_eq!(
+        code_of(carol.get_inclusion_proof(inclusion(71, 0)).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code_of(carol.get_consistency_proof(consistency(5, 80)).await),
+        Code::OutOfRange
+    );
+    assert_eq!(
+        code_of(carol.get_consistency_proof(consistency(9, 5)).await),
+        Code::InvalidArgument
+    );
+    let bad_token = QueryRequest {
+        page_token: "x".into(),
+        ..QueryRequest::default()
+    };
+    assert_eq!(code_of(carol.query(bad_token).await), Code::InvalidArgument);
 
     // Newest-first pages of broker events, 12 at a time.
     let mut seen = Vec::new();

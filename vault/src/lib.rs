@@ -32,7 +32,7 @@ use twokey_runtime::{
 };
 
 pub use config::VaultConfig;
-use service::Vault;
+use service::{AuditWait, Vault};
 use store::SledVaultStore;
 pub use twokey_runtime::start::StartError;
 
@@ -65,9 +65,11 @@ pub async fn serve(
             store,
             crypto::MasterKey::new(master),
             twokey_runtime::grant::GrantVerifier::new(grant_key),
-            Arc::new(shipper),
+            AuditWait {
+                gate: Arc::new(shipper),
+                timeout: Duration::from_millis(config.audit_ack_timeout_ms),
+            },
             clock,
-            Duration::from_millis(config.audit_ack_timeout_ms),
         )
         .map_err(StartError::refused)?,
     );

@@ -19,7 +19,7 @@ use twokey_runtime::{
 use crate::{
     crypto::MasterKey,
     seed::{Seed, SeedError, SeedSpec},
-    store::{AccountRecord, GrantUse, VaultStore, VaultStoreError},
+    store::{AccountRecord, GrantUse, Removal, VaultStore, VaultStoreError},
     totp::{CodeValue, code_at, code_for_step},
 };
 
@@ -116,15 +116,23 @@ pub struct Enrolled {
     pub warnings: Vec<String>,
 }
 
+/// How the vault waits for audit: the gate and how long a release waits.
+#[derive(Debug, Clone)]
+pub struct AuditWait {
+    /// What acknowledges events.
+    pub gate: Arc<dyn AuditGate>,
+    /// How long an acknowledgement may take.
+    pub timeout: Duration,
+}
+
 /// The vault.
 #[derive(Debug)]
 pub struct Vault<S> {
     store: S,
     key: MasterKey,
     grants: GrantVerifier,
-    gate: Arc<dyn AuditGate>,
+    audit: AuditWait,
     clock: Arc<dyn Clock>,
-    ack_timeout: Duration,
 }
 
 /// Checks an account id: 1 to 64 characters of `[a-z0-9._-]`.
@@ -159,9 +167,8 @@ impl<S: VaultStore> Vault<S> {
         store: S,
         key: MasterKey,
         grants: GrantVerifier,
-        gate: Arc<dyn AuditGate>,
+        audit: AuditWait,
         clock: Arc<dyn Clock>,
-        ack_timeout: Duration,
     ) -> Result<Self, VaultError> {
         match store.key_check()? {
             Some(check) if !key.matches(&check) => {
@@ -177,9 +184,8 @@ impl<S: VaultStore> Vault<S> {
             store,
             key,
             grants,
-            gate,
+            audit,
             clock,
-            ack_timeout,
         })
     }
 
@@ -189,7 +195,8 @@ impl<S: VaultStore> Vault<S> {
 
     async fn commit_and_confirm(&self, seq: u64, what: &str) -> Result<(), VaultError> {
         self.store.commit().await?;
-        self.gate.confirm(seq, self.ack_timeout).await.map_err(|_| {
+        let audit = &self.audit;
+        audit.gate.confirm(seq, audit.timeout).await.map_err(|_| {
             tracing::warn!(seq, "audit did not acknowledge in time: {what}");
             VaultError::AuditUnavailable(format!("audit unavailable, {what}"))
         })
@@ -310,9 +317,12 @@ impl<S: VaultStore> Vault<S> {
             .account(&grant.account_id)
             .request(&grant.request_id)
             .attr("grant_id", &grant.grant_id);
-        let seq = self
-            .store
-            .remove(&grant.grant_id, expires, &grant.account_id, event)?;
+        let seq = self.store.remove(Removal {
+            grant_id: grant.grant_id.clone(),
+            expires_at: expires,
+            account_id: grant.account_id.clone(),
+            event,
+        })?;
         self.commit_and_confirm(seq, "removal recorded but not yet acknowledged by audit")
             .await?;
         Ok(grant.account_id)

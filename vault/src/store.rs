@@ -99,13 +99,7 @@ pub trait VaultStore: Send + Sync + 'static {
         grant: GrantUse,
     ) -> impl Future<Output = Result<u64, VaultStoreError>> + Send;
     /// Marks a removal grant used and deletes the account, with its event.
-    fn remove(
-        &self,
-        grant_id: &str,
-        expires_at: u64,
-        account_id: &str,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError>;
+    fn remove(&self, removal: Removal) -> Result<u64, VaultStoreError>;
     /// Records an event that goes with no other change.
     fn record(&self, event: EventDraft) -> Result<u64, VaultStoreError>;
     /// Forgets used grant ids whose grants expired before `now`.
@@ -126,6 +120,19 @@ pub struct GrantUse {
     /// Unix time now (the account's last use).
     pub now: u64,
     /// The `code.released` event.
+    pub event: EventDraft,
+}
+
+/// One use of a removal grant, as [`VaultStore::remove`] records it.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    /// The grant's id.
+    pub grant_id: String,
+    /// Unix time the grant expires (its id is kept until then, and a while).
+    pub expires_at: u64,
+    /// The account to delete.
+    pub account_id: String,
+    /// The `account.removed` event.
     pub event: EventDraft,
 }
 
@@ -339,13 +346,13 @@ impl VaultStore for SledVaultStore {
         })?
     }
 
-    fn remove(
-        &self,
-        grant_id: &str,
-        expires_at: u64,
-        account_id: &str,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError> {
+    fn remove(&self, removal: Removal) -> Result<u64, VaultStoreError> {
+        let Removal {
+            grant_id,
+            expires_at,
+            account_id,
+            event,
+        } = &removal;
         let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
             |(grants, accounts, outbox)| {
                 if grants.get(grant_id)?.is_some() {
@@ -359,7 +366,7 @@ impl VaultStore for SledVaultStore {
             },
         );
         match self.finish(result, account_id) {
-            Err(VaultStoreError::GrantUsed(_)) => Err(VaultStoreError::GrantUsed(grant_id.into())),
+            Err(VaultStoreError::GrantUsed(_)) => Err(VaultStoreError::GrantUsed(removal.grant_id)),
             other => other,
         }
     }

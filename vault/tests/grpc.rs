@@ -86,6 +86,29 @@ impl Env {
             .await
             .map(|r| r.into_inner().code.unwrap().code)
     }
+
+    /// A release grant for aws-prod-root, issued `issued_ago` for `life`.
+    fn release_grant_timed(
+        &self,
+        issued_ago: Duration,
+        life: Duration,
+    ) -> twokey_proto::vault::v1::SignedGrant {
+        let key = &self.fx.grant_key;
+        let purpose = GrantPurpose::Release;
+        self.fx
+            .grant_with("aws-prod-root", purpose, issued_ago, life, key)
+    }
+
+    /// Releasing with `grant` fails with `code`; the status.
+    async fn refused(
+        &self,
+        grant: twokey_proto::vault::v1::SignedGrant,
+        code: Code,
+    ) -> tonic::Status {
+        let err = self.release(grant).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        err
+    }
 }
 
 #[tokio::test]
@@ -207,8 +230,7 @@ async fn a_valid_grant_releases_the_code_once() {
             .iter()
             .any(|e| e.action == "code.released" && e.request_id == "req-1")
     );
-    let err = env.release(grant).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = env.refused(grant, Code::PermissionDenied).await;
     assert!(err.message().contains("already used"), "{}", err.message());
 }
 
@@ -223,8 +245,7 @@ async fn a_grant_with_another_keys_signature_is_refused() {
         Duration::from_secs(60),
         &other,
     );
-    let err = env.release(grant).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = env.refused(grant, Code::PermissionDenied).await;
     assert!(err.message().contains("signature"));
 }
 
@@ -234,37 +255,22 @@ async fn a_tampered_grant_is_refused() {
     let mut grant = env.fx.grant("aws-prod-root", GrantPurpose::Release);
     let last = grant.grant.len() - 1;
     grant.grant[last] ^= 1;
-    let err = env.release(grant).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    env.refused(grant, Code::PermissionDenied).await;
 }
 
 #[tokio::test]
 async fn an_expired_grant_is_refused() {
     let env = Env::enrolled("aws-prod-root").await;
-    let grant = env.fx.grant_with(
-        "aws-prod-root",
-        GrantPurpose::Release,
-        Duration::from_secs(90),
-        Duration::from_secs(60),
-        &env.fx.grant_key,
-    );
-    let err = env.release(grant).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    let grant = env.release_grant_timed(Duration::from_secs(90), Duration::from_secs(60));
+    let err = env.refused(grant, Code::PermissionDenied).await;
     assert!(err.message().contains("expired"));
 }
 
 #[tokio::test]
 async fn a_grant_living_longer_than_120_seconds_is_refused() {
     let env = Env::enrolled("aws-prod-root").await;
-    let grant = env.fx.grant_with(
-        "aws-prod-root",
-        GrantPurpose::Release,
-        Duration::ZERO,
-        Duration::from_secs(121),
-        &env.fx.grant_key,
-    );
-    let err = env.release(grant).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+    let grant = env.release_grant_timed(Duration::ZERO, Duration::from_secs(121));
+    let err = env.refused(grant, Code::PermissionDenied).await;
     assert!(err.message().contains("120"));
 }
 
@@ -272,21 +278,22 @@ async fn a_grant_living_longer_than_120_seconds_is_refused() {
 async fn a_removal_grant_does_not_release_a_code() {
     let env = Env::enrolled("aws-prod-root").await;
     let err = env
-        .release(env.fx.grant("aws-prod-root", GrantPurpose::Remove))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
+        .refused(
+            env.fx.grant("aws-prod-root", GrantPurpose::Remove),
+            Code::PermissionDenied,
+        )
+        .await;
     assert!(err.message().contains("purpose"));
 }
 
 #[tokio::test]
 async fn a_grant_for_an_unknown_account_is_not_found() {
     let env = Env::enrolled("aws-prod-root").await;
-    let err = env
-        .release(env.fx.grant("aws-dev-root", GrantPurpose::Release))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    env.refused(
+        env.fx.grant("aws-dev-root", GrantPurpose::Release),
+        Code::NotFound,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -390,16 +397,19 @@ async fn a_client_without_a_certificate_cannot_connect() {
         )
         .unwrap()
         .connect_lazy();
+    // The TLS handshake fails: the server demands a certificate.
+    assert_handshake_fails(channel, "CertificateRequired").await;
+}
+
+/// A call on `channel` fails in the TLS handshake, for a reason whose
+/// debug form contains `why`.
+async fn assert_handshake_fails(channel: tonic::transport::Channel, why: &str) {
     let err = VaultServiceClient::new(channel)
         .status(StatusRequest {})
         .await
         .unwrap_err();
-    // The TLS handshake fails: the server demands a certificate.
     assert_eq!(err.code(), Code::Unknown, "{err:?}");
-    assert!(
-        format!("{err:?}").contains("CertificateRequired"),
-        "{err:?}"
-    );
+    assert!(format!("{err:?}").contains(why), "{err:?}");
 }
 
 #[tokio::test]
@@ -409,16 +419,8 @@ async fn a_certificate_from_another_ca_cannot_connect() {
     let channel = tls
         .channel(&format!("https://{}", env.vault.addr), "vault")
         .unwrap();
-    let err = VaultServiceClient::new(channel)
-        .status(StatusRequest {})
-        .await
-        .unwrap_err();
     // The TLS handshake fails: the certificate does not chain to the CA.
-    assert_eq!(err.code(), Code::Unknown, "{err:?}");
-    assert!(
-        format!("{err:?}").contains("received fatal alert"),
-        "{err:?}"
-    );
+    assert_handshake_fails(channel, "received fatal alert").await;
 }
 
 #[tokio::test]

@@ -5,15 +5,16 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     os::unix::fs::PermissionsExt,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
+    time::Duration,
 };
 
 use common::*;
 use twokey_proto::vault::v1::{
     EnrollRequest, GenerateCodeRequest, GrantPurpose, enroll_request::Seed,
 };
+use twokey_testkit::ready;
 
 const SECRET: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBV";
 
@@ -29,10 +30,7 @@ broker_id = "{broker}"
 grant_public_key = "{grant}"
 audit_address = "{audit}"
 [tls]
-cert = "{cert}"
-key = "{key}"
-ca = "{ca}"
-"#,
+{tls}"#,
         td = c.trust_domain,
         data = c.data_dir.display(),
         master = c.master_key_file.display(),
@@ -40,28 +38,26 @@ ca = "{ca}"
         broker = c.broker_id,
         grant = c.grant_public_key,
         audit = c.audit_address,
-        cert = c.tls.cert.display(),
-        key = c.tls.key.display(),
-        ca = c.tls.ca.display(),
+        tls = toml::to_string(&c.tls).unwrap(),
     );
     let path = fx.path().join("vault.toml");
     std::fs::write(&path, text).unwrap();
     path
 }
 
-/// The vault binary with `config`; its log (at trace level) goes to a file
-/// beside the config, so a full pipe can never stall it.
+/// The vault binary with `config`, logging at trace level.
 fn vault_command(config: &std::path::Path) -> Command {
-    let log = std::fs::File::create(log_path(config)).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_twokey-vault"));
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
-        .env("TWOKEY_LOG", "trace")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log);
+        .env("TWOKEY_LOG", "trace");
     cmd
+}
+
+/// A fresh log file beside the config, so a full pipe can never stall the vault.
+fn log_file(config: &std::path::Path) -> std::fs::File {
+    std::fs::File::create(log_path(config)).unwrap()
 }
 
 fn log_path(config: &std::path::Path) -> std::path::PathBuf {
@@ -72,15 +68,16 @@ fn read_log(config: &std::path::Path) -> String {
     std::fs::read_to_string(log_path(config)).unwrap()
 }
 
-/// Waits for the "listening on" line and returns the address.
-fn wait_listening(child: &mut Child) -> std::net::SocketAddr {
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let line = lines.next().expect("vault exited before serving").unwrap();
-    let addr = line
-        .strip_prefix("twokey-vault listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    addr.parse().unwrap()
+/// Starts the vault binary (off the runtime, which keeps serving the fake
+/// audit meanwhile) and waits for its "listening on" line.
+async fn start_vault_process(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
+    let (command, log) = (vault_command(config), log_file(config));
+    tokio::task::spawn_blocking(move || {
+        ready::start(command, "twokey-vault", log, Duration::from_secs(60))
+    })
+    .await
+    .unwrap()
+    .expect("the vault serves")
 }
 
 #[tokio::test]
@@ -88,8 +85,7 @@ async fn the_vault_process_serves_the_broker_and_never_logs_the_seed() {
     let fx = Fixture::new();
     let audit = start_fake_audit(&fx, FakeAudit::default()).await;
     let config = write_config(&fx, audit.addr);
-    let mut child = vault_command(&config).spawn().unwrap();
-    let addr = wait_listening(&mut child);
+    let (mut child, addr) = start_vault_process(&config).await;
 
     let mut client = fx.broker_client(addr);
     let enrolled = client
@@ -135,7 +131,10 @@ async fn the_vault_refuses_a_group_readable_master_key() {
     let config = write_config(&fx, "127.0.0.1:9".parse().unwrap());
     let key = fx.path().join("master.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let output = vault_command(&config).output().unwrap();
+    let output = vault_command(&config)
+        .stderr(log_file(&config))
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let err = read_log(&config);
     assert!(
@@ -149,8 +148,7 @@ async fn the_vault_refuses_a_master_key_that_does_not_match_its_data() {
     let fx = Fixture::new();
     let audit = start_fake_audit(&fx, FakeAudit::default()).await;
     let config = write_config(&fx, audit.addr);
-    let mut child = vault_command(&config).spawn().unwrap();
-    wait_listening(&mut child);
+    let (mut child, _) = start_vault_process(&config).await;
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -159,7 +157,10 @@ async fn the_vault_refuses_a_master_key_that_does_not_match_its_data() {
     twokey_runtime::keys::SecretKey::generate()
         .write(&key)
         .unwrap();
-    let status = vault_command(&config).status().unwrap();
+    let status = vault_command(&config)
+        .stderr(log_file(&config))
+        .status()
+        .unwrap();
     assert!(!status.success());
     let err = read_log(&config);
     assert!(err.contains("master key"), "{err}");

@@ -12,15 +12,19 @@ use std::{
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Status, transport::Channel};
-use twokey_audit::{AuditConfig, StartError};
+use twokey_audit::{
+    AuditConfig, StartError,
+    checkpoint::NoteVerifier,
+    verify::{VerifyReport, verify_log},
+};
 use twokey_proto::audit::v1::{
-    AppendRequest, AppendResponse, LogEntry, QueryRequest, SignedEvent,
-    audit_service_client::AuditServiceClient,
+    AppendRequest, AppendResponse, GetCheckpointRequest, GetCheckpointResponse, LogEntry,
+    QueryRequest, SignedEvent, audit_service_client::AuditServiceClient,
 };
 use twokey_runtime::{
     SpiffeId,
     events::{EventDraft, EventSigner},
-    keys::generate_signing_key,
+    keys::{generate_signing_key, load_signing_key},
     telemetry::LogFormat,
     tls::TlsFiles,
 };
@@ -112,6 +116,37 @@ impl Env {
     pub fn client(&self, addr: SocketAddr, name: &str) -> AuditServiceClient<Channel> {
         AuditServiceClient::new(self.channel(addr, name))
     }
+
+    /// The verifier of this server's checkpoints.
+    pub fn verifier(&self) -> NoteVerifier {
+        NoteVerifier::new(
+            &self.config.origin,
+            load_signing_key(&self.config.checkpoint_key_file)
+                .unwrap()
+                .verifying_key(),
+        )
+        .unwrap()
+    }
+
+    /// Verifies `entries` (signatures, sequence numbers) and that they are
+    /// the log the signed checkpoint `note` covers (or extends it).
+    pub fn verify(&self, entries: &[LogEntry], note: &str) -> VerifyReport {
+        verify_log(entries, &self.source_keys(), Some((note, &self.verifier()))).unwrap()
+    }
+}
+
+/// The latest checkpoint, as auditor `client`.
+pub async fn checkpoint(client: &mut AuditServiceClient<Channel>) -> GetCheckpointResponse {
+    client
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The code of a failed call.
+pub fn code_of<T>(result: Result<T, Status>) -> tonic::Code {
+    result.map(|_| ()).unwrap_err().code()
 }
 
 /// An in-process server; `stop` shuts it down and propagates its result.

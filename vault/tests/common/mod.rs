@@ -4,6 +4,7 @@
 #![allow(dead_code, missing_debug_implementations)]
 
 use std::{
+    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     pin::Pin,
@@ -11,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use ed25519_dalek::{Signer, SigningKey};
+use ed25519_dalek::SigningKey;
 use prost::Message;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::{Stream, StreamExt};
@@ -26,11 +27,15 @@ use twokey_proto::{
     vault::v1::{Grant, GrantPurpose, SignedGrant, vault_service_client::VaultServiceClient},
 };
 use twokey_runtime::{
+    grant::sign_grant,
     keys::{SecretKey, encode_public_key, generate_signing_key},
     time::to_timestamp,
     tls::TlsFiles,
 };
-use twokey_testkit::pki::{DevCa, LeafSpec};
+use twokey_testkit::{
+    grants,
+    pki::{DevCa, LeafSpec},
+};
 use twokey_vault::VaultConfig;
 
 pub const TD: &str = "twokey.test";
@@ -127,21 +132,11 @@ impl Fixture {
     ) -> SignedGrant {
         let issued = SystemTime::now() - issued_ago;
         let grant = Grant {
-            grant_id: uuid_like(),
             purpose: purpose as i32,
-            request_id: "req-1".into(),
-            account_id: account.into(),
-            requester: format!("spiffe://{TD}/user/alice"),
-            approvers: vec![format!("spiffe://{TD}/user/bob")],
-            operator: format!("spiffe://{TD}/user/olivia"),
-            issued_at: Some(to_timestamp(issued)),
             expires_at: Some(to_timestamp(issued + life)),
+            ..grants::release(TD, &uuid_like(), "req-1", account, issued)
         };
-        let bytes = grant.encode_to_vec();
-        SignedGrant {
-            signature: key.sign(&bytes).to_bytes().to_vec(),
-            grant: bytes,
-        }
+        sign_grant(key, &grant)
     }
 }
 
@@ -150,6 +145,25 @@ pub fn uuid_like() -> String {
     let mut b = [0u8; 16];
     rand::rngs::OsRng.fill_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Methods of the fake audit that answer UNIMPLEMENTED (written as
+/// `async_trait` expands them, since it does not see into a macro).
+macro_rules! not_served {
+    ($($method:ident($request:ty) -> $response:ty;)*) => {
+        $(
+            fn $method<'life0, 'async_trait>(
+                &'life0 self,
+                _: Request<$request>,
+            ) -> Pin<Box<dyn Future<Output = Result<Response<$response>, Status>> + Send + 'async_trait>>
+            where
+                'life0: 'async_trait,
+                Self: 'async_trait,
+            {
+                Box::pin(async { Err(Status::unimplemented("fake")) })
+            }
+        )*
+    };
 }
 
 /// A stand-in audit service: acknowledges every event as stored, in order,
@@ -202,23 +216,10 @@ impl AuditService for FakeAudit {
     async fn query(&self, _: Request<QueryRequest>) -> Result<Response<Self::QueryStream>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn get_checkpoint(
-        &self,
-        _: Request<GetCheckpointRequest>,
-    ) -> Result<Response<GetCheckpointResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_inclusion_proof(
-        &self,
-        _: Request<GetInclusionProofRequest>,
-    ) -> Result<Response<GetInclusionProofResponse>, Status> {
-        Err(Status::unimplemented("fake"))
-    }
-    async fn get_consistency_proof(
-        &self,
-        _: Request<GetConsistencyProofRequest>,
-    ) -> Result<Response<GetConsistencyProofResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+    not_served! {
+        get_checkpoint(GetCheckpointRequest) -> GetCheckpointResponse;
+        get_inclusion_proof(GetInclusionProofRequest) -> GetInclusionProofResponse;
+        get_consistency_proof(GetConsistencyProofRequest) -> GetConsistencyProofResponse;
     }
 }
 
@@ -231,6 +232,20 @@ pub struct Running {
 }
 
 impl Running {
+    /// Runs the server `serve` makes (given the signal that stops it) as a
+    /// task, for the server on `addr`.
+    fn spawn<F>(addr: SocketAddr, serve: impl FnOnce(oneshot::Receiver<()>) -> F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, stopped) = oneshot::channel();
+        Self {
+            addr,
+            stop: Some(stop),
+            join: Some(tokio::spawn(serve(stopped))),
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
@@ -264,46 +279,34 @@ pub async fn start_fake_audit_on(fx: &Fixture, mut audit: FakeAudit, addr: &str)
         .tls("audit")
         .server_tls(twokey_runtime::tls::ClientAuth::Required)
         .unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
     let (stop_streams, stopping) = tokio::sync::watch::channel(false);
     audit.stopping = Some(stopping);
-    let join = tokio::spawn(async move {
+    Running::spawn(addr, |stop| async move {
         tonic::transport::Server::builder()
             .add_service(AuditServiceServer::new(audit))
             .serve_with_incoming_shutdown(
                 twokey_runtime::serve::incoming(listener, tls),
                 async move {
-                    let _ = rx.await;
+                    let _ = stop.await;
                     let _ = stop_streams.send(true);
                 },
             )
             .await
             .unwrap();
-    });
-    Running {
-        addr,
-        stop: Some(tx),
-        join: Some(join),
-    }
+    })
 }
 
 /// Serves a vault in-process with `config`.
 pub async fn start_vault(config: VaultConfig) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let join = tokio::spawn(async move {
+    Running::spawn(addr, |stop| async move {
         twokey_vault::serve(config, listener, async {
-            let _ = rx.await;
+            let _ = stop.await;
         })
         .await
         .unwrap();
-    });
-    Running {
-        addr,
-        stop: Some(tx),
-        join: Some(join),
-    }
+    })
 }
 
 /// A certificate from another CA, carrying the broker's SPIFFE ID.
