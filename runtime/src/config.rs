@@ -71,13 +71,30 @@ pub fn load<T: DeserializeOwned>(
     }
     T::deserialize(toml::Value::Table(table)).map_err(|e| {
         let mut message = e.to_string().trim().replace('\n', " ");
-        if message.contains("missing field") {
-            message.push_str(&format!(
-                "; set it in the config file, with its --flag, or with {env_prefix}<FIELD>"
-            ));
+        if let Some(field) = missing_field(&message) {
+            // The override that sets it names its flag and variable; a field
+            // without one is set in the file only.
+            let key = overrides
+                .iter()
+                .map(|(k, _)| *k)
+                .find(|k| k.rsplit('.').next() == Some(field));
+            message.push_str(&match key {
+                Some(key) => format!(
+                    "; set it in the config file, with --{} or with {env_prefix}{}",
+                    key.replace(['.', '_'], "-"),
+                    key.replace('.', "_").to_uppercase()
+                ),
+                None => format!("; set `{field}` in the config file"),
+            });
         }
         ConfigError::Invalid { origin, message }
     })
+}
+
+/// The field serde's "missing field `x`" message names.
+fn missing_field(message: &str) -> Option<&str> {
+    let rest = message.split("missing field `").nth(1)?;
+    rest.split('`').next()
 }
 
 /// A string override.
@@ -128,6 +145,13 @@ mod tests {
             err.contains("missing field `tls`") && err.contains("c.toml"),
             "{err}"
         );
+
+        // A missing field names the flag and variable that set it.
+        std::fs::write(&file, "[tls]\ncert = \"x\"\n").unwrap();
+        let err = load::<Sample>(Some(&file), &[("listen", None)], "T_")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--listen or with T_LISTEN"), "{err}");
 
         std::fs::write(&file, "listen = \"a\"\nbogus = 1\n[tls]\ncert = \"x\"\n").unwrap();
         let err = load::<Sample>(Some(&file), &[], "T_")

@@ -40,7 +40,7 @@ pub enum GrantError {
     #[error("grant {0} has expired; ask the broker for a new release")]
     Expired(String),
     /// Lives longer than allowed.
-    #[error("grant {0} lives longer than the vault accepts; refused")]
+    #[error("grant {0} lives longer than {max} s; refused", max = MAX_GRANT_LIFETIME.as_secs())]
     TooLongLived(String),
     /// Issued in the future.
     #[error("grant {0} is issued in the future; check the broker's and vault's clocks")]

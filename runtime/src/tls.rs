@@ -79,6 +79,7 @@ pub struct ServerTls {
 
 /// The three PEM files of a TLS identity.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     /// This process's certificate chain.
     pub cert: PathBuf,
