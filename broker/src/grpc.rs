@@ -173,7 +173,7 @@ impl BrokerGrpc {
 }
 
 macro_rules! rpc {
-    ($self:ident, $request:ident, $name:literal, |$caller:ident, $msg:ident| $call:expr) => {{
+    ($self:ident, $request:ident, $name:expr, |$caller:ident, $msg:ident| $call:expr) => {{
         let $caller = $self.auth.authenticate(&$request)?;
         let (request_id, account_id) = CallIds::ids($request.get_ref());
         twokey_runtime::trace::record_ids(request_id, account_id);
@@ -192,182 +192,72 @@ macro_rules! rpc {
 
 /// The request and account a call names, recorded on its server span.
 trait CallIds {
-    fn ids(&self) -> (&str, &str) {
-        ("", "")
-    }
+    fn ids(&self) -> (&str, &str);
 }
 
 macro_rules! call_ids {
-    (request: $($r:ty),*; account: $($a:ty),*; neither: $($n:ty),*) => {
-        $(impl CallIds for $r {
-            fn ids(&self) -> (&str, &str) {
-                (&self.request_id, "")
-            }
-        })*
-        $(impl CallIds for $a {
-            fn ids(&self) -> (&str, &str) {
-                ("", &self.account_id)
-            }
-        })*
-        $(impl CallIds for $n {})*
+    ($m:ident, request) => {
+        (&$m.request_id, "")
+    };
+    ($m:ident, account) => {
+        ("", &$m.account_id)
+    };
+    ($m:ident, neither) => {
+        ("", "")
     };
 }
-
-call_ids!(
-    request: pb::GetRequestRequest, pb::ApproveRequestRequest, pb::DenyRequestRequest,
-        pb::CancelRequestRequest, pb::VerifyPinRequest, pb::ResendPinRequest,
-        pb::ReleaseCodeRequest;
-    account: pb::CreateRequestRequest, pb::ListRequestsRequest, pb::WatchRequestsRequest,
-        pb::EnrollAccountRequest, pb::RemoveAccountRequest;
-    neither: pb::WhoAmIRequest, pb::ListAccountsRequest
-);
 
 /// The stream type of `WatchRequests`.
 pub type WatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchRequestsResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl BrokerService for BrokerGrpc {
-    async fn who_am_i(
-        &self,
-        request: Request<pb::WhoAmIRequest>,
-    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
-        rpc!(self, request, "WhoAmI", |caller, _m| Ok::<_, BrokerError>(
-            self.broker.who_am_i(&caller)
-        ))
-    }
+/// The service from the one RPC table ([`crate::rpc`]): every unary method
+/// authenticates, records its ids and calls the same-named `Broker`
+/// function; `WatchRequests` adapts the change stream.
+macro_rules! grpc_service {
+    (
+        unary: [$(($name:ident, $f:ident, $req:ident, $resp:ident, $ids:ident)),* $(,)?],
+        streaming: [$(($sname:ident, $sf:ident, $sreq:ident, $sresp:ident, $sids:ident)),* $(,)?] $(,)?
+    ) => {
+        $(impl CallIds for pb::$req {
+            fn ids(&self) -> (&str, &str) {
+                call_ids!(self, $ids)
+            }
+        })*
+        $(impl CallIds for pb::$sreq {
+            fn ids(&self) -> (&str, &str) {
+                call_ids!(self, $sids)
+            }
+        })*
 
-    async fn create_request(
-        &self,
-        request: Request<pb::CreateRequestRequest>,
-    ) -> Result<Response<pb::CreateRequestResponse>, Status> {
-        rpc!(self, request, "CreateRequest", |caller, m| self
-            .broker
-            .create_request(&caller, m)
-            .await)
-    }
+        #[tonic::async_trait]
+        impl BrokerService for BrokerGrpc {
+            $(async fn $f(
+                &self,
+                request: Request<pb::$req>,
+            ) -> Result<Response<pb::$resp>, Status> {
+                rpc!(self, request, stringify!($name), |caller, m| self
+                    .broker
+                    .$f(&caller, m)
+                    .await)
+            })*
 
-    async fn get_request(
-        &self,
-        request: Request<pb::GetRequestRequest>,
-    ) -> Result<Response<pb::GetRequestResponse>, Status> {
-        rpc!(self, request, "GetRequest", |caller, m| self
-            .broker
-            .get_request(&caller, m)
-            .await)
-    }
-
-    async fn list_requests(
-        &self,
-        request: Request<pb::ListRequestsRequest>,
-    ) -> Result<Response<pb::ListRequestsResponse>, Status> {
-        rpc!(self, request, "ListRequests", |caller, m| self
-            .broker
-            .list_requests(&caller, m))
-    }
-
-    type WatchRequestsStream = WatchStream;
+            type WatchRequestsStream = WatchStream;
 
     async fn watch_requests(
-        &self,
-        request: Request<pb::WatchRequestsRequest>,
-    ) -> Result<Response<Self::WatchRequestsStream>, Status> {
-        rpc!(self, request, "WatchRequests", |caller, m| self
-            .broker
-            .watch_requests(&caller, m)
-            .map(|s| Box::pin(s.map(Ok)) as WatchStream))
-    }
-
-    async fn approve_request(
-        &self,
-        request: Request<pb::ApproveRequestRequest>,
-    ) -> Result<Response<pb::ApproveRequestResponse>, Status> {
-        rpc!(self, request, "ApproveRequest", |caller, m| self
-            .broker
-            .approve_request(&caller, m)
-            .await)
-    }
-
-    async fn deny_request(
-        &self,
-        request: Request<pb::DenyRequestRequest>,
-    ) -> Result<Response<pb::DenyRequestResponse>, Status> {
-        rpc!(self, request, "DenyRequest", |caller, m| self
-            .broker
-            .deny_request(&caller, m)
-            .await)
-    }
-
-    async fn cancel_request(
-        &self,
-        request: Request<pb::CancelRequestRequest>,
-    ) -> Result<Response<pb::CancelRequestResponse>, Status> {
-        rpc!(self, request, "CancelRequest", |caller, m| self
-            .broker
-            .cancel_request(&caller, m)
-            .await)
-    }
-
-    async fn verify_pin(
-        &self,
-        request: Request<pb::VerifyPinRequest>,
-    ) -> Result<Response<pb::VerifyPinResponse>, Status> {
-        rpc!(self, request, "VerifyPin", |caller, m| self
-            .broker
-            .verify_pin(&caller, m)
-            .await)
-    }
-
-    async fn resend_pin(
-        &self,
-        request: Request<pb::ResendPinRequest>,
-    ) -> Result<Response<pb::ResendPinResponse>, Status> {
-        rpc!(self, request, "ResendPin", |caller, m| self
-            .broker
-            .resend_pin(&caller, m)
-            .await)
-    }
-
-    async fn release_code(
-        &self,
-        request: Request<pb::ReleaseCodeRequest>,
-    ) -> Result<Response<pb::ReleaseCodeResponse>, Status> {
-        rpc!(self, request, "ReleaseCode", |caller, m| self
-            .broker
-            .release_code(&caller, m)
-            .await)
-    }
-
-    async fn enroll_account(
-        &self,
-        request: Request<pb::EnrollAccountRequest>,
-    ) -> Result<Response<pb::EnrollAccountResponse>, Status> {
-        rpc!(self, request, "EnrollAccount", |caller, m| self
-            .broker
-            .enroll_account(&caller, m)
-            .await)
-    }
-
-    async fn list_accounts(
-        &self,
-        request: Request<pb::ListAccountsRequest>,
-    ) -> Result<Response<pb::ListAccountsResponse>, Status> {
-        rpc!(self, request, "ListAccounts", |caller, m| self
-            .broker
-            .list_accounts(&caller, m)
-            .await)
-    }
-
-    async fn remove_account(
-        &self,
-        request: Request<pb::RemoveAccountRequest>,
-    ) -> Result<Response<pb::RemoveAccountResponse>, Status> {
-        rpc!(self, request, "RemoveAccount", |caller, m| self
-            .broker
-            .remove_account(&caller, m)
-            .await)
-    }
+            &self,
+            request: Request<pb::WatchRequestsRequest>,
+        ) -> Result<Response<Self::WatchRequestsStream>, Status> {
+            rpc!(self, request, "WatchRequests", |caller, m| self
+                .broker
+                .watch_requests(&caller, m)
+                .map(|s| Box::pin(s.map(Ok)) as WatchStream))
+        }
+        }
+    };
 }
+
+crate::rpc::broker_rpcs!(grpc_service);
 
 #[cfg(test)]
 mod tests {

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pin;
 pub mod policy;
+pub mod rpc;
 pub mod service;
 pub mod state;
 pub mod store;

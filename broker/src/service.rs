@@ -237,8 +237,12 @@ impl Broker {
     }
 
     /// The caller's identity, policy name, groups and roles.
-    pub fn who_am_i(&self, caller: &SpiffeId) -> pb::WhoAmIResponse {
-        pb::WhoAmIResponse {
+    pub async fn who_am_i(
+        &self,
+        caller: &SpiffeId,
+        _req: pb::WhoAmIRequest,
+    ) -> Result<pb::WhoAmIResponse, BrokerError> {
+        Ok(pb::WhoAmIResponse {
             identity: caller.to_string(),
             name: self.policy.name_of(caller).unwrap_or_default().to_owned(),
             accounts: self
@@ -256,7 +260,7 @@ impl Broker {
                 })
                 .collect(),
             groups: self.policy.groups_of(caller),
-        }
+        })
     }
 
     /// Files a request (requester, or intake on a requester's behalf).
@@ -348,7 +352,7 @@ impl Broker {
 
     /// Requests the caller may see, newest first, a page at a time. Requests
     /// whose time ran out show as EXPIRED even before the sweeper stores it.
-    pub fn list_requests(
+    pub async fn list_requests(
         &self,
         caller: &SpiffeId,
         req: pb::ListRequestsRequest,

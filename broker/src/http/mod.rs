@@ -307,54 +307,26 @@ impl HttpApi {
     /// layer, encodes the answer.
     async fn call(&self, method: &str, caller: &SpiffeId, body: &[u8]) -> Result<Vec<u8>, Failure> {
         let b = &*self.broker;
-        match method {
-            "WhoAmI" => {
-                unary(body, |_: pb::WhoAmIRequest| async {
-                    Ok(b.who_am_i(caller))
-                })
-                .await
-            }
-            "CreateRequest" => unary(body, |m| b.create_request(caller, m)).await,
-            "GetRequest" => unary(body, |m| b.get_request(caller, m)).await,
-            "ListRequests" => unary(body, |m| async move { b.list_requests(caller, m) }).await,
-            "ApproveRequest" => unary(body, |m| b.approve_request(caller, m)).await,
-            "DenyRequest" => unary(body, |m| b.deny_request(caller, m)).await,
-            "CancelRequest" => unary(body, |m| b.cancel_request(caller, m)).await,
-            "VerifyPin" => unary(body, |m| b.verify_pin(caller, m)).await,
-            "ResendPin" => unary(body, |m| b.resend_pin(caller, m)).await,
-            "ReleaseCode" => unary(body, |m| b.release_code(caller, m)).await,
-            "EnrollAccount" => unary(body, |m| b.enroll_account(caller, m)).await,
-            "ListAccounts" => unary(body, |m| b.list_accounts(caller, m)).await,
-            "RemoveAccount" => unary(body, |m| b.remove_account(caller, m)).await,
-            other => Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no method {other:?}"),
-            )),
+        macro_rules! dispatch {
+            (
+                unary: [$(($name:ident, $f:ident, $($_u:tt)*)),* $(,)?],
+                streaming: [$($_s:tt)*] $(,)?
+            ) => {
+                match method {
+                    $(stringify!($name) => unary(body, |m| b.$f(caller, m)).await,)*
+                    other => Err(Failure::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no method {other:?}"),
+                    )),
+                }
+            };
         }
+        crate::rpc::broker_rpcs!(dispatch)
     }
 }
 
-/// The unary methods served over HTTP (every unary method of the service;
-/// a test checks this against the descriptors).
-pub const UNARY: &[&str] = &[
-    "WhoAmI",
-    "CreateRequest",
-    "GetRequest",
-    "ListRequests",
-    "ApproveRequest",
-    "DenyRequest",
-    "CancelRequest",
-    "VerifyPin",
-    "ResendPin",
-    "ReleaseCode",
-    "EnrollAccount",
-    "ListAccounts",
-    "RemoveAccount",
-];
-
-/// Server-streaming methods, served as Server-Sent Events.
-pub const STREAMING: &[&str] = &["WatchRequests"];
+pub use crate::rpc::{STREAMING, UNARY};
 
 async fn unary<Req, Resp, F, Fut>(body: &[u8], f: F) -> Result<Vec<u8>, Failure>
 where
