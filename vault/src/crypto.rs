@@ -2,67 +2,32 @@
 //! random 192-bit nonce per seal and the account id as associated data, so a
 //! sealed seed cannot be moved to another account.
 
-use chacha20poly1305::{
-    KeyInit, XChaCha20Poly1305, XNonce,
-    aead::{Aead, AeadCore, OsRng, Payload},
+use twokey_runtime::{
+    keys::SecretKey,
+    seal::{OpenError, Sealer},
 };
-use twokey_runtime::keys::SecretKey;
 use zeroize::Zeroizing;
 
-const NONCE_LEN: usize = 24;
 const AAD_PREFIX: &[u8] = b"twokey-seed-v1\0";
 const KEY_CHECK_AAD: &[u8] = b"twokey-key-check-v1\0";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"twokey master key check";
 
-/// The sealed bytes do not open under this key for this account.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("sealed data does not open with this master key")]
-pub struct OpenError;
-
 /// The key that seals every seed. Kept outside sled; Debug is redacted.
 #[derive(Debug, Clone)]
-pub struct MasterKey(SecretKey);
+pub struct MasterKey(Sealer);
 
 impl MasterKey {
     /// Wraps a loaded key.
     pub fn new(key: SecretKey) -> Self {
-        Self(key)
-    }
-
-    fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new(self.0.expose().into())
+        Self(Sealer::new(&key))
     }
 
     fn seal_with(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-        let ciphertext = self
-            .cipher()
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: plaintext,
-                    aad,
-                },
-            )
-            .expect("XChaCha20-Poly1305 encryption of a bounded message cannot fail");
-        [nonce.as_slice(), &ciphertext].concat()
+        self.0.seal(aad, plaintext)
     }
 
     fn open_with(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, OpenError> {
-        if sealed.len() < NONCE_LEN + 16 {
-            return Err(OpenError);
-        }
-        let (nonce, ciphertext) = sealed.split_at(NONCE_LEN);
-        self.cipher()
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad,
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| OpenError)
+        self.0.open(aad, sealed)
     }
 
     /// Seals a seed for `account_id`.

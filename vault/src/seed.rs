@@ -5,6 +5,7 @@
 use std::fmt;
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use secrecy::{ExposeSecret, SecretSlice};
 use zeroize::Zeroizing;
 
 /// Shortest seed accepted: 80 bits (GitHub and others issue them).
@@ -127,9 +128,23 @@ impl TotpParams {
     }
 }
 
-/// Raw seed bytes. Zeroized on drop; Debug prints `[redacted]`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Seed(Zeroizing<Vec<u8>>);
+/// Raw seed bytes, held in a `secrecy` box: zeroized on drop, read only
+/// through [`Seed::expose`]; Debug prints `[redacted]`.
+pub struct Seed(SecretSlice<u8>);
+
+impl Clone for Seed {
+    fn clone(&self) -> Self {
+        Self(self.expose().to_vec().into())
+    }
+}
+
+impl PartialEq for Seed {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Seed {}
 
 impl fmt::Debug for Seed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -140,9 +155,10 @@ impl fmt::Debug for Seed {
 impl Seed {
     /// A seed from raw bytes, checking its length.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, SeedError> {
-        let bytes = Zeroizing::new(bytes);
-        if !(MIN_SEED_BYTES..=MAX_SEED_BYTES).contains(&bytes.len()) {
-            return Err(SeedError::BadLength(bytes.len() * 8));
+        let bytes = SecretSlice::from(bytes);
+        let len = bytes.expose_secret().len();
+        if !(MIN_SEED_BYTES..=MAX_SEED_BYTES).contains(&len) {
+            return Err(SeedError::BadLength(len * 8));
         }
         Ok(Self(bytes))
     }
@@ -163,17 +179,17 @@ impl Seed {
 
     /// The seed bytes.
     pub fn expose(&self) -> &[u8] {
-        &self.0
+        self.0.expose_secret()
     }
 
     /// Length in bits.
     pub fn bits(&self) -> usize {
-        self.0.len() * 8
+        self.expose().len() * 8
     }
 
     /// True when shorter than 128 bits.
     pub fn is_weak(&self) -> bool {
-        self.0.len() < STRONG_SEED_BYTES
+        self.expose().len() < STRONG_SEED_BYTES
     }
 }
 
