@@ -198,38 +198,7 @@ pub fn valid_account_id(id: &str) -> bool {
 }
 
 /// Parses a duration such as `90s`, `15m`, `1h`, `1h30m` or `2d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text.is_empty() {
-        return Err("empty duration; write e.g. \"15m\" or \"1h\"".into());
-    }
-    let mut total = 0u64;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(format!("unknown unit {c:?} in {text:?}; use s, m, h or d")),
-        };
-        let n: u64 = number
-            .parse()
-            .map_err(|_| format!("{text:?} is not a duration; write e.g. \"15m\" or \"1h\""))?;
-        total = total.saturating_add(n.saturating_mul(unit));
-        number.clear();
-    }
-    if !number.is_empty() {
-        return Err(format!(
-            "{text:?} lacks a unit; write e.g. \"{number}s\" or \"{number}m\""
-        ));
-    }
-    Ok(Duration::from_secs(total))
-}
+pub use twokey_runtime::time::parse_duration;
 
 impl Policy {
     /// Reads and validates a policy file.

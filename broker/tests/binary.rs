@@ -128,9 +128,7 @@ dir = "mailbox"
         .await
         .unwrap()
         .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("twokey-broker listening on ")
+    let addr = twokey_testkit::ready::announced_addr(&line, "twokey-broker")
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
     let channel = TlsFiles::in_dir(root, "alice")
