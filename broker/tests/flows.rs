@@ -15,24 +15,14 @@ use twokey_proto::broker::v1 as pb;
 async fn two_approvals_are_needed_when_the_policy_says_two() {
     let h = Harness::start().await;
     let id = file(&h, "alice", AUDIT).await;
-    let r = approve(&h, "bob", &id)
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(approve(&h, "bob", &id).await);
     assert_eq!(state_of(&r), pb::RequestState::Pending);
     assert_eq!((r.approvals.len(), r.approvals_required), (1, 2));
     assert!(
         h.pins_in_mailbox("alice", &id).is_empty(),
         "no PIN before the threshold"
     );
-    let r = approve(&h, "dave", &id)
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(approve(&h, "dave", &id).await);
     assert_eq!(state_of(&r), pb::RequestState::Approved);
     let approvers: Vec<&str> = r.approvals.iter().map(|a| a.approver.as_str()).collect();
     assert_eq!(
@@ -149,14 +139,11 @@ async fn an_intake_service_files_on_a_requesters_behalf_only() {
         Code::PermissionDenied,
         "a requester is not an intake service"
     );
-    let r = h
-        .client("bpm")
-        .create_request(create("spiffe://twokey.local/user/alice"))
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(
+        h.client("bpm")
+            .create_request(create("spiffe://twokey.local/user/alice"))
+            .await,
+    );
     approve(&h, "bob", &r.request_id).await.unwrap();
     // The PIN goes to the requester, not to the intake service.
     h.wait_for_pin("alice", &r.request_id, 1).await;

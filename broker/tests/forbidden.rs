@@ -66,19 +66,16 @@ async fn operator_cannot_be_an_approver_of_the_request() {
 #[tokio::test]
 async fn intake_service_cannot_approve() {
     let h = Harness::start().await;
-    let r = h
-        .client("bpm")
-        .create_request(pb::CreateRequestRequest {
-            account_id: PROD.into(),
-            reason: "ticket OPS-7".into(),
-            ticket: "OPS-7".into(),
-            on_behalf_of: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(
+        h.client("bpm")
+            .create_request(pb::CreateRequestRequest {
+                account_id: PROD.into(),
+                reason: "ticket OPS-7".into(),
+                ticket: "OPS-7".into(),
+                on_behalf_of: "alice".into(),
+            })
+            .await,
+    );
     assert_eq!(r.requester, "spiffe://twokey.local/user/alice");
     assert_eq!(r.filed_by, "spiffe://twokey.local/svc/bpm");
     let (code, message) = code_of(approve(&h, "bpm", &r.request_id).await);
@@ -174,12 +171,7 @@ async fn the_old_pin_fails_after_a_resend() {
         let (code, message) = code_of(verify(&h, "olivia", &id, &old).await);
         assert_eq!(code, Code::InvalidArgument, "{message}");
     }
-    let r = verify(&h, "olivia", &id, &new)
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(verify(&h, "olivia", &id, &new).await);
     assert_eq!(state_of(&r), pb::RequestState::Verified);
     h.shutdown().await;
 }
@@ -328,17 +320,14 @@ async fn cancel_and_deny_are_final() {
             .await,
     );
     assert_eq!(code, Code::PermissionDenied, "only the requester cancels");
-    let r = h
-        .client("alice")
-        .cancel_request(pb::CancelRequestRequest {
-            request_id: id.clone(),
-            reason: "not needed".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(
+        h.client("alice")
+            .cancel_request(pb::CancelRequestRequest {
+                request_id: id.clone(),
+                reason: "not needed".into(),
+            })
+            .await,
+    );
     assert_eq!(state_of(&r), pb::RequestState::Cancelled);
     let (code, _) = code_of(approve(&h, "bob", &id).await);
     assert_eq!(code, Code::FailedPrecondition);
@@ -353,17 +342,14 @@ async fn cancel_and_deny_are_final() {
             .await,
     );
     assert_eq!(code, Code::InvalidArgument, "a denial needs a reason");
-    let r = h
-        .client("bob")
-        .deny_request(pb::DenyRequestRequest {
-            request_id: id.clone(),
-            reason: "no change window".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(
+        h.client("bob")
+            .deny_request(pb::DenyRequestRequest {
+                request_id: id.clone(),
+                reason: "no change window".into(),
+            })
+            .await,
+    );
     assert_eq!(state_of(&r), pb::RequestState::Denied);
     let (code, _) = code_of(approve(&h, "dave", &id).await);
     assert_eq!(code, Code::FailedPrecondition);

@@ -132,6 +132,50 @@ fn start_on_tmpfs(svc: &str) -> Option<(Mount, System)> {
 /// Every code the test received has the vault's `code.released` (same
 /// request) in the log, the log verifies (also against `earlier`), the
 /// auditor's earlier read is a prefix, and requests obey the state machine.
+/// A system with `svc`'s data on a small tmpfs, a 1 s audit wait in the
+/// vault, an enrolled account and a verified request; the log's checkpoint
+/// and entries before any fault.
+struct Verified {
+    mount: Mount,
+    sys: System,
+    request: twokey_proto::broker::v1::Request,
+    checkpoint: String,
+    read_before: Vec<twokey_proto::audit::v1::LogEntry>,
+}
+
+async fn verified_on_tmpfs(svc: &str) -> Option<Verified> {
+    let (mount, mut sys) = start_on_tmpfs(svc)?;
+    sys.set_vault_ack_timeout(1000);
+    sys.enroll().await;
+    let request = sys.verified_request("disk fault test").await;
+    let checkpoint = sys.checkpoint().await;
+    let read_before = sys.log().await;
+    Some(Verified {
+        mount,
+        sys,
+        request,
+        checkpoint,
+        read_before,
+    })
+}
+
+/// While a service cannot store: the release fails closed with UNAVAILABLE
+/// and the request keeps its code for later. Returns the refusal.
+async fn no_code_meanwhile(sys: &System, request_id: &str, when: &str) -> tonic::Status {
+    let err = sys
+        .release_as_operator(request_id)
+        .await
+        .expect_err("a code while a service cannot store");
+    assert_eq!(err.code(), Code::Unavailable, "{when}: {err:?}");
+    let now = get(sys, request_id).await;
+    assert_eq!(
+        (now.state(), now.codes_released),
+        (RequestState::Verified, 0),
+        "{when}"
+    );
+    err
+}
+
 /// After recovery: the verified request releases a valid code, and the log
 /// holds its evidence and everything read before the fault.
 async fn released_with_evidence(
@@ -182,52 +226,39 @@ fn assert_clear(err: &tonic::Status, codes: &[Code]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn audit_out_of_space_means_no_code_and_recovers_once_space_returns() {
-    let Some((mount, mut sys)) = start_on_tmpfs("audit") else {
+    let Some(mut v) = verified_on_tmpfs("audit").await else {
         return;
     };
-    sys.set_vault_ack_timeout(1000);
-    sys.enroll().await;
-    let r = sys.verified_request("disk fault test").await;
-    let checkpoint = sys.checkpoint().await;
-    let read_before = sys.log().await;
 
-    let filler = mount.fill();
-    let err = sys
-        .release_as_operator(&r.request_id)
-        .await
-        .expect_err("a code while audit cannot store its event");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let filler = v.mount.fill();
+    let err = no_code_meanwhile(&v.sys, &v.request.request_id, "audit full").await;
     assert!(
         err.message().contains("audit unavailable"),
         "{}",
         err.message()
     );
-    let now = get(&sys, &r.request_id).await;
-    assert_eq!(
-        (now.state(), now.codes_released),
-        (RequestState::Verified, 0)
-    );
     // Audit itself answers with a clear status, not a hang or a crash.
     let read = bounded(
-        sys.audit("carol")
+        v.sys
+            .audit("carol")
             .get_checkpoint(twokey_proto::audit::v1::GetCheckpointRequest {}),
     )
     .await;
     if let Err(e) = &read {
         assert_clear(e, &[Code::Internal, Code::Unavailable]);
     }
-    assert!(sys.local.pid("audit").is_some());
+    assert!(v.sys.local.pid("audit").is_some());
 
     // Space returns. sled keeps the I/O error it met (every later call
     // fails with it), so the service recovers on its restart — as a
     // supervisor would do — and nothing it acknowledged is lost.
     std::fs::remove_file(filler).expect("remove filler");
-    sys.crash_and_restart("audit");
+    v.sys.crash_and_restart("audit");
     released_with_evidence(
-        &sys,
-        &r.request_id,
-        checkpoint,
-        &read_before,
+        &v.sys,
+        &v.request.request_id,
+        v.checkpoint,
+        &v.read_before,
         "space returned",
     )
     .await;
@@ -245,88 +276,80 @@ enum Fault {
 /// usable again it starts on its old data, releases work, nothing is lost.
 async fn refused_start_then_recovery(svc: &str, fault: Fault) {
     let when = format!("{svc} {fault:?}");
-    let Some((mount, mut sys)) = start_on_tmpfs(svc) else {
+    let Some(mut v) = verified_on_tmpfs(svc).await else {
         return;
     };
-    sys.set_vault_ack_timeout(1000);
-    sys.enroll().await;
-    let r = sys.verified_request("disk fault test").await;
-    let checkpoint = sys.checkpoint().await;
-    let read_before = sys.log().await;
 
     // The service restarts (a crash, an upgrade) onto the bad disk.
     // A read-only remount needs no file open for writing, so this is
     // where it happens.
-    sys.local.kill(svc);
+    v.sys.local.kill(svc);
     let filler = match fault {
-        Fault::Full => Some(mount.fill()),
+        Fault::Full => Some(v.mount.fill()),
         Fault::ReadOnly => {
-            mount.remount("ro");
+            v.mount.remount("ro");
             None
         }
     };
-    let refused = sys
+    let refused = v
+        .sys
         .local
         .restart(&twokey_e2e::bin_dir(), svc)
         .expect_err("a service started on an unusable data directory");
-    let log = std::fs::read_to_string(sys.local.dir.join("logs").join(format!("{svc}.log")))
+    let log = std::fs::read_to_string(v.sys.local.dir.join("logs").join(format!("{svc}.log")))
         .expect("service log");
     let cause = match fault {
         Fault::Full => "No space left on device",
         Fault::ReadOnly => "Read-only file system",
     };
     assert!(
-        log.contains(cause) && log.contains(&*mount.0.to_string_lossy()),
+        log.contains(cause) && log.contains(&*v.mount.0.to_string_lossy()),
         "{when}: the refusal names neither the cause nor the directory: {refused}\n{log}"
     );
 
     // Meanwhile no code: the release fails closed with UNAVAILABLE and
     // the request keeps its code for later.
-    let err = sys
-        .release_as_operator(&r.request_id)
-        .await
-        .expect_err("a code with a service down");
-    assert_eq!(err.code(), Code::Unavailable, "{when}: {err:?}");
-    let now = get(&sys, &r.request_id).await;
-    assert_eq!(
-        (now.state(), now.codes_released),
-        (RequestState::Verified, 0),
-        "{when}"
-    );
+    no_code_meanwhile(&v.sys, &v.request.request_id, &when).await;
 
     // Space returns: the service starts on its old data, releases work.
     match filler {
         Some(f) => std::fs::remove_file(f).expect("remove filler"),
-        None => mount.remount("rw"),
+        None => v.mount.remount("rw"),
     }
-    sys.local
+    v.sys
+        .local
         .restart(&twokey_e2e::bin_dir(), svc)
         .unwrap_or_else(|e| {
             let log =
-                std::fs::read_to_string(sys.local.dir.join("logs").join(format!("{svc}.log")))
+                std::fs::read_to_string(v.sys.local.dir.join("logs").join(format!("{svc}.log")))
                     .unwrap_or_default();
             panic!("{when}: no start once space returned: {e}\n{log}")
         });
-    released_with_evidence(&sys, &r.request_id, checkpoint, &read_before, &when).await;
+    released_with_evidence(
+        &v.sys,
+        &v.request.request_id,
+        v.checkpoint,
+        &v.read_before,
+        &when,
+    )
+    .await;
     println!("{when}: refused to start ({cause}), recovered");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_vault_on_a_full_disk_refuses_to_start_clearly_and_recovers() {
-    refused_start_then_recovery("vault", Fault::Full).await;
+/// One test per service and fault: the start is refused clearly, then the
+/// service recovers on its old data once the disk is usable again.
+macro_rules! refused_start_tests {
+    ($($name:ident: $svc:literal, $fault:expr;)+) => {$(
+        #[tokio::test(flavor = "multi_thread")]
+        async fn $name() {
+            refused_start_then_recovery($svc, $fault).await;
+        }
+    )+};
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_vault_on_a_read_only_disk_refuses_to_start_clearly_and_recovers() {
-    refused_start_then_recovery("vault", Fault::ReadOnly).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_audit_on_a_full_disk_refuses_to_start_clearly_and_recovers() {
-    refused_start_then_recovery("audit", Fault::Full).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_audit_on_a_read_only_disk_refuses_to_start_clearly_and_recovers() {
-    refused_start_then_recovery("audit", Fault::ReadOnly).await;
+refused_start_tests! {
+    a_vault_on_a_full_disk_refuses_to_start_clearly_and_recovers: "vault", Fault::Full;
+    a_vault_on_a_read_only_disk_refuses_to_start_clearly_and_recovers: "vault", Fault::ReadOnly;
+    an_audit_on_a_full_disk_refuses_to_start_clearly_and_recovers: "audit", Fault::Full;
+    an_audit_on_a_read_only_disk_refuses_to_start_clearly_and_recovers: "audit", Fault::ReadOnly;
 }

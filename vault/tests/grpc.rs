@@ -210,8 +210,7 @@ async fn malformed_seeds_are_invalid_arguments_with_a_reason() {
         .enroll(enroll("Bad Id", &aws_uri()))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("account id"));
+    assert_refused(&err, Code::InvalidArgument, "account id");
 }
 
 #[tokio::test]
@@ -322,8 +321,7 @@ async fn a_used_grant_stays_used_after_a_restart() {
         .generate_code(GenerateCodeRequest { grant: Some(grant) })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().contains("already used"));
+    assert_refused(&err, Code::PermissionDenied, "already used");
 }
 
 #[tokio::test]
@@ -515,4 +513,10 @@ async fn events_carry_the_callers_trace_id() {
         .unwrap();
     assert_eq!(enrolled.trace_id.len(), 32);
     assert_ne!(enrolled.trace_id, trace);
+}
+
+/// Asserts the exact refusal: its code, and a message that says why.
+fn assert_refused(err: &tonic::Status, code: Code, says: &str) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(says), "{}", err.message());
 }

@@ -533,6 +533,41 @@ async fn start_vault(fake: FakeVault, tls: &TlsFiles) -> Running {
 }
 
 /// The gRPC code of a failed call, with its message for assertions.
+/// A broker answer that carries the request it changed or read.
+pub trait CarriesRequest {
+    /// The request in the answer.
+    fn into_request(self) -> Option<pb::Request>;
+}
+
+macro_rules! carries_request {
+    ($($answer:ty),+) => {$(
+        impl CarriesRequest for $answer {
+            fn into_request(self) -> Option<pb::Request> {
+                self.request
+            }
+        }
+    )+};
+}
+
+carries_request!(
+    pb::CreateRequestResponse,
+    pb::GetRequestResponse,
+    pb::ApproveRequestResponse,
+    pb::DenyRequestResponse,
+    pb::CancelRequestResponse,
+    pb::VerifyPinResponse
+);
+
+/// The request of a successful answer; panics (failing the test) on an
+/// error status or an answer without a request.
+pub fn request_of<T: CarriesRequest>(answer: Result<Response<T>, Status>) -> pb::Request {
+    answer
+        .expect("the call succeeds")
+        .into_inner()
+        .into_request()
+        .expect("the answer carries the request")
+}
+
 pub fn code_of<T: std::fmt::Debug>(result: Result<Response<T>, Status>) -> (Code, String) {
     match result {
         Ok(r) => panic!("expected an error, got {r:?}"),
@@ -546,19 +581,16 @@ pub fn state_of(request: &pb::Request) -> pb::RequestState {
 
 /// Files a request as `requester` for `account`; returns its id.
 pub async fn file(h: &Harness, requester: &str, account: &str) -> String {
-    let r = h
-        .client(requester)
-        .create_request(pb::CreateRequestRequest {
-            account_id: account.into(),
-            reason: "rotate the root password".into(),
-            ticket: "OPS-1".into(),
-            on_behalf_of: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(
+        h.client(requester)
+            .create_request(pb::CreateRequestRequest {
+                account_id: account.into(),
+                reason: "rotate the root password".into(),
+                ticket: "OPS-1".into(),
+                on_behalf_of: String::new(),
+            })
+            .await,
+    );
     assert_eq!(state_of(&r), pb::RequestState::Pending);
     r.request_id
 }
@@ -603,26 +635,19 @@ pub async fn release(
 }
 
 pub async fn get(h: &Harness, user: &str, id: &str) -> pb::Request {
-    h.client(user)
-        .get_request(pb::GetRequestRequest {
-            request_id: id.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap()
+    request_of(
+        h.client(user)
+            .get_request(pb::GetRequestRequest {
+                request_id: id.into(),
+            })
+            .await,
+    )
 }
 
 /// alice files on PROD and bob approves: APPROVED, with alice's PIN.
 pub async fn approved_prod(h: &Harness) -> (String, String) {
     let id = file(h, "alice", PROD).await;
-    let r = approve(h, "bob", &id)
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(approve(h, "bob", &id).await);
     assert_eq!(state_of(&r), pb::RequestState::Approved);
     let pin = h.wait_for_pin("alice", &id, 1).await;
     (id, pin)
@@ -631,12 +656,7 @@ pub async fn approved_prod(h: &Harness) -> (String, String) {
 /// ... and olivia verifies the PIN: VERIFIED.
 pub async fn verified_prod(h: &Harness) -> String {
     let (id, pin) = approved_prod(h).await;
-    let r = verify(h, "olivia", &id, &pin)
-        .await
-        .unwrap()
-        .into_inner()
-        .request
-        .unwrap();
+    let r = request_of(verify(h, "olivia", &id, &pin).await);
     assert_eq!(state_of(&r), pb::RequestState::Verified);
     id
 }
