@@ -21,39 +21,31 @@ use twokey_testkit::ready;
 const BURST: u64 = 5000;
 const KILL_AFTER: usize = 300;
 
-fn write_config(env: &Env) -> std::path::PathBuf {
+/// The `serve` flags for `env`: no config file, every setting a flag.
+fn serve_flags(env: &Env) -> Vec<String> {
     let c = &env.config;
-    let text = format!(
-        r#"
-listen = "127.0.0.1:0"
-trust_domain = "{td}"
-data_dir = "{data}"
-checkpoint_key_file = "{key}"
-origin = "{origin}"
-auditors = ["{carol}"]
-log_format = "json"
-[[sources]]
-id = "{vault}"
-public_key = "{vault_pub}"
-[[sources]]
-id = "{broker}"
-public_key = "{broker_pub}"
-[tls]
-{tls}"#,
-        td = c.trust_domain,
-        data = c.data_dir.display(),
-        key = c.checkpoint_key_file.display(),
-        origin = c.origin,
-        carol = CAROL,
-        tls = toml::to_string(&c.tls).unwrap(),
-        vault = VAULT,
-        vault_pub = encode_public_key(&env.vault_key.verifying_key()),
-        broker = BROKER,
-        broker_pub = encode_public_key(&env.broker_key.verifying_key()),
+    let path = |p: &Path| p.display().to_string();
+    let sources = format!(
+        "{VAULT}={},{BROKER}={}",
+        encode_public_key(&env.vault_key.verifying_key()),
+        encode_public_key(&env.broker_key.verifying_key()),
     );
-    let path = env.path().join("audit.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    [
+        ("--listen", "127.0.0.1:0".to_owned()),
+        ("--trust-domain", c.trust_domain.clone()),
+        ("--data-dir", path(&c.data_dir)),
+        ("--checkpoint-key-file", path(&c.checkpoint_key_file)),
+        ("--origin", c.origin.clone()),
+        ("--auditors", CAROL.to_owned()),
+        ("--log-format", "json".to_owned()),
+        ("--tls-cert", path(&c.tls.cert)),
+        ("--tls-key", path(&c.tls.key)),
+        ("--tls-ca", path(&c.tls.ca)),
+        ("--sources", sources),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_owned(), value])
+    .collect()
 }
 
 /// The running binary; killed when dropped.
@@ -67,12 +59,12 @@ impl Drop for Running {
 }
 
 /// Starts the binary and waits for its "listening on" line.
-async fn start(config: &Path) -> (Running, SocketAddr) {
+async fn start(flags: &[String]) -> (Running, SocketAddr) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_twokey-audit"));
     command
         .arg("serve")
-        .arg("--config")
-        .arg(config)
+        .args(flags)
+        .env_remove("TWOKEY_AUDIT_CONFIG")
         .env("TWOKEY_LOG", "warn");
     let (child, addr) = tokio::task::spawn_blocking(move || {
         ready::start(
@@ -91,13 +83,13 @@ async fn start(config: &Path) -> (Running, SocketAddr) {
 #[tokio::test]
 async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
     let env = Env::new();
-    let config = write_config(&env);
+    let flags = serve_flags(&env);
     let vault = env.vault();
     let events: Vec<_> = (1..=BURST)
         .map(|s| event(&vault, s, "request.created"))
         .collect();
 
-    let (mut child, addr) = start(&config).await;
+    let (mut child, addr) = start(&flags).await;
     let mut client = env.client(addr, "vault");
     let (tx, rx) = mpsc::channel(BURST as usize);
     for e in &events {
@@ -139,7 +131,7 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
     assert_eq!(acked, (1..=acked.len() as u64).collect::<Vec<_>>());
 
     // Restart on the same data directory.
-    let (child, addr) = start(&config).await;
+    let (child, addr) = start(&flags).await;
     let mut carol = env.client(addr, "carol");
     let entries = query_all(&mut carol).await;
     assert!(

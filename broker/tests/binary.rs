@@ -91,29 +91,25 @@ async fn serve_announces_its_address_and_answers_over_mtls() {
         "[identities]\nalice = \"spiffe://twokey.local/user/alice\"\n",
     )
     .unwrap();
-    std::fs::write(
-        root.join("broker.toml"),
-        r#"
-listen = "127.0.0.1:9"
-data_dir = "data"
-policy_file = "policy.toml"
-grant_key_file = "grant.key"
-event_key_file = "event.key"
-pin_key_file = "pin.key"
-vault_address = "https://127.0.0.1:9"
-[tls]
-cert = "broker.crt"
-key = "broker.key"
-ca = "ca.crt"
-[notify.mailbox]
-dir = "mailbox"
-"#,
-    )
-    .unwrap();
+    // No config file: every setting from a TWOKEY_BROKER_* variable, paths
+    // relative to the working directory.
     let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(root.join("broker.toml"))
-        .env("TWOKEY_BROKER_LISTEN", "127.0.0.1:0")
+        .arg("serve")
+        .current_dir(root)
+        .env_remove("TWOKEY_BROKER_CONFIG")
+        .envs([
+            ("TWOKEY_BROKER_LISTEN", "127.0.0.1:0"),
+            ("TWOKEY_BROKER_DATA_DIR", "data"),
+            ("TWOKEY_BROKER_POLICY_FILE", "policy.toml"),
+            ("TWOKEY_BROKER_GRANT_KEY_FILE", "grant.key"),
+            ("TWOKEY_BROKER_EVENT_KEY_FILE", "event.key"),
+            ("TWOKEY_BROKER_PIN_KEY_FILE", "pin.key"),
+            ("TWOKEY_BROKER_VAULT_ADDRESS", "https://127.0.0.1:9"),
+            ("TWOKEY_BROKER_TLS_CERT", "broker.crt"),
+            ("TWOKEY_BROKER_TLS_KEY", "broker.key"),
+            ("TWOKEY_BROKER_TLS_CA", "ca.crt"),
+            ("TWOKEY_BROKER_NOTIFY_MAILBOX_DIR", "mailbox"),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

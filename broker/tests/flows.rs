@@ -52,8 +52,7 @@ async fn two_approvals_are_needed_when_the_policy_says_two() {
 
 #[tokio::test]
 async fn the_full_flow_releases_a_code_under_a_checked_single_use_grant() {
-    let h = Harness::start().await;
-    let id = verified_prod(&h).await;
+    let (h, id) = Harness::with_verified_prod().await;
     let out = release(&h, "olivia", &id).await.unwrap().into_inner();
     assert_eq!(out.code.unwrap().code, FAKE_CODE);
     let r = out.request.unwrap();
@@ -84,8 +83,7 @@ async fn the_full_flow_releases_a_code_under_a_checked_single_use_grant() {
 
 #[tokio::test]
 async fn vault_unavailable_reaches_the_caller_as_unavailable_and_refunds_the_quota() {
-    let h = Harness::start().await;
-    let id = verified_prod(&h).await;
+    let (h, id) = Harness::with_verified_prod().await;
     h.vault
         .audit_down
         .store(true, std::sync::atomic::Ordering::SeqCst);

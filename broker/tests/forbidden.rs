@@ -100,8 +100,7 @@ async fn release_before_the_pin_check_fails_precondition() {
 
 #[tokio::test]
 async fn release_after_the_window_fails_precondition() {
-    let h = Harness::start().await;
-    let id = verified_prod(&h).await;
+    let (h, id) = Harness::with_verified_prod().await;
     h.advance(Duration::from_secs(15 * 60 + 1));
     let (code, message) = code_of(release(&h, "olivia", &id).await);
     assert_eq!(code, Code::FailedPrecondition, "{message}");
@@ -116,8 +115,7 @@ async fn release_after_the_window_fails_precondition() {
 
 #[tokio::test]
 async fn a_second_release_past_the_quota_fails_precondition() {
-    let h = Harness::start().await;
-    let id = verified_prod(&h).await;
+    let (h, id) = Harness::with_verified_prod().await;
     let first = release(&h, "olivia", &id).await.unwrap().into_inner();
     assert_eq!(first.code.unwrap().code, FAKE_CODE);
     assert_eq!(
@@ -297,8 +295,7 @@ async fn a_caller_without_a_certificate_is_unauthenticated() {
 
 #[tokio::test]
 async fn only_the_verifying_operator_releases_with_operator_delivery() {
-    let h = Harness::start().await;
-    let id = verified_prod(&h).await;
+    let (h, id) = Harness::with_verified_prod().await;
     let (code, _) = code_of(release(&h, "alice", &id).await);
     assert_eq!(code, Code::PermissionDenied);
     let (code, message) = code_of(release(&h, "rita", &id).await);

@@ -644,6 +644,16 @@ pub async fn get(h: &Harness, user: &str, id: &str) -> pb::Request {
     )
 }
 
+impl Harness {
+    /// A started harness with a VERIFIED request on PROD (see
+    /// [`verified_prod`]); its id.
+    pub async fn with_verified_prod() -> (Harness, String) {
+        let h = Harness::start().await;
+        let id = verified_prod(&h).await;
+        (h, id)
+    }
+}
+
 /// alice files on PROD and bob approves: APPROVED, with alice's PIN.
 pub async fn approved_prod(h: &Harness) -> (String, String) {
     let id = file(h, "alice", PROD).await;
