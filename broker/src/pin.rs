@@ -6,14 +6,23 @@ use std::fmt;
 
 use hmac::{Hmac, Mac};
 use rand::{Rng, rngs::OsRng};
+use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use twokey_runtime::keys::SecretKey;
-use zeroize::Zeroizing;
 
-/// A PIN in the clear, on its way to the requester's notifier.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Pin(Zeroizing<String>);
+/// A PIN in the clear, on its way to the requester's notifier, held in a
+/// `secrecy` box: zeroized on drop, read only through [`Pin::expose`].
+#[derive(Clone)]
+pub struct Pin(SecretString);
+
+impl PartialEq for Pin {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.expose().as_bytes().ct_eq(other.expose().as_bytes()))
+    }
+}
+
+impl Eq for Pin {}
 
 impl fmt::Debug for Pin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -28,18 +37,18 @@ impl Pin {
         let digits: String = (0..length)
             .map(|_| char::from(b'0' + rng.gen_range(0..10u8)))
             .collect();
-        Self(Zeroizing::new(digits))
+        Self(digits.into())
     }
 
     /// A PIN from text (what the operator typed, or a decrypted queue entry).
     pub fn from_text(text: &str) -> Self {
-        Self(Zeroizing::new(text.to_owned()))
+        Self(text.into())
     }
 
     /// The digits, for the one place that must see them: the requester's
     /// notification.
     pub fn expose(&self) -> &str {
-        &self.0
+        self.0.expose_secret()
     }
 }
 
