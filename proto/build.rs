@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "proto/twokey/vault/v1/vault.proto",
     "proto/twokey/broker/v1/broker.proto",
     "proto/twokey/audit/v1/audit.proto",
+    "proto/twokey/consent/v1/consent.proto",
 ];
 
 /// Messages that carry a seed, a PIN or a code: their Debug is written by hand

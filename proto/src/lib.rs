@@ -48,4 +48,13 @@ pub mod audit {
     }
 }
 
+/// Consent statements signed by people with their own OpenSSH keys.
+pub mod consent {
+    /// Version 1.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/twokey.consent.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/twokey.consent.v1.serde.rs"));
+    }
+}
+
 pub use pbjson_types::Timestamp;
