@@ -29,7 +29,10 @@
 //! # Signature support (through RustCrypto `ssh-key` 0.6)
 //! - **Verified:** `ssh-ed25519` keys, and `sk-ssh-ed25519@openssh.com`
 //!   FIDO2 security keys, whose signature must carry the user-presence flag
-//!   (the key was touched). Signatures armored (`-----BEGIN SSH
+//!   (the key was touched); `ssh-key` checks the signature over
+//!   SHA-256(application) ‖ flags ‖ counter ‖ SHA-256(message) as OpenSSH
+//!   does. (Tested with a software stand-in for a token, not a real one;
+//!   the signature counter is not tracked.) Signatures armored (`-----BEGIN SSH
 //!   SIGNATURE-----`, as `ssh-keygen -Y sign` writes) or raw, hashed with
 //!   SHA-512 or SHA-256.
 //! - **Not supported:** RSA, ECDSA and `sk-ecdsa-sha2-nistp256@openssh.com`
@@ -39,11 +42,25 @@
 //!   active signed policy lists); user *verification* (a PIN or biometric on
 //!   the security key, OpenSSH's `verify-required`) is neither required nor
 //!   checked, only presence.
+//! - **Auditors:** [`Policy::allowed_signers`] writes the policy's people as
+//!   an `allowed_signers` file (principals = SPIFFE IDs, `namespaces=`
+//!   limited), so any statement in an audit export verifies with stock
+//!   `ssh-keygen -Y verify -f allowed_signers -I <SPIFFE ID> -n
+//!   twokey-consent@<trust domain> -s sig < statement`.
 //! - **Signing here:** only with an `ssh-ed25519` private key
 //!   ([`sign_statement`], [`sshsig::sign`]); security keys and `ssh-agent`
 //!   sign through the CLI, which hands the agent the bytes of
 //!   `ssh_key::SshSig::signed_data` and wraps the answer with
 //!   `ssh_key::SshSig::new`.
+//!
+//! # Error kinds
+//! Malformed bytes are `InvalidArgument`; a signature that does not verify,
+//! an unknown key or person, a missing role, one person in two roles, a
+//! grant naming something else, or a replayed release or action id are
+//! `PermissionDenied`; evidence that is well formed but not (or no longer)
+//! enough — too few approvals or admins, stale, another policy version or
+//! request, PIN not verified, codes or rate used up — is
+//! `FailedPrecondition`.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

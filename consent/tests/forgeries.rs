@@ -1099,3 +1099,19 @@ fn bad_policy_documents_are_refused_with_a_reason() {
     assert_eq!(a.release_window.as_secs(), 15 * 60);
     assert_eq!(p.role_holders(ACCOUNT, Role::Operator), ["otto"]);
 }
+
+#[test]
+fn the_example_policy_parses() {
+    let text = include_str!("../policy.example.toml");
+    let p = twokey_consent::Policy::parse(text).expect("policy.example.toml is valid");
+    assert_eq!(p.admin_threshold(), 2);
+    let a = p.account("aws-prod-root").unwrap();
+    assert_eq!(a.approvals_required, 2);
+    assert_eq!(p.role_holders("aws-prod-root", Role::Intake), ["bpm"]);
+    // Its allowed_signers form has one line per key, SPIFFE IDs as principals.
+    let allowed = p.allowed_signers();
+    assert_eq!(allowed.lines().count(), 8);
+    assert!(allowed.contains(
+        "spiffe://twokey.local/user/alice namespaces=\"twokey-consent@twokey.local,twokey-policy@twokey.local\" ssh-ed25519 "
+    ));
+}
