@@ -2,7 +2,7 @@
 //! timestamps, and the policy's duration strings ("90s", "15m", "1h30m",
 //! "7d").
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use twokey_proto::Timestamp;
 
@@ -36,56 +36,12 @@ pub(crate) fn timestamp_secs(ts: Option<&Timestamp>, what: &str) -> Result<i64, 
     Ok(ts.seconds)
 }
 
-/// Parses a duration such as "90s", "15m", "1h30m", "2d": one or more
-/// `<number><unit>` with units d, h, m, s, each at most once, largest first.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    const UNITS: [(char, u64); 4] = [('d', 86_400), ('h', 3_600), ('m', 60), ('s', 1)];
-    let bad = || format!("{text:?} is not a duration like \"90s\", \"15m\", \"1h30m\" or \"7d\"");
-    if text.is_empty() || text.len() > 32 {
-        return Err(bad());
-    }
-    let mut total: u64 = 0;
-    let mut next_unit = 0;
-    let mut digits = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
-        }
-        let pos = UNITS[next_unit..]
-            .iter()
-            .position(|(u, _)| *u == c)
-            .ok_or_else(bad)?
-            + next_unit;
-        if digits.is_empty() || digits.len() > 9 {
-            return Err(bad());
-        }
-        let n: u64 = digits.parse().map_err(|_| bad())?;
-        total = total
-            .checked_add(n.checked_mul(UNITS[pos].1).ok_or_else(bad)?)
-            .ok_or_else(bad)?;
-        digits.clear();
-        next_unit = pos + 1;
-    }
-    if !digits.is_empty() || next_unit == 0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs(total))
-}
+pub use twokey_runtime::time::parse_duration;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        for bad in ["", "1", "h", "1x", "30m1h", "1h1h", "-1s", "1.5h", "s1"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
+    use std::time::Duration;
 
     #[test]
     fn secs() {

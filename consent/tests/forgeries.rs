@@ -1085,7 +1085,7 @@ fn bad_policy_documents_are_refused_with_a_reason() {
             base.replace("operators = [\"otto\"]", "operators = [\"nobody\"]"),
             "nobody",
         ),
-        (base.replace("per = \"1h\"", "per = \"1y\""), "duration"),
+        (base.replace("per = \"1h\"", "per = \"1y\""), "unknown unit"),
         (base.clone() + "surprise = 1\n", "surprise"),
         (base.replace("version = 1", "version = 0"), "version"),
     ] {

@@ -89,32 +89,47 @@ pub fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-/// Parses a duration such as `90s`, `15m`, `1h`, `1h30m` or `2d`; the error
-/// says how to write one.
+/// Parses a duration such as `90s`, `15m`, `1h`, `1h30m` or `2d`: one or
+/// more `<number><unit>` with units d, h, m, s, largest first, each at most
+/// once. The error says how to write one.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    const UNITS: [(char, u64); 4] = [('d', 86_400), ('h', 3_600), ('m', 60), ('s', 1)];
     let text = text.trim();
     if text.is_empty() {
         return Err("empty duration; write e.g. \"15m\" or \"1h\"".into());
     }
+    let too_long = || format!("{text:?} is too long a duration; write e.g. \"7d\"");
+    if text.len() > 32 {
+        return Err(too_long());
+    }
     let mut total = 0u64;
     let mut number = String::new();
+    let mut next_unit = 0;
     for c in text.chars() {
         if c.is_ascii_digit() {
             number.push(c);
             continue;
         }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return Err(format!("unknown unit {c:?} in {text:?}; use s, m, h or d")),
+        let Some(at) = UNITS.iter().position(|(u, _)| *u == c) else {
+            return Err(format!("unknown unit {c:?} in {text:?}; use s, m, h or d"));
         };
+        if at < next_unit {
+            return Err(format!(
+                "{text:?}: units go largest first, each once; write e.g. \"1h30m\""
+            ));
+        }
+        if number.len() > 9 {
+            return Err(too_long());
+        }
         let n: u64 = number
             .parse()
             .map_err(|_| format!("{text:?} is not a duration; write e.g. \"15m\" or \"1h\""))?;
-        total = total.saturating_add(n.saturating_mul(unit));
+        total = n
+            .checked_mul(UNITS[at].1)
+            .and_then(|secs| total.checked_add(secs))
+            .ok_or_else(too_long)?;
         number.clear();
+        next_unit = at + 1;
     }
     if !number.is_empty() {
         return Err(format!(
@@ -147,5 +162,19 @@ mod tests {
         assert!(parse_duration("15").unwrap_err().contains("lacks a unit"));
         assert!(parse_duration("3w").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("h").unwrap_err().contains("not a duration"));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        for bad in ["1", "1x", "30m1h", "1h1h", "-1s", "1.5h", "s1"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert!(
+            parse_duration("30m1h")
+                .unwrap_err()
+                .contains("largest first")
+        );
+        assert!(
+            parse_duration("99999999999999999999d")
+                .unwrap_err()
+                .contains("too long")
+        );
     }
 }
