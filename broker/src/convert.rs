@@ -1,13 +1,25 @@
-//! Proto ↔ domain conversion at the edge, beside `grpc` and `http`: the
-//! request record, its state and roles as the API shows them, and the API's
-//! inputs checked into domain types with `TryFrom`.
+//! Proto ↔ domain conversion at the edge, beside `grpc` and `http`: each
+//! request message checked into the domain's input ([`crate::calls`]) with
+//! `TryFrom`, each domain answer made the response with `From`, and one
+//! function per RPC (from the table in [`crate::rpc`]) that does both around
+//! the [`Broker`] call, so `grpc` and `http` share every conversion.
 
+use futures::{Stream, StreamExt};
 use twokey_proto::{Timestamp, broker::v1 as pb};
+use twokey_runtime::SpiffeId;
 
 use crate::{
+    calls::{
+        Accounts, Checked, DEFAULT_PAGE, Decision, Enrolled, Enrollment, Identity, MAX_PAGE,
+        NewRequest, PinAttempt, Released, Removal, Removed, RequestId, RequestPage, RequestQuery,
+        Target, WatchFilter, account_filter,
+    },
     error::BrokerError,
+    pin::Pin,
     policy::{Delivery, Role},
+    service::{Broker, Change},
     state::{RequestRecord, State},
+    vault::Seed,
 };
 
 fn timestamp(ms: u64) -> Timestamp {
@@ -128,9 +140,309 @@ impl From<&RequestRecord> for pb::Request {
     }
 }
 
-/// The API's view of a request, wrapped as responses carry it.
-pub fn request(record: &RequestRecord) -> Option<pb::Request> {
-    Some(record.into())
+/// How many bytes a request takes in a response.
+fn wire_size(record: &RequestRecord) -> usize {
+    prost::Message::encoded_len(&pb::Request::from(record))
+}
+
+/// The responses that carry only the request.
+macro_rules! request_responses {
+    ($($resp:ident),* $(,)?) => {$(
+        impl From<RequestRecord> for pb::$resp {
+            fn from(record: RequestRecord) -> Self {
+                Self {
+                    request: Some((&record).into()),
+                }
+            }
+        }
+    )*};
+}
+
+request_responses!(
+    CreateRequestResponse,
+    GetRequestResponse,
+    ApproveRequestResponse,
+    DenyRequestResponse,
+    CancelRequestResponse,
+    VerifyPinResponse,
+    ResendPinResponse,
+);
+
+/// The requests that name only a request.
+macro_rules! request_ids {
+    ($($req:ident),* $(,)?) => {$(
+        impl TryFrom<pb::$req> for RequestId {
+            type Error = BrokerError;
+
+            fn try_from(message: pb::$req) -> Result<Self, BrokerError> {
+                message.request_id.try_into()
+            }
+        }
+    )*};
+}
+
+request_ids!(GetRequestRequest, ResendPinRequest, ReleaseCodeRequest);
+
+/// The decisions: a request and its comment or reason.
+macro_rules! decisions {
+    ($($req:ident => $note:ident),* $(,)?) => {$(
+        impl TryFrom<pb::$req> for Decision {
+            type Error = BrokerError;
+
+            fn try_from(message: pb::$req) -> Result<Self, BrokerError> {
+                Ok(Self {
+                    request: message.request_id.try_into()?,
+                    note: message.$note,
+                })
+            }
+        }
+    )*};
+}
+
+decisions!(
+    ApproveRequestRequest => comment,
+    DenyRequestRequest => reason,
+    CancelRequestRequest => reason,
+);
+
+impl TryFrom<pb::CreateRequestRequest> for NewRequest {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::CreateRequestRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            account: message.account_id.try_into()?,
+            on_behalf_of: (!message.on_behalf_of.is_empty()).then_some(message.on_behalf_of),
+            reason: message.reason,
+            ticket: message.ticket,
+        })
+    }
+}
+
+impl TryFrom<pb::ListRequestsRequest> for RequestQuery {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::ListRequestsRequest) -> Result<Self, BrokerError> {
+        let StateFilter(state) = message.state.try_into()?;
+        Ok(Self {
+            state,
+            account: account_filter(message.account_id)?,
+            mine: message.mine,
+            page_size: match message.page_size {
+                0 => DEFAULT_PAGE,
+                n => (n as usize).min(MAX_PAGE),
+            },
+            page_token: message.page_token,
+            size_of: wire_size,
+        })
+    }
+}
+
+impl TryFrom<pb::WatchRequestsRequest> for WatchFilter {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::WatchRequestsRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            account: account_filter(message.account_id)?,
+        })
+    }
+}
+
+impl TryFrom<pb::VerifyPinRequest> for PinAttempt {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::VerifyPinRequest) -> Result<Self, BrokerError> {
+        let pin = Pin::from_text(message.pin.trim());
+        drop(message.pin);
+        Ok(Self {
+            request: message.request_id.try_into()?,
+            pin,
+        })
+    }
+}
+
+impl TryFrom<pb::EnrollAccountRequest> for Enrollment {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::EnrollAccountRequest) -> Result<Self, BrokerError> {
+        use pb::enroll_account_request::Seed as Given;
+        Ok(Self {
+            account: message.account_id.try_into()?,
+            seed: message.seed.map(|seed| match seed {
+                Given::OtpauthUri(uri) => Seed::OtpauthUri(uri),
+                Given::Base32Secret(secret) => Seed::Base32Secret(secret),
+            }),
+            algorithm: message.algorithm,
+            digits: message.digits,
+            period: message.period,
+            issuer: message.issuer,
+            label: message.label,
+            replace: message.replace,
+        })
+    }
+}
+
+impl TryFrom<pb::RemoveAccountRequest> for Removal {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::RemoveAccountRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            account: message.account_id.try_into()?,
+            reason: message.reason,
+        })
+    }
+}
+
+impl From<Identity> for pb::WhoAmIResponse {
+    fn from(who: Identity) -> Self {
+        Self {
+            identity: who.id.to_string(),
+            name: who.name,
+            accounts: who
+                .accounts
+                .into_iter()
+                .map(|(account_id, roles)| pb::AccountRoles {
+                    account_id,
+                    roles: roles
+                        .into_iter()
+                        .map(|r| pb::Role::from(r) as i32)
+                        .collect(),
+                })
+                .collect(),
+            groups: who.groups,
+        }
+    }
+}
+
+impl From<RequestPage> for pb::ListRequestsResponse {
+    fn from(page: RequestPage) -> Self {
+        Self {
+            requests: page.requests.iter().map(pb::Request::from).collect(),
+            next_page_token: page.next_page_token,
+        }
+    }
+}
+
+impl From<Change> for pb::WatchRequestsResponse {
+    fn from(change: Change) -> Self {
+        Self {
+            request: Some(change.request.as_ref().into()),
+            action: change.action,
+        }
+    }
+}
+
+impl From<Released> for pb::ReleaseCodeResponse {
+    fn from(released: Released) -> Self {
+        Self {
+            code: Some(released.code),
+            request: Some((&released.request).into()),
+        }
+    }
+}
+
+impl From<Enrolled> for pb::EnrollAccountResponse {
+    fn from(Enrolled(answer): Enrolled) -> Self {
+        Self {
+            account: answer.account,
+            current: answer.current,
+            next: answer.next,
+            warnings: answer.warnings,
+        }
+    }
+}
+
+impl From<Accounts> for pb::ListAccountsResponse {
+    fn from(Accounts(accounts): Accounts) -> Self {
+        Self { accounts }
+    }
+}
+
+impl From<Removed> for pb::RemoveAccountResponse {
+    fn from(Removed(account_id): Removed) -> Self {
+        Self { account_id }
+    }
+}
+
+/// What a request message names, as sent (before any check).
+pub trait Named {
+    /// The request or account the message names.
+    fn target(&self) -> Target;
+}
+
+macro_rules! target {
+    ($m:ident, request) => {
+        Target::Request($m.request_id.clone())
+    };
+    ($m:ident, account) => {
+        Target::Account($m.account_id.clone())
+    };
+    ($m:ident, neither) => {
+        Target::Nothing
+    };
+}
+
+/// A message as the domain takes it: what it names, and its input checked.
+fn checked<M: Named, T: TryFrom<M, Error = BrokerError>>(message: M) -> Checked<T> {
+    Checked {
+        target: message.target(),
+        input: T::try_from(message),
+    }
+}
+
+/// One domain call: calls that name nothing take no input.
+macro_rules! domain_call {
+    ($broker:ident, $f:ident, $caller:ident, $message:ident, neither) => {{
+        let _ = $message;
+        $broker.$f($caller).await
+    }};
+    ($broker:ident, $f:ident, $caller:ident, $message:ident, $ids:ident) => {
+        $broker.$f($caller, checked($message)).await
+    };
+}
+
+/// From the RPC table: what each message names, and one function per unary
+/// RPC that checks the message, calls the same-named [`Broker`] function and
+/// makes its answer the response.
+macro_rules! edge {
+    (
+        unary: [$(($name:ident, $f:ident, $req:ident, $resp:ident, $ids:ident)),* $(,)?],
+        streaming: [$(($sname:ident, $sf:ident, $sreq:ident, $sresp:ident, $sids:ident)),* $(,)?] $(,)?
+    ) => {
+        $(impl Named for pb::$req {
+            fn target(&self) -> Target {
+                target!(self, $ids)
+            }
+        })*
+        $(impl Named for pb::$sreq {
+            fn target(&self) -> Target {
+                target!(self, $sids)
+            }
+        })*
+        $(
+            #[doc = concat!("`", stringify!($name), "`: the message checked, [`Broker::", stringify!($f), "`], the answer as the response.")]
+            pub async fn $f(
+                broker: &Broker,
+                caller: &SpiffeId,
+                message: pb::$req,
+            ) -> Result<pb::$resp, BrokerError> {
+                domain_call!(broker, $f, caller, message, $ids).map(pb::$resp::from)
+            }
+        )*
+    };
+}
+
+crate::rpc::broker_rpcs!(edge);
+
+/// `WatchRequests`: the message checked, [`Broker::watch_requests`], each
+/// change as a response.
+pub fn watch_requests(
+    broker: &Broker,
+    caller: &SpiffeId,
+    message: pb::WatchRequestsRequest,
+) -> Result<impl Stream<Item = pb::WatchRequestsResponse> + Send + 'static, BrokerError> {
+    Ok(broker
+        .watch_requests(caller, checked(message))?
+        .map(pb::WatchRequestsResponse::from))
 }
 
 #[cfg(test)]
@@ -147,5 +459,68 @@ mod tests {
         }
         assert_eq!(StateFilter::try_from(0).unwrap(), StateFilter(None));
         assert!(StateFilter::try_from(99).is_err());
+    }
+
+    fn refusal<T: std::fmt::Debug>(input: Result<T, BrokerError>) -> String {
+        match input {
+            Err(BrokerError::InvalidArgument(why)) => why,
+            other => panic!("expected an invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_malformed_message_keeps_what_it_names_and_says_what_is_wrong() {
+        let call: Checked<NewRequest> = checked(pb::CreateRequestRequest {
+            account_id: "Not An Id".into(),
+            ..Default::default()
+        });
+        assert_eq!(call.target, Target::Account("Not An Id".into()));
+        assert_eq!(
+            refusal(call.input),
+            "account_id must be 1 to 64 characters of a-z, 0-9, '.', '_', '-' (9 given)"
+        );
+        let call: Checked<RequestId> = checked(pb::GetRequestRequest::default());
+        assert_eq!(call.target, Target::Request(String::new()));
+        assert_eq!(
+            refusal(call.input),
+            "request_id is required; list requests with ListRequests"
+        );
+        let call: Checked<Decision> = checked(pb::DenyRequestRequest {
+            request_id: "a/b".into(),
+            reason: "no".into(),
+        });
+        assert_eq!(
+            refusal(call.input),
+            "request_id \"a/b\" is malformed; request ids are UUIDs"
+        );
+        // The state is checked before the account, as it always was.
+        let query = RequestQuery::try_from(pb::ListRequestsRequest {
+            state: 99,
+            account_id: "Not An Id".into(),
+            ..Default::default()
+        });
+        assert_eq!(refusal(query), "state 99 is not a request state");
+    }
+
+    #[test]
+    fn pages_default_and_are_capped_and_an_empty_account_is_no_filter() {
+        let query = RequestQuery::try_from(pb::ListRequestsRequest::default()).unwrap();
+        assert_eq!(
+            (query.page_size, query.account, query.state),
+            (DEFAULT_PAGE, None, None)
+        );
+        let query = RequestQuery::try_from(pb::ListRequestsRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(query.page_size, MAX_PAGE);
+        let call: Checked<WatchFilter> = checked(pb::WatchRequestsRequest {
+            account_id: "aws-prod".into(),
+        });
+        assert_eq!(
+            call.input.unwrap().account.as_ref().map(|a| a.as_str()),
+            Some("aws-prod")
+        );
     }
 }

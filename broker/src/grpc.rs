@@ -1,5 +1,5 @@
 //! The thin gRPC layer: authenticates the caller from the mTLS certificate,
-//! calls the domain ([`Broker`]), and maps [`BrokerError`] to a gRPC status in
+//! calls the domain ([`Broker`]) through [`crate::convert`], and maps [`BrokerError`] to a gRPC status in
 //! one place. Also the tonic client that is the broker's [`Vault`].
 
 use std::{pin::Pin, sync::Arc, time::Duration};
@@ -19,6 +19,7 @@ use twokey_runtime::{
 };
 
 use crate::{
+    convert::{self, Named},
     error::BrokerError,
     service::Broker,
     vault::{Vault, VaultError},
@@ -175,7 +176,8 @@ impl BrokerGrpc {
 macro_rules! rpc {
     ($self:ident, $request:ident, $name:expr, |$caller:ident, $msg:ident| $call:expr) => {{
         let $caller = $self.auth.authenticate(&$request)?;
-        let (request_id, account_id) = CallIds::ids($request.get_ref());
+        let target = $request.get_ref().target();
+        let (request_id, account_id) = target.ids();
         twokey_runtime::trace::record_ids(request_id, account_id);
         let $msg = $request.into_inner();
         let result = async { $call }.await;
@@ -190,56 +192,31 @@ macro_rules! rpc {
     }};
 }
 
-/// The request and account a call names, recorded on its server span.
-trait CallIds {
-    fn ids(&self) -> (&str, &str);
-}
-
-macro_rules! call_ids {
-    ($m:ident, request) => {
-        (&$m.request_id, "")
-    };
-    ($m:ident, account) => {
-        ("", &$m.account_id)
-    };
-    ($m:ident, neither) => {
-        ("", "")
-    };
-}
-
 /// The stream type of `WatchRequests`.
 pub type WatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchRequestsResponse, Status>> + Send>>;
 
 /// The service from the one RPC table ([`crate::rpc`]): every unary method
-/// authenticates, records its ids and calls the same-named `Broker`
-/// function; `WatchRequests` adapts the change stream.
+/// authenticates, records the ids its message names and calls the
+/// same-named `convert` function (the message checked, the `Broker` call,
+/// the answer as the response); `WatchRequests` adapts the change stream.
 macro_rules! grpc_service {
     (
         unary: [$(($name:ident, $f:ident, $req:ident, $resp:ident, $ids:ident)),* $(,)?],
-        streaming: [$(($sname:ident, $sf:ident, $sreq:ident, $sresp:ident, $sids:ident)),* $(,)?] $(,)?
+        streaming: [$($_s:tt)*] $(,)?
     ) => {
-        $(impl CallIds for pb::$req {
-            fn ids(&self) -> (&str, &str) {
-                call_ids!(self, $ids)
-            }
-        })*
-        $(impl CallIds for pb::$sreq {
-            fn ids(&self) -> (&str, &str) {
-                call_ids!(self, $sids)
-            }
-        })*
-
         #[tonic::async_trait]
         impl BrokerService for BrokerGrpc {
             $(async fn $f(
                 &self,
                 request: Request<pb::$req>,
             ) -> Result<Response<pb::$resp>, Status> {
-                rpc!(self, request, stringify!($name), |caller, m| self
-                    .broker
-                    .$f(&caller, m)
-                    .await)
+                rpc!(self, request, stringify!($name), |caller, m| convert::$f(
+                    &self.broker,
+                    &caller,
+                    m
+                )
+                .await)
             })*
 
             type WatchRequestsStream = WatchStream;
@@ -248,10 +225,12 @@ macro_rules! grpc_service {
             &self,
             request: Request<pb::WatchRequestsRequest>,
         ) -> Result<Response<Self::WatchRequestsStream>, Status> {
-            rpc!(self, request, "WatchRequests", |caller, m| self
-                .broker
-                .watch_requests(&caller, m)
-                .map(|s| Box::pin(s.map(Ok)) as WatchStream))
+            rpc!(self, request, "WatchRequests", |caller, m| convert::watch_requests(
+                &self.broker,
+                &caller,
+                m
+            )
+            .map(|s| Box::pin(s.map(Ok)) as WatchStream))
         }
         }
     };

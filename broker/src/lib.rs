@@ -3,12 +3,14 @@
 //! a seed and cannot compute a code.
 //!
 //! Domain (no tonic): [`policy`], [`state`], [`store`], [`pin`], [`grant`],
-//! [`notify`], [`vault`] (the trait the domain calls), and [`service`], the
-//! API as plain functions of (caller, message) that the gRPC layer
-//! ([`grpc`]) and the HTTP/JSON front end ([`http`], Connect protocol) call
-//! alike.
+//! [`notify`], [`vault`] (the trait the domain calls), [`calls`] (the API's
+//! validated inputs and answers), and [`service`], the API as plain
+//! functions of (caller, input) that the gRPC layer ([`grpc`]) and the
+//! HTTP/JSON front end ([`http`], Connect protocol) call alike, through
+//! [`convert`] (proto ↔ domain).
 #![forbid(unsafe_code)]
 
+pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod convert;

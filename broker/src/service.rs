@@ -1,7 +1,8 @@
-//! The broker's API as plain async functions of (caller, request message):
-//! what the gRPC layer calls, and what an HTTP/JSON front end can call too.
-//! Each state change is stored with its audit events and notifications in
-//! one transaction and synced to disk before the answer.
+//! The broker's API as plain async functions of (caller, validated input)
+//! answering domain values ([`crate::calls`]): what the gRPC layer and the
+//! HTTP/JSON front end call, through `convert`. Each state change is stored
+//! with its audit events and notifications in one transaction and synced to
+//! disk before the answer.
 
 use std::{
     cmp::Reverse,
@@ -13,11 +14,7 @@ use std::{
 use futures::{Stream, StreamExt, future::ready};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
-use twokey_proto::{
-    audit::v1::Outcome,
-    broker::v1::{self as pb, enroll_account_request},
-    vault::v1::{self as vpb, GrantPurpose},
-};
+use twokey_proto::audit::v1::Outcome;
 use twokey_runtime::{
     SpiffeId,
     events::EventDraft,
@@ -26,24 +23,19 @@ use twokey_runtime::{
 };
 
 use crate::{
-    convert::{self, StateFilter},
+    calls::{
+        AccountId, Accounts, Checked, Decision, Enrolled, Enrollment, Identity, NewRequest,
+        PinAttempt, Released, Removal, Removed, RequestId, RequestPage, RequestQuery, Target,
+        WatchFilter,
+    },
     error::BrokerError,
     notify::{self, NotifyQueue},
-    pin::{Pin, PinKey},
+    pin::PinKey,
     policy::{AccountPolicy, Policy, Role},
     state::{Effects, RequestRecord, lacks_role, millis},
     store::{RequestStore, Writes},
-    vault::Vault,
+    vault::{EnrollRequest, GrantPurpose, Vault},
 };
-
-/// What a refused call was about, for its `access.denied` event.
-#[derive(Debug, Clone, Copy)]
-enum Target<'a> {
-    /// An account (filing a request, enrolling, removing).
-    Account(&'a str),
-    /// A stored request (its account is looked up).
-    Request(&'a str),
-}
 
 /// One change, as watchers see it.
 #[derive(Debug, Clone)]
@@ -87,24 +79,22 @@ pub struct Broker {
     closing: tokio::sync::watch::Sender<bool>,
 }
 
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
 /// Most bytes of requests in one page: well under the gRPC message limit.
 const MAX_PAGE_BYTES: usize = twokey_runtime::serve::MAX_MESSAGE_BYTES / 4 * 3;
 
-fn check_request_id(id: &str) -> Result<(), BrokerError> {
-    if id.is_empty() {
-        return Err(BrokerError::invalid(
-            "request_id is required; list requests with ListRequests",
-        ));
-    }
-    if id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-        return Err(BrokerError::invalid(format!(
-            "request_id {:?} is malformed; request ids are UUIDs",
-            id.chars().take(70).collect::<String>()
-        )));
-    }
-    Ok(())
+/// An `on_behalf_of` the policy does not name.
+fn not_an_identity(name: &str) -> BrokerError {
+    BrokerError::invalid(format!(
+        "on_behalf_of {:?} is not an identity in the policy; give a policy name or SPIFFE ID",
+        name.chars().take(120).collect::<String>()
+    ))
+}
+
+/// An account to enroll that the policy does not name.
+fn not_enrollable(account_id: &str) -> BrokerError {
+    BrokerError::NotFound(format!(
+        "account {account_id:?} is not in the policy; add [accounts.{account_id}] to the policy and restart the broker first"
+    ))
 }
 
 fn not_found(id: &str) -> BrokerError {
@@ -149,16 +139,8 @@ impl Broker {
         }
     }
 
-    fn account(&self, id: &str) -> Result<&AccountPolicy, BrokerError> {
-        if id.is_empty() {
-            return Err(BrokerError::invalid("account_id is required"));
-        }
-        if !crate::policy::valid_account_id(id) {
-            return Err(BrokerError::invalid(format!(
-                "account_id must be 1 to 64 characters of a-z, 0-9, '.', '_', '-' ({} given)",
-                id.chars().count()
-            )));
-        }
+    fn account(&self, id: &AccountId) -> Result<&AccountPolicy, BrokerError> {
+        let id = id.as_str();
         self.policy.account(id).ok_or_else(|| {
             BrokerError::NotFound(format!(
                 "unknown account {:?}; the policy names: {}",
@@ -171,6 +153,7 @@ impl Broker {
     /// Applies `rule` to a stored request (after expiring it if its time ran
     /// out), stores the change with its events and notifications, syncs,
     /// tells watchers, and returns the request or the rule's error.
+    /// `request_id` is a checked [`RequestId`] or a stored request's id.
     async fn act(
         &self,
         request_id: &str,
@@ -181,7 +164,6 @@ impl Broker {
             SystemTime,
         ) -> Result<Effects, BrokerError>,
     ) -> Result<RequestRecord, BrokerError> {
-        check_request_id(request_id)?;
         let now = self.clock.now();
         let mut outcome: Option<(String, Option<BrokerError>)> = None;
         let record = self
@@ -237,26 +219,16 @@ impl Broker {
     }
 
     /// The caller's identity, policy name, groups and roles.
-    pub async fn who_am_i(
-        &self,
-        caller: &SpiffeId,
-        _req: pb::WhoAmIRequest,
-    ) -> Result<pb::WhoAmIResponse, BrokerError> {
-        Ok(pb::WhoAmIResponse {
-            identity: caller.to_string(),
+    pub async fn who_am_i(&self, caller: &SpiffeId) -> Result<Identity, BrokerError> {
+        Ok(Identity {
+            id: caller.clone(),
             name: self.policy.name_of(caller).unwrap_or_default().to_owned(),
             accounts: self
                 .policy
                 .accounts()
                 .filter_map(|a| {
                     let roles = a.roles_of(caller);
-                    (!roles.is_empty()).then(|| pb::AccountRoles {
-                        account_id: a.id.clone(),
-                        roles: roles
-                            .into_iter()
-                            .map(|r| pb::Role::from(r) as i32)
-                            .collect(),
-                    })
+                    (!roles.is_empty()).then(|| (a.id.clone(), roles))
                 })
                 .collect(),
             groups: self.policy.groups_of(caller),
@@ -267,55 +239,54 @@ impl Broker {
     pub async fn create_request(
         &self,
         caller: &SpiffeId,
-        req: pb::CreateRequestRequest,
-    ) -> Result<pb::CreateRequestResponse, BrokerError> {
-        let account_id = req.account_id.clone();
-        self.authorised(caller, "create_request", Target::Account(&account_id), async {
-        let account = self.account(&req.account_id)?;
-        let on_behalf_of = if req.on_behalf_of.is_empty() {
-            None
-        } else {
-            Some(self.policy.resolve(&req.on_behalf_of).ok_or_else(|| {
-                BrokerError::invalid(format!(
-                    "on_behalf_of {:?} is not an identity in the policy; give a policy name or SPIFFE ID",
-                    req.on_behalf_of.chars().take(120).collect::<String>()
-                ))
-            })?)
-        };
-        let now = self.clock.now();
-        let (record, effects) = RequestRecord::create(
-            uuid::Uuid::new_v4().to_string(),
-            account,
-            caller,
-            on_behalf_of,
-            &req.reason,
-            &req.ticket,
-            now,
-        )?;
-        let messages =
-            notify::messages_for(&self.policy, &record, &effects.action, None, millis(now));
-        self.store.create(
-            &record,
-            &Writes {
-                events: effects.events,
-                messages,
-            },
-        )?;
-        self.store.commit().await?;
-        tracing::info!(request_id = %record.id, account_id = %record.account_id, "request created");
-        let _ = self.changes.send(Change {
-            request: Arc::new(record.clone()),
-            action: effects.action,
-        });
-        Ok(pb::CreateRequestResponse {
-            request: convert::request(&record),
-        })
+        call: Checked<NewRequest>,
+    ) -> Result<RequestRecord, BrokerError> {
+        self.authorised(caller, "create_request", &call.target, async {
+            let req = call.input?;
+            let account = self.account(&req.account)?;
+            let on_behalf_of = match &req.on_behalf_of {
+                None => None,
+                Some(name) => Some(
+                    self.policy
+                        .resolve(name)
+                        .ok_or_else(|| not_an_identity(name))?,
+                ),
+            };
+            let now = self.clock.now();
+            let (record, effects) = RequestRecord::create(
+                uuid::Uuid::new_v4().to_string(),
+                account,
+                caller,
+                on_behalf_of,
+                &req.reason,
+                &req.ticket,
+                now,
+            )?;
+            let messages =
+                notify::messages_for(&self.policy, &record, &effects.action, None, millis(now));
+            self.store.create(
+                &record,
+                &Writes {
+                    events: effects.events,
+                    messages,
+                },
+            )?;
+            self.store.commit().await?;
+            tracing::info!(
+                request_id = %record.id,
+                account_id = %record.account_id,
+                "request created"
+            );
+            let _ = self.changes.send(Change {
+                request: Arc::new(record.clone()),
+                action: effects.action,
+            });
+            Ok(record)
         })
         .await
     }
 
     fn load_visible(&self, caller: &SpiffeId, id: &str) -> Result<RequestRecord, BrokerError> {
-        check_request_id(id)?;
         let record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
         if !record.visible_to(self.policy.account(&record.account_id), caller) {
             return Err(BrokerError::denied(format!(
@@ -329,25 +300,22 @@ impl Broker {
     pub async fn get_request(
         &self,
         caller: &SpiffeId,
-        req: pb::GetRequestRequest,
-    ) -> Result<pb::GetRequestResponse, BrokerError> {
+        call: Checked<RequestId>,
+    ) -> Result<RequestRecord, BrokerError> {
         self.known(caller)?;
-        let mut record = self.load_visible(caller, &req.request_id)?;
+        let id = call.input?;
+        let id = id.as_str();
+        let mut record = self.load_visible(caller, id)?;
         if record.is_due(self.clock.now()) {
-            match self
-                .act(&req.request_id, true, |_, _, _| Ok(Effects::default()))
-                .await
-            {
+            match self.act(id, true, |_, _, _| Ok(Effects::default())).await {
                 Ok(r) => record = r,
                 Err(BrokerError::FailedPrecondition(_)) => {
-                    record = self.load_visible(caller, &req.request_id)?;
+                    record = self.load_visible(caller, id)?;
                 }
                 Err(e) => return Err(e),
             }
         }
-        Ok(pb::GetRequestResponse {
-            request: convert::request(&record),
-        })
+        Ok(record)
     }
 
     /// Requests the caller may see, newest first, a page at a time. Requests
@@ -355,17 +323,14 @@ impl Broker {
     pub async fn list_requests(
         &self,
         caller: &SpiffeId,
-        req: pb::ListRequestsRequest,
-    ) -> Result<pb::ListRequestsResponse, BrokerError> {
+        call: Checked<RequestQuery>,
+    ) -> Result<RequestPage, BrokerError> {
         self.known(caller)?;
-        let StateFilter(state_filter) = req.state.try_into()?;
-        if !req.account_id.is_empty() {
-            self.account(&req.account_id)?;
+        let req = call.input?;
+        if let Some(account) = &req.account {
+            self.account(account)?;
         }
-        let page_size = match req.page_size {
-            0 => DEFAULT_PAGE,
-            n => (n as usize).min(MAX_PAGE),
-        };
+        let account_filter = req.account.as_ref().map(AccountId::as_str);
         let after = if req.page_token.is_empty() {
             None
         } else {
@@ -387,12 +352,12 @@ impl Broker {
             .into_iter()
             .filter(|r| r.visible_to(self.policy.account(&r.account_id), caller))
             .filter(|r| !req.mine || &r.requester == caller || &r.filed_by == caller)
-            .filter(|r| req.account_id.is_empty() || r.account_id == req.account_id)
+            .filter(|r| account_filter.is_none_or(|a| r.account_id == a))
             .map(|mut r| {
                 r.expire_if_due(now);
                 r
             })
-            .filter(|r| state_filter.is_none_or(|s| r.state == s))
+            .filter(|r| req.state.is_none_or(|s| r.state == s))
             .collect();
         records.sort_by(|a, b| (Reverse(a.created_ms), &a.id).cmp(&(Reverse(b.created_ms), &b.id)));
         let start = after.map_or(0, |key| {
@@ -403,13 +368,12 @@ impl Broker {
         let mut requests = Vec::new();
         let mut bytes = 0usize;
         let mut last = None;
-        for record in records.iter().skip(start).take(page_size) {
-            let request = pb::Request::from(record);
-            bytes += prost::Message::encoded_len(&request) + 8;
+        for record in records.iter().skip(start).take(req.page_size) {
+            bytes += (req.size_of)(record) + 8;
             if !requests.is_empty() && bytes > MAX_PAGE_BYTES {
                 break;
             }
-            requests.push(request);
+            requests.push(record.clone());
             last = Some(record);
         }
         let next_page_token = match last {
@@ -418,7 +382,7 @@ impl Broker {
             }
             _ => String::new(),
         };
-        Ok(pb::ListRequestsResponse {
+        Ok(RequestPage {
             requests,
             next_page_token,
         })
@@ -428,15 +392,15 @@ impl Broker {
     pub fn watch_requests(
         &self,
         caller: &SpiffeId,
-        req: pb::WatchRequestsRequest,
-    ) -> Result<impl Stream<Item = pb::WatchRequestsResponse> + Send + 'static, BrokerError> {
+        call: Checked<WatchFilter>,
+    ) -> Result<impl Stream<Item = Change> + Send + 'static, BrokerError> {
         self.known(caller)?;
-        if !req.account_id.is_empty() {
-            self.account(&req.account_id)?;
+        let WatchFilter { account } = call.input?;
+        if let Some(account) = &account {
+            self.account(account)?;
         }
         let policy = self.policy.clone();
         let caller = caller.clone();
-        let account_filter = req.account_id;
         let mut closing = self.closing.subscribe();
         let closed = async move {
             let _ = closing.wait_for(|c| *c).await;
@@ -446,17 +410,15 @@ impl Broker {
             .filter_map(move |item| {
                 let out = match item {
                     Ok(change)
-                        if (account_filter.is_empty()
-                            || change.request.account_id == account_filter)
+                        if account
+                            .as_ref()
+                            .is_none_or(|a| change.request.account_id == a.as_str())
                             && change.request.visible_to(
                                 policy.account(&change.request.account_id),
                                 &caller,
                             ) =>
                     {
-                        Some(pb::WatchRequestsResponse {
-                            request: convert::request(&change.request),
-                            action: change.action,
-                        })
+                        Some(change)
                     }
                     Ok(_) => None,
                     Err(lagged) => {
@@ -472,19 +434,15 @@ impl Broker {
     pub async fn approve_request(
         &self,
         caller: &SpiffeId,
-        req: pb::ApproveRequestRequest,
-    ) -> Result<pb::ApproveRequestResponse, BrokerError> {
-        let request_id = req.request_id.clone();
-        self.authorised(caller, "approve", Target::Request(&request_id), async {
+        call: Checked<Decision>,
+    ) -> Result<RequestRecord, BrokerError> {
+        self.authorised(caller, "approve", &call.target, async {
+            let req = call.input?;
             let key = &self.pin_key;
-            let record = self
-                .act(&req.request_id, true, |r, a, now| {
-                    r.approve(a, caller, &req.comment, key, now)
-                })
-                .await?;
-            Ok(pb::ApproveRequestResponse {
-                request: convert::request(&record),
+            self.act(req.request.as_str(), true, |r, a, now| {
+                r.approve(a, caller, &req.note, key, now)
             })
+            .await
         })
         .await
     }
@@ -493,18 +451,14 @@ impl Broker {
     pub async fn deny_request(
         &self,
         caller: &SpiffeId,
-        req: pb::DenyRequestRequest,
-    ) -> Result<pb::DenyRequestResponse, BrokerError> {
-        let request_id = req.request_id.clone();
-        self.authorised(caller, "deny", Target::Request(&request_id), async {
-            let record = self
-                .act(&req.request_id, true, |r, a, now| {
-                    r.deny(a, caller, &req.reason, now)
-                })
-                .await?;
-            Ok(pb::DenyRequestResponse {
-                request: convert::request(&record),
+        call: Checked<Decision>,
+    ) -> Result<RequestRecord, BrokerError> {
+        self.authorised(caller, "deny", &call.target, async {
+            let req = call.input?;
+            self.act(req.request.as_str(), true, |r, a, now| {
+                r.deny(a, caller, &req.note, now)
             })
+            .await
         })
         .await
     }
@@ -513,18 +467,14 @@ impl Broker {
     pub async fn cancel_request(
         &self,
         caller: &SpiffeId,
-        req: pb::CancelRequestRequest,
-    ) -> Result<pb::CancelRequestResponse, BrokerError> {
-        let request_id = req.request_id.clone();
-        self.authorised(caller, "cancel", Target::Request(&request_id), async {
-            let record = self
-                .act(&req.request_id, true, |r, _, now| {
-                    r.cancel(caller, &req.reason, now)
-                })
-                .await?;
-            Ok(pb::CancelRequestResponse {
-                request: convert::request(&record),
+        call: Checked<Decision>,
+    ) -> Result<RequestRecord, BrokerError> {
+        self.authorised(caller, "cancel", &call.target, async {
+            let req = call.input?;
+            self.act(req.request.as_str(), true, |r, _, now| {
+                r.cancel(caller, &req.note, now)
             })
+            .await
         })
         .await
     }
@@ -533,21 +483,15 @@ impl Broker {
     pub async fn verify_pin(
         &self,
         caller: &SpiffeId,
-        req: pb::VerifyPinRequest,
-    ) -> Result<pb::VerifyPinResponse, BrokerError> {
-        let request_id = req.request_id.clone();
-        self.authorised(caller, "verify_pin", Target::Request(&request_id), async {
-            let pin = Pin::from_text(req.pin.trim());
-            drop(req.pin);
+        call: Checked<PinAttempt>,
+    ) -> Result<RequestRecord, BrokerError> {
+        self.authorised(caller, "verify_pin", &call.target, async {
+            let PinAttempt { request, pin } = call.input?;
             let key = &self.pin_key;
-            let record = self
-                .act(&req.request_id, true, |r, a, now| {
-                    r.verify_pin(a, caller, &pin, key, now)
-                })
-                .await?;
-            Ok(pb::VerifyPinResponse {
-                request: convert::request(&record),
+            self.act(request.as_str(), true, |r, a, now| {
+                r.verify_pin(a, caller, &pin, key, now)
             })
+            .await
         })
         .await
     }
@@ -556,19 +500,15 @@ impl Broker {
     pub async fn resend_pin(
         &self,
         caller: &SpiffeId,
-        req: pb::ResendPinRequest,
-    ) -> Result<pb::ResendPinResponse, BrokerError> {
-        let request_id = req.request_id.clone();
-        self.authorised(caller, "resend_pin", Target::Request(&request_id), async {
+        call: Checked<RequestId>,
+    ) -> Result<RequestRecord, BrokerError> {
+        self.authorised(caller, "resend_pin", &call.target, async {
+            let request = call.input?;
             let key = &self.pin_key;
-            let record = self
-                .act(&req.request_id, true, |r, _, now| {
-                    r.resend_pin(caller, key, now)
-                })
-                .await?;
-            Ok(pb::ResendPinResponse {
-                request: convert::request(&record),
+            self.act(request.as_str(), true, |r, _, now| {
+                r.resend_pin(caller, key, now)
             })
+            .await
         })
         .await
     }
@@ -578,54 +518,49 @@ impl Broker {
     pub async fn release_code(
         &self,
         caller: &SpiffeId,
-        req: pb::ReleaseCodeRequest,
-    ) -> Result<pb::ReleaseCodeResponse, BrokerError> {
-        let request_id = req.request_id.clone();
-        self.authorised(
-            caller,
-            "release_code",
-            Target::Request(&request_id),
-            async {
-                let grant_id = GrantSigner::new_grant_id();
-                let reserved = self
-                    .act(&req.request_id, true, |r, a, now| {
-                        r.reserve_release(a, caller, &grant_id, now)
-                    })
-                    .await?;
-                let facts = GrantFacts {
-                    purpose: GrantPurpose::Release,
-                    request_id: reserved.id.clone(),
-                    account_id: reserved.account_id.clone(),
-                    requester: reserved.requester.to_string(),
-                    approvers: reserved
-                        .approvals
-                        .iter()
-                        .map(|a| a.approver.to_string())
-                        .collect(),
-                    operator: reserved
-                        .operator
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default(),
-                };
-                let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
-                let answer = self.vault.generate_code(signed).await;
-                let outcome = match &answer {
-                    Ok(code) => Ok(code.step),
-                    Err(e) => Err((e.message.as_str(), e.surely_refused())),
-                };
-                let record = self
-                    .act(&req.request_id, false, |r, _, now| {
-                        Ok(r.finish_release(caller, &grant_id, outcome, now))
-                    })
-                    .await?;
-                let code = answer?;
-                Ok(pb::ReleaseCodeResponse {
-                    code: Some(code),
-                    request: convert::request(&record),
+        call: Checked<RequestId>,
+    ) -> Result<Released, BrokerError> {
+        self.authorised(caller, "release_code", &call.target, async {
+            let request = call.input?;
+            let grant_id = GrantSigner::new_grant_id();
+            let reserved = self
+                .act(request.as_str(), true, |r, a, now| {
+                    r.reserve_release(a, caller, &grant_id, now)
                 })
-            },
-        )
+                .await?;
+            let facts = GrantFacts {
+                purpose: GrantPurpose::Release,
+                request_id: reserved.id.clone(),
+                account_id: reserved.account_id.clone(),
+                requester: reserved.requester.to_string(),
+                approvers: reserved
+                    .approvals
+                    .iter()
+                    .map(|a| a.approver.to_string())
+                    .collect(),
+                operator: reserved
+                    .operator
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+            };
+            let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
+            let answer = self.vault.generate_code(signed).await;
+            let outcome = match &answer {
+                Ok(code) => Ok(code.step),
+                Err(e) => Err((e.message.as_str(), e.surely_refused())),
+            };
+            let record = self
+                .act(request.as_str(), false, |r, _, now| {
+                    Ok(r.finish_release(caller, &grant_id, outcome, now))
+                })
+                .await?;
+            let code = answer?;
+            Ok(Released {
+                code,
+                request: record,
+            })
+        })
         .await
     }
 
@@ -637,7 +572,7 @@ impl Broker {
         &self,
         caller: &SpiffeId,
         attempted: &str,
-        target: Target<'_>,
+        target: &Target,
         call: impl Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
         let result = match self.known(caller) {
@@ -646,10 +581,11 @@ impl Broker {
         };
         if let Err(BrokerError::PermissionDenied(why)) = &result {
             let (account, request_id) = match target {
-                Target::Account(a) => (a.to_owned(), ""),
+                Target::Nothing => (String::new(), ""),
+                Target::Account(a) => (a.clone(), ""),
                 Target::Request(id) => {
                     let account = self.store.get(id).ok().flatten().map(|r| r.account_id);
-                    (account.unwrap_or_default(), id)
+                    (account.unwrap_or_default(), id.as_str())
                 }
             };
             let event = EventDraft::new(caller.to_string(), "access.denied")
@@ -674,73 +610,54 @@ impl Broker {
     pub async fn enroll_account(
         &self,
         caller: &SpiffeId,
-        req: pb::EnrollAccountRequest,
-    ) -> Result<pb::EnrollAccountResponse, BrokerError> {
-        let account_id = req.account_id.clone();
-        self.authorised(caller, "enroll_account", Target::Account(&account_id), async {
-        let account = self.account(&req.account_id).map_err(|e| match e {
-            BrokerError::NotFound(_) => BrokerError::NotFound(format!(
-                "account {:?} is not in the policy; add [accounts.{}] to the policy and restart the broker first",
-                req.account_id, req.account_id
-            )),
-            e => e,
-        })?;
-        if !account.has(caller, Role::Admin) {
-            return Err(lacks_role(caller, Role::Admin, &account.id));
-        }
-        let seed = match req.seed {
-            Some(enroll_account_request::Seed::OtpauthUri(uri)) => {
-                vpb::enroll_request::Seed::OtpauthUri(uri)
+        call: Checked<Enrollment>,
+    ) -> Result<Enrolled, BrokerError> {
+        self.authorised(caller, "enroll_account", &call.target, async {
+            let req = call.input?;
+            let account_id = req.account.as_str();
+            let account = self.account(&req.account).map_err(|e| match e {
+                BrokerError::NotFound(_) => not_enrollable(account_id),
+                e => e,
+            })?;
+            if !account.has(caller, Role::Admin) {
+                return Err(lacks_role(caller, Role::Admin, &account.id));
             }
-            Some(enroll_account_request::Seed::Base32Secret(s)) => {
-                vpb::enroll_request::Seed::Base32Secret(s)
-            }
-            None => {
+            let Some(seed) = req.seed else {
                 return Err(BrokerError::invalid(
                     "no seed given; pass an otpauth:// URI or a Base32 secret on stdin",
                 ));
-            }
-        };
-        let answer = self
-            .vault
-            .enroll(vpb::EnrollRequest {
-                account_id: req.account_id.clone(),
-                seed: Some(seed),
-                algorithm: req.algorithm,
-                digits: req.digits,
-                period: req.period,
-                issuer: req.issuer,
-                label: req.label,
-                replace: req.replace,
-                actor: caller.to_string(),
-            })
+            };
+            let answer = self
+                .vault
+                .enroll(EnrollRequest {
+                    account_id: account_id.to_owned(),
+                    seed: Some(seed),
+                    algorithm: req.algorithm,
+                    digits: req.digits,
+                    period: req.period,
+                    issuer: req.issuer,
+                    label: req.label,
+                    replace: req.replace,
+                    actor: caller.to_string(),
+                })
+                .await?;
+            self.emit(
+                EventDraft::new(caller.to_string(), "account.enrolled")
+                    .account(account_id)
+                    .attr("replace", req.replace.to_string()),
+            )
             .await?;
-        self.emit(
-            EventDraft::new(caller.to_string(), "account.enrolled")
-                .account(&req.account_id)
-                .attr("replace", req.replace.to_string()),
-        )
-        .await?;
-        Ok(pb::EnrollAccountResponse {
-            account: answer.account,
-            current: answer.current,
-            next: answer.next,
-            warnings: answer.warnings,
-        })
+            Ok(Enrolled(answer))
         })
         .await
     }
 
     /// Enrolled accounts the caller has a role on.
-    pub async fn list_accounts(
-        &self,
-        caller: &SpiffeId,
-        _req: pb::ListAccountsRequest,
-    ) -> Result<pb::ListAccountsResponse, BrokerError> {
+    pub async fn list_accounts(&self, caller: &SpiffeId) -> Result<Accounts, BrokerError> {
         self.known(caller)?;
         let accounts = self.vault.list_accounts().await?;
-        Ok(pb::ListAccountsResponse {
-            accounts: accounts
+        Ok(Accounts(
+            accounts
                 .into_iter()
                 .filter(|a| {
                     self.policy
@@ -748,56 +665,49 @@ impl Broker {
                         .is_some_and(|p| !p.roles_of(caller).is_empty())
                 })
                 .collect(),
-        })
+        ))
     }
 
     /// An admin removes an account from the vault with a removal grant.
     pub async fn remove_account(
         &self,
         caller: &SpiffeId,
-        req: pb::RemoveAccountRequest,
-    ) -> Result<pb::RemoveAccountResponse, BrokerError> {
-        let account_id = req.account_id.clone();
-        self.authorised(
-            caller,
-            "remove_account",
-            Target::Account(&account_id),
-            async {
-                let account = self.account(&req.account_id)?;
-                if !account.has(caller, Role::Admin) {
-                    return Err(lacks_role(caller, Role::Admin, &account.id));
-                }
-                if req.reason.trim().is_empty() {
-                    return Err(BrokerError::invalid(
-                        "reason is required; say why the account is removed",
-                    ));
-                }
-                let grant_id = GrantSigner::new_grant_id();
-                let (_, signed) = self.grants.sign(
-                    grant_id.clone(),
-                    GrantFacts {
-                        purpose: GrantPurpose::Remove,
-                        request_id: String::new(),
-                        account_id: account.id.clone(),
-                        requester: String::new(),
-                        approvers: Vec::new(),
-                        operator: caller.to_string(),
-                    },
-                    self.clock.now(),
-                );
-                let removed = self.vault.remove_account(signed).await?;
-                self.emit(
-                    EventDraft::new(caller.to_string(), "account.removed")
-                        .account(&account.id)
-                        .attr("grant_id", grant_id)
-                        .attr("reason", req.reason.chars().take(1000).collect::<String>()),
-                )
-                .await?;
-                Ok(pb::RemoveAccountResponse {
-                    account_id: removed,
-                })
-            },
-        )
+        call: Checked<Removal>,
+    ) -> Result<Removed, BrokerError> {
+        self.authorised(caller, "remove_account", &call.target, async {
+            let req = call.input?;
+            let account = self.account(&req.account)?;
+            if !account.has(caller, Role::Admin) {
+                return Err(lacks_role(caller, Role::Admin, &account.id));
+            }
+            if req.reason.trim().is_empty() {
+                return Err(BrokerError::invalid(
+                    "reason is required; say why the account is removed",
+                ));
+            }
+            let grant_id = GrantSigner::new_grant_id();
+            let (_, signed) = self.grants.sign(
+                grant_id.clone(),
+                GrantFacts {
+                    purpose: GrantPurpose::Remove,
+                    request_id: String::new(),
+                    account_id: account.id.clone(),
+                    requester: String::new(),
+                    approvers: Vec::new(),
+                    operator: caller.to_string(),
+                },
+                self.clock.now(),
+            );
+            let removed = self.vault.remove_account(signed).await?;
+            self.emit(
+                EventDraft::new(caller.to_string(), "account.removed")
+                    .account(&account.id)
+                    .attr("grant_id", grant_id)
+                    .attr("reason", req.reason.chars().take(1000).collect::<String>()),
+            )
+            .await?;
+            Ok(Removed(removed))
+        })
         .await
     }
 

@@ -3,9 +3,11 @@
 //! kind and message so callers see what the vault said.
 
 use futures::future::BoxFuture;
-use twokey_proto::{
+/// The vault's own messages, which the broker passes on unchanged: enrolled
+/// accounts, codes, the enrollment call and its answer, and grants.
+pub use twokey_proto::{
     types::v1::{Account, Code},
-    vault::v1::{EnrollRequest, EnrollResponse, SignedGrant},
+    vault::v1::{EnrollRequest, EnrollResponse, GrantPurpose, SignedGrant, enroll_request::Seed},
 };
 use twokey_runtime::error::ErrorKind;
 

@@ -36,7 +36,7 @@ use twokey_runtime::{
     trace,
 };
 
-use crate::{error::BrokerError, service::Broker};
+use crate::{convert, error::BrokerError, service::Broker};
 
 /// Path prefix of every method.
 pub const PREFIX: &str = "/twokey.broker.v1.BrokerService/";
@@ -278,7 +278,7 @@ impl HttpApi {
     /// when the broker shuts down.
     fn watch(&self, caller: &SpiffeId, body: &[u8]) -> Result<http::Response<Body>, Failure> {
         let request: pb::WatchRequestsRequest = parse(body)?;
-        let changes = self.broker.watch_requests(caller, request)?;
+        let changes = convert::watch_requests(&self.broker, caller, request)?;
         let events = changes
             .map(|change| {
                 let json = serde_json::to_string(&change).unwrap_or_else(|_| "{}".into());
@@ -303,8 +303,8 @@ impl HttpApi {
         Ok(response)
     }
 
-    /// Decodes the body, calls the same [`Broker`] function as the gRPC
-    /// layer, encodes the answer.
+    /// Decodes the body, calls the same `convert` function (and so the same
+    /// [`Broker`] function) as the gRPC layer, encodes the answer.
     async fn call(&self, method: &str, caller: &SpiffeId, body: &[u8]) -> Result<Vec<u8>, Failure> {
         let b = &*self.broker;
         macro_rules! dispatch {
@@ -313,7 +313,7 @@ impl HttpApi {
                 streaming: [$($_s:tt)*] $(,)?
             ) => {
                 match method {
-                    $(stringify!($name) => unary(body, |m| b.$f(caller, m)).await,)*
+                    $(stringify!($name) => unary(body, |m| convert::$f(b, caller, m)).await,)*
                     other => Err(Failure::new(
                         StatusCode::NOT_FOUND,
                         "not_found",

@@ -1,0 +1,253 @@
+//! The broker API's own vocabulary: validated ids, each call's input and
+//! what each call answers. `convert` builds the inputs from the wire (with
+//! `TryFrom`) and the responses from the answers; the domain ([`crate::service`])
+//! takes and returns only these.
+
+use twokey_runtime::SpiffeId;
+
+use crate::{
+    error::BrokerError,
+    pin::Pin,
+    policy::{Role, valid_account_id},
+    state::{RequestRecord, State},
+    vault::{Account, Code, EnrollResponse, Seed},
+};
+
+/// Requests in a page when the caller names no page size.
+pub const DEFAULT_PAGE: usize = 100;
+/// Most requests in one page.
+pub const MAX_PAGE: usize = 1000;
+
+/// An id checked once, from text: a newtype with `as_str`, and `TryFrom<String>`
+/// refusing empty text with `required` and text `valid` does not accept with
+/// `malformed(text)`.
+macro_rules! checked_id {
+    (
+        $(#[$doc:meta])* $name:ident,
+        required: $required:expr,
+        valid: $valid:expr,
+        malformed: $malformed:expr $(,)?
+    ) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct $name(String);
+
+        impl $name {
+            /// The id as text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = BrokerError;
+
+            fn try_from(id: String) -> Result<Self, BrokerError> {
+                if id.is_empty() {
+                    return Err(BrokerError::invalid($required));
+                }
+                if !($valid)(id.as_str()) {
+                    return Err(BrokerError::invalid(($malformed)(id.as_str())));
+                }
+                Ok(Self(id))
+            }
+        }
+    };
+}
+
+checked_id!(
+    /// An account id of the policy's form: 1 to 64 characters of a-z, 0-9,
+    /// '.', '_', '-' (whether the policy names it is the domain's question).
+    AccountId,
+    required: "account_id is required",
+    valid: valid_account_id,
+    malformed: |id: &str| format!(
+        "account_id must be 1 to 64 characters of a-z, 0-9, '.', '_', '-' ({} given)",
+        id.chars().count()
+    ),
+);
+
+checked_id!(
+    /// A request id of the form the broker gives (a UUID).
+    RequestId,
+    required: "request_id is required; list requests with ListRequests",
+    valid: |id: &str| id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+    malformed: |id: &str| format!(
+        "request_id {:?} is malformed; request ids are UUIDs",
+        id.chars().take(70).collect::<String>()
+    ),
+);
+
+/// An optional account id: empty text is none.
+pub fn account_filter(id: String) -> Result<Option<AccountId>, BrokerError> {
+    if id.is_empty() {
+        Ok(None)
+    } else {
+        AccountId::try_from(id).map(Some)
+    }
+}
+
+/// What a call names, as sent (before any check): recorded on the call's
+/// span, and on the `access.denied` event of a refusal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The call names neither a request nor an account.
+    Nothing,
+    /// An account (filing a request, listing, enrolling, removing).
+    Account(String),
+    /// A stored request (its account is looked up).
+    Request(String),
+}
+
+impl Target {
+    /// The request id and the account id named (empty when not).
+    pub fn ids(&self) -> (&str, &str) {
+        match self {
+            Self::Nothing => ("", ""),
+            Self::Account(a) => ("", a),
+            Self::Request(r) => (r, ""),
+        }
+    }
+}
+
+/// A call's input as the edge decoded it: what it names, and the validated
+/// input or why it is invalid. The domain looks at the input only once the
+/// caller is known, so an unknown caller is refused as such (and recorded)
+/// whatever it sent.
+#[derive(Debug)]
+pub struct Checked<T> {
+    /// What the call names, as sent.
+    pub target: Target,
+    /// The validated input, or why the message is invalid.
+    pub input: Result<T, BrokerError>,
+}
+
+/// A request to file.
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    /// The account the code is for.
+    pub account: AccountId,
+    /// The requester an intake files for (a policy name or SPIFFE ID), if any.
+    pub on_behalf_of: Option<String>,
+    /// Why the code is needed.
+    pub reason: String,
+    /// The change ticket.
+    pub ticket: String,
+}
+
+/// Which requests a list asks for.
+#[derive(Debug, Clone)]
+pub struct RequestQuery {
+    /// Only requests in this state (none: all).
+    pub state: Option<State>,
+    /// Only requests for this account.
+    pub account: Option<AccountId>,
+    /// Only requests the caller filed or is the requester of.
+    pub mine: bool,
+    /// Most requests in the page.
+    pub page_size: usize,
+    /// Where the page starts: a previous page's `next_page_token`, or empty.
+    pub page_token: String,
+    /// How many bytes a request takes in the answer: a page also ends before
+    /// it outgrows the message limit.
+    pub size_of: fn(&RequestRecord) -> usize,
+}
+
+/// Which changes a watcher asks for.
+#[derive(Debug, Clone)]
+pub struct WatchFilter {
+    /// Only changes of requests for this account.
+    pub account: Option<AccountId>,
+}
+
+/// One page of requests, newest first.
+#[derive(Debug, Clone)]
+pub struct RequestPage {
+    /// The requests.
+    pub requests: Vec<RequestRecord>,
+    /// Where the next page starts; empty after the last page.
+    pub next_page_token: String,
+}
+
+/// A decision on a request (approval, denial or cancellation) with its
+/// comment or reason.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    /// The request decided on.
+    pub request: RequestId,
+    /// The approver's comment, or the reason for denying or cancelling.
+    pub note: String,
+}
+
+/// The operator's try of a PIN.
+#[derive(Debug)]
+pub struct PinAttempt {
+    /// The request.
+    pub request: RequestId,
+    /// The PIN as typed (trimmed).
+    pub pin: Pin,
+}
+
+/// A seed to enroll in the vault (the seed itself is checked by the vault).
+#[derive(Debug)]
+pub struct Enrollment {
+    /// The account.
+    pub account: AccountId,
+    /// The seed; none given is refused once the caller is known to be an admin.
+    pub seed: Option<Seed>,
+    /// With a Base32 secret: the hash function (the proto's `Algorithm` number).
+    pub algorithm: i32,
+    /// With a Base32 secret: digits per code.
+    pub digits: u32,
+    /// With a Base32 secret: step length in seconds.
+    pub period: u32,
+    /// With a Base32 secret: issuer shown in listings.
+    pub issuer: String,
+    /// With a Base32 secret: label shown in listings.
+    pub label: String,
+    /// Replace an enrolled account with the same id.
+    pub replace: bool,
+}
+
+/// An account to remove from the vault.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    /// The account.
+    pub account: AccountId,
+    /// Why (required once the caller is known to be an admin).
+    pub reason: String,
+}
+
+/// Who the caller is to the broker.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The caller's SPIFFE ID.
+    pub id: SpiffeId,
+    /// Its name in the policy (empty when not named).
+    pub name: String,
+    /// The accounts it has roles on, with those roles.
+    pub accounts: Vec<(String, Vec<Role>)>,
+    /// The policy groups it is in.
+    pub groups: Vec<String>,
+}
+
+/// A released code and the request after the release.
+#[derive(Debug)]
+pub struct Released {
+    /// The code, as the vault computed it.
+    pub code: Code,
+    /// The request.
+    pub request: RequestRecord,
+}
+
+/// The vault's answer to an enrollment.
+#[derive(Debug)]
+pub struct Enrolled(pub EnrollResponse);
+
+/// Enrolled accounts the caller has a role on.
+#[derive(Debug)]
+pub struct Accounts(pub Vec<Account>);
+
+/// The account the vault removed.
+#[derive(Debug)]
+pub struct Removed(pub String);
