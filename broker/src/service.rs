@@ -37,6 +37,29 @@ use crate::{
     vault::{EnrollRequest, GrantPurpose, Vault},
 };
 
+/// An input that names one stored request.
+trait OnRequest {
+    fn request(&self) -> &RequestId;
+}
+
+impl OnRequest for RequestId {
+    fn request(&self) -> &RequestId {
+        self
+    }
+}
+
+impl OnRequest for Decision {
+    fn request(&self) -> &RequestId {
+        &self.request
+    }
+}
+
+impl OnRequest for PinAttempt {
+    fn request(&self) -> &RequestId {
+        &self.request
+    }
+}
+
 /// One change, as watchers see it.
 #[derive(Debug, Clone)]
 pub struct Change {
@@ -430,19 +453,39 @@ impl Broker {
             }))
     }
 
+    /// An audited change of the request `call` names: once the caller is
+    /// known and the input valid, `rule` applied through [`Self::act`].
+    async fn change<T: OnRequest>(
+        &self,
+        caller: &SpiffeId,
+        attempted: &str,
+        call: Checked<T>,
+        mut rule: impl FnMut(
+            &T,
+            &mut RequestRecord,
+            &AccountPolicy,
+            SystemTime,
+        ) -> Result<Effects, BrokerError>,
+    ) -> Result<RequestRecord, BrokerError> {
+        self.authorised(caller, attempted, &call.target, async {
+            let input = call.input?;
+            self.act(input.request().as_str(), true, |r, a, now| {
+                rule(&input, r, a, now)
+            })
+            .await
+        })
+        .await
+    }
+
     /// An approver approves.
     pub async fn approve_request(
         &self,
         caller: &SpiffeId,
         call: Checked<Decision>,
     ) -> Result<RequestRecord, BrokerError> {
-        self.authorised(caller, "approve", &call.target, async {
-            let req = call.input?;
-            let key = &self.pin_key;
-            self.act(req.request.as_str(), true, |r, a, now| {
-                r.approve(a, caller, &req.note, key, now)
-            })
-            .await
+        let key = &self.pin_key;
+        self.change(caller, "approve", call, |d, r, a, now| {
+            r.approve(a, caller, &d.note, key, now)
         })
         .await
     }
@@ -453,12 +496,8 @@ impl Broker {
         caller: &SpiffeId,
         call: Checked<Decision>,
     ) -> Result<RequestRecord, BrokerError> {
-        self.authorised(caller, "deny", &call.target, async {
-            let req = call.input?;
-            self.act(req.request.as_str(), true, |r, a, now| {
-                r.deny(a, caller, &req.note, now)
-            })
-            .await
+        self.change(caller, "deny", call, |d, r, a, now| {
+            r.deny(a, caller, &d.note, now)
         })
         .await
     }
@@ -469,12 +508,8 @@ impl Broker {
         caller: &SpiffeId,
         call: Checked<Decision>,
     ) -> Result<RequestRecord, BrokerError> {
-        self.authorised(caller, "cancel", &call.target, async {
-            let req = call.input?;
-            self.act(req.request.as_str(), true, |r, _, now| {
-                r.cancel(caller, &req.note, now)
-            })
-            .await
+        self.change(caller, "cancel", call, |d, r, _, now| {
+            r.cancel(caller, &d.note, now)
         })
         .await
     }
@@ -485,13 +520,9 @@ impl Broker {
         caller: &SpiffeId,
         call: Checked<PinAttempt>,
     ) -> Result<RequestRecord, BrokerError> {
-        self.authorised(caller, "verify_pin", &call.target, async {
-            let PinAttempt { request, pin } = call.input?;
-            let key = &self.pin_key;
-            self.act(request.as_str(), true, |r, a, now| {
-                r.verify_pin(a, caller, &pin, key, now)
-            })
-            .await
+        let key = &self.pin_key;
+        self.change(caller, "verify_pin", call, |p, r, a, now| {
+            r.verify_pin(a, caller, &p.pin, key, now)
         })
         .await
     }
@@ -502,13 +533,9 @@ impl Broker {
         caller: &SpiffeId,
         call: Checked<RequestId>,
     ) -> Result<RequestRecord, BrokerError> {
-        self.authorised(caller, "resend_pin", &call.target, async {
-            let request = call.input?;
-            let key = &self.pin_key;
-            self.act(request.as_str(), true, |r, _, now| {
-                r.resend_pin(caller, key, now)
-            })
-            .await
+        let key = &self.pin_key;
+        self.change(caller, "resend_pin", call, |_, r, _, now| {
+            r.resend_pin(caller, key, now)
         })
         .await
     }
