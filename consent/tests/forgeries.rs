@@ -13,6 +13,13 @@ use twokey_consent::{
     policy_namespace, verify_policy_update,
 };
 
+/// The expected refusal of a case, as a pattern on the error.
+macro_rules! is {
+    ($($pattern:tt)+) => {
+        |e| matches!(e, $($pattern)+)
+    };
+}
+
 #[test]
 fn the_allowed_path_releases_and_names_the_people() {
     let w = World::new();
@@ -85,14 +92,9 @@ fn every_single_compromise_and_forgery_is_refused() {
                 a.release = SignedStatement::default();
                 a
             },
-            |e| {
-                matches!(
-                    e,
-                    E::Missing {
-                        statement: StatementRef::Request
-                    }
-                )
-            },
+            is!(E::Missing {
+                statement: StatementRef::Request
+            }),
             PermissionDenied,
         ),
         case(
@@ -152,16 +154,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.operator = ("ivan", id("ivan"));
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::MissingRole {
-                        statement: StatementRef::Release,
-                        role: Role::Operator,
-                        ..
-                    }
-                )
-            },
+            is!(E::MissingRole {
+                statement: StatementRef::Release,
+                role: Role::Operator,
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -173,16 +170,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.requester = id("carol");
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::MissingRole {
-                        statement: StatementRef::Request,
-                        role: Role::Requester,
-                        ..
-                    }
-                )
-            },
+            is!(E::MissingRole {
+                statement: StatementRef::Request,
+                role: Role::Requester,
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -202,15 +194,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.namespace = policy_namespace(TD);
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::WrongNamespace {
-                        statement: StatementRef::Request,
-                        ..
-                    }
-                )
-            },
+            is!(E::WrongNamespace {
+                statement: StatementRef::Request,
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -220,16 +207,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.approval_request_digest = Some(vec![7; 32]);
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::WrongBinding {
-                        statement: StatementRef::Approval(0),
-                        field: "request",
-                        ..
-                    }
-                )
-            },
+            is!(E::WrongBinding {
+                statement: StatementRef::Approval(0),
+                field: "request",
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -239,16 +221,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.release_approvals = Some(vec![vec![1; 32], vec![2; 32]]);
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::WrongBinding {
-                        statement: StatementRef::Release,
-                        field: "set of approvals",
-                        ..
-                    }
-                )
-            },
+            is!(E::WrongBinding {
+                statement: StatementRef::Release,
+                field: "set of approvals",
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -258,16 +235,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.version = 2;
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::PolicyVersion {
-                        bound: 2,
-                        active: 1,
-                        ..
-                    }
-                )
-            },
+            is!(E::PolicyVersion {
+                bound: 2,
+                active: 1,
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -277,15 +249,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.now = p.release_at + 600;
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::Stale {
-                        statement: StatementRef::Release,
-                        ..
-                    }
-                )
-            },
+            is!(E::Stale {
+                statement: StatementRef::Release,
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -296,15 +263,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.now = p.release_at + 10;
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::Stale {
-                        statement: StatementRef::Release,
-                        ..
-                    }
-                )
-            },
+            is!(E::Stale {
+                statement: StatementRef::Release,
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -316,15 +278,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.now = 3_760;
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::Stale {
-                        statement: StatementRef::Approval(1),
-                        ..
-                    }
-                )
-            },
+            is!(E::Stale {
+                statement: StatementRef::Approval(1),
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -334,15 +291,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.release_at = p.now + 300;
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::FromTheFuture {
-                        statement: StatementRef::Release,
-                        ..
-                    }
-                )
-            },
+            is!(E::FromTheFuture {
+                statement: StatementRef::Release,
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -363,16 +315,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.operator = ("mallory", id("otto"));
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::UnknownKey {
-                        statement: StatementRef::Release,
-                        owner: None,
-                        ..
-                    }
-                )
-            },
+            is!(E::UnknownKey {
+                statement: StatementRef::Release,
+                owner: None,
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -382,15 +329,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.operator = ("mallory", id("mallory"));
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::UnknownIdentity {
-                        statement: StatementRef::Release,
-                        ..
-                    }
-                )
-            },
+            is!(E::UnknownIdentity {
+                statement: StatementRef::Release,
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -400,16 +342,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 p.approvers.truncate(1);
                 w.build(&p)
             },
-            |e| {
-                matches!(
-                    e,
-                    E::TooFewApprovals {
-                        have: 1,
-                        need: 2,
-                        ..
-                    }
-                )
-            },
+            is!(E::TooFewApprovals {
+                have: 1,
+                need: 2,
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -444,16 +381,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 second.history.record_release(&v, at(185));
                 second
             },
-            |e| {
-                matches!(
-                    e,
-                    E::CodesExhausted {
-                        released: 1,
-                        allowed: 1,
-                        ..
-                    }
-                )
-            },
+            is!(E::CodesExhausted {
+                released: 1,
+                allowed: 1,
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -473,16 +405,11 @@ fn every_single_compromise_and_forgery_is_refused() {
                 a.history = history;
                 a
             },
-            |e| {
-                matches!(
-                    e,
-                    E::RateLimited {
-                        released: 2,
-                        max: 2,
-                        ..
-                    }
-                )
-            },
+            is!(E::RateLimited {
+                released: 2,
+                max: 2,
+                ..
+            }),
             FailedPrecondition,
         ),
         case(
@@ -493,15 +420,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 a.grant_id = "grant-2".into();
                 a
             },
-            |e| {
-                matches!(
-                    e,
-                    E::BadSignature {
-                        statement: StatementRef::Release,
-                        ..
-                    }
-                )
-            },
+            is!(E::BadSignature {
+                statement: StatementRef::Release,
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -532,15 +454,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 a.grant_id = "grant-other".into();
                 a
             },
-            |e| {
-                matches!(
-                    e,
-                    E::GrantMismatch {
-                        field: "grant_id",
-                        ..
-                    }
-                )
-            },
+            is!(E::GrantMismatch {
+                field: "grant_id",
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -550,15 +467,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 a.account = "aws-dev-root".into();
                 a
             },
-            |e| {
-                matches!(
-                    e,
-                    E::GrantMismatch {
-                        field: "account_id",
-                        ..
-                    }
-                )
-            },
+            is!(E::GrantMismatch {
+                field: "account_id",
+                ..
+            }),
             PermissionDenied,
         ),
         case(
@@ -578,15 +490,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 a.release = a.approvals[0].clone();
                 a
             },
-            |e| {
-                matches!(
-                    e,
-                    E::WrongKind {
-                        statement: StatementRef::Release,
-                        ..
-                    }
-                )
-            },
+            is!(E::WrongKind {
+                statement: StatementRef::Release,
+                ..
+            }),
             InvalidArgument,
         ),
         case(
@@ -596,15 +503,10 @@ fn every_single_compromise_and_forgery_is_refused() {
                 a.approvals[0].signature = b"not a signature".to_vec();
                 a
             },
-            |e| {
-                matches!(
-                    e,
-                    E::Malformed {
-                        statement: StatementRef::Approval(0),
-                        ..
-                    }
-                )
-            },
+            is!(E::Malformed {
+                statement: StatementRef::Approval(0),
+                ..
+            }),
             InvalidArgument,
         ),
     ];
@@ -702,55 +604,47 @@ fn admin_forgeries_are_refused() {
         matches!(&e, E::TooFewAdmins { have, .. } if have.len() == 1),
         "{e:?}"
     );
-    // Consent to another action does not count for this one.
-    let s = vec![
-        one(AdminAction::Remove, "a"),
-        w.admin("bob", &id("bob"), AdminAction::Disable, "a", 0),
+    // A second statement that does not make the pair: consent to another
+    // action, to another action id, or from a person who is not an admin.
+    type Expected = fn(&E) -> bool;
+    let cases: [(&str, AdminAction, &str, Expected); 3] = [
+        ("bob", AdminAction::Disable, "a", |e| {
+            matches!(
+                e,
+                E::WrongBinding {
+                    statement: StatementRef::AdminAction(1),
+                    field: "action",
+                    ..
+                }
+            )
+        }),
+        ("bob", AdminAction::Remove, "b", |e| {
+            matches!(
+                e,
+                E::WrongBinding {
+                    field: "action id",
+                    ..
+                }
+            )
+        }),
+        ("rita", AdminAction::Remove, "a", |e| {
+            matches!(
+                e,
+                E::MissingRole {
+                    role: Role::Admin,
+                    ..
+                }
+            )
+        }),
     ];
-    let e = check(&s, 10, &none).unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            E::WrongBinding {
-                statement: StatementRef::AdminAction(1),
-                field: "action",
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    // Two statements naming different action ids.
-    let s = vec![
-        one(AdminAction::Remove, "a"),
-        w.admin("bob", &id("bob"), AdminAction::Remove, "b", 0),
-    ];
-    let e = check(&s, 10, &none).unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            E::WrongBinding {
-                field: "action id",
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    // A non-admin.
-    let s = vec![
-        one(AdminAction::Remove, "a"),
-        w.admin("rita", &id("rita"), AdminAction::Remove, "a", 0),
-    ];
-    let e = check(&s, 10, &none).unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            E::MissingRole {
-                role: Role::Admin,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
+    for (who, action, action_id, expected) in cases {
+        let s = vec![
+            one(AdminAction::Remove, "a"),
+            w.admin(who, &id(who), action, action_id, 0),
+        ];
+        let e = check(&s, 10, &none).unwrap_err();
+        assert!(expected(&e), "{who} {action:?} {action_id}: {e:?}");
+    }
     // Stale.
     let s = vec![
         one(AdminAction::Remove, "a"),

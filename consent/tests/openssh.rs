@@ -202,50 +202,33 @@ fn a_policy_signed_by_ssh_keygen_verifies() {
     let w = &o.world;
     let doc = w.policy_toml(2, "");
     let ns = policy_namespace(TD);
-    let sigs = vec![
-        openssh_sign(
-            &o.paths["alice"],
-            &ns,
-            doc.as_bytes(),
-            o.dir.path(),
-            "p-alice",
-        ),
-        openssh_sign(&o.paths["bob"], &ns, doc.as_bytes(), o.dir.path(), "p-bob"),
-    ];
+    let admins = ["alice", "bob"];
+    // Both admins sign `doc` with ssh-keygen -Y sign.
+    let sign_all = |doc: &str, tag: &str| -> Vec<Vec<u8>> {
+        admins
+            .iter()
+            .map(|who| {
+                let name = format!("{tag}-{who}");
+                openssh_sign(&o.paths[*who], &ns, doc.as_bytes(), o.dir.path(), &name)
+            })
+            .collect()
+    };
+    let sigs = sign_all(&doc, "p");
     let v2 = verify_policy_update(Some(&w.policy), &w.root, doc.as_bytes(), &sigs)
         .expect("ssh-keygen's policy signatures verify");
-    assert_eq!(v2.signed_by(), ["alice", "bob"]);
+    assert_eq!(v2.signed_by(), admins);
 
     // The pinned set, read from an allowed_signers file as ssh-keygen reads it.
-    let pinned = format!(
-        "{} {}\n{} {}\n",
-        id("alice"),
-        std::fs::read_to_string(o.paths["alice"].with_extension("pub"))
-            .unwrap()
-            .trim(),
-        id("bob"),
-        std::fs::read_to_string(o.paths["bob"].with_extension("pub"))
-            .unwrap()
-            .trim(),
-    );
+    let pinned: String = admins
+        .iter()
+        .map(|who| {
+            let public = std::fs::read_to_string(o.paths[*who].with_extension("pub")).unwrap();
+            format!("{} {}\n", id(who), public.trim())
+        })
+        .collect();
     let root = TrustRoot::from_allowed_signers(TD, &pinned, 2).unwrap();
     let doc1 = w.policy_toml(1, "");
-    let sigs = vec![
-        openssh_sign(
-            &o.paths["alice"],
-            &ns,
-            doc1.as_bytes(),
-            o.dir.path(),
-            "p1-alice",
-        ),
-        openssh_sign(
-            &o.paths["bob"],
-            &ns,
-            doc1.as_bytes(),
-            o.dir.path(),
-            "p1-bob",
-        ),
-    ];
+    let sigs = sign_all(&doc1, "p1");
     verify_policy_update(None, &root, doc1.as_bytes(), &sigs).expect("first policy");
 }
 
@@ -271,30 +254,25 @@ fn our_signatures_verify_with_ssh_keygen() {
         );
     }
     // Not vacuous: the wrong principal, namespace or bytes fail.
-    assert!(!openssh_verify(
-        &allowed,
-        &id("anna"),
-        &ns,
-        &a.release.signature,
-        &a.release.statement,
-        dir
-    ));
-    assert!(!openssh_verify(
-        &allowed,
-        &id("otto"),
-        "git",
-        &a.release.signature,
-        &a.release.statement,
-        dir
-    ));
-    assert!(!openssh_verify(
-        &allowed,
-        &id("otto"),
-        &ns,
-        &a.release.signature,
-        b"other bytes",
-        dir
-    ));
+    let (anna, otto) = (id("anna"), id("otto"));
+    let statement = a.release.statement.as_slice();
+    for (principal, namespace, data) in [
+        (&anna, ns.as_str(), statement),
+        (&otto, "git", statement),
+        (&otto, ns.as_str(), b"other bytes".as_slice()),
+    ] {
+        assert!(
+            !openssh_verify(
+                &allowed,
+                principal,
+                namespace,
+                &a.release.signature,
+                data,
+                dir
+            ),
+            "{principal} {namespace}"
+        );
+    }
     // rita's second SPIFFE ID is a principal of the same key.
     assert!(openssh_verify(
         &allowed,
