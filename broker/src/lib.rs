@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pin;
 pub mod policy;
+pub mod refusals;
 pub mod rpc;
 pub mod service;
 pub mod state;
@@ -145,6 +146,10 @@ pub struct ServeOptions {
     /// The HTTP/JSON listener, bound by the caller; none to bind
     /// `config.http_listen` if it is set.
     pub http_listener: Option<TcpListener>,
+    /// Counts `access.denied` events written for refusals of identities
+    /// outside the policy (one per identity per minute), so tests can wait
+    /// for one.
+    pub refusal_events: Option<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Default for ServeOptions {
@@ -154,6 +159,7 @@ impl Default for ServeOptions {
             deliveries: None,
             vault: None,
             http_listener: None,
+            refusal_events: None,
         }
     }
 }
@@ -215,7 +221,7 @@ pub async fn serve(
     let store =
         Arc::new(SledStore::open(&db, outbox.clone(), queue.clone()).map_err(StartError::refused)?);
     metrics::observe_requests(&store);
-    let broker = Arc::new(Broker::new(BrokerParts {
+    let mut broker = Broker::new(BrokerParts {
         policy: Arc::new(policy),
         store,
         queue: queue.clone(),
@@ -223,7 +229,14 @@ pub async fn serve(
         pin_key,
         grants,
         vault,
-    }));
+    });
+    if let Some(counter) = options.refusal_events {
+        broker = broker.with_refusal_counter(counter);
+    }
+    let broker = Arc::new(broker);
+    // Not in `tasks`: it must finish a write it started, not be aborted.
+    let refusal_flusher = tokio::spawn(broker.clone().run_refusal_flusher());
+    let refusals = broker.clone();
 
     let mut tasks = JoinSet::new();
     tasks.spawn(queue.run());
@@ -277,6 +290,10 @@ pub async fn serve(
             closer.close();
         });
     let (result, ()) = tokio::join!(grpc_server, http_server);
+    // Calls have stopped: write every refusal still counted.
+    refusals.close();
+    let _ = refusal_flusher.await;
+    refusals.flush_refusals(true).await;
     tasks.shutdown().await;
     // Stop shipping so the database is released.
     if let Some(shipper) = shipper {

@@ -32,6 +32,7 @@ use crate::{
     notify::{self, NotifyQueue},
     pin::PinKey,
     policy::{AccountPolicy, Policy, Role},
+    refusals::{self, Refusals, Tally},
     state::{Effects, RequestRecord, lacks_role, millis},
     store::{RequestStore, Writes},
     vault::{EnrollRequest, GrantPurpose, Vault},
@@ -100,6 +101,8 @@ pub struct Broker {
     vault: Arc<dyn Vault>,
     changes: broadcast::Sender<Change>,
     closing: tokio::sync::watch::Sender<bool>,
+    refusals: Refusals,
+    refusal_events: Option<tokio::sync::watch::Sender<u64>>,
 }
 
 /// Most bytes of requests in one page: well under the gRPC message limit.
@@ -138,7 +141,17 @@ impl Broker {
             vault: parts.vault,
             changes,
             closing: tokio::sync::watch::Sender::new(false),
+            refusals: Refusals::default(),
+            refusal_events: None,
         }
+    }
+
+    /// Counts the `access.denied` events written for refusals of identities
+    /// outside the policy, so tests can wait for one.
+    #[must_use]
+    pub fn with_refusal_counter(mut self, counter: tokio::sync::watch::Sender<u64>) -> Self {
+        self.refusal_events = Some(counter);
+        self
     }
 
     /// Ends every open `WatchRequests` stream (on shutdown, so the server
@@ -591,10 +604,12 @@ impl Broker {
         .await
     }
 
-    /// Runs `call` for a caller named in the policy; a refusal (the caller
-    /// unknown, or the call's own PERMISSION_DENIED) is recorded as an
-    /// `access.denied` event naming what was `attempted` on `target`, and
-    /// the result is returned unchanged.
+    /// Runs `call` for a caller named in the policy; a refusal (the call's
+    /// own PERMISSION_DENIED) is recorded as an `access.denied` event naming
+    /// what was `attempted` on `target`, and the result is returned
+    /// unchanged. A caller the policy does not name is refused the same way
+    /// but only counted ([`refusals`]): its refusals are written as one event
+    /// per identity per minute by [`Self::flush_refusals`].
     async fn authorised<T>(
         &self,
         caller: &SpiffeId,
@@ -602,10 +617,11 @@ impl Broker {
         target: &Target,
         call: impl Future<Output = Result<T, BrokerError>>,
     ) -> Result<T, BrokerError> {
-        let result = match self.known(caller) {
-            Ok(()) => call.await,
-            Err(e) => Err(e),
-        };
+        if let Err(e) = self.known(caller) {
+            self.refusals.record(caller, attempted, self.clock.now());
+            return Err(e);
+        }
+        let result = call.await;
         if let Err(BrokerError::PermissionDenied(why)) = &result {
             let (account, request_id) = match target {
                 Target::Nothing => (String::new(), ""),
@@ -631,6 +647,55 @@ impl Broker {
     async fn emit(&self, event: EventDraft) -> Result<(), BrokerError> {
         self.store.emit(vec![event])?;
         self.store.commit().await
+    }
+
+    /// Writes the counted refusals of identities outside the policy: the
+    /// windows a minute old, or with `all` every one (on shutdown). Returns
+    /// how many events were written. Tallies that cannot be written are put
+    /// back to be tried again, so no refusal goes uncounted.
+    pub async fn flush_refusals(&self, all: bool) -> usize {
+        let tallies = if all {
+            self.refusals.take_all()
+        } else {
+            self.refusals.take_due(self.clock.now())
+        };
+        if tallies.is_empty() {
+            return 0;
+        }
+        let refused: u64 = tallies.iter().map(Tally::count).sum();
+        if let Err(e) = self.store.emit(tallies.iter().map(Tally::event).collect()) {
+            tracing::error!(
+                refused,
+                "cannot record refused attempts of identities outside the policy; counts kept to try again: {e}"
+            );
+            self.refusals.restore(tallies);
+            return 0;
+        }
+        // Written: a failed sync is retried by the next commit.
+        if let Err(e) = self.store.commit().await {
+            tracing::error!(refused, "cannot sync the record of refused attempts: {e}");
+        }
+        if let Some(counter) = &self.refusal_events {
+            counter.send_modify(|n| *n += tallies.len() as u64);
+        }
+        tallies.len()
+    }
+
+    /// Writes due refusal windows every [`refusals::TICK`] and as soon as a
+    /// refusal finds its window due, until [`Self::close`]; the caller
+    /// writes the rest with `flush_refusals(true)` once calls have stopped.
+    pub async fn run_refusal_flusher(self: Arc<Self>) {
+        let mut closing = self.closing.subscribe();
+        let mut tick = tokio::time::interval(refusals::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = closing.wait_for(|c| *c) => return,
+                _ = tick.tick() => {}
+                () = self.refusals.wait_due() => {}
+            }
+            self.flush_refusals(false).await;
+        }
     }
 
     /// An admin enrolls a seed in the vault.

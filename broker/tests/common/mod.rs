@@ -261,6 +261,8 @@ pub struct Harness {
     pub vault: Arc<VaultState>,
     pub config: BrokerConfig,
     pub deliveries: tokio::sync::watch::Sender<u64>,
+    /// Counts `access.denied` events written for strangers' refusals.
+    pub refusal_events: tokio::sync::watch::Sender<u64>,
     broker: Option<Running>,
     vault_server: Option<Running>,
 }
@@ -342,6 +344,7 @@ impl Harness {
             vault,
             config,
             deliveries: tokio::sync::watch::Sender::new(0),
+            refusal_events: tokio::sync::watch::Sender::new(0),
             broker: None,
             vault_server: Some(vault_server),
         };
@@ -360,6 +363,7 @@ impl Harness {
             clock: Arc::new(self.clock.clone()),
             deliveries: Some(self.deliveries.clone()),
             http_listener: Some(http_listener),
+            refusal_events: Some(self.refusal_events.clone()),
             ..ServeOptions::default()
         };
         let config = self.config.clone();
@@ -496,6 +500,50 @@ impl Harness {
         tokio::time::timeout(Duration::from_secs(20), wait)
             .await
             .unwrap_or_else(|_| panic!("no {kind} message reached {user}"))
+    }
+
+    /// Every event the broker wrote to its outbox, each signature checked,
+    /// in order (sequence numbers from 1 without gaps). The broker must be
+    /// stopped: its database is locked while it runs.
+    pub fn stored_events(&self) -> Vec<twokey_proto::audit::v1::Event> {
+        let db = twokey_runtime::durable::DurableDb::open(&self.config.data_dir).unwrap();
+        let key = keys::load_signing_key(&self.config.event_key_file).unwrap();
+        let signer = twokey_runtime::events::EventSigner::new(
+            twokey_runtime::SpiffeId::parse("spiffe://twokey.local/svc/broker").unwrap(),
+            key.clone(),
+        );
+        let outbox = twokey_runtime::outbox::Outbox::open(
+            &db,
+            signer,
+            Arc::new(twokey_runtime::time::SystemClock),
+        )
+        .unwrap();
+        let events: Vec<_> = outbox
+            .pending(0, usize::MAX)
+            .into_iter()
+            .map(|(seq, signed)| {
+                let e =
+                    twokey_runtime::events::verify_event(&signed, &key.verifying_key()).unwrap();
+                assert_eq!(e.seq, seq);
+                e
+            })
+            .collect();
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>(), "gaps");
+        events
+    }
+
+    /// Waits (on the counter, not a timer) until the broker has written `n`
+    /// events for strangers' refusals in all.
+    pub async fn wait_for_refusal_events(&self, n: u64) {
+        let mut rx = self.refusal_events.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            rx.wait_for(|written| *written >= n),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("the broker never wrote {n} refusal events"))
+        .unwrap();
     }
 
     pub fn advance(&self, by: Duration) {
