@@ -63,6 +63,11 @@ pub enum AuditError {
     /// Storage failed.
     #[error("audit storage failed: {0}")]
     Store(String),
+    /// The stored log does not extend the largest tree head this log
+    /// signed (shorter, or another root at that size); the message names
+    /// both and what to do.
+    #[error("the audit log does not extend its signed tree head: {0}")]
+    TreeHead(String),
     /// A stored entry cannot be read.
     #[error("stored entry {index} is corrupt: {why}")]
     Corrupt {
@@ -86,7 +91,7 @@ impl ServiceError for AuditError {
             Self::Conflict { .. } => ErrorKind::AlreadyExists,
             Self::OutOfRange(_) => ErrorKind::OutOfRange,
             Self::Store(_) => ErrorKind::Unavailable,
-            Self::Checkpoint(_) | Self::Corrupt { .. } => ErrorKind::Internal,
+            Self::Checkpoint(_) | Self::Corrupt { .. } | Self::TreeHead(_) => ErrorKind::Internal,
         }
     }
 }

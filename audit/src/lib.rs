@@ -3,7 +3,7 @@
 //! inclusion and consistency proofs, queries for auditors, and offline
 //! verification of exported logs.
 //!
-//! Domain: [`merkle`], [`checkpoint`], [`store`], [`service`], [`append`],
+//! Domain: [`merkle`], [`checkpoint`], [`head`], [`store`], [`service`], [`append`],
 //! [`verify`] — no tonic. Edges: [`grpc`], [`convert`], [`config`], [`cli`]
 //! and [`serve`].
 #![forbid(unsafe_code)]
@@ -15,6 +15,7 @@ pub mod config;
 pub mod convert;
 pub mod error;
 pub mod grpc;
+pub mod head;
 pub mod merkle;
 pub mod service;
 pub mod store;
@@ -35,7 +36,10 @@ pub use config::AuditConfig;
 pub use error::AuditError;
 pub use twokey_runtime::start::StartError;
 
-use crate::{checkpoint::CheckpointSigner, grpc::AuditGrpc, service::AuditLog, store::SledStore};
+use crate::{
+    checkpoint::CheckpointSigner, grpc::AuditGrpc, head::TreeHeadFile, service::AuditLog,
+    store::SledStore,
+};
 
 /// Serves the audit service on `listener` until `shutdown` resolves.
 /// Prints `twokey-audit listening on <addr>` once it accepts connections.
@@ -51,13 +55,18 @@ pub async fn serve(
         .tls
         .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
     let store = SledStore::open(&config.data_dir)?;
-    let log = Arc::new(AuditLog::new(
-        store,
-        config.sources.clone(),
-        config.auditors.clone(),
-        signer,
-        Arc::new(SystemClock),
-    ));
+    let head =
+        TreeHeadFile::load(&config.data_dir, &signer.verifier()).map_err(StartError::refused)?;
+    let log = Arc::new(
+        AuditLog::new(
+            store,
+            config.sources.clone(),
+            config.auditors.clone(),
+            signer,
+            Arc::new(SystemClock),
+        )
+        .with_tree_head(head),
+    );
     log.recover().await.map_err(StartError::refused)?;
     tracing::info!(
         entries = log.size(),

@@ -102,6 +102,55 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
+/// The root of a growing list of leaves without keeping them: the roots of
+/// the complete subtrees the leaves so far are made of (one per set bit of
+/// the count, largest first), as a log's verifier or a rehash at start-up
+/// needs.
+#[derive(Debug, Clone, Default)]
+pub struct RootBuilder {
+    /// (level, root) of each complete subtree, left to right.
+    stack: Vec<(u32, Hash)>,
+    size: u64,
+}
+
+impl RootBuilder {
+    /// No leaves yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Leaves pushed so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Adds the leaf hash `leaf`.
+    pub fn push(&mut self, leaf: Hash) {
+        let mut top = (0u32, leaf);
+        while let Some(&(level, left)) = self.stack.last() {
+            if level != top.0 {
+                break;
+            }
+            self.stack.pop();
+            top = (level + 1, node_hash(&left, &top.1));
+        }
+        self.stack.push(top);
+        self.size += 1;
+    }
+
+    /// The RFC 6962 root of the leaves pushed so far.
+    pub fn root(&self) -> Hash {
+        let mut subtrees = self.stack.iter().rev();
+        let Some(&(_, mut hash)) = subtrees.next() else {
+            return empty_root();
+        };
+        for (_, left) in subtrees {
+            hash = node_hash(left, &hash);
+        }
+        hash
+    }
+}
+
 /// Inclusion proof (RFC 6962 §2.1.1 PATH) for leaf `index` in a tree of
 /// `size` leaves, from a source of subtree roots `mth(start, end)`; hashes
 /// from the leaf up.
@@ -823,6 +872,18 @@ mod tests {
         assert!(inclusion_proof(&leaves, 0, 9).is_err());
         assert!(consistency_proof(&leaves, 3, 2).is_err());
         assert!(hashes_from_bytes(&[vec![0; 31]]).is_err());
+    }
+
+    #[test]
+    fn the_root_builder_gives_every_prefix_root() {
+        let leaves: Vec<Hash> = (0..70u64).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut builder = RootBuilder::new();
+        assert_eq!(builder.root(), empty_root());
+        for (i, leaf) in leaves.iter().enumerate() {
+            builder.push(*leaf);
+            assert_eq!(builder.size(), i as u64 + 1);
+            assert_eq!(builder.root(), root(&leaves[..=i]), "size {}", i + 1);
+        }
     }
 
     proptest! {

@@ -30,7 +30,8 @@ use twokey_runtime::{
 use crate::{
     checkpoint::{Checkpoint, CheckpointSigner},
     error::AuditError,
-    merkle::{self, Hash, leaf_hash},
+    head::{TreeHead, TreeHeadFile},
+    merkle::{self, Hash, RootBuilder, leaf_hash},
     store::LogStore,
 };
 
@@ -165,6 +166,9 @@ pub struct AuditLog<S> {
     durable: AtomicU64,
     sync: tokio::sync::Mutex<()>,
     syncs: AtomicU64,
+    /// The largest tree head signed; held while a checkpoint is made, so
+    /// checkpoints are checked, signed and persisted one at a time.
+    head: Mutex<TreeHeadFile>,
 }
 
 impl<S: LogStore> AuditLog<S> {
@@ -186,14 +190,140 @@ impl<S: LogStore> AuditLog<S> {
             durable: AtomicU64::new(0),
             sync: tokio::sync::Mutex::new(()),
             syncs: AtomicU64::new(0),
+            head: Mutex::new(TreeHeadFile::in_memory()),
         }
     }
 
-    /// Makes whatever the store holds durable and visible (after a restart).
+    /// The largest signed tree head is `head` (loaded from the data
+    /// directory) instead of one kept in memory; [`AuditLog::recover`]
+    /// checks the store against it.
+    pub fn with_tree_head(mut self, head: TreeHeadFile) -> Self {
+        self.head = Mutex::new(head);
+        self
+    }
+
+    fn head(&self) -> std::sync::MutexGuard<'_, TreeHeadFile> {
+        self.head.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The largest tree head signed so far, if any.
+    pub fn tree_head(&self) -> Option<TreeHead> {
+        self.head().head().cloned()
+    }
+
+    /// Makes whatever the store holds durable and visible (after a restart),
+    /// once it is checked against the largest tree head this log signed:
+    /// every stored entry is rehashed, and the store must hold at least the
+    /// signed size with the signed root at that size, and its stored subtree
+    /// hashes must agree with its entries. Otherwise it refuses with
+    /// [`AuditError::TreeHead`] naming both and what to do.
+    ///
+    /// A tree-head file that is missing while the store holds entries is
+    /// taken for the first start after the upgrade that added the file: the
+    /// file is written from the store as it is (and a log line says so).
+    /// An attacker who deletes the file gets the same treatment; only
+    /// witnesses that remember the log's checkpoints close that gap.
     pub async fn recover(&self) -> Result<(), AuditError> {
         let size = self.store.size();
         self.store.sync().await?;
+        self.check_stored_log(size)?;
         self.durable.fetch_max(size, Ordering::SeqCst);
+        let missing = self.head().was_missing();
+        if missing && size > 0 {
+            let location = self.head().location();
+            tracing::warn!(
+                entries = size,
+                file = %location,
+                "no tree-head file: taking this for the first start since the upgrade that added it, \
+                 and writing it from the stored log as it is; if the file was there before, \
+                 restore it from a backup and restart"
+            );
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    /// Rehashes the `size` stored entries and checks them against the
+    /// signed tree head and the stored subtree hashes.
+    fn check_stored_log(&self, size: u64) -> Result<(), AuditError> {
+        let head = self.head();
+        let location = head.location();
+        let dir = head
+            .path()
+            .and_then(|p| p.parent())
+            .map_or_else(|| "the store".to_owned(), |d| d.display().to_string());
+        let signed = head.head().cloned();
+        drop(head);
+        let refuse = |found: String| {
+            let Some(h) = &signed else {
+                return AuditError::TreeHead(format!(
+                    "{found}. Restore the data directory {dir} from a backup"
+                ));
+            };
+            AuditError::TreeHead(format!(
+                "{found}, but this log signed a tree head of {size} entries with root {root} \
+                 (kept in {location}). Restore the data directory {dir} from a backup holding \
+                 at least {size} entries, keeping {location} as it is; only if you knowingly \
+                 accept losing signed entries for good, move {location} away and start again \
+                 (the log then signs what its store holds, and checkpoints auditors kept will \
+                 no longer verify)",
+                size = h.size,
+                root = h.root_hex(),
+            ))
+        };
+        if let Some(h) = &signed
+            && size < h.size
+        {
+            return Err(refuse(format!(
+                "the store in {dir} holds {size} entries: entries were lost or the data \
+                 directory was rolled back"
+            )));
+        }
+        let mut builder = RootBuilder::new();
+        for index in 0..size {
+            let entry = match self.store.entry(index) {
+                Ok(Some(e)) => e,
+                Ok(None) => {
+                    return Err(refuse(format!(
+                        "entry {index} is missing from the store in {dir}, which claims \
+                         {size} entries: entries were deleted"
+                    )));
+                }
+                Err(AuditError::Corrupt { why, .. }) => {
+                    return Err(refuse(format!(
+                        "entry {index} stored in {dir} cannot be read ({why}): it was altered"
+                    )));
+                }
+                Err(e) => return Err(e),
+            };
+            let signed_event = entry.signed_event.filter(|_| entry.index == index);
+            let Some(signed_event) = signed_event else {
+                return Err(refuse(format!(
+                    "entry {index} stored in {dir} is not the entry of that index: it was altered"
+                )));
+            };
+            builder.push(leaf_hash(&signed_event.encode_to_vec()));
+            if let Some(h) = &signed
+                && builder.size() == h.size
+                && builder.root() != h.root
+            {
+                return Err(refuse(format!(
+                    "the entries stored in {dir} have root {} at {} entries: stored entries \
+                     were altered or replaced (a fork)",
+                    hex::encode(builder.root()),
+                    h.size
+                )));
+            }
+        }
+        let from_nodes = self.mth(0, size)?;
+        if from_nodes != builder.root() {
+            return Err(refuse(format!(
+                "the subtree hashes stored in {dir} give root {} for {size} entries, but the \
+                 stored entries hash to {}: the store was altered",
+                hex::encode(from_nodes),
+                hex::encode(builder.root())
+            )));
+        }
         Ok(())
     }
 
@@ -402,14 +532,60 @@ impl<S: LogStore> AuditLog<S> {
         })
     }
 
-    /// A checkpoint over every durable entry, signed now.
+    /// A checkpoint over every durable entry, signed now. It must extend
+    /// the largest tree head signed before (same root at that size), or
+    /// nothing is signed: an INTERNAL error, logged at ERROR. A checkpoint
+    /// larger than that head is persisted as the new head before it is
+    /// returned.
     pub fn checkpoint(&self) -> Result<SignedCheckpoint, AuditError> {
+        let mut head = self.head();
         let size = self.size();
         let root = self.mth(0, size)?;
+        if let Some(signed) = head.head() {
+            let found = if size < signed.size {
+                Some(format!("the store serves {size} entries"))
+            } else {
+                let at = if size == signed.size {
+                    root
+                } else {
+                    self.mth(0, signed.size)?
+                };
+                (at != signed.root).then(|| {
+                    format!(
+                        "the store has root {} at {} entries",
+                        hex::encode(at),
+                        signed.size
+                    )
+                })
+            };
+            if let Some(found) = found {
+                let message = format!(
+                    "{found}, but this log signed a tree head of {} entries with root {} (kept \
+                     in {}); no smaller or different tree is signed. Stop the audit service and \
+                     restore its data directory from a backup holding at least {} entries",
+                    signed.size,
+                    signed.root_hex(),
+                    head.location(),
+                    signed.size
+                );
+                tracing::error!(
+                    signed_size = signed.size,
+                    signed_root = %signed.root_hex(),
+                    store_size = size,
+                    "refusing to sign a checkpoint: {message}"
+                );
+                return Err(AuditError::TreeHead(message));
+            }
+        }
         let note = self.signer.sign(&Checkpoint {
             origin: self.signer.name().to_owned(),
             size,
             root,
+        })?;
+        head.record(TreeHead {
+            size,
+            root,
+            note: note.clone(),
         })?;
         Ok(SignedCheckpoint { note, size, root })
     }
@@ -466,6 +642,7 @@ mod tests {
     use ed25519_dalek::SigningKey;
     use std::time::{Duration, SystemTime};
     use twokey_proto::audit::v1::Outcome;
+    use twokey_runtime::error::ServiceError;
     use twokey_runtime::{
         events::{EventDraft, EventSigner},
         time::ManualClock,
@@ -795,5 +972,179 @@ mod tests {
         }
         assert_eq!(log.sync_count(), 1, "100 appends should share one sync");
         assert_eq!(log.size(), 100);
+    }
+
+    /// A log over the sled store and tree-head file in `dir`, with the
+    /// fixture's keys, recovered as `serve` does.
+    async fn log_at(dir: &std::path::Path) -> Result<AuditLog<SledStore>, AuditError> {
+        let signer = CheckpointSigner::new("t/audit", SigningKey::from_bytes(&[3; 32])).unwrap();
+        let head = TreeHeadFile::load(dir, &signer.verifier())?;
+        let vault = EventSigner::new(id(VAULT), SigningKey::from_bytes(&[1; 32]));
+        let log = AuditLog::new(
+            SledStore::open(dir).unwrap(),
+            [(id(VAULT), vault.verifying_key())].into(),
+            [id("spiffe://t/user/carol")].into(),
+            signer,
+            Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH)),
+        )
+        .with_tree_head(head);
+        log.recover().await?;
+        Ok(log)
+    }
+
+    async fn append_vault(
+        log: &AuditLog<SledStore>,
+        seqs: std::ops::RangeInclusive<u64>,
+        action: &str,
+    ) {
+        let vault = EventSigner::new(id(VAULT), SigningKey::from_bytes(&[1; 32]));
+        for seq in seqs {
+            log.append(
+                &id(VAULT),
+                event(&vault, seq, action, SystemTime::UNIX_EPOCH),
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    fn head_on_disk(dir: &std::path::Path) -> Checkpoint {
+        let note = std::fs::read_to_string(dir.join(crate::head::FILE_NAME)).unwrap();
+        let body = format!("{}\n", note.split_once("\n\n").unwrap().0);
+        Checkpoint::parse_body(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_is_on_disk_before_it_is_returned_and_written_only_when_it_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_at(dir.path()).await.unwrap();
+        // An empty log has no head to keep.
+        assert_eq!(log.checkpoint().unwrap().size, 0);
+        assert!(!dir.path().join(crate::head::FILE_NAME).exists());
+        append_vault(&log, 1..=3, "a").await;
+        let cp = log.checkpoint().unwrap();
+        let on_disk = head_on_disk(dir.path());
+        assert_eq!((on_disk.size, on_disk.root), (3, cp.root));
+        let written = std::fs::metadata(dir.path().join(crate::head::FILE_NAME))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(log.checkpoint().unwrap().size, 3);
+        let again = std::fs::metadata(dir.path().join(crate::head::FILE_NAME))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(
+            written, again,
+            "a checkpoint of a persisted size rewrote the file"
+        );
+        append_vault(&log, 4..=4, "a").await;
+        let cp = log.checkpoint().unwrap();
+        assert_eq!(head_on_disk(dir.path()).size, 4);
+        assert_eq!(log.tree_head().unwrap().note, cp.note);
+    }
+
+    #[tokio::test]
+    async fn a_store_shorter_than_or_forked_from_the_signed_head_is_refused() {
+        // The head of a longer log, put next to a shorter store.
+        let long = tempfile::tempdir().unwrap();
+        let log = log_at(long.path()).await.unwrap();
+        append_vault(&log, 1..=5, "a").await;
+        let signed = log.checkpoint().unwrap();
+        drop(log);
+        let short = tempfile::tempdir().unwrap();
+        let log = log_at(short.path()).await.unwrap();
+        append_vault(&log, 1..=3, "a").await;
+        drop(log);
+        let head = long.path().join(crate::head::FILE_NAME);
+        std::fs::copy(&head, short.path().join(crate::head::FILE_NAME)).unwrap();
+        let err = log_at(short.path()).await.unwrap_err();
+        assert_eq!(err.kind(), twokey_runtime::error::ErrorKind::Internal);
+        let err = err.to_string();
+        let root = hex::encode(signed.root);
+        for part in [
+            "holds 3 entries: entries were lost or the data directory was rolled back",
+            &format!("signed a tree head of 5 entries with root {root}"),
+            "from a backup holding at least 5 entries",
+            "move ",
+        ] {
+            assert!(err.contains(part), "{part:?} not in {err}");
+        }
+
+        // Same size, other entries: a fork.
+        let fork = tempfile::tempdir().unwrap();
+        let log = log_at(fork.path()).await.unwrap();
+        append_vault(&log, 1..=5, "b").await;
+        drop(log);
+        std::fs::copy(&head, fork.path().join(crate::head::FILE_NAME)).unwrap();
+        let err = log_at(fork.path()).await.unwrap_err().to_string();
+        assert!(
+            err.contains("at 5 entries: stored entries were altered or replaced (a fork)"),
+            "{err}"
+        );
+        assert!(err.contains(&root), "{err}");
+
+        // The same store and head start fine, and extend the head.
+        let log = log_at(long.path()).await.unwrap();
+        assert_eq!(log.size(), 5);
+        append_vault(&log, 6..=6, "a").await;
+        assert_eq!(log.checkpoint().unwrap().size, 6);
+    }
+
+    #[tokio::test]
+    async fn a_missing_head_file_is_written_from_the_store_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log_at(dir.path()).await.unwrap();
+        append_vault(&log, 1..=4, "a").await;
+        let cp = log.checkpoint().unwrap();
+        drop(log);
+        std::fs::remove_file(dir.path().join(crate::head::FILE_NAME)).unwrap();
+        let log = log_at(dir.path()).await.unwrap();
+        let on_disk = head_on_disk(dir.path());
+        assert_eq!((on_disk.size, on_disk.root), (4, cp.root));
+        assert_eq!(log.tree_head().unwrap().size, 4);
+    }
+
+    #[tokio::test]
+    async fn at_run_time_no_checkpoint_is_signed_below_or_beside_the_signed_head() {
+        let long = tempfile::tempdir().unwrap();
+        let log = log_at(long.path()).await.unwrap();
+        append_vault(&log, 1..=5, "a").await;
+        let signed = log.checkpoint().unwrap();
+        drop(log);
+        let signer = CheckpointSigner::new("t/audit", SigningKey::from_bytes(&[3; 32])).unwrap();
+        let head = TreeHeadFile::load(long.path(), &signer.verifier()).unwrap();
+
+        // A store that yields fewer entries than the head, met while serving
+        // (recover, which would refuse, is skipped on purpose).
+        let f = fixture();
+        append_vault(&f.log, 1..=3, "a").await;
+        let log = f.log.with_tree_head(head);
+        let err = log.checkpoint().unwrap_err();
+        assert_eq!(err.kind(), twokey_runtime::error::ErrorKind::Internal);
+        let err = err.to_string();
+        assert!(err.contains("the store serves 3 entries"), "{err}");
+        assert!(
+            err.contains(&format!(
+                "tree head of 5 entries with root {}",
+                hex::encode(signed.root)
+            )),
+            "{err}"
+        );
+        assert_eq!(log.tree_head().unwrap().size, 5);
+        assert_eq!(
+            std::fs::read_to_string(long.path().join(crate::head::FILE_NAME)).unwrap(),
+            signed.note,
+            "the persisted head must not shrink"
+        );
+
+        // Same size, other root.
+        let head = TreeHeadFile::load(long.path(), &signer.verifier()).unwrap();
+        let f = fixture();
+        append_vault(&f.log, 1..=5, "b").await;
+        let log = f.log.with_tree_head(head);
+        let err = log.checkpoint().unwrap_err().to_string();
+        assert!(err.contains("the store has root"), "{err}");
     }
 }

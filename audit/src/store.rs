@@ -1,7 +1,8 @@
 //! Storage of the log behind a small trait: entries by index, each source's
 //! next expected sequence number and where each (source, seq) landed, and the
-//! roots of every complete subtree, so roots and proofs need O(log n) reads
-//! and nothing is rehashed at startup. The sled implementation stages
+//! roots of every complete subtree, so roots and proofs need O(log n) reads.
+//! At startup `AuditLog::recover` rehashes the entries once, to check them
+//! against these hashes and the signed tree head (`head`). The sled implementation stages
 //! appends in memory (reads see them) and writes everything staged as one
 //! atomic sled batch when [`LogStore::sync`] is called, then makes it durable
 //! with [`DurableDb::sync`](twokey_runtime::durable::DurableDb::sync): a

@@ -4,81 +4,13 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
-
 use common::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use twokey_proto::audit::v1::{AppendRequest, AppendStatus};
-use twokey_runtime::keys::encode_public_key;
-use twokey_testkit::ready;
 
 const BURST: u64 = 5000;
 const KILL_AFTER: usize = 300;
-
-/// The `serve` flags for `env`: no config file, every setting a flag.
-fn serve_flags(env: &Env) -> Vec<String> {
-    let c = &env.config;
-    let path = |p: &Path| p.display().to_string();
-    let sources = format!(
-        "{VAULT}={},{BROKER}={}",
-        encode_public_key(&env.vault_key.verifying_key()),
-        encode_public_key(&env.broker_key.verifying_key()),
-    );
-    [
-        ("--listen", "127.0.0.1:0".to_owned()),
-        ("--trust-domain", c.trust_domain.clone()),
-        ("--data-dir", path(&c.data_dir)),
-        ("--checkpoint-key-file", path(&c.checkpoint_key_file)),
-        ("--origin", c.origin.clone()),
-        ("--auditors", CAROL.to_owned()),
-        ("--log-format", "json".to_owned()),
-        ("--tls-cert", path(&c.tls.cert)),
-        ("--tls-key", path(&c.tls.key)),
-        ("--tls-ca", path(&c.tls.ca)),
-        ("--sources", sources),
-    ]
-    .into_iter()
-    .flat_map(|(flag, value)| [flag.to_owned(), value])
-    .collect()
-}
-
-/// The running binary; killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts the binary and waits for its "listening on" line.
-async fn start(flags: &[String]) -> (Running, SocketAddr) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_twokey-audit"));
-    command
-        .arg("serve")
-        .args(flags)
-        .env_remove("TWOKEY_AUDIT_CONFIG")
-        .env("TWOKEY_LOG", "warn");
-    let (child, addr) = tokio::task::spawn_blocking(move || {
-        ready::start(
-            command,
-            "twokey-audit",
-            Stdio::inherit(),
-            Duration::from_secs(60),
-        )
-    })
-    .await
-    .unwrap()
-    .expect("twokey-audit announces itself within 60 s");
-    (Running(child), addr)
-}
 
 #[tokio::test]
 async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {

@@ -5,7 +5,8 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     time::{Duration, SystemTime},
 };
 
@@ -24,11 +25,11 @@ use twokey_proto::audit::v1::{
 use twokey_runtime::{
     SpiffeId,
     events::{EventDraft, EventSigner},
-    keys::{generate_signing_key, load_signing_key},
+    keys::{encode_public_key, generate_signing_key, load_signing_key},
     telemetry::LogFormat,
     tls::TlsFiles,
 };
-use twokey_testkit::pki::DevCa;
+use twokey_testkit::{pki::DevCa, ready};
 
 pub const TD: &str = "twokey.test";
 pub const VAULT: &str = "spiffe://twokey.test/svc/vault";
@@ -233,4 +234,63 @@ pub async fn query_all(client: &mut AuditServiceClient<Channel>) -> Vec<LogEntry
         entries.extend(batch.entries);
     }
     entries
+}
+
+/// The `serve` flags for `env`: no config file, every setting a flag.
+pub fn serve_flags(env: &Env) -> Vec<String> {
+    let c = &env.config;
+    let path = |p: &Path| p.display().to_string();
+    let sources = format!(
+        "{VAULT}={},{BROKER}={}",
+        encode_public_key(&env.vault_key.verifying_key()),
+        encode_public_key(&env.broker_key.verifying_key()),
+    );
+    [
+        ("--listen", "127.0.0.1:0".to_owned()),
+        ("--trust-domain", c.trust_domain.clone()),
+        ("--data-dir", path(&c.data_dir)),
+        ("--checkpoint-key-file", path(&c.checkpoint_key_file)),
+        ("--origin", c.origin.clone()),
+        ("--auditors", CAROL.to_owned()),
+        ("--log-format", "json".to_owned()),
+        ("--tls-cert", path(&c.tls.cert)),
+        ("--tls-key", path(&c.tls.key)),
+        ("--tls-ca", path(&c.tls.ca)),
+        ("--sources", sources),
+    ]
+    .into_iter()
+    .flat_map(|(flag, value)| [flag.to_owned(), value])
+    .collect()
+}
+
+/// The running binary; killed when dropped.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary and waits for its "listening on" line.
+pub async fn start(flags: &[String]) -> (Running, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_twokey-audit"));
+    command
+        .arg("serve")
+        .args(flags)
+        .env_remove("TWOKEY_AUDIT_CONFIG")
+        .env("TWOKEY_LOG", "warn");
+    let (child, addr) = tokio::task::spawn_blocking(move || {
+        ready::start(
+            command,
+            "twokey-audit",
+            Stdio::inherit(),
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap()
+    .expect("twokey-audit announces itself within 60 s");
+    (Running(child), addr)
 }
