@@ -164,6 +164,15 @@ pub fn verify_log(
     })
 }
 
+/// The Merkle leaf hash of a log entry: the hash of its `SignedEvent`,
+/// encoded canonically, as the log computed it; `None` without one.
+pub fn entry_leaf_hash(entry: &LogEntry) -> Option<merkle::Hash> {
+    entry
+        .signed_event
+        .as_ref()
+        .map(|s| merkle::leaf_hash(&s.encode_to_vec()))
+}
+
 /// One export line: the proto3-JSON form of `entry`, without a newline.
 pub fn export_line(entry: &LogEntry) -> String {
     serde_json::to_string(entry).expect("log entries always serialise")

@@ -1,6 +1,7 @@
 //! `twokey audit …` (auditors): query the log as a table, export it as JSON
-//! lines, save the signed checkpoint, and verify an export against a
-//! checkpoint offline.
+//! lines, save the signed checkpoint, verify an export against a
+//! checkpoint offline, and check inclusion and consistency proofs against a
+//! freshly signed checkpoint.
 
 use std::{
     collections::BTreeMap,
@@ -8,10 +9,17 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use futures::StreamExt;
+use twokey_audit::{
+    checkpoint::{Checkpoint, NoteVerifier},
+    merkle::{self, Hash, RootBuilder},
+    verify::entry_leaf_hash,
+};
 use twokey_proto::audit::v1::{
-    GetCheckpointRequest, LogEntry, Outcome, QueryRequest, QueryResponse,
+    GetCheckpointRequest, GetConsistencyProofRequest, GetConsistencyProofResponse,
+    GetInclusionProofRequest, GetInclusionProofResponse, LogEntry, Outcome, QueryRequest,
+    QueryResponse,
 };
 
 use crate::{
@@ -35,6 +43,12 @@ pub enum AuditCommand {
     /// first bad entry. Without --export, fetches the log (and the
     /// checkpoint, unless --checkpoint is given) from the audit service first.
     Verify(VerifyArgs),
+    /// Fetch an inclusion proof (--inclusion ENTRY) or a consistency proof
+    /// (--consistency OLD_SIZE) and a fresh checkpoint, check the
+    /// checkpoint's signature with the verifier key and the proof against
+    /// it, and print the proof. Exits 1 with one line if anything does not
+    /// verify, or if ENTRY or OLD_SIZE is beyond the signed log.
+    Prove(ProveArgs),
 }
 
 /// An event outcome, for filters.
@@ -129,6 +143,354 @@ pub struct VerifyArgs {
     pub checkpoint_key: Option<String>,
 }
 
+/// `audit prove`.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("proof").required(true).args(["inclusion", "consistency"])))]
+pub struct ProveArgs {
+    /// Prove that the entry with this index (from 0) is in the signed log.
+    #[arg(long, value_name = "ENTRY")]
+    pub inclusion: Option<u64>,
+    /// Prove that the log of its first OLD_SIZE entries is a prefix of the
+    /// signed log now.
+    #[arg(long, value_name = "OLD_SIZE", value_parser = clap::value_parser!(u64).range(1..))]
+    pub consistency: Option<u64>,
+    /// With --consistency: a checkpoint saved earlier by `twokey audit
+    /// checkpoint`, whose signed root the proof must start from [default:
+    /// the root of the first OLD_SIZE entries the service holds now,
+    /// computed here from the entries].
+    #[arg(long, value_name = "FILE", requires = "consistency")]
+    pub old_checkpoint: Option<PathBuf>,
+    /// The checkpoint verifier key (`NAME+ID+KEY`, printed by
+    /// `twokey-audit init-key`).
+    #[arg(long, value_name = "KEY", env = "TWOKEY_CHECKPOINT_KEY")]
+    pub checkpoint_key: Option<String>,
+}
+
+/// A checked proof, as `audit prove` prints it (hashes in hex).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProofReport {
+    /// `inclusion` or `consistency`.
+    pub proof: &'static str,
+    /// The signed checkpoint the proof was checked against.
+    pub checkpoint: String,
+    /// Entries the checkpoint covers.
+    pub tree_size: u64,
+    /// Its root hash.
+    pub root_hash: String,
+    /// Inclusion: the entry's index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaf_index: Option<u64>,
+    /// Inclusion: the entry's leaf hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaf_hash: Option<String>,
+    /// Consistency: the older size.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_size: Option<u64>,
+    /// Consistency: the older root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_root_hash: Option<String>,
+    /// Consistency: where the older root came from (`checkpoint file` or
+    /// `entries`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_root_from: Option<&'static str>,
+    /// The proof's hashes, in order.
+    pub hashes: Vec<String>,
+}
+
+/// `bytes` in lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The verified content of a signed checkpoint.
+fn open_checkpoint(
+    verifier: &NoteVerifier,
+    note: &str,
+    what: &str,
+) -> Result<Checkpoint, CliError> {
+    verifier.open_checkpoint(note).map_err(|e| {
+        CliError::Verify(format!(
+            "{what} does not verify with key {verifier}: {e}; check --checkpoint-key, and if it is right, suspect the audit host"
+        ))
+    })
+}
+
+fn proof_hashes(hashes: &[Vec<u8>]) -> Result<Vec<Hash>, CliError> {
+    merkle::hashes_from_bytes(hashes).map_err(|e| {
+        CliError::Verify(format!(
+            "the audit service sent a malformed proof: {e}; suspect the audit host"
+        ))
+    })
+}
+
+/// Checks an inclusion proof for `entry` against the signed `note`.
+pub fn check_inclusion(
+    verifier: &NoteVerifier,
+    note: &str,
+    entry: &LogEntry,
+    proof: &GetInclusionProofResponse,
+) -> Result<ProofReport, CliError> {
+    let signed = open_checkpoint(verifier, note, "the checkpoint the audit service served")?;
+    let index = entry.index;
+    if proof.leaf_index != index || proof.tree_size != signed.size {
+        return Err(CliError::Verify(format!(
+            "the audit service sent a proof for entry {} in a tree of {} entries, not entry {index} in the signed tree of {}; suspect the audit host",
+            proof.leaf_index, proof.tree_size, signed.size
+        )));
+    }
+    let leaf = entry_leaf_hash(entry).ok_or_else(|| {
+        CliError::Verify(format!(
+            "entry {index} as served carries no signed event; suspect the audit host"
+        ))
+    })?;
+    let hashes = proof_hashes(&proof.hashes)?;
+    merkle::verify_inclusion(index, signed.size, &leaf, &hashes, &signed.root).map_err(|e| {
+        CliError::Verify(format!(
+            "the inclusion proof of entry {index} does not lead to the signed root of {} entries ({e}): the log as signed does not hold this entry as served; suspect the audit host",
+            signed.size
+        ))
+    })?;
+    Ok(ProofReport {
+        proof: "inclusion",
+        checkpoint: note.to_owned(),
+        tree_size: signed.size,
+        root_hash: hex(&signed.root),
+        leaf_index: Some(index),
+        leaf_hash: Some(hex(&leaf)),
+        hashes: hashes.iter().map(|h| hex(h)).collect(),
+        ..ProofReport::default()
+    })
+}
+
+/// Where the older root of a consistency proof comes from.
+#[derive(Debug, Clone)]
+pub enum OldRoot {
+    /// A checkpoint saved earlier (its signature is checked here).
+    Checkpoint(String),
+    /// Computed from the first entries the service holds now.
+    Entries(Hash),
+}
+
+/// Checks a consistency proof from `old_size` entries to the signed `note`.
+pub fn check_consistency(
+    verifier: &NoteVerifier,
+    note: &str,
+    old_size: u64,
+    old: &OldRoot,
+    proof: &GetConsistencyProofResponse,
+) -> Result<ProofReport, CliError> {
+    let signed = open_checkpoint(verifier, note, "the checkpoint the audit service served")?;
+    let (old_root, from) = match old {
+        OldRoot::Entries(root) => (*root, "entries"),
+        OldRoot::Checkpoint(text) => {
+            let old = open_checkpoint(verifier, text, "the --old-checkpoint")?;
+            if old.size != old_size {
+                return Err(CliError::Usage(format!(
+                    "the --old-checkpoint covers {} entries, not {old_size}: give --consistency {}",
+                    old.size, old.size
+                )));
+            }
+            (old.root, "checkpoint file")
+        }
+    };
+    if proof.first_size != old_size || proof.second_size != signed.size {
+        return Err(CliError::Verify(format!(
+            "the audit service sent a proof from {} to {} entries, not from {old_size} to the signed {}; suspect the audit host",
+            proof.first_size, proof.second_size, signed.size
+        )));
+    }
+    let hashes = proof_hashes(&proof.hashes)?;
+    merkle::verify_consistency(old_size, signed.size, &hashes, &old_root, &signed.root).map_err(
+        |e| {
+            CliError::Verify(format!(
+                "the log of {old_size} entries with root {} is not a prefix of the signed log of {} entries ({e}): the log was rewritten or forked; keep both checkpoints as evidence",
+                hex(&old_root),
+                signed.size
+            ))
+        },
+    )?;
+    Ok(ProofReport {
+        proof: "consistency",
+        checkpoint: note.to_owned(),
+        tree_size: signed.size,
+        root_hash: hex(&signed.root),
+        old_size: Some(old_size),
+        old_root_hash: Some(hex(&old_root)),
+        old_root_from: Some(from),
+        hashes: hashes.iter().map(|h| hex(h)).collect(),
+        ..ProofReport::default()
+    })
+}
+
+impl ProofReport {
+    /// The human answer: what was proved, then every hash.
+    pub fn human(&self) -> String {
+        let mut text = match (self.leaf_index, self.old_size) {
+            (Some(index), _) => format!(
+                "ok: entry {index} is in the signed log of {} entries\nleaf hash: {}\n",
+                self.tree_size,
+                self.leaf_hash.as_deref().unwrap_or_default()
+            ),
+            (None, Some(old)) => format!(
+                "ok: the log of {old} entries is a prefix of the signed log of {} entries\nold root:  {} (from the {})\n",
+                self.tree_size,
+                self.old_root_hash.as_deref().unwrap_or_default(),
+                self.old_root_from.unwrap_or_default()
+            ),
+            (None, None) => String::new(),
+        };
+        text.push_str(&format!(
+            "root hash: {} (checkpoint signature valid, tree size {})\n{} proof, {} hashes:\n",
+            self.root_hash,
+            self.tree_size,
+            self.proof,
+            self.hashes.len()
+        ));
+        for (i, h) in self.hashes.iter().enumerate() {
+            text.push_str(&format!("  {i:>2} {h}\n"));
+        }
+        text
+    }
+}
+
+fn prove(a: ProveArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliError> {
+    let key = a.checkpoint_key.as_deref().ok_or_else(|| {
+        CliError::Usage(
+            "a proof is checked against a signed checkpoint: pass --checkpoint-key KEY (printed by `twokey-audit init-key`) or set TWOKEY_CHECKPOINT_KEY".into(),
+        )
+    })?;
+    let verifier = NoteVerifier::parse(key.trim())
+        .map_err(|e| CliError::Usage(format!("--checkpoint-key: {e}")))?;
+    let old_checkpoint = match &a.old_checkpoint {
+        Some(path) => Some(std::fs::read_to_string(path).map_err(CliError::io("read", path))?),
+        None => None,
+    };
+    let settings = Settings::resolve(conn)?;
+    let report = with_runtime(async move {
+        let (mut client, target) = settings.audit()?;
+        let note = client
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .map_err(|s| target.error(s))?
+            .into_inner()
+            .checkpoint;
+        // The size the proof is asked for: the signed one, checked first.
+        let size =
+            open_checkpoint(&verifier, &note, "the checkpoint the audit service served")?.size;
+        if let Some(index) = a.inclusion {
+            if index >= size {
+                return Err(CliError::Input(format!(
+                    "entry {index} is not in the log: the signed checkpoint covers {size} entries{}; give an ENTRY below {size}",
+                    if size == 0 {
+                        String::new()
+                    } else {
+                        format!(" (indexes 0 to {})", size - 1)
+                    }
+                )));
+            }
+            let entry = fetch_entries(&mut client, &target, index, 1)
+                .await?
+                .into_iter()
+                .next()
+                .filter(|e| e.index == index)
+                .ok_or_else(|| {
+                    CliError::Verify(format!(
+                        "the audit service did not serve entry {index} of its signed log of {size} entries; suspect the audit host"
+                    ))
+                })?;
+            let proof = client
+                .get_inclusion_proof(GetInclusionProofRequest {
+                    leaf_index: index,
+                    tree_size: size,
+                })
+                .await
+                .map_err(|s| target.error(s))?
+                .into_inner();
+            return check_inclusion(&verifier, &note, &entry, &proof);
+        }
+        let old_size = a.consistency.unwrap_or_default();
+        if old_size > size {
+            return Err(CliError::Input(format!(
+                "size {old_size} is beyond the log: the signed checkpoint covers {size} entries; give an OLD_SIZE of at most {size}"
+            )));
+        }
+        let old = match old_checkpoint {
+            Some(text) => OldRoot::Checkpoint(text),
+            None => {
+                let entries = fetch_entries(&mut client, &target, 0, old_size).await?;
+                let mut root = RootBuilder::new();
+                for (i, e) in entries.iter().enumerate() {
+                    match entry_leaf_hash(e).filter(|_| e.index == i as u64) {
+                        Some(leaf) => root.push(leaf),
+                        None => {
+                            return Err(CliError::Verify(format!(
+                                "the audit service served entry {} where entry {i} belongs, or without its signed event; suspect the audit host",
+                                e.index
+                            )));
+                        }
+                    }
+                }
+                if root.size() != old_size {
+                    return Err(CliError::Verify(format!(
+                        "the audit service served {} of the first {old_size} entries of its signed log; suspect the audit host",
+                        root.size()
+                    )));
+                }
+                OldRoot::Entries(root.root())
+            }
+        };
+        let proof = client
+            .get_consistency_proof(GetConsistencyProofRequest {
+                first_size: old_size,
+                second_size: size,
+            })
+            .await
+            .map_err(|s| target.error(s))?
+            .into_inner();
+        check_consistency(&verifier, &note, old_size, &old, &proof)
+    })?;
+    out.answer(&report, || report.human())
+}
+
+/// Up to `count` entries from index `start`, oldest first.
+async fn fetch_entries(
+    client: &mut crate::profile::AuditClient,
+    target: &Target,
+    start: u64,
+    count: u64,
+) -> Result<Vec<LogEntry>, CliError> {
+    let mut entries: Vec<LogEntry> = Vec::new();
+    let mut token = start.to_string();
+    while (entries.len() as u64) < count {
+        let want = (count - entries.len() as u64).min(1000) as u32;
+        let mut stream = client
+            .query(QueryRequest {
+                page_size: want,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| target.error(s))?
+            .into_inner();
+        let mut next = String::new();
+        let before = entries.len();
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(|s| target.error(s))?;
+            entries.extend(batch.entries);
+            if !batch.next_page_token.is_empty() {
+                next = batch.next_page_token;
+            }
+        }
+        if next.is_empty() || next == token || entries.len() == before {
+            break;
+        }
+        token = next;
+    }
+    entries.truncate(count as usize);
+    Ok(entries)
+}
+
 /// Runs an audit command.
 pub fn run(cmd: AuditCommand, conn: &ConnectionArgs, out: Output) -> Result<(), CliError> {
     match cmd {
@@ -170,6 +532,7 @@ pub fn run(cmd: AuditCommand, conn: &ConnectionArgs, out: Output) -> Result<(), 
             })
         }
         AuditCommand::Verify(a) => verify(a, conn, out),
+        AuditCommand::Prove(a) => prove(a, conn, out),
     }
 }
 
@@ -499,6 +862,148 @@ fn verify(a: VerifyArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use twokey_audit::checkpoint::CheckpointSigner;
+    use twokey_proto::audit::v1::SignedEvent;
+
+    /// A log of `n` entries, a signer, and the leaves.
+    fn log(n: u64) -> (Vec<LogEntry>, Vec<Hash>, CheckpointSigner) {
+        let entries: Vec<LogEntry> = (0..n)
+            .map(|i| LogEntry {
+                index: i,
+                signed_event: Some(SignedEvent {
+                    event: format!("event {i}").into_bytes(),
+                    signature: vec![i as u8; 64],
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let leaves = entries
+            .iter()
+            .map(|e| entry_leaf_hash(e).unwrap())
+            .collect();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        (
+            entries,
+            leaves,
+            CheckpointSigner::new("t/audit", key).unwrap(),
+        )
+    }
+
+    fn note(signer: &CheckpointSigner, leaves: &[Hash]) -> String {
+        signer
+            .sign(&Checkpoint {
+                origin: "t/audit".into(),
+                size: leaves.len() as u64,
+                root: merkle::root(leaves),
+            })
+            .unwrap()
+    }
+
+    fn inclusion(leaves: &[Hash], index: u64) -> GetInclusionProofResponse {
+        let size = leaves.len() as u64;
+        GetInclusionProofResponse {
+            leaf_index: index,
+            tree_size: size,
+            hashes: merkle::inclusion_proof(leaves, index, size)
+                .unwrap()
+                .iter()
+                .map(|h| h.to_vec())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn an_inclusion_proof_is_checked_against_the_signed_root() {
+        let (entries, leaves, signer) = log(13);
+        let verifier = signer.verifier();
+        let note = note(&signer, &leaves);
+        let proof = inclusion(&leaves, 5);
+        let report = check_inclusion(&verifier, &note, &entries[5], &proof).unwrap();
+        assert_eq!(report.leaf_index, Some(5));
+        assert_eq!(report.tree_size, 13);
+        assert_eq!(report.hashes.len(), proof.hashes.len());
+        assert_eq!(report.root_hash, hex(&merkle::root(&leaves)));
+        assert!(
+            report
+                .human()
+                .starts_with("ok: entry 5 is in the signed log of 13 entries")
+        );
+
+        // A tampered proof hash, another entry, a served entry altered.
+        let mut bad = proof.clone();
+        bad.hashes[1][0] ^= 1;
+        let err = check_inclusion(&verifier, &note, &entries[5], &bad).unwrap_err();
+        assert!(matches!(err, CliError::Verify(_)), "{err}");
+        assert!(
+            err.to_string().contains("does not lead to the signed root"),
+            "{err}"
+        );
+        let mut other = entries[6].clone();
+        other.index = 5;
+        assert!(check_inclusion(&verifier, &note, &other, &proof).is_err());
+        // A proof for another tree size than the signed one.
+        let mut resized = proof.clone();
+        resized.tree_size = 12;
+        assert!(check_inclusion(&verifier, &note, &entries[5], &resized).is_err());
+        // A checkpoint signed by another key, or altered.
+        let other_key = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        let other = CheckpointSigner::new("t/audit", other_key).unwrap();
+        let err = check_inclusion(&other.verifier(), &note, &entries[5], &proof).unwrap_err();
+        assert!(
+            err.to_string().contains("does not verify with key"),
+            "{err}"
+        );
+        let altered = note.replacen("\n13\n", "\n14\n", 1);
+        assert!(check_inclusion(&verifier, &altered, &entries[5], &proof).is_err());
+    }
+
+    #[test]
+    fn a_consistency_proof_is_checked_from_the_old_root_to_the_signed_root() {
+        let (_, leaves, signer) = log(21);
+        let verifier = signer.verifier();
+        let new = note(&signer, &leaves);
+        let old = note(&signer, &leaves[..8]);
+        let proof = GetConsistencyProofResponse {
+            first_size: 8,
+            second_size: 21,
+            hashes: merkle::consistency_proof(&leaves, 8, 21)
+                .unwrap()
+                .iter()
+                .map(|h| h.to_vec())
+                .collect(),
+        };
+        let from_file = OldRoot::Checkpoint(old.clone());
+        let report = check_consistency(&verifier, &new, 8, &from_file, &proof).unwrap();
+        assert_eq!(report.old_root_from, Some("checkpoint file"));
+        assert_eq!(report.old_root_hash, Some(hex(&merkle::root(&leaves[..8]))));
+        let computed = OldRoot::Entries(merkle::root(&leaves[..8]));
+        check_consistency(&verifier, &new, 8, &computed, &proof).unwrap();
+
+        // A fork: the old tree had another entry.
+        let mut forked = leaves[..8].to_vec();
+        forked[3][0] ^= 1;
+        let err = check_consistency(
+            &verifier,
+            &new,
+            8,
+            &OldRoot::Entries(merkle::root(&forked)),
+            &proof,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("is not a prefix of the signed log of 21 entries"),
+            "{err}"
+        );
+        // An old checkpoint of another size is a usage error.
+        let err = check_consistency(&verifier, &new, 9, &from_file, &proof).unwrap_err();
+        assert!(matches!(err, CliError::Usage(_)), "{err}");
+        // A tampered proof.
+        let mut bad = proof.clone();
+        bad.hashes[0][31] ^= 1;
+        assert!(check_consistency(&verifier, &new, 8, &from_file, &bad).is_err());
+    }
 
     #[test]
     fn an_export_round_trips_through_json_lines() {

@@ -77,7 +77,7 @@ pub enum Command {
     /// Enroll, list and remove accounts (seeds live in the vault).
     #[command(subcommand)]
     Account(account::AccountCommand),
-    /// Query, export, checkpoint and verify the audit log.
+    /// Query, export, checkpoint, verify and prove the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
     /// Make development certificates.
