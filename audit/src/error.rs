@@ -68,6 +68,10 @@ pub enum AuditError {
     /// both and what to do.
     #[error("the audit log does not extend its signed tree head: {0}")]
     TreeHead(String),
+    /// The tree-head file cannot be read or is not this log's checkpoint;
+    /// the message names the file and what to do.
+    #[error("{0}")]
+    HeadFile(String),
     /// A stored entry cannot be read.
     #[error("stored entry {index} is corrupt: {why}")]
     Corrupt {
@@ -91,7 +95,9 @@ impl ServiceError for AuditError {
             Self::Conflict { .. } => ErrorKind::AlreadyExists,
             Self::OutOfRange(_) => ErrorKind::OutOfRange,
             Self::Store(_) => ErrorKind::Unavailable,
-            Self::Checkpoint(_) | Self::Corrupt { .. } | Self::TreeHead(_) => ErrorKind::Internal,
+            Self::Checkpoint(_) | Self::Corrupt { .. } | Self::TreeHead(_) | Self::HeadFile(_) => {
+                ErrorKind::Internal
+            }
         }
     }
 }

@@ -70,14 +70,14 @@ impl TreeHeadFile {
                 });
             }
             Err(e) => {
-                return Err(AuditError::TreeHead(format!(
+                return Err(AuditError::HeadFile(format!(
                     "cannot read the tree-head file {}: {e}; make it readable by the audit service",
                     path.display()
                 )));
             }
         };
         let checkpoint = verifier.open_checkpoint(&note).map_err(|e| {
-            AuditError::TreeHead(format!(
+            AuditError::HeadFile(format!(
                 "the tree-head file {} is not a checkpoint signed by this log's key {verifier}: {e}. \
                  It was altered, or the checkpoint key or origin changed. Restore the file from a \
                  backup; if the key or origin was changed on purpose, move the file away (the log \
