@@ -144,15 +144,25 @@ impl TlsFiles {
     /// ALPN `h2`, handshakes bounded by [`HANDSHAKE_TIMEOUT`]. Serve it with
     /// [`crate::serve::incoming`].
     pub fn server_tls(&self, auth: ClientAuth) -> Result<ServerTls, TlsError> {
+        self.server_tls_with_alpn(auth, &[b"h2"])
+    }
+
+    /// [`TlsFiles::server_tls`] offering the given ALPN protocols (the
+    /// broker's HTTP/JSON listener offers `h2` and `http/1.1`).
+    pub fn server_tls_with_alpn(
+        &self,
+        auth: ClientAuth,
+        alpn: &[&[u8]],
+    ) -> Result<ServerTls, TlsError> {
         Ok(ServerTls {
-            config: Arc::new(self.rustls_server_config(auth, &[b"h2"])?),
+            config: Arc::new(self.rustls_server_config(auth, alpn)?),
             handshake_timeout: HANDSHAKE_TIMEOUT,
         })
     }
 
     /// The rustls server config behind [`TlsFiles::server_tls`], with the
     /// given ALPN protocols (the broker's HTTP listener adds `http/1.1`).
-    pub fn rustls_server_config(
+    fn rustls_server_config(
         &self,
         auth: ClientAuth,
         alpn: &[&[u8]],

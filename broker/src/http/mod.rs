@@ -136,9 +136,7 @@ fn json_response(status: StatusCode, body: Vec<u8>) -> http::Response<Body> {
 /// A client may connect without one (as on the gRPC listener) to read
 /// `/openapi.json`; every method then answers 401 `unauthenticated`.
 pub fn tls_config(files: &TlsFiles) -> Result<ServerTls, TlsError> {
-    let mut tls = files.server_tls(ClientAuth::Optional)?;
-    tls.config = Arc::new(files.rustls_server_config(ClientAuth::Optional, &[b"h2", b"http/1.1"])?);
-    Ok(tls)
+    files.server_tls_with_alpn(ClientAuth::Optional, &[b"h2", b"http/1.1"])
 }
 
 /// The HTTP/JSON API over one [`Broker`].
