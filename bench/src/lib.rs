@@ -174,7 +174,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let world = World::new()?;
     let mut sys = System::start(&world, &bin_dir).await?;
     let vault = vault_client(&world, &sys.vault.address)?;
-    scenario::vault::enroll(&mut vault.clone(), ACCOUNT).await?;
+    scenario::vault::enroll(&mut vault.clone(), &world.grant_key, ACCOUNT).await?;
     let mut sources = scenario::audit::sources(&world);
 
     if opts.runs(Which::Vault) {
@@ -222,7 +222,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
     }
     if opts.runs(Which::Footprint) {
         sys.record_loaded_rss()?;
-        let row = scenario::vault::enroll_many(&vault, sizes.accounts, 64, limit).await;
+        let row =
+            scenario::vault::enroll_many(&vault, &world.grant_key, sizes.accounts, 64, limit).await;
         ensure!(
             row.errors == 0,
             "enrolling {} accounts failed",

@@ -116,6 +116,19 @@ fn not_an_identity(name: &str) -> BrokerError {
     ))
 }
 
+/// What an admin's grant (enrollment or removal) says: the account and the
+/// admin as its operator, no request and no other people.
+fn admin_grant(purpose: GrantPurpose, account_id: &str, admin: &SpiffeId) -> GrantFacts {
+    GrantFacts {
+        purpose,
+        request_id: String::new(),
+        account_id: account_id.to_owned(),
+        requester: String::new(),
+        approvers: Vec::new(),
+        operator: admin.to_string(),
+    }
+}
+
 /// An account to enroll that the policy does not name.
 fn not_enrollable(account_id: &str) -> BrokerError {
     BrokerError::NotFound(format!(
@@ -719,6 +732,14 @@ impl Broker {
                     "no seed given; pass an otpauth:// URI or a Base32 secret on stdin",
                 ));
             };
+            // The vault stores a seed only for an enrollment grant naming
+            // the account and, as its operator, the admin.
+            let grant_id = GrantSigner::new_grant_id();
+            let (_, grant) = self.grants.sign(
+                grant_id.clone(),
+                admin_grant(GrantPurpose::Enroll, account_id, caller),
+                self.clock.now(),
+            );
             let answer = self
                 .vault
                 .enroll(EnrollRequest {
@@ -730,12 +751,16 @@ impl Broker {
                     issuer: req.issuer,
                     label: req.label,
                     replace: req.replace,
+                    // Ignored by the vault (the grant names the admin); kept
+                    // for the wire.
                     actor: caller.to_string(),
+                    grant: Some(grant),
                 })
                 .await?;
             self.emit(
                 EventDraft::new(caller.to_string(), "account.enrolled")
                     .account(account_id)
+                    .attr("grant_id", grant_id)
                     .attr("replace", req.replace.to_string()),
             )
             .await?;
@@ -780,14 +805,7 @@ impl Broker {
             let grant_id = GrantSigner::new_grant_id();
             let (_, signed) = self.grants.sign(
                 grant_id.clone(),
-                GrantFacts {
-                    purpose: GrantPurpose::Remove,
-                    request_id: String::new(),
-                    account_id: account.id.clone(),
-                    requester: String::new(),
-                    approvers: Vec::new(),
-                    operator: caller.to_string(),
-                },
+                admin_grant(GrantPurpose::Remove, &account.id, caller),
                 self.clock.now(),
             );
             let removed = self.vault.remove_account(signed).await?;

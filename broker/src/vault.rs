@@ -42,7 +42,8 @@ impl VaultError {
 
 /// What the broker asks of the vault.
 pub trait Vault: Send + Sync + std::fmt::Debug + 'static {
-    /// Stores a seed; answers with the current and next codes.
+    /// Stores a seed for the enrollment grant the request carries; answers
+    /// with the current and next codes.
     fn enroll(&self, request: EnrollRequest) -> BoxFuture<'_, Result<EnrollResponse, VaultError>>;
     /// Computes one code for a release grant.
     fn generate_code(&self, grant: SignedGrant) -> BoxFuture<'_, Result<Code, VaultError>>;

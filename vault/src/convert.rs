@@ -1,5 +1,6 @@
 //! Wire ↔ domain for the vault: an enrollment request becomes a validated
-//! [`Enrollment`] (`TryFrom`), and stored accounts and computed codes become
+//! [`Enrollment`] (`TryFrom`; its `actor` is ignored, the grant names the
+//! admin), and stored accounts and computed codes become
 //! their protobuf messages.
 
 use twokey_proto::{
@@ -23,7 +24,6 @@ impl TryFrom<&EnrollRequest> for Enrollment {
         Ok(Self {
             account_id: request.account_id.clone(),
             spec: seed_spec(request)?,
-            actor: request.actor.clone(),
             replace: request.replace,
         })
     }

@@ -64,9 +64,12 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
         self.authorize(&request)?;
-        twokey_runtime::trace::record_ids("", &request.get_ref().account_id);
-        let enrollment = Enrollment::try_from(request.get_ref())?;
-        let enrolled = self.vault.enroll(enrollment).await?;
+        let request = request.get_ref();
+        twokey_runtime::trace::record_ids("", &request.account_id);
+        // The grant first: without a valid one, the seed is not looked at.
+        let grant = self.vault.verify_enroll_grant(request.grant.as_ref())?;
+        let enrollment = Enrollment::try_from(request)?;
+        let enrolled = self.vault.enroll(grant, enrollment).await?;
         Ok(Response::new(EnrollResponse {
             account: Some((&enrolled.account).into()),
             current: Some((&enrolled.current).into()),

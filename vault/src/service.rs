@@ -1,5 +1,5 @@
-//! The vault's domain core: enrollment, code release for a grant, removal,
-//! listing and status. No tonic here; the gRPC layer maps [`VaultError`].
+//! The vault's domain core: enrollment and removal for a grant, code release
+//! for a grant, listing and status. No tonic here; the gRPC layer maps [`VaultError`].
 //!
 //! Fail closed: a code (or an enrollment's registration codes) is computed
 //! only after the audit service has acknowledged the event that records it.
@@ -7,7 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
-use twokey_proto::vault::v1::{GrantPurpose, SignedGrant};
+use twokey_proto::vault::v1::{Grant, GrantPurpose, SignedGrant};
 use twokey_runtime::{
     error::{ErrorKind, ServiceError},
     events::EventDraft,
@@ -19,7 +19,7 @@ use twokey_runtime::{
 use crate::{
     crypto::MasterKey,
     seed::{Seed, SeedError, SeedSpec},
-    store::{AccountRecord, GrantUse, Removal, VaultStore, VaultStoreError},
+    store::{AccountRecord, GrantUse, Removal, SpentGrant, VaultStore, VaultStoreError},
     totp::{CodeValue, code_at, code_for_step},
 };
 
@@ -47,6 +47,18 @@ pub enum VaultError {
     /// The grant was refused.
     #[error(transparent)]
     Grant(#[from] GrantError),
+    /// The grant is valid but names another account than the call.
+    #[error(
+        "grant {grant_id} is for account {granted:?}, not {asked:?}; ask the broker for a grant for this account"
+    )]
+    GrantForOtherAccount {
+        /// The grant's id.
+        grant_id: String,
+        /// The account the grant names.
+        granted: String,
+        /// The account the call is for.
+        asked: String,
+    },
     /// Store-level refusal or failure.
     #[error(transparent)]
     Store(#[from] VaultStoreError),
@@ -64,9 +76,9 @@ impl ServiceError for VaultError {
             Self::InvalidArgument(_) | Self::Seed(_) | Self::Grant(GrantError::Malformed(_)) => {
                 ErrorKind::InvalidArgument
             }
-            Self::Grant(_) | Self::Store(VaultStoreError::GrantUsed(_)) => {
-                ErrorKind::PermissionDenied
-            }
+            Self::Grant(_)
+            | Self::GrantForOtherAccount { .. }
+            | Self::Store(VaultStoreError::GrantUsed(_)) => ErrorKind::PermissionDenied,
             Self::Store(VaultStoreError::AlreadyExists(_)) => ErrorKind::AlreadyExists,
             Self::Store(VaultStoreError::NotFound(_)) => ErrorKind::NotFound,
             Self::AuditUnavailable(_) | Self::Store(VaultStoreError::Store(_)) => {
@@ -97,11 +109,15 @@ pub struct Enrollment {
     pub account_id: String,
     /// The seed and how codes are computed.
     pub spec: SeedSpec,
-    /// Who enrolls (the admin, as named by the broker).
-    pub actor: String,
     /// Whether an existing account may be overwritten.
     pub replace: bool,
 }
+
+/// An enrollment grant whose signature, purpose and lifetime the vault has
+/// verified (see [`Vault::verify_enroll_grant`]); its account and single use
+/// are checked by [`Vault::enroll`].
+#[derive(Debug)]
+pub struct EnrollGrant(Grant);
 
 /// What an enrollment returns.
 #[derive(Debug)]
@@ -153,7 +169,7 @@ pub fn validate_account_id(id: &str) -> Result<(), VaultError> {
 }
 
 /// Unix second a verified grant expires (verification ensures it is set).
-fn grant_expiry(grant: &twokey_proto::vault::v1::Grant) -> u64 {
+fn grant_expiry(grant: &Grant) -> u64 {
     grant
         .expires_at
         .as_ref()
@@ -202,14 +218,38 @@ impl<S: VaultStore> Vault<S> {
         })
     }
 
-    /// Enrolls a seed on behalf of its actor (the admin, as named by the broker).
-    pub async fn enroll(&self, request: Enrollment) -> Result<Enrolled, VaultError> {
+    /// Checks an enrollment grant's signature, purpose and lifetime, before
+    /// the request's seed is looked at.
+    pub fn verify_enroll_grant(
+        &self,
+        signed: Option<&SignedGrant>,
+    ) -> Result<EnrollGrant, VaultError> {
+        let grant = self
+            .grants
+            .verify(signed, GrantPurpose::Enroll, self.clock.now())?;
+        Ok(EnrollGrant(grant))
+    }
+
+    /// Enrolls a seed for a verified enrollment grant for the same account,
+    /// used up here (once); the audit event names the grant's operator, the
+    /// admin the broker vouched for. Nothing is stored on refusal.
+    pub async fn enroll(
+        &self,
+        EnrollGrant(grant): EnrollGrant,
+        request: Enrollment,
+    ) -> Result<Enrolled, VaultError> {
         let Enrollment {
             account_id,
             spec,
-            actor,
             replace,
         } = request;
+        if grant.account_id != account_id {
+            return Err(VaultError::GrantForOtherAccount {
+                grant_id: grant.grant_id,
+                granted: grant.account_id.chars().take(70).collect(),
+                asked: account_id,
+            });
+        }
         let now = self.now();
         let mut record = AccountRecord {
             account_id,
@@ -234,11 +274,16 @@ impl<S: VaultStore> Vault<S> {
         } else {
             "account.enrolled"
         };
-        let event = EventDraft::new(actor, action)
+        let event = EventDraft::new(grant.operator.clone(), action)
             .account(&record.account_id)
+            .attr("grant_id", &grant.grant_id)
             .attr("seed_bits", record.seed_bits.to_string())
             .attr("weak_seed", spec.seed.is_weak().to_string());
-        let seq = self.store.put(&record, replace, event)?;
+        let spent = SpentGrant {
+            grant_id: grant.grant_id.clone(),
+            expires_at: grant_expiry(&grant),
+        };
+        let seq = self.store.put(&record, replace, &spent, event)?;
         self.commit_and_confirm(
             seq,
             "no codes released; the seed is stored: enroll again with replace once audit is back",

@@ -63,7 +63,9 @@ pub enum VaultStoreError {
     #[error("no account {0}")]
     NotFound(String),
     /// The grant id was used before.
-    #[error("grant {0} was already used; each grant yields one code")]
+    #[error(
+        "grant {0} was already used; a grant is good for one use, ask the broker for a new one"
+    )]
     GrantUsed(String),
     /// Storage failed.
     #[error(transparent)]
@@ -85,11 +87,14 @@ pub trait VaultStore: Send + Sync + 'static {
     fn list(&self) -> Result<Vec<AccountRecord>, VaultStoreError>;
     /// Number of accounts.
     fn count(&self) -> usize;
-    /// Stores an account with its event; returns the event's sequence number.
+    /// Marks an enrollment grant used and stores an account with its event;
+    /// returns the event's sequence number. Refuses a used grant, and an
+    /// existing account unless `replace`; a refusal changes nothing.
     fn put(
         &self,
         record: &AccountRecord,
         replace: bool,
+        grant: &SpentGrant,
         event: EventDraft,
     ) -> Result<u64, VaultStoreError>;
     /// Marks a grant used (until `expires_at`), stamps the account's
@@ -121,6 +126,15 @@ pub struct GrantUse {
     pub now: u64,
     /// The `code.released` event.
     pub event: EventDraft,
+}
+
+/// An enrollment grant used up by [`VaultStore::put`].
+#[derive(Debug, Clone)]
+pub struct SpentGrant {
+    /// The grant's id.
+    pub grant_id: String,
+    /// Unix time the grant expires (its id is kept until then, and a while).
+    pub expires_at: u64,
 }
 
 /// One use of a removal grant, as [`VaultStore::remove`] records it.
@@ -308,17 +322,29 @@ impl VaultStore for SledVaultStore {
         &self,
         record: &AccountRecord,
         replace: bool,
+        grant: &SpentGrant,
         event: EventDraft,
     ) -> Result<u64, VaultStoreError> {
         let bytes = serde_json::to_vec(record).expect("records serialize");
-        let result = (&self.accounts, self.outbox.tree()).transaction(|(accounts, outbox)| {
-            if !replace && accounts.get(&record.account_id)?.is_some() {
-                return Err(ConflictableTransactionError::Abort(Abort::Exists));
+        let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
+            |(grants, accounts, outbox)| {
+                if grants.get(&grant.grant_id)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(Abort::Used));
+                }
+                if !replace && accounts.get(&record.account_id)?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(Abort::Exists));
+                }
+                grants.insert(grant.grant_id.as_bytes(), &grant.expires_at.to_be_bytes())?;
+                accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
+                self.outbox.push(outbox, event.clone())
+            },
+        );
+        match self.finish(result, &record.account_id) {
+            Err(VaultStoreError::GrantUsed(_)) => {
+                Err(VaultStoreError::GrantUsed(grant.grant_id.clone()))
             }
-            accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
-            self.outbox.push(outbox, event.clone())
-        });
-        self.finish(result, &record.account_id)
+            other => other,
+        }
     }
 
     async fn use_grant(&self, grant: GrantUse) -> Result<u64, VaultStoreError> {
@@ -431,8 +457,17 @@ mod tests {
             last_used_at: None,
             sealed_seed: String::new(),
         };
+        let grant = SpentGrant {
+            grant_id: "g-enroll".into(),
+            expires_at: u64::MAX / 2,
+        };
         store
-            .put(&record, false, EventDraft::new("admin", "account.enrolled"))
+            .put(
+                &record,
+                false,
+                &grant,
+                EventDraft::new("admin", "account.enrolled"),
+            )
             .unwrap();
         store
     }
@@ -504,7 +539,8 @@ mod tests {
         );
         // Nothing half-written: the missing account's grant is not marked used.
         assert!(store.grants.get("g-missing").unwrap().is_none());
-        assert_eq!(store.grants.len(), 40);
+        // The enrollment's grant and the forty uses.
+        assert_eq!(store.grants.len(), 41);
         assert_eq!(
             store.get("aws-root").unwrap().unwrap().last_used_at,
             Some(1)

@@ -8,10 +8,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use ed25519_dalek::SigningKey;
+use prost::Message;
 use tonic::Code;
 use twokey_proto::vault::v1::{
     EnrollRequest, GenerateCodeRequest, GrantPurpose, ListAccountsRequest, RemoveAccountRequest,
-    StatusRequest, enroll_request::Seed, vault_service_client::VaultServiceClient,
+    SignedGrant, StatusRequest, enroll_request::Seed, vault_service_client::VaultServiceClient,
 };
 
 const SECRET: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
@@ -22,11 +23,13 @@ fn aws_uri() -> String {
     )
 }
 
-fn enroll(account: &str, uri: &str) -> EnrollRequest {
+/// An enrollment of `account` with `uri`, for a fresh enrollment grant from
+/// `fx`'s broker key naming admin adam.
+fn enroll(fx: &Fixture, account: &str, uri: &str) -> EnrollRequest {
     EnrollRequest {
         account_id: account.into(),
         seed: Some(Seed::OtpauthUri(uri.into())),
-        actor: format!("spiffe://{TD}/user/adam"),
+        grant: Some(fx.enroll_grant(account, "adam")),
         ..Default::default()
     }
 }
@@ -71,7 +74,7 @@ impl Env {
     async fn enrolled(account: &str) -> Self {
         let env = Self::new().await;
         env.client()
-            .enroll(enroll(account, &aws_uri()))
+            .enroll(enroll(&env.fx, account, &aws_uri()))
             .await
             .unwrap();
         env
@@ -116,7 +119,7 @@ async fn enrollment_returns_the_current_and_next_codes() {
     let env = Env::new().await;
     let reply = env
         .client()
-        .enroll(enroll("aws-prod-root", &aws_uri()))
+        .enroll(enroll(&env.fx, "aws-prod-root", &aws_uri()))
         .await
         .unwrap()
         .into_inner();
@@ -147,6 +150,7 @@ async fn a_weak_80_bit_seed_is_enrolled_with_a_warning() {
     let reply = env
         .client()
         .enroll(enroll(
+            &env.fx,
             "github",
             "otpauth://totp/GitHub:me?secret=JBSWY3DPEHPK3PXP",
         ))
@@ -167,6 +171,7 @@ async fn an_existing_account_is_not_overwritten_unless_asked() {
     let err = env
         .client()
         .enroll(enroll(
+            &env.fx,
             "aws-prod-root",
             "otpauth://totp/x?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
         ))
@@ -174,6 +179,7 @@ async fn an_existing_account_is_not_overwritten_unless_asked() {
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     let mut replace = enroll(
+        &env.fx,
         "aws-prod-root",
         "otpauth://totp/x?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
     );
@@ -197,17 +203,21 @@ async fn malformed_seeds_are_invalid_arguments_with_a_reason() {
         (format!("otpauth://totp/%C3%28?{s}"), "UTF-8"),
     ];
     for (uri, reason) in cases {
-        let err = env.client().enroll(enroll("acct", &uri)).await.unwrap_err();
+        let err = env
+            .client()
+            .enroll(enroll(&env.fx, "acct", &uri))
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{uri}: {err:?}");
         assert!(err.message().contains(reason), "{uri}: {}", err.message());
     }
-    let mut base32 = enroll("acct", "");
+    let mut base32 = enroll(&env.fx, "acct", "");
     base32.seed = Some(Seed::Base32Secret("not base32!".into()));
     let err = env.client().enroll(base32).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = env
         .client()
-        .enroll(enroll("Bad Id", &aws_uri()))
+        .enroll(enroll(&env.fx, "Bad Id", &aws_uri()))
         .await
         .unwrap_err();
     assert_refused(&err, Code::InvalidArgument, "account id");
@@ -304,7 +314,7 @@ async fn a_used_grant_stays_used_after_a_restart() {
     {
         let mut client = fx.broker_client(vault.addr);
         client
-            .enroll(enroll("aws-prod-root", &aws_uri()))
+            .enroll(enroll(&fx, "aws-prod-root", &aws_uri()))
             .await
             .unwrap();
         client
@@ -429,7 +439,7 @@ async fn audit_down_means_no_code_and_other_calls_still_answer() {
     let vault = start_vault(fx.vault_config(audit_addr)).await;
     let mut client = fx.broker_client(vault.addr);
     client
-        .enroll(enroll("aws-prod-root", &aws_uri()))
+        .enroll(enroll(&fx, "aws-prod-root", &aws_uri()))
         .await
         .unwrap();
     audit.stop().await;
@@ -513,6 +523,220 @@ async fn events_carry_the_callers_trace_id() {
         .unwrap();
     assert_eq!(enrolled.trace_id.len(), 32);
     assert_ne!(enrolled.trace_id, trace);
+}
+
+// Enrollment needs the broker's ENROLL grant for the same account: a
+// `svc/broker` certificate alone (the broker's TLS key, or one minted with
+// the CA key) neither replaces nor plants a seed. Each attack asserts the
+// exact status, that the old seed still yields the old codes, and that no
+// enrollment event was stored.
+
+/// Another seed, as an attacker would plant it.
+const ATTACKER_URI: &str = "otpauth://totp/x?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+
+/// A replacement of `account`'s seed with the attacker's, carrying `grant`
+/// and an `actor` that names someone else.
+fn hostile_replace(account: &str, grant: Option<SignedGrant>) -> EnrollRequest {
+    EnrollRequest {
+        account_id: account.into(),
+        seed: Some(Seed::OtpauthUri(ATTACKER_URI.into())),
+        replace: true,
+        actor: format!("spiffe://{TD}/user/adam"),
+        grant,
+        ..Default::default()
+    }
+}
+
+impl Env {
+    /// Enrolling with `request` fails with `code`, saying `says`.
+    async fn enroll_refused(&self, request: EnrollRequest, code: Code, says: &str) {
+        let err = self.client().enroll(request).await.unwrap_err();
+        assert_refused(&err, code, says);
+        assert!(!err.message().contains("GEZDGNBVGY3TQOJQ"), "{err:?}");
+    }
+
+    /// `aws-prod-root` still has the original seed (a release yields the
+    /// code of `SECRET`), and the log holds `enrollments` enrollment events.
+    async fn assert_seed_unchanged(&self, enrollments: usize) {
+        let code = self
+            .release(self.fx.grant("aws-prod-root", GrantPurpose::Release))
+            .await
+            .unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            code == expected_code(now / 30) || code == expected_code(now / 30 - 1),
+            "the seed was replaced"
+        );
+        let events = self.audit_events.events.lock().unwrap().clone();
+        let enrolled = events
+            .iter()
+            .filter(|e| e.action.starts_with("account.enrolled"))
+            .count();
+        assert_eq!(enrolled, enrollments, "{events:?}");
+    }
+
+    async fn account_ids(&self) -> Vec<String> {
+        let list = self
+            .client()
+            .list_accounts(ListAccountsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        list.accounts.into_iter().map(|a| a.account_id).collect()
+    }
+}
+
+#[tokio::test]
+async fn a_broker_certificate_without_a_grant_neither_replaces_nor_plants_a_seed() {
+    let env = Env::enrolled("aws-prod-root").await;
+    env.enroll_refused(
+        hostile_replace("aws-prod-root", None),
+        Code::InvalidArgument,
+        "malformed grant: no grant given",
+    )
+    .await;
+    // An empty grant is no better.
+    env.enroll_refused(
+        hostile_replace("aws-prod-root", Some(SignedGrant::default())),
+        Code::PermissionDenied,
+        "grant signature does not verify with the broker's grant key",
+    )
+    .await;
+    // Nor is planting a new account.
+    env.enroll_refused(
+        hostile_replace("aws-planted", None),
+        Code::InvalidArgument,
+        "malformed grant: no grant given",
+    )
+    .await;
+    assert_eq!(env.account_ids().await, ["aws-prod-root"]);
+    env.assert_seed_unchanged(1).await;
+}
+
+#[tokio::test]
+async fn an_enroll_grant_signed_by_another_key_is_refused() {
+    // What a holder of the CA key would have to forge: a certificate is not
+    // enough, and a grant signed with any key but the broker's is refused.
+    let env = Env::enrolled("aws-prod-root").await;
+    let forger = SigningKey::generate(&mut rand::rngs::OsRng);
+    let forged = env.fx.grant_with(
+        "aws-prod-root",
+        GrantPurpose::Enroll,
+        Duration::ZERO,
+        Duration::from_secs(60),
+        &forger,
+    );
+    env.enroll_refused(
+        hostile_replace("aws-prod-root", Some(forged)),
+        Code::PermissionDenied,
+        "grant signature does not verify with the broker's grant key",
+    )
+    .await;
+    env.assert_seed_unchanged(1).await;
+}
+
+#[tokio::test]
+async fn a_removal_or_release_grant_does_not_enroll() {
+    let env = Env::enrolled("aws-prod-root").await;
+    for (purpose, name) in [
+        (GrantPurpose::Remove, "GRANT_PURPOSE_REMOVE"),
+        (GrantPurpose::Release, "GRANT_PURPOSE_RELEASE"),
+    ] {
+        let grant = env.fx.grant("aws-prod-root", purpose);
+        env.enroll_refused(
+            hostile_replace("aws-prod-root", Some(grant)),
+            Code::PermissionDenied,
+            &format!("grant purpose is {name}, this call needs GRANT_PURPOSE_ENROLL"),
+        )
+        .await;
+    }
+    // Nor does an enrollment grant release a code or remove the account.
+    let enroll = env.fx.enroll_grant("aws-prod-root", "adam");
+    let err = env.release(enroll.clone()).await.unwrap_err();
+    assert_refused(
+        &err,
+        Code::PermissionDenied,
+        "this call needs GRANT_PURPOSE_RELEASE",
+    );
+    let err = env
+        .client()
+        .remove_account(RemoveAccountRequest {
+            grant: Some(enroll),
+        })
+        .await
+        .unwrap_err();
+    assert_refused(
+        &err,
+        Code::PermissionDenied,
+        "this call needs GRANT_PURPOSE_REMOVE",
+    );
+    env.assert_seed_unchanged(1).await;
+}
+
+#[tokio::test]
+async fn an_enroll_grant_for_another_account_is_refused() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let other = env.fx.enroll_grant("aws-other", "adam");
+    env.enroll_refused(
+        hostile_replace("aws-prod-root", Some(other)),
+        Code::PermissionDenied,
+        "is for account \"aws-other\", not \"aws-prod-root\"; ask the broker for a grant for this account",
+    )
+    .await;
+    assert_eq!(env.account_ids().await, ["aws-prod-root"]);
+    env.assert_seed_unchanged(1).await;
+}
+
+#[tokio::test]
+async fn a_replayed_enroll_grant_is_refused() {
+    let env = Env::enrolled("aws-prod-root").await;
+    // The admin's replacement, with the same seed, uses the grant up...
+    let grant = env.fx.enroll_grant("aws-prod-root", "adam");
+    let mut honest = enroll(&env.fx, "aws-prod-root", &aws_uri());
+    honest.grant = Some(grant.clone());
+    honest.replace = true;
+    env.client().enroll(honest).await.unwrap();
+    // ...so whoever captured it cannot replay it to plant their own seed.
+    env.enroll_refused(
+        hostile_replace("aws-prod-root", Some(grant)),
+        Code::PermissionDenied,
+        "was already used",
+    )
+    .await;
+    env.assert_seed_unchanged(2).await;
+}
+
+#[tokio::test]
+async fn the_enrollment_event_names_the_grants_admin_not_the_callers_actor() {
+    let env = Env::enrolled("aws-prod-root").await;
+    let mut request = hostile_replace("aws-prod-root", None);
+    request.seed = Some(Seed::OtpauthUri(aws_uri()));
+    request.actor = format!("spiffe://{TD}/user/mallory");
+    let grant = env.fx.enroll_grant("aws-prod-root", "ada");
+    request.grant = Some(grant.clone());
+    env.client().enroll(request).await.unwrap();
+    let grant_id = twokey_proto::vault::v1::Grant::decode(grant.grant.as_slice())
+        .unwrap()
+        .grant_id;
+    let events = env.audit_events.events.lock().unwrap().clone();
+    let replaced: Vec<_> = events
+        .iter()
+        .filter(|e| e.action == "account.enrolled.replace")
+        .collect();
+    assert_eq!(replaced.len(), 1, "{events:?}");
+    assert_eq!(replaced[0].actor, format!("spiffe://{TD}/user/ada"));
+    assert_eq!(replaced[0].account_id, "aws-prod-root");
+    assert_eq!(replaced[0].attributes["grant_id"], grant_id);
+    // The first enrollment, too, names the grant's admin.
+    let first = events
+        .iter()
+        .find(|e| e.action == "account.enrolled")
+        .unwrap();
+    assert_eq!(first.actor, format!("spiffe://{TD}/user/adam"));
+    assert!(events.iter().all(|e| !e.actor.contains("mallory")));
 }
 
 /// Asserts the exact refusal: its code, and a message that says why.

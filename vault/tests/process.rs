@@ -92,7 +92,7 @@ async fn the_vault_process_serves_the_broker_and_never_logs_the_seed() {
         .enroll(EnrollRequest {
             account_id: "aws-prod-root".into(),
             seed: Some(Seed::Base32Secret(SECRET.into())),
-            actor: format!("spiffe://{TD}/user/adam"),
+            grant: Some(fx.enroll_grant("aws-prod-root", "adam")),
             ..Default::default()
         })
         .await

@@ -12,7 +12,7 @@ use anyhow::{Result, ensure};
 use ed25519_dalek::SigningKey;
 use tonic::transport::Channel;
 use twokey_proto::vault::v1::{
-    EnrollRequest, GenerateCodeRequest, SignedGrant, StatusRequest, enroll_request,
+    EnrollRequest, GenerateCodeRequest, GrantPurpose, SignedGrant, StatusRequest, enroll_request,
     vault_service_client::VaultServiceClient,
 };
 
@@ -33,15 +33,30 @@ pub fn grant(key: &SigningKey, account: &str, n: usize) -> SignedGrant {
     twokey_runtime::grant::sign_grant(key, &grant)
 }
 
-/// Enrolls `account` with a random 160-bit seed.
-pub async fn enroll(client: &mut VaultServiceClient<Channel>, account: &str) -> Result<()> {
+/// Enrolls `account` with a random 160-bit seed, for an enrollment grant
+/// signed with the broker's `grant_key` (as the broker signs one for admin
+/// adam).
+pub async fn enroll(
+    client: &mut VaultServiceClient<Channel>,
+    grant_key: &SigningKey,
+    account: &str,
+) -> Result<()> {
     let seed: [u8; 20] = rand::random();
     let secret = base32(&seed);
+    let grant = twokey_proto::vault::v1::Grant {
+        operator: format!("spiffe://{TD}/user/adam"),
+        ..twokey_testkit::grants::grant(
+            &format!("bench-enroll-{}", rand::random::<u64>()),
+            account,
+            GrantPurpose::Enroll,
+            SystemTime::now(),
+        )
+    };
     let r = client
         .enroll(EnrollRequest {
             account_id: account.into(),
             seed: Some(enroll_request::Seed::Base32Secret(secret)),
-            actor: format!("spiffe://{TD}/user/adam"),
+            grant: Some(twokey_runtime::grant::sign_grant(grant_key, &grant)),
             ..Default::default()
         })
         .await?
@@ -71,14 +86,17 @@ fn base32(bytes: &[u8]) -> String {
 /// Enrolls `count` accounts `bench-NNNNNN` at `concurrency`.
 pub async fn enroll_many(
     client: &VaultServiceClient<Channel>,
+    grant_key: &SigningKey,
     count: usize,
     concurrency: usize,
     limit: Duration,
 ) -> Row {
     let client = client.clone();
+    let grant_key = grant_key.clone();
     drive(count, concurrency, limit, move |i| {
         let mut c = client.clone();
-        async move { enroll(&mut c, &format!("bench-{i:07}")).await }
+        let grant_key = grant_key.clone();
+        async move { enroll(&mut c, &grant_key, &format!("bench-{i:07}")).await }
     })
     .await
     .row("vault", "Enroll (fills the vault)", false, concurrency)

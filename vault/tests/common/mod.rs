@@ -122,6 +122,21 @@ impl Fixture {
         )
     }
 
+    /// An enrollment grant for `account`, as the broker signs one for
+    /// admin `admin`: no request and no other people.
+    pub fn enroll_grant(&self, account: &str, admin: &str) -> SignedGrant {
+        let grant = Grant {
+            operator: format!("spiffe://{TD}/user/{admin}"),
+            ..grants::grant(
+                &uuid_like(),
+                account,
+                GrantPurpose::Enroll,
+                SystemTime::now(),
+            )
+        };
+        sign_grant(&self.grant_key, &grant)
+    }
+
     pub fn grant_with(
         &self,
         account: &str,
