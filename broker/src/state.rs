@@ -604,6 +604,16 @@ impl RequestRecord {
                 "pin is empty; type the digits the requester reads out",
             ));
         }
+        // A typo that cannot be a PIN is not a guess: it spends no attempt.
+        let typed = pin.expose();
+        let wrong_length = self.pin_length != 0 && typed.len() != self.pin_length as usize;
+        if !typed.bytes().all(|b| b.is_ascii_digit()) || wrong_length {
+            return Err(BrokerError::invalid(format!(
+                "a PIN of request {} is {} digits and nothing else; check what the requester \
+                 reads out and type it again (no attempt was counted)",
+                self.id, self.pin_length
+            )));
+        }
         let stored = self
             .pin_hash
             .as_deref()
@@ -645,8 +655,9 @@ impl RequestRecord {
         } else {
             self.record(&mut effects, caller, "pin.failed", None, "", now);
             effects.fail = Some(BrokerError::invalid(format!(
-                "wrong PIN for request {}; {left} tries left before it locks",
-                self.id
+                "wrong PIN for request {}; {left} {} left before it locks",
+                self.id,
+                if left == 1 { "try" } else { "tries" }
             )));
         }
         for e in &mut effects.events {

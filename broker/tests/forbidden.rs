@@ -136,10 +136,11 @@ async fn wrong_pins_lock_the_request_and_then_even_the_right_pin_fails() {
     for attempt in 1..3 {
         let (code, message) = code_of(verify(&h, "olivia", &id, wrong).await);
         assert_eq!(code, Code::InvalidArgument, "{message}");
-        assert!(
-            message.contains(&format!("{} tries left", 3 - attempt)),
-            "{message}"
-        );
+        let left = match 3 - attempt {
+            1 => "1 try left".to_owned(),
+            n => format!("{n} tries left"),
+        };
+        assert!(message.contains(&left), "{message}");
     }
     let (code, message) = code_of(verify(&h, "olivia", &id, wrong).await);
     assert_eq!(code, Code::FailedPrecondition, "{message}");
@@ -151,6 +152,27 @@ async fn wrong_pins_lock_the_request_and_then_even_the_right_pin_fails() {
     assert_eq!(code, Code::FailedPrecondition);
     let (code, _) = code_of(release(&h, "olivia", &id).await);
     assert_eq!(code, Code::FailedPrecondition);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_pin_that_cannot_be_one_is_refused_without_spending_an_attempt() {
+    let h = Harness::start().await;
+    let (id, pin) = approved_prod(&h).await;
+    let short = &pin[..pin.len() - 1];
+    let long = format!("{pin}0");
+    for typo in ["abc", "12a456", short, long.as_str()] {
+        let (code, message) = code_of(verify(&h, "olivia", &id, typo).await);
+        assert_eq!(code, Code::InvalidArgument, "{typo}: {message}");
+        assert!(message.contains("no attempt was counted"), "{message}");
+        let without_id = message.replace(id.as_str(), "");
+        assert!(!without_id.contains(typo), "the typo is echoed: {message}");
+    }
+    let r = get(&h, "olivia", &id).await;
+    assert_eq!(r.pin_attempts, 0, "a typo spent an attempt");
+    assert_eq!(state_of(&r), pb::RequestState::Approved);
+    let r = request_of(verify(&h, "olivia", &id, &pin).await);
+    assert_eq!(state_of(&r), pb::RequestState::Verified);
     h.shutdown().await;
 }
 

@@ -267,8 +267,9 @@ proptest! {
                         let right = matches!(action, Action::VerifyRight(_));
                         let typed = match (&pin, right) {
                             (Some(p), true) => p.clone(),
-                            (Some(p), false) => Pin::from_text(&format!("x{}", p.expose())),
-                            (None, _) => Pin::from_text("123"),
+                            // A well-formed wrong PIN: the same length, one digit changed.
+                            (Some(p), false) => Pin::from_text(&wrong_pin(p.expose())),
+                            (None, _) => Pin::from_text("123456"),
                         };
                         rec.verify_pin(&a, &id(PEOPLE[*w]), &typed, &key, now)
                             .and_then(|e| e.fail.map_or(Ok(()), Err))
@@ -357,4 +358,11 @@ proptest! {
             prop_assert!(rec.approvals.is_empty() && rec.operator.is_none());
         }
     }
+}
+
+/// `pin` with its last digit changed: a guess the broker counts.
+fn wrong_pin(pin: &str) -> String {
+    let (head, last) = pin.split_at(pin.len() - 1);
+    let digit = (last.as_bytes()[0] - b'0' + 1) % 10;
+    format!("{head}{digit}")
 }
