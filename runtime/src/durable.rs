@@ -5,6 +5,7 @@
 
 use std::{
     fs::File,
+    os::unix::fs::DirBuilderExt,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -68,7 +69,12 @@ impl DurableDb {
             path: dir.to_owned(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(|e| err(e.into()))?;
+        // Created 0700 whatever the umask: the data is the service's alone.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| err(e.into()))?;
         remove_partial_snapshots(dir).map_err(|e| err(e.into()))?;
         let db = sled::Config::new().path(dir).open().map_err(err)?;
         // sled 0.34 keeps its log and pages in `<dir>/db`.
@@ -140,6 +146,18 @@ impl DurableDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_data_directory_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("a/b/data");
+        let _db = DurableDb::open(&dir).unwrap();
+        for d in [parent.path().join("a"), parent.path().join("a/b"), dir] {
+            let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{}", d.display());
+        }
+    }
 
     #[tokio::test]
     async fn synced_writes_survive_reopen() {

@@ -107,6 +107,11 @@ impl GrantVerifier {
         if issued > now + MAX_CLOCK_SKEW {
             return Err(GrantError::NotYetValid(grant.grant_id));
         }
+        // Clock skew included, a grant is never good for longer than
+        // MAX_GRANT_LIFETIME from the moment the vault sees it.
+        if expires > now + MAX_GRANT_LIFETIME {
+            return Err(GrantError::TooLongLived(grant.grant_id));
+        }
         if now >= expires {
             return Err(GrantError::Expired(grant.grant_id));
         }
@@ -227,5 +232,37 @@ mod tests {
             .unwrap();
         assert_eq!(verified, grant);
         assert!(GRANT_LIFETIME + MAX_CLOCK_SKEW <= MAX_GRANT_LIFETIME);
+    }
+
+    #[test]
+    fn skew_never_stretches_a_grant_past_the_maximum_life() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let verifier = GrantVerifier::new(key.verifying_key());
+        let now = SystemTime::now();
+        let grant = |issued: SystemTime, life: Duration| {
+            let g = Grant {
+                grant_id: "g".into(),
+                purpose: GrantPurpose::Release as i32,
+                account_id: "a".into(),
+                issued_at: Some(to_timestamp(issued)),
+                expires_at: Some(to_timestamp(issued + life)),
+                ..Default::default()
+            };
+            sign_grant(&key, &g)
+        };
+        // Issued 30 s ahead (the skew allowed) with a 110 s life: it would
+        // be good for 140 s from now.
+        let stretched = grant(now + MAX_CLOCK_SKEW, Duration::from_secs(110));
+        assert_eq!(
+            verifier.verify(Some(&stretched), GrantPurpose::Release, now),
+            Err(GrantError::TooLongLived("g".into()))
+        );
+        // The same skew with the broker's 60 s lifetime is fine.
+        let usual = grant(now + MAX_CLOCK_SKEW, GRANT_LIFETIME);
+        assert!(
+            verifier
+                .verify(Some(&usual), GrantPurpose::Release, now)
+                .is_ok()
+        );
     }
 }
