@@ -70,7 +70,7 @@ checked_id!(
 checked_id!(
     /// A request id of the form the broker gives (a UUID).
     RequestId,
-    required: "request_id is required; list requests with ListRequests",
+    required: "request_id is required; list requests with `twokey request list`",
     valid: |id: &str| id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
     malformed: |id: &str| format!(
         "request_id {:?} is malformed; request ids are UUIDs",

@@ -483,7 +483,7 @@ mod tests {
         assert_eq!(call.target, Target::Request(String::new()));
         assert_eq!(
             refusal(call.input),
-            "request_id is required; list requests with ListRequests"
+            "request_id is required; list requests with `twokey request list`"
         );
         let call: Checked<Decision> = checked(pb::DenyRequestRequest {
             request_id: "a/b".into(),

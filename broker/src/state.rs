@@ -443,25 +443,33 @@ impl RequestRecord {
         now: SystemTime,
     ) -> Result<Effects, BrokerError> {
         check_text("comment", comment, MAX_REASON, false)?;
-        if !account.has(caller, Role::Approver) {
-            if account.has(caller, Role::Intake) || &self.filed_by == caller {
-                return Err(BrokerError::denied(format!(
-                    "{caller} is an intake service for {}; intake services file requests and never approve",
-                    self.account_id
-                )));
-            }
-            return Err(lacks_role(caller, Role::Approver, &self.account_id));
+        let approver = account.has(caller, Role::Approver);
+        if !approver && account.has(caller, Role::Intake) {
+            return Err(BrokerError::denied(format!(
+                "{caller} is an intake service for {}; intake services file requests and never approve",
+                self.account_id
+            )));
         }
         if caller == &self.requester || caller == &self.filed_by {
+            let how = if caller == &self.requester {
+                "is the requester of"
+            } else {
+                "filed"
+            };
             return Err(BrokerError::denied(format!(
-                "{caller} filed request {}; nobody approves their own request — another approver must",
+                "{caller} {how} request {}; nobody approves their own request — another approver must",
                 self.id
             )));
         }
+        if !approver {
+            return Err(lacks_role(caller, Role::Approver, &self.account_id));
+        }
         if self.approved_by(caller) {
+            let n = self.approvals_required;
             return Err(BrokerError::denied(format!(
-                "{caller} already approved request {}; approvals must come from {} distinct approvers",
-                self.id, self.approvals_required
+                "{caller} already approved request {}; it needs {n} {} from different people",
+                self.id,
+                if n == 1 { "approval" } else { "approvals" }
             )));
         }
         if self.operator.as_ref() == Some(caller) {

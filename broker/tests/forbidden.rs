@@ -25,6 +25,22 @@ async fn requester_cannot_approve_own_request() {
 }
 
 #[tokio::test]
+async fn a_requester_without_the_approver_role_is_told_it_is_her_own_request() {
+    // alice is only a requester: the refusal names the real reason, not a
+    // role she never had ("is an intake service").
+    let h = Harness::start().await;
+    let id = file(&h, "alice", PROD).await;
+    let (code, message) = code_of(approve(&h, "alice", &id).await);
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("is the requester of request") && message.contains("own request"),
+        "{message}"
+    );
+    assert!(!message.contains("intake"), "{message}");
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn approver_cannot_approve_twice() {
     let h = Harness::start().await;
     let id = file(&h, "alice", AUDIT).await;
@@ -32,6 +48,10 @@ async fn approver_cannot_approve_twice() {
     let (code, message) = code_of(approve(&h, "bob", &id).await);
     assert_eq!(code, Code::PermissionDenied, "{message}");
     assert!(message.contains("already approved"), "{message}");
+    assert!(
+        message.contains("2 approvals from different people"),
+        "{message}"
+    );
     assert_eq!(
         state_of(&get(&h, "alice", &id).await),
         pb::RequestState::Pending

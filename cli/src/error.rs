@@ -182,8 +182,10 @@ pub fn describe_status(target: &Target, status: &tonic::Status) -> String {
                 "cannot reach the {service} at {address}: {text} — is it running, and are --{service}, --cert, --key and --ca right?"
             )
         }
+        // The server answered, so it is up: what is missing is behind it
+        // (audit, the vault, its storage), and the text says which.
         Code::Unavailable => {
-            format!("the {service} is unavailable: {text} — try again shortly")
+            format!("the {service} cannot serve this now: {text} — try again shortly")
         }
         Code::PermissionDenied => prefixed("permission denied", &text),
         Code::Unauthenticated => format!(
@@ -243,7 +245,13 @@ mod tests {
     #[test]
     fn unavailable_from_the_server_is_not_reported_as_unreachable() {
         let err = broker().error(tonic::Status::unavailable("audit log unavailable"));
-        assert!(err.one_line().starts_with("the broker is unavailable"));
+        let line = err.one_line();
+        assert!(
+            line.starts_with("the broker cannot serve this now: audit log unavailable"),
+            "{line}"
+        );
+        // The broker answered: it is audit that is down, not the broker.
+        assert!(!line.contains("broker is unavailable"), "{line}");
     }
 
     #[test]
