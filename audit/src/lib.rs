@@ -86,9 +86,11 @@ pub async fn serve(
         addr: config.listen.clone(),
         source,
     })?;
+    let (reflection, reflection_v1alpha) = reflection::<AuditServiceServer<AuditGrpc<SledStore>>>();
     let router = server()?
         .add_service(health::<AuditServiceServer<AuditGrpc<SledStore>>>().await)
-        .add_service(reflection())
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(grpc.into_server());
     announce("twokey-audit", addr);
     router

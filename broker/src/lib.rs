@@ -280,9 +280,11 @@ pub async fn serve(
             .await;
         }
     };
+    let (reflection, reflection_v1alpha) = serve::reflection::<BrokerServiceServer<BrokerGrpc>>();
     let grpc_server = serve::server()?
         .add_service(health)
-        .add_service(serve::reflection())
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(serve::incoming(listener, tls), async move {
             shutdown.await;

@@ -116,17 +116,39 @@ async fn accept_loop(
     }
 }
 
-/// gRPC reflection for the twokey and health protos.
-pub fn reflection() -> tonic_reflection::server::v1::ServerReflectionServer<
-    impl tonic_reflection::server::v1::ServerReflection,
-> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(twokey_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+/// gRPC reflection for a server of `S`, in both protocol versions (`v1`, and
+/// `v1alpha`, which older grpcurl and grpcio's own client speak): it lists
+/// only `S`, health and reflection — not the other twokey services, whose
+/// descriptors it still carries for the types they share.
+pub fn reflection<S: NamedService>() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    const HEALTH: &str = "grpc.health.v1.Health";
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(twokey_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(S::NAME)
+            .with_service_name(HEALTH)
+    };
+    let v1 = builder()
+        .with_service_name("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .expect("the embedded descriptor sets are valid")
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let v1alpha = builder()
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .expect("the embedded descriptor sets are valid")
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    (v1, v1alpha)
 }
 
 /// gRPC health reporting `S` as serving.

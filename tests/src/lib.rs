@@ -65,6 +65,19 @@ impl System {
         TlsFiles::in_dir(&self.local.dir.join("pki"), user)
     }
 
+    /// An mTLS channel to `service` (`vault`, `broker` or `audit`)
+    /// presenting `user`'s certificate.
+    pub fn channel(&self, user: &str, service: &str) -> Channel {
+        let address = match service {
+            "vault" => &self.local.vault,
+            "broker" => &self.local.broker,
+            _ => &self.local.audit,
+        };
+        self.tls(user)
+            .channel(address, service)
+            .unwrap_or_else(|e| panic!("{service} channel: {e}"))
+    }
+
     /// A broker client presenting `user`'s certificate.
     pub fn broker(&self, user: &str) -> BrokerServiceClient<Channel> {
         BrokerServiceClient::new(

@@ -99,9 +99,12 @@ pub async fn serve(
         source,
     })?;
     rt::announce("twokey-vault", addr);
+    let (reflection, reflection_v1alpha) =
+        rt::reflection::<VaultServiceServer<grpc::VaultGrpc<SledVaultStore>>>();
     let served = rt::server()?
         .add_service(health)
-        .add_service(rt::reflection())
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(rt::incoming(listener, server_tls), shutdown)
         .await;
