@@ -14,7 +14,10 @@ use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 use tonic::Code;
 use twokey_broker::http::{PREFIX, STREAMING, UNARY, openapi};
 
@@ -333,9 +336,10 @@ async fn errors_are_connect_errors_with_the_connect_http_statuses() {
     let a = send(&h, Some("alice"), post(&path, "application/json", "")).await;
     refused(&a, 400, "invalid_argument", "empty body");
 
-    // Unknown method and unknown path: 404.
+    // An unknown method is `unimplemented` (Connect's table: 501); a path
+    // outside the API is plain 404.
     let a = call(&h, "alice", "MakeMeRoot", json!({})).await;
-    refused(&a, 404, "not_found", "MakeMeRoot");
+    refused(&a, 501, "unimplemented", "MakeMeRoot");
     let a = send(
         &h,
         Some("alice"),
@@ -656,5 +660,91 @@ async fn watch_requests_streams_changes_as_server_sent_events() {
     assert_eq!(data["action"], "request.created");
     assert_eq!(data["request"]["requestId"], id.as_str());
     // Shutdown ends the stream rather than waiting for it.
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn connect_timeout_ms_must_be_a_positive_number_of_at_most_ten_digits() {
+    let h = Harness::start().await;
+    let with_timeout = |value: &str| {
+        http::Request::post(format!("{PREFIX}WhoAmI"))
+            .header("host", "broker")
+            .header("content-type", "application/json")
+            .header("connect-timeout-ms", value)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    for bad in ["abc", "0", "-5", "1.5", "12345678901", ""] {
+        let a = send(&h, Some("alice"), with_timeout(bad)).await;
+        refused(&a, 400, "invalid_argument", "Connect-Timeout-Ms");
+    }
+    for good in ["1500", "9999999999"] {
+        let a = send(&h, Some("alice"), with_timeout(good)).await;
+        assert_eq!(a.status, 200, "{good}: {a:?}");
+        assert_eq!(a.body["identity"], "spiffe://twokey.local/user/alice");
+    }
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_certificate_a_large_upload_still_gets_its_401() {
+    let h = Harness::start().await;
+    let body = Bytes::from(format!(r#"{{"reason":"{}"}}"#, "x".repeat(200 * 1024)));
+    let request = || {
+        post(
+            &format!("{PREFIX}CreateRequest"),
+            "application/json",
+            body.clone(),
+        )
+    };
+    // HTTP/1.1: the whole body is read before the answer, so the client
+    // gets the 401 instead of a broken pipe.
+    let a = send(&h, None, request()).await;
+    refused(&a, 401, "unauthenticated", "no client certificate");
+    // Byte by byte: half the body sent, no answer yet (the server is still
+    // reading); the rest sent, then the 401. A server that answered before
+    // reading would have answered already and closed under the upload.
+    let mut tls = connect(&h, None, &[b"http/1.1"]).await;
+    let head = format!(
+        "POST {PREFIX}CreateRequest HTTP/1.1\r\nhost: broker\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let (first, rest) = body.split_at(body.len() / 2);
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(first).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut byte = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(500), tls.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "the server answered before reading the body"
+    );
+    tls.write_all(rest).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let status_line = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 1024];
+        while !answer.windows(2).any(|w| w == b"\r\n") {
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .expect("an answer within 10 s");
+    assert!(status_line.starts_with("HTTP/1.1 401"), "{status_line}");
+    // HTTP/2, the same.
+    let io = TokioIo::new(connect(&h, None, &[b"h2"]).await);
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(request()).await.unwrap();
+    assert_eq!(response.status(), 401);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let answer: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(answer["code"], "unauthenticated", "{answer}");
     h.shutdown().await;
 }

@@ -217,9 +217,10 @@ impl HttpApi {
         };
         let method = method.to_owned();
         if !UNARY.contains(&method.as_str()) && !STREAMING.contains(&method.as_str()) {
+            // An unknown procedure is `unimplemented` in Connect's table.
             return Err(Failure::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
+                twokey_runtime::error::http_status_of(tonic::Code::Unimplemented),
+                "unimplemented",
                 format!(
                     "no method {method:?} in twokey.broker.v1.BrokerService; GET {OPENAPI_PATH} lists them"
                 ),
@@ -233,11 +234,22 @@ impl HttpApi {
             )
             .with_header(header::ALLOW, "POST"));
         }
-        let caller = caller.as_ref().map_err(|why| {
-            Failure::new(StatusCode::UNAUTHORIZED, "unauthenticated", why.clone())
-        })?;
+        let caller = match caller {
+            Ok(caller) => caller,
+            Err(why) => {
+                // Read what the client sends before answering, so it sees
+                // the 401 rather than a connection closed mid-upload. The
+                // read is bounded in size and time like any body.
+                let _ = read_body(request).await;
+                return Err(Failure::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthenticated",
+                    why.clone(),
+                ));
+            }
+        };
         check_content_type(request.headers())?;
-        let deadline = deadline(request.headers());
+        let deadline = deadline(request.headers())?;
         let (span, trace_id) = trace::server_span(
             &format!("twokey.broker.v1.BrokerService/{method}"),
             request.headers(),
@@ -432,15 +444,27 @@ fn check_content_type(headers: &http::HeaderMap) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The call's deadline: [`CALL_TIMEOUT`], or `Connect-Timeout-Ms` if shorter.
-fn deadline(headers: &http::HeaderMap) -> Duration {
-    headers
-        .get("connect-timeout-ms")
-        .and_then(|v| v.to_str().ok())
+/// The call's deadline: [`CALL_TIMEOUT`], or `Connect-Timeout-Ms` if
+/// shorter. The header, when present, must be what the Connect protocol
+/// allows: a positive integer of at most 10 digits.
+fn deadline(headers: &http::HeaderMap) -> Result<Duration, Failure> {
+    let Some(value) = headers.get("connect-timeout-ms") else {
+        return Ok(CALL_TIMEOUT);
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .filter(|v| (1..=10).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|v| v.parse::<u64>().ok())
-        .map_or(CALL_TIMEOUT, |ms| {
-            Duration::from_millis(ms).min(CALL_TIMEOUT)
-        })
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| {
+            Failure::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_argument",
+                "Connect-Timeout-Ms must be a positive whole number of milliseconds, at most 10 digits",
+            )
+        })?;
+    Ok(Duration::from_millis(ms).min(CALL_TIMEOUT))
 }
 
 async fn read_body<B>(request: http::Request<B>) -> Result<Bytes, Failure>
