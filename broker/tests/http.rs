@@ -531,6 +531,16 @@ async fn the_openapi_document_is_served_and_matches_the_checked_in_copy() {
             .unwrap()
             .contains("intake")
     );
+    // A license, and no schema that nothing refers to.
+    assert_eq!(doc["info"]["license"]["identifier"], "Apache-2.0");
+    let text = doc.to_string();
+    let unused: Vec<&String> = schemas
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|name| !text.contains(&format!("\"#/components/schemas/{name}\"")))
+        .collect();
+    assert!(unused.is_empty(), "schemas nothing refers to: {unused:?}");
 }
 
 #[tokio::test]

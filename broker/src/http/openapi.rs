@@ -144,6 +144,40 @@ fn json_name(name: &str) -> String {
     out
 }
 
+/// Drops the schemas nothing refers to (a server-streaming method's response
+/// message, answered as Server-Sent Events, for one): a schema stays if a
+/// path, or a schema that stays, refers to it.
+fn keep_referenced(
+    components: &mut serde_json::Map<String, Value>,
+    paths: &serde_json::Map<String, Value>,
+) {
+    fn refs(value: &Value, out: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref")
+                    && let Some(name) = r.strip_prefix("#/components/schemas/")
+                {
+                    out.push(name.to_owned());
+                }
+                map.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(items) => items.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut pending = Vec::new();
+    paths.values().for_each(|p| refs(p, &mut pending));
+    let mut used = BTreeSet::new();
+    while let Some(name) = pending.pop() {
+        if used.insert(name.clone())
+            && let Some(schema) = components.get(&name)
+        {
+            refs(schema, &mut pending);
+        }
+    }
+    components.retain(|name, _| used.contains(name));
+}
+
 /// Builds schemas for the messages and enums reachable from the roots.
 struct Schemas<'a, 'i> {
     index: &'i Index<'a>,
@@ -373,12 +407,14 @@ pub fn document() -> Value {
     schemas.build();
     let mut components: serde_json::Map<String, Value> = schemas.out.into_iter().collect();
     components.insert("connect.Error".into(), connect_error_schema());
+    keep_referenced(&mut components, &paths);
     let service_doc = index.comment(f, &[6, s as i32]).unwrap_or("");
     json!({
         "openapi": "3.1.0",
         "info": {
             "title": "twokey broker HTTP/JSON API",
             "version": "v1",
+            "license": { "name": "Apache-2.0", "identifier": "Apache-2.0" },
             "description": format!(
                 "{service_doc}\n\nThe Connect protocol's unary JSON convention over HTTP/1.1 and HTTP/2: `POST /{PACKAGE}.{SERVICE}/<Method>` with `Content-Type: application/json` and the proto3 JSON mapping of the request; the answer is the proto3 JSON mapping of the response, or a Connect error. Unknown fields are rejected (400). Mutual TLS: callers are known by the SPIFFE ID in their client certificate. Server-streaming methods answer with Server-Sent Events (`text/event-stream`) instead.{} Generated from the proto descriptors by `twokey-broker openapi`.",
                 if grpc_only.is_empty() {
