@@ -137,7 +137,9 @@ fn not_enrollable(account_id: &str) -> BrokerError {
 }
 
 fn not_found(id: &str) -> BrokerError {
-    BrokerError::NotFound(format!("no request {id}; list requests with ListRequests"))
+    BrokerError::NotFound(format!(
+        "no request {id}; list requests with `twokey request list`"
+    ))
 }
 
 impl Broker {
