@@ -22,7 +22,8 @@ pub use report::Report;
 use crate::{
     report::{Machine, load_average},
     scenario::flow::{MailboxWatcher, People},
-    setup::{ACCOUNT, World},
+    scenario::vault::{account_names, accounts_for, enroll_all},
+    setup::{CODE_ACCOUNTS, FLOW_ACCOUNTS, World},
     system::{System, broker_client, vault_client},
 };
 
@@ -171,17 +172,30 @@ pub async fn run(opts: &Options) -> Result<Report> {
         ..Report::default()
     };
     let bin_dir = procs::bin_dir(opts.bin_dir.as_deref())?;
-    let world = World::new()?;
+    // A TOTP account yields at most 3 codes per step window (issue 16), so
+    // releases are spread over accounts enrolled before the clock starts.
+    let code_accounts = account_names(CODE_ACCOUNTS, accounts_for(sizes.codes));
+    let flow_accounts = account_names(
+        FLOW_ACCOUNTS,
+        accounts_for(scenario::flow::flows_for(
+            sizes.flows,
+            sizes.concurrent_flows,
+        )),
+    );
+    let world = World::new(&flow_accounts)?;
     let mut sys = System::start(&world, &bin_dir).await?;
     let vault = vault_client(&world, &sys.vault.address)?;
-    scenario::vault::enroll(&mut vault.clone(), &world.grant_key, ACCOUNT).await?;
     let mut sources = scenario::audit::sources(&world);
+    // Accounts the vault holds before the footprint run fills it.
+    let mut held = 0;
 
     if opts.runs(Which::Vault) {
+        enroll_all(&vault, &world.grant_key, &code_accounts, 64, limit).await?;
+        held += code_accounts.len();
         let rows = scenario::vault::run(
             &vault,
             &world.grant_key,
-            ACCOUNT,
+            &code_accounts,
             sizes.codes,
             opts.vault_concurrency,
             limit,
@@ -208,10 +222,12 @@ pub async fn run(opts: &Options) -> Result<Report> {
             olivia: broker_client(&world, &sys.broker.address, "olivia")?,
         };
         let mailbox = Arc::new(MailboxWatcher::start(world.mailbox().join("alice.jsonl")));
+        enroll_all(&vault, &world.grant_key, &flow_accounts, 64, limit).await?;
+        held += flow_accounts.len();
         let rows = scenario::flow::run(
             people,
             mailbox,
-            ACCOUNT,
+            &flow_accounts,
             sizes.flows,
             sizes.concurrent_flows,
             opts.flow_concurrency,
@@ -230,7 +246,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             sizes.accounts
         );
         report.scenarios.push(row);
-        sys.restart_vault(&world, &format!("{} accounts", sizes.accounts + 1))
+        sys.restart_vault(&world, &format!("{} accounts", sizes.accounts + held))
             .await?;
     }
     report.footprint = std::mem::take(&mut sys.footprints);

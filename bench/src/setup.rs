@@ -20,8 +20,11 @@ use twokey_testkit::pki::{DevCa, LeafSpec};
 
 /// Trust domain of the bench's PKI.
 pub const TD: &str = "twokey.bench";
-/// The account the policy names and the vault holds.
-pub const ACCOUNT: &str = "bench-root";
+/// Prefix of the accounts the `GenerateCode` scenario releases codes of.
+pub const CODE_ACCOUNTS: &str = "bench-code";
+/// Prefix of the accounts the flow scenario releases codes of (the policy
+/// names them).
+pub const FLOW_ACCOUNTS: &str = "bench-flow";
 /// Audit sources beyond vault and broker that the Append scenarios use.
 pub const SOURCES: usize = 8;
 /// The source that fills logs for the scaling runs.
@@ -52,8 +55,9 @@ pub fn svc_id(name: &str) -> SpiffeId {
 }
 
 impl World {
-    /// Makes the PKI, keys and configs.
-    pub fn new() -> Result<Self> {
+    /// Makes the PKI, keys and configs, with a policy naming
+    /// `policy_accounts`.
+    pub fn new(policy_accounts: &[String]) -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tmp = tempfile::Builder::new().prefix("twokey-bench-").tempdir()?;
         let pki = tmp.path().join("pki");
@@ -87,7 +91,7 @@ impl World {
             sources,
             fill,
         };
-        world.write_configs()?;
+        world.write_configs(policy_accounts)?;
         Ok(world)
     }
 
@@ -172,12 +176,12 @@ impl World {
         self.dir().join("mailbox")
     }
 
-    fn write_configs(&self) -> Result<()> {
+    fn write_configs(&self, policy_accounts: &[String]) -> Result<()> {
         generate_signing_key(&self.pki.join("vault-event.key"))?;
         generate_signing_key(&self.pki.join("broker-event.key"))?;
         self.write_audit_config(&self.config("audit"), &self.data("audit"))?;
         let policy = self.dir().join("policy.toml");
-        std::fs::write(&policy, policy_text())?;
+        std::fs::write(&policy, policy_text(policy_accounts))?;
         Ok(())
     }
 
@@ -220,17 +224,22 @@ impl World {
     }
 }
 
-/// One account, one person per role, one approval, one code per request.
-pub fn policy_text() -> String {
+/// `accounts`, each with one person per role, one approval, one code per
+/// request.
+pub fn policy_text(accounts: &[String]) -> String {
     let mut s = String::from("[identities]\n");
     for name in ["alice", "bob", "olivia", "adam", "carol"] {
         s.push_str(&format!("{name} = \"spiffe://{TD}/user/{name}\"\n"));
     }
-    s.push_str(&format!(
-        "\n[groups]\nrequesters = [\"alice\"]\napprovers = [\"bob\"]\noperators = [\"olivia\"]\n\n\
-         [accounts.{ACCOUNT}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
-         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
-         request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
-    ));
+    s.push_str(
+        "\n[groups]\nrequesters = [\"alice\"]\napprovers = [\"bob\"]\noperators = [\"olivia\"]\n",
+    );
+    for account in accounts {
+        s.push_str(&format!(
+            "\n[accounts.{account}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
+             operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
+             request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
+        ));
+    }
     s
 }

@@ -757,6 +757,8 @@ impl Broker {
                     // for the wire.
                     actor: caller.to_string(),
                     grant: Some(grant),
+                    // The vault's default.
+                    min_seconds_left: 0,
                 })
                 .await?;
             self.emit(

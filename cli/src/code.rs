@@ -1,12 +1,18 @@
 //! `twokey code release`: one code of a verified request, printed large,
-//! then a live countdown until it stops being valid.
+//! then a live countdown: to the start of its window when the vault gave
+//! the next step's code (`usable in 4 s, then for 30 s`), then until it
+//! stops being valid.
 
 use clap::Subcommand;
-use twokey_proto::broker::v1::{ReleaseCodeRequest, ReleaseCodeResponse};
+use twokey_proto::{
+    Timestamp,
+    broker::v1::{ReleaseCodeRequest, ReleaseCodeResponse},
+    types::v1::Code,
+};
 
 use crate::{
     error::CliError,
-    output::{self, Output, big_digits, seconds_until, time},
+    output::{self, Output, big_digits, seconds_until, time, usable_in_frame},
     profile::Settings,
     with_runtime,
 };
@@ -39,7 +45,9 @@ pub fn run(cmd: CodeCommand, settings: Settings, out: Output) -> Result<(), CliE
         return Ok(());
     };
     match &code.valid_until {
-        Some(until) if output::stdout_is_terminal() => output::live_countdown(until, code.period),
+        Some(until) if output::stdout_is_terminal() => {
+            output::live_countdown(code.valid_from.as_ref(), until, code.period)
+        }
         _ => Ok(()),
     }
 }
@@ -57,15 +65,65 @@ fn human(a: &ReleaseCodeResponse) -> String {
     }
     s.push_str(&big_digits(&code.code));
     s.push_str(&format!("\n\n  {}\n\n", code.code));
-    let left = code
-        .valid_until
-        .as_ref()
-        .map_or(0.0, seconds_until)
-        .max(0.0);
-    s.push_str(&format!(
+    s.push_str(&window(code, seconds_until));
+    s
+}
+
+/// When the code can be typed: `usable in 4 s, then for 30 s (…)` when its
+/// window is still ahead, else `valid until … (17 s left)`. `until` gives
+/// the seconds from now to a timestamp.
+fn window(code: &Code, until: impl Fn(&Timestamp) -> f64) -> String {
+    let ahead = code.valid_from.as_ref().map_or(0.0, &until);
+    if ahead > 0.0 {
+        let length = match (&code.valid_from, &code.valid_until) {
+            (Some(from), Some(to)) => (to.seconds - from.seconds).max(0).unsigned_abs(),
+            _ => u64::from(code.period),
+        };
+        return format!(
+            "{} (from {} until {})",
+            usable_in_frame(ahead.ceil() as u64, length),
+            time(code.valid_from.as_ref()),
+            time(code.valid_until.as_ref())
+        );
+    }
+    let left = code.valid_until.as_ref().map_or(0.0, &until).max(0.0);
+    format!(
         "valid until {} ({:.0} s left)",
         time(code.valid_until.as_ref()),
         left.floor()
-    ));
-    s
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(from: i64, until: i64) -> Code {
+        let ts = |seconds| Timestamp { seconds, nanos: 0 };
+        Code {
+            code: "123456".into(),
+            step: 1,
+            period: 30,
+            valid_from: Some(ts(from)),
+            valid_until: Some(ts(until)),
+        }
+    }
+
+    #[test]
+    fn a_code_of_the_next_step_says_when_it_becomes_usable() {
+        // Now is 1_795_859_186: the window starts in 4 s.
+        let until = |t: &Timestamp| (t.seconds - 1_795_859_186) as f64;
+        let text = window(&code(1_795_859_190, 1_795_859_220), until);
+        assert_eq!(
+            text,
+            "usable in 4 s, then for 30 s (from 2026-11-28 09:46:30Z until 2026-11-28 09:47:00Z)"
+        );
+    }
+
+    #[test]
+    fn a_code_in_its_window_says_how_long_it_is_left() {
+        let until = |t: &Timestamp| (t.seconds - 1_795_859_203) as f64;
+        let text = window(&code(1_795_859_190, 1_795_859_220), until);
+        assert_eq!(text, "valid until 2026-11-28 09:47:00Z (17 s left)");
+    }
 }

@@ -223,10 +223,36 @@ pub fn countdown_frame(remaining: u64, period: u64, width: usize) -> String {
     format!("{bar} {remaining:>3} s left")
 }
 
-/// Redraws the countdown once a second on the current line until
-/// `valid_until`, then says the code expired.
-pub fn live_countdown(valid_until: &Timestamp, period: u32) -> Result<(), CliError> {
+/// One frame while a code is not usable yet: `usable in 4 s, then for 30 s`.
+pub fn usable_in_frame(until_usable: u64, window: u64) -> String {
+    format!("usable in {until_usable} s, then for {window} s")
+}
+
+/// Redraws the countdown once a second on the current line: first to
+/// `valid_from` when that is still ahead (`usable in 4 s, then for 30 s`),
+/// then through the validity window until `valid_until`; then says the code
+/// expired.
+pub fn live_countdown(
+    valid_from: Option<&Timestamp>,
+    valid_until: &Timestamp,
+    period: u32,
+) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
+    if let Some(from) = valid_from {
+        let window = (valid_until.seconds - from.seconds).max(0).unsigned_abs();
+        loop {
+            let ahead = seconds_until(from);
+            if ahead <= 0.0 {
+                break;
+            }
+            let shown = ahead.ceil() as u64;
+            write!(out, "\r\x1b[2K{}", usable_in_frame(shown, window))
+                .and_then(|()| out.flush())
+                .map_err(stdout_error)?;
+            let frac = ahead - (shown as f64 - 1.0);
+            std::thread::sleep(Duration::from_secs_f64(frac.clamp(0.05, 1.0)));
+        }
+    }
     loop {
         let left = seconds_until(valid_until);
         if left <= 0.0 {
@@ -295,6 +321,12 @@ mod tests {
         assert_eq!(countdown_frame(30, 30, 10), "[██████████]  30 s left");
         assert_eq!(countdown_frame(15, 30, 10), "[█████░░░░░]  15 s left");
         assert_eq!(countdown_frame(0, 30, 10), "[░░░░░░░░░░]   0 s left");
+    }
+
+    #[test]
+    fn before_its_window_the_countdown_says_when_the_code_is_usable() {
+        assert_eq!(usable_in_frame(4, 30), "usable in 4 s, then for 30 s");
+        assert_eq!(usable_in_frame(1, 60), "usable in 1 s, then for 60 s");
     }
 
     #[test]

@@ -160,6 +160,21 @@ impl System {
 /// The Base32 secret the fault and load tests enroll.
 pub const SECRET: &str = "KRUGS4ZANFZSA5DIMUQHG5LQMVZCA43FMNZGK5BAONSWKZBAORXSAZDPEBWW65DIMVZA";
 
+/// Events one enrollment adds to the log: the vault's and the broker's
+/// `account.enrolled`.
+pub const EVENTS_PER_ENROLLMENT: usize = 2;
+
+/// The policy section of `account`: the local system's groups and rules
+/// (`requesters`, `approvers`, `operators`, admin `adam`, one approval, one
+/// code per request).
+pub fn account_policy(account: &str) -> String {
+    format!(
+        "\n[accounts.{account}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
+         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
+         request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
+    )
+}
+
 /// How long one RPC of a test flow may take before the test calls it a hang.
 pub const RPC_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
@@ -173,6 +188,19 @@ pub fn totp(step: u64) -> String {
         .build_noncompliant()
         .generate(step * 30)
         .to_string()
+}
+
+/// The TOTP step (30 s) of the clock now, as the vault counts it.
+pub fn current_step() -> u64 {
+    unix_now() / 30
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
 }
 
 /// Where a flow stopped, and the status it got there.
@@ -201,6 +229,8 @@ pub struct Released {
 pub struct Crew {
     /// The requester's policy name (its mailbox file is `<name>.jsonl`).
     pub requester: String,
+    /// The account the crew's flows file requests for.
+    pub account: String,
     requester_client: BrokerServiceClient<Channel>,
     approver: BrokerServiceClient<Channel>,
     operator: BrokerServiceClient<Channel>,
@@ -425,26 +455,67 @@ impl System {
 
     /// The admin enrolls [`SECRET`] as the local system's account.
     pub async fn enroll(&self) {
-        bounded(self.broker("adam").enroll_account(
-            twokey_proto::broker::v1::EnrollAccountRequest {
-                account_id: twokey_testkit::local::ACCOUNT.into(),
-                seed: Some(
-                    twokey_proto::broker::v1::enroll_account_request::Seed::Base32Secret(
-                        SECRET.into(),
+        self.enroll_accounts(&[twokey_testkit::local::ACCOUNT.to_owned()])
+            .await;
+    }
+
+    /// The admin `adam` enrolls [`SECRET`] as each of `accounts` (which the
+    /// policy must name, with `adam` an admin), one after the other. Each
+    /// enrollment adds [`EVENTS_PER_ENROLLMENT`] events to the log.
+    ///
+    /// One at a time on purpose: 16 enrollments at once left the broker
+    /// about 100 MB bigger after the load test's 200 flows (270 MB instead
+    /// of 140–170 MB, over the test's 200 MB limit).
+    pub async fn enroll_accounts(&self, accounts: &[String]) {
+        let mut client = self.broker("adam");
+        for account in accounts {
+            bounded(
+                client.enroll_account(twokey_proto::broker::v1::EnrollAccountRequest {
+                    account_id: account.clone(),
+                    seed: Some(
+                        twokey_proto::broker::v1::enroll_account_request::Seed::Base32Secret(
+                            SECRET.into(),
+                        ),
                     ),
-                ),
-                ..Default::default()
-            },
-        ))
-        .await
-        .expect("the admin enrolls the account");
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the admin does not enroll {account}: {e:?}"));
+        }
+    }
+
+    /// Adds a policy section for each of `accounts` (the same people and
+    /// rules as the local system's account) and restarts the broker, which
+    /// reads its policy when it starts.
+    pub fn add_accounts(&mut self, accounts: &[String]) {
+        let path = self.local.dir.join("policy.toml");
+        let mut policy = std::fs::read_to_string(&path).expect("policy");
+        for account in accounts {
+            policy.push_str(&account_policy(account));
+        }
+        std::fs::write(&path, policy).expect("write policy");
+        self.crash_and_restart("broker");
     }
 
     /// A crew of `requester`, `approver` and `operator` (names with
-    /// certificates in the system's PKI directory).
+    /// certificates in the system's PKI directory) for the local system's
+    /// account.
     pub fn crew(&self, requester: &str, approver: &str, operator: &str) -> Crew {
+        self.crew_for(
+            twokey_testkit::local::ACCOUNT,
+            requester,
+            approver,
+            operator,
+        )
+    }
+
+    /// A crew of `requester`, `approver` and `operator` whose flows are for
+    /// `account`.
+    pub fn crew_for(&self, account: &str, requester: &str, approver: &str, operator: &str) -> Crew {
         Crew {
             requester: requester.to_owned(),
+            account: account.to_owned(),
             requester_client: self.broker(requester),
             approver: self.broker(approver),
             operator: self.broker(operator),
@@ -471,7 +542,7 @@ impl System {
         }
     }
 
-    /// One whole flow for the local system's account: create, approve, wait
+    /// One whole flow for the crew's account: create, approve, wait
     /// for the PIN (at most `pin_limit`), verify, release.
     pub async fn flow(
         &self,
@@ -494,7 +565,7 @@ impl System {
         }
         let mut c = crew.clone();
         let request = bounded(c.requester_client.create_request(CreateRequestRequest {
-            account_id: twokey_testkit::local::ACCOUNT.into(),
+            account_id: crew.account.clone(),
             reason: "fault test".into(),
             ticket: "OPS-7".into(),
             on_behalf_of: String::new(),
@@ -596,16 +667,26 @@ impl System {
         )
     }
 
-    /// A release grant for the account, signed with the broker's grant key
-    /// (as the broker would), valid for 60 s.
+    /// A release grant for the local system's account, signed with the
+    /// broker's grant key (as the broker would), valid for 60 s.
     pub fn sign_grant(&self, grant_id: &str) -> twokey_proto::vault::v1::SignedGrant {
+        self.sign_grant_for(twokey_testkit::local::ACCOUNT, grant_id)
+    }
+
+    /// A release grant for `account`, signed with the broker's grant key
+    /// (as the broker would), valid for 60 s.
+    pub fn sign_grant_for(
+        &self,
+        account: &str,
+        grant_id: &str,
+    ) -> twokey_proto::vault::v1::SignedGrant {
         let key = twokey_runtime::keys::load_signing_key(&self.local.dir.join("keys/grant.key"))
             .expect("grant key");
         let grant = twokey_testkit::grants::release(
             twokey_testkit::local::TRUST_DOMAIN,
             grant_id,
             &format!("replay-{grant_id}"),
-            twokey_testkit::local::ACCOUNT,
+            account,
             std::time::SystemTime::now(),
         );
         twokey_runtime::grant::sign_grant(&key, &grant)
@@ -659,17 +740,36 @@ impl System {
         self.verified_request_with_pin(reason).await.0
     }
 
+    /// [`System::verified_request`] for `account` (which the policy names
+    /// with the same people).
+    pub async fn verified_request_for(
+        &self,
+        account: &str,
+        reason: &str,
+    ) -> twokey_proto::broker::v1::Request {
+        self.verified_request_with_pin_for(account, reason).await.0
+    }
+
     /// [`System::verified_request`], also returning the PIN alice received
     /// (for tests that search for it where it must not be).
     pub async fn verified_request_with_pin(
         &self,
         reason: &str,
     ) -> (twokey_proto::broker::v1::Request, String) {
+        self.verified_request_with_pin_for(twokey_testkit::local::ACCOUNT, reason)
+            .await
+    }
+
+    async fn verified_request_with_pin_for(
+        &self,
+        account: &str,
+        reason: &str,
+    ) -> (twokey_proto::broker::v1::Request, String) {
         use twokey_proto::broker::v1::{
             ApproveRequestRequest, CreateRequestRequest, RequestState, VerifyPinRequest,
         };
         let request = bounded(self.broker("alice").create_request(CreateRequestRequest {
-            account_id: twokey_testkit::local::ACCOUNT.into(),
+            account_id: account.into(),
             reason: reason.into(),
             ticket: "OPS-7".into(),
             on_behalf_of: String::new(),

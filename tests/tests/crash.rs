@@ -6,6 +6,11 @@
 //! machine does not allow, no grant released twice and a used grant replayed
 //! after the restart is refused; and a fresh flow succeeds.
 //!
+//! The vault hands out each TOTP step of an account once, at most 2 steps
+//! ahead, so the flows spread over accounts: the workers' over a pool (the
+//! test tracks which account still has a step), each round's grant and
+//! fresh flow over accounts of their own.
+//!
 //! Rounds per service: 3 (CI) or 20 with `TWOKEY_SOAK=1`; kill points come
 //! from a printed seed (`TWOKEY_SEED=N` replays a run).
 
@@ -20,8 +25,8 @@ use std::{
 
 use tonic::Code;
 use twokey_e2e::{
-    Released, Rng, System, assert_prefix, bounded, check_request, check_single_use, signal,
-    soak_or, totp,
+    Released, Rng, System, assert_prefix, bounded, check_request, check_single_use, current_step,
+    signal, soak_or, totp, unix_now,
 };
 use twokey_proto::vault::v1::{GenerateCodeRequest, SignedGrant};
 
@@ -31,6 +36,83 @@ const WORKERS: usize = 2;
 /// Longest wait for a PIN in a flow that may be cut by a kill.
 const PIN_LIMIT: Duration = Duration::from_secs(3);
 
+/// Steps the workers' accounts have free when a round starts (more than
+/// the workers release in the at most 420 ms before a kill, about 30 flows);
+/// accounts are enrolled to make up the difference.
+const ROUND_STEPS: usize = 48;
+/// Fewest seconds a released code has left in its step (the vault's
+/// default), plus a second of slack.
+const MIN_SECONDS_LEFT: u64 = 11;
+
+/// The workers' accounts, each with the highest TOTP step the vault may
+/// have handed out for it (an estimate never below the vault's).
+#[derive(Debug, Default)]
+struct Pool(Mutex<Vec<(String, u64)>>);
+
+/// The current step, and the lowest one the vault would hand out now (the
+/// next one when the current has too little time left).
+fn steps_now() -> (u64, u64) {
+    let now = unix_now();
+    let current = now / 30;
+    if 30 - now % 30 < MIN_SECONDS_LEFT {
+        (current, current + 1)
+    } else {
+        (current, current)
+    }
+}
+
+impl Pool {
+    /// Adds accounts just enrolled: their registration codes took the step
+    /// of the enrollment and the next.
+    fn enrolled(&self, accounts: &[String]) {
+        let last = current_step() + 1;
+        self.0
+            .lock()
+            .unwrap()
+            .extend(accounts.iter().map(|a| (a.clone(), last)));
+    }
+
+    /// How many codes the vault would hand out now for the accounts (the
+    /// vault's rule: a step after the account's last, not before the
+    /// current one, or the next one with too little time left, at most 2
+    /// ahead).
+    fn free_steps(&self) -> usize {
+        let (current, first) = steps_now();
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, last)| (current + 3).saturating_sub((last + 1).max(first)) as usize)
+            .sum()
+    }
+
+    /// An account the vault still has a step for now, that step counted
+    /// spent; `None` while every account is used up.
+    fn take(&self) -> Option<String> {
+        let (current, first) = steps_now();
+        let mut accounts = self.0.lock().unwrap();
+        let (account, last) = accounts
+            .iter_mut()
+            .filter(|(_, last)| (*last + 1).max(first) <= current + 2)
+            .min_by_key(|(_, last)| *last)?;
+        *last = (*last + 1).max(first);
+        Some(account.clone())
+    }
+
+    /// After a release for `account`: the step of the code it got, or
+    /// `None` if it is unknown whether the vault spent one (then every step
+    /// up to 2 ahead counts as spent).
+    fn released(&self, account: &str, step: Option<u64>) {
+        let spent = step.unwrap_or(current_step() + 2);
+        let mut accounts = self.0.lock().unwrap();
+        for (a, last) in accounts.iter_mut() {
+            if a == account {
+                *last = (*last).max(spent);
+            }
+        }
+    }
+}
+
 /// What the workers saw during one round.
 #[derive(Debug, Default)]
 struct Seen {
@@ -38,26 +120,50 @@ struct Seen {
     failed: BTreeMap<String, usize>,
 }
 
-/// Runs flows on `WORKERS` tasks until `stop`.
+/// Runs flows on `WORKERS` tasks until `stop`, each for an account of
+/// `pool` that still has a step.
 fn start_workers(
     sys: &Arc<System>,
+    pool: &Arc<Pool>,
     stop: &Arc<AtomicBool>,
     seen: &Arc<Mutex<Seen>>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     (0..WORKERS)
         .map(|_| {
-            let (sys, stop, seen) = (sys.clone(), stop.clone(), seen.clone());
+            let (sys, pool, stop, seen) = (sys.clone(), pool.clone(), stop.clone(), seen.clone());
             tokio::spawn(async move {
-                let crew = sys.crew("alice", "bob", "olivia");
+                let mut crew = sys.crew("alice", "bob", "olivia");
                 while !stop.load(Ordering::Relaxed) {
-                    match sys.flow(&crew, PIN_LIMIT).await {
+                    let Some(account) = pool.take() else {
+                        *seen
+                            .lock()
+                            .unwrap()
+                            .failed
+                            .entry("no account with a step left".into())
+                            .or_default() += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
+                    crew.account = account;
+                    let outcome = sys.flow(&crew, PIN_LIMIT).await;
+                    match &outcome {
+                        Ok(r) => pool.released(&crew.account, Some(r.code.step)),
+                        Err(e) if e.step == "release" => pool.released(&crew.account, None),
+                        Err(_) => {}
+                    }
+                    match outcome {
                         Ok(r) => seen.lock().unwrap().released.push(r),
                         Err(e) => {
                             *seen
                                 .lock()
                                 .unwrap()
                                 .failed
-                                .entry(format!("{} {:?}", e.step, e.status.code()))
+                                .entry(if e.status.message().contains("handed out already") {
+                                    // The pool's estimate was off: shown apart.
+                                    format!("{} {:?} (no step left)", e.step, e.status.code())
+                                } else {
+                                    format!("{} {:?}", e.step, e.status.code())
+                                })
                                 .or_default() += 1;
                             // A dead service answers at once: do not spin.
                             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -69,9 +175,10 @@ fn start_workers(
         .collect()
 }
 
-/// Uses a fresh grant once, directly at the vault (as the broker would).
-async fn use_grant(sys: &System, n: usize) -> SignedGrant {
-    let grant = sys.sign_grant(&format!("crash-round-{n}-{}", std::process::id()));
+/// Uses a fresh grant for `account` once, directly at the vault (as the
+/// broker would).
+async fn use_grant(sys: &System, account: &str, n: usize) -> SignedGrant {
+    let grant = sys.sign_grant_for(account, &format!("crash-round-{n}-{}", std::process::id()));
     let code = bounded(sys.vault_as_broker().generate_code(GenerateCodeRequest {
         grant: Some(grant.clone()),
     }))
@@ -91,35 +198,56 @@ async fn kill_9_of_any_service_at_random_points_loses_no_event_and_breaks_no_rul
     let mut sys = System::start();
     // Releases cut by an audit kill wait this long before UNAVAILABLE.
     sys.set_vault_ack_timeout(2000);
-    sys.enroll().await;
+    let rounds = per_service * SERVICES.len();
+    // Each round's grant and fresh flow have an account of their own, so
+    // a step for them is always free.
+    let grant_account = |round: usize| format!("crash-grant-{round}");
+    let fresh_account = |round: usize| format!("crash-fresh-{round}");
+    let checks: Vec<String> = (0..rounds)
+        .flat_map(|r| [grant_account(r), fresh_account(r)])
+        .collect();
+    // The policy names enough workers' accounts for every round to enroll
+    // ROUND_STEPS new ones; they are enrolled as needed.
+    let worker_accounts: Vec<String> = (0..rounds * ROUND_STEPS)
+        .map(|i| format!("crash-worker-{i}"))
+        .collect();
+    sys.add_accounts(&[checks.clone(), worker_accounts.clone()].concat());
+    sys.enroll_accounts(&checks).await;
+    let pool = Arc::new(Pool::default());
+    let mut spare = worker_accounts.into_iter();
 
     let first_checkpoint = sys.checkpoint().await;
     let mut received: BTreeMap<String, usize> = BTreeMap::new();
     let mut used_grants: Vec<(Instant, SignedGrant)> = Vec::new();
     let mut totals = Seen::default();
-    let mut order: Vec<&str> = SERVICES
-        .iter()
-        .copied()
-        .cycle()
-        .take(per_service * SERVICES.len())
-        .collect();
+    let mut order: Vec<&str> = SERVICES.iter().copied().cycle().take(rounds).collect();
     // Shuffle the order of kills (Fisher–Yates with the seeded generator).
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);
     }
 
     for (round, svc) in order.iter().copied().enumerate() {
+        // Enough steps free for the workers' flows of this round.
+        let more: Vec<String> = spare
+            .by_ref()
+            .take(ROUND_STEPS.saturating_sub(pool.free_steps()))
+            .collect();
+        sys.enroll_accounts(&more).await;
+        pool.enrolled(&more);
         // What an auditor can read now, and a checkpoint over it.
         let checkpoint = sys.checkpoint().await;
         let before = sys
             .verified_log(std::slice::from_ref(&first_checkpoint))
             .await;
-        used_grants.push((Instant::now(), use_grant(&sys, round).await));
+        used_grants.push((
+            Instant::now(),
+            use_grant(&sys, &grant_account(round), round).await,
+        ));
 
         let sys_arc = Arc::new(sys);
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let workers = start_workers(&sys_arc, &stop, &seen);
+        let workers = start_workers(&sys_arc, &pool, &stop, &seen);
         let delay = Duration::from_millis(20 + rng.below(400));
         tokio::time::sleep(delay).await;
         signal(sys_arc.pid(svc), "KILL");
@@ -189,7 +317,7 @@ async fn kill_9_of_any_service_at_random_points_loses_no_event_and_breaks_no_rul
         }
 
         // And the system works again.
-        let crew = sys.crew("alice", "bob", "olivia");
+        let crew = sys.crew_for(&fresh_account(round), "alice", "bob", "olivia");
         let r = sys
             .flow(&crew, Duration::from_secs(10))
             .await

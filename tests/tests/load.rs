@@ -14,7 +14,10 @@ use std::{
 };
 
 use tonic::Code;
-use twokey_e2e::{System, check_request, check_single_use, rss_kib, soak_or, totp};
+use twokey_e2e::{
+    EVENTS_PER_ENROLLMENT, System, account_policy, check_request, check_single_use, current_step,
+    rss_kib, soak_or, totp,
+};
 use twokey_testkit::local::{ACCOUNT, TRUST_DOMAIN, USERS};
 use twokey_testkit::pki::DevCa;
 
@@ -28,8 +31,16 @@ fn name(role: &str, i: usize) -> String {
     format!("{role}{i:03}")
 }
 
+/// Crew `i`'s own account: one account yields at most 3 codes per 30 s
+/// (the vault never hands out a TOTP step twice), so each crew files for
+/// its own.
+fn account(i: usize) -> String {
+    format!("acct-{}", name("r", i))
+}
+
 /// Issues a certificate for every requester `r…`, approver `a…` and
-/// operator `o…`, and writes a policy naming them beside the local users.
+/// operator `o…`, and writes a policy naming them beside the local users,
+/// with an account of its own for each crew (and the local account).
 fn add_people(sys: &System, n: usize) {
     let pki = sys.local.dir.join("pki");
     let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("dev CA file");
@@ -64,11 +75,10 @@ fn add_people(sys: &System, n: usize) {
     for (group, members) in &groups {
         policy.push_str(&format!("{group} = [{}]\n", members.join(", ")));
     }
-    policy.push_str(&format!(
-        "\n[accounts.{ACCOUNT}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
-         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
-         request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
-    ));
+    policy.push_str(&account_policy(ACCOUNT));
+    for i in 0..n {
+        policy.push_str(&account_policy(&account(i)));
+    }
     std::fs::write(sys.local.dir.join("policy.toml"), policy).expect("write policy");
 }
 
@@ -94,20 +104,32 @@ async fn two_hundred_concurrent_flows_finish_lose_no_event_and_stay_bounded() {
     // The broker reads its policy when it starts.
     sys.crash_and_restart("broker");
     println!("{} identities issued in {:?}", 3 * CONCURRENT, t.elapsed());
-    sys.enroll().await;
+    let t = Instant::now();
+    let accounts: Vec<String> = (0..CONCURRENT).map(account).collect();
+    sys.enroll_accounts(&accounts).await;
+    println!("{CONCURRENT} accounts enrolled in {:?}", t.elapsed());
+    let enrolled = EVENTS_PER_ENROLLMENT * CONCURRENT;
     let logged_before = sys
-        .log_until(Duration::from_secs(10), |log| log.len() >= 2)
+        .log_until(Duration::from_secs(30), |log| log.len() >= enrolled)
         .await
         .len();
+    assert_eq!(logged_before, enrolled, "the enrollments' events");
     let rss_before = rss(&sys);
 
     let sys = Arc::new(sys);
     let crews: Vec<_> = (0..CONCURRENT)
-        .map(|i| sys.crew(&name("r", i), &name("a", i), &name("o", i)))
+        .map(|i| sys.crew_for(&account(i), &name("r", i), &name("a", i), &name("o", i)))
         .collect();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     let mut codes = 0usize;
+    // The highest step released so far (each account's is at most this).
+    let mut highest_step = 0u64;
     for wave in 0..waves {
+        // A wave releases one more code per account: the vault has one only
+        // once the clock is at most 1 step behind the account's last.
+        while current_step() + 1 < highest_step {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let t = Instant::now();
         let mut flows = tokio::task::JoinSet::new();
         for crew in &crews {
@@ -122,6 +144,7 @@ async fn two_hundred_concurrent_flows_finish_lose_no_event_and_stay_bounded() {
             match outcome {
                 Ok(r) => {
                     assert_eq!(r.code.code, totp(r.code.step), "a wrong code");
+                    highest_step = highest_step.max(r.code.step);
                     codes += 1;
                     latencies.push(());
                     *outcomes.entry("released".into()).or_default() += 1;
@@ -202,8 +225,8 @@ async fn two_hundred_concurrent_flows_finish_lose_no_event_and_stay_bounded() {
     assert_eq!(
         log.len(),
         expected,
-        "log entries: {} before, {expected_broker} broker, {codes} vault",
-        logged_before
+        "log entries: {logged_before} of {CONCURRENT} enrollments, {expected_broker} broker, \
+         {codes} vault"
     );
     check_single_use(&log).unwrap();
 

@@ -17,6 +17,7 @@ use twokey_proto::{
     },
     vault::v1::StatusRequest,
 };
+use twokey_testkit::local::ACCOUNT;
 
 /// A bound no prompt call comes near (they take milliseconds) but that a
 /// call stuck behind audit (2 s ack timeout, 15 s vault deadline, 30 s
@@ -127,7 +128,13 @@ impl Drop for Resume {
 async fn a_stalled_audit_blocks_no_unrelated_call_and_release_fails_within_its_deadline() {
     let mut sys = System::start();
     sys.set_vault_ack_timeout(ACK_TIMEOUT_MS);
-    sys.enroll().await;
+    // The second flow has an account of its own: right after enrollment an
+    // account has one code left in the step window (the vault hands out no
+    // step twice), and both requests release once audit is back.
+    let second_account = "aws-demo-second".to_owned();
+    sys.add_accounts(std::slice::from_ref(&second_account));
+    sys.enroll_accounts(&[ACCOUNT.to_owned(), second_account.clone()])
+        .await;
     let first = sys.verified_request("network fault test").await;
     let logged_before = sys.log().await.len();
 
@@ -177,7 +184,7 @@ async fn a_stalled_audit_blocks_no_unrelated_call_and_release_fails_within_its_d
     // its outbox and does not wait for audit.
     let second = prompt(
         "create, approve, PIN, verify",
-        sys.verified_request("network fault test"),
+        sys.verified_request_for(&second_account, "network fault test"),
     )
     .await;
     assert!(

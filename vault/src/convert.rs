@@ -21,10 +21,19 @@ impl TryFrom<&EnrollRequest> for Enrollment {
 
     fn try_from(request: &EnrollRequest) -> Result<Self, VaultError> {
         validate_account_id(&request.account_id)?;
+        let spec = seed_spec(request)?;
+        let period = spec.params.period;
+        if request.min_seconds_left >= period {
+            return Err(VaultError::InvalidArgument(format!(
+                "min_seconds_left must be below the period of {period} s, not {}; 0 means the default",
+                request.min_seconds_left
+            )));
+        }
         Ok(Self {
             account_id: request.account_id.clone(),
-            spec: seed_spec(request)?,
+            spec,
             replace: request.replace,
+            min_seconds_left: request.min_seconds_left,
         })
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     crypto::MasterKey,
     seed::{Seed, SeedError, SeedSpec},
     store::{AccountRecord, GrantUse, Removal, SpentGrant, VaultStore, VaultStoreError},
-    totp::{CodeValue, code_at, code_for_step},
+    totp::{CodeValue, code_for_step},
 };
 
 /// Waits for the audit service to acknowledge an event.
@@ -79,6 +79,7 @@ impl ServiceError for VaultError {
             Self::Grant(_)
             | Self::GrantForOtherAccount { .. }
             | Self::Store(VaultStoreError::GrantUsed(_)) => ErrorKind::PermissionDenied,
+            Self::Store(VaultStoreError::StepsUsed { .. }) => ErrorKind::Unavailable,
             Self::Store(VaultStoreError::AlreadyExists(_)) => ErrorKind::AlreadyExists,
             Self::Store(VaultStoreError::NotFound(_)) => ErrorKind::NotFound,
             Self::AuditUnavailable(_) | Self::Store(VaultStoreError::Store(_)) => {
@@ -111,6 +112,9 @@ pub struct Enrollment {
     pub spec: SeedSpec,
     /// Whether an existing account may be overwritten.
     pub replace: bool,
+    /// Fewest seconds a released code must have left in its step, below the
+    /// period; 0 for the default.
+    pub min_seconds_left: u32,
 }
 
 /// An enrollment grant whose signature, purpose and lifetime the vault has
@@ -242,6 +246,7 @@ impl<S: VaultStore> Vault<S> {
             account_id,
             spec,
             replace,
+            min_seconds_left,
         } = request;
         if grant.account_id != account_id {
             return Err(VaultError::GrantForOtherAccount {
@@ -251,6 +256,8 @@ impl<S: VaultStore> Vault<S> {
             });
         }
         let now = self.now();
+        // The registration codes: this step and the next, both handed out.
+        let current_step = now / u64::from(spec.params.period.max(1));
         let mut record = AccountRecord {
             account_id,
             issuer: spec.issuer.clone(),
@@ -260,6 +267,8 @@ impl<S: VaultStore> Vault<S> {
             created_at: now,
             last_used_at: None,
             sealed_seed: String::new(),
+            min_seconds_left,
+            last_step: Some(current_step + 1),
         };
         record.set_sealed(&self.key.seal_seed(&record.account_id, spec.seed.expose()));
         let mut warnings = Vec::new();
@@ -289,8 +298,8 @@ impl<S: VaultStore> Vault<S> {
             "no codes released; the seed is stored: enroll again with replace once audit is back",
         )
         .await?;
-        let current = code_at(&spec.seed, spec.params, self.now());
-        let next = code_for_step(&spec.seed, spec.params, current.step + 1);
+        let current = code_for_step(&spec.seed, spec.params, current_step);
+        let next = code_for_step(&spec.seed, spec.params, current_step + 1);
         tracing::info!(account = %record.account_id, "account enrolled");
         Ok(Enrolled {
             account: record,
@@ -300,7 +309,10 @@ impl<S: VaultStore> Vault<S> {
         })
     }
 
-    /// Computes one code for a valid, unused release grant.
+    /// Computes one code for a valid, unused release grant: the code of the
+    /// step the store chose and recorded with the grant use, a step never
+    /// handed out before for the account, with enough time left in it
+    /// (`valid_from` may be in the future).
     pub async fn generate_code(
         &self,
         signed: Option<&SignedGrant>,
@@ -324,7 +336,7 @@ impl<S: VaultStore> Vault<S> {
             .attr("grant_id", &grant.grant_id)
             .attr("requester", &grant.requester)
             .attr("approvers", grant.approvers.join(","));
-        let seq = self
+        let released = self
             .store
             .use_grant(GrantUse {
                 grant_id: grant.grant_id.clone(),
@@ -334,7 +346,10 @@ impl<S: VaultStore> Vault<S> {
                 event,
             })
             .await?;
-        if let Err(e) = self.commit_and_confirm(seq, "no code released").await {
+        if let Err(e) = self
+            .commit_and_confirm(released.seq, "no code released")
+            .await
+        {
             // The log holds `code.released` for this grant; say that the code
             // never left, so the log stays true.
             let withheld = EventDraft::new(grant.operator.clone(), "code.withheld")
@@ -342,14 +357,22 @@ impl<S: VaultStore> Vault<S> {
                 .request(&grant.request_id)
                 .outcome(twokey_proto::audit::v1::Outcome::Failure)
                 .attr("grant_id", &grant.grant_id)
+                .attr("step", released.step.to_string())
                 .attr("reason", "audit did not acknowledge code.released in time");
-            if self.store.record(withheld).is_ok() {
+            if self
+                .store
+                .withhold(&grant.account_id, released.step, withheld)
+                .is_ok()
+            {
                 let _ = self.store.commit().await;
             }
             return Err(e);
         }
         tracing::info!(account = %grant.account_id, request = %grant.request_id, grant = %grant.grant_id, "code released");
-        Ok((code_at(&seed, record.params, self.now()), grant.grant_id))
+        Ok((
+            code_for_step(&seed, record.params, released.step),
+            grant.grant_id,
+        ))
     }
 
     /// Removes an account for a valid removal grant.
@@ -391,5 +414,278 @@ impl<S: VaultStore> Vault<S> {
     /// The vault's clock.
     pub fn clock(&self) -> &Arc<dyn Clock> {
         &self.clock
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use ed25519_dalek::SigningKey;
+    use twokey_runtime::{
+        durable::DurableDb, events::EventSigner, identity::SpiffeId, keys::SecretKey,
+        outbox::Outbox, time::ManualClock,
+    };
+    use twokey_testkit::grants;
+
+    use super::*;
+    use crate::{
+        seed::{Algorithm, TotpParams},
+        store::SledVaultStore,
+    };
+
+    /// Acknowledges every event at once, unless set down.
+    #[derive(Debug, Default)]
+    struct Gate(std::sync::atomic::AtomicBool);
+
+    impl AuditGate for Arc<Gate> {
+        fn confirm(&self, seq: u64, _: Duration) -> BoxFuture<'_, Result<(), AckTimeout>> {
+            let down = self.0.load(std::sync::atomic::Ordering::Relaxed);
+            Box::pin(async move { if down { Err(AckTimeout(seq)) } else { Ok(()) } })
+        }
+    }
+
+    /// A start time on a whole minute, so on a 30 s step boundary too.
+    const T0: u64 = 1_800_000_000;
+
+    struct Fx {
+        vault: Vault<SledVaultStore>,
+        clock: ManualClock,
+        key: SigningKey,
+        audit: Arc<Gate>,
+        _dir: tempfile::TempDir,
+        ids: std::sync::atomic::AtomicU32,
+    }
+
+    impl Fx {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(T0));
+            let db = DurableDb::open(dir.path()).unwrap();
+            let signer = EventSigner::new(
+                SpiffeId::parse("spiffe://t/svc/vault").unwrap(),
+                SigningKey::from_bytes(&[7; 32]),
+            );
+            let outbox = Outbox::open(&db, signer, Arc::new(clock.clone())).unwrap();
+            let store = SledVaultStore::open(&db, outbox).unwrap();
+            let key = SigningKey::from_bytes(&[9; 32]);
+            let audit = Arc::new(Gate::default());
+            let vault = Vault::open(
+                store,
+                MasterKey::new(SecretKey::from_bytes([3; 32])),
+                GrantVerifier::new(key.verifying_key()),
+                AuditWait {
+                    gate: Arc::new(audit.clone()),
+                    timeout: Duration::from_secs(1),
+                },
+                Arc::new(clock.clone()),
+            )
+            .unwrap();
+            Self {
+                vault,
+                clock,
+                key,
+                audit,
+                _dir: dir,
+                ids: Default::default(),
+            }
+        }
+
+        fn now(&self) -> u64 {
+            unix_seconds(self.clock.now())
+        }
+
+        /// Moves the clock to `second` seconds into the step `periods`
+        /// whole periods of 30 s after the current one.
+        fn place(&self, periods: u64, second: u64) {
+            let now = self.now();
+            let target = (now / 30 + periods) * 30 + second;
+            self.clock
+                .advance(Duration::from_secs(target.checked_sub(now).unwrap()));
+        }
+
+        fn signed(&self, account: &str, purpose: GrantPurpose) -> SignedGrant {
+            let n = self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            grants::signed(
+                &self.key,
+                &format!("g-{n}"),
+                account,
+                purpose,
+                self.clock.now(),
+            )
+        }
+
+        async fn enroll(&self, account: &str, min_seconds_left: u32) -> Enrolled {
+            let grant = self
+                .vault
+                .verify_enroll_grant(Some(&self.signed(account, GrantPurpose::Enroll)))
+                .unwrap();
+            let spec = SeedSpec {
+                seed: Seed::from_bytes(b"12345678901234567890".to_vec()).unwrap(),
+                params: TotpParams {
+                    algorithm: Algorithm::Sha1,
+                    digits: 6,
+                    period: 30,
+                },
+                issuer: String::new(),
+                label: String::new(),
+            };
+            let enrollment = Enrollment {
+                account_id: account.into(),
+                spec,
+                replace: false,
+                min_seconds_left,
+            };
+            self.vault.enroll(grant, enrollment).await.unwrap()
+        }
+
+        async fn release(&self, account: &str) -> Result<CodeValue, VaultError> {
+            let grant = self.signed(account, GrantPurpose::Release);
+            self.vault.generate_code(Some(&grant)).await.map(|(c, _)| c)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_release_right_after_enrollment_is_above_both_registration_codes() {
+        let fx = Fx::new();
+        fx.place(0, 3);
+        let enrolled = fx.enroll("aws-root", 0).await;
+        let step = fx.now() / 30;
+        assert_eq!(
+            (enrolled.current.step, enrolled.next.step),
+            (step, step + 1)
+        );
+        let code = fx.release("aws-root").await.unwrap();
+        assert_eq!(code.step, step + 2);
+        assert_ne!(code.code, enrolled.current.code);
+        assert_ne!(code.code, enrolled.next.code);
+        assert!(code.valid_from > fx.now());
+        assert_eq!(code.valid_from, (step + 2) * 30);
+        assert_eq!(code.valid_until, code.valid_from + 30);
+        // A third step ahead is refused, with the wait, and spends nothing.
+        let grant = fx.signed("aws-root", GrantPurpose::Release);
+        let refused = fx.vault.generate_code(Some(&grant)).await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            refused.to_string(),
+            "every code of account aws-root up to 2 steps ahead was handed out already; try again in 27 s"
+        );
+        fx.place(1, 0);
+        let later = fx.vault.generate_code(Some(&grant)).await.unwrap();
+        assert_eq!(later.0.step, step + 3);
+    }
+
+    #[tokio::test]
+    async fn two_releases_in_one_step_get_different_steps_and_codes() {
+        let fx = Fx::new();
+        fx.enroll("aws-root", 0).await;
+        fx.place(5, 5);
+        let step = fx.now() / 30;
+        let first = fx.release("aws-root").await.unwrap();
+        let second = fx.release("aws-root").await.unwrap();
+        assert_eq!(first.step, step);
+        assert!(first.valid_from <= fx.now());
+        assert_eq!(second.step, step + 1);
+        assert_ne!(first.code, second.code);
+        assert_eq!(second.valid_from, fx.now() + 25);
+    }
+
+    #[tokio::test]
+    async fn with_fewer_than_ten_seconds_left_the_next_step_is_released() {
+        let fx = Fx::new();
+        fx.enroll("aws-root", 0).await;
+        // 10 s left: still this step.
+        fx.place(5, 20);
+        let code = fx.release("aws-root").await.unwrap();
+        assert_eq!(code.step, fx.now() / 30);
+        // 9 s left: the next step, usable in 9 s.
+        fx.place(5, 21);
+        let code = fx.release("aws-root").await.unwrap();
+        assert_eq!(code.step, fx.now() / 30 + 1);
+        assert_eq!(code.valid_from, fx.now() + 9);
+    }
+
+    #[tokio::test]
+    async fn an_accounts_own_minimum_is_kept() {
+        let fx = Fx::new();
+        let enrolled = fx.enroll("aws-root", 20).await;
+        assert_eq!(enrolled.account.min_seconds_left, 20);
+        // 15 s left is below 20: the next step.
+        fx.place(5, 15);
+        let code = fx.release("aws-root").await.unwrap();
+        assert_eq!(code.step, fx.now() / 30 + 1);
+        assert_eq!(code.valid_from, fx.now() + 15);
+        // 25 s left two steps later: that step.
+        fx.place(2, 5);
+        let code = fx.release("aws-root").await.unwrap();
+        assert_eq!(code.step, fx.now() / 30);
+    }
+
+    #[tokio::test]
+    async fn concurrent_releases_for_one_account_get_distinct_steps() {
+        let fx = Arc::new(Fx::new());
+        fx.enroll("aws-root", 0).await;
+        fx.place(5, 1);
+        let step = fx.now() / 30;
+        let grants: Vec<_> = (0..3)
+            .map(|_| fx.signed("aws-root", GrantPurpose::Release))
+            .collect();
+        let tasks: Vec<_> = grants
+            .into_iter()
+            .map(|g| {
+                let fx = fx.clone();
+                tokio::spawn(async move { fx.vault.generate_code(Some(&g)).await.unwrap().0 })
+            })
+            .collect();
+        let mut steps = Vec::new();
+        let mut codes = std::collections::BTreeSet::new();
+        for t in tasks {
+            let code = t.await.unwrap();
+            steps.push(code.step);
+            codes.insert(code.code.to_string());
+        }
+        steps.sort_unstable();
+        assert_eq!(steps, [step, step + 1, step + 2]);
+        assert_eq!(codes.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_withheld_code_gives_its_step_back() {
+        let fx = Fx::new();
+        fx.enroll("aws-root", 0).await;
+        fx.place(5, 1);
+        let step = fx.now() / 30;
+        fx.audit.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        let err = fx.release("aws-root").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        fx.audit
+            .0
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(fx.release("aws-root").await.unwrap().step, step);
+        assert_eq!(fx.release("aws-root").await.unwrap().step, step + 1);
+    }
+
+    #[test]
+    fn the_minimum_must_be_below_the_period() {
+        let request = twokey_proto::vault::v1::EnrollRequest {
+            account_id: "a".into(),
+            seed: Some(twokey_proto::vault::v1::enroll_request::Seed::Base32Secret(
+                "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ".into(),
+            )),
+            min_seconds_left: 30,
+            ..Default::default()
+        };
+        let err = Enrollment::try_from(&request).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(
+            err.to_string().contains("below the period of 30 s"),
+            "{err}"
+        );
+        let ok = Enrollment::try_from(&twokey_proto::vault::v1::EnrollRequest {
+            min_seconds_left: 29,
+            ..request
+        })
+        .unwrap();
+        assert_eq!(ok.min_seconds_left, 29);
     }
 }

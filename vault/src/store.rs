@@ -3,7 +3,10 @@
 //! key-check value. Every change writes its audit event into the outbox in
 //! the same sled transaction. Grant uses, the hot path, are group-committed:
 //! concurrent uses share one sled transaction (one log write instead of one
-//! per code), each still checked and answered on its own.
+//! per code), each still checked and answered on its own. Each account keeps
+//! the highest time step whose code it handed out, written in the same
+//! transaction as the grant use and its event, so no step is handed out
+//! twice, across restarts too.
 
 use std::{
     future::Future,
@@ -18,7 +21,10 @@ use twokey_runtime::{
     outbox::Outbox,
 };
 
-use crate::seed::TotpParams;
+use crate::{
+    seed::TotpParams,
+    totp::{MAX_STEPS_AHEAD, choose_step, min_seconds_left},
+};
 
 /// An enrolled account as stored: metadata and the sealed seed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -39,6 +45,15 @@ pub struct AccountRecord {
     pub last_used_at: Option<u64>,
     /// Nonce ‖ XChaCha20-Poly1305 ciphertext of the seed, base64.
     pub sealed_seed: String,
+    /// Fewest seconds a released code must have left in its step; 0 means
+    /// the default (see [`min_seconds_left`]). Absent in records written
+    /// before it existed, which load as 0.
+    #[serde(default)]
+    pub min_seconds_left: u32,
+    /// The highest time step whose code was handed out (registration codes
+    /// included). Absent in records written before it existed.
+    #[serde(default)]
+    pub last_step: Option<u64>,
 }
 
 impl AccountRecord {
@@ -67,6 +82,16 @@ pub enum VaultStoreError {
         "grant {0} was already used; a grant is good for one use, ask the broker for a new one"
     )]
     GrantUsed(String),
+    /// Every step the vault may hand out now was handed out already.
+    #[error(
+        "every code of account {account_id} up to {MAX_STEPS_AHEAD} steps ahead was handed out already; try again in {retry_in} s"
+    )]
+    StepsUsed {
+        /// The account.
+        account_id: String,
+        /// Seconds until a step is free.
+        retry_in: u64,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -97,16 +122,28 @@ pub trait VaultStore: Send + Sync + 'static {
         grant: &SpentGrant,
         event: EventDraft,
     ) -> Result<u64, VaultStoreError>;
-    /// Marks a grant used (until `expires_at`), stamps the account's
-    /// last use, and records the event; refuses a used grant.
+    /// Marks a grant used (until `expires_at`), chooses the step whose code
+    /// it releases ([`choose_step`]) and stores it as the account's highest,
+    /// stamps the account's last use, and records the event with the step;
+    /// refuses a used grant, and a use with no step free yet
+    /// ([`VaultStoreError::StepsUsed`]); a refusal changes nothing.
     fn use_grant(
         &self,
         grant: GrantUse,
-    ) -> impl Future<Output = Result<u64, VaultStoreError>> + Send;
+    ) -> impl Future<Output = Result<Released, VaultStoreError>> + Send;
     /// Marks a removal grant used and deletes the account, with its event.
     fn remove(&self, removal: Removal) -> Result<u64, VaultStoreError>;
     /// Records an event that goes with no other change.
     fn record(&self, event: EventDraft) -> Result<u64, VaultStoreError>;
+    /// Records `code.withheld` for a code of `step` that never left the
+    /// vault, and gives the step back if it is still the account's highest
+    /// (the one below it then counts as handed out, which is only cautious).
+    fn withhold(
+        &self,
+        account_id: &str,
+        step: u64,
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError>;
     /// Forgets used grant ids whose grants expired before `now`.
     fn sweep_grants(&self, now: u64) -> Result<usize, VaultStoreError>;
     /// Makes every change so far durable and hands new events to the shipper.
@@ -126,6 +163,15 @@ pub struct GrantUse {
     pub now: u64,
     /// The `code.released` event.
     pub event: EventDraft,
+}
+
+/// What [`VaultStore::use_grant`] recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    /// The `code.released` event's sequence number.
+    pub seq: u64,
+    /// The time step whose code the grant releases.
+    pub step: u64,
 }
 
 /// An enrollment grant used up by [`VaultStore::put`].
@@ -154,7 +200,7 @@ pub struct Removal {
 /// (Its event draft carries the caller's trace, whichever thread writes it.)
 type QueuedUse = (
     GrantUse,
-    tokio::sync::oneshot::Sender<Result<u64, VaultStoreError>>,
+    tokio::sync::oneshot::Sender<Result<Released, VaultStoreError>>,
 );
 
 /// The sled implementation.
@@ -179,6 +225,8 @@ enum Abort {
     Exists,
     Missing,
     Used,
+    Corrupt,
+    Wait(u64),
 }
 
 fn sled_err(db: &DurableDb) -> impl Fn(sled::Error) -> VaultStoreError + '_ {
@@ -205,8 +253,10 @@ impl SledVaultStore {
     }
 
     /// Writes a group of grant uses in one transaction and answers each:
-    /// a use of a grant used before (also earlier in the same group) or of a
-    /// missing account is refused on its own; the others are recorded.
+    /// a use of a grant used before (also earlier in the same group), of a
+    /// missing account, or with no step free is refused on its own; the
+    /// others are recorded. A later use of the same account in the group
+    /// reads the record an earlier one wrote, so it gets the next step.
     fn write_uses(&self, group: Vec<QueuedUse>) {
         let (uses, replies): (Vec<GrantUse>, Vec<_>) = group.into_iter().unzip();
         let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
@@ -221,14 +271,27 @@ impl SledVaultStore {
                         answers.push(Err(Abort::Missing));
                         continue;
                     };
+                    let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes) else {
+                        answers.push(Err(Abort::Corrupt));
+                        continue;
+                    };
+                    let period = record.params.period;
+                    let min_left = min_seconds_left(record.min_seconds_left, period);
+                    let step = match choose_step(u.now, period, min_left, record.last_step) {
+                        Ok(step) => step,
+                        Err(wait) => {
+                            answers.push(Err(Abort::Wait(wait)));
+                            continue;
+                        }
+                    };
                     grants.insert(u.grant_id.as_bytes(), &u.expires_at.to_be_bytes())?;
-                    if let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes) {
-                        record.last_used_at = Some(u.now);
-                        let updated = serde_json::to_vec(&record).expect("records serialize");
-                        accounts.insert(u.account_id.as_bytes(), updated)?;
-                    }
-                    let seq = self.outbox.push(outbox, u.event.clone())?;
-                    answers.push(Ok(seq));
+                    record.last_used_at = Some(u.now);
+                    record.last_step = Some(step);
+                    let updated = serde_json::to_vec(&record).expect("records serialize");
+                    accounts.insert(u.account_id.as_bytes(), updated)?;
+                    let event = u.event.clone().attr("step", step.to_string());
+                    let seq = self.outbox.push(outbox, event)?;
+                    answers.push(Ok(Released { seq, step }));
                 }
                 Ok::<_, ConflictableTransactionError<std::convert::Infallible>>(answers)
             },
@@ -243,9 +306,16 @@ impl SledVaultStore {
         };
         for ((u, reply), answer) in uses.iter().zip(replies).zip(answers) {
             let answer = match answer {
-                Ok(Ok(seq)) => Ok(seq),
+                Ok(Ok(released)) => Ok(released),
                 Ok(Err(Abort::Used)) => Err(VaultStoreError::GrantUsed(u.grant_id.clone())),
-                Ok(Err(_)) => Err(VaultStoreError::NotFound(u.account_id.clone())),
+                Ok(Err(Abort::Wait(retry_in))) => Err(VaultStoreError::StepsUsed {
+                    account_id: u.account_id.clone(),
+                    retry_in,
+                }),
+                Ok(Err(Abort::Corrupt)) => Err(VaultStoreError::Corrupt(u.account_id.clone())),
+                Ok(Err(Abort::Missing | Abort::Exists)) => {
+                    Err(VaultStoreError::NotFound(u.account_id.clone()))
+                }
                 Err(why) => Err(VaultStoreError::Store(StoreError::Sync(format!(
                     "cannot record the grant use: {why}"
                 )))),
@@ -273,6 +343,15 @@ impl SledVaultStore {
             }
             Err(TransactionError::Abort(Abort::Used)) => {
                 Err(VaultStoreError::GrantUsed(id.to_owned()))
+            }
+            Err(TransactionError::Abort(Abort::Corrupt)) => {
+                Err(VaultStoreError::Corrupt(id.to_owned()))
+            }
+            Err(TransactionError::Abort(Abort::Wait(retry_in))) => {
+                Err(VaultStoreError::StepsUsed {
+                    account_id: id.to_owned(),
+                    retry_in,
+                })
             }
             Err(TransactionError::Storage(e)) => Err(sled_err(&self.db)(e)),
         }
@@ -325,15 +404,24 @@ impl VaultStore for SledVaultStore {
         grant: &SpentGrant,
         event: EventDraft,
     ) -> Result<u64, VaultStoreError> {
-        let bytes = serde_json::to_vec(record).expect("records serialize");
         let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
             |(grants, accounts, outbox)| {
                 if grants.get(&grant.grant_id)?.is_some() {
                     return Err(ConflictableTransactionError::Abort(Abort::Used));
                 }
-                if !replace && accounts.get(&record.account_id)?.is_some() {
+                let old = accounts.get(&record.account_id)?;
+                if !replace && old.is_some() {
                     return Err(ConflictableTransactionError::Abort(Abort::Exists));
                 }
+                // A replaced account keeps its highest step if that is
+                // higher, so a re-enrolled seed never repeats a step.
+                let mut record = record.clone();
+                if let Some(old) =
+                    old.and_then(|b| serde_json::from_slice::<AccountRecord>(&b).ok())
+                {
+                    record.last_step = record.last_step.max(old.last_step);
+                }
+                let bytes = serde_json::to_vec(&record).expect("records serialize");
                 grants.insert(grant.grant_id.as_bytes(), &grant.expires_at.to_be_bytes())?;
                 accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
                 self.outbox.push(outbox, event.clone())
@@ -347,7 +435,7 @@ impl VaultStore for SledVaultStore {
         }
     }
 
-    async fn use_grant(&self, grant: GrantUse) -> Result<u64, VaultStoreError> {
+    async fn use_grant(&self, grant: GrantUse) -> Result<Released, VaultStoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.queued
             .lock()
@@ -408,6 +496,26 @@ impl VaultStore for SledVaultStore {
         })
     }
 
+    fn withhold(
+        &self,
+        account_id: &str,
+        step: u64,
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError> {
+        let result = (&self.accounts, self.outbox.tree()).transaction(|(accounts, outbox)| {
+            if let Some(bytes) = accounts.get(account_id)?
+                && let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes)
+                && record.last_step == Some(step)
+            {
+                record.last_step = step.checked_sub(1);
+                let updated = serde_json::to_vec(&record).expect("records serialize");
+                accounts.insert(account_id.as_bytes(), updated)?;
+            }
+            self.outbox.push(outbox, event.clone())
+        });
+        self.finish(result, account_id)
+    }
+
     fn sweep_grants(&self, now: u64) -> Result<usize, VaultStoreError> {
         let mut removed = 0;
         for item in self.grants.iter() {
@@ -439,16 +547,20 @@ mod tests {
     use std::collections::BTreeSet;
     use twokey_runtime::{events::EventSigner, identity::SpiffeId, time::SystemClock};
 
-    fn store(dir: &std::path::Path) -> SledVaultStore {
+    /// The store in `dir`, opened without enrolling anything.
+    fn reopen(dir: &std::path::Path) -> SledVaultStore {
         let db = DurableDb::open(dir).unwrap();
         let signer = EventSigner::new(
             SpiffeId::parse("spiffe://t/svc/vault").unwrap(),
             ed25519_dalek::SigningKey::from_bytes(&[7; 32]),
         );
         let outbox = Outbox::open(&db, signer, Arc::new(SystemClock)).unwrap();
-        let store = SledVaultStore::open(&db, outbox).unwrap();
+        SledVaultStore::open(&db, outbox).unwrap()
+    }
+
+    fn enroll(store: &SledVaultStore, account_id: &str) {
         let record = AccountRecord {
-            account_id: "aws-root".into(),
+            account_id: account_id.into(),
             issuer: String::new(),
             label: String::new(),
             params: TotpParams::default(),
@@ -456,9 +568,11 @@ mod tests {
             created_at: 0,
             last_used_at: None,
             sealed_seed: String::new(),
+            min_seconds_left: 0,
+            last_step: None,
         };
         let grant = SpentGrant {
-            grant_id: "g-enroll".into(),
+            grant_id: format!("g-enroll-{account_id}"),
             expires_at: u64::MAX / 2,
         };
         store
@@ -469,9 +583,15 @@ mod tests {
                 EventDraft::new("admin", "account.enrolled"),
             )
             .unwrap();
+    }
+
+    fn store(dir: &std::path::Path) -> SledVaultStore {
+        let store = reopen(dir);
+        enroll(&store, "aws-root");
         store
     }
 
+    /// A use at Unix time 1 (step 0, 29 s left).
     fn grant_use(grant_id: &str, account_id: &str) -> GrantUse {
         GrantUse {
             grant_id: grant_id.into(),
@@ -482,11 +602,30 @@ mod tests {
         }
     }
 
+    /// Writes `uses` as one group, as a leader does, and returns the answers.
+    fn one_group(
+        store: &SledVaultStore,
+        uses: Vec<GrantUse>,
+    ) -> Vec<Result<Released, VaultStoreError>> {
+        let (group, answers): (Vec<QueuedUse>, Vec<_>) = uses
+            .into_iter()
+            .map(|u| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                ((u, tx), rx)
+            })
+            .unzip();
+        store.write_uses(group);
+        answers
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap())
+            .collect()
+    }
+
     /// Runs `uses` concurrently, so they share group transactions.
     async fn use_all(
         store: &SledVaultStore,
         uses: Vec<GrantUse>,
-    ) -> Vec<Result<u64, VaultStoreError>> {
+    ) -> Vec<Result<Released, VaultStoreError>> {
         let tasks: Vec<_> = uses
             .into_iter()
             .map(|u| {
@@ -525,25 +664,146 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_group_answers_each_use_on_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store(dir.path());
+        let store = reopen(dir.path());
+        // Forty accounts: one account has only three steps free at a time.
+        for i in 0..40 {
+            enroll(&store, &format!("acct-{i}"));
+        }
         let mut uses: Vec<_> = (0..40)
-            .map(|i| grant_use(&format!("g-{i}"), "aws-root"))
+            .map(|i| grant_use(&format!("g-{i}"), &format!("acct-{i}")))
             .collect();
         uses.push(grant_use("g-missing", "no-such-account"));
         let results = use_all(&store, uses).await;
-        let seqs: BTreeSet<u64> = results[..40].iter().map(|r| *r.as_ref().unwrap()).collect();
-        // The enrollment was event 1; every use got its own event.
-        assert_eq!(seqs, (2..=41).collect());
+        let seqs: BTreeSet<u64> = results[..40]
+            .iter()
+            .map(|r| r.as_ref().unwrap().seq)
+            .collect();
+        // The enrollments were events 1 to 40; every use got its own event.
+        assert_eq!(seqs, (41..=80).collect());
+        assert!(results[..40].iter().all(|r| r.as_ref().unwrap().step == 0));
         assert!(
             matches!(&results[40], Err(VaultStoreError::NotFound(id)) if id == "no-such-account")
         );
         // Nothing half-written: the missing account's grant is not marked used.
         assert!(store.grants.get("g-missing").unwrap().is_none());
-        // The enrollment's grant and the forty uses.
-        assert_eq!(store.grants.len(), 41);
-        assert_eq!(
-            store.get("aws-root").unwrap().unwrap().last_used_at,
-            Some(1)
+        // The enrollments' grants and the forty uses.
+        assert_eq!(store.grants.len(), 80);
+        let record = store.get("acct-7").unwrap().unwrap();
+        assert_eq!(record.last_used_at, Some(1));
+        assert_eq!(record.last_step, Some(0));
+    }
+
+    #[test]
+    fn uses_of_one_account_in_one_group_get_consecutive_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        // Unix time 3010: step 100 with 20 s left.
+        let at = |id: &str| GrantUse {
+            now: 3010,
+            ..grant_use(id, "aws-root")
+        };
+        let answers = one_group(&store, vec![at("g-1"), at("g-2"), at("g-3"), at("g-4")]);
+        let steps: Vec<u64> = answers[..3]
+            .iter()
+            .map(|a| a.as_ref().unwrap().step)
+            .collect();
+        assert_eq!(steps, [100, 101, 102]);
+        // The fourth would be three steps ahead: refused, its grant unspent.
+        let refused = answers[3].as_ref().unwrap_err();
+        assert!(
+            matches!(refused, VaultStoreError::StepsUsed { retry_in: 20, .. }),
+            "{refused:?}"
         );
+        assert_eq!(
+            refused.to_string(),
+            "every code of account aws-root up to 2 steps ahead was handed out already; try again in 20 s"
+        );
+        assert!(store.grants.get("g-4").unwrap().is_none());
+        assert_eq!(store.get("aws-root").unwrap().unwrap().last_step, Some(102));
+        // Once step 101 is current, the grant gets step 103.
+        let later = one_group(
+            &store,
+            vec![GrantUse {
+                now: 3030,
+                ..grant_use("g-4", "aws-root")
+            }],
+        );
+        assert_eq!(later[0].as_ref().unwrap().step, 103);
+    }
+
+    #[test]
+    fn the_highest_step_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = store(dir.path());
+            let first = one_group(
+                &store,
+                vec![GrantUse {
+                    now: 3010,
+                    ..grant_use("g-1", "aws-root")
+                }],
+            );
+            assert_eq!(first[0].as_ref().unwrap().step, 100);
+            store.db.sync_blocking().unwrap();
+        }
+        let store = reopen(dir.path());
+        let again = one_group(
+            &store,
+            vec![GrantUse {
+                now: 3011,
+                ..grant_use("g-2", "aws-root")
+            }],
+        );
+        assert_eq!(again[0].as_ref().unwrap().step, 101);
+    }
+
+    #[test]
+    fn a_record_written_before_steps_were_kept_still_loads_and_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopen(dir.path());
+        // An account record exactly as an older vault wrote it.
+        let old = r#"{"account_id":"old-root","issuer":"Amazon Web Services","label":"root","params":{"algorithm":"Sha1","digits":6,"period":30},"seed_bits":160,"created_at":1700000000,"last_used_at":1700000100,"sealed_seed":"AAAA"}"#;
+        store.accounts.insert("old-root", old.as_bytes()).unwrap();
+        let record = store.get("old-root").unwrap().unwrap();
+        assert_eq!(record.min_seconds_left, 0);
+        assert_eq!(record.last_step, None);
+        assert_eq!(record.last_used_at, Some(1_700_000_100));
+        let used = one_group(
+            &store,
+            vec![GrantUse {
+                now: 3010,
+                ..grant_use("g-1", "old-root")
+            }],
+        );
+        assert_eq!(used[0].as_ref().unwrap().step, 100);
+        assert_eq!(store.get("old-root").unwrap().unwrap().last_step, Some(100));
+    }
+
+    #[test]
+    fn a_replaced_account_keeps_its_highest_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        one_group(
+            &store,
+            vec![GrantUse {
+                now: 3010,
+                ..grant_use("g-1", "aws-root")
+            }],
+        );
+        let mut record = store.get("aws-root").unwrap().unwrap();
+        record.last_step = Some(50);
+        let grant = SpentGrant {
+            grant_id: "g-replace".into(),
+            expires_at: u64::MAX / 2,
+        };
+        store
+            .put(
+                &record,
+                true,
+                &grant,
+                EventDraft::new("admin", "account.enrolled.replace"),
+            )
+            .unwrap();
+        assert_eq!(store.get("aws-root").unwrap().unwrap().last_step, Some(100));
     }
 }

@@ -61,6 +61,45 @@ pub fn code_for_step(seed: &Seed, params: TotpParams, step: u64) -> CodeValue {
     }
 }
 
+/// Seconds a released code must have left in its step when an account
+/// names no minimum (a third of the period if that is shorter).
+pub const DEFAULT_MIN_SECONDS_LEFT: u32 = 10;
+/// How many steps past the current one a release may reach.
+pub const MAX_STEPS_AHEAD: u64 = 2;
+
+/// The minimum seconds left an account asks for, `configured` (0 for the
+/// default), bounded to below `period`.
+pub fn min_seconds_left(configured: u32, period: u32) -> u32 {
+    let period = period.max(1);
+    match configured {
+        0 => DEFAULT_MIN_SECONDS_LEFT.min(period / 3),
+        m => m.min(period - 1),
+    }
+}
+
+/// The step whose code a release at Unix time `now` hands out: the current
+/// step, or the next when fewer than `min_left` seconds remain in it, and
+/// always above `last`, the highest step handed out before. `Err` holds the
+/// seconds to wait when that step is more than [`MAX_STEPS_AHEAD`] steps
+/// past the current one.
+pub fn choose_step(now: u64, period: u32, min_left: u32, last: Option<u64>) -> Result<u64, u64> {
+    let period = u64::from(period.max(1));
+    let current = now / period;
+    let left = (current + 1) * period - now;
+    let mut step = if left < u64::from(min_left) {
+        current + 1
+    } else {
+        current
+    };
+    if let Some(last) = last {
+        step = step.max(last.saturating_add(1));
+    }
+    if step > current + MAX_STEPS_AHEAD {
+        return Err((step - MAX_STEPS_AHEAD).saturating_mul(period) - now);
+    }
+    Ok(step)
+}
+
 /// The code at Unix time `unix`.
 pub fn code_at(seed: &Seed, params: TotpParams, unix: u64) -> CodeValue {
     code_for_step(seed, params, unix / u64::from(params.period.max(1)))
@@ -114,6 +153,36 @@ mod tests {
                 *c512
             );
         }
+    }
+
+    #[test]
+    fn the_minimum_defaults_to_ten_seconds_and_stays_below_the_period() {
+        assert_eq!(min_seconds_left(0, 30), 10);
+        assert_eq!(min_seconds_left(0, 60), 10);
+        assert_eq!(min_seconds_left(0, 15), 5);
+        assert_eq!(min_seconds_left(20, 30), 20);
+        assert_eq!(min_seconds_left(45, 30), 29);
+        assert_eq!(min_seconds_left(0, 1), 0);
+    }
+
+    #[test]
+    fn the_step_is_unused_has_time_left_and_is_never_far_ahead() {
+        // 20 s left of step 100: the current step.
+        assert_eq!(choose_step(3010, 30, 10, None), Ok(100));
+        // 10 s left is enough; 9 s is not.
+        assert_eq!(choose_step(3020, 30, 10, None), Ok(100));
+        assert_eq!(choose_step(3021, 30, 10, None), Ok(101));
+        // A used step is skipped, also when it is ahead.
+        assert_eq!(choose_step(3010, 30, 10, Some(100)), Ok(101));
+        assert_eq!(choose_step(3010, 30, 10, Some(101)), Ok(102));
+        assert_eq!(choose_step(3010, 30, 10, Some(99)), Ok(100));
+        // Three steps ahead is refused, with the wait until it is two ahead.
+        assert_eq!(choose_step(3010, 30, 10, Some(102)), Err(20));
+        assert_eq!(choose_step(3021, 30, 10, Some(102)), Err(9));
+        // After waiting, it is handed out.
+        assert_eq!(choose_step(3030, 30, 10, Some(102)), Ok(103));
+        // A clock that stepped back never reopens a step.
+        assert_eq!(choose_step(3010, 30, 10, Some(200)), Err(98 * 30 + 20));
     }
 
     #[test]

@@ -84,10 +84,18 @@ impl Env {
         &self,
         grant: twokey_proto::vault::v1::SignedGrant,
     ) -> Result<String, tonic::Status> {
+        self.release_code(grant).await.map(|c| c.code)
+    }
+
+    /// The released code with its step and window.
+    async fn release_code(
+        &self,
+        grant: twokey_proto::vault::v1::SignedGrant,
+    ) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
         self.client()
             .generate_code(GenerateCodeRequest { grant: Some(grant) })
             .await
-            .map(|r| r.into_inner().code.unwrap().code)
+            .map(|r| r.into_inner().code.unwrap())
     }
 
     /// A release grant for aws-prod-root, issued `issued_ago` for `life`.
@@ -227,12 +235,8 @@ async fn malformed_seeds_are_invalid_arguments_with_a_reason() {
 async fn a_valid_grant_releases_the_code_once() {
     let env = Env::enrolled("aws-prod-root").await;
     let grant = env.fx.grant("aws-prod-root", GrantPurpose::Release);
-    let code = env.release(grant.clone()).await.unwrap();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    assert!(code == expected_code(now / 30) || code == expected_code(now / 30 - 1));
+    let code = env.release_code(grant.clone()).await.unwrap();
+    assert_eq!(code.code, expected_code(code.step));
     let events = env.audit_events.events.lock().unwrap().clone();
     assert!(
         events
@@ -559,17 +563,10 @@ impl Env {
     /// code of `SECRET`), and the log holds `enrollments` enrollment events.
     async fn assert_seed_unchanged(&self, enrollments: usize) {
         let code = self
-            .release(self.fx.grant("aws-prod-root", GrantPurpose::Release))
+            .release_code(self.fx.grant("aws-prod-root", GrantPurpose::Release))
             .await
             .unwrap();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        assert!(
-            code == expected_code(now / 30) || code == expected_code(now / 30 - 1),
-            "the seed was replaced"
-        );
+        assert_eq!(code.code, expected_code(code.step), "the seed was replaced");
         let events = self.audit_events.events.lock().unwrap().clone();
         let enrolled = events
             .iter()
@@ -743,4 +740,182 @@ async fn the_enrollment_event_names_the_grants_admin_not_the_callers_actor() {
 fn assert_refused(err: &tonic::Status, code: Code, says: &str) {
     assert_eq!(err.code(), code, "{err:?}");
     assert!(err.message().contains(says), "{}", err.message());
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A release is either a fresh step's code above `above`, or refused as
+/// UNAVAILABLE with the wait (when every step up to two ahead is spent).
+fn fresh_or_wait(
+    released: Result<twokey_proto::types::v1::Code, tonic::Status>,
+    above: u64,
+) -> Option<twokey_proto::types::v1::Code> {
+    match released {
+        Ok(code) => {
+            assert!(
+                code.step > above,
+                "step {} repeats one up to {above}",
+                code.step
+            );
+            assert_eq!(code.code, expected_code(code.step));
+            Some(code)
+        }
+        Err(e) => {
+            assert_refused(&e, Code::Unavailable, "try again in");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn releases_never_repeat_a_registration_code_or_a_step_even_after_a_restart() {
+    let fx = Fixture::new();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let vault = start_vault(fx.vault_config(audit.addr)).await;
+    let mut client = fx.broker_client(vault.addr);
+    let enrolled = client
+        .enroll(enroll(&fx, "aws-prod-root", &aws_uri()))
+        .await
+        .unwrap()
+        .into_inner();
+    let (current, next) = (enrolled.current.unwrap(), enrolled.next.unwrap());
+    let release = |client: &mut VaultServiceClient<tonic::transport::Channel>| {
+        let grant = fx.grant("aws-prod-root", GrantPurpose::Release);
+        let mut client = client.clone();
+        async move {
+            client
+                .generate_code(GenerateCodeRequest { grant: Some(grant) })
+                .await
+                .map(|r| r.into_inner().code.unwrap())
+        }
+    };
+    // Right after enrollment: above both registration steps, another code.
+    let first = release(&mut client).await.unwrap();
+    assert!(first.step > next.step, "{} <= {}", first.step, next.step);
+    assert_ne!(first.code, current.code);
+    assert_ne!(first.code, next.code);
+    assert_eq!(first.code, expected_code(first.step));
+    let from = first.valid_from.unwrap().seconds as u64;
+    assert_eq!(from, first.step * 30);
+    assert_eq!(first.valid_until.unwrap().seconds as u64, from + 30);
+    assert!(from > unix_now().saturating_sub(30));
+    // A second release in the same step: the next step, or a wait.
+    let mut highest = first.step;
+    if let Some(second) = fresh_or_wait(release(&mut client).await, highest) {
+        assert_eq!(second.step, first.step + 1);
+        assert_ne!(second.code, first.code);
+        highest = second.step;
+    }
+    // A vault reopened on the same data directory remembers the steps.
+    drop(client);
+    vault.stop().await;
+    let vault = start_vault(fx.vault_config(audit.addr)).await;
+    let mut client = fx.broker_client(vault.addr);
+    fresh_or_wait(release(&mut client).await, highest);
+}
+
+/// HOTP (RFC 4226 §5.3) with dynamic truncation written out, over HMAC from
+/// the `hmac`, `sha1` and `sha2` crates: no totp-rs, no vault code.
+fn hotp(algorithm: &str, key: &[u8], counter: u64, digits: u32) -> String {
+    use hmac::{Hmac, KeyInit, Mac};
+    fn mac<M: Mac + KeyInit>(key: &[u8], msg: &[u8]) -> Vec<u8> {
+        let mut m = <M as KeyInit>::new_from_slice(key).unwrap();
+        m.update(msg);
+        m.finalize().into_bytes().to_vec()
+    }
+    let msg = counter.to_be_bytes();
+    let hash = match algorithm {
+        "SHA1" => mac::<Hmac<sha1::Sha1>>(key, &msg),
+        "SHA256" => mac::<Hmac<sha2::Sha256>>(key, &msg),
+        "SHA512" => mac::<Hmac<sha2::Sha512>>(key, &msg),
+        other => panic!("{other}"),
+    };
+    let offset = usize::from(hash[hash.len() - 1] & 0x0f);
+    let binary = (u32::from(hash[offset]) & 0x7f) << 24
+        | u32::from(hash[offset + 1]) << 16
+        | u32::from(hash[offset + 2]) << 8
+        | u32::from(hash[offset + 3]);
+    let code = binary % 10u32.pow(digits);
+    format!("{code:0width$}", width = digits as usize)
+}
+
+/// RFC 6238 appendix B: the seed of each algorithm.
+const RFC_SEEDS: [(&str, &[u8], i32); 3] = [
+    ("SHA1", b"12345678901234567890", 1),
+    ("SHA256", b"12345678901234567890123456789012", 2),
+    (
+        "SHA512",
+        b"1234567890123456789012345678901234567890123456789012345678901234",
+        3,
+    ),
+];
+
+#[test]
+fn the_independent_hotp_matches_rfc_6238_appendix_b() {
+    for (time, codes) in [
+        (59u64, ["94287082", "46119246", "90693936"]),
+        (1111111109, ["07081804", "68084774", "25091201"]),
+        (20000000000, ["65353130", "77737706", "47863826"]),
+    ] {
+        for ((alg, seed, _), want) in RFC_SEEDS.iter().zip(codes) {
+            assert_eq!(hotp(alg, seed, time / 30, 8), want, "{alg} at {time}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn released_codes_match_an_independent_totp_for_every_algorithm_digits_and_period() {
+    let env = Env::new().await;
+    let mut client = env.client();
+    for (alg, seed, algorithm) in RFC_SEEDS {
+        for digits in [6u32, 7, 8] {
+            for period in [30u32, 60] {
+                let account = format!("{}-{digits}-{period}", alg.to_ascii_lowercase());
+                client
+                    .enroll(EnrollRequest {
+                        account_id: account.clone(),
+                        seed: Some(Seed::Base32Secret(data_encoding::BASE32_NOPAD.encode(seed))),
+                        algorithm,
+                        digits,
+                        period,
+                        grant: Some(env.fx.enroll_grant(&account, "adam")),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                let code = client
+                    .generate_code(GenerateCodeRequest {
+                        grant: Some(env.fx.grant(&account, GrantPurpose::Release)),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .code
+                    .unwrap();
+                assert_eq!(code.period, period);
+                let from = code.valid_from.unwrap().seconds as u64;
+                assert_eq!(from, code.step * u64::from(period), "{account}");
+                assert_eq!(
+                    code.valid_until.unwrap().seconds as u64,
+                    from + u64::from(period)
+                );
+                assert_eq!(code.code.len(), digits as usize, "{account}");
+                assert_eq!(code.code, hotp(alg, seed, code.step, digits), "{account}");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_minimum_not_below_the_period_is_refused() {
+    let env = Env::new().await;
+    let mut request = enroll(&env.fx, "aws-prod-root", &aws_uri());
+    request.min_seconds_left = 30;
+    let err = env.client().enroll(request).await.unwrap_err();
+    assert_refused(&err, Code::InvalidArgument, "below the period of 30 s");
 }

@@ -2,7 +2,8 @@
 //! approves it, the PIN lands in alice's mailbox file, olivia verifies it and
 //! releases the code — every step an audit event, the code only after the
 //! vault's event is durably acknowledged. Measured one flow at a time and
-//! with many flows in flight.
+//! with many flows in flight. Every flow releases a code of an account of
+//! its own (see [`crate::scenario::vault::CODES_PER_ACCOUNT`]).
 
 use std::{
     collections::HashMap,
@@ -10,7 +11,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -161,24 +162,43 @@ pub async fn one(p: &People, mailbox: &MailboxWatcher, account: &str) -> Result<
     Ok(())
 }
 
+/// Flows run before the measured ones, to warm up connections.
+pub const WARM_UP: usize = 3;
+
+/// How many flows (so released codes) [`run`] makes at most.
+pub fn flows_for(sequential: usize, concurrent_count: usize) -> usize {
+    WARM_UP + sequential + concurrent_count
+}
+
 /// `sequential` flows one at a time, then `concurrent_count` flows at
-/// `concurrency`.
+/// `concurrency`; each flow takes the next of `accounts` (enrolled, named by
+/// the policy, at least `accounts_for(flows_for(…))` of them).
 pub async fn run(
     people: People,
     mailbox: Arc<MailboxWatcher>,
-    account: &str,
+    accounts: &[String],
     sequential: usize,
     concurrent_count: usize,
     concurrency: usize,
     limit: Duration,
 ) -> Result<Vec<Row>> {
-    for _ in 0..3 {
-        one(&people, &mailbox, account).await?;
+    let needed = crate::scenario::vault::accounts_for(flows_for(sequential, concurrent_count));
+    ensure!(
+        accounts.len() >= needed,
+        "{} flows need {needed} accounts, got {}",
+        flows_for(sequential, concurrent_count),
+        accounts.len()
+    );
+    let accounts: Arc<Vec<String>> = Arc::new(accounts.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let take = move || accounts[next.fetch_add(1, Ordering::Relaxed) % accounts.len()].clone();
+    for _ in 0..WARM_UP {
+        one(&people, &mailbox, &take()).await?;
     }
     let op = {
-        let (people, mailbox, account) = (people.clone(), mailbox.clone(), account.to_owned());
+        let (people, mailbox) = (people.clone(), mailbox.clone());
         move |_| {
-            let (people, mailbox, account) = (people.clone(), mailbox.clone(), account.clone());
+            let (people, mailbox, account) = (people.clone(), mailbox.clone(), take());
             async move { one(&people, &mailbox, &account).await }
         }
     };

@@ -1,14 +1,24 @@
 //! Vault `GenerateCode` with grants signed before the clock starts (each
 //! code waits for audit's durable acknowledgement of its `code.released`
 //! event), beside vault `Status`, the empty mTLS round trip, at the same
-//! concurrency; and `Enroll`, used to fill the vault for the footprint run.
+//! concurrency; and `Enroll`, used to fill the vault for the footprint run
+//! and to enroll the accounts the releases are spread over.
+//!
+//! The vault hands out each TOTP step of an account once and at most 2
+//! steps ahead of the current one (issue 16), so an account yields at most
+//! 3 codes per 30 s step window — and enrollment itself hands out the
+//! current and the next step as registration codes, so an account enrolled
+//! in the current window has only one step left in it. Every release
+//! therefore gets an account of its own ([`CODES_PER_ACCOUNT`]), enrolled
+//! before the clock starts, so no release depends on when a step window
+//! turns over.
 
 use std::{
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use ed25519_dalek::SigningKey;
 use tonic::transport::Channel;
 use twokey_proto::vault::v1::{
@@ -20,6 +30,21 @@ use crate::{
     setup::TD,
     stats::{Row, drive},
 };
+
+/// Releases the bench asks of one freshly enrolled account: the one step an
+/// account enrolled in the current step window is sure to have left (its
+/// registration codes took the current and the next step).
+pub const CODES_PER_ACCOUNT: usize = 1;
+
+/// How many freshly enrolled accounts `codes` releases need.
+pub fn accounts_for(codes: usize) -> usize {
+    codes.div_ceil(CODES_PER_ACCOUNT)
+}
+
+/// `count` account ids `{prefix}-NNNNNN`.
+pub fn account_names(prefix: &str, count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("{prefix}-{i:06}")).collect()
+}
 
 /// A release grant for `account`, as the broker signs one.
 pub fn grant(key: &SigningKey, account: &str, n: usize) -> SignedGrant {
@@ -102,15 +127,50 @@ pub async fn enroll_many(
     .row("vault", "Enroll (fills the vault)", false, concurrency)
 }
 
-/// `Status` then `GenerateCode`, `count` each at `concurrency`.
+/// Enrolls every one of `accounts` at `concurrency` (setup, not a
+/// measurement); fails unless all were enrolled.
+pub async fn enroll_all(
+    client: &VaultServiceClient<Channel>,
+    grant_key: &SigningKey,
+    accounts: &[String],
+    concurrency: usize,
+    limit: Duration,
+) -> Result<()> {
+    let (client, grant_key) = (client.clone(), grant_key.clone());
+    let names: Arc<Vec<String>> = Arc::new(accounts.to_vec());
+    let driven = drive(names.len(), concurrency, limit, move |i| {
+        let (mut c, grant_key, names) = (client.clone(), grant_key.clone(), names.clone());
+        async move { enroll(&mut c, &grant_key, &names[i]).await }
+    })
+    .await;
+    if driven.errors > 0 {
+        bail!(
+            "enrolling {} accounts: {} failed, first: {}",
+            accounts.len(),
+            driven.errors,
+            driven.first_error.unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `Status` then `GenerateCode`, `count` each at `concurrency`, the codes
+/// spread round-robin over `accounts` (enrolled, at least
+/// [`accounts_for`]`(count)` of them).
 pub async fn run(
     client: &VaultServiceClient<Channel>,
     grant_key: &SigningKey,
-    account: &str,
+    accounts: &[String],
     count: usize,
     concurrency: usize,
     limit: Duration,
 ) -> Result<Vec<Row>> {
+    ensure!(
+        accounts.len() >= accounts_for(count),
+        "{count} codes need {} accounts, got {}",
+        accounts_for(count),
+        accounts.len()
+    );
     // Warm up connections and code paths.
     for _ in 0..32 {
         client.clone().status(StatusRequest {}).await?;
@@ -127,8 +187,11 @@ pub async fn run(
     .row("vault", "Status (empty mTLS round trip)", true, concurrency);
 
     // Grants are made before the clock starts; they live 120 s.
-    let grants: Arc<Vec<SignedGrant>> =
-        Arc::new((0..count).map(|n| grant(grant_key, account, n)).collect());
+    let grants: Arc<Vec<SignedGrant>> = Arc::new(
+        (0..count)
+            .map(|n| grant(grant_key, &accounts[n % accounts.len()], n))
+            .collect(),
+    );
     let c = client.clone();
     let limit = limit.min(Duration::from_secs(100));
     let mut codes = drive(count, concurrency, limit, move |i| {
@@ -156,6 +219,21 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_release_has_an_account_of_its_own() {
+        assert_eq!(super::accounts_for(64), 64 / super::CODES_PER_ACCOUNT);
+        assert_eq!(super::accounts_for(0), 0);
+        let names = super::account_names("bench-code", 3);
+        assert_eq!(
+            names,
+            [
+                "bench-code-000000",
+                "bench-code-000001",
+                "bench-code-000002"
+            ]
+        );
+    }
+
     #[test]
     fn base32_matches_rfc4648() {
         assert_eq!(super::base32(b"foobar"), "MZXW6YTBOI");
