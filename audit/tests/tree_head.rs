@@ -164,6 +164,21 @@ fn copy_dir(from: &Path, to: &Path) {
 /// written, one byte of that entry flipped on disk. sled finds the record
 /// damaged, takes it for a torn write and drops it: without the tree head
 /// the service served and signed the shorter log.
+/// Audit refuses to start on a store of `held` entries below the signed
+/// head `signed`, saying so.
+fn assert_shorter_store_refused(env: &Env, signed: &Checkpoint, held: usize) {
+    let stderr = refused_start(env);
+    assert_refusal(
+        env,
+        &stderr,
+        signed,
+        &[&format!(
+            "the store in {} holds {held} entries: entries were lost or the data directory was rolled back",
+            data_dir(env).display()
+        )],
+    );
+}
+
 #[tokio::test]
 async fn a_flipped_byte_in_the_newest_entry_is_refused_at_start() {
     let env = Env::new();
@@ -188,16 +203,7 @@ async fn a_flipped_byte_in_the_newest_entry_is_refused_at_start() {
     bytes[at + 10] ^= 0x01;
     std::fs::write(&db, bytes).unwrap();
 
-    let stderr = refused_start(&env);
-    assert_refusal(
-        &env,
-        &stderr,
-        &signed,
-        &[&format!(
-            "the store in {} holds 11 entries: entries were lost or the data directory was rolled back",
-            data_dir(&env).display()
-        )],
-    );
+    assert_shorter_store_refused(&env, &signed, 11);
 }
 
 #[tokio::test]
@@ -218,16 +224,7 @@ async fn a_deleted_tail_is_refused_at_start() {
         assert!(store.tree().get(SledStore::entry_key(6)).unwrap().is_some());
     }
 
-    let stderr = refused_start(&env);
-    assert_refusal(
-        &env,
-        &stderr,
-        &signed,
-        &[&format!(
-            "the store in {} holds 7 entries: entries were lost or the data directory was rolled back",
-            data_dir(&env).display()
-        )],
-    );
+    assert_shorter_store_refused(&env, &signed, 7);
 }
 
 #[tokio::test]
@@ -253,16 +250,7 @@ async fn an_older_backup_put_back_under_the_new_tree_head_is_refused_at_start() 
     copy_dir(&backup, &data_dir(&env));
     std::fs::write(head_path(&env), head).unwrap();
 
-    let stderr = refused_start(&env);
-    assert_refusal(
-        &env,
-        &stderr,
-        &signed,
-        &[&format!(
-            "the store in {} holds 5 entries: entries were lost or the data directory was rolled back",
-            data_dir(&env).display()
-        )],
-    );
+    assert_shorter_store_refused(&env, &signed, 5);
 
     // The operator knowingly accepts the loss and moves the tree-head file
     // away: the old copy starts and the head is written from what it holds.

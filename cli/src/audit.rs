@@ -399,14 +399,11 @@ fn prove(a: ProveArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliErro
                         "the audit service did not serve entry {index} of its signed log of {size} entries; suspect the audit host"
                     ))
                 })?;
-            let proof = client
-                .get_inclusion_proof(GetInclusionProofRequest {
-                    leaf_index: index,
-                    tree_size: size,
-                })
-                .await
-                .map_err(|s| target.error(s))?
-                .into_inner();
+            let request = GetInclusionProofRequest {
+                leaf_index: index,
+                tree_size: size,
+            };
+            let proof = target.answer(client.get_inclusion_proof(request).await)?;
             return check_inclusion(&verifier, &note, &entry, &proof);
         }
         let old_size = a.consistency.unwrap_or_default();
@@ -440,17 +437,40 @@ fn prove(a: ProveArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliErro
                 OldRoot::Entries(root.root())
             }
         };
-        let proof = client
-            .get_consistency_proof(GetConsistencyProofRequest {
-                first_size: old_size,
-                second_size: size,
-            })
-            .await
-            .map_err(|s| target.error(s))?
-            .into_inner();
+        let request = GetConsistencyProofRequest {
+            first_size: old_size,
+            second_size: size,
+        };
+        let proof = target.answer(client.get_consistency_proof(request).await)?;
         check_consistency(&verifier, &note, old_size, &old, &proof)
     })?;
     out.answer(&report, || report.human())
+}
+
+/// One page of the log from `token` (an entry index, or empty for the
+/// start), at most `page_size` entries: the entries and the next page's
+/// token (empty at the end).
+async fn query_page(
+    client: &mut crate::profile::AuditClient,
+    target: &Target,
+    page_size: u32,
+    token: &str,
+) -> Result<(Vec<LogEntry>, String), CliError> {
+    let request = QueryRequest {
+        page_size,
+        page_token: token.to_owned(),
+        ..Default::default()
+    };
+    let mut stream = target.answer(client.query(request).await)?;
+    let (mut entries, mut next) = (Vec::new(), String::new());
+    while let Some(batch) = stream.next().await {
+        let batch = batch.map_err(|s| target.error(s))?;
+        entries.extend(batch.entries);
+        if !batch.next_page_token.is_empty() {
+            next = batch.next_page_token;
+        }
+    }
+    Ok((entries, next))
 }
 
 /// Up to `count` entries from index `start`, oldest first.
@@ -464,25 +484,10 @@ async fn fetch_entries(
     let mut token = start.to_string();
     while (entries.len() as u64) < count {
         let want = (count - entries.len() as u64).min(1000) as u32;
-        let mut stream = client
-            .query(QueryRequest {
-                page_size: want,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| target.error(s))?
-            .into_inner();
-        let mut next = String::new();
-        let before = entries.len();
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|s| target.error(s))?;
-            entries.extend(batch.entries);
-            if !batch.next_page_token.is_empty() {
-                next = batch.next_page_token;
-            }
-        }
-        if next.is_empty() || next == token || entries.len() == before {
+        let (page, next) = query_page(client, target, want, &token).await?;
+        let empty = page.is_empty();
+        entries.extend(page);
+        if next.is_empty() || next == token || empty {
             break;
         }
         token = next;
@@ -631,26 +636,11 @@ pub async fn export(
     let mut count = 0u64;
     let mut token = String::new();
     loop {
-        let mut stream = client
-            .query(QueryRequest {
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|s| target.error(s))?
-            .into_inner();
-        let mut next = String::new();
-        while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|s| target.error(s))?;
-            for entry in &batch.entries {
-                let line = output::to_json(entry)?;
-                writeln!(w, "{line}").map_err(CliError::io("write", &tmp))?;
-                count += 1;
-            }
-            if !batch.next_page_token.is_empty() {
-                next = batch.next_page_token;
-            }
+        let (page, next) = query_page(client, target, 1000, &token).await?;
+        for entry in &page {
+            let line = output::to_json(entry)?;
+            writeln!(w, "{line}").map_err(CliError::io("write", &tmp))?;
+            count += 1;
         }
         if next.is_empty() || next == token {
             break;

@@ -21,6 +21,16 @@ pub struct Target {
 }
 
 impl Target {
+    /// The message of a call to this target, or its error.
+    pub fn answer<T>(
+        &self,
+        result: Result<tonic::Response<T>, tonic::Status>,
+    ) -> Result<T, CliError> {
+        result
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.error(s))
+    }
+
     /// The error for a failed call to this target.
     pub fn error(&self, status: tonic::Status) -> CliError {
         CliError::Rpc {

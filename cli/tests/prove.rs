@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{json, local_system, one_line_error, twokey_as};
+use common::{file_request, json, local_system, one_line_error, twokey_as};
 use serde_json::Value;
 use twokey_audit::{checkpoint::NoteVerifier, merkle};
 use twokey_testkit::local::ACCOUNT;
@@ -30,18 +30,6 @@ fn hash(v: &Value) -> merkle::Hash {
 
 fn hashes(v: &Value) -> Vec<merkle::Hash> {
     v.as_array().expect("hashes").iter().map(hash).collect()
-}
-
-/// Files a request as alice: broker events in the log.
-fn file_request(cfg: &std::path::Path, reason: &str) {
-    json(twokey_as(cfg, "alice").args([
-        "request",
-        "create",
-        "--account",
-        ACCOUNT,
-        "--reason",
-        reason,
-    ]));
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 
-use common::{json, json_lines, local_system, one_line_error, twokey_as};
+use common::{file_request, json, json_lines, local_system, one_line_error, twokey_as};
 use serde_json::Value;
 use twokey_testkit::local::ACCOUNT;
 
@@ -273,14 +273,7 @@ fn request_watch_streams_one_json_object_per_change() {
     });
     let mut seen = None;
     for _ in 0..20 {
-        json(twokey_as(cfg, "alice").args([
-            "request",
-            "create",
-            "--account",
-            ACCOUNT,
-            "--reason",
-            "watch me",
-        ]));
+        file_request(cfg, "watch me");
         if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
             seen = Some(line);
             break;

@@ -7,53 +7,40 @@ use tonic::transport::Channel;
 use tonic_reflection::pb::{v1, v1alpha};
 use twokey_e2e::{System, bounded};
 
-/// The services `ListServices` names over reflection v1.
-async fn services_v1(channel: Channel) -> Vec<String> {
-    use v1::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+/// `async fn $name(channel) -> Vec<String>`: the services `ListServices`
+/// names over reflection version `$v` (`v1` or `v1alpha`), sorted. The two
+/// versions are the same protocol in two packages.
+macro_rules! list_services {
+    ($name:ident, $v:ident) => {
+        async fn $name(channel: Channel) -> Vec<String> {
+            use $v::{
+                server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let request = $v::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut answers = bounded(
+                ServerReflectionClient::new(channel)
+                    .server_reflection_info(tokio_stream::once(request)),
+            )
+            .await
+            .expect("reflection answers");
+            let answer = answers.next().await.expect("one answer").expect("no error");
+            let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+                panic!("not a service list: {answer:?}");
+            };
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            names
+        }
     };
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = bounded(
-        ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::once(request)),
-    )
-    .await
-    .expect("reflection v1 answers");
-    let answer = answers.next().await.expect("one answer").expect("no error");
-    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
-        panic!("not a service list: {answer:?}");
-    };
-    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    names
 }
 
-/// The same over reflection v1alpha.
-async fn services_v1alpha(channel: Channel) -> Vec<String> {
-    use v1alpha::{
-        server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-    };
-    let request = v1alpha::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut answers = bounded(
-        ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::once(request)),
-    )
-    .await
-    .expect("reflection v1alpha answers");
-    let answer = answers.next().await.expect("one answer").expect("no error");
-    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
-        panic!("not a service list: {answer:?}");
-    };
-    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    names.sort();
-    names
-}
+list_services!(services_v1, v1);
+list_services!(services_v1alpha, v1alpha);
 
 #[tokio::test]
 async fn each_server_reflects_only_its_own_service_in_v1_and_v1alpha() {

@@ -19,7 +19,9 @@ use twokey_runtime::{
 use crate::{
     crypto::MasterKey,
     seed::{Seed, SeedError, SeedSpec},
-    store::{AccountRecord, GrantUse, Removal, SpentGrant, VaultStore, VaultStoreError},
+    store::{
+        AccountRecord, GrantUse, NewAccount, Removal, SpentGrant, VaultStore, VaultStoreError,
+    },
     totp::{CodeValue, code_for_step},
 };
 
@@ -292,7 +294,12 @@ impl<S: VaultStore> Vault<S> {
             grant_id: grant.grant_id.clone(),
             expires_at: grant_expiry(&grant),
         };
-        let seq = self.store.put(&record, replace, &spent, event)?;
+        let new = NewAccount {
+            record: &record,
+            replace,
+            grant: &spent,
+        };
+        let seq = self.store.put(new, event)?;
         self.commit_and_confirm(
             seq,
             "no codes released; the seed is stored: enroll again with replace once audit is back",

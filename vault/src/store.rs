@@ -115,13 +115,7 @@ pub trait VaultStore: Send + Sync + 'static {
     /// Marks an enrollment grant used and stores an account with its event;
     /// returns the event's sequence number. Refuses a used grant, and an
     /// existing account unless `replace`; a refusal changes nothing.
-    fn put(
-        &self,
-        record: &AccountRecord,
-        replace: bool,
-        grant: &SpentGrant,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError>;
+    fn put(&self, new: NewAccount<'_>, event: EventDraft) -> Result<u64, VaultStoreError>;
     /// Marks a grant used (until `expires_at`), chooses the step whose code
     /// it releases ([`choose_step`]) and stores it as the account's highest,
     /// stamps the account's last use, and records the event with the step;
@@ -172,6 +166,17 @@ pub struct Released {
     pub seq: u64,
     /// The time step whose code the grant releases.
     pub step: u64,
+}
+
+/// An account to store, as [`VaultStore::put`] takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct NewAccount<'a> {
+    /// The account record, its seed sealed.
+    pub record: &'a AccountRecord,
+    /// Whether it may replace an enrolled account with the same id.
+    pub replace: bool,
+    /// The enrollment grant it uses up.
+    pub grant: &'a SpentGrant,
 }
 
 /// An enrollment grant used up by [`VaultStore::put`].
@@ -397,13 +402,12 @@ impl VaultStore for SledVaultStore {
         self.accounts.len()
     }
 
-    fn put(
-        &self,
-        record: &AccountRecord,
-        replace: bool,
-        grant: &SpentGrant,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError> {
+    fn put(&self, new: NewAccount<'_>, event: EventDraft) -> Result<u64, VaultStoreError> {
+        let NewAccount {
+            record,
+            replace,
+            grant,
+        } = new;
         let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
             |(grants, accounts, outbox)| {
                 if grants.get(&grant.grant_id)?.is_some() {
@@ -577,9 +581,11 @@ mod tests {
         };
         store
             .put(
-                &record,
-                false,
-                &grant,
+                NewAccount {
+                    record: &record,
+                    replace: false,
+                    grant: &grant,
+                },
                 EventDraft::new("admin", "account.enrolled"),
             )
             .unwrap();
@@ -721,14 +727,19 @@ mod tests {
         assert!(store.grants.get("g-4").unwrap().is_none());
         assert_eq!(store.get("aws-root").unwrap().unwrap().last_step, Some(102));
         // Once step 101 is current, the grant gets step 103.
-        let later = one_group(
-            &store,
+        assert_eq!(step_at(&store, 3030, "g-4"), 103);
+    }
+
+    /// The step one grant use of `aws-root` at Unix time `now` is given.
+    fn step_at(store: &SledVaultStore, now: u64, grant_id: &str) -> u64 {
+        let used = one_group(
+            store,
             vec![GrantUse {
-                now: 3030,
-                ..grant_use("g-4", "aws-root")
+                now,
+                ..grant_use(grant_id, "aws-root")
             }],
         );
-        assert_eq!(later[0].as_ref().unwrap().step, 103);
+        used[0].as_ref().unwrap().step
     }
 
     #[test]
@@ -736,25 +747,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = store(dir.path());
-            let first = one_group(
-                &store,
-                vec![GrantUse {
-                    now: 3010,
-                    ..grant_use("g-1", "aws-root")
-                }],
-            );
-            assert_eq!(first[0].as_ref().unwrap().step, 100);
+            assert_eq!(step_at(&store, 3010, "g-1"), 100);
             store.db.sync_blocking().unwrap();
         }
         let store = reopen(dir.path());
-        let again = one_group(
-            &store,
-            vec![GrantUse {
-                now: 3011,
-                ..grant_use("g-2", "aws-root")
-            }],
-        );
-        assert_eq!(again[0].as_ref().unwrap().step, 101);
+        assert_eq!(step_at(&store, 3011, "g-2"), 101);
     }
 
     #[test]
@@ -798,9 +795,11 @@ mod tests {
         };
         store
             .put(
-                &record,
-                true,
-                &grant,
+                NewAccount {
+                    record: &record,
+                    replace: true,
+                    grant: &grant,
+                },
                 EventDraft::new("admin", "account.enrolled.replace"),
             )
             .unwrap();

@@ -575,6 +575,35 @@ impl Env {
         assert_eq!(enrolled, enrollments, "{events:?}");
     }
 
+    /// An enrollment refused as `code` saying `says`, after which the vault
+    /// still lists only `aws-prod-root`, with its original seed and one
+    /// enrollment event.
+    async fn enroll_refused_and_nothing_changed(
+        &self,
+        request: EnrollRequest,
+        code: Code,
+        says: &str,
+    ) {
+        self.enroll_refused(request, code, says).await;
+        assert_eq!(self.account_ids().await, ["aws-prod-root"]);
+        self.assert_seed_unchanged(1).await;
+    }
+
+    /// A hostile `replace` of `aws-prod-root` carrying `grant` is refused as
+    /// `code` saying `says`; the seed is unchanged and the log holds
+    /// `enrollments` enrollment events.
+    async fn replace_refused(
+        &self,
+        grant: Option<SignedGrant>,
+        code: Code,
+        says: &str,
+        enrollments: usize,
+    ) {
+        self.enroll_refused(hostile_replace("aws-prod-root", grant), code, says)
+            .await;
+        self.assert_seed_unchanged(enrollments).await;
+    }
+
     async fn account_ids(&self) -> Vec<String> {
         let list = self
             .client()
@@ -603,14 +632,12 @@ async fn a_broker_certificate_without_a_grant_neither_replaces_nor_plants_a_seed
     )
     .await;
     // Nor is planting a new account.
-    env.enroll_refused(
+    env.enroll_refused_and_nothing_changed(
         hostile_replace("aws-planted", None),
         Code::InvalidArgument,
         "malformed grant: no grant given",
     )
     .await;
-    assert_eq!(env.account_ids().await, ["aws-prod-root"]);
-    env.assert_seed_unchanged(1).await;
 }
 
 #[tokio::test]
@@ -626,13 +653,13 @@ async fn an_enroll_grant_signed_by_another_key_is_refused() {
         Duration::from_secs(60),
         &forger,
     );
-    env.enroll_refused(
-        hostile_replace("aws-prod-root", Some(forged)),
+    env.replace_refused(
+        Some(forged),
         Code::PermissionDenied,
         "grant signature does not verify with the broker's grant key",
+        1,
     )
     .await;
-    env.assert_seed_unchanged(1).await;
 }
 
 #[tokio::test]
@@ -677,14 +704,12 @@ async fn a_removal_or_release_grant_does_not_enroll() {
 async fn an_enroll_grant_for_another_account_is_refused() {
     let env = Env::enrolled("aws-prod-root").await;
     let other = env.fx.enroll_grant("aws-other", "adam");
-    env.enroll_refused(
+    env.enroll_refused_and_nothing_changed(
         hostile_replace("aws-prod-root", Some(other)),
         Code::PermissionDenied,
         "is for account \"aws-other\", not \"aws-prod-root\"; ask the broker for a grant for this account",
     )
     .await;
-    assert_eq!(env.account_ids().await, ["aws-prod-root"]);
-    env.assert_seed_unchanged(1).await;
 }
 
 #[tokio::test]
@@ -697,13 +722,8 @@ async fn a_replayed_enroll_grant_is_refused() {
     honest.replace = true;
     env.client().enroll(honest).await.unwrap();
     // ...so whoever captured it cannot replay it to plant their own seed.
-    env.enroll_refused(
-        hostile_replace("aws-prod-root", Some(grant)),
-        Code::PermissionDenied,
-        "was already used",
-    )
-    .await;
-    env.assert_seed_unchanged(2).await;
+    env.replace_refused(Some(grant), Code::PermissionDenied, "was already used", 2)
+        .await;
 }
 
 #[tokio::test]

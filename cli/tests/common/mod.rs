@@ -70,6 +70,19 @@ pub fn json(cmd: &mut Command) -> serde_json::Value {
     lines.remove(0)
 }
 
+/// alice files a request on the local system's account with `reason`; the
+/// answer's JSON.
+pub fn file_request(config: &Path, reason: &str) -> serde_json::Value {
+    json(twokey_as(config, "alice").args([
+        "request",
+        "create",
+        "--account",
+        twokey_testkit::local::ACCOUNT,
+        "--reason",
+        reason,
+    ]))
+}
+
 /// The stderr of a failed run, checked to be exactly one line.
 pub fn one_line_error(cmd: &mut Command, code: i32) -> String {
     let out = cmd.assert().code(code).get_output().clone();
