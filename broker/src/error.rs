@@ -78,10 +78,4 @@ impl BrokerError {
     pub fn invalid(what: impl Into<String>) -> Self {
         Self::InvalidArgument(what.into())
     }
-
-    /// Whether the vault's answer timed out (answered DEADLINE_EXCEEDED, as
-    /// the vault client saw it, rather than as the kind's code).
-    pub fn timed_out(&self) -> bool {
-        matches!(self, Self::Vault(v) if v.timed_out)
-    }
 }

@@ -25,24 +25,18 @@ use crate::{
     vault::{Vault, VaultError},
 };
 
-/// The status of a domain error: its kind's code (`to_status`), except that
-/// a vault call that timed out answers DEADLINE_EXCEEDED, as the vault
-/// client saw it.
+/// The status of a domain error: its kind's code (`to_status`).
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Self {
-        if e.timed_out() {
-            return Status::deadline_exceeded(e.to_string());
-        }
         to_status(&e)
     }
 }
 
 /// A vault status as the broker keeps it: its kind (out-of-range counts as
 /// an invalid argument, aborted as a failed precondition, as the vault never
-/// answers either), or a timeout.
+/// answers either; a timeout or cancellation is deadline exceeded).
 impl From<Status> for VaultError {
     fn from(s: Status) -> Self {
-        let timed_out = matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled);
         let kind = match s.code() {
             Code::OutOfRange => ErrorKind::InvalidArgument,
             Code::Aborted => ErrorKind::FailedPrecondition,
@@ -53,11 +47,7 @@ impl From<Status> for VaultError {
         } else {
             s.message().to_owned()
         };
-        VaultError {
-            kind,
-            timed_out,
-            message,
-        }
+        VaultError { kind, message }
     }
 }
 
@@ -255,6 +245,10 @@ mod tests {
         );
         let late: VaultError = Status::deadline_exceeded("").into();
         assert!(!late.surely_refused());
+        // A cancelled call is as unknown as a late one: no quota back.
+        let cut: VaultError = Status::cancelled("client went away").into();
+        assert!(!cut.surely_refused());
+        assert_eq!(cut.kind, ErrorKind::DeadlineExceeded);
         assert_eq!(
             late.message,
             "Deadline expired before operation could complete"

@@ -15,10 +15,9 @@ use twokey_runtime::error::ErrorKind;
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[error("vault: {message}")]
 pub struct VaultError {
-    /// What kind of failure, as the vault reported it.
+    /// What kind of failure, as the vault reported it (deadline exceeded:
+    /// the vault did not answer in time).
     pub kind: ErrorKind,
-    /// The vault did not answer in time (its kind is then unavailable).
-    pub timed_out: bool,
     /// The vault's message.
     pub message: String,
 }
@@ -28,7 +27,6 @@ impl VaultError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
-            timed_out: false,
             message: message.into(),
         }
     }
@@ -36,7 +34,7 @@ impl VaultError {
     /// Whether the failure shows the vault did not compute a code, so a
     /// reserved quota slot can be given back.
     pub fn surely_refused(&self) -> bool {
-        !self.timed_out && self.kind != ErrorKind::Internal
+        !matches!(self.kind, ErrorKind::DeadlineExceeded | ErrorKind::Internal)
     }
 }
 

@@ -26,6 +26,9 @@ pub enum ErrorKind {
     OutOfRange,
     /// A size or rate limit was hit.
     ResourceExhausted,
+    /// The call (or the one it made to another service) ran out of time;
+    /// whether the other side finished is not known.
+    DeadlineExceeded,
     /// A dependency (audit, the vault) or the service's own storage cannot
     /// serve now; nothing was done, and a retry later may succeed.
     Unavailable,
@@ -45,6 +48,7 @@ impl ErrorKind {
             Self::FailedPrecondition => Code::FailedPrecondition,
             Self::OutOfRange => Code::OutOfRange,
             Self::ResourceExhausted => Code::ResourceExhausted,
+            Self::DeadlineExceeded => Code::DeadlineExceeded,
             Self::Unavailable => Code::Unavailable,
             Self::Internal => Code::Internal,
         }
@@ -57,7 +61,8 @@ impl ErrorKind {
 
     /// The kind of a gRPC code received from another service, so an error
     /// passed on keeps its meaning (`Unknown`, `DataLoss` → internal;
-    /// `DeadlineExceeded`, `Cancelled`, `Aborted` → unavailable).
+    /// `Cancelled` → deadline exceeded: the outcome is unknown either way;
+    /// `Aborted` → unavailable).
     pub fn of_code(code: Code) -> Self {
         match code {
             Code::Unauthenticated => Self::Unauthenticated,
@@ -68,9 +73,8 @@ impl ErrorKind {
             Code::FailedPrecondition => Self::FailedPrecondition,
             Code::OutOfRange => Self::OutOfRange,
             Code::ResourceExhausted => Self::ResourceExhausted,
-            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
-                Self::Unavailable
-            }
+            Code::DeadlineExceeded | Code::Cancelled => Self::DeadlineExceeded,
+            Code::Unavailable | Code::Aborted => Self::Unavailable,
             Code::Ok | Code::Unknown | Code::DataLoss | Code::Unimplemented | Code::Internal => {
                 Self::Internal
             }
@@ -123,7 +127,7 @@ pub fn to_status<E: ServiceError>(error: &E) -> tonic::Status {
 mod tests {
     use super::*;
 
-    const ALL: [ErrorKind; 10] = [
+    const ALL: [ErrorKind; 11] = [
         ErrorKind::Unauthenticated,
         ErrorKind::PermissionDenied,
         ErrorKind::InvalidArgument,
@@ -132,6 +136,7 @@ mod tests {
         ErrorKind::FailedPrecondition,
         ErrorKind::OutOfRange,
         ErrorKind::ResourceExhausted,
+        ErrorKind::DeadlineExceeded,
         ErrorKind::Unavailable,
         ErrorKind::Internal,
     ];
@@ -148,7 +153,7 @@ mod tests {
         let got: Vec<u16> = ALL.iter().map(|k| k.http_status().as_u16()).collect();
         assert_eq!(
             got,
-            [401, 403, 400, 404, 409, 400, 400, 429, 503, 500],
+            [401, 403, 400, 404, 409, 400, 400, 429, 504, 503, 500],
             "{ALL:?}"
         );
     }
