@@ -126,6 +126,7 @@ pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result
                 .remove_account(RemoveAccountRequest {
                     account_id: a.account,
                     reason: a.reason,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| target.error(s))?
@@ -217,6 +218,7 @@ pub fn enroll_request(a: &EnrollArgs, raw: &str) -> Result<EnrollAccountRequest,
         issuer: a.issuer.clone().unwrap_or_default(),
         label: a.label.clone().unwrap_or_default(),
         replace: a.replace,
+        ..Default::default()
     })
 }
 

@@ -32,7 +32,10 @@ pub fn run(cmd: CodeCommand, settings: Settings, out: Output) -> Result<(), CliE
     let answer = with_runtime(async move {
         let (mut broker, target) = settings.broker()?;
         broker
-            .release_code(ReleaseCodeRequest { request_id: a.id })
+            .release_code(ReleaseCodeRequest {
+                request_id: a.id,
+                ..Default::default()
+            })
             .await
             .map_err(|s| target.error(s))
             .map(tonic::Response::into_inner)

@@ -44,6 +44,7 @@ pub async fn run(cmd: PinCommand, settings: Settings, out: Output) -> Result<(),
                 .verify_pin(VerifyPinRequest {
                     request_id: a.id,
                     pin: pin.to_string(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| target.error(s))?

@@ -140,6 +140,7 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
                     reason: a.reason,
                     ticket: a.ticket.unwrap_or_default(),
                     on_behalf_of: a.on_behalf_of.unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(fail)?
@@ -215,6 +216,7 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
                 .approve_request(ApproveRequestRequest {
                     request_id: a.id,
                     comment: a.comment.unwrap_or_default(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(fail)?

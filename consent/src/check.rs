@@ -625,3 +625,36 @@ pub(crate) fn binding_mismatch(at: StatementRef) -> ConsentError {
         detail: "binding does not match kind".into(),
     }
 }
+
+/// One statement whose signature verified under the active policy, as
+/// [`verify_statement`] gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenedStatement {
+    /// The decoded statement.
+    pub statement: Statement,
+    /// SHA-256 of its bytes.
+    pub digest: [u8; 32],
+    /// Who signed it.
+    pub signer: Signer,
+}
+
+/// Verifies one statement on its own: canonical bytes, the expected kind, a
+/// signer the policy lists, a signature by one of that person's keys under
+/// `twokey-consent@<trust domain>`, the active policy version, not from the
+/// future. The broker uses it to refuse a bad statement when it is handed
+/// in, long before the vault's [`check_release`] sees the whole chain; it
+/// checks neither roles nor bindings to other statements.
+pub fn verify_statement(
+    policy: &VerifiedPolicy,
+    at: StatementRef,
+    signed: &SignedStatement,
+    expected: StatementKind,
+    now: SystemTime,
+) -> Result<OpenedStatement, ConsentError> {
+    let o = open(policy, at, signed, expected, unix_secs(now))?;
+    Ok(OpenedStatement {
+        statement: o.statement,
+        digest: o.digest,
+        signer: o.signer,
+    })
+}

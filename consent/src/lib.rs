@@ -75,7 +75,7 @@ pub mod statement;
 pub mod time;
 
 pub use admin::{AdminActionRequest, VerifiedAdminAction, check_admin_action};
-pub use check::{GrantFacts, Signer, Verified, check_release};
+pub use check::{GrantFacts, OpenedStatement, Signer, Verified, check_release, verify_statement};
 pub use error::{ConsentError, ErrorKind, PolicyError, Role, StatementRef};
 pub use history::{AdminHistory, MemoryHistory, ReleaseHistory};
 pub use policy::{
@@ -84,6 +84,7 @@ pub use policy::{
 pub use ssh_key;
 pub use sshsig::{consent_namespace, policy_namespace};
 pub use statement::{
-    AdminAction, Binding, SignedStatement, Statement, StatementKind, decode_statement,
-    encode_statement, new_statement, reason_digest, sign_statement, statement_digest,
+    AdminAction, Binding, SignedStatement, Statement, StatementKind, admin_binding,
+    approval_binding, decode_statement, encode_statement, new_id, new_statement, reason_digest,
+    release_binding, request_binding, request_of, sign_statement, statement_digest,
 };

@@ -207,3 +207,122 @@ mod tests {
         assert!(decode_statement(&encode_statement(&short)).is_err());
     }
 }
+
+/// What a request statement binds: the request the signer files.
+pub fn request_binding(
+    request_id: &str,
+    account_id: &str,
+    requester: &str,
+    reason: &str,
+    ticket: &str,
+    created_at: SystemTime,
+) -> Binding {
+    Binding::Request(RequestBinding {
+        request_id: request_id.to_string(),
+        account_id: account_id.to_string(),
+        requester: requester.to_string(),
+        reason_digest: reason_digest(reason, ticket).to_vec(),
+        created_at: Some(to_timestamp(created_at)),
+    })
+}
+
+/// The request binding inside a signed request statement (unverified: the
+/// approver's or operator's tool reads what it is about to bind to).
+pub fn request_of(request: &SignedStatement) -> Result<RequestBinding, String> {
+    match decode_statement(&request.statement)?.binding {
+        Some(Binding::Request(b)) => Ok(b),
+        _ => Err("it is not a request statement".into()),
+    }
+}
+
+/// What an approval statement binds: exactly this request statement.
+pub fn approval_binding(request: &SignedStatement) -> Result<Binding, String> {
+    let rb = request_of(request)?;
+    Ok(Binding::Approval(ApprovalBinding {
+        request_digest: statement_digest(&request.statement).to_vec(),
+        request_id: rb.request_id,
+        account_id: rb.account_id,
+    }))
+}
+
+/// What an operator's release statement binds: this request statement,
+/// exactly these approvals, the grant id and the single-use release id, and
+/// that the PIN was verified.
+pub fn release_binding(
+    request: &SignedStatement,
+    approvals: &[SignedStatement],
+    grant_id: &str,
+    release_id: &str,
+) -> Result<Binding, String> {
+    let rb = request_of(request)?;
+    Ok(Binding::Release(ReleaseBinding {
+        request_digest: statement_digest(&request.statement).to_vec(),
+        approval_digests: approvals
+            .iter()
+            .map(|a| statement_digest(&a.statement).to_vec())
+            .collect(),
+        pin_verified: true,
+        grant_id: grant_id.to_string(),
+        release_id: release_id.to_string(),
+        request_id: rb.request_id,
+        account_id: rb.account_id,
+    }))
+}
+
+/// What an admin's action statement binds.
+pub fn admin_binding(account_id: &str, action: AdminAction, action_id: &str) -> Binding {
+    Binding::AdminAction(AdminActionBinding {
+        account_id: account_id.to_string(),
+        action: action as i32,
+        action_id: action_id.to_string(),
+    })
+}
+
+/// A random id for a request, a release, a grant or an admin action: a
+/// version-4 UUID from the OS's random numbers, as the broker's own ids are.
+pub fn new_id() -> String {
+    let mut b = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+#[cfg(test)]
+mod builder_tests {
+    use super::*;
+
+    #[test]
+    fn new_ids_are_version_4_uuids() {
+        let a = new_id();
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+        assert!("89ab".contains(&a[19..20]));
+        assert_ne!(a, new_id());
+    }
+
+    #[test]
+    fn bindings_point_at_the_request_statement() {
+        let key = PrivateKey::random(&mut rand::rngs::OsRng, ssh_key::Algorithm::Ed25519).unwrap();
+        let req = new_statement(
+            3,
+            "spiffe://t/user/a",
+            SystemTime::now(),
+            request_binding("r1", "acct", "spiffe://t/user/a", "why", "", SystemTime::now()),
+        );
+        let signed = sign_statement(&key, "t", &req).unwrap();
+        let Binding::Approval(ab) = approval_binding(&signed).unwrap() else {
+            panic!("not an approval binding")
+        };
+        assert_eq!(ab.request_digest, statement_digest(&signed.statement).to_vec());
+        assert_eq!((ab.request_id.as_str(), ab.account_id.as_str()), ("r1", "acct"));
+        let Binding::Release(rb) = release_binding(&signed, &[signed.clone()], "g", "x").unwrap()
+        else {
+            panic!("not a release binding")
+        };
+        assert!(rb.pin_verified);
+        assert_eq!(rb.approval_digests.len(), 1);
+        assert!(approval_binding(&SignedStatement::default()).is_err());
+    }
+}

@@ -68,6 +68,7 @@ impl fmt::Debug for broker::VerifyPinRequest {
         f.debug_struct("VerifyPinRequest")
             .field("request_id", &self.request_id)
             .field("pin", &REDACTED)
+            .field("releases", &self.releases.len())
             .finish()
     }
 }
@@ -100,6 +101,7 @@ mod tests {
         let pin = broker::VerifyPinRequest {
             request_id: "r".into(),
             pin: "831204".into(),
+            ..Default::default()
         };
         let released = broker::ReleaseCodeResponse {
             code: Some(code.clone()),

@@ -104,6 +104,7 @@ impl From<&AccountRecord> for Account {
             last_used_at: r.last_used_at.map(timestamp_from_secs),
             seed_bits: r.seed_bits,
             weak_seed: (r.seed_bits as usize) < STRONG_SEED_BYTES * 8,
+            disabled: false,
         }
     }
 }

@@ -133,4 +133,36 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
             server_time: Some(to_timestamp(self.vault.clock().now())),
         }))
     }
+
+    async fn apply_policy(
+        &self,
+        request: Request<twokey_proto::vault::v1::ApplyPolicyRequest>,
+    ) -> Result<Response<twokey_proto::vault::v1::ApplyPolicyResponse>, Status> {
+        self.authorize(&request)?;
+        Err(Status::unimplemented("signed policies are not served yet"))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<twokey_proto::vault::v1::GetPolicyRequest>,
+    ) -> Result<Response<twokey_proto::vault::v1::GetPolicyResponse>, Status> {
+        self.authorize(&request)?;
+        Err(Status::unimplemented("signed policies are not served yet"))
+    }
+
+    async fn set_account_enabled(
+        &self,
+        request: Request<twokey_proto::vault::v1::SetAccountEnabledRequest>,
+    ) -> Result<Response<twokey_proto::vault::v1::SetAccountEnabledResponse>, Status> {
+        self.authorize(&request)?;
+        Err(Status::unimplemented("disabling accounts is not served yet"))
+    }
+
+    async fn restore_account(
+        &self,
+        request: Request<twokey_proto::vault::v1::RestoreAccountRequest>,
+    ) -> Result<Response<twokey_proto::vault::v1::RestoreAccountResponse>, Status> {
+        self.authorize(&request)?;
+        Err(Status::unimplemented("restoring accounts is not served yet"))
+    }
 }
