@@ -3,17 +3,20 @@
 # the systemd units, compose.yaml and the Kubernetes manifests expect:
 #
 #   OUT/pki/      development CA (ca.key: keep it offline), user certificates,
+#                 each user's OpenSSH signing key NAME.ssh (hand it to them;
+#                 people who have their own key put its .pub there instead),
 #                 twokey.toml (one CLI profile per user)
 #   OUT/vault/    vault.toml  ca.crt vault.crt vault.key master.key event.key
+#                 admins.allowed_signers (the pinned admins: the root of trust)
 #   OUT/broker/   broker.toml ca.crt broker.crt broker.key grant.key event.key
-#                 pin.key policy.toml
+#                 pin.key policy.toml admins.allowed_signers
 #   OUT/audit/    audit.toml  ca.crt audit.crt audit.key checkpoint.key
 #                 verifier.key (for `twokey audit verify --checkpoint-key`)
 #
 # Usage: deploy/bootstrap.sh OUT [NAME:ROLE ...]
 #   default users (those policy.example.toml names, and an auditor):
 #   alice:requester bob:approver dave:approver olivia:operator adam:admin
-#   carol:auditor bpm:intake
+#   anna:admin carol:auditor bpm:intake
 #
 # Environment:
 #   TWOKEY_TRUST_DOMAIN  trust domain (default twokey.local)
@@ -34,7 +37,7 @@ out="${1:?usage: bootstrap.sh OUT [NAME:ROLE ...]}"
 shift
 users=("$@")
 if [ ${#users[@]} -eq 0 ]; then
-  users=(alice:requester bob:approver dave:approver olivia:operator adam:admin carol:auditor bpm:intake)
+  users=(alice:requester bob:approver dave:approver olivia:operator adam:admin anna:admin carol:auditor bpm:intake)
 fi
 td="${TWOKEY_TRUST_DOMAIN:-twokey.local}"
 root="${TWOKEY_CONFIG_ROOT:-/etc/twokey}"
@@ -54,9 +57,11 @@ mkdir -p "$out"
 
 pki_args=()
 auditors=()
+admins=()
 for u in "${users[@]}"; do
   pki_args+=(--user "$u")
   [ "${u#*:}" = auditor ] && auditors+=("\"spiffe://$td/user/${u%%:*}\"")
+  [ "${u#*:}" = admin ] && admins+=("${u%%:*}")
 done
 # CLI profiles point at the published ports on this host.
 broker_url=127.0.0.1:7400
@@ -95,6 +100,7 @@ render() { # render SRC DEST
     -e "s|^trust_domain = .*|trust_domain = \"$td\"|"
     -e "s|^origin = .*|origin = \"$td/audit\"|"
     -e "s|^auditors = .*|auditors = [$auditor_list]|"
+    -e "s|^threshold = 2$|threshold = $threshold|"
     -e "s|/etc/twokey/|$root/|g"
     -e "s|/var/lib/twokey-|$data/twokey-|g"
   )
@@ -105,6 +111,19 @@ render() { # render SRC DEST
   sed "${s[@]}" "$1" > "$2"
   chmod 0644 "$2"
 }
+# The pinned admins: every admin's OpenSSH public key, their SPIFFE ID as
+# principal. M = 2 with two admins or more (1 with one: a single admin can
+# then change the policy alone; add a second admin before production).
+threshold=2
+[ ${#admins[@]} -lt 2 ] && threshold=${#admins[@]}
+[ ${#admins[@]} -ge 1 ] || { echo "bootstrap: give at least one NAME:admin" >&2; exit 1; }
+for a in "${admins[@]}"; do
+  pub="$out/pki/$a.ssh.pub"
+  [ -f "$pub" ] || { echo "bootstrap: no OpenSSH key $pub for admin $a" >&2; exit 1; }
+  printf 'spiffe://%s/user/%s %s\n' "$td" "$a" "$(cut -d' ' -f1,2 "$pub")"
+done > "$out/vault/admins.allowed_signers"
+chmod 0644 "$out/vault/admins.allowed_signers"
+install -m 0644 "$out/vault/admins.allowed_signers" "$out/broker/admins.allowed_signers"
 render "$here/vault.toml" "$out/vault/vault.toml"
 render "$here/audit.toml" "$out/audit/audit.toml"
 # The example broker config enables every notifier; keep only the mailbox
@@ -126,6 +145,8 @@ wrote certificates, keys and configs in $out (trust domain $td)
            twokey-vault serve --config $root/vault/vault.toml
            twokey-broker serve --config $root/broker/broker.toml
   CLI:     TWOKEY_CONFIG=$out/pki/twokey.toml twokey --profile NAME whoami
+  policy:  the admins write the signed policy (people, keys, roles) and apply it:
+           twokey policy propose FILE; twokey policy sign VERSION (M admins); twokey policy apply VERSION
   verify:  twokey audit verify --sources $out/audit/audit.toml --checkpoint-key "\$(cat $out/audit/verifier.key)"
 keep $out/pki/ca.key offline; each service needs only its own directory
 EOF
