@@ -12,14 +12,16 @@ ns="${TWOKEY_NAMESPACE:-twokey}"
 kubectl get namespace "$ns" >/dev/null 2>&1 || kubectl create namespace "$ns"
 apply() { kubectl -n "$ns" create "$@" --dry-run=client -o yaml | kubectl apply -f -; }
 
-apply configmap twokey-vault-config --from-file="$src/vault/vault.toml"
+apply configmap twokey-vault-config --from-file="$src/vault/vault.toml" \
+  --from-file="$src/vault/admins.allowed_signers"
 apply secret generic twokey-vault \
   --from-file="$src/vault/ca.crt" --from-file="$src/vault/vault.crt" \
   --from-file="$src/vault/vault.key" --from-file="$src/vault/master.key" \
   --from-file="$src/vault/event.key"
 
 apply configmap twokey-broker-config \
-  --from-file="$src/broker/broker.toml" --from-file="$src/broker/policy.toml"
+  --from-file="$src/broker/broker.toml" --from-file="$src/broker/policy.toml" \
+  --from-file="$src/broker/admins.allowed_signers"
 broker_extra=()
 for f in webhook.secret slack.token; do
   [ -f "$src/broker/$f" ] && broker_extra+=(--from-file="$src/broker/$f")
