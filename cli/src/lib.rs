@@ -38,6 +38,12 @@ use profile::{ConnectionArgs, Settings};
 ///   cert = "/path/alice.crt"
 ///   key = "/path/alice.key"
 ///   ca = "/path/ca.crt"
+///   ssh_key = "/path/alice.ssh"      # your OpenSSH key; signs your consent
+///
+/// Requests, approvals, releases, policy versions and admin actions are
+/// signed with your own OpenSSH key (ssh-ed25519): through the agent when
+/// $SSH_AUTH_SOCK is set (the key whose public half is ssh_key.pub), else
+/// with the unencrypted key file ssh_key.
 ///
 /// Exit codes: 0 success, 1 failure, 2 usage.
 #[derive(Debug, Parser)]

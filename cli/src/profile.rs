@@ -45,6 +45,11 @@ pub struct ConnectionArgs {
     /// The CA the services' certificates chain to (PEM).
     #[arg(long, global = true, value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// Your OpenSSH signing key (ssh-ed25519): the private key file, or
+    /// with $SSH_AUTH_SOCK set, the key the agent signs with (its public
+    /// half is read from FILE.pub, else from FILE).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub ssh_key: Option<PathBuf>,
     /// Name the broker's certificate must carry [default: broker].
     #[arg(long, global = true, value_name = "NAME")]
     pub broker_server_name: Option<String>,
@@ -72,6 +77,10 @@ pub struct Profile {
     /// CA certificate, PEM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
+    /// The person's OpenSSH signing key: the private key file (its public
+    /// half beside it as `FILE.pub`), used through `$SSH_AUTH_SOCK` when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<PathBuf>,
     /// Name the broker's certificate must carry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_server_name: Option<String>,
@@ -106,9 +115,14 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         for profile in config.profiles.values_mut() {
-            for file in [&mut profile.cert, &mut profile.key, &mut profile.ca]
-                .into_iter()
-                .flatten()
+            for file in [
+                &mut profile.cert,
+                &mut profile.key,
+                &mut profile.ca,
+                &mut profile.ssh_key,
+            ]
+            .into_iter()
+            .flatten()
             {
                 if file.is_relative() {
                     *file = base.join(&*file);
@@ -191,10 +205,19 @@ impl Settings {
                 cert: over_path(&args.cert, base.cert),
                 key: over_path(&args.key, base.key),
                 ca: over_path(&args.ca, base.ca),
+                ssh_key: over_path(&args.ssh_key, base.ssh_key),
                 broker_server_name: over(&args.broker_server_name, base.broker_server_name),
                 audit_server_name: over(&args.audit_server_name, base.audit_server_name),
             },
         })
+    }
+
+    /// The profile's name for messages: `profile "alice"`, or `the flags`.
+    pub fn source(&self) -> String {
+        match &self.profile {
+            Some(p) => format!("profile {p:?}"),
+            None => "the flags".to_owned(),
+        }
     }
 
     fn where_from(&self) -> String {
@@ -331,6 +354,7 @@ audit = "https://127.0.0.1:7403"
 cert = "alice.crt"
 key = "/abs/alice.key"
 ca = "ca.crt"
+ssh_key = "alice.ssh"
 "#;
 
     #[test]
@@ -345,6 +369,7 @@ ca = "ca.crt"
         assert_eq!(s.values.broker.as_deref(), Some("https://127.0.0.1:7400"));
         assert_eq!(s.values.cert, Some(dir.path().join("alice.crt")));
         assert_eq!(s.values.key, Some(PathBuf::from("/abs/alice.key")));
+        assert_eq!(s.values.ssh_key, Some(dir.path().join("alice.ssh")));
         let tls = s.tls().unwrap();
         assert_eq!(tls.ca, dir.path().join("ca.crt"));
     }

@@ -74,7 +74,10 @@ pub fn write_key(dir: &Path, name: &str, key: &PrivateKey) -> std::io::Result<Pa
         .public_key()
         .to_openssh()
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    fs::write(dir.join(format!("{name}.ssh.pub")), format!("{public} {name}\n"))?;
+    fs::write(
+        dir.join(format!("{name}.ssh.pub")),
+        format!("{public} {name}\n"),
+    )?;
     Ok(path)
 }
 
@@ -205,7 +208,8 @@ mod tests {
     fn a_rendered_policy_signed_by_the_pinned_admins_verifies() {
         let td = "example.org";
         let p = |n: &str| Person::generate(n, vec![format!("spiffe://{td}/user/{n}")]);
-        let (alice, bob, olivia, adam, anna) = (p("alice"), p("bob"), p("olivia"), p("adam"), p("anna"));
+        let (alice, bob, olivia, adam, anna) =
+            (p("alice"), p("bob"), p("olivia"), p("adam"), p("anna"));
         let all = [&alice, &bob, &olivia, &adam, &anna];
         let spec = PolicySpec {
             version: 1,
@@ -219,21 +223,29 @@ mod tests {
             accounts: vec![AccountRoles::new("aws-root", "alice", "bob", "olivia")],
         };
         let doc = spec.to_toml();
-        let root =
-            TrustRoot::from_allowed_signers(td, &admins_allowed_signers(&[&adam, &anna]), 2)
-                .unwrap();
+        let root = TrustRoot::from_allowed_signers(td, &admins_allowed_signers(&[&adam, &anna]), 2)
+            .unwrap();
         let one = [sign_policy(&adam.key, td, &doc)];
         assert!(verify_policy_update(None, &root, doc.as_bytes(), &one).is_err());
-        let two = [sign_policy(&adam.key, td, &doc), sign_policy(&anna.key, td, &doc)];
+        let two = [
+            sign_policy(&adam.key, td, &doc),
+            sign_policy(&anna.key, td, &doc),
+        ];
         let v = verify_policy_update(None, &root, doc.as_bytes(), &two).unwrap();
         assert_eq!(v.version(), 1);
-        assert_eq!(v.role_holders("aws-root", twokey_consent::Role::Approver), ["bob"]);
+        assert_eq!(
+            v.role_holders("aws-root", twokey_consent::Role::Approver),
+            ["bob"]
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let path = write_key(dir.path(), "alice", &alice.key).unwrap();
         let back = PrivateKey::read_openssh_file(&path).unwrap();
         assert_eq!(back.public_key(), alice.public());
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

@@ -2,6 +2,15 @@
 //! processes with a development PKI, fresh keys, configs and a policy — for
 //! `twokey demo` and for tests that run the CLI against the real services.
 //!
+//! Its people sign with their own OpenSSH keys (`pki/NAME.ssh`, named in
+//! each CLI profile as `ssh_key`): alice requests, bob approves, olivia
+//! operates, adam and anna are the admins (M = 2), carol audits. The admins'
+//! keys are pinned in `admins.allowed_signers` (the `[consent]` root of trust
+//! of vault and broker); consent policy version 1 (`consent-policy.toml`,
+//! signed by adam and anna: `consent-policy.toml.NAME.sig`) is applied to the
+//! vault with the broker's certificate right after the vault starts and
+//! before the broker starts, so the broker loads it at start.
+//!
 //! Services listen on `127.0.0.1:0`; their addresses come from the
 //! `twokey-<service> listening on ADDR` line each prints once it serves, so
 //! there are no fixed ports and no sleeps. Dropping [`LocalSystem`] stops the
@@ -14,9 +23,13 @@ use std::{
     time::Duration,
 };
 
+use twokey_consent::ssh_key::PrivateKey;
+use twokey_proto::vault::v1::{ApplyPolicyRequest, vault_service_client::VaultServiceClient};
 use twokey_runtime::keys::{SecretKey, encode_public_key, generate_signing_key};
+use twokey_runtime::tls::TlsFiles;
 
 use crate::{
+    consent::{AccountRoles, Person, PolicySpec, admins_allowed_signers, sign_policy},
     pki::{self, Addresses, UserRole, UserSpec},
     ready::spawn_service,
 };
@@ -26,13 +39,25 @@ pub const TRUST_DOMAIN: &str = "twokey.local";
 /// The account a local system's policy names.
 pub const ACCOUNT: &str = "aws-demo-root";
 /// The users of a local system: (name, role).
-pub const USERS: [(&str, UserRole); 5] = [
+pub const USERS: [(&str, UserRole); 6] = [
     ("alice", UserRole::Requester),
     ("bob", UserRole::Approver),
     ("olivia", UserRole::Operator),
     ("adam", UserRole::Admin),
+    ("anna", UserRole::Admin),
     ("carol", UserRole::Auditor),
 ];
+/// The admins of a local system, who sign its consent policy.
+pub const ADMINS: [&str; 2] = ["adam", "anna"];
+/// M: distinct admins a policy update or an admin action needs.
+pub const ADMIN_THRESHOLD: u32 = 2;
+/// Codes the local system's account may release per hour (the vault's rate).
+pub const RELEASES_PER_HOUR: u32 = 60;
+/// Consent policy version 1, in the system's directory; each admin's
+/// signature beside it as `consent-policy.toml.NAME.sig`.
+pub const CONSENT_POLICY_FILE: &str = "consent-policy.toml";
+/// The pinned admin set (root of trust), in the system's directory.
+pub const ADMINS_FILE: &str = "admins.allowed_signers";
 
 /// How long a service may take to print its listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,6 +81,15 @@ pub struct LocalSystem {
     pub audit_config: PathBuf,
     /// The checkpoint verifier key for `twokey audit verify --checkpoint-key`.
     pub verifier_key: String,
+    /// The pinned admins (`allowed_signers`) that vault and broker configs
+    /// name in `[consent] admins_file`.
+    pub admins_file: PathBuf,
+    /// Consent policy version 1 as applied (signatures beside it as
+    /// `consent-policy.toml.NAME.sig`).
+    pub consent_policy: PathBuf,
+    /// The people, each with their SPIFFE ID and OpenSSH key pair (the
+    /// private key is also at [`LocalSystem::ssh_key`]).
+    people: Vec<Person>,
     children: Vec<(String, Child)>,
     /// Extra environment variables for every service (e.g. `OTEL_*`).
     env: Vec<(String, String)>,
@@ -164,6 +198,24 @@ impl LocalSystem {
                 audit: "https://127.0.0.1:0",
             },
         )?;
+        let people = USERS
+            .iter()
+            .map(|(name, role)| {
+                let path = pki_dir.join(format!("{name}.ssh"));
+                let key = PrivateKey::read_openssh_file(&path)
+                    .map_err(|e| LocalError(format!("cannot read {}: {e}", path.display())))?;
+                let kind = if *role == UserRole::Intake {
+                    "svc"
+                } else {
+                    "user"
+                };
+                Ok(Person {
+                    name: (*name).to_owned(),
+                    ids: vec![format!("spiffe://{TRUST_DOMAIN}/{kind}/{name}")],
+                    key,
+                })
+            })
+            .collect::<Result<Vec<_>, LocalError>>()?;
         for sub in ["keys", "data", "logs"] {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io("create", &p))?;
@@ -199,9 +251,30 @@ impl LocalSystem {
             mailbox: dir.join("data/broker/mailbox"),
             audit_config: dir.join("audit.toml"),
             verifier_key,
+            admins_file: dir.join(ADMINS_FILE),
+            consent_policy: dir.join(CONSENT_POLICY_FILE),
+            people,
             children: Vec::new(),
             env,
         };
+
+        // The root of trust and consent policy version 1, signed by the
+        // admins; applied once the vault serves.
+        let admins: Vec<&Person> = ADMINS.iter().map(|n| system.person(n)).collect();
+        write(&system.admins_file, &admins_allowed_signers(&admins))?;
+        let document = system.policy_spec().to_toml();
+        write(&system.consent_policy, &document)?;
+        let mut signatures = Vec::new();
+        for admin in &admins {
+            let sig = sign_policy(&admin.key, td, &document);
+            let path = dir.join(format!("{CONSENT_POLICY_FILE}.{}.sig", admin.name));
+            std::fs::write(&path, &sig).map_err(io("write", &path))?;
+            signatures.push(sig);
+        }
+        let consent_section = format!(
+            "[consent]\nadmins_file = {:?}\nthreshold = {ADMIN_THRESHOLD}\n",
+            system.admins_file.display().to_string()
+        );
 
         write(
             &system.audit_config,
@@ -228,16 +301,18 @@ impl LocalSystem {
                  master_key_file = {:?}\nevent_key_file = {:?}\n\
                  broker_id = \"spiffe://{td}/svc/broker\"\ngrant_public_key = \"{}\"\n\
                  audit_address = \"{}\"\naudit_server_name = \"audit\"\n\
-                 audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}",
+                 audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}{}",
                 d("vault"),
                 k("master.key"),
                 k("vault-event.key"),
                 encode_public_key(&grant.verifying_key()),
                 system.audit,
                 tls("vault"),
+                consent_section,
             ),
         )?;
         system.vault = system.spawn(bin_dir, "vault", &vault_config)?;
+        system.apply_to_vault(&document, &signatures)?;
 
         let policy = dir.join("policy.toml");
         write(&policy, &policy_text())?;
@@ -249,7 +324,7 @@ impl LocalSystem {
                  policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
                  pin_key_file = {:?}\nvault_address = \"{}\"\nvault_server_name = \"vault\"\n\
                  audit_address = \"{}\"\naudit_server_name = \"audit\"\nlog_format = \"human\"\n\
-                 {}[notify.mailbox]\ndir = {:?}\n",
+                 {}{}[notify.mailbox]\ndir = {:?}\n",
                 d("broker"),
                 policy.display().to_string(),
                 k("grant.key"),
@@ -258,6 +333,7 @@ impl LocalSystem {
                 system.vault,
                 system.audit,
                 tls("broker"),
+                consent_section,
                 system.mailbox.display().to_string(),
             ),
         )?;
@@ -338,6 +414,93 @@ impl LocalSystem {
                 )))
             }
         }
+    }
+
+    /// The people: each one's name, SPIFFE ID and OpenSSH key pair, in the
+    /// order of [`USERS`].
+    pub fn people(&self) -> &[Person] {
+        &self.people
+    }
+
+    /// One person of [`USERS`] by name.
+    ///
+    /// # Panics
+    /// If `name` is not one of [`USERS`].
+    pub fn person(&self, name: &str) -> &Person {
+        self.people
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("{name} is not a person of the local system"))
+    }
+
+    /// `pki/NAME.ssh`: the person's OpenSSH private key (unencrypted, mode
+    /// 0600; the public key beside it as `NAME.ssh.pub`), which their CLI
+    /// profile names as `ssh_key`.
+    pub fn ssh_key(&self, name: &str) -> PathBuf {
+        self.dir.join("pki").join(format!("{name}.ssh"))
+    }
+
+    /// The spec of consent policy version 1: every person with their key,
+    /// the admins [`ADMINS`] with threshold [`ADMIN_THRESHOLD`], and
+    /// [`ACCOUNT`] with alice requesting, bob approving (one approval),
+    /// olivia operating, one code per request, [`RELEASES_PER_HOUR`] an
+    /// hour. Bump `version` and change it to make the next version.
+    pub fn policy_spec(&self) -> PolicySpec {
+        local_policy_spec(&self.people)
+    }
+
+    /// Signs `spec`'s document as each of `signers` (names of [`USERS`])
+    /// and applies it to the vault directly, presenting the broker's
+    /// certificate (as the broker's own ApplyPolicy does). The broker picks
+    /// the new version up when a statement names it.
+    pub fn apply_policy(&self, spec: &PolicySpec, signers: &[&str]) -> Result<(), LocalError> {
+        let document = spec.to_toml();
+        let signatures: Vec<Vec<u8>> = signers
+            .iter()
+            .map(|n| sign_policy(&self.person(n).key, TRUST_DOMAIN, &document))
+            .collect();
+        self.apply_to_vault(&document, &signatures)
+    }
+
+    /// Hands a policy document and its signatures to the vault's
+    /// ApplyPolicy over mTLS with the broker's certificate (on a thread of
+    /// its own, so that callers inside an async runtime may use it).
+    pub fn apply_to_vault(&self, document: &str, signatures: &[Vec<u8>]) -> Result<(), LocalError> {
+        let tls = TlsFiles::in_dir(&self.dir.join("pki"), "broker");
+        let address = self.vault.clone();
+        let request = ApplyPolicyRequest {
+            document: document.to_owned(),
+            signatures: signatures.to_vec(),
+        };
+        let apply = move || -> Result<(), LocalError> {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| LocalError(format!("cannot start a runtime: {e}")))?;
+            runtime.block_on(async {
+                let channel = tls
+                    .channel(&address, "vault")
+                    .map_err(|e| LocalError(format!("cannot dial the vault at {address}: {e}")))?;
+                VaultServiceClient::new(channel)
+                    .apply_policy(request)
+                    .await
+                    .map(|_| ())
+                    .map_err(|s| {
+                        LocalError(format!(
+                            "the vault at {address} did not apply the consent policy: {:?}: {}",
+                            s.code(),
+                            s.message()
+                        ))
+                    })
+            })
+        };
+        std::thread::scope(|scope| {
+            scope
+                .spawn(apply)
+                .join()
+                .unwrap_or_else(|_| Err(LocalError("applying the consent policy panicked".into())))
+        })
     }
 
     /// Every PIN the broker's mailbox holds for `user` and `request_id`,
@@ -428,7 +591,26 @@ impl LocalSystem {
     }
 }
 
-/// The policy of a local system: one account, one person per role.
+/// Consent policy version 1 of a local system for `people` (see
+/// [`LocalSystem::policy_spec`]).
+pub fn local_policy_spec(people: &[Person]) -> PolicySpec {
+    let mut account = AccountRoles::new(ACCOUNT, "alice", "bob", "olivia");
+    account.releases_per_hour = RELEASES_PER_HOUR;
+    PolicySpec {
+        version: 1,
+        trust_domain: TRUST_DOMAIN.to_owned(),
+        people: people
+            .iter()
+            .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
+            .collect(),
+        admins: ADMINS.iter().map(|a| (*a).to_owned()).collect(),
+        threshold: ADMIN_THRESHOLD,
+        accounts: vec![account],
+    }
+}
+
+/// The broker's own policy of a local system (roles, groups, routing): one
+/// account, one person per role, adam and anna its admins.
 pub fn policy_text() -> String {
     let td = TRUST_DOMAIN;
     let mut s = String::from("[identities]\n");
@@ -438,7 +620,7 @@ pub fn policy_text() -> String {
     s.push_str(&format!(
         "\n[groups]\nrequesters = [\"alice\"]\napprovers = [\"bob\"]\noperators = [\"olivia\"]\n\n\
          [accounts.{ACCOUNT}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
-         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
+         operators = [\"operators\"]\nadmins = [\"adam\", \"anna\"]\napprovals_required = 1\n\
          request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
     ));
     s

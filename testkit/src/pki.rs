@@ -1,8 +1,9 @@
 //! A development PKI: a CA and leaf certificates carrying SPIFFE IDs, made
 //! with rcgen, and [`init`], the whole set `twokey pki init` and a local
-//! system write (CA, the three services, each user, a profile file). Used by
-//! tests and the CLI; production deployments bring certificates from their
-//! own CA.
+//! system write (CA, the three services, each user with a certificate and an
+//! OpenSSH signing key, a profile file). Used by tests and the CLI;
+//! production deployments bring certificates from their own CA, and people
+//! bring their own SSH keys.
 
 use std::{
     net::IpAddr,
@@ -357,6 +358,10 @@ pub struct Issued {
     pub cert: PathBuf,
     /// Key path.
     pub key: PathBuf,
+    /// The user's OpenSSH signing key (`NAME.ssh`, beside `NAME.ssh.pub`);
+    /// none for services.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<PathBuf>,
 }
 
 /// What [`init`] wrote.
@@ -413,7 +418,7 @@ pub fn init(
             .chain(SERVICES)
             .chain(users.iter().map(|u| u.name.as_str()));
         for name in names {
-            for ext in ["crt", "key"] {
+            for ext in ["crt", "key", "ssh", "ssh.pub"] {
                 remove_if_present(&dir.join(format!("{name}.{ext}")))?;
             }
         }
@@ -433,7 +438,13 @@ pub fn init(
             _ => format!("spiffe://{td}/user/{}", u.name),
         };
         ca.issue(&LeafSpec::new(&id))?.write(dir, &u.name)?;
-        identities.push(issued(dir, &u.name, u.role.as_str(), id));
+        let ssh_key = crate::consent::write_key(dir, &u.name, &crate::consent::generate_key())
+            .map_err(|e| {
+                PkiError::Io(dir.join(format!("{}.ssh", u.name)).display().to_string(), e)
+            })?;
+        let mut entry = issued(dir, &u.name, u.role.as_str(), id);
+        entry.ssh_key = Some(ssh_key);
+        identities.push(entry);
     }
 
     let config = if users.is_empty() {
@@ -455,7 +466,8 @@ pub fn init(
 
 /// Writes a CLI profile file at `path`: one `[profiles.NAME]` per user, with
 /// the broker's address, the audit address for auditors, and certificate,
-/// key and CA paths under `pki_prefix` (relative to the file).
+/// key, CA and OpenSSH signing key (`ssh_key`, `NAME.ssh`) paths under
+/// `pki_prefix` (relative to the file).
 pub fn write_profiles(
     path: &Path,
     pki_prefix: &str,
@@ -471,7 +483,12 @@ pub fn write_profiles(
             text.push_str(&format!("audit = {}\n", quote(addresses.audit)));
         }
         let file = |ext: &str| quote(&format!("{pki_prefix}{}.{ext}", u.name));
-        text.push_str(&format!("cert = {}\nkey = {}\n", file("crt"), file("key")));
+        text.push_str(&format!(
+            "cert = {}\nkey = {}\nssh_key = {}\n",
+            file("crt"),
+            file("key"),
+            file("ssh")
+        ));
         text.push_str(&format!(
             "ca = {}\n\n",
             quote(&format!("{pki_prefix}ca.crt"))
@@ -487,6 +504,7 @@ fn issued(dir: &Path, name: &str, role: &str, spiffe_id: String) -> Issued {
         spiffe_id,
         cert: dir.join(format!("{name}.crt")),
         key: dir.join(format!("{name}.key")),
+        ssh_key: None,
     }
 }
 
