@@ -1,12 +1,20 @@
 //! `twokey code release`: one code of a verified request, printed large,
 //! then a live countdown: to the start of its window when the vault gave
 //! the next step's code (`usable in 4 s, then for 30 s`), then until it
-//! stops being valid.
+//! stops being valid. Once a signed policy is in force the operator signs a
+//! release statement with their ssh_key: it binds the request statement,
+//! exactly the approvals the request holds, and a grant id and a
+//! single-use release id the operator picks. A requester releasing their
+//! own code (delivery "requester") signs nothing: the operator's statements
+//! from `pin verify` are used.
+
+use std::time::SystemTime;
 
 use clap::Subcommand;
+use twokey_consent::{SignedStatement, new_id, new_statement, release_binding};
 use twokey_proto::{
     Timestamp,
-    broker::v1::{ReleaseCodeRequest, ReleaseCodeResponse},
+    broker::v1::{Delivery, ReleaseCodeRequest, ReleaseCodeResponse, Request},
     types::v1::Code,
 };
 
@@ -14,6 +22,7 @@ use crate::{
     error::CliError,
     output::{self, Output, big_digits, seconds_until, time, usable_in_frame},
     profile::Settings,
+    sign::{Signing, SshSigner, fetch_request, request_statement},
     with_runtime,
 };
 
@@ -21,8 +30,9 @@ use crate::{
 #[derive(Debug, Subcommand)]
 pub enum CodeCommand {
     /// Release one code of a verified request (operator, or the requester
-    /// when the account's policy delivers to the requester). On a terminal
-    /// the code stays on screen with a countdown until it expires.
+    /// when the account's policy delivers to the requester). The operator
+    /// signs the release with their ssh_key. On a terminal the code stays on
+    /// screen with a countdown until it expires.
     Release(crate::request::IdArg),
 }
 
@@ -31,10 +41,21 @@ pub fn run(cmd: CodeCommand, settings: Settings, out: Output) -> Result<(), CliE
     let CodeCommand::Release(a) = cmd;
     let answer = with_runtime(async move {
         let (mut broker, target) = settings.broker()?;
+        let signing = Signing::ask(&mut broker, &target).await?;
+        let mut statement = None;
+        if signing.required() {
+            let request = fetch_request(&mut broker, &target, &a.id).await?;
+            let own_delivery = request.delivery == Delivery::Requester as i32
+                && request.requester == signing.identity;
+            if !own_delivery {
+                let signer = SshSigner::from_settings(&settings)?;
+                statement = Some(sign_release(&signer, &signing, &request)?);
+            }
+        }
         broker
             .release_code(ReleaseCodeRequest {
                 request_id: a.id,
-                ..Default::default()
+                statement,
             })
             .await
             .map_err(|s| target.error(s))
@@ -53,6 +74,35 @@ pub fn run(cmd: CodeCommand, settings: Settings, out: Output) -> Result<(), CliE
         }
         _ => Ok(()),
     }
+}
+
+/// The operator's release statement for one code of `request`: its request
+/// statement, exactly the approvals it holds, a fresh grant id and release
+/// id.
+pub fn sign_release(
+    signer: &SshSigner,
+    signing: &Signing,
+    request: &Request,
+) -> Result<SignedStatement, CliError> {
+    let approvals = request
+        .consent
+        .as_ref()
+        .map(|c| c.approvals.as_slice())
+        .unwrap_or_default();
+    let binding = release_binding(request_statement(request)?, approvals, &new_id(), &new_id())
+        .map_err(|e| {
+            CliError::Input(format!(
+                "the request statement of {} cannot be released: {e}",
+                request.request_id
+            ))
+        })?;
+    let statement = new_statement(
+        signing.policy_version,
+        &signing.identity,
+        SystemTime::now(),
+        binding,
+    );
+    signer.sign_statement(&signing.trust_domain, &statement)
 }
 
 fn human(a: &ReleaseCodeResponse) -> String {

@@ -15,8 +15,10 @@ pub mod error;
 pub mod output;
 pub mod pin;
 pub mod pki;
+pub mod policy;
 pub mod profile;
 pub mod request;
+pub mod sign;
 pub mod whoami;
 
 use clap::{Parser, Subcommand};
@@ -80,9 +82,13 @@ pub enum Command {
     /// Release a code for a verified request.
     #[command(subcommand)]
     Code(code::CodeCommand),
-    /// Enroll, list and remove accounts (seeds live in the vault).
+    /// Enroll, list and remove accounts (seeds live in the vault); admin
+    /// actions that M admins sign.
     #[command(subcommand)]
     Account(account::AccountCommand),
+    /// Propose, sign, apply and show the admin-signed consent policy.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Query, export, checkpoint, verify and prove the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -122,6 +128,9 @@ fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Code(cmd) => code::run(cmd, Settings::resolve(&cli.connection)?, out),
         Command::Account(cmd) => {
             with_runtime(account::run(cmd, Settings::resolve(&cli.connection)?, out))
+        }
+        Command::Policy(cmd) => {
+            with_runtime(policy::run(cmd, Settings::resolve(&cli.connection)?, out))
         }
         Command::Audit(cmd) => audit::run(cmd, &cli.connection, out),
     }

@@ -1,19 +1,30 @@
 //! `twokey pin …`: the operator verifies the PIN the requester reads out
 //! (asked without echo, or read from stdin), and the requester asks for a
-//! new one.
+//! new one. When the requester releases the codes themselves (delivery
+//! "requester") and a signed policy is in force, the operator signs one
+//! release statement per code still allowed with the verification.
 
 use std::io::{IsTerminal, Read};
 
 use clap::{Args, Subcommand};
-use twokey_proto::broker::v1::{ResendPinRequest, VerifyPinRequest};
+use twokey_proto::broker::v1::{Delivery, ResendPinRequest, VerifyPinRequest};
 use zeroize::Zeroizing;
 
-use crate::{error::CliError, output::Output, profile::Settings, request::detail};
+use crate::{
+    code::sign_release,
+    error::CliError,
+    output::Output,
+    profile::Settings,
+    request::detail,
+    sign::{Signing, SshSigner, fetch_request},
+};
 
 /// PIN commands.
 #[derive(Debug, Subcommand)]
 pub enum PinCommand {
     /// Submit the PIN the requester read out (operator). Asks without echo.
+    /// When the requester releases the codes, signs their release
+    /// statements with your ssh_key.
     Verify(VerifyArgs),
     /// Void the PIN and have a new one sent to you (requester).
     Resend(crate::request::IdArg),
@@ -40,11 +51,23 @@ pub async fn run(cmd: PinCommand, settings: Settings, out: Output) -> Result<(),
                 ask_pin()?
             };
             let (mut broker, target) = settings.broker()?;
+            let signing = Signing::ask(&mut broker, &target).await?;
+            let mut releases = Vec::new();
+            if signing.required() {
+                let request = fetch_request(&mut broker, &target, &a.id).await?;
+                if request.delivery == Delivery::Requester as i32 {
+                    let signer = SshSigner::from_settings(&settings)?;
+                    let left = request.codes_allowed.saturating_sub(request.codes_released);
+                    for _ in 0..left {
+                        releases.push(sign_release(&signer, &signing, &request)?);
+                    }
+                }
+            }
             let answer = broker
                 .verify_pin(VerifyPinRequest {
                     request_id: a.id,
                     pin: pin.to_string(),
-                    ..Default::default()
+                    releases,
                 })
                 .await
                 .map_err(|s| target.error(s))?

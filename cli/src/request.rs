@@ -1,5 +1,11 @@
 //! `twokey request …`: file, list, show, watch, approve, deny and cancel
-//! requests for codes.
+//! requests for codes. Once a signed policy is in force, filing and
+//! approving are signed with the caller's own OpenSSH key: the requester
+//! signs a request statement with a request id (a UUID) and creation time
+//! of their own choosing; an approver signs an approval bound to exactly
+//! that statement.
+
+use std::time::SystemTime;
 
 use clap::{Args, Subcommand, builder::TypedValueParser};
 use futures::StreamExt;
@@ -9,16 +15,20 @@ use twokey_proto::broker::v1::{
     RequestState, WatchRequestsRequest,
 };
 
+use twokey_consent::{approval_binding, new_id, new_statement, request_binding};
+
 use crate::{
-    error::CliError,
+    error::{CliError, Target},
     output::{self, Output, enum_name, short_id, table, time},
-    profile::Settings,
+    profile::{BrokerClient, Settings},
+    sign::{Signing, SshSigner, fetch_request, request_statement},
 };
 
 /// Request commands.
 #[derive(Debug, Subcommand)]
 pub enum RequestCommand {
-    /// File a request for a code (requester, or an intake service).
+    /// File a request for a code (requester, or an intake service). Signed
+    /// with your ssh_key once a signed policy is in force.
     Create(CreateArgs),
     /// List requests you may see, newest first.
     List(ListArgs),
@@ -26,7 +36,8 @@ pub enum RequestCommand {
     Show(IdArg),
     /// Stream changes to requests as they happen (Ctrl-C to stop).
     Watch(WatchArgs),
-    /// Approve a pending request (approver; never your own).
+    /// Approve a pending request (approver; never your own). Signs an
+    /// approval of exactly the requester's signed statement with your ssh_key.
     Approve(ApproveArgs),
     /// Deny a pending or approved request (approver).
     Deny(DenyArgs),
@@ -134,19 +145,44 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
     let fail = |s| target.error(s);
     match cmd {
         RequestCommand::Create(a) => {
+            let ticket = a.ticket.unwrap_or_default();
+            let on_behalf_of = a.on_behalf_of.unwrap_or_default();
+            let signing = Signing::ask(&mut broker, &target).await?;
+            let (statement, signed_with) = if signing.required() {
+                let signer = SshSigner::from_settings(&settings)?;
+                let requester = if on_behalf_of.is_empty() {
+                    signing.identity.clone()
+                } else {
+                    resolve_person(&mut broker, &target, &on_behalf_of).await?
+                };
+                let now = SystemTime::now();
+                let binding =
+                    request_binding(&new_id(), &a.account, &requester, &a.reason, &ticket, now);
+                let statement =
+                    new_statement(signing.policy_version, &signing.identity, now, binding);
+                (
+                    Some(signer.sign_statement(&signing.trust_domain, &statement)?),
+                    signed_line(&signer, signing.policy_version),
+                )
+            } else {
+                (None, String::new())
+            };
             let answer = broker
                 .create_request(CreateRequestRequest {
                     account_id: a.account,
                     reason: a.reason,
-                    ticket: a.ticket.unwrap_or_default(),
-                    on_behalf_of: a.on_behalf_of.unwrap_or_default(),
-                    ..Default::default()
+                    ticket,
+                    on_behalf_of,
+                    statement,
                 })
                 .await
                 .map_err(fail)?
                 .into_inner();
             out.answer(&answer, || {
-                format!("created request\n{}", detail(answer.request.as_ref()))
+                format!(
+                    "created request{signed_with}\n{}",
+                    detail(answer.request.as_ref())
+                )
             })
         }
         RequestCommand::List(a) => {
@@ -212,17 +248,40 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
             })
         }
         RequestCommand::Approve(a) => {
+            let signing = Signing::ask(&mut broker, &target).await?;
+            let (statement, signed_with) = if signing.required() {
+                let signer = SshSigner::from_settings(&settings)?;
+                let request = fetch_request(&mut broker, &target, &a.id).await?;
+                let binding = approval_binding(request_statement(&request)?).map_err(|e| {
+                    CliError::Input(format!(
+                        "the request statement of {} cannot be approved: {e}",
+                        a.id
+                    ))
+                })?;
+                let statement = new_statement(
+                    signing.policy_version,
+                    &signing.identity,
+                    SystemTime::now(),
+                    binding,
+                );
+                (
+                    Some(signer.sign_statement(&signing.trust_domain, &statement)?),
+                    signed_line(&signer, signing.policy_version),
+                )
+            } else {
+                (None, String::new())
+            };
             let answer = broker
                 .approve_request(ApproveRequestRequest {
                     request_id: a.id,
                     comment: a.comment.unwrap_or_default(),
-                    ..Default::default()
+                    statement,
                 })
                 .await
                 .map_err(fail)?
                 .into_inner();
             out.answer(&answer, || {
-                format!("approved\n{}", detail(answer.request.as_ref()))
+                format!("approved{signed_with}\n{}", detail(answer.request.as_ref()))
             })
         }
         RequestCommand::Deny(a) => {
@@ -252,6 +311,51 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
             })
         }
     }
+}
+
+/// ` (signed with SHA256:… through the agent, policy version N)`.
+pub fn signed_line(signer: &SshSigner, policy_version: u64) -> String {
+    format!(
+        " (signed with {}{}, policy version {policy_version})",
+        signer.fingerprint(),
+        if signer.via_agent() {
+            " through the agent"
+        } else {
+            ""
+        }
+    )
+}
+
+/// The SPIFFE ID a request is filed for: `on_behalf_of` itself when it is
+/// one, else the person of that name in the active signed policy.
+async fn resolve_person(
+    broker: &mut BrokerClient,
+    target: &Target,
+    on_behalf_of: &str,
+) -> Result<String, CliError> {
+    if on_behalf_of.starts_with("spiffe://") {
+        return Ok(on_behalf_of.to_owned());
+    }
+    let policy = target.answer(
+        broker
+            .get_policy(twokey_proto::broker::v1::GetPolicyRequest {})
+            .await,
+    )?;
+    let person = policy
+        .applied
+        .first()
+        .and_then(|active| twokey_consent::Policy::parse(&active.document).ok())
+        .and_then(|p| {
+            p.people()
+                .iter()
+                .find(|person| person.name() == on_behalf_of)
+                .and_then(|person| person.ids().first().cloned())
+        });
+    person.ok_or_else(|| {
+        CliError::Usage(format!(
+            "--on-behalf-of {on_behalf_of:?} is no person of the active signed policy: give the requester's SPIFFE ID (spiffe://…)"
+        ))
+    })
 }
 
 /// A state's lower-case name (`pending`).
