@@ -1,22 +1,31 @@
 //! `twokey account …`: enroll a seed (read from stdin only, never argv),
-//! list accounts, remove one (admin).
+//! list accounts, and the admin actions that need M admins: remove, enroll
+//! with replace, disable, enable and restore. The first admin starts an
+//! action (signing a statement with a new action id with their ssh_key),
+//! the others sign it with `sign-action ID`, and once enough signed, the
+//! command with `--action ID` carries it out; the vault checks every
+//! admin's signature.
 
 use std::io::{IsTerminal, Read};
+use std::time::SystemTime;
 
 use clap::{Args, Subcommand, ValueEnum};
+use twokey_consent::{AdminAction, admin_binding, new_id, new_statement};
 use twokey_proto::{
     broker::v1::{
-        EnrollAccountRequest, EnrollAccountResponse, ListAccountsRequest, RemoveAccountRequest,
-        enroll_account_request::Seed,
+        AdminActionProposal, EnrollAccountRequest, EnrollAccountResponse, ListAccountsRequest,
+        ListAdminActionsRequest, RemoveAccountRequest, RestoreAccountRequest,
+        SetAccountEnabledRequest, SignAdminActionRequest, enroll_account_request::Seed,
     },
     types::v1::{Account, Algorithm, Code},
 };
 use zeroize::Zeroizing;
 
 use crate::{
-    error::CliError,
-    output::{Output, enum_name, seconds_until, table, time},
-    profile::Settings,
+    error::{CliError, Target},
+    output::{Output, enum_name, seconds_until, short_id, table, time},
+    profile::{BrokerClient, Settings},
+    sign::{Signing, SshSigner},
 };
 
 /// Account commands.
@@ -25,12 +34,26 @@ pub enum AccountCommand {
     /// Enroll a seed (admin). Pipe the otpauth:// URI or the Base32 secret
     /// into stdin; it is never taken from the command line. Prints the codes
     /// for two consecutive steps, which AWS asks for to finish registering an
-    /// MFA device.
+    /// MFA device. With --replace (M admins): without --action it starts the
+    /// admin action and reads no seed; with --action ID it replaces the seed.
     Enroll(EnrollArgs),
     /// List the accounts you have a role on.
     List,
-    /// Remove an account and its seed (admin).
+    /// Remove an account (M admins): without --action it starts the admin
+    /// action; with --action ID, once enough admins signed, it removes the
+    /// seed, which the vault keeps sealed for the policy's recovery window.
     Remove(RemoveArgs),
+    /// Stop releasing codes for an account (M admins; see `remove`).
+    Disable(ActionArgs),
+    /// Release codes for a disabled account again (M admins; see `remove`).
+    Enable(ActionArgs),
+    /// Bring back a seed replaced or removed within the recovery window (M
+    /// admins; see `remove`).
+    Restore(ActionArgs),
+    /// Sign an admin action another admin started, with your ssh_key.
+    SignAction(ActionIdArg),
+    /// List the admin actions still collecting signatures.
+    Actions,
 }
 
 /// A TOTP hash function.
@@ -78,6 +101,30 @@ pub struct EnrollArgs {
     /// With a Base32 secret: the hash function [default: sha1].
     #[arg(long, value_enum)]
     pub algorithm: Option<AlgorithmArg>,
+    /// With --replace: the admin action (signed by enough admins) to carry out.
+    #[arg(long, value_name = "ID", requires = "replace")]
+    pub action: Option<String>,
+}
+
+/// An admin action on an account.
+#[derive(Debug, Args)]
+pub struct ActionArgs {
+    /// The account.
+    #[arg(value_name = "ACCOUNT")]
+    pub account: String,
+    /// Carry out this admin action, which enough admins signed; without it,
+    /// start a new one.
+    #[arg(long, value_name = "ID")]
+    pub action: Option<String>,
+}
+
+/// An admin action's id.
+#[derive(Debug, Args)]
+pub struct ActionIdArg {
+    /// The action id that `twokey account remove|disable|enable|restore` or
+    /// `enroll --replace` printed.
+    #[arg(value_name = "ID")]
+    pub id: String,
 }
 
 /// `account remove`.
@@ -89,11 +136,18 @@ pub struct RemoveArgs {
     /// Why (kept in the audit log).
     #[arg(long)]
     pub reason: String,
+    /// Carry out this admin action, which enough admins signed; without it,
+    /// start a new one.
+    #[arg(long, value_name = "ID")]
+    pub action: Option<String>,
 }
 
 /// Runs an account command.
 pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result<(), CliError> {
     match cmd {
+        AccountCommand::Enroll(a) if a.replace && a.action.is_none() => {
+            start_action(&settings, out, &a.account, AdminAction::EnrollReplace).await
+        }
         AccountCommand::Enroll(a) => {
             let raw = read_seed()?;
             let request = enroll_request(&a, &raw)?;
@@ -121,24 +175,255 @@ pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result
             out.answer(&answer, || accounts_table(&answer.accounts))
         }
         AccountCommand::Remove(a) => {
+            let Some(action_id) = a.action else {
+                return start_action(&settings, out, &a.account, AdminAction::Remove).await;
+            };
             let (mut broker, target) = settings.broker()?;
             let answer = broker
                 .remove_account(RemoveAccountRequest {
                     account_id: a.account,
                     reason: a.reason,
-                    ..Default::default()
+                    action_id,
                 })
                 .await
                 .map_err(|s| target.error(s))?
                 .into_inner();
             out.answer(&answer, || {
                 format!(
-                    "removed {}; its seed is gone from the vault",
-                    answer.account_id
+                    "removed {}; the vault keeps its seed sealed for the policy's recovery window (`twokey account restore {}` brings it back)",
+                    answer.account_id, answer.account_id
                 )
             })
         }
+        AccountCommand::Disable(a) => set_enabled(&settings, out, a, false).await,
+        AccountCommand::Enable(a) => set_enabled(&settings, out, a, true).await,
+        AccountCommand::Restore(a) => {
+            let Some(action_id) = a.action else {
+                return start_action(&settings, out, &a.account, AdminAction::Restore).await;
+            };
+            let (mut broker, target) = settings.broker()?;
+            let answer = target.answer(
+                broker
+                    .restore_account(RestoreAccountRequest {
+                        account_id: a.account,
+                        action_id,
+                    })
+                    .await,
+            )?;
+            out.answer(&answer, || {
+                let acc = answer.account.clone().unwrap_or_default();
+                format!("restored {}: its earlier seed is back", acc.account_id)
+            })
+        }
+        AccountCommand::SignAction(a) => {
+            let signer = SshSigner::from_settings(&settings)?;
+            let (mut broker, target) = settings.broker()?;
+            let signing = require_policy(&mut broker, &target).await?;
+            let open =
+                target.answer(broker.list_admin_actions(ListAdminActionsRequest {}).await)?;
+            let Some(found) = open.actions.iter().find(|x| x.action_id == a.id) else {
+                return Err(CliError::Input(format!(
+                    "no open admin action {} (it was carried out, expired, or never started): `twokey account actions` lists the open ones",
+                    a.id
+                )));
+            };
+            let action = AdminAction::try_from(found.action).unwrap_or(AdminAction::Unspecified);
+            let answer = sign_action(
+                &mut broker,
+                &target,
+                &signer,
+                &signing,
+                &found.account_id,
+                action,
+                &a.id,
+            )
+            .await?;
+            out.answer(&answer, || action_story("signed", &answer))
+        }
+        AccountCommand::Actions => {
+            let (mut broker, target) = settings.broker()?;
+            let open =
+                target.answer(broker.list_admin_actions(ListAdminActionsRequest {}).await)?;
+            out.answer(&open, || actions_table(&open.actions))
+        }
     }
+}
+
+/// `disable` / `enable`: start the action, or carry it out.
+async fn set_enabled(
+    settings: &Settings,
+    out: Output,
+    a: ActionArgs,
+    enabled: bool,
+) -> Result<(), CliError> {
+    let Some(action_id) = a.action else {
+        let action = if enabled {
+            AdminAction::Enable
+        } else {
+            AdminAction::Disable
+        };
+        return start_action(settings, out, &a.account, action).await;
+    };
+    let (mut broker, target) = settings.broker()?;
+    let answer = target.answer(
+        broker
+            .set_account_enabled(SetAccountEnabledRequest {
+                account_id: a.account,
+                enabled,
+                action_id,
+            })
+            .await,
+    )?;
+    out.answer(&answer, || {
+        let acc = answer.account.clone().unwrap_or_default();
+        if enabled {
+            format!("enabled {}: it releases codes again", acc.account_id)
+        } else {
+            format!(
+                "disabled {}: it releases no codes until admins enable it",
+                acc.account_id
+            )
+        }
+    })
+}
+
+/// The active policy version for an admin's statement; admin actions need
+/// a signed policy in force.
+async fn require_policy(broker: &mut BrokerClient, target: &Target) -> Result<Signing, CliError> {
+    let signing = Signing::ask(broker, target).await?;
+    if !signing.required() {
+        return Err(CliError::Input(
+            "admin actions need a signed policy in force, and none is: admins apply one with `twokey policy propose FILE`, `twokey policy sign VERSION` and `twokey policy apply VERSION`".into(),
+        ));
+    }
+    Ok(signing)
+}
+
+/// Starts an admin action: a new action id, this admin's signed statement.
+async fn start_action(
+    settings: &Settings,
+    out: Output,
+    account: &str,
+    action: AdminAction,
+) -> Result<(), CliError> {
+    let signer = SshSigner::from_settings(settings)?;
+    let (mut broker, target) = settings.broker()?;
+    let signing = require_policy(&mut broker, &target).await?;
+    let answer = sign_action(
+        &mut broker,
+        &target,
+        &signer,
+        &signing,
+        account,
+        action,
+        &new_id(),
+    )
+    .await?;
+    out.answer(&answer, || action_story("started", &answer))
+}
+
+async fn sign_action(
+    broker: &mut BrokerClient,
+    target: &Target,
+    signer: &SshSigner,
+    signing: &Signing,
+    account: &str,
+    action: AdminAction,
+    action_id: &str,
+) -> Result<AdminActionProposal, CliError> {
+    let statement = new_statement(
+        signing.policy_version,
+        &signing.identity,
+        SystemTime::now(),
+        admin_binding(account, action, action_id),
+    );
+    let statement = signer.sign_statement(&signing.trust_domain, &statement)?;
+    target
+        .answer(
+            broker
+                .sign_admin_action(SignAdminActionRequest {
+                    statement: Some(statement),
+                })
+                .await,
+        )?
+        .action
+        .ok_or_else(|| CliError::Input("the broker sent no admin action back".into()))
+}
+
+/// The command that carries out an action once enough admins signed.
+pub fn carry_out_command(p: &AdminActionProposal) -> String {
+    let (account, id) = (&p.account_id, &p.action_id);
+    match AdminAction::try_from(p.action) {
+        Ok(AdminAction::Remove) => {
+            format!("twokey account remove {account} --reason REASON --action {id}")
+        }
+        Ok(AdminAction::EnrollReplace) => {
+            format!("twokey account enroll {account} --replace --action {id} < SEED")
+        }
+        Ok(AdminAction::Disable) => format!("twokey account disable {account} --action {id}"),
+        Ok(AdminAction::Enable) => format!("twokey account enable {account} --action {id}"),
+        Ok(AdminAction::Restore) => format!("twokey account restore {account} --action {id}"),
+        _ => format!("(action {} is unknown to this twokey)", p.action),
+    }
+}
+
+/// An action's lower-case name (`remove`, `enroll replace`).
+pub fn action_name(action: i32) -> String {
+    AdminAction::try_from(action).map_or_else(
+        |_| format!("action {action}"),
+        |a| enum_name(a.as_str_name(), "ADMIN_ACTION_").replace('_', " "),
+    )
+}
+
+fn action_story(verb: &str, p: &AdminActionProposal) -> String {
+    let signed = p.signed_by.len();
+    let mut s = format!(
+        "{verb} admin action {}: {} {}
+  signed by  {} ({signed} of {} admins)
+",
+        p.action_id,
+        action_name(p.action),
+        p.account_id,
+        p.signed_by
+            .iter()
+            .map(|id| short_id(id).to_owned())
+            .collect::<Vec<_>>()
+            .join(", "),
+        p.needed
+    );
+    if (signed as u32) < p.needed {
+        s.push_str(&format!(
+            "next: {} more admin(s) run `twokey account sign-action {}`; then `{}`",
+            p.needed as usize - signed,
+            p.action_id,
+            carry_out_command(p)
+        ));
+    } else {
+        s.push_str(&format!(
+            "enough admins signed: carry it out with `{}`",
+            carry_out_command(p)
+        ));
+    }
+    s
+}
+
+fn actions_table(actions: &[AdminActionProposal]) -> String {
+    if actions.is_empty() {
+        return "no open admin actions".to_owned();
+    }
+    let rows: Vec<Vec<String>> = actions
+        .iter()
+        .map(|p| {
+            vec![
+                p.action_id.clone(),
+                action_name(p.action),
+                p.account_id.clone(),
+                format!("{}/{}", p.signed_by.len(), p.needed),
+                time(p.created_at.as_ref()),
+            ]
+        })
+        .collect();
+    table(&["ID", "ACTION", "ACCOUNT", "SIGNED", "STARTED"], &rows)
 }
 
 /// Reads the seed from stdin: without echo on a terminal, else all of it.
@@ -218,7 +503,7 @@ pub fn enroll_request(a: &EnrollArgs, raw: &str) -> Result<EnrollAccountRequest,
         issuer: a.issuer.clone().unwrap_or_default(),
         label: a.label.clone().unwrap_or_default(),
         replace: a.replace,
-        ..Default::default()
+        action_id: a.action.clone().unwrap_or_default(),
     })
 }
 
@@ -269,7 +554,11 @@ fn accounts_table(accounts: &[Account]) -> String {
         .iter()
         .map(|a| {
             vec![
-                a.account_id.clone(),
+                if a.disabled {
+                    format!("{} (disabled)", a.account_id)
+                } else {
+                    a.account_id.clone()
+                },
                 a.issuer.clone(),
                 a.label.clone(),
                 format!("{}/{}/{}s", algorithm_name(a.algorithm), a.digits, a.period),
@@ -310,6 +599,7 @@ mod tests {
             digits: None,
             period: None,
             algorithm: None,
+            action: None,
         }
     }
 
@@ -338,6 +628,61 @@ mod tests {
     fn empty_stdin_says_what_to_pipe() {
         let err = enroll_request(&args(), "\n").unwrap_err().one_line();
         assert!(err.contains("no seed on stdin"), "{err}");
+    }
+
+    #[test]
+    fn each_action_says_the_command_that_carries_it_out() {
+        let p = |action: AdminAction| AdminActionProposal {
+            action_id: "id-1".into(),
+            account_id: "acct".into(),
+            action: action as i32,
+            needed: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            carry_out_command(&p(AdminAction::Remove)),
+            "twokey account remove acct --reason REASON --action id-1"
+        );
+        assert_eq!(
+            carry_out_command(&p(AdminAction::EnrollReplace)),
+            "twokey account enroll acct --replace --action id-1 < SEED"
+        );
+        assert_eq!(
+            carry_out_command(&p(AdminAction::Restore)),
+            "twokey account restore acct --action id-1"
+        );
+        assert_eq!(
+            action_name(AdminAction::EnrollReplace as i32),
+            "enroll replace"
+        );
+        let story = action_story("started", &p(AdminAction::Disable));
+        assert!(
+            story.contains("2 more admin(s) run `twokey account sign-action id-1`"),
+            "{story}"
+        );
+        assert!(
+            story.contains("twokey account disable acct --action id-1"),
+            "{story}"
+        );
+    }
+
+    #[test]
+    fn an_action_id_on_enroll_needs_replace() {
+        use clap::Parser;
+        let parse = |args: &[&str]| crate::Cli::try_parse_from(args);
+        assert!(parse(&["twokey", "account", "enroll", "a", "--action", "x"]).is_err());
+        assert!(
+            parse(&[
+                "twokey",
+                "account",
+                "enroll",
+                "a",
+                "--replace",
+                "--action",
+                "x"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

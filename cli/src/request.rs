@@ -425,6 +425,16 @@ pub fn detail(r: Option<&Request>) -> String {
             ),
         );
     }
+    if let Some(c) = r.consent.as_ref().filter(|c| c.request.is_some()) {
+        field(
+            "signed",
+            format!(
+                "request and {} approval(s), under policy version {}",
+                c.approvals.len(),
+                c.policy_version
+            ),
+        );
+    }
     field("operator", r.operator.clone());
     if r.pin_attempts > 0 {
         field(
