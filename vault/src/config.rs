@@ -1,8 +1,12 @@
 //! The vault's configuration: a TOML file (`--config`), each field
-//! overridable by a flag or a `TWOKEY_VAULT_*` environment variable.
+//! overridable by a flag or a `TWOKEY_VAULT_*` environment variable. The
+//! `[consent]` section is required: it pins the admins (an OpenSSH
+//! `allowed_signers` file) and the threshold M that the first signed policy
+//! must satisfy, the vault's root of trust.
 
 use std::path::PathBuf;
 
+use twokey_consent::TrustRoot;
 use twokey_runtime::{SpiffeId, telemetry::LogFormat, tls::TlsFiles};
 
 /// Everything the vault needs to run.
@@ -36,7 +40,26 @@ pub struct VaultConfig {
     pub log_format: LogFormat,
     /// This server's certificate, key and the CA clients must chain to.
     pub tls: TlsFiles,
+    /// The root of trust of the signed policy. Required: the vault does not
+    /// start without it (an `Option` only so that its absence is reported
+    /// with what to write, not as a bare missing field).
+    #[serde(default)]
+    pub consent: Option<ConsentConfig>,
 }
+
+/// The `[consent]` section: the pinned admins and threshold.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentConfig {
+    /// OpenSSH `allowed_signers` file of the initial admins; principals are
+    /// their SPIFFE IDs.
+    pub admins_file: PathBuf,
+    /// M: distinct admins whose signatures the first policy version needs.
+    pub threshold: u32,
+}
+
+/// The message for a config without `[consent]`.
+pub const CONSENT_REQUIRED: &str = "the [consent] section is required: add\n\n[consent]\nadmins_file = \"/path/admins.allowed_signers\"   # OpenSSH allowed_signers; principals = admins' SPIFFE IDs\nthreshold = 2\n\nto the vault's config; it pins the admins who sign the first consent policy";
 
 fn default_audit_server_name() -> String {
     "audit".into()
@@ -47,6 +70,21 @@ fn default_ack_timeout_ms() -> u64 {
 }
 
 impl VaultConfig {
+    /// The pinned root of trust: the `[consent]` section's admins and
+    /// threshold, read and checked; the message says what to fix.
+    pub fn trust_root(&self) -> Result<TrustRoot, String> {
+        let consent = self.consent.as_ref().ok_or(CONSENT_REQUIRED)?;
+        let path = &consent.admins_file;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "[consent] admins_file {}: {e}; write the pinned admins' allowed_signers lines there",
+                path.display()
+            )
+        })?;
+        TrustRoot::from_allowed_signers(&self.trust_domain, &text, consent.threshold)
+            .map_err(|e| format!("[consent] admins_file {}: {e}", path.display()))
+    }
+
     /// The vault's own SPIFFE ID, the source of its audit events.
     pub fn source_id(&self) -> Result<SpiffeId, twokey_runtime::identity::IdentityError> {
         SpiffeId::parse(&format!("spiffe://{}/svc/vault", self.trust_domain))

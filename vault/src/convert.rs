@@ -1,7 +1,8 @@
 //! Wire ↔ domain for the vault: an enrollment request becomes a validated
-//! [`Enrollment`] (`TryFrom`; its `actor` is ignored, the grant names the
-//! admin), and stored accounts and computed codes become
-//! their protobuf messages.
+//! [`Enrollment`] (`TryFrom`; its `actor` is ignored, the grant or the
+//! admins' verified statements name who acted), and stored accounts,
+//! computed codes and applied policy versions become their protobuf
+//! messages.
 
 use twokey_proto::{
     types::v1::{self as types, Account},
@@ -13,6 +14,7 @@ use crate::{
     seed::{Algorithm, STRONG_SEED_BYTES, Seed, SeedError, SeedSpec, TotpParams, parse_otpauth},
     service::{Enrollment, VaultError, validate_account_id},
     store::AccountRecord,
+    store::StoredPolicy,
     totp::CodeValue,
 };
 
@@ -34,6 +36,11 @@ impl TryFrom<&EnrollRequest> for Enrollment {
             spec,
             replace: request.replace,
             min_seconds_left: request.min_seconds_left,
+            consent: request
+                .consent
+                .as_ref()
+                .map(|c| c.statements.clone())
+                .unwrap_or_default(),
         })
     }
 }
@@ -104,7 +111,7 @@ impl From<&AccountRecord> for Account {
             last_used_at: r.last_used_at.map(timestamp_from_secs),
             seed_bits: r.seed_bits,
             weak_seed: (r.seed_bits as usize) < STRONG_SEED_BYTES * 8,
-            disabled: false,
+            disabled: r.disabled,
         }
     }
 }
@@ -117,6 +124,19 @@ impl From<&CodeValue> for types::Code {
             period: code.period,
             valid_from: Some(timestamp_from_secs(code.valid_from)),
             valid_until: Some(timestamp_from_secs(code.valid_until)),
+        }
+    }
+}
+
+impl From<&StoredPolicy> for twokey_proto::vault::v1::PolicyVersion {
+    fn from(p: &StoredPolicy) -> Self {
+        Self {
+            version: p.version,
+            document: p.document.clone(),
+            signatures: p.signature_bytes(),
+            signed_by: p.signed_by.clone(),
+            digest: p.digest_bytes(),
+            applied_at: Some(timestamp_from_secs(p.applied_at)),
         }
     }
 }

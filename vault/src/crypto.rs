@@ -11,6 +11,7 @@ use zeroize::Zeroizing;
 const AAD_PREFIX: &[u8] = b"twokey-seed-v1\0";
 const KEY_CHECK_AAD: &[u8] = b"twokey-key-check-v1\0";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"twokey master key check";
+const POLICY_HEAD_AAD: &[u8] = b"twokey-policy-head-v1\0";
 
 /// The key that seals every seed. Kept outside sled; Debug is redacted.
 #[derive(Debug, Clone)]
@@ -47,6 +48,24 @@ impl MasterKey {
     /// A value stored beside the data that tells whether a key is the right one.
     pub fn key_check(&self) -> Vec<u8> {
         self.seal_with(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT)
+    }
+
+    /// The head of the policy chain (the newest version and its document's
+    /// digest), sealed: someone who can write the data directory but does
+    /// not hold the master key cannot make a head for a chain they cut or
+    /// extended.
+    pub fn seal_policy_head(&self, version: u64, digest: &[u8]) -> Vec<u8> {
+        self.seal_with(
+            POLICY_HEAD_AAD,
+            &[&version.to_be_bytes()[..], digest].concat(),
+        )
+    }
+
+    /// True when `head` was sealed by [`MasterKey::seal_policy_head`] with
+    /// this key for exactly this version and digest.
+    pub fn policy_head_matches(&self, head: &[u8], version: u64, digest: &[u8]) -> bool {
+        self.open_with(POLICY_HEAD_AAD, head)
+            .is_ok_and(|p| p.as_slice() == [&version.to_be_bytes()[..], digest].concat())
     }
 
     /// True when `check` was made by [`MasterKey::key_check`] with this key.

@@ -1,16 +1,21 @@
 //! The vault's thin gRPC layer: only the broker's SPIFFE ID may call; each
 //! method converts its request ([`convert`](crate::convert)), makes one
-//! domain call, and [`VaultError`] maps to a status here.
+//! domain call (naming the verified caller, which refusal events record),
+//! and [`VaultError`] maps to a status here.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 use twokey_proto::{
+    consent::v1::SignedStatement,
     types::v1::Account,
     vault::v1::{
-        EnrollRequest, EnrollResponse, GenerateCodeRequest, GenerateCodeResponse,
-        ListAccountsRequest, ListAccountsResponse, RemoveAccountRequest, RemoveAccountResponse,
-        StatusRequest, StatusResponse, vault_service_server::VaultService,
+        AdminConsent, ApplyPolicyRequest, ApplyPolicyResponse, EnrollRequest, EnrollResponse,
+        GenerateCodeRequest, GenerateCodeResponse, GetPolicyRequest, GetPolicyResponse,
+        ListAccountsRequest, ListAccountsResponse, PolicyVersion, RemoveAccountRequest,
+        RemoveAccountResponse, RestoreAccountRequest, RestoreAccountResponse,
+        SetAccountEnabledRequest, SetAccountEnabledResponse, StatusRequest, StatusResponse,
+        vault_service_server::VaultService,
     },
 };
 use twokey_runtime::{Authenticator, SpiffeId, error::to_status, time::to_timestamp};
@@ -63,13 +68,16 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         &self,
         request: Request<EnrollRequest>,
     ) -> Result<Response<EnrollResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
         let request = request.get_ref();
         twokey_runtime::trace::record_ids("", &request.account_id);
         // The grant first: without a valid one, the seed is not looked at.
         let grant = self.vault.verify_enroll_grant(request.grant.as_ref())?;
         let enrollment = Enrollment::try_from(request)?;
-        let enrolled = self.vault.enroll(grant, enrollment).await?;
+        let enrolled = self
+            .vault
+            .enroll(caller.as_str(), grant, enrollment)
+            .await?;
         Ok(Response::new(EnrollResponse {
             account: Some((&enrolled.account).into()),
             current: Some((&enrolled.current).into()),
@@ -82,10 +90,15 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         &self,
         request: Request<GenerateCodeRequest>,
     ) -> Result<Response<GenerateCodeResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
+        let request = request.get_ref();
         let released = self
             .vault
-            .generate_code(request.get_ref().grant.as_ref())
+            .generate_code(
+                caller.as_str(),
+                request.grant.as_ref(),
+                request.evidence.as_ref(),
+            )
             .await;
         let (code, grant_id) = match released {
             Ok(ok) => {
@@ -117,8 +130,16 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         &self,
         request: Request<RemoveAccountRequest>,
     ) -> Result<Response<RemoveAccountResponse>, Status> {
-        self.authorize(&request)?;
-        let account_id = self.vault.remove(request.get_ref().grant.as_ref()).await?;
+        let caller = self.authorize(&request)?;
+        let request = request.get_ref();
+        let account_id = self
+            .vault
+            .remove(
+                caller.as_str(),
+                request.grant.as_ref(),
+                statements(request.consent.as_ref()),
+            )
+            .await?;
         Ok(Response::new(RemoveAccountResponse { account_id }))
     }
 
@@ -136,33 +157,75 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
 
     async fn apply_policy(
         &self,
-        request: Request<twokey_proto::vault::v1::ApplyPolicyRequest>,
-    ) -> Result<Response<twokey_proto::vault::v1::ApplyPolicyResponse>, Status> {
-        self.authorize(&request)?;
-        Err(Status::unimplemented("signed policies are not served yet"))
+        request: Request<ApplyPolicyRequest>,
+    ) -> Result<Response<ApplyPolicyResponse>, Status> {
+        let caller = self.authorize(&request)?;
+        let request = request.get_ref();
+        let applied = self
+            .vault
+            .apply_policy(caller.as_str(), &request.document, &request.signatures)
+            .await?;
+        Ok(Response::new(ApplyPolicyResponse {
+            policy: Some((&applied).into()),
+        }))
     }
 
     async fn get_policy(
         &self,
-        request: Request<twokey_proto::vault::v1::GetPolicyRequest>,
-    ) -> Result<Response<twokey_proto::vault::v1::GetPolicyResponse>, Status> {
+        request: Request<GetPolicyRequest>,
+    ) -> Result<Response<GetPolicyResponse>, Status> {
         self.authorize(&request)?;
-        Err(Status::unimplemented("signed policies are not served yet"))
+        Ok(Response::new(GetPolicyResponse {
+            versions: self
+                .vault
+                .policies()?
+                .iter()
+                .map(PolicyVersion::from)
+                .collect(),
+        }))
     }
 
     async fn set_account_enabled(
         &self,
-        request: Request<twokey_proto::vault::v1::SetAccountEnabledRequest>,
-    ) -> Result<Response<twokey_proto::vault::v1::SetAccountEnabledResponse>, Status> {
-        self.authorize(&request)?;
-        Err(Status::unimplemented("disabling accounts is not served yet"))
+        request: Request<SetAccountEnabledRequest>,
+    ) -> Result<Response<SetAccountEnabledResponse>, Status> {
+        let caller = self.authorize(&request)?;
+        let request = request.get_ref();
+        let account = self
+            .vault
+            .set_enabled(
+                caller.as_str(),
+                request.grant.as_ref(),
+                request.enabled,
+                statements(request.consent.as_ref()),
+            )
+            .await?;
+        Ok(Response::new(SetAccountEnabledResponse {
+            account: Some((&account).into()),
+        }))
     }
 
     async fn restore_account(
         &self,
-        request: Request<twokey_proto::vault::v1::RestoreAccountRequest>,
-    ) -> Result<Response<twokey_proto::vault::v1::RestoreAccountResponse>, Status> {
-        self.authorize(&request)?;
-        Err(Status::unimplemented("restoring accounts is not served yet"))
+        request: Request<RestoreAccountRequest>,
+    ) -> Result<Response<RestoreAccountResponse>, Status> {
+        let caller = self.authorize(&request)?;
+        let request = request.get_ref();
+        let (account, _) = self
+            .vault
+            .restore(
+                caller.as_str(),
+                request.grant.as_ref(),
+                statements(request.consent.as_ref()),
+            )
+            .await?;
+        Ok(Response::new(RestoreAccountResponse {
+            account: Some((&account).into()),
+        }))
     }
+}
+
+/// The admins' statements of a request (none without `consent`).
+fn statements(consent: Option<&AdminConsent>) -> &[SignedStatement] {
+    consent.map_or(&[], |c| c.statements.as_slice())
 }

@@ -1,7 +1,9 @@
 //! The vault: the only process that ever holds a TOTP seed. It stores seeds
 //! encrypted, and computes a code only for a single-use grant signed by the
-//! broker, after the audit service has acknowledged the event recording it.
-//! It knows nothing of people, roles or approvals; its only client is the
+//! broker AND the people's own signed consent (request, approvals, the
+//! operator's release) under the admin-signed policy it holds, after the
+//! audit service has acknowledged the event recording it. Its root of trust
+//! is the admin set its config pins (`[consent]`); its only client is the
 //! broker.
 #![forbid(unsafe_code)]
 
@@ -42,6 +44,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let root = config.trust_root().map_err(StartError::Setting)?;
     let master = SecretKey::load(&config.master_key_file)?;
     let grant_key = parse_public_key(&config.grant_public_key)?;
     let event_key = load_signing_key(&config.event_key_file)?;
@@ -70,6 +73,7 @@ pub async fn serve(
                 timeout: Duration::from_millis(config.audit_ack_timeout_ms),
             },
             clock,
+            root,
         )
         .map_err(StartError::refused)?,
     );
@@ -80,7 +84,7 @@ pub async fn serve(
         loop {
             tick.tick().await;
             if let Err(e) = sweeper.sweep() {
-                tracing::warn!("sweeping used grants failed: {e}");
+                tracing::warn!("sweeping used grants, consent history and kept seeds failed: {e}");
             }
         }
     });

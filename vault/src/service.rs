@@ -1,13 +1,31 @@
-//! The vault's domain core: enrollment and removal for a grant, code release
-//! for a grant, listing and status. No tonic here; the gRPC layer maps [`VaultError`].
+//! The vault's domain core: the admin-signed policy (applied, persisted,
+//! re-verified from the pinned admins at every start), enrollment, removal,
+//! disabling and restore for a grant and M admins' signed consent, code
+//! release for a grant and the people's signed consent, listing and status.
+//! No tonic here; the gRPC layer maps [`VaultError`].
 //!
 //! Fail closed: a code (or an enrollment's registration codes) is computed
 //! only after the audit service has acknowledged the event that records it.
+//! Every refusal of consent is written to audit (`code.refused`,
+//! `admin_action.refused`, `policy.refused`) before it is answered. Events
+//! name the people whose signatures verified, never a field a caller filled
+//! in.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
-use twokey_proto::vault::v1::{Grant, GrantPurpose, SignedGrant};
+use twokey_consent::{
+    AdminAction, AdminActionRequest, ConsentError, GrantFacts, PolicyError, SignedStatement,
+    TrustRoot, Verified, VerifiedAdminAction, VerifiedPolicy, check_admin_action, check_release,
+    verify_policy_update,
+};
+use twokey_proto::{
+    audit::v1::Outcome,
+    vault::v1::{Grant, GrantPurpose, ReleaseEvidence, SignedGrant},
+};
 use twokey_runtime::{
     error::{ErrorKind, ServiceError},
     events::EventDraft,
@@ -20,7 +38,8 @@ use crate::{
     crypto::MasterKey,
     seed::{Seed, SeedError, SeedSpec},
     store::{
-        AccountRecord, GrantUse, NewAccount, Removal, SpentGrant, VaultStore, VaultStoreError,
+        AccountRecord, AdminUse, EnabledChange, GrantUse, KeptSeed, NewAccount, ReleaseUse,
+        Removal, Restore, SpentGrant, StoredPolicy, VaultStore, VaultStoreError, remember_until,
     },
     totp::{CodeValue, code_for_step},
 };
@@ -36,6 +55,10 @@ impl AuditGate for ShipperHandle {
         Box::pin(self.wait_acked(seq, timeout))
     }
 }
+
+/// The answer when no signed policy is in force.
+pub const NO_POLICY: &str =
+    "no signed policy is in force; admins apply one with `twokey policy propose/sign/apply`";
 
 /// Why a vault operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +84,18 @@ pub enum VaultError {
         /// The account the call is for.
         asked: String,
     },
+    /// The people's signed consent does not hold.
+    #[error(transparent)]
+    Consent(#[from] ConsentError),
+    /// A policy update was refused; the active version stays in force.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// No signed policy is in force.
+    #[error("{NO_POLICY}")]
+    NoPolicy,
+    /// The stored policy chain does not verify from the pinned admins.
+    #[error("{0}")]
+    PolicyChain(String),
     /// Store-level refusal or failure.
     #[error(transparent)]
     Store(#[from] VaultStoreError),
@@ -72,22 +107,41 @@ pub enum VaultError {
     AuditUnavailable(String),
 }
 
+/// The service error kind of a consent or policy refusal.
+pub fn consent_kind(kind: twokey_consent::ErrorKind) -> ErrorKind {
+    match kind {
+        twokey_consent::ErrorKind::InvalidArgument => ErrorKind::InvalidArgument,
+        twokey_consent::ErrorKind::FailedPrecondition => ErrorKind::FailedPrecondition,
+        twokey_consent::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
+    }
+}
+
 impl ServiceError for VaultError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::InvalidArgument(_) | Self::Seed(_) | Self::Grant(GrantError::Malformed(_)) => {
                 ErrorKind::InvalidArgument
             }
+            Self::Consent(e) | Self::Store(VaultStoreError::Consent(e)) => consent_kind(e.kind()),
+            Self::Policy(e) => consent_kind(e.kind()),
             Self::Grant(_)
             | Self::GrantForOtherAccount { .. }
             | Self::Store(VaultStoreError::GrantUsed(_)) => ErrorKind::PermissionDenied,
+            Self::NoPolicy
+            | Self::Store(VaultStoreError::Disabled(_) | VaultStoreError::PolicyNotNewer { .. }) => {
+                ErrorKind::FailedPrecondition
+            }
             Self::Store(VaultStoreError::StepsUsed { .. }) => ErrorKind::Unavailable,
             Self::Store(VaultStoreError::AlreadyExists(_)) => ErrorKind::AlreadyExists,
-            Self::Store(VaultStoreError::NotFound(_)) => ErrorKind::NotFound,
+            Self::Store(VaultStoreError::NotFound(_) | VaultStoreError::NothingKept(_)) => {
+                ErrorKind::NotFound
+            }
             Self::AuditUnavailable(_) | Self::Store(VaultStoreError::Store(_)) => {
                 ErrorKind::Unavailable
             }
-            Self::Store(VaultStoreError::Corrupt(_)) | Self::Integrity(_) => ErrorKind::Internal,
+            Self::Store(VaultStoreError::Corrupt(_))
+            | Self::Integrity(_)
+            | Self::PolicyChain(_) => ErrorKind::Internal,
         }
     }
 }
@@ -100,6 +154,18 @@ impl VaultError {
             self,
             Self::Store(VaultStoreError::Store(_) | VaultStoreError::Corrupt(_))
                 | Self::Integrity(_)
+                | Self::PolicyChain(_)
+        )
+    }
+
+    /// A refusal of the people's consent (or of its absence), which is
+    /// written to audit.
+    fn is_consent_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Consent(_)
+                | Self::NoPolicy
+                | Self::Store(VaultStoreError::Consent(_) | VaultStoreError::Disabled(_))
         )
     }
 }
@@ -117,6 +183,8 @@ pub struct Enrollment {
     /// Fewest seconds a released code must have left in its step, below the
     /// period; 0 for the default.
     pub min_seconds_left: u32,
+    /// With `replace`: the admins' statements consenting to it.
+    pub consent: Vec<SignedStatement>,
 }
 
 /// An enrollment grant whose signature, purpose and lifetime the vault has
@@ -155,6 +223,10 @@ pub struct Vault<S> {
     grants: GrantVerifier,
     audit: AuditWait,
     clock: Arc<dyn Clock>,
+    root: TrustRoot,
+    policy: RwLock<Option<Arc<VerifiedPolicy>>>,
+    /// One policy update at a time.
+    applying: tokio::sync::Mutex<()>,
 }
 
 /// Checks an account id: 1 to 64 characters of `[a-z0-9._-]`.
@@ -182,15 +254,218 @@ fn grant_expiry(grant: &Grant) -> u64 {
         .map_or(0, |t| u64::try_from(t.seconds).unwrap_or(0))
 }
 
+fn spent(grant: &Grant) -> SpentGrant {
+    SpentGrant {
+        grant_id: grant.grant_id.clone(),
+        expires_at: grant_expiry(grant),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The statement a consent refusal is about, for the audit event.
+fn refused_statement(e: &ConsentError) -> String {
+    match e {
+        ConsentError::Missing { statement }
+        | ConsentError::Malformed { statement, .. }
+        | ConsentError::WrongKind { statement, .. }
+        | ConsentError::UnknownIdentity { statement, .. }
+        | ConsentError::UnknownKey { statement, .. }
+        | ConsentError::WrongNamespace { statement, .. }
+        | ConsentError::BadSignature { statement, .. }
+        | ConsentError::PolicyVersion { statement, .. }
+        | ConsentError::UnknownAccount { statement, .. }
+        | ConsentError::MissingRole { statement, .. }
+        | ConsentError::WrongBinding { statement, .. }
+        | ConsentError::Stale { statement, .. }
+        | ConsentError::FromTheFuture { statement, .. } => statement.to_string(),
+        ConsentError::NotDistinct { second, .. }
+        | ConsentError::DuplicateApproval { second, .. } => second.to_string(),
+        ConsentError::TooFewApprovals { .. } => "the approval statements".into(),
+        ConsentError::PinNotVerified { .. }
+        | ConsentError::ReleaseReplayed { .. }
+        | ConsentError::CodesExhausted { .. }
+        | ConsentError::RateLimited { .. } => "the release statement".into(),
+        ConsentError::GrantMismatch { .. } => "the grant".into(),
+        ConsentError::TooFewAdmins { .. } | ConsentError::AdminActionReplayed { .. } => {
+            "the admin statements".into()
+        }
+        _ => String::new(),
+    }
+}
+
+/// The signer (or person) a consent refusal names, for the audit event.
+fn refused_signer(e: &ConsentError) -> String {
+    match e {
+        ConsentError::UnknownKey { signer, .. }
+        | ConsentError::WrongNamespace { signer, .. }
+        | ConsentError::BadSignature { signer, .. }
+        | ConsentError::PolicyVersion { signer, .. }
+        | ConsentError::WrongBinding { signer, .. }
+        | ConsentError::Stale { signer, .. }
+        | ConsentError::FromTheFuture { signer, .. }
+        | ConsentError::PinNotVerified { signer }
+        | ConsentError::ReleaseReplayed { signer, .. } => signer.clone(),
+        ConsentError::UnknownIdentity { id, .. } | ConsentError::MissingRole { id, .. } => {
+            id.clone()
+        }
+        ConsentError::NotDistinct { person, .. }
+        | ConsentError::DuplicateApproval { person, .. } => person.clone(),
+        ConsentError::TooFewAdmins { have, .. } => have.join(","),
+        _ => String::new(),
+    }
+}
+
+/// A refusal event: what was refused, by whom it was asked (the caller's
+/// verified SPIFFE ID), which statement and signer, why.
+fn refusal_event(caller: &str, action: &str, grant: &Grant, error: &VaultError) -> EventDraft {
+    let consent = match error {
+        VaultError::Consent(e) | VaultError::Store(VaultStoreError::Consent(e)) => Some(e),
+        _ => None,
+    };
+    let kind = error.kind().grpc_code();
+    EventDraft::new(caller, action)
+        .account(&grant.account_id)
+        .request(&grant.request_id)
+        .outcome(Outcome::Denied)
+        .attr("grant_id", &grant.grant_id)
+        .attr("status", format!("{kind:?}"))
+        .attr(
+            "statement",
+            consent.map(refused_statement).unwrap_or_default(),
+        )
+        .attr("signer", consent.map(refused_signer).unwrap_or_default())
+        .attr("reason", error.to_string())
+}
+
+/// The verified admins, as an event's actor: their SPIFFE IDs, in the order
+/// presented, comma-separated.
+fn admins_actor(action: &VerifiedAdminAction) -> String {
+    action
+        .admins
+        .iter()
+        .map(|a| a.spiffe_id.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// An admin action's event, naming the verified admins.
+fn admin_event(name: &str, grant: &Grant, action: &VerifiedAdminAction) -> EventDraft {
+    EventDraft::new(admins_actor(action), name)
+        .account(&action.account_id)
+        .attr("grant_id", &grant.grant_id)
+        .attr("action_id", &action.action_id)
+        .attr("policy_version", action.policy_version.to_string())
+        .attr(
+            "admins",
+            action
+                .admins
+                .iter()
+                .map(|a| a.person.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+}
+
+/// The `code.released` event: every name in it verified.
+fn released_event(grant: &Grant, v: &Verified) -> EventDraft {
+    let ids = |s: &[twokey_consent::Signer]| {
+        s.iter()
+            .map(|a| a.spiffe_id.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let people = |s: &[twokey_consent::Signer]| {
+        s.iter()
+            .map(|a| a.person.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    EventDraft::new(&v.operator.spiffe_id, "code.released")
+        .account(&v.account_id)
+        .request(&v.request_id)
+        .attr("grant_id", &grant.grant_id)
+        .attr("release_id", &v.release_id)
+        .attr("policy_version", v.policy_version.to_string())
+        .attr("requester", &v.requester_id)
+        .attr("requester_person", &v.requester_person)
+        .attr("filed_by", &v.filed_by.spiffe_id)
+        .attr("approvers", ids(&v.approvers))
+        .attr("approver_people", people(&v.approvers))
+        .attr("operator_person", &v.operator.person)
+        .attr("request_digest", hex(&v.request_digest))
+        .attr("release_digest", hex(&v.release_digest))
+}
+
+/// Verifies the stored policy chain from the pinned `root`, and that its
+/// newest version is the one the sealed head names.
+fn load_chain<S: VaultStore>(
+    store: &S,
+    key: &MasterKey,
+    root: &TrustRoot,
+) -> Result<Option<VerifiedPolicy>, VaultError> {
+    const WHAT_TO_DO: &str = "the data directory was changed outside the vault: restore it from a backup, or move it aside, start on an empty one and have the admins apply the policy again (`twokey policy apply`)";
+    let tampered = |version: u64, why: String| {
+        VaultError::PolicyChain(format!(
+            "the stored policy chain does not verify from the pinned admins at version {version}: {why}; {WHAT_TO_DO}"
+        ))
+    };
+    let mut current: Option<VerifiedPolicy> = None;
+    for stored in store.policies()? {
+        let verified = verify_policy_update(
+            current.as_ref(),
+            root,
+            stored.document.as_bytes(),
+            &stored.signature_bytes(),
+        )
+        .map_err(|e| tampered(stored.version, e.to_string()))?;
+        if verified.version() != stored.version
+            || verified.digest().as_slice() != stored.digest_bytes()
+        {
+            return Err(tampered(
+                stored.version,
+                format!(
+                    "the document stored as version {} is version {} (or its digest differs)",
+                    stored.version,
+                    verified.version()
+                ),
+            ));
+        }
+        current = Some(verified);
+    }
+    match (store.policy_head()?, &current) {
+        (None, None) => Ok(None),
+        (Some(head), Some(c)) if key.policy_head_matches(&head, c.version(), &c.digest()) => {
+            Ok(current)
+        }
+        (Some(_), Some(c)) => Err(tampered(
+            c.version(),
+            "it is not the newest version the vault applied (a newer one was deleted, or the sealed head was replaced)".into(),
+        )),
+        (Some(_), None) => Err(tampered(
+            0,
+            "the vault applied a policy but no version is stored (they were deleted)".into(),
+        )),
+        (None, Some(c)) => Err(tampered(
+            c.version(),
+            "versions are stored but the sealed head the vault writes with each is missing".into(),
+        )),
+    }
+}
+
 impl<S: VaultStore> Vault<S> {
     /// A vault over `store`, checking (or, on first start, recording) that
-    /// `key` is the key the data was sealed with.
+    /// `key` is the key the data was sealed with, and verifying the stored
+    /// policy chain from the pinned `root`.
     pub fn open(
         store: S,
         key: MasterKey,
         grants: GrantVerifier,
         audit: AuditWait,
         clock: Arc<dyn Clock>,
+        root: TrustRoot,
     ) -> Result<Self, VaultError> {
         match store.key_check()? {
             Some(check) if !key.matches(&check) => {
@@ -202,17 +477,32 @@ impl<S: VaultStore> Vault<S> {
             Some(_) => {}
             None => store.set_key_check(&key.key_check())?,
         }
+        let policy = load_chain(&store, &key, &root)?;
+        if let Some(p) = &policy {
+            tracing::info!("in force: {p}");
+        }
         Ok(Self {
             store,
             key,
             grants,
             audit,
             clock,
+            root,
+            policy: RwLock::new(policy.map(Arc::new)),
+            applying: tokio::sync::Mutex::new(()),
         })
     }
 
     fn now(&self) -> u64 {
         unix_seconds(self.clock.now())
+    }
+
+    /// The policy in force, if any.
+    pub fn active_policy(&self) -> Option<Arc<VerifiedPolicy>> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn commit_and_confirm(&self, seq: u64, what: &str) -> Result<(), VaultError> {
@@ -222,6 +512,79 @@ impl<S: VaultStore> Vault<S> {
             tracing::warn!(seq, "audit did not acknowledge in time: {what}");
             VaultError::AuditUnavailable(format!("audit unavailable, {what}"))
         })
+    }
+
+    /// Writes a refusal to audit and waits (bounded) for it to be
+    /// acknowledged; the refusal is answered whatever happens here.
+    async fn audit_refusal(&self, event: EventDraft) {
+        let seq = match self.store.record(event) {
+            Ok(seq) => seq,
+            Err(e) => {
+                tracing::warn!("cannot record a refusal: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self
+            .commit_and_confirm(seq, "a refusal is not yet in the log")
+            .await
+        {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Audits `error` if it refuses consent; returns it.
+    async fn refuse(
+        &self,
+        caller: &str,
+        action: &str,
+        grant: &Grant,
+        error: VaultError,
+    ) -> VaultError {
+        if error.is_consent_refusal() {
+            tracing::info!(account = %grant.account_id, "{action}: {error}");
+            self.audit_refusal(refusal_event(caller, action, grant, &error))
+                .await;
+        }
+        error
+    }
+
+    /// Checks M admins' consent to `action` on the grant's account; a
+    /// refusal is audited.
+    async fn admin_consent(
+        &self,
+        caller: &str,
+        grant: &Grant,
+        action: AdminAction,
+        statements: &[SignedStatement],
+    ) -> Result<(VerifiedAdminAction, AdminUse), VaultError> {
+        let checked = match self.active_policy() {
+            None => Err(VaultError::NoPolicy),
+            Some(policy) => check_admin_action(
+                &policy,
+                &AdminActionRequest {
+                    account_id: grant.account_id.clone(),
+                    action,
+                },
+                statements,
+                self.clock.now(),
+                &self.store,
+            )
+            .map(|v| (v, policy.admin_action_window()))
+            .map_err(VaultError::Consent),
+        };
+        match checked {
+            Ok((verified, window)) => {
+                let now = self.now();
+                let admin = AdminUse {
+                    action_id: verified.action_id.clone(),
+                    action_until: remember_until(now, window + Duration::from_secs(60)),
+                    now,
+                    keep_until: now.saturating_add(verified.recovery_window.as_secs()),
+                };
+                Ok((verified, admin))
+            }
+            Err(e) => Err(self.refuse(caller, "admin_action.refused", grant, e).await),
+        }
     }
 
     /// Checks an enrollment grant's signature, purpose and lifetime, before
@@ -237,10 +600,14 @@ impl<S: VaultStore> Vault<S> {
     }
 
     /// Enrolls a seed for a verified enrollment grant for the same account,
-    /// used up here (once); the audit event names the grant's operator, the
-    /// admin the broker vouched for. Nothing is stored on refusal.
+    /// used up here (once). A new account's event names the grant's
+    /// operator, the admin the broker vouched for; a replacement needs M
+    /// admins' signed consent (ENROLL_REPLACE), names them, and keeps the
+    /// replaced seed sealed for the policy's recovery window. Nothing is
+    /// stored on refusal.
     pub async fn enroll(
         &self,
+        caller: &str,
         EnrollGrant(grant): EnrollGrant,
         request: Enrollment,
     ) -> Result<Enrolled, VaultError> {
@@ -249,6 +616,7 @@ impl<S: VaultStore> Vault<S> {
             spec,
             replace,
             min_seconds_left,
+            consent,
         } = request;
         if grant.account_id != account_id {
             return Err(VaultError::GrantForOtherAccount {
@@ -257,6 +625,14 @@ impl<S: VaultStore> Vault<S> {
                 asked: account_id,
             });
         }
+        let admin = if replace {
+            Some(
+                self.admin_consent(caller, &grant, AdminAction::EnrollReplace, &consent)
+                    .await?,
+            )
+        } else {
+            None
+        };
         let now = self.now();
         // The registration codes: this step and the next, both handed out.
         let current_step = now / u64::from(spec.params.period.max(1));
@@ -271,6 +647,7 @@ impl<S: VaultStore> Vault<S> {
             sealed_seed: String::new(),
             min_seconds_left,
             last_step: Some(current_step + 1),
+            disabled: false,
         };
         record.set_sealed(&self.key.seal_seed(&record.account_id, spec.seed.expose()));
         let mut warnings = Vec::new();
@@ -280,26 +657,30 @@ impl<S: VaultStore> Vault<S> {
                 spec.seed.bits()
             ));
         }
-        let action = if replace {
-            "account.enrolled.replace"
-        } else {
-            "account.enrolled"
-        };
-        let event = EventDraft::new(grant.operator.clone(), action)
-            .account(&record.account_id)
-            .attr("grant_id", &grant.grant_id)
-            .attr("seed_bits", record.seed_bits.to_string())
-            .attr("weak_seed", spec.seed.is_weak().to_string());
-        let spent = SpentGrant {
-            grant_id: grant.grant_id.clone(),
-            expires_at: grant_expiry(&grant),
-        };
+        let event = match &admin {
+            Some((verified, use_)) => admin_event("account.enrolled.replace", &grant, verified)
+                .attr("kept_until", use_.keep_until.to_string()),
+            None => EventDraft::new(grant.operator.clone(), "account.enrolled")
+                .account(&record.account_id)
+                .attr("grant_id", &grant.grant_id),
+        }
+        .attr("seed_bits", record.seed_bits.to_string())
+        .attr("weak_seed", spec.seed.is_weak().to_string());
+        let spent = spent(&grant);
         let new = NewAccount {
             record: &record,
             replace,
             grant: &spent,
+            admin: admin.as_ref().map(|(_, a)| a),
         };
-        let seq = self.store.put(new, event)?;
+        let seq = match self.store.put(new, event) {
+            Ok(seq) => seq,
+            Err(e) => {
+                return Err(self
+                    .refuse(caller, "admin_action.refused", &grant, e.into())
+                    .await);
+            }
+        };
         self.commit_and_confirm(
             seq,
             "no codes released; the seed is stored: enroll again with replace once audit is back",
@@ -316,13 +697,72 @@ impl<S: VaultStore> Vault<S> {
         })
     }
 
-    /// Computes one code for a valid, unused release grant: the code of the
-    /// step the store chose and recorded with the grant use, a step never
-    /// handed out before for the account, with enough time left in it
-    /// (`valid_from` may be in the future).
+    /// Checks the people's signed consent to one code for `grant`.
+    fn check_evidence(
+        &self,
+        grant: &Grant,
+        evidence: Option<&ReleaseEvidence>,
+    ) -> Result<(Verified, ReleaseUse), VaultError> {
+        let policy = self.active_policy().ok_or(VaultError::NoPolicy)?;
+        let none = SignedStatement::default();
+        let (request, approvals, release) = match evidence {
+            Some(e) => (
+                e.request.as_ref().unwrap_or(&none),
+                e.approvals.as_slice(),
+                e.release.as_ref().unwrap_or(&none),
+            ),
+            None => (&none, &[][..], &none),
+        };
+        let facts = GrantFacts {
+            grant_id: &grant.grant_id,
+            account_id: &grant.account_id,
+            request_id: &grant.request_id,
+        };
+        let verified = check_release(
+            &policy,
+            request,
+            approvals,
+            release,
+            &facts,
+            self.clock.now(),
+            &self.store,
+        )?;
+        // check_release found the account in the policy.
+        let account = policy
+            .account(&verified.account_id)
+            .ok_or(VaultError::NoPolicy)?;
+        let now = self.now();
+        let skew = Duration::from_secs(60);
+        let use_ = ReleaseUse {
+            policy_version: verified.policy_version,
+            release_id: verified.release_id.clone(),
+            release_id_until: remember_until(now, account.release_freshness + skew),
+            request_digest: verified.request_digest,
+            request_id: verified.request_id.clone(),
+            request_until: remember_until(
+                now,
+                account.request_window + account.release_window + account.release_freshness + skew,
+            ),
+            codes_per_request: verified.codes_per_request,
+            rate: account.release_rate,
+            operator: verified.operator.spiffe_id.clone(),
+        };
+        Ok((verified, use_))
+    }
+
+    /// Computes one code for a valid, unused release grant and the people's
+    /// signed consent to it (checked by [`check_release`] against the
+    /// policy in force, and again for single use, codes per request and the
+    /// account's rate in the transaction that uses the grant): the code of
+    /// the step the store chose and recorded with the grant use, a step
+    /// never handed out before for the account, with enough time left in it
+    /// (`valid_from` may be in the future). A refusal of consent is audited
+    /// as `code.refused` and releases nothing.
     pub async fn generate_code(
         &self,
+        caller: &str,
         signed: Option<&SignedGrant>,
+        evidence: Option<&ReleaseEvidence>,
     ) -> Result<(CodeValue, String), VaultError> {
         let grant = self
             .grants
@@ -331,39 +771,47 @@ impl<S: VaultStore> Vault<S> {
             .store
             .get(&grant.account_id)?
             .ok_or_else(|| VaultStoreError::NotFound(grant.account_id.clone()))?;
+        let refused = |e: VaultError| self.refuse(caller, "code.refused", &grant, e);
+        let (verified, consent) = match self.check_evidence(&grant, evidence) {
+            Ok(ok) => ok,
+            Err(e) => return Err(refused(e).await),
+        };
+        if record.disabled {
+            return Err(refused(VaultStoreError::Disabled(record.account_id.clone()).into()).await);
+        }
         let seed = self
             .key
             .open_seed(&record.account_id, &record.sealed())
             .map_err(|_| VaultError::Integrity(record.account_id.clone()))?;
         let seed = Seed::from_bytes(seed.to_vec())?;
-        let expires = grant_expiry(&grant);
-        let event = EventDraft::new(grant.operator.clone(), "code.released")
-            .account(&grant.account_id)
-            .request(&grant.request_id)
-            .attr("grant_id", &grant.grant_id)
-            .attr("requester", &grant.requester)
-            .attr("approvers", grant.approvers.join(","));
+        let operator = verified.operator.spiffe_id.clone();
         let released = self
             .store
             .use_grant(GrantUse {
                 grant_id: grant.grant_id.clone(),
-                expires_at: expires,
+                expires_at: grant_expiry(&grant),
                 account_id: grant.account_id.clone(),
                 now: self.now(),
-                event,
+                consent,
+                event: released_event(&grant, &verified),
             })
-            .await?;
+            .await;
+        let released = match released {
+            Ok(r) => r,
+            Err(e) => return Err(refused(e.into()).await),
+        };
         if let Err(e) = self
             .commit_and_confirm(released.seq, "no code released")
             .await
         {
             // The log holds `code.released` for this grant; say that the code
             // never left, so the log stays true.
-            let withheld = EventDraft::new(grant.operator.clone(), "code.withheld")
+            let withheld = EventDraft::new(operator, "code.withheld")
                 .account(&grant.account_id)
-                .request(&grant.request_id)
-                .outcome(twokey_proto::audit::v1::Outcome::Failure)
+                .request(&verified.request_id)
+                .outcome(Outcome::Failure)
                 .attr("grant_id", &grant.grant_id)
+                .attr("release_id", &verified.release_id)
                 .attr("step", released.step.to_string())
                 .attr("reason", "audit did not acknowledge code.released in time");
             if self
@@ -375,32 +823,233 @@ impl<S: VaultStore> Vault<S> {
             }
             return Err(e);
         }
-        tracing::info!(account = %grant.account_id, request = %grant.request_id, grant = %grant.grant_id, "code released");
+        tracing::info!(account = %grant.account_id, request = %verified.request_id, grant = %grant.grant_id, "code released");
         Ok((
             code_for_step(&seed, record.params, released.step),
             grant.grant_id,
         ))
     }
 
-    /// Removes an account for a valid removal grant.
-    pub async fn remove(&self, signed: Option<&SignedGrant>) -> Result<String, VaultError> {
+    /// Removes an account for a valid removal grant and M admins' signed
+    /// consent (REMOVE); its seed is kept sealed for the recovery window.
+    pub async fn remove(
+        &self,
+        caller: &str,
+        signed: Option<&SignedGrant>,
+        consent: &[SignedStatement],
+    ) -> Result<String, VaultError> {
         let grant = self
             .grants
             .verify(signed, GrantPurpose::Remove, self.clock.now())?;
-        let expires = grant_expiry(&grant);
-        let event = EventDraft::new(grant.operator.clone(), "account.removed")
-            .account(&grant.account_id)
-            .request(&grant.request_id)
-            .attr("grant_id", &grant.grant_id);
-        let seq = self.store.remove(Removal {
+        let (verified, admin) = self
+            .admin_consent(caller, &grant, AdminAction::Remove, consent)
+            .await?;
+        let event = admin_event("account.removed", &grant, &verified)
+            .attr("kept_until", admin.keep_until.to_string());
+        let removal = Removal {
             grant_id: grant.grant_id.clone(),
-            expires_at: expires,
+            expires_at: grant_expiry(&grant),
             account_id: grant.account_id.clone(),
+            admin,
             event,
-        })?;
+        };
+        let seq = match self.store.remove(removal) {
+            Ok(seq) => seq,
+            Err(e) => {
+                return Err(self
+                    .refuse(caller, "admin_action.refused", &grant, e.into())
+                    .await);
+            }
+        };
         self.commit_and_confirm(seq, "removal recorded but not yet acknowledged by audit")
             .await?;
         Ok(grant.account_id)
+    }
+
+    /// Disables or enables code release for an account, for a valid
+    /// SET_ENABLED grant and M admins' signed consent (DISABLE or ENABLE).
+    pub async fn set_enabled(
+        &self,
+        caller: &str,
+        signed: Option<&SignedGrant>,
+        enabled: bool,
+        consent: &[SignedStatement],
+    ) -> Result<AccountRecord, VaultError> {
+        let grant = self
+            .grants
+            .verify(signed, GrantPurpose::SetEnabled, self.clock.now())?;
+        let action = if enabled {
+            AdminAction::Enable
+        } else {
+            AdminAction::Disable
+        };
+        let (verified, admin) = self.admin_consent(caller, &grant, action, consent).await?;
+        let name = if enabled {
+            "account.enabled"
+        } else {
+            "account.disabled"
+        };
+        let change = EnabledChange {
+            grant: spent(&grant),
+            account_id: grant.account_id.clone(),
+            enabled,
+            admin,
+            event: admin_event(name, &grant, &verified),
+        };
+        let (seq, record) = match self.store.set_enabled(change) {
+            Ok(ok) => ok,
+            Err(e) => {
+                return Err(self
+                    .refuse(caller, "admin_action.refused", &grant, e.into())
+                    .await);
+            }
+        };
+        self.commit_and_confirm(
+            seq,
+            "the change is recorded but not yet acknowledged by audit",
+        )
+        .await?;
+        Ok(record)
+    }
+
+    /// Brings back the newest seed of the account replaced or removed
+    /// within its recovery window, for a valid RESTORE grant and M admins'
+    /// signed consent (RESTORE); an account enrolled under the id meanwhile
+    /// is kept in its place (so a restore can be undone the same way).
+    pub async fn restore(
+        &self,
+        caller: &str,
+        signed: Option<&SignedGrant>,
+        consent: &[SignedStatement],
+    ) -> Result<(AccountRecord, KeptSeed), VaultError> {
+        let grant = self
+            .grants
+            .verify(signed, GrantPurpose::Restore, self.clock.now())?;
+        let (verified, admin) = self
+            .admin_consent(caller, &grant, AdminAction::Restore, consent)
+            .await?;
+        let restore = Restore {
+            grant: spent(&grant),
+            account_id: grant.account_id.clone(),
+            event: admin_event("account.restored", &grant, &verified),
+            admin,
+        };
+        let (seq, record, kept) = match self.store.restore(restore) {
+            Ok(ok) => ok,
+            Err(e) => {
+                return Err(self
+                    .refuse(caller, "admin_action.refused", &grant, e.into())
+                    .await);
+            }
+        };
+        self.commit_and_confirm(
+            seq,
+            "the restore is recorded but not yet acknowledged by audit",
+        )
+        .await?;
+        Ok((record, kept))
+    }
+
+    /// The SPIFFE IDs of the admins named `names` in the authority that
+    /// signed the next version (the active policy, or the pinned root).
+    fn admin_ids(&self, current: Option<&VerifiedPolicy>, names: &[String]) -> Vec<String> {
+        names
+            .iter()
+            .map(|n| {
+                let person = match current {
+                    Some(c) => c.people().iter().find(|p| p.name() == n),
+                    None => self.root.admins().iter().find(|p| p.name() == n),
+                };
+                person
+                    .and_then(|p| p.ids().first().cloned())
+                    .unwrap_or_else(|| n.clone())
+            })
+            .collect()
+    }
+
+    /// Applies a new policy version: at least M valid signatures by distinct
+    /// admins of the active version (of the pinned root, for the first), a
+    /// version above the active one. It is stored (with every earlier one)
+    /// and synced before it is in force and answered; `policy.applied`
+    /// names the admins who signed. A refusal leaves the active version in
+    /// force and is audited as `policy.refused`.
+    pub async fn apply_policy(
+        &self,
+        caller: &str,
+        document: &str,
+        signatures: &[Vec<u8>],
+    ) -> Result<StoredPolicy, VaultError> {
+        let _one_at_a_time = self.applying.lock().await;
+        let current = self.active_policy();
+        let active = current.as_ref().map_or(0, |c| c.version());
+        let verified = match verify_policy_update(
+            current.as_deref(),
+            &self.root,
+            document.as_bytes(),
+            signatures,
+        ) {
+            Ok(v) => v,
+            Err(e) => {
+                let proposed = twokey_consent::Policy::parse(document)
+                    .map(|p| p.version().to_string())
+                    .unwrap_or_default();
+                tracing::info!("policy update refused: {e}");
+                let event = EventDraft::new(caller, "policy.refused")
+                    .outcome(Outcome::Denied)
+                    .attr("proposed_version", proposed)
+                    .attr("active_version", active.to_string())
+                    .attr(
+                        "status",
+                        format!("{:?}", consent_kind(e.kind()).grpc_code()),
+                    )
+                    .attr("reason", e.to_string());
+                self.audit_refusal(event).await;
+                return Err(e.into());
+            }
+        };
+        let now = self.now();
+        let stored = StoredPolicy {
+            version: verified.version(),
+            document: verified.document().to_owned(),
+            signatures: signatures
+                .iter()
+                .map(|s| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s))
+                .collect(),
+            signed_by: verified.signed_by().to_vec(),
+            digest: base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                verified.digest(),
+            ),
+            applied_at: now,
+        };
+        let head = self
+            .key
+            .seal_policy_head(verified.version(), &verified.digest());
+        let admins = self.admin_ids(current.as_deref(), verified.signed_by());
+        let event = EventDraft::new(admins.join(","), "policy.applied")
+            .attr("policy_version", verified.version().to_string())
+            .attr("previous_version", active.to_string())
+            .attr("digest", hex(&verified.digest()))
+            .attr("signed_by", verified.signed_by().join(","));
+        let seq = self.store.put_policy(&stored, &head, event)?;
+        self.store.commit().await?;
+        tracing::info!("applied: {verified}");
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(verified));
+        let audit = &self.audit;
+        audit.gate.confirm(seq, audit.timeout).await.map_err(|_| {
+            VaultError::AuditUnavailable(format!(
+                "audit unavailable: policy version {} is applied and in force, but audit has not acknowledged policy.applied yet",
+                stored.version
+            ))
+        })?;
+        Ok(stored)
+    }
+
+    /// Every applied policy version, newest first.
+    pub fn policies(&self) -> Result<Vec<StoredPolicy>, VaultError> {
+        let mut all = self.store.policies()?;
+        all.reverse();
+        Ok(all)
     }
 
     /// Every account (metadata and sealed seed), ordered by id.
@@ -413,9 +1062,10 @@ impl<S: VaultStore> Vault<S> {
         self.store.count()
     }
 
-    /// Forgets expired used-grant ids.
+    /// Forgets expired used-grant ids and consent history, and purges kept
+    /// seeds past their recovery window.
     pub fn sweep(&self) -> Result<usize, VaultError> {
-        Ok(self.store.sweep_grants(self.now())?)
+        Ok(self.store.sweep(self.now())?)
     }
 
     /// The vault's clock.
@@ -429,11 +1079,19 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use ed25519_dalek::SigningKey;
+    use twokey_consent::{
+        Binding, approval_binding, new_id, new_statement, release_binding, request_binding,
+        sign_statement,
+    };
+    use twokey_proto::vault::v1::ReleaseEvidence;
     use twokey_runtime::{
         durable::DurableDb, events::EventSigner, identity::SpiffeId, keys::SecretKey,
         outbox::Outbox, time::ManualClock,
     };
-    use twokey_testkit::grants;
+    use twokey_testkit::{
+        consent::{AccountRoles, Person, PolicySpec, admins_allowed_signers, sign_policy},
+        grants,
+    };
 
     use super::*;
     use crate::{
@@ -455,6 +1113,8 @@ mod tests {
     /// A start time on a whole minute, so on a 30 s step boundary too.
     const T0: u64 = 1_800_000_000;
 
+    const TD: &str = "t";
+
     struct Fx {
         vault: Vault<SledVaultStore>,
         clock: ManualClock,
@@ -462,6 +1122,12 @@ mod tests {
         audit: Arc<Gate>,
         _dir: tempfile::TempDir,
         ids: std::sync::atomic::AtomicU32,
+        /// alice requests, bob approves, olivia operates, adam and anna admin.
+        people: [Person; 5],
+    }
+
+    fn person(name: &str) -> Person {
+        Person::generate(name, vec![format!("spiffe://{TD}/user/{name}")])
     }
 
     impl Fx {
@@ -477,6 +1143,13 @@ mod tests {
             let store = SledVaultStore::open(&db, outbox).unwrap();
             let key = SigningKey::from_bytes(&[9; 32]);
             let audit = Arc::new(Gate::default());
+            let people = ["alice", "bob", "olivia", "adam", "anna"].map(person);
+            let root = TrustRoot::from_allowed_signers(
+                TD,
+                &admins_allowed_signers(&[&people[3], &people[4]]),
+                2,
+            )
+            .unwrap();
             let vault = Vault::open(
                 store,
                 MasterKey::new(SecretKey::from_bytes([3; 32])),
@@ -486,6 +1159,7 @@ mod tests {
                     timeout: Duration::from_secs(1),
                 },
                 Arc::new(clock.clone()),
+                root,
             )
             .unwrap();
             Self {
@@ -495,7 +1169,77 @@ mod tests {
                 audit,
                 _dir: dir,
                 ids: Default::default(),
+                people,
             }
+        }
+
+        /// Applies policy version 1: aws-root, 1000 codes an hour.
+        async fn apply_policy(&self) {
+            let spec = PolicySpec {
+                version: 1,
+                trust_domain: TD.into(),
+                people: self
+                    .people
+                    .iter()
+                    .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
+                    .collect(),
+                admins: vec!["adam".into(), "anna".into()],
+                threshold: 2,
+                accounts: vec![AccountRoles {
+                    releases_per_hour: 1000,
+                    ..AccountRoles::new("aws-root", "alice", "bob", "olivia")
+                }],
+            };
+            let doc = spec.to_toml();
+            let sigs: Vec<Vec<u8>> = self.people[3..]
+                .iter()
+                .map(|p| sign_policy(&p.key, TD, &doc))
+                .collect();
+            self.vault
+                .apply_policy("spiffe://t/svc/broker", &doc, &sigs)
+                .await
+                .unwrap();
+        }
+
+        /// A release grant and the people's consent to it.
+        fn consented(&self, account: &str) -> (SignedGrant, ReleaseEvidence) {
+            let [alice, bob, olivia, ..] = &self.people;
+            let now = self.clock.now();
+            let (request_id, grant_id) = (new_id(), new_id());
+            let sign = |p: &Person, b: Binding| {
+                sign_statement(&p.key, TD, &new_statement(1, p.id(), now, b)).unwrap()
+            };
+            let request = sign(
+                alice,
+                request_binding(&request_id, account, alice.id(), "why", "", now),
+            );
+            let approval = sign(bob, approval_binding(&request).unwrap());
+            let approvals = vec![approval];
+            let release = sign(
+                olivia,
+                release_binding(&request, &approvals, &grant_id, &new_id()).unwrap(),
+            );
+            let grant = Grant {
+                request_id,
+                ..grants::grant(&grant_id, account, GrantPurpose::Release, now)
+            };
+            (
+                twokey_runtime::grant::sign_grant(&self.key, &grant),
+                ReleaseEvidence {
+                    request: Some(request),
+                    approvals,
+                    release: Some(release),
+                },
+            )
+        }
+
+        async fn generate(
+            &self,
+            (grant, evidence): &(SignedGrant, ReleaseEvidence),
+        ) -> Result<(CodeValue, String), VaultError> {
+            self.vault
+                .generate_code("spiffe://t/svc/broker", Some(grant), Some(evidence))
+                .await
         }
 
         fn now(&self) -> u64 {
@@ -542,13 +1286,20 @@ mod tests {
                 spec,
                 replace: false,
                 min_seconds_left,
+                consent: Vec::new(),
             };
-            self.vault.enroll(grant, enrollment).await.unwrap()
+            if self.vault.active_policy().is_none() {
+                self.apply_policy().await;
+            }
+            self.vault
+                .enroll("spiffe://t/svc/broker", grant, enrollment)
+                .await
+                .unwrap()
         }
 
         async fn release(&self, account: &str) -> Result<CodeValue, VaultError> {
-            let grant = self.signed(account, GrantPurpose::Release);
-            self.vault.generate_code(Some(&grant)).await.map(|(c, _)| c)
+            let consented = self.consented(account);
+            self.generate(&consented).await.map(|(c, _)| c)
         }
     }
 
@@ -570,15 +1321,15 @@ mod tests {
         assert_eq!(code.valid_from, (step + 2) * 30);
         assert_eq!(code.valid_until, code.valid_from + 30);
         // A third step ahead is refused, with the wait, and spends nothing.
-        let grant = fx.signed("aws-root", GrantPurpose::Release);
-        let refused = fx.vault.generate_code(Some(&grant)).await.unwrap_err();
+        let grant = fx.consented("aws-root");
+        let refused = fx.generate(&grant).await.unwrap_err();
         assert_eq!(refused.kind(), ErrorKind::Unavailable);
         assert_eq!(
             refused.to_string(),
             "every code of account aws-root up to 2 steps ahead was handed out already; try again in 27 s"
         );
         fx.place(1, 0);
-        let later = fx.vault.generate_code(Some(&grant)).await.unwrap();
+        let later = fx.generate(&grant).await.unwrap();
         assert_eq!(later.0.step, step + 3);
     }
 
@@ -634,14 +1385,12 @@ mod tests {
         fx.enroll("aws-root", 0).await;
         fx.place(5, 1);
         let step = fx.now() / 30;
-        let grants: Vec<_> = (0..3)
-            .map(|_| fx.signed("aws-root", GrantPurpose::Release))
-            .collect();
+        let grants: Vec<_> = (0..3).map(|_| fx.consented("aws-root")).collect();
         let tasks: Vec<_> = grants
             .into_iter()
             .map(|g| {
                 let fx = fx.clone();
-                tokio::spawn(async move { fx.vault.generate_code(Some(&g)).await.unwrap().0 })
+                tokio::spawn(async move { fx.generate(&g).await.unwrap().0 })
             })
             .collect();
         let mut steps = Vec::new();

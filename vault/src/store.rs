@@ -1,20 +1,32 @@
 //! The vault's store: sealed seeds with their metadata, used grant ids (kept
-//! until their grant expires, so a restart does not reopen a replay), and the
-//! key-check value. Every change writes its audit event into the outbox in
-//! the same sled transaction. Grant uses, the hot path, are group-committed:
-//! concurrent uses share one sled transaction (one log write instead of one
-//! per code), each still checked and answered on its own. Each account keeps
-//! the highest time step whose code it handed out, written in the same
-//! transaction as the grant use and its event, so no step is handed out
-//! twice, across restarts too.
+//! until their grant expires, so a restart does not reopen a replay), the
+//! key-check value, every applied version of the admin-signed policy, the
+//! consent history (used release and admin-action ids, codes released per
+//! request, release times per account) and the seeds kept for restore.
+//! Every change writes its audit event into the outbox in the same sled
+//! transaction. Grant uses, the hot path, are group-committed: concurrent
+//! uses share one sled transaction (one log write instead of one per code),
+//! each still checked and answered on its own. The transaction that uses a
+//! release grant checks again, against what it reads inside itself, that
+//! the release id is unused, that the request has codes left, that the
+//! account's rate allows one more, that the account is enabled and that the
+//! policy the evidence was checked under is still the active one, and
+//! records all of it with the grant use: no race between check and use.
+//! Each account keeps the highest time step whose code it handed out,
+//! written in the same transaction, so no step is handed out twice, across
+//! restarts too.
 
 use std::{
     future::Future,
     sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionError, Transactional, TransactionalTree,
+};
+use twokey_consent::{AdminHistory, ConsentError, RateLimit, ReleaseHistory, StatementRef};
 use twokey_runtime::{
     durable::{DurableDb, StoreError},
     events::EventDraft,
@@ -25,6 +37,29 @@ use crate::{
     seed::TotpParams,
     totp::{MAX_STEPS_AHEAD, choose_step, min_seconds_left},
 };
+
+/// The tree of applied policy versions: key the version as a big-endian
+/// u64, value a [`StoredPolicy`] as JSON.
+pub const POLICIES_TREE: &str = "policies";
+/// The consent history tree (see the key prefixes below).
+pub const CONSENT_TREE: &str = "consent_history";
+/// The tree of seeds kept for restore: key the account id, value a JSON list
+/// of [`KeptSeed`], oldest first.
+pub const RECOVERY_TREE: &str = "recovery";
+
+/// Consent history: a used release id → when it may be forgotten.
+const RELEASE_ID: &[u8] = b"r/";
+/// Consent history: a request statement's digest → codes released (u32) and
+/// when the count may be forgotten (u64), big-endian.
+const REQUEST_CODES: &[u8] = b"q/";
+/// Consent history: an account → the Unix times of its releases (u64s,
+/// big-endian), pruned to the rate window on each release.
+const ACCOUNT_RELEASES: &[u8] = b"a/";
+/// Consent history: a used admin action id → when it may be forgotten.
+const ACTION_ID: &[u8] = b"x/";
+
+/// Longest window a release rate can have (the policy's maximum).
+const MAX_RATE_WINDOW_SECS: u64 = 7 * 86_400;
 
 /// An enrolled account as stored: metadata and the sealed seed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -54,6 +89,10 @@ pub struct AccountRecord {
     /// included). Absent in records written before it existed.
     #[serde(default)]
     pub last_step: Option<u64>,
+    /// M admins disabled code release for the account. Absent in records
+    /// written before it existed, which load as enabled.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 impl AccountRecord {
@@ -65,6 +104,54 @@ impl AccountRecord {
     /// Sets the sealed seed.
     pub fn set_sealed(&mut self, sealed: &[u8]) {
         self.sealed_seed = B64.encode(sealed);
+    }
+}
+
+/// A replaced or removed account kept, seed sealed as it was, for restore.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptSeed {
+    /// The account as it was.
+    pub record: AccountRecord,
+    /// Unix time it was replaced or removed.
+    pub kept_at: u64,
+    /// Unix time after which it is purged.
+    pub until: u64,
+    /// `replaced`, `removed` or `restored over`.
+    pub reason: String,
+    /// The admin action that put it here.
+    pub action_id: String,
+}
+
+/// One applied policy version as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredPolicy {
+    /// The version.
+    pub version: u64,
+    /// The exact document the admins signed.
+    pub document: String,
+    /// The detached signatures, base64.
+    pub signatures: Vec<String>,
+    /// The admins whose signatures verified.
+    pub signed_by: Vec<String>,
+    /// SHA-256 of the document, base64.
+    pub digest: String,
+    /// Unix time the vault applied it.
+    pub applied_at: u64,
+}
+
+impl StoredPolicy {
+    /// The signatures' bytes (base64 that does not decode gives an empty
+    /// signature, which then fails verification).
+    pub fn signature_bytes(&self) -> Vec<Vec<u8>> {
+        self.signatures
+            .iter()
+            .map(|s| B64.decode(s).unwrap_or_default())
+            .collect()
+    }
+
+    /// The digest's bytes.
+    pub fn digest_bytes(&self) -> Vec<u8> {
+        B64.decode(&self.digest).unwrap_or_default()
     }
 }
 
@@ -92,6 +179,29 @@ pub enum VaultStoreError {
         /// Seconds until a step is free.
         retry_in: u64,
     },
+    /// The consent, checked again inside the transaction, no longer holds
+    /// (a replayed release or action id, codes or rate used up, another
+    /// policy version in force).
+    #[error(transparent)]
+    Consent(ConsentError),
+    /// Code release is disabled for the account.
+    #[error(
+        "account {0} is disabled: it releases no codes until M admins enable it (`twokey account enable`)"
+    )]
+    Disabled(String),
+    /// No replaced or removed seed of the account is kept.
+    #[error(
+        "no replaced or removed seed of account {0} is kept; the recovery window may have passed"
+    )]
+    NothingKept(String),
+    /// A policy version not above the stored one.
+    #[error("policy version {proposed} is not above the stored version {stored}")]
+    PolicyNotNewer {
+        /// The version to store.
+        proposed: u64,
+        /// The newest stored.
+        stored: u64,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -100,8 +210,10 @@ pub enum VaultStoreError {
     Corrupt(String),
 }
 
-/// What the vault needs from storage.
-pub trait VaultStore: Send + Sync + 'static {
+/// What the vault needs from storage. Its [`ReleaseHistory`] and
+/// [`AdminHistory`] read the consent history outside any transaction, for
+/// the checks before a use; the uses check it again inside theirs.
+pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
     /// The stored key-check value, if any.
     fn key_check(&self) -> Result<Option<Vec<u8>>, VaultStoreError>;
     /// Stores the key-check value (first start).
@@ -113,20 +225,33 @@ pub trait VaultStore: Send + Sync + 'static {
     /// Number of accounts.
     fn count(&self) -> usize;
     /// Marks an enrollment grant used and stores an account with its event;
-    /// returns the event's sequence number. Refuses a used grant, and an
-    /// existing account unless `replace`; a refusal changes nothing.
+    /// returns the event's sequence number. Refuses a used grant, an
+    /// existing account unless `replace`, and a used admin action id; a
+    /// replaced account is kept for restore. A refusal changes nothing.
     fn put(&self, new: NewAccount<'_>, event: EventDraft) -> Result<u64, VaultStoreError>;
-    /// Marks a grant used (until `expires_at`), chooses the step whose code
-    /// it releases ([`choose_step`]) and stores it as the account's highest,
-    /// stamps the account's last use, and records the event with the step;
-    /// refuses a used grant, and a use with no step free yet
+    /// Marks a grant used (until `expires_at`), checks and records the
+    /// release's consent history ([`ReleaseUse`]), chooses the step whose
+    /// code it releases ([`choose_step`]) and stores it as the account's
+    /// highest, stamps the account's last use, and records the event with
+    /// the step; refuses a used grant, a disabled account, consent that no
+    /// longer holds, and a use with no step free yet
     /// ([`VaultStoreError::StepsUsed`]); a refusal changes nothing.
     fn use_grant(
         &self,
         grant: GrantUse,
     ) -> impl Future<Output = Result<Released, VaultStoreError>> + Send;
-    /// Marks a removal grant used and deletes the account, with its event.
+    /// Marks a removal grant and its admin action used and moves the
+    /// account to the kept seeds, with its event.
     fn remove(&self, removal: Removal) -> Result<u64, VaultStoreError>;
+    /// Marks a grant and its admin action used and sets the account's
+    /// `disabled` flag, with its event; returns the event's sequence number
+    /// and the account.
+    fn set_enabled(&self, change: EnabledChange) -> Result<(u64, AccountRecord), VaultStoreError>;
+    /// Marks a grant and its admin action used and brings back the newest
+    /// kept seed of the account; an account enrolled under the id meanwhile
+    /// is kept in its place. Returns the event's sequence number, the
+    /// restored account and what was kept.
+    fn restore(&self, restore: Restore) -> Result<(u64, AccountRecord, KeptSeed), VaultStoreError>;
     /// Records an event that goes with no other change.
     fn record(&self, event: EventDraft) -> Result<u64, VaultStoreError>;
     /// Records `code.withheld` for a code of `step` that never left the
@@ -138,10 +263,50 @@ pub trait VaultStore: Send + Sync + 'static {
         step: u64,
         event: EventDraft,
     ) -> Result<u64, VaultStoreError>;
-    /// Forgets used grant ids whose grants expired before `now`.
-    fn sweep_grants(&self, now: u64) -> Result<usize, VaultStoreError>;
+    /// Forgets used grant ids whose grants expired before `now`, consent
+    /// history past its time, and purges kept seeds whose recovery window
+    /// ended (each with an `account.recovery.purged` event).
+    fn sweep(&self, now: u64) -> Result<usize, VaultStoreError>;
+    /// Every applied policy version, oldest first.
+    fn policies(&self) -> Result<Vec<StoredPolicy>, VaultStoreError>;
+    /// The sealed head of the policy chain (the newest version and its
+    /// digest, sealed with the master key), if any.
+    fn policy_head(&self) -> Result<Option<Vec<u8>>, VaultStoreError>;
+    /// Stores a new policy version above every stored one, with its sealed
+    /// head and its event.
+    fn put_policy(
+        &self,
+        policy: &StoredPolicy,
+        head: &[u8],
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError>;
     /// Makes every change so far durable and hands new events to the shipper.
     fn commit(&self) -> impl Future<Output = Result<(), VaultStoreError>> + Send;
+}
+
+/// What a release's consent adds to its grant use: checked again and
+/// recorded in the transaction.
+#[derive(Debug, Clone)]
+pub struct ReleaseUse {
+    /// The policy version the evidence verified under; the use is refused
+    /// if another is active by the time it is written.
+    pub policy_version: u64,
+    /// The single-use release id.
+    pub release_id: String,
+    /// The release id is remembered until then (Unix time).
+    pub release_id_until: u64,
+    /// SHA-256 of the request statement.
+    pub request_digest: [u8; 32],
+    /// The request id (for messages).
+    pub request_id: String,
+    /// The request's count is remembered until then (Unix time).
+    pub request_until: u64,
+    /// Codes the request may release.
+    pub codes_per_request: u32,
+    /// The account's release rate.
+    pub rate: RateLimit,
+    /// The operator's SPIFFE ID (for messages).
+    pub operator: String,
 }
 
 /// One use of a release grant, as [`VaultStore::use_grant`] records it.
@@ -155,6 +320,8 @@ pub struct GrantUse {
     pub account_id: String,
     /// Unix time now (the account's last use).
     pub now: u64,
+    /// The release's consent.
+    pub consent: ReleaseUse,
     /// The `code.released` event.
     pub event: EventDraft,
 }
@@ -168,6 +335,19 @@ pub struct Released {
     pub step: u64,
 }
 
+/// A verified admin action as the store records it.
+#[derive(Debug, Clone)]
+pub struct AdminUse {
+    /// The single-use action id.
+    pub action_id: String,
+    /// The action id is remembered until then (Unix time).
+    pub action_until: u64,
+    /// Unix time now.
+    pub now: u64,
+    /// A seed this action replaces or removes is kept until then.
+    pub keep_until: u64,
+}
+
 /// An account to store, as [`VaultStore::put`] takes it.
 #[derive(Debug, Clone, Copy)]
 pub struct NewAccount<'a> {
@@ -177,6 +357,8 @@ pub struct NewAccount<'a> {
     pub replace: bool,
     /// The enrollment grant it uses up.
     pub grant: &'a SpentGrant,
+    /// The admins' consent to replacing (none for a new account).
+    pub admin: Option<&'a AdminUse>,
 }
 
 /// An enrollment grant used up by [`VaultStore::put`].
@@ -197,7 +379,37 @@ pub struct Removal {
     pub expires_at: u64,
     /// The account to delete.
     pub account_id: String,
+    /// The admins' consent.
+    pub admin: AdminUse,
     /// The `account.removed` event.
+    pub event: EventDraft,
+}
+
+/// A change of an account's `disabled` flag.
+#[derive(Debug, Clone)]
+pub struct EnabledChange {
+    /// The grant it uses up.
+    pub grant: SpentGrant,
+    /// The account.
+    pub account_id: String,
+    /// Release codes (true) or not.
+    pub enabled: bool,
+    /// The admins' consent.
+    pub admin: AdminUse,
+    /// The event.
+    pub event: EventDraft,
+}
+
+/// A restore of a kept seed.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    /// The grant it uses up.
+    pub grant: SpentGrant,
+    /// The account.
+    pub account_id: String,
+    /// The admins' consent.
+    pub admin: AdminUse,
+    /// The `account.restored` event.
     pub event: EventDraft,
 }
 
@@ -215,6 +427,9 @@ pub struct SledVaultStore {
     accounts: sled::Tree,
     grants: sled::Tree,
     meta: sled::Tree,
+    policies: sled::Tree,
+    consent: sled::Tree,
+    recovery: sled::Tree,
     outbox: Outbox,
     /// Grant uses waiting for a leader to write them.
     queued: Arc<Mutex<Vec<QueuedUse>>>,
@@ -223,6 +438,10 @@ pub struct SledVaultStore {
 }
 
 const KEY_CHECK: &[u8] = b"key_check";
+/// The sealed head of the policy chain.
+const POLICY_HEAD: &[u8] = b"policy_head";
+/// The active policy version (u64 big-endian), read by grant uses.
+const POLICY_VERSION: &[u8] = b"policy_version";
 /// Used grant ids are kept this long past their expiry.
 const GRANT_ID_GRACE_SECS: u64 = 600;
 
@@ -232,6 +451,20 @@ enum Abort {
     Used,
     Corrupt,
     Wait(u64),
+    Disabled,
+    PolicyChanged(u64),
+    ReleaseUsed,
+    CodesUsed(u32),
+    Rate(u32),
+    ActionUsed,
+    NothingKept,
+    NotNewer(u64),
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<Abort>>;
+
+fn abort<T>(why: Abort) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(why))
 }
 
 fn sled_err(db: &DurableDb) -> impl Fn(sled::Error) -> VaultStoreError + '_ {
@@ -243,6 +476,98 @@ fn sled_err(db: &DurableDb) -> impl Fn(sled::Error) -> VaultStoreError + '_ {
     }
 }
 
+fn key(prefix: &[u8], id: &[u8]) -> Vec<u8> {
+    [prefix, id].concat()
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(u64::MAX, u64::from_be_bytes)
+}
+
+/// Release times packed as big-endian u64s.
+fn times(bytes: &[u8]) -> Vec<u64> {
+    bytes.chunks_exact(8).map(be_u64).collect()
+}
+
+fn pack(times: &[u64]) -> Vec<u8> {
+    times.iter().flat_map(|t| t.to_be_bytes()).collect()
+}
+
+/// A request's count and how long it is kept.
+fn request_count(bytes: Option<&[u8]>) -> (u32, u64) {
+    match bytes {
+        Some(b) if b.len() == 12 => (
+            u32::from_be_bytes(b[..4].try_into().unwrap_or_default()),
+            be_u64(&b[4..]),
+        ),
+        Some(_) => (u32::MAX, u64::MAX),
+        None => (0, 0),
+    }
+}
+
+fn kept_list(bytes: Option<&[u8]>) -> Result<Vec<KeptSeed>, Abort> {
+    match bytes {
+        Some(b) => serde_json::from_slice(b).map_err(|_| Abort::Corrupt),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Marks an admin action id used, refusing one used before.
+fn use_action(consent: &TransactionalTree, admin: &AdminUse) -> TxResult<()> {
+    let k = key(ACTION_ID, admin.action_id.as_bytes());
+    if consent.get(&k)?.is_some() {
+        return abort(Abort::ActionUsed);
+    }
+    consent.insert(k, &admin.action_until.to_be_bytes())?;
+    Ok(())
+}
+
+/// Marks a grant id used, refusing one used before.
+fn use_grant_id(grants: &TransactionalTree, grant: &SpentGrant) -> TxResult<()> {
+    if grants.get(&grant.grant_id)?.is_some() {
+        return abort(Abort::Used);
+    }
+    grants.insert(grant.grant_id.as_bytes(), &grant.expires_at.to_be_bytes())?;
+    Ok(())
+}
+
+/// Adds `record` to the account's kept seeds.
+fn keep(
+    recovery: &TransactionalTree,
+    record: AccountRecord,
+    admin: &AdminUse,
+    reason: &str,
+) -> TxResult<()> {
+    let id = record.account_id.clone();
+    let mut list = match kept_list(recovery.get(&id)?.as_deref()) {
+        Ok(l) => l,
+        Err(e) => return abort(e),
+    };
+    list.push(KeptSeed {
+        record,
+        kept_at: admin.now,
+        until: admin.keep_until,
+        reason: reason.to_owned(),
+        action_id: admin.action_id.clone(),
+    });
+    recovery.insert(
+        id.as_bytes(),
+        serde_json::to_vec(&list).expect("kept seeds serialize"),
+    )?;
+    Ok(())
+}
+
+fn decode_record(bytes: &[u8]) -> Result<AccountRecord, Abort> {
+    serde_json::from_slice(bytes).map_err(|_| Abort::Corrupt)
+}
+
 impl SledVaultStore {
     /// Opens the store's trees in `db`; events go to `outbox`.
     pub fn open(db: &DurableDb, outbox: Outbox) -> Result<Self, VaultStoreError> {
@@ -250,6 +575,9 @@ impl SledVaultStore {
             accounts: db.tree("accounts")?,
             grants: db.tree("used_grants")?,
             meta: db.tree("meta")?,
+            policies: db.tree(POLICIES_TREE)?,
+            consent: db.tree(CONSENT_TREE)?,
+            recovery: db.tree(RECOVERY_TREE)?,
             db: db.clone(),
             outbox,
             queued: Arc::default(),
@@ -257,50 +585,105 @@ impl SledVaultStore {
         })
     }
 
+    /// One grant use inside a group transaction: every check, then every
+    /// write. An `Err` refuses this use alone (nothing of it is written).
+    fn write_use(
+        &self,
+        u: &GrantUse,
+        (grants, accounts, outbox, consent, meta): (
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+        ),
+    ) -> Result<Result<Released, Abort>, ConflictableTransactionError<std::convert::Infallible>>
+    {
+        let c = &u.consent;
+        if grants.get(&u.grant_id)?.is_some() {
+            return Ok(Err(Abort::Used));
+        }
+        let active = meta.get(POLICY_VERSION)?.map_or(0, |v| be_u64(&v));
+        if active != c.policy_version {
+            return Ok(Err(Abort::PolicyChanged(active)));
+        }
+        let release_key = key(RELEASE_ID, c.release_id.as_bytes());
+        if consent.get(&release_key)?.is_some() {
+            return Ok(Err(Abort::ReleaseUsed));
+        }
+        let request_key = key(REQUEST_CODES, &c.request_digest);
+        let (released, _) = request_count(consent.get(&request_key)?.as_deref());
+        if released >= c.codes_per_request {
+            return Ok(Err(Abort::CodesUsed(released)));
+        }
+        let Some(bytes) = accounts.get(&u.account_id)? else {
+            return Ok(Err(Abort::Missing));
+        };
+        let Ok(mut record) = decode_record(&bytes) else {
+            return Ok(Err(Abort::Corrupt));
+        };
+        if record.disabled {
+            return Ok(Err(Abort::Disabled));
+        }
+        let rate_key = key(ACCOUNT_RELEASES, u.account_id.as_bytes());
+        let since = u.now.saturating_sub(c.rate.per.as_secs());
+        let mut recent: Vec<u64> = consent
+            .get(&rate_key)?
+            .map(|v| times(&v))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&t| t >= since)
+            .collect();
+        let count = u32::try_from(recent.len()).unwrap_or(u32::MAX);
+        if count >= c.rate.max {
+            return Ok(Err(Abort::Rate(count)));
+        }
+        let period = record.params.period;
+        let min_left = min_seconds_left(record.min_seconds_left, period);
+        let step = match choose_step(u.now, period, min_left, record.last_step) {
+            Ok(step) => step,
+            Err(wait) => return Ok(Err(Abort::Wait(wait))),
+        };
+        grants.insert(u.grant_id.as_bytes(), &u.expires_at.to_be_bytes())?;
+        consent.insert(release_key, &c.release_id_until.to_be_bytes())?;
+        let mut count_value = (released + 1).to_be_bytes().to_vec();
+        count_value.extend(c.request_until.to_be_bytes());
+        consent.insert(request_key, count_value)?;
+        recent.push(u.now);
+        consent.insert(rate_key, pack(&recent))?;
+        record.last_used_at = Some(u.now);
+        record.last_step = Some(step);
+        let updated = serde_json::to_vec(&record).expect("records serialize");
+        accounts.insert(u.account_id.as_bytes(), updated)?;
+        let event = u.event.clone().attr("step", step.to_string()).attr(
+            "codes_released",
+            format!("{} of {}", released + 1, c.codes_per_request),
+        );
+        let seq = self.outbox.push(outbox, event)?;
+        Ok(Ok(Released { seq, step }))
+    }
+
     /// Writes a group of grant uses in one transaction and answers each:
-    /// a use of a grant used before (also earlier in the same group), of a
-    /// missing account, or with no step free is refused on its own; the
-    /// others are recorded. A later use of the same account in the group
-    /// reads the record an earlier one wrote, so it gets the next step.
+    /// a use refused by any check (also against an earlier use in the same
+    /// group) is refused on its own; the others are recorded. A later use
+    /// of the same account in the group reads the record an earlier one
+    /// wrote, so it gets the next step.
     fn write_uses(&self, group: Vec<QueuedUse>) {
         let (uses, replies): (Vec<GrantUse>, Vec<_>) = group.into_iter().unzip();
-        let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
-            |(grants, accounts, outbox)| {
+        let result = (
+            &self.grants,
+            &self.accounts,
+            self.outbox.tree(),
+            &self.consent,
+            &self.meta,
+        )
+            .transaction(|(grants, accounts, outbox, consent, meta)| {
                 let mut answers = Vec::with_capacity(uses.len());
                 for u in &uses {
-                    if grants.get(&u.grant_id)?.is_some() {
-                        answers.push(Err(Abort::Used));
-                        continue;
-                    }
-                    let Some(bytes) = accounts.get(&u.account_id)? else {
-                        answers.push(Err(Abort::Missing));
-                        continue;
-                    };
-                    let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes) else {
-                        answers.push(Err(Abort::Corrupt));
-                        continue;
-                    };
-                    let period = record.params.period;
-                    let min_left = min_seconds_left(record.min_seconds_left, period);
-                    let step = match choose_step(u.now, period, min_left, record.last_step) {
-                        Ok(step) => step,
-                        Err(wait) => {
-                            answers.push(Err(Abort::Wait(wait)));
-                            continue;
-                        }
-                    };
-                    grants.insert(u.grant_id.as_bytes(), &u.expires_at.to_be_bytes())?;
-                    record.last_used_at = Some(u.now);
-                    record.last_step = Some(step);
-                    let updated = serde_json::to_vec(&record).expect("records serialize");
-                    accounts.insert(u.account_id.as_bytes(), updated)?;
-                    let event = u.event.clone().attr("step", step.to_string());
-                    let seq = self.outbox.push(outbox, event)?;
-                    answers.push(Ok(Released { seq, step }));
+                    answers.push(self.write_use(u, (grants, accounts, outbox, consent, meta))?);
                 }
                 Ok::<_, ConflictableTransactionError<std::convert::Infallible>>(answers)
-            },
-        );
+            });
         let answers = match result {
             Ok(answers) => answers.into_iter().map(Ok).collect(),
             Err(TransactionError::Abort(never)) => match never {},
@@ -312,15 +695,7 @@ impl SledVaultStore {
         for ((u, reply), answer) in uses.iter().zip(replies).zip(answers) {
             let answer = match answer {
                 Ok(Ok(released)) => Ok(released),
-                Ok(Err(Abort::Used)) => Err(VaultStoreError::GrantUsed(u.grant_id.clone())),
-                Ok(Err(Abort::Wait(retry_in))) => Err(VaultStoreError::StepsUsed {
-                    account_id: u.account_id.clone(),
-                    retry_in,
-                }),
-                Ok(Err(Abort::Corrupt)) => Err(VaultStoreError::Corrupt(u.account_id.clone())),
-                Ok(Err(Abort::Missing | Abort::Exists)) => {
-                    Err(VaultStoreError::NotFound(u.account_id.clone()))
-                }
+                Ok(Err(why)) => Err(refusal_of_use(u, why)),
                 Err(why) => Err(VaultStoreError::Store(StoreError::Sync(format!(
                     "cannot record the grant use: {why}"
                 )))),
@@ -333,33 +708,111 @@ impl SledVaultStore {
         serde_json::from_slice(bytes).map_err(|_| VaultStoreError::Corrupt(id.to_owned()))
     }
 
-    fn finish(
+    fn finish<T>(
         &self,
-        result: Result<u64, TransactionError<Abort>>,
+        result: Result<T, TransactionError<Abort>>,
         id: &str,
-    ) -> Result<u64, VaultStoreError> {
+    ) -> Result<T, VaultStoreError> {
         match result {
-            Ok(seq) => Ok(seq),
-            Err(TransactionError::Abort(Abort::Exists)) => {
-                Err(VaultStoreError::AlreadyExists(id.to_owned()))
-            }
-            Err(TransactionError::Abort(Abort::Missing)) => {
-                Err(VaultStoreError::NotFound(id.to_owned()))
-            }
-            Err(TransactionError::Abort(Abort::Used)) => {
-                Err(VaultStoreError::GrantUsed(id.to_owned()))
-            }
-            Err(TransactionError::Abort(Abort::Corrupt)) => {
-                Err(VaultStoreError::Corrupt(id.to_owned()))
-            }
-            Err(TransactionError::Abort(Abort::Wait(retry_in))) => {
-                Err(VaultStoreError::StepsUsed {
-                    account_id: id.to_owned(),
-                    retry_in,
-                })
-            }
+            Ok(v) => Ok(v),
+            Err(TransactionError::Abort(why)) => Err(refusal(why, id, "")),
             Err(TransactionError::Storage(e)) => Err(sled_err(&self.db)(e)),
         }
+    }
+
+    fn consent_get(&self, k: &[u8]) -> Option<sled::IVec> {
+        // A read that fails counts as present: the checks then refuse, and
+        // the transaction that would use it reports the storage failure.
+        self.consent
+            .get(k)
+            .unwrap_or_else(|_| Some(sled::IVec::from(&[0xff; 12][..])))
+    }
+}
+
+/// The store error for a refused use of `u`.
+fn refusal_of_use(u: &GrantUse, why: Abort) -> VaultStoreError {
+    let c = &u.consent;
+    match why {
+        Abort::PolicyChanged(active) => VaultStoreError::Consent(ConsentError::PolicyVersion {
+            statement: StatementRef::Release,
+            signer: c.operator.clone(),
+            bound: c.policy_version,
+            active,
+        }),
+        Abort::ReleaseUsed => VaultStoreError::Consent(ConsentError::ReleaseReplayed {
+            release_id: c.release_id.clone(),
+            signer: c.operator.clone(),
+        }),
+        Abort::CodesUsed(released) => VaultStoreError::Consent(ConsentError::CodesExhausted {
+            request_id: c.request_id.clone(),
+            released,
+            allowed: c.codes_per_request,
+        }),
+        Abort::Rate(released) => VaultStoreError::Consent(ConsentError::RateLimited {
+            account: u.account_id.clone(),
+            released,
+            max: c.rate.max,
+            per_secs: c.rate.per.as_secs(),
+        }),
+        Abort::Used => VaultStoreError::GrantUsed(u.grant_id.clone()),
+        other => refusal(other, &u.account_id, &u.grant_id),
+    }
+}
+
+/// The store error for `why`, about account `id` (and grant `grant_id`).
+fn refusal(why: Abort, id: &str, grant_id: &str) -> VaultStoreError {
+    let id = id.to_owned();
+    match why {
+        Abort::Exists => VaultStoreError::AlreadyExists(id),
+        Abort::Missing => VaultStoreError::NotFound(id),
+        Abort::Used => VaultStoreError::GrantUsed(grant_id.to_owned()),
+        Abort::Corrupt => VaultStoreError::Corrupt(id),
+        Abort::Wait(retry_in) => VaultStoreError::StepsUsed {
+            account_id: id,
+            retry_in,
+        },
+        Abort::Disabled => VaultStoreError::Disabled(id),
+        Abort::ActionUsed => VaultStoreError::Consent(ConsentError::AdminActionReplayed {
+            action_id: grant_id.to_owned(),
+        }),
+        Abort::NothingKept => VaultStoreError::NothingKept(id),
+        Abort::NotNewer(stored) => VaultStoreError::PolicyNotNewer {
+            proposed: 0,
+            stored,
+        },
+        Abort::PolicyChanged(_) | Abort::ReleaseUsed | Abort::CodesUsed(_) | Abort::Rate(_) => {
+            VaultStoreError::Corrupt(id)
+        }
+    }
+}
+
+impl ReleaseHistory for SledVaultStore {
+    fn release_id_used(&self, release_id: &str) -> bool {
+        self.consent_get(&key(RELEASE_ID, release_id.as_bytes()))
+            .is_some()
+    }
+
+    fn codes_released(&self, request_digest: &[u8; 32]) -> u32 {
+        request_count(
+            self.consent_get(&key(REQUEST_CODES, request_digest))
+                .as_deref(),
+        )
+        .0
+    }
+
+    fn releases_since(&self, account_id: &str, since: SystemTime) -> u32 {
+        let since = unix(since);
+        let n = self
+            .consent_get(&key(ACCOUNT_RELEASES, account_id.as_bytes()))
+            .map_or(0, |v| times(&v).into_iter().filter(|&t| t >= since).count());
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+}
+
+impl AdminHistory for SledVaultStore {
+    fn action_id_used(&self, action_id: &str) -> bool {
+        self.consent_get(&key(ACTION_ID, action_id.as_bytes()))
+            .is_some()
     }
 }
 
@@ -407,34 +860,54 @@ impl VaultStore for SledVaultStore {
             record,
             replace,
             grant,
+            admin,
         } = new;
-        let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
-            |(grants, accounts, outbox)| {
-                if grants.get(&grant.grant_id)?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(Abort::Used));
+        let result = (
+            &self.grants,
+            &self.accounts,
+            self.outbox.tree(),
+            &self.consent,
+            &self.recovery,
+        )
+            .transaction(|(grants, accounts, outbox, consent, recovery)| {
+                use_grant_id(grants, grant)?;
+                if let Some(admin) = admin {
+                    use_action(consent, admin)?;
                 }
                 let old = accounts.get(&record.account_id)?;
                 if !replace && old.is_some() {
-                    return Err(ConflictableTransactionError::Abort(Abort::Exists));
+                    return abort(Abort::Exists);
                 }
-                // A replaced account keeps its highest step if that is
-                // higher, so a re-enrolled seed never repeats a step.
                 let mut record = record.clone();
-                if let Some(old) =
-                    old.and_then(|b| serde_json::from_slice::<AccountRecord>(&b).ok())
-                {
+                if let Some(old) = old {
+                    let Ok(old) = decode_record(&old) else {
+                        return abort(Abort::Corrupt);
+                    };
+                    // A replaced account keeps its highest step if that is
+                    // higher, so a re-enrolled seed never repeats a step,
+                    // and stays disabled if it was.
                     record.last_step = record.last_step.max(old.last_step);
+                    record.disabled = old.disabled;
+                    let Some(admin) = admin else {
+                        // Replacing needs the admins' consent (checked by
+                        // the vault before this); without it, nothing.
+                        return abort(Abort::Exists);
+                    };
+                    keep(recovery, old, admin, "replaced")?;
                 }
                 let bytes = serde_json::to_vec(&record).expect("records serialize");
-                grants.insert(grant.grant_id.as_bytes(), &grant.expires_at.to_be_bytes())?;
                 accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
-                self.outbox.push(outbox, event.clone())
-            },
-        );
+                Ok(self.outbox.push(outbox, event.clone())?)
+            });
         match self.finish(result, &record.account_id) {
             Err(VaultStoreError::GrantUsed(_)) => {
                 Err(VaultStoreError::GrantUsed(grant.grant_id.clone()))
             }
+            Err(VaultStoreError::Consent(ConsentError::AdminActionReplayed { .. })) => Err(
+                VaultStoreError::Consent(ConsentError::AdminActionReplayed {
+                    action_id: admin.map(|a| a.action_id.clone()).unwrap_or_default(),
+                }),
+            ),
             other => other,
         }
     }
@@ -469,24 +942,121 @@ impl VaultStore for SledVaultStore {
             grant_id,
             expires_at,
             account_id,
+            admin,
             event,
         } = &removal;
-        let result = (&self.grants, &self.accounts, self.outbox.tree()).transaction(
-            |(grants, accounts, outbox)| {
-                if grants.get(grant_id)?.is_some() {
-                    return Err(ConflictableTransactionError::Abort(Abort::Used));
+        let spent = SpentGrant {
+            grant_id: grant_id.clone(),
+            expires_at: *expires_at,
+        };
+        let result = (
+            &self.grants,
+            &self.accounts,
+            self.outbox.tree(),
+            &self.consent,
+            &self.recovery,
+        )
+            .transaction(|(grants, accounts, outbox, consent, recovery)| {
+                use_grant_id(grants, &spent)?;
+                use_action(consent, admin)?;
+                let Some(old) = accounts.remove(account_id.as_bytes())? else {
+                    return abort(Abort::Missing);
+                };
+                let Ok(old) = decode_record(&old) else {
+                    return abort(Abort::Corrupt);
+                };
+                keep(recovery, old, admin, "removed")?;
+                Ok(self.outbox.push(outbox, event.clone())?)
+            });
+        self.finish(result, account_id)
+            .map_err(|e| name_ids(e, grant_id, &admin.action_id))
+    }
+
+    fn set_enabled(&self, change: EnabledChange) -> Result<(u64, AccountRecord), VaultStoreError> {
+        let EnabledChange {
+            grant,
+            account_id,
+            enabled,
+            admin,
+            event,
+        } = &change;
+        let result = (
+            &self.grants,
+            &self.accounts,
+            self.outbox.tree(),
+            &self.consent,
+        )
+            .transaction(|(grants, accounts, outbox, consent)| {
+                use_grant_id(grants, grant)?;
+                use_action(consent, admin)?;
+                let Some(bytes) = accounts.get(account_id.as_bytes())? else {
+                    return abort(Abort::Missing);
+                };
+                let Ok(mut record) = decode_record(&bytes) else {
+                    return abort(Abort::Corrupt);
+                };
+                record.disabled = !enabled;
+                let bytes = serde_json::to_vec(&record).expect("records serialize");
+                accounts.insert(account_id.as_bytes(), bytes)?;
+                let seq = self.outbox.push(outbox, event.clone())?;
+                Ok((seq, record))
+            });
+        self.finish(result, account_id)
+            .map_err(|e| name_ids(e, &grant.grant_id, &admin.action_id))
+    }
+
+    fn restore(&self, restore: Restore) -> Result<(u64, AccountRecord, KeptSeed), VaultStoreError> {
+        let Restore {
+            grant,
+            account_id,
+            admin,
+            event,
+        } = &restore;
+        let result = (
+            &self.grants,
+            &self.accounts,
+            self.outbox.tree(),
+            &self.consent,
+            &self.recovery,
+        )
+            .transaction(|(grants, accounts, outbox, consent, recovery)| {
+                use_grant_id(grants, grant)?;
+                use_action(consent, admin)?;
+                let mut list = match kept_list(recovery.get(account_id.as_bytes())?.as_deref()) {
+                    Ok(l) => l,
+                    Err(e) => return abort(e),
+                };
+                list.retain(|k| k.until >= admin.now);
+                let Some(kept) = list.pop() else {
+                    return abort(Abort::NothingKept);
+                };
+                if list.is_empty() {
+                    recovery.remove(account_id.as_bytes())?;
+                } else {
+                    let bytes = serde_json::to_vec(&list).expect("kept seeds serialize");
+                    recovery.insert(account_id.as_bytes(), bytes)?;
                 }
-                if accounts.remove(account_id.as_bytes())?.is_none() {
-                    return Err(ConflictableTransactionError::Abort(Abort::Missing));
+                let mut record = kept.record.clone();
+                if let Some(current) = accounts.get(account_id.as_bytes())? {
+                    let Ok(current) = decode_record(&current) else {
+                        return abort(Abort::Corrupt);
+                    };
+                    // Never a step twice for the account, whichever seed.
+                    record.last_step = record.last_step.max(current.last_step);
+                    keep(recovery, current, admin, "restored over")?;
                 }
-                grants.insert(grant_id.as_bytes(), &expires_at.to_be_bytes())?;
-                self.outbox.push(outbox, event.clone())
-            },
-        );
-        match self.finish(result, account_id) {
-            Err(VaultStoreError::GrantUsed(_)) => Err(VaultStoreError::GrantUsed(removal.grant_id)),
-            other => other,
-        }
+                let bytes = serde_json::to_vec(&record).expect("records serialize");
+                accounts.insert(account_id.as_bytes(), bytes)?;
+                let event = event
+                    .clone()
+                    .attr("kept_reason", kept.reason.clone())
+                    .attr("kept_at", kept.kept_at.to_string())
+                    .attr("kept_by_action", kept.action_id.clone());
+                let seq = self.outbox.push(outbox, event)?;
+                Ok((seq, record, kept))
+            });
+        self.finish(result, account_id)
+            .map_err(|e| name_ids(e, &grant.grant_id, &admin.action_id))
     }
 
     fn record(&self, event: EventDraft) -> Result<u64, VaultStoreError> {
@@ -515,27 +1085,122 @@ impl VaultStore for SledVaultStore {
                 let updated = serde_json::to_vec(&record).expect("records serialize");
                 accounts.insert(account_id.as_bytes(), updated)?;
             }
-            self.outbox.push(outbox, event.clone())
+            Ok(self.outbox.push(outbox, event.clone())?)
         });
         self.finish(result, account_id)
     }
 
-    fn sweep_grants(&self, now: u64) -> Result<usize, VaultStoreError> {
+    fn sweep(&self, now: u64) -> Result<usize, VaultStoreError> {
+        let err = sled_err(&self.db);
         let mut removed = 0;
         for item in self.grants.iter() {
-            let (id, expiry) = item.map_err(sled_err(&self.db))?;
-            let expiry = expiry
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or(u64::MAX);
+            let (id, expiry) = item.map_err(&err)?;
             // Keep ids a while past expiry in case the clock steps back.
-            if expiry.saturating_add(GRANT_ID_GRACE_SECS) < now {
-                self.grants.remove(id).map_err(sled_err(&self.db))?;
+            if be_u64(&expiry).saturating_add(GRANT_ID_GRACE_SECS) < now {
+                self.grants.remove(id).map_err(&err)?;
                 removed += 1;
             }
         }
+        for item in self.consent.iter() {
+            let (k, v) = item.map_err(&err)?;
+            let expired = if k.starts_with(ACCOUNT_RELEASES) {
+                times(&v)
+                    .iter()
+                    .all(|&t| t.saturating_add(MAX_RATE_WINDOW_SECS) < now)
+            } else if k.starts_with(REQUEST_CODES) {
+                request_count(Some(&v)).1 < now
+            } else {
+                be_u64(&v) < now
+            };
+            if expired {
+                self.consent.remove(k).map_err(&err)?;
+                removed += 1;
+            }
+        }
+        for item in self.recovery.iter() {
+            let (k, v) = item.map_err(&err)?;
+            let Ok(list) = serde_json::from_slice::<Vec<KeptSeed>>(&v) else {
+                continue;
+            };
+            if list.iter().all(|kept| kept.until >= now) {
+                continue;
+            }
+            let account_id = String::from_utf8_lossy(&k).into_owned();
+            let source = self.outbox.signer().source().to_string();
+            let result = (&self.recovery, self.outbox.tree()).transaction(|(recovery, outbox)| {
+                let Ok(list) = kept_list(recovery.get(&k)?.as_deref()) else {
+                    return Ok(0);
+                };
+                let (gone, keep): (Vec<KeptSeed>, Vec<KeptSeed>) =
+                    list.into_iter().partition(|kept| kept.until < now);
+                if keep.is_empty() {
+                    recovery.remove(&k)?;
+                } else {
+                    let bytes = serde_json::to_vec(&keep).expect("kept seeds serialize");
+                    recovery.insert(&k, bytes)?;
+                }
+                for kept in &gone {
+                    let event = EventDraft::new(source.clone(), "account.recovery.purged")
+                        .account(&account_id)
+                        .attr("kept_reason", kept.reason.clone())
+                        .attr("kept_at", kept.kept_at.to_string())
+                        .attr("kept_by_action", kept.action_id.clone());
+                    self.outbox.push::<Abort>(outbox, event)?;
+                }
+                Ok(gone.len())
+            });
+            removed += self.finish(result, &account_id)?;
+        }
         Ok(removed)
+    }
+
+    fn policies(&self) -> Result<Vec<StoredPolicy>, VaultStoreError> {
+        self.policies
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err(&self.db))?;
+                serde_json::from_slice(&v)
+                    .map_err(|_| VaultStoreError::Corrupt(format!("policy version {}", be_u64(&k))))
+            })
+            .collect()
+    }
+
+    fn policy_head(&self) -> Result<Option<Vec<u8>>, VaultStoreError> {
+        Ok(self
+            .meta
+            .get(POLICY_HEAD)
+            .map_err(sled_err(&self.db))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn put_policy(
+        &self,
+        policy: &StoredPolicy,
+        head: &[u8],
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError> {
+        let bytes = serde_json::to_vec(policy).expect("policies serialize");
+        let result = (&self.policies, &self.meta, self.outbox.tree()).transaction(
+            |(policies, meta, outbox)| {
+                let stored = meta.get(POLICY_VERSION)?.map_or(0, |v| be_u64(&v));
+                if policy.version <= stored {
+                    return abort(Abort::NotNewer(stored));
+                }
+                policies.insert(&policy.version.to_be_bytes(), bytes.as_slice())?;
+                meta.insert(POLICY_HEAD, head)?;
+                meta.insert(POLICY_VERSION, &policy.version.to_be_bytes())?;
+                Ok(self.outbox.push(outbox, event.clone())?)
+            },
+        );
+        match self.finish(result, "policy") {
+            Err(VaultStoreError::PolicyNotNewer { stored, .. }) => {
+                Err(VaultStoreError::PolicyNotNewer {
+                    proposed: policy.version,
+                    stored,
+                })
+            }
+            other => other,
+        }
     }
 
     async fn commit(&self) -> Result<(), VaultStoreError> {
@@ -545,10 +1210,32 @@ impl VaultStore for SledVaultStore {
     }
 }
 
+/// Names the grant and action ids in a refusal the transaction could only
+/// say the kind of.
+fn name_ids(e: VaultStoreError, grant_id: &str, action_id: &str) -> VaultStoreError {
+    match e {
+        VaultStoreError::GrantUsed(_) => VaultStoreError::GrantUsed(grant_id.to_owned()),
+        VaultStoreError::Consent(ConsentError::AdminActionReplayed { .. }) => {
+            VaultStoreError::Consent(ConsentError::AdminActionReplayed {
+                action_id: action_id.to_owned(),
+            })
+        }
+        other => other,
+    }
+}
+
+/// How long a used id or a count is remembered: `window` from `now`, and a
+/// margin for clock skew.
+pub fn remember_until(now: u64, window: Duration) -> u64 {
+    now.saturating_add(window.as_secs())
+        .saturating_add(GRANT_ID_GRACE_SECS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+    use std::time::UNIX_EPOCH;
     use twokey_runtime::{events::EventSigner, identity::SpiffeId, time::SystemClock};
 
     /// The store in `dir`, opened without enrolling anything.
@@ -574,6 +1261,7 @@ mod tests {
             sealed_seed: String::new(),
             min_seconds_left: 0,
             last_step: None,
+            disabled: false,
         };
         let grant = SpentGrant {
             grant_id: format!("g-enroll-{account_id}"),
@@ -585,6 +1273,7 @@ mod tests {
                     record: &record,
                     replace: false,
                     grant: &grant,
+                    admin: None,
                 },
                 EventDraft::new("admin", "account.enrolled"),
             )
@@ -597,13 +1286,33 @@ mod tests {
         store
     }
 
-    /// A use at Unix time 1 (step 0, 29 s left).
+    /// A use at Unix time 1 (step 0, 29 s left), its release id the grant
+    /// id, for a request of its own (a digest made of the grant id), under
+    /// no policy (version 0), 1000 codes an hour.
     fn grant_use(grant_id: &str, account_id: &str) -> GrantUse {
+        let mut digest = [0u8; 32];
+        for (d, b) in digest.iter_mut().zip(grant_id.bytes()) {
+            *d = b;
+        }
         GrantUse {
             grant_id: grant_id.into(),
             expires_at: u64::MAX / 2,
             account_id: account_id.into(),
             now: 1,
+            consent: ReleaseUse {
+                policy_version: 0,
+                release_id: grant_id.into(),
+                release_id_until: u64::MAX / 2,
+                request_digest: digest,
+                request_id: format!("req-{grant_id}"),
+                request_until: u64::MAX / 2,
+                codes_per_request: 1,
+                rate: RateLimit {
+                    max: 1000,
+                    per: Duration::from_secs(3600),
+                },
+                operator: "spiffe://t/user/olivia".into(),
+            },
             event: EventDraft::new("op", "code.released"),
         }
     }
@@ -799,10 +1508,215 @@ mod tests {
                     record: &record,
                     replace: true,
                     grant: &grant,
+                    admin: Some(&admin_use("act-1")),
                 },
                 EventDraft::new("admin", "account.enrolled.replace"),
             )
             .unwrap();
         assert_eq!(store.get("aws-root").unwrap().unwrap().last_step, Some(100));
+    }
+
+    fn admin_use(action_id: &str) -> AdminUse {
+        AdminUse {
+            action_id: action_id.into(),
+            action_until: u64::MAX / 2,
+            now: 100,
+            keep_until: 1000,
+        }
+    }
+
+    #[test]
+    fn a_replace_without_admin_consent_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let mut record = store.get("aws-root").unwrap().unwrap();
+        record.seed_bits = 1;
+        let grant = SpentGrant {
+            grant_id: "g-replace".into(),
+            expires_at: u64::MAX / 2,
+        };
+        let new = NewAccount {
+            record: &record,
+            replace: true,
+            grant: &grant,
+            admin: None,
+        };
+        let err = store.put(new, EventDraft::new("admin", "x")).unwrap_err();
+        assert!(matches!(err, VaultStoreError::AlreadyExists(_)), "{err:?}");
+        assert_eq!(store.get("aws-root").unwrap().unwrap().seed_bits, 160);
+        assert!(store.grants.get("g-replace").unwrap().is_none());
+    }
+
+    #[test]
+    fn release_ids_codes_per_request_and_the_rate_hold_inside_one_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopen(dir.path());
+        for i in 0..3 {
+            enroll(&store, &format!("acct-{i}"));
+        }
+        // The same release id twice in one group: the second is refused.
+        let mut replay = grant_use("g-2", "acct-0");
+        replay.consent.release_id = "g-1".into();
+        let answers = one_group(&store, vec![grant_use("g-1", "acct-0"), replay]);
+        assert!(answers[0].is_ok());
+        assert!(
+            matches!(
+                &answers[1],
+                Err(VaultStoreError::Consent(ConsentError::ReleaseReplayed { release_id, .. })) if release_id == "g-1"
+            ),
+            "{:?}",
+            answers[1]
+        );
+        // Two codes of one request that allows one: the second is refused.
+        let first = grant_use("g-3", "acct-1");
+        let mut second = grant_use("g-4", "acct-1");
+        second.consent.request_digest = first.consent.request_digest;
+        let answers = one_group(&store, vec![first, second]);
+        assert!(answers[0].is_ok());
+        assert!(
+            matches!(
+                &answers[1],
+                Err(VaultStoreError::Consent(ConsentError::CodesExhausted {
+                    released: 1,
+                    allowed: 1,
+                    ..
+                }))
+            ),
+            "{:?}",
+            answers[1]
+        );
+        // A rate of 2 an hour: the third in one group is refused.
+        let rated = |id: &str| {
+            let mut u = grant_use(id, "acct-2");
+            u.consent.rate.max = 2;
+            u
+        };
+        let answers = one_group(&store, vec![rated("g-5"), rated("g-6"), rated("g-7")]);
+        assert!(answers[0].is_ok() && answers[1].is_ok());
+        assert!(
+            matches!(
+                &answers[2],
+                Err(VaultStoreError::Consent(ConsentError::RateLimited {
+                    released: 2,
+                    max: 2,
+                    ..
+                }))
+            ),
+            "{:?}",
+            answers[2]
+        );
+        // Nothing of a refused use is written: its grant is unspent.
+        for id in ["g-2", "g-4", "g-7"] {
+            assert!(store.grants.get(id).unwrap().is_none(), "{id}");
+        }
+        // And what was recorded is what the checks read.
+        assert!(store.release_id_used("g-1"));
+        assert!(!store.release_id_used("g-2"));
+        assert_eq!(store.releases_since("acct-2", UNIX_EPOCH), 2);
+    }
+
+    #[test]
+    fn a_use_under_another_policy_version_or_of_a_disabled_account_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let mut under_v1 = grant_use("g-1", "aws-root");
+        under_v1.consent.policy_version = 1;
+        let answers = one_group(&store, vec![under_v1]);
+        assert!(
+            matches!(
+                &answers[0],
+                Err(VaultStoreError::Consent(ConsentError::PolicyVersion {
+                    bound: 1,
+                    active: 0,
+                    ..
+                }))
+            ),
+            "{:?}",
+            answers[0]
+        );
+        let change = EnabledChange {
+            grant: SpentGrant {
+                grant_id: "g-disable".into(),
+                expires_at: u64::MAX / 2,
+            },
+            account_id: "aws-root".into(),
+            enabled: false,
+            admin: admin_use("act-disable"),
+            event: EventDraft::new("admins", "account.disabled"),
+        };
+        let (_, record) = store.set_enabled(change.clone()).unwrap();
+        assert!(record.disabled);
+        let answers = one_group(&store, vec![grant_use("g-2", "aws-root")]);
+        assert!(
+            matches!(&answers[0], Err(VaultStoreError::Disabled(_))),
+            "{:?}",
+            answers[0]
+        );
+        // The action id is single use.
+        let again = EnabledChange {
+            grant: SpentGrant {
+                grant_id: "g-disable-2".into(),
+                expires_at: u64::MAX / 2,
+            },
+            ..change
+        };
+        let err = store.set_enabled(again).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VaultStoreError::Consent(ConsentError::AdminActionReplayed { ref action_id }) if action_id == "act-disable"
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_removed_seed_is_kept_restored_and_purged_after_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let removal = Removal {
+            grant_id: "g-remove".into(),
+            expires_at: u64::MAX / 2,
+            account_id: "aws-root".into(),
+            admin: admin_use("act-remove"),
+            event: EventDraft::new("admins", "account.removed"),
+        };
+        store.remove(removal).unwrap();
+        assert!(store.get("aws-root").unwrap().is_none());
+        let restore = |grant: &str, action: &str, now: u64| Restore {
+            grant: SpentGrant {
+                grant_id: grant.into(),
+                expires_at: u64::MAX / 2,
+            },
+            account_id: "aws-root".into(),
+            admin: AdminUse {
+                now,
+                ..admin_use(action)
+            },
+            event: EventDraft::new("admins", "account.restored"),
+        };
+        let (_, record, kept) = store.restore(restore("g-r1", "act-r1", 500)).unwrap();
+        assert_eq!(record.seed_bits, 160);
+        assert_eq!(kept.reason, "removed");
+        assert!(store.get("aws-root").unwrap().is_some());
+        // Nothing left to restore now.
+        let err = store.restore(restore("g-r2", "act-r2", 500)).unwrap_err();
+        assert!(matches!(err, VaultStoreError::NothingKept(_)), "{err:?}");
+        // Removed again; past its window it is purged and cannot come back.
+        store
+            .remove(Removal {
+                grant_id: "g-remove-2".into(),
+                expires_at: u64::MAX / 2,
+                account_id: "aws-root".into(),
+                admin: admin_use("act-remove-2"),
+                event: EventDraft::new("admins", "account.removed"),
+            })
+            .unwrap();
+        assert_eq!(store.sweep(999).unwrap(), 0);
+        assert_eq!(store.recovery.len(), 1);
+        assert_eq!(store.sweep(1001).unwrap(), 1);
+        assert_eq!(store.recovery.len(), 0);
+        let err = store.restore(restore("g-r3", "act-r3", 1002)).unwrap_err();
+        assert!(matches!(err, VaultStoreError::NothingKept(_)), "{err:?}");
     }
 }
