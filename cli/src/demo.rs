@@ -1,7 +1,9 @@
 //! `twokey demo`: the whole story on loopback, printing each step — PKI,
-//! keys and configs, audit, vault and broker as separate processes, an
-//! enrolled account, request, approval, the PIN from the requester's mailbox,
-//! verification, the released code checked against an independent TOTP
+//! the people's own OpenSSH keys and configs, audit, vault and broker as
+//! separate processes, the consent policy signed by the admins adam and
+//! anna, an enrolled account, a request signed by alice, an approval signed
+//! by bob, the PIN from the requester's mailbox, verification, the release
+//! signed by olivia and its code checked against an independent TOTP
 //! computation, and offline verification of the audit log.
 
 use std::{
@@ -42,6 +44,10 @@ pub struct DemoReport {
     pub config: PathBuf,
     /// The request that was filed and released.
     pub request_id: String,
+    /// The signed consent policy version in force.
+    pub policy_version: u64,
+    /// The admins whose signatures put it in force.
+    pub policy_signed_by: Vec<String>,
     /// Whether the released code matched an independent TOTP computation.
     pub code_matches: bool,
     /// Entries in the verified audit log.
@@ -194,7 +200,14 @@ pub fn run(args: DemoArgs, out: Output) -> Result<(), CliError> {
         "==> making a development CA, certificates, keys, configs and a policy in {}",
         dir.display()
     ));
-    say("==> starting twokey-audit, twokey-vault and twokey-broker on loopback");
+    say(
+        "    each person gets an OpenSSH key of their own (pki/NAME.ssh), named as ssh_key in their profile: \
+         alice requests, bob approves, olivia operates, adam and anna are the admins (2 of 2 sign), carol audits",
+    );
+    say(
+        "==> starting twokey-audit and twokey-vault; adam and anna sign consent policy version 1 with their SSH keys \
+         and it is applied to the vault (admins.allowed_signers pins them); then twokey-broker",
+    );
     let system = LocalSystem::start(&dir, &bin_dir)?;
     say(&format!(
         "    audit {}  vault {}  broker {}",
@@ -243,8 +256,11 @@ pub fn run(args: DemoArgs, out: Output) -> Result<(), CliError> {
     }
     out.answer(&report, || {
         format!(
-            "demo passed: request {} released a code that matched the independent TOTP computation; the audit log of {} entries verified",
-            report.request_id, report.audit_entries
+            "demo passed: request {} — signed by alice, approved by bob, released by olivia under policy version {} signed by {} — released a code that matched the independent TOTP computation; the audit log of {} entries verified",
+            report.request_id,
+            report.policy_version,
+            report.policy_signed_by.join(" and "),
+            report.audit_entries
         )
     })
 }
@@ -252,6 +268,27 @@ pub fn run(args: DemoArgs, out: Output) -> Result<(), CliError> {
 fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
     let secret = random_secret();
     let secret_bytes = decode_base32(&secret);
+
+    s.say("==> the signed policy in force, as anna sees it");
+    let policy = s.run("anna", &["policy", "show"], None)?;
+    let active = &policy["applied"][0];
+    let policy_version = active["version"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .or_else(|| active["version"].as_u64())
+        .unwrap_or(0);
+    let policy_signed_by: Vec<String> = active["signedBy"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    s.say(&format!(
+        "    version {policy_version}, signed by {} — the vault checks every release against it",
+        policy_signed_by.join(" and ")
+    ));
 
     s.say(&format!(
         "==> adam (admin) enrolls {ACCOUNT}: the Base32 secret goes in on stdin, never argv"
@@ -275,7 +312,7 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
         enrolled["next"]["code"].as_str().unwrap_or("?")
     ));
 
-    s.say("==> alice (requester) files a request");
+    s.say("==> alice (requester) files a request, signed with her own key (pki/alice.ssh)");
     let created = s.run(
         "alice",
         &[
@@ -294,9 +331,11 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    s.say(&format!("    request {id} is pending"));
+    s.say(&format!(
+        "    request {id} is pending; its id and time are alice's, in the statement she signed"
+    ));
 
-    s.say("==> bob (approver) approves it");
+    s.say("==> bob (approver) approves it, signing an approval of exactly alice's statement (pki/bob.ssh)");
     let approved = s.run(
         "bob",
         &["request", "approve", &id, "--comment", "go ahead"],
@@ -330,7 +369,8 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
         verified["request"]["state"].as_str().unwrap_or("?")
     ));
 
-    s.say("==> olivia releases the code");
+    s.say("==> olivia releases the code, signing a release that binds alice's request and bob's approval (pki/olivia.ssh)");
+    s.say("    the vault verifies all three signatures against the signed policy before it computes a code");
     let released = s.run("olivia", &["code", "release", &id], None)?;
     let code = released["code"]["code"]
         .as_str()
@@ -387,6 +427,8 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
     ));
     Ok(DemoReport {
         request_id: id,
+        policy_version,
+        policy_signed_by,
         code_matches,
         audit_entries: entries,
         ..Default::default()

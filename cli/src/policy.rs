@@ -27,8 +27,10 @@ pub enum PolicyCommand {
     /// with your ssh_key; other admins then run `twokey policy sign VERSION`.
     Propose(ProposeArgs),
     /// Sign a proposed version with your ssh_key (admin), after reading it
-    /// with `twokey policy show --proposal VERSION`.
-    Sign(VersionArg),
+    /// with `twokey policy show --proposal VERSION`. With --file, sign a
+    /// document offline instead (e.g. the first version, before any
+    /// service runs) and print the detached signature.
+    Sign(SignArgs),
     /// Apply a proposed version that enough admins signed (admin): the
     /// vault verifies the signatures and puts it in force.
     Apply(VersionArg),
@@ -53,7 +55,41 @@ pub struct ProposeArgs {
 pub struct VersionArg {
     /// The version number.
     #[arg(value_name = "VERSION")]
+    pub number: u64,
+}
+
+/// `policy sign`.
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The proposed version to sign.
+    #[arg(
+        value_name = "VERSION",
+        required_unless_present = "file",
+        conflicts_with = "file"
+    )]
+    pub number: Option<u64>,
+    /// Sign this policy document offline (the namespace's trust domain is
+    /// the document's `trust_domain`); the armored signature goes to stdout
+    /// or --out, as `ssh-keygen -Y sign -n twokey-policy@TD` would write it.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<std::path::PathBuf>,
+    /// With --file: write the signature here instead of stdout.
+    #[arg(long, value_name = "SIG", requires = "file")]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// What `policy sign --file` did, for `--json`.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OfflineSignature {
+    /// The document's version.
     pub version: u64,
+    /// The namespace signed under.
+    pub namespace: String,
+    /// The signing key's fingerprint.
+    pub fingerprint: String,
+    /// The armored signature.
+    pub signature: String,
 }
 
 /// `policy show`.
@@ -67,6 +103,14 @@ pub struct ShowArgs {
 
 /// Runs a policy command.
 pub async fn run(cmd: PolicyCommand, settings: Settings, out: Output) -> Result<(), CliError> {
+    if let PolicyCommand::Sign(SignArgs {
+        file: Some(file),
+        out: sig_out,
+        ..
+    }) = &cmd
+    {
+        return sign_offline(&settings, file, sig_out.as_deref(), out);
+    }
     let (mut broker, target) = settings.broker()?;
     match cmd {
         PolicyCommand::Propose(a) => {
@@ -111,19 +155,22 @@ pub async fn run(cmd: PolicyCommand, settings: Settings, out: Output) -> Result<
                 )
             })
         }
+        PolicyCommand::Sign(SignArgs {
+            file: Some(file),
+            out: sig_out,
+            ..
+        }) => sign_offline(&settings, &file, sig_out.as_deref(), out),
         PolicyCommand::Sign(a) => {
+            let version = a.number.unwrap_or_default();
             let signer = SshSigner::from_settings(&settings)?;
             let signing = Signing::ask(&mut broker, &target).await?;
             let all = target.answer(broker.get_policy(GetPolicyRequest {}).await)?;
-            let proposal = find_proposal(&all, a.version)?;
+            let proposal = find_proposal(&all, version)?;
             let signature = signer.sign_policy(&signing.trust_domain, &proposal.document)?;
             let signed = target
                 .answer(
                     broker
-                        .sign_policy(SignPolicyRequest {
-                            version: a.version,
-                            signature,
-                        })
+                        .sign_policy(SignPolicyRequest { version, signature })
                         .await,
                 )?
                 .proposal
@@ -142,7 +189,7 @@ pub async fn run(cmd: PolicyCommand, settings: Settings, out: Output) -> Result<
             let applied = target
                 .answer(
                     broker
-                        .apply_policy(ApplyPolicyRequest { version: a.version })
+                        .apply_policy(ApplyPolicyRequest { version: a.number })
                         .await,
                 )?
                 .policy
@@ -164,6 +211,46 @@ pub async fn run(cmd: PolicyCommand, settings: Settings, out: Output) -> Result<
             }
             out.answer(&all, || show(&all))
         }
+    }
+}
+
+/// Signs a policy document file offline under its own trust domain.
+fn sign_offline(
+    settings: &Settings,
+    file: &std::path::Path,
+    sig_out: Option<&std::path::Path>,
+    out: Output,
+) -> Result<(), CliError> {
+    let document = std::fs::read_to_string(file).map_err(CliError::io("read", file))?;
+    let policy = twokey_consent::Policy::parse(&document).map_err(|e| {
+        CliError::Input(format!(
+            "{} is not a policy document twokey accepts: {e}",
+            file.display()
+        ))
+    })?;
+    let signer = SshSigner::from_settings(settings)?;
+    let signature = signer.sign_policy(policy.trust_domain(), &document)?;
+    let report = OfflineSignature {
+        version: policy.version(),
+        namespace: twokey_consent::policy_namespace(policy.trust_domain()),
+        fingerprint: signer.fingerprint(),
+        signature: String::from_utf8_lossy(&signature).into_owned(),
+    };
+    match sig_out {
+        Some(path) => {
+            std::fs::write(path, &signature).map_err(CliError::io("write", path))?;
+            out.answer(&report, || {
+                format!(
+                    "signed policy version {} of {} with {} under {}; the signature is in {}",
+                    report.version,
+                    file.display(),
+                    report.fingerprint,
+                    report.namespace,
+                    path.display()
+                )
+            })
+        }
+        None => out.answer(&report, || report.signature.clone()),
     }
 }
 
