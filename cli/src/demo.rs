@@ -86,8 +86,11 @@ impl Steps<'_> {
             shown.join(" ")
         ));
         let mut cmd = Command::new(&self.exe);
+        // The people sign with the key files made for them, never with
+        // whatever agent the caller's shell has.
         cmd.env("TWOKEY_CONFIG", self.config)
             .env("TWOKEY_PROFILE", user)
+            .env_remove("SSH_AUTH_SOCK")
             .args(args)
             .arg("--json")
             .stdin(std::process::Stdio::piped())

@@ -1,7 +1,8 @@
 //! `twokey pki init`: a development CA and certificates for the vault, the
-//! broker, the audit service and each user, plus a profile file for the
-//! users (the work is `twokey_testkit::pki::init`). Keys are written 0600.
-//! Production brings its own CA.
+//! broker, the audit service and each user, an OpenSSH signing key for each
+//! user (`NAME.ssh`), plus a profile file for the users (the work is
+//! `twokey_testkit::pki::init`). Keys are written 0600. Production brings
+//! its own CA, and people their own SSH keys.
 
 use std::path::PathBuf;
 
@@ -25,7 +26,8 @@ pub const DEFAULT_AUDIT: &str = "https://127.0.0.1:7403";
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
     /// Make a development CA and certificates for vault, broker, audit and
-    /// each --user, and a profile file (twokey.toml) with one profile per user.
+    /// each --user, an OpenSSH signing key per user (NAME.ssh, NAME.ssh.pub),
+    /// and a profile file (twokey.toml) with one profile per user.
     Init(InitArgs),
 }
 
@@ -84,7 +86,10 @@ fn human(r: &InitReport) -> String {
                 i.name.clone(),
                 i.role.clone(),
                 i.spiffe_id.clone(),
-                format!("{}.crt / {}.key", i.name, i.name),
+                match &i.ssh_key {
+                    Some(_) => format!("{n}.crt / {n}.key / {n}.ssh", n = i.name),
+                    None => format!("{n}.crt / {n}.key", n = i.name),
+                },
             ]
         })
         .collect();
@@ -100,6 +105,13 @@ fn human(r: &InitReport) -> String {
             config.display(),
             config.display()
         ));
+    }
+    if r.identities.iter().any(|i| i.ssh_key.is_some()) {
+        s.push_str(
+            "\neach user signs their requests, approvals, releases and admin actions with NAME.ssh \
+             (ssh_key in the profile; with SSH_AUTH_SOCK set, through the agent); admins list \
+             NAME.ssh.pub in the signed policy\n",
+        );
     }
     s.push_str("keys are mode 0600; keep ca.key away from the services in production");
     s

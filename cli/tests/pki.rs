@@ -72,6 +72,7 @@ fn pki_init_writes_every_key_with_mode_0600() {
     for name in ["ca", "vault", "broker", "audit", "alice"] {
         assert_eq!(mode(&dir.join(format!("{name}.key"))), 0o600, "{name}.key");
     }
+    assert_eq!(mode(&dir.join("alice.ssh")), 0o600, "alice.ssh");
     assert_eq!(mode(&dir), 0o700);
 }
 
@@ -90,6 +91,7 @@ fn pki_init_writes_a_profile_per_user_and_audit_only_for_auditors() {
     let alice = &value["profiles"]["alice"];
     assert_eq!(alice["broker"].as_str(), Some("https://127.0.0.1:7400"));
     assert_eq!(alice["cert"].as_str(), Some("alice.crt"));
+    assert_eq!(alice["ssh_key"].as_str(), Some("alice.ssh"));
     assert!(alice.get("audit").is_none());
     assert_eq!(
         value["profiles"]["carol"]["audit"].as_str(),
@@ -149,6 +151,41 @@ fn pki_init_json_lists_every_identity() {
         ]
     );
     assert_eq!(v["trustDomain"], "twokey.local");
+    let dave = &v["identities"][3];
+    assert_eq!(
+        dave["sshKey"].as_str(),
+        Some(dir.join("dave.ssh").to_str().unwrap())
+    );
+    assert!(v["identities"][0].get("sshKey").is_none());
+}
+
+#[test]
+fn pki_init_gives_each_user_an_openssh_key_that_ssh_keygen_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    pki_init(&dir, &["anna:admin"], "127.0.0.1:7400", "127.0.0.1:7403");
+    let public = std::fs::read_to_string(dir.join("anna.ssh.pub")).unwrap();
+    assert!(public.starts_with("ssh-ed25519 "), "{public}");
+    // ssh-keygen derives the same public key from the private key file.
+    let out = std::process::Command::new("ssh-keygen")
+        .arg("-y")
+        .arg("-f")
+        .arg(dir.join("anna.ssh"))
+        .output()
+        .expect("ssh-keygen (OpenSSH) is installed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let derived = String::from_utf8(out.stdout).unwrap();
+    let key_of = |line: &str| {
+        line.split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(key_of(&derived), key_of(&public));
 }
 
 #[test]

@@ -1,13 +1,15 @@
 //! The real `twokey` binary against the real audit, vault and broker
 //! binaries on loopback: the whole story with a `--json` round trip for every
-//! command group, the code checked against an independent TOTP computation,
-//! and the audit log verified offline at the end.
+//! command group — each step signed by its person's own OpenSSH key (one of
+//! them through a real `ssh-agent`) — the code checked against an
+//! independent TOTP computation, the audit log verified offline at the end;
+//! policy changes and admin actions need two admins.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
 
-use common::{file_request, json, json_lines, local_system, one_line_error, twokey_as};
+use common::{Agent, file_request, json, json_lines, local_system, one_line_error, twokey_as};
 use serde_json::Value;
 use twokey_testkit::local::ACCOUNT;
 
@@ -63,6 +65,14 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
     let me = json(twokey_as(cfg, "alice").arg("whoami"));
     assert_eq!(me["identity"], "spiffe://twokey.local/user/alice");
     assert_eq!(me["accounts"][0]["accountId"], ACCOUNT);
+    // Consent policy version 1, signed by adam and anna, is in force.
+    assert_eq!(me["policyVersion"], "1");
+    let policy = json(twokey_as(cfg, "carol").args(["policy", "show"]));
+    assert_eq!(policy["applied"][0]["version"], "1");
+    assert_eq!(
+        policy["applied"][0]["document"].as_str().unwrap(),
+        std::fs::read_to_string(&sys.consent_policy).unwrap()
+    );
 
     // account enroll: seed from stdin, two registration codes.
     let enrolled = json(
@@ -89,19 +99,38 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
     assert_eq!(accounts["accounts"][0]["accountId"], ACCOUNT);
     assert!(!accounts.to_string().contains(SECRET_B32));
 
-    // request create / list / show
-    let created = json(twokey_as(cfg, "alice").args([
-        "request",
-        "create",
-        "--account",
-        ACCOUNT,
-        "--reason",
-        "rotate keys",
-        "--ticket",
-        "OPS-7",
-    ]));
+    // request create / list / show: alice signs through a real ssh-agent
+    // holding her key.
+    let agent = Agent::start();
+    agent.add(&sys.ssh_key("alice"));
+    let created = json(
+        twokey_as(cfg, "alice")
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .args([
+                "request",
+                "create",
+                "--account",
+                ACCOUNT,
+                "--reason",
+                "rotate keys",
+                "--ticket",
+                "OPS-7",
+            ]),
+    );
     let id = request_id(&created);
     assert_eq!(created["request"]["state"], "REQUEST_STATE_PENDING");
+    // The broker took the request id alice chose and signed.
+    let signed = &created["request"]["consent"]["request"];
+    assert!(signed["signature"].is_string(), "{created}");
+    // An agent without bob's key: a clear error, and no approval.
+    let err = one_line_error(
+        twokey_as(cfg, "bob")
+            .env("SSH_AUTH_SOCK", &agent.socket)
+            .args(["request", "approve", &id]),
+        1,
+    );
+    assert!(err.contains("does not hold your key"), "{err}");
+    assert!(err.contains("ssh-add"), "{err}");
     let listed =
         json(twokey_as(cfg, "alice").args(["request", "list", "--mine", "--state", "pending"]));
     assert_eq!(listed["requests"][0]["requestId"], id.as_str());
@@ -115,6 +144,13 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
     // approve -> PIN to alice's mailbox
     let approved = json(twokey_as(cfg, "bob").args(["request", "approve", &id, "--comment", "ok"]));
     assert_eq!(approved["request"]["state"], "REQUEST_STATE_APPROVED");
+    assert_eq!(
+        approved["request"]["consent"]["approvals"]
+            .as_array()
+            .map(Vec::len),
+        Some(1),
+        "{approved}"
+    );
     let pin = sys
         .wait_for_pin("alice", &id, 0)
         .expect("a PIN in alice's mailbox");
@@ -245,10 +281,97 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
     assert!(!log.contains(SECRET_B32));
     assert!(!log.contains(&format!("\"{new_pin}\"")));
 
-    // account remove
-    let removed =
+    // account remove: two admins. adam starts the action, anna signs it,
+    // adam carries it out.
+    let started =
         json(twokey_as(cfg, "adam").args(["account", "remove", ACCOUNT, "--reason", "done"]));
+    let action = started["actionId"].as_str().unwrap().to_owned();
+    assert_eq!(started["needed"], 2, "{started}");
+    // With one signature the broker and vault refuse it, and the account stays.
+    let err = one_line_error(
+        twokey_as(cfg, "adam").args([
+            "account", "remove", ACCOUNT, "--reason", "done", "--action", &action,
+        ]),
+        1,
+    );
+    assert!(err.starts_with("twokey: "), "{err}");
+    let accounts = json(twokey_as(cfg, "adam").args(["account", "list"]));
+    assert_eq!(accounts["accounts"][0]["accountId"], ACCOUNT);
+    let open = json(twokey_as(cfg, "anna").args(["account", "actions"]));
+    assert_eq!(open["actions"][0]["actionId"], action.as_str(), "{open}");
+    let signed = json(twokey_as(cfg, "anna").args(["account", "sign-action", &action]));
+    assert_eq!(
+        signed["signedBy"].as_array().map(Vec::len),
+        Some(2),
+        "{signed}"
+    );
+    let removed = json(twokey_as(cfg, "adam").args([
+        "account", "remove", ACCOUNT, "--reason", "done", "--action", &action,
+    ]));
     assert_eq!(removed["accountId"], ACCOUNT);
+}
+
+#[test]
+fn a_policy_change_needs_both_admins_and_shows_its_diff() {
+    let (tmp, sys) = local_system();
+    let cfg = &sys.config;
+    let mut spec = sys.policy_spec();
+    spec.version = 2;
+    spec.accounts[0].codes_per_request = 2;
+    let file = tmp.path().join("policy-v2.toml");
+    std::fs::write(&file, spec.to_toml()).unwrap();
+
+    // adam proposes (and signs); alone it is not enough.
+    let proposed = json(
+        twokey_as(cfg, "adam")
+            .arg("policy")
+            .arg("propose")
+            .arg(&file),
+    );
+    assert_eq!(proposed["version"], "2");
+    assert_eq!(proposed["signedBy"].as_array().map(Vec::len), Some(1));
+    let err = one_line_error(twokey_as(cfg, "adam").args(["policy", "apply", "2"]), 1);
+    assert!(err.starts_with("twokey: "), "{err}");
+    let still = json(twokey_as(cfg, "alice").arg("whoami"));
+    assert_eq!(still["policyVersion"], "1");
+
+    // anna reads and signs it; then it applies.
+    let shown = twokey_as(cfg, "anna")
+        .args(["policy", "show", "--proposal", "2"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let shown = String::from_utf8(shown).unwrap();
+    assert!(shown.contains("+ codes_per_request = 2"), "{shown}");
+    json(twokey_as(cfg, "anna").args(["policy", "sign", "2"]));
+    let applied = json(twokey_as(cfg, "anna").args(["policy", "apply", "2"]));
+    assert_eq!(applied["version"], "2");
+    assert_eq!(applied["signedBy"], serde_json::json!(["adam", "anna"]));
+
+    let text = twokey_as(cfg, "carol")
+        .args(["policy", "show"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.contains("policy version 2 is in force"), "{text}");
+    assert!(text.contains("signed by  adam, anna"), "{text}");
+    assert!(text.contains("- version = 1\n+ version = 2"), "{text}");
+    assert!(
+        text.contains("- codes_per_request = 1\n+ codes_per_request = 2"),
+        "{text}"
+    );
+
+    // Statements now bind version 2: a request files under it.
+    let created = file_request(cfg, "after the change");
+    assert_eq!(
+        created["request"]["consent"]["policyVersion"], "2",
+        "{created}"
+    );
 }
 
 #[test]

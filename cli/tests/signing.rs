@@ -8,11 +8,11 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant, SystemTime},
+    process::{Command, Stdio},
+    time::SystemTime,
 };
 
-use common::{json, one_line_error};
+use common::{Agent, json, one_line_error};
 use twokey::sign::SshSigner;
 use twokey_consent::{
     StatementKind, StatementRef, TrustRoot, new_id, new_statement, request_binding,
@@ -93,58 +93,6 @@ fn alice_request(signer: &SshSigner) -> twokey_consent::SignedStatement {
         request_binding(&new_id(), "aws-root", &alice, "rotate keys", "OPS-1", now),
     );
     signer.sign_statement(TD, &statement).unwrap()
-}
-
-/// An `ssh-agent` on a socket in a temporary directory, killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new("ssh-agent")
-            .arg("-D")
-            .arg("-a")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("ssh-agent (OpenSSH) is installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "ssh-agent made no socket");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Self {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    fn add(&self, key: &Path) {
-        let out = Command::new("ssh-add")
-            .arg(key)
-            .env("SSH_AUTH_SOCK", &self.socket)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ssh-add: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A profile file naming `ssh_key` (no services needed for offline signing).

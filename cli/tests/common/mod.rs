@@ -16,6 +16,7 @@ pub fn twokey() -> Command {
         "TWOKEY_PROFILE",
         "TWOKEY_CHECKPOINT_KEY",
         "XDG_CONFIG_HOME",
+        "SSH_AUTH_SOCK",
     ] {
         cmd.env_remove(var);
     }
@@ -90,6 +91,64 @@ pub fn one_line_error(cmd: &mut Command, code: i32) -> String {
     assert_eq!(err.lines().count(), 1, "error is not one line: {err:?}");
     assert!(out.stdout.is_empty(), "stdout not empty on error");
     err
+}
+
+/// An `ssh-agent` on a socket in a temporary directory, killed on drop.
+pub struct Agent {
+    child: std::process::Child,
+    /// Its socket, for `SSH_AUTH_SOCK`.
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    /// Starts `ssh-agent -D -a SOCKET` and waits for the socket.
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let child = std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ssh-agent (OpenSSH) is installed");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ssh-agent made no socket"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Self {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    /// `ssh-add KEY` into this agent.
+    pub fn add(&self, key: &Path) {
+        let out = std::process::Command::new("ssh-add")
+            .arg(key)
+            .env("SSH_AUTH_SOCK", &self.socket)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ssh-add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Builds the workspace's binaries (a no-op when they are fresh) once per
