@@ -3,6 +3,7 @@
 //! `TryFrom`) and the responses from the answers; the domain ([`crate::service`])
 //! takes and returns only these.
 
+use twokey_consent::statement::SignedStatement;
 use twokey_runtime::SpiffeId;
 
 use crate::{
@@ -10,8 +11,20 @@ use crate::{
     pin::Pin,
     policy::{Role, valid_account_id},
     state::{RequestRecord, State},
-    vault::{Account, Code, EnrollResponse, Seed},
+    vault::{Account, Code, EnrollResponse, PolicyVersion, Seed},
 };
+
+pub use crate::service::admin::{AdminActionRecord, Proposal};
+
+/// A statement field as sent: an empty (default) message is none.
+pub fn statement(given: Option<SignedStatement>) -> Option<SignedStatement> {
+    given.filter(|s| !(s.statement.is_empty() && s.signature.is_empty()))
+}
+
+/// An optional action id: empty text is none.
+pub fn action_id(id: String) -> Option<String> {
+    (!id.is_empty()).then_some(id)
+}
 
 /// Requests in a page when the caller names no page size.
 pub const DEFAULT_PAGE: usize = 100;
@@ -133,6 +146,8 @@ pub struct NewRequest {
     pub reason: String,
     /// The change ticket.
     pub ticket: String,
+    /// The request statement, signed by the caller.
+    pub statement: Option<SignedStatement>,
 }
 
 /// Which requests a list asks for.
@@ -177,6 +192,17 @@ pub struct Decision {
     pub request: RequestId,
     /// The approver's comment, or the reason for denying or cancelling.
     pub note: String,
+    /// The approval statement (approvals only).
+    pub statement: Option<SignedStatement>,
+}
+
+/// A release of one code.
+#[derive(Debug, Clone)]
+pub struct Release {
+    /// The request.
+    pub request: RequestId,
+    /// The operator's release statement.
+    pub statement: Option<SignedStatement>,
 }
 
 /// The operator's try of a PIN.
@@ -186,6 +212,8 @@ pub struct PinAttempt {
     pub request: RequestId,
     /// The PIN as typed (trimmed).
     pub pin: Pin,
+    /// Release statements for the requester's own releases.
+    pub releases: Vec<SignedStatement>,
 }
 
 /// A seed to enroll in the vault (the seed itself is checked by the vault).
@@ -207,6 +235,8 @@ pub struct Enrollment {
     pub label: String,
     /// Replace an enrolled account with the same id.
     pub replace: bool,
+    /// With replace: the admin action M admins signed.
+    pub action_id: Option<String>,
 }
 
 /// An account to remove from the vault.
@@ -216,6 +246,55 @@ pub struct Removal {
     pub account: AccountId,
     /// Why (required once the caller is known to be an admin).
     pub reason: String,
+    /// The admin action M admins signed.
+    pub action_id: Option<String>,
+}
+
+/// An account to disable or enable.
+#[derive(Debug, Clone)]
+pub struct Toggle {
+    /// The account.
+    pub account: AccountId,
+    /// True to enable, false to disable.
+    pub enabled: bool,
+    /// The admin action M admins signed.
+    pub action_id: Option<String>,
+}
+
+/// An account whose replaced or removed seed to restore.
+#[derive(Debug, Clone)]
+pub struct Restoration {
+    /// The account.
+    pub account: AccountId,
+    /// The admin action M admins signed.
+    pub action_id: Option<String>,
+}
+
+/// An admin's statement for an admin action.
+#[derive(Debug, Clone)]
+pub struct AdminSignature(pub SignedStatement);
+
+/// A policy document to propose.
+#[derive(Debug, Clone)]
+pub struct PolicyProposal {
+    /// The TOML text.
+    pub document: String,
+}
+
+/// A detached signature over a proposed version.
+#[derive(Debug, Clone)]
+pub struct PolicySignature {
+    /// The proposed version.
+    pub version: u64,
+    /// The sshsig signature, armored or raw.
+    pub signature: Vec<u8>,
+}
+
+/// A proposed version to apply.
+#[derive(Debug, Clone)]
+pub struct PolicyApply {
+    /// The proposed version.
+    pub version: u64,
 }
 
 /// Who the caller is to the broker.
@@ -229,6 +308,8 @@ pub struct Identity {
     pub accounts: Vec<(String, Vec<Role>)>,
     /// The policy groups it is in.
     pub groups: Vec<String>,
+    /// The signed policy version in force (0: none).
+    pub policy_version: u64,
 }
 
 /// A released code and the request after the release.
@@ -251,3 +332,33 @@ pub struct Accounts(pub Vec<Account>);
 /// The account the vault removed.
 #[derive(Debug)]
 pub struct Removed(pub String);
+
+/// An account after a change (disabled, enabled or restored).
+#[derive(Debug)]
+pub struct AccountChanged(pub Account);
+
+/// The open admin actions.
+#[derive(Debug)]
+pub struct AdminActions(pub Vec<AdminActionRecord>);
+
+/// One admin action after a signature.
+#[derive(Debug)]
+pub struct AdminActionSigned(pub AdminActionRecord);
+
+/// A proposal after a change.
+#[derive(Debug)]
+pub struct ProposalView(pub Proposal);
+
+/// The version the vault applied.
+#[derive(Debug)]
+pub struct Applied(pub PolicyVersion);
+
+/// The policy: the versions the vault applied (newest first) and the open
+/// proposals (lowest version first).
+#[derive(Debug)]
+pub struct PolicyState {
+    /// Applied versions, the active one first.
+    pub applied: Vec<PolicyVersion>,
+    /// Open proposals.
+    pub proposals: Vec<Proposal>,
+}

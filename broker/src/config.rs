@@ -64,6 +64,22 @@ pub struct BrokerConfig {
     /// How often the sweeper expires requests.
     #[serde(default = "default_sweep_interval", deserialize_with = "interval")]
     pub sweep_interval: Duration,
+    /// The pinned admins the signed policy is verified from; none to check
+    /// no statement (the vault still checks every release).
+    #[serde(default)]
+    pub consent: Option<ConsentConfig>,
+}
+
+/// `[consent]`: the root of trust of the signed policy, the same as the
+/// vault's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentConfig {
+    /// OpenSSH `allowed_signers` file of the pinned admins (principals:
+    /// their SPIFFE IDs).
+    pub admins_file: PathBuf,
+    /// M: distinct pinned admins that sign the first policy version.
+    pub threshold: u32,
 }
 
 /// The mailbox notifier's settings.
@@ -287,6 +303,9 @@ impl BrokerConfig {
             ("tls.ca", &mut self.tls.ca),
         ];
         paths.extend(self.tls.crl.as_mut().map(|p| ("tls.crl", p)));
+        if let Some(c) = self.consent.as_mut() {
+            paths.push(("consent.admins_file", &mut c.admins_file));
+        }
         let n = &mut self.notify;
         if let Some(m) = n.mailbox.as_mut() {
             paths.push(("notify.mailbox.dir", &mut m.dir));
@@ -321,6 +340,9 @@ vault_server_name = "vault"
 audit_address = "https://127.0.0.1:7403"
 audit_server_name = "audit"
 log_format = "human"
+[consent]
+admins_file = "admins.allowed_signers"
+threshold = 2
 [tls]
 cert = "broker.crt"
 key = "broker.key"
@@ -357,6 +379,12 @@ channel = "#root-access"
         assert!(!c.notify.webhook.unwrap().send_pins);
         assert_eq!(c.audit_address.as_deref(), Some("https://127.0.0.1:7403"));
         assert_eq!(c.http_listen.as_deref(), Some("127.0.0.1:7404"));
+        let consent = c.consent.unwrap();
+        assert_eq!(
+            consent.admins_file,
+            dir.path().join("admins.allowed_signers")
+        );
+        assert_eq!(consent.threshold, 2);
     }
 
     #[test]

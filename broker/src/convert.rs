@@ -10,16 +10,19 @@ use twokey_runtime::SpiffeId;
 
 use crate::{
     calls::{
-        Accounts, Checked, DEFAULT_PAGE, Decision, Enrolled, Enrollment, Identity, MAX_PAGE,
-        NewRequest, PinAttempt, Released, Removal, Removed, RequestId, RequestPage, RequestQuery,
-        Target, WatchFilter, account_filter,
+        AccountChanged, Accounts, AdminActionRecord, AdminActionSigned, AdminActions,
+        AdminSignature, Applied, Checked, DEFAULT_PAGE, Decision, Enrolled, Enrollment, Identity,
+        MAX_PAGE, NewRequest, PinAttempt, PolicyApply, PolicyProposal, PolicySignature,
+        PolicyState, Proposal, ProposalView, Release, Released, Removal, Removed, RequestId,
+        RequestPage, RequestQuery, Restoration, Target, Toggle, WatchFilter, account_filter,
+        action_id, statement,
     },
     error::BrokerError,
     pin::Pin,
     policy::{Delivery, Role},
     service::{Broker, Change},
     state::{RequestRecord, State},
-    vault::Seed,
+    vault::{PolicyVersion, Seed},
 };
 
 fn timestamp(ms: u64) -> Timestamp {
@@ -136,6 +139,11 @@ impl From<&RequestRecord> for pb::Request {
                     comment: h.comment.clone(),
                 })
                 .collect(),
+            consent: r.consent.as_ref().map(|c| pb::RequestConsent {
+                request: Some((&c.request).into()),
+                approvals: c.approvals.iter().map(Into::into).collect(),
+                policy_version: c.policy_version,
+            }),
         }
     }
 }
@@ -181,7 +189,30 @@ macro_rules! request_ids {
     )*};
 }
 
-request_ids!(GetRequestRequest, ResendPinRequest, ReleaseCodeRequest);
+request_ids!(GetRequestRequest, ResendPinRequest);
+
+impl TryFrom<pb::ReleaseCodeRequest> for Release {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::ReleaseCodeRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            request: message.request_id.try_into()?,
+            statement: statement(message.statement),
+        })
+    }
+}
+
+impl TryFrom<pb::ApproveRequestRequest> for Decision {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::ApproveRequestRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            request: message.request_id.try_into()?,
+            note: message.comment,
+            statement: statement(message.statement),
+        })
+    }
+}
 
 /// The decisions: a request and its comment or reason.
 macro_rules! decisions {
@@ -193,6 +224,7 @@ macro_rules! decisions {
                 Ok(Self {
                     request: message.request_id.try_into()?,
                     note: message.$note,
+                    statement: None,
                 })
             }
         }
@@ -200,7 +232,6 @@ macro_rules! decisions {
 }
 
 decisions!(
-    ApproveRequestRequest => comment,
     DenyRequestRequest => reason,
     CancelRequestRequest => reason,
 );
@@ -214,6 +245,7 @@ impl TryFrom<pb::CreateRequestRequest> for NewRequest {
             on_behalf_of: (!message.on_behalf_of.is_empty()).then_some(message.on_behalf_of),
             reason: message.reason,
             ticket: message.ticket,
+            statement: statement(message.statement),
         })
     }
 }
@@ -256,6 +288,7 @@ impl TryFrom<pb::VerifyPinRequest> for PinAttempt {
         Ok(Self {
             request: message.request_id.try_into()?,
             pin,
+            releases: message.releases,
         })
     }
 }
@@ -277,6 +310,7 @@ impl TryFrom<pb::EnrollAccountRequest> for Enrollment {
             issuer: message.issuer,
             label: message.label,
             replace: message.replace,
+            action_id: action_id(message.action_id),
         })
     }
 }
@@ -288,7 +322,196 @@ impl TryFrom<pb::RemoveAccountRequest> for Removal {
         Ok(Self {
             account: message.account_id.try_into()?,
             reason: message.reason,
+            action_id: action_id(message.action_id),
         })
+    }
+}
+
+impl TryFrom<pb::SetAccountEnabledRequest> for Toggle {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::SetAccountEnabledRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            account: message.account_id.try_into()?,
+            enabled: message.enabled,
+            action_id: action_id(message.action_id),
+        })
+    }
+}
+
+impl TryFrom<pb::RestoreAccountRequest> for Restoration {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::RestoreAccountRequest) -> Result<Self, BrokerError> {
+        Ok(Self {
+            account: message.account_id.try_into()?,
+            action_id: action_id(message.action_id),
+        })
+    }
+}
+
+impl TryFrom<pb::SignAdminActionRequest> for AdminSignature {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::SignAdminActionRequest) -> Result<Self, BrokerError> {
+        statement(message.statement).map(Self).ok_or_else(|| {
+            BrokerError::invalid(
+                "statement is required: your ADMIN_ACTION statement, signed with your SSH key",
+            )
+        })
+    }
+}
+
+impl TryFrom<pb::ProposePolicyRequest> for PolicyProposal {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::ProposePolicyRequest) -> Result<Self, BrokerError> {
+        if message.document.trim().is_empty() {
+            return Err(BrokerError::invalid(
+                "document is required: the TOML text of the new policy version",
+            ));
+        }
+        Ok(Self {
+            document: message.document,
+        })
+    }
+}
+
+impl TryFrom<pb::SignPolicyRequest> for PolicySignature {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::SignPolicyRequest) -> Result<Self, BrokerError> {
+        if message.version == 0 {
+            return Err(BrokerError::invalid("version is required"));
+        }
+        if message.signature.is_empty() {
+            return Err(BrokerError::invalid(
+                "signature is required: a detached sshsig signature over the proposal's document",
+            ));
+        }
+        Ok(Self {
+            version: message.version,
+            signature: message.signature,
+        })
+    }
+}
+
+impl TryFrom<pb::ApplyPolicyRequest> for PolicyApply {
+    type Error = BrokerError;
+
+    fn try_from(message: pb::ApplyPolicyRequest) -> Result<Self, BrokerError> {
+        if message.version == 0 {
+            return Err(BrokerError::invalid("version is required"));
+        }
+        Ok(Self {
+            version: message.version,
+        })
+    }
+}
+
+impl From<&Proposal> for pb::PolicyDocument {
+    fn from(p: &Proposal) -> Self {
+        Self {
+            version: p.version,
+            document: p.document.clone(),
+            signatures: p.signatures.clone(),
+            signed_by: p.signed_by.clone(),
+            digest: p.digest().to_vec(),
+            proposed_by: p.proposed_by.clone(),
+            at: Some(timestamp(p.at_ms)),
+        }
+    }
+}
+
+/// An applied version as the broker API shows it.
+fn applied_document(v: PolicyVersion) -> pb::PolicyDocument {
+    pb::PolicyDocument {
+        version: v.version,
+        document: v.document,
+        signatures: v.signatures,
+        signed_by: v.signed_by,
+        digest: v.digest,
+        proposed_by: String::new(),
+        at: v.applied_at,
+    }
+}
+
+impl From<&AdminActionRecord> for pb::AdminActionProposal {
+    fn from(a: &AdminActionRecord) -> Self {
+        Self {
+            action_id: a.action_id.clone(),
+            account_id: a.account_id.clone(),
+            action: a.action,
+            signed_by: a.signed_by.clone(),
+            needed: a.needed,
+            statements: a.statements.iter().map(Into::into).collect(),
+            created_at: Some(timestamp(a.created_ms)),
+        }
+    }
+}
+
+impl From<AccountChanged> for pb::SetAccountEnabledResponse {
+    fn from(AccountChanged(account): AccountChanged) -> Self {
+        Self {
+            account: Some(account),
+        }
+    }
+}
+
+impl From<AccountChanged> for pb::RestoreAccountResponse {
+    fn from(AccountChanged(account): AccountChanged) -> Self {
+        Self {
+            account: Some(account),
+        }
+    }
+}
+
+impl From<AdminActionSigned> for pb::SignAdminActionResponse {
+    fn from(AdminActionSigned(action): AdminActionSigned) -> Self {
+        Self {
+            action: Some((&action).into()),
+        }
+    }
+}
+
+impl From<AdminActions> for pb::ListAdminActionsResponse {
+    fn from(AdminActions(actions): AdminActions) -> Self {
+        Self {
+            actions: actions.iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<ProposalView> for pb::ProposePolicyResponse {
+    fn from(ProposalView(p): ProposalView) -> Self {
+        Self {
+            proposal: Some((&p).into()),
+        }
+    }
+}
+
+impl From<ProposalView> for pb::SignPolicyResponse {
+    fn from(ProposalView(p): ProposalView) -> Self {
+        Self {
+            proposal: Some((&p).into()),
+        }
+    }
+}
+
+impl From<Applied> for pb::ApplyPolicyResponse {
+    fn from(Applied(v): Applied) -> Self {
+        Self {
+            policy: Some(applied_document(v)),
+        }
+    }
+}
+
+impl From<PolicyState> for pb::GetPolicyResponse {
+    fn from(p: PolicyState) -> Self {
+        Self {
+            applied: p.applied.into_iter().map(applied_document).collect(),
+            proposals: p.proposals.iter().map(Into::into).collect(),
+        }
     }
 }
 
@@ -309,6 +532,7 @@ impl From<Identity> for pb::WhoAmIResponse {
                 })
                 .collect(),
             groups: who.groups,
+            policy_version: who.policy_version,
         }
     }
 }
@@ -377,6 +601,9 @@ macro_rules! target {
         Target::Account($m.account_id.clone())
     };
     ($m:ident, neither) => {
+        Target::Nothing
+    };
+    ($m:ident, input) => {
         Target::Nothing
     };
 }

@@ -35,6 +35,16 @@ pub enum BrokerError {
     /// The database failed.
     #[error("storage failure: {0}")]
     Store(String),
+    /// A person's signed statement is missing or was refused (or the
+    /// signed policy is not in a state that allows the call); the message
+    /// names the statement, the person and what to do.
+    #[error("{message}")]
+    Consent {
+        /// The kind of the refusal.
+        kind: ErrorKind,
+        /// What is wrong and what to do.
+        message: String,
+    },
 }
 
 impl ServiceError for BrokerError {
@@ -47,6 +57,7 @@ impl ServiceError for BrokerError {
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Self::Vault(v) => v.kind,
             Self::Store(_) => ErrorKind::Unavailable,
+            Self::Consent { kind, .. } => *kind,
         }
     }
 }

@@ -84,67 +84,109 @@ fn with_deadline<T>(message: T) -> Request<T> {
     request
 }
 
+/// One vault call: a clone of the client, the request with its deadline and
+/// trace context, the answer (or its status as a [`VaultError`]) mapped by
+/// `then`, inside the call's client span.
+macro_rules! vault_call {
+    ($self:ident, $method:ident, $name:expr, $request:expr, |$answer:ident| $then:expr) => {{
+        let mut client = $self.client.clone();
+        let request = $request;
+        Box::pin(
+            async move {
+                let $answer = client.$method(with_deadline(request)).await?.into_inner();
+                $then
+            }
+            .instrument(client_span($name)),
+        )
+    }};
+}
+
+fn missing(what: &str) -> VaultError {
+    VaultError::new(
+        ErrorKind::Internal,
+        format!("the vault answered without {what}"),
+    )
+}
+
 impl Vault for GrpcVault {
     fn enroll(
         &self,
         request: vpb::EnrollRequest,
     ) -> BoxFuture<'_, Result<vpb::EnrollResponse, VaultError>> {
-        let mut client = self.client.clone();
-        Box::pin(
-            async move { Ok(client.enroll(with_deadline(request)).await?.into_inner()) }
-                .instrument(client_span("Enroll")),
-        )
+        vault_call!(self, enroll, "Enroll", request, |a| Ok(a))
     }
 
     fn generate_code(
         &self,
         grant: vpb::SignedGrant,
+        evidence: Option<vpb::ReleaseEvidence>,
     ) -> BoxFuture<'_, Result<TotpCode, VaultError>> {
-        let mut client = self.client.clone();
-        Box::pin(
-            async move {
-                client
-                    .generate_code(with_deadline(vpb::GenerateCodeRequest {
-                        grant: Some(grant),
-                    }))
-                    .await?
-                    .into_inner()
-                    .code
-                    .ok_or_else(|| {
-                        VaultError::new(ErrorKind::Internal, "the vault answered without a code")
-                    })
-            }
-            .instrument(client_span("GenerateCode")),
-        )
+        let request = vpb::GenerateCodeRequest {
+            grant: Some(grant),
+            evidence,
+        };
+        vault_call!(self, generate_code, "GenerateCode", request, |a| a
+            .code
+            .ok_or_else(|| missing("a code")))
     }
 
     fn list_accounts(&self) -> BoxFuture<'_, Result<Vec<Account>, VaultError>> {
-        let mut client = self.client.clone();
-        Box::pin(
-            async move {
-                Ok(client
-                    .list_accounts(with_deadline(vpb::ListAccountsRequest {}))
-                    .await?
-                    .into_inner()
-                    .accounts)
-            }
-            .instrument(client_span("ListAccounts")),
+        vault_call!(
+            self,
+            list_accounts,
+            "ListAccounts",
+            vpb::ListAccountsRequest {},
+            |a| Ok(a.accounts)
         )
     }
 
-    fn remove_account(&self, grant: vpb::SignedGrant) -> BoxFuture<'_, Result<String, VaultError>> {
-        let mut client = self.client.clone();
-        Box::pin(
-            async move {
-                Ok(client
-                    .remove_account(with_deadline(vpb::RemoveAccountRequest {
-                        grant: Some(grant),
-                    }))
-                    .await?
-                    .into_inner()
-                    .account_id)
-            }
-            .instrument(client_span("RemoveAccount")),
+    fn remove_account(
+        &self,
+        request: vpb::RemoveAccountRequest,
+    ) -> BoxFuture<'_, Result<String, VaultError>> {
+        vault_call!(self, remove_account, "RemoveAccount", request, |a| Ok(
+            a.account_id
+        ))
+    }
+
+    fn set_account_enabled(
+        &self,
+        request: vpb::SetAccountEnabledRequest,
+    ) -> BoxFuture<'_, Result<Account, VaultError>> {
+        vault_call!(
+            self,
+            set_account_enabled,
+            "SetAccountEnabled",
+            request,
+            |a| a.account.ok_or_else(|| missing("the account"))
+        )
+    }
+
+    fn restore_account(
+        &self,
+        request: vpb::RestoreAccountRequest,
+    ) -> BoxFuture<'_, Result<Account, VaultError>> {
+        vault_call!(self, restore_account, "RestoreAccount", request, |a| a
+            .account
+            .ok_or_else(|| missing("the account")))
+    }
+
+    fn apply_policy(
+        &self,
+        request: vpb::ApplyPolicyRequest,
+    ) -> BoxFuture<'_, Result<vpb::PolicyVersion, VaultError>> {
+        vault_call!(self, apply_policy, "ApplyPolicy", request, |a| a
+            .policy
+            .ok_or_else(|| missing("the applied version")))
+    }
+
+    fn get_policy(&self) -> BoxFuture<'_, Result<Vec<vpb::PolicyVersion>, VaultError>> {
+        vault_call!(
+            self,
+            get_policy,
+            "GetPolicy",
+            vpb::GetPolicyRequest {},
+            |a| Ok(a.versions)
         )
     }
 }

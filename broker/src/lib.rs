@@ -13,6 +13,7 @@
 pub mod calls;
 pub mod cli;
 pub mod config;
+pub mod consent;
 pub mod convert;
 pub mod error;
 pub mod grpc;
@@ -28,7 +29,7 @@ pub mod state;
 pub mod store;
 pub mod vault;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use tokio::{net::TcpListener, task::JoinSet};
@@ -50,7 +51,8 @@ pub use config::BrokerConfig;
 pub use error::BrokerError;
 
 use crate::{
-    config::NotifyConfig,
+    config::{ConsentConfig, NotifyConfig},
+    consent::SignedPolicy,
     grpc::{BrokerGrpc, GrpcVault},
     notify::{
         Notifier, NotifyQueue, http::HttpClient, mailbox::Mailbox, slack::Slack, webhook::Webhook,
@@ -134,6 +136,62 @@ fn warn_unreachable_requesters(policy: &Policy, notify: &NotifyConfig) {
     }
 }
 
+/// The pinned admins of `[consent]`, if configured.
+fn trust_root(
+    consent: Option<&ConsentConfig>,
+    trust_domain: &str,
+) -> Result<Option<twokey_consent::TrustRoot>, StartError> {
+    let Some(c) = consent else {
+        tracing::warn!(
+            "no [consent] section: the broker checks no signed statement (the vault still refuses any release without them)"
+        );
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&c.admins_file).map_err(|e| {
+        StartError::Setting(format!(
+            "consent.admins_file: cannot read {}: {e}",
+            c.admins_file.display()
+        ))
+    })?;
+    twokey_consent::TrustRoot::from_allowed_signers(trust_domain, &text, c.threshold)
+        .map(Some)
+        .map_err(|e| {
+            StartError::Setting(format!(
+                "[consent] admins_file {} with threshold {}: {e}",
+                c.admins_file.display(),
+                c.threshold
+            ))
+        })
+}
+
+/// How long the first fetch of the signed policy may hold up the start.
+const FIRST_POLICY_FETCH: Duration = Duration::from_secs(5);
+
+/// Fetches the signed policy from the vault until it verifies, waiting
+/// longer after each failure (at most 30 s), saying so each time.
+async fn load_signed_policy(signed: Arc<SignedPolicy>, vault: Arc<dyn Vault>) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(wait).await;
+        match signed.refresh(&*vault).await {
+            Ok(p) => {
+                tracing::info!(
+                    policy_version = p.as_ref().map_or(0, |p| p.version()),
+                    "the signed policy is loaded from the vault"
+                );
+                return;
+            }
+            Err(e) => {
+                wait = (wait * 2).min(Duration::from_secs(30));
+                tracing::warn!(
+                    "cannot load the signed policy from the vault: {e}; trying again in {} s (statements are not required until it loads)",
+                    wait.as_secs()
+                );
+            }
+        }
+    }
+}
+
 /// What tests (and embedders) may set beyond the config.
 #[derive(Debug)]
 pub struct ServeOptions {
@@ -206,6 +264,10 @@ pub async fn serve(
         Some(address) => Some(config.tls.channel(address, &config.audit_server_name)?),
         None => None,
     };
+    let signed = Arc::new(SignedPolicy::new(trust_root(
+        config.consent.as_ref(),
+        &config.trust_domain,
+    )?));
     let notifiers = notifiers(&config.notify)?;
     warn_unreachable_requesters(&policy, &config.notify);
 
@@ -228,7 +290,8 @@ pub async fn serve(
         clock,
         pin_key,
         grants,
-        vault,
+        vault: vault.clone(),
+        signed: signed.clone(),
     });
     if let Some(counter) = options.refusal_events {
         broker = broker.with_refusal_counter(counter);
@@ -239,6 +302,31 @@ pub async fn serve(
     let refusals = broker.clone();
 
     let mut tasks = JoinSet::new();
+    if signed.root().is_some() {
+        match tokio::time::timeout(FIRST_POLICY_FETCH, signed.refresh(&*vault)).await {
+            Ok(Ok(Some(p))) => tracing::info!(
+                policy_version = p.version(),
+                "signed policy version {} is in force; statements are required",
+                p.version()
+            ),
+            Ok(Ok(None)) => tracing::info!(
+                "the vault has no signed policy yet; statements are required once one is applied"
+            ),
+            Ok(Err(e)) => {
+                tracing::warn!(
+                    "cannot load the signed policy from the vault at start: {e}; trying again in the background (statements are not required until it loads)"
+                );
+                tasks.spawn(load_signed_policy(signed.clone(), vault.clone()));
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the vault did not answer for the signed policy within {} s at start; trying again in the background (statements are not required until it loads)",
+                    FIRST_POLICY_FETCH.as_secs()
+                );
+                tasks.spawn(load_signed_policy(signed.clone(), vault.clone()));
+            }
+        }
+    }
     tasks.spawn(queue.run());
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
     let shipper =

@@ -5,8 +5,9 @@
 //! the proto plus one line here.
 
 /// Calls `$then! { unary: [(Name, function, Request, Response, ids)...],
-/// streaming: [Name...] }` with every RPC; `ids` is `request`, `account` or
-/// `neither`.
+/// streaming: [Name...] }` with every RPC; `ids` is `request`, `account`,
+/// `input` (the message names neither but is the call's input) or `neither`
+/// (the call takes no input).
 macro_rules! broker_rpcs {
     ($then:ident) => {
         $then! {
@@ -24,6 +25,14 @@ macro_rules! broker_rpcs {
                 (EnrollAccount, enroll_account, EnrollAccountRequest, EnrollAccountResponse, account),
                 (ListAccounts, list_accounts, ListAccountsRequest, ListAccountsResponse, neither),
                 (RemoveAccount, remove_account, RemoveAccountRequest, RemoveAccountResponse, account),
+                (SetAccountEnabled, set_account_enabled, SetAccountEnabledRequest, SetAccountEnabledResponse, account),
+                (RestoreAccount, restore_account, RestoreAccountRequest, RestoreAccountResponse, account),
+                (SignAdminAction, sign_admin_action, SignAdminActionRequest, SignAdminActionResponse, input),
+                (ListAdminActions, list_admin_actions, ListAdminActionsRequest, ListAdminActionsResponse, neither),
+                (ProposePolicy, propose_policy, ProposePolicyRequest, ProposePolicyResponse, input),
+                (SignPolicy, sign_policy, SignPolicyRequest, SignPolicyResponse, input),
+                (ApplyPolicy, apply_policy, ApplyPolicyRequest, ApplyPolicyResponse, input),
+                (GetPolicy, get_policy, GetPolicyRequest, GetPolicyResponse, neither),
             ],
             streaming: [
                 (WatchRequests, watch_requests, WatchRequestsRequest, WatchRequestsResponse, account),

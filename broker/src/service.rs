@@ -2,7 +2,11 @@
 //! answering domain values ([`crate::calls`]): what the gRPC layer and the
 //! HTTP/JSON front end call, through `convert`. Each state change is stored
 //! with its audit events and notifications in one transaction and synced to
-//! disk before the answer.
+//! disk before the answer. With a signed policy in force the people's
+//! statements are required and checked as they come ([`crate::consent`]);
+//! the policy and admin-action calls are in [`admin`].
+
+pub mod admin;
 
 use std::{
     cmp::Reverse,
@@ -14,9 +18,14 @@ use std::{
 use futures::{Stream, StreamExt, future::ready};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
+use twokey_consent::{
+    StatementRef, VerifiedPolicy,
+    statement::{AdminAction, SignedStatement, StatementKind},
+};
 use twokey_proto::audit::v1::Outcome;
 use twokey_runtime::{
     SpiffeId,
+    error::{ErrorKind, ServiceError},
     events::EventDraft,
     grant::{GrantFacts, GrantSigner},
     time::Clock,
@@ -25,17 +34,19 @@ use twokey_runtime::{
 use crate::{
     calls::{
         AccountId, Accounts, Checked, Decision, Enrolled, Enrollment, Identity, NewRequest,
-        PinAttempt, Released, Removal, Removed, RequestId, RequestPage, RequestQuery, Target,
-        WatchFilter,
+        PinAttempt, Release, Released, Removal, Removed, RequestId, RequestPage, RequestQuery,
+        Target, WatchFilter,
     },
+    consent::{self, Filing, RequestConsent, SignedPolicy, StoredStatement, refused},
     error::BrokerError,
     notify::{self, NotifyQueue},
     pin::PinKey,
+    policy::Delivery,
     policy::{AccountPolicy, Policy, Role},
     refusals::{self, Refusals, Tally},
-    state::{Effects, RequestRecord, lacks_role, millis},
-    store::{RequestStore, Writes},
-    vault::{EnrollRequest, GrantPurpose, Vault},
+    state::{Effects, RequestRecord, State, lacks_role, millis},
+    store::{Claim, RequestStore, Writes},
+    vault::{EnrollRequest, GrantPurpose, ReleaseEvidence, RemoveAccountRequest, Vault},
 };
 
 /// An input that names one stored request.
@@ -56,6 +67,12 @@ impl OnRequest for Decision {
 }
 
 impl OnRequest for PinAttempt {
+    fn request(&self) -> &RequestId {
+        &self.request
+    }
+}
+
+impl OnRequest for Release {
     fn request(&self) -> &RequestId {
         &self.request
     }
@@ -87,6 +104,8 @@ pub struct BrokerParts {
     pub grants: GrantSigner,
     /// The vault.
     pub vault: Arc<dyn Vault>,
+    /// The signed policy as last verified from the vault.
+    pub signed: Arc<SignedPolicy>,
 }
 
 /// The broker.
@@ -99,6 +118,7 @@ pub struct Broker {
     pin_key: PinKey,
     grants: GrantSigner,
     vault: Arc<dyn Vault>,
+    signed: Arc<SignedPolicy>,
     changes: broadcast::Sender<Change>,
     closing: tokio::sync::watch::Sender<bool>,
     refusals: Refusals,
@@ -142,6 +162,195 @@ fn not_found(id: &str) -> BrokerError {
     ))
 }
 
+/// A request statement missing while a signed policy is in force.
+fn missing_request_statement(caller: &SpiffeId, version: u64) -> BrokerError {
+    refused(
+        ErrorKind::FailedPrecondition,
+        format!(
+            "signed policy version {version} is in force: filing a request needs your request statement, signed by you ({caller}) with your SSH key, binding a request id you choose, the account, the requester, the reason and ticket and the time; file with `twokey request create`, which signs it"
+        ),
+    )
+}
+
+/// Refuses statements for a request that cannot carry them under the
+/// signed policy in force: one filed before it, or under another version.
+fn consent_in_force<'r>(
+    policy: Option<&VerifiedPolicy>,
+    r: &'r RequestRecord,
+) -> Result<Option<&'r RequestConsent>, BrokerError> {
+    let Some(policy) = policy else {
+        return Ok(r.consent.as_ref());
+    };
+    let active = policy.version();
+    match &r.consent {
+        None => Err(refused(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "request {} was filed before a signed policy was in force, so it has no signed request statement; version {active} is in force now: file it again with `twokey request create`",
+                r.id
+            ),
+        )),
+        Some(c) if c.policy_version != active => Err(refused(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "request {} was filed under policy version {}, version {active} is in force now and its statements no longer count: file it again with `twokey request create`",
+                r.id, c.policy_version
+            ),
+        )),
+        Some(c) => Ok(Some(c)),
+    }
+}
+
+/// The caller's approval statement for `r`, checked: required with a signed
+/// policy in force; bound to the stored request statement.
+fn approval_statement(
+    policy: Option<&VerifiedPolicy>,
+    given: Option<&SignedStatement>,
+    r: &RequestRecord,
+    caller: &SpiffeId,
+    now: SystemTime,
+) -> Result<Option<StoredStatement>, BrokerError> {
+    let Some(c) = consent_in_force(policy, r)? else {
+        // No signed policy and no request statement: nothing to bind to.
+        return Ok(None);
+    };
+    let Some(given) = given else {
+        return match policy {
+            Some(p) => Err(refused(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "signed policy version {} is in force: approving request {} needs your approval statement, signed by you ({caller}) with your SSH key and bound to the request statement the request shows; approve with `twokey request approve {}`, which signs it",
+                    p.version(),
+                    r.id,
+                    r.id
+                ),
+            )),
+            None => Ok(None),
+        };
+    };
+    let at = StatementRef::Approval(c.approvals.len());
+    let opened = consent::open(policy, at, given, StatementKind::Approval, now)?;
+    consent::signed_by(&opened, at, caller)?;
+    consent::check_approval(&opened, at, &c.request, &r.id, &r.account_id)?;
+    Ok(Some(given.into()))
+}
+
+/// The operator's release statements handed in with the PIN (delivery =
+/// "requester"), checked: required with a signed policy in force, at most
+/// the codes the request has left, each bound to the request and its
+/// approvals with its own grant and release ids.
+fn pin_releases(
+    policy: Option<&VerifiedPolicy>,
+    given: &[SignedStatement],
+    r: &RequestRecord,
+    caller: &SpiffeId,
+    now: SystemTime,
+) -> Result<Vec<StoredStatement>, BrokerError> {
+    if r.delivery != Delivery::Requester {
+        return Ok(Vec::new());
+    }
+    let Some(c) = consent_in_force(policy, r)? else {
+        return Ok(Vec::new());
+    };
+    let left = r.codes_allowed.saturating_sub(r.codes_released) as usize;
+    if given.is_empty() {
+        return match policy {
+            Some(p) => Err(refused(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "signed policy version {} is in force and account {} delivers codes to the requester: verifying the PIN needs your release statements (1 to {left}, one per code the requester may release), signed by you ({caller}); verify with `twokey pin verify {}`, which signs them",
+                    p.version(),
+                    r.account_id,
+                    r.id
+                ),
+            )),
+            None => Ok(Vec::new()),
+        };
+    }
+    if given.len() > left {
+        return Err(BrokerError::invalid(format!(
+            "{} release statements for request {}, which may release {left} more codes",
+            given.len(),
+            r.id
+        )));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(given.len());
+    for s in given {
+        let at = StatementRef::Release;
+        let opened = consent::open(policy, at, s, StatementKind::Release, now)?;
+        consent::signed_by(&opened, at, caller)?;
+        let lb = consent::check_release(&opened, c, &r.id, &r.account_id)?;
+        if !ids.insert(lb.grant_id.clone()) || !ids.insert(lb.release_id.clone()) {
+            return Err(BrokerError::invalid(
+                "two release statements share a grant or release id; each needs ids of its own",
+            ));
+        }
+        out.push(StoredStatement::from(s));
+    }
+    Ok(out)
+}
+
+/// The release statement of one release, checked, with its binding: the
+/// operator's own (required with a signed policy in force and delivery to
+/// the operator), or for delivery = "requester" the next one the operator
+/// signed at VerifyPin. Takes that one from the stored request.
+fn release_statement(
+    policy: Option<&VerifiedPolicy>,
+    given: Option<&SignedStatement>,
+    r: &mut RequestRecord,
+    caller: &SpiffeId,
+    now: SystemTime,
+) -> Result<Option<(StoredStatement, twokey_consent::statement::ReleaseBinding)>, BrokerError> {
+    let Some(c) = consent_in_force(policy, r)? else {
+        return Ok(None);
+    };
+    let operator = match r.delivery {
+        Delivery::Operator => caller.clone(),
+        Delivery::Requester => r.operator.clone().unwrap_or_else(|| caller.clone()),
+    };
+    if let Some(given) = given {
+        let at = StatementRef::Release;
+        let opened = consent::open(policy, at, given, StatementKind::Release, now)?;
+        consent::signed_by(&opened, at, &operator)?;
+        let lb = consent::check_release(&opened, c, &r.id, &r.account_id)?;
+        return Ok(Some((given.into(), lb)));
+    }
+    if r.delivery == Delivery::Requester
+        && let Some(c) = r.consent.as_mut()
+        && !c.releases.is_empty()
+    {
+        let stored = c.releases.remove(0);
+        let lb = consent::release_of(&stored).ok_or_else(|| {
+            BrokerError::Store(format!(
+                "a stored release statement of request {} does not decode",
+                r.id
+            ))
+        })?;
+        return Ok(Some((stored, lb)));
+    }
+    match policy {
+        Some(p) if r.delivery == Delivery::Requester => Err(refused(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "signed policy version {} is in force and request {} has no release statement left: the operator signs them when verifying the PIN; file a new request for more codes",
+                p.version(),
+                r.id
+            ),
+        )),
+        Some(p) => Err(refused(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "signed policy version {} is in force: releasing a code of request {} needs your release statement, signed by you ({caller}), binding the request, exactly its approvals, a grant id and a release id; release with `twokey code release {}`, which signs it",
+                p.version(),
+                r.id,
+                r.id
+            ),
+        )),
+        None => Ok(None),
+    }
+}
+
 impl Broker {
     /// A broker over `parts`.
     pub fn new(parts: BrokerParts) -> Self {
@@ -154,6 +363,7 @@ impl Broker {
             pin_key: parts.pin_key,
             grants: parts.grants,
             vault: parts.vault,
+            signed: parts.signed,
             changes,
             closing: tokio::sync::watch::Sender::new(false),
             refusals: Refusals::default(),
@@ -253,7 +463,11 @@ impl Broker {
                     );
                 }
                 outcome = Some((effects.action, effects.fail));
-                Ok(Writes { events, messages })
+                Ok(Writes {
+                    events,
+                    messages,
+                    claims: effects.claims,
+                })
             })?
             .ok_or_else(|| not_found(request_id))?;
         self.store.commit().await?;
@@ -283,6 +497,7 @@ impl Broker {
                 })
                 .collect(),
             groups: self.policy.groups_of(caller),
+            policy_version: self.signed.version(),
         })
     }
 
@@ -304,8 +519,53 @@ impl Broker {
                 ),
             };
             let now = self.clock.now();
-            let (record, effects) = RequestRecord::create(
-                uuid::Uuid::new_v4().to_string(),
+            // The rules of filing first (roles, texts), then the statement.
+            RequestRecord::create(
+                String::new(),
+                account,
+                caller,
+                on_behalf_of.clone(),
+                &req.reason,
+                &req.ticket,
+                now,
+            )?;
+            let policy = self.policy_for(req.statement.iter()).await;
+            let signed = match (&req.statement, &policy) {
+                (None, Some(p)) => return Err(missing_request_statement(caller, p.version())),
+                (None, None) => None,
+                (Some(given), policy) => {
+                    let at = StatementRef::Request;
+                    let opened =
+                        consent::open(policy.as_deref(), at, given, StatementKind::Request, now)?;
+                    consent::signed_by(&opened, at, caller)?;
+                    let rb = consent::check_request(
+                        &opened,
+                        Filing {
+                            account: &account.id,
+                            requester: on_behalf_of.as_ref().unwrap_or(caller),
+                            reason: &req.reason,
+                            ticket: &req.ticket,
+                            now,
+                        },
+                    )?;
+                    if self.store.get(&rb.request_id)?.is_some() {
+                        return Err(refused(
+                            ErrorKind::PermissionDenied,
+                            format!(
+                                "request id {} is taken: a request statement files one request; sign a new one (`twokey request create` chooses a new id)",
+                                rb.request_id
+                            ),
+                        ));
+                    }
+                    let created = consent::created_at(&rb).unwrap_or(now);
+                    Some((rb.request_id, created, opened, StoredStatement::from(given)))
+                }
+            };
+            let id = signed
+                .as_ref()
+                .map_or_else(|| uuid::Uuid::new_v4().to_string(), |s| s.0.clone());
+            let (mut record, mut effects) = RequestRecord::create(
+                id,
                 account,
                 caller,
                 on_behalf_of,
@@ -313,6 +573,23 @@ impl Broker {
                 &req.ticket,
                 now,
             )?;
+            if let Some((_, created, opened, stored)) = signed {
+                record.created_ms = millis(created);
+                let event = &mut effects.events[0].attributes;
+                event.insert(
+                    "policy_version".into(),
+                    opened.statement.policy_version.to_string(),
+                );
+                event.insert("statement".into(), hex::encode(opened.digest));
+                event.insert("signed_by".into(), opened.signer);
+                record.consent = Some(RequestConsent {
+                    policy_version: opened.statement.policy_version,
+                    request: stored,
+                    approvals: Vec::new(),
+                    releases: Vec::new(),
+                    used_release_ids: Vec::new(),
+                });
+            }
             let messages =
                 notify::messages_for(&self.policy, &record, &effects.action, None, millis(now));
             self.store.create(
@@ -320,6 +597,7 @@ impl Broker {
                 &Writes {
                     events: effects.events,
                     messages,
+                    claims: Vec::new(),
                 },
             )?;
             self.store.commit().await?;
@@ -505,15 +783,28 @@ impl Broker {
         .await
     }
 
-    /// An approver approves.
+    /// An approver approves; with a signed policy in force their approval
+    /// statement, bound to the request statement, is required and stored
+    /// with the request in the order approvals came.
     pub async fn approve_request(
         &self,
         caller: &SpiffeId,
         call: Checked<Decision>,
     ) -> Result<RequestRecord, BrokerError> {
         let key = &self.pin_key;
+        let policy = match &call.input {
+            Ok(d) => self.policy_for(d.statement.iter()).await,
+            Err(_) => self.signed.active(),
+        };
         self.change(caller, "approve", call, |d, r, a, now| {
-            r.approve(a, caller, &d.note, key, now)
+            let effects = r.approve(a, caller, &d.note, key, now)?;
+            if let Some(stored) =
+                approval_statement(policy.as_deref(), d.statement.as_ref(), r, caller, now)?
+                && let Some(c) = r.consent.as_mut()
+            {
+                c.approvals.push(stored);
+            }
+            Ok(effects)
         })
         .await
     }
@@ -542,15 +833,35 @@ impl Broker {
         .await
     }
 
-    /// The operator checks the PIN.
+    /// The operator checks the PIN. With delivery = "requester" and a
+    /// signed policy in force, the operator's release statements for the
+    /// requester's own releases come with it and are kept once the PIN is
+    /// right.
     pub async fn verify_pin(
         &self,
         caller: &SpiffeId,
         call: Checked<PinAttempt>,
     ) -> Result<RequestRecord, BrokerError> {
         let key = &self.pin_key;
+        let policy = match &call.input {
+            Ok(p) => self.policy_for(p.releases.iter()).await,
+            Err(_) => self.signed.active(),
+        };
         self.change(caller, "verify_pin", call, |p, r, a, now| {
-            r.verify_pin(a, caller, &p.pin, key, now)
+            if r.delivery != Delivery::Requester && !p.releases.is_empty() {
+                return Err(BrokerError::invalid(format!(
+                    "account {} delivers codes to the operator: sign the release statement when you release the code (`twokey code release {}`), not with the PIN",
+                    r.account_id, r.id
+                )));
+            }
+            let effects = r.verify_pin(a, caller, &p.pin, key, now)?;
+            if r.state == State::Verified && effects.fail.is_none() {
+                let releases = pin_releases(policy.as_deref(), &p.releases, r, caller, now)?;
+                if let Some(c) = r.consent.as_mut() {
+                    c.releases = releases;
+                }
+            }
+            Ok(effects)
         })
         .await
     }
@@ -569,18 +880,64 @@ impl Broker {
     }
 
     /// Releases one code: reserves it from the quota (stored), signs a
-    /// single-use grant, asks the vault, and records the outcome.
+    /// single-use grant, asks the vault, and records the outcome. With the
+    /// people's statements the grant carries the id the operator's release
+    /// statement names and the vault gets the evidence: the request
+    /// statement, exactly the stored approvals and the release.
     pub async fn release_code(
         &self,
         caller: &SpiffeId,
-        call: Checked<RequestId>,
+        call: Checked<Release>,
     ) -> Result<Released, BrokerError> {
         self.authorised(caller, "release_code", &call.target, async {
-            let request = call.input?;
-            let grant_id = GrantSigner::new_grant_id();
+            let input = call.input?;
+            let policy = self.policy_for(input.statement.iter()).await;
+            let request = &input.request;
+            let mut grant_id = String::new();
+            let mut evidence: Option<ReleaseEvidence> = None;
             let reserved = self
                 .act(request.as_str(), true, |r, a, now| {
-                    r.reserve_release(a, caller, &grant_id, now)
+                    // The rules of releasing first (roles, state, quota).
+                    r.clone().reserve_release(a, caller, "", now)?;
+                    let release = release_statement(
+                        policy.as_deref(),
+                        input.statement.as_ref(),
+                        r,
+                        caller,
+                        now,
+                    )?;
+                    let mut claims = Vec::new();
+                    (grant_id, evidence) = match (release, r.consent.as_mut()) {
+                        (Some((stored, binding)), Some(c)) => {
+                            c.used_release_ids.push(binding.release_id.clone());
+                            claims = vec![
+                                Claim {
+                                    key: format!("grant:{}", binding.grant_id),
+                                    taken: format!(
+                                        "grant id {} was used already; the operator must sign a new release statement with a new grant id (`twokey code release {}`)",
+                                        binding.grant_id, r.id
+                                    ),
+                                },
+                                Claim {
+                                    key: format!("release:{}", binding.release_id),
+                                    taken: format!(
+                                        "release {} was used already; the operator must sign a new release statement (`twokey code release {}`)",
+                                        binding.release_id, r.id
+                                    ),
+                                },
+                            ];
+                            let evidence = ReleaseEvidence {
+                                request: Some((&c.request).into()),
+                                approvals: c.approvals.iter().map(Into::into).collect(),
+                                release: Some((&stored).into()),
+                            };
+                            (binding.grant_id, Some(evidence))
+                        }
+                        _ => (GrantSigner::new_grant_id(), None),
+                    };
+                    let mut effects = r.reserve_release(a, caller, &grant_id, now)?;
+                    effects.claims = claims;
+                    Ok(effects)
                 })
                 .await?;
             let facts = GrantFacts {
@@ -600,7 +957,7 @@ impl Broker {
                     .unwrap_or_default(),
             };
             let (_, signed) = self.grants.sign(grant_id.clone(), facts, self.clock.now());
-            let answer = self.vault.generate_code(signed).await;
+            let answer = self.vault.generate_code(signed, evidence).await;
             let outcome = match &answer {
                 Ok(code) => Ok(code.step),
                 Err(e) => Err((e.message.as_str(), e.surely_refused())),
@@ -617,6 +974,21 @@ impl Broker {
             })
         })
         .await
+    }
+
+    /// The signed policy in force, after fetching it again from the vault
+    /// if one of `statements` names a version above the cached one.
+    async fn policy_for<'a>(
+        &self,
+        statements: impl Iterator<Item = &'a SignedStatement>,
+    ) -> Option<Arc<VerifiedPolicy>> {
+        let named = statements.filter_map(consent::named_version).max();
+        if self.signed.root().is_some() && named.is_some_and(|v| v > self.signed.version()) {
+            if let Err(e) = self.signed.refresh(&*self.vault).await {
+                tracing::warn!("a statement names a newer policy version; fetching it failed: {e}");
+            }
+        }
+        self.signed.active()
     }
 
     /// Runs `call` for a caller named in the policy; a refusal (the call's
@@ -637,7 +1009,14 @@ impl Broker {
             return Err(e);
         }
         let result = call.await;
-        if let Err(BrokerError::PermissionDenied(why)) = &result {
+        let refusal = match &result {
+            Err(BrokerError::PermissionDenied(why)) => Some(("access.denied", why.clone())),
+            Err(e @ BrokerError::Consent { .. }) if e.kind() != ErrorKind::Internal => {
+                Some(("consent.refused", e.to_string()))
+            }
+            _ => None,
+        };
+        if let Some((action, why)) = refusal {
             let (account, request_id) = match target {
                 Target::Nothing => (String::new(), ""),
                 Target::Account(a) => (a.clone(), ""),
@@ -646,7 +1025,7 @@ impl Broker {
                     (account.unwrap_or_default(), id.as_str())
                 }
             };
-            let event = EventDraft::new(caller.to_string(), "access.denied")
+            let event = EventDraft::new(caller.to_string(), action)
                 .account(account)
                 .request(request_id)
                 .outcome(Outcome::Denied)
@@ -734,6 +1113,16 @@ impl Broker {
                     "no seed given; pass an otpauth:// URI or a Base32 secret on stdin",
                 ));
             };
+            // Replacing a seed under a signed policy takes M admins.
+            let action = if req.replace {
+                self.admin_consent(
+                    account,
+                    AdminAction::EnrollReplace,
+                    req.action_id.as_deref(),
+                )?
+            } else {
+                None
+            };
             // The vault stores a seed only for an enrollment grant naming
             // the account and, as its operator, the admin.
             let grant_id = GrantSigner::new_grant_id();
@@ -759,15 +1148,14 @@ impl Broker {
                     grant: Some(grant),
                     // The vault's default.
                     min_seconds_left: 0,
+                    consent: action.as_ref().map(|a| a.consent()),
                 })
                 .await?;
-            self.emit(
-                EventDraft::new(caller.to_string(), "account.enrolled")
-                    .account(account_id)
-                    .attr("grant_id", grant_id)
-                    .attr("replace", req.replace.to_string()),
-            )
-            .await?;
+            let event = EventDraft::new(caller.to_string(), "account.enrolled")
+                .account(account_id)
+                .attr("grant_id", grant_id)
+                .attr("replace", req.replace.to_string());
+            self.action_done(event, action.as_ref()).await?;
             Ok(Enrolled(answer))
         })
         .await
@@ -806,20 +1194,26 @@ impl Broker {
                     "reason is required; say why the account is removed",
                 ));
             }
+            let action =
+                self.admin_consent(account, AdminAction::Remove, req.action_id.as_deref())?;
             let grant_id = GrantSigner::new_grant_id();
             let (_, signed) = self.grants.sign(
                 grant_id.clone(),
                 admin_grant(GrantPurpose::Remove, &account.id, caller),
                 self.clock.now(),
             );
-            let removed = self.vault.remove_account(signed).await?;
-            self.emit(
-                EventDraft::new(caller.to_string(), "account.removed")
-                    .account(&account.id)
-                    .attr("grant_id", grant_id)
-                    .attr("reason", req.reason.chars().take(1000).collect::<String>()),
-            )
-            .await?;
+            let removed = self
+                .vault
+                .remove_account(RemoveAccountRequest {
+                    grant: Some(signed),
+                    consent: action.as_ref().map(|a| a.consent()),
+                })
+                .await?;
+            let event = EventDraft::new(caller.to_string(), "account.removed")
+                .account(&account.id)
+                .attr("grant_id", grant_id)
+                .attr("reason", req.reason.chars().take(1000).collect::<String>());
+            self.action_done(event, action.as_ref()).await?;
             Ok(Removed(removed))
         })
         .await

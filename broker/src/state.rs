@@ -16,9 +16,11 @@ use twokey_proto::audit::v1::Outcome;
 use twokey_runtime::{SpiffeId, events::EventDraft};
 
 use crate::{
+    consent::RequestConsent,
     error::BrokerError,
     pin::{Pin, PinKey},
     policy::{AccountPolicy, Delivery, Role},
+    store::Claim,
 };
 
 /// How many times a requester may ask for a new PIN.
@@ -157,6 +159,11 @@ pub struct RequestRecord {
     pub expires_ms: u64,
     /// Everything that happened, oldest first.
     pub history: Vec<HistoryRecord>,
+    /// The people's signed statements, when the request was filed with one
+    /// (none for requests filed without, and those stored before there were
+    /// statements).
+    #[serde(default)]
+    pub consent: Option<RequestConsent>,
 }
 
 /// What an action does besides changing the record: audit events, and the
@@ -171,6 +178,8 @@ pub struct Effects {
     pub pin: Option<Pin>,
     /// An error to return once the change is stored (a wrong PIN, an expiry).
     pub fail: Option<BrokerError>,
+    /// Ids the change uses up for good (grant and release ids).
+    pub claims: Vec<Claim>,
 }
 
 /// Unix milliseconds of an instant.
@@ -292,6 +301,7 @@ impl RequestRecord {
             updated_ms: now_ms,
             expires_ms: now_ms.saturating_add(millis_of(account.request_ttl)),
             history: Vec::new(),
+            consent: None,
         };
         let mut effects = Effects::default();
         record.record(&mut effects, caller, "request.created", None, reason, now);

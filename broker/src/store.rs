@@ -1,7 +1,9 @@
 //! Where requests live: a small trait, so sled can later be joined by a
 //! replicated backend, and its sled implementation on `DurableDb`. Every
 //! change is one sled transaction over the request, its audit events (the
-//! outbox) and its queued notifications.
+//! outbox), its queued notifications and the ids it uses up. Policy
+//! proposals and open admin actions are kept beside them, each change with
+//! its audit events.
 
 use std::sync::Arc;
 
@@ -25,6 +27,37 @@ pub struct Writes {
     pub events: Vec<EventDraft>,
     /// Notifications to queue.
     pub messages: Vec<Message>,
+    /// Ids used up for good by the change (grant and release ids): the
+    /// change is refused if one was used before.
+    pub claims: Vec<Claim>,
+}
+
+/// An id used once for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The id, with its kind (`grant:ID`).
+    pub key: String,
+    /// The refusal (permission denied) when it was used before.
+    pub taken: String,
+}
+
+/// The kinds of documents kept beside the requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Docs {
+    /// Proposed policy versions, by zero-padded version.
+    Proposals,
+    /// Admin actions collecting signatures, by action id.
+    AdminActions,
+}
+
+/// A change to one document: its new value (none: delete it) and the audit
+/// events that go with it.
+#[derive(Debug, Default)]
+pub struct DocChange {
+    /// The new value; none deletes the document.
+    pub value: Option<Vec<u8>>,
+    /// Audit events.
+    pub events: Vec<EventDraft>,
 }
 
 /// Storage for requests.
@@ -45,6 +78,18 @@ pub trait RequestStore: Send + Sync + std::fmt::Debug + 'static {
     fn all(&self) -> Result<Vec<RequestRecord>, BrokerError>;
     /// Records events that go with no request change.
     fn emit(&self, events: Vec<EventDraft>) -> Result<(), BrokerError>;
+    /// Every document of a kind, in key order.
+    fn docs(&self, kind: Docs) -> Result<Vec<Vec<u8>>, BrokerError>;
+    /// One document.
+    fn doc(&self, kind: Docs, key: &str) -> Result<Option<Vec<u8>>, BrokerError>;
+    /// Changes one document with its events atomically: `f` gets the current
+    /// value (it may run more than once, on conflict).
+    fn update_doc(
+        &self,
+        kind: Docs,
+        key: &str,
+        f: &mut dyn FnMut(Option<Vec<u8>>) -> Result<DocChange, BrokerError>,
+    ) -> Result<(), BrokerError>;
     /// Makes everything written so far durable, then wakes the shipper and
     /// the notification worker.
     fn commit(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
@@ -55,6 +100,9 @@ pub trait RequestStore: Send + Sync + std::fmt::Debug + 'static {
 pub struct SledStore {
     db: DurableDb,
     requests: sled::Tree,
+    claims: sled::Tree,
+    proposals: sled::Tree,
+    actions: sled::Tree,
     outbox: Outbox,
     queue: Arc<NotifyQueue>,
 }
@@ -89,6 +137,9 @@ impl SledStore {
         Ok(Self {
             db: db.clone(),
             requests: db.tree("requests")?,
+            claims: db.tree("consent_ids")?,
+            proposals: db.tree("policy_proposals")?,
+            actions: db.tree("admin_actions")?,
             outbox,
             queue,
         })
@@ -103,8 +154,13 @@ impl SledStore {
     ) -> Result<(), BrokerError> {
         // sled wants an `Fn`; the transaction runs on this thread only.
         let f = std::cell::RefCell::new(f);
-        (&self.requests, self.outbox.tree(), self.queue.tree())
-            .transaction(|(r, o, q)| {
+        (
+            &self.requests,
+            self.outbox.tree(),
+            self.queue.tree(),
+            &self.claims,
+        )
+            .transaction(|(r, o, q, c)| {
                 let current = match r.get(id.as_bytes())? {
                     Some(bytes) => Some(decode(&bytes).map_err(abort)?),
                     None => None,
@@ -112,6 +168,14 @@ impl SledStore {
                 let Some((record, writes)) = (f.borrow_mut())(current).map_err(abort)? else {
                     return Ok(());
                 };
+                for claim in &writes.claims {
+                    if c.insert(claim.key.as_bytes(), &[][..])?.is_some() {
+                        return Err(abort(crate::consent::refused(
+                            twokey_runtime::error::ErrorKind::PermissionDenied,
+                            claim.taken.clone(),
+                        )));
+                    }
+                }
                 r.insert(id.as_bytes(), encode(&record).map_err(abort)?)?;
                 for event in &writes.events {
                     self.outbox.push::<BrokerError>(o, event.clone())?;
@@ -120,6 +184,15 @@ impl SledStore {
                 Ok(())
             })
             .map_err(flatten)
+    }
+}
+
+impl SledStore {
+    fn tree(&self, kind: Docs) -> &sled::Tree {
+        match kind {
+            Docs::Proposals => &self.proposals,
+            Docs::AdminActions => &self.actions,
+        }
     }
 }
 
@@ -170,6 +243,40 @@ impl RequestStore for SledStore {
             .tree()
             .transaction(|o| {
                 for event in &events {
+                    self.outbox.push::<BrokerError>(o, event.clone())?;
+                }
+                Ok(())
+            })
+            .map_err(flatten)
+    }
+
+    fn docs(&self, kind: Docs) -> Result<Vec<Vec<u8>>, BrokerError> {
+        self.tree(kind)
+            .iter()
+            .map(|kv| Ok(kv?.1.to_vec()))
+            .collect()
+    }
+
+    fn doc(&self, kind: Docs, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        Ok(self.tree(kind).get(key.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn update_doc(
+        &self,
+        kind: Docs,
+        key: &str,
+        f: &mut dyn FnMut(Option<Vec<u8>>) -> Result<DocChange, BrokerError>,
+    ) -> Result<(), BrokerError> {
+        let f = std::cell::RefCell::new(f);
+        (self.tree(kind), self.outbox.tree())
+            .transaction(|(d, o)| {
+                let current = d.get(key.as_bytes())?.map(|v| v.to_vec());
+                let change = (f.borrow_mut())(current).map_err(abort)?;
+                match change.value {
+                    Some(value) => d.insert(key.as_bytes(), value)?,
+                    None => d.remove(key.as_bytes())?,
+                };
+                for event in &change.events {
                     self.outbox.push::<BrokerError>(o, event.clone())?;
                 }
                 Ok(())

@@ -4,10 +4,15 @@
 
 use futures::future::BoxFuture;
 /// The vault's own messages, which the broker passes on unchanged: enrolled
-/// accounts, codes, the enrollment call and its answer, and grants.
+/// accounts, codes, the calls and their answers, grants and the people's
+/// signed consent.
 pub use twokey_proto::{
     types::v1::{Account, Code},
-    vault::v1::{EnrollRequest, EnrollResponse, GrantPurpose, SignedGrant, enroll_request::Seed},
+    vault::v1::{
+        AdminConsent, ApplyPolicyRequest, EnrollRequest, EnrollResponse, GrantPurpose,
+        PolicyVersion, ReleaseEvidence, RemoveAccountRequest, RestoreAccountRequest,
+        SetAccountEnabledRequest, SignedGrant, enroll_request::Seed,
+    },
 };
 use twokey_runtime::error::ErrorKind;
 
@@ -43,10 +48,34 @@ pub trait Vault: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a seed for the enrollment grant the request carries; answers
     /// with the current and next codes.
     fn enroll(&self, request: EnrollRequest) -> BoxFuture<'_, Result<EnrollResponse, VaultError>>;
-    /// Computes one code for a release grant.
-    fn generate_code(&self, grant: SignedGrant) -> BoxFuture<'_, Result<Code, VaultError>>;
+    /// Computes one code for a release grant and the people's consent.
+    fn generate_code(
+        &self,
+        grant: SignedGrant,
+        evidence: Option<ReleaseEvidence>,
+    ) -> BoxFuture<'_, Result<Code, VaultError>>;
     /// Lists enrolled accounts.
     fn list_accounts(&self) -> BoxFuture<'_, Result<Vec<Account>, VaultError>>;
-    /// Removes an account for a removal grant.
-    fn remove_account(&self, grant: SignedGrant) -> BoxFuture<'_, Result<String, VaultError>>;
+    /// Removes an account for a removal grant (and the admins' consent).
+    fn remove_account(
+        &self,
+        request: RemoveAccountRequest,
+    ) -> BoxFuture<'_, Result<String, VaultError>>;
+    /// Disables or enables an account.
+    fn set_account_enabled(
+        &self,
+        request: SetAccountEnabledRequest,
+    ) -> BoxFuture<'_, Result<Account, VaultError>>;
+    /// Restores a replaced or removed seed.
+    fn restore_account(
+        &self,
+        request: RestoreAccountRequest,
+    ) -> BoxFuture<'_, Result<Account, VaultError>>;
+    /// Applies a signed policy version.
+    fn apply_policy(
+        &self,
+        request: ApplyPolicyRequest,
+    ) -> BoxFuture<'_, Result<PolicyVersion, VaultError>>;
+    /// Every applied policy version, newest first.
+    fn get_policy(&self) -> BoxFuture<'_, Result<Vec<PolicyVersion>, VaultError>>;
 }

@@ -122,6 +122,7 @@ async fn an_intake_service_files_on_a_requesters_behalf_only() {
         reason: "from the BPM".into(),
         ticket: "BPM-9".into(),
         on_behalf_of: on_behalf_of.into(),
+        statement: None,
     };
     let (code, _) = code_of(h.client("bpm").create_request(create("")).await);
     assert_eq!(
@@ -289,6 +290,7 @@ async fn a_page_of_long_requests_stays_under_the_message_limit() {
                 reason: "r".repeat(1000),
                 ticket: "OPS-1".into(),
                 on_behalf_of: String::new(),
+                statement: None,
             })
             .await
             .unwrap();
@@ -363,6 +365,7 @@ async fn admins_enroll_list_and_remove_accounts_through_the_vault() {
             .remove_account(pb::RemoveAccountRequest {
                 account_id: PROD.into(),
                 reason: "gone".into(),
+                action_id: String::new(),
             })
             .await,
     );
@@ -372,6 +375,7 @@ async fn admins_enroll_list_and_remove_accounts_through_the_vault() {
         .remove_account(pb::RemoveAccountRequest {
             account_id: PROD.into(),
             reason: "account closed".into(),
+            action_id: String::new(),
         })
         .await
         .unwrap()

@@ -93,6 +93,7 @@ async fn intake_service_cannot_approve() {
                 reason: "ticket OPS-7".into(),
                 ticket: "OPS-7".into(),
                 on_behalf_of: "alice".into(),
+                statement: None,
             })
             .await,
     );

@@ -43,6 +43,7 @@ async fn refused_call(h: &Harness, user: &str, id: &str, i: usize) -> (Code, Str
                 reason: "flood".into(),
                 ticket: String::new(),
                 on_behalf_of: String::new(),
+                statement: None,
             })
             .await,
         ),
@@ -50,6 +51,7 @@ async fn refused_call(h: &Harness, user: &str, id: &str, i: usize) -> (Code, Str
             c.approve_request(pb::ApproveRequestRequest {
                 request_id,
                 comment: String::new(),
+                statement: None,
             })
             .await,
         ),
@@ -71,6 +73,7 @@ async fn refused_call(h: &Harness, user: &str, id: &str, i: usize) -> (Code, Str
             c.verify_pin(pb::VerifyPinRequest {
                 request_id,
                 pin: "000000".into(),
+                releases: vec![],
             })
             .await,
         ),
@@ -79,10 +82,17 @@ async fn refused_call(h: &Harness, user: &str, id: &str, i: usize) -> (Code, Str
             c.remove_account(pb::RemoveAccountRequest {
                 account_id: PROD.into(),
                 reason: "flood".into(),
+                action_id: String::new(),
             })
             .await,
         ),
-        "release_code" => code_of(c.release_code(pb::ReleaseCodeRequest { request_id }).await),
+        "release_code" => code_of(
+            c.release_code(pb::ReleaseCodeRequest {
+                request_id,
+                statement: None,
+            })
+            .await,
+        ),
         other => unreachable!("{other}"),
     }
 }
@@ -278,6 +288,7 @@ async fn callers_without_a_certificate_are_still_unauthenticated_and_cost_nothin
             h.anonymous_client()
                 .release_code(pb::ReleaseCodeRequest {
                     request_id: "x".into(),
+                    statement: None,
                 })
                 .await,
         );

@@ -24,6 +24,7 @@ use twokey_broker::{
     BrokerConfig, ServeOptions,
     config::{MailboxConfig, NotifyConfig},
 };
+use twokey_consent::{TrustRoot, VerifiedPolicy, verify_policy_update};
 use twokey_proto::{
     broker::v1::{self as pb, broker_service_client::BrokerServiceClient},
     types::v1 as types,
@@ -96,6 +97,40 @@ pub struct VaultState {
     pub used_grants: Mutex<HashSet<String>>,
     pub grants: Mutex<Vec<vpb::Grant>>,
     pub audit_down: AtomicBool,
+    /// The evidence of each GenerateCode call, in order.
+    pub evidence: Mutex<Vec<Option<vpb::ReleaseEvidence>>>,
+    /// The admin consent of each Enroll, RemoveAccount, SetAccountEnabled
+    /// and RestoreAccount call, with the grant's purpose, in order.
+    pub admin_consents: Mutex<Vec<(GrantPurpose, Option<vpb::AdminConsent>)>>,
+    /// The applied policy versions, newest first (what GetPolicy answers).
+    pub policy: Mutex<Vec<vpb::PolicyVersion>>,
+    /// Every ApplyPolicy call, in order.
+    pub applies: Mutex<Vec<vpb::ApplyPolicyRequest>>,
+    /// The pinned admins ApplyPolicy verifies from, as the real vault does.
+    pub root: Mutex<Option<TrustRoot>>,
+    /// GetPolicy calls answered.
+    pub policy_reads: std::sync::atomic::AtomicU64,
+}
+
+/// The status a consent refusal kind maps to.
+fn consent_status(kind: twokey_consent::ErrorKind, message: String) -> Status {
+    match kind {
+        twokey_consent::ErrorKind::InvalidArgument => Status::invalid_argument(message),
+        twokey_consent::ErrorKind::FailedPrecondition => Status::failed_precondition(message),
+        twokey_consent::ErrorKind::PermissionDenied => Status::permission_denied(message),
+    }
+}
+
+/// The active version of a chain (newest first), verified from the root.
+pub fn verify_chain(root: &TrustRoot, versions: &[vpb::PolicyVersion]) -> Option<VerifiedPolicy> {
+    let mut current = None;
+    for v in versions.iter().rev() {
+        current = Some(
+            verify_policy_update(current.as_ref(), root, v.document.as_bytes(), &v.signatures)
+                .expect("the fake vault's chain verifies"),
+        );
+    }
+    current
 }
 
 /// A vault that checks grants like the real one and answers with a fixed code.
@@ -165,6 +200,11 @@ impl VaultService for FakeVault {
             id.as_str() == "spiffe://twokey.local/svc/broker"
         })?;
         let r = request.into_inner();
+        self.state
+            .admin_consents
+            .lock()
+            .unwrap()
+            .push((GrantPurpose::Enroll, r.consent.clone()));
         Ok(Response::new(vpb::EnrollResponse {
             account: Some(types::Account {
                 account_id: r.account_id,
@@ -189,7 +229,9 @@ impl VaultService for FakeVault {
                 "audit unavailable: event 7 not acknowledged in time; no code was released",
             ));
         }
-        let grant = self.check(request.into_inner().grant, GrantPurpose::Release)?;
+        let request = request.into_inner();
+        let grant = self.check(request.grant, GrantPurpose::Release)?;
+        self.state.evidence.lock().unwrap().push(request.evidence);
         Ok(Response::new(vpb::GenerateCodeResponse {
             code: Some(code()),
             grant_id: grant.grant_id,
@@ -221,9 +263,112 @@ impl VaultService for FakeVault {
         self.auth.authorize(&request, "the broker", |id| {
             id.as_str() == "spiffe://twokey.local/svc/broker"
         })?;
-        let grant = self.check(request.into_inner().grant, GrantPurpose::Remove)?;
+        let request = request.into_inner();
+        let grant = self.check(request.grant, GrantPurpose::Remove)?;
+        self.state
+            .admin_consents
+            .lock()
+            .unwrap()
+            .push((GrantPurpose::Remove, request.consent));
         Ok(Response::new(vpb::RemoveAccountResponse {
             account_id: grant.account_id,
+        }))
+    }
+
+    async fn set_account_enabled(
+        &self,
+        request: Request<vpb::SetAccountEnabledRequest>,
+    ) -> Result<Response<vpb::SetAccountEnabledResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        let request = request.into_inner();
+        let grant = self.check(request.grant, GrantPurpose::SetEnabled)?;
+        self.state
+            .admin_consents
+            .lock()
+            .unwrap()
+            .push((GrantPurpose::SetEnabled, request.consent));
+        Ok(Response::new(vpb::SetAccountEnabledResponse {
+            account: Some(types::Account {
+                account_id: grant.account_id,
+                disabled: !request.enabled,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    async fn restore_account(
+        &self,
+        request: Request<vpb::RestoreAccountRequest>,
+    ) -> Result<Response<vpb::RestoreAccountResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        let request = request.into_inner();
+        let grant = self.check(request.grant, GrantPurpose::Restore)?;
+        self.state
+            .admin_consents
+            .lock()
+            .unwrap()
+            .push((GrantPurpose::Restore, request.consent));
+        Ok(Response::new(vpb::RestoreAccountResponse {
+            account: Some(types::Account {
+                account_id: grant.account_id,
+                ..Default::default()
+            }),
+        }))
+    }
+
+    async fn apply_policy(
+        &self,
+        request: Request<vpb::ApplyPolicyRequest>,
+    ) -> Result<Response<vpb::ApplyPolicyResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        let request = request.into_inner();
+        self.state.applies.lock().unwrap().push(request.clone());
+        let root = self
+            .state
+            .root
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| Status::failed_precondition("the fake vault has no root"))?;
+        let mut chain = self.state.policy.lock().unwrap();
+        let current = verify_chain(&root, &chain);
+        let verified = verify_policy_update(
+            current.as_ref(),
+            &root,
+            request.document.as_bytes(),
+            &request.signatures,
+        )
+        .map_err(|e| consent_status(e.kind(), e.to_string()))?;
+        let version = vpb::PolicyVersion {
+            version: verified.version(),
+            document: request.document,
+            signatures: request.signatures,
+            signed_by: verified.signed_by().to_vec(),
+            digest: verified.digest().to_vec(),
+            applied_at: Some(to_timestamp(twokey_runtime::time::Clock::now(&self.clock))),
+        };
+        chain.insert(0, version.clone());
+        Ok(Response::new(vpb::ApplyPolicyResponse {
+            policy: Some(version),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        request: Request<vpb::GetPolicyRequest>,
+    ) -> Result<Response<vpb::GetPolicyResponse>, Status> {
+        self.auth.authorize(&request, "the broker", |id| {
+            id.as_str() == "spiffe://twokey.local/svc/broker"
+        })?;
+        self.state.policy_reads.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(vpb::GetPolicyResponse {
+            versions: self.state.policy.lock().unwrap().clone(),
         }))
     }
 
@@ -233,6 +378,15 @@ impl VaultService for FakeVault {
     ) -> Result<Response<vpb::StatusResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+}
+
+/// The signed-policy side of a harness: the pinned admins and the versions
+/// the fake vault holds (newest first).
+#[derive(Debug, Clone)]
+pub struct ConsentSetup {
+    pub admins_allowed_signers: String,
+    pub threshold: u32,
+    pub versions: Vec<vpb::PolicyVersion>,
 }
 
 /// A running server task with its shutdown trigger.
@@ -277,6 +431,12 @@ impl Harness {
     }
 
     pub async fn start_with_policy(policy: &str) -> Self {
+        Self::start_with(policy, None).await
+    }
+
+    /// A harness whose broker has `[consent]` (the pinned admins of
+    /// `consent`) and whose fake vault serves `consent`'s versions.
+    pub async fn start_with(policy: &str, consent: Option<ConsentSetup>) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let pki = pki_dir(dir.path());
@@ -287,7 +447,7 @@ impl Harness {
             ca.issue_service(TD, svc).unwrap().write(&pki, svc).unwrap();
         }
         for user in [
-            "alice", "rita", "bob", "dave", "olivia", "carol", "adam", "mallory",
+            "alice", "rita", "bob", "dave", "olivia", "carol", "adam", "anna", "mallory",
         ] {
             ca.issue_user(TD, user).unwrap().write(&pki, user).unwrap();
         }
@@ -313,6 +473,19 @@ impl Harness {
             clock: clock.clone(),
             state: vault.clone(),
         };
+        let consent_config = consent.map(|c| {
+            let file = dir.path().join("admins.allowed_signers");
+            std::fs::write(&file, &c.admins_allowed_signers).unwrap();
+            *vault.root.lock().unwrap() = Some(
+                TrustRoot::from_allowed_signers(TD, &c.admins_allowed_signers, c.threshold)
+                    .unwrap(),
+            );
+            *vault.policy.lock().unwrap() = c.versions;
+            twokey_broker::config::ConsentConfig {
+                admins_file: file,
+                threshold: c.threshold,
+            }
+        });
         let vault_server = start_vault(fake, &TlsFiles::in_dir(&pki, "vault")).await;
         let config = BrokerConfig {
             listen: "127.0.0.1:0".into(),
@@ -337,6 +510,7 @@ impl Harness {
                 slack: None,
             },
             sweep_interval: Duration::from_secs(3600),
+            consent: consent_config,
         };
         let mut h = Self {
             dir,
@@ -636,6 +810,7 @@ pub async fn file(h: &Harness, requester: &str, account: &str) -> String {
                 reason: "rotate the root password".into(),
                 ticket: "OPS-1".into(),
                 on_behalf_of: String::new(),
+                statement: None,
             })
             .await,
     );
@@ -652,6 +827,7 @@ pub async fn approve(
         .approve_request(pb::ApproveRequestRequest {
             request_id: id.into(),
             comment: "ok".into(),
+            statement: None,
         })
         .await
 }
@@ -666,6 +842,7 @@ pub async fn verify(
         .verify_pin(pb::VerifyPinRequest {
             request_id: id.into(),
             pin: pin.into(),
+            releases: vec![],
         })
         .await
 }
@@ -678,6 +855,7 @@ pub async fn release(
     h.client(operator)
         .release_code(pb::ReleaseCodeRequest {
             request_id: id.into(),
+            statement: None,
         })
         .await
 }
