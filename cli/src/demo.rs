@@ -284,7 +284,10 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
         .as_array()
         .map(|a| {
             a.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
+                .filter_map(Value::as_str)
+                // The pinned admins are named by their SPIFFE ID: its last
+                // segment is the person.
+                .map(|id| id.rsplit('/').next().unwrap_or(id).to_owned())
                 .collect()
         })
         .unwrap_or_default();
