@@ -625,3 +625,45 @@ pub fn policy_text() -> String {
     ));
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twokey_consent::{Role, TrustRoot, verify_policy_update};
+
+    #[test]
+    fn the_local_policy_verifies_under_the_pinned_admins_with_both_signatures() {
+        let people: Vec<Person> = USERS
+            .iter()
+            .map(|(n, _)| Person::generate(n, vec![format!("spiffe://{TRUST_DOMAIN}/user/{n}")]))
+            .collect();
+        let spec = local_policy_spec(&people);
+        let doc = spec.to_toml();
+        let admins: Vec<&Person> = people
+            .iter()
+            .filter(|p| ADMINS.contains(&p.name.as_str()))
+            .collect();
+        let root = TrustRoot::from_allowed_signers(
+            TRUST_DOMAIN,
+            &admins_allowed_signers(&admins),
+            ADMIN_THRESHOLD,
+        )
+        .unwrap();
+        let one = [sign_policy(&admins[0].key, TRUST_DOMAIN, &doc)];
+        assert!(verify_policy_update(None, &root, doc.as_bytes(), &one).is_err());
+        let both: Vec<Vec<u8>> = admins
+            .iter()
+            .map(|a| sign_policy(&a.key, TRUST_DOMAIN, &doc))
+            .collect();
+        let v = verify_policy_update(None, &root, doc.as_bytes(), &both).unwrap();
+        assert_eq!(v.version(), 1);
+        assert_eq!(v.role_holders(ACCOUNT, Role::Requester), ["alice"]);
+        assert_eq!(v.role_holders(ACCOUNT, Role::Approver), ["bob"]);
+        assert_eq!(v.role_holders(ACCOUNT, Role::Operator), ["olivia"]);
+        assert_eq!(v.role_holders(ACCOUNT, Role::Admin), ["adam", "anna"]);
+        let account = v.account(ACCOUNT).unwrap();
+        assert_eq!(account.release_rate.max, RELEASES_PER_HOUR);
+        // The broker's own policy names the same admins.
+        assert!(policy_text().contains("admins = [\"adam\", \"anna\"]"));
+    }
+}
