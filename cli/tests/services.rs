@@ -475,3 +475,86 @@ fn demo_keep_leaves_the_services_running_for_the_profiles() {
     assert!(stop.success());
     assert_eq!(listed["requests"][0]["state"], "REQUEST_STATE_RELEASED");
 }
+
+/// adam starts `action` on the account with `args`, anna signs it; the
+/// action id.
+fn two_admins_sign(cfg: &std::path::Path, args: &[&str]) -> String {
+    let started = json(twokey_as(cfg, "adam").args(args));
+    let action = started["actionId"].as_str().unwrap().to_owned();
+    let signed = json(twokey_as(cfg, "anna").args(["account", "sign-action", &action]));
+    assert_eq!(
+        signed["signedBy"].as_array().map(Vec::len),
+        Some(2),
+        "{signed}"
+    );
+    action
+}
+
+#[test]
+fn replacing_a_seed_and_restoring_it_need_two_admins() {
+    let (_tmp, sys) = local_system();
+    let cfg = &sys.config;
+    json(
+        twokey_as(cfg, "adam")
+            .args(["account", "enroll", ACCOUNT])
+            .write_stdin(format!("{SECRET_B32}\n")),
+    );
+    const OTHER: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+
+    // --replace without --action starts the action and reads no seed.
+    let action = two_admins_sign(cfg, &["account", "enroll", ACCOUNT, "--replace"]);
+    let replaced = json(
+        twokey_as(cfg, "adam")
+            .args([
+                "account",
+                "enroll",
+                ACCOUNT,
+                "--replace",
+                "--action",
+                &action,
+            ])
+            .write_stdin(format!("{OTHER}\n")),
+    );
+    assert_eq!(replaced["account"]["accountId"], ACCOUNT);
+    // The registration codes are the new seed's, not the old one's.
+    let from = seconds(&replaced["current"]["validFrom"]);
+    assert_ne!(replaced["current"]["code"].as_str().unwrap(), totp_at(from));
+
+    // The same action id does not replace twice.
+    let err = one_line_error(
+        twokey_as(cfg, "adam")
+            .args([
+                "account",
+                "enroll",
+                ACCOUNT,
+                "--replace",
+                "--action",
+                &action,
+            ])
+            .write_stdin(format!("{SECRET_B32}\n")),
+        1,
+    );
+    assert!(err.starts_with("twokey: "), "{err}");
+
+    // Restore brings the earlier seed back.
+    let action = two_admins_sign(cfg, &["account", "restore", ACCOUNT]);
+    let restored =
+        json(twokey_as(cfg, "adam").args(["account", "restore", ACCOUNT, "--action", &action]));
+    assert_eq!(restored["account"]["accountId"], ACCOUNT, "{restored}");
+
+    // A code released now is the original seed's.
+    let id = request_id(&file_request(cfg, "after the restore"));
+    json(twokey_as(cfg, "bob").args(["request", "approve", &id]));
+    let pin = sys.wait_for_pin("alice", &id, 0).expect("a PIN");
+    json(
+        twokey_as(cfg, "olivia")
+            .args(["pin", "verify", &id, "--pin-stdin"])
+            .write_stdin(format!("{pin}\n")),
+    );
+    let released = json(twokey_as(cfg, "olivia").args(["code", "release", &id]));
+    let code = &released["code"];
+    assert_eq!(
+        code["code"].as_str().unwrap(),
+        totp_at(seconds(&code["validFrom"]))
+    );
+}
