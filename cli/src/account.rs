@@ -146,7 +146,7 @@ pub struct RemoveArgs {
 pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result<(), CliError> {
     match cmd {
         AccountCommand::Enroll(a) if a.replace && a.action.is_none() => {
-            start_action(&settings, out, &a.account, AdminAction::EnrollReplace).await
+            start_action(&settings, out, &a.account, AdminAction::EnrollReplace, None).await
         }
         AccountCommand::Enroll(a) => {
             let raw = read_seed()?;
@@ -176,7 +176,14 @@ pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result
         }
         AccountCommand::Remove(a) => {
             let Some(action_id) = a.action else {
-                return start_action(&settings, out, &a.account, AdminAction::Remove).await;
+                return start_action(
+                    &settings,
+                    out,
+                    &a.account,
+                    AdminAction::Remove,
+                    Some(&a.reason),
+                )
+                .await;
             };
             let (mut broker, target) = settings.broker()?;
             let answer = broker
@@ -199,7 +206,7 @@ pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result
         AccountCommand::Enable(a) => set_enabled(&settings, out, a, true).await,
         AccountCommand::Restore(a) => {
             let Some(action_id) = a.action else {
-                return start_action(&settings, out, &a.account, AdminAction::Restore).await;
+                return start_action(&settings, out, &a.account, AdminAction::Restore, None).await;
             };
             let (mut broker, target) = settings.broker()?;
             let answer = target.answer(
@@ -238,7 +245,7 @@ pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result
                 &a.id,
             )
             .await?;
-            out.answer(&answer, || action_story("signed", &answer))
+            out.answer(&answer, || action_story("signed", &answer, None))
         }
         AccountCommand::Actions => {
             let (mut broker, target) = settings.broker()?;
@@ -262,7 +269,7 @@ async fn set_enabled(
         } else {
             AdminAction::Disable
         };
-        return start_action(settings, out, &a.account, action).await;
+        return start_action(settings, out, &a.account, action, None).await;
     };
     let (mut broker, target) = settings.broker()?;
     let answer = target.answer(
@@ -305,6 +312,7 @@ async fn start_action(
     out: Output,
     account: &str,
     action: AdminAction,
+    reason: Option<&str>,
 ) -> Result<(), CliError> {
     let signer = SshSigner::from_settings(settings)?;
     let (mut broker, target) = settings.broker()?;
@@ -319,7 +327,7 @@ async fn start_action(
         &new_id(),
     )
     .await?;
-    out.answer(&answer, || action_story("started", &answer))
+    out.answer(&answer, || action_story("started", &answer, reason))
 }
 
 async fn sign_action(
@@ -350,12 +358,14 @@ async fn sign_action(
         .ok_or_else(|| CliError::Input("the broker sent no admin action back".into()))
 }
 
-/// The command that carries out an action once enough admins signed.
-pub fn carry_out_command(p: &AdminActionProposal) -> String {
+/// The command that carries out an action once enough admins signed
+/// (`reason`: a removal's, when known).
+pub fn carry_out_command(p: &AdminActionProposal, reason: Option<&str>) -> String {
     let (account, id) = (&p.account_id, &p.action_id);
     match AdminAction::try_from(p.action) {
         Ok(AdminAction::Remove) => {
-            format!("twokey account remove {account} --reason REASON --action {id}")
+            let reason = reason.map_or_else(|| "REASON".to_owned(), |r| format!("{r:?}"));
+            format!("twokey account remove {account} --reason {reason} --action {id}")
         }
         Ok(AdminAction::EnrollReplace) => {
             format!("twokey account enroll {account} --replace --action {id} < SEED")
@@ -375,7 +385,7 @@ pub fn action_name(action: i32) -> String {
     )
 }
 
-fn action_story(verb: &str, p: &AdminActionProposal) -> String {
+fn action_story(verb: &str, p: &AdminActionProposal, reason: Option<&str>) -> String {
     let signed = p.signed_by.len();
     let mut s = format!(
         "{verb} admin action {}: {} {}
@@ -396,12 +406,12 @@ fn action_story(verb: &str, p: &AdminActionProposal) -> String {
             "next: {} more admin(s) run `twokey account sign-action {}`; then `{}`",
             p.needed as usize - signed,
             p.action_id,
-            carry_out_command(p)
+            carry_out_command(p, reason)
         ));
     } else {
         s.push_str(&format!(
             "enough admins signed: carry it out with `{}`",
-            carry_out_command(p)
+            carry_out_command(p, reason)
         ));
     }
     s
@@ -640,22 +650,26 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            carry_out_command(&p(AdminAction::Remove)),
+            carry_out_command(&p(AdminAction::Remove), None),
             "twokey account remove acct --reason REASON --action id-1"
         );
         assert_eq!(
-            carry_out_command(&p(AdminAction::EnrollReplace)),
+            carry_out_command(&p(AdminAction::Remove), Some("gone for good")),
+            "twokey account remove acct --reason \"gone for good\" --action id-1"
+        );
+        assert_eq!(
+            carry_out_command(&p(AdminAction::EnrollReplace), None),
             "twokey account enroll acct --replace --action id-1 < SEED"
         );
         assert_eq!(
-            carry_out_command(&p(AdminAction::Restore)),
+            carry_out_command(&p(AdminAction::Restore), None),
             "twokey account restore acct --action id-1"
         );
         assert_eq!(
             action_name(AdminAction::EnrollReplace as i32),
             "enroll replace"
         );
-        let story = action_story("started", &p(AdminAction::Disable));
+        let story = action_story("started", &p(AdminAction::Disable), None);
         assert!(
             story.contains("2 more admin(s) run `twokey account sign-action id-1`"),
             "{story}"
