@@ -62,21 +62,30 @@ pub async fn serve(
     let clock = Arc::new(SystemClock);
     let outbox = Outbox::open(&db, EventSigner::new(source, event_key), clock.clone())?;
     let (shipper, shipper_task) = spawn_shipper_task(outbox.clone(), audit);
-    let store = SledVaultStore::open(&db, outbox).map_err(StartError::refused)?;
-    let vault = Arc::new(
-        Vault::open(
-            store,
-            crypto::MasterKey::new(master),
-            twokey_runtime::grant::GrantVerifier::new(grant_key),
-            AuditWait {
-                gate: Arc::new(shipper),
-                timeout: Duration::from_millis(config.audit_ack_timeout_ms),
-            },
-            clock,
-            root,
-        )
-        .map_err(StartError::refused)?,
-    );
+    let opened = SledVaultStore::open(&db, outbox)
+        .map_err(service::VaultError::from)
+        .and_then(|store| {
+            Vault::open(
+                store,
+                crypto::MasterKey::new(master),
+                twokey_runtime::grant::GrantVerifier::new(grant_key),
+                AuditWait {
+                    gate: Arc::new(shipper),
+                    timeout: Duration::from_millis(config.audit_ack_timeout_ms),
+                },
+                clock,
+                root,
+            )
+        });
+    let vault = match opened {
+        Ok(vault) => Arc::new(vault),
+        Err(e) => {
+            // Let go of the database before answering: nothing runs.
+            shipper_task.abort();
+            let _ = shipper_task.await;
+            return Err(StartError::refused(e));
+        }
+    };
 
     let sweeper = vault.clone();
     let sweeper_task = tokio::spawn(async move {

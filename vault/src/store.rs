@@ -897,7 +897,7 @@ impl VaultStore for SledVaultStore {
                 }
                 let bytes = serde_json::to_vec(&record).expect("records serialize");
                 accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
-                Ok(self.outbox.push(outbox, event.clone())?)
+                self.outbox.push(outbox, event.clone())
             });
         match self.finish(result, &record.account_id) {
             Err(VaultStoreError::GrantUsed(_)) => {
@@ -966,7 +966,7 @@ impl VaultStore for SledVaultStore {
                     return abort(Abort::Corrupt);
                 };
                 keep(recovery, old, admin, "removed")?;
-                Ok(self.outbox.push(outbox, event.clone())?)
+                self.outbox.push(outbox, event.clone())
             });
         self.finish(result, account_id)
             .map_err(|e| name_ids(e, grant_id, &admin.action_id))
@@ -1085,7 +1085,7 @@ impl VaultStore for SledVaultStore {
                 let updated = serde_json::to_vec(&record).expect("records serialize");
                 accounts.insert(account_id.as_bytes(), updated)?;
             }
-            Ok(self.outbox.push(outbox, event.clone())?)
+            self.outbox.push(outbox, event.clone())
         });
         self.finish(result, account_id)
     }
@@ -1189,7 +1189,7 @@ impl VaultStore for SledVaultStore {
                 policies.insert(&policy.version.to_be_bytes(), bytes.as_slice())?;
                 meta.insert(POLICY_HEAD, head)?;
                 meta.insert(POLICY_VERSION, &policy.version.to_be_bytes())?;
-                Ok(self.outbox.push(outbox, event.clone())?)
+                self.outbox.push(outbox, event.clone())
             },
         );
         match self.finish(result, "policy") {

@@ -10,6 +10,7 @@ use common::*;
 use ed25519_dalek::SigningKey;
 use prost::Message;
 use tonic::Code;
+use twokey_consent::AdminAction;
 use twokey_proto::vault::v1::{
     EnrollRequest, GenerateCodeRequest, GrantPurpose, ListAccountsRequest, RemoveAccountRequest,
     SignedGrant, StatusRequest, enroll_request::Seed, vault_service_client::VaultServiceClient,
@@ -31,6 +32,35 @@ fn enroll(fx: &Fixture, account: &str, uri: &str) -> EnrollRequest {
         seed: Some(Seed::OtpauthUri(uri.into())),
         grant: Some(fx.enroll_grant(account, "adam")),
         ..Default::default()
+    }
+}
+
+/// Accounts the test policy (version 1) lists: the ones codes are released
+/// for.
+fn policy_accounts() -> Vec<String> {
+    let mut accounts = vec!["aws-prod-root".to_owned(), "aws-dev-root".to_owned()];
+    for (alg, _, _) in RFC_SEEDS {
+        for digits in [6u32, 7, 8] {
+            for period in [30u32, 60] {
+                accounts.push(format!("{}-{digits}-{period}", alg.to_ascii_lowercase()));
+            }
+        }
+    }
+    accounts
+}
+
+/// Applies the test policy (version 1) to the vault on `addr`.
+async fn apply_test_policy(fx: &Fixture, addr: std::net::SocketAddr) {
+    let accounts = policy_accounts();
+    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    fx.apply(addr, 1, &names).await;
+}
+
+/// `grant` with the honest evidence for it under policy version 1.
+fn with_evidence(fx: &Fixture, grant: SignedGrant) -> GenerateCodeRequest {
+    GenerateCodeRequest {
+        evidence: Some(fx.evidence_for(&grant, 1)),
+        grant: Some(grant),
     }
 }
 
@@ -59,6 +89,7 @@ impl Env {
         let audit_events = FakeAudit::default();
         let audit = start_fake_audit(&fx, audit_events.clone()).await;
         let vault = start_vault(fx.vault_config(audit.addr)).await;
+        apply_test_policy(&fx, vault.addr).await;
         Self {
             fx,
             audit_events,
@@ -93,7 +124,7 @@ impl Env {
         grant: twokey_proto::vault::v1::SignedGrant,
     ) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
         self.client()
-            .generate_code(GenerateCodeRequest { grant: Some(grant) })
+            .generate_code(with_evidence(&self.fx, grant))
             .await
             .map(|r| r.into_inner().code.unwrap())
     }
@@ -192,6 +223,7 @@ async fn an_existing_account_is_not_overwritten_unless_asked() {
         "otpauth://totp/x?secret=GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ",
     );
     replace.replace = true;
+    replace.consent = Some(env.admins(AdminAction::EnrollReplace));
     env.client().enroll(replace).await.unwrap();
 }
 
@@ -314,6 +346,7 @@ async fn a_used_grant_stays_used_after_a_restart() {
     let fx = Fixture::new();
     let audit = start_fake_audit(&fx, FakeAudit::default()).await;
     let vault = start_vault(fx.vault_config(audit.addr)).await;
+    apply_test_policy(&fx, vault.addr).await;
     let grant = fx.grant("aws-prod-root", GrantPurpose::Release);
     {
         let mut client = fx.broker_client(vault.addr);
@@ -322,9 +355,7 @@ async fn a_used_grant_stays_used_after_a_restart() {
             .await
             .unwrap();
         client
-            .generate_code(GenerateCodeRequest {
-                grant: Some(grant.clone()),
-            })
+            .generate_code(with_evidence(&fx, grant.clone()))
             .await
             .unwrap();
     }
@@ -332,7 +363,7 @@ async fn a_used_grant_stays_used_after_a_restart() {
     let vault = start_vault(fx.vault_config(audit.addr)).await;
     let err = fx
         .broker_client(vault.addr)
-        .generate_code(GenerateCodeRequest { grant: Some(grant) })
+        .generate_code(with_evidence(&fx, grant))
         .await
         .unwrap_err();
     assert_refused(&err, Code::PermissionDenied, "already used");
@@ -345,6 +376,7 @@ async fn removal_needs_a_removal_grant() {
         .client()
         .remove_account(RemoveAccountRequest {
             grant: Some(env.fx.grant("aws-prod-root", GrantPurpose::Release)),
+            consent: Some(env.admins(AdminAction::Remove)),
         })
         .await
         .unwrap_err();
@@ -352,6 +384,7 @@ async fn removal_needs_a_removal_grant() {
     env.client()
         .remove_account(RemoveAccountRequest {
             grant: Some(env.fx.grant("aws-prod-root", GrantPurpose::Remove)),
+            consent: Some(env.admins(AdminAction::Remove)),
         })
         .await
         .unwrap();
@@ -441,6 +474,7 @@ async fn audit_down_means_no_code_and_other_calls_still_answer() {
     let audit = start_fake_audit(&fx, FakeAudit::default()).await;
     let audit_addr = audit.addr;
     let vault = start_vault(fx.vault_config(audit_addr)).await;
+    apply_test_policy(&fx, vault.addr).await;
     let mut client = fx.broker_client(vault.addr);
     client
         .enroll(enroll(&fx, "aws-prod-root", &aws_uri()))
@@ -450,9 +484,10 @@ async fn audit_down_means_no_code_and_other_calls_still_answer() {
 
     let started = std::time::Instant::now();
     let err = client
-        .generate_code(GenerateCodeRequest {
-            grant: Some(fx.grant("aws-prod-root", GrantPurpose::Release)),
-        })
+        .generate_code(with_evidence(
+            &fx,
+            fx.grant("aws-prod-root", GrantPurpose::Release),
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -467,9 +502,10 @@ async fn audit_down_means_no_code_and_other_calls_still_answer() {
     // Audit back on the same address: releases work again.
     let _audit = start_fake_audit_on(&fx, FakeAudit::default(), &audit_addr.to_string()).await;
     let code = client
-        .generate_code(GenerateCodeRequest {
-            grant: Some(fx.grant("aws-prod-root", GrantPurpose::Release)),
-        })
+        .generate_code(with_evidence(
+            &fx,
+            fx.grant("aws-prod-root", GrantPurpose::Release),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -509,9 +545,10 @@ async fn seeds_never_reach_the_disk_in_the_clear() {
 async fn events_carry_the_callers_trace_id() {
     let env = Env::enrolled("aws-prod-root").await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let mut request = tonic::Request::new(GenerateCodeRequest {
-        grant: Some(env.fx.grant("aws-prod-root", GrantPurpose::Release)),
-    });
+    let mut request = tonic::Request::new(with_evidence(
+        &env.fx,
+        env.fx.grant("aws-prod-root", GrantPurpose::Release),
+    ));
     request.metadata_mut().insert(
         "traceparent",
         format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
@@ -552,6 +589,13 @@ fn hostile_replace(account: &str, grant: Option<SignedGrant>) -> EnrollRequest {
 }
 
 impl Env {
+    /// adam's and anna's consent to `action` on aws-prod-root.
+    fn admins(&self, action: AdminAction) -> twokey_proto::vault::v1::AdminConsent {
+        let p = &self.fx.people;
+        self.fx
+            .admin_consent(1, "aws-prod-root", action, &[&p.adam, &p.anna])
+    }
+
     /// Enrolling with `request` fails with `code`, saying `says`.
     async fn enroll_refused(&self, request: EnrollRequest, code: Code, says: &str) {
         let err = self.client().enroll(request).await.unwrap_err();
@@ -689,6 +733,7 @@ async fn a_removal_or_release_grant_does_not_enroll() {
         .client()
         .remove_account(RemoveAccountRequest {
             grant: Some(enroll),
+            consent: Some(env.admins(AdminAction::Remove)),
         })
         .await
         .unwrap_err();
@@ -720,20 +765,33 @@ async fn a_replayed_enroll_grant_is_refused() {
     let mut honest = enroll(&env.fx, "aws-prod-root", &aws_uri());
     honest.grant = Some(grant.clone());
     honest.replace = true;
+    let consent = env.admins(AdminAction::EnrollReplace);
+    honest.consent = Some(consent.clone());
     env.client().enroll(honest).await.unwrap();
-    // ...so whoever captured it cannot replay it to plant their own seed.
-    env.replace_refused(Some(grant), Code::PermissionDenied, "was already used", 2)
+    // ...so whoever captured it cannot replay it to plant their own seed:
+    // without the admins' consent, nor with theirs replayed.
+    env.enroll_refused(
+        hostile_replace("aws-prod-root", Some(grant.clone())),
+        Code::PermissionDenied,
+        "admin statement #1 is missing",
+    )
+    .await;
+    let mut replayed = hostile_replace("aws-prod-root", Some(grant));
+    replayed.consent = Some(consent);
+    env.enroll_refused(replayed, Code::PermissionDenied, "was carried out already")
         .await;
+    env.assert_seed_unchanged(2).await;
 }
 
 #[tokio::test]
-async fn the_enrollment_event_names_the_grants_admin_not_the_callers_actor() {
+async fn enrollment_events_name_the_verified_admins_not_the_callers_actor() {
     let env = Env::enrolled("aws-prod-root").await;
     let mut request = hostile_replace("aws-prod-root", None);
     request.seed = Some(Seed::OtpauthUri(aws_uri()));
     request.actor = format!("spiffe://{TD}/user/mallory");
     let grant = env.fx.enroll_grant("aws-prod-root", "ada");
     request.grant = Some(grant.clone());
+    request.consent = Some(env.admins(AdminAction::EnrollReplace));
     env.client().enroll(request).await.unwrap();
     let grant_id = twokey_proto::vault::v1::Grant::decode(grant.grant.as_slice())
         .unwrap()
@@ -744,7 +802,12 @@ async fn the_enrollment_event_names_the_grants_admin_not_the_callers_actor() {
         .filter(|e| e.action == "account.enrolled.replace")
         .collect();
     assert_eq!(replaced.len(), 1, "{events:?}");
-    assert_eq!(replaced[0].actor, format!("spiffe://{TD}/user/ada"));
+    // A replacement names the admins whose signed consent verified, not the
+    // grant's operator nor the caller's actor.
+    assert_eq!(
+        replaced[0].actor,
+        format!("spiffe://{TD}/user/adam,spiffe://{TD}/user/anna")
+    );
     assert_eq!(replaced[0].account_id, "aws-prod-root");
     assert_eq!(replaced[0].attributes["grant_id"], grant_id);
     // The first enrollment, too, names the grant's admin.
@@ -797,6 +860,7 @@ async fn releases_never_repeat_a_registration_code_or_a_step_even_after_a_restar
     let fx = Fixture::new();
     let audit = start_fake_audit(&fx, FakeAudit::default()).await;
     let vault = start_vault(fx.vault_config(audit.addr)).await;
+    apply_test_policy(&fx, vault.addr).await;
     let mut client = fx.broker_client(vault.addr);
     let enrolled = client
         .enroll(enroll(&fx, "aws-prod-root", &aws_uri()))
@@ -805,11 +869,11 @@ async fn releases_never_repeat_a_registration_code_or_a_step_even_after_a_restar
         .into_inner();
     let (current, next) = (enrolled.current.unwrap(), enrolled.next.unwrap());
     let release = |client: &mut VaultServiceClient<tonic::transport::Channel>| {
-        let grant = fx.grant("aws-prod-root", GrantPurpose::Release);
+        let request = with_evidence(&fx, fx.grant("aws-prod-root", GrantPurpose::Release));
         let mut client = client.clone();
         async move {
             client
-                .generate_code(GenerateCodeRequest { grant: Some(grant) })
+                .generate_code(request)
                 .await
                 .map(|r| r.into_inner().code.unwrap())
         }
@@ -909,9 +973,10 @@ async fn released_codes_match_an_independent_totp_for_every_algorithm_digits_and
                     .await
                     .unwrap();
                 let code = client
-                    .generate_code(GenerateCodeRequest {
-                        grant: Some(env.fx.grant(&account, GrantPurpose::Release)),
-                    })
+                    .generate_code(with_evidence(
+                        &env.fx,
+                        env.fx.grant(&account, GrantPurpose::Release),
+                    ))
                     .await
                     .unwrap()
                     .into_inner()

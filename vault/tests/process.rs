@@ -11,14 +11,26 @@ use std::{
 };
 
 use common::*;
-use twokey_proto::vault::v1::{
-    EnrollRequest, GenerateCodeRequest, GrantPurpose, enroll_request::Seed,
-};
+use twokey_proto::vault::v1::{EnrollRequest, enroll_request::Seed};
 use twokey_testkit::ready;
 
 const SECRET: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQGEZDGNBV";
 
 fn write_config(fx: &Fixture, audit: std::net::SocketAddr) -> std::path::PathBuf {
+    let path = write_config_without_consent(fx, audit);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!(
+        "[consent]\nadmins_file = {:?}\nthreshold = 2\n",
+        fx.path()
+            .join("admins.allowed_signers")
+            .display()
+            .to_string()
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn write_config_without_consent(fx: &Fixture, audit: std::net::SocketAddr) -> std::path::PathBuf {
     let c = fx.vault_config(audit);
     let text = format!(
         r#"listen = "127.0.0.1:0"
@@ -86,6 +98,7 @@ async fn the_vault_process_serves_the_broker_and_never_logs_the_seed() {
     let audit = start_fake_audit(&fx, FakeAudit::default()).await;
     let config = write_config(&fx, audit.addr);
     let (mut child, addr) = start_vault_process(&config).await;
+    fx.apply(addr, 1, &["aws-prod-root"]).await;
 
     let mut client = fx.broker_client(addr);
     let enrolled = client
@@ -99,9 +112,7 @@ async fn the_vault_process_serves_the_broker_and_never_logs_the_seed() {
         .unwrap()
         .into_inner();
     let code = client
-        .generate_code(GenerateCodeRequest {
-            grant: Some(fx.grant("aws-prod-root", GrantPurpose::Release)),
-        })
+        .generate_code(fx.consented("aws-prod-root", 1).request())
         .await
         .unwrap()
         .into_inner()
@@ -164,4 +175,39 @@ async fn the_vault_refuses_a_master_key_that_does_not_match_its_data() {
     assert!(!status.success());
     let err = read_log(&config);
     assert!(err.contains("master key"), "{err}");
+}
+
+#[tokio::test]
+async fn the_vault_does_not_start_without_its_consent_section() {
+    let fx = Fixture::new();
+    let config = write_config_without_consent(&fx, "127.0.0.1:9".parse().unwrap());
+    let output = vault_command(&config)
+        .stderr(log_file(&config))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = read_log(&config);
+    assert!(
+        err.contains("the [consent] section is required")
+            && err.contains("admins_file")
+            && err.contains("threshold"),
+        "{err}"
+    );
+    // A [consent] section whose admins cannot reach the threshold is no
+    // better.
+    let config = write_config(&fx, "127.0.0.1:9".parse().unwrap());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("threshold = 2", "threshold = 3");
+    std::fs::write(&config, text).unwrap();
+    let output = vault_command(&config)
+        .stderr(log_file(&config))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = read_log(&config);
+    assert!(
+        err.contains("[consent] admins_file") && err.contains("threshold"),
+        "{err}"
+    );
 }

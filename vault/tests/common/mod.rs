@@ -1,6 +1,9 @@
 //! Test fixtures: a development PKI in a temp dir, a stand-in audit service
-//! that acknowledges every event, a vault served in-process over mTLS, and a
-//! grant maker holding the broker's grant key.
+//! that acknowledges every event, a vault served in-process over mTLS, a
+//! grant maker holding the broker's grant key, and the people's OpenSSH
+//! keys: alice requests, bob and bea approve, olivia operates, adam and anna
+//! are the pinned admins (M = 2); the signed policy and every statement they
+//! sign.
 #![allow(dead_code, missing_debug_implementations)]
 
 use std::{
@@ -17,6 +20,10 @@ use prost::Message;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming, transport::Channel};
+use twokey_consent::{
+    AdminAction, Binding, SignedStatement, admin_binding, approval_binding, new_id, new_statement,
+    release_binding, request_binding, sign_statement, ssh_key::PrivateKey,
+};
 use twokey_proto::{
     audit::v1::{
         AppendRequest, AppendResponse, AppendStatus, Event, GetCheckpointRequest,
@@ -24,7 +31,10 @@ use twokey_proto::{
         GetInclusionProofRequest, GetInclusionProofResponse, QueryRequest, QueryResponse,
         audit_service_server::{AuditService, AuditServiceServer},
     },
-    vault::v1::{Grant, GrantPurpose, SignedGrant, vault_service_client::VaultServiceClient},
+    vault::v1::{
+        AdminConsent, ApplyPolicyRequest, GenerateCodeRequest, Grant, GrantPurpose,
+        ReleaseEvidence, SignedGrant, vault_service_client::VaultServiceClient,
+    },
 };
 use twokey_runtime::{
     grant::sign_grant,
@@ -33,10 +43,11 @@ use twokey_runtime::{
     tls::TlsFiles,
 };
 use twokey_testkit::{
+    consent::{AccountRoles, Person, PolicySpec, admins_allowed_signers, sign_policy},
     grants,
     pki::{DevCa, LeafSpec},
 };
-use twokey_vault::VaultConfig;
+use twokey_vault::{VaultConfig, config::ConsentConfig};
 
 pub const TD: &str = "twokey.test";
 
@@ -49,6 +60,88 @@ pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub ca: DevCa,
     pub grant_key: SigningKey,
+    pub people: People,
+}
+
+/// The people of the policy, each with their own key.
+pub struct People {
+    pub alice: Person,
+    pub bob: Person,
+    pub bea: Person,
+    pub olivia: Person,
+    pub adam: Person,
+    pub anna: Person,
+}
+
+impl People {
+    fn new() -> Self {
+        let p = |n: &str| Person::generate(n, vec![user(n)]);
+        Self {
+            alice: p("alice"),
+            bob: p("bob"),
+            bea: p("bea"),
+            olivia: p("olivia"),
+            adam: p("adam"),
+            anna: p("anna"),
+        }
+    }
+
+    pub fn all(&self) -> [&Person; 6] {
+        [
+            &self.alice,
+            &self.bob,
+            &self.bea,
+            &self.olivia,
+            &self.adam,
+            &self.anna,
+        ]
+    }
+}
+
+/// The SPIFFE ID of user `name`.
+pub fn user(name: &str) -> String {
+    format!("spiffe://{TD}/user/{name}")
+}
+
+/// Roles on `account`: alice requests, bob and bea approve (one approval
+/// needed), olivia operates; one code per request, 1000 an hour.
+pub fn roles(account: &str) -> AccountRoles {
+    AccountRoles {
+        approvers: vec!["bob".into(), "bea".into()],
+        releases_per_hour: 1000,
+        ..AccountRoles::new(account, "alice", "bob", "olivia")
+    }
+}
+
+/// A statement signed by `key` for signer `id` under policy `version`, now.
+pub fn signed(key: &PrivateKey, id: &str, version: u64, binding: Binding) -> SignedStatement {
+    sign_statement(
+        key,
+        TD,
+        &new_statement(version, id, SystemTime::now(), binding),
+    )
+    .unwrap()
+}
+
+/// A person's statement under policy `version`.
+pub fn by(person: &Person, version: u64, binding: Binding) -> SignedStatement {
+    signed(&person.key, person.id(), version, binding)
+}
+
+/// A release: the grant and the evidence sent with it.
+#[derive(Clone)]
+pub struct Release {
+    pub grant: SignedGrant,
+    pub evidence: ReleaseEvidence,
+}
+
+impl Release {
+    pub fn request(&self) -> GenerateCodeRequest {
+        GenerateCodeRequest {
+            grant: Some(self.grant.clone()),
+            evidence: Some(self.evidence.clone()),
+        }
+    }
 }
 
 impl Fixture {
@@ -72,7 +165,148 @@ impl Fixture {
             .unwrap();
         generate_signing_key(&dir.path().join("event.key")).unwrap();
         let grant_key = generate_signing_key(&dir.path().join("grant.key")).unwrap();
-        Self { dir, ca, grant_key }
+        let people = People::new();
+        std::fs::write(
+            dir.path().join("admins.allowed_signers"),
+            admins_allowed_signers(&[&people.adam, &people.anna]),
+        )
+        .unwrap();
+        Self {
+            dir,
+            ca,
+            grant_key,
+            people,
+        }
+    }
+
+    /// Policy `version` listing `accounts`, everyone in it, adam and anna
+    /// its admins (M = 2).
+    pub fn policy(&self, version: u64, accounts: Vec<AccountRoles>) -> String {
+        PolicySpec {
+            version,
+            trust_domain: TD.into(),
+            people: self
+                .people
+                .all()
+                .iter()
+                .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
+                .collect(),
+            admins: vec!["adam".into(), "anna".into()],
+            threshold: 2,
+            accounts,
+        }
+        .to_toml()
+    }
+
+    /// `document` signed by each of `admins`.
+    pub fn policy_request(&self, document: &str, admins: &[&Person]) -> ApplyPolicyRequest {
+        ApplyPolicyRequest {
+            document: document.into(),
+            signatures: admins
+                .iter()
+                .map(|a| sign_policy(&a.key, TD, document))
+                .collect(),
+        }
+    }
+
+    /// Applies policy `version` listing `accounts` (see [`roles`]), signed by
+    /// adam and anna.
+    pub async fn apply(&self, addr: SocketAddr, version: u64, accounts: &[&str]) {
+        let doc = self.policy(version, accounts.iter().map(|a| roles(a)).collect());
+        let request = self.policy_request(&doc, &[&self.people.adam, &self.people.anna]);
+        self.broker_client(addr)
+            .apply_policy(request)
+            .await
+            .expect("the policy applies");
+    }
+
+    /// A release grant for request `request_id` of `account` with id
+    /// `grant_id`, as the broker signs one.
+    pub fn release_grant(&self, account: &str, request_id: &str, grant_id: &str) -> SignedGrant {
+        let grant = grants::release(TD, grant_id, request_id, account, SystemTime::now());
+        sign_grant(&self.grant_key, &grant)
+    }
+
+    /// alice's request statement for `request_id` of `account`.
+    pub fn request_statement(
+        &self,
+        version: u64,
+        account: &str,
+        request_id: &str,
+    ) -> SignedStatement {
+        let alice = &self.people.alice;
+        by(
+            alice,
+            version,
+            request_binding(
+                request_id,
+                account,
+                alice.id(),
+                "rotate keys",
+                "CHG-1",
+                SystemTime::now(),
+            ),
+        )
+    }
+
+    /// olivia's release of `request` with `approvals` for `grant_id`.
+    pub fn release_statement(
+        &self,
+        version: u64,
+        request: &SignedStatement,
+        approvals: &[SignedStatement],
+        grant_id: &str,
+    ) -> SignedStatement {
+        by(
+            &self.people.olivia,
+            version,
+            release_binding(request, approvals, grant_id, &new_id()).unwrap(),
+        )
+    }
+
+    /// The honest evidence for a release grant: alice's request, bob's
+    /// approval and olivia's release, bound to the grant's ids (empty
+    /// evidence for a grant that does not decode).
+    pub fn evidence_for(&self, grant: &SignedGrant, version: u64) -> ReleaseEvidence {
+        let Ok(g) = Grant::decode(grant.grant.as_slice()) else {
+            return ReleaseEvidence::default();
+        };
+        let request = self.request_statement(version, &g.account_id, &g.request_id);
+        let approvals = vec![by(
+            &self.people.bob,
+            version,
+            approval_binding(&request).unwrap(),
+        )];
+        let release = self.release_statement(version, &request, &approvals, &g.grant_id);
+        ReleaseEvidence {
+            request: Some(request),
+            approvals,
+            release: Some(release),
+        }
+    }
+
+    /// A fresh honest release of `account` under policy `version`.
+    pub fn consented(&self, account: &str, version: u64) -> Release {
+        let grant = self.release_grant(account, &new_id(), &new_id());
+        let evidence = self.evidence_for(&grant, version);
+        Release { grant, evidence }
+    }
+
+    /// `admins`' consent to `action` on `account` (one new action id).
+    pub fn admin_consent(
+        &self,
+        version: u64,
+        account: &str,
+        action: AdminAction,
+        admins: &[&Person],
+    ) -> AdminConsent {
+        let action_id = new_id();
+        AdminConsent {
+            statements: admins
+                .iter()
+                .map(|a| by(a, version, admin_binding(account, action, &action_id)))
+                .collect(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -97,6 +331,10 @@ impl Fixture {
             audit_ack_timeout_ms: 1000,
             log_format: Default::default(),
             tls: self.tls("vault"),
+            consent: Some(ConsentConfig {
+                admins_file: self.path().join("admins.allowed_signers"),
+                threshold: 2,
+            }),
         }
     }
 
@@ -309,6 +547,35 @@ pub async fn start_fake_audit_on(fx: &Fixture, mut audit: FakeAudit, addr: &str)
             .await
             .unwrap();
     })
+}
+
+/// Serves a vault in-process with `config`; the error it stops with, if
+/// it does not start.
+pub async fn vault_start_error(config: VaultConfig) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    match tokio::time::timeout(
+        Duration::from_secs(30),
+        twokey_vault::serve(config, listener, std::future::pending()),
+    )
+    .await
+    {
+        Ok(Err(e)) => e.to_string(),
+        Ok(Ok(())) => panic!("the vault stopped without an error"),
+        Err(_) => panic!("the vault started"),
+    }
+}
+
+/// Waits (bounded) until the fake audit holds an event `matches` accepts;
+/// returns it.
+pub async fn stored_event(audit: &FakeAudit, matches: impl Fn(&Event) -> bool) -> Event {
+    for _ in 0..200 {
+        if let Some(e) = audit.events.lock().unwrap().iter().find(|e| matches(e)) {
+            return e.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let events = audit.events.lock().unwrap().clone();
+    panic!("no such event stored: {events:#?}");
 }
 
 /// Serves a vault in-process with `config`.
