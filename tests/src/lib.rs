@@ -1,22 +1,181 @@
 //! Harness for the end-to-end tests: the real `twokey-audit`, `twokey-vault`
 //! and `twokey-broker` binaries as separate processes on loopback (through
 //! `twokey_testkit::local::LocalSystem`), and mTLS gRPC clients for each user.
+//!
+//! Every flow the harness drives is signed as the real people sign it: each
+//! person's OpenSSH key is `pki/NAME.ssh`, statements bind the policy
+//! version WhoAmI names; the requester picks the request id, the approver
+//! signs the request statement the broker shows, the operator picks the
+//! grant id and the release id and binds exactly the approvals the broker
+//! holds. New accounts go into the next version of the signed consent
+//! policy, which the admins adam and anna sign and apply through the broker.
 #![forbid(unsafe_code)]
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
+    time::SystemTime,
 };
 
 use ed25519_dalek::VerifyingKey;
 use tonic::transport::Channel;
+use twokey_consent::{
+    Binding, SignedStatement, approval_binding, new_id, new_statement, release_binding,
+    request_binding, sign_statement, ssh_key::PrivateKey,
+};
 use twokey_proto::{
     audit::v1::{LogEntry, QueryRequest, audit_service_client::AuditServiceClient},
     broker::v1::broker_service_client::BrokerServiceClient,
 };
 use twokey_runtime::tls::TlsFiles;
 use twokey_testkit::local::LocalSystem;
+
+/// The local system's trust domain: statements are signed under
+/// `twokey-consent@twokey.local`, policies under `twokey-policy@twokey.local`.
+pub const TD: &str = twokey_testkit::local::TRUST_DOMAIN;
+
+/// The SPIFFE ID of user `name` of the local system.
+pub fn user_id(name: &str) -> String {
+    format!("spiffe://{TD}/user/{name}")
+}
+
+/// Someone who signs consent statements with their own OpenSSH key, as the
+/// real people do: their name, their SPIFFE ID and their private key.
+#[derive(Clone)]
+pub struct Signer {
+    /// The name (`alice`).
+    pub name: String,
+    /// The SPIFFE ID statements name as signer.
+    pub id: String,
+    key: Arc<PrivateKey>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("name", &self.name)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// `name` with the OpenSSH private key at `path`.
+    pub fn from_file(name: &str, path: &Path) -> Self {
+        let key = PrivateKey::read_openssh_file(path)
+            .unwrap_or_else(|e| panic!("{name}'s key {}: {e}", path.display()));
+        Self::new(name, &user_id(name), key)
+    }
+
+    /// `name` as `id`, signing with `key`.
+    pub fn new(name: &str, id: &str, key: PrivateKey) -> Self {
+        Self {
+            name: name.to_owned(),
+            id: id.to_owned(),
+            key: Arc::new(key),
+        }
+    }
+
+    /// The same key, naming another SPIFFE ID as signer.
+    pub fn as_id(&self, id: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            ..self.clone()
+        }
+    }
+
+    /// The private key.
+    pub fn key(&self) -> &PrivateKey {
+        &self.key
+    }
+
+    /// A statement binding `binding` under policy `version`, issued now,
+    /// signed with this key (`sshsig`, namespace `twokey-consent@TD`).
+    pub fn sign(&self, version: u64, binding: Binding) -> SignedStatement {
+        sign_statement(
+            &self.key,
+            TD,
+            &new_statement(version, &self.id, SystemTime::now(), binding),
+        )
+        .unwrap_or_else(|e| panic!("{} cannot sign: {e}", self.name))
+    }
+
+    /// A request statement for a new request id (a UUID v4 the requester
+    /// picks) on `account` for the signer themself, created now.
+    pub fn request(
+        &self,
+        version: u64,
+        account: &str,
+        reason: &str,
+        ticket: &str,
+    ) -> SignedStatement {
+        self.sign(
+            version,
+            request_binding(
+                &new_id(),
+                account,
+                &self.id,
+                reason,
+                ticket,
+                SystemTime::now(),
+            ),
+        )
+    }
+
+    /// An approval statement of `request` (a signed request statement).
+    pub fn approve(&self, version: u64, request: &SignedStatement) -> SignedStatement {
+        self.sign(
+            version,
+            approval_binding(request).expect("a request statement to approve"),
+        )
+    }
+
+    /// An operator's release statement for `request` and exactly
+    /// `approvals`, with a grant id and a release id the operator picks
+    /// (`new_id()`); the grant id is the broker's grant id.
+    pub fn release(
+        &self,
+        version: u64,
+        request: &SignedStatement,
+        approvals: &[SignedStatement],
+    ) -> SignedStatement {
+        self.release_for_grant(version, request, approvals, &new_id())
+    }
+
+    /// [`Signer::release`] with the grant id `grant_id`.
+    pub fn release_for_grant(
+        &self,
+        version: u64,
+        request: &SignedStatement,
+        approvals: &[SignedStatement],
+        grant_id: &str,
+    ) -> SignedStatement {
+        self.sign(
+            version,
+            release_binding(request, approvals, grant_id, &new_id())
+                .expect("a request statement to release"),
+        )
+    }
+}
+
+/// The request id a signed request statement binds.
+pub fn request_id_of(statement: &SignedStatement) -> String {
+    twokey_consent::request_of(statement)
+        .expect("a request statement")
+        .request_id
+}
+
+/// The grant id a signed release statement binds.
+pub fn grant_id_of(statement: &SignedStatement) -> String {
+    match twokey_consent::decode_statement(&statement.statement)
+        .expect("a statement")
+        .binding
+    {
+        Some(Binding::Release(r)) => r.grant_id,
+        other => panic!("not a release statement: {other:?}"),
+    }
+}
 
 /// The directory holding the workspace's binaries, built (or found fresh)
 /// once per test process.
@@ -165,12 +324,12 @@ pub const SECRET: &str = "KRUGS4ZANFZSA5DIMUQHG5LQMVZCA43FMNZGK5BAONSWKZBAORXSAZ
 pub const EVENTS_PER_ENROLLMENT: usize = 2;
 
 /// The policy section of `account`: the local system's groups and rules
-/// (`requesters`, `approvers`, `operators`, admin `adam`, one approval, one
-/// code per request).
+/// (`requesters`, `approvers`, `operators`, admins `adam` and `anna`, one
+/// approval, one code per request).
 pub fn account_policy(account: &str) -> String {
     format!(
         "\n[accounts.{account}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
-         operators = [\"operators\"]\nadmins = [\"adam\"]\napprovals_required = 1\n\
+         operators = [\"operators\"]\nadmins = [\"adam\", \"anna\"]\napprovals_required = 1\n\
          request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
     )
 }
@@ -234,6 +393,12 @@ pub struct Crew {
     requester_client: BrokerServiceClient<Channel>,
     approver: BrokerServiceClient<Channel>,
     operator: BrokerServiceClient<Channel>,
+    /// The requester's key and identity.
+    pub requester_signer: Signer,
+    /// The approver's key and identity.
+    pub approver_signer: Signer,
+    /// The operator's key and identity.
+    pub operator_signer: Signer,
 }
 
 /// Runs `call` with [`RPC_LIMIT`]; a call over the limit is
@@ -485,10 +650,13 @@ impl System {
         }
     }
 
-    /// Adds a policy section for each of `accounts` (the same people and
-    /// rules as the local system's account) and restarts the broker, which
-    /// reads its policy when it starts.
-    pub fn add_accounts(&mut self, accounts: &[String]) {
+    /// Adds each of `accounts` with the same people and rules as the local
+    /// system's account: a section in the broker's own policy file (the
+    /// broker is restarted, as it reads that file when it starts) and the
+    /// account, copied from the local account's, in the next version of
+    /// the signed consent policy, which adam and anna sign and apply
+    /// through the broker.
+    pub async fn add_accounts(&mut self, accounts: &[String]) {
         let path = self.local.dir.join("policy.toml");
         let mut policy = std::fs::read_to_string(&path).expect("policy");
         for account in accounts {
@@ -496,6 +664,121 @@ impl System {
         }
         std::fs::write(&path, policy).expect("write policy");
         self.crash_and_restart("broker");
+        self.update_policy(|doc| {
+            let local = account_section(doc, twokey_testkit::local::ACCOUNT);
+            for account in accounts {
+                accounts_table(doc).insert(account.clone(), local.clone().into());
+            }
+        })
+        .await;
+    }
+
+    /// `pki/NAME.ssh` of the system: `name`'s OpenSSH private key.
+    pub fn ssh_key_path(&self, name: &str) -> PathBuf {
+        self.local.dir.join("pki").join(format!("{name}.ssh"))
+    }
+
+    /// `name`'s OpenSSH public key, `pki/NAME.ssh.pub`.
+    pub fn public_key(&self, name: &str) -> twokey_consent::ssh_key::PublicKey {
+        let path = self.local.dir.join("pki").join(format!("{name}.ssh.pub"));
+        twokey_consent::ssh_key::PublicKey::read_openssh_file(&path)
+            .unwrap_or_else(|e| panic!("{name}'s public key {}: {e}", path.display()))
+    }
+
+    /// `name` (a user of the system's PKI) with their key `pki/NAME.ssh`.
+    pub fn signer(&self, name: &str) -> Signer {
+        Signer::from_file(name, &self.ssh_key_path(name))
+    }
+
+    /// The active signed policy version, as the broker tells alice.
+    pub async fn policy_version(&self) -> u64 {
+        bounded(
+            self.broker("alice")
+                .who_am_i(twokey_proto::broker::v1::WhoAmIRequest {}),
+        )
+        .await
+        .expect("whoami")
+        .policy_version
+    }
+
+    /// The active signed policy document, as the broker returns it.
+    pub async fn active_policy(&self) -> twokey_proto::broker::v1::PolicyDocument {
+        bounded(
+            self.broker("adam")
+                .get_policy(twokey_proto::broker::v1::GetPolicyRequest {}),
+        )
+        .await
+        .expect("the broker returns the policy")
+        .applied
+        .into_iter()
+        .next()
+        .expect("an applied policy version")
+    }
+
+    /// The next version of the signed policy: the active document with its
+    /// version one higher and `edit` applied; not yet proposed.
+    pub async fn next_policy(&self, edit: impl FnOnce(&mut toml::Table)) -> String {
+        let active = self.active_policy().await;
+        let mut doc: toml::Table = active.document.parse().expect("the policy is TOML");
+        let version = doc["version"].as_integer().expect("a version") + 1;
+        doc.insert("version".into(), version.into());
+        edit(&mut doc);
+        toml::to_string(&doc).expect("the policy serializes")
+    }
+
+    /// Makes the next policy version with `edit`, and has adam and anna sign
+    /// and apply it through the broker; returns the new version.
+    pub async fn update_policy(&self, edit: impl FnOnce(&mut toml::Table)) -> u64 {
+        let document = self.next_policy(edit).await;
+        let applied = self
+            .apply_policy(&document, &["adam", "anna"])
+            .await
+            .unwrap_or_else(|(step, e)| panic!("the policy update failed at {step}: {e:?}"));
+        assert_eq!(
+            self.policy_version().await,
+            applied.version,
+            "the broker names the new version"
+        );
+        applied.version
+    }
+
+    /// Proposes `document` as adam, signs it as each of `signers` and
+    /// applies it, all through the broker; the step that failed and its
+    /// status otherwise.
+    pub async fn apply_policy(
+        &self,
+        document: &str,
+        signers: &[&str],
+    ) -> Result<twokey_proto::broker::v1::PolicyDocument, (&'static str, tonic::Status)> {
+        use twokey_proto::broker::v1::{
+            ApplyPolicyRequest, ProposePolicyRequest, SignPolicyRequest,
+        };
+        let proposal = bounded(self.broker("adam").propose_policy(ProposePolicyRequest {
+            document: document.to_owned(),
+        }))
+        .await
+        .map_err(|e| ("propose", e))?
+        .proposal
+        .expect("the proposal");
+        for name in signers {
+            let signature =
+                twokey_testkit::consent::sign_policy(self.signer(name).key(), TD, document);
+            bounded(self.broker(name).sign_policy(SignPolicyRequest {
+                version: proposal.version,
+                signature,
+            }))
+            .await
+            .map_err(|e| ("sign", e))?;
+        }
+        Ok(
+            bounded(self.broker("adam").apply_policy(ApplyPolicyRequest {
+                version: proposal.version,
+            }))
+            .await
+            .map_err(|e| ("apply", e))?
+            .policy
+            .expect("the applied version"),
+        )
     }
 
     /// A crew of `requester`, `approver` and `operator` (names with
@@ -519,6 +802,9 @@ impl System {
             requester_client: self.broker(requester),
             approver: self.broker(approver),
             operator: self.broker(operator),
+            requester_signer: self.signer(requester),
+            approver_signer: self.signer(approver),
+            operator_signer: self.signer(operator),
         }
     }
 
@@ -542,8 +828,12 @@ impl System {
         }
     }
 
-    /// One whole flow for the crew's account: create, approve, wait
-    /// for the PIN (at most `pin_limit`), verify, release.
+    /// One whole flow for the crew's account, each person signing their
+    /// own statement: the requester files with a request statement (under
+    /// the policy version WhoAmI names), the approver signs an approval of
+    /// the request statement the broker shows, the operator waits for the
+    /// PIN (at most `pin_limit`), verifies it and releases with a release
+    /// statement binding exactly the approvals the broker holds.
     pub async fn flow(
         &self,
         crew: &Crew,
@@ -551,6 +841,7 @@ impl System {
     ) -> Result<Released, FlowError> {
         use twokey_proto::broker::v1::{
             ApproveRequestRequest, CreateRequestRequest, ReleaseCodeRequest, VerifyPinRequest,
+            WhoAmIRequest,
         };
         fn fail(
             step: &'static str,
@@ -564,18 +855,31 @@ impl System {
             }
         }
         let mut c = crew.clone();
+        let version = bounded(c.requester_client.who_am_i(WhoAmIRequest {}))
+            .await
+            .map_err(fail("create", None))?
+            .policy_version;
+        let (reason, ticket) = ("fault test", "OPS-7");
+        let statement = crew
+            .requester_signer
+            .request(version, &crew.account, reason, ticket);
         let request = bounded(c.requester_client.create_request(CreateRequestRequest {
             account_id: crew.account.clone(),
-            reason: "fault test".into(),
-            ticket: "OPS-7".into(),
+            reason: reason.into(),
+            ticket: ticket.into(),
             on_behalf_of: String::new(),
+            statement: Some(statement),
         }))
         .await
-        .map_err(fail("create", None))?;
-        let id = request.request.map(|r| r.request_id).unwrap_or_default();
+        .map_err(fail("create", None))?
+        .request
+        .unwrap_or_default();
+        let id = request.request_id.clone();
+        let consent = consent_of(&request).map_err(fail("create", Some(&id)))?;
         bounded(c.approver.approve_request(ApproveRequestRequest {
             request_id: id.clone(),
             comment: "ok".into(),
+            statement: Some(crew.approver_signer.approve(version, &consent.0)),
         }))
         .await
         .map_err(fail("approve", Some(&id)))?;
@@ -585,14 +889,19 @@ impl System {
             .ok_or_else(|| {
                 fail("pin", Some(&id))(tonic::Status::deadline_exceeded("no PIN delivered in time"))
             })?;
-        bounded(c.operator.verify_pin(VerifyPinRequest {
+        let verified = bounded(c.operator.verify_pin(VerifyPinRequest {
             request_id: id.clone(),
             pin,
+            releases: Vec::new(),
         }))
         .await
-        .map_err(fail("verify", Some(&id)))?;
+        .map_err(fail("verify", Some(&id)))?
+        .request
+        .unwrap_or_default();
+        let (req, approvals) = consent_of(&verified).map_err(fail("verify", Some(&id)))?;
         let released = bounded(c.operator.release_code(ReleaseCodeRequest {
             request_id: id.clone(),
+            statement: Some(crew.operator_signer.release(version, &req, &approvals)),
         }))
         .await
         .map_err(fail("release", Some(&id)))?;
@@ -680,16 +989,75 @@ impl System {
         account: &str,
         grant_id: &str,
     ) -> twokey_proto::vault::v1::SignedGrant {
-        let key = twokey_runtime::keys::load_signing_key(&self.local.dir.join("keys/grant.key"))
-            .expect("grant key");
+        self.sign_release_grant(grant_id, &format!("replay-{grant_id}"), account)
+    }
+
+    /// A release grant with id `grant_id` for request `request_id` on
+    /// `account`, naming the local crew, signed with the broker's grant key
+    /// (`keys/grant.key`), as the broker would.
+    pub fn sign_release_grant(
+        &self,
+        grant_id: &str,
+        request_id: &str,
+        account: &str,
+    ) -> twokey_proto::vault::v1::SignedGrant {
         let grant = twokey_testkit::grants::release(
-            twokey_testkit::local::TRUST_DOMAIN,
+            TD,
             grant_id,
-            &format!("replay-{grant_id}"),
+            request_id,
             account,
             std::time::SystemTime::now(),
         );
-        twokey_runtime::grant::sign_grant(&key, &grant)
+        self.sign_with_grant_key(&grant)
+    }
+
+    /// `grant` signed with the broker's grant key.
+    pub fn sign_with_grant_key(
+        &self,
+        grant: &twokey_proto::vault::v1::Grant,
+    ) -> twokey_proto::vault::v1::SignedGrant {
+        let key = twokey_runtime::keys::load_signing_key(&self.local.dir.join("keys/grant.key"))
+            .expect("grant key");
+        twokey_runtime::grant::sign_grant(&key, grant)
+    }
+
+    /// The consent for one code of `account` as alice, bob and olivia would
+    /// sign it (a request id alice picks, bob's approval, olivia's release)
+    /// under policy `version`, and the broker's grant carrying it: what the
+    /// broker sends the vault after a real flow.
+    pub fn signed_release(
+        &self,
+        version: u64,
+        account: &str,
+    ) -> (
+        twokey_proto::vault::v1::SignedGrant,
+        twokey_proto::vault::v1::ReleaseEvidence,
+    ) {
+        let request = self
+            .signer("alice")
+            .request(version, account, "direct release", "OPS-7");
+        let approval = self.signer("bob").approve(version, &request);
+        let release =
+            self.signer("olivia")
+                .release(version, &request, std::slice::from_ref(&approval));
+        let evidence = twokey_proto::vault::v1::ReleaseEvidence {
+            request: Some(request),
+            approvals: vec![approval],
+            release: Some(release),
+        };
+        (self.grant_for(&evidence), evidence)
+    }
+
+    /// The broker's release grant for `evidence`: the grant id its release
+    /// statement binds, the request and account of its request statement.
+    pub fn grant_for(
+        &self,
+        evidence: &twokey_proto::vault::v1::ReleaseEvidence,
+    ) -> twokey_proto::vault::v1::SignedGrant {
+        let request = evidence.request.as_ref().expect("a request statement");
+        let binding = twokey_consent::request_of(request).expect("a request statement");
+        let grant_id = grant_id_of(evidence.release.as_ref().expect("a release statement"));
+        self.sign_release_grant(&grant_id, &binding.request_id, &binding.account_id)
     }
 }
 
@@ -708,6 +1076,29 @@ impl System {
                 return log;
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl System {
+    /// Reads the log until `done` holds for it and it has stopped growing
+    /// (the same length on two reads 300 ms apart: the sources' outboxes
+    /// are drained), at most `limit`; returns the last read.
+    pub async fn settled_log(
+        &self,
+        limit: std::time::Duration,
+        done: impl Fn(&[LogEntry]) -> bool,
+    ) -> Vec<LogEntry> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = self.log().await;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let log = self.log().await;
+            let settled = log.len() == last.len() && done(&log);
+            if settled || tokio::time::Instant::now() >= deadline {
+                return log;
+            }
+            last = log;
         }
     }
 }
@@ -760,7 +1151,8 @@ impl System {
             .await
     }
 
-    async fn verified_request_with_pin_for(
+    /// [`System::verified_request_with_pin`] for `account`.
+    pub async fn verified_request_with_pin_for(
         &self,
         account: &str,
         reason: &str,
@@ -768,20 +1160,32 @@ impl System {
         use twokey_proto::broker::v1::{
             ApproveRequestRequest, CreateRequestRequest, RequestState, VerifyPinRequest,
         };
+        let version = self.policy_version().await;
+        let statement = self
+            .signer("alice")
+            .request(version, account, reason, "OPS-7");
+        let request_id = request_id_of(&statement);
         let request = bounded(self.broker("alice").create_request(CreateRequestRequest {
             account_id: account.into(),
             reason: reason.into(),
             ticket: "OPS-7".into(),
             on_behalf_of: String::new(),
+            statement: Some(statement),
         }))
         .await
         .expect("create")
         .request
         .expect("the created request");
-        let id = request.request_id;
+        assert_eq!(
+            request.request_id, request_id,
+            "the broker files the request under the id alice signed"
+        );
+        let id = request.request_id.clone();
+        let (req, _) = consent_of(&request).expect("the request statement");
         let approved = bounded(self.broker("bob").approve_request(ApproveRequestRequest {
             request_id: id.clone(),
             comment: "ok".into(),
+            statement: Some(self.signer("bob").approve(version, &req)),
         }))
         .await
         .expect("approve")
@@ -795,6 +1199,7 @@ impl System {
         let r = bounded(self.broker("olivia").verify_pin(VerifyPinRequest {
             request_id: id,
             pin: pin.clone(),
+            releases: Vec::new(),
         }))
         .await
         .expect("verify")
@@ -804,18 +1209,84 @@ impl System {
         (r, pin)
     }
 
-    /// Releases a code of request `id` as olivia, [`bounded`].
+    /// Releases a code of request `id` as olivia, [`bounded`]: she reads
+    /// the request's statements from the broker and signs a release
+    /// statement binding them, with a grant id and a release id of her own.
     pub async fn release_as_operator(
         &self,
         id: &str,
+    ) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
+        let statement = self.release_statement("olivia", id).await?;
+        self.release_with(id, statement).await
+    }
+
+    /// A release statement for request `id` signed by `operator`, binding
+    /// the request and approval statements the broker shows for it, under
+    /// the active policy version.
+    pub async fn release_statement(
+        &self,
+        operator: &str,
+        id: &str,
+    ) -> Result<SignedStatement, tonic::Status> {
+        let request = bounded(self.broker(operator).get_request(
+            twokey_proto::broker::v1::GetRequestRequest {
+                request_id: id.into(),
+            },
+        ))
+        .await?
+        .request
+        .unwrap_or_default();
+        let (req, approvals) = consent_of(&request)?;
+        let version = self.policy_version().await;
+        Ok(self.signer(operator).release(version, &req, &approvals))
+    }
+
+    /// Releases a code of request `id` as olivia with `statement`, [`bounded`].
+    pub async fn release_with(
+        &self,
+        id: &str,
+        statement: SignedStatement,
     ) -> Result<twokey_proto::types::v1::Code, tonic::Status> {
         bounded(
             self.broker("olivia")
                 .release_code(twokey_proto::broker::v1::ReleaseCodeRequest {
                     request_id: id.into(),
+                    statement: Some(statement),
                 }),
         )
         .await
         .map(|r| r.code.expect("a code"))
     }
+}
+
+/// The request statement and the approval statements (in the broker's
+/// order) a request carries; INTERNAL if the broker's answer has none.
+pub fn consent_of(
+    request: &twokey_proto::broker::v1::Request,
+) -> Result<(SignedStatement, Vec<SignedStatement>), tonic::Status> {
+    let consent = request.consent.clone().unwrap_or_default();
+    let req = consent.request.ok_or_else(|| {
+        tonic::Status::internal(format!(
+            "the broker's answer for request {:?} carries no request statement",
+            request.request_id
+        ))
+    })?;
+    Ok((req, consent.approvals))
+}
+
+/// The `[accounts]` table of a policy document.
+pub fn accounts_table(doc: &mut toml::Table) -> &mut toml::Table {
+    doc.entry("accounts")
+        .or_insert_with(|| toml::Table::new().into())
+        .as_table_mut()
+        .expect("[accounts] is a table")
+}
+
+/// A copy of account `account`'s section of a policy document.
+pub fn account_section(doc: &mut toml::Table, account: &str) -> toml::Table {
+    accounts_table(doc)
+        .get(account)
+        .and_then(toml::Value::as_table)
+        .unwrap_or_else(|| panic!("the policy has no account {account}"))
+        .clone()
 }

@@ -28,7 +28,7 @@ use twokey_e2e::{
     Released, Rng, System, assert_prefix, bounded, check_request, check_single_use, current_step,
     signal, soak_or, totp, unix_now,
 };
-use twokey_proto::vault::v1::{GenerateCodeRequest, SignedGrant};
+use twokey_proto::vault::v1::GenerateCodeRequest;
 
 const SERVICES: [&str; 3] = ["vault", "broker", "audit"];
 /// Flows running at once while a service is killed.
@@ -175,19 +175,21 @@ fn start_workers(
         .collect()
 }
 
-/// Uses a fresh grant for `account` once, directly at the vault (as the
-/// broker would).
-async fn use_grant(sys: &System, account: &str, n: usize) -> SignedGrant {
-    let grant = sys.sign_grant_for(account, &format!("crash-round-{n}-{}", std::process::id()));
-    let code = bounded(sys.vault_as_broker().generate_code(GenerateCodeRequest {
-        grant: Some(grant.clone()),
-    }))
-    .await
-    .expect("a fresh grant releases a code")
-    .code
-    .expect("a code");
+/// Uses a fresh grant for `account` once, directly at the vault, with the
+/// consent alice, bob and olivia signed for it (as the broker would send it).
+async fn use_grant(sys: &System, account: &str) -> GenerateCodeRequest {
+    let (grant, evidence) = sys.signed_release(sys.policy_version().await, account);
+    let call = GenerateCodeRequest {
+        grant: Some(grant),
+        evidence: Some(evidence),
+    };
+    let code = bounded(sys.vault_as_broker().generate_code(call.clone()))
+        .await
+        .expect("a fresh grant with its consent releases a code")
+        .code
+        .expect("a code");
     assert_eq!(code.code, totp(code.step));
-    grant
+    call
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -211,14 +213,15 @@ async fn kill_9_of_any_service_at_random_points_loses_no_event_and_breaks_no_rul
     let worker_accounts: Vec<String> = (0..rounds * ROUND_STEPS)
         .map(|i| format!("crash-worker-{i}"))
         .collect();
-    sys.add_accounts(&[checks.clone(), worker_accounts.clone()].concat());
+    sys.add_accounts(&[checks.clone(), worker_accounts.clone()].concat())
+        .await;
     sys.enroll_accounts(&checks).await;
     let pool = Arc::new(Pool::default());
     let mut spare = worker_accounts.into_iter();
 
     let first_checkpoint = sys.checkpoint().await;
     let mut received: BTreeMap<String, usize> = BTreeMap::new();
-    let mut used_grants: Vec<(Instant, SignedGrant)> = Vec::new();
+    let mut used_grants: Vec<(Instant, GenerateCodeRequest)> = Vec::new();
     let mut totals = Seen::default();
     let mut order: Vec<&str> = SERVICES.iter().copied().cycle().take(rounds).collect();
     // Shuffle the order of kills (Fisher–Yates with the seeded generator).
@@ -239,10 +242,7 @@ async fn kill_9_of_any_service_at_random_points_loses_no_event_and_breaks_no_rul
         let before = sys
             .verified_log(std::slice::from_ref(&first_checkpoint))
             .await;
-        used_grants.push((
-            Instant::now(),
-            use_grant(&sys, &grant_account(round), round).await,
-        ));
+        used_grants.push((Instant::now(), use_grant(&sys, &grant_account(round)).await));
 
         let sys_arc = Arc::new(sys);
         let stop = Arc::new(AtomicBool::new(false));
@@ -305,15 +305,18 @@ async fn kill_9_of_any_service_at_random_points_loses_no_event_and_breaks_no_rul
             );
         }
 
-        // No grant usable twice, across restarts (grants live 60 s).
+        // No grant usable twice, across restarts (grants live 60 s), even
+        // with the very consent it carried the first time.
         used_grants.retain(|(at, _)| at.elapsed() < Duration::from_secs(50));
-        for (_, grant) in &used_grants {
-            let err = bounded(sys.vault_as_broker().generate_code(GenerateCodeRequest {
-                grant: Some(grant.clone()),
-            }))
-            .await
-            .expect_err("a used grant released a second code");
+        for (_, call) in &used_grants {
+            let err = bounded(sys.vault_as_broker().generate_code(call.clone()))
+                .await
+                .expect_err("a used grant released a second code");
             assert_eq!(err.code(), Code::PermissionDenied, "{when}: {err:?}");
+            assert!(
+                err.message().contains("used"),
+                "{when}: refused for another reason than reuse: {err:?}"
+            );
         }
 
         // And the system works again.

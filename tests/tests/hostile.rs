@@ -126,6 +126,7 @@ async fn messages_over_the_size_limit_are_resource_exhausted_on_every_service() 
                 grant: vec![0; OVER],
                 signature: vec![0; 64],
             }),
+            evidence: None,
         })
         .await;
     assert_over_limit(generated);
@@ -331,13 +332,21 @@ async fn hostile_fields_get_an_exact_status_over_the_wire() {
     .await;
     assert_status(raw, Code::Internal, "failed to decode Protobuf message");
 
-    // A grant signed by another key, presented by the broker's identity.
-    let now = SystemTime::now();
-    let grant = twokey_testkit::grants::release(TD, "forged-1", "r", ACCOUNT, now);
+    // The account enrolled (as adam, properly), then a grant signed by
+    // another key, presented by the broker's identity, with the consent of alice, bob and olivia: the broker's signature is
+    // still one of the signatures a code needs.
+    sys.enroll().await;
+    let version = sys.policy_version().await;
+    let (_, evidence) = sys.signed_release(version, ACCOUNT);
+    let grant_id = twokey_e2e::grant_id_of(evidence.release.as_ref().unwrap());
+    let request_id = twokey_e2e::request_id_of(evidence.request.as_ref().unwrap());
+    let grant =
+        twokey_testkit::grants::release(TD, &grant_id, &request_id, ACCOUNT, SystemTime::now());
     let forger = SigningKey::from_bytes(&[9; 32]);
     let generated = vault(&sys, "broker")
         .generate_code(GenerateCodeRequest {
             grant: Some(twokey_runtime::grant::sign_grant(&forger, &grant)),
+            evidence: Some(evidence),
         })
         .await;
     assert_status(
@@ -345,6 +354,22 @@ async fn hostile_fields_get_an_exact_status_over_the_wire() {
         Code::PermissionDenied,
         "grant signature does not verify",
     );
+    // A valid grant, signed with the broker's own grant key, without the
+    // people's consent: the broker's key alone yields nothing.
+    let generated = vault(&sys, "broker")
+        .generate_code(GenerateCodeRequest {
+            grant: Some(sys.sign_grant("no-consent-1")),
+            evidence: None,
+        })
+        .await;
+    assert_status(generated, Code::PermissionDenied, "missing");
+    let released = |log: &[twokey_proto::audit::v1::LogEntry]| {
+        log.iter()
+            .filter_map(|e| e.event.as_ref())
+            .filter(|e| e.action == "code.released")
+            .count()
+    };
+    assert_eq!(released(&sys.log().await), 0, "a code left the vault");
 
     // Events out of sequence: a gap is answered GAP with the expected
     // number and nothing is stored; seq 0 is INVALID_ARGUMENT.

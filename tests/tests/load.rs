@@ -15,9 +15,10 @@ use std::{
 
 use tonic::Code;
 use twokey_e2e::{
-    EVENTS_PER_ENROLLMENT, System, account_policy, check_request, check_single_use, current_step,
-    rss_kib, soak_or, totp,
+    EVENTS_PER_ENROLLMENT, System, account_policy, account_section, accounts_table, check_request,
+    check_single_use, current_step, rss_kib, soak_or, totp,
 };
+use twokey_testkit::consent::{generate_key, write_key};
 use twokey_testkit::local::{ACCOUNT, TRUST_DOMAIN, USERS};
 use twokey_testkit::pki::DevCa;
 
@@ -38,9 +39,10 @@ fn account(i: usize) -> String {
     format!("acct-{}", name("r", i))
 }
 
-/// Issues a certificate for every requester `r…`, approver `a…` and
-/// operator `o…`, and writes a policy naming them beside the local users,
-/// with an account of its own for each crew (and the local account).
+/// Issues a certificate and an OpenSSH signing key (`pki/NAME.ssh`) for
+/// every requester `r…`, approver `a…` and operator `o…`, and writes the
+/// broker's policy naming them beside the local users, with an account of
+/// its own for each crew (and the local account).
 fn add_people(sys: &System, n: usize) {
     let pki = sys.local.dir.join("pki");
     let read = |f: &str| std::fs::read_to_string(pki.join(f)).expect("dev CA file");
@@ -64,6 +66,7 @@ fn add_people(sys: &System, n: usize) {
             ca.issue_user(TRUST_DOMAIN, &user)
                 .and_then(|c| c.write(&pki, &user))
                 .expect("issue a user certificate");
+            write_key(&pki, &user, &generate_key()).expect("write an ssh key");
             identities.push_str(&format!(
                 "{user} = \"spiffe://{TRUST_DOMAIN}/user/{user}\"\n"
             ));
@@ -80,6 +83,52 @@ fn add_people(sys: &System, n: usize) {
         policy.push_str(&account_policy(&account(i)));
     }
     std::fs::write(sys.local.dir.join("policy.toml"), policy).expect("write policy");
+}
+
+/// The next signed consent policy: every crew member a person with their
+/// key, each crew's account with the local account's rules and the crew in
+/// its roles; adam and anna sign and apply it through the broker. Returns
+/// the accounts' release rate (codes per hour).
+async fn sign_people(sys: &System, n: usize) -> i64 {
+    let pki = sys.local.dir.join("pki");
+    let mut rate = 0;
+    sys.update_policy(|doc| {
+        let local = account_section(doc, ACCOUNT);
+        rate = local["release_rate"]["max"]
+            .as_integer()
+            .expect("the local account's release rate");
+        let people = doc
+            .get_mut("people")
+            .and_then(toml::Value::as_table_mut)
+            .expect("[people]");
+        for role in ["r", "a", "o"] {
+            for i in 0..n {
+                let user = name(role, i);
+                let key = std::fs::read_to_string(pki.join(format!("{user}.ssh.pub")))
+                    .expect("public key");
+                let key: String = key.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
+                let mut person = toml::Table::new();
+                person.insert(
+                    "ids".into(),
+                    vec![toml::Value::from(format!(
+                        "spiffe://{TRUST_DOMAIN}/user/{user}"
+                    ))]
+                    .into(),
+                );
+                person.insert("keys".into(), vec![toml::Value::from(key)].into());
+                people.insert(user, person.into());
+            }
+        }
+        for i in 0..n {
+            let mut section = local.clone();
+            for (field, role) in [("requesters", "r"), ("approvers", "a"), ("operators", "o")] {
+                section.insert(field.into(), vec![toml::Value::from(name(role, i))].into());
+            }
+            accounts_table(doc).insert(account(i), section.into());
+        }
+    })
+    .await;
+    rate
 }
 
 fn rss(sys: &System) -> BTreeMap<&'static str, u64> {
@@ -103,17 +152,31 @@ async fn two_hundred_concurrent_flows_finish_lose_no_event_and_stay_bounded() {
     add_people(&sys, CONCURRENT);
     // The broker reads its policy when it starts.
     sys.crash_and_restart("broker");
+    let rate = sign_people(&sys, CONCURRENT).await;
+    // Each crew's account releases one code per wave: within its rate.
+    assert!(
+        waves as i64 <= rate,
+        "{waves} waves, but an account may release only {rate} codes an hour"
+    );
     println!("{} identities issued in {:?}", 3 * CONCURRENT, t.elapsed());
     let t = Instant::now();
     let accounts: Vec<String> = (0..CONCURRENT).map(account).collect();
     sys.enroll_accounts(&accounts).await;
     println!("{CONCURRENT} accounts enrolled in {:?}", t.elapsed());
     let enrolled = EVENTS_PER_ENROLLMENT * CONCURRENT;
-    let logged_before = sys
-        .log_until(Duration::from_secs(30), |log| log.len() >= enrolled)
-        .await
-        .len();
-    assert_eq!(logged_before, enrolled, "the enrollments' events");
+    let enrollments = |log: &[twokey_proto::audit::v1::LogEntry]| {
+        log.iter()
+            .filter_map(|e| e.event.as_ref())
+            .filter(|e| e.action == "account.enrolled")
+            .count()
+    };
+    // The log also holds the policy updates' events; once it is settled,
+    // everything later is the flows'.
+    let before = sys
+        .settled_log(Duration::from_secs(30), |log| enrollments(log) >= enrolled)
+        .await;
+    assert_eq!(enrollments(&before), enrolled, "the enrollments' events");
+    let logged_before = before.len();
     let rss_before = rss(&sys);
 
     let sys = Arc::new(sys);
@@ -225,8 +288,8 @@ async fn two_hundred_concurrent_flows_finish_lose_no_event_and_stay_bounded() {
     assert_eq!(
         log.len(),
         expected,
-        "log entries: {logged_before} of {CONCURRENT} enrollments, {expected_broker} broker, \
-         {codes} vault"
+        "log entries: {logged_before} before the flows ({enrolled} of {CONCURRENT} enrollments), \
+         {expected_broker} broker, {codes} vault"
     );
     check_single_use(&log).unwrap();
 

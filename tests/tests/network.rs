@@ -132,11 +132,16 @@ async fn a_stalled_audit_blocks_no_unrelated_call_and_release_fails_within_its_d
     // account has one code left in the step window (the vault hands out no
     // step twice), and both requests release once audit is back.
     let second_account = "aws-demo-second".to_owned();
-    sys.add_accounts(std::slice::from_ref(&second_account));
+    sys.add_accounts(std::slice::from_ref(&second_account))
+        .await;
     sys.enroll_accounts(&[ACCOUNT.to_owned(), second_account.clone()])
         .await;
     let first = sys.verified_request("network fault test").await;
     let logged_before = sys.log().await.len();
+    let statement = sys
+        .release_statement("olivia", &first.request_id)
+        .await
+        .expect("olivia's release statement");
 
     let audit = sys.pid("audit");
     signal(audit, "STOP");
@@ -148,7 +153,11 @@ async fn a_stalled_audit_blocks_no_unrelated_call_and_release_fails_within_its_d
         let mut client = sys.broker("olivia");
         let id = first.request_id.clone();
         tokio::spawn(async move {
-            let out = bounded(client.release_code(ReleaseCodeRequest { request_id: id })).await;
+            let out = bounded(client.release_code(ReleaseCodeRequest {
+                request_id: id,
+                statement: Some(statement),
+            }))
+            .await;
             (out, t.elapsed())
         })
     };
