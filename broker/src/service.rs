@@ -792,9 +792,10 @@ impl Broker {
         call: Checked<Decision>,
     ) -> Result<RequestRecord, BrokerError> {
         let key = &self.pin_key;
-        let policy = match &call.input {
-            Ok(d) => self.policy_for(d.statement.iter()).await,
-            Err(_) => self.signed.active(),
+        // Only a known caller's statement may make the broker ask the vault.
+        let policy = match (&call.input, self.known(caller)) {
+            (Ok(d), Ok(())) => self.policy_for(d.statement.iter()).await,
+            _ => self.signed.active(),
         };
         self.change(caller, "approve", call, |d, r, a, now| {
             let effects = r.approve(a, caller, &d.note, key, now)?;
@@ -843,9 +844,9 @@ impl Broker {
         call: Checked<PinAttempt>,
     ) -> Result<RequestRecord, BrokerError> {
         let key = &self.pin_key;
-        let policy = match &call.input {
-            Ok(p) => self.policy_for(p.releases.iter()).await,
-            Err(_) => self.signed.active(),
+        let policy = match (&call.input, self.known(caller)) {
+            (Ok(p), Ok(())) => self.policy_for(p.releases.iter()).await,
+            _ => self.signed.active(),
         };
         self.change(caller, "verify_pin", call, |p, r, a, now| {
             if r.delivery != Delivery::Requester && !p.releases.is_empty() {
@@ -983,10 +984,11 @@ impl Broker {
         statements: impl Iterator<Item = &'a SignedStatement>,
     ) -> Option<Arc<VerifiedPolicy>> {
         let named = statements.filter_map(consent::named_version).max();
-        if self.signed.root().is_some() && named.is_some_and(|v| v > self.signed.version()) {
-            if let Err(e) = self.signed.refresh(&*self.vault).await {
-                tracing::warn!("a statement names a newer policy version; fetching it failed: {e}");
-            }
+        if self.signed.root().is_some()
+            && named.is_some_and(|v| v > self.signed.version())
+            && let Err(e) = self.signed.refresh(&*self.vault).await
+        {
+            tracing::warn!("a statement names a newer policy version; fetching it failed: {e}");
         }
         self.signed.active()
     }

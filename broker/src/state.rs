@@ -815,6 +815,33 @@ mod tests {
     }
 
     #[test]
+    fn records_stored_before_statements_still_load() {
+        let id = SpiffeId::parse("spiffe://t.local/user/alice").unwrap();
+        let account = AccountPolicy {
+            id: "acct".into(),
+            requesters: [id.clone()].into(),
+            approvers: Default::default(),
+            operators: Default::default(),
+            admins: Default::default(),
+            intake: Default::default(),
+            approvals_required: 1,
+            request_ttl: Duration::from_secs(3600),
+            release_window: Duration::from_secs(900),
+            codes_per_request: 1,
+            pin_length: 6,
+            pin_max_attempts: 3,
+            delivery: Delivery::Operator,
+        };
+        let (record, _) =
+            RequestRecord::create("r1".into(), &account, &id, None, "why", "", UNIX_EPOCH).unwrap();
+        let mut json = serde_json::to_value(&record).unwrap();
+        json.as_object_mut().unwrap().remove("consent").unwrap();
+        let old: RequestRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(old, record);
+        assert!(old.consent.is_none());
+    }
+
+    #[test]
     fn only_the_drawn_transitions_are_allowed() {
         use State::*;
         let all = [

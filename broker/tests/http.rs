@@ -255,6 +255,80 @@ async fn every_unary_method_works_over_http_with_client_certificates() {
     )
     .await;
     assert_eq!(removed["accountId"], PROD);
+
+    // The signed policy and admin actions (this broker has no [consent]
+    // and the vault no policy: proposing works, the rest says why not).
+    let policy = ok(&h, "carol", "GetPolicy", json!({})).await;
+    assert_eq!(policy, json!({}));
+    let people: Vec<twokey_testkit::consent::Person> = ["adam", "anna"]
+        .iter()
+        .map(|n| {
+            twokey_testkit::consent::Person::generate(n, vec![format!("spiffe://{TD}/user/{n}")])
+        })
+        .collect();
+    let document = twokey_testkit::consent::PolicySpec {
+        version: 1,
+        trust_domain: TD.into(),
+        people: people
+            .iter()
+            .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
+            .collect(),
+        admins: vec!["adam".into(), "anna".into()],
+        threshold: 2,
+        accounts: vec![],
+    }
+    .to_toml();
+    let proposed = ok(&h, "adam", "ProposePolicy", json!({ "document": document })).await;
+    assert_eq!(proposed["proposal"]["version"], "1");
+    assert_eq!(
+        proposed["proposal"]["proposedBy"],
+        "spiffe://twokey.local/user/adam"
+    );
+    let a = call(
+        &h,
+        "adam",
+        "SignPolicy",
+        json!({ "version": "1", "signature": "AAAA" }),
+    )
+    .await;
+    refused(&a, 400, "failed_precondition", "[consent]");
+    let a = call(&h, "adam", "ApplyPolicy", json!({ "version": "1" })).await;
+    refused(&a, 400, "failed_precondition", "no root");
+    let open = ok(&h, "adam", "ListAdminActions", json!({})).await;
+    assert_eq!(open, json!({}));
+    let a = call(
+        &h,
+        "adam",
+        "SignAdminAction",
+        json!({ "statement": { "statement": "AAAA", "signature": "AAAA" } }),
+    )
+    .await;
+    refused(
+        &a,
+        400,
+        "failed_precondition",
+        "no signed policy is in force",
+    );
+    let a = call(
+        &h,
+        "adam",
+        "SetAccountEnabled",
+        json!({ "accountId": PROD, "enabled": false }),
+    )
+    .await;
+    refused(
+        &a,
+        400,
+        "failed_precondition",
+        "no signed policy is in force",
+    );
+    let a = call(&h, "adam", "RestoreAccount", json!({ "accountId": PROD })).await;
+    refused(
+        &a,
+        400,
+        "failed_precondition",
+        "no signed policy is in force",
+    );
     h.shutdown().await;
 }
 

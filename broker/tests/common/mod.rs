@@ -110,6 +110,8 @@ pub struct VaultState {
     pub root: Mutex<Option<TrustRoot>>,
     /// GetPolicy calls answered.
     pub policy_reads: std::sync::atomic::AtomicU64,
+    /// While set, GetPolicy answers UNAVAILABLE.
+    pub policy_down: AtomicBool,
 }
 
 /// The status a consent refusal kind maps to.
@@ -366,6 +368,9 @@ impl VaultService for FakeVault {
         self.auth.authorize(&request, "the broker", |id| {
             id.as_str() == "spiffe://twokey.local/svc/broker"
         })?;
+        if self.state.policy_down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("the fake vault's policy is down"));
+        }
         self.state.policy_reads.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(vpb::GetPolicyResponse {
             versions: self.state.policy.lock().unwrap().clone(),
