@@ -93,10 +93,15 @@ impl Signer {
     /// A statement binding `binding` under policy `version`, issued now,
     /// signed with this key (`sshsig`, namespace `twokey-consent@TD`).
     pub fn sign(&self, version: u64, binding: Binding) -> SignedStatement {
+        self.sign_at(version, SystemTime::now(), binding)
+    }
+
+    /// [`Signer::sign`] with the statement issued at `at`.
+    pub fn sign_at(&self, version: u64, at: SystemTime, binding: Binding) -> SignedStatement {
         sign_statement(
             &self.key,
             TD,
-            &new_statement(version, &self.id, SystemTime::now(), binding),
+            &new_statement(version, &self.id, at, binding),
         )
         .unwrap_or_else(|e| panic!("{} cannot sign: {e}", self.name))
     }

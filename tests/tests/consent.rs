@@ -277,6 +277,165 @@ async fn the_broker_grant_key_alone_yields_no_code() {
     control_release(&sys).await;
 }
 
+/// alice's request, bob's approval and olivia's release, as `tamper`
+/// leaves them, sent straight to the vault with the broker's grant for them.
+async fn tampered(
+    sys: &System,
+    v: u64,
+    tamper: impl FnOnce(&mut SignedStatement, &mut Vec<SignedStatement>, &mut SignedStatement),
+) -> Result<twokey_proto::types::v1::Code, Status> {
+    let (_, mut e) = sys.signed_release(v, ACCOUNT);
+    let (mut request, mut release) = (e.request.take().unwrap(), e.release.take().unwrap());
+    let grant = sys.grant_for(&evidence(
+        request.clone(),
+        e.approvals.clone(),
+        release.clone(),
+    ));
+    tamper(&mut request, &mut e.approvals, &mut release);
+    generate(sys, grant, Some(evidence(request, e.approvals, release))).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_signatures_and_stale_or_misbound_statements_release_nothing() {
+    let (sys, v) = enrolled().await;
+    let (alice, bob, olivia) = (sys.signer("alice"), sys.signer("bob"), sys.signer("olivia"));
+
+    // alice's own key, under another namespace than twokey-consent@TD.
+    let row = Row::new(
+        &sys,
+        "a request signed under another namespace",
+        "code.refused",
+    )
+    .await;
+    let result = tampered(&sys, v, |request, _, _| {
+        request.signature = twokey_consent::sshsig::sign(
+            alice.key(),
+            &twokey_consent::policy_namespace(TD),
+            &request.statement,
+        )
+        .expect("sign");
+    })
+    .await;
+    row.refused(result, Code::PermissionDenied, "is signed under namespace")
+        .await;
+
+    // A signature that is no sshsig at all.
+    let row = Row::new(&sys, "a malformed approval signature", "code.refused").await;
+    let result = tampered(&sys, v, |_, approvals, _| {
+        approvals[0].signature = b"-----BEGIN SSH SIGNATURE-----\nnot one\n".to_vec();
+    })
+    .await;
+    row.refused(
+        result,
+        Code::InvalidArgument,
+        "approval statement #1 is malformed",
+    )
+    .await;
+
+    // bob's signature over other bytes than the approval presented.
+    let row = Row::new(&sys, "an approval whose bytes were changed", "code.refused").await;
+    let result = tampered(&sys, v, |request, approvals, _| {
+        let other = bob.approve(v, request);
+        approvals[0].statement = other.statement;
+    })
+    .await;
+    row.refused(
+        result,
+        Code::PermissionDenied,
+        "the signature does not verify",
+    )
+    .await;
+
+    // bob's approval of another request of alice's.
+    let row = Row::new(&sys, "an approval of another request", "code.refused").await;
+    let result = tampered(&sys, v, |_, approvals, _| {
+        let other = alice.request(v, ACCOUNT, "another", "");
+        approvals[0] = bob.approve(v, &other);
+    })
+    .await;
+    row.refused(
+        result,
+        Code::FailedPrecondition,
+        "is bound to another request",
+    )
+    .await;
+
+    // olivia's release that does not say the PIN was verified.
+    let row = Row::new(&sys, "a release without the PIN verified", "code.refused").await;
+    let result = tampered(&sys, v, |request, approvals, release| {
+        let grant_id = grant_id_of(release);
+        let Ok(Binding::Release(mut binding)) =
+            twokey_consent::release_binding(request, approvals, &grant_id, &new_id())
+        else {
+            panic!("a release binding")
+        };
+        binding.pin_verified = false;
+        *release = olivia.sign(v, Binding::Release(binding));
+    })
+    .await;
+    row.refused(
+        result,
+        Code::FailedPrecondition,
+        "does not say the PIN was verified",
+    )
+    .await;
+
+    // An expired chain: filed, approved and released ten minutes ago (a
+    // release statement is good for 2 minutes).
+    let ago = |s: u64| SystemTime::now() - Duration::from_secs(s);
+    let row = Row::new(
+        &sys,
+        "a release statement signed 10 minutes ago",
+        "code.refused",
+    )
+    .await;
+    let request = alice.sign_at(
+        v,
+        ago(610),
+        request_binding(&new_id(), ACCOUNT, &alice.id, "old", "", ago(610)),
+    );
+    let approval = bob.sign_at(
+        v,
+        ago(605),
+        twokey_consent::approval_binding(&request).expect("approval"),
+    );
+    let release = olivia.sign_at(
+        v,
+        ago(600),
+        twokey_consent::release_binding(
+            &request,
+            std::slice::from_ref(&approval),
+            &new_id(),
+            &new_id(),
+        )
+        .expect("release"),
+    );
+    let old = evidence(request, vec![approval], release);
+    row.refused(
+        generate(&sys, sys.grant_for(&old), Some(old)).await,
+        Code::FailedPrecondition,
+        "a release statement is good for 120 s",
+    )
+    .await;
+
+    // A release issued ten minutes from now.
+    let row = Row::new(&sys, "a release statement from the future", "code.refused").await;
+    let result = tampered(&sys, v, |request, approvals, release| {
+        let grant_id = grant_id_of(release);
+        *release = olivia.sign_at(
+            v,
+            SystemTime::now() + Duration::from_secs(600),
+            twokey_consent::release_binding(request, approvals, &grant_id, &new_id())
+                .expect("release"),
+        );
+    })
+    .await;
+    row.refused(result, Code::FailedPrecondition, "is issued in the future")
+        .await;
+
+    control_release(&sys).await;
+}
+
 // ---------------------------------------------------------------------------
 // The broker's key plus one approver's key.
 // ---------------------------------------------------------------------------
