@@ -167,24 +167,43 @@ fn trust_root(
 /// How long the first fetch of the signed policy may hold up the start.
 const FIRST_POLICY_FETCH: Duration = Duration::from_secs(5);
 
-/// Fetches the signed policy from the vault until it verifies, waiting
-/// longer after each failure (at most 30 s), saying so each time.
-async fn load_signed_policy(signed: Arc<SignedPolicy>, vault: Arc<dyn Vault>) {
-    let mut wait = Duration::from_secs(1);
+/// How often the broker asks the vault for a newer signed policy (besides
+/// after its own ApplyPolicy and when a statement names a newer version).
+const POLICY_REFRESH: Duration = Duration::from_secs(60);
+
+/// Keeps the cached signed policy up to date: asks the vault every
+/// [`POLICY_REFRESH`] or, after a failure, sooner (from 1 s, doubling up to
+/// 30 s), saying so each time it fails. `loaded` tells whether the first
+/// fetch succeeded.
+async fn refresh_signed_policy(signed: Arc<SignedPolicy>, vault: Arc<dyn Vault>, loaded: bool) {
+    let mut failing = !loaded;
+    let mut wait = if loaded {
+        POLICY_REFRESH
+    } else {
+        Duration::from_secs(1)
+    };
     loop {
         tokio::time::sleep(wait).await;
         match signed.refresh(&*vault).await {
             Ok(p) => {
-                tracing::info!(
-                    policy_version = p.as_ref().map_or(0, |p| p.version()),
-                    "the signed policy is loaded from the vault"
-                );
-                return;
+                if failing {
+                    tracing::info!(
+                        policy_version = p.as_ref().map_or(0, |p| p.version()),
+                        "the signed policy is loaded from the vault"
+                    );
+                }
+                failing = false;
+                wait = POLICY_REFRESH;
             }
             Err(e) => {
-                wait = (wait * 2).min(Duration::from_secs(30));
+                wait = if failing {
+                    (wait * 2).min(Duration::from_secs(30))
+                } else {
+                    Duration::from_secs(1)
+                };
+                failing = true;
                 tracing::warn!(
-                    "cannot load the signed policy from the vault: {e}; trying again in {} s (statements are not required until it loads)",
+                    "cannot load the signed policy from the vault: {e}; trying again in {} s",
                     wait.as_secs()
                 );
             }
@@ -303,29 +322,36 @@ pub async fn serve(
 
     let mut tasks = JoinSet::new();
     if signed.root().is_some() {
-        match tokio::time::timeout(FIRST_POLICY_FETCH, signed.refresh(&*vault)).await {
-            Ok(Ok(Some(p))) => tracing::info!(
-                policy_version = p.version(),
-                "signed policy version {} is in force; statements are required",
-                p.version()
-            ),
-            Ok(Ok(None)) => tracing::info!(
-                "the vault has no signed policy yet; statements are required once one is applied"
-            ),
+        let loaded = match tokio::time::timeout(FIRST_POLICY_FETCH, signed.refresh(&*vault)).await {
+            Ok(Ok(Some(p))) => {
+                tracing::info!(
+                    policy_version = p.version(),
+                    "signed policy version {} is in force; statements are required",
+                    p.version()
+                );
+                true
+            }
+            Ok(Ok(None)) => {
+                tracing::info!(
+                    "the vault has no signed policy yet; statements are required once one is applied"
+                );
+                true
+            }
             Ok(Err(e)) => {
                 tracing::warn!(
                     "cannot load the signed policy from the vault at start: {e}; trying again in the background (statements are not required until it loads)"
                 );
-                tasks.spawn(load_signed_policy(signed.clone(), vault.clone()));
+                false
             }
             Err(_) => {
                 tracing::warn!(
                     "the vault did not answer for the signed policy within {} s at start; trying again in the background (statements are not required until it loads)",
                     FIRST_POLICY_FETCH.as_secs()
                 );
-                tasks.spawn(load_signed_policy(signed.clone(), vault.clone()));
+                false
             }
-        }
+        };
+        tasks.spawn(refresh_signed_policy(signed.clone(), vault.clone(), loaded));
     }
     tasks.spawn(queue.run());
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
