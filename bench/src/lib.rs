@@ -185,6 +185,16 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let world = World::new(&flow_accounts)?;
     let mut sys = System::start(&world, &bin_dir).await?;
     let vault = vault_client(&world, &sys.vault.address)?;
+    // The admin-signed policy naming every account codes are released for
+    // (the broker picks it up when the first statement names it).
+    let mut policy_accounts = Vec::new();
+    if opts.runs(Which::Vault) {
+        policy_accounts.extend(code_accounts.iter().cloned());
+    }
+    if opts.runs(Which::Flow) {
+        policy_accounts.extend(flow_accounts.iter().cloned());
+    }
+    world.apply_policy(&vault, &policy_accounts).await?;
     let mut sources = scenario::audit::sources(&world);
     // Accounts the vault holds before the footprint run fills it.
     let mut held = 0;
@@ -195,6 +205,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         let rows = scenario::vault::run(
             &vault,
             &world.grant_key,
+            &world.people,
             &code_accounts,
             sizes.codes,
             opts.vault_concurrency,
@@ -220,6 +231,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             alice: broker_client(&world, &sys.broker.address, "alice")?,
             bob: broker_client(&world, &sys.broker.address, "bob")?,
             olivia: broker_client(&world, &sys.broker.address, "olivia")?,
+            keys: world.people.clone(),
         };
         let mailbox = Arc::new(MailboxWatcher::start(world.mailbox().join("alice.jsonl")));
         enroll_all(&vault, &world.grant_key, &flow_accounts, 64, limit).await?;

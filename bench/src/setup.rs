@@ -1,22 +1,29 @@
 //! The bench's world in a temp dir: a development CA (`DevCa`), a certificate
 //! per service, per user and per benchmark audit source, every key, the
-//! service configs (TOML, as an operator would write them) and a policy.
+//! people's OpenSSH keys (alice requests, bob approves, olivia operates, adam
+//! and anna are the pinned admins, M = 2), the service configs (TOML, as an
+//! operator would write them, `[consent]` pinning adam and anna), the
+//! broker's role policy and the admin-signed consent policy the vault holds.
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 use ed25519_dalek::SigningKey;
 use tonic::transport::Channel;
+use twokey_proto::vault::v1::{ApplyPolicyRequest, vault_service_client::VaultServiceClient};
 use twokey_runtime::{
     SpiffeId,
     events::EventSigner,
     keys::{SecretKey, encode_public_key, generate_signing_key},
     tls::TlsFiles,
 };
-use twokey_testkit::pki::{DevCa, LeafSpec};
+use twokey_testkit::{
+    consent::{AccountRoles, Person, PolicySpec, admins_allowed_signers, sign_policy, write_key},
+    pki::{DevCa, LeafSpec},
+};
 
 /// Trust domain of the bench's PKI.
 pub const TD: &str = "twokey.bench";
@@ -29,6 +36,47 @@ pub const FLOW_ACCOUNTS: &str = "bench-flow";
 pub const SOURCES: usize = 8;
 /// The source that fills logs for the scaling runs.
 pub const FILL_SOURCE: &str = "fill";
+
+/// Codes an account may release an hour under the bench's signed policy:
+/// the policy's maximum, so that the rate never bounds a run (each code
+/// has an account of its own anyway, see `scenario::vault`).
+pub const RELEASES_PER_HOUR: u32 = 1000;
+
+/// Largest signed policy the bench sends: its document and signatures go
+/// to the vault in one gRPC message of at most 256 KiB.
+pub const MAX_POLICY_DOCUMENT: usize = 240 * 1024;
+
+/// The people of the signed policy, each with their own `ssh-ed25519` key.
+#[derive(Debug, Clone)]
+pub struct BenchPeople {
+    /// Requester.
+    pub alice: Person,
+    /// Approver.
+    pub bob: Person,
+    /// Operator.
+    pub olivia: Person,
+    /// Admin.
+    pub adam: Person,
+    /// Admin.
+    pub anna: Person,
+}
+
+impl BenchPeople {
+    fn generate() -> Self {
+        let p = |n: &str| Person::generate(n, vec![format!("spiffe://{TD}/user/{n}")]);
+        Self {
+            alice: p("alice"),
+            bob: p("bob"),
+            olivia: p("olivia"),
+            adam: p("adam"),
+            anna: p("anna"),
+        }
+    }
+
+    fn all(&self) -> [&Person; 5] {
+        [&self.alice, &self.bob, &self.olivia, &self.adam, &self.anna]
+    }
+}
 
 /// Everything on disk, removed when dropped.
 #[derive(Debug)]
@@ -43,6 +91,8 @@ pub struct World {
     pub sources: Vec<EventSigner>,
     /// The fill source.
     pub fill: Arc<EventSigner>,
+    /// The people who sign statements and the policy.
+    pub people: Arc<BenchPeople>,
 }
 
 fn source_name(i: usize) -> String {
@@ -84,12 +134,21 @@ impl World {
         SecretKey::generate().write(&pki.join("pin.key"))?;
         generate_signing_key(&pki.join("checkpoint.key"))?;
         let grant_key = generate_signing_key(&pki.join("grant.key"))?;
+        let people = BenchPeople::generate();
+        for p in people.all() {
+            write_key(&pki, &p.name, &p.key)?;
+        }
+        std::fs::write(
+            pki.join("admins.allowed_signers"),
+            admins_allowed_signers(&[&people.adam, &people.anna]),
+        )?;
         let world = Self {
             tmp,
             pki,
             grant_key,
             sources,
             fill,
+            people: Arc::new(people),
         };
         world.write_configs(policy_accounts)?;
         Ok(world)
@@ -124,6 +183,71 @@ impl World {
 
     fn key(&self, name: &str) -> String {
         self.pki.join(name).display().to_string()
+    }
+
+    /// The `[consent]` section of the vault's and the broker's config.
+    fn consent_section(&self) -> String {
+        format!(
+            "[consent]\nadmins_file = {:?}\nthreshold = 2\n",
+            self.key("admins.allowed_signers")
+        )
+    }
+
+    /// Consent policy version 1 naming `accounts` (alice requests, bob
+    /// approves, olivia operates; one approval, one code per request,
+    /// [`RELEASES_PER_HOUR`]), signed by adam and anna.
+    pub fn signed_policy(&self, accounts: &[String]) -> Result<ApplyPolicyRequest> {
+        let p = &self.people;
+        let document = PolicySpec {
+            version: 1,
+            trust_domain: TD.into(),
+            people: p
+                .all()
+                .iter()
+                .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
+                .collect(),
+            admins: vec!["adam".into(), "anna".into()],
+            threshold: 2,
+            accounts: accounts
+                .iter()
+                .map(|a| AccountRoles {
+                    releases_per_hour: RELEASES_PER_HOUR,
+                    ..AccountRoles::new(a, "alice", "bob", "olivia")
+                })
+                .collect(),
+        }
+        .to_toml();
+        ensure!(
+            document.len() <= MAX_POLICY_DOCUMENT,
+            "a signed policy naming {} accounts is {} bytes, more than one gRPC message carries ({MAX_POLICY_DOCUMENT}); \
+             every code needs an account of its own, so run with fewer --codes, --flows or --concurrent-flows",
+            accounts.len(),
+            document.len()
+        );
+        let signatures = [&p.adam, &p.anna]
+            .iter()
+            .map(|a| sign_policy(&a.key, TD, &document))
+            .collect();
+        Ok(ApplyPolicyRequest {
+            document,
+            signatures,
+        })
+    }
+
+    /// Applies [`World::signed_policy`] for `accounts` to the vault (called
+    /// as the broker, the vault's only client); the broker picks it up
+    /// when the first statement names it.
+    pub async fn apply_policy(
+        &self,
+        vault: &VaultServiceClient<Channel>,
+        accounts: &[String],
+    ) -> Result<()> {
+        vault
+            .clone()
+            .apply_policy(self.signed_policy(accounts)?)
+            .await
+            .context("applying the signed policy")?;
+        Ok(())
     }
 
     /// Writes `audit.toml` for a log in `data_dir`, naming every source.
@@ -192,12 +316,13 @@ impl World {
              master_key_file = {:?}\nevent_key_file = {:?}\n\
              broker_id = \"spiffe://{TD}/svc/broker\"\ngrant_public_key = \"{}\"\n\
              audit_address = \"{audit}\"\naudit_server_name = \"audit\"\n\
-             audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}",
+             audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}{}",
             self.data("vault").display().to_string(),
             self.key("master.key"),
             self.key("vault-event.key"),
             encode_public_key(&self.grant_key.verifying_key()),
             self.tls_section("vault"),
+            self.consent_section(),
         );
         std::fs::write(self.config("vault"), text)?;
         Ok(())
@@ -210,7 +335,7 @@ impl World {
              policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
              pin_key_file = {:?}\nvault_address = \"{vault}\"\nvault_server_name = \"vault\"\n\
              audit_address = \"{audit}\"\naudit_server_name = \"audit\"\nlog_format = \"human\"\n\
-             {}[notify.mailbox]\ndir = {:?}\n",
+             {}[notify.mailbox]\ndir = {:?}\n{}",
             self.data("broker").display().to_string(),
             self.dir().join("policy.toml").display().to_string(),
             self.key("grant.key"),
@@ -218,6 +343,7 @@ impl World {
             self.key("pin.key"),
             self.tls_section("broker"),
             self.mailbox().display().to_string(),
+            self.consent_section(),
         );
         std::fs::write(self.config("broker"), text)?;
         Ok(())

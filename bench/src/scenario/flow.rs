@@ -1,7 +1,8 @@
 //! The full release flow through the broker: alice creates a request, bob
 //! approves it, the PIN lands in alice's mailbox file, olivia verifies it and
-//! releases the code — every step an audit event, the code only after the
-//! vault's event is durably acknowledged. Measured one flow at a time and
+//! releases the code — each person signing their statement with their own
+//! OpenSSH key (the vault checks all three), every step an audit event, the
+//! code only after the vault's event is durably acknowledged. Measured one flow at a time and
 //! with many flows in flight. Every flow releases a code of an account of
 //! its own (see [`crate::scenario::vault::CODES_PER_ACCOUNT`]).
 
@@ -13,18 +14,26 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use tokio::sync::watch;
 use tonic::transport::Channel;
+use twokey_consent::{
+    Binding, SignedStatement, approval_binding, new_id, new_statement, release_binding,
+    request_binding, sign_statement,
+};
 use twokey_proto::broker::v1::{
     ApproveRequestRequest, CreateRequestRequest, ReleaseCodeRequest, VerifyPinRequest,
     WhoAmIRequest, broker_service_client::BrokerServiceClient,
 };
+use twokey_testkit::consent::Person;
 
-use crate::stats::{Row, drive};
+use crate::{
+    setup::{BenchPeople, TD},
+    stats::{Row, drive},
+};
 
 /// Watches a mailbox file on its own thread (polling every 100 µs, reading
 /// only new bytes) and hands out PINs by request id.
@@ -124,15 +133,37 @@ pub struct People {
     pub bob: BrokerServiceClient<Channel>,
     /// Operator.
     pub olivia: BrokerServiceClient<Channel>,
+    /// Their keys.
+    pub keys: Arc<BenchPeople>,
+}
+
+/// `person`'s statement under policy version 1, signed now.
+fn sign(person: &Person, binding: Binding) -> Result<SignedStatement> {
+    let statement = new_statement(1, person.id(), SystemTime::now(), binding);
+    sign_statement(&person.key, TD, &statement).map_err(anyhow::Error::msg)
 }
 
 /// One whole flow; fails unless a code comes back.
 pub async fn one(p: &People, mailbox: &MailboxWatcher, account: &str) -> Result<()> {
     let (mut alice, mut bob, mut olivia) = (p.alice.clone(), p.bob.clone(), p.olivia.clone());
+    let keys = &p.keys;
+    // alice picks the request id and signs the request.
+    let request = sign(
+        &keys.alice,
+        request_binding(
+            &new_id(),
+            account,
+            keys.alice.id(),
+            "benchmark",
+            "",
+            SystemTime::now(),
+        ),
+    )?;
     let id = alice
         .create_request(CreateRequestRequest {
             account_id: account.into(),
             reason: "benchmark".into(),
+            statement: Some(request.clone()),
             ..Default::default()
         })
         .await?
@@ -140,9 +171,14 @@ pub async fn one(p: &People, mailbox: &MailboxWatcher, account: &str) -> Result<
         .request
         .context("no request")?
         .request_id;
+    let approval = sign(
+        &keys.bob,
+        approval_binding(&request).map_err(anyhow::Error::msg)?,
+    )?;
     bob.approve_request(ApproveRequestRequest {
         request_id: id.clone(),
         comment: "ok".into(),
+        statement: Some(approval.clone()),
     })
     .await?;
     let pin = mailbox.pin(&id, Duration::from_secs(10)).await?;
@@ -150,10 +186,19 @@ pub async fn one(p: &People, mailbox: &MailboxWatcher, account: &str) -> Result<
         .verify_pin(VerifyPinRequest {
             request_id: id.clone(),
             pin,
+            releases: Vec::new(),
         })
         .await?;
+    // olivia picks the grant id and the release id and signs the release.
+    let release = sign(
+        &keys.olivia,
+        release_binding(&request, &[approval], &new_id(), &new_id()).map_err(anyhow::Error::msg)?,
+    )?;
     let code = olivia
-        .release_code(ReleaseCodeRequest { request_id: id })
+        .release_code(ReleaseCodeRequest {
+            request_id: id,
+            statement: Some(release),
+        })
         .await?
         .into_inner()
         .code

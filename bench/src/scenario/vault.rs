@@ -1,8 +1,10 @@
-//! Vault `GenerateCode` with grants signed before the clock starts (each
-//! code waits for audit's durable acknowledgement of its `code.released`
-//! event), beside vault `Status`, the empty mTLS round trip, at the same
-//! concurrency; and `Enroll`, used to fill the vault for the footprint run
-//! and to enroll the accounts the releases are spread over.
+//! Vault `GenerateCode` with grants and the people's signed consent (alice's
+//! request, bob's approval, olivia's release, each an `sshsig` signature the
+//! vault verifies against the signed policy) made before the clock starts
+//! (each code waits for audit's durable acknowledgement of its
+//! `code.released` event), beside vault `Status`, the empty mTLS round trip,
+//! at the same concurrency; and `Enroll`, used to fill the vault for the
+//! footprint run and to enroll the accounts the releases are spread over.
 //!
 //! The vault hands out each TOTP step of an account once and at most 2
 //! steps ahead of the current one (issue 16), so an account yields at most
@@ -21,13 +23,18 @@ use std::{
 use anyhow::{Result, bail, ensure};
 use ed25519_dalek::SigningKey;
 use tonic::transport::Channel;
-use twokey_proto::vault::v1::{
-    EnrollRequest, GenerateCodeRequest, GrantPurpose, SignedGrant, StatusRequest, enroll_request,
-    vault_service_client::VaultServiceClient,
+use twokey_consent::{
+    Binding, SignedStatement, approval_binding, new_id, new_statement, release_binding,
+    request_binding, sign_statement,
 };
+use twokey_proto::vault::v1::{
+    EnrollRequest, GenerateCodeRequest, GrantPurpose, ReleaseEvidence, SignedGrant, StatusRequest,
+    enroll_request, vault_service_client::VaultServiceClient,
+};
+use twokey_testkit::consent::Person;
 
 use crate::{
-    setup::TD,
+    setup::{BenchPeople, TD},
     stats::{Row, drive},
 };
 
@@ -56,6 +63,52 @@ pub fn grant(key: &SigningKey, account: &str, n: usize) -> SignedGrant {
         SystemTime::now(),
     );
     twokey_runtime::grant::sign_grant(key, &grant)
+}
+
+/// `person`'s statement under policy version 1, signed now.
+fn statement(person: &Person, binding: Binding) -> Result<SignedStatement> {
+    let statement = new_statement(1, person.id(), SystemTime::now(), binding);
+    sign_statement(&person.key, TD, &statement).map_err(anyhow::Error::msg)
+}
+
+/// One release of `account` as the vault sees it after a real flow: a
+/// grant signed with the broker's `key` and the people's consent to it
+/// (alice's request, bob's approval, olivia's release binding the grant).
+pub fn release(
+    key: &SigningKey,
+    people: &BenchPeople,
+    account: &str,
+) -> Result<GenerateCodeRequest> {
+    let (request_id, grant_id) = (new_id(), new_id());
+    let alice = &people.alice;
+    let request = statement(
+        alice,
+        request_binding(
+            &request_id,
+            account,
+            alice.id(),
+            "benchmark",
+            "",
+            SystemTime::now(),
+        ),
+    )?;
+    let approvals = vec![statement(
+        &people.bob,
+        approval_binding(&request).map_err(anyhow::Error::msg)?,
+    )?];
+    let binding =
+        release_binding(&request, &approvals, &grant_id, &new_id()).map_err(anyhow::Error::msg)?;
+    let release = statement(&people.olivia, binding)?;
+    let grant =
+        twokey_testkit::grants::release(TD, &grant_id, &request_id, account, SystemTime::now());
+    Ok(GenerateCodeRequest {
+        grant: Some(twokey_runtime::grant::sign_grant(key, &grant)),
+        evidence: Some(ReleaseEvidence {
+            request: Some(request),
+            approvals,
+            release: Some(release),
+        }),
+    })
 }
 
 /// Enrolls `account` with a random 160-bit seed, for an enrollment grant
@@ -155,11 +208,12 @@ pub async fn enroll_all(
 }
 
 /// `Status` then `GenerateCode`, `count` each at `concurrency`, the codes
-/// spread round-robin over `accounts` (enrolled, at least
-/// [`accounts_for`]`(count)` of them).
+/// spread round-robin over `accounts` (enrolled, named by the signed
+/// policy, at least [`accounts_for`]`(count)` of them).
 pub async fn run(
     client: &VaultServiceClient<Channel>,
     grant_key: &SigningKey,
+    people: &BenchPeople,
     accounts: &[String],
     count: usize,
     concurrency: usize,
@@ -186,22 +240,20 @@ pub async fn run(
     .await
     .row("vault", "Status (empty mTLS round trip)", true, concurrency);
 
-    // Grants are made before the clock starts; they live 120 s.
-    let grants: Arc<Vec<SignedGrant>> = Arc::new(
+    // Grants and statements are made before the clock starts; grants live
+    // 120 s, a release statement is good for 2 minutes.
+    let grants: Arc<Vec<GenerateCodeRequest>> = Arc::new(
         (0..count)
-            .map(|n| grant(grant_key, &accounts[n % accounts.len()], n))
-            .collect(),
+            .map(|n| release(grant_key, people, &accounts[n % accounts.len()]))
+            .collect::<Result<_>>()?,
     );
     let c = client.clone();
     let limit = limit.min(Duration::from_secs(100));
     let mut codes = drive(count, concurrency, limit, move |i| {
         let mut c = c.clone();
-        let g = grants[i].clone();
+        let request = grants[i].clone();
         async move {
-            let r = c
-                .generate_code(GenerateCodeRequest { grant: Some(g) })
-                .await?
-                .into_inner();
+            let r = c.generate_code(request).await?.into_inner();
             ensure!(r.code.is_some_and(|c| !c.code.is_empty()), "empty code");
             Ok(())
         }
