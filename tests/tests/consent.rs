@@ -834,14 +834,16 @@ async fn a_replayed_older_policy_is_refused_and_old_statements_release_nothing()
 // ---------------------------------------------------------------------------
 
 /// Adds `account`, which allows `codes` codes per request, to the broker's
-/// policy (restarting it) and to the next signed policy.
-async fn add_account_with_codes(sys: &mut System, account: &str, codes: u32) {
+/// policy with the lines `extra` (restarting the broker) and to the next
+/// signed policy, and enrolls it.
+async fn add_account(sys: &mut System, account: &str, codes: u32, extra: &str) {
     let path = sys.local.dir.join("policy.toml");
     let mut policy = std::fs::read_to_string(&path).expect("policy");
     policy.push_str(&account_policy(account).replace(
         "codes_per_request = 1",
         &format!("codes_per_request = {codes}"),
     ));
+    policy.push_str(extra);
     std::fs::write(&path, policy).expect("write policy");
     sys.crash_and_restart("broker");
     sys.update_policy(|doc| {
@@ -859,7 +861,7 @@ async fn a_replayed_operator_statement_releases_nothing() {
     // Two codes per request: the replay is not stopped by the request
     // being used up, only by the statement being used.
     let account = "aws-two-codes";
-    add_account_with_codes(&mut sys, account, 2).await;
+    add_account(&mut sys, account, 2, "").await;
     let request = sys.verified_request_for(account, "replay").await;
     let id = &request.request_id;
     let statement = sys
@@ -940,6 +942,88 @@ async fn a_replayed_operator_statement_releases_nothing() {
         Some(&grant_id_of(&statement)),
         "the broker's grant id is not the one the operator signed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_delivery_to_the_requester_the_operator_signs_at_verify_pin() {
+    let mut sys = System::start();
+    let account = "aws-self-serve";
+    add_account(&mut sys, account, 1, "delivery = \"requester\"\n").await;
+    let v = sys.policy_version().await;
+    let (alice, bob, olivia) = (sys.signer("alice"), sys.signer("bob"), sys.signer("olivia"));
+
+    let statement = alice.request(v, account, "self serve", "OPS-7");
+    let id = request_id_of(&statement);
+    bounded(sys.broker("alice").create_request(CreateRequestRequest {
+        account_id: account.into(),
+        reason: "self serve".into(),
+        ticket: "OPS-7".into(),
+        on_behalf_of: String::new(),
+        statement: Some(statement.clone()),
+    }))
+    .await
+    .expect("alice files");
+    let approved = bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
+        request_id: id.clone(),
+        comment: "ok".into(),
+        statement: Some(bob.approve(v, &statement)),
+    }))
+    .await
+    .expect("bob approves")
+    .request
+    .expect("the request");
+    let (req, approvals) = consent_of(&approved).expect("its statements");
+    let pin = sys
+        .pin("alice", &id, Duration::from_secs(10))
+        .await
+        .expect("a PIN");
+
+    // olivia verifies the PIN alice read out and signs the release
+    // statement alice's release will carry.
+    bounded(sys.broker("olivia").verify_pin(VerifyPinRequest {
+        request_id: id.clone(),
+        pin: pin.clone(),
+        releases: vec![olivia.release(v, &req, &approvals)],
+    }))
+    .await
+    .expect("olivia verifies and signs the release");
+    // alice cannot stand in for the operator with a statement of her own.
+    let row = Row::new(&sys, "alice signing her own release", "consent.refused").await;
+    row.refused(
+        bounded(
+            sys.broker("alice")
+                .release_code(twokey_proto::broker::v1::ReleaseCodeRequest {
+                    request_id: id.clone(),
+                    statement: Some(alice.release(v, &req, &approvals)),
+                }),
+        )
+        .await,
+        Code::PermissionDenied,
+        "is signed by spiffe://twokey.local/user/alice, not by spiffe://twokey.local/user/olivia",
+    )
+    .await;
+    let released = bounded(sys.broker("alice").release_code(
+        twokey_proto::broker::v1::ReleaseCodeRequest {
+            request_id: id.clone(),
+            statement: None,
+        },
+    ))
+    .await
+    .expect("alice releases with olivia's statement");
+    let code = released.code.expect("a code");
+    assert_eq!(code.code, totp(code.step));
+
+    // The vault names the verified operator, not the caller.
+    let log = sys
+        .log_until(Duration::from_secs(10), |log| codes_released(log) == 1)
+        .await;
+    let event = log
+        .iter()
+        .filter_map(|e| e.event.as_ref())
+        .find(|e| e.action == "code.released" && e.source.ends_with("/svc/vault"))
+        .expect("the vault's code.released");
+    assert_eq!(event.actor, user_id("olivia"), "{event:?}");
+    assert_eq!(event.request_id, id);
 }
 
 #[tokio::test(flavor = "multi_thread")]
