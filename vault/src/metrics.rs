@@ -1,6 +1,8 @@
 //! The vault's metrics (see docs/OBSERVABILITY.md): codes released and
-//! grants rejected, recorded by the gRPC layer from each `GenerateCode`
-//! outcome. The only label is the reason of a refusal, never a secret.
+//! grants rejected (the grant itself, or the people's consent it came with:
+//! reasons `consent`, `no_policy`, `disabled`), recorded by the gRPC layer
+//! from each `GenerateCode` outcome. The only label is the reason of a
+//! refusal, never a secret.
 
 use std::sync::OnceLock;
 
@@ -50,6 +52,10 @@ pub fn rejection_reason(error: &VaultError) -> Option<&'static str> {
             _ => "other",
         },
         VaultError::Store(VaultStoreError::GrantUsed(_)) => "used",
+        // The grant verified, the people's consent did not.
+        VaultError::Consent(_) | VaultError::Store(VaultStoreError::Consent(_)) => "consent",
+        VaultError::NoPolicy => "no_policy",
+        VaultError::Store(VaultStoreError::Disabled(_)) => "disabled",
         _ => return None,
     })
 }

@@ -548,6 +548,25 @@ impl<S: VaultStore> Vault<S> {
         error
     }
 
+    /// Audits `error` as a refused admin `action` if it refuses consent;
+    /// returns it.
+    async fn refuse_admin(
+        &self,
+        caller: &str,
+        grant: &Grant,
+        action: AdminAction,
+        error: VaultError,
+    ) -> VaultError {
+        if error.is_consent_refusal() {
+            let name = twokey_consent::admin::action_name(action);
+            tracing::info!(account = %grant.account_id, "{name} refused: {error}");
+            let event = refusal_event(caller, "admin_action.refused", grant, &error)
+                .attr("admin_action", name);
+            self.audit_refusal(event).await;
+        }
+        error
+    }
+
     /// Checks M admins' consent to `action` on the grant's account; a
     /// refusal is audited.
     async fn admin_consent(
@@ -583,7 +602,7 @@ impl<S: VaultStore> Vault<S> {
                 };
                 Ok((verified, admin))
             }
-            Err(e) => Err(self.refuse(caller, "admin_action.refused", grant, e).await),
+            Err(e) => Err(self.refuse_admin(caller, grant, action, e).await),
         }
     }
 
@@ -677,7 +696,7 @@ impl<S: VaultStore> Vault<S> {
             Ok(seq) => seq,
             Err(e) => {
                 return Err(self
-                    .refuse(caller, "admin_action.refused", &grant, e.into())
+                    .refuse_admin(caller, &grant, AdminAction::EnrollReplace, e.into())
                     .await);
             }
         };
@@ -857,7 +876,7 @@ impl<S: VaultStore> Vault<S> {
             Ok(seq) => seq,
             Err(e) => {
                 return Err(self
-                    .refuse(caller, "admin_action.refused", &grant, e.into())
+                    .refuse_admin(caller, &grant, AdminAction::Remove, e.into())
                     .await);
             }
         };
@@ -899,9 +918,7 @@ impl<S: VaultStore> Vault<S> {
         let (seq, record) = match self.store.set_enabled(change) {
             Ok(ok) => ok,
             Err(e) => {
-                return Err(self
-                    .refuse(caller, "admin_action.refused", &grant, e.into())
-                    .await);
+                return Err(self.refuse_admin(caller, &grant, action, e.into()).await);
             }
         };
         self.commit_and_confirm(
@@ -938,7 +955,7 @@ impl<S: VaultStore> Vault<S> {
             Ok(ok) => ok,
             Err(e) => {
                 return Err(self
-                    .refuse(caller, "admin_action.refused", &grant, e.into())
+                    .refuse_admin(caller, &grant, AdminAction::Restore, e.into())
                     .await);
             }
         };

@@ -652,10 +652,12 @@ async fn enroll_replace_and_remove_need_two_admins() {
         };
         assert_eq!(err.code(), code, "{err:?}");
         assert!(err.message().contains(says), "{}", err.message());
-        stored_event(&env.audit, |e| {
+        let event = stored_event(&env.audit, |e| {
             e.action == "admin_action.refused" && e.attributes["reason"] == err.message()
         })
         .await;
+        assert_eq!(event.attributes["admin_action"], "enroll with replace");
+        assert_eq!(event.actor, format!("spiffe://{TD}/svc/broker"));
     }
     // One admin's statements twice over still count as one.
     let twice = env.consent("aws-prod-root", AdminAction::Remove, &[adam, adam]);
