@@ -553,6 +553,17 @@ async fn a_request_statement_bound_to_something_else_is_refused() {
         message.contains("policy version 7, the active one is 1"),
         "{message}"
     );
+    // Only the one good statement filed a request; every refusal is audited.
+    let listed =
+        s2.h.client("alice")
+            .list_requests(pb::ListRequestsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(listed.requests.len(), 1);
+    let refusals = s2.refusals().await;
+    assert_eq!(refusals.len(), 8, "{refusals:?}");
+    assert!(refusals.iter().all(|(a, _)| a == "consent.refused"));
     s2.h.shutdown().await;
 }
 
@@ -868,12 +879,12 @@ async fn a_request_filed_before_the_policy_must_be_filed_again_and_the_policy_ro
         .unwrap();
     assert_eq!(s.released(), 1);
     s.h.stop_broker().await;
-    let actions: Vec<String> =
-        s.h.stored_events()
-            .into_iter()
-            .map(|e| e.action)
-            .filter(|a| a.starts_with("policy."))
-            .collect();
+    let events = s.h.stored_events();
+    let actions: Vec<&str> = events
+        .iter()
+        .map(|e| e.action.as_str())
+        .filter(|a| a.starts_with("policy."))
+        .collect();
     assert_eq!(
         actions,
         [
@@ -883,6 +894,21 @@ async fn a_request_filed_before_the_policy_must_be_filed_again_and_the_policy_ro
             "policy.applied"
         ]
     );
+    // The refused signatures and the non-admin's proposal are on record.
+    let refused: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e.action == "consent.refused" || e.action == "access.denied")
+        .map(|e| (e.action.as_str(), e.attributes["attempted"].as_str()))
+        .collect();
+    assert!(
+        refused.contains(&("access.denied", "propose_policy")),
+        "{refused:?}"
+    );
+    let signatures = refused
+        .iter()
+        .filter(|r| **r == ("consent.refused", "sign_policy"))
+        .count();
+    assert_eq!(signatures, 2, "{refused:?}");
     s.h.shutdown().await;
 }
 
