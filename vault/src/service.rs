@@ -406,7 +406,7 @@ fn load_chain<S: VaultStore>(
     key: &MasterKey,
     root: &TrustRoot,
 ) -> Result<Option<VerifiedPolicy>, VaultError> {
-    const WHAT_TO_DO: &str = "the data directory was changed outside the vault: restore it from a backup, or move it aside, start on an empty one and have the admins apply the policy again (`twokey policy apply`)";
+    const WHAT_TO_DO: &str = "either the data directory was changed outside the vault (restore it from a backup, or move it aside, start on an empty one and have the admins apply the policy again with `twokey policy apply`), or [consent] admins_file no longer pins the admins who signed the first version (put back the file the vault was set up with)";
     let tampered = |version: u64, why: String| {
         VaultError::PolicyChain(format!(
             "the stored policy chain does not verify from the pinned admins at version {version}: {why}; {WHAT_TO_DO}"

@@ -676,6 +676,12 @@ async fn enroll_replace_and_remove_need_two_admins() {
         "{}",
         err.message()
     );
+    let event = stored_event(&env.audit, |e| {
+        e.action == "admin_action.refused" && e.attributes["reason"] == err.message()
+    })
+    .await;
+    assert_eq!(event.attributes["admin_action"], "remove");
+    assert_eq!(event.attributes["signer"], "adam");
     // Consent to another action does not carry over.
     let err = env
         .client()
