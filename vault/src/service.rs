@@ -39,7 +39,8 @@ use crate::{
     seed::{Seed, SeedError, SeedSpec},
     store::{
         AccountRecord, AdminUse, EnabledChange, GrantUse, KeptSeed, NewAccount, ReleaseUse,
-        Removal, Restore, SpentGrant, StoredPolicy, VaultStore, VaultStoreError, remember_until,
+        Removal, Restore, SpentGrant, StoredPolicy, VaultStore, VaultStoreError, Withheld,
+        remember_until,
     },
     totp::{CodeValue, code_for_step},
 };
@@ -804,13 +805,14 @@ impl<S: VaultStore> Vault<S> {
             .map_err(|_| VaultError::Integrity(record.account_id.clone()))?;
         let seed = Seed::from_bytes(seed.to_vec())?;
         let operator = verified.operator.spiffe_id.clone();
+        let now = self.now();
         let released = self
             .store
             .use_grant(GrantUse {
                 grant_id: grant.grant_id.clone(),
                 expires_at: grant_expiry(&grant),
                 account_id: grant.account_id.clone(),
-                now: self.now(),
+                now,
                 consent,
                 event: released_event(&grant, &verified),
             })
@@ -833,11 +835,15 @@ impl<S: VaultStore> Vault<S> {
                 .attr("release_id", &verified.release_id)
                 .attr("step", released.step.to_string())
                 .attr("reason", "audit did not acknowledge code.released in time");
-            if self
-                .store
-                .withhold(&grant.account_id, released.step, withheld)
-                .is_ok()
-            {
+            // The code never left: its step, the request's count and the
+            // account's rate slot are given back (its ids stay used).
+            let given_back = Withheld {
+                account_id: &grant.account_id,
+                step: released.step,
+                request_digest: &verified.request_digest,
+                released_at: now,
+            };
+            if self.store.withhold(given_back, withheld).is_ok() {
                 let _ = self.store.commit().await;
             }
             return Err(e);

@@ -257,12 +257,7 @@ pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
     /// Records `code.withheld` for a code of `step` that never left the
     /// vault, and gives the step back if it is still the account's highest
     /// (the one below it then counts as handed out, which is only cautious).
-    fn withhold(
-        &self,
-        account_id: &str,
-        step: u64,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError>;
+    fn withhold(&self, withheld: Withheld<'_>, event: EventDraft) -> Result<u64, VaultStoreError>;
     /// Forgets used grant ids whose grants expired before `now`, consent
     /// history past its time, and purges kept seeds whose recovery window
     /// ended (each with an `account.recovery.purged` event).
@@ -282,6 +277,22 @@ pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
     ) -> Result<u64, VaultStoreError>;
     /// Makes every change so far durable and hands new events to the shipper.
     fn commit(&self) -> impl Future<Output = Result<(), VaultStoreError>> + Send;
+}
+
+/// A code recorded as released that never left the vault, as
+/// [`VaultStore::withhold`] gives it back: its step, the request's count and
+/// the account's rate slot are free again (its grant and release ids stay
+/// used: a retry is a new release, signed again).
+#[derive(Debug, Clone, Copy)]
+pub struct Withheld<'a> {
+    /// The account.
+    pub account_id: &'a str,
+    /// The step the use recorded.
+    pub step: u64,
+    /// SHA-256 of the request statement whose count the use raised.
+    pub request_digest: &'a [u8; 32],
+    /// The Unix time the use recorded in the account's release times.
+    pub released_at: u64,
 }
 
 /// What a release's consent adds to its grant use: checked again and
@@ -1070,24 +1081,36 @@ impl VaultStore for SledVaultStore {
         })
     }
 
-    fn withhold(
-        &self,
-        account_id: &str,
-        step: u64,
-        event: EventDraft,
-    ) -> Result<u64, VaultStoreError> {
-        let result = (&self.accounts, self.outbox.tree()).transaction(|(accounts, outbox)| {
-            if let Some(bytes) = accounts.get(account_id)?
-                && let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes)
-                && record.last_step == Some(step)
-            {
-                record.last_step = step.checked_sub(1);
-                let updated = serde_json::to_vec(&record).expect("records serialize");
-                accounts.insert(account_id.as_bytes(), updated)?;
-            }
-            self.outbox.push(outbox, event.clone())
-        });
-        self.finish(result, account_id)
+    fn withhold(&self, w: Withheld<'_>, event: EventDraft) -> Result<u64, VaultStoreError> {
+        let result = (&self.accounts, &self.consent, self.outbox.tree()).transaction(
+            |(accounts, consent, outbox)| {
+                if let Some(bytes) = accounts.get(w.account_id)?
+                    && let Ok(mut record) = serde_json::from_slice::<AccountRecord>(&bytes)
+                    && record.last_step == Some(w.step)
+                {
+                    record.last_step = w.step.checked_sub(1);
+                    let updated = serde_json::to_vec(&record).expect("records serialize");
+                    accounts.insert(w.account_id.as_bytes(), updated)?;
+                }
+                let request_key = key(REQUEST_CODES, w.request_digest);
+                let (released, until) = request_count(consent.get(&request_key)?.as_deref());
+                if released > 0 && released != u32::MAX {
+                    let mut value = (released - 1).to_be_bytes().to_vec();
+                    value.extend(until.to_be_bytes());
+                    consent.insert(request_key, value)?;
+                }
+                let rate_key = key(ACCOUNT_RELEASES, w.account_id.as_bytes());
+                if let Some(v) = consent.get(&rate_key)? {
+                    let mut recent = times(&v);
+                    if let Some(i) = recent.iter().rposition(|&t| t == w.released_at) {
+                        recent.remove(i);
+                        consent.insert(rate_key, pack(&recent))?;
+                    }
+                }
+                self.outbox.push(outbox, event.clone())
+            },
+        );
+        self.finish(result, w.account_id)
     }
 
     fn sweep(&self, now: u64) -> Result<usize, VaultStoreError> {
@@ -1545,6 +1568,53 @@ mod tests {
         assert!(matches!(err, VaultStoreError::AlreadyExists(_)), "{err:?}");
         assert_eq!(store.get("aws-root").unwrap().unwrap().seed_bits, 160);
         assert!(store.grants.get("g-replace").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_withheld_code_gives_back_its_step_its_requests_count_and_its_rate_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopen(dir.path());
+        enroll(&store, "acct");
+        let rated = |id: &str| {
+            let mut u = grant_use(id, "acct");
+            u.consent.rate.max = 1;
+            u.consent.request_digest = [7; 32];
+            u
+        };
+        let first = one_group(&store, vec![rated("g-1")]).remove(0).unwrap();
+        // Used up: the request's one code and the account's one an hour.
+        assert!(one_group(&store, vec![rated("g-2")])[0].is_err());
+        store
+            .withhold(
+                Withheld {
+                    account_id: "acct",
+                    step: first.step,
+                    request_digest: &[7; 32],
+                    released_at: 1,
+                },
+                EventDraft::new("op", "code.withheld"),
+            )
+            .unwrap();
+        assert_eq!(store.codes_released(&[7; 32]), 0);
+        assert_eq!(store.releases_since("acct", UNIX_EPOCH), 0);
+        // A new release (new grant, new release id) gets the same step again.
+        let again = one_group(&store, vec![rated("g-3")]).remove(0).unwrap();
+        assert_eq!(again.step, first.step);
+        // The withheld release's own ids stay used.
+        let mut replay = rated("g-4");
+        replay.consent.release_id = "g-1".into();
+        store
+            .withhold(
+                Withheld {
+                    account_id: "acct",
+                    step: again.step,
+                    request_digest: &[7; 32],
+                    released_at: 1,
+                },
+                EventDraft::new("op", "code.withheld"),
+            )
+            .unwrap();
+        assert!(one_group(&store, vec![replay])[0].is_err());
     }
 
     #[test]
