@@ -333,6 +333,21 @@ async fn kill_9_of_any_service_at_random_points_loses_no_event_and_breaks_no_rul
             *totals.failed.entry(k).or_default() += v;
         }
     }
+    // No account came near the signed policy's release rate: no flow
+    // failed for it (the vault's codes per account, at most 3 per step
+    // window, stay far below it).
+    let mut per_account: BTreeMap<String, u32> = BTreeMap::new();
+    for e in sys.log().await.iter().filter_map(|e| e.event.as_ref()) {
+        if e.action == "code.released" && e.source.ends_with("/svc/vault") {
+            *per_account.entry(e.account_id.clone()).or_default() += 1;
+        }
+    }
+    let busiest = per_account.values().max().copied().unwrap_or(0);
+    assert!(
+        busiest < twokey_testkit::local::RELEASES_PER_HOUR,
+        "an account released {busiest} codes, the rate is {} an hour",
+        twokey_testkit::local::RELEASES_PER_HOUR
+    );
     println!(
         "crash: {} rounds in {:?}; {} flows released during kills, failures {:?}",
         order.len(),

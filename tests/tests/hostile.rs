@@ -369,7 +369,22 @@ async fn hostile_fields_get_an_exact_status_over_the_wire() {
             .filter(|e| e.action == "code.released")
             .count()
     };
-    assert_eq!(released(&sys.log().await), 0, "a code left the vault");
+    let log = sys
+        .log_until(Duration::from_secs(10), |log| {
+            log.iter().filter_map(|e| e.event.as_ref()).any(|e| {
+                e.action == "code.refused"
+                    && e.attributes.get("grant_id").map(String::as_str) == Some("no-consent-1")
+            })
+        })
+        .await;
+    assert!(
+        log.iter()
+            .filter_map(|e| e.event.as_ref())
+            .any(|e| e.action == "code.refused"
+                && e.attributes.get("grant_id").map(String::as_str) == Some("no-consent-1")),
+        "the refusal is not in the audit log"
+    );
+    assert_eq!(released(&log), 0, "a code left the vault");
 
     // Events out of sequence: a gap is answered GAP with the expected
     // number and nothing is stored; seq 0 is INVALID_ARGUMENT.
