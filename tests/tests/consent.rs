@@ -1279,6 +1279,158 @@ async fn enrol_replace_and_remove_with_one_admin_are_refused() {
     assert_eq!(code.code, totp(code.step), "the seed is still {SECRET:.4}…");
 }
 
+/// `admins` each sign `action` on the local account under one action id,
+/// through the broker; returns the action id.
+async fn admins_sign(sys: &System, v: u64, action: AdminAction, admins: &[&str]) -> String {
+    let action_id = new_id();
+    for (i, admin) in admins.iter().enumerate() {
+        let statement = sys
+            .signer(admin)
+            .sign(v, admin_binding(ACCOUNT, action, &action_id));
+        let proposal = bounded(sys.broker(admin).sign_admin_action(SignAdminActionRequest {
+            statement: Some(statement),
+        }))
+        .await
+        .unwrap_or_else(|e| panic!("{admin} signs {action:?}: {e:?}"))
+        .action
+        .expect("the action");
+        assert_eq!(proposal.signed_by.len(), i + 1, "{proposal:?}");
+    }
+    action_id
+}
+
+/// The TOTP (SHA1, 6 digits, 30 s) of Base32 `secret` for `step`.
+fn totp_of(secret: &str, step: u64) -> String {
+    let seed = data_encoding::BASE32_NOPAD
+        .decode(secret.as_bytes())
+        .expect("Base32");
+    totp_rs::Builder::new()
+        .with_secret(seed)
+        .build_noncompliant()
+        .generate(step * 30)
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_admins_replace_remove_and_restore_a_seed() {
+    let (sys, v) = enrolled().await;
+    const OTHER: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+
+    // adam and anna replace the seed: the registration codes are the new
+    // seed's.
+    let action_id = admins_sign(&sys, v, AdminAction::EnrollReplace, &["adam", "anna"]).await;
+    let replaced = bounded(sys.broker("adam").enroll_account(EnrollAccountRequest {
+        account_id: ACCOUNT.into(),
+        seed: Some(Seed::Base32Secret(OTHER.into())),
+        replace: true,
+        action_id,
+        ..Default::default()
+    }))
+    .await
+    .expect("two admins replace the seed");
+    for code in [replaced.current.as_ref(), replaced.next.as_ref()] {
+        let code = code.expect("a registration code");
+        assert_eq!(
+            code.code,
+            totp_of(OTHER, code.step),
+            "not the new seed's code"
+        );
+    }
+
+    // They restore the replaced seed: SECRET is back.
+    let action_id = admins_sign(&sys, v, AdminAction::Restore, &["adam", "anna"]).await;
+    bounded(
+        sys.broker("adam")
+            .restore_account(twokey_proto::broker::v1::RestoreAccountRequest {
+                account_id: ACCOUNT.into(),
+                action_id,
+            }),
+    )
+    .await
+    .expect("two admins restore the replaced seed");
+
+    // They remove the account: the vault holds it no more and releases
+    // nothing for it.
+    let action_id = admins_sign(&sys, v, AdminAction::Remove, &["adam", "anna"]).await;
+    bounded(sys.broker("adam").remove_account(RemoveAccountRequest {
+        account_id: ACCOUNT.into(),
+        reason: "rotated".into(),
+        action_id,
+    }))
+    .await
+    .expect("two admins remove the account");
+    assert!(!vault_accounts(&sys).await.contains(&ACCOUNT.to_owned()));
+    let (grant, chain) = sys.signed_release(v, ACCOUNT);
+    let gone = generate(&sys, grant, Some(chain)).await;
+    assert_eq!(gone.unwrap_err().code(), Code::NotFound);
+
+    // And restore it: a full chain releases SECRET's code again.
+    let action_id = admins_sign(&sys, v, AdminAction::Restore, &["adam", "anna"]).await;
+    bounded(
+        sys.broker("adam")
+            .restore_account(twokey_proto::broker::v1::RestoreAccountRequest {
+                account_id: ACCOUNT.into(),
+                action_id,
+            }),
+    )
+    .await
+    .expect("two admins restore the removed account");
+    let request = sys.verified_request("after the restore").await;
+    let code = sys
+        .release_as_operator(&request.request_id)
+        .await
+        .expect("the restored account releases");
+    assert_eq!(code.code, totp(code.step), "not the original seed's code");
+
+    // Each step is on record with the admins who signed it.
+    let log = sys
+        .log_until(Duration::from_secs(10), |log| codes_released(log) == 1)
+        .await;
+    let actions: Vec<&str> = log
+        .iter()
+        .filter_map(|e| e.event.as_ref())
+        .filter(|e| e.source.ends_with("/svc/vault") && e.account_id == ACCOUNT)
+        .map(|e| e.action.as_str())
+        .collect();
+    for action in ["account.restored", "account.removed", "code.released"] {
+        assert!(
+            actions.contains(&action),
+            "{action} missing from {actions:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_applied_at_the_vault_reaches_the_broker_with_the_first_statement_naming_it() {
+    let (sys, v1) = enrolled().await;
+    // Version 2 applied to the vault directly (signed by adam and anna),
+    // behind the broker's back.
+    let document = sys.next_policy(|_| {}).await;
+    let applied = apply_at_vault(&sys, &document, &["adam", "anna"])
+        .await
+        .expect("the vault applies version 2");
+    let v2 = applied.policy.expect("the version").version;
+    assert_eq!(v2, v1 + 1);
+
+    // alice signs under version 2: the broker fetches it and files the
+    // request; the chain releases under version 2.
+    let alice = sys.signer("alice");
+    let statement = alice.request(v2, ACCOUNT, "new version", "OPS-7");
+    let created = bounded(sys.broker("alice").create_request(CreateRequestRequest {
+        account_id: ACCOUNT.into(),
+        reason: "new version".into(),
+        ticket: "OPS-7".into(),
+        on_behalf_of: String::new(),
+        statement: Some(statement),
+    }))
+    .await
+    .expect("the broker takes a statement under the vault's new version")
+    .request
+    .expect("the request");
+    assert_eq!(sys.policy_version().await, v2, "the broker names version 2");
+    assert_eq!(created.consent.expect("consent").policy_version, v2);
+}
+
 // ---------------------------------------------------------------------------
 // The allowed path: OpenSSH's ssh-keygen, and ssh-agent through the CLI.
 // ---------------------------------------------------------------------------
