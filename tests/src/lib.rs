@@ -404,6 +404,9 @@ pub struct Crew {
     pub approver_signer: Signer,
     /// The operator's key and identity.
     pub operator_signer: Signer,
+    /// The policy version the crew signs under; `None` to ask WhoAmI at the
+    /// start of each flow (as the CLI does).
+    pub policy_version: Option<u64>,
 }
 
 /// Runs `call` with [`RPC_LIMIT`]; a call over the limit is
@@ -810,6 +813,7 @@ impl System {
             requester_signer: self.signer(requester),
             approver_signer: self.signer(approver),
             operator_signer: self.signer(operator),
+            policy_version: None,
         }
     }
 
@@ -860,10 +864,15 @@ impl System {
             }
         }
         let mut c = crew.clone();
-        let version = bounded(c.requester_client.who_am_i(WhoAmIRequest {}))
-            .await
-            .map_err(fail("create", None))?
-            .policy_version;
+        let version = match crew.policy_version {
+            Some(v) => v,
+            None => {
+                bounded(c.requester_client.who_am_i(WhoAmIRequest {}))
+                    .await
+                    .map_err(fail("create", None))?
+                    .policy_version
+            }
+        };
         let (reason, ticket) = ("fault test", "OPS-7");
         let statement = crew
             .requester_signer

@@ -4,9 +4,16 @@
 //! one approver's key, one approver with two SPIFFE IDs and one key, one
 //! admin, an older signed policy, a used operator statement, a key the
 //! policy does not list — and each yields no code, the exact gRPC status and
-//! a refusal event in the audit log (read by the auditor carol). The allowed
-//! path still releases the right code end to end, signed by OpenSSH's own
-//! `ssh-keygen -Y sign` and through a real `ssh-agent` by the `twokey` CLI.
+//! a refusal event giving that very reason in the audit log (read by the
+//! auditor carol); bad input (another namespace, a malformed or changed
+//! signature, a stale, future or misbound statement) likewise. Each table
+//! ends with the full chain releasing the right code, so what was refused
+//! was refused for what was missing. The allowed path releases the right
+//! code end to end, signed by OpenSSH's own `ssh-keygen -Y sign` (and the
+//! statements checked with `ssh-keygen -Y verify`), through a real
+//! `ssh-agent` by the `twokey` CLI, and with delivery to the requester; two
+//! admins replace, remove and restore a seed; a policy version applied at
+//! the vault reaches the broker with the first statement naming it.
 
 use std::{
     path::{Path, PathBuf},
