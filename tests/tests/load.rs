@@ -25,8 +25,13 @@ use twokey_testkit::pki::DevCa;
 const CONCURRENT: usize = 200;
 /// No flow, and no wave, may take longer: past it the system is deadlocked.
 const WAVE_LIMIT: Duration = Duration::from_secs(120);
-/// Resident memory each service must stay under, after the load.
-const RSS_LIMIT_KIB: u64 = 200 * 1024;
+/// Resident memory each service must stay under, after the load. After one
+/// wave the broker measured 160 to 206 MB over six runs, and 159 to 202 MB
+/// over three runs of the code before signed consent: the spread is old, and
+/// 240 MB is above it. The soak's 5 waves end near 570 MB, before signed
+/// consent as well (the broker's data grows about 70 MB a wave): a known
+/// problem of the broker, which one wave does not reach.
+const RSS_LIMIT_KIB: u64 = 240 * 1024;
 
 fn name(role: &str, i: usize) -> String {
     format!("{role}{i:03}")
@@ -180,8 +185,15 @@ async fn two_hundred_concurrent_flows_finish_lose_no_event_and_stay_bounded() {
     let rss_before = rss(&sys);
 
     let sys = Arc::new(sys);
+    // The policy does not change during the waves: the crews sign under
+    // the version the broker names now.
+    let version = sys.policy_version().await;
     let crews: Vec<_> = (0..CONCURRENT)
-        .map(|i| sys.crew_for(&account(i), &name("r", i), &name("a", i), &name("o", i)))
+        .map(|i| {
+            let mut crew = sys.crew_for(&account(i), &name("r", i), &name("a", i), &name("o", i));
+            crew.policy_version = Some(version);
+            crew
+        })
         .collect();
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     let mut codes = 0usize;
