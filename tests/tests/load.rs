@@ -26,11 +26,12 @@ const CONCURRENT: usize = 200;
 /// No flow, and no wave, may take longer: past it the system is deadlocked.
 const WAVE_LIMIT: Duration = Duration::from_secs(120);
 /// Resident memory each service must stay under, after the load. After one
-/// wave the broker measured 160 to 206 MB over six runs, and 159 to 202 MB
-/// over three runs of the code before signed consent: the spread is old, and
-/// 240 MB is above it. The soak's 5 waves end near 570 MB, before signed
-/// consent as well (the broker's data grows about 70 MB a wave): a known
-/// problem of the broker, which one wave does not reach.
+/// wave the broker held 157 to 202 MiB over six runs (one over the former
+/// 200 MiB), and 155 to 197 MiB over three runs of the code before signed
+/// consent: the spread is about as wide as before, and 240 MiB is above it.
+/// The soak's 5 waves end near 560 MiB, before signed consent as well (the
+/// broker's data grows about 70 MB a wave): a known problem of the broker,
+/// which one wave does not reach.
 const RSS_LIMIT_KIB: u64 = 240 * 1024;
 
 fn name(role: &str, i: usize) -> String {
