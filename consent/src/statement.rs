@@ -286,7 +286,14 @@ pub fn new_id() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 #[cfg(test)]
@@ -309,14 +316,27 @@ mod builder_tests {
             3,
             "spiffe://t/user/a",
             SystemTime::now(),
-            request_binding("r1", "acct", "spiffe://t/user/a", "why", "", SystemTime::now()),
+            request_binding(
+                "r1",
+                "acct",
+                "spiffe://t/user/a",
+                "why",
+                "",
+                SystemTime::now(),
+            ),
         );
         let signed = sign_statement(&key, "t", &req).unwrap();
         let Binding::Approval(ab) = approval_binding(&signed).unwrap() else {
             panic!("not an approval binding")
         };
-        assert_eq!(ab.request_digest, statement_digest(&signed.statement).to_vec());
-        assert_eq!((ab.request_id.as_str(), ab.account_id.as_str()), ("r1", "acct"));
+        assert_eq!(
+            ab.request_digest,
+            statement_digest(&signed.statement).to_vec()
+        );
+        assert_eq!(
+            (ab.request_id.as_str(), ab.account_id.as_str()),
+            ("r1", "acct")
+        );
         let Binding::Release(rb) = release_binding(&signed, &[signed.clone()], "g", "x").unwrap()
         else {
             panic!("not a release binding")
