@@ -337,7 +337,8 @@ mod builder_tests {
             (ab.request_id.as_str(), ab.account_id.as_str()),
             ("r1", "acct")
         );
-        let Binding::Release(rb) = release_binding(&signed, &[signed.clone()], "g", "x").unwrap()
+        let Binding::Release(rb) =
+            release_binding(&signed, std::slice::from_ref(&signed), "g", "x").unwrap()
         else {
             panic!("not a release binding")
         };
