@@ -2,7 +2,8 @@
 //! and signed grants. It holds the authority and no secrets: it never stores
 //! a seed and cannot compute a code.
 //!
-//! Domain (no tonic): [`policy`], [`state`], [`store`], [`pin`], [`grant`],
+//! Domain (no tonic): [`policy`] (with [`rules`], the rules in force once a
+//! signed policy is: [`consent`]), [`state`], [`store`], [`pin`], [`grant`],
 //! [`notify`], [`vault`] (the trait the domain calls), [`calls`] (the API's
 //! validated inputs and answers), and [`service`], the API as plain
 //! functions of (caller, input) that the gRPC layer ([`grpc`]) and the
@@ -24,6 +25,7 @@ pub mod pin;
 pub mod policy;
 pub mod refusals;
 pub mod rpc;
+pub mod rules;
 pub mod service;
 pub mod state;
 pub mod store;
@@ -175,7 +177,14 @@ const POLICY_REFRESH: Duration = Duration::from_secs(60);
 /// [`POLICY_REFRESH`] or, after a failure, sooner (from 1 s, doubling up to
 /// 30 s), saying so each time it fails. `loaded` tells whether the first
 /// fetch succeeded.
-async fn refresh_signed_policy(signed: Arc<SignedPolicy>, vault: Arc<dyn Vault>, loaded: bool) {
+/// The broker's rules follow each new version at once (its warnings are
+/// logged then, not at a call).
+async fn refresh_signed_policy(
+    signed: Arc<SignedPolicy>,
+    vault: Arc<dyn Vault>,
+    broker: Arc<Broker>,
+    loaded: bool,
+) {
     let mut failing = !loaded;
     let mut wait = if loaded {
         POLICY_REFRESH
@@ -186,6 +195,7 @@ async fn refresh_signed_policy(signed: Arc<SignedPolicy>, vault: Arc<dyn Vault>,
         tokio::time::sleep(wait).await;
         match signed.refresh(&*vault).await {
             Ok(p) => {
+                broker.policy();
                 if failing {
                     tracing::info!(
                         policy_version = p.as_ref().map_or(0, |p| p.version()),
@@ -256,7 +266,10 @@ pub async fn serve(
         (None, None) => None,
     };
     let clock = options.clock;
-    let policy = Policy::load(&config.policy_file).map_err(StartError::refused)?;
+    // With [consent], roles and counts come from the signed policy once one
+    // is in force, so an account section may hold only its settings.
+    let policy = Policy::load_with(&config.policy_file, config.consent.is_some())
+        .map_err(StartError::refused)?;
     policy
         .check_trust_domain(&config.trust_domain, &config.policy_file)
         .map_err(StartError::refused)?;
@@ -351,7 +364,13 @@ pub async fn serve(
                 false
             }
         };
-        tasks.spawn(refresh_signed_policy(signed.clone(), vault.clone(), loaded));
+        broker.policy();
+        tasks.spawn(refresh_signed_policy(
+            signed.clone(),
+            vault.clone(),
+            broker.clone(),
+            loaded,
+        ));
     }
     tasks.spawn(queue.run());
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));

@@ -1,5 +1,8 @@
 //! The policy: who may do what on which account. Read from TOML and
 //! validated at start; an error names the file, the field and what is wrong.
+//! Once an admin-signed policy is in force, [`Policy::under_signed`] makes
+//! the rules from it: roles and counts from the signed document; names,
+//! Slack ids, groups and per-account PIN and delivery settings from here.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -8,6 +11,7 @@ use std::{
 };
 
 use serde::Deserialize;
+use twokey_consent::{Policy as SignedDoc, Role as SignedRole};
 use twokey_runtime::SpiffeId;
 
 /// Why a policy was refused.
@@ -125,10 +129,31 @@ impl AccountPolicy {
 pub struct Policy {
     identities: BTreeMap<String, SpiffeId>,
     names: BTreeMap<SpiffeId, String>,
-    slack: BTreeMap<String, String>,
+    slack: BTreeMap<SpiffeId, String>,
     groups: BTreeMap<String, BTreeSet<String>>,
     accounts: BTreeMap<String, AccountPolicy>,
+    /// Accounts whose section names no roles: settings only (allowed when
+    /// roles come from a signed policy).
+    settings_only: BTreeSet<String>,
+    /// The signed policy version the roles and counts come from; none for
+    /// the TOML file alone.
+    signed_version: Option<u64>,
 }
+
+/// Where the TOML file and the signed policy in force differ on one
+/// account (the signed policy wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disagreement {
+    /// The account.
+    pub account: String,
+    /// What differs.
+    pub detail: String,
+}
+
+/// The effective rules' defaults for an account the TOML file has no
+/// section for.
+const DEFAULT_PIN_LENGTH: u32 = 6;
+const DEFAULT_PIN_ATTEMPTS: u32 = 5;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -182,10 +207,10 @@ fn default_window() -> String {
     "15m".into()
 }
 fn default_pin_length() -> u32 {
-    6
+    DEFAULT_PIN_LENGTH
 }
 fn default_pin_attempts() -> u32 {
-    5
+    DEFAULT_PIN_ATTEMPTS
 }
 
 /// Whether `id` is a valid account id: 1 to 64 characters of `[a-z0-9._-]`.
@@ -203,16 +228,30 @@ pub use twokey_runtime::time::parse_duration;
 impl Policy {
     /// Reads and validates a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        Self::load_with(path, false)
+    }
+
+    /// Reads and validates a policy file; with `roles_signed` (the broker
+    /// has a `[consent]` root, so roles come from the signed policy once one
+    /// is in force) an account section may name no roles at all and hold
+    /// only its PIN and delivery settings.
+    pub fn load_with(path: &Path, roles_signed: bool) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|e| PolicyError {
             file: path.display().to_string(),
             field: "(file)".into(),
             problem: format!("cannot read it: {e}"),
         })?;
-        Self::parse(&text, path)
+        Self::parse_with(&text, path, roles_signed)
     }
 
     /// Parses and validates policy text; `path` names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Self, PolicyError> {
+        Self::parse_with(text, path, false)
+    }
+
+    /// [`Self::parse`]; with `roles_signed` an account section may name no
+    /// roles (see [`Self::load_with`]).
+    pub fn parse_with(text: &str, path: &Path, roles_signed: bool) -> Result<Self, PolicyError> {
         let file = path.display().to_string();
         let err = |field: &str, problem: String| PolicyError {
             file: file.clone(),
@@ -275,6 +314,7 @@ impl Policy {
         }
 
         let mut accounts = BTreeMap::new();
+        let mut settings_only = BTreeSet::new();
         for (account, a) in raw.accounts {
             let field = |f: &str| format!("accounts.{account}.{f}");
             if !valid_account_id(&account) {
@@ -317,6 +357,13 @@ impl Policy {
                 })?;
                 intake.insert(id.clone());
             }
+            let no_roles = [&requesters, &approvers, &operators, &admins, &intake]
+                .iter()
+                .all(|set| set.is_empty());
+            let roles_here = !(roles_signed && no_roles);
+            if !roles_here {
+                settings_only.insert(account.clone());
+            }
             if let Some(both) = intake.intersection(&approvers).next() {
                 return Err(err(
                     &field("intake"),
@@ -325,13 +372,13 @@ impl Policy {
                     ),
                 ));
             }
-            if requesters.is_empty() && intake.is_empty() {
+            if roles_here && requesters.is_empty() && intake.is_empty() {
                 return Err(err(
                     &field("requesters"),
                     "no one may file requests; name at least one group".into(),
                 ));
             }
-            if operators.is_empty() {
+            if roles_here && operators.is_empty() {
                 return Err(err(
                     &field("operators"),
                     "no one may verify PINs; name at least one group".into(),
@@ -343,7 +390,7 @@ impl Policy {
                     format!("{} is out of range; use 1 to 10", a.approvals_required),
                 ));
             }
-            if (approvers.len() as u64) < u64::from(a.approvals_required) {
+            if roles_here && (approvers.len() as u64) < u64::from(a.approvals_required) {
                 return Err(err(
                     &field("approvals_required"),
                     format!(
@@ -402,13 +449,127 @@ impl Policy {
                 },
             );
         }
+        let slack = raw
+            .slack
+            .into_iter()
+            .map(|(name, member)| (identities[&name].clone(), member))
+            .collect();
         Ok(Self {
             identities,
             names,
-            slack: raw.slack,
+            slack,
             groups,
             accounts,
+            settings_only,
+            signed_version: None,
         })
+    }
+
+    /// The rules in force under the signed policy `signed`: its accounts
+    /// only, each with the holders of each role (every SPIFFE ID of each
+    /// person it names), approvals, codes per request and windows from it;
+    /// PIN length, PIN attempts and delivery from this file's section for
+    /// the account (defaults without one). Names and Slack ids stay this
+    /// file's; an ID it does not name takes its person's name from `signed`
+    /// (and the Slack id of another of that person's IDs this file names).
+    /// Answers where this file's roles and counts differ from `signed`'s.
+    pub fn under_signed(&self, signed: &SignedDoc) -> (Self, Vec<Disagreement>) {
+        let mut names = self.names.clone();
+        let mut identities = self.identities.clone();
+        let mut slack = self.slack.clone();
+        for person in signed.people() {
+            let ids: Vec<SpiffeId> = person
+                .ids()
+                .iter()
+                .filter_map(|id| SpiffeId::parse(id).ok())
+                .collect();
+            let member = ids.iter().find_map(|id| self.slack.get(id)).cloned();
+            for id in &ids {
+                names
+                    .entry(id.clone())
+                    .or_insert_with(|| person.name().to_owned());
+                if let Some(member) = &member {
+                    slack.entry(id.clone()).or_insert_with(|| member.clone());
+                }
+            }
+            if let Some(first) = ids.first() {
+                identities
+                    .entry(person.name().to_owned())
+                    .or_insert_with(|| first.clone());
+            }
+        }
+        let ids_of = |account: &str, role: SignedRole| -> BTreeSet<SpiffeId> {
+            signed
+                .role_holder_ids(account, role)
+                .into_iter()
+                .filter_map(|id| SpiffeId::parse(id).ok())
+                .collect()
+        };
+        let mut accounts = BTreeMap::new();
+        let mut differ = Vec::new();
+        for id in signed.account_ids() {
+            let Some(rules) = signed.account(id) else {
+                continue;
+            };
+            let here = self.accounts.get(id);
+            let account = AccountPolicy {
+                id: id.to_owned(),
+                requesters: ids_of(id, SignedRole::Requester),
+                approvers: ids_of(id, SignedRole::Approver),
+                operators: ids_of(id, SignedRole::Operator),
+                admins: ids_of(id, SignedRole::Admin),
+                intake: ids_of(id, SignedRole::Intake),
+                approvals_required: rules.approvals_required,
+                request_ttl: rules.request_window,
+                release_window: rules.release_window,
+                codes_per_request: rules.codes_per_request,
+                pin_length: here.map_or(DEFAULT_PIN_LENGTH, |a| a.pin_length),
+                pin_max_attempts: here.map_or(DEFAULT_PIN_ATTEMPTS, |a| a.pin_max_attempts),
+                delivery: here.map_or_else(Delivery::default, |a| a.delivery),
+            };
+            if let Some(here) = here.filter(|_| !self.settings_only.contains(id)) {
+                let detail = differences(here, &account);
+                if !detail.is_empty() {
+                    differ.push(Disagreement {
+                        account: id.to_owned(),
+                        detail: detail.join("; "),
+                    });
+                }
+            }
+            accounts.insert(id.to_owned(), account);
+        }
+        for id in self.accounts.keys() {
+            if !accounts.contains_key(id) && !self.settings_only.contains(id) {
+                differ.push(Disagreement {
+                    account: id.clone(),
+                    detail: "the signed policy does not name it, so it takes no requests".into(),
+                });
+            }
+        }
+        let policy = Self {
+            identities,
+            names,
+            slack,
+            groups: self.groups.clone(),
+            accounts,
+            settings_only: BTreeSet::new(),
+            signed_version: Some(signed.version()),
+        };
+        (policy, differ)
+    }
+
+    /// The signed policy version the rules come from, if one is in force.
+    pub fn signed_version(&self) -> Option<u64> {
+        self.signed_version
+    }
+
+    /// What names the accounts, for messages: "the policy", or the signed
+    /// policy version and how to see it.
+    pub fn source(&self) -> String {
+        match self.signed_version {
+            None => "the policy".into(),
+            Some(v) => format!("signed policy version {v} (`twokey policy show`)"),
+        }
     }
 
     /// Checks that every identity is in `trust_domain`.
@@ -452,12 +613,16 @@ impl Policy {
 
     /// The Slack member id of an identity, if the policy names one.
     pub fn slack_member(&self, id: &SpiffeId) -> Option<&str> {
-        self.slack.get(self.name_of(id)?).map(String::as_str)
+        self.slack.get(id).map(String::as_str)
     }
 
     /// Groups `id` belongs to.
     pub fn groups_of(&self, id: &SpiffeId) -> Vec<String> {
-        let Some(name) = self.name_of(id) else {
+        // Groups hold the names of the file's own identities.
+        let Some(name) = self
+            .name_of(id)
+            .filter(|name| self.identities.get(*name) == Some(id))
+        else {
             return Vec::new();
         };
         self.groups
@@ -471,6 +636,60 @@ impl Policy {
     pub fn describe_accounts(&self) -> String {
         self.accounts.keys().cloned().collect::<Vec<_>>().join(", ")
     }
+}
+
+/// The roles and counts where `toml` and `signed` differ, for a warning.
+fn differences(toml: &AccountPolicy, signed: &AccountPolicy) -> Vec<String> {
+    let mut out = Vec::new();
+    for (role, a, b) in [
+        ("requesters", &toml.requesters, &signed.requesters),
+        ("approvers", &toml.approvers, &signed.approvers),
+        ("operators", &toml.operators, &signed.operators),
+        ("admins", &toml.admins, &signed.admins),
+        ("intake", &toml.intake, &signed.intake),
+    ] {
+        if a != b {
+            let only = |x: &BTreeSet<SpiffeId>, y: &BTreeSet<SpiffeId>| {
+                x.difference(y)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            out.push(format!(
+                "{role}: only in the file [{}], only in the signed policy [{}]",
+                only(a, b),
+                only(b, a)
+            ));
+        }
+    }
+    let secs = |d: Duration| format!("{}s", d.as_secs());
+    for (field, a, b) in [
+        (
+            "approvals_required",
+            toml.approvals_required.to_string(),
+            signed.approvals_required.to_string(),
+        ),
+        (
+            "codes_per_request",
+            toml.codes_per_request.to_string(),
+            signed.codes_per_request.to_string(),
+        ),
+        (
+            "request_ttl (signed: request_window)",
+            secs(toml.request_ttl),
+            secs(signed.request_ttl),
+        ),
+        (
+            "release_window",
+            secs(toml.release_window),
+            secs(signed.release_window),
+        ),
+    ] {
+        if a != b {
+            out.push(format!("{field}: {a} in the file, {b} signed"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -593,6 +812,119 @@ delivery = "requester"
         let a = p.account("aws-prod-root").unwrap();
         assert!(a.has(&p.resolve("bpm").unwrap(), Role::Intake));
         assert!(p.check_trust_domain("other.org", Path::new("p")).is_err());
+    }
+
+    /// The consent crate's example signed policy: rita requests, adam and
+    /// anna approve (2 needed), olivia operates, alice, bob and carol are
+    /// the account's admins, bpm files on behalf.
+    fn signed_example() -> SignedDoc {
+        SignedDoc::parse(include_str!("../../consent/policy.example.toml")).unwrap()
+    }
+
+    fn id(name: &str) -> SpiffeId {
+        let kind = if name == "bpm" { "svc" } else { "user" };
+        SpiffeId::parse(&format!("spiffe://twokey.local/{kind}/{name}")).unwrap()
+    }
+
+    #[test]
+    fn under_a_signed_policy_roles_and_counts_are_signed_and_settings_stay() {
+        let file = GOOD.replace("t.local", "twokey.local").replace(
+            "[accounts.aws-prod-root]",
+            "[accounts.old-root]\nrequesters = [\"alice\"]\napprovers = [\"bob\"]\noperators = [\"olivia\"]\n\n[accounts.aws-prod-root]",
+        );
+        let file = parse(&file).unwrap();
+        let (p, differ) = file.under_signed(&signed_example());
+        assert_eq!(p.signed_version(), Some(1));
+        assert!(
+            p.source().contains("signed policy version 1"),
+            "{}",
+            p.source()
+        );
+        assert!(p.account("old-root").is_none());
+        let a = p.account("aws-prod-root").unwrap();
+        assert_eq!(a.requesters, BTreeSet::from([id("rita")]));
+        assert_eq!(a.approvers, BTreeSet::from([id("adam"), id("anna")]));
+        assert_eq!(a.operators, BTreeSet::from([id("olivia")]));
+        assert_eq!(
+            a.admins,
+            BTreeSet::from([id("alice"), id("bob"), id("carol")])
+        );
+        assert_eq!(a.intake, BTreeSet::from([id("bpm")]));
+        assert_eq!(a.approvals_required, 2);
+        assert_eq!(a.codes_per_request, 1);
+        assert_eq!(a.request_ttl, Duration::from_secs(3600));
+        assert_eq!(a.release_window, Duration::from_secs(900));
+        // The file's settings for the account stay.
+        assert_eq!(a.delivery, Delivery::Requester);
+        assert_eq!(a.pin_length, 6);
+        // bob approves in the file, not in the signed policy.
+        assert!(!a.has(&id("bob"), Role::Approver));
+        assert_eq!(a.roles_of(&id("rita")), vec![Role::Requester]);
+        // Names: the file's, else the signed person's; Slack ids the file's.
+        assert_eq!(p.name_of(&id("alice")), Some("alice"));
+        assert_eq!(p.name_of(&id("rita")), Some("rita"));
+        assert_eq!(p.resolve("rita"), Some(id("rita")));
+        assert_eq!(p.slack_member(&id("alice")), Some("U1"));
+        assert_eq!(p.slack_member(&id("rita")), None);
+        assert_eq!(p.groups_of(&id("rita")), Vec::<String>::new());
+        // One disagreement per account, naming what differs.
+        let accounts: Vec<&str> = differ.iter().map(|d| d.account.as_str()).collect();
+        assert_eq!(accounts, ["aws-prod-root", "old-root"]);
+        let prod = &differ[0].detail;
+        for part in [
+            "requesters: only in the file [spiffe://twokey.local/user/alice], only in the signed policy [spiffe://twokey.local/user/rita]",
+            "approvals_required: 1 in the file, 2 signed",
+        ] {
+            assert!(prod.contains(part), "{part} not in {prod}");
+        }
+        assert!(!prod.contains("operators"), "{prod}");
+        assert!(differ[1].detail.contains("takes no requests"));
+    }
+
+    #[test]
+    fn a_signed_account_without_a_section_takes_defaults_and_ids_of_one_person_share_a_slack_id() {
+        let signed = include_str!("../../consent/policy.example.toml")
+            .replace(
+                "ids = [\"spiffe://twokey.local/user/alice\"]",
+                "ids = [\"spiffe://twokey.local/user/alice\", \"spiffe://twokey.local/user/alice2\"]",
+            )
+            .replace("[accounts.aws-prod-root]", "[accounts.gcp-root]");
+        let signed = SignedDoc::parse(&signed).unwrap();
+        let file = parse(&GOOD.replace("t.local", "twokey.local")).unwrap();
+        let (p, differ) = file.under_signed(&signed);
+        let a = p.account("gcp-root").unwrap();
+        assert_eq!(
+            (a.pin_length, a.pin_max_attempts, a.delivery),
+            (6, 5, Delivery::Operator)
+        );
+        assert!(a.has(&id("alice2"), Role::Admin));
+        assert_eq!(p.name_of(&id("alice2")), Some("alice"));
+        assert_eq!(p.slack_member(&id("alice2")), Some("U1"));
+        // The file's account is not in the signed policy.
+        assert_eq!(differ.len(), 1);
+        assert_eq!(differ[0].account, "aws-prod-root");
+    }
+
+    #[test]
+    fn an_account_section_without_roles_is_settings_only_when_roles_are_signed() {
+        let text = "[accounts.aws-prod-root]\npin_length = 8\ndelivery = \"requester\"\n";
+        let e = parse(text).unwrap_err();
+        assert!(e.to_string().contains("no one may file requests"), "{e}");
+        let file = Policy::parse_with(text, Path::new("p.toml"), true).unwrap();
+        assert!(file.account("aws-prod-root").unwrap().requesters.is_empty());
+        let (p, differ) = file.under_signed(&signed_example());
+        assert!(differ.is_empty(), "{differ:?}");
+        let a = p.account("aws-prod-root").unwrap();
+        assert_eq!((a.pin_length, a.delivery), (8, Delivery::Requester));
+        assert_eq!(a.approvals_required, 2);
+        // Some roles but not all is still checked.
+        let e = Policy::parse_with(
+            "[identities]\nbob = \"spiffe://t.local/user/bob\"\n[accounts.x]\napprovers = [\"bob\"]\n",
+            Path::new("p.toml"),
+            true,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no one may file requests"), "{e}");
     }
 
     #[test]

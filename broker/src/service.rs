@@ -44,6 +44,7 @@ use crate::{
     policy::Delivery,
     policy::{AccountPolicy, Policy, Role},
     refusals::{self, Refusals, Tally},
+    rules::Rules,
     state::{Effects, RequestRecord, State, lacks_role, millis},
     store::{Claim, RequestStore, Writes},
     vault::{EnrollRequest, GrantPurpose, ReleaseEvidence, RemoveAccountRequest, Vault},
@@ -90,7 +91,8 @@ pub struct Change {
 /// Everything the broker runs on.
 #[derive(Debug)]
 pub struct BrokerParts {
-    /// The validated policy.
+    /// The validated policy file (its roles and counts give way to the
+    /// signed policy's once one is in force).
     pub policy: Arc<Policy>,
     /// Request storage.
     pub store: Arc<dyn RequestStore>,
@@ -111,7 +113,7 @@ pub struct BrokerParts {
 /// The broker.
 #[derive(Debug)]
 pub struct Broker {
-    policy: Arc<Policy>,
+    rules: Arc<Rules>,
     store: Arc<dyn RequestStore>,
     queue: Arc<NotifyQueue>,
     clock: Arc<dyn Clock>,
@@ -150,9 +152,24 @@ fn admin_grant(purpose: GrantPurpose, account_id: &str, admin: &SpiffeId) -> Gra
 }
 
 /// An account to enroll that the policy does not name.
-fn not_enrollable(account_id: &str) -> BrokerError {
+fn not_enrollable(policy: &Policy, account_id: &str) -> BrokerError {
+    match policy.signed_version() {
+        None => BrokerError::NotFound(format!(
+            "account {account_id:?} is not in the policy; add [accounts.{account_id}] to the policy and restart the broker first"
+        )),
+        Some(v) => BrokerError::NotFound(format!(
+            "account {account_id:?} is not in signed policy version {v}; admins add [accounts.{account_id}] to it with `twokey policy propose/sign/apply` first (see `twokey policy show`)"
+        )),
+    }
+}
+
+/// An account the rules in force do not name.
+pub(crate) fn unknown_account(policy: &Policy, id: &str) -> BrokerError {
     BrokerError::NotFound(format!(
-        "account {account_id:?} is not in the policy; add [accounts.{account_id}] to the policy and restart the broker first"
+        "unknown account {:?}; {} names: {}",
+        id.chars().take(70).collect::<String>(),
+        policy.source(),
+        policy.describe_accounts()
     ))
 }
 
@@ -356,7 +373,7 @@ impl Broker {
     pub fn new(parts: BrokerParts) -> Self {
         let (changes, _) = broadcast::channel(1024);
         Self {
-            policy: parts.policy,
+            rules: Arc::new(Rules::new(parts.policy, parts.signed.clone())),
             store: parts.store,
             queue: parts.queue,
             clock: parts.clock,
@@ -385,13 +402,14 @@ impl Broker {
         self.closing.send_replace(true);
     }
 
-    /// The policy in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The rules in force: the policy file's, or once a signed policy is
+    /// in force the rules made from it.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.rules.current()
     }
 
     fn known(&self, caller: &SpiffeId) -> Result<(), BrokerError> {
-        if self.policy.name_of(caller).is_some() {
+        if self.policy().name_of(caller).is_some() {
             Ok(())
         } else {
             Err(BrokerError::denied(format!(
@@ -400,15 +418,11 @@ impl Broker {
         }
     }
 
-    fn account(&self, id: &AccountId) -> Result<&AccountPolicy, BrokerError> {
+    fn account<'p>(policy: &'p Policy, id: &AccountId) -> Result<&'p AccountPolicy, BrokerError> {
         let id = id.as_str();
-        self.policy.account(id).ok_or_else(|| {
-            BrokerError::NotFound(format!(
-                "unknown account {:?}; the policy names: {}",
-                id.chars().take(70).collect::<String>(),
-                self.policy.describe_accounts()
-            ))
-        })
+        policy
+            .account(id)
+            .ok_or_else(|| unknown_account(policy, id))
     }
 
     /// Applies `rule` to a stored request (after expiring it if its time ran
@@ -426,23 +440,30 @@ impl Broker {
         ) -> Result<Effects, BrokerError>,
     ) -> Result<RequestRecord, BrokerError> {
         let now = self.clock.now();
+        let policy = self.policy();
         let mut outcome: Option<(String, Option<BrokerError>)> = None;
         let record = self
             .store
             .update(request_id, &mut |record| {
                 outcome = None;
-                let account = self.policy.account(&record.account_id).ok_or_else(|| {
-                    BrokerError::precondition(format!(
-                        "account {} of request {} is no longer in the policy",
-                        record.account_id, record.id
-                    ))
-                })?;
+                // A request whose time ran out expires even if its account
+                // left the rules meanwhile (a new signed version).
                 let effects = match check_expiry.then(|| record.expire_if_due(now)).flatten() {
                     Some(expired) => expired,
-                    None => rule(record, account, now)?,
+                    None => {
+                        let account = policy.account(&record.account_id).ok_or_else(|| {
+                            BrokerError::precondition(format!(
+                                "account {} of request {} is no longer in {}",
+                                record.account_id,
+                                record.id,
+                                policy.source()
+                            ))
+                        })?;
+                        rule(record, account, now)?
+                    }
                 };
                 let messages = notify::messages_for(
-                    &self.policy,
+                    &policy,
                     record,
                     &effects.action,
                     effects.pin.as_ref(),
@@ -485,18 +506,18 @@ impl Broker {
 
     /// The caller's identity, policy name, groups and roles.
     pub async fn who_am_i(&self, caller: &SpiffeId) -> Result<Identity, BrokerError> {
+        let policy = self.policy();
         Ok(Identity {
             id: caller.clone(),
-            name: self.policy.name_of(caller).unwrap_or_default().to_owned(),
-            accounts: self
-                .policy
+            name: policy.name_of(caller).unwrap_or_default().to_owned(),
+            accounts: policy
                 .accounts()
                 .filter_map(|a| {
                     let roles = a.roles_of(caller);
                     (!roles.is_empty()).then(|| (a.id.clone(), roles))
                 })
                 .collect(),
-            groups: self.policy.groups_of(caller),
+            groups: policy.groups_of(caller),
             policy_version: self.signed.version(),
         })
     }
@@ -509,27 +530,51 @@ impl Broker {
     ) -> Result<RequestRecord, BrokerError> {
         self.authorised(caller, "create_request", &call.target, async {
             let req = call.input?;
-            let account = self.account(&req.account)?;
+            let now = self.clock.now();
+            // The rules of filing first (roles, texts), then the statement;
+            // unless the statement names a signed version newer than the
+            // broker's, whose rules decide once it is fetched.
+            let filing = || -> Result<(), BrokerError> {
+                let rules = self.policy();
+                let account = Self::account(&rules, &req.account)?;
+                let on_behalf_of = match &req.on_behalf_of {
+                    None => None,
+                    Some(name) => Some(rules.resolve(name).ok_or_else(|| not_an_identity(name))?),
+                };
+                RequestRecord::create(
+                    String::new(),
+                    account,
+                    caller,
+                    on_behalf_of,
+                    &req.reason,
+                    &req.ticket,
+                    now,
+                )
+                .map(drop)
+            };
+            let names_newer = req
+                .statement
+                .as_ref()
+                .and_then(consent::named_version)
+                .is_some_and(|v| self.signed.root().is_some() && v > self.signed.version());
+            if let Err(e) = filing()
+                && !names_newer
+            {
+                return Err(e);
+            }
+            let policy = self.policy_for(req.statement.iter()).await;
+            // The statement may have brought in a newer signed version: its
+            // rules decide.
+            let rules = self.policy();
+            let account = Self::account(&rules, &req.account)?;
             let on_behalf_of = match &req.on_behalf_of {
                 None => None,
                 Some(name) => Some(
-                    self.policy
+                    rules
                         .resolve(name)
                         .ok_or_else(|| not_an_identity(name))?,
                 ),
             };
-            let now = self.clock.now();
-            // The rules of filing first (roles, texts), then the statement.
-            RequestRecord::create(
-                String::new(),
-                account,
-                caller,
-                on_behalf_of.clone(),
-                &req.reason,
-                &req.ticket,
-                now,
-            )?;
-            let policy = self.policy_for(req.statement.iter()).await;
             let signed = match (&req.statement, &policy) {
                 (None, Some(p)) => return Err(missing_request_statement(caller, p.version())),
                 (None, None) => None,
@@ -591,7 +636,7 @@ impl Broker {
                 });
             }
             let messages =
-                notify::messages_for(&self.policy, &record, &effects.action, None, millis(now));
+                notify::messages_for(&rules, &record, &effects.action, None, millis(now));
             self.store.create(
                 &record,
                 &Writes {
@@ -617,7 +662,7 @@ impl Broker {
 
     fn load_visible(&self, caller: &SpiffeId, id: &str) -> Result<RequestRecord, BrokerError> {
         let record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
-        if !record.visible_to(self.policy.account(&record.account_id), caller) {
+        if !record.visible_to(self.policy().account(&record.account_id), caller) {
             return Err(BrokerError::denied(format!(
                 "{caller} may not see request {id}; only the people on it and the account's approvers, operators and admins may"
             )));
@@ -656,8 +701,9 @@ impl Broker {
     ) -> Result<RequestPage, BrokerError> {
         self.known(caller)?;
         let req = call.input?;
+        let policy = self.policy();
         if let Some(account) = &req.account {
-            self.account(account)?;
+            Self::account(&policy, account)?;
         }
         let account_filter = req.account.as_ref().map(AccountId::as_str);
         let after = if req.page_token.is_empty() {
@@ -679,7 +725,7 @@ impl Broker {
             .store
             .all()?
             .into_iter()
-            .filter(|r| r.visible_to(self.policy.account(&r.account_id), caller))
+            .filter(|r| r.visible_to(policy.account(&r.account_id), caller))
             .filter(|r| !req.mine || &r.requester == caller || &r.filed_by == caller)
             .filter(|r| account_filter.is_none_or(|a| r.account_id == a))
             .map(|mut r| {
@@ -726,9 +772,10 @@ impl Broker {
         self.known(caller)?;
         let WatchFilter { account } = call.input?;
         if let Some(account) = &account {
-            self.account(account)?;
+            Self::account(&self.policy(), account)?;
         }
-        let policy = self.policy.clone();
+        // The rules in force at each change, not at the start of the watch.
+        let rules = self.rules.clone();
         let caller = caller.clone();
         let mut closing = self.closing.subscribe();
         let closed = async move {
@@ -743,7 +790,7 @@ impl Broker {
                             .as_ref()
                             .is_none_or(|a| change.request.account_id == a.as_str())
                             && change.request.visible_to(
-                                policy.account(&change.request.account_id),
+                                rules.current().account(&change.request.account_id),
                                 &caller,
                             ) =>
                     {
@@ -1103,8 +1150,9 @@ impl Broker {
         self.authorised(caller, "enroll_account", &call.target, async {
             let req = call.input?;
             let account_id = req.account.as_str();
-            let account = self.account(&req.account).map_err(|e| match e {
-                BrokerError::NotFound(_) => not_enrollable(account_id),
+            let rules = self.policy();
+            let account = Self::account(&rules, &req.account).map_err(|e| match e {
+                BrokerError::NotFound(_) => not_enrollable(&rules, account_id),
                 e => e,
             })?;
             if !account.has(caller, Role::Admin) {
@@ -1167,11 +1215,12 @@ impl Broker {
     pub async fn list_accounts(&self, caller: &SpiffeId) -> Result<Accounts, BrokerError> {
         self.known(caller)?;
         let accounts = self.vault.list_accounts().await?;
+        let policy = self.policy();
         Ok(Accounts(
             accounts
                 .into_iter()
                 .filter(|a| {
-                    self.policy
+                    policy
                         .account(&a.account_id)
                         .is_some_and(|p| !p.roles_of(caller).is_empty())
                 })
@@ -1187,7 +1236,8 @@ impl Broker {
     ) -> Result<Removed, BrokerError> {
         self.authorised(caller, "remove_account", &call.target, async {
             let req = call.input?;
-            let account = self.account(&req.account)?;
+            let rules = self.policy();
+            let account = Self::account(&rules, &req.account)?;
             if !account.has(caller, Role::Admin) {
                 return Err(lacks_role(caller, Role::Admin, &account.id));
             }

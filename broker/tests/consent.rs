@@ -75,8 +75,10 @@ codes_per_request = 2
 delivery = "requester"
 "#;
 
-const NAMES: [&str; 9] = [
-    "alice", "rita", "bob", "dave", "olivia", "carol", "adam", "anna", "bpm",
+/// The people of the signed policy: those of the broker's file, and
+/// mallory, whom the file does not name.
+const NAMES: [&str; 10] = [
+    "alice", "rita", "bob", "dave", "olivia", "carol", "adam", "anna", "bpm", "mallory",
 ];
 
 fn spiffe(name: &str) -> String {
@@ -94,10 +96,24 @@ fn roles(account: &str, approvals: u32, codes: u32) -> AccountRoles {
     a
 }
 
-/// The signed policy document of `version` for these people.
+/// The signed policy document of `version` for these people: the roles
+/// the broker's file gives.
 fn document(people: &BTreeMap<&'static str, Person>, version: u64) -> String {
     let mut prod = roles(PROD, 1, 1);
     prod.intake.push("bpm".into());
+    document_with(
+        people,
+        version,
+        vec![prod, roles(AUDIT, 2, 2), roles(SELF, 1, 2)],
+    )
+}
+
+/// A signed policy document of `version` for these people with `accounts`.
+fn document_with(
+    people: &BTreeMap<&'static str, Person>,
+    version: u64,
+    accounts: Vec<AccountRoles>,
+) -> String {
     PolicySpec {
         version,
         trust_domain: TD.into(),
@@ -107,7 +123,7 @@ fn document(people: &BTreeMap<&'static str, Person>, version: u64) -> String {
             .collect(),
         admins: vec!["adam".into(), "anna".into()],
         threshold: 2,
-        accounts: vec![prod, roles(AUDIT, 2, 2), roles(SELF, 1, 2)],
+        accounts,
     }
     .to_toml()
 }
@@ -124,6 +140,16 @@ impl Signed {
     /// The broker with `[consent]`; the vault holds version 1, signed by
     /// adam and anna, unless `applied` is false.
     async fn start(applied: bool) -> Self {
+        Self::start_with(applied.then_some(|p: &BTreeMap<&'static str, Person>| document(p, 1)))
+            .await
+    }
+
+    /// The broker with `[consent]`; the vault holds version 1 as `v1`
+    /// writes it for the people, signed by adam and anna (none: no version).
+    async fn start_with(
+        v1: Option<impl FnOnce(&BTreeMap<&'static str, Person>) -> String>,
+    ) -> Self {
+        let applied = v1.is_some();
         let people: BTreeMap<&'static str, Person> = NAMES
             .iter()
             .map(|n| (*n, Person::generate(n, vec![spiffe(n)])))
@@ -131,11 +157,11 @@ impl Signed {
         let pinned = admins_allowed_signers(&[&people["adam"], &people["anna"]]);
         let root = TrustRoot::from_allowed_signers(TD, &pinned, 2).unwrap();
         let mut versions = Vec::new();
-        if applied {
+        if let Some(v1) = v1 {
             versions.push(version_of(
                 &root,
                 None,
-                &document(&people, 1),
+                &v1(&people),
                 &[&people["adam"], &people["anna"]],
             ));
         }
@@ -311,6 +337,55 @@ impl Signed {
             .unwrap()
             .into_inner()
             .policy_version
+    }
+
+    /// The roles WhoAmI gives `who`, per account.
+    async fn roles_of(&self, who: &str) -> Vec<(String, Vec<pb::Role>)> {
+        self.h
+            .client(who)
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .accounts
+            .into_iter()
+            .map(|a| (a.account_id.clone(), a.roles().collect()))
+            .collect()
+    }
+
+    /// adam proposes `document`, adam and anna sign it and anna applies it,
+    /// all through the broker; statements are made under its version from
+    /// then on.
+    async fn apply(&mut self, document: String) {
+        let version = self.version + 1;
+        self.h
+            .client("adam")
+            .propose_policy(pb::ProposePolicyRequest {
+                document: document.clone(),
+            })
+            .await
+            .unwrap();
+        for who in ["adam", "anna"] {
+            self.h
+                .client(who)
+                .sign_policy(pb::SignPolicyRequest {
+                    version,
+                    signature: sign_policy(&self.key(who).key, TD, &document),
+                })
+                .await
+                .unwrap();
+        }
+        let applied = self
+            .h
+            .client("anna")
+            .apply_policy(pb::ApplyPolicyRequest { version })
+            .await
+            .unwrap()
+            .into_inner()
+            .policy
+            .unwrap();
+        assert_eq!(applied.version, version);
+        self.version = version;
     }
 
     fn released(&self) -> usize {
@@ -1113,5 +1188,214 @@ async fn a_policy_the_vault_cannot_give_at_start_is_fetched_in_the_background() 
         .expect("the broker loads the policy once the vault answers");
     let (code, _) = code_of(s.create("alice", PROD, None).await);
     assert_eq!(code, Code::FailedPrecondition);
+    s.h.shutdown().await;
+}
+
+/// PROD as the signed policy of the tests below has it, unlike the broker's
+/// file (approvers bob and dave, one approval, one code): approvers bob and
+/// carol, two approvals, two codes.
+fn prod_signed_unlike_the_file() -> AccountRoles {
+    let mut prod = AccountRoles::new(PROD, "alice", "bob", "olivia");
+    prod.approvers.push("carol".into());
+    prod.approvals_required = 2;
+    prod.codes_per_request = 2;
+    prod.releases_per_hour = 60;
+    prod
+}
+
+#[tokio::test]
+async fn the_signed_policy_decides_who_approves_how_many_approvals_and_codes() {
+    let mut s = Signed::start_with(Some(|p: &BTreeMap<&'static str, Person>| {
+        document_with(p, 1, vec![prod_signed_unlike_the_file()])
+    }))
+    .await;
+    let r = s.file(PROD).await;
+    // The signed counts, not the file's.
+    assert_eq!((r.approvals_required, r.codes_allowed), (2, 2));
+    // dave approves in the broker's file only: refused, nothing recorded.
+    let (code, message) = code_of(
+        s.approve_with("dave", &r.request_id, Some(s.approval("dave", &r)))
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("is not an approver for aws-prod-root"),
+        "{message}"
+    );
+    // carol approves in the signed policy only: her approval counts.
+    let r = request_of(
+        s.approve_with("carol", &r.request_id, Some(s.approval("carol", &r)))
+            .await,
+    );
+    assert_eq!(state_of(&r), pb::RequestState::Pending);
+    assert_eq!(r.approvals.len(), 1);
+    let r = request_of(
+        s.approve_with("bob", &r.request_id, Some(s.approval("bob", &r)))
+            .await,
+    );
+    assert_eq!(state_of(&r), pb::RequestState::Approved);
+    let r = request_of(s.verify_with(&r.request_id, vec![]).await);
+    // Two codes, where the file allows one.
+    for n in 1..=2 {
+        let release = s.release("olivia", &r, &approvals_of(&r), &new_id(), &new_id());
+        s.release_with("olivia", &r.request_id, Some(release))
+            .await
+            .unwrap();
+        assert_eq!(s.released(), n);
+    }
+    let r = get(&s.h, "alice", &r.request_id).await;
+    assert_eq!(state_of(&r), pb::RequestState::Released);
+    let refusals = s.refusals().await;
+    assert_eq!(
+        refusals,
+        vec![(
+            "access.denied".to_owned(),
+            format!(
+                "{} is not an approver for {PROD}; ask an admin to add you to the policy",
+                spiffe("dave")
+            )
+        )]
+    );
+    s.h.shutdown().await;
+}
+
+#[tokio::test]
+async fn whoami_reports_the_roles_of_the_signed_policy_and_its_people_the_file_does_not_name() {
+    let mut gcp = AccountRoles::new("gcp-root", "mallory", "bob", "olivia");
+    gcp.releases_per_hour = 60;
+    let s = Signed::start_with(Some(move |p: &BTreeMap<&'static str, Person>| {
+        document_with(p, 1, vec![prod_signed_unlike_the_file(), gcp])
+    }))
+    .await;
+    use pb::Role::{Admin, Approver, Operator, Requester};
+    assert_eq!(
+        s.roles_of("carol").await,
+        vec![(PROD.to_owned(), vec![Approver])]
+    );
+    // dave approves every account in the file; the signed policy gives him
+    // nothing.
+    assert!(s.roles_of("dave").await.is_empty());
+    assert_eq!(
+        s.roles_of("bob").await,
+        vec![
+            ("aws-prod-root".to_owned(), vec![Approver]),
+            ("gcp-root".to_owned(), vec![Approver])
+        ]
+    );
+    assert_eq!(
+        s.roles_of("adam").await,
+        vec![
+            ("aws-prod-root".to_owned(), vec![Admin]),
+            ("gcp-root".to_owned(), vec![Admin])
+        ]
+    );
+    assert_eq!(
+        s.roles_of("olivia").await,
+        vec![
+            ("aws-prod-root".to_owned(), vec![Operator]),
+            ("gcp-root".to_owned(), vec![Operator])
+        ]
+    );
+    // mallory is not in the file: her name comes from the signed policy.
+    let me =
+        s.h.client("mallory")
+            .who_am_i(pb::WhoAmIRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(me.name, "mallory");
+    assert_eq!(me.policy_version, 1);
+    assert_eq!(
+        s.roles_of("mallory").await,
+        vec![("gcp-root".to_owned(), vec![Requester])]
+    );
+    s.h.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_account_only_the_signed_policy_names_takes_requests_and_one_only_the_file_names_none() {
+    let mut gcp = AccountRoles::new("gcp-root", "mallory", "bob", "olivia");
+    gcp.releases_per_hour = 60;
+    let s = Signed::start_with(Some(move |p: &BTreeMap<&'static str, Person>| {
+        let mut prod = roles(PROD, 1, 1);
+        prod.intake.push("bpm".into());
+        document_with(p, 1, vec![prod, gcp])
+    }))
+    .await;
+    // mallory, whom the file does not name, files on gcp-root, which the
+    // file has no section for; bob approves and she gets a PIN of the
+    // default length.
+    let statement = s.request_statement("mallory", "gcp-root", "mallory");
+    let r = request_of(s.create("mallory", "gcp-root", Some(statement)).await);
+    assert_eq!((r.approvals_required, r.codes_allowed), (1, 1));
+    let r = request_of(
+        s.approve_with("bob", &r.request_id, Some(s.approval("bob", &r)))
+            .await,
+    );
+    assert_eq!(state_of(&r), pb::RequestState::Approved);
+    let pin = s.h.wait_for_pin("mallory", &r.request_id, 1).await;
+    assert_eq!(pin.len(), 6);
+    // AUDIT is in the file, not in the signed policy: no requests.
+    let statement = s.request_statement("alice", AUDIT, "alice");
+    let (code, message) = code_of(s.create("alice", AUDIT, Some(statement)).await);
+    assert_eq!(code, Code::NotFound, "{message}");
+    assert!(
+        message.contains("signed policy version 1")
+            && message.contains("twokey policy show")
+            && message.contains("aws-prod-root, gcp-root"),
+        "{message}"
+    );
+    s.h.shutdown().await;
+}
+
+#[tokio::test]
+async fn applying_a_new_version_changes_who_may_approve_without_a_restart() {
+    let mut s = Signed::start(true).await;
+    // Version 1: bob and dave approve, as in the file; carol does not.
+    let r = s.file(PROD).await;
+    let (code, message) = code_of(
+        s.approve_with("carol", &r.request_id, Some(s.approval("carol", &r)))
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(s.roles_of("carol").await.is_empty());
+    let on_self = s.file(SELF).await;
+    // Version 2, applied through the broker: carol approves PROD, bob no
+    // longer does.
+    let mut prod = AccountRoles::new(PROD, "alice", "carol", "olivia");
+    prod.requesters.push("rita".into());
+    prod.approvers.push("dave".into());
+    prod.releases_per_hour = 60;
+    let v2 = document_with(&s.people, 2, vec![prod, roles(AUDIT, 2, 2)]);
+    s.apply(v2).await;
+    assert_eq!(s.policy_version("carol").await, 2);
+    assert_eq!(
+        s.roles_of("carol").await,
+        vec![(PROD.to_owned(), vec![pb::Role::Approver])]
+    );
+    let r = s.file(PROD).await;
+    let (code, message) = code_of(
+        s.approve_with("bob", &r.request_id, Some(s.approval("bob", &r)))
+            .await,
+    );
+    assert_eq!(code, Code::PermissionDenied, "{message}");
+    assert!(
+        message.contains("is not an approver for aws-prod-root"),
+        "{message}"
+    );
+    let r = request_of(
+        s.approve_with("carol", &r.request_id, Some(s.approval("carol", &r)))
+            .await,
+    );
+    assert_eq!(state_of(&r), pb::RequestState::Approved);
+    // SELF, in the file and in version 1, is gone with version 2.
+    let statement = s.request_statement("alice", SELF, "alice");
+    let (code, message) = code_of(s.create("alice", SELF, Some(statement)).await);
+    assert_eq!(code, Code::NotFound, "{message}");
+    assert!(message.contains("signed policy version 2"), "{message}");
+    // A request on SELF filed under version 1 still expires in its time.
+    s.h.advance(std::time::Duration::from_secs(3601));
+    let got = get(&s.h, "alice", &on_self.request_id).await;
+    assert_eq!(state_of(&got), pb::RequestState::Expired);
     s.h.shutdown().await;
 }

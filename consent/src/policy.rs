@@ -437,6 +437,24 @@ impl Policy {
             .unwrap_or_default()
     }
 
+    /// The SPIFFE IDs of the people holding `role` on an account (admins:
+    /// the account's own, else the policy's), every ID of each person, in
+    /// the order of [`Self::role_holders`].
+    pub fn role_holder_ids(&self, account_id: &str, role: Role) -> Vec<&str> {
+        self.holders(account_id, role)
+            .map(|s| {
+                s.iter()
+                    .flat_map(|&i| self.people[i].ids.iter().map(String::as_str))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The person a SPIFFE ID belongs to.
+    pub fn person_with_id(&self, id: &str) -> Option<&Person> {
+        self.person_by_id(id).map(|i| &self.people[i])
+    }
+
     /// The policy as an OpenSSH `allowed_signers` file: one line per key,
     /// the person's SPIFFE IDs as principals, limited to the consent
     /// namespace (and the policy namespace for admins), so that an auditor
@@ -859,4 +877,44 @@ pub fn verify_policy_update<S: AsRef<[u8]>>(
         digest: Sha256::digest(document).into(),
         signed_by,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_holder_ids_are_every_id_of_each_holder() {
+        let text = include_str!("../policy.example.toml").replace(
+            "ids = [\"spiffe://twokey.local/user/olivia\"]",
+            "ids = [\"spiffe://twokey.local/user/olivia\", \"spiffe://twokey.local/user/olivia-laptop\"]",
+        );
+        let p = Policy::parse(&text).unwrap();
+        let account = "aws-prod-root";
+        assert_eq!(
+            p.role_holder_ids(account, Role::Operator),
+            [
+                "spiffe://twokey.local/user/olivia",
+                "spiffe://twokey.local/user/olivia-laptop"
+            ]
+        );
+        assert_eq!(
+            p.role_holder_ids(account, Role::Approver),
+            [
+                "spiffe://twokey.local/user/adam",
+                "spiffe://twokey.local/user/anna"
+            ]
+        );
+        // No account: nobody, except the policy's admins.
+        assert!(p.role_holder_ids("nope", Role::Requester).is_empty());
+        assert_eq!(
+            p.role_holder_ids("nope", Role::Admin).len(),
+            p.admins().len()
+        );
+        let olivia = p
+            .person_with_id("spiffe://twokey.local/user/olivia-laptop")
+            .unwrap();
+        assert_eq!(olivia.name(), "olivia");
+        assert!(p.person_with_id("spiffe://twokey.local/user/zed").is_none());
+    }
 }

@@ -144,10 +144,15 @@ fn policy_signer(
 }
 
 impl Broker {
-    /// Refuses a caller who is an admin of no account in the broker's
-    /// policy.
+    /// Refuses a caller who is an admin of no account in the rules in force
+    /// and no admin of the signed policy in force.
     fn any_admin(&self, caller: &SpiffeId) -> Result<(), BrokerError> {
-        if self.policy.accounts().any(|a| a.has(caller, Role::Admin)) {
+        let policy_admin = self.signed.active().is_some_and(|p| {
+            p.admins()
+                .iter()
+                .any(|a| a.ids().iter().any(|id| id == caller.as_str()))
+        });
+        if policy_admin || self.policy().accounts().any(|a| a.has(caller, Role::Admin)) {
             Ok(())
         } else {
             Err(BrokerError::denied(format!(
@@ -266,7 +271,8 @@ impl Broker {
     ) -> Result<AccountChanged, BrokerError> {
         self.authorised(caller, "set_account_enabled", &call.target, async {
             let req = call.input?;
-            let account = self.account(&req.account)?;
+            let rules = self.policy();
+            let account = Self::account(&rules, &req.account)?;
             if !account.has(caller, Role::Admin) {
                 return Err(lacks_role(caller, Role::Admin, &account.id));
             }
@@ -315,7 +321,8 @@ impl Broker {
     ) -> Result<AccountChanged, BrokerError> {
         self.authorised(caller, "restore_account", &call.target, async {
             let req = call.input?;
-            let account = self.account(&req.account)?;
+            let rules = self.policy();
+            let account = Self::account(&rules, &req.account)?;
             if !account.has(caller, Role::Admin) {
                 return Err(lacks_role(caller, Role::Admin, &account.id));
             }
@@ -363,13 +370,10 @@ impl Broker {
                 consent::open(Some(&policy), at, &given, StatementKind::AdminAction, now)?;
             consent::signed_by(&opened, at, caller)?;
             let b = consent::check_admin(&opened, at)?;
-            let account = self.policy.account(&b.account_id).ok_or_else(|| {
-                BrokerError::NotFound(format!(
-                    "unknown account {:?}; the policy names: {}",
-                    b.account_id.chars().take(70).collect::<String>(),
-                    self.policy.describe_accounts()
-                ))
-            })?;
+            let rules = self.policy();
+            let account = rules
+                .account(&b.account_id)
+                .ok_or_else(|| super::unknown_account(&rules, &b.account_id))?;
             if !account.has(caller, Role::Admin) {
                 return Err(lacks_role(caller, Role::Admin, &account.id));
             }
@@ -449,8 +453,9 @@ impl Broker {
             .iter()
             .map(|b| decode::<AdminActionRecord>(b, "admin action"))
             .collect::<Result<_, _>>()?;
+        let rules = self.policy();
         actions.retain(|a| {
-            self.policy
+            rules
                 .account(&a.account_id)
                 .is_some_and(|p| p.has(caller, Role::Admin))
         });
@@ -638,6 +643,8 @@ impl Broker {
                     applied.version
                 );
             }
+            // The rules follow the new version now.
+            self.policy();
             let stale: Vec<u64> = self
                 .store
                 .docs(Docs::Proposals)?
