@@ -142,6 +142,28 @@ fn list(names: &[String]) -> String {
 }
 
 impl PolicySpec {
+    /// Policy `version` in `trust_domain` naming `people`, with adam and
+    /// anna (who must be among them) its admins, both needed (M = 2), and
+    /// `accounts`.
+    pub fn adam_and_anna(
+        version: u64,
+        trust_domain: &str,
+        people: &[&Person],
+        accounts: Vec<AccountRoles>,
+    ) -> Self {
+        Self {
+            version,
+            trust_domain: trust_domain.into(),
+            people: people
+                .iter()
+                .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
+                .collect(),
+            admins: vec!["adam".into(), "anna".into()],
+            threshold: 2,
+            accounts,
+        }
+    }
+
     /// The TOML document, as admins sign it.
     pub fn to_toml(&self) -> String {
         let mut s = format!(
@@ -211,17 +233,12 @@ mod tests {
         let (alice, bob, olivia, adam, anna) =
             (p("alice"), p("bob"), p("olivia"), p("adam"), p("anna"));
         let all = [&alice, &bob, &olivia, &adam, &anna];
-        let spec = PolicySpec {
-            version: 1,
-            trust_domain: td.into(),
-            people: all
-                .iter()
-                .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-                .collect(),
-            admins: vec!["adam".into(), "anna".into()],
-            threshold: 2,
-            accounts: vec![AccountRoles::new("aws-root", "alice", "bob", "olivia")],
-        };
+        let spec = PolicySpec::adam_and_anna(
+            1,
+            td,
+            &all,
+            vec![AccountRoles::new("aws-root", "alice", "bob", "olivia")],
+        );
         let doc = spec.to_toml();
         let root = TrustRoot::from_allowed_signers(td, &admins_allowed_signers(&[&adam, &anna]), 2)
             .unwrap();
