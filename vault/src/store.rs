@@ -715,6 +715,32 @@ impl SledVaultStore {
         }
     }
 
+    /// One transaction of an account change under `grant` (and, where
+    /// given, the admins' consent `admin`): the grant id and the action id
+    /// are used first, then `change` runs on the accounts, the outbox and
+    /// the kept seeds.
+    fn account_change<T>(
+        &self,
+        grant: &SpentGrant,
+        admin: Option<&AdminUse>,
+        change: impl Fn(&TransactionalTree, &TransactionalTree, &TransactionalTree) -> TxResult<T>,
+    ) -> Result<T, TransactionError<Abort>> {
+        (
+            &self.grants,
+            &self.accounts,
+            self.outbox.tree(),
+            &self.consent,
+            &self.recovery,
+        )
+            .transaction(|(grants, accounts, outbox, consent, recovery)| {
+                use_grant_id(grants, grant)?;
+                if let Some(admin) = admin {
+                    use_action(consent, admin)?;
+                }
+                change(accounts, outbox, recovery)
+            })
+    }
+
     fn decode(&self, id: &str, bytes: &[u8]) -> Result<AccountRecord, VaultStoreError> {
         serde_json::from_slice(bytes).map_err(|_| VaultStoreError::Corrupt(id.to_owned()))
     }
@@ -873,43 +899,32 @@ impl VaultStore for SledVaultStore {
             grant,
             admin,
         } = new;
-        let result = (
-            &self.grants,
-            &self.accounts,
-            self.outbox.tree(),
-            &self.consent,
-            &self.recovery,
-        )
-            .transaction(|(grants, accounts, outbox, consent, recovery)| {
-                use_grant_id(grants, grant)?;
-                if let Some(admin) = admin {
-                    use_action(consent, admin)?;
-                }
-                let old = accounts.get(&record.account_id)?;
-                if !replace && old.is_some() {
+        let result = self.account_change(grant, admin, |accounts, outbox, recovery| {
+            let old = accounts.get(&record.account_id)?;
+            if !replace && old.is_some() {
+                return abort(Abort::Exists);
+            }
+            let mut record = record.clone();
+            if let Some(old) = old {
+                let Ok(old) = decode_record(&old) else {
+                    return abort(Abort::Corrupt);
+                };
+                // A replaced account keeps its highest step if that is
+                // higher, so a re-enrolled seed never repeats a step,
+                // and stays disabled if it was.
+                record.last_step = record.last_step.max(old.last_step);
+                record.disabled = old.disabled;
+                let Some(admin) = admin else {
+                    // Replacing needs the admins' consent (checked by
+                    // the vault before this); without it, nothing.
                     return abort(Abort::Exists);
-                }
-                let mut record = record.clone();
-                if let Some(old) = old {
-                    let Ok(old) = decode_record(&old) else {
-                        return abort(Abort::Corrupt);
-                    };
-                    // A replaced account keeps its highest step if that is
-                    // higher, so a re-enrolled seed never repeats a step,
-                    // and stays disabled if it was.
-                    record.last_step = record.last_step.max(old.last_step);
-                    record.disabled = old.disabled;
-                    let Some(admin) = admin else {
-                        // Replacing needs the admins' consent (checked by
-                        // the vault before this); without it, nothing.
-                        return abort(Abort::Exists);
-                    };
-                    keep(recovery, old, admin, "replaced")?;
-                }
-                let bytes = serde_json::to_vec(&record).expect("records serialize");
-                accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
-                self.outbox.push(outbox, event.clone())
-            });
+                };
+                keep(recovery, old, admin, "replaced")?;
+            }
+            let bytes = serde_json::to_vec(&record).expect("records serialize");
+            accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
+            self.outbox.push(outbox, event.clone())
+        });
         match self.finish(result, &record.account_id) {
             Err(VaultStoreError::GrantUsed(_)) => {
                 Err(VaultStoreError::GrantUsed(grant.grant_id.clone()))
@@ -960,25 +975,16 @@ impl VaultStore for SledVaultStore {
             grant_id: grant_id.clone(),
             expires_at: *expires_at,
         };
-        let result = (
-            &self.grants,
-            &self.accounts,
-            self.outbox.tree(),
-            &self.consent,
-            &self.recovery,
-        )
-            .transaction(|(grants, accounts, outbox, consent, recovery)| {
-                use_grant_id(grants, &spent)?;
-                use_action(consent, admin)?;
-                let Some(old) = accounts.remove(account_id.as_bytes())? else {
-                    return abort(Abort::Missing);
-                };
-                let Ok(old) = decode_record(&old) else {
-                    return abort(Abort::Corrupt);
-                };
-                keep(recovery, old, admin, "removed")?;
-                self.outbox.push(outbox, event.clone())
-            });
+        let result = self.account_change(&spent, Some(admin), |accounts, outbox, recovery| {
+            let Some(old) = accounts.remove(account_id.as_bytes())? else {
+                return abort(Abort::Missing);
+            };
+            let Ok(old) = decode_record(&old) else {
+                return abort(Abort::Corrupt);
+            };
+            keep(recovery, old, admin, "removed")?;
+            self.outbox.push(outbox, event.clone())
+        });
         self.finish(result, account_id)
             .map_err(|e| name_ids(e, grant_id, &admin.action_id))
     }
@@ -991,27 +997,19 @@ impl VaultStore for SledVaultStore {
             admin,
             event,
         } = &change;
-        let result = (
-            &self.grants,
-            &self.accounts,
-            self.outbox.tree(),
-            &self.consent,
-        )
-            .transaction(|(grants, accounts, outbox, consent)| {
-                use_grant_id(grants, grant)?;
-                use_action(consent, admin)?;
-                let Some(bytes) = accounts.get(account_id.as_bytes())? else {
-                    return abort(Abort::Missing);
-                };
-                let Ok(mut record) = decode_record(&bytes) else {
-                    return abort(Abort::Corrupt);
-                };
-                record.disabled = !enabled;
-                let bytes = serde_json::to_vec(&record).expect("records serialize");
-                accounts.insert(account_id.as_bytes(), bytes)?;
-                let seq = self.outbox.push(outbox, event.clone())?;
-                Ok((seq, record))
-            });
+        let result = self.account_change(grant, Some(admin), |accounts, outbox, _| {
+            let Some(bytes) = accounts.get(account_id.as_bytes())? else {
+                return abort(Abort::Missing);
+            };
+            let Ok(mut record) = decode_record(&bytes) else {
+                return abort(Abort::Corrupt);
+            };
+            record.disabled = !enabled;
+            let bytes = serde_json::to_vec(&record).expect("records serialize");
+            accounts.insert(account_id.as_bytes(), bytes)?;
+            let seq = self.outbox.push(outbox, event.clone())?;
+            Ok((seq, record))
+        });
         self.finish(result, account_id)
             .map_err(|e| name_ids(e, &grant.grant_id, &admin.action_id))
     }
@@ -1023,49 +1021,40 @@ impl VaultStore for SledVaultStore {
             admin,
             event,
         } = &restore;
-        let result = (
-            &self.grants,
-            &self.accounts,
-            self.outbox.tree(),
-            &self.consent,
-            &self.recovery,
-        )
-            .transaction(|(grants, accounts, outbox, consent, recovery)| {
-                use_grant_id(grants, grant)?;
-                use_action(consent, admin)?;
-                let mut list = match kept_list(recovery.get(account_id.as_bytes())?.as_deref()) {
-                    Ok(l) => l,
-                    Err(e) => return abort(e),
+        let result = self.account_change(grant, Some(admin), |accounts, outbox, recovery| {
+            let mut list = match kept_list(recovery.get(account_id.as_bytes())?.as_deref()) {
+                Ok(l) => l,
+                Err(e) => return abort(e),
+            };
+            list.retain(|k| k.until >= admin.now);
+            let Some(kept) = list.pop() else {
+                return abort(Abort::NothingKept);
+            };
+            if list.is_empty() {
+                recovery.remove(account_id.as_bytes())?;
+            } else {
+                let bytes = serde_json::to_vec(&list).expect("kept seeds serialize");
+                recovery.insert(account_id.as_bytes(), bytes)?;
+            }
+            let mut record = kept.record.clone();
+            if let Some(current) = accounts.get(account_id.as_bytes())? {
+                let Ok(current) = decode_record(&current) else {
+                    return abort(Abort::Corrupt);
                 };
-                list.retain(|k| k.until >= admin.now);
-                let Some(kept) = list.pop() else {
-                    return abort(Abort::NothingKept);
-                };
-                if list.is_empty() {
-                    recovery.remove(account_id.as_bytes())?;
-                } else {
-                    let bytes = serde_json::to_vec(&list).expect("kept seeds serialize");
-                    recovery.insert(account_id.as_bytes(), bytes)?;
-                }
-                let mut record = kept.record.clone();
-                if let Some(current) = accounts.get(account_id.as_bytes())? {
-                    let Ok(current) = decode_record(&current) else {
-                        return abort(Abort::Corrupt);
-                    };
-                    // Never a step twice for the account, whichever seed.
-                    record.last_step = record.last_step.max(current.last_step);
-                    keep(recovery, current, admin, "restored over")?;
-                }
-                let bytes = serde_json::to_vec(&record).expect("records serialize");
-                accounts.insert(account_id.as_bytes(), bytes)?;
-                let event = event
-                    .clone()
-                    .attr("kept_reason", kept.reason.clone())
-                    .attr("kept_at", kept.kept_at.to_string())
-                    .attr("kept_by_action", kept.action_id.clone());
-                let seq = self.outbox.push(outbox, event)?;
-                Ok((seq, record, kept))
-            });
+                // Never a step twice for the account, whichever seed.
+                record.last_step = record.last_step.max(current.last_step);
+                keep(recovery, current, admin, "restored over")?;
+            }
+            let bytes = serde_json::to_vec(&record).expect("records serialize");
+            accounts.insert(account_id.as_bytes(), bytes)?;
+            let event = event
+                .clone()
+                .attr("kept_reason", kept.reason.clone())
+                .attr("kept_at", kept.kept_at.to_string())
+                .attr("kept_by_action", kept.action_id.clone());
+            let seq = self.outbox.push(outbox, event)?;
+            Ok((seq, record, kept))
+        });
         self.finish(result, account_id)
             .map_err(|e| name_ids(e, &grant.grant_id, &admin.action_id))
     }

@@ -28,19 +28,6 @@ use twokey_testkit::consent::{AccountRoles, PolicySpec};
 const OLD_SECRET: &str = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
 const NEW_SECRET: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
 
-/// The code of `secret` (SHA1, 6 digits) for time step `step`, whatever
-/// the step length (totp-rs's default 30 s steps, at the step's start).
-fn code_of(secret: &str, step: u64) -> String {
-    let seed = data_encoding::BASE32_NOPAD
-        .decode(secret.as_bytes())
-        .unwrap();
-    totp_rs::Builder::new()
-        .with_secret(seed)
-        .build_noncompliant()
-        .generate(step * 30)
-        .to_string()
-}
-
 struct Env {
     fx: Fixture,
     audit: FakeAudit,
@@ -500,19 +487,7 @@ async fn one_approver_under_two_spiffe_ids_counts_once() {
 
 /// Policy `version` with everyone, listing aws-prod-root.
 fn policy_spec(fx: &Fixture, version: u64) -> PolicySpec {
-    PolicySpec {
-        version,
-        trust_domain: TD.into(),
-        people: fx
-            .people
-            .all()
-            .iter()
-            .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-            .collect(),
-        admins: vec!["adam".into(), "anna".into()],
-        threshold: 2,
-        accounts: vec![roles("aws-prod-root")],
-    }
+    fx.policy_spec(version, vec![roles("aws-prod-root")])
 }
 
 #[tokio::test]

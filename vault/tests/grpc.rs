@@ -64,18 +64,6 @@ fn with_evidence(fx: &Fixture, grant: SignedGrant) -> GenerateCodeRequest {
     }
 }
 
-/// An independent TOTP computation (totp-rs directly, SHA1, 6 digits, 30 s).
-fn expected_code(step: u64) -> String {
-    let seed = data_encoding::BASE32_NOPAD
-        .decode(SECRET.as_bytes())
-        .unwrap();
-    totp_rs::Builder::new()
-        .with_secret(seed)
-        .build_noncompliant()
-        .generate(step * 30)
-        .to_string()
-}
-
 struct Env {
     fx: Fixture,
     audit_events: FakeAudit,
@@ -165,8 +153,8 @@ async fn enrollment_returns_the_current_and_next_codes() {
     let current = reply.current.unwrap();
     let next = reply.next.unwrap();
     assert_eq!(next.step, current.step + 1);
-    assert_eq!(current.code, expected_code(current.step));
-    assert_eq!(next.code, expected_code(next.step));
+    assert_eq!(current.code, code_of(SECRET, current.step));
+    assert_eq!(next.code, code_of(SECRET, next.step));
     assert_eq!(
         current.valid_until.unwrap().seconds as u64,
         (current.step + 1) * 30
@@ -268,7 +256,7 @@ async fn a_valid_grant_releases_the_code_once() {
     let env = Env::enrolled("aws-prod-root").await;
     let grant = env.fx.grant("aws-prod-root", GrantPurpose::Release);
     let code = env.release_code(grant.clone()).await.unwrap();
-    assert_eq!(code.code, expected_code(code.step));
+    assert_eq!(code.code, code_of(SECRET, code.step));
     let events = env.audit_events.events.lock().unwrap().clone();
     assert!(
         events
@@ -610,7 +598,11 @@ impl Env {
             .release_code(self.fx.grant("aws-prod-root", GrantPurpose::Release))
             .await
             .unwrap();
-        assert_eq!(code.code, expected_code(code.step), "the seed was replaced");
+        assert_eq!(
+            code.code,
+            code_of(SECRET, code.step),
+            "the seed was replaced"
+        );
         let events = self.audit_events.events.lock().unwrap().clone();
         let enrolled = events
             .iter()
@@ -845,7 +837,7 @@ fn fresh_or_wait(
                 "step {} repeats one up to {above}",
                 code.step
             );
-            assert_eq!(code.code, expected_code(code.step));
+            assert_eq!(code.code, code_of(SECRET, code.step));
             Some(code)
         }
         Err(e) => {
@@ -883,7 +875,7 @@ async fn releases_never_repeat_a_registration_code_or_a_step_even_after_a_restar
     assert!(first.step > next.step, "{} <= {}", first.step, next.step);
     assert_ne!(first.code, current.code);
     assert_ne!(first.code, next.code);
-    assert_eq!(first.code, expected_code(first.step));
+    assert_eq!(first.code, code_of(SECRET, first.step));
     let from = first.valid_from.unwrap().seconds as u64;
     assert_eq!(from, first.step * 30);
     assert_eq!(first.valid_until.unwrap().seconds as u64, from + 30);

@@ -80,6 +80,17 @@ fn read_log(config: &std::path::Path) -> String {
     std::fs::read_to_string(log_path(config)).unwrap()
 }
 
+/// Runs the vault binary with `config`, which must refuse to start;
+/// returns what it logged.
+fn refused_start(config: &std::path::Path) -> String {
+    let output = vault_command(config)
+        .stderr(log_file(config))
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the vault started");
+    read_log(config)
+}
+
 /// Starts the vault binary (off the runtime, which keeps serving the fake
 /// audit meanwhile) and waits for its "listening on" line.
 async fn start_vault_process(config: &std::path::Path) -> (Child, std::net::SocketAddr) {
@@ -142,12 +153,7 @@ async fn the_vault_refuses_a_group_readable_master_key() {
     let config = write_config(&fx, "127.0.0.1:9".parse().unwrap());
     let key = fx.path().join("master.key");
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    let output = vault_command(&config)
-        .stderr(log_file(&config))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let err = read_log(&config);
+    let err = refused_start(&config);
     assert!(
         err.contains("master.key") && err.contains("chmod 600"),
         "{err}"
@@ -168,12 +174,7 @@ async fn the_vault_refuses_a_master_key_that_does_not_match_its_data() {
     twokey_runtime::keys::SecretKey::generate()
         .write(&key)
         .unwrap();
-    let status = vault_command(&config)
-        .stderr(log_file(&config))
-        .status()
-        .unwrap();
-    assert!(!status.success());
-    let err = read_log(&config);
+    let err = refused_start(&config);
     assert!(err.contains("master key"), "{err}");
 }
 
@@ -181,12 +182,7 @@ async fn the_vault_refuses_a_master_key_that_does_not_match_its_data() {
 async fn the_vault_does_not_start_without_its_consent_section() {
     let fx = Fixture::new();
     let config = write_config_without_consent(&fx, "127.0.0.1:9".parse().unwrap());
-    let output = vault_command(&config)
-        .stderr(log_file(&config))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let err = read_log(&config);
+    let err = refused_start(&config);
     assert!(
         err.contains("the [consent] section is required")
             && err.contains("admins_file")
@@ -200,12 +196,7 @@ async fn the_vault_does_not_start_without_its_consent_section() {
         .unwrap()
         .replace("threshold = 2", "threshold = 3");
     std::fs::write(&config, text).unwrap();
-    let output = vault_command(&config)
-        .stderr(log_file(&config))
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let err = read_log(&config);
+    let err = refused_start(&config);
     assert!(
         err.contains("[consent] admins_file") && err.contains("threshold"),
         "{err}"

@@ -182,20 +182,12 @@ impl Fixture {
     /// Policy `version` listing `accounts`, everyone in it, adam and anna
     /// its admins (M = 2).
     pub fn policy(&self, version: u64, accounts: Vec<AccountRoles>) -> String {
-        PolicySpec {
-            version,
-            trust_domain: TD.into(),
-            people: self
-                .people
-                .all()
-                .iter()
-                .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-                .collect(),
-            admins: vec!["adam".into(), "anna".into()],
-            threshold: 2,
-            accounts,
-        }
-        .to_toml()
+        self.policy_spec(version, accounts).to_toml()
+    }
+
+    /// [`Fixture::policy`] before it is rendered.
+    pub fn policy_spec(&self, version: u64, accounts: Vec<AccountRoles>) -> PolicySpec {
+        PolicySpec::adam_and_anna(version, TD, &self.people.all(), accounts)
     }
 
     /// `document` signed by each of `admins`.
@@ -391,6 +383,20 @@ impl Fixture {
         };
         sign_grant(key, &grant)
     }
+}
+
+/// The code of Base32 `secret` (SHA1, 6 digits) for time step `step`,
+/// whatever the step length (totp-rs's default 30 s steps, at the step's
+/// start).
+pub fn code_of(secret: &str, step: u64) -> String {
+    let seed = data_encoding::BASE32_NOPAD
+        .decode(secret.as_bytes())
+        .unwrap();
+    totp_rs::Builder::new()
+        .with_secret(seed)
+        .build_noncompliant()
+        .generate(step * 30)
+        .to_string()
 }
 
 pub fn uuid_like() -> String {
