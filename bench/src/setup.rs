@@ -198,25 +198,14 @@ impl World {
     /// [`RELEASES_PER_HOUR`]), signed by adam and anna.
     pub fn signed_policy(&self, accounts: &[String]) -> Result<ApplyPolicyRequest> {
         let p = &self.people;
-        let document = PolicySpec {
-            version: 1,
-            trust_domain: TD.into(),
-            people: p
-                .all()
-                .iter()
-                .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-                .collect(),
-            admins: vec!["adam".into(), "anna".into()],
-            threshold: 2,
-            accounts: accounts
-                .iter()
-                .map(|a| AccountRoles {
-                    releases_per_hour: RELEASES_PER_HOUR,
-                    ..AccountRoles::new(a, "alice", "bob", "olivia")
-                })
-                .collect(),
-        }
-        .to_toml();
+        let roles = accounts
+            .iter()
+            .map(|a| AccountRoles {
+                releases_per_hour: RELEASES_PER_HOUR,
+                ..AccountRoles::new(a, "alice", "bob", "olivia")
+            })
+            .collect();
+        let document = PolicySpec::adam_and_anna(1, TD, &p.all(), roles).to_toml();
         ensure!(
             document.len() <= MAX_POLICY_DOCUMENT,
             "a signed policy naming {} accounts is {} bytes, more than one gRPC message carries ({MAX_POLICY_DOCUMENT}); \
