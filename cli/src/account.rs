@@ -7,10 +7,9 @@
 //! admin's signature.
 
 use std::io::{IsTerminal, Read};
-use std::time::SystemTime;
 
 use clap::{Args, Subcommand, ValueEnum};
-use twokey_consent::{AdminAction, admin_binding, new_id, new_statement};
+use twokey_consent::{AdminAction, admin_binding, new_id};
 use twokey_proto::{
     broker::v1::{
         AdminActionProposal, EnrollAccountRequest, EnrollAccountResponse, ListAccountsRequest,
@@ -339,13 +338,7 @@ async fn sign_action(
     action: AdminAction,
     action_id: &str,
 ) -> Result<AdminActionProposal, CliError> {
-    let statement = new_statement(
-        signing.policy_version,
-        &signing.identity,
-        SystemTime::now(),
-        admin_binding(account, action, action_id),
-    );
-    let statement = signer.sign_statement(&signing.trust_domain, &statement)?;
+    let statement = signing.sign(signer, admin_binding(account, action, action_id))?;
     target
         .answer(
             broker

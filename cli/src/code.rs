@@ -8,10 +8,8 @@
 //! own code (delivery "requester") signs nothing: the operator's statements
 //! from `pin verify` are used.
 
-use std::time::SystemTime;
-
 use clap::Subcommand;
-use twokey_consent::{SignedStatement, new_id, new_statement, release_binding};
+use twokey_consent::{SignedStatement, new_id, release_binding};
 use twokey_proto::{
     Timestamp,
     broker::v1::{Delivery, ReleaseCodeRequest, ReleaseCodeResponse, Request},
@@ -96,13 +94,7 @@ pub fn sign_release(
                 request.request_id
             ))
         })?;
-    let statement = new_statement(
-        signing.policy_version,
-        &signing.identity,
-        SystemTime::now(),
-        binding,
-    );
-    signer.sign_statement(&signing.trust_domain, &statement)
+    signing.sign(signer, binding)
 }
 
 fn human(a: &ReleaseCodeResponse) -> String {

@@ -15,7 +15,7 @@ use twokey_proto::broker::v1::{
     RequestState, WatchRequestsRequest,
 };
 
-use twokey_consent::{approval_binding, new_id, new_statement, request_binding};
+use twokey_consent::{approval_binding, new_id, request_binding};
 
 use crate::{
     error::{CliError, Target},
@@ -158,10 +158,8 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
                 let now = SystemTime::now();
                 let binding =
                     request_binding(&new_id(), &a.account, &requester, &a.reason, &ticket, now);
-                let statement =
-                    new_statement(signing.policy_version, &signing.identity, now, binding);
                 (
-                    Some(signer.sign_statement(&signing.trust_domain, &statement)?),
+                    Some(signing.sign_at(&signer, now, binding)?),
                     signed_line(&signer, signing.policy_version),
                 )
             } else {
@@ -258,14 +256,8 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
                         a.id
                     ))
                 })?;
-                let statement = new_statement(
-                    signing.policy_version,
-                    &signing.identity,
-                    SystemTime::now(),
-                    binding,
-                );
                 (
-                    Some(signer.sign_statement(&signing.trust_domain, &statement)?),
+                    Some(signing.sign(&signer, binding)?),
                     signed_line(&signer, signing.policy_version),
                 )
             } else {

@@ -19,12 +19,13 @@ use std::{
     io::{Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use ssh_encoding::Decode;
 use twokey_consent::{
-    SignedStatement, Statement, consent_namespace, encode_statement, policy_namespace,
+    Binding, SignedStatement, Statement, consent_namespace, encode_statement, new_statement,
+    policy_namespace,
     ssh_key::{Algorithm, HashAlg, LineEnding, PrivateKey, PublicKey, Signature, SshSig},
 };
 
@@ -316,6 +317,23 @@ impl Signing {
     /// Whether a signed policy is in force, so statements are required.
     pub fn required(&self) -> bool {
         self.policy_version > 0
+    }
+
+    /// `binding` issued now, signed by `signer` as the caller under the
+    /// active policy version.
+    pub fn sign(&self, signer: &SshSigner, binding: Binding) -> Result<SignedStatement, CliError> {
+        self.sign_at(signer, SystemTime::now(), binding)
+    }
+
+    /// [`Signing::sign`], issued at `at`.
+    pub fn sign_at(
+        &self,
+        signer: &SshSigner,
+        at: SystemTime,
+        binding: Binding,
+    ) -> Result<SignedStatement, CliError> {
+        let statement = new_statement(self.policy_version, &self.identity, at, binding);
+        signer.sign_statement(&self.trust_domain, &statement)
     }
 }
 

@@ -476,6 +476,22 @@ fn demo_keep_leaves_the_services_running_for_the_profiles() {
     assert_eq!(listed["requests"][0]["state"], "REQUEST_STATE_RELEASED");
 }
 
+/// `twokey account enroll ACCOUNT --replace --action ACTION` as adam, the
+/// Base32 `seed` on stdin.
+fn enroll_replace(cfg: &std::path::Path, action: &str, seed: &str) -> assert_cmd::Command {
+    let mut cmd = twokey_as(cfg, "adam");
+    cmd.args([
+        "account",
+        "enroll",
+        ACCOUNT,
+        "--replace",
+        "--action",
+        action,
+    ])
+    .write_stdin(format!("{seed}\n"));
+    cmd
+}
+
 /// adam starts `action` on the account with `args`, anna signs it; the
 /// action id.
 fn two_admins_sign(cfg: &std::path::Path, args: &[&str]) -> String {
@@ -503,37 +519,14 @@ fn replacing_a_seed_and_restoring_it_need_two_admins() {
 
     // --replace without --action starts the action and reads no seed.
     let action = two_admins_sign(cfg, &["account", "enroll", ACCOUNT, "--replace"]);
-    let replaced = json(
-        twokey_as(cfg, "adam")
-            .args([
-                "account",
-                "enroll",
-                ACCOUNT,
-                "--replace",
-                "--action",
-                &action,
-            ])
-            .write_stdin(format!("{OTHER}\n")),
-    );
+    let replaced = json(&mut enroll_replace(cfg, &action, OTHER));
     assert_eq!(replaced["account"]["accountId"], ACCOUNT);
     // The registration codes are the new seed's, not the old one's.
     let from = seconds(&replaced["current"]["validFrom"]);
     assert_ne!(replaced["current"]["code"].as_str().unwrap(), totp_at(from));
 
     // The same action id does not replace twice.
-    let err = one_line_error(
-        twokey_as(cfg, "adam")
-            .args([
-                "account",
-                "enroll",
-                ACCOUNT,
-                "--replace",
-                "--action",
-                &action,
-            ])
-            .write_stdin(format!("{SECRET_B32}\n")),
-        1,
-    );
+    let err = one_line_error(&mut enroll_replace(cfg, &action, SECRET_B32), 1);
     assert!(err.starts_with("twokey: "), "{err}");
 
     // Restore brings the earlier seed back.

@@ -49,17 +49,12 @@ impl People {
             person("adam"),
             person("anna"),
         );
-        let spec = PolicySpec {
-            version: 1,
-            trust_domain: TD.into(),
-            people: [&alice, &bob, &olivia, &adam, &anna]
-                .iter()
-                .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-                .collect(),
-            admins: vec!["adam".into(), "anna".into()],
-            threshold: 2,
-            accounts: vec![AccountRoles::new("aws-root", "alice", "bob", "olivia")],
-        };
+        let spec = PolicySpec::adam_and_anna(
+            1,
+            TD,
+            &[&alice, &bob, &olivia, &adam, &anna],
+            vec![AccountRoles::new("aws-root", "alice", "bob", "olivia")],
+        );
         Self {
             document: spec.to_toml(),
             alice,
@@ -115,6 +110,13 @@ fn twokey_with(config: &Path, agent: Option<&Path>) -> assert_cmd::Command {
     if let Some(sock) = agent {
         cmd.env("SSH_AUTH_SOCK", sock);
     }
+    cmd
+}
+
+/// `twokey policy sign --file DOC` with `config` (and `agent`).
+fn policy_sign(config: &Path, agent: Option<&Path>, doc: &Path) -> assert_cmd::Command {
+    let mut cmd = twokey_with(config, agent);
+    cmd.args(["policy", "sign", "--file"]).arg(doc);
     cmd
 }
 
@@ -230,9 +232,7 @@ fn the_cli_signs_through_a_real_ssh_agent_with_the_profiles_key() {
     let config = profile(dir.path(), &adam_key);
     let sig_path = dir.path().join("policy.toml.adam.sig");
     let report = json(
-        twokey_with(&config, Some(&agent.socket))
-            .args(["policy", "sign", "--file"])
-            .arg(&doc)
+        policy_sign(&config, Some(&agent.socket), &doc)
             .arg("--out")
             .arg(&sig_path),
     );
@@ -272,12 +272,7 @@ fn an_agent_without_the_key_gives_a_clear_error() {
     let doc = dir.path().join("policy.toml");
     std::fs::write(&doc, &people.document).unwrap();
     let config = profile(dir.path(), &adam_key);
-    let err = one_line_error(
-        twokey_with(&config, Some(&agent.socket))
-            .args(["policy", "sign", "--file"])
-            .arg(&doc),
-        1,
-    );
+    let err = one_line_error(&mut policy_sign(&config, Some(&agent.socket), &doc), 1);
     assert!(err.contains("does not hold your key"), "{err}");
     assert!(
         err.contains(&format!("ssh-add {}", adam_key.display())),
@@ -313,12 +308,7 @@ fn an_encrypted_key_file_without_an_agent_says_to_ssh_add_it() {
     let doc = dir.path().join("policy.toml");
     std::fs::write(&doc, &people.document).unwrap();
     let config = profile(dir.path(), &key);
-    let err = one_line_error(
-        twokey_with(&config, None)
-            .args(["policy", "sign", "--file"])
-            .arg(&doc),
-        1,
-    );
+    let err = one_line_error(&mut policy_sign(&config, None, &doc), 1);
     assert!(err.contains("encrypted"), "{err}");
     assert!(err.contains(&format!("ssh-add {}", key.display())), "{err}");
     assert!(err.contains("SSH_AUTH_SOCK"), "{err}");
@@ -345,9 +335,7 @@ fn a_cli_signature_from_a_key_file_verifies_with_ssh_keygen() {
     let doc = dir.path().join("policy.toml");
     std::fs::write(&doc, &people.document).unwrap();
     let config = profile(dir.path(), &key);
-    let out = twokey_with(&config, None)
-        .args(["policy", "sign", "--file"])
-        .arg(&doc)
+    let out = policy_sign(&config, None, &doc)
         .assert()
         .success()
         .get_output()
@@ -379,12 +367,7 @@ fn signing_without_an_ssh_key_in_the_profile_says_how_to_add_one() {
     std::fs::write(&config, "[profiles.me]\nbroker = \"https://127.0.0.1:1\"\n").unwrap();
     let doc = dir.path().join("policy.toml");
     std::fs::write(&doc, People::new().document).unwrap();
-    let err = one_line_error(
-        twokey_with(&config, None)
-            .args(["policy", "sign", "--file"])
-            .arg(&doc),
-        2,
-    );
+    let err = one_line_error(&mut policy_sign(&config, None, &doc), 2);
     assert!(err.contains("ssh_key"), "{err}");
     assert!(err.contains("ssh-keygen -t ed25519"), "{err}");
 }
