@@ -344,9 +344,15 @@ pub const RPC_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// An independent TOTP computation of [`SECRET`] for `step` (SHA1, 6 digits, 30 s).
 pub fn totp(step: u64) -> String {
+    totp_of(SECRET, step)
+}
+
+/// An independent TOTP computation of Base32 `secret` for `step` (SHA1, 6
+/// digits, 30 s).
+pub fn totp_of(secret: &str, step: u64) -> String {
     let seed = data_encoding::BASE32_NOPAD
-        .decode(SECRET.as_bytes())
-        .expect("SECRET is Base32");
+        .decode(secret.as_bytes())
+        .expect("a Base32 secret");
     totp_rs::Builder::new()
         .with_secret(seed)
         .build_noncompliant()

@@ -28,14 +28,14 @@ use twokey_consent::{
 };
 use twokey_e2e::{
     SECRET, Signer, System, TD, account_policy, account_section, accounts_table, bin_dir, bounded,
-    consent_of, grant_id_of, request_id_of, totp, user_id,
+    consent_of, grant_id_of, request_id_of, totp, totp_of, user_id,
 };
 use twokey_proto::{
     audit::v1::LogEntry,
     broker::v1::{
-        ApproveRequestRequest, CreateRequestRequest, EnrollAccountRequest, GetRequestRequest,
-        ListAccountsRequest, RemoveAccountRequest, SignAdminActionRequest, VerifyPinRequest,
-        enroll_account_request::Seed,
+        ApproveRequestRequest, ApproveRequestResponse, CreateRequestRequest, CreateRequestResponse,
+        EnrollAccountRequest, GetRequestRequest, ListAccountsRequest, RemoveAccountRequest,
+        SignAdminActionRequest, VerifyPinRequest, enroll_account_request::Seed,
     },
     vault::v1::{
         AdminConsent, ApplyPolicyRequest, EnrollRequest, GenerateCodeRequest, GetPolicyRequest,
@@ -136,6 +136,20 @@ impl<'a> Row<'a> {
     }
 }
 
+/// `attempt`, begun once the log is read: a row refused as `what` with
+/// exactly `code`, saying `says`, audited as `action` (see [`Row`]).
+async fn refused<T: std::fmt::Debug>(
+    sys: &System,
+    what: &str,
+    action: &'static str,
+    attempt: impl Future<Output = Result<T, Status>>,
+    code: Code,
+    says: &str,
+) {
+    let row = Row::new(sys, what, action).await;
+    row.refused(attempt.await, code, says).await;
+}
+
 /// A direct GenerateCode call as the broker (its certificate).
 async fn generate(
     sys: &System,
@@ -165,6 +179,48 @@ async fn control_release(sys: &System) {
     );
 }
 
+/// `grant` with `evidence` straight to the vault: a row refused as `what`
+/// with exactly `code`, saying `says`, audited as `code.refused`.
+async fn vault_refuses(
+    sys: &System,
+    what: &str,
+    grant: SignedGrant,
+    evidence: Option<ReleaseEvidence>,
+    code: Code,
+    says: &str,
+) {
+    let attempt = generate(sys, grant, evidence);
+    refused(sys, what, "code.refused", attempt, code, says).await;
+}
+
+/// `evidence` with the broker's grant for it, straight to the vault:
+/// refused as [`vault_refuses`] says.
+async fn refused_at_vault(
+    sys: &System,
+    what: &str,
+    evidence: ReleaseEvidence,
+    code: Code,
+    says: &str,
+) {
+    let grant = sys.grant_for(&evidence);
+    vault_refuses(sys, what, grant, Some(evidence), code, says).await;
+}
+
+/// `requester`'s request on the local account for `reason`, `approver`'s
+/// approval of it and `operator`'s release of both, under policy `v`.
+fn chain(
+    v: u64,
+    requester: &Signer,
+    approver: &Signer,
+    operator: &Signer,
+    reason: &str,
+) -> ReleaseEvidence {
+    let request = requester.request(v, ACCOUNT, reason, "");
+    let approval = approver.approve(v, &request);
+    let release = operator.release(v, &request, std::slice::from_ref(&approval));
+    evidence(request, vec![approval], release)
+}
+
 /// Evidence of `request`, `approvals` and `release`.
 fn evidence(
     request: SignedStatement,
@@ -176,6 +232,84 @@ fn evidence(
         approvals,
         release: Some(release),
     }
+}
+
+/// alice files a request for `account` with `reason` and `ticket`, and her
+/// signed `statement` of them, through the broker.
+async fn alice_files(
+    sys: &System,
+    account: &str,
+    reason: &str,
+    ticket: &str,
+    statement: SignedStatement,
+) -> Result<CreateRequestResponse, Status> {
+    bounded(sys.broker("alice").create_request(CreateRequestRequest {
+        account_id: account.into(),
+        reason: reason.into(),
+        ticket: ticket.into(),
+        on_behalf_of: String::new(),
+        statement: Some(statement),
+    }))
+    .await
+}
+
+/// bob approves request `id` with `statement`, through the broker.
+async fn bob_approves(
+    sys: &System,
+    id: &str,
+    statement: SignedStatement,
+) -> Result<ApproveRequestResponse, Status> {
+    bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
+        request_id: id.to_owned(),
+        comment: "ok".into(),
+        statement: Some(statement),
+    }))
+    .await
+}
+
+/// olivia verifies the PIN alice reads out for request `id` (signing no
+/// release yet); the request's statements as the broker then holds them.
+async fn olivia_verifies(sys: &System, id: &str) -> (SignedStatement, Vec<SignedStatement>) {
+    let pin = sys
+        .pin("alice", id, Duration::from_secs(10))
+        .await
+        .expect("a PIN");
+    let verified = bounded(sys.broker("olivia").verify_pin(VerifyPinRequest {
+        request_id: id.to_owned(),
+        pin,
+        releases: Vec::new(),
+    }))
+    .await
+    .expect("olivia verifies")
+    .request
+    .expect("the request");
+    consent_of(&verified).expect("its statements")
+}
+
+/// Request `id` as olivia sees it.
+async fn request_of(sys: &System, id: &str) -> twokey_proto::broker::v1::Request {
+    bounded(sys.broker("olivia").get_request(GetRequestRequest {
+        request_id: id.to_owned(),
+    }))
+    .await
+    .expect("the request")
+    .request
+    .expect("the request")
+}
+
+/// The one code released so far was request `id`'s, and the vault's
+/// `code.released` names the verified operator olivia.
+async fn released_by_olivia(sys: &System, id: &str) {
+    let log = sys
+        .log_until(Duration::from_secs(10), |log| codes_released(log) == 1)
+        .await;
+    let event = log
+        .iter()
+        .filter_map(|e| e.event.as_ref())
+        .find(|e| e.action == "code.released" && e.source.ends_with("/svc/vault"))
+        .expect("the vault's code.released");
+    assert_eq!(event.actor, user_id("olivia"), "{event:?}");
+    assert_eq!(event.request_id, id);
 }
 
 /// A system with the local account enrolled, and its policy version.
@@ -224,9 +358,11 @@ async fn the_broker_grant_key_alone_yields_no_code() {
         sys.sign_with_grant_key(&everyone),
     ));
     for (what, grant) in grants {
-        let row = Row::new(&sys, &format!("{what}, no evidence"), "code.refused").await;
-        row.refused(
-            generate(&sys, grant, None).await,
+        vault_refuses(
+            &sys,
+            &format!("{what}, no evidence"),
+            grant,
+            None,
             Code::PermissionDenied,
             "missing",
         )
@@ -234,14 +370,16 @@ async fn the_broker_grant_key_alone_yields_no_code() {
     }
 
     // Evidence made of empty statements.
-    let row = Row::new(&sys, "empty statements", "code.refused").await;
     let empty = evidence(
         SignedStatement::default(),
         vec![SignedStatement::default()],
         SignedStatement::default(),
     );
-    row.refused(
-        generate(&sys, sys.sign_grant("g-blank"), Some(empty)).await,
+    vault_refuses(
+        &sys,
+        "empty statements",
+        sys.sign_grant("g-blank"),
+        Some(empty),
         Code::PermissionDenied,
         "missing",
     )
@@ -250,13 +388,17 @@ async fn the_broker_grant_key_alone_yields_no_code() {
     // Statements naming alice, bob and olivia, signed with keys the policy
     // does not list (what the broker's host could make up).
     let forged = |name: &str| stranger(name, &user_id(name));
-    let request = forged("alice").request(v, ACCOUNT, "forged", "");
-    let approval = forged("bob").approve(v, &request);
-    let release = forged("olivia").release(v, &request, std::slice::from_ref(&approval));
-    let made_up = evidence(request, vec![approval], release);
-    let row = Row::new(&sys, "statements by keys not in the policy", "code.refused").await;
-    row.refused(
-        generate(&sys, sys.grant_for(&made_up), Some(made_up)).await,
+    let made_up = chain(
+        v,
+        &forged("alice"),
+        &forged("bob"),
+        &forged("olivia"),
+        "forged",
+    );
+    refused_at_vault(
+        &sys,
+        "statements by keys not in the policy",
+        made_up,
         Code::PermissionDenied,
         "in no person's entry of the policy",
     )
@@ -264,18 +406,11 @@ async fn the_broker_grant_key_alone_yields_no_code() {
 
     // People the policy does not know at all.
     let ghost = |name: &str| stranger(name, &user_id(name));
-    let request = ghost("mallory").request(v, ACCOUNT, "forged", "");
-    let approval = ghost("mel").approve(v, &request);
-    let release = ghost("max").release(v, &request, std::slice::from_ref(&approval));
-    let strangers = evidence(request, vec![approval], release);
-    let row = Row::new(
+    let strangers = chain(v, &ghost("mallory"), &ghost("mel"), &ghost("max"), "forged");
+    refused_at_vault(
         &sys,
         "statements by people not in the policy",
-        "code.refused",
-    )
-    .await;
-    row.refused(
-        generate(&sys, sys.grant_for(&strangers), Some(strangers)).await,
+        strangers,
         Code::PermissionDenied,
         "is not a person in policy version 1",
     )
@@ -302,100 +437,107 @@ async fn tampered(
     generate(sys, grant, Some(evidence(request, e.approvals, release))).await
 }
 
+/// The statements [`tampered`] sends: a row refused as `what` with exactly
+/// `code`, saying `says`, audited as `code.refused`.
+async fn refused_tampered(
+    sys: &System,
+    v: u64,
+    what: &str,
+    code: Code,
+    says: &str,
+    tamper: impl FnOnce(&mut SignedStatement, &mut Vec<SignedStatement>, &mut SignedStatement),
+) {
+    let attempt = tampered(sys, v, tamper);
+    refused(sys, what, "code.refused", attempt, code, says).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_signatures_and_stale_or_misbound_statements_release_nothing() {
     let (sys, v) = enrolled().await;
     let (alice, bob, olivia) = (sys.signer("alice"), sys.signer("bob"), sys.signer("olivia"));
 
     // alice's own key, under another namespace than twokey-consent@TD.
-    let row = Row::new(
+    refused_tampered(
         &sys,
+        v,
         "a request signed under another namespace",
-        "code.refused",
+        Code::PermissionDenied,
+        "is signed under namespace",
+        |request, _, _| {
+            request.signature = twokey_consent::sshsig::sign(
+                alice.key(),
+                &twokey_consent::policy_namespace(TD),
+                &request.statement,
+            )
+            .expect("sign");
+        },
     )
     .await;
-    let result = tampered(&sys, v, |request, _, _| {
-        request.signature = twokey_consent::sshsig::sign(
-            alice.key(),
-            &twokey_consent::policy_namespace(TD),
-            &request.statement,
-        )
-        .expect("sign");
-    })
-    .await;
-    row.refused(result, Code::PermissionDenied, "is signed under namespace")
-        .await;
 
     // A signature that is no sshsig at all.
-    let row = Row::new(&sys, "a malformed approval signature", "code.refused").await;
-    let result = tampered(&sys, v, |_, approvals, _| {
-        approvals[0].signature = b"-----BEGIN SSH SIGNATURE-----\nnot one\n".to_vec();
-    })
-    .await;
-    row.refused(
-        result,
+    refused_tampered(
+        &sys,
+        v,
+        "a malformed approval signature",
         Code::InvalidArgument,
         "approval statement #1 is malformed",
+        |_, approvals, _| {
+            approvals[0].signature = b"-----BEGIN SSH SIGNATURE-----\nnot one\n".to_vec();
+        },
     )
     .await;
 
     // bob's signature over other bytes than the approval presented.
-    let row = Row::new(&sys, "an approval whose bytes were changed", "code.refused").await;
-    let result = tampered(&sys, v, |request, approvals, _| {
-        let other = bob.approve(v, request);
-        approvals[0].statement = other.statement;
-    })
-    .await;
-    row.refused(
-        result,
+    refused_tampered(
+        &sys,
+        v,
+        "an approval whose bytes were changed",
         Code::PermissionDenied,
         "the signature does not verify",
+        |request, approvals, _| {
+            let other = bob.approve(v, request);
+            approvals[0].statement = other.statement;
+        },
     )
     .await;
 
     // bob's approval of another request of alice's.
-    let row = Row::new(&sys, "an approval of another request", "code.refused").await;
-    let result = tampered(&sys, v, |_, approvals, _| {
-        let other = alice.request(v, ACCOUNT, "another", "");
-        approvals[0] = bob.approve(v, &other);
-    })
-    .await;
-    row.refused(
-        result,
+    refused_tampered(
+        &sys,
+        v,
+        "an approval of another request",
         Code::FailedPrecondition,
         "is bound to another request",
+        |_, approvals, _| {
+            let other = alice.request(v, ACCOUNT, "another", "");
+            approvals[0] = bob.approve(v, &other);
+        },
     )
     .await;
 
     // olivia's release that does not say the PIN was verified.
-    let row = Row::new(&sys, "a release without the PIN verified", "code.refused").await;
-    let result = tampered(&sys, v, |request, approvals, release| {
-        let grant_id = grant_id_of(release);
-        let Ok(Binding::Release(mut binding)) =
-            twokey_consent::release_binding(request, approvals, &grant_id, &new_id())
-        else {
-            panic!("a release binding")
-        };
-        binding.pin_verified = false;
-        *release = olivia.sign(v, Binding::Release(binding));
-    })
-    .await;
-    row.refused(
-        result,
+    refused_tampered(
+        &sys,
+        v,
+        "a release without the PIN verified",
         Code::FailedPrecondition,
         "does not say the PIN was verified",
+        |request, approvals, release| {
+            let grant_id = grant_id_of(release);
+            let Ok(Binding::Release(mut binding)) =
+                twokey_consent::release_binding(request, approvals, &grant_id, &new_id())
+            else {
+                panic!("a release binding")
+            };
+            binding.pin_verified = false;
+            *release = olivia.sign(v, Binding::Release(binding));
+        },
     )
     .await;
 
     // An expired chain: filed, approved and released ten minutes ago (a
     // release statement is good for 2 minutes).
     let ago = |s: u64| SystemTime::now() - Duration::from_secs(s);
-    let row = Row::new(
-        &sys,
-        "a release statement signed 10 minutes ago",
-        "code.refused",
-    )
-    .await;
     let request = alice.sign_at(
         v,
         ago(610),
@@ -418,27 +560,33 @@ async fn bad_signatures_and_stale_or_misbound_statements_release_nothing() {
         .expect("release"),
     );
     let old = evidence(request, vec![approval], release);
-    row.refused(
-        generate(&sys, sys.grant_for(&old), Some(old)).await,
+    refused_at_vault(
+        &sys,
+        "a release statement signed 10 minutes ago",
+        old,
         Code::FailedPrecondition,
         "a release statement is good for 120 s",
     )
     .await;
 
     // A release issued ten minutes from now.
-    let row = Row::new(&sys, "a release statement from the future", "code.refused").await;
-    let result = tampered(&sys, v, |request, approvals, release| {
-        let grant_id = grant_id_of(release);
-        *release = olivia.sign_at(
-            v,
-            SystemTime::now() + Duration::from_secs(600),
-            twokey_consent::release_binding(request, approvals, &grant_id, &new_id())
-                .expect("release"),
-        );
-    })
+    refused_tampered(
+        &sys,
+        v,
+        "a release statement from the future",
+        Code::FailedPrecondition,
+        "is issued in the future",
+        |request, approvals, release| {
+            let grant_id = grant_id_of(release);
+            *release = olivia.sign_at(
+                v,
+                SystemTime::now() + Duration::from_secs(600),
+                twokey_consent::release_binding(request, approvals, &grant_id, &new_id())
+                    .expect("release"),
+            );
+        },
+    )
     .await;
-    row.refused(result, Code::FailedPrecondition, "is issued in the future")
-        .await;
 
     control_release(&sys).await;
 }
@@ -454,22 +602,17 @@ async fn the_broker_key_and_one_approvers_key_yield_no_code() {
 
     // bob's key signs the requester's and the operator's statements in
     // their names.
-    let request = bob
-        .as_id(&user_id("alice"))
-        .request(v, ACCOUNT, "bob alone", "");
-    let approval = bob.approve(v, &request);
-    let release =
-        bob.as_id(&user_id("olivia"))
-            .release(v, &request, std::slice::from_ref(&approval));
-    let posing = evidence(request, vec![approval], release);
-    let row = Row::new(
+    let posing = chain(
+        v,
+        &bob.as_id(&user_id("alice")),
+        &bob,
+        &bob.as_id(&user_id("olivia")),
+        "bob alone",
+    );
+    refused_at_vault(
         &sys,
         "bob's key signing as alice and olivia",
-        "code.refused",
-    )
-    .await;
-    row.refused(
-        generate(&sys, sys.grant_for(&posing), Some(posing)).await,
+        posing,
         Code::PermissionDenied,
         "person bob's",
     )
@@ -491,9 +634,10 @@ async fn the_broker_key_and_one_approvers_key_yield_no_code() {
     let approval = bob.approve(v, &request);
     let release = bob.release(v, &request, std::slice::from_ref(&approval));
     let himself = evidence(request, vec![approval], release);
-    let row = Row::new(&sys, "bob signing every statement himself", "code.refused").await;
-    row.refused(
-        generate(&sys, sys.grant_for(&himself), Some(himself)).await,
+    refused_at_vault(
+        &sys,
+        "bob signing every statement himself",
+        himself,
         Code::PermissionDenied,
         "is not intake of account",
     )
@@ -501,15 +645,11 @@ async fn the_broker_key_and_one_approvers_key_yield_no_code() {
 
     // bob as requester of his own request, approving it, and alice's
     // honest release would still need another approver.
-    let request = bob.request(v, ACCOUNT, "bob alone", "");
-    let approval = bob.approve(v, &request);
-    let release = sys
-        .signer("olivia")
-        .release(v, &request, std::slice::from_ref(&approval));
-    let own = evidence(request, vec![approval], release);
-    let row = Row::new(&sys, "bob requesting and approving", "code.refused").await;
-    row.refused(
-        generate(&sys, sys.grant_for(&own), Some(own)).await,
+    let own = chain(v, &bob, &bob, &sys.signer("olivia"), "bob alone");
+    refused_at_vault(
+        &sys,
+        "bob requesting and approving",
+        own,
         Code::PermissionDenied,
         "is not requester of account",
     )
@@ -577,6 +717,16 @@ async fn apply_at_vault(
         .iter()
         .map(|n| sign_policy(sys.signer(n).key(), TD, document))
         .collect();
+    apply_signed_at_vault(sys, document, signatures).await
+}
+
+/// `document` with `signatures`, applied straight to the vault with the
+/// broker's certificate.
+async fn apply_signed_at_vault(
+    sys: &System,
+    document: &str,
+    signatures: Vec<Vec<u8>>,
+) -> Result<twokey_proto::vault::v1::ApplyPolicyResponse, Status> {
     bounded(sys.vault_as_broker().apply_policy(ApplyPolicyRequest {
         document: document.to_owned(),
         signatures,
@@ -616,14 +766,11 @@ async fn one_approver_with_two_spiffe_ids_and_one_key_counts_once() {
             account.insert("approvals_required".into(), 2.into());
         })
         .await;
-    let row = Row::new(
+    refused(
         &sys,
         "bob's key for a second person, at the vault",
         "policy.refused",
-    )
-    .await;
-    row.refused(
-        apply_at_vault(&sys, &twin, &["adam", "anna"]).await,
+        apply_at_vault(&sys, &twin, &["adam", "anna"]),
         Code::InvalidArgument,
         "is listed for both bob and bobby",
     )
@@ -668,9 +815,10 @@ async fn one_approver_with_two_spiffe_ids_and_one_key_counts_once() {
     ];
     let release = olivia.release(v2, &request, &approvals);
     let twice = evidence(request, approvals, release);
-    let row = Row::new(&sys, "bob approving under two SPIFFE IDs", "code.refused").await;
-    row.refused(
-        generate(&sys, sys.grant_for(&twice), Some(twice)).await,
+    refused_at_vault(
+        &sys,
+        "bob approving under two SPIFFE IDs",
+        twice,
         Code::PermissionDenied,
         "approved twice",
     )
@@ -714,13 +862,17 @@ async fn a_policy_signed_by_one_admin_where_two_are_required_changes_nothing() {
 
     // Through the broker: proposed and signed by adam alone, applied; the
     // vault's refusal passes through.
-    let row = Row::new(&sys, "adam alone, through the broker", "policy.refused").await;
-    let applied = sys.apply_policy(&document, &["adam"]).await;
-    let applied = applied.map_err(|(step, status)| {
-        assert_eq!(step, "apply", "refused at {step}: {status:?}");
-        status
-    });
-    row.refused(
+    let applied = async {
+        let applied = sys.apply_policy(&document, &["adam"]).await;
+        applied.map_err(|(step, status)| {
+            assert_eq!(step, "apply", "refused at {step}: {status:?}");
+            status
+        })
+    };
+    refused(
+        &sys,
+        "adam alone, through the broker",
+        "policy.refused",
         applied,
         Code::FailedPrecondition,
         "needs 2 distinct admin signatures",
@@ -731,9 +883,11 @@ async fn a_policy_signed_by_one_admin_where_two_are_required_changes_nothing() {
     // Straight to the vault with the broker's certificate: adam once, adam
     // twice (one person counts once).
     for signers in [&["adam"][..], &["adam", "adam"][..]] {
-        let row = Row::new(&sys, &format!("{signers:?} at the vault"), "policy.refused").await;
-        row.refused(
-            apply_at_vault(&sys, &document, signers).await,
+        refused(
+            &sys,
+            &format!("{signers:?} at the vault"),
+            "policy.refused",
+            apply_at_vault(&sys, &document, signers),
             Code::FailedPrecondition,
             "needs 2 distinct admin signatures, it has 1 (adam)",
         )
@@ -742,16 +896,17 @@ async fn a_policy_signed_by_one_admin_where_two_are_required_changes_nothing() {
     }
 
     // mallory's approval is worth nothing: the policy in force is v1.
-    let alice = sys.signer("alice");
-    let request = alice.request(v, ACCOUNT, "mallory approves", "");
-    let approval = mallory.approve(v, &request);
-    let release = sys
-        .signer("olivia")
-        .release(v, &request, std::slice::from_ref(&approval));
-    let hers = evidence(request, vec![approval], release);
-    let row = Row::new(&sys, "mallory's approval", "code.refused").await;
-    row.refused(
-        generate(&sys, sys.grant_for(&hers), Some(hers)).await,
+    let hers = chain(
+        v,
+        &sys.signer("alice"),
+        &mallory,
+        &sys.signer("olivia"),
+        "mallory approves",
+    );
+    refused_at_vault(
+        &sys,
+        "mallory's approval",
+        hers,
         Code::PermissionDenied,
         "is not a person in policy version 1",
     )
@@ -784,13 +939,11 @@ async fn a_replayed_older_policy_is_refused_and_old_statements_release_nothing()
         .iter()
         .map(|n| std::fs::read(dir.join(format!("consent-policy.toml.{n}.sig"))).expect("sig"))
         .collect();
-    let row = Row::new(&sys, "version 1 replayed at the vault", "policy.refused").await;
-    row.refused(
-        bounded(sys.vault_as_broker().apply_policy(ApplyPolicyRequest {
-            document: document.clone(),
-            signatures,
-        }))
-        .await,
+    refused(
+        &sys,
+        "version 1 replayed at the vault",
+        "policy.refused",
+        apply_signed_at_vault(&sys, &document, signatures),
         Code::FailedPrecondition,
         "policy version 1 is not above the active version 2",
     )
@@ -799,13 +952,11 @@ async fn a_replayed_older_policy_is_refused_and_old_statements_release_nothing()
 
     // Version 2 replayed is no newer either.
     let active = sys.active_policy().await;
-    let row = Row::new(&sys, "version 2 replayed at the vault", "policy.refused").await;
-    row.refused(
-        bounded(sys.vault_as_broker().apply_policy(ApplyPolicyRequest {
-            document: active.document.clone(),
-            signatures: active.signatures.clone(),
-        }))
-        .await,
+    refused(
+        &sys,
+        "version 2 replayed at the vault",
+        "policy.refused",
+        apply_signed_at_vault(&sys, &active.document, active.signatures.clone()),
         Code::FailedPrecondition,
         "policy version 2 is not above the active version 2",
     )
@@ -826,9 +977,11 @@ async fn a_replayed_older_policy_is_refused_and_old_statements_release_nothing()
 
     // Statements bound to version 1 release nothing under version 2.
     let (grant, old) = sys.signed_release(v1, ACCOUNT);
-    let row = Row::new(&sys, "statements under version 1", "code.refused").await;
-    row.refused(
-        generate(&sys, grant, Some(old)).await,
+    vault_refuses(
+        &sys,
+        "statements under version 1",
+        grant,
+        Some(old),
         Code::FailedPrecondition,
         "was made under policy version 1, the active one is 2",
     )
@@ -882,9 +1035,11 @@ async fn a_replayed_operator_statement_releases_nothing() {
     assert_eq!(code.code, totp(code.step));
 
     // The same statement again, through the broker.
-    let row = Row::new(&sys, "the operator's statement again", "consent.refused").await;
-    row.refused(
-        sys.release_with(id, statement.clone()).await,
+    refused(
+        &sys,
+        "the operator's statement again",
+        "consent.refused",
+        sys.release_with(id, statement.clone()),
         Code::PermissionDenied,
         "used",
     )
@@ -893,47 +1048,27 @@ async fn a_replayed_operator_statement_releases_nothing() {
     // The same evidence straight to the vault with the broker's key: with
     // a new grant of the grant id the statement binds, and with a grant of
     // another id.
-    let r = bounded(sys.broker("olivia").get_request(GetRequestRequest {
-        request_id: id.clone(),
-    }))
-    .await
-    .expect("the request")
-    .request
-    .expect("the request");
+    let r = request_of(&sys, id).await;
     let (req, approvals) = consent_of(&r).expect("its statements");
     let replayed = evidence(req, approvals, statement.clone());
-    let row = Row::new(
+    refused_at_vault(
         &sys,
         "the same statement, same grant id, at the vault",
-        "code.refused",
-    )
-    .await;
-    row.refused(
-        generate(&sys, sys.grant_for(&replayed), Some(replayed.clone())).await,
+        replayed.clone(),
         Code::PermissionDenied,
         "used",
     )
     .await;
-    let row = Row::new(
+    vault_refuses(
         &sys,
         "the same statement, another grant id, at the vault",
-        "code.refused",
-    )
-    .await;
-    let other = sys.sign_release_grant(&new_id(), id, account);
-    row.refused(
-        generate(&sys, other, Some(replayed)).await,
+        sys.sign_release_grant(&new_id(), id, account),
+        Some(replayed),
         Code::PermissionDenied,
         "the grant does not carry this consent",
     )
     .await;
-    let after = bounded(sys.broker("olivia").get_request(GetRequestRequest {
-        request_id: id.clone(),
-    }))
-    .await
-    .expect("the request")
-    .request
-    .expect("the request");
+    let after = request_of(&sys, id).await;
     assert_eq!(after.codes_released, 1, "{after:?}");
     // The one code was released under the grant id olivia chose.
     let released: Vec<_> = sys
@@ -961,24 +1096,14 @@ async fn with_delivery_to_the_requester_the_operator_signs_at_verify_pin() {
 
     let statement = alice.request(v, account, "self serve", "OPS-7");
     let id = request_id_of(&statement);
-    bounded(sys.broker("alice").create_request(CreateRequestRequest {
-        account_id: account.into(),
-        reason: "self serve".into(),
-        ticket: "OPS-7".into(),
-        on_behalf_of: String::new(),
-        statement: Some(statement.clone()),
-    }))
-    .await
-    .expect("alice files");
-    let approved = bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
-        request_id: id.clone(),
-        comment: "ok".into(),
-        statement: Some(bob.approve(v, &statement)),
-    }))
-    .await
-    .expect("bob approves")
-    .request
-    .expect("the request");
+    alice_files(&sys, account, "self serve", "OPS-7", statement.clone())
+        .await
+        .expect("alice files");
+    let approved = bob_approves(&sys, &id, bob.approve(v, &statement))
+        .await
+        .expect("bob approves")
+        .request
+        .expect("the request");
     let (req, approvals) = consent_of(&approved).expect("its statements");
     let pin = sys
         .pin("alice", &id, Duration::from_secs(10))
@@ -995,16 +1120,17 @@ async fn with_delivery_to_the_requester_the_operator_signs_at_verify_pin() {
     .await
     .expect("olivia verifies and signs the release");
     // alice cannot stand in for the operator with a statement of her own.
-    let row = Row::new(&sys, "alice signing her own release", "consent.refused").await;
-    row.refused(
+    refused(
+        &sys,
+        "alice signing her own release",
+        "consent.refused",
         bounded(
             sys.broker("alice")
                 .release_code(twokey_proto::broker::v1::ReleaseCodeRequest {
                     request_id: id.clone(),
                     statement: Some(alice.release(v, &req, &approvals)),
                 }),
-        )
-        .await,
+        ),
         Code::PermissionDenied,
         "is signed by spiffe://twokey.local/user/alice, not by spiffe://twokey.local/user/olivia",
     )
@@ -1021,16 +1147,7 @@ async fn with_delivery_to_the_requester_the_operator_signs_at_verify_pin() {
     assert_eq!(code.code, totp(code.step));
 
     // The vault names the verified operator, not the caller.
-    let log = sys
-        .log_until(Duration::from_secs(10), |log| codes_released(log) == 1)
-        .await;
-    let event = log
-        .iter()
-        .filter_map(|e| e.event.as_ref())
-        .find(|e| e.action == "code.released" && e.source.ends_with("/svc/vault"))
-        .expect("the vault's code.released");
-    assert_eq!(event.actor, user_id("olivia"), "{event:?}");
-    assert_eq!(event.request_id, id);
+    released_by_olivia(&sys, &id).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1040,21 +1157,11 @@ async fn a_statement_from_a_key_not_in_the_policy_is_refused() {
 
     // alice's request signed with a key the policy does not list for her.
     let statement = impostor("alice").request(v, ACCOUNT, "unknown key", "OPS-7");
-    let row = Row::new(
+    refused(
         &sys,
         "a request statement by an unknown key",
         "consent.refused",
-    )
-    .await;
-    row.refused(
-        bounded(sys.broker("alice").create_request(CreateRequestRequest {
-            account_id: ACCOUNT.into(),
-            reason: "unknown key".into(),
-            ticket: "OPS-7".into(),
-            on_behalf_of: String::new(),
-            statement: Some(statement),
-        }))
-        .await,
+        alice_files(&sys, ACCOUNT, "unknown key", "OPS-7", statement),
         Code::PermissionDenied,
         "in no person's entry of the policy",
     )
@@ -1063,58 +1170,34 @@ async fn a_statement_from_a_key_not_in_the_policy_is_refused() {
     // A real request; bob's approval by an unknown key.
     let alice = sys.signer("alice");
     let statement = alice.request(v, ACCOUNT, "unknown key", "OPS-7");
-    let created = bounded(sys.broker("alice").create_request(CreateRequestRequest {
-        account_id: ACCOUNT.into(),
-        reason: "unknown key".into(),
-        ticket: "OPS-7".into(),
-        on_behalf_of: String::new(),
-        statement: Some(statement.clone()),
-    }))
-    .await
-    .expect("alice files")
-    .request
-    .expect("the request");
+    let created = alice_files(&sys, ACCOUNT, "unknown key", "OPS-7", statement.clone())
+        .await
+        .expect("alice files")
+        .request
+        .expect("the request");
     let id = created.request_id.clone();
     assert_eq!(id, request_id_of(&statement));
-    let row = Row::new(&sys, "an approval by an unknown key", "consent.refused").await;
-    row.refused(
-        bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
-            request_id: id.clone(),
-            comment: "ok".into(),
-            statement: Some(impostor("bob").approve(v, &statement)),
-        }))
-        .await,
+    refused(
+        &sys,
+        "an approval by an unknown key",
+        "consent.refused",
+        bob_approves(&sys, &id, impostor("bob").approve(v, &statement)),
         Code::PermissionDenied,
         "in no person's entry of the policy",
     )
     .await;
-    bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
-        request_id: id.clone(),
-        comment: "ok".into(),
-        statement: Some(sys.signer("bob").approve(v, &statement)),
-    }))
-    .await
-    .expect("bob approves");
-    let pin = sys
-        .pin("alice", &id, Duration::from_secs(10))
+    bob_approves(&sys, &id, sys.signer("bob").approve(v, &statement))
         .await
-        .expect("a PIN");
-    let verified = bounded(sys.broker("olivia").verify_pin(VerifyPinRequest {
-        request_id: id.clone(),
-        pin,
-        releases: Vec::new(),
-    }))
-    .await
-    .expect("olivia verifies")
-    .request
-    .expect("the request");
-    let (req, approvals) = consent_of(&verified).expect("its statements");
+        .expect("bob approves");
+    let (req, approvals) = olivia_verifies(&sys, &id).await;
 
     // olivia's release by an unknown key.
     let forged = impostor("olivia").release(v, &req, &approvals);
-    let row = Row::new(&sys, "a release by an unknown key", "consent.refused").await;
-    row.refused(
-        sys.release_with(&id, forged).await,
+    refused(
+        &sys,
+        "a release by an unknown key",
+        "consent.refused",
+        sys.release_with(&id, forged),
         Code::PermissionDenied,
         "in no person's entry of the policy",
     )
@@ -1184,39 +1267,31 @@ async fn enrol_replace_and_remove_with_one_admin_are_refused() {
 
     // Through the broker: adam signs alone, then carries the action out.
     let (remove_id, remove) = adam_alone(&sys, v, AdminAction::Remove).await;
-    let row = Row::new(
+    refused(
         &sys,
         "remove with adam alone, through the broker",
         "consent.refused",
-    )
-    .await;
-    row.refused(
         bounded(sys.broker("adam").remove_account(RemoveAccountRequest {
             account_id: ACCOUNT.into(),
             reason: "one admin".into(),
             action_id: remove_id,
-        }))
-        .await,
+        })),
         Code::FailedPrecondition,
         "needs 2 distinct admins",
     )
     .await;
     let (replace_id, replace) = adam_alone(&sys, v, AdminAction::EnrollReplace).await;
-    let row = Row::new(
+    refused(
         &sys,
         "enrol-replace with adam alone, through the broker",
         "consent.refused",
-    )
-    .await;
-    row.refused(
         bounded(sys.broker("adam").enroll_account(EnrollAccountRequest {
             account_id: ACCOUNT.into(),
             seed: Some(Seed::Base32Secret(OTHER.into())),
             replace: true,
             action_id: replace_id,
             ..Default::default()
-        }))
-        .await,
+        })),
         Code::FailedPrecondition,
         "needs 2 distinct admins",
     )
@@ -1226,30 +1301,23 @@ async fn enrol_replace_and_remove_with_one_admin_are_refused() {
     // and twice (one person counts once).
     for statements in [vec![remove.clone()], vec![remove.clone(), remove.clone()]] {
         let n = statements.len();
-        let row = Row::new(
+        refused(
             &sys,
             &format!("remove with {n} adam statement(s) at the vault"),
             "admin_action.refused",
-        )
-        .await;
-        row.refused(
             bounded(sys.vault_as_broker().remove_account(VaultRemoveRequest {
                 grant: Some(admin_grant(&sys, GrantPurpose::Remove)),
                 consent: Some(AdminConsent { statements }),
-            }))
-            .await,
+            })),
             Code::FailedPrecondition,
             "needs 2 distinct admins",
         )
         .await;
     }
-    let row = Row::new(
+    refused(
         &sys,
         "enrol-replace with adam alone at the vault",
         "admin_action.refused",
-    )
-    .await;
-    row.refused(
         bounded(sys.vault_as_broker().enroll(EnrollRequest {
             account_id: ACCOUNT.into(),
             seed: Some(enroll_request::Seed::Base32Secret(OTHER.into())),
@@ -1259,8 +1327,7 @@ async fn enrol_replace_and_remove_with_one_admin_are_refused() {
                 statements: vec![replace],
             }),
             ..Default::default()
-        }))
-        .await,
+        })),
         Code::FailedPrecondition,
         "needs 2 distinct admins",
     )
@@ -1306,16 +1373,19 @@ async fn admins_sign(sys: &System, v: u64, action: AdminAction, admins: &[&str])
     action_id
 }
 
-/// The TOTP (SHA1, 6 digits, 30 s) of Base32 `secret` for `step`.
-fn totp_of(secret: &str, step: u64) -> String {
-    let seed = data_encoding::BASE32_NOPAD
-        .decode(secret.as_bytes())
-        .expect("Base32");
-    totp_rs::Builder::new()
-        .with_secret(seed)
-        .build_noncompliant()
-        .generate(step * 30)
-        .to_string()
+/// adam and anna sign a restore of the local account and carry it out,
+/// through the broker: `what` (its last kept seed) is back.
+async fn two_admins_restore(sys: &System, v: u64, what: &str) {
+    let action_id = admins_sign(sys, v, AdminAction::Restore, &["adam", "anna"]).await;
+    bounded(
+        sys.broker("adam")
+            .restore_account(twokey_proto::broker::v1::RestoreAccountRequest {
+                account_id: ACCOUNT.into(),
+                action_id,
+            }),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("two admins restore {what}: {e:?}"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1345,16 +1415,7 @@ async fn two_admins_replace_remove_and_restore_a_seed() {
     }
 
     // They restore the replaced seed: SECRET is back.
-    let action_id = admins_sign(&sys, v, AdminAction::Restore, &["adam", "anna"]).await;
-    bounded(
-        sys.broker("adam")
-            .restore_account(twokey_proto::broker::v1::RestoreAccountRequest {
-                account_id: ACCOUNT.into(),
-                action_id,
-            }),
-    )
-    .await
-    .expect("two admins restore the replaced seed");
+    two_admins_restore(&sys, v, "the replaced seed").await;
 
     // They remove the account: the vault holds it no more and releases
     // nothing for it.
@@ -1372,16 +1433,7 @@ async fn two_admins_replace_remove_and_restore_a_seed() {
     assert_eq!(gone.unwrap_err().code(), Code::NotFound);
 
     // And restore it: a full chain releases SECRET's code again.
-    let action_id = admins_sign(&sys, v, AdminAction::Restore, &["adam", "anna"]).await;
-    bounded(
-        sys.broker("adam")
-            .restore_account(twokey_proto::broker::v1::RestoreAccountRequest {
-                account_id: ACCOUNT.into(),
-                action_id,
-            }),
-    )
-    .await
-    .expect("two admins restore the removed account");
+    two_admins_restore(&sys, v, "the removed account").await;
     let request = sys.verified_request("after the restore").await;
     let code = sys
         .release_as_operator(&request.request_id)
@@ -1423,17 +1475,11 @@ async fn a_version_applied_at_the_vault_reaches_the_broker_with_the_first_statem
     // request; the chain releases under version 2.
     let alice = sys.signer("alice");
     let statement = alice.request(v2, ACCOUNT, "new version", "OPS-7");
-    let created = bounded(sys.broker("alice").create_request(CreateRequestRequest {
-        account_id: ACCOUNT.into(),
-        reason: "new version".into(),
-        ticket: "OPS-7".into(),
-        on_behalf_of: String::new(),
-        statement: Some(statement),
-    }))
-    .await
-    .expect("the broker takes a statement under the vault's new version")
-    .request
-    .expect("the request");
+    let created = alice_files(&sys, ACCOUNT, "new version", "OPS-7", statement)
+        .await
+        .expect("the broker takes a statement under the vault's new version")
+        .request
+        .expect("the request");
     assert_eq!(sys.policy_version().await, v2, "the broker names version 2");
     assert_eq!(created.consent.expect("consent").policy_version, v2);
 }
@@ -1479,30 +1525,41 @@ fn ssh_keygen_sign(
     }
 }
 
+/// Runs `command` with `input` on its stdin; its output (stdout and stderr
+/// captured).
+fn run_with_stdin(command: &mut Command, input: &[u8]) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input)
+        .expect("write stdin");
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {command:?}: {e}"))
+}
+
 /// Checks a signed statement with `ssh-keygen -Y verify` against the
 /// active policy's people as an `allowed_signers` file.
 fn ssh_keygen_verify(dir: &Path, allowed_signers: &Path, signer: &str, signed: &SignedStatement) {
     let base = dir.join(format!("verify-{}", new_id()));
     let sig = base.with_extension("sig");
     std::fs::write(&sig, &signed.signature).expect("write the signature");
-    let mut child = Command::new("ssh-keygen")
-        .args(["-Y", "verify", "-f"])
-        .arg(allowed_signers)
-        .args(["-I", signer, "-n", &consent_namespace(TD), "-s"])
-        .arg(&sig)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run ssh-keygen");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&signed.statement)
-        .expect("write the statement");
-    let out = child.wait_with_output().expect("ssh-keygen");
+    let out = run_with_stdin(
+        Command::new("ssh-keygen")
+            .args(["-Y", "verify", "-f"])
+            .arg(allowed_signers)
+            .args(["-I", signer, "-n", &consent_namespace(TD), "-s"])
+            .arg(&sig),
+        &signed.statement,
+    );
     assert!(
         out.status.success(),
         "ssh-keygen -Y verify refused {signer}'s statement: {}{}",
@@ -1531,17 +1588,11 @@ async fn statements_signed_by_ssh_keygen_release_the_right_code() {
             SystemTime::now(),
         ),
     );
-    let created = bounded(sys.broker("alice").create_request(CreateRequestRequest {
-        account_id: ACCOUNT.into(),
-        reason: reason.into(),
-        ticket: ticket.into(),
-        on_behalf_of: String::new(),
-        statement: Some(request.clone()),
-    }))
-    .await
-    .expect("alice files with ssh-keygen's signature")
-    .request
-    .expect("the request");
+    let created = alice_files(&sys, ACCOUNT, reason, ticket, request.clone())
+        .await
+        .expect("alice files with ssh-keygen's signature")
+        .request
+        .expect("the request");
     let id = created.request_id.clone();
     assert_eq!(id, request_id_of(&request));
     let (shown, _) = consent_of(&created).expect("the request statement");
@@ -1557,27 +1608,10 @@ async fn statements_signed_by_ssh_keygen_release_the_right_code() {
         v,
         twokey_consent::approval_binding(&shown).expect("approval binding"),
     );
-    bounded(sys.broker("bob").approve_request(ApproveRequestRequest {
-        request_id: id.clone(),
-        comment: "ok".into(),
-        statement: Some(approval.clone()),
-    }))
-    .await
-    .expect("bob approves with ssh-keygen's signature");
-    let pin = sys
-        .pin("alice", &id, Duration::from_secs(10))
+    bob_approves(&sys, &id, approval.clone())
         .await
-        .expect("a PIN");
-    let verified = bounded(sys.broker("olivia").verify_pin(VerifyPinRequest {
-        request_id: id.clone(),
-        pin,
-        releases: Vec::new(),
-    }))
-    .await
-    .expect("olivia verifies")
-    .request
-    .expect("the request");
-    let (req, approvals) = consent_of(&verified).expect("its statements");
+        .expect("bob approves with ssh-keygen's signature");
+    let (req, approvals) = olivia_verifies(&sys, &id).await;
     assert_eq!(approvals, std::slice::from_ref(&approval));
     let release = ssh_keygen_sign(
         &sys,
@@ -1614,16 +1648,7 @@ async fn statements_signed_by_ssh_keygen_release_the_right_code() {
     ssh_keygen_verify(dir.path(), &allowed, &user_id("bob"), &ours);
 
     // The vault's code.released names the verified people.
-    let log = sys
-        .log_until(Duration::from_secs(10), |log| codes_released(log) == 1)
-        .await;
-    let event = log
-        .iter()
-        .filter_map(|e| e.event.as_ref())
-        .find(|e| e.action == "code.released" && e.source.ends_with("/svc/vault"))
-        .expect("the vault's code.released");
-    assert_eq!(event.actor, user_id("olivia"), "{event:?}");
-    assert_eq!(event.request_id, id);
+    released_by_olivia(&sys, &id).await;
 }
 
 /// An `ssh-agent` in the foreground (`-D`) on a socket in a temporary
@@ -1691,24 +1716,14 @@ async fn twokey(
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let stdin = stdin.to_owned();
     tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(bin_dir().join("twokey"))
-            .env("TWOKEY_CONFIG", &config)
-            .env("SSH_AUTH_SOCK", &agent)
-            .args(["--profile", &profile, "--json"])
-            .args(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run twokey");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("write stdin");
-        let out = child.wait_with_output().expect("twokey");
+        let out = run_with_stdin(
+            Command::new(bin_dir().join("twokey"))
+                .env("TWOKEY_CONFIG", &config)
+                .env("SSH_AUTH_SOCK", &agent)
+                .args(["--profile", &profile, "--json"])
+                .args(&args),
+            stdin.as_bytes(),
+        );
         assert!(
             out.status.success(),
             "twokey --profile {profile} {args:?} failed: {}",
@@ -1787,13 +1802,7 @@ async fn signatures_through_ssh_agent_by_the_cli_release_the_right_code() {
     assert_eq!(code, totp(step), "the CLI's code is not the TOTP");
 
     // The statements the broker holds are the agent's keys' signatures.
-    let r = bounded(sys.broker("olivia").get_request(GetRequestRequest {
-        request_id: id.clone(),
-    }))
-    .await
-    .expect("the request")
-    .request
-    .expect("the request");
+    let r = request_of(&sys, &id).await;
     let (req, approvals) = consent_of(&r).expect("its statements");
     for (name, signed) in [("alice", &req), ("bob", &approvals[0])] {
         let sig = twokey_consent::sshsig::parse_signature(&signed.signature).expect("sshsig");
