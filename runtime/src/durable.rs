@@ -11,6 +11,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 /// Why the database could not be opened or synced.
@@ -62,6 +63,30 @@ fn remove_partial_snapshots(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long [`DurableDb::open`] waits for the data directory's lock, held by
+/// a process (or a server in this process) that is still shutting down.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens sled at `dir`; while another holder's lock on it is still being
+/// released (a restart right after a stop), tries again for [`LOCK_WAIT`],
+/// then answers that error: two live services on one directory are refused.
+fn open_waiting_for_lock(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled 0.34 wraps the lock failure as ErrorKind::Other with
+            // this text (config.rs), so the text is what says it.
+            Err(sled::Error::Io(e))
+                if e.to_string().starts_with("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl DurableDb {
     /// Opens (creating if needed) the sled database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -76,7 +101,7 @@ impl DurableDb {
             .create(dir)
             .map_err(|e| err(e.into()))?;
         remove_partial_snapshots(dir).map_err(|e| err(e.into()))?;
-        let db = sled::Config::new().path(dir).open().map_err(err)?;
+        let db = open_waiting_for_lock(dir).map_err(err)?;
         // sled 0.34 keeps its log and pages in `<dir>/db`.
         let data_file = File::open(dir.join("db")).map_err(|e| err(e.into()))?;
         Ok(Self {
@@ -157,6 +182,28 @@ mod tests {
             let mode = std::fs::metadata(&d).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o700, "{}", d.display());
         }
+    }
+
+    #[test]
+    fn a_restart_waits_for_the_lock_a_stopping_holder_still_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = DurableDb::open(dir.path()).unwrap();
+        first.db().insert(b"k", b"v".as_slice()).unwrap();
+        first.sync_blocking().unwrap();
+        // The holder lets go a moment after the second open begins.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let releaser = std::thread::spawn(move || {
+            rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        tx.send(()).unwrap();
+        let second = DurableDb::open(dir.path()).unwrap();
+        releaser.join().unwrap();
+        assert_eq!(
+            second.db().get(b"k").unwrap().as_deref(),
+            Some(b"v".as_slice())
+        );
     }
 
     #[tokio::test]
