@@ -137,20 +137,15 @@ admins = ["adam", "anna"]
         let root =
             TrustRoot::from_allowed_signers(TD, &admins_allowed_signers(&admins), 2).unwrap();
         let version = |v: u64| {
-            let document = PolicySpec {
-                version: v,
-                trust_domain: TD.into(),
-                people: people
-                    .iter()
-                    .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-                    .collect(),
-                admins: vec!["adam".into(), "anna".into()],
-                threshold: 2,
-                accounts: vec![
+            let document = PolicySpec::adam_and_anna(
+                v,
+                TD,
+                &people.iter().collect::<Vec<_>>(),
+                vec![
                     AccountRoles::new("same", "alice", "bob", "olivia"),
                     AccountRoles::new("differs", "alice", "anna", "olivia"),
                 ],
-            }
+            )
             .to_toml();
             PolicyVersion {
                 version: v,

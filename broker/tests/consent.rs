@@ -114,18 +114,7 @@ fn document_with(
     version: u64,
     accounts: Vec<AccountRoles>,
 ) -> String {
-    PolicySpec {
-        version,
-        trust_domain: TD.into(),
-        people: people
-            .values()
-            .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-            .collect(),
-        admins: vec!["adam".into(), "anna".into()],
-        threshold: 2,
-        accounts,
-    }
-    .to_toml()
+    PolicySpec::adam_and_anna(version, TD, &people.values().collect::<Vec<_>>(), accounts).to_toml()
 }
 
 /// A test system under a signed policy.

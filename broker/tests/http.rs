@@ -266,17 +266,12 @@ async fn every_unary_method_works_over_http_with_client_certificates() {
             twokey_testkit::consent::Person::generate(n, vec![format!("spiffe://{TD}/user/{n}")])
         })
         .collect();
-    let document = twokey_testkit::consent::PolicySpec {
-        version: 1,
-        trust_domain: TD.into(),
-        people: people
-            .iter()
-            .map(|p| (p.name.clone(), p.ids.clone(), p.public().clone()))
-            .collect(),
-        admins: vec!["adam".into(), "anna".into()],
-        threshold: 2,
-        accounts: vec![],
-    }
+    let document = twokey_testkit::consent::PolicySpec::adam_and_anna(
+        1,
+        TD,
+        &people.iter().collect::<Vec<_>>(),
+        vec![],
+    )
     .to_toml();
     let proposed = ok(&h, "adam", "ProposePolicy", json!({ "document": document })).await;
     assert_eq!(proposed["proposal"]["version"], "1");
