@@ -103,6 +103,10 @@ pub struct EnrollArgs {
     /// With --replace: the admin action (signed by enough admins) to carry out.
     #[arg(long, value_name = "ID", requires = "replace")]
     pub action: Option<String>,
+    /// With --replace: do not ask for confirmation (for scripts; without a
+    /// terminal the command refuses to run without it).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 /// An admin action on an account.
@@ -139,15 +143,23 @@ pub struct RemoveArgs {
     /// start a new one.
     #[arg(long, value_name = "ID")]
     pub action: Option<String>,
+    /// Do not ask for confirmation (for scripts; without a terminal the
+    /// command refuses to run without it).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 /// Runs an account command.
 pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result<(), CliError> {
     match cmd {
         AccountCommand::Enroll(a) if a.replace && a.action.is_none() => {
+            confirm(a.yes, &replace_story(&a.account, None))?;
             start_action(&settings, out, &a.account, AdminAction::EnrollReplace, None).await
         }
         AccountCommand::Enroll(a) => {
+            if a.replace {
+                confirm(a.yes, &replace_story(&a.account, a.action.as_deref()))?;
+            }
             let raw = read_seed()?;
             let request = enroll_request(&a, &raw)?;
             drop(raw);
@@ -174,6 +186,10 @@ pub async fn run(cmd: AccountCommand, settings: Settings, out: Output) -> Result
             out.answer(&answer, || accounts_table(&answer.accounts))
         }
         AccountCommand::Remove(a) => {
+            confirm(
+                a.yes,
+                &remove_story(&a.account, &a.reason, a.action.as_deref()),
+            )?;
             let Some(action_id) = a.action else {
                 return start_action(
                     &settings,
@@ -429,6 +445,60 @@ fn actions_table(actions: &[AdminActionProposal]) -> String {
     table(&["ID", "ACTION", "ACCOUNT", "SIGNED", "STARTED"], &rows)
 }
 
+/// What `account remove` is about to do.
+fn remove_story(account: &str, reason: &str, action: Option<&str>) -> String {
+    match action {
+        None => format!(
+            "This starts removing account {account} (reason: {reason:?}): it signs a new admin action with your ssh_key; once enough admins sign it, `--action ID` removes the seed, and {account} releases no codes from then on."
+        ),
+        Some(id) => format!(
+            "This removes account {account} now (admin action {id}, reason: {reason:?}): it releases no codes from then on, and the vault keeps its seed sealed only for the policy's recovery window (`twokey account restore {account}` brings it back until then)."
+        ),
+    }
+}
+
+/// What `account enroll --replace` is about to do.
+fn replace_story(account: &str, action: Option<&str>) -> String {
+    match action {
+        None => format!(
+            "This starts replacing the seed of account {account}: it signs a new admin action with your ssh_key; once enough admins sign it, `--action ID` replaces the seed."
+        ),
+        Some(id) => format!(
+            "This replaces the seed of account {account} now (admin action {id}) with the one from stdin: codes come from the new seed from then on, and the vault keeps the old seed sealed only for the policy's recovery window."
+        ),
+    }
+}
+
+/// Shows `story` and asks on the terminal before a destructive admin step;
+/// `yes` (`--yes`) skips the question. Without a terminal (stderr not one,
+/// or no controlling terminal to read from) it refuses, a usage error, so
+/// that a script never destroys by accident.
+fn confirm(yes: bool, story: &str) -> Result<(), CliError> {
+    if yes {
+        return Ok(());
+    }
+    let tty = std::io::stderr()
+        .is_terminal()
+        .then(|| std::fs::OpenOptions::new().read(true).open("/dev/tty").ok())
+        .flatten();
+    let Some(tty) = tty else {
+        return Err(CliError::Usage(format!(
+            "{story} There is no terminal to confirm on: pass --yes to go ahead."
+        )));
+    };
+    eprint!("{story}\nContinue? Type yes: ");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(tty), &mut line)
+        .map_err(|e| CliError::Input(format!("cannot read the answer from the terminal: {e}")))?;
+    if line.trim().eq_ignore_ascii_case("yes") || line.trim().eq_ignore_ascii_case("y") {
+        Ok(())
+    } else {
+        Err(CliError::Input(
+            "not confirmed: nothing was done (answer yes to go ahead, or pass --yes)".into(),
+        ))
+    }
+}
+
 /// Reads the seed from stdin: without echo on a terminal, else all of it.
 fn read_seed() -> Result<Zeroizing<String>, CliError> {
     let stdin = std::io::stdin();
@@ -603,6 +673,7 @@ mod tests {
             period: None,
             algorithm: None,
             action: None,
+            yes: false,
         }
     }
 

@@ -18,6 +18,8 @@ pub struct Target {
     pub service: &'static str,
     /// The address the CLI dialled.
     pub address: String,
+    /// How long the CLI waited, for messages about a silent service.
+    pub timeouts: crate::profile::Timeouts,
 }
 
 impl Target {
@@ -102,6 +104,41 @@ impl From<twokey_testkit::local::LocalError> for CliError {
 }
 
 impl CliError {
+    /// The error's kind for `--json` errors: the gRPC code's name in
+    /// lower case for a failed call (`unavailable`, `permission_denied`;
+    /// `deadline_exceeded` when the CLI's own timeout ran out), else
+    /// `usage`, `config`, `io`, `input`, `verify`, `tls` or `pki`.
+    pub fn code(&self) -> String {
+        match self {
+            CliError::Usage(_) => "usage".into(),
+            CliError::Config(_) => "config".into(),
+            CliError::Io { .. } => "io".into(),
+            CliError::Input(_) => "input".into(),
+            CliError::Rpc { status, .. }
+                if is_call_timeout(status) || is_connect_timeout(status, &status_text(status)) =>
+            {
+                "deadline_exceeded".into()
+            }
+            CliError::Rpc { status, .. } => {
+                enum_name(&format!("{:?}", status.code())).to_ascii_lowercase()
+            }
+            CliError::Verify(_) => "verify".into(),
+            CliError::Tls(_) => "tls".into(),
+            CliError::Pki(_) => "pki".into(),
+            CliError::BrokenPipe => "broken_pipe".into(),
+        }
+    }
+
+    /// The error as one JSON object: `{"code": …, "message": …, "exit": …}`.
+    pub fn json(&self) -> String {
+        serde_json::json!({
+            "code": self.code(),
+            "message": self.one_line(),
+            "exit": self.exit_code(),
+        })
+        .to_string()
+    }
+
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -124,6 +161,19 @@ impl CliError {
             source,
         }
     }
+}
+
+/// `DeadlineExceeded` as `Deadline_Exceeded`: a snake-case split of a
+/// CamelCase name.
+fn enum_name(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Joins lines and squeezes whitespace so that a message is one line.
@@ -182,10 +232,41 @@ fn prefixed(prefix: &str, text: &str) -> String {
     }
 }
 
+/// True when the CLI's own deadline for the call ran out (tonic reports
+/// its client-side timeout as CANCELLED "Timeout expired").
+fn is_call_timeout(status: &tonic::Status) -> bool {
+    status.code() == Code::Cancelled && status.message().contains("Timeout expired")
+}
+
+/// True when connecting (TCP or the TLS handshake) ran out of time.
+fn is_connect_timeout(status: &tonic::Status, text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    status.code() == Code::Unavailable
+        && is_transport_failure(status, &text)
+        && (text.contains("timed out") || text.contains("timeout"))
+}
+
 /// What the CLI says for a failed call.
 pub fn describe_status(target: &Target, status: &tonic::Status) -> String {
     let text = status_text(status);
-    let Target { service, address } = target;
+    let Target {
+        service,
+        address,
+        timeouts,
+    } = target;
+    if is_call_timeout(status) {
+        let within = crate::profile::show_duration(timeouts.call);
+        return format!(
+            "the {service} at {address} did not answer within {within}; is it running? raise --timeout (now {within}) if it is only slow"
+        );
+    }
+    if is_connect_timeout(status, &text) {
+        let within = crate::profile::show_duration(timeouts.connect);
+        return format!(
+            "the {service} at {address} did not answer within {within} while connecting ({}); is it running, and is --{service} its address? raise --connect-timeout (now {within}) if the network is slow",
+            text.trim_end_matches('.')
+        );
+    }
     match status.code() {
         Code::Unavailable if is_transport_failure(status, &text) => {
             format!(
@@ -227,6 +308,7 @@ mod tests {
         Target {
             service: "broker",
             address: "https://127.0.0.1:7400".into(),
+            timeouts: crate::profile::Timeouts::default(),
         }
     }
 
@@ -279,6 +361,32 @@ mod tests {
     fn multi_line_messages_become_one_line() {
         let err = broker().error(tonic::Status::invalid_argument("bad\nreason\n\tfield"));
         assert_eq!(err.one_line(), "invalid argument: bad reason field");
+    }
+
+    #[test]
+    fn the_clients_own_timeout_names_the_service_address_and_flag() {
+        let err = broker().error(tonic::Status::cancelled("Timeout expired"));
+        assert_eq!(
+            err.one_line(),
+            "the broker at https://127.0.0.1:7400 did not answer within 30s; is it running? raise --timeout (now 30s) if it is only slow"
+        );
+        assert_eq!(err.code(), "deadline_exceeded");
+        assert_eq!(err.exit_code(), EXIT_FAILURE);
+    }
+
+    #[test]
+    fn json_errors_carry_code_message_and_exit() {
+        let err = broker().error(tonic::Status::permission_denied("no"));
+        let v: serde_json::Value = serde_json::from_str(&err.json()).unwrap();
+        assert_eq!(v["code"], "permission_denied");
+        assert_eq!(v["message"], "permission denied: no");
+        assert_eq!(v["exit"], 1);
+        let v: serde_json::Value =
+            serde_json::from_str(&CliError::Usage("bad".into()).json()).unwrap();
+        assert_eq!(
+            (v["code"].as_str(), v["exit"].as_i64()),
+            (Some("usage"), Some(2))
+        );
     }
 
     #[test]

@@ -41,13 +41,28 @@ use profile::{ConnectionArgs, Settings};
 ///   key = "/path/alice.key"
 ///   ca = "/path/ca.crt"
 ///   ssh_key = "/path/alice.ssh"      # your OpenSSH key; signs your consent
+///   connect_timeout = "5s"            # TCP connect, and again TLS handshake
+///   timeout = "30s"                   # each call's answer (a stream's start)
+///
+/// Timeouts: --connect-timeout, else $TWOKEY_CONNECT_TIMEOUT, else the
+/// profile's connect_timeout, else 5s; --timeout, else $TWOKEY_TIMEOUT, else
+/// the profile's timeout, else 30s. For streams the deadline covers their
+/// start; `request watch` then waits for events as long as it runs.
 ///
 /// Requests, approvals, releases, policy versions and admin actions are
 /// signed with your own OpenSSH key (ssh-ed25519): through the agent when
 /// $SSH_AUTH_SOCK is set (the key whose public half is ssh_key.pub), else
 /// with the unencrypted key file ssh_key.
 ///
-/// Exit codes: 0 success, 1 failure, 2 usage.
+/// Errors are one line on stderr, `twokey: MESSAGE`; with --json, one JSON
+/// object on stderr instead, {"code": ..., "message": ..., "exit": ...},
+/// where code is e.g. usage, config, input, unavailable, permission_denied,
+/// or deadline_exceeded when a service did not answer in time.
+///
+/// Exit codes: 0 success, 1 failure (a service refused, failed or did not
+/// answer in time), 2 usage (bad flags, missing settings, or `account
+/// remove` / `enroll --replace` without a terminal to confirm on and
+/// without --yes).
 #[derive(Debug, Parser)]
 #[command(
     name = "twokey",
@@ -57,7 +72,8 @@ use profile::{ConnectionArgs, Settings};
 )]
 pub struct Cli {
     /// Print the proto3 JSON mapping of the answer and nothing else
-    /// (streams: one JSON object per line).
+    /// (streams: one JSON object per line); errors become one JSON object
+    /// on stderr: {"code": ..., "message": ..., "exit": ...}.
     #[arg(long, global = true)]
     pub json: bool,
     /// Where to connect and as whom.
@@ -105,11 +121,54 @@ pub enum Command {
 /// Runs a parsed command line; returns the process exit code. Errors are
 /// printed here, as one line on stderr.
 pub fn run(cli: Cli) -> i32 {
+    let json = cli.json;
     match execute(cli) {
         Ok(()) | Err(CliError::BrokenPipe) => 0,
         Err(err) => {
-            eprintln!("twokey: {}", err.one_line());
+            report(&err, json);
             err.exit_code()
+        }
+    }
+}
+
+/// Prints an error on stderr: one line, or with `--json` one JSON object.
+pub fn report(err: &CliError, json: bool) {
+    if json {
+        eprintln!("{}", err.json());
+    } else {
+        eprintln!("twokey: {}", err.one_line());
+    }
+}
+
+/// Parses the command line; a usage error is printed (as JSON when --json
+/// is among the arguments) and becomes `Err(exit code)`. Help and version
+/// print as usual.
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, i32> {
+    let args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    match Cli::try_parse_from(&args) {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let json = args.iter().skip(1).any(|a| a == "--json");
+            let informational = matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            );
+            if json && !informational {
+                let text = e.render().to_string();
+                let first = text
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ");
+                report(&CliError::Usage(first.to_owned()), true);
+                Err(error::EXIT_USAGE)
+            } else {
+                let _ = e.print();
+                Err(e.exit_code())
+            }
         }
     }
 }

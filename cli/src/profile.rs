@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
@@ -56,6 +57,73 @@ pub struct ConnectionArgs {
     /// Name the audit service's certificate must carry [default: audit].
     #[arg(long, global = true, value_name = "NAME")]
     pub audit_server_name: Option<String>,
+    /// Longest wait for a service's TCP connection, and again for its TLS
+    /// handshake, e.g. 5s, 500ms, 1m [default: 5s; profile: connect_timeout].
+    #[arg(long, global = true, env = "TWOKEY_CONNECT_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Deadline of each call, from sending it to its answer; for streams
+    /// (request watch, audit query and export) until the stream starts,
+    /// after which `request watch` waits for events without one
+    /// [default: 30s; profile: timeout].
+    #[arg(long, global = true, env = "TWOKEY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+/// The default of --connect-timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The default of --timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the CLI waits for a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// For the TCP connection, and again for the TLS handshake.
+    pub connect: Duration,
+    /// For each call's answer (a stream's start).
+    pub call: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: DEFAULT_CONNECT_TIMEOUT,
+            call: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Parses a duration: a positive whole number with a unit, `ms`, `s`, `m`
+/// or `h` (`5s`, `500ms`, `2m`); a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let bad = || format!("{text:?} is not a duration: give e.g. 5s, 500ms or 2m");
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(bad()),
+    };
+    if duration.is_zero() {
+        return Err(format!(
+            "{text:?} is no time at all: give more than 0, e.g. 5s"
+        ));
+    }
+    Ok(duration)
+}
+
+/// A duration as people write it: `5s`, `1500ms`.
+pub fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 /// One profile: the connection settings of one identity.
@@ -87,6 +155,12 @@ pub struct Profile {
     /// Name the audit service's certificate must carry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_server_name: Option<String>,
+    /// Longest wait for a connection and its TLS handshake (`5s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    /// Deadline of each call (`30s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 /// The config file: `[profiles.NAME]` tables and an optional `default_profile`.
@@ -163,6 +237,8 @@ pub struct Settings {
     pub profile: Option<String>,
     /// Merged values.
     pub values: Profile,
+    /// The timeouts, flag over `$TWOKEY_*` over profile over default.
+    pub timeouts: Timeouts,
 }
 
 impl Settings {
@@ -197,8 +273,36 @@ impl Settings {
         };
         let over = |flag: &Option<String>, base: Option<String>| flag.clone().or(base);
         let over_path = |flag: &Option<PathBuf>, base: Option<PathBuf>| flag.clone().or(base);
+        let timeout = |flag: Option<Duration>,
+                       base: &Option<String>,
+                       key: &str,
+                       default: Duration|
+         -> Result<Duration, CliError> {
+            if let Some(d) = flag {
+                return Ok(d);
+            }
+            match base {
+                Some(text) => parse_duration(text).map_err(|e| {
+                    CliError::Config(format!(
+                        "{key} in profile {:?}: {e}",
+                        profile_name.as_deref().unwrap_or_default()
+                    ))
+                }),
+                None => Ok(default),
+            }
+        };
+        let timeouts = Timeouts {
+            connect: timeout(
+                args.connect_timeout,
+                &base.connect_timeout,
+                "connect_timeout",
+                DEFAULT_CONNECT_TIMEOUT,
+            )?,
+            call: timeout(args.timeout, &base.timeout, "timeout", DEFAULT_TIMEOUT)?,
+        };
         Ok(Self {
             profile: profile_name,
+            timeouts,
             values: Profile {
                 broker: over(&args.broker, base.broker),
                 audit: over(&args.audit, base.audit),
@@ -208,6 +312,8 @@ impl Settings {
                 ssh_key: over_path(&args.ssh_key, base.ssh_key),
                 broker_server_name: over(&args.broker_server_name, base.broker_server_name),
                 audit_server_name: over(&args.audit_server_name, base.audit_server_name),
+                connect_timeout: base.connect_timeout.clone(),
+                timeout: base.timeout.clone(),
             },
         })
     }
@@ -267,6 +373,7 @@ impl Settings {
         Ok(Target {
             service,
             address: normalize_address(address),
+            timeouts: self.timeouts,
         })
     }
 
@@ -276,7 +383,17 @@ impl Settings {
         server_name: &str,
     ) -> Result<(Channel, Target), CliError> {
         let target = self.target(service)?;
-        let channel = self.tls()?.channel(&target.address, server_name)?;
+        let tls = self.tls()?;
+        let Timeouts { connect, call } = self.timeouts;
+        // The connect timeout bounds the TCP connection and, separately,
+        // the TLS handshake; the call timeout bounds each call's answer (a
+        // stream's start), so no command waits for ever on a silent peer.
+        let channel = twokey_runtime::tls::endpoint(&target.address)?
+            .connect_timeout(connect)
+            .timeout(call)
+            .tls_config(tls.client_config(server_name)?.timeout(connect))
+            .map_err(twokey_runtime::tls::TlsError::from)?
+            .connect_lazy();
         Ok((channel, target))
     }
 
@@ -435,6 +552,7 @@ ssh_key = "alice.ssh"
                 cert: Some("/c".into()),
                 ..Default::default()
             },
+            ..Default::default()
         };
         let err = s.tls().unwrap_err();
         assert_eq!(err.exit_code(), crate::error::EXIT_USAGE);
@@ -456,6 +574,50 @@ ssh_key = "alice.ssh"
         let path = dir.path().join("c.toml");
         config.write(&path).unwrap();
         assert_eq!(Config::load(&path).unwrap(), config);
+    }
+
+    #[test]
+    fn durations_take_a_unit_and_must_be_more_than_zero() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(show_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(show_duration(Duration::from_secs(30)), "30s");
+    }
+
+    #[test]
+    fn timeouts_default_to_5s_and_30s_and_come_from_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("{ALICE}connect_timeout = \"2s\"\ntimeout = \"1m\"\n");
+        let args = ConnectionArgs {
+            config: Some(write(dir.path(), &text)),
+            ..Default::default()
+        };
+        assert_eq!(
+            Settings::resolve(&args).unwrap().timeouts,
+            Timeouts::default()
+        );
+        let args = ConnectionArgs {
+            profile: Some("alice".into()),
+            ..args
+        };
+        let t = Settings::resolve(&args).unwrap().timeouts;
+        assert_eq!(
+            (t.connect, t.call),
+            (Duration::from_secs(2), Duration::from_secs(60))
+        );
+        let args = ConnectionArgs {
+            timeout: Some(Duration::from_secs(9)),
+            ..args
+        };
+        assert_eq!(
+            Settings::resolve(&args).unwrap().timeouts.call,
+            Duration::from_secs(9)
+        );
     }
 
     #[test]

@@ -57,14 +57,21 @@ fn every_broker_command_fails_in_one_line_when_the_broker_is_unreachable() {
         &["pin", "resend", "r-1"],
         &["code", "release", "r-1"],
         &["account", "list"],
-        &["account", "remove", "aws", "--reason", "gone"],
+        &["account", "remove", "aws", "--reason", "gone", "--yes"],
     ];
     for args in commands {
         let err = one_line_error(twokey_as(&config, "alice").args(*args), 1);
         assert_unreachable(&err, "broker");
-        // --json changes nothing about errors: stdout stays empty.
+        // With --json the error is one JSON object on stderr, the same
+        // message, and stdout stays empty.
         let err = one_line_error(twokey_as(&config, "alice").args(*args).arg("--json"), 1);
-        assert_unreachable(&err, "broker");
+        let v: serde_json::Value = serde_json::from_str(err.trim_end()).expect("JSON error");
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert_eq!(v["exit"], 1, "{v}");
+        assert_unreachable(
+            &format!("twokey: {}", v["message"].as_str().unwrap()),
+            "broker",
+        );
     }
 }
 

@@ -283,14 +283,15 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
 
     // account remove: two admins. adam starts the action, anna signs it,
     // adam carries it out.
-    let started =
-        json(twokey_as(cfg, "adam").args(["account", "remove", ACCOUNT, "--reason", "done"]));
+    let started = json(
+        twokey_as(cfg, "adam").args(["account", "remove", ACCOUNT, "--reason", "done", "--yes"]),
+    );
     let action = started["actionId"].as_str().unwrap().to_owned();
     assert_eq!(started["needed"], 2, "{started}");
     // With one signature the broker and vault refuse it, and the account stays.
     let err = one_line_error(
         twokey_as(cfg, "adam").args([
-            "account", "remove", ACCOUNT, "--reason", "done", "--action", &action,
+            "account", "remove", ACCOUNT, "--reason", "done", "--yes", "--action", &action,
         ]),
         1,
     );
@@ -306,7 +307,7 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
         "{signed}"
     );
     let removed = json(twokey_as(cfg, "adam").args([
-        "account", "remove", ACCOUNT, "--reason", "done", "--action", &action,
+        "account", "remove", ACCOUNT, "--reason", "done", "--yes", "--action", &action,
     ]));
     assert_eq!(removed["accountId"], ACCOUNT);
 }
@@ -487,6 +488,7 @@ fn enroll_replace(cfg: &std::path::Path, action: &str, seed: &str) -> assert_cmd
         "--replace",
         "--action",
         action,
+        "--yes",
     ])
     .write_stdin(format!("{seed}\n"));
     cmd
@@ -518,7 +520,7 @@ fn replacing_a_seed_and_restoring_it_need_two_admins() {
     const OTHER: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
 
     // --replace without --action starts the action and reads no seed.
-    let action = two_admins_sign(cfg, &["account", "enroll", ACCOUNT, "--replace"]);
+    let action = two_admins_sign(cfg, &["account", "enroll", ACCOUNT, "--replace", "--yes"]);
     let replaced = json(&mut enroll_replace(cfg, &action, OTHER));
     assert_eq!(replaced["account"]["accountId"], ACCOUNT);
     // The registration codes are the new seed's, not the old one's.
