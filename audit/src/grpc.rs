@@ -97,8 +97,10 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         let inbound = request.into_inner().map(move |message| match message {
             Ok(AppendRequest {
                 event: Some(signed),
-            }) => Inbound::Event(signed),
-            Ok(AppendRequest { event: None }) => {
+                known_size,
+                ..
+            }) => Inbound::Event(signed, known_size),
+            Ok(AppendRequest { event: None, .. }) => {
                 Inbound::Fail(Status::invalid_argument("append request without an event"))
             }
             Err(status) => {
@@ -114,7 +116,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         });
         tokio::spawn(append::run(log, peer, inbound, tx, self.stopping.clone()));
         let answers = ReceiverStream::new(rx).map(|answer| match answer {
-            Ok(ack) => Ok(AppendResponse::from(ack)),
+            Ok(acked) => Ok(AppendResponse::from(acked)),
             Err(refusal) => Err(Status::from(refusal)),
         });
         Ok(Response::new(Box::pin(answers)))

@@ -154,6 +154,19 @@ pub struct SignedCheckpoint {
     pub root: Hash,
 }
 
+/// A receipt for a source: a signed checkpoint and the consistency proof to
+/// it from the size the source accepted before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The checkpoint.
+    pub checkpoint: SignedCheckpoint,
+    /// The size the proof starts from.
+    pub from: u64,
+    /// The consistency proof from `from` to the checkpoint's size; empty
+    /// when `from` is 0, equal to it or larger.
+    pub proof: Vec<Hash>,
+}
+
 /// The audit log: who may write and read it, and the store under it.
 #[derive(Debug)]
 pub struct AuditLog<S> {
@@ -588,6 +601,25 @@ impl<S: LogStore> AuditLog<S> {
             note: note.clone(),
         })?;
         Ok(SignedCheckpoint { note, size, root })
+    }
+
+    /// A checkpoint over every durable entry (see [`AuditLog::checkpoint`])
+    /// with the consistency proof to it from a tree of `from` entries, for a
+    /// source that accepted a checkpoint of that size before. When `from`
+    /// is larger than the checkpoint there is no proof to give: the source
+    /// sees the smaller tree and refuses it.
+    pub fn receipt(&self, from: u64) -> Result<Receipt, AuditError> {
+        let checkpoint = self.checkpoint()?;
+        let proof = if from == 0 || from >= checkpoint.size {
+            Vec::new()
+        } else {
+            merkle::consistency_proof_with(from, checkpoint.size, &mut |s, e| self.mth(s, e))?
+        };
+        Ok(Receipt {
+            checkpoint,
+            from,
+            proof,
+        })
     }
 
     fn tree_size(&self, requested: u64) -> Result<u64, AuditError> {

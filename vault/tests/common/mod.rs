@@ -328,6 +328,7 @@ impl Fixture {
             grant_public_key: encode_public_key(&self.grant_key.verifying_key()),
             audit_address: format!("https://{audit}"),
             audit_server_name: "audit".into(),
+            audit_checkpoint_key: None,
             audit_ack_timeout_ms: 1000,
             log_format: Default::default(),
             tls: self.tls("vault"),
@@ -456,6 +457,7 @@ impl AuditService for FakeAudit {
                 status: AppendStatus::Stored as i32,
                 leaf_index: seq,
                 expected_seq: seq + 1,
+                ..Default::default()
             })
         });
         // End open Append streams when the server stops, as the real audit
