@@ -107,7 +107,65 @@ impl Checkpoint {
     }
 }
 
-fn check_name(name: &str) -> Result<(), CheckpointError> {
+/// A note's signature line: the key name and the decoded blob (key id ‖
+/// signature).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignatureLine<'n> {
+    /// The key name.
+    pub name: &'n str,
+    /// The key id.
+    pub id: u32,
+    /// What follows the key id.
+    pub signature: Vec<u8>,
+}
+
+/// Splits a signed note into its text (ending with a newline) and its
+/// signature lines, checking the note's form (no key is checked).
+pub fn split_note(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), CheckpointError> {
+    let bad = CheckpointError::MalformedNote;
+    if note.contains('\r') || note.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(bad("the note holds control characters"));
+    }
+    let split = note
+        .rfind("\n\n")
+        .ok_or(bad("no blank line before the signatures"))?;
+    let (text, sigs) = (&note[..=split], &note[split + 2..]);
+    let sigs = sigs
+        .strip_suffix('\n')
+        .ok_or(bad("the signatures do not end with a newline"))?;
+    let mut out = Vec::new();
+    for line in sigs.split('\n') {
+        let rest = line
+            .strip_prefix(SIG_PREFIX)
+            .ok_or(bad("a signature line does not start with an em dash"))?;
+        let (name, blob) = rest
+            .split_once(' ')
+            .ok_or(bad("a signature line has no signature"))?;
+        check_name(name).map_err(|_| bad("a signature line has an invalid key name"))?;
+        let blob = B64
+            .decode(blob)
+            .map_err(|_| bad("a signature is not base64"))?;
+        if blob.len() < 5 {
+            return Err(bad("a signature is too short"));
+        }
+        out.push(SignatureLine {
+            name,
+            id: u32::from_be_bytes([blob[0], blob[1], blob[2], blob[3]]),
+            signature: blob[4..].to_vec(),
+        });
+    }
+    Ok((text, out))
+}
+
+/// A signature line: `— <name> base64(key id ‖ signature)`, without the
+/// final newline.
+pub fn signature_line(name: &str, id: u32, signature: &[u8]) -> String {
+    let mut blob = id.to_be_bytes().to_vec();
+    blob.extend_from_slice(signature);
+    format!("{SIG_PREFIX}{name} {}", B64.encode(blob))
+}
+
+pub(crate) fn check_name(name: &str) -> Result<(), CheckpointError> {
     if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '+') {
         return Err(CheckpointError::BadKeyName(name.to_owned()));
     }
@@ -257,37 +315,13 @@ impl NoteVerifier {
     /// are ignored; at least one by this key must be present and all of
     /// those must verify (`verify_strict`).
     pub fn open<'n>(&self, note: &'n str) -> Result<&'n str, CheckpointError> {
-        let bad = CheckpointError::MalformedNote;
-        if note.contains('\r') || note.chars().any(|c| c.is_control() && c != '\n') {
-            return Err(bad("the note holds control characters"));
-        }
-        let split = note
-            .rfind("\n\n")
-            .ok_or(bad("no blank line before the signatures"))?;
-        let (text, sigs) = (&note[..=split], &note[split + 2..]);
-        let sigs = sigs
-            .strip_suffix('\n')
-            .ok_or(bad("the signatures do not end with a newline"))?;
+        let (text, sigs) = split_note(note)?;
         let mut found = false;
-        for line in sigs.split('\n') {
-            let rest = line
-                .strip_prefix(SIG_PREFIX)
-                .ok_or(bad("a signature line does not start with an em dash"))?;
-            let (name, blob) = rest
-                .split_once(' ')
-                .ok_or(bad("a signature line has no signature"))?;
-            check_name(name).map_err(|_| bad("a signature line has an invalid key name"))?;
-            let blob = B64
-                .decode(blob)
-                .map_err(|_| bad("a signature is not base64"))?;
-            if blob.len() < 5 {
-                return Err(bad("a signature is too short"));
-            }
-            let id = u32::from_be_bytes([blob[0], blob[1], blob[2], blob[3]]);
-            if name != self.name || id != self.id {
+        for line in sigs {
+            if line.name != self.name || line.id != self.id {
                 continue;
             }
-            let signature = Signature::from_slice(&blob[4..])
+            let signature = Signature::from_slice(&line.signature)
                 .map_err(|_| CheckpointError::BadSignature(self.name.clone()))?;
             self.key
                 .verify_strict(text.as_bytes(), &signature)
