@@ -39,6 +39,10 @@ pub enum Inbound<F> {
     /// The next event, and the tree size of the last checkpoint the source
     /// accepted (from its request; only the first of a stream is used).
     Event(SignedEvent, u64),
+    /// A request without an event: the first of a stream says the size of
+    /// the last checkpoint the source accepted and asks for a receipt now;
+    /// later ones only carry cosignatures (kept before this point).
+    Hello(u64),
     /// The stream failed in a way the source must be told (`F` says how).
     Fail(F),
     /// The source is done sending (or the stream broke without more to say).
@@ -63,11 +67,14 @@ pub enum Refusal<F> {
     ShuttingDown,
 }
 
-/// An acknowledgement, with a receipt if it is the last of its group.
+/// An acknowledgement, with a receipt if it is the last of its group; or a
+/// receipt alone (no `ack`), sent when the source said hello or, while it
+/// has nothing pending, when the log signed a larger checkpoint, so that
+/// every source sees (and as a witness cosigns) every checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acked {
-    /// What became of the event.
-    pub ack: Ack,
+    /// What became of the event, if this answers one.
+    pub ack: Option<Ack>,
     /// The signed checkpoint covering it and the proof to it.
     pub receipt: Option<Receipt>,
 }
@@ -118,6 +125,7 @@ async fn send_group<S: LogStore, F>(
         } else {
             None
         };
+        let ack = Some(ack);
         if tx.send(Ok(Acked { ack, receipt })).await.is_err() {
             return Ok(false);
         }
@@ -151,6 +159,9 @@ pub async fn run<S: LogStore, F>(
     let mut last_seq: Option<u64> = None;
     // Where the next receipt's consistency proof starts.
     let (mut base, mut based) = (0u64, false);
+    let mut signed = log.signed_size();
+    // A receipt alone is due (hello, or the log grew while idle).
+    let mut push = false;
     loop {
         tokio::select! {
             biased;
@@ -195,12 +206,23 @@ pub async fn run<S: LogStore, F>(
                             }
                         }
                     }
+                    Some(Inbound::Hello(known_size)) => {
+                        // Only the first says hello; later ones carry
+                        // cosignatures, which grpc has kept already.
+                        if !based {
+                            (base, based) = (known_size, true);
+                            push = true;
+                        }
+                    }
                     Some(Inbound::Fail(fault)) => {
                         inbound_open = false;
                         failure = Some(Refusal::Stream(fault));
                     }
                     Some(Inbound::End) | None => inbound_open = false,
                 }
+            }
+            Ok(()) = signed.changed(), if based && inbound_open && pending.is_empty() && failure.is_none() => {
+                push = *signed.borrow_and_update() > base;
             }
             () = &mut stop, if failure.is_none() && (inbound_open || !pending.is_empty()) => {
                 failure = Some(Refusal::ShuttingDown);
@@ -209,6 +231,25 @@ pub async fn run<S: LogStore, F>(
         }
         if failure.is_some() && pending.is_empty() {
             break;
+        }
+        if std::mem::take(&mut push) && pending.is_empty() && failure.is_none() {
+            let (l, from) = (log.clone(), base);
+            let receipt = tokio::task::spawn_blocking(move || l.receipt(from))
+                .await
+                .unwrap_or_else(|e| Err(AuditError::Store(format!("receipt task failed: {e}"))));
+            match receipt {
+                Ok(r) => {
+                    base = base.max(r.checkpoint.size);
+                    let answer = Acked {
+                        ack: None,
+                        receipt: Some(r),
+                    };
+                    if tx.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(%peer, "no receipt for an idle stream: {e}"),
+            }
         }
     }
     if let Some(refusal) = failure {

@@ -49,7 +49,7 @@ impl From<Ack> for AppendResponse {
 
 impl From<Acked> for AppendResponse {
     fn from(acked: Acked) -> Self {
-        let mut response = Self::from(acked.ack);
+        let mut response = acked.ack.map(Self::from).unwrap_or_default();
         if let Some(receipt) = acked.receipt {
             response.checkpoint = receipt.checkpoint.note;
             response.consistency_proof = receipt.proof.iter().map(|h| h.to_vec()).collect();

@@ -228,3 +228,54 @@ async fn every_acknowledgement_is_covered_by_a_receipt_whose_proofs_chain() {
     assert_eq!(known.unwrap().size, 150);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn both_sources_cosign_the_latest_checkpoint_as_witnesses() {
+    use twokey_audit::cosignature::CosignatureVerifier;
+    let env = Env::new();
+    let server = TestServer::start(env.config.clone()).await;
+    let vault = vault_outbox(&env);
+    let db = DurableDb::open(&env.path().join("broker-db")).unwrap();
+    let broker = Outbox::open(&db, env.broker(), std::sync::Arc::new(SystemClock)).unwrap();
+    let (vh, vt) = shipper(&env, &vault, server.addr);
+    let (bh, bt) = spawn_shipper_with(
+        broker.clone(),
+        env.channel(server.addr, "broker"),
+        ShipperOptions {
+            audit_key: Some(env.verifier()),
+        },
+    );
+    for _ in 0..3 {
+        let b = emit(&broker).await;
+        bh.wait_acked(b, Duration::from_secs(20)).await.unwrap();
+        let v = emit(&vault).await;
+        vh.wait_acked(v, Duration::from_secs(20)).await.unwrap();
+    }
+    let witnesses = [
+        CosignatureVerifier::new("twokey.test/svc/vault", env.vault_key.verifying_key()).unwrap(),
+        CosignatureVerifier::new("twokey.test/svc/broker", env.broker_key.verifying_key()).unwrap(),
+    ];
+    let mut carol = env.client(server.addr, "carol");
+    let mut note = String::new();
+    for _ in 0..200 {
+        note = checkpoint(&mut carol).await.checkpoint;
+        if witnesses.iter().all(|w| w.verify(&note).is_ok()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The broker sent nothing after the last vault event: it cosigned the
+    // latest checkpoint because audit pushed it to its idle stream.
+    for w in &witnesses {
+        w.verify(&note).unwrap_or_else(|e| panic!("{e}: {note}"));
+    }
+    let cp = env.verifier().open_checkpoint(&note).unwrap();
+    assert_eq!(cp.size, 6);
+    assert_eq!(
+        note.lines().filter(|l| l.starts_with('\u{2014}')).count(),
+        3
+    );
+    vt.abort();
+    bt.abort();
+    server.stop().await;
+}

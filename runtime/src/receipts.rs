@@ -24,6 +24,7 @@ use std::{
 use tokio::sync::watch;
 use twokey_tlog::{
     checkpoint::{Checkpoint, NoteVerifier},
+    cosignature::Cosigner,
     merkle::{self, Hash},
 };
 
@@ -150,6 +151,12 @@ pub struct ReceiptChecker {
     health: watch::Sender<Option<Inconsistency>>,
     flag: Arc<AtomicU64>,
     source: String,
+    /// The source as a witness, if it cosigns.
+    witness: Option<Cosigner>,
+    /// The largest size cosigned by this process.
+    cosigned: u64,
+    /// A cosignature made and not yet sent.
+    cosignature: Option<String>,
 }
 
 impl ReceiptChecker {
@@ -181,9 +188,27 @@ impl ReceiptChecker {
                 health: tx,
                 flag,
                 source,
+                witness: None,
+                cosigned: 0,
+                cosignature: None,
             },
             ReceiptHealth(rx),
         )
+    }
+
+    /// Cosigns, as a witness, each checkpoint accepted with a size larger
+    /// than the last it cosigned (so after checking its consistency with
+    /// that one, as C2SP tlog-witness wants).
+    pub fn with_witness(mut self, witness: Cosigner) -> Self {
+        self.witness = Some(witness);
+        self
+    }
+
+    /// The cosignature made for the last accepted checkpoint, if not taken
+    /// yet: a signed note with the checkpoint's text and the cosignature
+    /// line, for `AppendRequest.cosignature`.
+    pub fn take_cosignature(&mut self) -> Option<String> {
+        self.cosignature.take()
     }
 
     /// The size of the last accepted checkpoint (0: none).
@@ -285,6 +310,21 @@ impl ReceiptChecker {
                 tracing::warn!(source = %self.source, "cannot keep the accepted audit checkpoint: {e}");
             }
             self.accepted = Some((served, note.to_owned()));
+        }
+        if let Some(witness) = &self.witness
+            && served.size > self.cosigned
+            && let Some(text) = note.find("\n\n").map(|i| &note[..=i])
+        {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            match witness.cosign(text, now) {
+                Ok(line) => {
+                    self.cosignature = Some(format!("{text}\n{line}\n"));
+                    self.cosigned = served.size;
+                }
+                Err(e) => tracing::warn!(source = %self.source, "cannot cosign: {e}"),
+            }
         }
         Ok(Verdict::Accepted(served))
     }

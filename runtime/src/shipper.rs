@@ -10,6 +10,14 @@
 //! last accepted checkpoint flags [`ReceiptHealth`] and ends the stream,
 //! which is retried with backoff and checked again. Without the key, acks
 //! are taken as they come (and a WARN at start says so).
+//!
+//! With the key the source is also a witness: each stream opens with a
+//! request without an event (the accepted size; audit answers with a
+//! receipt), and each checkpoint accepted with a larger size than the last
+//! cosigned is cosigned ([`crate::events::EventSigner::cosigner`]) and the
+//! cosignature sent on the stream in a request without an event. Audit
+//! pushes a receipt to idle streams whenever it signs a larger checkpoint,
+//! so both sources cosign the latest one soon after the log goes quiet.
 
 use std::{
     collections::VecDeque,
@@ -126,7 +134,7 @@ pub fn spawn_shipper_with(
     let (mut checker, receipts) = match options.audit_key {
         Some(key) => {
             let (c, h) = ReceiptChecker::new(key, &outbox);
-            (Some(c), h)
+            (Some(c.with_witness(outbox.signer().cosigner())), h)
         }
         None => (None, ReceiptHealth::unchecked()),
     };
@@ -232,6 +240,16 @@ async fn session(
         .max_encoding_message_size(crate::serve::MAX_MESSAGE_BYTES);
     let mut next = outbox.first_pending().unwrap_or_else(|| outbox.next_seq());
     let mut in_flight = 0usize;
+    if checker.is_some() {
+        // Hello: the size of the checkpoint accepted last, and a receipt now
+        // (the source, as a witness, sees the latest checkpoint at once).
+        tx.send(AppendRequest {
+            known_size: known,
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| "append stream closed")?;
+    }
     // Queue the first events before opening the stream so the open carries them.
     queue(outbox, &tx, &mut next, &mut in_flight, &mut sent, known).await?;
     let mut responses = client
@@ -246,8 +264,21 @@ async fn session(
                 let response = message
                     .map_err(|s| format!("{}: {}", s.code(), s.message()))?
                     .ok_or("audit closed the stream")?;
+                let status = AppendStatus::try_from(response.status);
+                if status == Ok(AppendStatus::Unspecified) && !response.checkpoint.is_empty() {
+                    // A receipt alone: no event answered.
+                    if let Some(c) = checker.as_deref_mut() {
+                        if let Verdict::Inconsistent(i) =
+                            c.check(outbox, &response.checkpoint, None, &response.consistency_proof)?
+                        {
+                            return Err(i.to_string());
+                        }
+                        send_cosignature(c, &tx);
+                    }
+                    continue;
+                }
                 in_flight = in_flight.saturating_sub(1);
-                match AppendStatus::try_from(response.status) {
+                match status {
                     Ok(AppendStatus::Stored | AppendStatus::Duplicate) => {
                         if let Some(c) = checker.as_deref_mut() {
                             if response.checkpoint.is_empty() {
@@ -263,6 +294,7 @@ async fn session(
                             if let Verdict::Inconsistent(i) = verdict {
                                 return Err(i.to_string());
                             }
+                            send_cosignature(c, &tx);
                         }
                         outbox.remove_through(response.seq).map_err(|e| e.to_string())?;
                         acked.send_if_modified(|a| {
@@ -296,6 +328,17 @@ async fn session(
             }
             () = outbox.notified() => update_depth(outbox, acked, depth),
         }
+    }
+}
+
+/// Sends the cosignature of the checkpoint just accepted, if one is due;
+/// dropped if the stream is full (the next larger checkpoint is cosigned).
+fn send_cosignature(checker: &mut ReceiptChecker, tx: &mpsc::Sender<AppendRequest>) {
+    if let Some(cosignature) = checker.take_cosignature() {
+        let _ = tx.try_send(AppendRequest {
+            cosignature,
+            ..Default::default()
+        });
     }
 }
 
