@@ -162,6 +162,10 @@ pub async fn run<S: LogStore, F>(
     let mut signed = log.signed_size();
     // A receipt alone is due (hello, or the log grew while idle).
     let mut push = false;
+    // The source said hello: it checks receipts and witnesses, so it gets
+    // receipts alone. A source that did not (no checkpoint key, or a
+    // shipper from before receipts) never does.
+    let mut witness = false;
     loop {
         tokio::select! {
             biased;
@@ -209,9 +213,11 @@ pub async fn run<S: LogStore, F>(
                     Some(Inbound::Hello(known_size)) => {
                         // Only the first says hello; later ones carry
                         // cosignatures, which grpc has kept already.
-                        if !based {
-                            (base, based) = (known_size, true);
-                            push = true;
+                        if !witness {
+                            if !based {
+                                (base, based) = (known_size, true);
+                            }
+                            (witness, push) = (true, true);
                         }
                     }
                     Some(Inbound::Fail(fault)) => {
@@ -221,7 +227,7 @@ pub async fn run<S: LogStore, F>(
                     Some(Inbound::End) | None => inbound_open = false,
                 }
             }
-            Ok(()) = signed.changed(), if based && inbound_open && pending.is_empty() && failure.is_none() => {
+            Ok(()) = signed.changed(), if witness && inbound_open && pending.is_empty() && failure.is_none() => {
                 push = *signed.borrow_and_update() > base;
             }
             () = &mut stop, if failure.is_none() && (inbound_open || !pending.is_empty()) => {
