@@ -96,6 +96,7 @@ render() { # render SRC DEST
     -e "s|REPLACE_WITH_BROKER_GRANT_PUBLIC_KEY|$grant_pub|"
     -e "s|REPLACE_WITH_BROKER_EVENT_PUBLIC_KEY|$broker_event|"
     -e "s|REPLACE_WITH_VAULT_EVENT_PUBLIC_KEY|$vault_event|"
+    -e "s|REPLACE_WITH_AUDIT_VERIFIER_KEY|$verifier|"
     -e "s|spiffe://twokey.local/|spiffe://$td/|g"
     -e "s|^trust_domain = .*|trust_domain = \"$td\"|"
     -e "s|^origin = .*|origin = \"$td/audit\"|"

@@ -9,7 +9,7 @@ use twokey_proto::audit::v1::{
 };
 
 use crate::{
-    append::Refusal,
+    append::{Acked, Refusal},
     error::AuditError,
     merkle::Hash,
     service::{Ack, Query, QueryFilter, SignedCheckpoint, ts},
@@ -23,6 +23,7 @@ impl From<Ack> for AppendResponse {
                 status: AppendStatus::Stored as i32,
                 leaf_index: index,
                 expected_seq: seq + 1,
+                ..Default::default()
             },
             Ack::Duplicate {
                 seq,
@@ -33,14 +34,27 @@ impl From<Ack> for AppendResponse {
                 status: AppendStatus::Duplicate as i32,
                 leaf_index: index,
                 expected_seq: expected,
+                ..Default::default()
             },
             Ack::Gap { seq, expected } => Self {
                 seq,
                 status: AppendStatus::Gap as i32,
                 leaf_index: 0,
                 expected_seq: expected,
+                ..Default::default()
             },
         }
+    }
+}
+
+impl From<Acked> for AppendResponse {
+    fn from(acked: Acked) -> Self {
+        let mut response = acked.ack.map(Self::from).unwrap_or_default();
+        if let Some(receipt) = acked.receipt {
+            response.checkpoint = receipt.checkpoint.note;
+            response.consistency_proof = receipt.proof.iter().map(|h| h.to_vec()).collect();
+        }
+        response
     }
 }
 

@@ -94,12 +94,23 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
             })?;
         let (tx, rx) = mpsc::channel(PIPELINE);
         let who = peer.clone();
+        let witness = (log.clone(), peer.clone());
         let inbound = request.into_inner().map(move |message| match message {
             Ok(AppendRequest {
-                event: Some(signed),
-            }) => Inbound::Event(signed),
-            Ok(AppendRequest { event: None }) => {
-                Inbound::Fail(Status::invalid_argument("append request without an event"))
+                event,
+                known_size,
+                cosignature,
+            }) => {
+                if !cosignature.is_empty() {
+                    // A witness's word: kept if it verifies, never fatal.
+                    if let Err(e) = witness.0.add_cosignature(&witness.1, &cosignature) {
+                        tracing::warn!(peer = %witness.1, "cosignature not kept: {e}");
+                    }
+                }
+                match event {
+                    Some(signed) => Inbound::Event(signed, known_size),
+                    None => Inbound::Hello(known_size),
+                }
             }
             Err(status) => {
                 tracing::debug!(peer = %who, "append stream ended: {status}");
@@ -114,7 +125,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         });
         tokio::spawn(append::run(log, peer, inbound, tx, self.stopping.clone()));
         let answers = ReceiverStream::new(rx).map(|answer| match answer {
-            Ok(ack) => Ok(AppendResponse::from(ack)),
+            Ok(acked) => Ok(AppendResponse::from(acked)),
             Err(refusal) => Err(Status::from(refusal)),
         });
         Ok(Response::new(Box::pin(answers)))
@@ -173,7 +184,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         request: Request<GetCheckpointRequest>,
     ) -> Result<Response<GetCheckpointResponse>, Status> {
         self.auditor(&request)?;
-        Ok(Response::new(self.log.checkpoint()?.into()))
+        Ok(Response::new(self.log.cosigned_checkpoint()?.into()))
     }
 
     async fn get_inclusion_proof(

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub use twokey_tlog::cosignature;
 pub mod error;
 pub mod grpc;
 pub mod head;

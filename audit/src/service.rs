@@ -28,7 +28,7 @@ use twokey_runtime::{
 };
 
 use crate::{
-    checkpoint::{Checkpoint, CheckpointSigner},
+    checkpoint::{Checkpoint, CheckpointSigner, split_note},
     error::AuditError,
     head::{TreeHead, TreeHeadFile},
     merkle::{self, Hash, RootBuilder, leaf_hash},
@@ -154,6 +154,19 @@ pub struct SignedCheckpoint {
     pub root: Hash,
 }
 
+/// A receipt for a source: a signed checkpoint and the consistency proof to
+/// it from the size the source accepted before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The checkpoint.
+    pub checkpoint: SignedCheckpoint,
+    /// The size the proof starts from.
+    pub from: u64,
+    /// The consistency proof from `from` to the checkpoint's size; empty
+    /// when `from` is 0, equal to it or larger.
+    pub proof: Vec<Hash>,
+}
+
 /// The audit log: who may write and read it, and the store under it.
 #[derive(Debug)]
 pub struct AuditLog<S> {
@@ -169,6 +182,22 @@ pub struct AuditLog<S> {
     /// The largest tree head signed; held while a checkpoint is made, so
     /// checkpoints are checked, signed and persisted one at a time.
     head: Mutex<TreeHeadFile>,
+    /// The size of the largest tree head signed, for open append streams
+    /// to push receipts to their idle sources (witnesses).
+    signed: tokio::sync::watch::Sender<u64>,
+    /// The newest cosignature of each witness (a source): the size it
+    /// covers and the signature line. In memory: the sources cosign again
+    /// on their next receipt, which each stream sends when it opens.
+    cosignatures: Mutex<BTreeMap<String, (u64, String)>>,
+}
+
+/// The witness name of a source: its SPIFFE ID without the scheme (a
+/// schema-less URL, as C2SP tlog-cosignature recommends).
+pub fn witness_name(source: &SpiffeId) -> &str {
+    source
+        .as_str()
+        .strip_prefix("spiffe://")
+        .unwrap_or(source.as_str())
 }
 
 impl<S: LogStore> AuditLog<S> {
@@ -191,7 +220,90 @@ impl<S: LogStore> AuditLog<S> {
             sync: tokio::sync::Mutex::new(()),
             syncs: AtomicU64::new(0),
             head: Mutex::new(TreeHeadFile::in_memory()),
+            signed: tokio::sync::watch::Sender::new(0),
+            cosignatures: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Watches the size of the largest tree head signed.
+    pub fn signed_size(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.signed.subscribe()
+    }
+
+    /// Keeps the cosignature `cosigned` of source `peer` as a witness: a
+    /// signed note holding the checkpoint text it cosigned and its
+    /// `cosignature/v1` line by the source's event key under
+    /// [`witness_name`]. The checkpoint must be one of this log (origin,
+    /// and its root at its size, no larger than the largest signed head)
+    /// and the cosignature must verify; it replaces the witness's previous
+    /// one if it covers at least as many entries.
+    pub fn add_cosignature(&self, peer: &SpiffeId, cosigned: &str) -> Result<(), AuditError> {
+        let key = self
+            .sources
+            .get(peer)
+            .ok_or_else(|| AuditError::UnknownSource(peer.to_string()))?;
+        let name = witness_name(peer);
+        let invalid = |why: String| {
+            AuditError::InvalidArgument(format!("cosignature of witness {name}: {why}"))
+        };
+        let verifier = twokey_tlog::cosignature::CosignatureVerifier::new(name, *key)
+            .map_err(|e| invalid(e.to_string()))?;
+        verifier
+            .verify(cosigned)
+            .map_err(|e| invalid(e.to_string()))?;
+        let (text, _) = split_note(cosigned).map_err(|e| invalid(e.to_string()))?;
+        let checkpoint = Checkpoint::parse_body(text).map_err(|e| invalid(e.to_string()))?;
+        if checkpoint.origin != self.signer.name() {
+            return Err(invalid(format!(
+                "origin {:?} is another log",
+                checkpoint.origin
+            )));
+        }
+        let signed = self.head().size();
+        if checkpoint.size > signed || checkpoint.size == 0 {
+            return Err(invalid(format!(
+                "{} entries: this log signed no checkpoint of that size",
+                checkpoint.size
+            )));
+        }
+        if self.mth(0, checkpoint.size)? != checkpoint.root {
+            return Err(invalid(format!(
+                "the root of {} entries is not this log's",
+                checkpoint.size
+            )));
+        }
+        let line = cosigned[text.len() + 1..]
+            .lines()
+            .find(|l| {
+                l.strip_prefix("\u{2014} ")
+                    .is_some_and(|r| r.starts_with(&format!("{name} ")))
+            })
+            .map(str::to_owned)
+            .ok_or_else(|| invalid("no line".into()))?;
+        let mut all = self.cosignatures.lock().unwrap_or_else(|e| e.into_inner());
+        if all
+            .get(name)
+            .is_none_or(|(size, _)| *size <= checkpoint.size)
+        {
+            all.insert(name.to_owned(), (checkpoint.size, line));
+        }
+        Ok(())
+    }
+
+    /// The latest checkpoint (see [`AuditLog::checkpoint`]) with the
+    /// cosignature lines of the witnesses whose newest cosignature covers
+    /// exactly its size appended: still a signed note that Go's
+    /// `sumdb/note` opens with the log's key alone.
+    pub fn cosigned_checkpoint(&self) -> Result<SignedCheckpoint, AuditError> {
+        let mut checkpoint = self.checkpoint()?;
+        let all = self.cosignatures.lock().unwrap_or_else(|e| e.into_inner());
+        for (size, line) in all.values() {
+            if *size == checkpoint.size {
+                checkpoint.note.push_str(line);
+                checkpoint.note.push('\n');
+            }
+        }
+        Ok(checkpoint)
     }
 
     /// The largest signed tree head is `head` (loaded from the data
@@ -587,7 +699,32 @@ impl<S: LogStore> AuditLog<S> {
             root,
             note: note.clone(),
         })?;
+        drop(head);
+        self.signed.send_if_modified(|s| {
+            let grew = size > *s;
+            *s = (*s).max(size);
+            grew
+        });
         Ok(SignedCheckpoint { note, size, root })
+    }
+
+    /// A checkpoint over every durable entry (see [`AuditLog::checkpoint`])
+    /// with the consistency proof to it from a tree of `from` entries, for a
+    /// source that accepted a checkpoint of that size before. When `from`
+    /// is larger than the checkpoint there is no proof to give: the source
+    /// sees the smaller tree and refuses it.
+    pub fn receipt(&self, from: u64) -> Result<Receipt, AuditError> {
+        let checkpoint = self.checkpoint()?;
+        let proof = if from == 0 || from >= checkpoint.size {
+            Vec::new()
+        } else {
+            merkle::consistency_proof_with(from, checkpoint.size, &mut |s, e| self.mth(s, e))?
+        };
+        Ok(Receipt {
+            checkpoint,
+            from,
+            proof,
+        })
     }
 
     fn tree_size(&self, requested: u64) -> Result<u64, AuditError> {

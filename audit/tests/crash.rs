@@ -27,6 +27,7 @@ async fn acknowledged_appends_survive_kill_9_and_the_log_verifies() {
     for e in &events {
         tx.send(AppendRequest {
             event: Some(e.clone()),
+            ..Default::default()
         })
         .await
         .unwrap();

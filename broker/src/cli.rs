@@ -67,6 +67,9 @@ struct ServeArgs {
     /// Name in the audit service's certificate [default: audit].
     #[arg(long)]
     audit_server_name: Option<String>,
+    /// The audit service's checkpoint verifier key (receipts are checked).
+    #[arg(long)]
+    audit_checkpoint_key: Option<String>,
     /// How often expired requests are swept, e.g. "5s" [default: 5s].
     #[arg(long)]
     sweep_interval: Option<String>,
@@ -113,6 +116,7 @@ impl ServeArgs {
             ("vault_server_name", text(&self.vault_server_name)),
             ("audit_address", text(&self.audit_address)),
             ("audit_server_name", text(&self.audit_server_name)),
+            ("audit_checkpoint_key", text(&self.audit_checkpoint_key)),
             ("sweep_interval", text(&self.sweep_interval)),
             ("notify.mailbox.dir", path(&self.notify_mailbox_dir)),
             ("notify.webhook.url", text(&self.notify_webhook_url)),

@@ -53,6 +53,12 @@ pub struct BrokerConfig {
     /// Name in the audit service's certificate.
     #[serde(default = "default_audit_server_name")]
     pub audit_server_name: String,
+    /// The audit service's checkpoint verifier key
+    /// (`<origin>+<key id>+<base64 key>`, as `twokey-audit` prints it at
+    /// start): receipts are checked against it. Without it, acknowledgements
+    /// are taken as they come and a WARN at start says so.
+    #[serde(default)]
+    pub audit_checkpoint_key: Option<String>,
     /// Log line format.
     #[serde(default)]
     pub log_format: LogFormat,

@@ -35,6 +35,10 @@ pub enum BrokerError {
     /// The database failed.
     #[error("storage failure: {0}")]
     Store(String),
+    /// Audit served a checkpoint inconsistent with one this broker accepted
+    /// before: no state changes until a consistent one is served.
+    #[error("{0}")]
+    AuditInconsistent(String),
     /// A person's signed statement is missing or was refused (or the
     /// signed policy is not in a state that allows the call); the message
     /// names the statement, the person and what to do.
@@ -56,7 +60,7 @@ impl ServiceError for BrokerError {
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Self::Vault(v) => v.kind,
-            Self::Store(_) => ErrorKind::Unavailable,
+            Self::Store(_) | Self::AuditInconsistent(_) => ErrorKind::Unavailable,
             Self::Consent { kind, .. } => *kind,
         }
     }

@@ -44,7 +44,9 @@ use twokey_runtime::{
     identity::identity_of_cert,
     keys::{self, SecretKey},
     outbox::Outbox,
+    receipts::ReceiptHealth,
     serve::{self, MAX_MESSAGE_BYTES},
+    shipper::{ShipperOptions, spawn_shipper_with},
     start::StartError,
     time::{Clock, SystemClock},
 };
@@ -312,8 +314,30 @@ pub async fn serve(
         queue = queue.with_delivery_counter(counter);
     }
     let queue = Arc::new(queue);
-    let store =
-        Arc::new(SledStore::open(&db, outbox.clone(), queue.clone()).map_err(StartError::refused)?);
+    // The shipper starts before the store so that the store can check its
+    // receipts' health before every state change.
+    let shipper = match audit_channel {
+        Some(channel) => {
+            let options = ShipperOptions::from_setting(config.audit_checkpoint_key.as_deref())
+                .map_err(StartError::Setting)?;
+            Some(spawn_shipper_with(outbox.clone(), channel, options))
+        }
+        None => None,
+    };
+    let receipts = shipper
+        .as_ref()
+        .map_or_else(ReceiptHealth::unchecked, |(h, _)| h.receipts().clone());
+    let shipper = shipper.map(|(_, task)| task);
+    let store = match SledStore::open(&db, outbox.clone(), queue.clone()) {
+        Ok(store) => Arc::new(store.with_receipts(receipts)),
+        Err(e) => {
+            if let Some(task) = shipper {
+                task.abort();
+                let _ = task.await;
+            }
+            return Err(StartError::refused(e));
+        }
+    };
     metrics::observe_requests(&store);
     let mut broker = Broker::new(BrokerParts {
         policy: Arc::new(policy),
@@ -374,8 +398,6 @@ pub async fn serve(
     }
     tasks.spawn(queue.run());
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
-    let shipper =
-        audit_channel.map(|channel| twokey_runtime::shipper::spawn_shipper_task(outbox, channel).1);
     if shipper.is_none() {
         tracing::warn!("no audit_address: audit events stay in the outbox until one is configured");
     }

@@ -12,7 +12,9 @@ use sled::{
     Transactional,
     transaction::{ConflictableTransactionError, TransactionError},
 };
-use twokey_runtime::{durable::DurableDb, events::EventDraft, outbox::Outbox};
+use twokey_runtime::{
+    durable::DurableDb, events::EventDraft, outbox::Outbox, receipts::ReceiptHealth,
+};
 
 use crate::{
     error::BrokerError,
@@ -105,7 +107,11 @@ pub struct SledStore {
     actions: sled::Tree,
     outbox: Outbox,
     queue: Arc<NotifyQueue>,
+    receipts: ReceiptHealth,
 }
+
+/// What the broker does not do while audit's receipts are inconsistent.
+const NO_CHANGE: &str = "no request or document changes";
 
 fn abort(e: BrokerError) -> ConflictableTransactionError<BrokerError> {
     ConflictableTransactionError::Abort(e)
@@ -142,6 +148,21 @@ impl SledStore {
             actions: db.tree("admin_actions")?,
             outbox,
             queue,
+            receipts: ReceiptHealth::unchecked(),
+        })
+    }
+
+    /// Refuses every state change (not events alone: refusals are still
+    /// recorded) while `receipts` reports audit's checkpoints inconsistent.
+    pub fn with_receipts(mut self, receipts: ReceiptHealth) -> Self {
+        self.receipts = receipts;
+        self
+    }
+
+    fn receipts_consistent(&self) -> Result<(), BrokerError> {
+        self.receipts.check(NO_CHANGE).map_err(|message| {
+            tracing::warn!("refused: {message}");
+            BrokerError::AuditInconsistent(message)
         })
     }
 
@@ -152,6 +173,7 @@ impl SledStore {
             Option<RequestRecord>,
         ) -> Result<Option<(RequestRecord, Writes)>, BrokerError>,
     ) -> Result<(), BrokerError> {
+        self.receipts_consistent()?;
         // sled wants an `Fn`; the transaction runs on this thread only.
         let f = std::cell::RefCell::new(f);
         (
@@ -267,6 +289,7 @@ impl RequestStore for SledStore {
         key: &str,
         f: &mut dyn FnMut(Option<Vec<u8>>) -> Result<DocChange, BrokerError>,
     ) -> Result<(), BrokerError> {
+        self.receipts_consistent()?;
         let f = std::cell::RefCell::new(f);
         (self.tree(kind), self.outbox.tree())
             .transaction(|(d, o)| {
@@ -291,5 +314,93 @@ impl RequestStore for SledStore {
             self.queue.wake();
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use twokey_runtime::{
+        SpiffeId,
+        error::{ErrorKind, ServiceError},
+        events::EventSigner,
+        keys::SecretKey,
+        receipts::{Head, Inconsistency},
+        time::ManualClock,
+    };
+
+    use super::*;
+    use crate::pin::PinKey;
+
+    #[tokio::test]
+    async fn no_state_changes_while_audit_receipts_are_inconsistent() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(dir.path()).unwrap();
+        let clock = ManualClock::new(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
+        let signer = EventSigner::new(
+            SpiffeId::parse("spiffe://t/svc/broker").unwrap(),
+            ed25519_dalek::SigningKey::from_bytes(&[4; 32]),
+        );
+        let outbox = Outbox::open(&db, signer, Arc::new(clock.clone())).unwrap();
+        let queue = NotifyQueue::open(
+            &db,
+            outbox.clone(),
+            Vec::new(),
+            &PinKey::new(SecretKey::from_bytes([3; 32])),
+            Arc::new(clock),
+        )
+        .unwrap();
+        let (flag, health) = ReceiptHealth::manual();
+        let store = SledStore::open(&db, outbox.clone(), Arc::new(queue))
+            .unwrap()
+            .with_receipts(health);
+        let change = |store: &SledStore| {
+            store.update_doc(Docs::Proposals, "0001", &mut |_| {
+                Ok(DocChange {
+                    value: Some(b"v".to_vec()),
+                    events: vec![EventDraft::new("spiffe://t/user/adam", "policy.proposed")],
+                })
+            })
+        };
+        flag.send_replace(Some(Inconsistency {
+            served: Head {
+                size: 2,
+                root: [1; 32],
+            },
+            accepted: Head {
+                size: 9,
+                root: [2; 32],
+            },
+            why: "a smaller tree".into(),
+        }));
+        let err = change(&store).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!(
+                "audit served a checkpoint inconsistent with one it signed before: 2/{} vs 9/{}; \
+                 no request or document changes until",
+                hex::encode([1u8; 32]),
+                hex::encode([2u8; 32])
+            )),
+            "{message}"
+        );
+        assert!(store.doc(Docs::Proposals, "0001").unwrap().is_none());
+        // Events alone (refusals) are still recorded.
+        store
+            .emit(vec![EventDraft::new(
+                "spiffe://t/user/eve",
+                "access.denied",
+            )])
+            .unwrap();
+        assert_eq!(outbox.depth(), 1);
+        // Cleared: changes go through again.
+        flag.send_replace(None);
+        change(&store).unwrap();
+        assert_eq!(
+            store.doc(Docs::Proposals, "0001").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 }

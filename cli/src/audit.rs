@@ -13,6 +13,7 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use futures::StreamExt;
 use twokey_audit::{
     checkpoint::{Checkpoint, NoteVerifier},
+    cosignature::{CosignatureError, CosignatureVerifier},
     merkle::{self, Hash, RootBuilder},
     verify::entry_leaf_hash,
 };
@@ -141,6 +142,17 @@ pub struct VerifyArgs {
     /// `twokey-audit init-key`); overrides the sources file's checkpoint_key.
     #[arg(long, value_name = "KEY", env = "TWOKEY_CHECKPOINT_KEY")]
     pub checkpoint_key: Option<String>,
+    /// A witness whose cosignature counts (repeatable): NAME=KEY, KEY a
+    /// cosignature verifier key (NAME+ID+base64(0x04 ‖ key)) or a base64
+    /// Ed25519 public key. The sources file's sources are witnesses already
+    /// (their event key, named by their SPIFFE ID without spiffe://).
+    #[arg(long, value_name = "NAME=KEY")]
+    pub witness: Vec<String>,
+    /// Witness cosignatures a checkpoint fetched from audit needs
+    /// [default: every witness]. Not needed with --checkpoint (a
+    /// checkpoint pinned earlier).
+    #[arg(long, value_name = "N")]
+    pub witness_quorum: Option<usize>,
 }
 
 /// `audit prove`.
@@ -735,6 +747,85 @@ pub struct VerifyReport {
     /// (absent when no checkpoint was given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_tree_size: Option<u64>,
+    /// The witnesses whose cosignature on the checkpoint verified.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub witnesses: Vec<String>,
+}
+
+/// The witnesses of `keys`' sources (their event keys) and of `extra`
+/// (`NAME=KEY`), by name; a later one of a name replaces an earlier one.
+pub fn witnesses(
+    keys: &SourcesFile,
+    extra: &[String],
+) -> Result<Vec<CosignatureVerifier>, CliError> {
+    let mut out: BTreeMap<String, CosignatureVerifier> = BTreeMap::new();
+    let name_of = |id: &str| id.strip_prefix("spiffe://").unwrap_or(id).to_owned();
+    for s in &keys.sources {
+        let key = twokey_runtime::keys::parse_public_key(&s.public_key)
+            .map_err(|e| CliError::Input(format!("source {}: {e}", s.id)))?;
+        let name = name_of(&s.id);
+        let w = CosignatureVerifier::new(&name, key)
+            .map_err(|e| CliError::Input(format!("source {}: {e}", s.id)))?;
+        out.insert(name, w);
+    }
+    for text in extra {
+        let bad =
+            |why: String| CliError::Usage(format!("--witness {text:?}: {why}; give NAME=KEY"));
+        let (name, key) = text.split_once('=').ok_or_else(|| bad("no '='".into()))?;
+        let name = name_of(name.trim());
+        let key = key.trim();
+        let w = match twokey_runtime::keys::parse_public_key(key) {
+            Ok(raw) => CosignatureVerifier::new(&name, raw).map_err(|e| bad(e.to_string()))?,
+            Err(_) => {
+                let w = CosignatureVerifier::parse(key).map_err(|e| bad(e.to_string()))?;
+                if w.name() != name {
+                    return Err(bad(format!("the key is named {:?}", w.name())));
+                }
+                w
+            }
+        };
+        out.insert(name, w);
+    }
+    Ok(out.into_values().collect())
+}
+
+/// Checks that at least `quorum` of `witnesses` cosigned `note`; returns
+/// their names. A cosignature by a known witness that does not verify is
+/// refused outright (forged); a missing one only does not count.
+pub fn check_witnesses(
+    note: &str,
+    witnesses: &[CosignatureVerifier],
+    quorum: usize,
+) -> Result<Vec<String>, CliError> {
+    let mut cosigned = Vec::new();
+    let mut missing = Vec::new();
+    for w in witnesses {
+        match w.verify(note) {
+            Ok(_) => cosigned.push(w.name().to_owned()),
+            Err(CosignatureError::Missing(name)) => missing.push(name),
+            Err(e) => return Err(CliError::Verify(e.to_string())),
+        }
+    }
+    if quorum == 0 || cosigned.len() < quorum {
+        return Err(CliError::Verify(format!(
+            "the checkpoint from audit is not trusted without witnesses: {} of the {} needed \
+             witness cosignatures ({}; none by {}); pass --witness NAME=KEY and \
+             --witness-quorum N, or pin a checkpoint saved earlier with --checkpoint FILE",
+            cosigned.len(),
+            quorum.max(1),
+            if cosigned.is_empty() {
+                "none verified".to_owned()
+            } else {
+                format!("by {}", cosigned.join(", "))
+            },
+            if missing.is_empty() {
+                "any other".to_owned()
+            } else {
+                missing.join(", ")
+            },
+        )));
+    }
+    Ok(cosigned)
 }
 
 /// Everything offline verification looks at.
@@ -746,6 +837,9 @@ pub struct VerifyInput {
     pub checkpoint: Option<String>,
     /// The sources' keys and the checkpoint verifier key.
     pub keys: SourcesFile,
+    /// Witnesses and the quorum of them the checkpoint needs (none: the
+    /// checkpoint was pinned by the auditor, or there is none).
+    pub witnesses: Option<(Vec<CosignatureVerifier>, usize)>,
 }
 
 /// The one call into `twokey_audit::verify`: signatures, sequence
@@ -771,6 +865,15 @@ pub fn verify_offline(input: &VerifyInput) -> Result<VerifyReport, CliError> {
         ),
     };
     let checkpoint = input.checkpoint.as_deref().zip(verifier.as_ref());
+    let cosigned = match (&input.witnesses, &input.checkpoint) {
+        (Some((witnesses, quorum)), Some(note)) => check_witnesses(note, witnesses, *quorum)?,
+        (Some(_), None) => {
+            return Err(CliError::Verify(
+                "no checkpoint to check witness cosignatures on".into(),
+            ));
+        }
+        (None, _) => Vec::new(),
+    };
     let report = twokey_audit::verify::verify_log(&input.entries, &sources, checkpoint)
         .map_err(|e| CliError::Verify(e.to_string()))?;
     Ok(VerifyReport {
@@ -778,6 +881,7 @@ pub fn verify_offline(input: &VerifyInput) -> Result<VerifyReport, CliError> {
         sources: report.last_seq,
         root_hash: report.root.iter().map(|b| format!("{b:02x}")).collect(),
         checkpoint_tree_size: report.checkpoint_size,
+        witnesses: cosigned,
     })
 }
 
@@ -790,24 +894,44 @@ fn verify(a: VerifyArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliEr
         Some(path) => Some(std::fs::read_to_string(path).map_err(CliError::io("read", path))?),
         None => None,
     };
+    // A checkpoint fetched now is only as good as its witnesses; one saved
+    // earlier is pinned by the auditor (witnesses checked if asked for).
+    let witness_set = witnesses(&keys, &a.witness)?;
+    let needed = a.witness_quorum.unwrap_or(witness_set.len());
+    let fetched = a.checkpoint.is_none() && a.export.is_none();
+    let quorum = (fetched || a.witness_quorum.is_some()).then_some((witness_set, needed));
     let (entries, checkpoint) = match &a.export {
         // Files given: offline.
         Some(path) => (read_export(path)?, file_checkpoint),
         // No export: fetch the log (and the checkpoint, unless given) now.
         None => {
             let settings = Settings::resolve(conn)?;
+            let quorum = quorum.clone();
             with_runtime(async move {
                 let (mut client, target) = settings.audit()?;
                 // The checkpoint first, so that the export covers its tree.
                 let checkpoint = match file_checkpoint {
                     Some(text) => text,
                     None => {
-                        client
-                            .get_checkpoint(GetCheckpointRequest {})
-                            .await
-                            .map_err(|s| target.error(s))?
-                            .into_inner()
-                            .checkpoint
+                        // The witnesses cosign a larger checkpoint moments
+                        // after it is signed: ask again briefly if short.
+                        let mut tries = 0;
+                        loop {
+                            let note = client
+                                .get_checkpoint(GetCheckpointRequest {})
+                                .await
+                                .map_err(|s| target.error(s))?
+                                .into_inner()
+                                .checkpoint;
+                            tries += 1;
+                            let short = quorum
+                                .as_ref()
+                                .is_some_and(|(w, n)| check_witnesses(&note, w, *n).is_err());
+                            if !short || tries >= 5 {
+                                break note;
+                            }
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        }
                     }
                 };
                 let dir =
@@ -826,6 +950,7 @@ fn verify(a: VerifyArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliEr
         entries,
         checkpoint,
         keys,
+        witnesses: quorum,
     })?;
     out.answer(&report, || {
         let per_source: Vec<String> = report
@@ -836,6 +961,11 @@ fn verify(a: VerifyArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliEr
         let root = match report.checkpoint_tree_size {
             Some(size) => format!("the root matches the signed checkpoint of size {size}"),
             None => "no checkpoint given, so the root was not checked against a signature".into(),
+        };
+        let root = if report.witnesses.is_empty() {
+            root
+        } else {
+            format!("{root}, cosigned by {}", report.witnesses.join(", "))
         };
         format!(
             "ok: {} entries, every signature valid, sequences continuous ({}); {root}",
@@ -901,6 +1031,71 @@ mod tests {
                 .map(|h| h.to_vec())
                 .collect(),
         }
+    }
+
+    #[test]
+    fn a_fetched_checkpoint_needs_a_quorum_of_witness_cosignatures() {
+        use twokey_audit::cosignature::Cosigner;
+        let (_, leaves, signer) = log(5);
+        let note = note(&signer, &leaves);
+        let text = signer.verifier().open(&note).unwrap().to_owned();
+        let key = |b: u8| ed25519_dalek::SigningKey::from_bytes(&[b; 32]);
+        let vault = Cosigner::new("t/svc/vault", key(1)).unwrap();
+        let broker = Cosigner::new("t/svc/broker", key(2)).unwrap();
+        let b64 = |k: ed25519_dalek::VerifyingKey| twokey_runtime::keys::encode_public_key(&k);
+        // The sources file's sources are witnesses; --witness adds others
+        // (a vkey, or NAME=base64 key).
+        let keys = SourcesFile {
+            checkpoint_key: None,
+            sources: vec![SourceKey {
+                id: "spiffe://t/svc/vault".into(),
+                public_key: b64(key(1).verifying_key()),
+            }],
+        };
+        let set = witnesses(
+            &keys,
+            &[format!("spiffe://t/svc/broker={}", broker.verifier())],
+        )
+        .unwrap();
+        assert_eq!(set.len(), 2);
+        assert_eq!(
+            witnesses(
+                &keys,
+                &[format!("t/svc/broker={}", b64(key(2).verifying_key()))]
+            )
+            .unwrap(),
+            set
+        );
+        assert!(witnesses(&keys, &[format!("t/svc/other={}", broker.verifier())]).is_err());
+        assert!(witnesses(&keys, &["t/svc/broker".into()]).is_err());
+
+        let line = |w: &Cosigner| w.cosign(&text, 1_800_000_000).unwrap();
+        let both = format!("{note}{}\n{}\n", line(&vault), line(&broker));
+        let one = format!("{note}{}\n", line(&vault));
+        // Met.
+        assert_eq!(
+            check_witnesses(&both, &set, 2).unwrap(),
+            ["t/svc/broker", "t/svc/vault"]
+        );
+        assert_eq!(check_witnesses(&one, &set, 1).unwrap(), ["t/svc/vault"]);
+        // Missing.
+        let err = check_witnesses(&one, &set, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("1 of the 2 needed") && err.contains("none by t/svc/broker"),
+            "{err}"
+        );
+        assert!(err.contains("--checkpoint FILE"), "{err}");
+        assert!(check_witnesses(&note, &set, 1).is_err());
+        assert!(check_witnesses(&both, &[], 0).is_err());
+        // Forged: a line under the broker's name and key id over another
+        // checkpoint, or with a flipped byte, is refused outright.
+        let other_text = text.replacen("\n5\n", "\n4\n", 1);
+        let moved = broker.cosign(&other_text, 1_800_000_000).unwrap();
+        let forged = format!("{note}{}\n{moved}\n", line(&vault));
+        let err = check_witnesses(&forged, &set, 1).unwrap_err().to_string();
+        assert!(err.contains("does not verify"), "{err}");
+        // The log's signature still opens the cosigned note.
+        assert_eq!(signer.verifier().open(&both).unwrap(), text);
     }
 
     #[test]

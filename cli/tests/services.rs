@@ -275,6 +275,24 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
             .args(["--checkpoint-key", &sys.verifier_key]),
     );
     assert!(live["entries"].as_u64().unwrap() >= report["entries"].as_u64().unwrap());
+    // Fetched live, the checkpoint is trusted on its witnesses: both
+    // sources cosigned it; a quorum of 3 cannot be met, and says why.
+    assert_eq!(
+        live["witnesses"].as_array().map(Vec::len),
+        Some(2),
+        "{live}"
+    );
+    let err = one_line_error(
+        twokey_as(cfg, "carol")
+            .args(["audit", "verify", "--witness-quorum", "3", "--sources"])
+            .arg(&sys.audit_config)
+            .args(["--checkpoint-key", &sys.verifier_key]),
+        1,
+    );
+    assert!(
+        err.contains("2 of the 3 needed witness cosignatures") && err.contains("--checkpoint FILE"),
+        "{err}"
+    );
 
     // Nothing secret ever reached the audit log.
     let log = std::fs::read_to_string(&export).unwrap();

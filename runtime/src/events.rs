@@ -51,6 +51,23 @@ impl EventSigner {
         self.key.verifying_key()
     }
 
+    /// The source as a witness of the audit log: a C2SP tlog-cosignature
+    /// (Ed25519 `cosignature/v1`) cosigner with the event key, named by the
+    /// SPIFFE ID without `spiffe://`. One key for both is safe: every event
+    /// signed is a protobuf `Event` whose first byte is 0x0a (field 1, the
+    /// non-empty source), while every cosigned message starts with
+    /// `cosignature/v1\n` (0x63), so neither can pass for the other; and
+    /// the source signs only events and cosignatures it made itself.
+    pub fn cosigner(&self) -> twokey_tlog::cosignature::Cosigner {
+        let name = self
+            .source
+            .as_str()
+            .strip_prefix("spiffe://")
+            .unwrap_or(self.source.as_str());
+        twokey_tlog::cosignature::Cosigner::new(name, self.key.clone())
+            .expect("a SPIFFE ID has no spaces or '+'")
+    }
+
     /// Encodes and signs an event.
     pub fn sign(&self, event: &Event) -> SignedEvent {
         sign_event(&self.key, event)

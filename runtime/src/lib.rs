@@ -16,6 +16,7 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod outbox;
+pub mod receipts;
 pub mod seal;
 pub mod serve;
 pub mod shipper;

@@ -17,6 +17,7 @@ use crate::{
 
 const ENTRY_PREFIX: &[u8] = b"e/";
 const NEXT_SEQ: &[u8] = b"m/next_seq";
+const CHECKPOINT: &[u8] = b"m/checkpoint";
 
 fn entry_key(seq: u64) -> Vec<u8> {
     [ENTRY_PREFIX, &seq.to_be_bytes()].concat()
@@ -166,6 +167,21 @@ impl Outbox {
                 .remove(k)
                 .map_err(|e| StoreError::Sync(e.to_string()))?;
         }
+        Ok(())
+    }
+
+    /// The last audit checkpoint (signed note) this source accepted, if any.
+    pub fn accepted_checkpoint(&self) -> Option<String> {
+        let raw = self.tree.get(CHECKPOINT).ok().flatten()?;
+        String::from_utf8(raw.to_vec()).ok()
+    }
+
+    /// Keeps `note` as the last audit checkpoint this source accepted (made
+    /// durable with the next sync of the database).
+    pub fn set_accepted_checkpoint(&self, note: &str) -> Result<(), StoreError> {
+        self.tree
+            .insert(CHECKPOINT, note.as_bytes())
+            .map_err(|e| StoreError::Sync(e.to_string()))?;
         Ok(())
     }
 

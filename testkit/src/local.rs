@@ -301,12 +301,14 @@ impl LocalSystem {
                  master_key_file = {:?}\nevent_key_file = {:?}\n\
                  broker_id = \"spiffe://{td}/svc/broker\"\ngrant_public_key = \"{}\"\n\
                  audit_address = \"{}\"\naudit_server_name = \"audit\"\n\
+                 audit_checkpoint_key = \"{}\"\n\
                  audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}{}",
                 d("vault"),
                 k("master.key"),
                 k("vault-event.key"),
                 encode_public_key(&grant.verifying_key()),
                 system.audit,
+                system.verifier_key,
                 tls("vault"),
                 consent_section,
             ),
@@ -323,7 +325,8 @@ impl LocalSystem {
                 "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
                  policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
                  pin_key_file = {:?}\nvault_address = \"{}\"\nvault_server_name = \"vault\"\n\
-                 audit_address = \"{}\"\naudit_server_name = \"audit\"\nlog_format = \"human\"\n\
+                 audit_address = \"{}\"\naudit_server_name = \"audit\"\n\
+                 audit_checkpoint_key = \"{}\"\nlog_format = \"human\"\n\
                  {}{}[notify.mailbox]\ndir = {:?}\n",
                 d("broker"),
                 policy.display().to_string(),
@@ -332,6 +335,7 @@ impl LocalSystem {
                 k("pin.key"),
                 system.vault,
                 system.audit,
+                system.verifier_key,
                 tls("broker"),
                 consent_section,
                 system.mailbox.display().to_string(),

@@ -74,7 +74,10 @@ fn assert_over_limit<T: std::fmt::Debug>(result: Result<T, Status>) {
 /// Appends `events` as the vault over one stream; the answers, or the
 /// status the stream ended with.
 async fn append(sys: &System, events: Vec<SignedEvent>) -> Result<Vec<AppendResponse>, Status> {
-    let requests = events.into_iter().map(|e| AppendRequest { event: Some(e) });
+    let requests = events.into_iter().map(|e| AppendRequest {
+        event: Some(e),
+        ..Default::default()
+    });
     let mut stream = audit(sys, "vault")
         .append(tokio_stream::iter(requests))
         .await?

@@ -70,6 +70,9 @@ pub struct ServeArgs {
     /// Name in the audit service's certificate.
     #[arg(long)]
     pub audit_server_name: Option<String>,
+    /// The audit service's checkpoint verifier key (receipts are checked).
+    #[arg(long)]
+    pub audit_checkpoint_key: Option<String>,
     /// Milliseconds a release waits for audit.
     #[arg(long)]
     pub audit_ack_timeout_ms: Option<u64>,
@@ -86,6 +89,7 @@ impl ServeArgs {
             ("grant_public_key", text(&self.grant_public_key)),
             ("audit_address", text(&self.audit_address)),
             ("audit_server_name", text(&self.audit_server_name)),
+            ("audit_checkpoint_key", text(&self.audit_checkpoint_key)),
             (
                 "audit_ack_timeout_ms",
                 self.audit_ack_timeout_ms
@@ -149,6 +153,7 @@ mod tests {
             "grant-public-key",
             "audit-address",
             "audit-server-name",
+            "audit-checkpoint-key",
             "audit-ack-timeout-ms",
             "log-format",
             "tls-cert",

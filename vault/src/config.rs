@@ -32,6 +32,12 @@ pub struct VaultConfig {
     /// The name the audit service's certificate must carry.
     #[serde(default = "default_audit_server_name")]
     pub audit_server_name: String,
+    /// The audit service's checkpoint verifier key
+    /// (`<origin>+<key id>+<base64 key>`, as `twokey-audit` prints it at
+    /// start): receipts are checked against it. Without it, acknowledgements
+    /// are taken as they come and a WARN at start says so.
+    #[serde(default)]
+    pub audit_checkpoint_key: Option<String>,
     /// How long a release waits for audit's acknowledgement.
     #[serde(default = "default_ack_timeout_ms")]
     pub audit_ack_timeout_ms: u64,

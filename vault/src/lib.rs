@@ -29,7 +29,7 @@ use twokey_runtime::{
     keys::{SecretKey, load_signing_key, parse_public_key},
     outbox::Outbox,
     serve::{self as rt, MAX_MESSAGE_BYTES, ServeError},
-    shipper::spawn_shipper_task,
+    shipper::{ShipperOptions, spawn_shipper_with},
     time::SystemClock,
 };
 
@@ -61,7 +61,9 @@ pub async fn serve(
     let db = DurableDb::open(&config.data_dir)?;
     let clock = Arc::new(SystemClock);
     let outbox = Outbox::open(&db, EventSigner::new(source, event_key), clock.clone())?;
-    let (shipper, shipper_task) = spawn_shipper_task(outbox.clone(), audit);
+    let receipts = ShipperOptions::from_setting(config.audit_checkpoint_key.as_deref())
+        .map_err(StartError::Setting)?;
+    let (shipper, shipper_task) = spawn_shipper_with(outbox.clone(), audit, receipts);
     let opened = SledVaultStore::open(&db, outbox)
         .map_err(service::VaultError::from)
         .and_then(|store| {

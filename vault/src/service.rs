@@ -49,13 +49,31 @@ use crate::{
 pub trait AuditGate: Send + Sync + std::fmt::Debug + 'static {
     /// Resolves once event `seq` is acknowledged, or fails after `timeout`.
     fn confirm(&self, seq: u64, timeout: Duration) -> BoxFuture<'_, Result<(), AckTimeout>>;
+
+    /// `Err(message)` while audit's receipts are inconsistent with a
+    /// checkpoint this source accepted before (see
+    /// [`twokey_runtime::receipts`]); the message names both tree heads and
+    /// says that `refused` until a consistent checkpoint is served.
+    fn receipts(&self, refused: &str) -> Result<(), String> {
+        let _ = refused;
+        Ok(())
+    }
 }
 
 impl AuditGate for ShipperHandle {
     fn confirm(&self, seq: u64, timeout: Duration) -> BoxFuture<'_, Result<(), AckTimeout>> {
         Box::pin(self.wait_acked(seq, timeout))
     }
+
+    fn receipts(&self, refused: &str) -> Result<(), String> {
+        ShipperHandle::receipts(self).check(refused)
+    }
 }
+
+/// What the vault does not do while audit's receipts are inconsistent.
+const NO_CODE: &str = "no code is released";
+/// The same, for any change the vault confirms after audit acknowledged it.
+const NO_CHANGE: &str = "no code is released and no change is confirmed";
 
 /// The answer when no signed policy is in force.
 pub const NO_POLICY: &str =
@@ -506,13 +524,23 @@ impl<S: VaultStore> Vault<S> {
             .clone()
     }
 
+    /// Refuses (UNAVAILABLE) while audit's receipts are inconsistent.
+    fn receipts_consistent(&self, refused: &str) -> Result<(), VaultError> {
+        self.audit.gate.receipts(refused).map_err(|message| {
+            tracing::warn!("refused: {message}");
+            VaultError::AuditUnavailable(message)
+        })
+    }
+
     async fn commit_and_confirm(&self, seq: u64, what: &str) -> Result<(), VaultError> {
         self.store.commit().await?;
         let audit = &self.audit;
         audit.gate.confirm(seq, audit.timeout).await.map_err(|_| {
             tracing::warn!(seq, "audit did not acknowledge in time: {what}");
             VaultError::AuditUnavailable(format!("audit unavailable, {what}"))
-        })
+        })?;
+        // Acknowledged, but under a checkpoint inconsistent with one accepted before.
+        self.receipts_consistent(NO_CHANGE)
     }
 
     /// Writes a refusal to audit and waits (bounded) for it to be
@@ -791,6 +819,7 @@ impl<S: VaultStore> Vault<S> {
             .store
             .get(&grant.account_id)?
             .ok_or_else(|| VaultStoreError::NotFound(grant.account_id.clone()))?;
+        self.receipts_consistent(NO_CODE)?;
         let refused = |e: VaultError| self.refuse(caller, "code.refused", &grant, e);
         let (verified, consent) = match self.check_evidence(&grant, evidence) {
             Ok(ok) => ok,
@@ -834,7 +863,14 @@ impl<S: VaultStore> Vault<S> {
                 .attr("grant_id", &grant.grant_id)
                 .attr("release_id", &verified.release_id)
                 .attr("step", released.step.to_string())
-                .attr("reason", "audit did not acknowledge code.released in time");
+                .attr(
+                    "reason",
+                    if matches!(&e, VaultError::AuditUnavailable(m) if m.starts_with("audit served")) {
+                        "audit acknowledged code.released under an inconsistent checkpoint"
+                    } else {
+                        "audit did not acknowledge code.released in time"
+                    },
+                );
             // The code never left: its step, the request's count and the
             // account's rate slot are given back (its ids stay used).
             let given_back = Withheld {
@@ -1122,14 +1158,30 @@ mod tests {
         store::SledVaultStore,
     };
 
-    /// Acknowledges every event at once, unless set down.
-    #[derive(Debug, Default)]
-    struct Gate(std::sync::atomic::AtomicBool);
+    /// Acknowledges every event at once, unless set down; its receipts
+    /// are as `.1` says.
+    #[derive(Debug)]
+    struct Gate(
+        std::sync::atomic::AtomicBool,
+        tokio::sync::watch::Sender<Option<twokey_runtime::receipts::Inconsistency>>,
+        twokey_runtime::receipts::ReceiptHealth,
+    );
+
+    impl Default for Gate {
+        fn default() -> Self {
+            let (tx, health) = twokey_runtime::receipts::ReceiptHealth::manual();
+            Self(Default::default(), tx, health)
+        }
+    }
 
     impl AuditGate for Arc<Gate> {
         fn confirm(&self, seq: u64, _: Duration) -> BoxFuture<'_, Result<(), AckTimeout>> {
             let down = self.0.load(std::sync::atomic::Ordering::Relaxed);
             Box::pin(async move { if down { Err(AckTimeout(seq)) } else { Ok(()) } })
+        }
+
+        fn receipts(&self, refused: &str) -> Result<(), String> {
+            self.2.check(refused)
         }
     }
 
@@ -1442,6 +1494,46 @@ mod tests {
             .store(false, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(fx.release("aws-root").await.unwrap().step, step);
         assert_eq!(fx.release("aws-root").await.unwrap().step, step + 1);
+    }
+
+    #[tokio::test]
+    async fn no_code_is_released_while_audit_receipts_are_inconsistent() {
+        use twokey_runtime::receipts::{Head, Inconsistency};
+        let fx = Fx::new();
+        fx.enroll("aws-root", 0).await;
+        fx.place(5, 1);
+        let step = fx.now() / 30;
+        let (served, accepted) = (
+            Head {
+                size: 5,
+                root: [1; 32],
+            },
+            Head {
+                size: 7,
+                root: [2; 32],
+            },
+        );
+        fx.audit.1.send_replace(Some(Inconsistency {
+            served,
+            accepted,
+            why: "a smaller tree".into(),
+        }));
+        let err = fx.release("aws-root").await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable);
+        let hex = |b: u8| data_encoding::HEXLOWER.encode(&[b; 32]);
+        let (s, a) = (hex(1), hex(2));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "audit served a checkpoint inconsistent with one it signed before: 5/{s} vs 7/{a}; \
+                 no code is released until audit serves a checkpoint consistent with 7/{a} \
+                 (a smaller tree)"
+            )
+        );
+        // Nothing was used: once a consistent checkpoint clears it, the
+        // release gets the step it would have got.
+        fx.audit.1.send_replace(None);
+        assert_eq!(fx.release("aws-root").await.unwrap().step, step);
     }
 
     #[test]

@@ -996,3 +996,85 @@ async fn a_minimum_not_below_the_period_is_refused() {
     let err = env.client().enroll(request).await.unwrap_err();
     assert_refused(&err, Code::InvalidArgument, "below the period of 30 s");
 }
+
+#[tokio::test]
+async fn an_audit_serving_a_forked_checkpoint_stops_releases_until_it_is_consistent_again() {
+    let fx = Fixture::new();
+    let receipts = FakeReceipts::new();
+    let mut audit = FakeAudit::default();
+    audit.receipts = Some(receipts.clone());
+    let _audit = start_fake_audit(&fx, audit).await;
+    let mut config = fx.vault_config(_audit.addr);
+    config.audit_checkpoint_key = Some(receipts.signer.verifier().to_string());
+    let vault = start_vault(config).await;
+    apply_test_policy(&fx, vault.addr).await;
+    let client = fx.broker_client(vault.addr);
+    client
+        .clone()
+        .enroll(enroll(&fx, "aws-prod-root", &aws_uri()))
+        .await
+        .unwrap();
+    let release = || {
+        let request = with_evidence(&fx, fx.grant("aws-prod-root", GrantPurpose::Release));
+        let mut client = client.clone();
+        async move { client.generate_code(request).await }
+    };
+    // Consistent receipts: the code leaves.
+    let first = release().await.unwrap().into_inner().code.unwrap();
+    assert_eq!(first.code, expected_code(first.step));
+
+    // Audit now serves another history under the same key.
+    receipts
+        .fork
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Any event gets a receipt: a release without the people's consent is
+    // refused and audited (the codes of the next steps may all be out).
+    let unconsented = GenerateCodeRequest {
+        grant: Some(fx.grant("aws-prod-root", GrantPurpose::Release)),
+        evidence: None,
+    };
+    client.clone().generate_code(unconsented).await.unwrap_err();
+    // The vault has seen the fork: every release is refused, naming both heads.
+    let mut message = String::new();
+    for _ in 0..100 {
+        let err = release().await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        message = err.message().to_owned();
+        if message.starts_with("audit served") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        message.starts_with("audit served a checkpoint inconsistent with one it signed before: "),
+        "{message}"
+    );
+    assert!(
+        message.contains("; no code is released until audit serves a checkpoint consistent with "),
+        "{message}"
+    );
+
+    // Consistent again: releases resume (or wait for the next step when the
+    // codes of the steps ahead are out, which is not the audit's doing).
+    receipts
+        .fork
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut outcome = None;
+    for _ in 0..100 {
+        match release().await {
+            Err(e) if e.message().starts_with("audit served") => {}
+            other => {
+                outcome = Some(other);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match outcome.expect("the refusal clears once audit is consistent again") {
+        Ok(code) => {
+            let code = code.into_inner().code.unwrap();
+            assert_eq!(code.code, expected_code(code.step));
+        }
+        Err(e) => assert!(e.message().contains("handed out already"), "{e:?}"),
+    }
+}

@@ -159,7 +159,12 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: AuditConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(config, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Listens on `addr` (a port a stopped server used, to come back there).
+    pub async fn start_at(config: AuditConfig, addr: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(twokey_audit::serve(config, listener, async {
@@ -202,7 +207,10 @@ pub async fn append_all(
 ) -> Result<Vec<Result<AppendResponse, Status>>, Status> {
     let requests = events
         .into_iter()
-        .map(|e| AppendRequest { event: Some(e) })
+        .map(|e| AppendRequest {
+            event: Some(e),
+            ..Default::default()
+        })
         .collect::<Vec<_>>();
     let mut responses = client
         .append(tokio_stream::iter(requests))

@@ -92,7 +92,14 @@ pub async fn stream(
                 };
                 p.forget();
                 sent.lock().expect("not poisoned").push_back(Instant::now());
-                if tx.send(AppendRequest { event: Some(e) }).await.is_err() {
+                if tx
+                    .send(AppendRequest {
+                        event: Some(e),
+                        ..Default::default()
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

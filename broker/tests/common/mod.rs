@@ -505,6 +505,7 @@ impl Harness {
             vault_server_name: "vault".into(),
             audit_address: None,
             audit_server_name: "audit".into(),
+            audit_checkpoint_key: None,
             log_format: Default::default(),
             tls: TlsFiles::in_dir(&pki, "broker"),
             notify: NotifyConfig {

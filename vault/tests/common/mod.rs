@@ -320,6 +320,7 @@ impl Fixture {
             grant_public_key: encode_public_key(&self.grant_key.verifying_key()),
             audit_address: format!("https://{audit}"),
             audit_server_name: "audit".into(),
+            audit_checkpoint_key: None,
             audit_ack_timeout_ms: 1000,
             log_format: Default::default(),
             tls: self.tls("vault"),
@@ -426,11 +427,61 @@ macro_rules! not_served {
 }
 
 /// A stand-in audit service: acknowledges every event as stored, in order,
-/// and keeps them for inspection.
+/// and keeps them for inspection; with `receipts`, every acknowledgement
+/// carries a signed checkpoint, honest or (while `fork` is set) over another
+/// history.
 #[derive(Clone, Default)]
 pub struct FakeAudit {
     pub events: Arc<Mutex<Vec<Event>>>,
+    pub receipts: Option<Arc<FakeReceipts>>,
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+/// The fake audit's checkpoints: its key, its leaves, and whether it serves
+/// a fork (leaf 0 replaced).
+#[derive(Debug)]
+pub struct FakeReceipts {
+    pub signer: twokey_tlog::checkpoint::CheckpointSigner,
+    pub leaves: Mutex<Vec<twokey_tlog::merkle::Hash>>,
+    pub fork: std::sync::atomic::AtomicBool,
+}
+
+impl FakeReceipts {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            signer: twokey_tlog::checkpoint::CheckpointSigner::new(
+                "twokey.test/audit",
+                SigningKey::from_bytes(&[42; 32]),
+            )
+            .unwrap(),
+            leaves: Mutex::new(Vec::new()),
+            fork: Default::default(),
+        })
+    }
+
+    /// The checkpoint over every leaf and the proof from `base`.
+    fn receipt(&self, base: u64) -> (String, Vec<Vec<u8>>) {
+        use twokey_tlog::{checkpoint::Checkpoint, merkle};
+        let mut leaves = self.leaves.lock().unwrap().clone();
+        if self.fork.load(std::sync::atomic::Ordering::SeqCst) && !leaves.is_empty() {
+            leaves[0] = merkle::leaf_hash(b"another history");
+        }
+        let size = leaves.len() as u64;
+        let note = self
+            .signer
+            .sign(&Checkpoint {
+                origin: "twokey.test/audit".into(),
+                size,
+                root: merkle::root(&leaves),
+            })
+            .unwrap();
+        let proof = if base == 0 || base >= size {
+            Vec::new()
+        } else {
+            merkle::consistency_proof(&leaves, base, size).unwrap()
+        };
+        (note, proof.iter().map(|h| h.to_vec()).collect())
+    }
 }
 
 #[tonic::async_trait]
@@ -443,26 +494,53 @@ impl AuditService for FakeAudit {
         request: Request<Streaming<AppendRequest>>,
     ) -> Result<Response<Self::AppendStream>, Status> {
         let events = self.events.clone();
+        let receipts = self.receipts.clone();
+        let mut base: Option<u64> = None;
         let mut stopping = self.stopping.clone().expect("started by start_fake_audit");
         let stream = request.into_inner().map(move |item| {
             let item = item?;
-            let signed = item.event.unwrap_or_default();
+            let from = *base.get_or_insert(item.known_size);
+            let Some(signed) = item.event else {
+                // A hello or a cosignature: a receipt alone answers it.
+                let mut answer = AppendResponse::default();
+                if let Some(r) = &receipts {
+                    (answer.checkpoint, answer.consistency_proof) = r.receipt(from);
+                    base = Some(r.leaves.lock().unwrap().len() as u64);
+                }
+                return Ok(answer);
+            };
+            let leaf = twokey_tlog::merkle::leaf_hash(&signed.encode_to_vec());
             let event = Event::decode(signed.event.as_slice())
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let seq = event.seq;
             let mut events = events.lock().unwrap();
-            if !events
+            let known = events
                 .iter()
-                .any(|e| e.seq == seq && e.source == event.source)
-            {
+                .position(|e| e.seq == seq && e.source == event.source);
+            if known.is_none() {
                 events.push(event);
             }
-            Ok(AppendResponse {
+            let mut answer = AppendResponse {
                 seq,
                 status: AppendStatus::Stored as i32,
                 leaf_index: seq,
                 expected_seq: seq + 1,
-            })
+                ..Default::default()
+            };
+            if let Some(r) = &receipts {
+                let mut leaves = r.leaves.lock().unwrap();
+                answer.leaf_index = match known {
+                    Some(i) => i as u64,
+                    None => {
+                        leaves.push(leaf);
+                        leaves.len() as u64 - 1
+                    }
+                };
+                drop(leaves);
+                (answer.checkpoint, answer.consistency_proof) = r.receipt(from);
+                base = Some(r.leaves.lock().unwrap().len() as u64);
+            }
+            Ok(answer)
         });
         // End open Append streams when the server stops, as the real audit
         // service does, so graceful shutdown does not wait on them.
