@@ -1021,7 +1021,7 @@ async fn an_audit_serving_a_forked_checkpoint_stops_releases_until_it_is_consist
     };
     // Consistent receipts: the code leaves.
     let first = release().await.unwrap().into_inner().code.unwrap();
-    assert_eq!(first.code, expected_code(first.step));
+    assert_eq!(first.code, code_of(SECRET, first.step));
 
     // Audit now serves another history under the same key.
     receipts
@@ -1073,7 +1073,7 @@ async fn an_audit_serving_a_forked_checkpoint_stops_releases_until_it_is_consist
     match outcome.expect("the refusal clears once audit is consistent again") {
         Ok(code) => {
             let code = code.into_inner().code.unwrap();
-            assert_eq!(code.code, expected_code(code.step));
+            assert_eq!(code.code, code_of(SECRET, code.step));
         }
         Err(e) => assert!(e.message().contains("handed out already"), "{e:?}"),
     }
