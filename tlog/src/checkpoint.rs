@@ -174,13 +174,50 @@ pub(crate) fn check_name(name: &str) -> Result<(), CheckpointError> {
 
 /// The note key id: the first 4 bytes of SHA-256(name ‖ '\n' ‖ 0x01 ‖ public key).
 pub fn key_id(name: &str, key: &VerifyingKey) -> u32 {
+    key_id_of(ALG_ED25519, name, key)
+}
+
+/// The key id of a note key of signature type `alg`: the first 4 bytes of
+/// SHA-256(name ‖ '\n' ‖ alg ‖ public key).
+pub(crate) fn key_id_of(alg: u8, name: &str, key: &VerifyingKey) -> u32 {
     let mut h = Sha256::new();
     h.update(name.as_bytes());
     h.update(b"\n");
-    h.update([ALG_ED25519]);
+    h.update([alg]);
     h.update(key.as_bytes());
     let digest = h.finalize();
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// Parses a verifier key `<name>+<hex key id>+<base64(alg ‖ public key)>` of
+/// signature type `alg`, checking that the key id matches the name and key.
+pub(crate) fn parse_verifier_key(
+    text: &str,
+    alg: u8,
+) -> Result<(String, u32, VerifyingKey), CheckpointError> {
+    let bad = || CheckpointError::BadVerifierKey(text.chars().take(120).collect());
+    let mut parts = text.splitn(3, '+');
+    let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad());
+    };
+    check_name(name).map_err(|_| bad())?;
+    if id.len() != 8 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err(bad());
+    }
+    let id = u32::from_str_radix(id, 16).map_err(|_| bad())?;
+    let raw = B64.decode(key).map_err(|_| bad())?;
+    let Some((&found, public)) = raw.split_first() else {
+        return Err(bad());
+    };
+    if found != alg {
+        return Err(bad());
+    }
+    let public: [u8; 32] = public.try_into().map_err(|_| bad())?;
+    let key = VerifyingKey::from_bytes(&public).map_err(|_| bad())?;
+    if key_id_of(alg, name, &key) != id {
+        return Err(bad());
+    }
+    Ok((name.to_owned(), id, key))
 }
 
 /// Signs checkpoints with the log's key. Debug never shows the key.
@@ -270,30 +307,8 @@ impl NoteVerifier {
     /// Parses `<name>+<hex key id>+<base64(0x01 ‖ public key)>`, checking that
     /// the key id matches the name and key.
     pub fn parse(text: &str) -> Result<Self, CheckpointError> {
-        let bad = || CheckpointError::BadVerifierKey(text.chars().take(120).collect());
-        let mut parts = text.splitn(3, '+');
-        let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad());
-        };
-        check_name(name).map_err(|_| bad())?;
-        if id.len() != 8 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(bad());
-        }
-        let id = u32::from_str_radix(id, 16).map_err(|_| bad())?;
-        let raw = B64.decode(key).map_err(|_| bad())?;
-        let Some((&ALG_ED25519, public)) = raw.split_first() else {
-            return Err(bad());
-        };
-        let public: [u8; 32] = public.try_into().map_err(|_| bad())?;
-        let key = VerifyingKey::from_bytes(&public).map_err(|_| bad())?;
-        if key_id(name, &key) != id {
-            return Err(bad());
-        }
-        Ok(Self {
-            name: name.to_owned(),
-            id,
-            key,
-        })
+        let (name, id, key) = parse_verifier_key(text, ALG_ED25519)?;
+        Ok(Self { name, id, key })
     }
 
     /// The key name.

@@ -22,9 +22,10 @@ use std::fmt;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
-use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{CheckpointError, check_name, signature_line, split_note};
+use crate::checkpoint::{
+    CheckpointError, check_name, key_id_of, parse_verifier_key, signature_line, split_note,
+};
 
 /// The signature type byte of Ed25519 `cosignature/v1` keys.
 pub const ALG_COSIGNATURE_V1: u8 = 0x04;
@@ -51,13 +52,7 @@ pub fn message(text: &str, timestamp: u64) -> String {
 /// The key id of a `cosignature/v1` key: the first 4 bytes of
 /// SHA-256(name ‖ '\n' ‖ 0x04 ‖ public key).
 pub fn key_id(name: &str, key: &VerifyingKey) -> u32 {
-    let mut h = Sha256::new();
-    h.update(name.as_bytes());
-    h.update(b"\n");
-    h.update([ALG_COSIGNATURE_V1]);
-    h.update(key.as_bytes());
-    let d = h.finalize();
-    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+    key_id_of(ALG_COSIGNATURE_V1, name, key)
 }
 
 /// A witness's signing side. Debug never shows the key.
@@ -138,30 +133,8 @@ impl CosignatureVerifier {
     /// Parses `<name>+<hex key id>+<base64(0x04 ‖ public key)>`, checking
     /// that the key id matches.
     pub fn parse(text: &str) -> Result<Self, CheckpointError> {
-        let bad = || CheckpointError::BadVerifierKey(text.chars().take(120).collect());
-        let mut parts = text.splitn(3, '+');
-        let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad());
-        };
-        check_name(name).map_err(|_| bad())?;
-        if id.len() != 8 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(bad());
-        }
-        let id = u32::from_str_radix(id, 16).map_err(|_| bad())?;
-        let raw = B64.decode(key).map_err(|_| bad())?;
-        let Some((&ALG_COSIGNATURE_V1, public)) = raw.split_first() else {
-            return Err(bad());
-        };
-        let public: [u8; 32] = public.try_into().map_err(|_| bad())?;
-        let key = VerifyingKey::from_bytes(&public).map_err(|_| bad())?;
-        if key_id(name, &key) != id {
-            return Err(bad());
-        }
-        Ok(Self {
-            name: name.to_owned(),
-            id,
-            key,
-        })
+        let (name, id, key) = parse_verifier_key(text, ALG_COSIGNATURE_V1)?;
+        Ok(Self { name, id, key })
     }
 
     /// The witness name.
@@ -228,6 +201,7 @@ impl std::str::FromStr for CosignatureVerifier {
 mod tests {
     use super::*;
     use crate::checkpoint::{Checkpoint, CheckpointSigner};
+    use sha2::{Digest, Sha256};
 
     fn log() -> CheckpointSigner {
         CheckpointSigner::new("example.com/log", SigningKey::from_bytes(&[1; 32])).unwrap()
