@@ -237,6 +237,9 @@ pub struct Enrollment {
     pub replace: bool,
     /// With replace: the admin action M admins signed.
     pub action_id: Option<String>,
+    /// Fewest seconds a released code must have left in its step (0: the
+    /// vault's default; the vault refuses one not below the period).
+    pub min_seconds_left: u32,
 }
 
 /// An account to remove from the vault.

@@ -311,6 +311,7 @@ impl TryFrom<pb::EnrollAccountRequest> for Enrollment {
             label: message.label,
             replace: message.replace,
             action_id: action_id(message.action_id),
+            min_seconds_left: message.min_seconds_left,
         })
     }
 }

@@ -1196,8 +1196,9 @@ impl Broker {
                     // for the wire.
                     actor: caller.to_string(),
                     grant: Some(grant),
-                    // The vault's default.
-                    min_seconds_left: 0,
+                    // 0 is the vault's default; the vault checks it
+                    // against the period.
+                    min_seconds_left: req.min_seconds_left,
                     consent: action.as_ref().map(|a| a.consent()),
                 })
                 .await?;

@@ -321,6 +321,24 @@ async fn a_page_of_long_requests_stays_under_the_message_limit() {
 }
 
 #[tokio::test]
+async fn the_minimum_seconds_left_reach_the_vault_with_the_enrollment() {
+    let h = Harness::start().await;
+    h.client("adam")
+        .enroll_account(pb::EnrollAccountRequest {
+            account_id: PROD.into(),
+            seed: Some(pb::enroll_account_request::Seed::Base32Secret(
+                "JBSWY3DPEHPK3PXP".into(),
+            )),
+            min_seconds_left: 17,
+            ..Default::default()
+        })
+        .await
+        .expect("the admin enrolls");
+    assert_eq!(*h.vault.min_seconds_left.lock().unwrap(), [17]);
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn admins_enroll_list_and_remove_accounts_through_the_vault() {
     let h = Harness::start().await;
     let enroll = |account: &str| pb::EnrollAccountRequest {
@@ -346,6 +364,8 @@ async fn admins_enroll_list_and_remove_accounts_through_the_vault() {
         "spiffe://twokey.local/user/adam"
     );
     assert_eq!(out.current.unwrap().code, FAKE_CODE);
+    // Unset, the broker asks the vault for its default.
+    assert_eq!(*h.vault.min_seconds_left.lock().unwrap(), [0]);
 
     let listed = h
         .client("alice")

@@ -100,6 +100,11 @@ pub struct EnrollArgs {
     /// With a Base32 secret: the hash function [default: sha1].
     #[arg(long, value_enum)]
     pub algorithm: Option<AlgorithmArg>,
+    /// Fewest seconds a released code must have left in its step; with fewer,
+    /// the next step's code is released instead. Must be below the period
+    /// [default: 10, or a third of the period if that is shorter].
+    #[arg(long, value_name = "N")]
+    pub min_seconds_left: Option<u32>,
     /// With --replace: the admin action (signed by enough admins) to carry out.
     #[arg(long, value_name = "ID", requires = "replace")]
     pub action: Option<String>,
@@ -577,6 +582,7 @@ pub fn enroll_request(a: &EnrollArgs, raw: &str) -> Result<EnrollAccountRequest,
         label: a.label.clone().unwrap_or_default(),
         replace: a.replace,
         action_id: a.action.clone().unwrap_or_default(),
+        min_seconds_left: a.min_seconds_left.unwrap_or(0),
     })
 }
 
@@ -672,9 +678,49 @@ mod tests {
             digits: None,
             period: None,
             algorithm: None,
+            min_seconds_left: None,
             action: None,
             yes: false,
         }
+    }
+
+    #[test]
+    fn min_seconds_left_fills_the_field_with_either_kind_of_seed() {
+        assert_eq!(
+            enroll_request(&args(), "JBSWY3DPEHPK3PXP")
+                .unwrap()
+                .min_seconds_left,
+            0,
+            "unset means the vault's default"
+        );
+        let a = EnrollArgs {
+            min_seconds_left: Some(20),
+            ..args()
+        };
+        for seed in [
+            "JBSWY3DPEHPK3PXP",
+            "otpauth://totp/AWS:root?secret=JBSWY3DPEHPK3PXP&issuer=AWS",
+        ] {
+            assert_eq!(enroll_request(&a, seed).unwrap().min_seconds_left, 20);
+        }
+    }
+
+    #[test]
+    fn the_min_seconds_left_flag_parses() {
+        use clap::Parser;
+        let cli = crate::Cli::try_parse_from([
+            "twokey",
+            "account",
+            "enroll",
+            "aws-prod-root",
+            "--min-seconds-left",
+            "15",
+        ])
+        .unwrap();
+        let crate::Command::Account(crate::account::AccountCommand::Enroll(e)) = cli.command else {
+            panic!("not an enroll: {cli:?}");
+        };
+        assert_eq!(e.min_seconds_left, Some(15));
     }
 
     #[test]

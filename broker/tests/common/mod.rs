@@ -102,6 +102,8 @@ pub struct VaultState {
     /// The admin consent of each Enroll, RemoveAccount, SetAccountEnabled
     /// and RestoreAccount call, with the grant's purpose, in order.
     pub admin_consents: Mutex<Vec<(GrantPurpose, Option<vpb::AdminConsent>)>>,
+    /// The `min_seconds_left` of each Enroll call, in order.
+    pub min_seconds_left: Mutex<Vec<u32>>,
     /// The applied policy versions, newest first (what GetPolicy answers).
     pub policy: Mutex<Vec<vpb::PolicyVersion>>,
     /// Every ApplyPolicy call, in order.
@@ -207,6 +209,11 @@ impl VaultService for FakeVault {
             .lock()
             .unwrap()
             .push((GrantPurpose::Enroll, r.consent.clone()));
+        self.state
+            .min_seconds_left
+            .lock()
+            .unwrap()
+            .push(r.min_seconds_left);
         Ok(Response::new(vpb::EnrollResponse {
             account: Some(types::Account {
                 account_id: r.account_id,
