@@ -10,7 +10,6 @@ use std::{
 };
 
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
-use futures::StreamExt;
 use twokey_audit::{
     checkpoint::{Checkpoint, NoteVerifier},
     cosignature::{CosignatureError, CosignatureVerifier},
@@ -20,7 +19,6 @@ use twokey_audit::{
 use twokey_proto::audit::v1::{
     GetCheckpointRequest, GetConsistencyProofRequest, GetConsistencyProofResponse,
     GetInclusionProofRequest, GetInclusionProofResponse, LogEntry, Outcome, QueryRequest,
-    QueryResponse,
 };
 
 use crate::{
@@ -459,6 +457,22 @@ fn prove(a: ProveArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliErro
     out.answer(&report, || report.human())
 }
 
+/// The stream's next message, or none at its end. The channel's per-call
+/// timeout bounds only a stream's start, so each later wait is bounded here
+/// by the same timeout: a server that goes silent mid-stream ends the
+/// command with the message of a call that did not answer in time.
+async fn next_message<T>(
+    stream: &mut tonic::Streaming<T>,
+    target: &Target,
+) -> Result<Option<T>, CliError> {
+    match tokio::time::timeout(target.timeouts.call, stream.message()).await {
+        Ok(message) => message.map_err(|s| target.error(s)),
+        // What tonic reports when its own per-call timeout runs out, so the
+        // message and the `--json` code are the same as for a silent start.
+        Err(_) => Err(target.error(tonic::Status::cancelled("Timeout expired"))),
+    }
+}
+
 /// One page of the log from `token` (an entry index, or empty for the
 /// start), at most `page_size` entries: the entries and the next page's
 /// token (empty at the end).
@@ -475,8 +489,7 @@ async fn query_page(
     };
     let mut stream = target.answer(client.query(request).await)?;
     let (mut entries, mut next) = (Vec::new(), String::new());
-    while let Some(batch) = stream.next().await {
-        let batch = batch.map_err(|s| target.error(s))?;
+    while let Some(batch) = next_message(&mut stream, target).await? {
         entries.extend(batch.entries);
         if !batch.next_page_token.is_empty() {
             next = batch.next_page_token;
@@ -578,8 +591,7 @@ async fn query(a: QueryArgs, settings: Settings, out: Output) -> Result<(), CliE
         .into_inner();
     let mut rows = Vec::new();
     let mut more = false;
-    while let Some(batch) = stream.next().await {
-        let batch: QueryResponse = batch.map_err(|s| target.error(s))?;
+    while let Some(batch) = next_message(&mut stream, &target).await? {
         if out.json {
             output::json_line(&batch)?;
         } else {

@@ -4,7 +4,8 @@
 //! naming the service and its address; a closed port fails fast; `--json`
 //! errors are JSON; and --timeout beats $TWOKEY_TIMEOUT beats the profile.
 //! Also: destructive admin actions refuse to run without a terminal unless
-//! --yes is given.
+//! --yes is given. An audit stream that starts and then goes silent is
+//! cut off by the same per-call timeout.
 
 mod common;
 
@@ -17,6 +18,11 @@ use std::{
 };
 
 use common::{pki_init, twokey_as};
+use futures::StreamExt;
+use twokey_proto::audit::v1::{
+    self as apb,
+    audit_service_server::{AuditService, AuditServiceServer},
+};
 
 /// A listener that accepts connections and never sends a byte: TLS never
 /// completes. It lives as long as the test process.
@@ -58,6 +64,90 @@ fn silent_tls(pki: &Path) -> String {
                 while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
             });
         }
+    });
+    addr.to_string()
+}
+
+/// An audit service over mTLS whose Query stream sends one batch and then
+/// goes silent, never ending the stream; its other calls are unimplemented.
+struct StallingAudit;
+
+type Silent<T> =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<T, tonic::Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AuditService for StallingAudit {
+    type AppendStream = Silent<apb::AppendResponse>;
+    type QueryStream = Silent<apb::QueryResponse>;
+
+    async fn append(
+        &self,
+        _: tonic::Request<tonic::Streaming<apb::AppendRequest>>,
+    ) -> Result<tonic::Response<Self::AppendStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this fake"))
+    }
+
+    async fn query(
+        &self,
+        _: tonic::Request<apb::QueryRequest>,
+    ) -> Result<tonic::Response<Self::QueryStream>, tonic::Status> {
+        let first = apb::QueryResponse {
+            entries: vec![apb::LogEntry {
+                index: 0,
+                ..Default::default()
+            }],
+            next_page_token: "1".into(),
+        };
+        let stream =
+            futures::stream::once(async move { Ok(first) }).chain(futures::stream::pending());
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        _: tonic::Request<apb::GetCheckpointRequest>,
+    ) -> Result<tonic::Response<apb::GetCheckpointResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this fake"))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        _: tonic::Request<apb::GetInclusionProofRequest>,
+    ) -> Result<tonic::Response<apb::GetInclusionProofResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this fake"))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        _: tonic::Request<apb::GetConsistencyProofRequest>,
+    ) -> Result<tonic::Response<apb::GetConsistencyProofResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this fake"))
+    }
+}
+
+/// Serves [`StallingAudit`] with the dev PKI's audit certificate, client
+/// certificates required, on its own runtime for the life of the test
+/// process.
+fn stalling_audit(pki: &Path) -> String {
+    let tls = twokey_runtime::tls::TlsFiles::in_dir(pki, "audit")
+        .server_tls(twokey_runtime::tls::ClientAuth::Required)
+        .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(AuditServiceServer::new(StallingAudit))
+                .serve_with_incoming(twokey_runtime::serve::incoming(listener, tls))
+                .await
+                .unwrap();
+        });
     });
     addr.to_string()
 }
@@ -179,6 +269,45 @@ fn the_audit_service_is_named_when_it_is_the_one_that_is_silent() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn an_audit_stream_that_goes_silent_after_its_first_message_is_given_up_on() {
+    let (tmp, pki, config) = setup();
+    let addr = stalling_audit(&pki);
+    let message = format!(
+        "the audit at https://{addr} did not answer within 1500ms; is it running? raise --timeout (now 1500ms) if it is only slow"
+    );
+    let query = ["audit", "query", "--audit", &addr, "--timeout", "1500ms"];
+    let (code, err, took) = run(twokey_as(&config, "alice").args(query));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+    assert_eq!(err.trim_end(), format!("twokey: {message}"));
+
+    // As JSON: the batch that came is on stdout, the error on stderr.
+    let out = twokey_as(&config, "alice")
+        .args(query)
+        .arg("--json")
+        .timeout(Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    let v: serde_json::Value = serde_json::from_str(err.trim_end()).expect("JSON error");
+    assert_eq!(v["code"], "deadline_exceeded", "{v}");
+    assert_eq!(v["message"], message.as_str(), "{v}");
+
+    // The export is cut off the same way, and leaves no file behind.
+    let export = tmp.path().join("log.jsonl");
+    let mut cmd = twokey_as(&config, "alice");
+    cmd.args(["audit", "export", "--audit", &addr, "--out"])
+        .arg(&export)
+        .env("TWOKEY_TIMEOUT", "1500ms");
+    let (code, err, took) = run(&mut cmd);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
+    assert_eq!(err.trim_end(), format!("twokey: {message}"));
+    assert!(!export.exists(), "an export was written");
 }
 
 #[test]
