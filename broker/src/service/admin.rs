@@ -143,7 +143,48 @@ fn policy_signer(
     person.ids().first().cloned()
 }
 
+/// What an update of one stored document comes to: the document as it is
+/// (stored again unchanged, no events), or a new value and its event.
+enum Outcome<T> {
+    Unchanged(T),
+    Changed(T, EventDraft),
+}
+
 impl Broker {
+    /// Updates the document under `key` through `f` (given the stored bytes,
+    /// none when absent), commits, and answers the document `f` settled on;
+    /// `what` names it should no document come out.
+    async fn update_one<T: Serialize>(
+        &self,
+        kind: Docs,
+        key: &str,
+        what: &str,
+        mut f: impl FnMut(Option<&[u8]>) -> Result<Outcome<T>, BrokerError>,
+    ) -> Result<T, BrokerError> {
+        let mut out = None;
+        self.store.update_doc(kind, key, &mut |current| {
+            Ok(match f(current.as_deref())? {
+                Outcome::Unchanged(doc) => {
+                    out = Some(doc);
+                    DocChange {
+                        value: current,
+                        events: Vec::new(),
+                    }
+                }
+                Outcome::Changed(doc, event) => {
+                    let value = encode(&doc)?;
+                    out = Some(doc);
+                    DocChange {
+                        value: Some(value),
+                        events: vec![event],
+                    }
+                }
+            })
+        })?;
+        self.store.commit().await?;
+        out.ok_or_else(|| BrokerError::Store(format!("the {what} was not stored")))
+    }
+
     /// Refuses a caller who is an admin of no account in the rules in force
     /// and no admin of the signed policy in force.
     fn any_admin(&self, caller: &SpiffeId) -> Result<(), BrokerError> {
@@ -379,65 +420,57 @@ impl Broker {
             }
             let needed = policy.admin_threshold();
             let action = AdminAction::try_from(b.action).unwrap_or_default();
-            let mut out = None;
-            self.store
-                .update_doc(Docs::AdminActions, &b.action_id, &mut |current| {
-                    let mut record = match current {
-                        Some(bytes) => decode::<AdminActionRecord>(&bytes, "admin action")?,
-                        None => AdminActionRecord {
-                            action_id: b.action_id.clone(),
-                            account_id: b.account_id.clone(),
-                            action: b.action,
-                            signed_by: Vec::new(),
-                            needed,
-                            statements: Vec::new(),
-                            created_ms: millis(now),
-                        },
-                    };
-                    if record.account_id != b.account_id || record.action != b.action {
-                        return Err(refused(
-                            ErrorKind::FailedPrecondition,
-                            format!(
-                                "admin action {} is to {} account {}; your statement says {} account {}: sign one for that action, or pick a new action id",
-                                b.action_id,
-                                action_name(record.action()),
-                                record.account_id,
-                                action_name(action),
-                                b.account_id
-                            ),
-                        ));
-                    }
-                    if record.signed_by.iter().any(|s| s == caller.as_str()) {
-                        return Err(refused(
-                            ErrorKind::FailedPrecondition,
-                            format!(
-                                "{caller} signed admin action {} already; another admin must sign",
-                                b.action_id
-                            ),
-                        ));
-                    }
-                    record.statements.push(StoredStatement::from(&given));
-                    record.signed_by.push(caller.to_string());
-                    record.needed = needed;
-                    let event = EventDraft::new(caller.to_string(), "admin_action.signed")
-                        .account(&record.account_id)
-                        .attr("action_id", record.action_id.clone())
-                        .attr("action", action_name(action))
-                        .attr("statement", hex::encode(opened.digest))
-                        .attr(
-                            "signatures",
-                            format!("{}/{}", record.signed_by.len(), record.needed),
-                        );
-                    let value = encode(&record)?;
-                    out = Some(record);
-                    Ok(DocChange {
-                        value: Some(value),
-                        events: vec![event],
-                    })
-                })?;
-            self.store.commit().await?;
-            out.map(AdminActionSigned)
-                .ok_or_else(|| BrokerError::Store("the admin action was not stored".into()))
+            self.update_one(Docs::AdminActions, &b.action_id, "admin action", |current| {
+                let mut record = match current {
+                    Some(bytes) => decode::<AdminActionRecord>(bytes, "admin action")?,
+                    None => AdminActionRecord {
+                        action_id: b.action_id.clone(),
+                        account_id: b.account_id.clone(),
+                        action: b.action,
+                        signed_by: Vec::new(),
+                        needed,
+                        statements: Vec::new(),
+                        created_ms: millis(now),
+                    },
+                };
+                if record.account_id != b.account_id || record.action != b.action {
+                    return Err(refused(
+                        ErrorKind::FailedPrecondition,
+                        format!(
+                            "admin action {} is to {} account {}; your statement says {} account {}: sign one for that action, or pick a new action id",
+                            b.action_id,
+                            action_name(record.action()),
+                            record.account_id,
+                            action_name(action),
+                            b.account_id
+                        ),
+                    ));
+                }
+                if record.signed_by.iter().any(|s| s == caller.as_str()) {
+                    return Err(refused(
+                        ErrorKind::FailedPrecondition,
+                        format!(
+                            "{caller} signed admin action {} already; another admin must sign",
+                            b.action_id
+                        ),
+                    ));
+                }
+                record.statements.push(StoredStatement::from(&given));
+                record.signed_by.push(caller.to_string());
+                record.needed = needed;
+                let event = EventDraft::new(caller.to_string(), "admin_action.signed")
+                    .account(&record.account_id)
+                    .attr("action_id", record.action_id.clone())
+                    .attr("action", action_name(action))
+                    .attr("statement", hex::encode(opened.digest))
+                    .attr(
+                        "signatures",
+                        format!("{}/{}", record.signed_by.len(), record.needed),
+                    );
+                Ok(Outcome::Changed(record, event))
+            })
+            .await
+            .map(AdminActionSigned)
         })
         .await
     }
@@ -504,48 +537,36 @@ impl Broker {
                 .into());
             }
             let now = millis(self.clock.now());
-            let mut out = None;
-            self.store
-                .update_doc(Docs::Proposals, &proposal_key(version), &mut |current| {
-                    if let Some(bytes) = current {
-                        let existing: Proposal = decode(&bytes, "policy proposal")?;
-                        if existing.document != document {
-                            return Err(refused(
-                                ErrorKind::FailedPrecondition,
-                                format!(
-                                    "version {version} is proposed already (by {}) with another document; sign that one, or propose version {}",
-                                    existing.proposed_by,
-                                    version + 1
-                                ),
-                            ));
-                        }
-                        out = Some(existing);
-                        return Ok(DocChange {
-                            value: Some(bytes),
-                            events: Vec::new(),
-                        });
+            self.update_one(Docs::Proposals, &proposal_key(version), "proposal", |current| {
+                if let Some(bytes) = current {
+                    let existing: Proposal = decode(bytes, "policy proposal")?;
+                    if existing.document != document {
+                        return Err(refused(
+                            ErrorKind::FailedPrecondition,
+                            format!(
+                                "version {version} is proposed already (by {}) with another document; sign that one, or propose version {}",
+                                existing.proposed_by,
+                                version + 1
+                            ),
+                        ));
                     }
-                    let proposal = Proposal {
-                        version,
-                        document: document.clone(),
-                        signatures: Vec::new(),
-                        signed_by: Vec::new(),
-                        proposed_by: caller.to_string(),
-                        at_ms: now,
-                    };
-                    let event = EventDraft::new(caller.to_string(), "policy.proposed")
-                        .attr("version", version.to_string())
-                        .attr("digest", hex::encode(proposal.digest()));
-                    let value = encode(&proposal)?;
-                    out = Some(proposal);
-                    Ok(DocChange {
-                        value: Some(value),
-                        events: vec![event],
-                    })
-                })?;
-            self.store.commit().await?;
-            out.map(ProposalView)
-                .ok_or_else(|| BrokerError::Store("the proposal was not stored".into()))
+                    return Ok(Outcome::Unchanged(existing));
+                }
+                let proposal = Proposal {
+                    version,
+                    document: document.clone(),
+                    signatures: Vec::new(),
+                    signed_by: Vec::new(),
+                    proposed_by: caller.to_string(),
+                    at_ms: now,
+                };
+                let event = EventDraft::new(caller.to_string(), "policy.proposed")
+                    .attr("version", version.to_string())
+                    .attr("digest", hex::encode(proposal.digest()));
+                Ok(Outcome::Changed(proposal, event))
+            })
+            .await
+            .map(ProposalView)
         })
         .await
     }
@@ -582,38 +603,26 @@ impl Broker {
             let signer = policy_signer(active.as_deref(), root, &signature).ok_or_else(|| {
                 BrokerError::Store("a verified policy signature names no admin".into())
             })?;
-            let mut out = None;
-            self.store
-                .update_doc(Docs::Proposals, &proposal_key(version), &mut |current| {
-                    let Some(bytes) = current else {
-                        return Err(BrokerError::NotFound(format!(
-                            "proposed policy version {version} was applied or withdrawn meanwhile"
-                        )));
-                    };
-                    let mut p: Proposal = decode(&bytes, "policy proposal")?;
-                    if p.signed_by.contains(&signer) {
-                        out = Some(p);
-                        return Ok(DocChange {
-                            value: Some(bytes),
-                            events: Vec::new(),
-                        });
-                    }
-                    p.signatures.push(signature.clone());
-                    p.signed_by.push(signer.clone());
-                    let event = EventDraft::new(caller.to_string(), "policy.signed")
-                        .attr("version", version.to_string())
-                        .attr("digest", hex::encode(p.digest()))
-                        .attr("signer", signer.clone());
-                    let value = encode(&p)?;
-                    out = Some(p);
-                    Ok(DocChange {
-                        value: Some(value),
-                        events: vec![event],
-                    })
-                })?;
-            self.store.commit().await?;
-            out.map(ProposalView)
-                .ok_or_else(|| BrokerError::Store("the proposal was not stored".into()))
+            self.update_one(Docs::Proposals, &proposal_key(version), "proposal", |current| {
+                let Some(bytes) = current else {
+                    return Err(BrokerError::NotFound(format!(
+                        "proposed policy version {version} was applied or withdrawn meanwhile"
+                    )));
+                };
+                let mut p: Proposal = decode(bytes, "policy proposal")?;
+                if p.signed_by.contains(&signer) {
+                    return Ok(Outcome::Unchanged(p));
+                }
+                p.signatures.push(signature.clone());
+                p.signed_by.push(signer.clone());
+                let event = EventDraft::new(caller.to_string(), "policy.signed")
+                    .attr("version", version.to_string())
+                    .attr("digest", hex::encode(p.digest()))
+                    .attr("signer", signer.clone());
+                Ok(Outcome::Changed(p, event))
+            })
+            .await
+            .map(ProposalView)
         })
         .await
     }
