@@ -81,6 +81,19 @@ const NAMES: [&str; 10] = [
     "alice", "rita", "bob", "dave", "olivia", "carol", "adam", "anna", "bpm", "mallory",
 ];
 
+/// Asserts `result` was refused with exactly `code` and a message naming
+/// `part`.
+#[track_caller]
+fn assert_refused<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    part: &str,
+) {
+    let (got, message) = code_of(result);
+    assert_eq!(got, code, "{message}");
+    assert!(message.contains(part), "{message}");
+}
+
 fn spiffe(name: &str) -> String {
     let kind = if name == "bpm" { "svc" } else { "user" };
     format!("spiffe://{TD}/{kind}/{name}")
@@ -227,6 +240,17 @@ impl Signed {
     fn approval(&self, who: &str, request: &pb::Request) -> SignedStatement {
         let stmt = request_statement(request);
         self.sign(who, approval_binding(&stmt).unwrap())
+    }
+
+    /// `who` approves `request` with a statement of their own bound to it.
+    async fn approve(
+        &self,
+        who: &str,
+        request: &pb::Request,
+    ) -> Result<tonic::Response<pb::ApproveRequestResponse>, tonic::Status> {
+        let statement = self.approval(who, request);
+        self.approve_with(who, &request.request_id, Some(statement))
+            .await
     }
 
     async fn approve_with(
@@ -514,11 +538,10 @@ async fn a_request_statement_not_the_callers_own_is_permission_denied() {
     let mut s = Signed::start(true).await;
     // rita's statement, sent by alice.
     let ritas = s.request_statement("rita", PROD, "alice");
-    let (code, message) = code_of(s.create("alice", PROD, Some(ritas)).await);
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(
-        message.contains("not by spiffe://twokey.local/user/alice"),
-        "{message}"
+    assert_refused(
+        s.create("alice", PROD, Some(ritas)).await,
+        Code::PermissionDenied,
+        "not by spiffe://twokey.local/user/alice",
     );
     // Naming alice as signer, signed with rita's key.
     let forged = s.sign_as(
@@ -526,9 +549,11 @@ async fn a_request_statement_not_the_callers_own_is_permission_denied() {
         "rita",
         request_binding(&new_id(), PROD, &spiffe("alice"), REASON, TICKET, s.h.now()),
     );
-    let (code, message) = code_of(s.create("alice", PROD, Some(forged)).await);
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(message.contains("person rita's"), "{message}");
+    assert_refused(
+        s.create("alice", PROD, Some(forged)).await,
+        Code::PermissionDenied,
+        "person rita's",
+    );
     // A key the policy does not list at all.
     let stranger = Person::generate("alice", vec![spiffe("alice")]);
     let statement = new_statement(
@@ -538,9 +563,11 @@ async fn a_request_statement_not_the_callers_own_is_permission_denied() {
         request_binding(&new_id(), PROD, &spiffe("alice"), REASON, TICKET, s.h.now()),
     );
     let unknown = sign_statement(&stranger.key, TD, &statement).unwrap();
-    let (code, message) = code_of(s.create("alice", PROD, Some(unknown)).await);
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(message.contains("in no person's entry"), "{message}");
+    assert_refused(
+        s.create("alice", PROD, Some(unknown)).await,
+        Code::PermissionDenied,
+        "in no person's entry",
+    );
     let refusals = s.refusals().await;
     assert_eq!(
         refusals
@@ -572,11 +599,10 @@ async fn a_request_statement_bound_to_something_else_is_refused() {
         (with(AUDIT, "alice", REASON, TICKET), "account"),
         (with(PROD, "rita", REASON, TICKET), "requester"),
     ] {
-        let (code, message) = code_of(s.create("alice", PROD, Some(statement)).await);
-        assert_eq!(code, Code::FailedPrecondition, "{message}");
-        assert!(
-            message.contains(&format!("bound to another {field}")),
-            "{message}"
+        assert_refused(
+            s.create("alice", PROD, Some(statement)).await,
+            Code::FailedPrecondition,
+            &format!("bound to another {field}"),
         );
     }
     // Created ten minutes from the broker's time.
@@ -591,9 +617,11 @@ async fn a_request_statement_bound_to_something_else_is_refused() {
             now - std::time::Duration::from_secs(600),
         ),
     );
-    let (code, message) = code_of(s.create("alice", PROD, Some(old)).await);
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(message.contains("out of its time window"), "{message}");
+    assert_refused(
+        s.create("alice", PROD, Some(old)).await,
+        Code::FailedPrecondition,
+        "out of its time window",
+    );
     // An id that is not a UUID.
     let odd = s.sign(
         "alice",
@@ -604,18 +632,19 @@ async fn a_request_statement_bound_to_something_else_is_refused() {
     // One statement files one request.
     let once = with(PROD, "alice", REASON, TICKET);
     request_of(s.create("alice", PROD, Some(once.clone())).await);
-    let (code, message) = code_of(s.create("alice", PROD, Some(once)).await);
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(message.contains("is taken"), "{message}");
+    assert_refused(
+        s.create("alice", PROD, Some(once)).await,
+        Code::PermissionDenied,
+        "is taken",
+    );
     // Under another policy version.
     let mut s2 = s;
     s2.version = 7;
     let stale = s2.request_statement("alice", PROD, "alice");
-    let (code, message) = code_of(s2.create("alice", PROD, Some(stale)).await);
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(
-        message.contains("policy version 7, the active one is 1"),
-        "{message}"
+    assert_refused(
+        s2.create("alice", PROD, Some(stale)).await,
+        Code::FailedPrecondition,
+        "policy version 7, the active one is 1",
     );
     // Only the one good statement filed a request; every refusal is audited.
     let listed =
@@ -637,19 +666,18 @@ async fn approvals_are_the_approvers_own_bound_to_this_request_and_kept_in_order
     let a = s.file(AUDIT).await;
     let b = s.file(AUDIT).await;
     // No statement.
-    let (code, message) = code_of(s.approve_with("bob", &a.request_id, None).await);
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(
-        message.contains(&format!("twokey request approve {}", a.request_id)),
-        "{message}"
+    assert_refused(
+        s.approve_with("bob", &a.request_id, None).await,
+        Code::FailedPrecondition,
+        &format!("twokey request approve {}", a.request_id),
     );
     // Bound to the other request.
-    let (code, message) = code_of(
+    assert_refused(
         s.approve_with("bob", &a.request_id, Some(s.approval("bob", &b)))
             .await,
+        Code::FailedPrecondition,
+        "bound to another request",
     );
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(message.contains("bound to another request"), "{message}");
     // dave's statement, sent by bob.
     let (code, message) = code_of(
         s.approve_with("bob", &a.request_id, Some(s.approval("dave", &a)))
@@ -700,16 +728,17 @@ async fn a_release_carries_exactly_the_stored_evidence_and_the_operators_grant_i
     // The second code: the same grant id again is refused, as is the same
     // release id; new ids release it.
     let again = s.release("olivia", &r, &approvals, &grant_id, &new_id());
-    let (code, message) = code_of(s.release_with("olivia", &r.request_id, Some(again)).await);
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(
-        message.contains(&format!("grant id {grant_id} was used")),
-        "{message}"
+    assert_refused(
+        s.release_with("olivia", &r.request_id, Some(again)).await,
+        Code::PermissionDenied,
+        &format!("grant id {grant_id} was used"),
     );
     let replay = s.release("olivia", &r, &approvals, &new_id(), &release_id);
-    let (code, message) = code_of(s.release_with("olivia", &r.request_id, Some(replay)).await);
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(message.contains("was used already"), "{message}");
+    assert_refused(
+        s.release_with("olivia", &r.request_id, Some(replay)).await,
+        Code::PermissionDenied,
+        "was used already",
+    );
     assert_eq!(s.released(), 1);
     let fresh = s.release("olivia", &r, &approvals, &new_id(), &new_id());
     s.release_with("olivia", &r.request_id, Some(fresh))
@@ -725,17 +754,18 @@ async fn a_release_statement_must_be_the_operators_and_bind_all_approvals() {
     let r = s.verified(AUDIT).await;
     let approvals = approvals_of(&r);
     // None at all.
-    let (code, message) = code_of(s.release_with("olivia", &r.request_id, None).await);
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(
-        message.contains(&format!("twokey code release {}", r.request_id)),
-        "{message}"
+    assert_refused(
+        s.release_with("olivia", &r.request_id, None).await,
+        Code::FailedPrecondition,
+        &format!("twokey code release {}", r.request_id),
     );
     // Binding only one of the two approvals.
     let partial = s.release("olivia", &r, &approvals[..1], &new_id(), &new_id());
-    let (code, message) = code_of(s.release_with("olivia", &r.request_id, Some(partial)).await);
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(message.contains("set of approvals"), "{message}");
+    assert_refused(
+        s.release_with("olivia", &r.request_id, Some(partial)).await,
+        Code::FailedPrecondition,
+        "set of approvals",
+    );
     // Binding another request.
     let other = s.verified(PROD).await;
     let elsewhere = s.release(
@@ -745,12 +775,12 @@ async fn a_release_statement_must_be_the_operators_and_bind_all_approvals() {
         &new_id(),
         &new_id(),
     );
-    let (code, message) = code_of(
+    assert_refused(
         s.release_with("olivia", &r.request_id, Some(elsewhere))
             .await,
+        Code::FailedPrecondition,
+        "bound to another request",
     );
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(message.contains("bound to another request"), "{message}");
     // bob's release statement, sent by olivia.
     let bobs = s.release("bob", &r, &approvals, &new_id(), &new_id());
     let (code, message) = code_of(s.release_with("olivia", &r.request_id, Some(bobs)).await);
@@ -871,11 +901,10 @@ async fn a_request_filed_before_the_policy_must_be_filed_again_and_the_policy_ro
         }
     };
     // A key that is no pinned admin's, and a signature over another text.
-    let (code, message) = code_of(sign("adam", sign_policy(&s.key("bob").key, TD, &doc)).await);
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(
-        message.contains("not an admin key of the pinned admin set"),
-        "{message}"
+    assert_refused(
+        sign("adam", sign_policy(&s.key("bob").key, TD, &doc)).await,
+        Code::PermissionDenied,
+        "not an admin key of the pinned admin set",
     );
     let (code, message) =
         code_of(sign("adam", sign_policy(&s.key("adam").key, TD, "version = 2")).await);
@@ -889,11 +918,10 @@ async fn a_request_filed_before_the_policy_must_be_filed_again_and_the_policy_ro
     assert_eq!(signed.signed_by, vec![spiffe("adam")]);
     // One signature of two: the vault refuses, its status passes through and
     // no version is in force.
-    let (code, message) = code_of(apply().await);
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(
-        message.contains("needs 2 distinct admin signatures"),
-        "{message}"
+    assert_refused(
+        apply().await,
+        Code::FailedPrecondition,
+        "needs 2 distinct admin signatures",
     );
     assert_eq!(s.policy_version("alice").await, 0);
     sign("anna", sign_policy(&s.key("anna").key, TD, &doc))
@@ -1024,9 +1052,11 @@ async fn admin_actions_collect_m_admins_and_are_forwarded_with_the_account_call(
     };
     let binding = |action: AdminAction, id: &str| twokey_consent::admin_binding(PROD, action, id);
     // No action id.
-    let (code, message) = code_of(remove("adam", "").await);
-    assert_eq!(code, Code::FailedPrecondition, "{message}");
-    assert!(message.contains("ADMIN_ACTION_REMOVE"), "{message}");
+    assert_refused(
+        remove("adam", "").await,
+        Code::FailedPrecondition,
+        "ADMIN_ACTION_REMOVE",
+    );
     let id = new_id();
     let adams = s.sign("adam", binding(AdminAction::Remove, &id));
     let action = sign_action("adam", adams.clone())
@@ -1202,26 +1232,16 @@ async fn the_signed_policy_decides_who_approves_how_many_approvals_and_codes() {
     // The signed counts, not the file's.
     assert_eq!((r.approvals_required, r.codes_allowed), (2, 2));
     // dave approves in the broker's file only: refused, nothing recorded.
-    let (code, message) = code_of(
-        s.approve_with("dave", &r.request_id, Some(s.approval("dave", &r)))
-            .await,
-    );
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(
-        message.contains("is not an approver for aws-prod-root"),
-        "{message}"
+    assert_refused(
+        s.approve("dave", &r).await,
+        Code::PermissionDenied,
+        "is not an approver for aws-prod-root",
     );
     // carol approves in the signed policy only: her approval counts.
-    let r = request_of(
-        s.approve_with("carol", &r.request_id, Some(s.approval("carol", &r)))
-            .await,
-    );
+    let r = request_of(s.approve("carol", &r).await);
     assert_eq!(state_of(&r), pb::RequestState::Pending);
     assert_eq!(r.approvals.len(), 1);
-    let r = request_of(
-        s.approve_with("bob", &r.request_id, Some(s.approval("bob", &r)))
-            .await,
-    );
+    let r = request_of(s.approve("bob", &r).await);
     assert_eq!(state_of(&r), pb::RequestState::Approved);
     let r = request_of(s.verify_with(&r.request_id, vec![]).await);
     // Two codes, where the file allows one.
@@ -1317,10 +1337,7 @@ async fn an_account_only_the_signed_policy_names_takes_requests_and_one_only_the
     let statement = s.request_statement("mallory", "gcp-root", "mallory");
     let r = request_of(s.create("mallory", "gcp-root", Some(statement)).await);
     assert_eq!((r.approvals_required, r.codes_allowed), (1, 1));
-    let r = request_of(
-        s.approve_with("bob", &r.request_id, Some(s.approval("bob", &r)))
-            .await,
-    );
+    let r = request_of(s.approve("bob", &r).await);
     assert_eq!(state_of(&r), pb::RequestState::Approved);
     let pin = s.h.wait_for_pin("mallory", &r.request_id, 1).await;
     assert_eq!(pin.len(), 6);
@@ -1342,10 +1359,7 @@ async fn applying_a_new_version_changes_who_may_approve_without_a_restart() {
     let mut s = Signed::start(true).await;
     // Version 1: bob and dave approve, as in the file; carol does not.
     let r = s.file(PROD).await;
-    let (code, message) = code_of(
-        s.approve_with("carol", &r.request_id, Some(s.approval("carol", &r)))
-            .await,
-    );
+    let (code, message) = code_of(s.approve("carol", &r).await);
     assert_eq!(code, Code::PermissionDenied, "{message}");
     assert!(s.roles_of("carol").await.is_empty());
     let on_self = s.file(SELF).await;
@@ -1363,25 +1377,20 @@ async fn applying_a_new_version_changes_who_may_approve_without_a_restart() {
         vec![(PROD.to_owned(), vec![pb::Role::Approver])]
     );
     let r = s.file(PROD).await;
-    let (code, message) = code_of(
-        s.approve_with("bob", &r.request_id, Some(s.approval("bob", &r)))
-            .await,
+    assert_refused(
+        s.approve("bob", &r).await,
+        Code::PermissionDenied,
+        "is not an approver for aws-prod-root",
     );
-    assert_eq!(code, Code::PermissionDenied, "{message}");
-    assert!(
-        message.contains("is not an approver for aws-prod-root"),
-        "{message}"
-    );
-    let r = request_of(
-        s.approve_with("carol", &r.request_id, Some(s.approval("carol", &r)))
-            .await,
-    );
+    let r = request_of(s.approve("carol", &r).await);
     assert_eq!(state_of(&r), pb::RequestState::Approved);
     // SELF, in the file and in version 1, is gone with version 2.
     let statement = s.request_statement("alice", SELF, "alice");
-    let (code, message) = code_of(s.create("alice", SELF, Some(statement)).await);
-    assert_eq!(code, Code::NotFound, "{message}");
-    assert!(message.contains("signed policy version 2"), "{message}");
+    assert_refused(
+        s.create("alice", SELF, Some(statement)).await,
+        Code::NotFound,
+        "signed policy version 2",
+    );
     // A request on SELF filed under version 1 still expires in its time.
     s.h.advance(std::time::Duration::from_secs(3601));
     let got = get(&s.h, "alice", &on_self.request_id).await;
