@@ -40,9 +40,10 @@ pub enum Inbound<F> {
     /// accepted (from its request; only the first of a stream is used).
     Event(SignedEvent, u64),
     /// A request without an event: the first of a stream says the size of
-    /// the last checkpoint the source accepted and asks for a receipt now;
-    /// later ones only carry cosignatures (kept before this point).
-    Hello(u64),
+    /// the last checkpoint the source accepted and that checkpoint (its
+    /// signed note, or empty) and asks for a receipt now; later ones only
+    /// carry cosignatures (kept before this point).
+    Hello(u64, String),
     /// The stream failed in a way the source must be told (`F` says how).
     Fail(F),
     /// The source is done sending (or the stream broke without more to say).
@@ -77,6 +78,9 @@ pub struct Acked {
     pub ack: Option<Ack>,
     /// The signed checkpoint covering it and the proof to it.
     pub receipt: Option<Receipt>,
+    /// The log is restoring ([`AuditLog::hello`]): the source is to send
+    /// what it kept from this index on (the stream ends after this).
+    pub restore_from: Option<u64>,
 }
 
 /// What a stream answers: each acknowledgement in order, or the refusal
@@ -126,7 +130,12 @@ async fn send_group<S: LogStore, F>(
             None
         };
         let ack = Some(ack);
-        if tx.send(Ok(Acked { ack, receipt })).await.is_err() {
+        let answer = Acked {
+            ack,
+            receipt,
+            restore_from: None,
+        };
+        if tx.send(Ok(answer)).await.is_err() {
             return Ok(false);
         }
     }
@@ -210,7 +219,7 @@ pub async fn run<S: LogStore, F>(
                             }
                         }
                     }
-                    Some(Inbound::Hello(known_size)) => {
+                    Some(Inbound::Hello(known_size, known_checkpoint)) => {
                         // Only the first says hello; later ones carry
                         // cosignatures, which grpc has kept already.
                         if !witness {
@@ -218,6 +227,16 @@ pub async fn run<S: LogStore, F>(
                                 (base, based) = (known_size, true);
                             }
                             (witness, push) = (true, true);
+                            if let Some(from) = log.hello(&peer, &known_checkpoint) {
+                                // Restoring: the source sends what it kept
+                                // (Restore), then reconnects.
+                                let answer = Acked { ack: None, receipt: None, restore_from: Some(from) };
+                                if tx.send(Ok(answer)).await.is_err() {
+                                    return;
+                                }
+                                inbound_open = false;
+                                push = false;
+                            }
                         }
                     }
                     Some(Inbound::Fail(fault)) => {
@@ -249,6 +268,7 @@ pub async fn run<S: LogStore, F>(
                     let answer = Acked {
                         ack: None,
                         receipt: Some(r),
+                        restore_from: None,
                     };
                     if tx.send(Ok(answer)).await.is_err() {
                         return;

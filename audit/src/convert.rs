@@ -50,6 +50,10 @@ impl From<Ack> for AppendResponse {
 impl From<Acked> for AppendResponse {
     fn from(acked: Acked) -> Self {
         let mut response = acked.ack.map(Self::from).unwrap_or_default();
+        if let Some(from) = acked.restore_from {
+            response.status = AppendStatus::Restore as i32;
+            response.leaf_index = from;
+        }
         if let Some(receipt) = acked.receipt {
             response.checkpoint = receipt.checkpoint.note;
             response.consistency_proof = receipt.proof.iter().map(|h| h.to_vec()).collect();

@@ -72,6 +72,10 @@ pub enum AuditError {
     /// the message names the file and what to do.
     #[error("{0}")]
     HeadFile(String),
+    /// The log holds fewer entries than a checkpoint it signed and is
+    /// getting them back from the sources; the message says how far.
+    #[error("{0}")]
+    Restoring(String),
     /// A stored entry cannot be read.
     #[error("stored entry {index} is corrupt: {why}")]
     Corrupt {
@@ -94,7 +98,7 @@ impl ServiceError for AuditError {
             | Self::Merkle(_) => ErrorKind::InvalidArgument,
             Self::Conflict { .. } => ErrorKind::AlreadyExists,
             Self::OutOfRange(_) => ErrorKind::OutOfRange,
-            Self::Store(_) => ErrorKind::Unavailable,
+            Self::Store(_) | Self::Restoring(_) => ErrorKind::Unavailable,
             Self::Checkpoint(_) | Self::Corrupt { .. } | Self::TreeHead(_) | Self::HeadFile(_) => {
                 ErrorKind::Internal
             }

@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use twokey_proto::audit::v1::{
     AppendRequest, AppendResponse, GetCheckpointRequest, GetCheckpointResponse,
     GetConsistencyProofRequest, GetConsistencyProofResponse, GetInclusionProofRequest,
-    GetInclusionProofResponse, QueryRequest, QueryResponse,
+    GetInclusionProofResponse, QueryRequest, QueryResponse, RestoreRequest, RestoreResponse,
     audit_service_server::{AuditService, AuditServiceServer},
 };
 use twokey_runtime::{Authenticator, SpiffeId, error::to_status, serve::MAX_MESSAGE_BYTES};
@@ -28,6 +28,8 @@ use crate::{
 
 /// Entries per query answer message, at most.
 const QUERY_BATCH: usize = 100;
+/// Restore entries taken per step of a Restore call.
+const RESTORE_BATCH: usize = 1024;
 
 impl From<AuditError> for Status {
     fn from(e: AuditError) -> Self {
@@ -100,6 +102,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
                 event,
                 known_size,
                 cosignature,
+                known_checkpoint,
             }) => {
                 if !cosignature.is_empty() {
                     // A witness's word: kept if it verifies, never fatal.
@@ -109,7 +112,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
                 }
                 match event {
                     Some(signed) => Inbound::Event(signed, known_size),
-                    None => Inbound::Hello(known_size),
+                    None => Inbound::Hello(known_size, known_checkpoint),
                 }
             }
             Err(status) => {
@@ -207,5 +210,56 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
             .log
             .consistency_proof(req.first_size, req.second_size)?;
         Ok(Response::new(consistency_response(req.first_size, proof)))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<Streaming<RestoreRequest>>,
+    ) -> Result<Response<RestoreResponse>, Status> {
+        let log = self.log.clone();
+        let peer = self
+            .auth
+            .authorize(&request, "a configured audit source", |id| {
+                log.is_source(id)
+            })?;
+        let mut stream = request.into_inner();
+        let (mut batch, mut accepted) = (Vec::new(), 0);
+        loop {
+            let item = stream
+                .message()
+                .await
+                .map_err(twokey_runtime::limits::limit_status)?;
+            let last = item.is_none();
+            if let Some(RestoreRequest { leaf_index, event }) = item {
+                let event = event.ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "restore entry at leaf index {leaf_index} has no event; send each kept \
+                         event with the index audit acknowledged it at"
+                    ))
+                })?;
+                batch.push((leaf_index, event));
+            }
+            if last || batch.len() >= RESTORE_BATCH {
+                let progress = log
+                    .restore_entries(&peer, std::mem::take(&mut batch))
+                    .await?;
+                accepted += progress.accepted;
+                if last {
+                    tracing::info!(
+                        %peer,
+                        accepted,
+                        size = progress.size,
+                        target = progress.target,
+                        "restore entries received"
+                    );
+                    return Ok(Response::new(RestoreResponse {
+                        tree_size: progress.size,
+                        target_size: progress.target,
+                        accepted,
+                        next_missing: progress.next_missing,
+                    }));
+                }
+            }
+        }
     }
 }

@@ -76,6 +76,7 @@ pub async fn serve(
         verifier = %log.signer().verifier(),
         "audit log open"
     );
+    watch_restore(&log);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shutdown = async move {
         shutdown.await;
@@ -99,4 +100,37 @@ pub async fn serve(
         .await
         .map_err(ServeError::from)?;
     Ok(())
+}
+
+/// A restore under way ([`AuditLog::hello`]) shows on the gauge
+/// `twokey.audit.restore.missing` (entries still missing) and at ERROR
+/// every minute until it completes.
+fn watch_restore(log: &Arc<AuditLog<SledStore>>) {
+    let gauge = Arc::downgrade(log);
+    twokey_runtime::metrics::meter()
+        .u64_observable_gauge("twokey.audit.restore.missing")
+        .with_description(
+            "entries a restored log still needs from the sources (0 when no restore is under way)",
+        )
+        .with_unit("{entry}")
+        .with_callback(move |g| {
+            if let Some(log) = gauge.upgrade() {
+                g.observe(log.restore_missing(), &[]);
+            }
+        })
+        .build();
+    let alarm = Arc::downgrade(log);
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            match alarm.upgrade() {
+                Some(log) => {
+                    log.restore_alarm();
+                }
+                None => return,
+            }
+        }
+    });
 }

@@ -27,6 +27,9 @@ use twokey_runtime::{
     time::{Clock, to_timestamp},
 };
 
+mod restore;
+pub use restore::RestoreProgress;
+
 use crate::{
     checkpoint::{Checkpoint, CheckpointSigner, split_note},
     error::AuditError,
@@ -189,6 +192,9 @@ pub struct AuditLog<S> {
     /// covers and the signature line. In memory: the sources cosign again
     /// on their next receipt, which each stream sends when it opens.
     cosignatures: Mutex<BTreeMap<String, (u64, String)>>,
+    /// A restore in progress: the log holds fewer entries than a checkpoint
+    /// it signed, shown by a source ([`crate::restore`]).
+    restore: Mutex<Option<restore::Restore>>,
 }
 
 /// The witness name of a source: its SPIFFE ID without the scheme (a
@@ -222,6 +228,7 @@ impl<S: LogStore> AuditLog<S> {
             head: Mutex::new(TreeHeadFile::in_memory()),
             signed: tokio::sync::watch::Sender::new(0),
             cosignatures: Mutex::new(BTreeMap::new()),
+            restore: Mutex::new(None),
         }
     }
 
@@ -470,14 +477,9 @@ impl<S: LogStore> AuditLog<S> {
         self.finish(pending).await
     }
 
-    /// Checks and writes an event without waiting for the disk; appends of
-    /// one stream can be pipelined and share one sync. The answer must not
-    /// be sent before [`AuditLog::finish`] returns.
-    pub fn begin_append(
-        &self,
-        peer: &SpiffeId,
-        signed: SignedEvent,
-    ) -> Result<PendingAck, AuditError> {
+    /// The event `signed` holds, if `peer` is a configured source, the event
+    /// names it, its key signed it and its sequence number is not 0.
+    fn verify_from(&self, peer: &SpiffeId, signed: &SignedEvent) -> Result<Event, AuditError> {
         let key = self
             .sources
             .get(peer)
@@ -490,21 +492,34 @@ impl<S: LogStore> AuditLog<S> {
                 source_id: claimed.source,
             });
         }
-        let event = verify_event(&signed, key).map_err(|_| AuditError::BadSignature {
+        let event = verify_event(signed, key).map_err(|_| AuditError::BadSignature {
             source_id: claimed.source.clone(),
             seq: claimed.seq,
         })?;
-        let seq = event.seq;
-        if seq == 0 {
+        if event.seq == 0 {
             return Err(AuditError::InvalidEvent(
                 "event seq 0: sequence numbers start at 1".into(),
             ));
         }
+        Ok(event)
+    }
+
+    /// Checks and writes an event without waiting for the disk; appends of
+    /// one stream can be pipelined and share one sync. The answer must not
+    /// be sent before [`AuditLog::finish`] returns.
+    pub fn begin_append(
+        &self,
+        peer: &SpiffeId,
+        signed: SignedEvent,
+    ) -> Result<PendingAck, AuditError> {
+        let event = self.verify_from(peer, &signed)?;
+        let seq = event.seq;
         // The Merkle leaf: the SignedEvent re-encoded canonically (decoding
         // dropped anything unknown; the signed bytes are kept as they are).
         let leaf_data = signed.encode_to_vec();
 
         let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        self.refuse_while_restoring()?;
         let expected = self.store.next_seq(peer.as_str())?;
         if seq > expected {
             return Ok(PendingAck {
@@ -650,6 +665,7 @@ impl<S: LogStore> AuditLog<S> {
     /// larger than that head is persisted as the new head before it is
     /// returned.
     pub fn checkpoint(&self) -> Result<SignedCheckpoint, AuditError> {
+        self.refuse_while_restoring()?;
         let mut head = self.head();
         let size = self.size();
         let root = self.mth(0, size)?;
@@ -785,22 +801,22 @@ mod tests {
         time::ManualClock,
     };
 
-    const VAULT: &str = "spiffe://t/svc/vault";
-    const BROKER: &str = "spiffe://t/svc/broker";
+    pub(super) const VAULT: &str = "spiffe://t/svc/vault";
+    pub(super) const BROKER: &str = "spiffe://t/svc/broker";
 
-    struct Fixture {
-        _dir: tempfile::TempDir,
-        log: AuditLog<SledStore>,
-        vault: EventSigner,
-        broker: EventSigner,
-        start: SystemTime,
+    pub(super) struct Fixture {
+        pub(super) _dir: tempfile::TempDir,
+        pub(super) log: AuditLog<SledStore>,
+        pub(super) vault: EventSigner,
+        pub(super) broker: EventSigner,
+        pub(super) start: SystemTime,
     }
 
-    fn id(s: &str) -> SpiffeId {
+    pub(super) fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
     }
 
-    fn fixture() -> Fixture {
+    pub(super) fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let vault = EventSigner::new(id(VAULT), SigningKey::from_bytes(&[1; 32]));
         let broker = EventSigner::new(id(BROKER), SigningKey::from_bytes(&[2; 32]));
@@ -826,7 +842,12 @@ mod tests {
         }
     }
 
-    fn event(signer: &EventSigner, seq: u64, action: &str, at: SystemTime) -> SignedEvent {
+    pub(super) fn event(
+        signer: &EventSigner,
+        seq: u64,
+        action: &str,
+        at: SystemTime,
+    ) -> SignedEvent {
         signer.sign(
             &EventDraft::new("spiffe://t/user/alice", action)
                 .account("aws-prod")

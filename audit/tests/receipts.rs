@@ -3,7 +3,9 @@
 //! and keeps the last one across restarts; an audit service serving a
 //! forked or a shorter log is flagged (no acknowledgement counts), and the
 //! flag clears once a checkpoint consistent with the last accepted one is
-//! served again.
+//! served again. An audit service restored from an older backup gets its
+//! lost tail back from both sources' kept events, at the same indices, and
+//! ends with a log that verifies against every checkpoint it signed.
 
 mod common;
 
@@ -35,6 +37,7 @@ fn shipper(
         env.channel(addr, "vault"),
         ShipperOptions {
             audit_key: Some(env.verifier()),
+            ..Default::default()
         },
     )
 }
@@ -243,6 +246,7 @@ async fn both_sources_cosign_the_latest_checkpoint_as_witnesses() {
         env.channel(server.addr, "broker"),
         ShipperOptions {
             audit_key: Some(env.verifier()),
+            ..Default::default()
         },
     );
     for _ in 0..3 {
@@ -277,5 +281,247 @@ async fn both_sources_cosign_the_latest_checkpoint_as_witnesses() {
     );
     vt.abort();
     bt.abort();
+    server.stop().await;
+}
+
+fn broker_shipper(
+    env: &Env,
+    outbox: &Outbox,
+    addr: SocketAddr,
+) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
+    spawn_shipper_with(
+        outbox.clone(),
+        env.channel(addr, "broker"),
+        ShipperOptions {
+            audit_key: Some(env.verifier()),
+            ..Default::default()
+        },
+    )
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
+/// Emits `n` events on each outbox, interleaved, each acknowledged.
+async fn emit_both(n: usize, sources: [(&Outbox, &ShipperHandle); 2]) {
+    for _ in 0..n {
+        for (outbox, handle) in sources {
+            let seq = emit(outbox).await;
+            handle
+                .wait_acked(seq, Duration::from_secs(20))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_audit_restored_from_an_older_backup_gets_its_tail_back_from_the_sources() {
+    let env = Env::new();
+    let server = TestServer::start(env.config.clone()).await;
+    let addr = server.addr;
+    let vault = vault_outbox(&env);
+    let db = DurableDb::open(&env.path().join("broker-db")).unwrap();
+    let broker = Outbox::open(&db, env.broker(), std::sync::Arc::new(SystemClock)).unwrap();
+    let (vh, vt) = shipper(&env, &vault, addr);
+    let (bh, bt) = broker_shipper(&env, &broker, addr);
+    emit_both(2, [(&vault, &vh), (&broker, &bh)]).await;
+    let mut carol = env.client(addr, "carol");
+    let first = checkpoint(&mut carol).await;
+
+    // A backup of the data directory, taken with audit stopped.
+    server.stop().await;
+    let backup = env.path().join("backup");
+    copy_dir(&env.config.data_dir, &backup);
+    let server = TestServer::start_at(env.config.clone(), addr).await;
+
+    // More events; a checkpoint of all of them, which both sources accept.
+    emit_both(5, [(&vault, &vh), (&broker, &bh)]).await;
+    let last = checkpoint(&mut carol).await;
+    assert_eq!(last.tree_size, 14);
+    for _ in 0..200 {
+        if accepted_size(&vault, &env.verifier()) == 14
+            && accepted_size(&broker, &env.verifier()) == 14
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted_size(&broker, &env.verifier()), 14);
+    let before = query_all(&mut carol).await;
+
+    // The audit host is lost; the backup is restored (tree-head file too).
+    server.stop().await;
+    std::fs::remove_dir_all(&env.config.data_dir).unwrap();
+    copy_dir(&backup, &env.config.data_dir);
+    let server = TestServer::start_at(env.config.clone(), addr).await;
+
+    // The sources see a shorter log and send what they kept; audit signs
+    // nothing smaller meanwhile and ends with the very same log.
+    let mut restored = None;
+    for _ in 0..400 {
+        match carol
+            .get_checkpoint(twokey_proto::audit::v1::GetCheckpointRequest {})
+            .await
+        {
+            Ok(r) if r.get_ref().tree_size >= 14 => {
+                restored = Some(r.into_inner());
+                break;
+            }
+            // Before a source says hello, the restored log can only serve
+            // the checkpoint it signed before the backup: never a new one.
+            Ok(r) => assert_eq!(
+                (r.get_ref().tree_size, &r.get_ref().root_hash),
+                (first.tree_size, &first.root_hash)
+            ),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(status.message().contains("restoring"), "{status:?}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restored = restored.expect("audit was restored from the sources");
+    assert_eq!(restored.root_hash, last.root_hash);
+    let after = query_all(&mut carol).await;
+    for note in [&first.checkpoint, &last.checkpoint, &restored.checkpoint] {
+        env.verify(&after, note);
+    }
+    for (a, b) in before.iter().zip(&after) {
+        assert_eq!(a.signed_event, b.signed_event, "entry {}", a.index);
+    }
+    // Both sources are healthy again and new events flow.
+    wait_health(vh.receipts(), Option::is_none).await;
+    wait_health(bh.receipts(), Option::is_none).await;
+    emit_both(1, [(&vault, &vh), (&broker, &bh)]).await;
+    assert_eq!(query_all(&mut carol).await.len(), 16);
+    vt.abort();
+    bt.abort();
+    server.stop().await;
+}
+
+/// A vault source without receipts (no checkpoint key) shipping to `addr`.
+fn plain_shipper(
+    env: &Env,
+    outbox: &Outbox,
+    addr: SocketAddr,
+    stall_alarm: Duration,
+) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
+    spawn_shipper_with(
+        outbox.clone(),
+        env.channel(addr, "vault"),
+        ShipperOptions {
+            stall_alarm,
+            ..Default::default()
+        },
+    )
+}
+
+/// Three vault events before a backup and three after, all acknowledged;
+/// then audit comes back on the backup. Returns the server.
+async fn restored_after_three_more(
+    env: &Env,
+    outbox: &Outbox,
+    handle: &ShipperHandle,
+    server: TestServer,
+) -> TestServer {
+    let addr = server.addr;
+    for _ in 0..3 {
+        let seq = emit(outbox).await;
+        handle
+            .wait_acked(seq, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    server.stop().await;
+    let backup = env.path().join("backup");
+    copy_dir(&env.config.data_dir, &backup);
+    let server = TestServer::start_at(env.config.clone(), addr).await;
+    for _ in 0..3 {
+        let seq = emit(outbox).await;
+        handle
+            .wait_acked(seq, Duration::from_secs(20))
+            .await
+            .unwrap();
+    }
+    server.stop().await;
+    std::fs::remove_dir_all(&env.config.data_dir).unwrap();
+    copy_dir(&backup, &env.config.data_dir);
+    TestServer::start_at(env.config.clone(), addr).await
+}
+
+#[tokio::test]
+async fn on_a_gap_a_source_sends_again_the_events_it_kept() {
+    let env = Env::new();
+    let server = TestServer::start(env.config.clone()).await;
+    let outbox = vault_outbox(&env);
+    let (handle, task) = plain_shipper(&env, &outbox, server.addr, Duration::from_secs(60));
+    let server = restored_after_three_more(&env, &outbox, &handle, server).await;
+    // Audit lost events 4..=6; the next event meets a GAP and the kept ones
+    // go again first.
+    let seq = emit(&outbox).await;
+    assert_eq!(seq, 7);
+    let mut carol = env.client(server.addr, "carol");
+    let mut seqs = Vec::new();
+    for _ in 0..200 {
+        seqs = query_all(&mut carol)
+            .await
+            .iter()
+            .map(|e| e.event.as_ref().unwrap().seq)
+            .collect();
+        if seqs.len() == 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+    assert_eq!(handle.stalled(), None);
+    task.abort();
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_source_that_no_longer_keeps_what_audit_lost_says_so() {
+    let env = Env::new();
+    let server = TestServer::start(env.config.clone()).await;
+    let outbox = vault_outbox(&env);
+    let (handle, task) = plain_shipper(&env, &outbox, server.addr, Duration::from_millis(300));
+    let server = restored_after_three_more(&env, &outbox, &handle, server).await;
+    // The retention dropped every kept event.
+    outbox
+        .prune_kept(std::time::SystemTime::now() + Duration::from_secs(3600))
+        .unwrap();
+    emit(&outbox).await;
+    let mut why = None;
+    for _ in 0..200 {
+        why = handle.stalled();
+        if why.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let why = why.expect("the shipper says it is stalled");
+    assert!(
+        why.contains("audit expects event 4 of this source next")
+            && why.contains("keeps events only from 7 on")
+            && why.contains("restore it from a newer backup"),
+        "{why}"
+    );
+    // Nothing was appended out of order.
+    let mut carol = env.client(server.addr, "carol");
+    assert_eq!(query_all(&mut carol).await.len(), 3);
+    task.abort();
     server.stop().await;
 }

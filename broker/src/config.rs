@@ -59,6 +59,11 @@ pub struct BrokerConfig {
     /// are taken as they come and a WARN at start says so.
     #[serde(default)]
     pub audit_checkpoint_key: Option<String>,
+    /// Days this service keeps each event after audit acknowledged it, so
+    /// that an audit service restored from a backup younger than this gets
+    /// it back (docs/RELIABILITY.md). 0 keeps none.
+    #[serde(default = "default_audit_keep_days")]
+    pub audit_keep_days: u64,
     /// Log line format.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -326,6 +331,10 @@ impl BrokerConfig {
         }
         paths
     }
+}
+
+fn default_audit_keep_days() -> u64 {
+    twokey_runtime::shipper::DEFAULT_KEEP_DAYS
 }
 
 #[cfg(test)]

@@ -318,8 +318,11 @@ pub async fn serve(
     // receipts' health before every state change.
     let shipper = match audit_channel {
         Some(channel) => {
-            let options = ShipperOptions::from_setting(config.audit_checkpoint_key.as_deref())
-                .map_err(StartError::Setting)?;
+            let options = ShipperOptions::from_setting(
+                config.audit_checkpoint_key.as_deref(),
+                config.audit_keep_days,
+            )
+            .map_err(StartError::Setting)?;
             Some(spawn_shipper_with(outbox.clone(), channel, options))
         }
         None => None,

@@ -123,6 +123,13 @@ impl AuditService for StallingAudit {
     ) -> Result<tonic::Response<apb::GetConsistencyProofResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("not in this fake"))
     }
+
+    async fn restore(
+        &self,
+        _: tonic::Request<tonic::Streaming<apb::RestoreRequest>>,
+    ) -> Result<tonic::Response<apb::RestoreResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this fake"))
+    }
 }
 
 /// Serves [`StallingAudit`] with the dev PKI's audit certificate, client

@@ -1,6 +1,12 @@
 //! The durable outbox: each audit event is written in the same sled
 //! transaction as the state change it records, under a per-source sequence
-//! number, and stays until the audit service acknowledges it.
+//! number, and stays until the audit service acknowledges it (with receipts:
+//! until a checkpoint the source verified covers it).
+//!
+//! Then it is kept, under the leaf index audit acknowledged it at, for the
+//! retention the service sets (`audit_keep_days`), so that an audit service
+//! restored from an older backup gets it back: at the same index when audit
+//! asks (`Restore`), or sent again from its sequence number on a GAP.
 
 use std::sync::Arc;
 
@@ -16,6 +22,10 @@ use crate::{
 };
 
 const ENTRY_PREFIX: &[u8] = b"e/";
+/// Pending event's leaf index, once audit acknowledged it: `l/<seq>`.
+const LEAF_PREFIX: &[u8] = b"l/";
+/// Kept event, after a verified acknowledgement: `k/<leaf index>`.
+const KEPT_PREFIX: &[u8] = b"k/";
 const NEXT_SEQ: &[u8] = b"m/next_seq";
 const CHECKPOINT: &[u8] = b"m/checkpoint";
 
@@ -23,9 +33,39 @@ fn entry_key(seq: u64) -> Vec<u8> {
     [ENTRY_PREFIX, &seq.to_be_bytes()].concat()
 }
 
-fn seq_of_key(key: &[u8]) -> Option<u64> {
-    let bytes: [u8; 8] = key.strip_prefix(ENTRY_PREFIX)?.try_into().ok()?;
+fn leaf_key(seq: u64) -> Vec<u8> {
+    [LEAF_PREFIX, &seq.to_be_bytes()].concat()
+}
+
+fn kept_key(index: u64) -> Vec<u8> {
+    [KEPT_PREFIX, &index.to_be_bytes()].concat()
+}
+
+fn number_of_key(key: &[u8], prefix: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.strip_prefix(prefix)?.try_into().ok()?;
     Some(u64::from_be_bytes(bytes))
+}
+
+fn seq_of_key(key: &[u8]) -> Option<u64> {
+    number_of_key(key, ENTRY_PREFIX)
+}
+
+fn sync_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Sync(e.to_string())
+}
+
+/// Why events audit lost cannot be sent again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "audit expects event {expected} of this source next, but this source keeps events only from \
+     {kept_from} on (older ones passed the retention, audit_keep_days): audit lost events it had \
+     acknowledged, restore it from a newer backup"
+)]
+pub struct Unrecoverable {
+    /// What audit expects.
+    pub expected: u64,
+    /// The oldest event still kept or pending.
+    pub kept_from: u64,
 }
 
 /// A source's outbox of signed events waiting for the audit service.
@@ -159,15 +199,152 @@ impl Outbox {
             .unwrap_or(1)
     }
 
-    /// Drops every event up to and including `seq` (acknowledged).
-    pub fn remove_through(&self, seq: u64) -> Result<(), StoreError> {
-        for item in self.tree.range(entry_key(0)..=entry_key(seq)) {
-            let (k, _) = item.map_err(|e| StoreError::Sync(e.to_string()))?;
+    /// Notes that audit acknowledged event `seq` at leaf `index` (kept
+    /// with the event until [`Outbox::settle_through`]).
+    pub fn record_leaf(&self, seq: u64, index: u64) -> Result<(), StoreError> {
+        if self.tree.contains_key(entry_key(seq)).map_err(sync_error)? {
             self.tree
-                .remove(k)
-                .map_err(|e| StoreError::Sync(e.to_string()))?;
+                .insert(leaf_key(seq), &index.to_be_bytes())
+                .map_err(sync_error)?;
         }
         Ok(())
+    }
+
+    /// Settles every event up to and including `seq` (acknowledged, and
+    /// covered by a verified checkpoint when receipts are checked): each
+    /// leaves the pending events and is kept under its leaf index, in one
+    /// atomic batch; one whose leaf index is unknown (its acknowledgement
+    /// was lost) is only dropped.
+    pub fn settle_through(&self, seq: u64) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut any = false;
+        for item in self.tree.range(entry_key(0)..=entry_key(seq)) {
+            let (k, v) = item.map_err(sync_error)?;
+            let Some(s) = seq_of_key(&k) else { continue };
+            if let Some(index) = self.tree.get(leaf_key(s)).map_err(sync_error)? {
+                if let Ok(index) = <[u8; 8]>::try_from(index.as_ref()) {
+                    batch.insert(kept_key(u64::from_be_bytes(index)), v);
+                }
+                batch.remove(leaf_key(s));
+            }
+            batch.remove(k);
+            any = true;
+        }
+        if any {
+            self.tree.apply_batch(batch).map_err(sync_error)?;
+        }
+        Ok(())
+    }
+
+    /// Events audit acknowledged at leaf indices from `from` on, in leaf
+    /// order, at most `limit`: the kept ones, then pending ones whose
+    /// acknowledgement is known.
+    pub fn kept_from(&self, from: u64, limit: usize) -> Vec<(u64, SignedEvent)> {
+        let mut out: Vec<(u64, SignedEvent)> = self
+            .tree
+            .range(kept_key(from)..kept_key(u64::MAX))
+            .filter_map(Result::ok)
+            .filter_map(|(k, v)| {
+                Some((
+                    number_of_key(&k, KEPT_PREFIX)?,
+                    SignedEvent::decode(v.as_ref()).ok()?,
+                ))
+            })
+            .take(limit)
+            .collect();
+        if out.len() < limit {
+            let mut pending: Vec<(u64, SignedEvent)> = self
+                .tree
+                .scan_prefix(LEAF_PREFIX)
+                .filter_map(Result::ok)
+                .filter_map(|(k, v)| {
+                    let seq = number_of_key(&k, LEAF_PREFIX)?;
+                    let index = u64::from_be_bytes(v.as_ref().try_into().ok()?);
+                    let event = self.tree.get(entry_key(seq)).ok()??;
+                    (index >= from).then_some((index, SignedEvent::decode(event.as_ref()).ok()?))
+                })
+                .collect();
+            pending.sort_by_key(|(i, _)| *i);
+            let after = out.last().map(|(i, _)| *i);
+            out.extend(
+                pending
+                    .into_iter()
+                    .filter(|(i, _)| after.is_none_or(|a| *i > a))
+                    .take(limit - out.len()),
+            );
+        }
+        out
+    }
+
+    /// Puts kept events from sequence number `seq` on back among the
+    /// pending ones, to be sent again (audit answered GAP: it lost them).
+    /// Fails when the oldest of them is no longer kept.
+    pub fn requeue_from(&self, seq: u64) -> Result<(), RequeueError> {
+        let oldest_pending = self.first_pending().unwrap_or_else(|| self.next_seq());
+        if seq >= oldest_pending {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut lowest = oldest_pending;
+        // Kept events are in leaf order, which is this source's seq order:
+        // walk back from the newest until below `seq`.
+        for item in self.tree.scan_prefix(KEPT_PREFIX).rev() {
+            let (k, v) = item.map_err(sync_error)?;
+            let Ok(signed) = SignedEvent::decode(v.as_ref()) else {
+                continue;
+            };
+            let Ok(event) = Event::decode(signed.event.as_slice()) else {
+                continue;
+            };
+            if event.seq < seq {
+                break;
+            }
+            if event.seq < oldest_pending {
+                batch.insert(entry_key(event.seq), v);
+                lowest = lowest.min(event.seq);
+            }
+            batch.remove(k);
+        }
+        if lowest > seq {
+            return Err(RequeueError::Unrecoverable(Unrecoverable {
+                expected: seq,
+                kept_from: lowest,
+            }));
+        }
+        self.tree.apply_batch(batch).map_err(sync_error)?;
+        Ok(())
+    }
+
+    /// Drops kept events from before `cutoff` (the retention); returns how
+    /// many. Kept events are in leaf order, so this stops at the first
+    /// newer one.
+    pub fn prune_kept(&self, cutoff: std::time::SystemTime) -> Result<usize, StoreError> {
+        let cutoff = crate::time::to_timestamp(cutoff);
+        let mut batch = sled::Batch::default();
+        let mut dropped = 0;
+        for item in self.tree.scan_prefix(KEPT_PREFIX) {
+            let (k, v) = item.map_err(sync_error)?;
+            let time = SignedEvent::decode(v.as_ref())
+                .ok()
+                .and_then(|s| Event::decode(s.event.as_slice()).ok())
+                .and_then(|e| e.time);
+            match time {
+                Some(t) if (t.seconds, t.nanos) >= (cutoff.seconds, cutoff.nanos) => break,
+                _ => {
+                    batch.remove(k);
+                    dropped += 1;
+                }
+            }
+        }
+        if dropped > 0 {
+            self.tree.apply_batch(batch).map_err(sync_error)?;
+        }
+        Ok(dropped)
+    }
+
+    /// Number of events kept after their acknowledgement.
+    pub fn kept(&self) -> usize {
+        self.tree.scan_prefix(KEPT_PREFIX).count()
     }
 
     /// The last audit checkpoint (signed note) this source accepted, if any.
@@ -191,6 +368,17 @@ impl Outbox {
     }
 }
 
+/// Why kept events could not be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum RequeueError {
+    /// The oldest of them is gone.
+    #[error(transparent)]
+    Unrecoverable(Unrecoverable),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,7 +400,7 @@ mod tests {
             for i in 1..=3 {
                 assert_eq!(outbox.emit(EventDraft::new("a", "x")).await.unwrap(), i);
             }
-            outbox.remove_through(1).unwrap();
+            outbox.settle_through(1).unwrap();
         }
         let db = DurableDb::open(dir.path()).unwrap();
         let outbox = Outbox::open(
@@ -228,5 +416,75 @@ mod tests {
         let event = verify_event(&pending[0].1, &key.verifying_key()).unwrap();
         assert_eq!(event.seq, 2);
         assert_eq!(event.source, "spiffe://t/svc/vault");
+    }
+
+    fn outbox_at(dir: &std::path::Path, clock: Arc<dyn Clock>) -> Outbox {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let source = SpiffeId::parse("spiffe://t/svc/vault").unwrap();
+        let db = DurableDb::open(dir).unwrap();
+        Outbox::open(&db, EventSigner::new(source, key), clock).unwrap()
+    }
+
+    fn seqs(events: &[(u64, SignedEvent)]) -> Vec<(u64, u64)> {
+        events
+            .iter()
+            .map(|(i, s)| (*i, Event::decode(s.event.as_slice()).unwrap().seq))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn acknowledged_events_are_kept_at_their_leaf_index_and_can_be_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = outbox_at(dir.path(), Arc::new(SystemClock));
+        for _ in 1..=5 {
+            outbox.emit(EventDraft::new("a", "x")).await.unwrap();
+        }
+        // Audit stored seq 1..=4 at leaves 10, 12, 13, 20; a receipt covers 1..=3.
+        for (seq, leaf) in [(1, 10), (2, 12), (3, 13), (4, 20)] {
+            outbox.record_leaf(seq, leaf).unwrap();
+        }
+        outbox.settle_through(3).unwrap();
+        assert_eq!((outbox.first_pending(), outbox.kept()), (Some(4), 3));
+        // Restore from leaf 12: the kept ones, then pending with a known leaf.
+        assert_eq!(
+            seqs(&outbox.kept_from(12, 100)),
+            vec![(12, 2), (13, 3), (20, 4)]
+        );
+        assert_eq!(seqs(&outbox.kept_from(0, 2)), vec![(10, 1), (12, 2)]);
+        // A GAP at 2: events 2 and 3 are pending again, in order.
+        outbox.requeue_from(2).unwrap();
+        assert_eq!(outbox.first_pending(), Some(2));
+        let pending: Vec<u64> = outbox.pending(0, 10).iter().map(|(s, _)| *s).collect();
+        assert_eq!(pending, vec![2, 3, 4, 5]);
+        assert_eq!(outbox.kept(), 1);
+    }
+
+    #[tokio::test]
+    async fn kept_events_past_the_retention_are_dropped_and_then_cannot_be_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let start =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let clock = Arc::new(crate::time::ManualClock::new(start));
+        let outbox = outbox_at(dir.path(), clock.clone());
+        for seq in 1..=4 {
+            outbox.emit(EventDraft::new("a", "x")).await.unwrap();
+            outbox.record_leaf(seq, seq - 1).unwrap();
+            clock.advance(std::time::Duration::from_secs(3600));
+        }
+        outbox.settle_through(4).unwrap();
+        // Events 1 and 2 are older than the cutoff.
+        let cutoff = start + std::time::Duration::from_secs(2 * 3600);
+        assert_eq!(outbox.prune_kept(cutoff).unwrap(), 2);
+        assert_eq!(seqs(&outbox.kept_from(0, 10)), vec![(2, 3), (3, 4)]);
+        match outbox.requeue_from(1) {
+            Err(RequeueError::Unrecoverable(u)) => {
+                assert_eq!((u.expected, u.kept_from), (1, 3));
+                assert!(u.to_string().contains("audit_keep_days"), "{u}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(outbox.first_pending(), None, "nothing put back on failure");
+        outbox.requeue_from(3).unwrap();
+        assert_eq!(outbox.first_pending(), Some(3));
     }
 }

@@ -221,6 +221,44 @@ impl ReceiptChecker {
         self.accepted.as_ref()
     }
 
+    /// Flags `found`: health, metric, and an ERROR line when it is new.
+    fn raise(&self, found: &Inconsistency) {
+        let fresh = self.health.borrow().as_ref() != Some(found);
+        if fresh {
+            tracing::error!(
+                source = %self.source,
+                served = %found.served,
+                accepted = %found.accepted,
+                "{found}; this source stops until audit serves a checkpoint consistent with {}",
+                found.accepted
+            );
+        }
+        self.flag.store(1, Ordering::Relaxed);
+        self.health.send_replace(Some(found.clone()));
+    }
+
+    /// Audit answered that it holds only `holds` entries, fewer than a
+    /// checkpoint it signed, and is restoring the rest from the sources:
+    /// a shorter log, flagged like an inconsistency (its root is unknown
+    /// and shown as zeros) until a consistent checkpoint is served again.
+    /// Nothing is flagged when no checkpoint was accepted yet.
+    pub fn restoring(&mut self, holds: u64) -> Option<Inconsistency> {
+        let (accepted, _) = self.accepted.as_ref()?;
+        let found = Inconsistency {
+            served: Head {
+                size: holds,
+                root: [0; 32],
+            },
+            accepted: *accepted,
+            why: format!(
+                "audit holds only {holds} entries, a smaller tree, and is restoring the rest from \
+                 the events its sources kept"
+            ),
+        };
+        self.raise(&found);
+        Some(found)
+    }
+
     /// Checks a receipt: `note` for the acknowledgement of the entry at
     /// `covers` (none for a GAP), with `proof` from the accepted size. A note that does
     /// not verify or does not cover the entry is an error (nothing changes);
@@ -269,18 +307,7 @@ impl ReceiptChecker {
             }
         };
         if let Some(found) = found {
-            let fresh = self.health.borrow().as_ref() != Some(&found);
-            if fresh {
-                tracing::error!(
-                    source = %self.source,
-                    served = %found.served,
-                    accepted = %found.accepted,
-                    "{found}; this source stops until audit serves a checkpoint consistent with {}",
-                    found.accepted
-                );
-            }
-            self.flag.store(1, Ordering::Relaxed);
-            self.health.send_replace(Some(found.clone()));
+            self.raise(&found);
             return Ok(Verdict::Inconsistent(found));
         }
         if let Some(leaf_index) = covers

@@ -11,6 +11,13 @@
 //! which is retried with backoff and checked again. Without the key, acks
 //! are taken as they come (and a WARN at start says so).
 //!
+//! Acknowledged events are not dropped but kept (see [`crate::outbox`])
+//! for [`ShipperOptions::keep`]: audit restored from an older backup asks
+//! for them (status RESTORE, answered with a `Restore` call of the kept
+//! events at their leaf indices), and a GAP puts them back to be sent
+//! again. A source whose shipping keeps failing for a minute says so at
+//! ERROR every minute, with the gauge `twokey.audit.shipping.stalled`.
+//!
 //! With the key the source is also a witness: each stream opens with a
 //! request without an event (the accepted size; audit answers with a
 //! receipt), and each checkpoint accepted with a larger size than the last
@@ -33,13 +40,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use twokey_proto::audit::v1::{
-    AppendRequest, AppendStatus, Event, Outcome, audit_service_client::AuditServiceClient,
+    AppendRequest, AppendStatus, Event, Outcome, RestoreRequest, RestoreResponse,
+    audit_service_client::AuditServiceClient,
 };
 
 use twokey_tlog::checkpoint::NoteVerifier;
 
 use crate::{
-    outbox::Outbox,
+    outbox::{Outbox, RequeueError},
     receipts::{ReceiptChecker, ReceiptHealth, Verdict},
 };
 
@@ -47,6 +55,15 @@ use crate::{
 const WINDOW: usize = 256;
 /// Longest wait between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How long shipping may keep failing before it is an alarm, and how often
+/// the alarm repeats.
+const STALL_ALARM: Duration = Duration::from_secs(60);
+/// How often kept events past the retention are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Kept events sent per step of a `Restore` call.
+const RESTORE_BATCH: usize = 256;
+/// Days acknowledged events are kept by default (`audit_keep_days`).
+pub const DEFAULT_KEEP_DAYS: u64 = 30;
 
 /// The audit service did not acknowledge an event in time.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,34 +75,65 @@ pub struct AckTimeout(pub u64);
 pub struct ShipperHandle {
     acked: watch::Receiver<u64>,
     receipts: ReceiptHealth,
+    stalled: Stalled,
 }
 
-/// How the shipper checks what audit answers.
-#[derive(Debug, Clone, Default)]
+/// Why shipping has failed for longer than the alarm's delay, while it has.
+type Stalled = Arc<std::sync::Mutex<Option<String>>>;
+
+/// How the shipper checks what audit answers, and what it keeps.
+#[derive(Debug, Clone)]
 pub struct ShipperOptions {
     /// Audit's checkpoint verifier key: receipts are checked when set.
     pub audit_key: Option<NoteVerifier>,
+    /// How long acknowledged events are kept for an audit service restored
+    /// from a backup.
+    pub keep: Duration,
+    /// How long shipping may keep failing before it is an alarm (ERROR
+    /// line, gauge), and how often the ERROR line repeats.
+    pub stall_alarm: Duration,
+}
+
+impl Default for ShipperOptions {
+    fn default() -> Self {
+        Self {
+            audit_key: None,
+            keep: Duration::from_secs(DEFAULT_KEEP_DAYS * 86_400),
+            stall_alarm: STALL_ALARM,
+        }
+    }
 }
 
 impl ShipperOptions {
-    /// The options from a service's `audit_checkpoint_key` setting: receipts
-    /// are checked against the key when it is set; without it a WARN says
-    /// that they are not. A key that does not parse is an error naming it.
-    pub fn from_setting(audit_checkpoint_key: Option<&str>) -> Result<Self, String> {
+    /// The options from a service's `audit_checkpoint_key` and
+    /// `audit_keep_days` settings: receipts are checked against the key
+    /// when it is set; without it a WARN says that they are not. A key that
+    /// does not parse is an error naming it.
+    pub fn from_setting(
+        audit_checkpoint_key: Option<&str>,
+        keep_days: u64,
+    ) -> Result<Self, String> {
+        let keep = Duration::from_secs(keep_days.saturating_mul(86_400));
         let Some(key) = audit_checkpoint_key
             .map(str::trim)
             .filter(|k| !k.is_empty())
         else {
             tracing::warn!(
                 "no audit_checkpoint_key: audit's receipts are not checked, so a rolled-back or \
-                 forked audit log goes unnoticed here; set it to the verifier key twokey-audit \
-                 prints at start (`verifier=...`)"
+                 forked audit log goes unnoticed here, and an audit service restored from a \
+                 backup cannot ask this source for what it lost; set it to the verifier key \
+                 twokey-audit prints at start (`verifier=...`)"
             );
-            return Ok(Self::default());
+            return Ok(Self {
+                keep,
+                ..Self::default()
+            });
         };
         let key = NoteVerifier::parse(key).map_err(|e| format!("audit_checkpoint_key: {e}"))?;
         Ok(Self {
             audit_key: Some(key),
+            keep,
+            ..Self::default()
         })
     }
 }
@@ -94,6 +142,15 @@ impl ShipperHandle {
     /// Whether audit's receipts are consistent (always, without a key).
     pub fn receipts(&self) -> &ReceiptHealth {
         &self.receipts
+    }
+
+    /// Why shipping has kept failing for longer than
+    /// [`ShipperOptions::stall_alarm`] (the last reason), while it has.
+    pub fn stalled(&self) -> Option<String> {
+        self.stalled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The highest sequence number acknowledged so far.
@@ -150,27 +207,59 @@ pub fn spawn_shipper_with(
             depth.load(Ordering::Relaxed) as usize
         });
     }
+    let stalled: Stalled = Arc::default();
+    observe_stalled(outbox.signer().source().to_string(), stalled.clone());
+    let (keep, alarm_after) = (options.keep, options.stall_alarm);
+    let handle_stalled = stalled.clone();
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing: Option<(Instant, Option<Instant>)> = None;
         loop {
             update_depth(&outbox, &acked_tx, &depth);
             let checker = checker.as_mut();
-            match session(
+            let mut progressed = false;
+            let mut tick = Housekeeping {
+                prune: &mut prune,
+                keep,
+                progressed: &mut progressed,
+            };
+            let outcome = session(
                 &outbox,
                 channel.clone(),
                 &acked_tx,
                 &mut backoff,
                 &depth,
                 checker,
+                &mut tick,
             )
-            .await
-            {
-                Ok(()) => {}
-                Err(why) => {
-                    tracing::warn!(
+            .await;
+            if progressed {
+                failing = None;
+                *stalled.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            if let Err(why) = outcome {
+                tracing::warn!(
+                    source = %outbox.signer().source(),
+                    depth = outbox.depth(),
+                    "audit shipping paused: {why}"
+                );
+                let now = Instant::now();
+                let (since, alarmed) = failing.get_or_insert((now, None));
+                if now.duration_since(*since) >= alarm_after {
+                    *stalled.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                }
+                if now.duration_since(*since) >= alarm_after
+                    && alarmed.is_none_or(|a| now.duration_since(a) >= alarm_after)
+                {
+                    *alarmed = Some(now);
+                    tracing::error!(
                         source = %outbox.signer().source(),
                         depth = outbox.depth(),
-                        "audit shipping paused: {why}"
+                        failing_for_s = now.duration_since(*since).as_secs(),
+                        "audit shipping keeps failing and this source cannot recover on its \
+                         own: {why}; see docs/RELIABILITY.md"
                     );
                 }
             }
@@ -186,9 +275,97 @@ pub fn spawn_shipper_with(
         ShipperHandle {
             acked: acked_rx,
             receipts,
+            stalled: handle_stalled,
         },
         task,
     )
+}
+
+/// Gauge `twokey.audit.shipping.stalled` per source.
+fn observe_stalled(source: String, stalled: Stalled) {
+    let attrs = [opentelemetry::KeyValue::new("source", source)];
+    crate::metrics::meter()
+        .u64_observable_gauge("twokey.audit.shipping.stalled")
+        .with_description("1 while shipping events to audit has kept failing for over a minute")
+        .with_unit("1")
+        .with_callback(move |gauge| {
+            let on = stalled.lock().unwrap_or_else(|e| e.into_inner()).is_some();
+            gauge.observe(u64::from(on), &attrs);
+        })
+        .build();
+}
+
+/// What a session does besides shipping: dropping kept events past the
+/// retention, and telling the loop that it made progress.
+struct Housekeeping<'a> {
+    prune: &'a mut tokio::time::Interval,
+    keep: Duration,
+    progressed: &'a mut bool,
+}
+
+impl Housekeeping<'_> {
+    fn prune(&self, outbox: &Outbox) {
+        let Some(cutoff) = std::time::SystemTime::now().checked_sub(self.keep) else {
+            return;
+        };
+        match outbox.prune_kept(cutoff) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(
+                source = %outbox.signer().source(),
+                dropped = n,
+                "kept events past the retention dropped"
+            ),
+            Err(e) => {
+                tracing::warn!(source = %outbox.signer().source(), "cannot drop kept events: {e}")
+            }
+        }
+    }
+}
+
+/// Sends audit the events this source kept from leaf index `from` on, in
+/// leaf order, for a log restored from an older backup.
+async fn restore(outbox: &Outbox, channel: Channel, from: u64) -> Result<RestoreResponse, String> {
+    let mut client = AuditServiceClient::new(channel)
+        .max_decoding_message_size(crate::serve::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(crate::serve::MAX_MESSAGE_BYTES);
+    let (tx, rx) = mpsc::channel::<RestoreRequest>(RESTORE_BATCH);
+    let feed = async move {
+        let mut next = from;
+        let mut sent = 0u64;
+        loop {
+            let batch = outbox.kept_from(next, RESTORE_BATCH);
+            if batch.is_empty() {
+                return sent;
+            }
+            for (index, event) in batch {
+                next = index + 1;
+                let item = RestoreRequest {
+                    leaf_index: index,
+                    event: Some(event),
+                };
+                if tx.send(item).await.is_err() {
+                    return sent;
+                }
+                sent += 1;
+            }
+        }
+    };
+    let call = client.restore(ReceiverStream::new(rx));
+    let (sent, answer) = tokio::join!(feed, call);
+    let answer = answer
+        .map_err(|s| format!("restore: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    tracing::warn!(
+        source = %outbox.signer().source(),
+        from,
+        sent,
+        accepted = answer.accepted,
+        holds = answer.tree_size,
+        signed = answer.target_size,
+        next_missing = answer.next_missing,
+        "audit holds fewer entries than a checkpoint it signed: sent it the events this source kept"
+    );
+    Ok(answer)
 }
 
 /// Events written and not yet acknowledged: the sequence numbers above the
@@ -231,8 +408,15 @@ async fn session(
     backoff: &mut Duration,
     depth: &AtomicU64,
     mut checker: Option<&mut ReceiptChecker>,
+    tick: &mut Housekeeping<'_>,
 ) -> Result<(), String> {
     let known = checker.as_ref().map_or(0, |c| c.known_size());
+    let known_checkpoint = checker
+        .as_ref()
+        .and_then(|c| c.accepted())
+        .map(|(_, note)| note.clone())
+        .unwrap_or_default();
+    let restore_channel = channel.clone();
     let mut sent = VecDeque::new();
     let (tx, rx) = mpsc::channel::<AppendRequest>(WINDOW);
     let mut client = AuditServiceClient::new(channel)
@@ -245,6 +429,7 @@ async fn session(
         // (the source, as a witness, sees the latest checkpoint at once).
         tx.send(AppendRequest {
             known_size: known,
+            known_checkpoint,
             ..Default::default()
         })
         .await
@@ -277,9 +462,24 @@ async fn session(
                     }
                     continue;
                 }
+                if status == Ok(AppendStatus::Restore) {
+                    if let Some(c) = checker.as_deref_mut() {
+                        c.restoring(response.leaf_index);
+                    }
+                    let answer = restore(outbox, restore_channel, response.leaf_index).await?;
+                    return Err(format!(
+                        "audit is restoring its log from the sources: it holds {} of {} entries \
+                         (next missing {}); reconnecting",
+                        answer.tree_size, answer.target_size, answer.next_missing
+                    ));
+                }
                 in_flight = in_flight.saturating_sub(1);
                 match status {
                     Ok(AppendStatus::Stored | AppendStatus::Duplicate) => {
+                        outbox
+                            .record_leaf(response.seq, response.leaf_index)
+                            .map_err(|e| e.to_string())?;
+                        *tick.progressed = true;
                         if let Some(c) = checker.as_deref_mut() {
                             if response.checkpoint.is_empty() {
                                 // Covered by the next receipt on this stream.
@@ -296,7 +496,7 @@ async fn session(
                             }
                             send_cosignature(c, &tx);
                         }
-                        outbox.remove_through(response.seq).map_err(|e| e.to_string())?;
+                        outbox.settle_through(response.seq).map_err(|e| e.to_string())?;
                         acked.send_if_modified(|a| {
                             let changed = response.seq > *a;
                             *a = (*a).max(response.seq);
@@ -318,15 +518,23 @@ async fn session(
                         {
                             return Err(i.to_string());
                         }
-                        // Everything below expected_seq is stored; start over from there.
+                        // Everything below expected_seq is stored; start
+                        // over from there, with kept events put back if
+                        // audit lost some it had acknowledged.
                         let stored = response.expected_seq.saturating_sub(1);
-                        outbox.remove_through(stored).map_err(|e| e.to_string())?;
+                        outbox.settle_through(stored).map_err(|e| e.to_string())?;
+                        match outbox.requeue_from(response.expected_seq) {
+                            Ok(()) => {}
+                            Err(RequeueError::Unrecoverable(u)) => return Err(u.to_string()),
+                            Err(RequeueError::Store(e)) => return Err(e.to_string()),
+                        }
                         return Err(format!("audit expects event {} next; resending", response.expected_seq));
                     }
                     _ => return Err(format!("unexpected append status {}", response.status)),
                 }
             }
             () = outbox.notified() => update_depth(outbox, acked, depth),
+            _ = tick.prune.tick() => tick.prune(outbox),
         }
     }
 }

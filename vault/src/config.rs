@@ -38,6 +38,11 @@ pub struct VaultConfig {
     /// are taken as they come and a WARN at start says so.
     #[serde(default)]
     pub audit_checkpoint_key: Option<String>,
+    /// Days this service keeps each event after audit acknowledged it, so
+    /// that an audit service restored from a backup younger than this gets
+    /// it back (docs/RELIABILITY.md). 0 keeps none.
+    #[serde(default = "default_audit_keep_days")]
+    pub audit_keep_days: u64,
     /// How long a release waits for audit's acknowledgement.
     #[serde(default = "default_ack_timeout_ms")]
     pub audit_ack_timeout_ms: u64,
@@ -95,4 +100,8 @@ impl VaultConfig {
     pub fn source_id(&self) -> Result<SpiffeId, twokey_runtime::identity::IdentityError> {
         SpiffeId::parse(&format!("spiffe://{}/svc/vault", self.trust_domain))
     }
+}
+
+fn default_audit_keep_days() -> u64 {
+    twokey_runtime::shipper::DEFAULT_KEEP_DAYS
 }

@@ -61,8 +61,11 @@ pub async fn serve(
     let db = DurableDb::open(&config.data_dir)?;
     let clock = Arc::new(SystemClock);
     let outbox = Outbox::open(&db, EventSigner::new(source, event_key), clock.clone())?;
-    let receipts = ShipperOptions::from_setting(config.audit_checkpoint_key.as_deref())
-        .map_err(StartError::Setting)?;
+    let receipts = ShipperOptions::from_setting(
+        config.audit_checkpoint_key.as_deref(),
+        config.audit_keep_days,
+    )
+    .map_err(StartError::Setting)?;
     let (shipper, shipper_task) = spawn_shipper_with(outbox.clone(), audit, receipts);
     let opened = SledVaultStore::open(&db, outbox)
         .map_err(service::VaultError::from)

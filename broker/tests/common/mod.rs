@@ -513,6 +513,7 @@ impl Harness {
             audit_address: None,
             audit_server_name: "audit".into(),
             audit_checkpoint_key: None,
+            audit_keep_days: 30,
             log_format: Default::default(),
             tls: TlsFiles::in_dir(&pki, "broker"),
             notify: NotifyConfig {

@@ -29,6 +29,7 @@ use twokey_proto::{
         AppendRequest, AppendResponse, AppendStatus, Event, GetCheckpointRequest,
         GetCheckpointResponse, GetConsistencyProofRequest, GetConsistencyProofResponse,
         GetInclusionProofRequest, GetInclusionProofResponse, QueryRequest, QueryResponse,
+        RestoreRequest, RestoreResponse,
         audit_service_server::{AuditService, AuditServiceServer},
     },
     vault::v1::{
@@ -321,6 +322,7 @@ impl Fixture {
             audit_address: format!("https://{audit}"),
             audit_server_name: "audit".into(),
             audit_checkpoint_key: None,
+            audit_keep_days: 30,
             audit_ack_timeout_ms: 1000,
             log_format: Default::default(),
             tls: self.tls("vault"),
@@ -557,6 +559,13 @@ impl AuditService for FakeAudit {
         get_checkpoint(GetCheckpointRequest) -> GetCheckpointResponse;
         get_inclusion_proof(GetInclusionProofRequest) -> GetInclusionProofResponse;
         get_consistency_proof(GetConsistencyProofRequest) -> GetConsistencyProofResponse;
+    }
+
+    async fn restore(
+        &self,
+        _: Request<Streaming<RestoreRequest>>,
+    ) -> Result<Response<RestoreResponse>, Status> {
+        Err(Status::unimplemented("fake"))
     }
 }
 
