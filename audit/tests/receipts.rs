@@ -279,6 +279,7 @@ async fn both_sources_cosign_the_latest_checkpoint_as_witnesses() {
         note.lines().filter(|l| l.starts_with('\u{2014}')).count(),
         3
     );
+    go_sumdb_note_opens(&env, &note);
     vt.abort();
     bt.abort();
     server.stop().await;
@@ -524,4 +525,63 @@ async fn a_source_that_no_longer_keeps_what_audit_lost_says_so() {
     assert_eq!(query_all(&mut carol).await.len(), 3);
     task.abort();
     server.stop().await;
+}
+
+/// Go's `golang.org/x/mod/sumdb/note` (vendored unchanged in
+/// `tests/go/notecheck`) opens the cosigned checkpoint with the log's key:
+/// the log's signature verifies, the two witness lines are kept as
+/// signatures of unknown keys, and a changed note does not open. Skipped,
+/// with a message, where Go is not installed.
+fn go_sumdb_note_opens(env: &Env, note: &str) {
+    use std::process::Command;
+    if Command::new("go").arg("version").output().is_err() {
+        eprintln!(
+            "SKIPPED: Go's sumdb/note check (no `go` on PATH; `apt-get install golang-go` \
+             runs it)"
+        );
+        return;
+    }
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/go/notecheck");
+    let bin = env.path().join("notecheck");
+    let built = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src)
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let key = env.verifier().to_string();
+    let open = |text: &str| {
+        let file = env.path().join("note.txt");
+        std::fs::write(&file, text).unwrap();
+        Command::new(&bin).arg(&file).arg(&key).output().unwrap()
+    };
+    let out = open(note);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Go's sumdb/note refused the checkpoint: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body = &note[..note.find("\n\n").unwrap() + 1];
+    assert!(stdout.starts_with(body), "{stdout}");
+    assert!(
+        stdout.contains(&format!("signed-by {} ", env.config.origin)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("unverified 2"), "{stdout}");
+    // The size line changed: Go refuses it.
+    let size_line = format!("\n{}\n", body.lines().nth(1).unwrap());
+    let tampered = note.replacen(&size_line, "\n999999\n", 1);
+    assert_ne!(tampered, note);
+    let out = open(&tampered);
+    assert!(!out.status.success(), "Go opened a changed note");
 }

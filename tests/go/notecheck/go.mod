@@ -1,0 +1,3 @@
+module twokey.test/notecheck
+
+go 1.19
