@@ -24,6 +24,12 @@ pub enum IdentityError {
     /// The SPIFFE ID belongs to another trust domain.
     #[error("SPIFFE ID {0} is not in trust domain {1}")]
     ForeignTrustDomain(String, String),
+    /// The certificate may not be used by a client.
+    #[error(
+        "the client certificate of {0} does not carry the clientAuth extended key usage; \
+         issue it for client authentication (twokey pki init does)"
+    )]
+    NotForClients(String),
 }
 
 /// A SPIFFE ID such as `spiffe://example.org/user/alice`.
@@ -144,7 +150,17 @@ pub fn spiffe_ids_in_cert(der: &[u8]) -> Result<Vec<SpiffeId>, IdentityError> {
     Ok(ids)
 }
 
-/// The one SPIFFE ID of a DER certificate, required to be in `trust_domain`.
+/// Whether a DER certificate carries the clientAuth extended key usage.
+fn allows_client_auth(der: &[u8]) -> Result<bool, IdentityError> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::BadCertificate)?;
+    Ok(match cert.extended_key_usage() {
+        Ok(Some(eku)) => eku.value.client_auth || eku.value.any,
+        _ => false,
+    })
+}
+
+/// The one SPIFFE ID of a client's DER certificate, required to be in
+/// `trust_domain` and to carry the clientAuth extended key usage.
 pub fn identity_of_cert(der: &[u8], trust_domain: &str) -> Result<SpiffeId, IdentityError> {
     let mut ids = spiffe_ids_in_cert(der)?;
     if ids.len() != 1 {
@@ -156,6 +172,9 @@ pub fn identity_of_cert(der: &[u8], trust_domain: &str) -> Result<SpiffeId, Iden
             id.to_string(),
             trust_domain.to_owned(),
         ));
+    }
+    if !allows_client_auth(der)? {
+        return Err(IdentityError::NotForClients(id.to_string()));
     }
     Ok(id)
 }

@@ -40,6 +40,17 @@ pub enum TlsError {
         /// Its path.
         path: PathBuf,
     },
+    /// The private key file is readable by group or others.
+    #[error(
+        "private key {path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}` \
+         (or 400; in Kubernetes mount the secret with defaultMode 0400)"
+    )]
+    KeyPermissions {
+        /// The file.
+        path: PathBuf,
+        /// Its mode bits.
+        mode: u32,
+    },
     /// The endpoint address is not a valid URL.
     #[error("invalid address {0:?}: use https://HOST:PORT")]
     BadAddress(String),
@@ -109,6 +120,25 @@ fn read_pem(path: &Path, what: &'static str, marker: &str) -> Result<Vec<u8>, Tl
     Ok(bytes)
 }
 
+/// The private key's PEM, refused when group or others may read the file
+/// (as every other key file of twokey is).
+fn read_private_key(path: &Path) -> Result<Vec<u8>, TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| TlsError::Read {
+        what: "private key",
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    read_pem(path, "private key", "PRIVATE KEY")
+}
+
 impl TlsFiles {
     /// Files `NAME.crt`, `NAME.key` and `ca.crt` in `dir`, as `twokey pki init` lays them out.
     pub fn in_dir(dir: &Path, name: &str) -> Self {
@@ -122,7 +152,7 @@ impl TlsFiles {
 
     fn identity(&self) -> Result<Identity, TlsError> {
         let cert = read_pem(&self.cert, "certificate", "CERTIFICATE")?;
-        let key = read_pem(&self.key, "private key", "PRIVATE KEY")?;
+        let key = read_private_key(&self.key)?;
         Ok(Identity::from_pem(cert, key))
     }
 
@@ -175,9 +205,8 @@ impl TlsFiles {
         let certs = CertificateDer::pem_slice_iter(&self.cert_pem()?)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| invalid("certificate", &self.cert, &e))?;
-        let key =
-            PrivateKeyDer::from_pem_slice(&read_pem(&self.key, "private key", "PRIVATE KEY")?)
-                .map_err(|e| invalid("private key", &self.key, &e))?;
+        let key = PrivateKeyDer::from_pem_slice(&read_private_key(&self.key)?)
+            .map_err(|e| invalid("private key", &self.key, &e))?;
         let mut roots = rustls::RootCertStore::empty();
         for ca in
             CertificateDer::pem_slice_iter(&read_pem(&self.ca, "CA certificate", "CERTIFICATE")?)

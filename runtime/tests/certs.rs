@@ -18,7 +18,7 @@ use twokey_runtime::{
     Authenticator, serve,
     tls::{ClientAuth, TlsFiles},
 };
-use twokey_testkit::pki::{DevCa, LeafSpec};
+use twokey_testkit::pki::{DevCa, LeafSpec, LeafUsage};
 
 const TD: &str = "twokey.local";
 
@@ -339,4 +339,56 @@ fn a_crl_file_that_is_not_a_crl_is_refused_at_start() {
     files.crl = Some(pki.path().join("ca.crt"));
     let err = files.server_tls(ClientAuth::Required).unwrap_err();
     assert!(err.to_string().contains("ca.crt"), "{err}");
+}
+
+#[tokio::test]
+async fn a_server_only_certificate_is_refused_as_a_client() {
+    let pki = Pki::new();
+    let server = serve(TlsFiles::in_dir(pki.path(), "vault"), ClientAuth::Required).await;
+    let mut spec = pki.alice();
+    spec.usage = LeafUsage::ServerOnly;
+    let server_only = pki.client("server-only", &pki.ca, &spec);
+    // rustls' verifier already refuses a certificate whose extended key
+    // usages leave clientAuth out.
+    assert_refused_in_handshake(
+        &server,
+        &server_only,
+        AlertDescription::UnsupportedCertificate,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_certificate_without_extended_key_usages_is_unauthenticated() {
+    let pki = Pki::new();
+    let server = serve(TlsFiles::in_dir(pki.path(), "vault"), ClientAuth::Required).await;
+    let mut spec = pki.alice();
+    spec.usage = LeafUsage::Unspecified;
+    let bare = pki.client("no-eku", &pki.ca, &spec);
+    assert_unauthenticated(
+        &server,
+        &bare,
+        &format!("the client certificate of spiffe://{TD}/user/alice does not carry the clientAuth extended key usage"),
+    )
+    .await;
+}
+
+#[test]
+fn a_private_key_readable_by_others_is_refused_by_servers_and_clients() {
+    use std::os::unix::fs::PermissionsExt;
+    let pki = Pki::new();
+    let files = TlsFiles::in_dir(pki.path(), "vault");
+    std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let said = |e: twokey_runtime::tls::TlsError| e.to_string();
+    let server = said(files.server_tls(ClientAuth::Required).unwrap_err());
+    let client = said(files.channel("https://127.0.0.1:1", "vault").unwrap_err());
+    for message in [server, client] {
+        assert!(
+            message.contains("is readable by group or others (mode 640)")
+                && message.contains(&format!("chmod 600 {}", files.key.display())),
+            "{message}"
+        );
+    }
+    std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    files.server_tls(ClientAuth::Required).unwrap();
 }

@@ -79,6 +79,20 @@ pub struct LeafSpec {
     pub not_before: time::OffsetDateTime,
     /// End of validity.
     pub not_after: time::OffsetDateTime,
+    /// The extended key usages the certificate carries.
+    pub usage: LeafUsage,
+}
+
+/// Extended key usages of a leaf certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeafUsage {
+    /// serverAuth and clientAuth: what twokey issues.
+    #[default]
+    ServerAndClient,
+    /// serverAuth only (tests: a certificate that may not act as a client).
+    ServerOnly,
+    /// No extended key usage extension at all (tests).
+    Unspecified,
 }
 
 impl LeafSpec {
@@ -90,6 +104,7 @@ impl LeafSpec {
             dns_names: Vec::new(),
             not_before: now - time::Duration::hours(1),
             not_after: now + time::Duration::days(365),
+            usage: LeafUsage::default(),
         }
     }
 
@@ -193,10 +208,14 @@ impl DevCa {
         }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = match spec.usage {
+            LeafUsage::ServerAndClient => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            LeafUsage::ServerOnly => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            LeafUsage::Unspecified => Vec::new(),
+        };
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         let cert = params.signed_by(&key, &self.issuer)?;
