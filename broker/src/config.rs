@@ -184,6 +184,13 @@ impl TryFrom<NotifyFile> for NotifyConfig {
                 ca_file: w.ca_file,
             }),
         };
+        if let Some(w) = webhook.as_ref().filter(|w| w.send_pins) {
+            refuse_plain_http(
+                &w.url,
+                "notify.webhook.url",
+                "notify.webhook.send_pins is set",
+            )?;
+        }
         let slack = match (s.token_file, s.channel) {
             (None, None) => None,
             (token_file, channel) => Some(SlackConfig {
@@ -193,12 +200,30 @@ impl TryFrom<NotifyFile> for NotifyConfig {
                 ca_file: s.ca_file,
             }),
         };
+        if let Some(s) = &slack {
+            refuse_plain_http(&s.api_base, "notify.slack.api_base", "Slack DMs carry PINs")?;
+        }
         Ok(Self {
             mailbox: file.mailbox,
             webhook,
             slack,
         })
     }
+}
+
+/// Refuses a plain `http://` URL for a notifier that carries PINs: they
+/// would cross the network in the clear.
+fn refuse_plain_http(url: &str, field: &str, why: &str) -> Result<(), String> {
+    if url
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+    {
+        return Err(format!(
+            "{field} {url:?} is plain http:// and {why}: PINs would cross the network in the \
+             clear; use https:// (with a ca_file for an internal CA)"
+        ));
+    }
+    Ok(())
 }
 
 /// The message for a required field that is not set: where to set it.
@@ -400,6 +425,37 @@ channel = "#root-access"
             dir.path().join("admins.allowed_signers")
         );
         assert_eq!(consent.threshold, 2);
+    }
+
+    #[test]
+    fn plain_http_notifiers_that_would_carry_pins_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        let load = |text: String| {
+            std::fs::write(&path, text).unwrap();
+            BrokerConfig::load(Some(&path), &[]).map_err(|e| e.to_string())
+        };
+        let webhook = EXAMPLE.replace(
+            "url = \"https://tickets.example/hooks/twokey\"",
+            "url = \"HTTP://tickets.example/hooks/twokey\"\nsend_pins = true",
+        );
+        let err = load(webhook.clone()).unwrap_err();
+        assert!(
+            err.contains(
+                "notify.webhook.url \"HTTP://tickets.example/hooks/twokey\" is plain http://"
+            ) && err.contains("send_pins is set")
+                && err.contains("use https://"),
+            "{err}"
+        );
+        // Without PINs a plain http webhook is the operator's choice.
+        load(webhook.replace("send_pins = true", "send_pins = false")).unwrap();
+        let slack = EXAMPLE.replace("https://slack.com/api", "http://slack.internal/api");
+        let err = load(slack).unwrap_err();
+        assert!(
+            err.contains("notify.slack.api_base \"http://slack.internal/api\" is plain http://")
+                && err.contains("Slack DMs carry PINs"),
+            "{err}"
+        );
     }
 
     #[test]
