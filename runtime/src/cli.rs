@@ -91,8 +91,12 @@ pub fn with_env(command: Command, env_prefix: &str) -> Command {
 
 /// Parses the process's arguments into `C`, each long flag backed by its
 /// `<env_prefix><FLAG>` variable (see [`with_env`]); exits with clap's
-/// message on bad input, as `Parser::parse` does.
+/// message on bad input, as `Parser::parse` does. Called only by the
+/// binaries' `main`, it also makes storage errors that do not clear stop
+/// the process ([`crate::durable::fail_stop_on_storage_errors`]): a
+/// supervisor restarts a service, not a test.
 pub fn parse<C: Parser>(env_prefix: &str) -> C {
+    crate::durable::fail_stop_on_storage_errors();
     let matches = with_env(C::command(), env_prefix).get_matches();
     C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }

@@ -2,6 +2,15 @@
 //! `sync_file_range`, which is not a data-integrity sync, so a commit here is
 //! `flush()` followed by `fdatasync` of the data file. Concurrent callers
 //! share one flush + sync (group commit).
+//!
+//! Fail-stop: sled keeps the I/O error it met (a full disk, a read-only
+//! remount) and returns it from every later call, so a service would keep
+//! failing until restarted by hand. In the service binaries
+//! ([`fail_stop_on_storage_errors`]) a failed sync is tried once more after
+//! [`FAIL_STOP_RETRY`]; failing again, the process logs why at ERROR and
+//! exits with status 74 (EX_IOERR), so that its supervisor
+//! (`Restart=on-failure`, Kubernetes) restarts it. Nothing acknowledged is
+//! lost: an acknowledgement waits for a sync that succeeded.
 
 use std::{
     fs::File,
@@ -13,6 +22,22 @@ use std::{
     },
     time::Duration,
 };
+
+/// How long a failed sync waits before it is tried once more, in the
+/// service binaries, before the process stops.
+pub const FAIL_STOP_RETRY: Duration = Duration::from_secs(1);
+
+/// The exit status of a service stopped by a storage error (EX_IOERR).
+pub const FAIL_STOP_STATUS: i32 = 74;
+
+static FAIL_STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes a sync failure that does not clear stop the process (see the
+/// module documentation). Called once by the service binaries; tests that
+/// run services in-process keep the default, an error answered to callers.
+pub fn fail_stop_on_storage_errors() {
+    FAIL_STOP.store(true, Ordering::SeqCst);
+}
 
 /// Why the database could not be opened or synced.
 #[derive(Debug, thiserror::Error)]
@@ -146,14 +171,31 @@ impl DurableDb {
             return Ok(());
         }
         let target = inner.requested.load(Ordering::SeqCst);
-        inner
-            .db
-            .flush()
-            .map_err(|e| StoreError::Sync(e.to_string()))?;
-        inner
-            .data_file
-            .sync_data()
-            .map_err(|e| StoreError::Sync(e.to_string()))?;
+        let flush_and_sync = || -> Result<(), StoreError> {
+            inner
+                .db
+                .flush()
+                .map_err(|e| StoreError::Sync(e.to_string()))?;
+            inner
+                .data_file
+                .sync_data()
+                .map_err(|e| StoreError::Sync(e.to_string()))
+        };
+        if let Err(first) = flush_and_sync() {
+            if !FAIL_STOP.load(Ordering::SeqCst) {
+                return Err(first);
+            }
+            std::thread::sleep(FAIL_STOP_RETRY);
+            if let Err(again) = flush_and_sync() {
+                tracing::error!(
+                    path = %inner.path.display(),
+                    "storage keeps failing ({first}; {FAIL_STOP_RETRY:?} later: {again}): stopping \
+                     with status {FAIL_STOP_STATUS} so that the supervisor restarts this service \
+                     once the disk is usable; nothing acknowledged is lost"
+                );
+                std::process::exit(FAIL_STOP_STATUS);
+            }
+        }
         *synced = target;
         Ok(())
     }

@@ -552,6 +552,18 @@ impl LocalSystem {
             .map(|(_, child)| child.id())
     }
 
+    /// How service `svc` ended, if it has exited by itself (it is then no
+    /// longer counted as running).
+    pub fn exited(&mut self, svc: &str) -> Option<std::process::ExitStatus> {
+        let status = self
+            .children
+            .iter_mut()
+            .filter(|(name, _)| name == svc)
+            .find_map(|(_, child)| child.try_wait().ok().flatten())?;
+        self.children.retain(|(name, _)| name != svc);
+        Some(status)
+    }
+
     /// Kills one service (`audit`, `vault` or `broker`) with SIGKILL, as a
     /// crash would.
     pub fn kill(&mut self, svc: &str) {

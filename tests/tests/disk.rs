@@ -2,7 +2,8 @@
 //! service: a small tmpfs mounted where the vault's or the audit service's
 //! data directory lives (these tests run as root, as CI does). Each case:
 //! the release fails with a clear status and no code leaves without its
-//! audit event; the service keeps answering; once space returns (the filler
+//! audit event; a service whose storage error does not clear stops
+//! (fail-stop) for its supervisor to restart; once space returns (the filler
 //! removed, the file system remounted read-write) releases work again and
 //! the log verifies.
 //!
@@ -237,23 +238,42 @@ async fn audit_out_of_space_means_no_code_and_recovers_once_space_returns() {
         "{}",
         err.message()
     );
-    // Audit itself answers with a clear status, not a hang or a crash.
+    // sled keeps the I/O error it met (every later call fails with it), so
+    // audit stops (fail-stop, status 74) for its supervisor to restart it,
+    // saying why; meanwhile callers get a clear status, never a hang.
+    let mut status = None;
+    for _ in 0..100 {
+        status = v.sys.local.exited("audit");
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let status = status.expect("audit kept running on a storage error that does not clear");
+    assert_eq!(
+        status.code(),
+        Some(twokey_runtime::durable::FAIL_STOP_STATUS)
+    );
+    let said = v.sys.service_log("audit");
+    assert!(
+        said.contains("storage keeps failing") && said.contains("so that the supervisor restarts"),
+        "{said}"
+    );
     let read = bounded(
         v.sys
             .audit("carol")
             .get_checkpoint(twokey_proto::audit::v1::GetCheckpointRequest {}),
     )
     .await;
-    if let Err(e) = &read {
-        assert_clear(e, &[Code::Internal, Code::Unavailable]);
-    }
-    assert!(v.sys.local.pid("audit").is_some());
+    assert_clear(&read.unwrap_err(), &[Code::Unavailable]);
 
-    // Space returns. sled keeps the I/O error it met (every later call
-    // fails with it), so the service recovers on its restart — as a
-    // supervisor would do — and nothing it acknowledged is lost.
+    // Space returns; the supervisor (here: the test) starts audit again,
+    // and nothing it acknowledged is lost.
     std::fs::remove_file(filler).expect("remove filler");
-    v.sys.crash_and_restart("audit");
+    v.sys
+        .local
+        .restart(&twokey_e2e::bin_dir(), "audit")
+        .expect("audit restarts once space returns");
     released_with_evidence(
         &v.sys,
         &v.request.request_id,
