@@ -70,6 +70,13 @@ impl<S: LogStore> AuditGrpc<S> {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    fn source<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        self.auth
+            .authorize(request, "a configured audit source", |id| {
+                self.log.is_source(id)
+            })
+    }
+
     fn auditor<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
         self.auth.authorize(request, "a configured auditor", |id| {
             self.log.is_auditor(id)
@@ -89,11 +96,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         request: Request<Streaming<AppendRequest>>,
     ) -> Result<Response<Self::AppendStream>, Status> {
         let log = self.log.clone();
-        let peer = self
-            .auth
-            .authorize(&request, "a configured audit source", |id| {
-                log.is_source(id)
-            })?;
+        let peer = self.source(&request)?;
         let (tx, rx) = mpsc::channel(PIPELINE);
         let who = peer.clone();
         let witness = (log.clone(), peer.clone());
@@ -217,11 +220,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         request: Request<Streaming<RestoreRequest>>,
     ) -> Result<Response<RestoreResponse>, Status> {
         let log = self.log.clone();
-        let peer = self
-            .auth
-            .authorize(&request, "a configured audit source", |id| {
-                log.is_source(id)
-            })?;
+        let peer = self.source(&request)?;
         let mut stream = request.into_inner();
         let (mut batch, mut accepted) = (Vec::new(), 0);
         loop {

@@ -27,19 +27,30 @@ fn vault_outbox(env: &Env) -> Outbox {
     Outbox::open(&db, env.vault(), std::sync::Arc::new(SystemClock)).unwrap()
 }
 
-fn shipper(
+type Shipper = (ShipperHandle, tokio::task::JoinHandle<()>);
+
+/// A shipper of `outbox` connecting as `name` (`vault` or `broker`).
+fn shipper_as(
     env: &Env,
+    name: &str,
     outbox: &Outbox,
     addr: SocketAddr,
-) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
-    spawn_shipper_with(
-        outbox.clone(),
-        env.channel(addr, "vault"),
-        ShipperOptions {
-            audit_key: Some(env.verifier()),
-            ..Default::default()
-        },
-    )
+    options: ShipperOptions,
+) -> Shipper {
+    spawn_shipper_with(outbox.clone(), env.channel(addr, name), options)
+}
+
+/// Checking receipts against audit's key (and cosigning).
+fn with_receipts(env: &Env) -> ShipperOptions {
+    ShipperOptions {
+        audit_key: Some(env.verifier()),
+        ..Default::default()
+    }
+}
+
+/// The vault's shipper, checking receipts.
+fn shipper(env: &Env, outbox: &Outbox, addr: SocketAddr) -> Shipper {
+    shipper_as(env, "vault", outbox, addr, with_receipts(env))
 }
 
 async fn emit(outbox: &Outbox) -> u64 {
@@ -241,14 +252,7 @@ async fn both_sources_cosign_the_latest_checkpoint_as_witnesses() {
     let db = DurableDb::open(&env.path().join("broker-db")).unwrap();
     let broker = Outbox::open(&db, env.broker(), std::sync::Arc::new(SystemClock)).unwrap();
     let (vh, vt) = shipper(&env, &vault, server.addr);
-    let (bh, bt) = spawn_shipper_with(
-        broker.clone(),
-        env.channel(server.addr, "broker"),
-        ShipperOptions {
-            audit_key: Some(env.verifier()),
-            ..Default::default()
-        },
-    );
+    let (bh, bt) = broker_shipper(&env, &broker, server.addr);
     for _ in 0..3 {
         let b = emit(&broker).await;
         bh.wait_acked(b, Duration::from_secs(20)).await.unwrap();
@@ -285,34 +289,9 @@ async fn both_sources_cosign_the_latest_checkpoint_as_witnesses() {
     server.stop().await;
 }
 
-fn broker_shipper(
-    env: &Env,
-    outbox: &Outbox,
-    addr: SocketAddr,
-) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
-    spawn_shipper_with(
-        outbox.clone(),
-        env.channel(addr, "broker"),
-        ShipperOptions {
-            audit_key: Some(env.verifier()),
-            ..Default::default()
-        },
-    )
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "cp -a {} {}",
-        from.display(),
-        to.display()
-    );
+/// The broker's shipper, checking receipts.
+fn broker_shipper(env: &Env, outbox: &Outbox, addr: SocketAddr) -> Shipper {
+    shipper_as(env, "broker", outbox, addr, with_receipts(env))
 }
 
 /// Emits `n` events on each outbox, interleaved, each acknowledged.
@@ -345,7 +324,7 @@ async fn an_audit_restored_from_an_older_backup_gets_its_tail_back_from_the_sour
     // A backup of the data directory, taken with audit stopped.
     server.stop().await;
     let backup = env.path().join("backup");
-    copy_dir(&env.config.data_dir, &backup);
+    twokey_testkit::copy_dir(&env.config.data_dir, &backup);
     let server = TestServer::start_at(env.config.clone(), addr).await;
 
     // More events; a checkpoint of all of them, which both sources accept.
@@ -366,7 +345,7 @@ async fn an_audit_restored_from_an_older_backup_gets_its_tail_back_from_the_sour
     // The audit host is lost; the backup is restored (tree-head file too).
     server.stop().await;
     std::fs::remove_dir_all(&env.config.data_dir).unwrap();
-    copy_dir(&backup, &env.config.data_dir);
+    twokey_testkit::copy_dir(&backup, &env.config.data_dir);
     let server = TestServer::start_at(env.config.clone(), addr).await;
 
     // The sources see a shorter log and send what they kept; audit signs
@@ -414,20 +393,12 @@ async fn an_audit_restored_from_an_older_backup_gets_its_tail_back_from_the_sour
 }
 
 /// A vault source without receipts (no checkpoint key) shipping to `addr`.
-fn plain_shipper(
-    env: &Env,
-    outbox: &Outbox,
-    addr: SocketAddr,
-    stall_alarm: Duration,
-) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
-    spawn_shipper_with(
-        outbox.clone(),
-        env.channel(addr, "vault"),
-        ShipperOptions {
-            stall_alarm,
-            ..Default::default()
-        },
-    )
+fn plain_shipper(env: &Env, outbox: &Outbox, addr: SocketAddr, stall_alarm: Duration) -> Shipper {
+    let options = ShipperOptions {
+        stall_alarm,
+        ..Default::default()
+    };
+    shipper_as(env, "vault", outbox, addr, options)
 }
 
 /// Three vault events before a backup and three after, all acknowledged;
@@ -448,7 +419,7 @@ async fn restored_after_three_more(
     }
     server.stop().await;
     let backup = env.path().join("backup");
-    copy_dir(&env.config.data_dir, &backup);
+    twokey_testkit::copy_dir(&env.config.data_dir, &backup);
     let server = TestServer::start_at(env.config.clone(), addr).await;
     for _ in 0..3 {
         let seq = emit(outbox).await;
@@ -459,7 +430,7 @@ async fn restored_after_three_more(
     }
     server.stop().await;
     std::fs::remove_dir_all(&env.config.data_dir).unwrap();
-    copy_dir(&backup, &env.config.data_dir);
+    twokey_testkit::copy_dir(&backup, &env.config.data_dir);
     TestServer::start_at(env.config.clone(), addr).await
 }
 

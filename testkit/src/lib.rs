@@ -12,3 +12,20 @@ pub mod grants;
 pub mod local;
 pub mod pki;
 pub mod ready;
+
+/// Copies directory `from` to `to` as it is (modes and times kept), with
+/// `cp -a`: a backup of a data directory, in tests. Panics when it fails.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("run cp");
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
+}

@@ -6,26 +6,11 @@
 //! signed, then serves a log that verifies against every checkpoint it
 //! signed before, with each released code's evidence; releases work again.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::time::Duration;
 
 use tonic::Code;
 use twokey_e2e::{System, totp};
 use twokey_proto::audit::v1::GetCheckpointRequest;
-
-fn copy_dir(from: &Path, to: &Path) {
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(
-        status.success(),
-        "cp -a {} {}",
-        from.display(),
-        to.display()
-    );
-}
 
 /// Lines of a note that are signatures: the log's and one per witness.
 fn signatures(note: &str) -> usize {
@@ -62,7 +47,7 @@ async fn an_audit_restored_from_an_older_backup_is_made_whole_by_the_sources() {
     let data = sys.local.dir.join("data").join("audit");
     let backup = sys.root().join("audit-backup");
     sys.local.kill("audit");
-    copy_dir(&data, &backup);
+    twokey_testkit::copy_dir(&data, &backup);
     sys.local
         .restart(&twokey_e2e::bin_dir(), "audit")
         .expect("audit restarts");
@@ -77,7 +62,7 @@ async fn an_audit_restored_from_an_older_backup_is_made_whole_by_the_sources() {
     // The audit host is lost; its backup comes back.
     sys.local.kill("audit");
     std::fs::remove_dir_all(&data).unwrap();
-    copy_dir(&backup, &data);
+    twokey_testkit::copy_dir(&backup, &data);
     sys.local
         .restart(&twokey_e2e::bin_dir(), "audit")
         .expect("audit starts on the backup");
