@@ -28,6 +28,20 @@
 #   TWOKEY_POLICY        policy file to install (default: policy.example.toml
 #                        beside this script)
 #   TWOKEY_BIN           directory of the twokey binaries (default: from PATH)
+#   TWOKEY_HTTP_LISTEN   the broker's HTTP/JSON listener (http_listen):
+#                        default 127.0.0.1:7404, loopback only; 0.0.0.0:7404
+#                        to serve BPMs on the network (compose and k8s set
+#                        it: their port mapping and NetworkPolicy are the
+#                        fence); "off" for gRPC only
+#   TWOKEY_NOTIFY        how PINs reach requesters, comma-separated:
+#                        "mailbox" (default) is a DEVELOPMENT notifier: it
+#                        writes PINs to files on the broker host. In
+#                        production use "slack" (DMs; put the bot token in
+#                        OUT/broker/slack.token, mode 0600) or "webhook"
+#                        (PINs to your own https endpoint, send_pins = true;
+#                        set TWOKEY_WEBHOOK_URL and put the HMAC secret in
+#                        OUT/broker/webhook.secret, mode 0600)
+#   TWOKEY_WEBHOOK_URL   the webhook's https:// url (with TWOKEY_NOTIFY=webhook)
 #
 # Keys are written 0600 and never overwritten: OUT must be new or empty.
 set -euo pipefail
@@ -44,6 +58,16 @@ root="${TWOKEY_CONFIG_ROOT:-/etc/twokey}"
 data="${TWOKEY_DATA_ROOT:-/var/lib}"
 hosts="${TWOKEY_HOSTS:-services}"
 policy="${TWOKEY_POLICY:-$here/policy.example.toml}"
+http_listen="${TWOKEY_HTTP_LISTEN:-127.0.0.1:7404}"
+notify="${TWOKEY_NOTIFY:-mailbox}"
+webhook_url="${TWOKEY_WEBHOOK_URL:-}"
+for n in ${notify//,/ }; do
+  case "$n" in
+    mailbox|slack) ;;
+    webhook) [ -n "$webhook_url" ] || { echo "bootstrap: TWOKEY_NOTIFY=webhook needs TWOKEY_WEBHOOK_URL (https://...)" >&2; exit 1; } ;;
+    *) echo "bootstrap: TWOKEY_NOTIFY: unknown notifier $n (mailbox, slack or webhook)" >&2; exit 1 ;;
+  esac
+done
 bin() { if [ -n "${TWOKEY_BIN:-}" ]; then echo "$TWOKEY_BIN/$1"; else command -v "$1"; fi; }
 for b in twokey twokey-vault twokey-broker twokey-audit; do
   [ -x "$(bin "$b" || true)" ] || { echo "bootstrap: $b not found; build it (cargo build --release) or set TWOKEY_BIN" >&2; exit 1; }
@@ -127,10 +151,23 @@ chmod 0644 "$out/vault/admins.allowed_signers"
 install -m 0644 "$out/vault/admins.allowed_signers" "$out/broker/admins.allowed_signers"
 render "$here/vault.toml" "$out/vault/vault.toml"
 render "$here/audit.toml" "$out/audit/audit.toml"
-# The example broker config enables every notifier; keep only the mailbox
-# unless the webhook secret and Slack token files are put in place later.
-awk '/^\[notify\.(webhook|slack)\]/{skip=1; next} /^\[/{skip=0} !skip' "$here/broker.toml" \
-  > "$out/broker/broker.in"
+# The example broker config enables every notifier; keep those TWOKEY_NOTIFY
+# names (with the comments above each kept section), set the HTTP listener.
+awk -v keep=",$notify," '
+  /^\[notify\.[a-z]+\]/ { n = substr($0, 9, length($0) - 9); skip = index(keep, "," n ",") == 0 }
+  /^\[/ && !/^\[notify\./ { skip = 0 }
+  /^#/ || /^$/ { buf = buf $0 "\n"; next }
+  { if (!skip) printf "%s%s\n", buf, $0; buf = "" }
+  END { printf "%s", buf }
+' "$here/broker.toml" > "$out/broker/broker.in"
+case "$http_listen" in
+  off|"") sed -i '/^http_listen = /d' "$out/broker/broker.in" ;;
+  *) sed -i "s|^http_listen = .*|http_listen = \"$http_listen\"|" "$out/broker/broker.in" ;;
+esac
+if [ -n "$webhook_url" ]; then
+  sed -i -e "s|^url = \"https://tickets.example.org/hooks/twokey\"|url = \"$webhook_url\"|" \
+    -e 's|^send_pins = false|send_pins = true|' "$out/broker/broker.in"
+fi
 render "$out/broker/broker.in" "$out/broker/broker.toml"
 rm -f "$out/broker/broker.in"
 if [ -f "$policy" ]; then
@@ -151,3 +188,20 @@ wrote certificates, keys and configs in $out (trust domain $td)
   verify:  twokey audit verify --sources $out/audit/audit.toml --checkpoint-key "\$(cat $out/audit/verifier.key)"
 keep $out/pki/ca.key offline; each service needs only its own directory
 EOF
+case ",$notify," in
+  *,mailbox,*) cat <<EOF
+PINs: the mailbox notifier writes them to files in the broker's data directory
+  (mailbox/NAME.jsonl) on the broker host: for development only. In production
+  run bootstrap with TWOKEY_NOTIFY=slack or TWOKEY_NOTIFY=webhook.
+EOF
+esac
+case ",$notify," in
+  *,slack,*) echo "Slack: put the bot token in $out/broker/slack.token (mode 0600) before starting the broker" ;;
+esac
+case ",$notify," in
+  *,webhook,*) echo "webhook: put the HMAC secret in $out/broker/webhook.secret (mode 0600) before starting the broker" ;;
+esac
+case "$http_listen" in
+  off|"") echo "HTTP/JSON: off (gRPC only)" ;;
+  *) echo "HTTP/JSON: the broker serves it on $http_listen" ;;
+esac
