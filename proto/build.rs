@@ -21,6 +21,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".twokey.broker.v1.EnrollAccountRequest",
     ".twokey.broker.v1.EnrollAccountRequest.seed",
     ".twokey.broker.v1.VerifyPinRequest",
+    ".twokey.broker.v1.ShowPinResponse",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -324,6 +324,17 @@ pub struct Released {
     pub request: RequestRecord,
 }
 
+/// A live PIN shown to its requester, and the request.
+#[derive(Debug)]
+pub struct ShownPin {
+    /// The PIN (its `Debug` is redacted).
+    pub pin: Pin,
+    /// When it stops working unless verified, Unix ms.
+    pub expires_ms: u64,
+    /// The request, APPROVED.
+    pub request: RequestRecord,
+}
+
 /// The vault's answer to an enrollment.
 #[derive(Debug)]
 pub struct Enrolled(pub EnrollResponse);

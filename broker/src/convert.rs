@@ -14,8 +14,8 @@ use crate::{
         AdminSignature, Applied, Checked, DEFAULT_PAGE, Decision, Enrolled, Enrollment, Identity,
         MAX_PAGE, NewRequest, PinAttempt, PolicyApply, PolicyProposal, PolicySignature,
         PolicyState, Proposal, ProposalView, Release, Released, Removal, Removed, RequestId,
-        RequestPage, RequestQuery, Restoration, Target, Toggle, WatchFilter, account_filter,
-        action_id, statement,
+        RequestPage, RequestQuery, Restoration, ShownPin, Target, Toggle, WatchFilter,
+        account_filter, action_id, statement,
     },
     error::BrokerError,
     pin::Pin,
@@ -122,6 +122,7 @@ impl From<&RequestRecord> for pb::Request {
                 .unwrap_or_default(),
             pin_attempts: r.pin_attempts,
             pin_max_attempts: r.pin_max_attempts,
+            pin_length: r.pin_length,
             codes_released: r.codes_released,
             codes_allowed: r.codes_allowed,
             delivery: pb::Delivery::from(r.delivery) as i32,
@@ -189,7 +190,7 @@ macro_rules! request_ids {
     )*};
 }
 
-request_ids!(GetRequestRequest, ResendPinRequest);
+request_ids!(GetRequestRequest, ResendPinRequest, ShowPinRequest);
 
 impl TryFrom<pb::ReleaseCodeRequest> for Release {
     type Error = BrokerError;
@@ -561,6 +562,16 @@ impl From<Released> for pb::ReleaseCodeResponse {
         Self {
             code: Some(released.code),
             request: Some((&released.request).into()),
+        }
+    }
+}
+
+impl From<ShownPin> for pb::ShowPinResponse {
+    fn from(shown: ShownPin) -> Self {
+        Self {
+            pin: shown.pin.expose().to_owned(),
+            expires_at: Some(timestamp(shown.expires_ms)),
+            request: Some((&shown.request).into()),
         }
     }
 }

@@ -1,15 +1,20 @@
-//! PINs: random digits from the operating system's CSPRNG, stored only as
-//! HMAC-SHA256(PIN key, request id ‖ PIN) and compared in constant time. A
+//! PINs: random digits from the operating system's CSPRNG, checked only
+//! against HMAC-SHA256(PIN key, request id ‖ PIN) in constant time. While a
+//! PIN is live (approved, not yet verified, not expired) the request also
+//! keeps it sealed with the one AEAD sealer (`twokey_runtime::seal`, under a
+//! key derived from the PIN key, bound to the request id) so that its
+//! requester can be shown it; the sealed copy is dropped with the hash. A
 //! [`Pin`] never prints: its `Debug` says `[redacted]` and it has no `Display`.
 
 use std::fmt;
 
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use hmac::{Hmac, Mac};
 use rand::{Rng, rngs::OsRng};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
-use twokey_runtime::keys::SecretKey;
+use twokey_runtime::{keys::SecretKey, seal::Sealer};
 
 /// A PIN in the clear, on its way to the requester's notifier, held in a
 /// `secrecy` box: zeroized on drop, read only through [`Pin::expose`].
@@ -87,6 +92,30 @@ impl PinKey {
         mac.update(purpose.as_bytes());
         mac.finalize().into_bytes().into()
     }
+
+    fn request_sealer(&self) -> Sealer {
+        Sealer::new(&SecretKey::from_bytes(self.derive("request pin seal")))
+    }
+
+    /// base64(nonce ‖ ciphertext ‖ tag) of `pin`, bound to `request_id`:
+    /// what a request keeps while its PIN is live.
+    pub fn seal(&self, request_id: &str, pin: &Pin) -> String {
+        B64.encode(
+            self.request_sealer()
+                .seal(request_id.as_bytes(), pin.expose().as_bytes()),
+        )
+    }
+
+    /// The PIN [`PinKey::seal`] sealed for `request_id`; none when it does
+    /// not open (another key, another request, damaged).
+    pub fn open(&self, request_id: &str, sealed: &str) -> Option<Pin> {
+        let bytes = B64.decode(sealed).ok()?;
+        let plain = self
+            .request_sealer()
+            .open(request_id.as_bytes(), &bytes)
+            .ok()?;
+        std::str::from_utf8(&plain).ok().map(Pin::from_text)
+    }
 }
 
 #[cfg(test)]
@@ -116,6 +145,18 @@ mod tests {
         assert!(!key().verify("r1", &pin, &stored[..31]));
         let other = PinKey::new(SecretKey::from_bytes([8; 32]));
         assert!(!other.verify("r1", &pin, &stored));
+    }
+
+    #[test]
+    fn a_sealed_pin_opens_only_for_its_request_under_its_key() {
+        let pin = Pin::from_text("4815162342");
+        let sealed = key().seal("r1", &pin);
+        assert!(!sealed.contains("4815162342"));
+        assert_eq!(key().open("r1", &sealed), Some(pin));
+        assert_eq!(key().open("r2", &sealed), None);
+        let other = PinKey::new(SecretKey::from_bytes([8; 32]));
+        assert_eq!(other.open("r1", &sealed), None);
+        assert_eq!(key().open("r1", "not base64!"), None);
     }
 
     #[test]

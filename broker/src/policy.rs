@@ -213,6 +213,14 @@ fn default_pin_attempts() -> u32 {
     DEFAULT_PIN_ATTEMPTS
 }
 
+/// Whether `name` is a valid identity name: 1 to 64 characters of
+/// `[a-z0-9._-]`, not starting with '.'. Names become file names (the
+/// mailbox notifier's `<name>.jsonl`), so none holds a path separator or is
+/// `.` or `..`.
+pub fn valid_name(name: &str) -> bool {
+    valid_account_id(name) && !name.starts_with('.')
+}
+
 /// Whether `id` is a valid account id: 1 to 64 characters of `[a-z0-9._-]`.
 pub fn valid_account_id(id: &str) -> bool {
     !id.is_empty()
@@ -272,6 +280,12 @@ impl Policy {
         let mut names = BTreeMap::new();
         for (name, id) in &raw.identities {
             let field = format!("identities.{name}");
+            if !valid_name(name) {
+                return Err(err(
+                    &field,
+                    "an identity name is 1 to 64 characters of a-z, 0-9, '.', '_', '-', not starting with '.'; rename it".into(),
+                ));
+            }
             let id = SpiffeId::parse(id).map_err(|e| err(&field, e.to_string()))?;
             if let Some(other) = names.insert(id.clone(), name.clone()) {
                 return Err(err(
@@ -737,6 +751,31 @@ delivery = "requester"
         assert_eq!(p.slack_member(&alice), Some("U1"));
         assert_eq!(p.resolve("spiffe://t.local/user/bob"), p.resolve("bob"));
         assert_eq!(p.groups_of(&alice), vec!["requesters".to_owned()]);
+    }
+
+    #[test]
+    fn identity_names_that_could_leave_a_directory_are_refused() {
+        for hostile in [
+            "\"../alice\"",
+            "\"..\"",
+            "\".alice\"",
+            "\"a/b\"",
+            "\"/etc/x\"",
+            "\"a\\\\b\"",
+            "\"Alice\"",
+            "\"al ice\"",
+        ] {
+            let text = GOOD.replace(
+                "olivia = \"spiffe://t.local/user/olivia\"",
+                &format!("olivia = \"spiffe://t.local/user/olivia\"\n{hostile} = \"spiffe://t.local/user/zed\""),
+            );
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains("identities."), "{hostile}: {e}");
+            assert!(e.contains("not starting with '.'"), "{hostile}: {e}");
+        }
+        for fine in ["a.b", "a-b_9", "x"] {
+            assert!(valid_name(fine), "{fine}");
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ macro_rules! broker_rpcs {
                 (CancelRequest, cancel_request, CancelRequestRequest, CancelRequestResponse, request),
                 (VerifyPin, verify_pin, VerifyPinRequest, VerifyPinResponse, request),
                 (ResendPin, resend_pin, ResendPinRequest, ResendPinResponse, request),
+                (ShowPin, show_pin, ShowPinRequest, ShowPinResponse, request),
                 (ReleaseCode, release_code, ReleaseCodeRequest, ReleaseCodeResponse, request),
                 (EnrollAccount, enroll_account, EnrollAccountRequest, EnrollAccountResponse, account),
                 (ListAccounts, list_accounts, ListAccountsRequest, ListAccountsResponse, neither),

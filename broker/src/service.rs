@@ -35,7 +35,7 @@ use crate::{
     calls::{
         AccountId, Accounts, Checked, Decision, Enrolled, Enrollment, Identity, NewRequest,
         PinAttempt, Release, Released, Removal, Removed, RequestId, RequestPage, RequestQuery,
-        Target, WatchFilter,
+        ShownPin, Target, WatchFilter,
     },
     consent::{self, Filing, RequestConsent, SignedPolicy, StoredStatement, refused},
     error::BrokerError,
@@ -923,6 +923,45 @@ impl Broker {
         let key = &self.pin_key;
         self.change(caller, "resend_pin", call, |_, r, _, now| {
             r.resend_pin(caller, key, now)
+        })
+        .await
+    }
+
+    /// Shows the live PIN to the request's requester, and to no one else
+    /// (refusals audited as `access.denied`). A request whose time ran out
+    /// is expired first. Each view is recorded (`pin.viewed`, synced) before
+    /// the PIN leaves; the request itself does not change.
+    pub async fn show_pin(
+        &self,
+        caller: &SpiffeId,
+        call: Checked<RequestId>,
+    ) -> Result<ShownPin, BrokerError> {
+        self.authorised(caller, "show_pin", &call.target, async {
+            let id = call.input?;
+            let id = id.as_str();
+            let now = self.clock.now();
+            let mut record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
+            if &record.requester == caller && record.is_due(now) {
+                match self.act(id, true, |_, _, _| Ok(Effects::default())).await {
+                    Ok(r) => record = r,
+                    Err(BrokerError::FailedPrecondition(_)) => {
+                        record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let pin = record.live_pin(caller, &self.pin_key, now)?;
+            let event = EventDraft::new(caller.to_string(), "pin.viewed")
+                .account(&record.account_id)
+                .request(&record.id)
+                .attr("state", record.state.as_str());
+            self.emit(event).await?;
+            tracing::info!(request_id = %record.id, "PIN shown to its requester");
+            Ok(ShownPin {
+                pin,
+                expires_ms: record.expires_ms,
+                request: record,
+            })
         })
         .await
     }

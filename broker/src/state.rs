@@ -135,6 +135,11 @@ pub struct RequestRecord {
     pub operator: Option<SpiffeId>,
     /// HMAC of the current PIN, hex; `None` when no PIN is valid.
     pub pin_hash: Option<String>,
+    /// The current PIN sealed for this request ([`PinKey::seal`]), kept
+    /// only while it is live so its requester can be shown it; dropped with
+    /// `pin_hash` (verified, locked, closed, expired).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_sealed: Option<String>,
     /// Wrong PINs so far.
     pub pin_attempts: u32,
     /// Wrong PINs that lock it.
@@ -289,6 +294,7 @@ impl RequestRecord {
             approvals_required: account.approvals_required,
             operator: None,
             pin_hash: None,
+            pin_sealed: None,
             pin_attempts: 0,
             pin_max_attempts: account.pin_max_attempts,
             pin_length: account.pin_length,
@@ -352,6 +358,73 @@ impl RequestRecord {
         );
     }
 
+    /// A new PIN for the requester: its hash to check it and its sealed
+    /// copy to show it; any PIN before it stops working.
+    fn issue_pin(&mut self, key: &PinKey) -> Pin {
+        let pin = Pin::generate(self.pin_length);
+        self.pin_hash = Some(hex::encode(key.hash(&self.id, &pin)));
+        self.pin_sealed = Some(key.seal(&self.id, &pin));
+        pin
+    }
+
+    /// No PIN works any more: hash and sealed copy are dropped.
+    fn void_pin(&mut self) {
+        self.pin_hash = None;
+        self.pin_sealed = None;
+    }
+
+    /// The live PIN, for its requester alone: refused to anyone else
+    /// (permission denied), and when the request has no live PIN (failed
+    /// precondition, saying what to do). Call it after expiring the request
+    /// if its time ran out.
+    pub fn live_pin(
+        &self,
+        caller: &SpiffeId,
+        key: &PinKey,
+        now: SystemTime,
+    ) -> Result<Pin, BrokerError> {
+        if caller != &self.requester {
+            return Err(BrokerError::denied(format!(
+                "{caller} is not the requester of {}; only the requester may see its PIN",
+                self.id
+            )));
+        }
+        if self.is_due(now) {
+            return Err(self.expired_error());
+        }
+        let none_live = |why: &str| {
+            BrokerError::precondition(format!("request {} has no live PIN: {why}", self.id))
+        };
+        match self.state {
+            State::Approved => {}
+            State::Pending => {
+                return Err(none_live(
+                    "it still needs approvals; the PIN is made when it is approved",
+                ));
+            }
+            State::Verified | State::Released => {
+                return Err(none_live(
+                    "the operator already verified it; it is not needed any more",
+                ));
+            }
+            State::Expired => return Err(self.expired_error()),
+            State::Denied | State::Cancelled | State::Locked => {
+                return Err(none_live(&format!(
+                    "it is {}; file a new request",
+                    self.state.as_str()
+                )));
+            }
+        }
+        self.pin_sealed
+            .as_deref()
+            .and_then(|sealed| key.open(&self.id, sealed))
+            .ok_or_else(|| {
+                none_live(
+                    "the broker kept no copy of this one (it was issued before PINs could be shown, or the PIN key changed); ask for a new one with `twokey pin resend`",
+                )
+            })
+    }
+
     fn move_to(&mut self, to: State) -> Result<(), BrokerError> {
         if self.state.can_become(to) {
             Ok(())
@@ -375,7 +448,7 @@ impl RequestRecord {
             return None;
         }
         let mut effects = Effects::default();
-        self.pin_hash = None;
+        self.void_pin();
         let comment = format!("expired at {}", rfc3339(self.expires_ms));
         self.record(
             &mut effects,
@@ -508,9 +581,7 @@ impl RequestRecord {
                 comment,
                 now,
             );
-            let pin = Pin::generate(self.pin_length);
-            self.pin_hash = Some(hex::encode(key.hash(&self.id, &pin)));
-            effects.pin = Some(pin);
+            effects.pin = Some(self.issue_pin(key));
             effects.events.push(
                 EventDraft::new("broker", "pin.issued")
                     .account(&self.account_id)
@@ -549,7 +620,7 @@ impl RequestRecord {
         }
         self.require_state("deny", &[State::Pending, State::Approved])?;
         self.move_to(State::Denied)?;
-        self.pin_hash = None;
+        self.void_pin();
         let mut effects = Effects::default();
         self.record(
             &mut effects,
@@ -578,7 +649,7 @@ impl RequestRecord {
         }
         self.require_state("cancel", &[State::Pending, State::Approved])?;
         self.move_to(State::Cancelled)?;
-        self.pin_hash = None;
+        self.void_pin();
         let mut effects = Effects::default();
         self.record(
             &mut effects,
@@ -640,7 +711,7 @@ impl RequestRecord {
         let mut effects = Effects::default();
         if !stored.is_empty() && key.verify(&self.id, pin, &stored) {
             self.move_to(State::Verified)?;
-            self.pin_hash = None;
+            self.void_pin();
             self.operator = Some(caller.clone());
             self.record(
                 &mut effects,
@@ -656,7 +727,7 @@ impl RequestRecord {
         let left = self.pin_max_attempts.saturating_sub(self.pin_attempts);
         if left == 0 {
             self.move_to(State::Locked)?;
-            self.pin_hash = None;
+            self.void_pin();
             self.record(&mut effects, caller, "pin.failed", None, "", now);
             self.record(
                 &mut effects,
@@ -707,8 +778,7 @@ impl RequestRecord {
             )));
         }
         self.pin_resends += 1;
-        let pin = Pin::generate(self.pin_length);
-        self.pin_hash = Some(hex::encode(key.hash(&self.id, &pin)));
+        let pin = self.issue_pin(key);
         let mut effects = Effects::default();
         self.record(&mut effects, caller, "pin.resent", None, "", now);
         effects.pin = Some(pin);

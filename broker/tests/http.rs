@@ -176,6 +176,18 @@ async fn every_unary_method_works_over_http_with_client_certificates() {
     let resent = ok(&h, "alice", "ResendPin", json!({ "requestId": id })).await;
     assert_eq!(resent["request"]["state"], "REQUEST_STATE_APPROVED");
     let pin = h.wait_for_pin("alice", &id, 2).await;
+    // alice, and only alice, is shown it.
+    let shown = ok(&h, "alice", "ShowPin", json!({ "requestId": id })).await;
+    assert_eq!(shown["pin"], pin.as_str());
+    assert_eq!(shown["request"]["pinLength"], 6);
+    let a = call(&h, "olivia", "ShowPin", json!({ "requestId": id })).await;
+    refused(
+        &a,
+        403,
+        "permission_denied",
+        "only the requester may see its PIN",
+    );
+    assert!(!a.body.to_string().contains(&pin));
 
     // olivia verifies the PIN and releases the code.
     let verified = ok(
@@ -186,6 +198,8 @@ async fn every_unary_method_works_over_http_with_client_certificates() {
     )
     .await;
     assert_eq!(verified["request"]["state"], "REQUEST_STATE_VERIFIED");
+    let a = call(&h, "alice", "ShowPin", json!({ "requestId": id })).await;
+    refused(&a, 400, "failed_precondition", "already verified");
     let released = ok(&h, "olivia", "ReleaseCode", json!({ "requestId": id })).await;
     assert_eq!(released["code"]["code"], FAKE_CODE);
     // uint64 in the proto3 JSON mapping: a string.

@@ -1,6 +1,7 @@
-//! The PIN appears only in the requester's notification: not in any RPC
-//! response, not in the sled files, not in other mailboxes, not in logs or
-//! spans even at TRACE level.
+//! The PIN appears only in the requester's notification, and there only
+//! while it is live, and in the requester's own ShowPin answer: not in the
+//! Debug of any RPC response (ShowPin's included), not in the sled files,
+//! not in other mailboxes, not in logs or spans even at TRACE level.
 
 mod common;
 
@@ -64,6 +65,19 @@ async fn the_pin_appears_only_in_the_requesters_mailbox() {
     responses.push(format!("{:?}", approve(&h, "dave", &id).await.unwrap()));
     let pin = h.wait_for_pin("alice", &id, 1).await;
     assert_eq!(pin.len(), 10);
+    let mailbox = h.mailbox_dir();
+    assert_eq!(
+        files_containing(&mailbox, pin.as_bytes()),
+        vec![mailbox.join("alice.jsonl").display().to_string()],
+        "the PIN went somewhere other than alice's mailbox"
+    );
+    let shown = show_pin(&h, "alice", &id).await.unwrap();
+    assert_eq!(shown.get_ref().pin, pin, "the requester is shown the PIN");
+    responses.push(format!("{shown:?}"));
+    responses.push(format!(
+        "{:?}",
+        show_pin(&h, "olivia", &id).await.unwrap_err()
+    ));
     let wrong = if pin == "0000000000" {
         "1111111111"
     } else {
@@ -88,6 +102,12 @@ async fn the_pin_appears_only_in_the_requesters_mailbox() {
     ));
     h.restart_broker().await;
     responses.push(format!("{:?}", get(&h, "olivia", &id).await));
+    responses.push(format!(
+        "{:?}",
+        show_pin(&h, "alice", &id).await.unwrap_err()
+    ));
+    // Verified: the PIN leaves the mailbox too.
+    h.wait_for_pins_gone("alice", &id).await;
     h.stop_broker().await;
 
     for r in &responses {
@@ -99,12 +119,12 @@ async fn the_pin_appears_only_in_the_requesters_mailbox() {
         Vec::<String>::new(),
         "the PIN is on disk in sled"
     );
-    let mailbox = h.mailbox_dir();
     assert_eq!(
         files_containing(&mailbox, pin.as_bytes()),
-        vec![mailbox.join("alice.jsonl").display().to_string()],
-        "the PIN went somewhere other than alice's mailbox"
+        Vec::<String>::new(),
+        "the PIN is still in a mailbox once verified"
     );
+    assert_eq!(h.messages("alice", &id, "pin").len(), 1, "it was delivered");
     let captured = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
     assert!(
         captured.contains("request changed"),

@@ -1,19 +1,24 @@
-//! `twokey pin …`: the operator verifies the PIN the requester reads out
-//! (asked without echo, or read from stdin), and the requester asks for a
-//! new one. When the requester releases the codes themselves (delivery
-//! "requester") and a signed policy is in force, the operator signs one
-//! release statement per code still allowed with the verification.
+//! `twokey pin …`: the requester sees their live PIN (`show`, through their
+//! own certificate) or asks for a new one (`resend`); the operator verifies
+//! the PIN the requester reads out (asked without echo, or read from stdin).
+//! A PIN that is not all digits, or not the request's length, is refused
+//! here before it reaches the broker, so a typo spends no attempt. When the
+//! requester releases the codes themselves (delivery "requester") and a
+//! signed policy is in force, the operator signs one release statement per
+//! code still allowed with the verification.
 
 use std::io::{IsTerminal, Read};
 
 use clap::{Args, Subcommand};
-use twokey_proto::broker::v1::{Delivery, ResendPinRequest, VerifyPinRequest};
+use twokey_proto::broker::v1::{
+    Delivery, Request, ResendPinRequest, ShowPinRequest, VerifyPinRequest,
+};
 use zeroize::Zeroizing;
 
 use crate::{
     code::sign_release,
     error::CliError,
-    output::Output,
+    output::{Output, time},
     profile::Settings,
     request::detail,
     sign::{Signing, SshSigner, fetch_request},
@@ -28,6 +33,9 @@ pub enum PinCommand {
     Verify(VerifyArgs),
     /// Void the PIN and have a new one sent to you (requester).
     Resend(crate::request::IdArg),
+    /// Show the request's PIN, while it is live, to its requester (you);
+    /// read it out to the operator on the call. Each view is audited.
+    Show(crate::request::IdArg),
 }
 
 /// `pin verify`.
@@ -52,9 +60,16 @@ pub async fn run(cmd: PinCommand, settings: Settings, out: Output) -> Result<(),
             };
             let (mut broker, target) = settings.broker()?;
             let signing = Signing::ask(&mut broker, &target).await?;
+            // The request, to check the PIN's length before it can spend an
+            // attempt. One we may not see is the broker's to refuse (and
+            // record); it checks the length again.
+            let request = fetch_request(&mut broker, &target, &a.id).await;
+            if let Ok(request) = &request {
+                check_length(&pin, request)?;
+            }
             let mut releases = Vec::new();
             if signing.required() {
-                let request = fetch_request(&mut broker, &target, &a.id).await?;
+                let request = request?;
                 if request.delivery == Delivery::Requester as i32 {
                     let signer = SshSigner::from_settings(&settings)?;
                     let left = request.codes_allowed.saturating_sub(request.codes_released);
@@ -76,6 +91,23 @@ pub async fn run(cmd: PinCommand, settings: Settings, out: Output) -> Result<(),
                 format!("PIN verified\n{}", detail(answer.request.as_ref()))
             })
         }
+        PinCommand::Show(a) => {
+            let (mut broker, target) = settings.broker()?;
+            let answer = broker
+                .show_pin(ShowPinRequest { request_id: a.id })
+                .await
+                .map_err(|s| target.error(s))?
+                .into_inner();
+            out.answer(&answer, || {
+                format!(
+                    "PIN {}\nread it out only to the operator on the call; it works until {} \
+                     unless verified\n{}",
+                    answer.pin,
+                    time(answer.expires_at.as_ref()),
+                    detail(answer.request.as_ref())
+                )
+            })
+        }
         PinCommand::Resend(a) => {
             let (mut broker, target) = settings.broker()?;
             let answer = broker
@@ -93,7 +125,8 @@ pub async fn run(cmd: PinCommand, settings: Settings, out: Output) -> Result<(),
     }
 }
 
-/// Checks a PIN's shape: digits only, after trimming whitespace.
+/// Checks a PIN's shape: digits only, after dropping whitespace. The PIN is
+/// never echoed in the error.
 pub fn clean_pin(raw: &str) -> Result<Zeroizing<String>, CliError> {
     let pin: Zeroizing<String> =
         Zeroizing::new(raw.chars().filter(|c| !c.is_whitespace()).collect());
@@ -102,12 +135,29 @@ pub fn clean_pin(raw: &str) -> Result<Zeroizing<String>, CliError> {
             "no PIN given: type the PIN the requester reads out".into(),
         ));
     }
-    if !pin.chars().all(|c| c.is_ascii_alphanumeric()) || pin.len() > 64 {
+    if !pin.chars().all(|c| c.is_ascii_digit()) || pin.len() > 64 {
         return Err(CliError::Input(
-            "the PIN holds characters a PIN never has: type only its digits".into(),
+            "a PIN is digits and nothing else: type only the digits the requester reads out \
+             (nothing was sent, no attempt was counted)"
+                .into(),
         ));
     }
     Ok(pin)
+}
+
+/// Checks the PIN's length against the request's (a broker that does not
+/// say it, 0, is left to check it).
+fn check_length(pin: &str, request: &Request) -> Result<(), CliError> {
+    let want = request.pin_length as usize;
+    if want != 0 && pin.len() != want {
+        return Err(CliError::Input(format!(
+            "the PIN of request {} is {want} digits, {} were typed: check what the requester \
+             reads out and type it again (nothing was sent, no attempt was counted)",
+            request.request_id,
+            pin.len()
+        )));
+    }
+    Ok(())
 }
 
 fn read_pin_stdin() -> Result<Zeroizing<String>, CliError> {
@@ -145,6 +195,43 @@ mod tests {
         assert_eq!(clean_pin(" 123 456\n").unwrap().as_str(), "123456");
         assert!(clean_pin("  ").is_err());
         assert!(clean_pin("12;34").is_err());
+    }
+
+    #[test]
+    fn a_pin_that_is_not_all_digits_is_refused_as_input() {
+        for typo in [
+            "abc",
+            "12a456",
+            "１２３４５６",
+            "12-34",
+            "0x1234",
+            &"1".repeat(65),
+        ] {
+            let err = clean_pin(typo).unwrap_err();
+            assert!(matches!(err, CliError::Input(_)), "{typo}: {err:?}");
+            let line = err.one_line();
+            assert!(line.contains("no attempt was counted"), "{line}");
+            assert!(!line.contains(typo), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_pin_of_the_wrong_length_is_refused_as_input() {
+        let request = Request {
+            request_id: "r1".into(),
+            pin_length: 6,
+            ..Default::default()
+        };
+        for typo in ["12345", "1234567"] {
+            let err = check_length(typo, &request).unwrap_err();
+            assert!(matches!(err, CliError::Input(_)), "{typo}: {err:?}");
+            let line = err.one_line();
+            assert!(line.contains("is 6 digits"), "{line}");
+            assert!(!line.contains(typo), "{line}");
+        }
+        check_length("123456", &request).unwrap();
+        // A broker that does not say the length leaves the check to itself.
+        check_length("12345", &Request::default()).unwrap();
     }
 
     #[test]

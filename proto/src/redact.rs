@@ -73,6 +73,16 @@ impl fmt::Debug for broker::VerifyPinRequest {
     }
 }
 
+impl fmt::Debug for broker::ShowPinResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShowPinResponse")
+            .field("pin", &REDACTED)
+            .field("expires_at", &self.expires_at)
+            .field("request", &self.request)
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,7 +117,11 @@ mod tests {
             code: Some(code.clone()),
             request: None,
         };
-        let text = format!("{code:?} {enroll:?} {broker_enroll:?} {pin:?} {released:?}");
+        let shown = broker::ShowPinResponse {
+            pin: "831204".into(),
+            ..Default::default()
+        };
+        let text = format!("{code:?} {enroll:?} {broker_enroll:?} {pin:?} {released:?} {shown:?}");
         for secret in ["492039", "JBSWY3DPEHPK3PXP", "831204"] {
             assert!(!text.contains(secret), "{secret} leaked into {text}");
         }

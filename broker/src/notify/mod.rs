@@ -25,6 +25,12 @@ pub use rules::messages_for;
 
 use crate::pin::Pin;
 
+/// The kind of the message that says the requester's PIN of a request is no
+/// longer live (verified, or the request locked, closed or expired): a
+/// notifier that keeps PINs (the mailbox) deletes them. Sent to the
+/// requester; no other notifier takes it.
+pub const PIN_VOID: &str = "pin.void";
+
 /// Who a message is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]

@@ -1,14 +1,28 @@
 //! Who gets what message when a request changes: the PIN to the requester
-//! alone; news to the people who must act next and to the channel.
+//! alone, and to them alone the word that it is no longer live; news to the
+//! people who must act next and to the channel.
 
 use twokey_runtime::SpiffeId;
 
-use super::{Message, Recipient};
+use super::{Message, PIN_VOID, Recipient};
 use crate::{
     pin::Pin,
     policy::{Policy, Role},
-    state::RequestRecord,
+    state::{RequestRecord, State},
 };
+
+/// Whether `action` ends the life of the request's PIN, if it ever had one:
+/// verified, or the request locked, closed or expired after approval.
+fn ends_pin(record: &RequestRecord, action: &str) -> bool {
+    matches!(
+        action,
+        "pin.verified"
+            | "request.locked"
+            | "request.denied"
+            | "request.cancelled"
+            | "request.expired"
+    ) && record.history.iter().any(|h| h.state == State::Approved)
+}
 
 fn person(policy: &Policy, id: &SpiffeId) -> Recipient {
     Recipient::Person {
@@ -62,6 +76,14 @@ pub fn messages_for(
             Some(pin.clone()),
         ));
     }
+    if ends_pin(record, action) {
+        out.push(make(
+            PIN_VOID,
+            person(policy, &record.requester),
+            format!("The PIN of your {subject} is no longer needed."),
+            None,
+        ));
+    }
     let role_members = |role: Role| -> Vec<SpiffeId> {
         account
             .map(|a| match role {
@@ -80,7 +102,7 @@ pub fn messages_for(
             true,
             format!("New {subject}: {}", record.reason),
         ),
-        "request.approved" if record.state == crate::state::State::Approved => (
+        "request.approved" if record.state == State::Approved => (
             role_members(Role::Operator)
                 .into_iter()
                 .filter(|id| {

@@ -628,7 +628,8 @@ impl Harness {
         self.config.notify.mailbox.as_ref().unwrap().dir.clone()
     }
 
-    /// Every PIN delivered to `user` for `request_id`, oldest first.
+    /// Every PIN delivered to `user` for `request_id` and still in the
+    /// mailbox (a PIN no longer live is taken out), oldest first.
     pub fn pins_in_mailbox(&self, user: &str, request_id: &str) -> Vec<String> {
         let Ok(text) = std::fs::read_to_string(self.mailbox_dir().join(format!("{user}.jsonl")))
         else {
@@ -637,8 +638,22 @@ impl Harness {
         text.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|v| v["request_id"] == request_id && v["kind"] == "pin")
-            .map(|v| v["pin"].as_str().unwrap().to_owned())
+            .filter_map(|v| v["pin"].as_str().map(str::to_owned))
             .collect()
+    }
+
+    /// Waits (on the delivery counter, not a timer) until `user`'s mailbox
+    /// holds no PIN for `request_id` any more.
+    pub async fn wait_for_pins_gone(&self, user: &str, request_id: &str) {
+        let mut rx = self.deliveries.subscribe();
+        let wait = async {
+            while !self.pins_in_mailbox(user, request_id).is_empty() {
+                rx.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), wait)
+            .await
+            .expect("the PIN stayed in the mailbox")
     }
 
     /// Waits (on the delivery counter, not a timer) until `user` has `n`
@@ -791,7 +806,8 @@ carries_request!(
     pb::ApproveRequestResponse,
     pb::DenyRequestResponse,
     pb::CancelRequestResponse,
-    pb::VerifyPinResponse
+    pb::VerifyPinResponse,
+    pb::ShowPinResponse
 );
 
 /// The request of a successful answer; panics (failing the test) on an
@@ -870,6 +886,18 @@ pub async fn release(
         .release_code(pb::ReleaseCodeRequest {
             request_id: id.into(),
             statement: None,
+        })
+        .await
+}
+
+pub async fn show_pin(
+    h: &Harness,
+    user: &str,
+    id: &str,
+) -> Result<Response<pb::ShowPinResponse>, Status> {
+    h.client(user)
+        .show_pin(pb::ShowPinRequest {
+            request_id: id.into(),
         })
         .await
 }
