@@ -912,6 +912,93 @@ mod tests {
     }
 
     #[test]
+    fn the_sealed_pin_lives_exactly_as_long_as_the_pin() {
+        let id = |name: &str| SpiffeId::parse(&format!("spiffe://t.local/user/{name}")).unwrap();
+        let (alice, bob, olivia) = (id("alice"), id("bob"), id("olivia"));
+        let account = AccountPolicy {
+            id: "acct".into(),
+            requesters: [alice.clone()].into(),
+            approvers: [bob.clone()].into(),
+            operators: [olivia.clone()].into(),
+            admins: Default::default(),
+            intake: Default::default(),
+            approvals_required: 1,
+            request_ttl: Duration::from_secs(3600),
+            release_window: Duration::from_secs(900),
+            codes_per_request: 1,
+            pin_length: 6,
+            pin_max_attempts: 3,
+            delivery: Delivery::Operator,
+        };
+        let key = PinKey::new(twokey_runtime::keys::SecretKey::from_bytes([5; 32]));
+        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let approved = || {
+            let (mut r, _) =
+                RequestRecord::create("r1".into(), &account, &alice, None, "why", "", now).unwrap();
+            let pin = r
+                .approve(&account, &bob, "", &key, now)
+                .unwrap()
+                .pin
+                .unwrap();
+            (r, pin)
+        };
+        let (r, pin) = approved();
+        assert_eq!(r.live_pin(&alice, &key, now).unwrap(), pin);
+        assert!(matches!(
+            r.live_pin(&bob, &key, now),
+            Err(BrokerError::PermissionDenied(_))
+        ));
+        // Resent: the new one is shown.
+        let mut resent = r.clone();
+        let new = resent.resend_pin(&alice, &key, now).unwrap().pin.unwrap();
+        assert_eq!(resent.live_pin(&alice, &key, now).unwrap(), new);
+        // Verified, locked, cancelled, denied, expired: hash and seal gone.
+        let mut verified = r.clone();
+        verified
+            .verify_pin(&account, &olivia, &pin, &key, now)
+            .unwrap();
+        let mut locked = r.clone();
+        let wrong = Pin::from_text(if pin.expose() == "000000" {
+            "111111"
+        } else {
+            "000000"
+        });
+        for _ in 0..3 {
+            locked
+                .verify_pin(&account, &olivia, &wrong, &key, now)
+                .unwrap();
+        }
+        let mut cancelled = r.clone();
+        cancelled.cancel(&alice, "", now).unwrap();
+        let mut denied = r.clone();
+        denied.deny(&account, &bob, "no", now).unwrap();
+        let mut expired = r.clone();
+        let later = now + Duration::from_secs(901);
+        assert!(expired.expire_if_due(later).is_some());
+        for (what, gone) in [
+            ("verified", verified),
+            ("locked", locked),
+            ("cancelled", cancelled),
+            ("denied", denied),
+            ("expired", expired),
+        ] {
+            assert_eq!((&gone.pin_hash, &gone.pin_sealed), (&None, &None), "{what}");
+            assert!(
+                matches!(
+                    gone.live_pin(&alice, &key, later),
+                    Err(BrokerError::FailedPrecondition(_))
+                ),
+                "{what}"
+            );
+        }
+        // Due but not yet expired in storage: no PIN either.
+        assert!(matches!(
+            r.live_pin(&alice, &key, later),
+            Err(BrokerError::FailedPrecondition(_))
+        ));
+    }
+
+    #[test]
     fn only_the_drawn_transitions_are_allowed() {
         use State::*;
         let all = [

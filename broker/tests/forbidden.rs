@@ -180,6 +180,7 @@ async fn wrong_pins_lock_the_request_and_then_even_the_right_pin_fails() {
 async fn a_pin_that_cannot_be_one_is_refused_without_spending_an_attempt() {
     let h = Harness::start().await;
     let (id, pin) = approved_prod(&h).await;
+    let before = get(&h, "olivia", &id).await;
     let short = &pin[..pin.len() - 1];
     let long = format!("{pin}0");
     for typo in ["abc", "12a456", short, long.as_str()] {
@@ -192,6 +193,7 @@ async fn a_pin_that_cannot_be_one_is_refused_without_spending_an_attempt() {
     let r = get(&h, "olivia", &id).await;
     assert_eq!(r.pin_attempts, 0, "a typo spent an attempt");
     assert_eq!(state_of(&r), pb::RequestState::Approved);
+    assert_eq!(r, before, "a typo changed the request");
     let r = request_of(verify(&h, "olivia", &id, &pin).await);
     assert_eq!(state_of(&r), pb::RequestState::Verified);
     h.shutdown().await;

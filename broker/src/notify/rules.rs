@@ -151,3 +151,76 @@ pub fn messages_for(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::UNIX_EPOCH};
+
+    use super::*;
+
+    const POLICY: &str = r#"
+[identities]
+alice = "spiffe://t.local/user/alice"
+bob = "spiffe://t.local/user/bob"
+olivia = "spiffe://t.local/user/olivia"
+[accounts.acct]
+requesters = ["alice"]
+approvers = ["bob"]
+operators = ["olivia"]
+approvals_required = 1
+"#;
+
+    fn voids(policy: &Policy, record: &RequestRecord, action: &str) -> Vec<Message> {
+        messages_for(policy, record, action, None, 1)
+            .into_iter()
+            .filter(|m| m.kind == PIN_VOID)
+            .collect()
+    }
+
+    #[test]
+    fn the_end_of_a_pin_goes_to_the_requester_alone_and_only_after_one_was_issued() {
+        let policy = Policy::parse(POLICY, Path::new("policy.toml")).unwrap();
+        let account = policy.account("acct").unwrap();
+        let alice = policy.resolve("alice").unwrap();
+        let (mut record, _) =
+            RequestRecord::create("r1".into(), account, &alice, None, "why", "", UNIX_EPOCH)
+                .unwrap();
+        // Cancelled while pending: no PIN was ever issued.
+        let mut pending = record.clone();
+        pending.cancel(&alice, "", UNIX_EPOCH).unwrap();
+        assert!(voids(&policy, &pending, "request.cancelled").is_empty());
+        let key = crate::pin::PinKey::new(twokey_runtime::keys::SecretKey::from_bytes([1; 32]));
+        let bob = policy.resolve("bob").unwrap();
+        record
+            .approve(account, &bob, "ok", &key, UNIX_EPOCH)
+            .unwrap();
+        for action in [
+            "pin.verified",
+            "request.locked",
+            "request.denied",
+            "request.cancelled",
+            "request.expired",
+        ] {
+            let out = voids(&policy, &record, action);
+            assert_eq!(out.len(), 1, "{action}");
+            assert!(out[0].pin.is_none());
+            assert_eq!(
+                out[0].to,
+                Recipient::Person {
+                    name: "alice".into(),
+                    identity: alice.to_string(),
+                    slack: None,
+                },
+                "{action}"
+            );
+        }
+        for action in [
+            "request.approved",
+            "pin.resent",
+            "pin.failed",
+            "code.released",
+        ] {
+            assert!(voids(&policy, &record, action).is_empty(), "{action}");
+        }
+    }
+}
