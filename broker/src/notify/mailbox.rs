@@ -4,14 +4,19 @@
 //! Files are mode 0600 in a 0700 directory: they carry PINs, but only while
 //! they are live — a [`PIN_VOID`] message (the PIN was verified, or the
 //! request locked, closed or expired) takes the PIN out of the requester's
-//! file again. A file name is a validated policy name
+//! file again. It is overwritten in place with a line of the same length
+//! (the PIN field gone, spaces before the newline), so every other byte
+//! keeps its offset for readers that tail the file; the mailbox remembers
+//! where it wrote each PIN, and scans the file only for PINs written before
+//! it started. A file name is a validated policy name
 //! ([`crate::policy::valid_name`]); any other name is refused, never
 //! rewritten, so it can neither leave the directory nor share a file.
 
 use std::{
+    collections::HashMap,
     io::Write,
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
-    path::{Path, PathBuf},
+    os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt},
+    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -24,12 +29,42 @@ use crate::policy::valid_name;
 /// The channel's file.
 const CHANNEL_FILE: &str = "channel.jsonl";
 
+/// Where a line holding a PIN is: its byte offset and length (with `\n`).
+type Span = (u64, usize);
+
+/// The lines a mailbox wrote with a PIN, by (file name, request id).
+type Written = HashMap<(String, String), Vec<Span>>;
+
 /// Writes messages to files in a directory.
 #[derive(Debug, Clone)]
 pub struct Mailbox {
     dir: PathBuf,
-    /// One change of the files at a time (appends and PIN removals).
-    lock: Arc<Mutex<()>>,
+    /// The lines this mailbox wrote with a PIN, by (file name, request id);
+    /// its lock also makes one change of the files at a time.
+    pins: Arc<Mutex<Written>>,
+}
+
+/// `line` (with its `\n`) without its `pin` field, padded with spaces to the
+/// same length, if it is a message about `request_id` that holds a PIN.
+fn without_pin(line: &[u8], request_id: &str) -> Option<Zeroizing<Vec<u8>>> {
+    let body = line.strip_suffix(b"\n")?;
+    let serde_json::Value::Object(mut fields) = serde_json::from_slice(body).ok()? else {
+        return None;
+    };
+    if fields.get("request_id").and_then(|v| v.as_str()) != Some(request_id) {
+        return None;
+    }
+    let serde_json::Value::String(mut pin) = fields.remove("pin")? else {
+        return None;
+    };
+    zeroize::Zeroize::zeroize(&mut pin);
+    let mut out = Zeroizing::new(serde_json::to_vec(&fields).ok()?);
+    if out.len() > body.len() {
+        return None;
+    }
+    out.resize(body.len(), b' ');
+    out.push(b'\n');
+    Some(out)
 }
 
 impl Mailbox {
@@ -37,7 +72,7 @@ impl Mailbox {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
-            lock: Arc::default(),
+            pins: Arc::default(),
         }
     }
 
@@ -64,9 +99,11 @@ impl Mailbox {
 
     fn write(&self, message: &Message) -> Result<(), NotifyError> {
         let name = Self::file_name(&message.to)?;
-        let _one = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
         if message.kind == PIN_VOID {
-            return self.remove_pins(&name, &message.request_id);
+            let key = (name, message.request_id.clone());
+            let known = pins.remove(&key);
+            return self.remove_pins(&key.0, &key.1, known);
         }
         let io = self.io();
         std::fs::DirBuilder::new()
@@ -80,67 +117,85 @@ impl Mailbox {
             .create(true)
             .append(true)
             .mode(0o600)
-            .open(self.dir.join(name))
+            .open(self.dir.join(&name))
             .map_err(&io)?;
+        // The only writer (the lock above): the line goes at the end.
+        let offset = file.metadata().map_err(&io)?.len();
         file.write_all(&bytes).map_err(&io)?;
-        file.sync_data().map_err(io)
+        file.sync_data().map_err(io)?;
+        if message.pin.is_some() {
+            pins.entry((name, message.request_id.clone()))
+                .or_default()
+                .push((offset, bytes.len()));
+        }
+        Ok(())
     }
 
-    /// Takes every PIN for `request_id` out of the file `name`: the lines
-    /// stay (a PIN was issued), their `pin` goes. The file is replaced
-    /// atomically (a new file, synced, renamed over it, the directory
-    /// synced); nothing to take out leaves it untouched.
-    fn remove_pins(&self, name: &str, request_id: &str) -> Result<(), NotifyError> {
+    /// Every line of `file` about `request_id` that holds a PIN.
+    fn scan(file: &std::fs::File, request_id: &str) -> std::io::Result<Vec<Span>> {
+        let mut text = Zeroizing::new(Vec::new());
+        std::io::Read::read_to_end(&mut &*file, &mut text)?;
+        let mut spans = Vec::new();
+        let mut offset = 0u64;
+        for line in text.split_inclusive(|b| *b == b'\n') {
+            if without_pin(line, request_id).is_some() {
+                spans.push((offset, line.len()));
+            }
+            offset += line.len() as u64;
+        }
+        Ok(spans)
+    }
+
+    /// Takes every PIN for `request_id` out of the file `name`, each line
+    /// overwritten in place with one of the same length: at the spans this
+    /// mailbox wrote (`known`), or where a scan finds them (PINs written
+    /// before it started, or spans that no longer hold one).
+    fn remove_pins(
+        &self,
+        name: &str,
+        request_id: &str,
+        known: Option<Vec<Span>>,
+    ) -> Result<(), NotifyError> {
         let io = self.io();
-        let path = self.dir.join(name);
-        let text = match std::fs::read(&path) {
-            Ok(bytes) => Zeroizing::new(bytes),
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.dir.join(name))
+        {
+            Ok(file) => file,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io(e)),
         };
-        let mut out = Zeroizing::new(Vec::with_capacity(text.len()));
-        let mut removed = false;
-        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let parsed = serde_json::from_slice::<serde_json::Value>(line).ok();
-            match parsed {
-                Some(serde_json::Value::Object(mut fields))
-                    if fields.get("request_id").and_then(|v| v.as_str()) == Some(request_id)
-                        && fields.contains_key("pin") =>
-                {
-                    if let Some(serde_json::Value::String(mut pin)) = fields.remove("pin") {
-                        zeroize::Zeroize::zeroize(&mut pin);
-                    }
-                    removed = true;
-                    out.extend(
-                        serde_json::to_vec(&fields)
-                            .map_err(|e| NotifyError(format!("mailbox {}: {e}", path.display())))?,
-                    );
-                }
-                _ => out.extend_from_slice(line),
+        let mut edits = Vec::new();
+        let mut stale = known.is_none();
+        for (offset, len) in known.unwrap_or_default() {
+            let mut line = Zeroizing::new(vec![0; len]);
+            match file.read_exact_at(&mut line, offset) {
+                Ok(()) => match without_pin(&line, request_id) {
+                    Some(new) => edits.push((offset, new)),
+                    None => stale = true,
+                },
+                Err(_) => stale = true,
             }
-            out.push(b'\n');
         }
-        if !removed {
+        if stale {
+            edits.clear();
+            for (offset, len) in Self::scan(&file, request_id).map_err(&io)? {
+                let mut line = Zeroizing::new(vec![0; len]);
+                file.read_exact_at(&mut line, offset).map_err(&io)?;
+                if let Some(new) = without_pin(&line, request_id) {
+                    edits.push((offset, new));
+                }
+            }
+        }
+        if edits.is_empty() {
             return Ok(());
         }
-        // Valid names never start with '.': no mailbox file is this one.
-        let fresh = self.dir.join(format!(".{name}.new"));
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&fresh)
-            .map_err(&io)?;
-        file.write_all(&out).map_err(&io)?;
-        file.sync_data().map_err(&io)?;
-        std::fs::rename(&fresh, &path).map_err(&io)?;
-        sync_dir(&self.dir).map_err(io)
+        for (offset, new) in &edits {
+            file.write_all_at(new, *offset).map_err(&io)?;
+        }
+        file.sync_data().map_err(io)
     }
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 impl Notifier for Mailbox {
@@ -259,6 +314,10 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines.len(), 4, "lines stay, only their PINs go");
+        assert_eq!(after.len(), before.len(), "every byte keeps its offset");
+        for (was, now) in before.lines().zip(after.lines()) {
+            assert_eq!(was.len(), now.len());
+        }
         for (mut was, now) in old.into_iter().zip(&lines) {
             if was["request_id"] == "r1" {
                 was.as_object_mut().unwrap().remove("pin");
@@ -279,6 +338,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), after);
+        // A PIN written before a restart is found by a scan.
+        let restarted = Mailbox::new(dir.path().join("mail"));
+        restarted
+            .send(&message("alice", "r2", PIN_VOID, None))
+            .await
+            .unwrap();
+        let last = std::fs::read_to_string(&path).unwrap();
+        assert!(!last.contains("2718281828"), "{last}");
+        assert_eq!(last.len(), before.len());
+        // Appends after a removal land after it, whole.
+        restarted
+            .send(&message("alice", "r3", "pin", Some("3141592653")))
+            .await
+            .unwrap();
+        let grown = std::fs::read_to_string(&path).unwrap();
+        let v: serde_json::Value = serde_json::from_str(grown.lines().last().unwrap()).unwrap();
+        assert_eq!(v["pin"], "3141592653");
     }
 
     #[tokio::test]
