@@ -71,9 +71,11 @@ impl AuditConfig {
         file: Option<&Path>,
         given: impl Fn(&str) -> bool,
     ) -> Result<Self, ConfigError> {
-        if let Some(base) = file.and_then(Path::parent) {
-            let tls = &mut self.tls;
-            for (field, path) in [
+        let tls = &mut self.tls;
+        twokey_runtime::config::paths_relative_to_file(
+            file,
+            given,
+            [
                 ("data_dir", &mut self.data_dir),
                 ("checkpoint_key_file", &mut self.checkpoint_key_file),
                 ("tls.cert", &mut tls.cert),
@@ -81,13 +83,8 @@ impl AuditConfig {
                 ("tls.ca", &mut tls.ca),
             ]
             .into_iter()
-            .chain(tls.crl.as_mut().map(|crl| ("tls.crl", crl)))
-            {
-                if !given(field) && path.is_relative() {
-                    *path = base.join(&*path);
-                }
-            }
-        }
+            .chain(tls.crl.as_mut().map(|crl| ("tls.crl", crl))),
+        );
         let outside = self
             .auditors
             .iter()

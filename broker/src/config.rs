@@ -315,14 +315,11 @@ impl BrokerConfig {
         overrides: &[(&str, Option<toml::Value>)],
     ) -> Result<Self, ConfigError> {
         let mut config: Self = config::load(file, overrides, ENV_PREFIX).map_err(name_missing)?;
-        if let Some(base) = file.map(|f| f.parent().unwrap_or(Path::new("."))) {
-            let overridden = |key: &str| overrides.iter().any(|(k, v)| *k == key && v.is_some());
-            for (key, path) in config.paths_mut() {
-                if !overridden(key) && path.is_relative() {
-                    *path = base.join(&*path);
-                }
-            }
-        }
+        config::paths_relative_to_file(
+            file,
+            |field| config::overridden(overrides, field),
+            config.paths_mut(),
+        );
         Ok(config)
     }
 

@@ -27,6 +27,29 @@ pub enum ConfigError {
     },
 }
 
+/// Makes the paths a config `file` gave relative to its directory: each of
+/// `paths` (dotted field name, value) that is relative and not `given` by a
+/// flag or variable (those stay relative to the working directory).
+pub fn paths_relative_to_file<'a>(
+    file: Option<&Path>,
+    given: impl Fn(&str) -> bool,
+    paths: impl IntoIterator<Item = (&'a str, &'a mut PathBuf)>,
+) {
+    let Some(base) = file.map(|f| f.parent().unwrap_or(Path::new("."))) else {
+        return;
+    };
+    for (field, path) in paths {
+        if !given(field) && path.is_relative() {
+            *path = base.join(&*path);
+        }
+    }
+}
+
+/// Whether `overrides` set `field` (a flag or variable was given).
+pub fn overridden(overrides: &[(&str, Option<toml::Value>)], field: &str) -> bool {
+    overrides.iter().any(|(k, v)| *k == field && v.is_some())
+}
+
 /// Loads `path` (if given) as TOML, applies `overrides` (`("tls.cert",
 /// Some(value))`; `None` leaves the file's value), and deserializes.
 pub fn load<T: DeserializeOwned>(

@@ -96,7 +96,41 @@ impl ServeArgs {
                     .map(|v| toml::Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))),
             ),
         ]);
-        config::load(self.flags.config.as_deref(), &overrides, ENV_PREFIX)
+        let file = self.flags.config.as_deref();
+        let mut config: VaultConfig = config::load(file, &overrides, ENV_PREFIX)?;
+        config::paths_relative_to_file(
+            file,
+            |field| config::overridden(&overrides, field),
+            config.paths_mut(),
+        );
+        Ok(config)
+    }
+}
+
+/// What to do when `init-key` cannot create `out`: an existing file is
+/// never overwritten (it may be the only copy of a vault's key); a missing
+/// directory must be made first.
+fn init_key_advice(out: &std::path::Path) -> String {
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if out.exists() {
+        format!(
+            "cannot create the master key {}: the file exists and is never overwritten (it may be \
+             the only copy of a vault's key); choose another path",
+            out.display()
+        )
+    } else if !dir.is_dir() {
+        format!(
+            "cannot create the master key {}: the directory {} does not exist; create it first \
+             (mkdir -p {})",
+            out.display(),
+            dir.display(),
+            dir.display()
+        )
+    } else {
+        format!("cannot create the master key {}", out.display())
     }
 }
 
@@ -113,7 +147,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::InitKey { out } => {
             SecretKey::generate()
                 .write(&out)
-                .with_context(|| "cannot create the master key; it must not exist yet")?;
+                .with_context(|| init_key_advice(&out))?;
             println!("wrote master key {} (mode 0600)", out.display());
         }
         Command::InitEventKey { out } => {
@@ -129,8 +163,42 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
     use twokey_runtime::cli::with_env;
+
+    #[test]
+    fn paths_in_the_config_file_are_relative_to_its_directory_and_flags_to_the_working_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vault.toml");
+        let example = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vault.toml"),
+        )
+        .unwrap()
+        .replace("/etc/twokey/vault/", "")
+        .replace("/var/lib/twokey-vault", "data");
+        std::fs::write(&file, example).unwrap();
+        let cli = Cli::try_parse_from([
+            "twokey-vault",
+            "serve",
+            "--config",
+            file.to_str().unwrap(),
+            "--event-key-file",
+            "keys/event.key",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve")
+        };
+        let c = args.load().unwrap();
+        assert_eq!(c.master_key_file, dir.path().join("master.key"));
+        assert_eq!(c.data_dir, dir.path().join("data"));
+        assert_eq!(c.tls.key, dir.path().join("vault.key"));
+        assert_eq!(
+            c.consent.unwrap().admins_file,
+            dir.path().join("admins.allowed_signers")
+        );
+        assert_eq!(c.event_key_file, PathBuf::from("keys/event.key"));
+    }
 
     #[test]
     fn every_flag_keeps_its_name_and_environment_variable() {

@@ -96,6 +96,25 @@ impl VaultConfig {
             .map_err(|e| format!("[consent] admins_file {}: {e}", path.display()))
     }
 
+    /// Every path field, by its dotted name (made relative to the config
+    /// file's directory when the file gave them).
+    pub fn paths_mut(&mut self) -> Vec<(&'static str, &mut PathBuf)> {
+        let tls = &mut self.tls;
+        let mut paths = vec![
+            ("data_dir", &mut self.data_dir),
+            ("master_key_file", &mut self.master_key_file),
+            ("event_key_file", &mut self.event_key_file),
+            ("tls.cert", &mut tls.cert),
+            ("tls.key", &mut tls.key),
+            ("tls.ca", &mut tls.ca),
+        ];
+        paths.extend(tls.crl.as_mut().map(|p| ("tls.crl", p)));
+        if let Some(c) = self.consent.as_mut() {
+            paths.push(("consent.admins_file", &mut c.admins_file));
+        }
+        paths
+    }
+
     /// The vault's own SPIFFE ID, the source of its audit events.
     pub fn source_id(&self) -> Result<SpiffeId, twokey_runtime::identity::IdentityError> {
         SpiffeId::parse(&format!("spiffe://{}/svc/vault", self.trust_domain))

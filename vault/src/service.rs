@@ -121,6 +121,13 @@ pub enum VaultError {
     /// A stored seed does not open with the master key.
     #[error("the seed of {0} does not decrypt with the master key")]
     Integrity(String),
+    /// The master key is not the one the data directory was created with.
+    #[error(
+        "the master key file is not the key this data directory was created with: no stored seed \
+         can be read with it; start the vault with the master key it was created with (restore \
+         that file from its backup), or with an empty data directory for a new vault"
+    )]
+    WrongMasterKey,
     /// Audit did not acknowledge in time.
     #[error("{0}")]
     AuditUnavailable(String),
@@ -160,6 +167,7 @@ impl ServiceError for VaultError {
             }
             Self::Store(VaultStoreError::Corrupt(_))
             | Self::Integrity(_)
+            | Self::WrongMasterKey
             | Self::PolicyChain(_) => ErrorKind::Internal,
         }
     }
@@ -173,6 +181,7 @@ impl VaultError {
             self,
             Self::Store(VaultStoreError::Store(_) | VaultStoreError::Corrupt(_))
                 | Self::Integrity(_)
+                | Self::WrongMasterKey
                 | Self::PolicyChain(_)
         )
     }
@@ -487,12 +496,7 @@ impl<S: VaultStore> Vault<S> {
         root: TrustRoot,
     ) -> Result<Self, VaultError> {
         match store.key_check()? {
-            Some(check) if !key.matches(&check) => {
-                return Err(VaultError::Integrity(
-                    "this data directory: the master key file is not the key it was created with"
-                        .into(),
-                ));
-            }
+            Some(check) if !key.matches(&check) => return Err(VaultError::WrongMasterKey),
             Some(_) => {}
             None => store.set_key_check(&key.key_check())?,
         }

@@ -175,7 +175,46 @@ async fn the_vault_refuses_a_master_key_that_does_not_match_its_data() {
         .write(&key)
         .unwrap();
     let err = refused_start(&config);
-    assert!(err.contains("master key"), "{err}");
+    assert!(
+        err.contains(
+            "the master key file is not the key this data directory was created with: no stored \
+             seed can be read with it"
+        ) && err.contains("restore that file from its backup")
+            && !err.contains("the seed of"),
+        "{err}"
+    );
+}
+
+#[test]
+fn init_key_says_why_it_cannot_create_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &std::path::Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_twokey-vault"))
+            .arg("init-key")
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let missing = dir.path().join("no-such-dir").join("master.key");
+    let (ok, err) = run(&missing);
+    assert!(!ok);
+    assert!(
+        err.contains("does not exist; create it first") && err.contains("no-such-dir"),
+        "{err}"
+    );
+    let key = dir.path().join("master.key");
+    assert!(run(&key).0);
+    let (ok, err) = run(&key);
+    assert!(!ok);
+    assert!(
+        err.contains("the file exists and is never overwritten"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
