@@ -129,12 +129,24 @@ impl QueryFilter {
         self.since.is_none_or(|s| time.is_some_and(|t| t >= s))
             && self.until.is_none_or(|u| time.is_some_and(|t| t < u))
             && text(&self.source, &event.source)
-            && text(&self.actor, &event.actor)
+            && actor_matches(&self.actor, &event.actor)
             && text(&self.action, &event.action)
             && text(&self.account_id, &event.account_id)
             && text(&self.request_id, &event.request_id)
             && (self.outcome == 0 || self.outcome == event.outcome)
     }
+}
+
+/// Whether `actor` is selected by `want`: empty selects all; a SPIFFE ID
+/// must be equal; a bare name (as the policy names people) selects every
+/// SPIFFE ID whose last segment it is.
+fn actor_matches(want: &str, actor: &str) -> bool {
+    if want.is_empty() || want == actor {
+        return true;
+    }
+    !want.contains('/')
+        && actor.starts_with("spiffe://")
+        && actor.rsplit_once('/').is_some_and(|(_, name)| name == want)
 }
 
 /// One batch of query results.
@@ -923,6 +935,18 @@ mod tests {
             Err(AuditError::InvalidEvent(_))
         ));
         assert_eq!(f.log.size(), 0);
+    }
+
+    #[test]
+    fn an_actor_is_selected_by_spiffe_id_or_by_name() {
+        let bob = "spiffe://t/user/bob";
+        let m = |want: &str, actor: &str| actor_matches(want, actor);
+        assert!(m("", bob) && m(bob, bob) && m("bob", bob));
+        assert!(m("bob", "spiffe://t/svc/bob"));
+        assert!(!m("bo", bob) && !m("ob", bob) && !m("user/bob", bob));
+        assert!(!m("spiffe://t/user/bo", bob));
+        assert!(!m("bob", "urn:x/bob"), "a name matches SPIFFE IDs only");
+        assert!(!m("alice", bob));
     }
 
     #[tokio::test]

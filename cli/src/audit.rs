@@ -80,8 +80,9 @@ pub struct QueryArgs {
     /// Only events before this time: RFC 3339, or an age such as 30m.
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub until: Option<twokey_proto::Timestamp>,
-    /// Only events by this actor (SPIFFE ID).
-    #[arg(long, value_name = "ID")]
+    /// Only events by this actor: a SPIFFE ID, or a name as the policy
+    /// names people (`bob` matches spiffe://…/user/bob).
+    #[arg(long, value_name = "ID_OR_NAME")]
     pub actor: Option<String>,
     /// Only events with this action, e.g. code.released.
     #[arg(long)]
@@ -101,10 +102,16 @@ pub struct QueryArgs {
     /// Newest first instead of oldest first.
     #[arg(long)]
     pub newest_first: bool,
-    /// At most this many entries.
-    #[arg(long, value_name = "N")]
-    pub limit: Option<u32>,
+    /// At most this many entries (0: all of them).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_LIMIT)]
+    pub limit: u32,
+    /// Continue after a previous page (the token it printed).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
 }
+
+/// Entries (or requests) one page shows unless `--limit` says otherwise.
+pub const DEFAULT_LIMIT: u32 = 100;
 
 /// `audit export`.
 #[derive(Debug, Args)]
@@ -577,8 +584,8 @@ fn query_request(a: &QueryArgs) -> QueryRequest {
         request_id: a.request.clone().unwrap_or_default(),
         outcome: a.outcome.map_or(0, |o| Outcome::from(o) as i32),
         newest_first: a.newest_first,
-        page_size: a.limit.unwrap_or(0),
-        page_token: String::new(),
+        page_size: a.limit,
+        page_token: a.page_token.clone().unwrap_or_default(),
     }
 }
 
@@ -590,14 +597,16 @@ async fn query(a: QueryArgs, settings: Settings, out: Output) -> Result<(), CliE
         .map_err(|s| target.error(s))?
         .into_inner();
     let mut rows = Vec::new();
-    let mut more = false;
+    let mut next = String::new();
     while let Some(batch) = next_message(&mut stream, &target).await? {
         if out.json {
             output::json_line(&batch)?;
         } else {
             rows.extend(batch.entries.iter().map(entry_row));
         }
-        more |= !batch.next_page_token.is_empty();
+        if !batch.next_page_token.is_empty() {
+            next = batch.next_page_token.clone();
+        }
     }
     if !out.json {
         if rows.is_empty() {
@@ -611,11 +620,16 @@ async fn query(a: QueryArgs, settings: Settings, out: Output) -> Result<(), CliE
                 &rows,
             ))?;
         }
-        if more {
-            eprintln!("more entries match: raise --limit, or use `twokey audit export`");
+        if !next.is_empty() {
+            eprintln!("{}", more_hint("entries", &next));
         }
     }
     Ok(())
+}
+
+/// What to say when a page did not hold every match: how to get the next.
+pub fn more_hint(what: &str, token: &str) -> String {
+    format!("more {what} match: add --page-token {token} for the next page, or raise --limit")
 }
 
 fn outcome_name(o: i32) -> String {
@@ -655,7 +669,26 @@ pub async fn export(
     out: &Path,
 ) -> Result<u64, CliError> {
     let tmp = out.with_extension("partial");
-    let file = std::fs::File::create(&tmp).map_err(CliError::io("create", &tmp))?;
+    let written = write_export(client, target, &tmp).await;
+    let count = match written {
+        Ok(count) => count,
+        Err(e) => {
+            // Nothing half-written is left behind to be taken for an export.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).map_err(CliError::io("write", out))?;
+    Ok(count)
+}
+
+/// Writes the whole log to `tmp`, synced; returns the number of entries.
+async fn write_export(
+    client: &mut crate::profile::AuditClient,
+    target: &Target,
+    tmp: &Path,
+) -> Result<u64, CliError> {
+    let file = std::fs::File::create(tmp).map_err(CliError::io("create", tmp))?;
     let mut w = BufWriter::new(file);
     let mut count = 0u64;
     let mut token = String::new();
@@ -663,7 +696,7 @@ pub async fn export(
         let (page, next) = query_page(client, target, 1000, &token).await?;
         for entry in &page {
             let line = output::to_json(entry)?;
-            writeln!(w, "{line}").map_err(CliError::io("write", &tmp))?;
+            writeln!(w, "{line}").map_err(CliError::io("write", tmp))?;
             count += 1;
         }
         if next.is_empty() || next == token {
@@ -673,9 +706,8 @@ pub async fn export(
     }
     let file = w
         .into_inner()
-        .map_err(|e| CliError::io("write", &tmp)(e.into_error()))?;
-    file.sync_all().map_err(CliError::io("write", &tmp))?;
-    std::fs::rename(&tmp, out).map_err(CliError::io("write", out))?;
+        .map_err(|e| CliError::io("write", tmp)(e.into_error()))?;
+    file.sync_all().map_err(CliError::io("write", tmp))?;
     Ok(count)
 }
 

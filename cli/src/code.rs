@@ -62,16 +62,33 @@ pub fn run(cmd: CodeCommand, settings: Settings, out: Output) -> Result<(), CliE
     if out.json {
         return output::json_line(&answer);
     }
-    output::print(&human(&answer))?;
-    let Some(code) = &answer.code else {
-        return Ok(());
+    let live = answer
+        .code
+        .as_ref()
+        .and_then(|c| c.valid_until.as_ref().map(|until| (c, until)))
+        .filter(|_| output::stdout_is_terminal());
+    let Some((code, until)) = live else {
+        return output::print(&human(&answer, true));
     };
-    match &code.valid_until {
-        Some(until) if output::stdout_is_terminal() => {
-            output::live_countdown(code.valid_from.as_ref(), until, code.period)
-        }
-        _ => Ok(()),
-    }
+    // On a terminal the countdown line is the window: no frozen line above
+    // it; once the code expires, it is erased from the screen.
+    let shown = human(&answer, false);
+    output::print(&shown)?;
+    output::live_countdown(code.valid_from.as_ref(), until, code.period)?;
+    output::print(&erase_expired(lines_printed(&shown)))
+}
+
+/// Lines `text` takes once printed with [`output::print`] (which ends it
+/// with a newline when it has none).
+fn lines_printed(text: &str) -> usize {
+    text.matches('\n').count() + usize::from(!text.ends_with('\n'))
+}
+
+/// What replaces an expired code on a terminal: the cursor back up over the
+/// `lines` the code took and the countdown line, everything below erased,
+/// and a line saying so.
+fn erase_expired(lines: usize) -> String {
+    format!("\r\x1b[{lines}A\x1b[J(code expired and removed from the screen)")
 }
 
 /// The operator's release statement for one code of `request`: its request
@@ -97,7 +114,9 @@ pub fn sign_release(
     signing.sign(signer, binding)
 }
 
-fn human(a: &ReleaseCodeResponse) -> String {
+/// The release as text: the code large, then (with `with_window`) when it
+/// can be typed; on a terminal the live countdown says that instead.
+fn human(a: &ReleaseCodeResponse, with_window: bool) -> String {
     let Some(code) = &a.code else {
         return "the broker sent no code".to_owned();
     };
@@ -110,7 +129,9 @@ fn human(a: &ReleaseCodeResponse) -> String {
     }
     s.push_str(&big_digits(&code.code));
     s.push_str(&format!("\n\n  {}\n\n", code.code));
-    s.push_str(&window(code, seconds_until));
+    if with_window {
+        s.push_str(&window(code, seconds_until));
+    }
     s
 }
 
@@ -162,6 +183,31 @@ mod tests {
         assert_eq!(
             text,
             "usable in 4 s, then for 30 s (from 2026-11-28 09:46:30Z until 2026-11-28 09:47:00Z)"
+        );
+    }
+
+    #[test]
+    fn on_a_terminal_no_frozen_window_line_and_the_expired_code_is_erased() {
+        let answer = ReleaseCodeResponse {
+            code: Some(code(1_795_859_190, 1_795_859_220)),
+            request: None,
+        };
+        let live = human(&answer, false);
+        assert!(
+            !live.contains("valid until") && !live.contains("usable in"),
+            "{live}"
+        );
+        assert!(live.contains("123456"));
+        let piped = human(&answer, true);
+        assert!(piped.contains("valid until"), "{piped}");
+        // The block ends with a blank line; print adds none, so the
+        // countdown starts right below: erase that many lines up.
+        let lines = lines_printed(&live);
+        assert!(live.ends_with("\n\n"));
+        assert_eq!(lines, live.matches('\n').count());
+        assert_eq!(
+            erase_expired(lines),
+            format!("\r\x1b[{lines}A\x1b[J(code expired and removed from the screen)")
         );
     }
 

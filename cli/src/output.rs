@@ -230,8 +230,8 @@ pub fn usable_in_frame(until_usable: u64, window: u64) -> String {
 
 /// Redraws the countdown once a second on the current line: first to
 /// `valid_from` when that is still ahead (`usable in 4 s, then for 30 s`),
-/// then through the validity window until `valid_until`; then says the code
-/// expired.
+/// then through the validity window until `valid_until`; then clears the
+/// line and leaves the cursor at its start (the caller erases the code).
 pub fn live_countdown(
     valid_from: Option<&Timestamp>,
     valid_until: &Timestamp,
@@ -270,7 +270,7 @@ pub fn live_countdown(
         let frac = left - (shown as f64 - 1.0);
         std::thread::sleep(Duration::from_secs_f64(frac.clamp(0.05, 1.0)));
     }
-    writeln!(out, "\r\x1b[2Kexpired").map_err(stdout_error)
+    write!(out, "\r\x1b[2K").map_err(stdout_error)
 }
 
 #[cfg(test)]

@@ -388,7 +388,13 @@ impl Settings {
         // The connect timeout bounds the TCP connection and, separately,
         // the TLS handshake; the call timeout bounds each call's answer (a
         // stream's start), so no command waits for ever on a silent peer.
-        let channel = twokey_runtime::tls::endpoint(&target.address)?
+        let channel = twokey_runtime::tls::endpoint(&target.address)
+            .map_err(|e| match e {
+                // A bad address is a bad setting (exit 2), not a failure.
+                twokey_runtime::tls::TlsError::NotHttps(_)
+                | twokey_runtime::tls::TlsError::BadAddress(_) => CliError::Usage(e.to_string()),
+                e => e.into(),
+            })?
             .connect_timeout(connect)
             .timeout(call)
             .tls_config(tls.client_config(server_name)?.timeout(connect))

@@ -96,6 +96,12 @@ pub struct ListArgs {
     /// Only requests for this account.
     #[arg(long, value_name = "ACCOUNT")]
     pub account: Option<String>,
+    /// At most this many requests, newest first (0: all of them).
+    #[arg(long, value_name = "N", default_value_t = crate::audit::DEFAULT_LIMIT)]
+    pub limit: u32,
+    /// Continue after a previous page (the token it printed).
+    #[arg(long, value_name = "TOKEN")]
+    pub page_token: Option<String>,
 }
 
 /// `request watch`.
@@ -185,24 +191,39 @@ pub async fn run(cmd: RequestCommand, settings: Settings, out: Output) -> Result
         }
         RequestCommand::List(a) => {
             let mut all = ListRequestsResponse::default();
-            let mut token = String::new();
+            let mut token = a.page_token.clone().unwrap_or_default();
+            let wanted = if a.limit == 0 {
+                usize::MAX
+            } else {
+                a.limit as usize
+            };
             loop {
+                let left = wanted.saturating_sub(all.requests.len());
                 let page = broker
                     .list_requests(ListRequestsRequest {
                         state: a.state.map_or(0, |s| s as i32),
                         mine: a.mine,
                         account_id: a.account.clone().unwrap_or_default(),
-                        page_size: 1000,
+                        page_size: u32::try_from(left.min(1000)).unwrap_or(1000),
                         page_token: token.clone(),
                     })
                     .await
                     .map_err(fail)?
                     .into_inner();
                 all.requests.extend(page.requests);
-                if page.next_page_token.is_empty() || page.next_page_token == token {
+                let done = page.next_page_token.is_empty() || page.next_page_token == token;
+                token = page.next_page_token;
+                if done || all.requests.len() >= wanted {
                     break;
                 }
-                token = page.next_page_token;
+            }
+            all.requests.truncate(wanted);
+            all.next_page_token = token;
+            if !out.json && !all.next_page_token.is_empty() {
+                eprintln!(
+                    "{}",
+                    crate::audit::more_hint("requests", &all.next_page_token)
+                );
             }
             out.answer(&all, || list_table(&all.requests))
         }

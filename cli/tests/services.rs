@@ -215,6 +215,52 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
     let cancelled = json(twokey_as(cfg, "alice").args(["request", "cancel", &third]));
     assert_eq!(cancelled["request"]["state"], "REQUEST_STATE_CANCELLED");
 
+    // request list pages: --limit, then --page-token for the rest.
+    let first = json(twokey_as(cfg, "alice").args(["request", "list", "--limit", "2"]));
+    let page = first["requests"].as_array().unwrap();
+    assert_eq!(page.len(), 2, "{first}");
+    let token = first["nextPageToken"].as_str().unwrap().to_owned();
+    assert!(!token.is_empty(), "{first}");
+    let rest = json(twokey_as(cfg, "alice").args(["request", "list", "--page-token", &token]));
+    let rest = rest["requests"].as_array().unwrap();
+    assert!(!rest.is_empty());
+    assert!(
+        rest.iter().all(|r| !page.contains(r)),
+        "the next page repeats the first"
+    );
+    let out = twokey_as(cfg, "alice")
+        .args(["request", "list", "--limit", "1"])
+        .output()
+        .unwrap();
+    let hint = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        hint.contains("more requests match: add --page-token ") && hint.contains("raise --limit"),
+        "{hint}"
+    );
+
+    // audit query by a person's policy name, as well as by SPIFFE ID.
+    let by_name = json_lines(twokey_as(cfg, "carol").args(["audit", "query", "--actor", "bob"]));
+    let by_id = json_lines(twokey_as(cfg, "carol").args([
+        "audit",
+        "query",
+        "--actor",
+        "spiffe://twokey.local/user/bob",
+    ]));
+    let actors = |batches: &[Value]| -> Vec<String> {
+        batches
+            .iter()
+            .flat_map(|b| b["entries"].as_array().cloned().unwrap_or_default())
+            .map(|e| e["event"]["actor"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    assert!(!actors(&by_name).is_empty());
+    assert!(
+        actors(&by_name)
+            .iter()
+            .all(|a| a == "spiffe://twokey.local/user/bob")
+    );
+    assert_eq!(actors(&by_name), actors(&by_id));
+
     // audit query / export / checkpoint / verify
     let batches =
         json_lines(twokey_as(cfg, "carol").args(["audit", "query", "--action", "code.released"]));

@@ -315,6 +315,10 @@ fn an_audit_stream_that_goes_silent_after_its_first_message_is_given_up_on() {
     assert!(took < Duration::from_secs(10), "took {took:?}: {err}");
     assert_eq!(err.trim_end(), format!("twokey: {message}"));
     assert!(!export.exists(), "an export was written");
+    assert!(
+        !tmp.path().join("log.partial").exists(),
+        "a half-written export was left behind"
+    );
 }
 
 #[test]
@@ -328,6 +332,20 @@ fn a_closed_port_is_a_connect_error_at_once() {
         err.starts_with(&format!(
             "twokey: cannot reach the broker at https://{addr}"
         )),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_plain_http_address_is_refused_before_any_connection() {
+    let (_tmp, _pki, config) = setup();
+    let (code, err, _) =
+        run(twokey_as(&config, "alice").args(["whoami", "--broker", "http://127.0.0.1:7400"]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("address \"http://127.0.0.1:7400\" is not https://")
+            && err.contains("use https://HOST:PORT")
+            && !err.contains("frame"),
         "{err}"
     );
 }

@@ -54,6 +54,12 @@ pub enum TlsError {
     /// The endpoint address is not a valid URL.
     #[error("invalid address {0:?}: use https://HOST:PORT")]
     BadAddress(String),
+    /// The endpoint address is not `https://`.
+    #[error(
+        "address {0:?} is not https://: every twokey service speaks only mutual TLS; use \
+         https://HOST:PORT"
+    )]
+    NotHttps(String),
     /// The transport refused the configuration.
     #[error("TLS configuration refused: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -269,6 +275,10 @@ impl TlsFiles {
 
 /// An endpoint with twokey's connection defaults.
 pub fn endpoint(address: &str) -> Result<Endpoint, TlsError> {
+    let scheme = address.split_once("://").map(|(s, _)| s);
+    if scheme.is_some_and(|s| !s.eq_ignore_ascii_case("https")) {
+        return Err(TlsError::NotHttps(address.to_owned()));
+    }
     Ok(Endpoint::from_shared(address.to_owned())
         .map_err(|_| TlsError::BadAddress(address.to_owned()))?
         .connect_timeout(Duration::from_secs(3))

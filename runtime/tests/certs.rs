@@ -392,3 +392,19 @@ fn a_private_key_readable_by_others_is_refused_by_servers_and_clients() {
     std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o400)).unwrap();
     files.server_tls(ClientAuth::Required).unwrap();
 }
+
+#[tokio::test]
+async fn a_plain_http_address_is_refused_with_what_to_use() {
+    let pki = Pki::new();
+    let files = TlsFiles::in_dir(pki.path(), "vault");
+    let err = files
+        .channel("http://127.0.0.1:7400", "broker")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "address \"http://127.0.0.1:7400\" is not https://: every twokey service speaks only \
+         mutual TLS; use https://HOST:PORT"
+    );
+    files.channel("HTTPS://127.0.0.1:7400", "broker").unwrap();
+}
