@@ -35,6 +35,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .compile_well_known_types(true)
+        // Our own Timestamp, whose JSON is Z-normalized as the proto3 JSON
+        // mapping requires (pbjson_types writes `+00:00`); the exact path
+        // wins over the package-wide one below.
+        .extern_path(".google.protobuf.Timestamp", "crate::Timestamp")
         .extern_path(".google.protobuf", "::pbjson_types")
         .btree_map(".")
         .skip_debug(SECRET_MESSAGES.iter().copied())

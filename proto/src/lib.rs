@@ -1,5 +1,6 @@
 //! The twokey gRPC contract: generated messages, clients and servers for the
-//! vault, broker and audit services, with their proto3 JSON mapping (pbjson).
+//! vault, broker and audit services, with their proto3 JSON mapping (pbjson;
+//! `google.protobuf.Timestamp` is our own [`Timestamp`], written with a `Z`).
 //!
 //! Messages that carry a seed, a PIN or a code have a hand-written `Debug`
 //! (see `redact`) that prints `[redacted]` in place of the secret.
@@ -7,6 +8,7 @@
 #![allow(missing_docs, clippy::all, missing_debug_implementations)]
 
 mod redact;
+mod timestamp;
 
 /// Encoded `FileDescriptorSet` of every twokey proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -57,4 +59,4 @@ pub mod consent {
     }
 }
 
-pub use pbjson_types::Timestamp;
+pub use timestamp::{Timestamp, TimestampError};

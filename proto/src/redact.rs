@@ -145,7 +145,7 @@ mod tests {
         // timestamps as RFC 3339.
         assert!(json.contains("\"step\":\"7\""), "{json}");
         assert!(
-            json.contains("\"validFrom\":\"1970-01-01T00:03:30"),
+            json.contains("\"validFrom\":\"1970-01-01T00:03:30Z\""),
             "{json}"
         );
         let back: types::Code = serde_json::from_str(&json).expect("parse");
