@@ -430,6 +430,23 @@ async fn errors_are_connect_errors_with_the_connect_http_statuses() {
     )
     .await;
     refused(&a, 404, "not_found", "/nowhere");
+    // Another service's procedure is not served here: unimplemented too.
+    let a = send(
+        &h,
+        Some("alice"),
+        post(
+            "/twokey.vault.v1.VaultService/Enroll",
+            "application/json",
+            "{}",
+        ),
+    )
+    .await;
+    refused(
+        &a,
+        501,
+        "unimplemented",
+        "twokey.vault.v1.VaultService/Enroll is not served here",
+    );
     // The streaming method checks its request like any other.
     let a = call(&h, "alice", "WatchRequests", json!({ "accountId": 7 })).await;
     refused(&a, 400, "invalid_argument", "WatchRequestsRequest");
@@ -442,7 +459,8 @@ async fn errors_are_connect_errors_with_the_connect_http_statuses() {
     refused(&a, 405, "unimplemented", "POST");
     assert_eq!(a.headers["allow"], "POST");
 
-    // Too large: 413, whether declared or streamed.
+    // Too large: resource_exhausted, 429 as in Connect's table, whether
+    // declared or streamed.
     let big = format!(r#"{{"requestId":"{}"}}"#, "x".repeat(300 * 1024));
     let a = send(
         &h,
@@ -450,7 +468,7 @@ async fn errors_are_connect_errors_with_the_connect_http_statuses() {
         post(&path, "application/json", big.clone()),
     )
     .await;
-    refused(&a, 413, "resource_exhausted", "larger than");
+    refused(&a, 429, "resource_exhausted", "larger than 262144 bytes");
     let chunked = http::Request::post(&path)
         .header("host", "broker")
         .header("content-type", "application/json")
@@ -469,7 +487,7 @@ async fn errors_are_connect_errors_with_the_connect_http_statuses() {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
     tokio::spawn(conn);
     let response = sender.send_request(chunked).await.unwrap();
-    assert_eq!(response.status(), 413);
+    assert_eq!(response.status(), 429);
 
     // No client certificate: the handshake succeeds (as on the gRPC port),
     // every method answers 401; the OpenAPI document is public.
@@ -522,8 +540,12 @@ async fn a_body_that_never_arrives_times_out() {
     .await;
     assert!(read.is_ok(), "no answer within 20 s");
     let text = String::from_utf8_lossy(&answer);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("deadline_exceeded"), "{text}");
+    // Connect's table: deadline_exceeded is 504 (408 would invite a retry).
+    assert!(text.starts_with("HTTP/1.1 504"), "{text}");
+    assert!(
+        text.contains(r#"{"code":"deadline_exceeded","message":"the request body did not arrive within 10 s"}"#),
+        "{text}"
+    );
     h.shutdown().await;
 }
 
@@ -839,5 +861,93 @@ async fn without_a_certificate_a_large_upload_still_gets_its_401() {
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let answer: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(answer["code"], "unauthenticated", "{answer}");
+    h.shutdown().await;
+}
+
+#[test]
+fn every_grpc_code_has_the_connect_name_and_http_status_of_the_protocol_table() {
+    use twokey_broker::http::connect_code;
+    // The Connect protocol's "Error Codes" table, written out.
+    let table = [
+        (Code::Cancelled, "canceled", 499),
+        (Code::Unknown, "unknown", 500),
+        (Code::InvalidArgument, "invalid_argument", 400),
+        (Code::DeadlineExceeded, "deadline_exceeded", 504),
+        (Code::NotFound, "not_found", 404),
+        (Code::AlreadyExists, "already_exists", 409),
+        (Code::PermissionDenied, "permission_denied", 403),
+        (Code::ResourceExhausted, "resource_exhausted", 429),
+        (Code::FailedPrecondition, "failed_precondition", 400),
+        (Code::Aborted, "aborted", 409),
+        (Code::OutOfRange, "out_of_range", 400),
+        (Code::Unimplemented, "unimplemented", 501),
+        (Code::Internal, "internal", 500),
+        (Code::Unavailable, "unavailable", 503),
+        (Code::DataLoss, "data_loss", 500),
+        (Code::Unauthenticated, "unauthenticated", 401),
+    ];
+    for (code, name, status) in table {
+        let (n, s) = connect_code(code);
+        assert_eq!((n, s.as_u16()), (name, status), "{code:?}");
+    }
+}
+
+#[tokio::test]
+async fn connect_protocol_version_when_sent_must_be_1() {
+    let h = Harness::start().await;
+    let with_version = |value: &'static str| {
+        http::Request::post(format!("{PREFIX}WhoAmI"))
+            .header("host", "broker")
+            .header("content-type", "application/json")
+            .header("connect-protocol-version", value)
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap()
+    };
+    let a = send(&h, Some("alice"), with_version("1")).await;
+    assert_eq!(a.status, 200, "{a:?}");
+    for bad in ["2", "v1", ""] {
+        let a = send(&h, Some("alice"), with_version(bad)).await;
+        refused(
+            &a,
+            400,
+            "invalid_argument",
+            "is not supported: send 1, or leave it out",
+        );
+    }
+    h.shutdown().await;
+}
+
+/// A proto3 JSON timestamp exactly as the mapping writes it: UTC with `Z`,
+/// fractional digits only when not zero.
+fn assert_z_timestamp(value: &Value, expected: &str) {
+    assert_eq!(value.as_str(), Some(expected), "{value}");
+}
+
+#[tokio::test]
+async fn http_json_timestamps_are_z_normalized() {
+    let h = Harness::start().await;
+    // The harness clock starts at 1_900_000_000 s = 2030-03-17T17:46:40Z.
+    let created = ok(
+        &h,
+        "alice",
+        "CreateRequest",
+        json!({ "accountId": PROD, "reason": "rotate root keys" }),
+    )
+    .await;
+    assert_z_timestamp(&created["request"]["createdAt"], "2030-03-17T17:46:40Z");
+    let id = created["request"]["requestId"].as_str().unwrap().to_owned();
+    // A quarter of a second later: three fractional digits, still `Z`.
+    h.advance(Duration::from_millis(250));
+    let approved = ok(&h, "bob", "ApproveRequest", json!({ "requestId": id })).await;
+    let request = &approved["request"];
+    assert_z_timestamp(&request["createdAt"], "2030-03-17T17:46:40Z");
+    assert_z_timestamp(&request["updatedAt"], "2030-03-17T17:46:40.250Z");
+    assert_z_timestamp(
+        &request["approvals"][0]["approvedAt"],
+        "2030-03-17T17:46:40.250Z",
+    );
+    let got = ok(&h, "bob", "GetRequest", json!({ "requestId": id })).await;
+    assert_z_timestamp(&got["request"]["updatedAt"], "2030-03-17T17:46:40.250Z");
+    assert!(!got.to_string().contains("+00:00"), "{got}");
     h.shutdown().await;
 }

@@ -207,6 +207,14 @@ impl HttpApi {
             return Ok(json_response(StatusCode::OK, self.openapi.to_vec()));
         }
         let Some(method) = path.strip_prefix(PREFIX) else {
+            if is_procedure(&path) {
+                // Another service's procedure: not served here, which gRPC
+                // and Connect call `unimplemented`.
+                return Err(unimplemented(format!(
+                    "{} is not served here: this is twokey.broker.v1.BrokerService; GET {OPENAPI_PATH} lists its methods",
+                    &path[1..]
+                )));
+            }
             return Err(Failure::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -217,14 +225,9 @@ impl HttpApi {
         };
         let method = method.to_owned();
         if !UNARY.contains(&method.as_str()) && !STREAMING.contains(&method.as_str()) {
-            // An unknown procedure is `unimplemented` in Connect's table.
-            return Err(Failure::new(
-                twokey_runtime::error::http_status_of(tonic::Code::Unimplemented),
-                "unimplemented",
-                format!(
-                    "no method {method:?} in twokey.broker.v1.BrokerService; GET {OPENAPI_PATH} lists them"
-                ),
-            ));
+            return Err(unimplemented(format!(
+                "no method {method:?} in twokey.broker.v1.BrokerService; GET {OPENAPI_PATH} lists them"
+            )));
         }
         if request.method() != Method::POST {
             return Err(Failure::new(
@@ -249,6 +252,7 @@ impl HttpApi {
             }
         };
         check_content_type(request.headers())?;
+        check_protocol_version(request.headers())?;
         let deadline = deadline(request.headers())?;
         let (span, trace_id) = trace::server_span(
             &format!("twokey.broker.v1.BrokerService/{method}"),
@@ -261,14 +265,7 @@ impl HttpApi {
             return self.watch(caller, &body);
         }
         trace::scope(trace_id, async {
-            let result =
-                match tokio::time::timeout(deadline, self.call(&method, caller, &body)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Failure::from(Status::deadline_exceeded(format!(
-                        "{method} did not finish within {} ms",
-                        deadline.as_millis()
-                    )))),
-                };
+            let result = within(deadline, &method, self.call(&method, caller, &body)).await;
             if let Err(f) = &result {
                 if f.quiet {
                     tracing::info!(code = f.code, "refused: malformed JSON");
@@ -324,11 +321,7 @@ impl HttpApi {
             ) => {
                 match method {
                     $(stringify!($name) => unary(body, |m| convert::$f(b, caller, m)).await,)*
-                    other => Err(Failure::new(
-                        StatusCode::NOT_FOUND,
-                        "not_found",
-                        format!("no method {other:?}"),
-                    )),
+                    other => Err(unimplemented(format!("no method {other:?}"))),
                 }
             };
         }
@@ -337,6 +330,47 @@ impl HttpApi {
 }
 
 pub use crate::rpc::{STREAMING, UNARY};
+
+/// Connect's `unimplemented`: 501 in the protocol's table of codes. (A
+/// client that gets a 404 *without* a Connect error body infers
+/// `unimplemented` too; with a body, the status must match its code.)
+fn unimplemented(message: String) -> Failure {
+    Failure::from(Status::unimplemented(message))
+}
+
+/// Whether `path` has the shape of a Connect procedure,
+/// `/<package>.<Service>/<Method>`.
+fn is_procedure(path: &str) -> bool {
+    let mut parts = path.strip_prefix('/').unwrap_or_default().split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(service), Some(method), None) => {
+            let ident = |s: &str| {
+                !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+            };
+            service.contains('.') && ident(service) && ident(method) && !method.contains('.')
+        }
+        _ => false,
+    }
+}
+
+/// Runs one call under its deadline: past it, the call is dropped and the
+/// answer is Connect's `deadline_exceeded` (504).
+async fn within<T>(
+    deadline: Duration,
+    method: &str,
+    call: impl Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    tokio::time::timeout(deadline, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::from(Status::deadline_exceeded(format!(
+                "{method} did not finish within {} ms",
+                deadline.as_millis()
+            ))))
+        })
+}
 
 async fn unary<Req, Resp, F, Fut>(body: &[u8], f: F) -> Result<Vec<u8>, Failure>
 where
@@ -444,6 +478,23 @@ fn check_content_type(headers: &http::HeaderMap) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `Connect-Protocol-Version`, when sent, must be `1`, the only version of
+/// the protocol (clients may leave it out).
+fn check_protocol_version(headers: &http::HeaderMap) -> Result<(), Failure> {
+    match headers.get("connect-protocol-version") {
+        None => Ok(()),
+        Some(v) if v.as_bytes() == b"1" => Ok(()),
+        Some(v) => Err(Failure::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_argument",
+            format!(
+                "Connect-Protocol-Version {:?} is not supported: send 1, or leave it out",
+                v.to_str().unwrap_or("(not text)")
+            ),
+        )),
+    }
+}
+
 /// The call's deadline: [`CALL_TIMEOUT`], or `Connect-Timeout-Ms` if
 /// shorter. The header, when present, must be what the Connect protocol
 /// allows: a positive integer of at most 10 digits.
@@ -472,12 +523,12 @@ where
     B: hyper::body::Body<Data = Bytes> + Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Connect's table: `resource_exhausted` is 429 (not 413), and
+    // `deadline_exceeded` 504 (not 408, which invites a retry).
     let too_large = || {
-        Failure::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "resource_exhausted",
-            format!("the request body is larger than {MAX_MESSAGE_BYTES} bytes"),
-        )
+        Failure::from(Status::resource_exhausted(format!(
+            "the request body is larger than {MAX_MESSAGE_BYTES} bytes"
+        )))
     };
     let declared = request
         .headers()
@@ -489,14 +540,10 @@ where
     }
     let body = Limited::new(request.into_body(), MAX_MESSAGE_BYTES);
     match tokio::time::timeout(READ_TIMEOUT, body.collect()).await {
-        Err(_) => Err(Failure::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "deadline_exceeded",
-            format!(
-                "the request body did not arrive within {} s",
-                READ_TIMEOUT.as_secs()
-            ),
-        )),
+        Err(_) => Err(Failure::from(Status::deadline_exceeded(format!(
+            "the request body did not arrive within {} s",
+            READ_TIMEOUT.as_secs()
+        )))),
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(e)) => Err(Failure::new(
             StatusCode::BAD_REQUEST,
@@ -568,4 +615,68 @@ where
 /// Announces the HTTP listener like the gRPC one, with its own prefix.
 pub fn announce(addr: SocketAddr) {
     twokey_runtime::serve::announce("twokey-broker-http", addr);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(name: &'static str, value: &'static str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(name, HeaderValue::from_static(value));
+        h
+    }
+
+    #[tokio::test]
+    async fn a_call_past_its_connect_timeout_is_deadline_exceeded_504() {
+        let deadline = deadline(&headers("connect-timeout-ms", "250")).unwrap();
+        assert_eq!(deadline, Duration::from_millis(250));
+        let started = std::time::Instant::now();
+        let f = within(
+            deadline,
+            "ReleaseCode",
+            std::future::pending::<Result<(), Failure>>(),
+        )
+        .await
+        .unwrap_err();
+        let waited = started.elapsed();
+        assert!(
+            (Duration::from_millis(250)..Duration::from_secs(5)).contains(&waited),
+            "{waited:?}"
+        );
+        assert_eq!(f.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(f.code, "deadline_exceeded");
+        assert_eq!(f.message, "ReleaseCode did not finish within 250 ms");
+        // A call that finishes in time answers as it would without one.
+        let done = within(deadline, "WhoAmI", async { Ok::<_, Failure>(7) }).await;
+        assert_eq!(done.unwrap(), 7);
+    }
+
+    #[test]
+    fn the_deadline_is_at_most_the_call_timeout() {
+        assert_eq!(deadline(&http::HeaderMap::new()).unwrap(), CALL_TIMEOUT);
+        let long = deadline(&headers("connect-timeout-ms", "9999999999")).unwrap();
+        assert_eq!(long, CALL_TIMEOUT);
+    }
+
+    #[test]
+    fn procedure_paths_are_told_from_other_paths() {
+        for path in [
+            "/twokey.vault.v1.VaultService/Enroll",
+            "/grpc.health.v1.Health/Check",
+        ] {
+            assert!(is_procedure(path), "{path}");
+        }
+        for path in [
+            "/nowhere",
+            "/",
+            "/Service/Method",
+            "/a.B/c/d",
+            "/a.B/",
+            "/a.B/c.d",
+            "/a b.C/D",
+        ] {
+            assert!(!is_procedure(path), "{path}");
+        }
+    }
 }

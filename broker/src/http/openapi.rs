@@ -343,7 +343,7 @@ impl Schemas<'_, '_> {
 fn connect_error_schema() -> Value {
     json!({
         "type": "object",
-        "description": "A Connect protocol error. The HTTP status follows the Connect table: invalid_argument, failed_precondition and out_of_range 400, unauthenticated 401, permission_denied 403, not_found 404, already_exists and aborted 409, resource_exhausted 429, canceled 499, unknown, internal and data_loss 500, unimplemented 501, unavailable 503, deadline_exceeded 504. Besides these, the HTTP layer answers 405 (not POST), 408 (the body was not received in time), 413 (body too large) and 415 (not application/json).",
+        "description": "A Connect protocol error. The HTTP status follows the Connect table: invalid_argument, failed_precondition and out_of_range 400, unauthenticated 401, permission_denied 403, not_found 404, already_exists and aborted 409, resource_exhausted 429, canceled 499, unknown, internal and data_loss 500, unimplemented 501, unavailable 503, deadline_exceeded 504. Besides these, the HTTP layer answers 405 (not POST) and 415 (not application/json).",
         "required": ["code"],
         "properties": {
             "code": { "type": "string", "enum": CONNECT_CODES, "description": "The Connect (gRPC) code, in snake_case." },
@@ -484,8 +484,8 @@ fn operation(
                 "401": error("unauthenticated: no client certificate, or no usable SPIFFE ID in it"),
                 "403": error("permission_denied: the caller lacks the role, or separation of duties forbids it"),
                 "404": error("not_found: no such request or account"),
-                "413": error("resource_exhausted: the body is larger than 256 KiB"),
                 "415": error("invalid_argument: the Content-Type is not application/json"),
+                "429": error("resource_exhausted: the body is larger than 256 KiB"),
                 "default": error("another Connect error"),
             },
         },
