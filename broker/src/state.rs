@@ -220,6 +220,12 @@ fn check_text(field: &str, text: &str, max: usize, required: bool) -> Result<(),
     Ok(())
 }
 
+/// `n` and the noun that counts it: "1 code", "2 codes".
+pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// The error for an identity that lacks `role` on `account`.
 pub fn lacks_role(id: &SpiffeId, role: Role, account: &str) -> BrokerError {
     let article = if role == Role::Approver
@@ -527,22 +533,24 @@ impl RequestRecord {
     ) -> Result<Effects, BrokerError> {
         check_text("comment", comment, MAX_REASON, false)?;
         let approver = account.has(caller, Role::Approver);
+        let own = |how: &str| {
+            BrokerError::denied(format!(
+                "{caller} {how} request {}; nobody approves their own request — another approver must",
+                self.id
+            ))
+        };
+        // Her own request first, whatever other roles the requester has.
+        if caller == &self.requester {
+            return Err(own("is the requester of"));
+        }
         if !approver && account.has(caller, Role::Intake) {
             return Err(BrokerError::denied(format!(
                 "{caller} is an intake service for {}; intake services file requests and never approve",
                 self.account_id
             )));
         }
-        if caller == &self.requester || caller == &self.filed_by {
-            let how = if caller == &self.requester {
-                "is the requester of"
-            } else {
-                "filed"
-            };
-            return Err(BrokerError::denied(format!(
-                "{caller} {how} request {}; nobody approves their own request — another approver must",
-                self.id
-            )));
+        if caller == &self.filed_by {
+            return Err(own("filed"));
         }
         if !approver {
             return Err(lacks_role(caller, Role::Approver, &self.account_id));
@@ -614,8 +622,8 @@ impl RequestRecord {
         }
         if caller == &self.requester {
             return Err(BrokerError::denied(format!(
-                "{caller} is the requester of {}; use CancelRequest to withdraw it",
-                self.id
+                "{caller} is the requester of {}; to withdraw it, cancel it with `twokey request cancel {}`",
+                self.id, self.id
             )));
         }
         self.require_state("deny", &[State::Pending, State::Approved])?;
@@ -738,8 +746,9 @@ impl RequestRecord {
                 now,
             );
             effects.fail = Some(BrokerError::precondition(format!(
-                "wrong PIN; request {} is now LOCKED after {} wrong PINs — file a new request",
-                self.id, self.pin_attempts
+                "wrong PIN; request {} is now LOCKED after {} — file a new request",
+                self.id,
+                count(self.pin_attempts, "wrong PIN", "wrong PINs")
             )));
         } else {
             self.record(&mut effects, caller, "pin.failed", None, "", now);
@@ -818,8 +827,9 @@ impl RequestRecord {
         self.require_state("release a code for", &[State::Verified])?;
         if self.codes_released >= self.codes_allowed {
             return Err(BrokerError::precondition(format!(
-                "request {} already released the {} codes it allows; file a new request",
-                self.id, self.codes_allowed
+                "request {} already released the {} it allows; file a new request",
+                self.id,
+                count(self.codes_allowed, "code", "codes")
             )));
         }
         self.codes_released += 1;
@@ -876,6 +886,13 @@ fn millis_of(d: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_in_messages_agree_with_their_noun() {
+        assert_eq!(count(1u32, "code", "codes"), "1 code");
+        assert_eq!(count(0u32, "code", "codes"), "0 codes");
+        assert_eq!(count(2u64, "wrong PIN", "wrong PINs"), "2 wrong PINs");
+    }
 
     #[test]
     fn times_in_messages_are_rfc3339() {

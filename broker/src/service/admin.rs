@@ -23,7 +23,7 @@ use crate::{
     consent::{self, StoredStatement, refused},
     error::BrokerError,
     policy::{AccountPolicy, Role},
-    state::{lacks_role, millis},
+    state::{count, lacks_role, millis},
     store::{DocChange, Docs},
     vault::{
         AdminConsent, ApplyPolicyRequest, GrantPurpose, RestoreAccountRequest,
@@ -239,16 +239,17 @@ impl Broker {
             return Err(refused(
                 ErrorKind::FailedPrecondition,
                 format!(
-                    "signed policy version {} is in force: to {what} account {} takes the {} admin action signed by {need} admins of the account; the first picks an action id, each admin signs it (SignAdminAction), then pass its action_id",
+                    "signed policy version {} is in force: to {what} account {} takes the {} admin action signed by {} of the account: one admin starts it (the same `twokey account` command without --action prints its id), each signs it with `twokey account sign-action ID`, then run the command with --action ID",
                     policy.version(),
                     account.id,
-                    action.as_str_name()
+                    action.as_str_name(),
+                    count(need, "admin", "admins")
                 ),
             ));
         };
         let record = self.load_action(id)?.ok_or_else(|| {
             BrokerError::NotFound(format!(
-                "no open admin action {:?}; list them with ListAdminActions",
+                "no open admin action {:?}; list the open ones with `twokey account actions`",
                 id.chars().take(70).collect::<String>()
             ))
         })?;
@@ -267,8 +268,9 @@ impl Broker {
             return Err(refused(
                 ErrorKind::FailedPrecondition,
                 format!(
-                    "admin action {id} to {what} account {} needs {need} distinct admins, {} signed ({}); collect more admin signatures",
+                    "admin action {id} to {what} account {} needs {} of the account, {} signed ({}); collect more admin signatures",
                     account.id,
+                    count(need, "admin", "distinct admins"),
                     record.signed_by.len(),
                     record.signed_by.join(", ")
                 ),
