@@ -42,10 +42,18 @@ impl From<Status> for VaultError {
             Code::Aborted => ErrorKind::FailedPrecondition,
             code => ErrorKind::of_code(code),
         };
-        let message = if s.message().is_empty() {
+        let said = if s.message().is_empty() {
             format!("{}", s.code())
         } else {
             s.message().to_owned()
+        };
+        // Late or cut off: whether a code left the vault is unknown.
+        let message = if kind == ErrorKind::DeadlineExceeded {
+            format!(
+                "did not answer in time ({said}); if a code was released it counts against the request"
+            )
+        } else {
+            said
         };
         VaultError { kind, message }
     }
@@ -53,6 +61,15 @@ impl From<Status> for VaultError {
 
 /// How long one vault call may take.
 const VAULT_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How long a release's GenerateCode may take: the documented 3 s for
+/// audit's acknowledgement of `code.released`, and half a second for the
+/// vault's own work and its answer. The vault keeps its wait for audit
+/// within this deadline (whatever its `audit_ack_timeout_ms`), so with audit
+/// down it answers UNAVAILABLE, naming audit, before the deadline passes and
+/// the caller hears of it in about 3 s; a vault that does not answer in time
+/// is DEADLINE_EXCEEDED, and the release keeps its quota spent.
+pub const RELEASE_DEADLINE: Duration = Duration::from_millis(3500);
 
 /// The vault over gRPC and mTLS.
 #[derive(Debug, Clone)]
@@ -76,9 +93,9 @@ fn client_span(method: &str) -> tracing::Span {
     twokey_runtime::trace::client_span(&format!("twokey.vault.v1.VaultService/{method}"))
 }
 
-fn with_deadline<T>(message: T) -> Request<T> {
+fn within<T>(deadline: Duration, message: T) -> Request<T> {
     let mut request = Request::new(message);
-    request.set_timeout(VAULT_DEADLINE);
+    request.set_timeout(deadline);
     // Carry this call's span to the vault, so its spans and events join the trace.
     twokey_runtime::trace::inject(request.metadata_mut());
     request
@@ -88,12 +105,20 @@ fn with_deadline<T>(message: T) -> Request<T> {
 /// trace context, the answer (or its status as a [`VaultError`]) mapped by
 /// `then`, inside the call's client span.
 macro_rules! vault_call {
-    ($self:ident, $method:ident, $name:expr, $request:expr, |$answer:ident| $then:expr) => {{
+    ($self:ident, $method:ident, $name:expr, $request:expr, |$answer:ident| $then:expr) => {
+        vault_call!($self, $method, $name, $request, VAULT_DEADLINE, |$answer| {
+            $then
+        })
+    };
+    ($self:ident, $method:ident, $name:expr, $request:expr, $deadline:expr, |$answer:ident| $then:expr) => {{
         let mut client = $self.client.clone();
         let request = $request;
         Box::pin(
             async move {
-                let $answer = client.$method(with_deadline(request)).await?.into_inner();
+                let $answer = client
+                    .$method(within($deadline, request))
+                    .await?
+                    .into_inner();
                 $then
             }
             .instrument(client_span($name)),
@@ -125,9 +150,14 @@ impl Vault for GrpcVault {
             grant: Some(grant),
             evidence,
         };
-        vault_call!(self, generate_code, "GenerateCode", request, |a| a
-            .code
-            .ok_or_else(|| missing("a code")))
+        vault_call!(
+            self,
+            generate_code,
+            "GenerateCode",
+            request,
+            RELEASE_DEADLINE,
+            |a| a.code.ok_or_else(|| missing("a code"))
+        )
     }
 
     fn list_accounts(&self) -> BoxFuture<'_, Result<Vec<Account>, VaultError>> {
@@ -293,7 +323,7 @@ mod tests {
         assert_eq!(cut.kind, ErrorKind::DeadlineExceeded);
         assert_eq!(
             late.message,
-            "Deadline expired before operation could complete"
+            "did not answer in time (Deadline expired before operation could complete); if a code was released it counts against the request"
         );
         assert_eq!(
             Status::from(BrokerError::from(late)).code(),

@@ -18,6 +18,7 @@ use std::{
 use futures::{Stream, StreamExt, future::ready};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
+use tracing::Instrument;
 use twokey_consent::{
     StatementRef, VerifiedPolicy,
     statement::{AdminAction, SignedStatement, StatementKind},
@@ -45,7 +46,7 @@ use crate::{
     policy::{AccountPolicy, Policy, Role},
     refusals::{self, Refusals, Tally},
     rules::Rules,
-    state::{Effects, RequestRecord, State, lacks_role, millis},
+    state::{Effects, RequestRecord, State, count, lacks_role, millis},
     store::{Claim, RequestStore, Writes},
     vault::{EnrollRequest, GrantPurpose, ReleaseEvidence, RemoveAccountRequest, Vault},
 };
@@ -110,9 +111,16 @@ pub struct BrokerParts {
     pub signed: Arc<SignedPolicy>,
 }
 
-/// The broker.
+/// The broker: a cheap handle on what it runs on, so a call whose work
+/// must finish even when its caller goes away (a release) runs it on a task
+/// of its own.
+#[derive(Debug, Clone)]
+pub struct Broker(Arc<Core>);
+
+/// What a [`Broker`] runs on, shared by its handles (its methods reach
+/// these fields through `Deref`; none is public).
 #[derive(Debug)]
-pub struct Broker {
+pub struct Core {
     rules: Arc<Rules>,
     store: Arc<dyn RequestStore>,
     queue: Arc<NotifyQueue>,
@@ -124,7 +132,15 @@ pub struct Broker {
     changes: broadcast::Sender<Change>,
     closing: tokio::sync::watch::Sender<bool>,
     refusals: Refusals,
-    refusal_events: Option<tokio::sync::watch::Sender<u64>>,
+    refusal_events: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
+}
+
+impl std::ops::Deref for Broker {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.0
+    }
 }
 
 /// Most bytes of requests in one page: well under the gRPC message limit.
@@ -275,9 +291,14 @@ fn pin_releases(
             Some(p) => Err(refused(
                 ErrorKind::FailedPrecondition,
                 format!(
-                    "signed policy version {} is in force and account {} delivers codes to the requester: verifying the PIN needs your release statements (1 to {left}, one per code the requester may release), signed by you ({caller}); verify with `twokey pin verify {}`, which signs them",
+                    "signed policy version {} is in force and account {} delivers codes to the requester: verifying the PIN needs your release statements ({}, one per code the requester may release), signed by you ({caller}); verify with `twokey pin verify {}`, which signs them",
                     p.version(),
                     r.account_id,
+                    if left == 1 {
+                        "one".to_owned()
+                    } else {
+                        format!("1 to {left}")
+                    },
                     r.id
                 ),
             )),
@@ -286,9 +307,14 @@ fn pin_releases(
     }
     if given.len() > left {
         return Err(BrokerError::invalid(format!(
-            "{} release statements for request {}, which may release {left} more codes",
-            given.len(),
-            r.id
+            "{} for request {}, which may release {} more",
+            count(
+                given.len() as u64,
+                "release statement",
+                "release statements"
+            ),
+            r.id,
+            count(left as u64, "code", "codes")
         )));
     }
     let mut ids = std::collections::BTreeSet::new();
@@ -372,7 +398,7 @@ impl Broker {
     /// A broker over `parts`.
     pub fn new(parts: BrokerParts) -> Self {
         let (changes, _) = broadcast::channel(1024);
-        Self {
+        Self(Arc::new(Core {
             rules: Arc::new(Rules::new(parts.policy, parts.signed.clone())),
             store: parts.store,
             queue: parts.queue,
@@ -384,15 +410,16 @@ impl Broker {
             changes,
             closing: tokio::sync::watch::Sender::new(false),
             refusals: Refusals::default(),
-            refusal_events: None,
-        }
+            refusal_events: std::sync::OnceLock::new(),
+        }))
     }
 
     /// Counts the `access.denied` events written for refusals of identities
     /// outside the policy, so tests can wait for one.
     #[must_use]
-    pub fn with_refusal_counter(mut self, counter: tokio::sync::watch::Sender<u64>) -> Self {
-        self.refusal_events = Some(counter);
+    pub fn with_refusal_counter(self, counter: tokio::sync::watch::Sender<u64>) -> Self {
+        // Set once, before the broker serves: a second counter is ignored.
+        let _ = self.refusal_events.set(counter);
         self
     }
 
@@ -971,7 +998,34 @@ impl Broker {
     /// people's statements the grant carries the id the operator's release
     /// statement names and the vault gets the evidence: the request
     /// statement, exactly the stored approvals and the release.
+    ///
+    /// The work runs on a task of its own that this call awaits: a caller
+    /// that hangs up or runs out of time does not cancel it half-way, so a
+    /// reserved code is always followed by the vault call and its recorded
+    /// outcome (the quota given back only when the vault surely released
+    /// nothing).
     pub async fn release_code(
+        &self,
+        caller: &SpiffeId,
+        call: Checked<Release>,
+    ) -> Result<Released, BrokerError> {
+        let broker = self.clone();
+        let caller = caller.clone();
+        let work = tokio::spawn(
+            async move { broker.release_to_completion(&caller, call).await }.in_current_span(),
+        );
+        match work.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(BrokerError::Store(
+                "the broker is stopping and the release did not finish; see the request's history (`twokey request show`) and try again once the broker is back".into(),
+            )),
+        }
+    }
+
+    /// [`Self::release_code`]'s work, from the caller check to the recorded
+    /// outcome.
+    async fn release_to_completion(
         &self,
         caller: &SpiffeId,
         call: Checked<Release>,
@@ -1157,7 +1211,7 @@ impl Broker {
         if let Err(e) = self.store.commit().await {
             tracing::error!(refused, "cannot sync the record of refused attempts: {e}");
         }
-        if let Some(counter) = &self.refusal_events {
+        if let Some(counter) = self.refusal_events.get() {
             counter.send_modify(|n| *n += tallies.len() as u64);
         }
         tallies.len()

@@ -3,9 +3,11 @@
 //! domain call (naming the verified caller, which refusal events record),
 //! and [`VaultError`] maps to a status here.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 use twokey_proto::{
     consent::v1::SignedStatement,
     types::v1::Account,
@@ -62,6 +64,27 @@ impl<S> VaultGrpc<S> {
     }
 }
 
+/// When the caller's deadline (its `grpc-timeout`, at most 8 digits and a
+/// unit: H, M, S, m, u, n) runs out, counted from now.
+fn deadline_of<T>(request: &Request<T>) -> Option<Instant> {
+    let text = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Instant::now().checked_add(timeout)
+}
+
 #[tonic::async_trait]
 impl<S: VaultStore> VaultService for VaultGrpc<S> {
     async fn enroll(
@@ -91,15 +114,29 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         request: Request<GenerateCodeRequest>,
     ) -> Result<Response<GenerateCodeResponse>, Status> {
         let caller = self.authorize(&request)?;
-        let request = request.get_ref();
-        let released = self
-            .vault
-            .generate_code(
-                caller.as_str(),
-                request.grant.as_ref(),
-                request.evidence.as_ref(),
-            )
-            .await;
+        let deadline = deadline_of(&request);
+        let request = request.into_inner();
+        // On a task of its own: a caller that gives up does not cut the
+        // release off between `code.released` and `code.withheld`.
+        let vault = self.vault.clone();
+        let work = tokio::spawn(
+            async move {
+                vault
+                    .generate_code(
+                        caller.as_str(),
+                        request.grant.as_ref(),
+                        request.evidence.as_ref(),
+                        deadline,
+                    )
+                    .await
+            }
+            .in_current_span(),
+        );
+        let released = match work.await {
+            Ok(released) => released,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(Status::unavailable("the vault is stopping; try again")),
+        };
         let (code, grant_id) = match released {
             Ok(ok) => {
                 crate::metrics::code_released();
@@ -228,4 +265,43 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
 /// The admins' statements of a request (none without `consent`).
 fn statements(consent: Option<&AdminConsent>) -> &[SignedStatement] {
     consent.map_or(&[], |c| c.statements.as_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_timeout(value: &str) -> Request<()> {
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", value.parse().unwrap());
+        request
+    }
+
+    #[test]
+    fn the_callers_deadline_is_read_from_grpc_timeout() {
+        let before = Instant::now();
+        let left = |value: &str| {
+            deadline_of(&with_timeout(value)).map(|d| d.saturating_duration_since(before))
+        };
+        for (value, at_least) in [
+            ("3500m", Duration::from_millis(3500)),
+            ("3S", Duration::from_secs(3)),
+            ("2M", Duration::from_secs(120)),
+            ("1H", Duration::from_secs(3600)),
+            ("3500000u", Duration::from_millis(3500)),
+            ("35000000n", Duration::from_millis(35)),
+        ] {
+            let left = left(value).unwrap_or_else(|| panic!("{value} not read"));
+            assert!(
+                left >= at_least && left < at_least + Duration::from_secs(1),
+                "{value}: {left:?}"
+            );
+        }
+        for bad in ["", "m", "5", "5x", "123456789m", "-5m", "1.5S"] {
+            assert_eq!(left(bad), None, "{bad:?}");
+        }
+        assert_eq!(deadline_of(&Request::new(())), None);
+    }
 }

@@ -17,6 +17,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 use twokey_consent::{
     AdminAction, AdminActionRequest, ConsentError, GrantFacts, PolicyError, SignedStatement,
     TrustRoot, Verified, VerifiedAdminAction, VerifiedPolicy, check_admin_action, check_release,
@@ -69,6 +70,11 @@ impl AuditGate for ShipperHandle {
         ShipperHandle::receipts(self).check(refused)
     }
 }
+
+/// What a release keeps of its caller's deadline for itself once audit is
+/// late: recording `code.withheld` (a sync) and answering, so the refusal
+/// arrives before the caller gives up.
+pub const ANSWER_RESERVE: Duration = Duration::from_millis(500);
 
 /// What the vault does not do while audit's receipts are inconsistent.
 const NO_CODE: &str = "no code is released";
@@ -537,9 +543,27 @@ impl<S: VaultStore> Vault<S> {
     }
 
     async fn commit_and_confirm(&self, seq: u64, what: &str) -> Result<(), VaultError> {
+        self.commit_and_confirm_within(seq, what, None).await
+    }
+
+    /// [`Self::commit_and_confirm`], waiting for audit at most until
+    /// [`ANSWER_RESERVE`] before `deadline` (the caller's), when that comes
+    /// before `audit_ack_timeout_ms` runs out.
+    async fn commit_and_confirm_within(
+        &self,
+        seq: u64,
+        what: &str,
+        deadline: Option<Instant>,
+    ) -> Result<(), VaultError> {
         self.store.commit().await?;
         let audit = &self.audit;
-        audit.gate.confirm(seq, audit.timeout).await.map_err(|_| {
+        let wait = deadline.map_or(audit.timeout, |d| {
+            audit.timeout.min(
+                d.saturating_duration_since(Instant::now())
+                    .saturating_sub(ANSWER_RESERVE),
+            )
+        });
+        audit.gate.confirm(seq, wait).await.map_err(|_| {
             tracing::warn!(seq, "audit did not acknowledge in time: {what}");
             VaultError::AuditUnavailable(format!("audit unavailable, {what}"))
         })?;
@@ -810,11 +834,16 @@ impl<S: VaultStore> Vault<S> {
     /// never handed out before for the account, with enough time left in it
     /// (`valid_from` may be in the future). A refusal of consent is audited
     /// as `code.refused` and releases nothing.
+    ///
+    /// With a `deadline` (the caller's), the wait for audit ends
+    /// [`ANSWER_RESERVE`] before it, so that `code.withheld` is recorded
+    /// and the refusal reaches the caller before it gives up.
     pub async fn generate_code(
         &self,
         caller: &str,
         signed: Option<&SignedGrant>,
         evidence: Option<&ReleaseEvidence>,
+        deadline: Option<Instant>,
     ) -> Result<(CodeValue, String), VaultError> {
         let grant = self
             .grants
@@ -855,7 +884,7 @@ impl<S: VaultStore> Vault<S> {
             Err(e) => return Err(refused(e.into()).await),
         };
         if let Err(e) = self
-            .commit_and_confirm(released.seq, "no code released")
+            .commit_and_confirm_within(released.seq, "no code released", deadline)
             .await
         {
             // The log holds `code.released` for this grant; say that the code
@@ -1317,7 +1346,7 @@ mod tests {
             (grant, evidence): &(SignedGrant, ReleaseEvidence),
         ) -> Result<(CodeValue, String), VaultError> {
             self.vault
-                .generate_code("spiffe://t/svc/broker", Some(grant), Some(evidence))
+                .generate_code("spiffe://t/svc/broker", Some(grant), Some(evidence), None)
                 .await
         }
 

@@ -114,6 +114,12 @@ pub struct VaultState {
     pub policy_reads: std::sync::atomic::AtomicU64,
     /// While set, GetPolicy answers UNAVAILABLE.
     pub policy_down: AtomicBool,
+    /// How long GenerateCode takes before it answers (a slow vault).
+    pub release_delay: Mutex<Duration>,
+    /// Told when a GenerateCode call arrives.
+    pub release_started: tokio::sync::Notify,
+    /// The `grpc-timeout` of each GenerateCode call, in order.
+    pub release_timeouts: Mutex<Vec<Option<String>>>,
 }
 
 /// The status a consent refusal kind maps to.
@@ -233,6 +239,12 @@ impl VaultService for FakeVault {
         self.auth.authorize(&request, "the broker", |id| {
             id.as_str() == "spiffe://twokey.local/svc/broker"
         })?;
+        let timeout = request.metadata().get("grpc-timeout");
+        let timeout = timeout.and_then(|t| t.to_str().ok()).map(str::to_owned);
+        self.state.release_timeouts.lock().unwrap().push(timeout);
+        self.state.release_started.notify_one();
+        let delay = *self.state.release_delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
         if self.state.audit_down.load(Ordering::SeqCst) {
             return Err(Status::unavailable(
                 "audit unavailable: event 7 not acknowledged in time; no code was released",
