@@ -850,6 +850,49 @@ async fn without_a_certificate_a_large_upload_still_gets_its_401() {
     .await
     .expect("an answer within 10 s");
     assert!(status_line.starts_with("HTTP/1.1 401"), "{status_line}");
+    // A body past the message limit (1 MiB) is read and thrown away too:
+    // with half of it sent the server is still reading (no answer), the
+    // other half is written without a broken pipe, then the 401 comes.
+    let big = vec![b'x'; 1024 * 1024];
+    let (first, rest) = big.split_at(big.len() / 2);
+    let mut tls = connect(&h, None, &[b"http/1.1"]).await;
+    let head = format!(
+        "POST {PREFIX}CreateRequest HTTP/1.1\r\nhost: broker\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        big.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    tls.write_all(first).await.unwrap();
+    tls.flush().await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), tls.read(&mut byte)).await;
+    assert!(
+        early.is_err(),
+        "the server answered before reading a body past the limit"
+    );
+    tls.write_all(rest)
+        .await
+        .expect("the whole body is accepted, no broken pipe");
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 1024];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") || !answer.ends_with(b"}") {
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("an answer within 10 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(
+        answer.ends_with(&format!(
+            r#"{{"code":"unauthenticated","message":"{}"}}"#,
+            "no client certificate: connect with mutual TLS and a certificate from the twokey CA"
+        )),
+        "{answer}"
+    );
     // HTTP/2, the same.
     let io = TokioIo::new(connect(&h, None, &[b"h2"]).await);
     let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)

@@ -241,9 +241,8 @@ impl HttpApi {
             Ok(caller) => caller,
             Err(why) => {
                 // Read what the client sends before answering, so it sees
-                // the 401 rather than a connection closed mid-upload. The
-                // read is bounded in size and time like any body.
-                let _ = read_body(request).await;
+                // the 401 rather than a connection closed mid-upload.
+                drain(request.into_body()).await;
                 return Err(Failure::new(
                     StatusCode::UNAUTHORIZED,
                     "unauthenticated",
@@ -516,6 +515,30 @@ fn deadline(headers: &http::HeaderMap) -> Result<Duration, Failure> {
             )
         })?;
     Ok(Duration::from_millis(ms).min(CALL_TIMEOUT))
+}
+
+/// How much of a body [`drain`] reads and throws away at most.
+pub const DRAIN_LIMIT: usize = 16 * MAX_MESSAGE_BYTES;
+
+/// Reads and discards a body that will not be used (a caller without a
+/// certificate), up to [`DRAIN_LIMIT`] bytes and [`READ_TIMEOUT`], so that
+/// the answer reaches a client still uploading instead of a connection
+/// closed under it (`write EPIPE`). Nothing is kept in memory.
+async fn drain<B>(body: B)
+where
+    B: hyper::body::Body<Data = Bytes> + Send,
+{
+    let mut body = std::pin::pin!(body);
+    let mut seen = 0usize;
+    let _ = tokio::time::timeout(READ_TIMEOUT, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, Bytes::len);
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn read_body<B>(request: http::Request<B>) -> Result<Bytes, Failure>
