@@ -276,7 +276,7 @@ pub fn describe_status(target: &Target, status: &tonic::Status) -> String {
         // The server answered, so it is up: what is missing is behind it
         // (audit, the vault, its storage), and the text says which.
         Code::Unavailable => {
-            format!("the {service} cannot serve this now: {text} — try again shortly")
+            format!("the {service} is up but cannot serve this now: {text} — try again shortly")
         }
         Code::PermissionDenied => prefixed("permission denied", &text),
         Code::Unauthenticated => format!(
@@ -339,7 +339,7 @@ mod tests {
         let err = broker().error(tonic::Status::unavailable("audit log unavailable"));
         let line = err.one_line();
         assert!(
-            line.starts_with("the broker cannot serve this now: audit log unavailable"),
+            line.starts_with("the broker is up but cannot serve this now: audit log unavailable"),
             "{line}"
         );
         // The broker answered: it is audit that is down, not the broker.

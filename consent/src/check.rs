@@ -511,9 +511,14 @@ pub fn check_release<H: ReleaseHistory + ?Sized>(
             &rel.signer,
             "set of approvals",
             format!(
-                "it binds {} approval digests, {} approvals were presented and they differ",
-                lb.approval_digests.len(),
-                approvals.len()
+                "it binds {}, {} and they differ",
+                crate::error::count(
+                    lb.approval_digests.len() as u64,
+                    "approval digest",
+                    "approval digests"
+                ),
+                crate::error::count(approvals.len() as u64, "approval was", "approvals were")
+                    + " presented"
             ),
         ));
     }

@@ -236,7 +236,9 @@ pub enum ConsentError {
     },
     /// Fewer distinct approvals than the account needs.
     #[error(
-        "account {account} needs {need} approvals from distinct approvers, {have} were presented; wait for more approvals"
+        "account {account} needs {} from distinct approvers, {}; wait for more approvals",
+        count(u64::from(*need), "approval", "approvals"),
+        presented(*have)
     )]
     TooFewApprovals {
         /// The account.
@@ -518,5 +520,40 @@ impl PolicyError {
             | Self::BadSignature { .. } => ErrorKind::PermissionDenied,
             Self::TooFewSignatures { .. } | Self::NotNewer { .. } => ErrorKind::FailedPrecondition,
         }
+    }
+}
+
+/// `1 approval`, `2 approvals`: a count with its noun in agreement.
+pub(crate) fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// `1 was presented`, `0 were presented`.
+fn presented(n: usize) -> String {
+    format!("{n} {} presented", if n == 1 { "was" } else { "were" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_agree_with_their_nouns() {
+        let e = |need, have| {
+            ConsentError::TooFewApprovals {
+                account: "aws".into(),
+                have,
+                need,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            e(1, 0),
+            "account aws needs 1 approval from distinct approvers, 0 were presented; wait for more approvals"
+        );
+        assert_eq!(
+            e(2, 1),
+            "account aws needs 2 approvals from distinct approvers, 1 was presented; wait for more approvals"
+        );
     }
 }
