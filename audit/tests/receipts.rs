@@ -298,12 +298,19 @@ fn broker_shipper(env: &Env, outbox: &Outbox, addr: SocketAddr) -> Shipper {
 async fn emit_both(n: usize, sources: [(&Outbox, &ShipperHandle); 2]) {
     for _ in 0..n {
         for (outbox, handle) in sources {
-            let seq = emit(outbox).await;
-            handle
-                .wait_acked(seq, Duration::from_secs(20))
-                .await
-                .unwrap();
+            emit_acked(1, outbox, handle).await;
         }
+    }
+}
+
+/// Emits `n` events on `outbox`, each acknowledged.
+async fn emit_acked(n: usize, outbox: &Outbox, handle: &ShipperHandle) {
+    for _ in 0..n {
+        let seq = emit(outbox).await;
+        handle
+            .wait_acked(seq, Duration::from_secs(20))
+            .await
+            .unwrap();
     }
 }
 
@@ -410,24 +417,12 @@ async fn restored_after_three_more(
     server: TestServer,
 ) -> TestServer {
     let addr = server.addr;
-    for _ in 0..3 {
-        let seq = emit(outbox).await;
-        handle
-            .wait_acked(seq, Duration::from_secs(20))
-            .await
-            .unwrap();
-    }
+    emit_acked(3, outbox, handle).await;
     server.stop().await;
     let backup = env.path().join("backup");
     twokey_testkit::copy_dir(&env.config.data_dir, &backup);
     let server = TestServer::start_at(env.config.clone(), addr).await;
-    for _ in 0..3 {
-        let seq = emit(outbox).await;
-        handle
-            .wait_acked(seq, Duration::from_secs(20))
-            .await
-            .unwrap();
-    }
+    emit_acked(3, outbox, handle).await;
     server.stop().await;
     std::fs::remove_dir_all(&env.config.data_dir).unwrap();
     twokey_testkit::copy_dir(&backup, &env.config.data_dir);

@@ -901,14 +901,18 @@ mod tests {
         assert_eq!(rfc3339(1_900_003_600_999), "2030-03-17T18:46:40Z");
     }
 
-    #[test]
-    fn records_stored_before_statements_still_load() {
-        let id = SpiffeId::parse("spiffe://t.local/user/alice").unwrap();
-        let account = AccountPolicy {
+    /// Account `acct` with one requester and, if given, one approver and
+    /// one operator: one approval, one code, a 6-digit PIN, 3 attempts.
+    fn test_account(
+        requester: &SpiffeId,
+        approver: Option<&SpiffeId>,
+        operator: Option<&SpiffeId>,
+    ) -> AccountPolicy {
+        AccountPolicy {
             id: "acct".into(),
-            requesters: [id.clone()].into(),
-            approvers: Default::default(),
-            operators: Default::default(),
+            requesters: [requester.clone()].into(),
+            approvers: approver.into_iter().cloned().collect(),
+            operators: operator.into_iter().cloned().collect(),
             admins: Default::default(),
             intake: Default::default(),
             approvals_required: 1,
@@ -918,7 +922,13 @@ mod tests {
             pin_length: 6,
             pin_max_attempts: 3,
             delivery: Delivery::Operator,
-        };
+        }
+    }
+
+    #[test]
+    fn records_stored_before_statements_still_load() {
+        let id = SpiffeId::parse("spiffe://t.local/user/alice").unwrap();
+        let account = test_account(&id, None, None);
         let (record, _) =
             RequestRecord::create("r1".into(), &account, &id, None, "why", "", UNIX_EPOCH).unwrap();
         let mut json = serde_json::to_value(&record).unwrap();
@@ -932,21 +942,7 @@ mod tests {
     fn the_sealed_pin_lives_exactly_as_long_as_the_pin() {
         let id = |name: &str| SpiffeId::parse(&format!("spiffe://t.local/user/{name}")).unwrap();
         let (alice, bob, olivia) = (id("alice"), id("bob"), id("olivia"));
-        let account = AccountPolicy {
-            id: "acct".into(),
-            requesters: [alice.clone()].into(),
-            approvers: [bob.clone()].into(),
-            operators: [olivia.clone()].into(),
-            admins: Default::default(),
-            intake: Default::default(),
-            approvals_required: 1,
-            request_ttl: Duration::from_secs(3600),
-            release_window: Duration::from_secs(900),
-            codes_per_request: 1,
-            pin_length: 6,
-            pin_max_attempts: 3,
-            delivery: Delivery::Operator,
-        };
+        let account = test_account(&alice, Some(&bob), Some(&olivia));
         let key = PinKey::new(twokey_runtime::keys::SecretKey::from_bytes([5; 32]));
         let now = UNIX_EPOCH + Duration::from_secs(1_000);
         let approved = || {
