@@ -18,7 +18,6 @@ use std::{
 use futures::{Stream, StreamExt, future::ready};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
-use tracing::Instrument;
 use twokey_consent::{
     StatementRef, VerifiedPolicy,
     statement::{AdminAction, SignedStatement, StatementKind},
@@ -1011,9 +1010,9 @@ impl Broker {
     ) -> Result<Released, BrokerError> {
         let broker = self.clone();
         let caller = caller.clone();
-        let work = tokio::spawn(
-            async move { broker.release_to_completion(&caller, call).await }.in_current_span(),
-        );
+        let work = twokey_runtime::trace::spawn_in_call(async move {
+            broker.release_to_completion(&caller, call).await
+        });
         match work.await {
             Ok(result) => result,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),

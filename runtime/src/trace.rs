@@ -37,6 +37,22 @@ pub async fn scope<F: Future>(trace_id: String, f: F) -> F::Output {
     TRACE_ID.scope(trace_id, f).await
 }
 
+/// Spawns `f` on a task of its own that keeps the caller's span and trace
+/// id (a task-local, which `tokio::spawn` alone would drop), so that the
+/// events it records still carry the call's trace: for work that must run
+/// to completion even if the call that started it is dropped.
+pub fn spawn_in_call<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let f = f.in_current_span();
+    match current() {
+        Some(trace_id) => tokio::spawn(scope(trace_id, f)),
+        None => tokio::spawn(f),
+    }
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rngs::OsRng.fill_bytes(&mut buf);

@@ -7,7 +7,6 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 use twokey_proto::{
     consent::v1::SignedStatement,
     types::v1::Account,
@@ -119,19 +118,16 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         // On a task of its own: a caller that gives up does not cut the
         // release off between `code.released` and `code.withheld`.
         let vault = self.vault.clone();
-        let work = tokio::spawn(
-            async move {
-                vault
-                    .generate_code(
-                        caller.as_str(),
-                        request.grant.as_ref(),
-                        request.evidence.as_ref(),
-                        deadline,
-                    )
-                    .await
-            }
-            .in_current_span(),
-        );
+        let work = twokey_runtime::trace::spawn_in_call(async move {
+            vault
+                .generate_code(
+                    caller.as_str(),
+                    request.grant.as_ref(),
+                    request.evidence.as_ref(),
+                    deadline,
+                )
+                .await
+        });
         let released = match work.await {
             Ok(released) => released,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
