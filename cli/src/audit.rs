@@ -48,6 +48,10 @@ pub enum AuditCommand {
     /// it, and print the proof. Exits 1 with one line if anything does not
     /// verify, or if ENTRY or OLD_SIZE is beyond the signed log.
     Prove(ProveArgs),
+    /// Root sign-ins and MFA device changes AWS recorded in CloudTrail (a
+    /// directory synced from the trail's bucket) against the codes released:
+    /// matched, unexplained, unprotected, failed, out-of-band, unused.
+    Reconcile(crate::reconcile::ReconcileArgs),
 }
 
 /// An event outcome, for filters.
@@ -468,7 +472,7 @@ fn prove(a: ProveArgs, conn: &ConnectionArgs, out: Output) -> Result<(), CliErro
 /// timeout bounds only a stream's start, so each later wait is bounded here
 /// by the same timeout: a server that goes silent mid-stream ends the
 /// command with the message of a call that did not answer in time.
-async fn next_message<T>(
+pub(crate) async fn next_message<T>(
     stream: &mut tonic::Streaming<T>,
     target: &Target,
 ) -> Result<Option<T>, CliError> {
@@ -534,6 +538,10 @@ pub fn run(cmd: AuditCommand, conn: &ConnectionArgs, out: Output) -> Result<(), 
         AuditCommand::Query(a) => {
             let settings = Settings::resolve(conn)?;
             with_runtime(query(a, settings, out))
+        }
+        AuditCommand::Reconcile(a) => {
+            let settings = Settings::resolve(conn)?;
+            with_runtime(crate::reconcile::run(a, settings, out))
         }
         AuditCommand::Export(a) => {
             let settings = Settings::resolve(conn)?;

@@ -17,6 +17,7 @@ pub mod pin;
 pub mod pki;
 pub mod policy;
 pub mod profile;
+pub mod reconcile;
 pub mod request;
 pub mod sign;
 pub mod whoami;

@@ -215,6 +215,53 @@ fn the_whole_story_works_over_real_services_with_json_everywhere() {
     let cancelled = json(twokey_as(cfg, "alice").args(["request", "cancel", &third]));
     assert_eq!(cancelled["request"]["state"], "REQUEST_STATE_CANCELLED");
 
+    // audit reconcile: CloudTrail as AWS delivers it, generated here. The
+    // first root sign-in after the release is explained by it; a second
+    // one, with no release left, is not.
+    let trail = tmp.path().join("trail");
+    let aws = "123456789012";
+    let now = time::OffsetDateTime::now_utc();
+    use twokey_reconcile::fixture::{Record, write_log_file};
+    write_log_file(
+        &trail,
+        aws,
+        "us-east-1",
+        now,
+        "a1",
+        [
+            Record::console_login(aws, now),
+            Record::console_login(aws, now + time::Duration::seconds(1)),
+        ],
+    )
+    .unwrap();
+    let reconciled = json(
+        twokey_as(cfg, "carol")
+            .args(["audit", "reconcile", "--since", "1h", "--account"])
+            .arg(format!("{ACCOUNT}={aws}"))
+            .arg("--cloudtrail")
+            .arg(&trail),
+    );
+    let kinds: Vec<&str> = reconciled["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["matched", "unexplained"], "{reconciled}");
+    assert_eq!(
+        reconciled["findings"][0]["requestId"],
+        id.as_str(),
+        "{reconciled}"
+    );
+    let err = one_line_error(
+        twokey_as(cfg, "carol")
+            .args(["audit", "reconcile", "--account", "x=12"])
+            .arg("--cloudtrail")
+            .arg(&trail),
+        2,
+    );
+    assert!(err.contains("--account \"x=12\""), "{err}");
+
     // request list pages: --limit, then --page-token for the rest.
     let first = json(twokey_as(cfg, "alice").args(["request", "list", "--limit", "2"]));
     let page = first["requests"].as_array().unwrap();
