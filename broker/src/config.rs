@@ -47,6 +47,12 @@ pub struct BrokerConfig {
     /// Name in the vault's certificate.
     #[serde(default = "default_vault_server_name")]
     pub vault_server_name: String,
+    /// Milliseconds a release's code call to the vault may take (sent as
+    /// its `grpc-timeout`): the vault's wait for audit's acknowledgement
+    /// ends half a second before it, so this caps the vault's
+    /// `audit_ack_timeout_ms`. Raise both together.
+    #[serde(default = "default_release_deadline_ms")]
+    pub release_deadline_ms: u64,
     /// The audit service, `https://HOST:PORT`; none to keep events in the outbox.
     #[serde(default, deserialize_with = "non_empty")]
     pub audit_address: Option<String>,
@@ -247,6 +253,10 @@ fn default_trust_domain() -> String {
     "twokey.local".into()
 }
 
+fn default_release_deadline_ms() -> u64 {
+    crate::grpc::RELEASE_DEADLINE.as_millis() as u64
+}
+
 fn default_vault_server_name() -> String {
     "vault".into()
 }
@@ -416,6 +426,7 @@ channel = "#root-access"
         assert!(!c.notify.webhook.unwrap().send_pins);
         assert_eq!(c.audit_address.as_deref(), Some("https://127.0.0.1:7403"));
         assert_eq!(c.http_listen.as_deref(), Some("127.0.0.1:7404"));
+        assert_eq!(c.release_deadline_ms, 3500, "the documented default");
         let consent = c.consent.unwrap();
         assert_eq!(
             consent.admins_file,

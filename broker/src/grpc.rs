@@ -75,16 +75,25 @@ pub const RELEASE_DEADLINE: Duration = Duration::from_millis(3500);
 #[derive(Debug, Clone)]
 pub struct GrpcVault {
     client: VaultServiceClient<Channel>,
+    release_deadline: Duration,
 }
 
 impl GrpcVault {
-    /// A vault client on `channel`.
+    /// A vault client on `channel`, with [`RELEASE_DEADLINE`] for releases.
     pub fn new(channel: Channel) -> Self {
         Self {
             client: VaultServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            release_deadline: RELEASE_DEADLINE,
         }
+    }
+
+    /// The same client with `deadline` for a release's code call (the
+    /// broker's `release_deadline_ms`).
+    pub fn with_release_deadline(mut self, deadline: Duration) -> Self {
+        self.release_deadline = deadline;
+        self
     }
 }
 
@@ -155,7 +164,7 @@ impl Vault for GrpcVault {
             generate_code,
             "GenerateCode",
             request,
-            RELEASE_DEADLINE,
+            self.release_deadline,
             |a| a.code.ok_or_else(|| missing("a code"))
         )
     }

@@ -288,11 +288,14 @@ pub async fn serve(
     };
     let vault: Arc<dyn Vault> = match options.vault {
         Some(vault) => vault,
-        None => Arc::new(GrpcVault::new(
-            config
-                .tls
-                .channel(&config.vault_address, &config.vault_server_name)?,
-        )),
+        None => Arc::new(
+            GrpcVault::new(
+                config
+                    .tls
+                    .channel(&config.vault_address, &config.vault_server_name)?,
+            )
+            .with_release_deadline(Duration::from_millis(config.release_deadline_ms)),
+        ),
     };
     let audit_channel = match &config.audit_address {
         Some(address) => Some(config.tls.channel(address, &config.audit_server_name)?),

@@ -94,6 +94,7 @@ fn broker_example_config_has_exactly_the_broker_keys() {
             "pin_key_file",
             "vault_address",
             "vault_server_name",
+            "release_deadline_ms",
             "audit_address",
             "audit_server_name",
             "audit_checkpoint_key",

@@ -522,6 +522,8 @@ impl Harness {
             pin_key_file: keys_dir.join("pin.key"),
             vault_address: format!("https://{}", vault_server.addr),
             vault_server_name: "vault".into(),
+            // Not the default, so that a test sees the setting is what is sent.
+            release_deadline_ms: 3400,
             audit_address: None,
             audit_server_name: "audit".into(),
             audit_checkpoint_key: None,
