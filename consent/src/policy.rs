@@ -74,6 +74,8 @@ struct AccountDoc {
     release_freshness: Option<String>,
     release_rate: Option<RateDoc>,
     recovery_window: Option<String>,
+    aws_account_id: Option<String>,
+    signin_window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -151,6 +153,12 @@ pub struct AccountPolicy {
     pub release_rate: RateLimit,
     /// How long a replaced or removed seed is kept sealed for restore.
     pub recovery_window: Duration,
+    /// The AWS account whose root user this account's seed is (12 digits),
+    /// if its sign-ins are reconciled (issue 20). Unique across accounts.
+    pub aws_account_id: Option<String>,
+    /// How long before a root sign-in a released code may be and still
+    /// explain it (1m to 1h, default 10m).
+    pub signin_window: Duration,
 }
 
 impl AccountPolicy {
@@ -375,6 +383,17 @@ impl Policy {
             }
             accounts.insert(id.clone(), account(id, a, &names, &admins, threshold)?);
         }
+        let mut aws_ids: BTreeMap<&str, &str> = BTreeMap::new();
+        for (id, a) in &accounts {
+            if let Some(aws) = a.aws_account_id.as_deref()
+                && let Some(first) = aws_ids.insert(aws, id)
+            {
+                return Err(PolicyError::Invalid(format!(
+                    "accounts.{id}.aws_account_id {aws} is also the aws_account_id of accounts.{first}: \
+                     one AWS account has one root user, map it to one account"
+                )));
+            }
+        }
         Ok(Self {
             version: doc.version,
             trust_domain: doc.trust_domain,
@@ -422,6 +441,16 @@ impl Policy {
     /// What the policy says about an account.
     pub fn account(&self, account_id: &str) -> Option<&AccountPolicy> {
         self.accounts.get(account_id)
+    }
+
+    /// The accounts mapped to an AWS account, in order of account id:
+    /// `(account, aws_account_id, signin_window)`.
+    pub fn aws_accounts(&self) -> impl Iterator<Item = (&str, &str, Duration)> {
+        self.accounts.iter().filter_map(|(id, a)| {
+            a.aws_account_id
+                .as_deref()
+                .map(|aws| (id.as_str(), aws, a.signin_window))
+        })
     }
 
     /// The account ids, in order.
@@ -600,7 +629,38 @@ fn account(
             90 * DAY,
             &ctx("recovery_window"),
         )?,
+        aws_account_id: match &a.aws_account_id {
+            Some(aws) if aws.len() == 12 && aws.bytes().all(|b| b.is_ascii_digit()) => {
+                Some(aws.clone())
+            }
+            Some(aws) => {
+                return Err(PolicyError::Invalid(format!(
+                    "{} {aws:?} is not 12 digits: write the account id AWS shows, e.g. \"123456789012\"",
+                    ctx("aws_account_id")
+                )));
+            }
+            None => None,
+        },
+        signin_window: signin_window(a.signin_window.as_deref(), &ctx("signin_window"))?,
     })
+}
+
+/// The default of `signin_window`.
+pub const DEFAULT_SIGNIN_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// `signin_window`: 1 minute to 1 hour; a release earlier than that cannot
+/// reasonably explain a sign-in, a shorter one misses slow operators.
+fn signin_window(value: Option<&str>, what: &str) -> Result<Duration, PolicyError> {
+    let Some(value) = value else {
+        return Ok(DEFAULT_SIGNIN_WINDOW);
+    };
+    let d = parse_duration(value).map_err(|e| PolicyError::Invalid(format!("{what}: {e}")))?;
+    if d < Duration::from_secs(60) || d > Duration::from_secs(3600) {
+        return Err(PolicyError::Invalid(format!(
+            "{what} {value:?} must be 1m to 1h"
+        )));
+    }
+    Ok(d)
 }
 
 // ---- The root of trust and verification ------------------------------------
@@ -916,5 +976,100 @@ mod tests {
             .unwrap();
         assert_eq!(olivia.name(), "olivia");
         assert!(p.person_with_id("spiffe://twokey.local/user/zed").is_none());
+    }
+
+    fn with_account_lines(lines: &str) -> String {
+        include_str!("../policy.example.toml").replace(
+            "[accounts.aws-prod-root]\n",
+            &format!("[accounts.aws-prod-root]\n{lines}\n"),
+        )
+    }
+
+    fn invalid(text: &str) -> String {
+        match Policy::parse(text) {
+            Err(PolicyError::Invalid(message)) => message,
+            other => panic!("expected an invalid policy, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_account_maps_its_aws_account_with_a_signin_window() {
+        let p = Policy::parse(&with_account_lines(
+            "aws_account_id = \"123456789012\"\nsignin_window = \"5m\"",
+        ))
+        .unwrap();
+        let a = p.account("aws-prod-root").unwrap();
+        assert_eq!(a.aws_account_id.as_deref(), Some("123456789012"));
+        assert_eq!(a.signin_window, Duration::from_secs(300));
+        assert_eq!(
+            p.aws_accounts().collect::<Vec<_>>(),
+            [("aws-prod-root", "123456789012", Duration::from_secs(300))]
+        );
+        // Not mapped: no id, the default window.
+        let p = Policy::parse(include_str!("../policy.example.toml")).unwrap();
+        let a = p.account("aws-prod-root").unwrap();
+        assert_eq!(a.aws_account_id, None);
+        assert_eq!(a.signin_window, DEFAULT_SIGNIN_WINDOW);
+        let p = Policy::parse(&with_account_lines("aws_account_id = \"000000000001\"")).unwrap();
+        assert_eq!(
+            p.account("aws-prod-root").unwrap().signin_window,
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn an_aws_account_id_is_exactly_twelve_digits() {
+        for bad in [
+            "12345678901",
+            "1234567890123",
+            "12345678901a",
+            " 123456789012",
+            "",
+        ] {
+            let message = invalid(&with_account_lines(&format!("aws_account_id = {bad:?}")));
+            assert!(
+                message.contains("accounts.aws-prod-root.aws_account_id")
+                    && message.contains("is not 12 digits"),
+                "{bad:?}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_signin_window_is_one_minute_to_one_hour() {
+        for ok in ["1m", "60s", "1h", "30m"] {
+            Policy::parse(&with_account_lines(&format!("signin_window = {ok:?}"))).unwrap();
+        }
+        for bad in ["59s", "0s", "61m", "2h"] {
+            let message = invalid(&with_account_lines(&format!("signin_window = {bad:?}")));
+            assert!(
+                message.contains("accounts.aws-prod-root.signin_window")
+                    && message.contains("must be 1m to 1h"),
+                "{bad:?}: {message}"
+            );
+        }
+        let message = invalid(&with_account_lines("signin_window = \"soon\""));
+        assert!(message.contains("signin_window"), "{message}");
+    }
+
+    #[test]
+    fn two_accounts_cannot_map_the_same_aws_account() {
+        let base = with_account_lines("aws_account_id = \"123456789012\"");
+        let second = "\n[accounts.aws-dev-root]\nrequesters = [\"rita\"]\napprovers = [\"adam\"]\n\
+                      operators = [\"olivia\"]\nadmins = [\"alice\", \"bob\", \"carol\"]\n";
+        let ok = format!("{base}{second}aws_account_id = \"123456789013\"\n");
+        let p = Policy::parse(&ok).unwrap();
+        assert_eq!(
+            p.account("aws-dev-root").unwrap().aws_account_id.as_deref(),
+            Some("123456789013")
+        );
+        let message = invalid(&format!(
+            "{base}{second}aws_account_id = \"123456789012\"\n"
+        ));
+        assert!(
+            message.contains("accounts.aws-prod-root.aws_account_id 123456789012")
+                && message.contains("accounts.aws-dev-root"),
+            "{message}"
+        );
     }
 }

@@ -93,6 +93,12 @@ pub enum MappingError {
     /// A window of zero would explain nothing.
     #[error("the window of {0} is zero: give it at least a few minutes")]
     ZeroWindow(String),
+    /// An entry of the `aws_accounts` attribute that is not
+    /// `account=aws_account_id/window_secs`.
+    #[error(
+        "aws_accounts entry {0:?} is not account=aws_account_id/window_secs: the vault's policy.applied event writes it so"
+    )]
+    BadEntry(String),
 }
 
 impl Accounts {
@@ -138,6 +144,34 @@ impl Accounts {
             },
         );
         Ok(())
+    }
+
+    /// The mapping a vault's `policy.applied` event names in its
+    /// `aws_accounts` attribute: `account=aws_account_id/window_secs`,
+    /// comma-separated; empty maps nothing.
+    pub fn from_policy_attr(attr: &str) -> Result<Self, MappingError> {
+        let mut accounts = Self::new();
+        for entry in attr.split(',').filter(|e| !e.is_empty()) {
+            let bad = || MappingError::BadEntry(entry.to_owned());
+            let (account, rest) = entry.split_once('=').ok_or_else(bad)?;
+            let (aws, secs) = rest.split_once('/').ok_or_else(bad)?;
+            let secs: u64 = secs.parse().map_err(|_| bad())?;
+            if account.is_empty() {
+                return Err(bad());
+            }
+            accounts.map(aws, account, Some(Duration::from_secs(secs)))?;
+        }
+        Ok(accounts)
+    }
+
+    /// Whether no account is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.by_aws.is_empty()
+    }
+
+    /// Each mapping: AWS account id and what it maps to, in AWS id order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Mapped)> {
+        self.by_aws.iter().map(|(aws, m)| (aws.as_str(), m))
     }
 
     /// The mapping of an AWS account id.

@@ -331,3 +331,44 @@ fn mappings_that_cannot_be_are_refused() {
     let text = a.map("12345", "x", None).unwrap_err().to_string();
     assert!(text.contains("12 digits"), "{text}");
 }
+
+#[test]
+fn the_mapping_is_read_from_the_policy_applied_attribute() {
+    let a = Accounts::from_policy_attr("prod-root=111122223333/600,dev=444455556666/60").unwrap();
+    assert_eq!(a.get(AWS).unwrap().account, "prod-root");
+    assert_eq!(a.get(AWS).unwrap().window, DEFAULT_WINDOW);
+    assert_eq!(a.get(OTHER_AWS).unwrap().window, secs(60));
+    assert!(Accounts::from_policy_attr("").unwrap().is_empty());
+    for bad in [
+        "prod-root",
+        "prod-root=111122223333",
+        "=111122223333/60",
+        "p=111122223333/x",
+    ] {
+        assert_eq!(
+            Accounts::from_policy_attr(bad),
+            Err(MappingError::BadEntry(bad.to_owned())),
+            "{bad}"
+        );
+    }
+    assert!(matches!(
+        Accounts::from_policy_attr("a=111122223333/60,b=111122223333/60"),
+        Err(MappingError::Duplicate { .. })
+    ));
+    assert_eq!(
+        Accounts::from_policy_attr("a=1234/60"),
+        Err(MappingError::NotAnAccountId("1234".into()))
+    );
+}
+
+#[test]
+fn a_sign_in_carries_its_source_address() {
+    let Event::SignIn(s) = event(Record::console_login(AWS, T0)) else {
+        panic!("a sign-in")
+    };
+    assert_eq!(s.source_ip.as_deref(), Some("192.0.2.10"));
+    let Event::SignIn(s) = event(Record::console_login(AWS, T0).remove("/sourceIPAddress")) else {
+        panic!("a sign-in")
+    };
+    assert_eq!(s.source_ip, None);
+}

@@ -295,6 +295,18 @@ fn spent(grant: &Grant) -> SpentGrant {
     }
 }
 
+/// The `aws_accounts` attribute of `policy.applied`: each account mapped to
+/// an AWS account as `account=aws_account_id/window_secs`, comma-separated in
+/// account order (empty when none is). Audit's reconciler learns the mapping
+/// from this attribute of the latest signed version, never from a file.
+fn aws_accounts(policy: &twokey_consent::Policy) -> String {
+    policy
+        .aws_accounts()
+        .map(|(account, aws, window)| format!("{account}={aws}/{}", window.as_secs()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -1122,7 +1134,8 @@ impl<S: VaultStore> Vault<S> {
             .attr("policy_version", verified.version().to_string())
             .attr("previous_version", active.to_string())
             .attr("digest", hex(&verified.digest()))
-            .attr("signed_by", verified.signed_by().join(","));
+            .attr("signed_by", verified.signed_by().join(","))
+            .attr("aws_accounts", aws_accounts(&verified));
         let seq = self.store.put_policy(&stored, &head, event)?;
         self.store.commit().await?;
         tracing::info!("applied: {verified}");
@@ -1591,5 +1604,19 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ok.min_seconds_left, 29);
+    }
+
+    #[test]
+    fn policy_applied_lists_each_mapped_aws_account_with_its_window() {
+        let text = include_str!("../../consent/policy.example.toml").replace(
+            "[accounts.aws-prod-root]\n",
+            "[accounts.aws-prod-root]\naws_account_id = \"123456789012\"\nsignin_window = \"5m\"\n",
+        );
+        let policy = twokey_consent::Policy::parse(&text).unwrap();
+        assert_eq!(aws_accounts(&policy), "aws-prod-root=123456789012/300");
+        let unmapped =
+            twokey_consent::Policy::parse(include_str!("../../consent/policy.example.toml"))
+                .unwrap();
+        assert_eq!(aws_accounts(&unmapped), "");
     }
 }

@@ -68,6 +68,9 @@ pub struct SignIn {
     pub aws_account_id: String,
     /// `userIdentity.type`: `Root`, `IAMUser`, `AssumedRole`, ...
     pub identity_type: String,
+    /// `sourceIPAddress`, when the record has one (an address, or an AWS
+    /// service name).
+    pub source_ip: Option<String>,
     /// `responseElements.ConsoleLogin` and what goes with it.
     pub outcome: SignInOutcome,
 }
@@ -143,6 +146,8 @@ pub struct MfaDeviceChange {
     pub aws_account_id: String,
     /// `userIdentity.type` of who made the change.
     pub identity_type: String,
+    /// `sourceIPAddress`, when the record has one.
+    pub source_ip: Option<String>,
     /// Which call.
     pub action: MfaAction,
     /// `errorMessage`, when the call failed (a failed attempt is still out of
@@ -346,12 +351,14 @@ fn event_from(raw: RawRecord, options: &ReadOptions) -> Result<Option<Event>, Sk
         .ok_or(Skip::MissingField("userIdentity.type"))?
         .to_owned();
     let error_message = raw.error_message.0;
+    let source_ip = raw.source_ip.0.filter(|ip| !ip.is_empty());
     if let Some(action) = action {
         return Ok(Some(Event::MfaDeviceChange(MfaDeviceChange {
             event_id,
             time,
             aws_account_id,
             identity_type,
+            source_ip,
             action,
             error_message,
         })));
@@ -395,6 +402,7 @@ fn event_from(raw: RawRecord, options: &ReadOptions) -> Result<Option<Event>, Sk
         time,
         aws_account_id,
         identity_type,
+        source_ip,
         outcome,
     })))
 }

@@ -123,6 +123,8 @@ pub(crate) struct RawRecord {
     pub(crate) recipient_account_id: Text,
     #[serde(rename = "errorMessage")]
     pub(crate) error_message: Text,
+    #[serde(rename = "sourceIPAddress")]
+    pub(crate) source_ip: Text,
     #[serde(rename = "userIdentity")]
     pub(crate) user_identity: Obj<RawIdentity>,
     #[serde(rename = "additionalEventData")]
