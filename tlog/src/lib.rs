@@ -6,9 +6,12 @@
 //! - [`checkpoint`]: C2SP `tlog-checkpoint` bodies inside C2SP signed notes,
 //!   and note verifier keys, as Go's `golang.org/x/mod/sumdb/note` has them;
 //! - [`cosignature`]: C2SP `tlog-cosignature` (Ed25519 `cosignature/v1`)
-//!   witness cosignatures.
+//!   witness cosignatures;
+//! - [`tile`]: C2SP `tlog-tiles` paths, tile coordinates of Merkle nodes
+//!   and entry bundles.
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
 pub mod cosignature;
 pub mod merkle;
+pub mod tile;
