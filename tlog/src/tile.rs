@@ -237,7 +237,7 @@ pub fn hash_tile_bytes(hashes: &[Hash]) -> Vec<u8> {
 /// The hashes of a hash tile's bytes, which must be a whole number of
 /// hashes, 1 to 256 of them.
 pub fn parse_hash_tile(bytes: &[u8]) -> Result<Vec<Hash>, TileError> {
-    if bytes.is_empty() || bytes.len() % 32 != 0 || bytes.len() as u64 > 32 * WIDTH {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(32) || bytes.len() as u64 > 32 * WIDTH {
         return Err(TileError::HashTileLength(bytes.len()));
     }
     Ok(bytes
