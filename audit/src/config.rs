@@ -19,11 +19,26 @@
 //! [[sources]]
 //! id = "spiffe://twokey.local/svc/vault"
 //! public_key = "<base64 ed25519>"
+//! # Optional (off by default): the second, HTTP listener (EventBridge
+//! # posts of CloudTrail events, docs/RECONCILE.md).
+//! http_listen = "127.0.0.1:7404"
+//! # Optional: the reconciler (issue 20, docs/RECONCILE.md). Its source_id
+//! # must also be one of [[sources]], with the public key of key_file.
+//! [reconcile]
+//! source_id = "spiffe://twokey.local/svc/reconcile"
+//! key_file = "reconcile.key"
+//! cloudtrail_dir = "/var/lib/twokey-audit/cloudtrail"
+//! scan_interval = "60s"
+//! delivery_delay = "15m"
+//! vault = "spiffe://twokey.local/svc/vault"
+//! posters = ["spiffe://twokey.local/svc/eventbridge-relay"]
+//! readers = ["spiffe://twokey.local/svc/broker"]
 //! ```
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use ed25519_dalek::VerifyingKey;
@@ -60,6 +75,87 @@ pub struct AuditConfig {
     /// Who may append, with their event keys.
     #[serde(deserialize_with = "sources")]
     pub sources: BTreeMap<SpiffeId, VerifyingKey>,
+    /// Address of the HTTP listener (EventBridge posts); none by default.
+    #[serde(default, deserialize_with = "optional_listen")]
+    pub http_listen: Option<String>,
+    /// The reconciler of CloudTrail sign-ins with released codes; off when
+    /// absent.
+    #[serde(default)]
+    pub reconcile: Option<ReconcileConfig>,
+}
+
+/// `[reconcile]`: the reconciler of CloudTrail sign-ins with the vault's
+/// `code.released` events (docs/RECONCILE.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileConfig {
+    /// The reconciler's audit source identity; must be in `[[sources]]`.
+    #[serde(deserialize_with = "spiffe_id")]
+    pub source_id: SpiffeId,
+    /// Its ed25519 event signing key file (0600).
+    pub key_file: PathBuf,
+    /// The directory the trail's bucket is synced to (holding `AWSLogs`);
+    /// none when events come only by EventBridge.
+    #[serde(default)]
+    pub cloudtrail_dir: Option<PathBuf>,
+    /// How often the directory is scanned (default 60s).
+    #[serde(default = "default_scan_interval", deserialize_with = "duration")]
+    pub scan_interval: Duration,
+    /// How late CloudTrail may deliver a record: a release is unused only
+    /// once its window closed this long ago (default 15m).
+    #[serde(default = "default_delivery_delay", deserialize_with = "duration")]
+    pub delivery_delay: Duration,
+    /// The vault, whose `code.released` and `policy.applied` events are read
+    /// (default `spiffe://<trust_domain>/svc/vault`).
+    #[serde(default, deserialize_with = "optional_spiffe_id")]
+    pub vault: Option<SpiffeId>,
+    /// Who may POST EventBridge events to the HTTP listener.
+    #[serde(default, deserialize_with = "id_list")]
+    pub posters: BTreeSet<SpiffeId>,
+    /// Who may Query the reconciler's findings (`reconcile.*` events) and
+    /// nothing else: the broker, which notifies the account's admins.
+    #[serde(default, deserialize_with = "id_list")]
+    pub readers: BTreeSet<SpiffeId>,
+}
+
+fn default_scan_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_delivery_delay() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let d = twokey_runtime::time::parse_duration(&text).map_err(D::Error::custom)?;
+    Ok(d)
+}
+
+fn spiffe_id<'de, D: Deserializer<'de>>(d: D) -> Result<SpiffeId, D::Error> {
+    let text = String::deserialize(d)?;
+    SpiffeId::parse(text.trim()).map_err(D::Error::custom)
+}
+
+fn optional_spiffe_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SpiffeId>, D::Error> {
+    spiffe_id(d).map(Some)
+}
+
+fn id_list<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeSet<SpiffeId>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|a| SpiffeId::parse(a.trim()).map_err(D::Error::custom))
+        .collect()
+}
+
+fn optional_listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let listen = String::deserialize(d)?;
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(_) => Ok(Some(listen)),
+        Err(_) => Err(D::Error::custom(format!(
+            "`http_listen`: {listen:?} is not an address like 127.0.0.1:7404"
+        ))),
+    }
 }
 
 impl AuditConfig {
@@ -85,23 +181,66 @@ impl AuditConfig {
             .into_iter()
             .chain(tls.crl.as_mut().map(|crl| ("tls.crl", crl))),
         );
+        if let Some(r) = self.reconcile.as_mut() {
+            twokey_runtime::config::paths_relative_to_file(
+                file,
+                |_| false,
+                [("reconcile.key_file", &mut r.key_file)].into_iter().chain(
+                    r.cloudtrail_dir
+                        .as_mut()
+                        .map(|d| ("reconcile.cloudtrail_dir", d)),
+                ),
+            );
+            if r.vault.is_none() {
+                r.vault =
+                    SpiffeId::parse(&format!("spiffe://{}/svc/vault", self.trust_domain)).ok();
+            }
+        }
+        let invalid = |message: String| ConfigError::Invalid {
+            origin: file.map_or_else(
+                || "from flags and environment".to_owned(),
+                |f| f.display().to_string(),
+            ),
+            message,
+        };
+        let reconcile_ids = self.reconcile.iter().flat_map(|r| {
+            std::iter::once(("reconcile.source_id", &r.source_id))
+                .chain(r.posters.iter().map(|id| ("reconcile.posters", id)))
+                .chain(r.readers.iter().map(|id| ("reconcile.readers", id)))
+        });
         let outside = self
             .auditors
             .iter()
             .map(|id| ("auditors", id))
             .chain(self.sources.keys().map(|id| ("sources", id)))
+            .chain(reconcile_ids)
             .find(|(_, id)| id.trust_domain() != self.trust_domain);
         if let Some((field, id)) = outside {
-            return Err(ConfigError::Invalid {
-                origin: file.map_or_else(
-                    || "from flags and environment".to_owned(),
-                    |f| f.display().to_string(),
-                ),
-                message: format!(
-                    "`{field}`: {id} is not in trust domain {}",
-                    self.trust_domain
-                ),
-            });
+            return Err(invalid(format!(
+                "`{field}`: {id} is not in trust domain {}",
+                self.trust_domain
+            )));
+        }
+        if let Some(r) = &self.reconcile {
+            if !self.sources.contains_key(&r.source_id) {
+                return Err(invalid(format!(
+                    "`reconcile.source_id`: {} is not one of [[sources]]: add it there with the \
+                     public key of reconcile.key_file, so its findings are verified like any event",
+                    r.source_id
+                )));
+            }
+            if r.scan_interval < Duration::from_secs(1) {
+                return Err(invalid(
+                    "`reconcile.scan_interval` must be at least 1s".to_owned(),
+                ));
+            }
+            if !r.posters.is_empty() && self.http_listen.is_none() {
+                return Err(invalid(
+                    "`reconcile.posters` is set but `http_listen` is not: set http_listen so \
+                     EventBridge relays can post, or remove posters"
+                        .to_owned(),
+                ));
+            }
         }
         Ok(self)
     }

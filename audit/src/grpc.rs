@@ -43,6 +43,7 @@ pub struct AuditGrpc<S> {
     log: Arc<AuditLog<S>>,
     auth: Authenticator,
     stopping: Option<watch::Receiver<bool>>,
+    finding_readers: std::collections::BTreeSet<SpiffeId>,
 }
 
 impl<S: LogStore> AuditGrpc<S> {
@@ -52,7 +53,16 @@ impl<S: LogStore> AuditGrpc<S> {
             log,
             auth,
             stopping: None,
+            finding_readers: Default::default(),
         }
+    }
+
+    /// Lets `readers` (`[reconcile] readers`: the broker) Query the
+    /// reconciler's findings, an exact `reconcile.*` action per query, and
+    /// nothing else.
+    pub fn with_finding_readers(mut self, readers: std::collections::BTreeSet<SpiffeId>) -> Self {
+        self.finding_readers = readers;
+        self
     }
 
     /// Ends open Append streams (UNAVAILABLE, after acknowledging what is
@@ -82,6 +92,13 @@ impl<S: LogStore> AuditGrpc<S> {
             self.log.is_auditor(id)
         })
     }
+}
+
+/// Whether a query's action is one finding kind (`reconcile.<kind>`).
+fn is_finding_query(action: &str) -> bool {
+    action
+        .strip_prefix(crate::reconcile::ACTION_PREFIX)
+        .is_some_and(|kind| !kind.is_empty() && !kind.contains('.'))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -141,12 +158,23 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<Self::QueryStream>, Status> {
-        let who = self.auditor(&request)?;
+        let who = self
+            .auth
+            .authorize(&request, "a configured auditor", |id| {
+                self.log.is_auditor(id) || self.finding_readers.contains(id)
+            })?;
         let Query {
             filter,
             start: mut cursor,
             page_size,
         } = Query::try_from(request.get_ref())?;
+        if !self.log.is_auditor(&who) && !is_finding_query(&filter.action) {
+            return Err(Status::permission_denied(format!(
+                "{who} may read only the reconciler's findings: query one action \
+                 reconcile.<kind>, not {:?}",
+                filter.action
+            )));
+        }
         tracing::info!(auditor = %who, "query");
         let log = self.log.clone();
         let (tx, rx) = mpsc::channel(4);

@@ -4,7 +4,9 @@
 //! verification of exported logs.
 //!
 //! Domain: [`merkle`], [`checkpoint`], [`head`], [`store`], [`service`], [`append`],
-//! [`verify`] — no tonic. Edges: [`grpc`], [`convert`], [`config`], [`cli`]
+//! [`verify`], [`reconcile`] (CloudTrail sign-ins against released codes,
+//! findings appended as a source of their own) — no tonic. Edges: [`grpc`],
+//! [`http`] (the optional HTTP listener), [`convert`], [`config`], [`cli`]
 //! and [`serve`].
 #![forbid(unsafe_code)]
 
@@ -17,9 +19,12 @@ pub use twokey_tlog::cosignature;
 pub mod error;
 pub mod grpc;
 pub mod head;
+pub mod http;
 pub mod merkle;
+pub mod reconcile;
 pub mod service;
 pub mod store;
+pub mod tiles_http;
 pub mod verify;
 
 use std::{future::Future, sync::Arc};
@@ -82,8 +87,38 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let grpc =
-        AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone())).with_shutdown(stop_rx);
+    let reconciler = start_reconciler(&config, &log)?;
+    if let Some(listen) = &config.http_listen {
+        let listener = twokey_runtime::serve::bind(listen).await?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+            addr: listen.clone(),
+            source,
+        })?;
+        let api = Arc::new(http::HttpApi {
+            log: log.clone(),
+            reconciler: reconciler.clone(),
+            posters: config
+                .reconcile
+                .as_ref()
+                .map(|r| r.posters.clone())
+                .unwrap_or_default(),
+            trust_domain: config.trust_domain.clone(),
+        });
+        let tls = http::tls_config(&config.tls)?;
+        let mut stopping = stop_rx.clone();
+        tokio::spawn(http::serve(api, incoming(listener, tls), async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        }));
+        http::announce(addr);
+    }
+    let readers = config
+        .reconcile
+        .as_ref()
+        .map(|r| r.readers.clone())
+        .unwrap_or_default();
+    let grpc = AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone()))
+        .with_shutdown(stop_rx)
+        .with_finding_readers(readers);
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.listen.clone(),
         source,
@@ -100,6 +135,49 @@ pub async fn serve(
         .await
         .map_err(ServeError::from)?;
     Ok(())
+}
+
+/// Starts the reconciler of `[reconcile]`, if set: its key must be the one
+/// `[[sources]]` lists for its `source_id`.
+fn start_reconciler(
+    config: &AuditConfig,
+    log: &Arc<AuditLog<SledStore>>,
+) -> Result<Option<Arc<reconcile::Reconciler<SledStore>>>, StartError> {
+    let Some(r) = &config.reconcile else {
+        return Ok(None);
+    };
+    let key = load_signing_key(&r.key_file)?;
+    if config.sources.get(&r.source_id) != Some(&key.verifying_key()) {
+        return Err(StartError::Setting(format!(
+            "reconcile.key_file {}: its public key is not the one [[sources]] lists for {}; \
+             list {} there",
+            r.key_file.display(),
+            r.source_id,
+            twokey_runtime::keys::encode_public_key(&key.verifying_key())
+        )));
+    }
+    let state = reconcile::state::ReconcileState::open(&config.data_dir.join("reconcile"))?;
+    let settings = reconcile::Settings {
+        source: r.source_id.clone(),
+        key,
+        vault: r
+            .vault
+            .clone()
+            .ok_or_else(|| StartError::Setting("reconcile.vault is not set".into()))?,
+        cloudtrail_dir: r.cloudtrail_dir.clone(),
+        delivery_delay: r.delivery_delay,
+    };
+    let reconciler = Arc::new(
+        reconcile::Reconciler::new(log.clone(), state, settings, Arc::new(SystemClock))
+            .map_err(StartError::refused)?,
+    );
+    tracing::info!(
+        source = %r.source_id,
+        cloudtrail_dir = ?r.cloudtrail_dir,
+        "reconciler on"
+    );
+    tokio::spawn(reconciler.clone().run(r.scan_interval));
+    Ok(Some(reconciler))
 }
 
 /// A restore under way ([`AuditLog::hello`]) shows on the gauge

@@ -77,6 +77,8 @@ impl Env {
                 (id(VAULT), vault_key.verifying_key()),
                 (id(BROKER), broker_key.verifying_key()),
             ]),
+            http_listen: None,
+            reconcile: None,
         };
         Self {
             dir,
