@@ -1,0 +1,293 @@
+//! The reconciler's edges over mTLS (issue 20): the broker may Query one
+//! `reconcile.<kind>` action and nothing else; EventBridge posts to the HTTP
+//! listener are taken from a poster only (403 otherwise), kept, and
+//! reconciled into a signed finding; a client without a certificate is
+//! refused in the handshake.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use common::*;
+use ed25519_dalek::SigningKey;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tonic::Code;
+use twokey_audit::{
+    checkpoint::CheckpointSigner,
+    config::ReconcileConfig,
+    http::{EVENTS_PATH, HttpApi},
+    reconcile::{Reconciler, Settings, state::ReconcileState},
+    service::{AuditLog, QueryFilter},
+    store::SledStore,
+};
+use twokey_proto::audit::v1::QueryRequest;
+use twokey_reconcile::fixture::Record;
+use twokey_runtime::{keys::generate_signing_key, serve::incoming, time::SystemClock};
+
+const RECONCILE: &str = "spiffe://twokey.test/svc/reconcile";
+const AWS: &str = "111122223333";
+
+fn query(action: &str) -> QueryRequest {
+    QueryRequest {
+        action: action.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn the_broker_may_query_findings_and_nothing_else() {
+    let mut env = Env::new();
+    let key_file = env.path().join("reconcile.key");
+    let key = generate_signing_key(&key_file).unwrap();
+    env.config
+        .sources
+        .insert(id(RECONCILE), key.verifying_key());
+    env.config.reconcile = Some(ReconcileConfig {
+        source_id: id(RECONCILE),
+        key_file,
+        cloudtrail_dir: None,
+        scan_interval: Duration::from_secs(3600),
+        delivery_delay: Duration::from_secs(900),
+        vault: Some(id(VAULT)),
+        posters: Default::default(),
+        readers: [id(BROKER)].into(),
+    });
+    let server = TestServer::start(env.config.clone()).await;
+    let mut broker = env.client(server.addr, "broker");
+    for action in ["reconcile.unexplained", "reconcile.out_of_band"] {
+        let answer = broker.query(query(action)).await;
+        assert!(answer.is_ok(), "{action}: {answer:?}");
+    }
+    for action in [
+        "code.released",
+        "",
+        "reconcile.",
+        "reconcile.x.y",
+        "policy.applied",
+    ] {
+        let err = broker.query(query(action)).await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{action:?}: {err:?}");
+        assert!(
+            err.message().contains("only the reconciler's findings"),
+            "{err:?}"
+        );
+    }
+    // Another service, not a reader: nothing at all.
+    let err = env
+        .client(server.addr, "intruder")
+        .query(query("reconcile.unexplained"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // An auditor still reads everything.
+    assert!(
+        env.client(server.addr, "carol")
+            .query(query(""))
+            .await
+            .is_ok()
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_audit_whose_reconcile_key_is_not_its_listed_source_does_not_start() {
+    let mut env = Env::new();
+    let key_file = env.path().join("reconcile.key");
+    generate_signing_key(&key_file).unwrap();
+    env.config.sources.insert(
+        id(RECONCILE),
+        SigningKey::from_bytes(&[7; 32]).verifying_key(),
+    );
+    env.config.reconcile = Some(ReconcileConfig {
+        source_id: id(RECONCILE),
+        key_file,
+        cloudtrail_dir: None,
+        scan_interval: Duration::from_secs(60),
+        delivery_delay: Duration::from_secs(900),
+        vault: Some(id(VAULT)),
+        posters: Default::default(),
+        readers: Default::default(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = twokey_audit::serve(env.config.clone(), listener, async {})
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("is not the one [[sources]] lists"),
+        "{err}"
+    );
+}
+
+/// A TLS connector trusting the test CA, presenting `name`'s certificate or none.
+fn tls(env: &Env, name: Option<&str>) -> tokio_rustls::TlsConnector {
+    let pki = env.path();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut config = match name {
+        Some(name) => {
+            let certs = CertificateDer::pem_file_iter(pki.join(format!("{name}.crt")))
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_file(pki.join(format!("{name}.key"))).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// Posts `body` as `name`; the status and JSON answer, or the I/O error.
+async fn post(
+    env: &Env,
+    addr: std::net::SocketAddr,
+    name: Option<&str>,
+    body: Vec<u8>,
+) -> std::io::Result<(u16, Value)> {
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = tls(env, name)
+        .connect(ServerName::try_from("audit").unwrap(), tcp)
+        .await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let request = http::Request::post(EVENTS_PATH)
+        .header("host", "audit")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    Ok((status, serde_json::from_slice(&bytes).unwrap()))
+}
+
+#[tokio::test]
+async fn eventbridge_posts_over_mtls_from_a_poster_only_are_kept_and_reconciled() {
+    let env = Env::new();
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let mut sources = env.config.sources.clone();
+    sources.insert(id(RECONCILE), key.verifying_key());
+    let log = Arc::new(AuditLog::new(
+        SledStore::open(&env.path().join("log")).unwrap(),
+        sources,
+        [id(CAROL)].into(),
+        CheckpointSigner::new("twokey.test/audit", SigningKey::from_bytes(&[3; 32])).unwrap(),
+        Arc::new(SystemClock),
+    ));
+    // The vault's policy maps the account.
+    let policy = env.vault().sign(
+        &twokey_runtime::events::EventDraft::new(
+            "spiffe://twokey.test/user/alice",
+            "policy.applied",
+        )
+        .attr("aws_accounts", format!("prod={AWS}/600"))
+        .into_event(&id(VAULT), 1, std::time::SystemTime::now()),
+    );
+    log.append(&id(VAULT), policy).await.unwrap();
+    let reconciler = Arc::new(
+        Reconciler::new(
+            log.clone(),
+            ReconcileState::open(&env.path().join("reconcile")).unwrap(),
+            Settings {
+                source: id(RECONCILE),
+                key,
+                vault: id(VAULT),
+                cloudtrail_dir: None,
+                delivery_delay: Duration::from_secs(900),
+            },
+            Arc::new(SystemClock),
+        )
+        .unwrap(),
+    );
+    // The vault's certificate stands in for an EventBridge relay.
+    let api = Arc::new(HttpApi {
+        log: log.clone(),
+        reconciler: Some(reconciler.clone()),
+        posters: [id(VAULT)].into(),
+        trust_domain: TD.into(),
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls_config = twokey_audit::http::tls_config(&env.config.tls).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(twokey_audit::http::serve(
+        api,
+        incoming(listener, tls_config),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+
+    let now = time::OffsetDateTime::now_utc() - Duration::from_secs(60);
+    let sign_in = Record::console_login(AWS, now).event_id("ev-posted");
+    // Not a poster: 403, and nothing kept.
+    let (status, body) = post(&env, addr, Some("intruder"), sign_in.eventbridge())
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "permission_denied");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("[reconcile] posters"),
+        "{body}"
+    );
+    // No certificate: refused in the handshake, no answer at all.
+    let refused = post(&env, addr, None, sign_in.eventbridge()).await;
+    assert!(
+        refused.is_err(),
+        "answered without a certificate: {refused:?}"
+    );
+    // Not CloudTrail: 400 with the reason.
+    let (status, body) = post(
+        &env,
+        addr,
+        Some("vault"),
+        b"{\"detail-type\":\"x\"}".to_vec(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("detail-type"),
+        "{body}"
+    );
+    // From the poster: 202, then one signed finding.
+    let (status, body) = post(&env, addr, Some("vault"), sign_in.eventbridge())
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["eventId"], "ev-posted");
+    reconciler.pass().await.unwrap();
+    let filter = QueryFilter {
+        source: RECONCILE.into(),
+        ..QueryFilter::default()
+    };
+    let found = log.query_batch(&filter, None, 10).unwrap().entries;
+    assert_eq!(found.len(), 1);
+    let event = found[0].event.as_ref().unwrap();
+    assert_eq!(event.action, "reconcile.unexplained");
+    assert_eq!(event.attributes["cloudtrail_event_id"], "ev-posted");
+    let _ = stop.send(());
+    server.await.unwrap();
+}
