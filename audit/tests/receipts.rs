@@ -500,30 +500,9 @@ async fn a_source_that_no_longer_keeps_what_audit_lost_says_so() {
 /// with a message, where Go is not installed.
 fn go_sumdb_note_opens(env: &Env, note: &str) {
     use std::process::Command;
-    if Command::new("go").arg("version").output().is_err() {
-        eprintln!(
-            "SKIPPED: Go's sumdb/note check (no `go` on PATH; `apt-get install golang-go` \
-             runs it)"
-        );
+    let Some(bin) = common::go_build("notecheck", &env.path()) else {
         return;
-    }
-    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/go/notecheck");
-    let bin = env.path().join("notecheck");
-    let built = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(&src)
-        .env("GOFLAGS", "-mod=mod")
-        .env("GOPROXY", "off")
-        .env("GOTOOLCHAIN", "local")
-        .output()
-        .unwrap();
-    assert!(
-        built.status.success(),
-        "go build: {}",
-        String::from_utf8_lossy(&built.stderr)
-    );
+    };
     let key = env.verifier().to_string();
     let open = |text: &str| {
         let file = env.path().join("note.txt");

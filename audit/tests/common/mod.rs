@@ -304,3 +304,36 @@ pub async fn start(flags: &[String]) -> (Running, SocketAddr) {
     .expect("twokey-audit announces itself within 60 s");
     (Running(child), addr)
 }
+
+/// Builds the Go program `tests/go/<name>` (Go's `sumdb` packages, vendored)
+/// into `dir`, offline, and returns the binary; `None`, after saying
+/// SKIPPED, where Go is not installed.
+pub fn go_build(name: &str, dir: &Path) -> Option<PathBuf> {
+    if Command::new("go").arg("version").output().is_err() {
+        eprintln!(
+            "SKIPPED: the Go cross-check {name} (no `go` on PATH; `apt-get install golang-go` \
+             runs it)"
+        );
+        return None;
+    }
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/go")
+        .join(name);
+    let bin = dir.join(name);
+    let built = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src)
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOTOOLCHAIN", "local")
+        .output()
+        .unwrap();
+    assert!(
+        built.status.success(),
+        "go build {name}: {}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    Some(bin)
+}
