@@ -81,6 +81,14 @@ pub struct BrokerConfig {
     /// How often the sweeper expires requests.
     #[serde(default = "default_sweep_interval", deserialize_with = "interval")]
     pub sweep_interval: Duration,
+    /// How often reconciliation findings are read from audit to alert the
+    /// accounts' admins (issue 20, docs/RECONCILE.md; needs audit to list the
+    /// broker in `[reconcile] readers`).
+    #[serde(
+        default = "default_findings_interval",
+        deserialize_with = "findings_interval"
+    )]
+    pub findings_interval: Duration,
     /// The pinned admins the signed policy is verified from; none to check
     /// no statement (the vault still checks every release).
     #[serde(default)]
@@ -263,6 +271,22 @@ fn default_vault_server_name() -> String {
 
 fn default_audit_server_name() -> String {
     "audit".into()
+}
+
+fn default_findings_interval() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn findings_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    let every = parse_duration(&text)
+        .map_err(|p| serde::de::Error::custom(format!("findings_interval: {p}")))?;
+    if every.is_zero() {
+        return Err(serde::de::Error::custom(
+            "findings_interval: must be more than 0s",
+        ));
+    }
+    Ok(every)
 }
 
 fn default_sweep_interval() -> Duration {

@@ -17,6 +17,7 @@ pub mod config;
 pub mod consent;
 pub mod convert;
 pub mod error;
+pub mod findings;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
@@ -253,6 +254,57 @@ impl Default for ServeOptions {
     }
 }
 
+/// Audit's `Query`, as the findings poller reads it: one action from a leaf
+/// index, on the broker's mTLS channel to audit.
+struct AuditFindings(tonic::transport::Channel);
+
+impl findings::FindingSource for AuditFindings {
+    fn findings(
+        &self,
+        action: &'static str,
+        from: u64,
+        limit: u32,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<findings::FindingEntry>, String>> {
+        Box::pin(async move {
+            let mut client = twokey_proto::audit::v1::audit_service_client::AuditServiceClient::new(
+                self.0.clone(),
+            );
+            let request = twokey_proto::audit::v1::QueryRequest {
+                action: action.to_owned(),
+                page_size: limit,
+                page_token: if from == 0 {
+                    String::new()
+                } else {
+                    from.to_string()
+                },
+                ..Default::default()
+            };
+            let mut stream = client
+                .query(request)
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(batch) = stream
+                .message()
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            {
+                out.extend(batch.entries.into_iter().filter_map(|entry| {
+                    let event = entry.event?;
+                    Some(findings::FindingEntry {
+                        index: entry.index,
+                        action: event.action,
+                        account_id: event.account_id,
+                        attributes: event.attributes.into_iter().collect(),
+                    })
+                }));
+            }
+            Ok(out)
+        })
+    }
+}
+
 /// Serves the broker until `shutdown` resolves: gRPC on `listener` and, if
 /// [`ServeOptions::http_listener`] or `config.http_listen` gives one, the
 /// HTTP/JSON API, both through `runtime::serve::incoming`.
@@ -319,6 +371,7 @@ pub async fn serve(
     let queue = Arc::new(queue);
     // The shipper starts before the store so that the store can check its
     // receipts' health before every state change.
+    let findings_channel = audit_channel.clone();
     let shipper = match audit_channel {
         Some(channel) => {
             let options = ShipperOptions::from_setting(
@@ -345,6 +398,7 @@ pub async fn serve(
         }
     };
     metrics::observe_requests(&store);
+    let clock_for_findings = clock.clone();
     let mut broker = Broker::new(BrokerParts {
         policy: Arc::new(policy),
         store,
@@ -402,7 +456,19 @@ pub async fn serve(
             loaded,
         ));
     }
-    tasks.spawn(queue.run());
+    tasks.spawn(queue.clone().run());
+    if let Some(channel) = findings_channel {
+        let rules = broker.clone();
+        let poller = findings::FindingsPoller::new(
+            Box::new(AuditFindings(channel)),
+            queue.clone(),
+            &db,
+            Box::new(move || rules.policy()),
+            clock_for_findings,
+        )
+        .map_err(StartError::refused)?;
+        tasks.spawn(poller.run(config.findings_interval));
+    }
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
     if shipper.is_none() {
         tracing::warn!("no audit_address: audit events stay in the outbox until one is configured");

@@ -31,6 +31,17 @@ use crate::pin::Pin;
 /// requester; no other notifier takes it.
 pub const PIN_VOID: &str = "pin.void";
 
+/// The kind prefix of an alert from reconciliation (issue 20,
+/// `crate::findings`): `reconcile.unexplained`, `reconcile.unprotected`,
+/// `reconcile.out_of_band`. Addressed to each admin of the account; Slack
+/// sends it to the admin's member id, the webhook takes it, the mailbox too.
+pub const FINDING_PREFIX: &str = "reconcile.";
+
+/// Whether a message is a reconciliation alert.
+pub fn is_finding(message: &Message) -> bool {
+    message.kind.starts_with(FINDING_PREFIX) && message.pin.is_none()
+}
+
 /// Who a message is for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]

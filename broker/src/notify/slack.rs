@@ -50,7 +50,11 @@ impl Slack {
 
     fn target(&self, message: &Message) -> Option<String> {
         match &message.to {
-            Recipient::Person { slack, .. } if message.pin.is_some() => slack.clone(),
+            Recipient::Person { slack, .. }
+                if message.pin.is_some() || super::is_finding(message) =>
+            {
+                slack.clone()
+            }
             Recipient::Channel if CHANNEL_KINDS.contains(&message.kind.as_str()) => {
                 self.channel.clone()
             }

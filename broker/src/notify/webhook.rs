@@ -66,7 +66,9 @@ impl Notifier for Webhook {
     fn accepts(&self, message: &Message) -> bool {
         match message.to {
             Recipient::Channel => true,
-            Recipient::Person { .. } => self.send_pins && message.pin.is_some(),
+            Recipient::Person { .. } => {
+                (self.send_pins && message.pin.is_some()) || super::is_finding(message)
+            }
         }
     }
 

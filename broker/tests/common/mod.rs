@@ -538,6 +538,7 @@ impl Harness {
                 slack: None,
             },
             sweep_interval: Duration::from_secs(3600),
+            findings_interval: Duration::from_secs(3600),
             consent: consent_config,
         };
         let mut h = Self {
