@@ -3,12 +3,14 @@
 //! rolled-back data directory, entries deleted by hand) cannot make the log
 //! sign a smaller tree unnoticed.
 //!
-//! The file (`<data dir>/tree-head`) holds the signed note of that
-//! checkpoint, verbatim: origin, size and root inside, readable by any
-//! signed-note tool. It is replaced atomically (temporary file, `fsync`,
-//! `rename`, `fsync` of the directory) before a checkpoint of a larger size
-//! is returned to anyone, and only then; a checkpoint of a size already
-//! persisted needs no write.
+//! The file (`<data dir>/log/checkpoint`, the C2SP `tlog-tiles` checkpoint
+//! next to the tiles) holds the signed note of that checkpoint, verbatim:
+//! origin, size and root inside, readable by any signed-note tool. It is
+//! replaced atomically (temporary file, `fsync`, `rename`, `fsync` of the
+//! directory) before a checkpoint of a larger size is returned to anyone,
+//! and only then; a checkpoint of a size already persisted needs no write.
+//! Earlier versions kept it in `<data dir>/tree-head`; loading moves that
+//! file (checked first) to its new place.
 
 use std::{
     fs::{self, File},
@@ -18,8 +20,11 @@ use std::{
 
 use crate::{checkpoint::NoteVerifier, error::AuditError, merkle::Hash};
 
-/// The file name of the tree head in the data directory.
-pub const FILE_NAME: &str = "tree-head";
+/// The file of the tree head in the data directory.
+pub const FILE_NAME: &str = "log/checkpoint";
+
+/// Where earlier versions kept it.
+pub const LEGACY_FILE_NAME: &str = "tree-head";
 
 /// A signed tree head: size, root and the signed note that says so.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +49,7 @@ impl TreeHead {
 #[derive(Debug, Default)]
 pub struct TreeHeadFile {
     path: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
     head: Option<TreeHead>,
     /// Whether the file was absent when loaded.
     missing: bool,
@@ -60,11 +66,37 @@ impl TreeHeadFile {
     /// [`TreeHeadFile::was_missing`] says so and the log decides.
     pub fn load(dir: &Path, verifier: &NoteVerifier) -> Result<Self, AuditError> {
         let path = dir.join(FILE_NAME);
+        let legacy = dir.join(LEGACY_FILE_NAME);
+        if !path.exists() && legacy.exists() {
+            Self::check(&legacy, verifier)?;
+            let moved = fs::read(&legacy)
+                .and_then(|note| {
+                    fs::create_dir_all(path.parent().unwrap_or(dir))?;
+                    write_atomically(&path, &note)
+                })
+                .and_then(|()| fs::remove_file(&legacy));
+            moved.map_err(|e| {
+                AuditError::HeadFile(format!(
+                    "cannot move the tree-head file {} to {}: {e}; make the data directory                      writable by the audit service",
+                    legacy.display(),
+                    path.display()
+                ))
+            })?;
+        }
+        let mut loaded = Self::check(&path, verifier)?;
+        loaded.data_dir = Some(dir.to_owned());
+        Ok(loaded)
+    }
+
+    /// Loads the head kept at `path`.
+    fn check(path: &Path, verifier: &NoteVerifier) -> Result<Self, AuditError> {
+        let path = path.to_owned();
         let note = match fs::read_to_string(&path) {
             Ok(note) => note,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Self {
                     path: Some(path),
+                    data_dir: None,
                     head: None,
                     missing: true,
                 });
@@ -87,6 +119,7 @@ impl TreeHeadFile {
         })?;
         Ok(Self {
             path: Some(path),
+            data_dir: None,
             head: Some(TreeHead {
                 size: checkpoint.size,
                 root: checkpoint.root,
@@ -114,6 +147,11 @@ impl TreeHeadFile {
     /// Where the head is persisted, if anywhere.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
+    }
+
+    /// The data directory the head was loaded from, if any.
+    pub fn data_dir(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
     }
 
     /// A description of where the head is kept, for messages.
@@ -154,6 +192,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".tmp");
     let tmp = dir.join(name);
+    fs::create_dir_all(dir)?;
     {
         let mut file = File::create(&tmp)?;
         file.write_all(bytes)?;
@@ -197,7 +236,7 @@ mod tests {
         assert!(!file.record(head(3)).unwrap(), "smaller: never written");
         let on_disk = fs::read_to_string(dir.path().join(FILE_NAME)).unwrap();
         assert_eq!(on_disk, head(5).note);
-        assert!(!dir.path().join("tree-head.tmp").exists());
+        assert!(!dir.path().join("log/checkpoint.tmp").exists());
 
         let again = TreeHeadFile::load(dir.path(), &verifier).unwrap();
         assert!(!again.was_missing());
@@ -206,8 +245,35 @@ mod tests {
     }
 
     #[test]
+    fn the_tree_head_file_of_earlier_versions_moves_to_log_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let verifier = signer().verifier();
+        fs::write(dir.path().join(LEGACY_FILE_NAME), head(7).note).unwrap();
+        let file = TreeHeadFile::load(dir.path(), &verifier).unwrap();
+        assert_eq!(file.head(), Some(&head(7)));
+        assert!(!dir.path().join(LEGACY_FILE_NAME).exists());
+        assert_eq!(
+            fs::read_to_string(dir.path().join(FILE_NAME)).unwrap(),
+            head(7).note
+        );
+        // One that is not this log's is refused, and left where it is.
+        let other = tempfile::tempdir().unwrap();
+        let mut note = head(9).note;
+        note = note.replacen("\n9\n", "\n10\n", 1);
+        fs::write(other.path().join(LEGACY_FILE_NAME), &note).unwrap();
+        let err = TreeHeadFile::load(other.path(), &verifier).unwrap_err();
+        assert!(
+            err.to_string().contains("is not a checkpoint signed"),
+            "{err}"
+        );
+        assert!(other.path().join(LEGACY_FILE_NAME).exists());
+        assert!(!other.path().join(FILE_NAME).exists());
+    }
+
+    #[test]
     fn a_head_file_not_signed_by_this_log_is_refused_with_what_to_do() {
         let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("log")).unwrap();
         let mut note = head(9).note;
         note = note.replacen("\n9\n", "\n10\n", 1);
         fs::write(dir.path().join(FILE_NAME), note).unwrap();

@@ -44,7 +44,7 @@ pub use twokey_runtime::start::StartError;
 
 use crate::{
     checkpoint::CheckpointSigner, grpc::AuditGrpc, head::TreeHeadFile, service::AuditLog,
-    store::SledStore,
+    store::TileStore,
 };
 
 /// Serves the audit service on `listener` until `shutdown` resolves.
@@ -60,9 +60,12 @@ pub async fn serve(
     let tls = config
         .tls
         .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
-    let store = SledStore::open(&config.data_dir)?;
+    let store = TileStore::open(&config.data_dir)?;
     let head =
         TreeHeadFile::load(&config.data_dir, &signer.verifier()).map_err(StartError::refused)?;
+    // An old log kept in sled moves into tiles, checked against the head.
+    store::migrate::migrate(store.db(), &store, head.head().map(|h| (h.size, h.root)))
+        .map_err(StartError::refused)?;
     let log = Arc::new(
         AuditLog::new(
             store,
@@ -123,9 +126,9 @@ pub async fn serve(
         addr: config.listen.clone(),
         source,
     })?;
-    let (reflection, reflection_v1alpha) = reflection::<AuditServiceServer<AuditGrpc<SledStore>>>();
+    let (reflection, reflection_v1alpha) = reflection::<AuditServiceServer<AuditGrpc<TileStore>>>();
     let router = server()?
-        .add_service(health::<AuditServiceServer<AuditGrpc<SledStore>>>().await)
+        .add_service(health::<AuditServiceServer<AuditGrpc<TileStore>>>().await)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(grpc.into_server());
@@ -141,8 +144,8 @@ pub async fn serve(
 /// `[[sources]]` lists for its `source_id`.
 fn start_reconciler(
     config: &AuditConfig,
-    log: &Arc<AuditLog<SledStore>>,
-) -> Result<Option<Arc<reconcile::Reconciler<SledStore>>>, StartError> {
+    log: &Arc<AuditLog<TileStore>>,
+) -> Result<Option<Arc<reconcile::Reconciler<TileStore>>>, StartError> {
     let Some(r) = &config.reconcile else {
         return Ok(None);
     };
@@ -183,7 +186,7 @@ fn start_reconciler(
 /// A restore under way ([`AuditLog::hello`]) shows on the gauge
 /// `twokey.audit.restore.missing` (entries still missing) and at ERROR
 /// every minute until it completes.
-fn watch_restore(log: &Arc<AuditLog<SledStore>>) {
+fn watch_restore(log: &Arc<AuditLog<TileStore>>) {
     let gauge = Arc::downgrade(log);
     twokey_runtime::metrics::meter()
         .u64_observable_gauge("twokey.audit.restore.missing")

@@ -34,8 +34,8 @@ use crate::{
     checkpoint::{Checkpoint, CheckpointSigner, split_note},
     error::AuditError,
     head::{TreeHead, TreeHeadFile},
-    merkle::{self, Hash, RootBuilder, leaf_hash},
-    store::LogStore,
+    merkle::{self, Hash, leaf_hash},
+    store::{LogStore, Walk},
 };
 
 /// What became of an appended event.
@@ -134,6 +134,36 @@ impl QueryFilter {
             && text(&self.account_id, &event.account_id)
             && text(&self.request_id, &event.request_id)
             && (self.outcome == 0 || self.outcome == event.outcome)
+    }
+}
+
+impl QueryFilter {
+    /// The index a query walks: the most selective field given, in the
+    /// order request id, actor, account, time range, action, source; with
+    /// none of them, every entry.
+    pub fn walk(&self) -> Walk {
+        if !self.request_id.is_empty() {
+            Walk::Request(self.request_id.clone())
+        } else if !self.actor.is_empty() {
+            if self.actor.contains('/') {
+                Walk::Actor(self.actor.clone())
+            } else {
+                Walk::ActorName(self.actor.clone())
+            }
+        } else if !self.account_id.is_empty() {
+            Walk::Account(self.account_id.clone())
+        } else if self.since.is_some() || self.until.is_some() {
+            Walk::Time {
+                since: self.since,
+                until: self.until,
+            }
+        } else if !self.action.is_empty() {
+            Walk::Action(self.action.clone())
+        } else if !self.source.is_empty() {
+            Walk::Source(self.source.clone())
+        } else {
+            Walk::All
+        }
     }
 }
 
@@ -344,10 +374,13 @@ impl<S: LogStore> AuditLog<S> {
 
     /// Makes whatever the store holds durable and visible (after a restart),
     /// once it is checked against the largest tree head this log signed:
-    /// every stored entry is rehashed, and the store must hold at least the
-    /// signed size with the signed root at that size, and its stored subtree
-    /// hashes must agree with its entries. Otherwise it refuses with
-    /// [`AuditError::TreeHead`] naming both and what to do.
+    /// the store must hold at least the signed size, with the signed root
+    /// at that size, and its right edge must be whole (what the store
+    /// checks when it opens: the newest entries against their leaf hashes,
+    /// the last tiles against the level above). This costs the same at any
+    /// size; rehashing every entry is `TileStore::verify_all`, offline.
+    /// Otherwise it refuses with [`AuditError::TreeHead`] naming both and
+    /// what to do.
     ///
     /// A tree-head file that is missing while the store holds entries is
     /// taken for the first start after the upgrade that added the file: the
@@ -356,8 +389,9 @@ impl<S: LogStore> AuditLog<S> {
     /// witnesses that remember the log's checkpoints close that gap.
     pub async fn recover(&self) -> Result<(), AuditError> {
         let size = self.store.size();
-        self.store.sync().await?;
         self.check_stored_log(size)?;
+        self.store.discard_uncommitted()?;
+        self.store.sync().await?;
         self.durable.fetch_max(size, Ordering::SeqCst);
         let missing = self.head().was_missing();
         if missing && size > 0 {
@@ -374,14 +408,20 @@ impl<S: LogStore> AuditLog<S> {
         Ok(())
     }
 
-    /// Rehashes the `size` stored entries and checks them against the
-    /// signed tree head and the stored subtree hashes.
+    /// Checks the `size` stored entries against the signed tree head: the
+    /// store's own findings at open, the size, and the root at the signed
+    /// size (from O(log n) stored hashes).
     fn check_stored_log(&self, size: u64) -> Result<(), AuditError> {
         let head = self.head();
         let location = head.location();
         let dir = head
-            .path()
-            .and_then(|p| p.parent())
+            .data_dir()
+            .map(std::path::Path::to_path_buf)
+            .or_else(|| {
+                head.path()
+                    .and_then(|p| p.parent())
+                    .map(|p| p.to_path_buf())
+            })
             .map_or_else(|| "the store".to_owned(), |d| d.display().to_string());
         let signed = head.head().cloned();
         drop(head);
@@ -402,57 +442,39 @@ impl<S: LogStore> AuditLog<S> {
                 root = h.root_hex(),
             ))
         };
-        if let Some(h) = &signed
-            && size < h.size
-        {
-            return Err(refuse(format!(
-                "the store in {dir} holds {size} entries: entries were lost or the data \
+        let shorter = |held: u64| {
+            refuse(format!(
+                "the store in {dir} holds {held} entries: entries were lost or the data \
                  directory was rolled back"
-            )));
+            ))
+        };
+        if let Err(problem) = self.store.check() {
+            return Err(match (problem.held, &signed) {
+                (Some(held), Some(h)) if held < h.size => shorter(held),
+                (Some(held), _) => refuse(format!(
+                    "{}: the store in {dir} holds {held} of its {size} entries",
+                    problem.why
+                )),
+                (None, _) => refuse(problem.why),
+            });
         }
-        let mut builder = RootBuilder::new();
-        for index in 0..size {
-            let entry = match self.store.entry(index) {
-                Ok(Some(e)) => e,
-                Ok(None) => {
-                    return Err(refuse(format!(
-                        "entry {index} is missing from the store in {dir}, which claims \
-                         {size} entries: entries were deleted"
-                    )));
-                }
-                Err(AuditError::Corrupt { why, .. }) => {
-                    return Err(refuse(format!(
-                        "entry {index} stored in {dir} cannot be read ({why}): it was altered"
-                    )));
-                }
-                Err(e) => return Err(e),
-            };
-            let signed_event = entry.signed_event.filter(|_| entry.index == index);
-            let Some(signed_event) = signed_event else {
-                return Err(refuse(format!(
-                    "entry {index} stored in {dir} is not the entry of that index: it was altered"
-                )));
-            };
-            builder.push(leaf_hash(&signed_event.encode_to_vec()));
-            if let Some(h) = &signed
-                && builder.size() == h.size
-                && builder.root() != h.root
-            {
-                return Err(refuse(format!(
-                    "the entries stored in {dir} have root {} at {} entries: stored entries \
-                     were altered or replaced (a fork)",
-                    hex::encode(builder.root()),
-                    h.size
-                )));
-            }
+        let Some(h) = &signed else {
+            return Ok(());
+        };
+        if size < h.size {
+            return Err(shorter(size));
         }
-        let from_nodes = self.mth(0, size)?;
-        if from_nodes != builder.root() {
+        let root = self.mth(0, h.size).map_err(|e| {
+            refuse(format!(
+                "the hashes stored in {dir} cannot be read ({e}): they were altered or deleted"
+            ))
+        })?;
+        if root != h.root {
             return Err(refuse(format!(
-                "the subtree hashes stored in {dir} give root {} for {size} entries, but the \
-                 stored entries hash to {}: the store was altered",
-                hex::encode(from_nodes),
-                hex::encode(builder.root())
+                "the entries stored in {dir} have root {} at {} entries: stored entries \
+                 were altered or replaced (a fork)",
+                hex::encode(root),
+                h.size
             )));
         }
         Ok(())
@@ -619,7 +641,11 @@ impl<S: LogStore> AuditLog<S> {
     }
 
     /// Up to `limit` entries matching `filter`, from `start` (an index from
-    /// a previous batch's `next`) in the filter's order.
+    /// a previous batch's `next`) in the filter's order: by leaf index, or,
+    /// when a time range is the only field an index serves, by event time
+    /// (then leaf index). The most selective index the filter names is
+    /// walked from `start` ([`QueryFilter::walk`]); the log is never
+    /// scanned unless the filter names no indexed field.
     pub fn query_batch(
         &self,
         filter: &QueryFilter,
@@ -631,24 +657,27 @@ impl<S: LogStore> AuditLog<S> {
         if size == 0 {
             return Ok(batch);
         }
-        let indices: Box<dyn Iterator<Item = u64>> = if filter.newest_first {
-            let from = start.unwrap_or(size - 1);
-            if from >= size {
+        if let Some(from) = start {
+            let beyond = if filter.newest_first {
+                from >= size
+            } else {
+                from > size
+            };
+            if beyond {
                 return Err(AuditError::OutOfRange(format!(
                     "page token {from} is beyond the log of {size} entries"
                 )));
             }
-            Box::new((0..=from).rev())
-        } else {
-            let from = start.unwrap_or(0);
-            if from > size {
-                return Err(AuditError::OutOfRange(format!(
-                    "page token {from} is beyond the log of {size} entries"
-                )));
+            if from == size {
+                return Ok(batch);
             }
-            Box::new(from..size)
-        };
-        for index in indices {
+        }
+        let walk = filter.walk();
+        for index in self.store.walk(&walk, start, filter.newest_first, size)? {
+            let index = index?;
+            if index >= size {
+                continue;
+            }
             let entry = self
                 .store
                 .entry(index)?
@@ -803,7 +832,7 @@ impl<S: LogStore> AuditLog<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{checkpoint::NoteVerifier, store::SledStore};
+    use crate::{checkpoint::NoteVerifier, store::TileStore};
     use ed25519_dalek::SigningKey;
     use std::time::{Duration, SystemTime};
     use twokey_proto::audit::v1::Outcome;
@@ -818,7 +847,7 @@ mod tests {
 
     pub(super) struct Fixture {
         pub(super) _dir: tempfile::TempDir,
-        pub(super) log: AuditLog<SledStore>,
+        pub(super) log: AuditLog<TileStore>,
         pub(super) vault: EventSigner,
         pub(super) broker: EventSigner,
         pub(super) start: SystemTime,
@@ -839,7 +868,7 @@ mod tests {
         .into();
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         let log = AuditLog::new(
-            SledStore::open(dir.path()).unwrap(),
+            TileStore::open(dir.path()).unwrap(),
             sources,
             [id("spiffe://t/user/carol")].into(),
             CheckpointSigner::new("t/audit", SigningKey::from_bytes(&[3; 32])).unwrap(),
@@ -1088,33 +1117,36 @@ mod tests {
         ]
         .into();
         let verifier = f.log.signer().verifier();
-        let tree = f.log.store().tree();
-        let key = SledStore::entry_key(2);
-        let original = tree.get(&key).unwrap().unwrap().to_vec();
-        // Every byte except the trailing received_at, which no signature covers.
-        let received = LogEntry {
-            received_at: f.log.entry(2).unwrap().unwrap().received_at,
-            ..LogEntry::default()
-        }
-        .encode_to_vec()
-        .len();
-        for pos in 0..original.len() - received {
-            let mut tampered = original.clone();
-            tampered[pos] ^= 0x01;
-            tree.insert(&key, tampered).unwrap();
-            let entries: Result<Vec<LogEntry>, _> =
-                (0..5).map(|i| f.log.entry(i).map(Option::unwrap)).collect();
-            match entries {
-                Err(AuditError::Corrupt { index: 2, .. }) => {}
-                Err(e) => panic!("unexpected error {e}"),
-                Ok(entries) => assert!(
-                    crate::verify::verify_log(&entries, &sources, Some((&cp.note, &verifier)))
-                        .is_err(),
-                    "flipped byte {pos} went unnoticed"
-                ),
+        // Every byte of the entry bundle and of the level-0 hash tile, read
+        // by a store opened afresh on the same database.
+        let log_dir = f.log.store().log_dir().to_owned();
+        for file in ["tile/entries/000.p/5", "tile/0/000.p/5"] {
+            let path = log_dir.join(file);
+            let original = std::fs::read(&path).unwrap();
+            for pos in 0..original.len() {
+                let mut tampered = original.clone();
+                tampered[pos] ^= 0x01;
+                std::fs::write(&path, tampered).unwrap();
+                let store = TileStore::with_db(f.log.store().db().clone()).unwrap();
+                if store.check().is_err() {
+                    continue;
+                }
+                let entries: Result<Vec<LogEntry>, _> =
+                    (0..5).map(|i| store.entry(i).map(Option::unwrap)).collect();
+                match entries {
+                    Err(AuditError::Corrupt { .. }) => {}
+                    Err(e) => panic!("unexpected error {e}"),
+                    Ok(entries) => assert!(
+                        crate::verify::verify_log(&entries, &sources, Some((&cp.note, &verifier)))
+                            .is_err(),
+                        "flipped byte {pos} of {file} went unnoticed"
+                    ),
+                }
             }
+            std::fs::write(&path, original).unwrap();
         }
-        tree.insert(&key, original).unwrap();
+        let store = TileStore::with_db(f.log.store().db().clone()).unwrap();
+        assert_eq!(store.check(), Ok(()));
         let entries: Vec<LogEntry> = (0..5).map(|i| f.log.entry(i).unwrap().unwrap()).collect();
         crate::verify::verify_log(&entries, &sources, Some((&cp.note, &verifier))).unwrap();
         // A dropped tail entry is detected too.
@@ -1158,12 +1190,12 @@ mod tests {
 
     /// A log over the sled store and tree-head file in `dir`, with the
     /// fixture's keys, recovered as `serve` does.
-    async fn log_at(dir: &std::path::Path) -> Result<AuditLog<SledStore>, AuditError> {
+    async fn log_at(dir: &std::path::Path) -> Result<AuditLog<TileStore>, AuditError> {
         let signer = CheckpointSigner::new("t/audit", SigningKey::from_bytes(&[3; 32])).unwrap();
         let head = TreeHeadFile::load(dir, &signer.verifier())?;
         let vault = EventSigner::new(id(VAULT), SigningKey::from_bytes(&[1; 32]));
         let log = AuditLog::new(
-            SledStore::open(dir).unwrap(),
+            TileStore::open(dir).unwrap(),
             [(id(VAULT), vault.verifying_key())].into(),
             [id("spiffe://t/user/carol")].into(),
             signer,
@@ -1175,7 +1207,7 @@ mod tests {
     }
 
     async fn append_vault(
-        log: &AuditLog<SledStore>,
+        log: &AuditLog<TileStore>,
         seqs: std::ops::RangeInclusive<u64>,
         action: &str,
     ) {

@@ -1,8 +1,11 @@
 //! Storage of the log behind a small trait: entries by index, each source's
-//! next expected sequence number and where each (source, seq) landed, and the
-//! roots of every complete subtree, so roots and proofs need O(log n) reads.
-//! At startup `AuditLog::recover` rehashes the entries once, to check them
-//! against these hashes and the signed tree head (`head`). The sled implementation stages
+//! next expected sequence number and where each (source, seq) landed, the
+//! roots of every complete subtree, so roots and proofs need O(log n) reads,
+//! and walks of the query indexes.
+//!
+//! [`TileStore`] ([`tiles`]) is the store: C2SP tiles on disk, indexes in
+//! sled. [`SledStore`], below, is the store of earlier versions, kept to
+//! read an old log once ([`migrate`]) and for tests. It stages
 //! appends in memory (reads see them) and writes everything staged as one
 //! atomic sled batch when [`LogStore::sync`] is called, then makes it durable
 //! with [`DurableDb::sync`](twokey_runtime::durable::DurableDb::sync): a
@@ -28,6 +31,39 @@ use crate::{
     merkle::{Hash, node_hash},
 };
 
+pub mod index;
+pub mod migrate;
+pub mod tiles;
+
+pub use index::Walk;
+pub use tiles::TileStore;
+
+/// What a store found wrong with itself when opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreProblem {
+    /// The entries it holds, when fewer than it should.
+    pub held: Option<u64>,
+    /// What is wrong.
+    pub why: String,
+}
+
+/// Indices `start..size` (oldest first) or `start..=0` (newest first).
+pub fn by_index(
+    start: Option<u64>,
+    newest_first: bool,
+    size: u64,
+) -> Box<dyn Iterator<Item = Result<u64, AuditError>> + Send + 'static> {
+    if size == 0 {
+        return Box::new(std::iter::empty());
+    }
+    if newest_first {
+        let from = start.unwrap_or(size - 1).min(size - 1);
+        Box::new((0..=from).rev().map(Ok))
+    } else {
+        Box::new((start.unwrap_or(0)..size).map(Ok))
+    }
+}
+
 /// Where the log lives. Callers serialise [`LogStore::append`] calls.
 pub trait LogStore: Send + Sync + 'static {
     /// Number of entries written (durable or not yet).
@@ -45,6 +81,28 @@ pub trait LogStore: Send + Sync + 'static {
     fn node(&self, level: u32, index: u64) -> Result<Hash, AuditError>;
     /// Makes every completed write durable; concurrent callers share one sync.
     fn sync(&self) -> impl Future<Output = Result<(), AuditError>> + Send;
+    /// What opening found wrong with the stored log, if anything.
+    fn check(&self) -> Result<(), StoreProblem> {
+        Ok(())
+    }
+    /// Removes what a crash left beyond the committed log; called once the
+    /// store is found to extend the signed tree head.
+    fn discard_uncommitted(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
+    /// Leaf indices along `walk` from `start` (inclusive), oldest or newest
+    /// first; the caller checks its whole filter on each entry and skips
+    /// indices at or past `size`. By default every index, in index order.
+    fn walk(
+        &self,
+        walk: &Walk,
+        start: Option<u64>,
+        newest_first: bool,
+        size: u64,
+    ) -> Result<Box<dyn Iterator<Item = Result<u64, AuditError>> + Send + '_>, AuditError> {
+        let _ = walk;
+        Ok(by_index(start, newest_first, size))
+    }
 }
 
 const ENTRY: u8 = b'e';

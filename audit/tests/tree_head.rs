@@ -1,8 +1,8 @@
 //! The log never signs less than it signed before, against an attacker
 //! with write access to the audit host's disk but no keys, while the real
 //! `twokey-audit` binary is stopped: a byte flipped in the newest stored
-//! entry, the tail deleted through sled, and an older copy of the data
-//! directory put back. Each is refused at start with a message naming the
+//! entry, the tail deleted from the tiles and the index, and an older copy
+//! of the data directory put back. Each is refused at start with a message naming the
 //! signed size, its root, what the store holds and what to do; the
 //! tree-head file keeps the larger head; a normal restart still serves.
 
@@ -15,11 +15,7 @@ use std::{
 };
 
 use common::*;
-use twokey_audit::{
-    checkpoint::Checkpoint,
-    head::FILE_NAME,
-    store::{LogStore, SledStore},
-};
+use twokey_audit::{checkpoint::Checkpoint, head::FILE_NAME, store::tiles::LOG_DIR};
 use twokey_proto::audit::v1::LogEntry;
 
 /// Starts the binary, appends vault events `seqs` and returns the
@@ -160,10 +156,6 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// The attack of issue 15: audit stopped right after the newest entry was
-/// written, one byte of that entry flipped on disk. sled finds the record
-/// damaged, takes it for a torn write and drops it: without the tree head
-/// the service served and signed the shorter log.
 /// Audit refuses to start on a store of `held` entries below the signed
 /// head `signed`, saying so.
 fn assert_shorter_store_refused(env: &Env, signed: &Checkpoint, held: usize) {
@@ -179,11 +171,15 @@ fn assert_shorter_store_refused(env: &Env, signed: &Checkpoint, held: usize) {
     );
 }
 
+/// The attack of issue 15, on tiles: audit stopped right after the newest
+/// entry was written, one byte of that entry flipped on disk (its entry
+/// bundle). Opening rehashes the newest entries against their leaf hashes
+/// and refuses.
 #[tokio::test]
 async fn a_flipped_byte_in_the_newest_entry_is_refused_at_start() {
     let env = Env::new();
     append_and_checkpoint(&env, 1..=11).await;
-    // A normal restart serves the same log (and sled snapshots it).
+    // A normal restart serves the same log.
     let (child, addr) = start(&serve_flags(&env)).await;
     assert_eq!(
         checkpoint(&mut env.client(addr, "carol")).await.tree_size,
@@ -193,17 +189,65 @@ async fn a_flipped_byte_in_the_newest_entry_is_refused_at_start() {
     let (signed, entries) = append_and_read(&env, 12..=12).await;
     assert_eq!(signed.size, 12);
 
-    // Flip one byte of the newest entry's event signature where sled keeps
-    // it on disk.
-    let db = data_dir(&env).join("db");
-    let mut bytes = std::fs::read(&db).unwrap();
+    // Flip one byte of the newest entry's event signature where the entry
+    // bundle of the 12 entries keeps it.
+    let bundle = data_dir(&env).join(LOG_DIR).join("tile/entries/000.p/12");
+    let mut bytes = std::fs::read(&bundle).unwrap();
     let newest = entries.last().unwrap();
     let signature = &newest.signed_event.as_ref().unwrap().signature;
-    let at = rfind(&bytes, signature).expect("the newest entry's signature is in sled's file");
+    let at = rfind(&bytes, signature).expect("the newest entry's signature is in its bundle");
     bytes[at + 10] ^= 0x01;
-    std::fs::write(&db, bytes).unwrap();
+    std::fs::write(&bundle, bytes).unwrap();
 
-    assert_shorter_store_refused(&env, &signed, 11);
+    let stderr = refused_start(&env);
+    assert_refusal(
+        &env,
+        &stderr,
+        &signed,
+        &[
+            "entry 11 stored in",
+            "does not hash to its leaf hash in its level-0 tile: it was altered",
+        ],
+    );
+}
+
+/// The partial tiles of width `width` (entries and level 0) made from the
+/// wider ones, as an attacker who cuts the tail would leave them.
+fn cut_tail(log: &Path, width: usize) {
+    for (kind, item) in [("entries", None), ("0", Some(32))] {
+        let partials = log.join(format!("tile/{kind}/000.p"));
+        let widest = std::fs::read_dir(&partials)
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .into_string()
+                    .unwrap()
+                    .parse::<usize>()
+                    .unwrap()
+            })
+            .max()
+            .unwrap();
+        let bytes = std::fs::read(partials.join(widest.to_string())).unwrap();
+        let keep = match item {
+            Some(len) => width * len,
+            None => {
+                let mut at = 0;
+                for _ in 0..width {
+                    at += 2 + usize::from(u16::from_be_bytes([bytes[at], bytes[at + 1]]));
+                }
+                at
+            }
+        };
+        for e in std::fs::read_dir(&partials).unwrap() {
+            let e = e.unwrap();
+            let w: usize = e.file_name().into_string().unwrap().parse().unwrap();
+            if w > width {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+        std::fs::write(partials.join(width.to_string()), &bytes[..keep]).unwrap();
+    }
 }
 
 #[tokio::test]
@@ -211,19 +255,30 @@ async fn a_deleted_tail_is_refused_at_start() {
     let env = Env::new();
     let signed = append_and_checkpoint(&env, 1..=10).await;
 
-    // Remove the three newest entries through sled, and the size with
-    // them, as a careful attacker would: the store looks whole at 7.
+    // Remove the three newest entries from the tiles, and the size from
+    // the index with them, as a careful attacker would: the store looks
+    // whole at 7.
+    cut_tail(&data_dir(&env).join(LOG_DIR), 7);
     {
-        let store = SledStore::open(&data_dir(&env)).unwrap();
-        assert_eq!(store.size(), 10);
-        for index in 7..10 {
-            store.tree().remove(SledStore::entry_key(index)).unwrap();
-        }
-        store.tree().insert("m/size", &7u64.to_be_bytes()).unwrap();
-        store.tree().flush().unwrap();
-        assert!(store.tree().get(SledStore::entry_key(6)).unwrap().is_some());
+        let db = sled::open(data_dir(&env)).unwrap();
+        let meta = db.open_tree("log_meta").unwrap();
+        assert_eq!(
+            meta.get("m/size").unwrap().unwrap().as_ref(),
+            10u64.to_be_bytes()
+        );
+        meta.insert("m/size", &7u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
     }
 
+    assert_shorter_store_refused(&env, &signed, 7);
+}
+
+#[tokio::test]
+async fn deleted_tail_tiles_are_refused_at_start() {
+    let env = Env::new();
+    let signed = append_and_checkpoint(&env, 1..=10).await;
+    // Only the tiles cut back to 7; the index still says 10.
+    cut_tail(&data_dir(&env).join(LOG_DIR), 7);
     assert_shorter_store_refused(&env, &signed, 7);
 }
 

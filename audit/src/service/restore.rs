@@ -456,7 +456,7 @@ mod tests {
         ]
     }
 
-    async fn append(f: &Fixture, log: &AuditLog<crate::store::SledStore>, n: usize) {
+    async fn append(f: &Fixture, log: &AuditLog<crate::store::TileStore>, n: usize) {
         for (signer, seq) in history(f).into_iter().take(n) {
             log.append(signer.source(), event(signer, seq, "a", f.start))
                 .await
