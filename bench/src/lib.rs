@@ -5,6 +5,7 @@
 //! criterion micro-benchmarks. The numbers are in docs/BENCHMARKS.md.
 #![forbid(unsafe_code)]
 
+pub mod bare;
 pub mod plot;
 pub mod procs;
 pub mod report;
@@ -16,6 +17,7 @@ pub mod system;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Result, ensure};
+use twokey_proto::vault::v1::vault_service_client::VaultServiceClient;
 
 pub use report::Report;
 
@@ -206,8 +208,12 @@ pub async fn run(opts: &Options) -> Result<Report> {
     if opts.runs(Which::Vault) {
         enroll_all(&vault, &world.grant_key, &code_accounts, 64, limit).await?;
         held += code_accounts.len();
+        let bare_server = bare::BareServer::start(&world.tls("vault"))?;
+        let bare =
+            VaultServiceClient::new(world.channel("broker", &bare_server.address, "vault")?);
         let rows = scenario::vault::run(
             &vault,
+            &bare,
             &world.grant_key,
             &world.people,
             &code_accounts,
@@ -216,6 +222,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             limit,
         )
         .await?;
+        drop(bare_server);
         report.scenarios.extend(rows);
     }
     if opts.runs(Which::Audit) {

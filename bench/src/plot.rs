@@ -312,8 +312,12 @@ pub fn scaling_png(rows: &[ScaleRow], path: &Path) -> Result<()> {
         ("checkpoint", |r| r.checkpoint_p50_us),
         ("inclusion proof", |r| r.inclusion_p50_us),
         ("consistency proof", |r| r.consistency_p50_us),
-        ("query 100 newest", |r| r.query_page_p50_us),
-        ("query scan", |r| r.query_scan_p50_us),
+        ("query 100 newest", |r| {
+            r.query("newest").map_or(0.0, |q| q.p50_us)
+        }),
+        ("query by account", |r| {
+            r.query("account").map_or(0.0, |q| q.p50_us)
+        }),
     ];
     let all: Vec<f64> = rows
         .iter()

@@ -144,14 +144,15 @@ impl Report {
             s.push('\n');
         }
         if !self.scaling.is_empty() {
-            s.push_str("| entries | disk MiB | Append/s | Append p99 µs | checkpoint p50/p99 µs | inclusion p50/p99 µs | consistency p50/p99 µs | query page p50 µs | query scan p50 µs | errors |\n");
-            s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+            s.push_str("| entries | disk MiB | disk bytes/entry | Append/s | Append p99 µs | checkpoint p50/p99 µs | inclusion p50/p99 µs | consistency p50/p99 µs | errors |\n");
+            s.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
             for r in &self.scaling {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} / {} | {} |",
                     r.entries,
                     n(r.disk_mib),
+                    n(r.disk_bytes_per_entry),
                     n(r.append_per_s),
                     n(r.append_p99_us),
                     n(r.checkpoint_p50_us),
@@ -160,10 +161,35 @@ impl Report {
                     n(r.inclusion_p99_us),
                     n(r.consistency_p50_us),
                     n(r.consistency_p99_us),
-                    n(r.query_page_p50_us),
-                    n(r.query_scan_p50_us),
                     r.errors
                 );
+            }
+            s.push_str(
+                "\nQuery, first page of 100, p50 / p99 µs (mean entries on it):\n\n| entries |",
+            );
+            for by in crate::scenario::scaling::QUERY_KINDS {
+                let _ = write!(s, " by {by} |");
+            }
+            s.push_str("\n|---:|");
+            s.push_str(&"---:|".repeat(crate::scenario::scaling::QUERY_KINDS.len()));
+            s.push('\n');
+            for r in &self.scaling {
+                let _ = write!(s, "| {} |", r.entries);
+                for by in crate::scenario::scaling::QUERY_KINDS {
+                    match r.query(by) {
+                        Some(q) => {
+                            let _ = write!(
+                                s,
+                                " {} / {} ({}) |",
+                                n(q.p50_us),
+                                n(q.p99_us),
+                                n(q.mean_entries)
+                            );
+                        }
+                        None => s.push_str(" – |"),
+                    }
+                }
+                s.push('\n');
             }
         }
         s

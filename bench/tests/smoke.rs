@@ -25,6 +25,7 @@ async fn every_scenario_runs_at_ci_scale() {
 
     let names: Vec<&str> = report.scenarios.iter().map(|r| r.name.as_str()).collect();
     for want in [
+        twokey_bench::scenario::vault::BARE_STATUS,
         "Status (empty mTLS round trip)",
         "GenerateCode (signed grant, audit ack)",
         "Append, 1 source × 1 in flight (one sync per event)",
@@ -84,10 +85,18 @@ async fn every_scenario_runs_at_ci_scale() {
             row.append_per_s > 0.0 && row.checkpoint_p50_us > 0.0,
             "{row:?}"
         );
-        assert!(
-            row.query_scan_p50_us > 0.0 && row.inclusion_p50_us > 0.0,
-            "{row:?}"
-        );
+        assert!(row.inclusion_p50_us > 0.0, "{row:?}");
+        assert!(row.disk_bytes_per_entry > 0.0, "{row:?}");
+        for by in twokey_bench::scenario::scaling::QUERY_KINDS {
+            let q = row
+                .query(by)
+                .unwrap_or_else(|| panic!("no query by {by}: {row:?}"));
+            assert!(q.p99_us >= q.p50_us && q.p50_us > 0.0, "{q:?}");
+            // Every kind but the time range matches a fill event by construction.
+            if by != "time range" {
+                assert!(q.mean_entries >= 1.0, "{q:?}");
+            }
+        }
     }
 
     let json = serde_json::to_value(&report).unwrap();

@@ -1,12 +1,16 @@
 //! How the audit log behaves as it grows: the log is filled to each size
-//! directly through its store (events signed by a `fill` source, one sync at
-//! the end), then the real `twokey-audit` process is started on it and
-//! measured over mTLS: start to serving, idle RSS, grouped Append
-//! throughput, and the latency of checkpoints, inclusion and consistency
-//! proofs, a first query page and a query that scans the whole log.
+//! through the audit's own store (`TileStore`: C2SP tiles plus sled
+//! indexes; events signed by a `fill` source, a sync every
+//! [`FILL_BATCH`] entries), then the real `twokey-audit` process is started
+//! on it and measured over mTLS: start to serving, idle RSS, the latency of
+//! checkpoints, inclusion and consistency proofs, the first page of a query
+//! by each index (request id, account, actor, action, time range) and of the
+//! newest entries, grouped Append throughput, the RSS after that read and
+//! append load, and the disk used per entry, indexes included.
 
 use std::{
     path::Path,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -15,21 +19,53 @@ use futures::StreamExt;
 use prost::Message;
 use serde::Serialize;
 use twokey_audit::{
-    merkle::{Hash, leaf_hash, node_hash, subtree_root},
-    store::SledStore,
+    merkle::{Hash, leaf_hash, subtree_root},
+    store::{LogStore, TileStore},
 };
 use twokey_proto::audit::v1::{
     GetCheckpointRequest, GetConsistencyProofRequest, GetInclusionProofRequest, LogEntry,
-    QueryRequest, audit_service_client::AuditServiceClient,
+    QueryRequest, SignedEvent, audit_service_client::AuditServiceClient,
 };
-use twokey_runtime::{durable::DurableDb, events::EventSigner, time::to_timestamp};
+use twokey_runtime::{
+    events::{EventDraft, EventSigner},
+    time::to_timestamp,
+};
 
 use crate::{
-    scenario::audit::{Source, event, group},
-    setup::World,
+    scenario::audit::{Source, group},
+    setup::{TD, World},
     stats::{percentile, summarise},
     system::{Footprint, start_audit},
 };
+
+/// Entries the fill appends between two syncs of the store.
+pub const FILL_BATCH: u64 = 65_536;
+
+/// Actions of the fill's events, one request's five steps.
+const ACTIONS: [&str; 5] = [
+    "request.created",
+    "request.approved",
+    "pin.issued",
+    "pin.verified",
+    "code.released",
+];
+/// Distinct accounts and people in the fill's events.
+const ACCOUNTS: u64 = 1_000;
+const PEOPLE: u64 = 200;
+
+/// First-page latency of one kind of indexed query.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QueryLatency {
+    /// The index: `request id`, `account`, `actor`, `action`, `time range`,
+    /// or `newest` (no filter).
+    pub by: String,
+    /// p50 µs.
+    pub p50_us: f64,
+    /// p99 µs.
+    pub p99_us: f64,
+    /// Mean entries on the first page.
+    pub mean_entries: f64,
+}
 
 /// Measurements at one log size.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -39,8 +75,11 @@ pub struct ScaleRow {
     pub entries: u64,
     /// Seconds to fill the log to this size (bench-side, not a target).
     pub fill_seconds: f64,
-    /// Size of the data directory, MiB.
+    /// Size of the data directory after the Append run, MiB.
     pub disk_mib: f64,
+    /// Data directory bytes per entry after the Append run (tiles,
+    /// checkpoint, sled indexes).
+    pub disk_bytes_per_entry: f64,
     /// Grouped Append throughput, events/s.
     pub append_per_s: f64,
     /// Grouped Append p99 latency, µs.
@@ -57,81 +96,98 @@ pub struct ScaleRow {
     pub consistency_p50_us: f64,
     /// GetConsistencyProof p99, µs.
     pub consistency_p99_us: f64,
-    /// Query, newest 100 entries, p50 µs.
-    pub query_page_p50_us: f64,
-    /// Query by request id (scans every entry), p50 µs.
-    pub query_scan_p50_us: f64,
+    /// First pages (100 entries) of queries, by index.
+    pub queries: Vec<QueryLatency>,
     /// Failed operations of any kind.
     pub errors: usize,
 }
 
-/// Appends signed `fill` events until the log holds `target` entries, then
-/// one flush + fdatasync.
-///
-/// This is setup, not a measurement, so it writes the audit store's key
-/// layout (see `twokey_audit::store`) with plain sled inserts: a sled
-/// `apply_batch` seals and writes sled's IO buffer with a waiting
-/// `sync_file_range` every time (the bound the Append rows measure), which
-/// would make a million-entry fill take many minutes. The served
-/// checkpoint's root is compared with the root computed here, so a drift
-/// in the layout fails the run instead of measuring a wrong log.
-pub fn fill(dir: &Path, signer: &EventSigner, target: u64) -> Result<Hash> {
-    let db = DurableDb::open(dir)?;
-    let tree = db.tree("audit_log")?;
-    let u64_at = |key: &[u8]| -> Result<Option<u64>> {
-        Ok(match tree.get(key)? {
-            Some(v) => Some(u64::from_be_bytes(v.as_ref().try_into()?)),
-            None => None,
-        })
-    };
-    let node_key = |level: u32, index: u64| {
-        let mut k = vec![b'n', level as u8];
-        k.extend_from_slice(&index.to_be_bytes());
-        k
-    };
-    let source = signer.source().as_str().to_owned();
-    let mut next_seq_key = vec![b's'];
-    next_seq_key.extend_from_slice(source.as_bytes());
-    let mut size = u64_at(b"m/size")?.unwrap_or(0);
-    let mut seq = u64_at(&next_seq_key)?.unwrap_or(1);
-    while size < target {
-        let signed = event(signer, seq);
-        let leaf = leaf_hash(&signed.encode_to_vec());
-        let e = twokey_proto::audit::v1::Event::decode(signed.event.as_slice())?;
-        let entry = LogEntry {
-            index: size,
-            signed_event: Some(signed),
-            event: Some(e),
-            received_at: Some(to_timestamp(SystemTime::now())),
-        };
-        tree.insert(SledStore::entry_key(size), entry.encode_to_vec())?;
-        let mut q = vec![b'q'];
-        q.extend_from_slice(source.as_bytes());
-        q.push(0);
-        q.extend_from_slice(&seq.to_be_bytes());
-        tree.insert(q, &size.to_be_bytes())?;
-        let (mut level, mut i, mut hash) = (0u32, size, leaf);
-        tree.insert(node_key(level, i), &hash)?;
-        while i & 1 == 1 {
-            let left = tree
-                .get(node_key(level, i - 1))?
-                .context("missing left node")?;
-            hash = node_hash(left.as_ref().try_into()?, &hash);
-            level += 1;
-            i >>= 1;
-            tree.insert(node_key(level, i), &hash)?;
-        }
-        seq += 1;
-        size += 1;
-        tree.insert(next_seq_key.as_slice(), &seq.to_be_bytes())?;
-        tree.insert(b"m/size", &size.to_be_bytes())?;
+impl ScaleRow {
+    /// The query latency `by`, if measured.
+    pub fn query(&self, by: &str) -> Option<&QueryLatency> {
+        self.queries.iter().find(|q| q.by == by)
     }
-    db.sync_blocking()?;
-    let root = subtree_root(0, size, &mut |level, index| -> Result<Hash> {
-        let v = tree.get(node_key(level, index))?.context("missing node")?;
-        Ok(v.as_ref().try_into()?)
-    })?;
-    Ok(root)
+}
+
+/// The fill's event `seq`: about 300 bytes signed, one of five steps of
+/// request `seq / 5`, spread over [`ACCOUNTS`] accounts and [`PEOPLE`]
+/// people, so every index has many values and each value many entries.
+pub fn fill_event(signer: &EventSigner, seq: u64) -> SignedEvent {
+    let request = seq / 5;
+    let e = EventDraft::new(person(seq), ACTIONS[(seq % 5) as usize])
+        .account(account(request))
+        .request(request_id(request))
+        .attr("grant_id", format!("{:032x}", u128::from(seq) * 7919))
+        .attr("requester", format!("spiffe://{TD}/user/alice"))
+        .attr("approvers", format!("spiffe://{TD}/user/bob"))
+        .into_event(signer.source(), seq, SystemTime::now());
+    signer.sign(&e)
+}
+
+fn person(seq: u64) -> String {
+    format!("spiffe://{TD}/user/person-{:03}", seq % PEOPLE)
+}
+
+fn account(request: u64) -> String {
+    format!("acct-{:04}", request % ACCOUNTS)
+}
+
+fn request_id(request: u64) -> String {
+    format!("req-{request:012}")
+}
+
+/// Appends signed [`fill_event`]s through the audit's store until the log
+/// holds `target` entries, syncing every [`FILL_BATCH`], and returns the
+/// root computed from the store's tiles and the fill source's next
+/// sequence number.
+///
+/// Setup, not a measurement: events are signed on both cores ahead of the
+/// appends, and the store is written without the service's verification of
+/// each signature. The served checkpoint's root is compared with the root
+/// returned here, so a fill the service does not read fails the run.
+pub fn fill(dir: &Path, signer: &Arc<EventSigner>, target: u64) -> Result<(Hash, u64)> {
+    let store = TileStore::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let runtime = tokio::runtime::Handle::current();
+    let source = signer.source().as_str().to_owned();
+    let mut seq = store.next_seq(&source)?;
+    while store.size() < target {
+        let n = (target - store.size()).min(FILL_BATCH);
+        let signed = sign_parallel(signer, seq, n);
+        for s in signed {
+            let e = twokey_proto::audit::v1::Event::decode(s.event.as_slice())?;
+            let leaf = leaf_hash(&s.encode_to_vec());
+            let entry = LogEntry {
+                index: store.size(),
+                signed_event: Some(s),
+                event: Some(e),
+                received_at: Some(to_timestamp(SystemTime::now())),
+            };
+            store.append(&entry, &leaf)?;
+        }
+        seq += n;
+        runtime.block_on(store.sync())?;
+    }
+    let size = store.size();
+    let root = subtree_root(0, size, &mut |level, index| store.node(level, index))?;
+    Ok((root, seq))
+}
+
+/// `n` fill events from `first`, signed on two threads.
+fn sign_parallel(signer: &Arc<EventSigner>, first: u64, n: u64) -> Vec<SignedEvent> {
+    let half = n / 2;
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            (first..first + half)
+                .map(|q| fill_event(signer, q))
+                .collect::<Vec<_>>()
+        });
+        let b: Vec<SignedEvent> = (first + half..first + n)
+            .map(|q| fill_event(signer, q))
+            .collect();
+        let mut all = a.join().expect("signing thread");
+        all.extend(b);
+        all
+    })
 }
 
 fn dir_size(p: &Path) -> u64 {
@@ -172,6 +228,48 @@ where
     (samples, errors)
 }
 
+/// Like [`timed`], also keeping what each successful call returned.
+async fn timed_counts<F, Fut>(
+    count: usize,
+    limit: Duration,
+    mut f: F,
+) -> (Vec<Duration>, Vec<usize>, usize)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<usize>>,
+{
+    let (mut samples, mut counts, mut errors) = (Vec::new(), Vec::new(), 0);
+    let deadline = Instant::now() + limit;
+    for i in 0..count {
+        if Instant::now() > deadline {
+            break;
+        }
+        let t = Instant::now();
+        match f(i).await {
+            Ok(n) => {
+                samples.push(t.elapsed());
+                counts.push(n);
+            }
+            Err(e) => {
+                eprintln!("twokey-bench: scaling: {e:#}");
+                errors += 1;
+            }
+        }
+    }
+    samples.sort_unstable();
+    (samples, counts, errors)
+}
+
+/// The indexed queries measured at each size, and the unfiltered newest page.
+pub const QUERY_KINDS: [&str; 6] = [
+    "request id",
+    "account",
+    "actor",
+    "action",
+    "time range",
+    "newest",
+];
+
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
@@ -200,11 +298,15 @@ pub async fn run(
             next_seq: 1,
         })
         .collect();
+    let mut fill_window = (SystemTime::now(), SystemTime::now());
     for &size in sizes {
         let t = Instant::now();
         let (dir, signer) = (data.clone(), world.fill.clone());
-        let root = tokio::task::spawn_blocking(move || fill(&dir, &signer, size)).await??;
+        let (root, next_seq) =
+            tokio::task::spawn_blocking(move || fill(&dir, &signer, size)).await??;
         let fill_seconds = t.elapsed().as_secs_f64();
+        fill_window.1 = SystemTime::now();
+        let fill_seq = next_seq;
         let (svc, fp) = start_audit(world, bin_dir, &config, &format!("{size} entries")).await?;
         footprints.push(fp);
         let mut errors = 0;
@@ -260,43 +362,48 @@ pub async fn run(
         })
         .await;
         errors += e;
-        let query = |req: QueryRequest| {
-            let mut c = carol.clone();
-            async move {
-                let mut s = c.query(req).await?.into_inner();
-                let mut n = 0;
-                while let Some(r) = s.next().await {
-                    n += r?.entries.len();
+        // The first page (100 entries) of a query by each index, for a
+        // value of a random fill event (so there is always a match).
+        let fill_seqs = fill_seq.max(2) - 1;
+        let mut queries = Vec::new();
+        for by in QUERY_KINDS {
+            let (samples, counts, e) = timed_counts(probes.min(200), limit, |_| {
+                let seq = 1 + rand::random::<u64>() % fill_seqs;
+                let request = seq / 5;
+                let mut req = QueryRequest {
+                    page_size: 100,
+                    ..Default::default()
+                };
+                match by {
+                    "request id" => req.request_id = request_id(request),
+                    "account" => req.account_id = account(request),
+                    "actor" => req.actor = person(seq),
+                    "action" => req.action = ACTIONS[(seq % 5) as usize].into(),
+                    "time range" => {
+                        let (from, to) = fill_window;
+                        let span = to.duration_since(from).unwrap_or_default();
+                        let at = from + span.mul_f64(rand::random::<f64>());
+                        req.since = Some(to_timestamp(at));
+                        req.until = Some(to_timestamp(at + Duration::from_secs(1)));
+                    }
+                    _ => req.newest_first = true,
                 }
-                Ok::<usize, anyhow::Error>(n)
-            }
-        };
-        let (page, e) = timed(probes.min(50), limit, |_| {
-            let q = query(QueryRequest {
-                newest_first: true,
-                page_size: 100,
-                ..Default::default()
+                let mut c = carol.clone();
+                async move {
+                    let mut s = c.query(req).await?.into_inner();
+                    let first = s.next().await.context("no first page")??;
+                    Ok(first.entries.len())
+                }
+            })
+            .await;
+            errors += e;
+            queries.push(QueryLatency {
+                by: by.into(),
+                p50_us: us(percentile(&samples, 50.0)),
+                p99_us: us(percentile(&samples, 99.0)),
+                mean_entries: counts.iter().sum::<usize>() as f64 / counts.len().max(1) as f64,
             });
-            async move {
-                anyhow::ensure!(q.await? == 100, "page is not 100 entries");
-                Ok(())
-            }
-        })
-        .await;
-        errors += e;
-        // A filter that matches one fill event: the whole log is scanned.
-        let (scan, e) = timed(3, limit, |_| {
-            let q = query(QueryRequest {
-                request_id: format!("req-{:012}", 1),
-                ..Default::default()
-            });
-            async move {
-                q.await.context("scan")?;
-                Ok(())
-            }
-        })
-        .await;
-        errors += e;
+        }
         // Append last, so the reads above saw exactly `size` entries.
         let (s, e, el) = group(
             world,
@@ -314,10 +421,13 @@ pub async fn run(
             fp.loaded_rss_mib = rss_after;
         }
         svc.stop();
+        let appended = (srcs.len() * appends_per_source) as u64;
+        let disk = dir_size(&data) as f64;
         rows.push(ScaleRow {
             entries,
             fill_seconds,
-            disk_mib: dir_size(&data) as f64 / (1024.0 * 1024.0),
+            disk_mib: disk / (1024.0 * 1024.0),
+            disk_bytes_per_entry: disk / (entries + appended) as f64,
             append_per_s: append.per_second,
             append_p99_us: append.p99_us,
             checkpoint_p50_us: us(percentile(&cp, 50.0)),
@@ -326,8 +436,7 @@ pub async fn run(
             inclusion_p99_us: us(percentile(&inc, 99.0)),
             consistency_p50_us: us(percentile(&cons, 50.0)),
             consistency_p99_us: us(percentile(&cons, 99.0)),
-            query_page_p50_us: us(percentile(&page, 50.0)),
-            query_scan_p50_us: us(percentile(&scan, 50.0)),
+            queries,
             errors,
         });
     }
