@@ -446,95 +446,167 @@ async fn session(
         queue(outbox, &tx, &mut next, &mut in_flight, &mut sent, known).await?;
         tokio::select! {
             message = responses.message() => {
-                let response = message
-                    .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-                    .ok_or("audit closed the stream")?;
-                let status = AppendStatus::try_from(response.status);
-                if status == Ok(AppendStatus::Unspecified) && !response.checkpoint.is_empty() {
-                    // A receipt alone: no event answered.
-                    if let Some(c) = checker.as_deref_mut() {
-                        if let Verdict::Inconsistent(i) =
-                            c.check(outbox, &response.checkpoint, None, &response.consistency_proof)?
-                        {
-                            return Err(i.to_string());
-                        }
-                        send_cosignature(c, &tx);
-                    }
-                    continue;
-                }
-                if status == Ok(AppendStatus::Restore) {
-                    if let Some(c) = checker.as_deref_mut() {
-                        c.restoring(response.leaf_index);
-                    }
-                    let answer = restore(outbox, restore_channel, response.leaf_index).await?;
-                    return Err(format!(
-                        "audit is restoring its log from the sources: it holds {} of {} entries \
-                         (next missing {}); reconnecting",
-                        answer.tree_size, answer.target_size, answer.next_missing
-                    ));
-                }
-                in_flight = in_flight.saturating_sub(1);
-                match status {
-                    Ok(AppendStatus::Stored | AppendStatus::Duplicate) => {
-                        outbox
-                            .record_leaf(response.seq, response.leaf_index)
-                            .map_err(|e| e.to_string())?;
-                        *tick.progressed = true;
-                        if let Some(c) = checker.as_deref_mut() {
-                            if response.checkpoint.is_empty() {
-                                // Covered by the next receipt on this stream.
-                                continue;
-                            }
-                            let verdict = c.check(
+                // Every answer already here is handled before the outbox is
+                // written: one settle (one sled batch) and one wake-up of
+                // the waiting callers per group of answers, not per event.
+                let mut message = Some(message);
+                let mut settle: Option<u64> = None;
+                let mut outcome = Ok(());
+                while let Some(m) = match message.take() {
+                    Some(m) => Some(m),
+                    None => tokio::select! {
+                        biased;
+                        m = responses.message() => Some(m),
+                        () = std::future::ready(()) => None,
+                    },
+                } {
+                    let step = match m
+                        .map_err(|s| format!("{}: {}", s.code(), s.message()))
+                        .and_then(|r| r.ok_or_else(|| "audit closed the stream".to_owned()))
+                    {
+                        Ok(response) => {
+                            let mut at = Answering {
                                 outbox,
-                                &response.checkpoint,
-                                Some(response.leaf_index),
-                                &response.consistency_proof,
-                            )?;
-                            if let Verdict::Inconsistent(i) = verdict {
-                                return Err(i.to_string());
-                            }
-                            send_cosignature(c, &tx);
+                                tx: &tx,
+                                checker: checker.as_deref_mut(),
+                                in_flight: &mut in_flight,
+                                progressed: &mut *tick.progressed,
+                                restore_channel: &restore_channel,
+                            };
+                            at.answer(response).await
                         }
-                        outbox.settle_through(response.seq).map_err(|e| e.to_string())?;
-                        acked.send_if_modified(|a| {
-                            let changed = response.seq > *a;
-                            *a = (*a).max(response.seq);
-                            changed
-                        });
-                        acknowledged(outbox, &mut sent, response.seq);
-                        update_depth(outbox, acked, depth);
-                        *backoff = Duration::from_millis(50);
+                        Err(e) => Err(e),
+                    };
+                    match step {
+                        Ok(Some(seq)) => settle = Some(settle.map_or(seq, |s| s.max(seq))),
+                        Ok(None) => {}
+                        Err(e) => {
+                            outcome = Err(e);
+                            break;
+                        }
                     }
-                    Ok(AppendStatus::Gap) => {
-                        if let Some(c) = checker.as_deref_mut()
-                            && !response.checkpoint.is_empty()
-                            && let Verdict::Inconsistent(i) = c.check(
-                                outbox,
-                                &response.checkpoint,
-                                None,
-                                &response.consistency_proof,
-                            )?
-                        {
-                            return Err(i.to_string());
-                        }
-                        // Everything below expected_seq is stored; start
-                        // over from there, with kept events put back if
-                        // audit lost some it had acknowledged.
-                        let stored = response.expected_seq.saturating_sub(1);
-                        outbox.settle_through(stored).map_err(|e| e.to_string())?;
-                        match outbox.requeue_from(response.expected_seq) {
-                            Ok(()) => {}
-                            Err(RequeueError::Unrecoverable(u)) => return Err(u.to_string()),
-                            Err(RequeueError::Store(e)) => return Err(e.to_string()),
-                        }
-                        return Err(format!("audit expects event {} next; resending", response.expected_seq));
-                    }
-                    _ => return Err(format!("unexpected append status {}", response.status)),
                 }
+                if let Some(seq) = settle {
+                    // Those acknowledged before a refusal in the same group
+                    // are settled and answered too, as they were one by one.
+                    outbox.settle_through(seq).map_err(|e| e.to_string())?;
+                    acked.send_if_modified(|a| {
+                        let changed = seq > *a;
+                        *a = (*a).max(seq);
+                        changed
+                    });
+                    acknowledged(outbox, &mut sent, seq);
+                    update_depth(outbox, acked, depth);
+                    *backoff = Duration::from_millis(50);
+                }
+                outcome?;
             }
             () = outbox.notified() => update_depth(outbox, acked, depth),
             _ = tick.prune.tick() => tick.prune(outbox),
+        }
+    }
+}
+
+/// What one answer of the append stream needs besides the answer.
+struct Answering<'a> {
+    outbox: &'a Outbox,
+    tx: &'a mpsc::Sender<AppendRequest>,
+    checker: Option<&'a mut ReceiptChecker>,
+    in_flight: &'a mut usize,
+    progressed: &'a mut bool,
+    restore_channel: &'a Channel,
+}
+
+impl Answering<'_> {
+    /// Handles one answer: `Ok(Some(seq))` when every event through `seq`
+    /// is acknowledged (and covered by an accepted receipt, when receipts
+    /// are checked) and may be settled; `Ok(None)` when nothing is to be
+    /// settled yet; `Err` ends the session.
+    async fn answer(
+        &mut self,
+        response: twokey_proto::audit::v1::AppendResponse,
+    ) -> Result<Option<u64>, String> {
+        let outbox = self.outbox;
+        let status = AppendStatus::try_from(response.status);
+        if status == Ok(AppendStatus::Unspecified) && !response.checkpoint.is_empty() {
+            // A receipt alone: no event answered.
+            if let Some(c) = self.checker.as_deref_mut() {
+                if let Verdict::Inconsistent(i) = c.check(
+                    outbox,
+                    &response.checkpoint,
+                    None,
+                    &response.consistency_proof,
+                )? {
+                    return Err(i.to_string());
+                }
+                send_cosignature(c, self.tx);
+            }
+            return Ok(None);
+        }
+        if status == Ok(AppendStatus::Restore) {
+            if let Some(c) = self.checker.as_deref_mut() {
+                c.restoring(response.leaf_index);
+            }
+            let answer = restore(outbox, self.restore_channel.clone(), response.leaf_index).await?;
+            return Err(format!(
+                "audit is restoring its log from the sources: it holds {} of {} entries \
+                 (next missing {}); reconnecting",
+                answer.tree_size, answer.target_size, answer.next_missing
+            ));
+        }
+        *self.in_flight = self.in_flight.saturating_sub(1);
+        match status {
+            Ok(AppendStatus::Stored | AppendStatus::Duplicate) => {
+                outbox
+                    .record_leaf(response.seq, response.leaf_index)
+                    .map_err(|e| e.to_string())?;
+                *self.progressed = true;
+                if let Some(c) = self.checker.as_deref_mut() {
+                    if response.checkpoint.is_empty() {
+                        // Covered by the next receipt on this stream.
+                        return Ok(None);
+                    }
+                    let verdict = c.check(
+                        outbox,
+                        &response.checkpoint,
+                        Some(response.leaf_index),
+                        &response.consistency_proof,
+                    )?;
+                    if let Verdict::Inconsistent(i) = verdict {
+                        return Err(i.to_string());
+                    }
+                    send_cosignature(c, self.tx);
+                }
+                Ok(Some(response.seq))
+            }
+            Ok(AppendStatus::Gap) => {
+                if let Some(c) = self.checker.as_deref_mut()
+                    && !response.checkpoint.is_empty()
+                    && let Verdict::Inconsistent(i) = c.check(
+                        outbox,
+                        &response.checkpoint,
+                        None,
+                        &response.consistency_proof,
+                    )?
+                {
+                    return Err(i.to_string());
+                }
+                // Everything below expected_seq is stored; start over from
+                // there, with kept events put back if audit lost some it
+                // had acknowledged.
+                let stored = response.expected_seq.saturating_sub(1);
+                outbox.settle_through(stored).map_err(|e| e.to_string())?;
+                match outbox.requeue_from(response.expected_seq) {
+                    Ok(()) => {}
+                    Err(RequeueError::Unrecoverable(u)) => return Err(u.to_string()),
+                    Err(RequeueError::Store(e)) => return Err(e.to_string()),
+                }
+                Err(format!(
+                    "audit expects event {} next; resending",
+                    response.expected_seq
+                ))
+            }
+            _ => Err(format!("unexpected append status {}", response.status)),
         }
     }
 }

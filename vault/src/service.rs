@@ -28,6 +28,7 @@ use twokey_proto::{
     vault::v1::{Grant, GrantPurpose, ReleaseEvidence, SignedGrant},
 };
 use twokey_runtime::{
+    durable::StoreError,
     error::{ErrorKind, ServiceError},
     events::EventDraft,
     grant::{GrantError, GrantVerifier},
@@ -568,6 +569,18 @@ impl<S: VaultStore> Vault<S> {
         deadline: Option<Instant>,
     ) -> Result<(), VaultError> {
         self.store.commit().await?;
+        self.confirm_within(seq, what, deadline).await
+    }
+
+    /// Waits for audit to acknowledge the durable event `seq`, at most
+    /// until [`ANSWER_RESERVE`] before `deadline` when that comes before
+    /// `audit_ack_timeout_ms` runs out.
+    async fn confirm_within(
+        &self,
+        seq: u64,
+        what: &str,
+        deadline: Option<Instant>,
+    ) -> Result<(), VaultError> {
         let audit = &self.audit;
         let wait = deadline.map_or(audit.timeout, |d| {
             audit.timeout.min(
@@ -895,10 +908,17 @@ impl<S: VaultStore> Vault<S> {
             Ok(r) => r,
             Err(e) => return Err(refused(e.into()).await),
         };
-        if let Err(e) = self
-            .commit_and_confirm_within(released.seq, "no code released", deadline)
-            .await
-        {
+        // `use_grant` answered after its group's sync: the used grant and
+        // `code.released` are durable and shipping, so only audit's
+        // acknowledgement is waited for here (no second sync cycle).
+        let confirmed = match &released.sync_error {
+            None => {
+                self.confirm_within(released.seq, "no code released", deadline)
+                    .await
+            }
+            Some(why) => Err(VaultStoreError::Store(StoreError::Sync(why.clone())).into()),
+        };
+        if let Err(e) = confirmed {
             // The log holds `code.released` for this grant; say that the code
             // never left, so the log stays true.
             let withheld = EventDraft::new(operator, "code.withheld")

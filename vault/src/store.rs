@@ -5,8 +5,8 @@
 //! request, release times per account) and the seeds kept for restore.
 //! Every change writes its audit event into the outbox in the same sled
 //! transaction. Grant uses, the hot path, are group-committed: concurrent
-//! uses share one sled transaction (one log write instead of one per code),
-//! each still checked and answered on its own. The transaction that uses a
+//! uses share one sled transaction (one log write instead of one per code)
+//! and the one sync after it, each still checked and answered on its own. The transaction that uses a
 //! release grant checks again, against what it reads inside itself, that
 //! the release id is unused, that the request has codes left, that the
 //! account's rate allows one more, that the account is enabled and that the
@@ -236,6 +236,10 @@ pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
     /// the step; refuses a used grant, a disabled account, consent that no
     /// longer holds, and a use with no step free yet
     /// ([`VaultStoreError::StepsUsed`]); a refusal changes nothing.
+    /// Durable when it answers: the use and its event are synced (group
+    /// commit: concurrent uses share one transaction and one sync) and the
+    /// shipper is woken, unless [`Released::sync_error`] says the sync
+    /// failed. No [`VaultStore::commit`] is needed after it.
     fn use_grant(
         &self,
         grant: GrantUse,
@@ -338,12 +342,16 @@ pub struct GrantUse {
 }
 
 /// What [`VaultStore::use_grant`] recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Released {
     /// The `code.released` event's sequence number.
     pub seq: u64,
     /// The time step whose code the grant releases.
     pub step: u64,
+    /// Why the group's sync failed, if it did: the use is written but not
+    /// known to be durable, so no code may leave (the caller withholds it).
+    /// `None`: the use and its event are on stable storage.
+    pub sync_error: Option<String>,
 }
 
 /// A verified admin action as the store records it.
@@ -671,15 +679,24 @@ impl SledVaultStore {
             format!("{} of {}", released + 1, c.codes_per_request),
         );
         let seq = self.outbox.push(outbox, event)?;
-        Ok(Ok(Released { seq, step }))
+        Ok(Ok(Released {
+            seq,
+            step,
+            sync_error: None,
+        }))
     }
 
-    /// Writes a group of grant uses in one transaction and answers each:
-    /// a use refused by any check (also against an earlier use in the same
-    /// group) is refused on its own; the others are recorded. A later use
-    /// of the same account in the group reads the record an earlier one
-    /// wrote, so it gets the next step.
-    fn write_uses(&self, group: Vec<QueuedUse>) {
+    /// Writes a group of grant uses in one transaction, makes it durable
+    /// with one sync, and answers each: a use refused by any check (also
+    /// against an earlier use in the same group) is refused on its own; the
+    /// others are recorded. A later use of the same account in the group
+    /// reads the record an earlier one wrote, so it gets the next step.
+    /// `written` is told once the transaction is written (before the sync),
+    /// so that the next group can be written while this one syncs. Nothing
+    /// is answered before the sync: a use answered `Ok` with no
+    /// `sync_error` is on stable storage, its event too (the shipper is
+    /// woken then).
+    fn write_uses(&self, group: Vec<QueuedUse>, written: Option<tokio::sync::oneshot::Sender<()>>) {
         let (uses, replies): (Vec<GrantUse>, Vec<_>) = group.into_iter().unzip();
         let result = (
             &self.grants,
@@ -703,9 +720,27 @@ impl SledVaultStore {
                 uses.iter().map(|_| Err(why.clone())).collect::<Vec<_>>()
             }
         };
+        if let Some(written) = written {
+            let _ = written.send(());
+        }
+        let wrote_any = answers.iter().any(|a| matches!(a, Ok(Ok(_))));
+        let sync_error = if wrote_any {
+            match self.db.sync_blocking() {
+                Ok(()) => {
+                    self.outbox.committed();
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        } else {
+            None
+        };
         for ((u, reply), answer) in uses.iter().zip(replies).zip(answers) {
             let answer = match answer {
-                Ok(Ok(released)) => Ok(released),
+                Ok(Ok(released)) => Ok(Released {
+                    sync_error: sync_error.clone(),
+                    ..released
+                }),
                 Ok(Err(why)) => Err(refusal_of_use(u, why)),
                 Err(why) => Err(VaultStoreError::Store(StoreError::Sync(format!(
                     "cannot record the grant use: {why}"
@@ -947,13 +982,21 @@ impl VaultStore for SledVaultStore {
         {
             // Whoever holds the lead writes out everything queued so far; a
             // use queued while a group is being written goes in the next.
+            // It holds the lead only until the group's transaction is
+            // written: the next group is written while this one syncs, and
+            // each use is answered only after its group's sync.
             let _lead = self.leader.lock().await;
             let group = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
             if !group.is_empty() {
                 let this = self.clone();
-                tokio::task::spawn_blocking(move || this.write_uses(group))
-                    .await
-                    .map_err(|e| StoreError::Sync(format!("grant write task failed: {e}")))?;
+                let (written, was_written) = tokio::sync::oneshot::channel();
+                // Not awaited past the write: the task answers every use of
+                // its group itself (a failed task drops the answers, which
+                // each use reports below).
+                drop(tokio::task::spawn_blocking(move || {
+                    this.write_uses(group, Some(written))
+                }));
+                let _ = was_written.await;
             }
         }
         answer.await.map_err(|_| {
@@ -1341,7 +1384,7 @@ mod tests {
                 ((u, tx), rx)
             })
             .unzip();
-        store.write_uses(group);
+        store.write_uses(group, None);
         answers
             .into_iter()
             .map(|mut rx| rx.try_recv().unwrap())
