@@ -61,6 +61,9 @@ pub struct NotifyQueue {
     wake: Notify,
     delivered: tokio::sync::watch::Sender<u64>,
     next_seq: std::sync::atomic::AtomicU64,
+    /// Set when a PIN is queued: a pass delivering other messages stops
+    /// after the one in hand, so the PIN goes out next.
+    pin_queued: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for NotifyQueue {
@@ -104,6 +107,7 @@ impl NotifyQueue {
             wake: Notify::new(),
             delivered: tokio::sync::watch::Sender::new(0),
             next_seq: std::sync::atomic::AtomicU64::new(next_seq),
+            pin_queued: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -149,6 +153,11 @@ impl NotifyQueue {
         messages: &[Message],
     ) -> Result<(), ConflictableTransactionError<BrokerError>> {
         for message in messages {
+            if message.pin.is_some() {
+                // (Set again if the transaction runs again: harmless.)
+                self.pin_queued
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             for notifier in self.notifiers.iter().filter(|n| n.accepts(message)) {
                 // Ordered keys: deliveries go out in the order they were queued.
                 let seq = self
@@ -186,6 +195,18 @@ impl NotifyQueue {
 
     /// Tries every entry that is due now once; returns how many were tried.
     pub async fn run_due(&self) -> usize {
+        self.run_pass().await.0
+    }
+
+    /// One pass: tries the entries due now, PINs first, and settles them
+    /// all in one transaction at the end (one log write, not one per
+    /// message). Stops early, after the delivery in hand, when a PIN was
+    /// queued meanwhile; says so (`true`), so that the next pass starts at
+    /// once with that PIN.
+    async fn run_pass(&self) -> (usize, bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Cleared before the scan: a PIN queued after it sets it again.
+        self.pin_queued.store(false, SeqCst);
         let now_ms = millis(self.clock.now());
         // PINs first: a requester is waiting on the call for theirs, while
         // the rest only tell people about a change. A bounded batch, so a
@@ -210,14 +231,21 @@ impl NotifyQueue {
         }
         due.extend(others);
         due.truncate(DELIVERY_BATCH);
-        let tried = due.len();
+        let mut done = Vec::with_capacity(due.len());
+        let mut interrupted = false;
         for entry in due {
             let result = self.deliver(&entry).await;
-            if let Err(e) = self.settle(entry, result).await {
-                tracing::error!("notification queue: {e}");
+            done.push((entry, result));
+            if self.pin_queued.load(SeqCst) {
+                interrupted = true;
+                break;
             }
         }
-        tried
+        let tried = done.len();
+        if let Err(e) = self.settle(done).await {
+            tracing::error!("notification queue: {e}");
+        }
+        (tried, interrupted)
     }
 
     async fn deliver(&self, entry: &Entry) -> Result<(), NotifyError> {
@@ -244,55 +272,67 @@ impl NotifyQueue {
         notifier.send(&message).await
     }
 
-    async fn settle(
-        &self,
-        mut entry: Entry,
-        result: Result<(), NotifyError>,
-    ) -> Result<(), BrokerError> {
+    /// Records what became of each delivery tried, in one transaction: a
+    /// delivered entry leaves the queue, a failed one is kept for its retry
+    /// or, at the last attempt, replaced by its `notification.failed`
+    /// event (then synced, so the event ships).
+    async fn settle(&self, done: Vec<(Entry, Result<(), NotifyError>)>) -> Result<(), BrokerError> {
+        if done.is_empty() {
+            return Ok(());
+        }
         let now_ms = millis(self.clock.now());
-        let mut failed_event = None;
-        match &result {
-            Ok(()) => {
-                tracing::debug!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, "notification delivered");
-            }
-            Err(e) => {
-                entry.attempts += 1;
-                entry.last_error = e.0.clone();
-                if entry.attempts >= MAX_ATTEMPTS {
-                    tracing::warn!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed for good: {e}");
-                    let to = match &entry.to {
-                        Recipient::Person { identity, .. } => identity.clone(),
-                        Recipient::Channel => "channel".into(),
-                    };
-                    failed_event = Some(
-                        EventDraft::new("broker", "notification.failed")
-                            .account(&entry.account_id)
-                            .request(&entry.request_id)
-                            .outcome(Outcome::Failure)
-                            .attr("notifier", &entry.notifier)
-                            .attr("kind", &entry.kind)
-                            .attr("to", to)
-                            .attr("attempts", entry.attempts.to_string())
-                            .attr("error", &entry.last_error),
-                    );
-                } else {
-                    entry.next_ms = now_ms.saturating_add(
-                        u64::try_from(backoff(entry.attempts).as_millis()).unwrap_or(u64::MAX),
-                    );
-                    tracing::info!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed, will retry: {e}");
+        let mut writes = Vec::with_capacity(done.len());
+        let mut failed_events = Vec::new();
+        let mut delivered = 0u64;
+        for (mut entry, result) in done {
+            match &result {
+                Ok(()) => {
+                    delivered += 1;
+                    tracing::debug!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, "notification delivered");
+                    writes.push((entry.id, None));
+                }
+                Err(e) => {
+                    entry.attempts += 1;
+                    entry.last_error = e.0.clone();
+                    if entry.attempts >= MAX_ATTEMPTS {
+                        tracing::warn!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed for good: {e}");
+                        let to = match &entry.to {
+                            Recipient::Person { identity, .. } => identity.clone(),
+                            Recipient::Channel => "channel".into(),
+                        };
+                        failed_events.push(
+                            EventDraft::new("broker", "notification.failed")
+                                .account(&entry.account_id)
+                                .request(&entry.request_id)
+                                .outcome(Outcome::Failure)
+                                .attr("notifier", &entry.notifier)
+                                .attr("kind", &entry.kind)
+                                .attr("to", to)
+                                .attr("attempts", entry.attempts.to_string())
+                                .attr("error", &entry.last_error),
+                        );
+                        writes.push((entry.id, None));
+                    } else {
+                        entry.next_ms = now_ms.saturating_add(
+                            u64::try_from(backoff(entry.attempts).as_millis()).unwrap_or(u64::MAX),
+                        );
+                        tracing::info!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed, will retry: {e}");
+                        let bytes = serde_json::to_vec(&entry)
+                            .map_err(|e| BrokerError::Store(e.to_string()))?;
+                        writes.push((entry.id, Some(bytes)));
+                    }
                 }
             }
         }
-        let keep = result.is_err() && failed_event.is_none();
-        let bytes = serde_json::to_vec(&entry).map_err(|e| BrokerError::Store(e.to_string()))?;
         (&self.tree, self.outbox.tree())
             .transaction(|(q, o)| {
-                if keep {
-                    q.insert(entry.id.as_bytes(), bytes.clone())?;
-                } else {
-                    q.remove(entry.id.as_bytes())?;
+                for (id, keep) in &writes {
+                    match keep {
+                        Some(bytes) => q.insert(id.as_bytes(), bytes.clone())?,
+                        None => q.remove(id.as_bytes())?,
+                    };
                 }
-                if let Some(event) = &failed_event {
+                for event in &failed_events {
                     self.outbox.push::<BrokerError>(o, event.clone())?;
                 }
                 Ok(())
@@ -300,12 +340,12 @@ impl NotifyQueue {
             .map_err(|e: sled::transaction::TransactionError<BrokerError>| {
                 BrokerError::Store(e.to_string())
             })?;
-        if failed_event.is_some() {
+        if !failed_events.is_empty() {
             self.db.sync().await?;
             self.outbox.committed();
         }
-        if result.is_ok() {
-            self.delivered.send_modify(|n| *n += 1);
+        if delivered > 0 {
+            self.delivered.send_modify(|n| *n += delivered);
         }
         Ok(())
     }
@@ -314,8 +354,9 @@ impl NotifyQueue {
     /// up retries that came due.
     pub async fn run(self: Arc<Self>) {
         loop {
-            if self.run_due().await >= DELIVERY_BATCH {
-                // More may be due: go on at once.
+            let (tried, interrupted) = self.run_pass().await;
+            if tried >= DELIVERY_BATCH || interrupted {
+                // More may be due (or a PIN was queued): go on at once.
                 continue;
             }
             tokio::select! {
@@ -338,6 +379,16 @@ mod tests {
     struct Flaky {
         fail: bool,
         seen: Mutex<Vec<(String, Option<String>)>>,
+        /// Runs once, in the first send (a change made while it delivers).
+        hook: Mutex<Option<Hook>>,
+    }
+
+    struct Hook(Box<dyn FnOnce() + Send>);
+
+    impl std::fmt::Debug for Hook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hook")
+        }
     }
 
     impl Notifier for Flaky {
@@ -349,6 +400,10 @@ mod tests {
         }
         fn send<'a>(&'a self, m: &'a Message) -> BoxFuture<'a, Result<(), NotifyError>> {
             Box::pin(async move {
+                let hook = self.hook.lock().unwrap().take();
+                if let Some(Hook(hook)) = hook {
+                    hook();
+                }
                 self.seen.lock().unwrap().push((
                     m.kind.clone(),
                     m.pin.as_ref().map(|p| p.expose().to_owned()),
@@ -473,6 +528,34 @@ mod tests {
         assert_eq!(queue.run_due().await, DELIVERY_BATCH);
         assert_eq!(flaky.seen.lock().unwrap()[0].0, "pin");
         assert_eq!(queue.run_due().await, 11);
+        assert_eq!(queue.depth(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pin_queued_during_a_pass_goes_out_right_after_the_delivery_in_hand() {
+        // The sequential flow: an approval queues the PIN while the worker
+        // is still delivering the notices of the request's creation.
+        let (_dir, queue, flaky, _clock, _) = setup(false);
+        for kind in ["first", "second", "third"] {
+            let mut m = pin_message();
+            m.kind = kind.into();
+            m.pin = None;
+            enqueue(&queue, m);
+        }
+        let q = queue.clone();
+        *flaky.hook.lock().unwrap() = Some(Hook(Box::new(move || enqueue(&q, pin_message()))));
+        assert_eq!(queue.run_pass().await, (1, true));
+        // The delivered one is settled; the rest wait behind the PIN.
+        assert_eq!(queue.depth(), 3);
+        assert_eq!(queue.run_due().await, 3);
+        let seen: Vec<String> = flaky
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(seen, ["first", "pin", "second", "third"]);
         assert_eq!(queue.depth(), 0);
     }
 
