@@ -15,6 +15,12 @@
 //! `twokey-<service> listening on ADDR` line each prints once it serves, so
 //! there are no fixed ports and no sleeps. Dropping [`LocalSystem`] stops the
 //! processes it started.
+//!
+//! [`LocalSystem::start_reconciling`] also turns on audit's reconciler of
+//! CloudTrail sign-ins (issue 20, docs/RECONCILE.md): a trail directory,
+//! audit's HTTP listener for EventBridge posts (the vault's certificate
+//! stands in for the relay that posts), the broker reading the findings
+//! every second and, if given, a webhook the alerts go to.
 
 use std::{
     io::Read,
@@ -53,6 +59,19 @@ pub const ADMINS: [&str; 2] = ["adam", "anna"];
 pub const ADMIN_THRESHOLD: u32 = 2;
 /// Codes the local system's account may release per hour (the vault's rate).
 pub const RELEASES_PER_HOUR: u32 = 60;
+/// The AWS account id a reconciling local system maps [`ACCOUNT`] to.
+pub const AWS_ACCOUNT_ID: &str = "123456789012";
+/// The reconciler's source identity in a reconciling local system.
+pub const RECONCILE_ID: &str = "spiffe://twokey.local/svc/reconcile";
+
+/// What a reconciling local system adds (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileOptions {
+    /// A webhook URL (e.g. a test's server on 127.0.0.1) the broker sends
+    /// notifications, reconciliation alerts included, to.
+    pub webhook_url: Option<String>,
+}
+
 /// Consent policy version 1, in the system's directory; each admin's
 /// signature beside it as `consent-policy.toml.NAME.sig`.
 pub const CONSENT_POLICY_FILE: &str = "consent-policy.toml";
@@ -87,6 +106,12 @@ pub struct LocalSystem {
     /// Consent policy version 1 as applied (signatures beside it as
     /// `consent-policy.toml.NAME.sig`).
     pub consent_policy: PathBuf,
+    /// The directory audit's reconciler scans for CloudTrail log files
+    /// (`AWSLogs/...` under it), when reconciling.
+    pub cloudtrail_dir: PathBuf,
+    /// `https://127.0.0.1:PORT` of audit's HTTP listener (EventBridge
+    /// posts), when reconciling; empty otherwise.
+    pub audit_http: String,
     /// The people, each with their SPIFFE ID and OpenSSH key pair (the
     /// private key is also at [`LocalSystem::ssh_key`]).
     people: Vec<Person>,
@@ -180,6 +205,28 @@ impl LocalSystem {
         bin_dir: &Path,
         env: Vec<(String, String)>,
     ) -> Result<Self, LocalError> {
+        Self::start_with(dir, bin_dir, env, None)
+    }
+
+    /// Like [`LocalSystem::start`], with audit's reconciler on: consent
+    /// policy version 1 maps [`ACCOUNT`] to [`AWS_ACCOUNT_ID`], audit scans
+    /// [`LocalSystem::cloudtrail_dir`] every second and takes EventBridge
+    /// posts from the vault's identity on [`LocalSystem::audit_http`], and
+    /// the broker reads the findings every second.
+    pub fn start_reconciling(
+        dir: &Path,
+        bin_dir: &Path,
+        options: ReconcileOptions,
+    ) -> Result<Self, LocalError> {
+        Self::start_with(dir, bin_dir, Vec::new(), Some(options))
+    }
+
+    fn start_with(
+        dir: &Path,
+        bin_dir: &Path,
+        env: Vec<(String, String)>,
+        reconcile: Option<ReconcileOptions>,
+    ) -> Result<Self, LocalError> {
         let pki_dir = dir.join("pki");
         let users: Vec<UserSpec> = USERS
             .iter()
@@ -226,6 +273,10 @@ impl LocalSystem {
         let vault_event = generate_signing_key(&keys.join("vault-event.key"))?;
         let broker_event = generate_signing_key(&keys.join("broker-event.key"))?;
         let grant = generate_signing_key(&keys.join("grant.key"))?;
+        let reconcile_key = match &reconcile {
+            Some(_) => Some(generate_signing_key(&keys.join("reconcile.key"))?),
+            None => None,
+        };
         let origin = format!("{TRUST_DOMAIN}/audit");
         let verifier_key = checkpoint_key(bin_dir, &keys.join("checkpoint.key"), &origin)?;
 
@@ -253,6 +304,8 @@ impl LocalSystem {
             verifier_key,
             admins_file: dir.join(ADMINS_FILE),
             consent_policy: dir.join(CONSENT_POLICY_FILE),
+            cloudtrail_dir: dir.join("cloudtrail"),
+            audit_http: String::new(),
             people,
             children: Vec::new(),
             env,
@@ -262,7 +315,14 @@ impl LocalSystem {
         // admins; applied once the vault serves.
         let admins: Vec<&Person> = ADMINS.iter().map(|n| system.person(n)).collect();
         write(&system.admins_file, &admins_allowed_signers(&admins))?;
-        let document = system.policy_spec().to_toml();
+        let mut document = system.policy_spec().to_toml();
+        if reconcile.is_some() {
+            let section = format!("[accounts.{ACCOUNT}]\n");
+            document = document.replace(
+                &section,
+                &format!("{section}aws_account_id = \"{AWS_ACCOUNT_ID}\"\n"),
+            );
+        }
         write(&system.consent_policy, &document)?;
         let mut signatures = Vec::new();
         for admin in &admins {
@@ -276,22 +336,44 @@ impl LocalSystem {
             system.admins_file.display().to_string()
         );
 
-        write(
-            &system.audit_config,
-            &format!(
-                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
+        let mut audit_config = String::new();
+        if reconcile.is_some() {
+            audit_config.push_str("http_listen = \"127.0.0.1:0\"\n");
+        }
+        audit_config.push_str(&format!(
+            "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
                  checkpoint_key_file = {:?}\norigin = \"{origin}\"\n\
                  auditors = [\"spiffe://{td}/user/carol\"]\nlog_format = \"human\"\n{}\
                  [[sources]]\nid = \"spiffe://{td}/svc/vault\"\npublic_key = \"{}\"\n\
                  [[sources]]\nid = \"spiffe://{td}/svc/broker\"\npublic_key = \"{}\"\n",
-                d("audit"),
-                k("checkpoint.key"),
-                tls("audit"),
-                encode_public_key(&vault_event.verifying_key()),
-                encode_public_key(&broker_event.verifying_key()),
-            ),
-        )?;
-        system.audit = system.spawn(bin_dir, "audit", &system.audit_config.clone())?;
+            d("audit"),
+            k("checkpoint.key"),
+            tls("audit"),
+            encode_public_key(&vault_event.verifying_key()),
+            encode_public_key(&broker_event.verifying_key()),
+        ));
+        if let Some(key) = &reconcile_key {
+            let trail = system.cloudtrail_dir.join("AWSLogs");
+            std::fs::create_dir_all(&trail).map_err(io("create", &trail))?;
+            audit_config.push_str(&format!(
+                "[[sources]]\nid = \"{RECONCILE_ID}\"\npublic_key = \"{}\"\n\
+                 [reconcile]\nsource_id = \"{RECONCILE_ID}\"\nkey_file = {:?}\n\
+                 cloudtrail_dir = {:?}\nscan_interval = \"1s\"\n\
+                 posters = [\"spiffe://{td}/svc/vault\"]\n\
+                 readers = [\"spiffe://{td}/svc/broker\"]\n",
+                encode_public_key(&key.verifying_key()),
+                k("reconcile.key"),
+                system.cloudtrail_dir.display().to_string(),
+            ));
+        }
+        write(&system.audit_config, &audit_config)?;
+        if reconcile.is_some() {
+            let (grpc, http) = system.spawn_audit_with_http(bin_dir)?;
+            system.audit = grpc;
+            system.audit_http = http;
+        } else {
+            system.audit = system.spawn(bin_dir, "audit", &system.audit_config.clone())?;
+        }
 
         let vault_config = dir.join("vault.toml");
         write(
@@ -319,15 +401,28 @@ impl LocalSystem {
         let policy = dir.join("policy.toml");
         write(&policy, &policy_text())?;
         let broker_config = dir.join("broker.toml");
+        let mut broker_extra = String::new();
+        let mut broker_top = String::new();
+        if let Some(options) = &reconcile {
+            broker_top.push_str("findings_interval = \"1s\"\n");
+            if let Some(url) = &options.webhook_url {
+                let secret = keys.join("webhook.secret");
+                SecretKey::generate().write(&secret)?;
+                broker_extra.push_str(&format!(
+                    "[notify.webhook]\nurl = {url:?}\nsecret_file = {:?}\nsend_pins = false\n",
+                    secret.display().to_string()
+                ));
+            }
+        }
         write(
             &broker_config,
             &format!(
-                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
+                "{broker_top}listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
                  policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
                  pin_key_file = {:?}\nvault_address = \"{}\"\nvault_server_name = \"vault\"\n\
                  audit_address = \"{}\"\naudit_server_name = \"audit\"\n\
                  audit_checkpoint_key = \"{}\"\nlog_format = \"human\"\n\
-                 {}{}[notify.mailbox]\ndir = {:?}\n",
+                 {}{}[notify.mailbox]\ndir = {:?}\n{broker_extra}",
                 d("broker"),
                 policy.display().to_string(),
                 k("grant.key"),
@@ -414,6 +509,75 @@ impl LocalSystem {
                 Err(LocalError(format!(
                     "twokey-{svc} did not start: {} (log {})",
                     one_line(&last),
+                    log.display()
+                )))
+            }
+        }
+    }
+
+    /// Starts audit with its HTTP listener and waits for both listening
+    /// lines; returns `https://ADDR` of each (gRPC, HTTP).
+    fn spawn_audit_with_http(&mut self, bin_dir: &Path) -> Result<(String, String), LocalError> {
+        use std::io::BufRead;
+        let bin = bin_dir.join("twokey-audit");
+        let log = self.dir.join("logs").join("audit.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io("create", &log))?;
+        let mut command = Command::new(&bin);
+        command
+            .args(["serve", "--config"])
+            .arg(&self.audit_config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .env_remove("RUST_LOG")
+            .env_remove("TWOKEY_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log_file);
+        let mut child = command.spawn().map_err(|e| {
+            LocalError(format!(
+                "cannot start {}: {e} — build it first (cargo build -p twokey-audit)",
+                bin.display()
+            ))
+        })?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        self.children.push(("audit".to_owned(), child));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = std::io::BufReader::new(stdout);
+            let (mut grpc, mut http) = (None, None);
+            let mut line = String::new();
+            while grpc.is_none() || http.is_none() {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(None);
+                        return;
+                    }
+                    Ok(_) => {
+                        let text = line.clone();
+                        if let Some(a) = crate::ready::announced_addr(&text, "twokey-audit") {
+                            grpc = Some(a.to_owned());
+                        }
+                        if let Some(a) = crate::ready::announced_addr(&text, "twokey-audit-http") {
+                            http = Some(a.to_owned());
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(grpc.zip(http));
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Some((grpc, http))) => Ok((format!("https://{grpc}"), format!("https://{http}"))),
+            _ => {
+                let mut text = String::new();
+                let _ = std::fs::File::open(&log).and_then(|mut f| f.read_to_string(&mut text));
+                Err(LocalError(format!(
+                    "twokey-audit did not start with its HTTP listener: {} (log {})",
+                    one_line(text.lines().last().unwrap_or("no output")),
                     log.display()
                 )))
             }

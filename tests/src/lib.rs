@@ -310,6 +310,21 @@ impl System {
         Self { local, _dir: dir }
     }
 
+    /// Starts audit, vault and broker with audit's reconciler on
+    /// (`LocalSystem::start_reconciling`, issue 20), notifications also to
+    /// `webhook_url`.
+    pub fn start_reconciling(webhook_url: Option<String>) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = LocalSystem::start_reconciling(
+            &dir.path().join("sys"),
+            &bin_dir(),
+            twokey_testkit::local::ReconcileOptions { webhook_url },
+        )
+        .unwrap_or_else(|e| panic!("local system did not start: {e}"));
+        Self { local, _dir: dir }
+    }
+
     /// What service `svc` (`audit`, `vault` or `broker`) wrote to its log.
     pub fn service_log(&self, svc: &str) -> String {
         std::fs::read_to_string(self.local.dir.join("logs").join(format!("{svc}.log")))
