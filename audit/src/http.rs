@@ -1,9 +1,10 @@
 //! Audit's second listener: HTTP/1.1 and HTTP/2 over mutual TLS
-//! (`http_listen`, off by default), for what is not gRPC. Today one route:
+//! (`http_listen`, off by default), for what is not gRPC:
 //! `POST /v1/cloudtrail/events`, one EventBridge event (a CloudTrail console
 //! sign-in or MFA device call) from an identity in `[reconcile] posters`,
 //! kept durably before its `202 Accepted` and then reconciled
-//! (docs/RECONCILE.md).
+//! (docs/RECONCILE.md); and `GET /checkpoint` and `/tile/...`, the log's
+//! C2SP `tlog-tiles` read-only ([`crate::tiles_http`]).
 //!
 //! A connection without a client certificate is refused in the handshake,
 //! as on the gRPC listener. Routing is one `match` on method and path that
@@ -37,6 +38,7 @@ use crate::{
     reconcile::{AcceptError, Accepted, Reconciler},
     service::AuditLog,
     store::LogStore,
+    tiles_http,
 };
 
 /// Where EventBridge events are posted.
@@ -67,6 +69,8 @@ pub struct HttpApi<S> {
     pub posters: std::collections::BTreeSet<SpiffeId>,
     /// The trust domain of every caller.
     pub trust_domain: String,
+    /// The log's tiles and checkpoint (`DATA_DIR/log`), served read-only.
+    pub log_dir: std::path::PathBuf,
 }
 
 impl<S> std::fmt::Debug for HttpApi<S> {
@@ -130,11 +134,30 @@ impl<S: LogStore> HttpApi<S> {
                 "method_not_allowed",
                 format!("{EVENTS_PATH} takes POST with one EventBridge event"),
             ),
+            (&Method::GET, path) if tiles_http::is_log_path(path) => {
+                tiles_http::get(&self.log_dir, path, self.reader(caller)).await
+            }
+            (_, path) if tiles_http::is_log_path(path) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "the log's checkpoint and tiles are read with GET",
+            ),
             (_, path) => error(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 format!("no route {path}; EventBridge events go to POST {EVENTS_PATH}"),
             ),
+        }
+    }
+
+    /// What `caller` may read of the log's tiles.
+    fn reader(&self, caller: &SpiffeId) -> tiles_http::Reader {
+        if self.log.is_auditor(caller) {
+            tiles_http::Reader::Auditor
+        } else if self.log.is_source(caller) {
+            tiles_http::Reader::Witness
+        } else {
+            tiles_http::Reader::Stranger
         }
     }
 

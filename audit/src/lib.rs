@@ -106,6 +106,7 @@ pub async fn serve(
                 .map(|r| r.posters.clone())
                 .unwrap_or_default(),
             trust_domain: config.trust_domain.clone(),
+            log_dir: config.data_dir.join(store::tiles::LOG_DIR),
         });
         let tls = http::tls_config(&config.tls)?;
         let mut stopping = stop_rx.clone();

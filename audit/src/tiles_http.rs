@@ -41,6 +41,13 @@ pub enum Resource {
     Tile(Tile),
 }
 
+/// Whether a request path is the log's (the checkpoint or under `/tile/`):
+/// the HTTP listener routes it here, where anything not exactly a
+/// resource is 404.
+pub fn is_log_path(path: &str) -> bool {
+    path == CHECKPOINT_PATH || path.starts_with("/tile/")
+}
+
 /// What a caller may read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reader {

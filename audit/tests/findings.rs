@@ -13,7 +13,7 @@ use ed25519_dalek::SigningKey;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tonic::Code;
@@ -123,32 +123,9 @@ async fn an_audit_whose_reconcile_key_is_not_its_listed_source_does_not_start() 
     );
 }
 
-/// A TLS connector trusting the test CA, presenting `name`'s certificate or none.
+/// A TLS connector for HTTP/1.1 as `name` (or without a certificate).
 fn tls(env: &Env, name: Option<&str>) -> tokio_rustls::TlsConnector {
-    let pki = env.path();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match name {
-        Some(name) => {
-            let certs = CertificateDer::pem_file_iter(pki.join(format!("{name}.crt")))
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            let key = PrivateKeyDer::from_pem_file(pki.join(format!("{name}.key"))).unwrap();
-            builder.with_client_auth_cert(certs, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    https_connector(env, name, b"http/1.1")
 }
 
 /// Posts `body` as `name`; the status and JSON answer, or the I/O error.
@@ -224,6 +201,7 @@ async fn eventbridge_posts_over_mtls_from_a_poster_only_are_kept_and_reconciled(
         reconciler: Some(reconciler.clone()),
         posters: [id(VAULT)].into(),
         trust_domain: TD.into(),
+        log_dir: env.config.data_dir.join("log"),
     });
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
