@@ -55,6 +55,35 @@ async fn an_unknown_source_is_refused_with_permission_denied() {
 }
 
 #[tokio::test]
+async fn an_event_too_large_for_an_entry_bundle_is_refused_with_invalid_argument() {
+    let env = Env::new();
+    let server = TestServer::start(env.config.clone()).await;
+    let mut vault = env.client(server.addr, "vault");
+    let signer = env.vault();
+    let big = signer.sign(
+        &EventDraft::new("spiffe://twokey.test/user/alice", "request.created")
+            .attr("note", "x".repeat(70_000))
+            .into_event(signer.source(), 1, std::time::SystemTime::now()),
+    );
+    let answers = append_all(&mut vault, vec![big]).await.unwrap();
+    let err = answers[0].as_ref().unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message()
+            .contains("more than the 65535 a log entry holds"),
+        "{err:?}"
+    );
+    // Nothing was stored: seq 1 is still the one expected.
+    let answers = append_all(&mut vault, vec![event(&signer, 1, "ok")])
+        .await
+        .unwrap();
+    assert_eq!(status(ok(&answers[0])), AppendStatus::Stored);
+    let mut carol = env.client(server.addr, "carol");
+    assert_eq!(query_all(&mut carol).await.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_bad_signature_is_refused_with_invalid_argument_naming_the_seq() {
     let env = Env::new();
     let server = TestServer::start(env.config.clone()).await;
