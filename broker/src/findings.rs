@@ -82,11 +82,10 @@ pub fn messages(policy: &Policy, entry: &FindingEntry, now_ms: u64) -> Vec<Messa
     };
     let attr = |k: &str| entry.attributes.get(k).map_or("?", String::as_str);
     let mut text = format!(
-        "{} on {} (AWS account {}): {} at {}",
+        "{} on {} (AWS account {}) at {}",
         entry.action,
         entry.account_id,
         attr("aws_account_id"),
-        meaning(&entry.action),
         attr("event_time"),
     );
     if let Some(ip) = entry
@@ -100,7 +99,8 @@ pub fn messages(policy: &Policy, entry: &FindingEntry, now_ms: u64) -> Vec<Messa
         text.push_str(&format!(" ({action})"));
     }
     text.push_str(&format!(
-        ". CloudTrail event {}, audit leaf {}. See docs/RECONCILE.md for what to do.",
+        ": {}. CloudTrail event {}, audit leaf {}. See docs/RECONCILE.md for what to do.",
+        meaning(&entry.action),
         attr("cloudtrail_event_id"),
         entry.index
     ));

@@ -4,7 +4,9 @@
 //! anna, an enrolled account, a request signed by alice, an approval signed
 //! by bob, the PIN from the requester's mailbox, verification, the release
 //! signed by olivia and its code checked against an independent TOTP
-//! computation, and offline verification of the audit log.
+//! computation, two generated CloudTrail root sign-ins reconciled by audit
+//! (one matched by that release, one unexplained and sent to the admins,
+//! issue 20), and offline verification of the audit log.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,7 +17,8 @@ use std::{
 use clap::Args;
 use serde_json::Value;
 
-use twokey_testkit::local::{ACCOUNT, LocalSystem};
+use twokey_reconcile::fixture::{Record, write_log_file};
+use twokey_testkit::local::{ACCOUNT, AWS_ACCOUNT_ID, LocalSystem, ReconcileOptions};
 
 use crate::{
     error::CliError,
@@ -52,6 +55,10 @@ pub struct DemoReport {
     pub code_matches: bool,
     /// Entries in the verified audit log.
     pub audit_entries: u64,
+    /// Root sign-ins reconciled as matched by a released code (issue 20).
+    pub reconcile_matched: u64,
+    /// Root sign-ins no released code explains (issue 20).
+    pub reconcile_unexplained: u64,
     /// Service process ids, when `--keep` left them running.
     pub services: Vec<(String, u32)>,
 }
@@ -71,6 +78,17 @@ impl Steps<'_> {
 
     /// Runs `twokey --profile USER ARGS --json`, feeding `stdin`; returns its JSON.
     fn run(&self, user: &str, args: &[&str], stdin: Option<&str>) -> Result<Value, CliError> {
+        self.run_shown(user, args, stdin, true)
+    }
+
+    /// [`Steps::run`], printing the command line only when `show`.
+    fn run_shown(
+        &self,
+        user: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+        show: bool,
+    ) -> Result<Value, CliError> {
         let shown: Vec<String> = args
             .iter()
             .map(|a| {
@@ -81,10 +99,12 @@ impl Steps<'_> {
                 }
             })
             .collect();
-        self.say(&format!(
-            "    $ twokey --profile {user} {}",
-            shown.join(" ")
-        ));
+        if show {
+            self.say(&format!(
+                "    $ twokey --profile {user} {}",
+                shown.join(" ")
+            ));
+        }
         let mut cmd = Command::new(&self.exe);
         // The people sign with the key files made for them, never with
         // whatever agent the caller's shell has.
@@ -211,7 +231,11 @@ pub fn run(args: DemoArgs, out: Output) -> Result<(), CliError> {
         "==> starting twokey-audit and twokey-vault; adam and anna sign consent policy version 1 with their SSH keys \
          and it is applied to the vault (admins.allowed_signers pins them); then twokey-broker",
     );
-    let system = LocalSystem::start(&dir, &bin_dir)?;
+    say(&format!(
+        "    audit's reconciler is on: {ACCOUNT} is AWS account {AWS_ACCOUNT_ID} in the signed policy, \
+         and audit reads CloudTrail log files from cloudtrail/ (docs/RECONCILE.md)"
+    ));
+    let system = LocalSystem::start_reconciling(&dir, &bin_dir, ReconcileOptions::default())?;
     say(&format!(
         "    audit {}  vault {}  broker {}",
         system.audit, system.vault, system.broker
@@ -259,10 +283,12 @@ pub fn run(args: DemoArgs, out: Output) -> Result<(), CliError> {
     }
     out.answer(&report, || {
         format!(
-            "demo passed: request {} — signed by alice, approved by bob, released by olivia under policy version {} signed by {} — released a code that matched the independent TOTP computation; the audit log of {} entries verified",
+            "demo passed: request {} — signed by alice, approved by bob, released by olivia under policy version {} signed by {} — released a code that matched the independent TOTP computation; CloudTrail's root sign-ins reconciled: {} matched, {} unexplained (sent to the admins); the audit log of {} entries verified",
             report.request_id,
             report.policy_version,
             report.policy_signed_by.join(" and "),
+            report.reconcile_matched,
+            report.reconcile_unexplained,
             report.audit_entries
         )
     })
@@ -396,6 +422,8 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
         )));
     }
 
+    let (reconcile_matched, reconcile_unexplained) = reconcile_story(s, system, &id)?;
+
     s.say("==> carol (auditor) exports the log and verifies it offline");
     let export = system.dir.join("audit-export.jsonl");
     let checkpoint = system.dir.join("audit-checkpoint.txt");
@@ -437,8 +465,111 @@ fn story(s: &Steps<'_>, system: &LocalSystem) -> Result<DemoReport, CliError> {
         policy_signed_by,
         code_matches,
         audit_entries: entries,
+        reconcile_matched,
+        reconcile_unexplained,
         ..Default::default()
     })
+}
+
+/// The findings of `action` in the log, as carol reads them (`show`: print
+/// the command line).
+fn findings(s: &Steps<'_>, action: &str, show: bool) -> Result<Vec<Value>, CliError> {
+    let answer = s.run_shown("carol", &["audit", "query", "--action", action], None, show)?;
+    Ok(answer["entries"].as_array().cloned().unwrap_or_default())
+}
+
+/// Issue 20: AWS's records of two root sign-ins, generated in CloudTrail's
+/// format, are dropped into the trail directory; audit's reconciler matches
+/// the first with olivia's release and finds no release for the second,
+/// which reaches the account's admins. Returns the two counts.
+fn reconcile_story(
+    s: &Steps<'_>,
+    system: &LocalSystem,
+    request_id: &str,
+) -> Result<(u64, u64), CliError> {
+    s.say(
+        "==> AWS CloudTrail records two root sign-ins to the account (generated in AWS's format): \
+         one just now, with the code olivia released, and one an hour ago, with a code from somewhere else",
+    );
+    // CloudTrail records whole seconds.
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    let earlier = now - std::time::Duration::from_secs(3600);
+    let file = write_log_file(
+        &system.cloudtrail_dir,
+        AWS_ACCOUNT_ID,
+        "us-east-1",
+        now,
+        "demo",
+        [
+            Record::console_login(AWS_ACCOUNT_ID, now).event_id("demo-sign-in-matched"),
+            Record::console_login(AWS_ACCOUNT_ID, earlier).event_id("demo-sign-in-unexplained"),
+        ],
+    )
+    .map_err(|e| CliError::Input(format!("cannot write the demo's CloudTrail file: {e}")))?;
+    s.say(&format!("    {}", file.display()));
+    s.say("==> audit's reconciler reads it and writes each finding to the log as a signed event");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let (matched, unexplained) = loop {
+        let matched = findings(s, "reconcile.matched", false)?;
+        let unexplained = findings(s, "reconcile.unexplained", false)?;
+        if (!matched.is_empty() && !unexplained.is_empty()) || std::time::Instant::now() > deadline
+        {
+            break (matched, unexplained);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    findings(s, "reconcile.matched", true)?;
+    for m in &matched {
+        let attrs = &m["event"]["attributes"];
+        s.say(&format!(
+            "    matched: root sign-in at {} — code released for request {} at {}",
+            attrs["event_time"].as_str().unwrap_or("?"),
+            m["event"]["requestId"].as_str().unwrap_or(request_id),
+            attrs["released_at"].as_str().unwrap_or("?"),
+        ));
+    }
+    findings(s, "reconcile.unexplained", true)?;
+    for u in &unexplained {
+        let attrs = &u["event"]["attributes"];
+        s.say(&format!(
+            "    UNEXPLAINED: root sign-in at {} from {} with MFA, and no code released in the 10 minutes before it",
+            attrs["event_time"].as_str().unwrap_or("?"),
+            attrs["source_ip"].as_str().unwrap_or("?"),
+        ));
+    }
+    if matched.len() != 1 || unexplained.len() != 1 {
+        return Err(CliError::Verify(format!(
+            "reconciliation found {} matched and {} unexplained sign-ins, expected one of each (audit log: {})",
+            matched.len(),
+            unexplained.len(),
+            system.dir.join("logs/audit.log").display()
+        )));
+    }
+    s.say("==> the broker sends the unexplained sign-in to the account's admins (adam's mailbox)");
+    let mailbox = system.mailbox.join("adam.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let alert = loop {
+        let text = std::fs::read_to_string(&mailbox).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("reconcile.unexplained")) {
+            break Some(line.to_owned());
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    match alert.and_then(|l| serde_json::from_str::<Value>(&l).ok()) {
+        Some(a) => s.say(&format!("    {}", a["text"].as_str().unwrap_or("?"))),
+        None => {
+            return Err(CliError::Verify(format!(
+                "the unexplained sign-in did not reach adam's mailbox {} within 30 s (broker log: {})",
+                mailbox.display(),
+                system.dir.join("logs/broker.log").display()
+            )));
+        }
+    }
+    Ok((1, 1))
 }
 
 fn decode_base32(text: &str) -> Vec<u8> {
