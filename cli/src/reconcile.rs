@@ -2,8 +2,11 @@
 //! CloudTrail (a directory kept in sync from the trail's bucket) against
 //! the codes twokey released, read from the audit log: matched,
 //! unexplained, unprotected, failed, out-of-band and unused, as a table or
-//! `--json`. Offline and read-only: the findings are not written to the log
-//! yet (issue 20 wires that in audit).
+//! `--json`. The accounts are those the signed policy maps (the
+//! `aws_accounts` of the vault's latest `policy.applied`), unless
+//! `--account` names them. Offline and read-only: audit's own reconciler
+//! writes its findings to the log (docs/RECONCILE.md); this command
+//! recomputes them from a directory, e.g. to check them.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -32,13 +35,14 @@ pub struct ReconcileArgs {
     #[arg(long, value_name = "DIR")]
     pub cloudtrail: PathBuf,
     /// A twokey account and its AWS account id: `aws-prod-root=123456789012`.
-    /// Repeat for each account.
-    #[arg(long = "account", value_name = "NAME=AWS_ID", required = true)]
+    /// Repeat for each account. Default: the accounts the signed policy maps
+    /// (`aws_account_id`), with their `signin_window`.
+    #[arg(long = "account", value_name = "NAME=AWS_ID")]
     pub accounts: Vec<String>,
     /// Sign-ins and releases from this time: RFC 3339, or an age such as 7d.
     #[arg(long, value_name = "TIME", value_parser = parse_time, default_value = "7d")]
     pub since: Timestamp,
-    /// How long before a sign-in a release explains it.
+    /// How long before a sign-in a release explains it (with --account).
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     pub window_secs: u64,
 }
@@ -68,6 +72,41 @@ fn accounts(args: &[String], window: Duration) -> Result<Accounts, CliError> {
             .map_err(|e| CliError::Usage(format!("--account {arg:?}: {e}")))?;
     }
     Ok(accounts)
+}
+
+/// The mapping the signed policy names: the `aws_accounts` attribute of the
+/// vault's latest `policy.applied` event.
+async fn policy_accounts(client: &mut AuditClient, target: &Target) -> Result<Accounts, CliError> {
+    let request = QueryRequest {
+        action: "policy.applied".into(),
+        newest_first: true,
+        ..Default::default()
+    };
+    let mut stream = target.answer(client.query(request).await)?;
+    while let Some(batch) = crate::audit::next_message(&mut stream, target).await? {
+        let latest = batch
+            .entries
+            .iter()
+            .filter_map(|e| e.event.as_ref())
+            .find(|e| e.source.ends_with("/svc/vault"));
+        if let Some(event) = latest {
+            let attr = event
+                .attributes
+                .get("aws_accounts")
+                .map_or("", String::as_str);
+            let accounts = Accounts::from_policy_attr(attr)
+                .map_err(|e| CliError::Input(format!("the signed policy's mapping: {e}")))?;
+            if accounts.is_empty() {
+                break;
+            }
+            return Ok(accounts);
+        }
+    }
+    Err(CliError::Usage(
+        "the signed policy in force maps no account to an AWS account: add aws_account_id to \
+         the account in the policy, or give --account NAME=AWS_ID"
+            .into(),
+    ))
 }
 
 /// Every `code.released` of the vault since `since`, as releases.
@@ -139,8 +178,17 @@ fn finding_json(f: &Finding) -> Value {
 
 /// Runs `audit reconcile`.
 pub async fn run(a: ReconcileArgs, settings: Settings, out: Output) -> Result<(), CliError> {
-    let window = Duration::from_secs(a.window_secs);
-    let accounts = accounts(&a.accounts, window)?;
+    let (mut client, target) = settings.audit()?;
+    let accounts = if a.accounts.is_empty() {
+        policy_accounts(&mut client, &target).await?
+    } else {
+        accounts(&a.accounts, Duration::from_secs(a.window_secs))?
+    };
+    let window = accounts
+        .iter()
+        .map(|(_, m)| m.window)
+        .max()
+        .unwrap_or(matching::DEFAULT_WINDOW);
     let now = OffsetDateTime::now_utc();
     let scan = cloudtrail::scan(&a.cloudtrail, &mut Seen::new(), &ReadOptions::at(now))
         .map_err(|e| CliError::Input(format!("--cloudtrail: {e}")))?;
@@ -155,7 +203,6 @@ pub async fn run(a: ReconcileArgs, settings: Settings, out: Output) -> Result<()
         seconds: a.since.seconds - i64::try_from(window.as_secs()).unwrap_or(0),
         nanos: 0,
     };
-    let (mut client, target) = settings.audit()?;
     let releases = releases(&mut client, &target, from).await?;
     let result = matching::reconcile(&accounts, &events, &releases, now);
     let problems: Vec<Value> = scan
@@ -200,8 +247,7 @@ pub async fn run(a: ReconcileArgs, settings: Settings, out: Output) -> Result<()
     if result.findings.iter().any(|f| f.kind().alerts()) {
         eprintln!(
             "unexplained, unprotected or out-of-band findings: a root sign-in or MFA change \
-             that no released code explains; investigate (docs/RELIABILITY.md has no runbook \
-             for this yet: see issue 20)"
+             that no released code explains; docs/RECONCILE.md says what each means and what to do"
         );
     }
     Ok(())

@@ -6,7 +6,8 @@
 //! (a real HTTP server on 127.0.0.1) addressed to the account's admins; an
 //! EventBridge post over mTLS from the allowed poster is taken and
 //! reconciled, from another identity refused (403), without a client
-//! certificate refused in the handshake.
+//! certificate refused in the handshake; `twokey audit reconcile` finds the
+//! same from the policy's mapping.
 
 use std::{
     convert::Infallible,
@@ -254,6 +255,35 @@ async fn sign_ins_are_reconciled_with_released_codes_and_an_unexplained_one_aler
         finding(&log, "reconcile.unprotected", "ev-posted").is_some(),
         "no reconcile.unprotected for the posted event"
     );
+    // The auditor's offline check reads the mapping from the signed policy
+    // (no --account) and agrees on the files.
+    let output = std::process::Command::new(twokey_e2e::bin_dir().join("twokey"))
+        .env("TWOKEY_CONFIG", &sys.local.config)
+        .env("TWOKEY_PROFILE", "carol")
+        .args([
+            "audit",
+            "reconcile",
+            "--since",
+            "3h",
+            "--json",
+            "--cloudtrail",
+        ])
+        .arg(&sys.local.cloudtrail_dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let offline: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let kinds: Vec<&str> = offline["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["unexplained", "matched"], "{offline}");
     // Each finding once.
     let findings = log
         .iter()
