@@ -44,6 +44,7 @@ pub struct AuditGrpc<S> {
     auth: Authenticator,
     stopping: Option<watch::Receiver<bool>>,
     finding_readers: std::collections::BTreeSet<SpiffeId>,
+    finding_source: Option<SpiffeId>,
 }
 
 impl<S: LogStore> AuditGrpc<S> {
@@ -54,14 +55,21 @@ impl<S: LogStore> AuditGrpc<S> {
             auth,
             stopping: None,
             finding_readers: Default::default(),
+            finding_source: None,
         }
     }
 
     /// Lets `readers` (`[reconcile] readers`: the broker) Query the
-    /// reconciler's findings, an exact `reconcile.*` action per query, and
-    /// nothing else.
-    pub fn with_finding_readers(mut self, readers: std::collections::BTreeSet<SpiffeId>) -> Self {
+    /// findings of the reconciler `source`, an exact `reconcile.<kind>`
+    /// action per query, and nothing else: their queries see only that
+    /// source's events, so no other source can raise an alert.
+    pub fn with_finding_readers(
+        mut self,
+        readers: std::collections::BTreeSet<SpiffeId>,
+        source: Option<SpiffeId>,
+    ) -> Self {
         self.finding_readers = readers;
+        self.finding_source = source;
         self
     }
 
@@ -164,16 +172,22 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
                 self.log.is_auditor(id) || self.finding_readers.contains(id)
             })?;
         let Query {
-            filter,
+            mut filter,
             start: mut cursor,
             page_size,
         } = Query::try_from(request.get_ref())?;
-        if !self.log.is_auditor(&who) && !is_finding_query(&filter.action) {
-            return Err(Status::permission_denied(format!(
-                "{who} may read only the reconciler's findings: query one action \
-                 reconcile.<kind>, not {:?}",
-                filter.action
-            )));
+        if !self.log.is_auditor(&who) {
+            let source = self.finding_source.as_ref().map(SpiffeId::as_str);
+            if !is_finding_query(&filter.action)
+                || !(filter.source.is_empty() || Some(filter.source.as_str()) == source)
+            {
+                return Err(Status::permission_denied(format!(
+                    "{who} may read only the reconciler's findings: query one action \
+                     reconcile.<kind>, not {:?}",
+                    filter.action
+                )));
+            }
+            filter.source = source.unwrap_or_default().to_owned();
         }
         tracing::info!(auditor = %who, "query");
         let log = self.log.clone();

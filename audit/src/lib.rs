@@ -122,7 +122,10 @@ pub async fn serve(
         .unwrap_or_default();
     let grpc = AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone()))
         .with_shutdown(stop_rx)
-        .with_finding_readers(readers);
+        .with_finding_readers(
+            readers,
+            config.reconcile.as_ref().map(|r| r.source_id.clone()),
+        );
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.listen.clone(),
         source,

@@ -1,5 +1,6 @@
 //! The reconciler's edges over mTLS (issue 20): the broker may Query one
-//! `reconcile.<kind>` action and nothing else; EventBridge posts to the HTTP
+//! `reconcile.<kind>` action of the reconciler's own source and nothing
+//! else; EventBridge posts to the HTTP
 //! listener are taken from a poster only (403 otherwise), kept, and
 //! reconciled into a signed finding; a client without a certificate is
 //! refused in the handshake.
@@ -58,11 +59,39 @@ async fn the_broker_may_query_findings_and_nothing_else() {
         readers: [id(BROKER)].into(),
     });
     let server = TestServer::start(env.config.clone()).await;
+    // Another source writes an event named like a finding: the broker does
+    // not see it (only the reconciler's own events are findings); carol does.
+    let forged = event(&env.vault(), 1, "reconcile.unexplained");
+    let acked = append_all(&mut env.client(server.addr, "vault"), vec![forged])
+        .await
+        .unwrap();
+    assert!(acked.iter().all(Result::is_ok), "{acked:?}");
     let mut broker = env.client(server.addr, "broker");
     for action in ["reconcile.unexplained", "reconcile.out_of_band"] {
-        let answer = broker.query(query(action)).await;
-        assert!(answer.is_ok(), "{action}: {answer:?}");
+        let mut stream = broker.query(query(action)).await.unwrap().into_inner();
+        let mut entries = Vec::new();
+        while let Some(batch) = stream.message().await.unwrap() {
+            entries.extend(batch.entries);
+        }
+        assert!(entries.is_empty(), "{action}: {entries:?}");
     }
+    let mut carol = env.client(server.addr, "carol");
+    let mut stream = carol
+        .query(query("reconcile.unexplained"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().entries.len(), 1);
+    // Naming another source is refused.
+    let err = broker
+        .query(QueryRequest {
+            action: "reconcile.unexplained".into(),
+            source: VAULT.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     for action in [
         "code.released",
         "",

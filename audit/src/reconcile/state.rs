@@ -6,7 +6,10 @@
 //! the log (an outbox: appended again after a crash, which the log answers as
 //! a duplicate). One pass writes all of it in one atomic batch, then syncs.
 
-use std::path::{Path, PathBuf};
+use std::{
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
 
 use twokey_reconcile::{cloudtrail::Seen, matching::Release};
 use twokey_runtime::durable::{DurableDb, StoreError};
@@ -115,8 +118,8 @@ impl ReconcileState {
             .scan(SEEN)?
             .into_iter()
             .map(|(path, size)| {
-                // Paths were written from OsStr bytes of this platform.
-                let path = PathBuf::from(String::from_utf8_lossy(&path).into_owned());
+                // Written from the OsStr bytes of this (Unix) platform.
+                let path = PathBuf::from(std::ffi::OsStr::from_bytes(&path));
                 (path, u64_of(&size))
             })
             .collect())
