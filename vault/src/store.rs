@@ -454,6 +454,10 @@ pub struct SledVaultStore {
     queued: Arc<Mutex<Vec<QueuedUse>>>,
     /// Held by the caller writing the queue out (one group at a time).
     leader: Arc<tokio::sync::Mutex<()>>,
+    /// The number of accounts, counted once and forgotten by every change
+    /// of the account set (sled's `len` walks the whole tree, and `Status`
+    /// answers the count on every call).
+    account_count: Arc<Mutex<Option<usize>>>,
 }
 
 const KEY_CHECK: &[u8] = b"key_check";
@@ -601,7 +605,15 @@ impl SledVaultStore {
             outbox,
             queued: Arc::default(),
             leader: Arc::default(),
+            account_count: Arc::default(),
         })
+    }
+
+    /// Forgets the account count after a change that may add or remove an
+    /// account (called after its transaction, so a count taken meanwhile
+    /// is forgotten too).
+    fn forget_count(&self) {
+        *self.account_count.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// One grant use inside a group transaction: every check, then every
@@ -924,7 +936,8 @@ impl VaultStore for SledVaultStore {
     }
 
     fn count(&self) -> usize {
-        self.accounts.len()
+        let mut count = self.account_count.lock().unwrap_or_else(|e| e.into_inner());
+        *count.get_or_insert_with(|| self.accounts.len())
     }
 
     fn put(&self, new: NewAccount<'_>, event: EventDraft) -> Result<u64, VaultStoreError> {
@@ -960,6 +973,7 @@ impl VaultStore for SledVaultStore {
             accounts.insert(record.account_id.as_bytes(), bytes.as_slice())?;
             self.outbox.push(outbox, event.clone())
         });
+        self.forget_count();
         match self.finish(result, &record.account_id) {
             Err(VaultStoreError::GrantUsed(_)) => {
                 Err(VaultStoreError::GrantUsed(grant.grant_id.clone()))
@@ -1028,6 +1042,7 @@ impl VaultStore for SledVaultStore {
             keep(recovery, old, admin, "removed")?;
             self.outbox.push(outbox, event.clone())
         });
+        self.forget_count();
         self.finish(result, account_id)
             .map_err(|e| name_ids(e, grant_id, &admin.action_id))
     }
@@ -1098,6 +1113,7 @@ impl VaultStore for SledVaultStore {
             let seq = self.outbox.push(outbox, event)?;
             Ok((seq, record, kept))
         });
+        self.forget_count();
         self.finish(result, account_id)
             .map_err(|e| name_ids(e, &grant.grant_id, &admin.action_id))
     }
@@ -1776,6 +1792,9 @@ mod tests {
     fn a_removed_seed_is_kept_restored_and_purged_after_its_window() {
         let dir = tempfile::tempdir().unwrap();
         let store = store(dir.path());
+        // The count `Status` answers follows every change of the account
+        // set (it is kept between calls, not walked each time).
+        assert_eq!(store.count(), 1);
         let removal = Removal {
             grant_id: "g-remove".into(),
             expires_at: u64::MAX / 2,
@@ -1785,6 +1804,7 @@ mod tests {
         };
         store.remove(removal).unwrap();
         assert!(store.get("aws-root").unwrap().is_none());
+        assert_eq!(store.count(), 0);
         let restore = |grant: &str, action: &str, now: u64| Restore {
             grant: SpentGrant {
                 grant_id: grant.into(),
@@ -1801,6 +1821,9 @@ mod tests {
         assert_eq!(record.seed_bits, 160);
         assert_eq!(kept.reason, "removed");
         assert!(store.get("aws-root").unwrap().is_some());
+        assert_eq!(store.count(), 1);
+        enroll(&store, "aws-second");
+        assert_eq!(store.count(), 2);
         // Nothing left to restore now.
         let err = store.restore(restore("g-r2", "act-r2", 500)).unwrap_err();
         assert!(matches!(err, VaultStoreError::NothingKept(_)), "{err:?}");
