@@ -74,6 +74,14 @@ impl std::fmt::Debug for NotifyQueue {
     }
 }
 
+/// Whether a stored entry may carry a PIN: its JSON has the `sealed_pin`
+/// key (written only when there is one). A quote inside a text value is
+/// escaped, so a text cannot make this true; it would only cost a decode.
+fn may_hold_pin(entry: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"sealed_pin\"";
+    entry.windows(KEY.len()).any(|w| w == KEY)
+}
+
 fn backoff(attempts: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
@@ -214,13 +222,19 @@ impl NotifyQueue {
         // batch, not the burst, and a long queue is never all in memory.
         let mut due = Vec::new();
         let mut others = Vec::new();
-        for entry in self
-            .tree
-            .iter()
-            .filter_map(Result::ok)
-            .filter_map(|(_, v)| serde_json::from_slice::<Entry>(&v).ok())
-            .filter(|e| e.next_ms <= now_ms)
-        {
+        for (_, bytes) in self.tree.iter().filter_map(Result::ok) {
+            // Once a batch of other messages is found, only PINs are
+            // looked for: an entry without the field is not decoded (a
+            // long queue is scanned on every pass).
+            if others.len() >= DELIVERY_BATCH && !may_hold_pin(&bytes) {
+                continue;
+            }
+            let Ok(entry) = serde_json::from_slice::<Entry>(&bytes) else {
+                continue;
+            };
+            if entry.next_ms > now_ms {
+                continue;
+            }
             if entry.sealed_pin.is_some() {
                 if due.len() < DELIVERY_BATCH {
                     due.push(entry);
@@ -577,6 +591,20 @@ mod tests {
             .map(|(k, _)| k.clone())
             .collect();
         assert_eq!(seen, ["first", "second", "third"]);
+    }
+
+    #[test]
+    fn only_an_entry_with_a_sealed_pin_is_taken_for_one_without_decoding() {
+        let (_dir, queue, _flaky, _clock, _) = setup(false);
+        let mut m = pin_message();
+        m.text = r#"a text quoting "sealed_pin": "x" is no PIN"#.into();
+        m.pin = None;
+        enqueue(&queue, m.clone());
+        m.pin = Some(Pin::from_text("4815162342"));
+        enqueue(&queue, m);
+        let stored: Vec<_> = queue.tree().iter().map(|kv| kv.unwrap().1).collect();
+        assert!(!may_hold_pin(&stored[0]));
+        assert!(may_hold_pin(&stored[1]));
     }
 
     #[test]
