@@ -115,17 +115,20 @@ fn index_of(key: &[u8]) -> Result<u64, AuditError> {
         .ok_or_else(|| AuditError::Store("a query index key is shorter than 8 bytes".into()))
 }
 
-/// Leaf indices from `tree` (the query indexes) along `walk`, from `start`
-/// (inclusive; for a time walk, `start_time` is the event time of entry
-/// `start`), oldest or newest first. `Walk::All` and `Walk::Source` are not
-/// walked here.
-pub fn walk<'a>(
-    tree: &'a sled::Tree,
+/// The index of a key: its last 8 bytes.
+pub fn index_of_key(key: &[u8]) -> Result<u64, AuditError> {
+    index_of(key)
+}
+
+/// The key range `[low, high)` a walk reads, from `start` (inclusive; for a
+/// time walk, `start_time` is the event time of entry `start`); `None` when
+/// it is empty. `Walk::All` and `Walk::Source` read no query index.
+pub fn range(
     walk: &Walk,
     start: Option<(u64, Option<(i64, i32)>)>,
     newest_first: bool,
-) -> Box<dyn Iterator<Item = Result<u64, AuditError>> + Send + 'a> {
-    let (low, high): (Vec<u8>, Vec<u8>) = match walk {
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (low, high) = match walk {
         Walk::Time { since, until } => {
             let low = match since {
                 Some(t) => time_key(*t, 0),
@@ -136,7 +139,7 @@ pub fn walk<'a>(
                 None => vec![TIME + 1],
             };
             // Resume at the entry of the page token.
-            let (low, high) = match start {
+            match start {
                 Some((index, Some(t))) if newest_first => {
                     let mut at = time_key(t, index);
                     at.push(0);
@@ -144,25 +147,24 @@ pub fn walk<'a>(
                 }
                 Some((index, Some(t))) => (time_key(t, index).max(low), high),
                 _ => (low, high),
-            };
-            (low, high)
+            }
         }
-        other => {
-            let (tag, value) = match other {
-                Walk::Request(v) => (REQUEST, v),
-                Walk::Account(v) => (ACCOUNT, v),
-                Walk::Actor(v) => (ACTOR, v),
-                Walk::ActorName(v) => (ACTOR_NAME, v),
-                Walk::Action(v) => (ACTION, v),
-                Walk::All | Walk::Source(_) | Walk::Time { .. } => {
-                    return Box::new(std::iter::once(Err(AuditError::Store(
-                        "this walk does not read a query index".into(),
-                    ))));
-                }
+        Walk::All | Walk::Source(_) => return None,
+        Walk::Request(value)
+        | Walk::Account(value)
+        | Walk::Actor(value)
+        | Walk::ActorName(value)
+        | Walk::Action(value) => {
+            let tag = match walk {
+                Walk::Request(_) => REQUEST,
+                Walk::Account(_) => ACCOUNT,
+                Walk::Actor(_) => ACTOR,
+                Walk::ActorName(_) => ACTOR_NAME,
+                _ => ACTION,
             };
             let prefix = value_prefix(tag, value);
             let mut low = prefix.clone();
-            let mut high = prefix.clone();
+            let mut high = prefix;
             match start {
                 Some((index, _)) if newest_first => {
                     high.extend_from_slice(&index.to_be_bytes());
@@ -181,18 +183,73 @@ pub fn walk<'a>(
             (low, high)
         }
     };
-    if low >= high {
+    (low < high).then_some((low, high))
+}
+
+/// Leaf indices along `walk` from the keys in `tree` and the keys in
+/// `pending` (sorted; those not written to `tree` yet), merged in key
+/// order, each once.
+pub fn walk<'a>(
+    tree: &'a sled::Tree,
+    pending: &std::collections::BTreeSet<Vec<u8>>,
+    walk: &Walk,
+    start: Option<(u64, Option<(i64, i32)>)>,
+    newest_first: bool,
+) -> Box<dyn Iterator<Item = Result<u64, AuditError>> + Send + 'a> {
+    let Some((low, high)) = range(walk, start, newest_first) else {
         return Box::new(std::iter::empty());
-    }
-    let range = tree.range(low..high);
-    let parse = |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<u64, AuditError> {
-        let (key, _) = item?;
-        index_of(&key)
     };
-    if newest_first {
-        Box::new(range.rev().map(parse))
-    } else {
-        Box::new(range.map(parse))
+    let mut mem: Vec<Vec<u8>> = pending.range(low.clone()..high.clone()).cloned().collect();
+    let stored = tree.range(low..high);
+    let stored: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>> + Send> =
+        if newest_first {
+            mem.reverse();
+            Box::new(stored.rev())
+        } else {
+            Box::new(stored)
+        };
+    Box::new(Merge {
+        stored: stored.peekable(),
+        mem: mem.into_iter().peekable(),
+        newest_first,
+    })
+}
+
+/// Two key streams in the same order, merged, a key in both given once.
+struct Merge<A: Iterator, B: Iterator> {
+    stored: std::iter::Peekable<A>,
+    mem: std::iter::Peekable<B>,
+    newest_first: bool,
+}
+
+impl<A, B> Iterator for Merge<A, B>
+where
+    A: Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+    B: Iterator<Item = Vec<u8>>,
+{
+    type Item = Result<u64, AuditError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let take_mem = match (self.stored.peek(), self.mem.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) | (Some(_), None) => false,
+            (None, Some(_)) => true,
+            (Some(Ok((k, _))), Some(m)) => {
+                if k.as_ref() == m.as_slice() {
+                    self.mem.next();
+                    false
+                } else {
+                    (m.as_slice() < k.as_ref()) != self.newest_first
+                }
+            }
+        };
+        if take_mem {
+            return self.mem.next().map(|k| index_of(&k));
+        }
+        self.stored.next().map(|item| {
+            let (k, _) = item?;
+            index_of(&k)
+        })
     }
 }
 
@@ -225,7 +282,44 @@ mod tests {
         start: Option<(u64, Option<(i64, i32)>)>,
         rev: bool,
     ) -> Vec<u64> {
-        walk(tree, w, start, rev).map(Result::unwrap).collect()
+        walk(tree, &Default::default(), w, start, rev)
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    #[test]
+    fn keys_not_yet_written_merge_with_the_stored_ones_each_once() {
+        let (_d, t) = tree();
+        let mut pending = std::collections::BTreeSet::new();
+        for i in 0..10u64 {
+            for k in keys(&event("bob", 100 + i as i64), i) {
+                // Even indices stored, odd ones pending, and 4 in both.
+                if i % 2 == 0 {
+                    t.insert(&k, &[]).unwrap();
+                }
+                if i % 2 == 1 || i == 4 {
+                    pending.insert(k);
+                }
+            }
+        }
+        let bob = Walk::ActorName("bob".into());
+        let got = |start, rev| -> Vec<u64> {
+            walk(&t, &pending, &bob, start, rev)
+                .map(Result::unwrap)
+                .collect()
+        };
+        assert_eq!(got(None, false), (0..10).collect::<Vec<_>>());
+        assert_eq!(got(None, true), (0..10).rev().collect::<Vec<_>>());
+        assert_eq!(got(Some((3, None)), false), (3..10).collect::<Vec<_>>());
+        assert_eq!(got(Some((4, None)), true), [4, 3, 2, 1, 0]);
+        let time = Walk::Time {
+            since: Some((103, 0)),
+            until: Some((106, 0)),
+        };
+        let got: Vec<u64> = walk(&t, &pending, &time, None, false)
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(got, [3, 4, 5]);
     }
 
     #[test]

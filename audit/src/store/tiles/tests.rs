@@ -319,9 +319,13 @@ async fn query_indexes_walk_each_field_in_order_from_the_token() {
         let (e, leaf) = entry(i, source, seq);
         store.append(&e, &leaf).unwrap();
     }
-    // Nothing is indexed before it is durable.
+    // The source index is written at the sync; the query keys are walked
+    // from memory until a batch of them is written.
     assert!(walk_all(&store, &Walk::Source(VAULT.into()), None, false).is_empty());
-    assert!(walk_all(&store, &Walk::Action("odd".into()), None, false).is_empty());
+    assert_eq!(
+        walk_all(&store, &Walk::Action("odd".into()), None, false).len(),
+        20
+    );
     store.sync().await.unwrap();
     let vault = Walk::Source(VAULT.into());
     assert_eq!(walk_all(&store, &vault, None, false).len(), 20);
@@ -363,10 +367,58 @@ async fn query_indexes_walk_each_field_in_order_from_the_token() {
     assert_eq!(walk_all(&store, &time, None, false), [10, 11, 12]);
     assert_eq!(walk_all(&store, &time, Some(11), false), [11, 12]);
     assert_eq!(walk_all(&store, &time, Some(11), true), [11, 10]);
+    // After a reopen the keys not written to sled are derived again.
+    drop(store);
+    let store = TileStore::open(dir.path()).unwrap();
+    assert_eq!(walk_all(&store, &time, Some(11), true), [11, 10]);
+    assert_eq!(
+        walk_all(&store, &Walk::Request("r3".into()), None, false),
+        [10, 11, 12, 13]
+    );
     // Received times come back as they were.
     assert_eq!(
         store.entry(17).unwrap().unwrap().received_at,
         entry(17, BROKER, 9).0.received_at
+    );
+}
+
+#[tokio::test]
+async fn query_keys_are_written_to_sled_in_batches_and_walk_the_same_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = QUERY_BATCH + 100;
+    let want: Vec<u64>;
+    {
+        let store = TileStore::open(dir.path()).unwrap();
+        for i in 0..n {
+            let (e, leaf) = entry(i, VAULT, i + 1);
+            store.append(&e, &leaf).unwrap();
+            if (i + 1) % 50 == 0 {
+                store.sync().await.unwrap();
+            }
+        }
+        store.sync().await.unwrap();
+        // The first batch is in sled, the rest in memory.
+        assert_eq!(
+            store.inner.indexed.load(Ordering::SeqCst),
+            QUERY_BATCH + 50 - QUERY_BATCH % 50
+        );
+        assert!(!store.inner.query.is_empty());
+        assert!(!store.state().pending_query.is_empty());
+        want = walk_all(&store, &Walk::Account("acct1".into()), None, false);
+        assert_eq!(want.len() as u64, n.div_ceil(5));
+        assert_eq!(
+            walk_all(&store, &Walk::Account("acct1".into()), Some(n - 300), true),
+            want.iter()
+                .rev()
+                .copied()
+                .filter(|i| *i <= n - 300)
+                .collect::<Vec<_>>()
+        );
+    }
+    let store = TileStore::open(dir.path()).unwrap();
+    assert_eq!(
+        walk_all(&store, &Walk::Account("acct1".into()), None, false),
+        want
     );
 }
 
