@@ -279,6 +279,12 @@ async fn eventbridge_posts_over_mtls_from_a_poster_only_are_kept_and_reconciled(
         body["message"].as_str().unwrap().contains("detail-type"),
         "{body}"
     );
+    // Over EventBridge's 256 KiB: refused, saying so.
+    let (status, body) = post(&env, addr, Some("vault"), vec![b' '; 300 * 1024])
+        .await
+        .unwrap();
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"], "resource_exhausted");
     // From the poster: 202, then one signed finding.
     let (status, body) = post(&env, addr, Some("vault"), sign_in.eventbridge())
         .await
