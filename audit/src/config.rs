@@ -319,3 +319,73 @@ fn sources<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<SpiffeId, Verifyi
     }
     Ok(sources)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    fn load(extra_top: &str, reconcile: &str) -> Result<AuditConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.toml");
+        let text = format!(
+            "{extra_top}listen = \"127.0.0.1:7403\"\ntrust_domain = \"t\"\ndata_dir = \"data\"\n\
+             checkpoint_key_file = \"c.key\"\norigin = \"t/audit\"\n\
+             [tls]\ncert = \"a.crt\"\nkey = \"a.key\"\nca = \"ca.crt\"\n\
+             [[sources]]\nid = \"spiffe://t/svc/vault\"\npublic_key = \"{KEY}\"\n\
+             [[sources]]\nid = \"spiffe://t/svc/reconcile\"\npublic_key = \"{KEY}\"\n{reconcile}"
+        );
+        std::fs::write(&path, text).unwrap();
+        let config: AuditConfig =
+            twokey_runtime::config::load(Some(&path), &[], "TWOKEY_AUDIT_TEST_")?;
+        config.finish(Some(&path), |_| false).map(|mut c| {
+            // Paths are relative to the file's directory: keep them comparable.
+            if let Some(r) = c.reconcile.as_mut() {
+                r.key_file = r.key_file.strip_prefix(dir.path()).unwrap().to_owned();
+            }
+            c
+        })
+    }
+
+    const RECONCILE: &str = "[reconcile]\nsource_id = \"spiffe://t/svc/reconcile\"\n\
+                             key_file = \"r.key\"\nreaders = [\"spiffe://t/svc/broker\"]\n";
+
+    #[test]
+    fn reconcile_is_off_unless_its_section_is_there_and_has_defaults() {
+        let c = load("", "").unwrap();
+        assert!(c.reconcile.is_none() && c.http_listen.is_none());
+        let c = load("", RECONCILE).unwrap();
+        let r = c.reconcile.unwrap();
+        assert_eq!(r.key_file, PathBuf::from("r.key"));
+        assert_eq!(r.scan_interval, Duration::from_secs(60));
+        assert_eq!(r.delivery_delay, Duration::from_secs(15 * 60));
+        assert_eq!(r.vault.unwrap().as_str(), "spiffe://t/svc/vault");
+        assert!(r.posters.is_empty());
+        assert_eq!(r.readers.len(), 1);
+    }
+
+    #[test]
+    fn a_reconcile_source_must_be_listed_and_posters_need_the_http_listener() {
+        let unlisted = RECONCILE.replace("svc/reconcile", "svc/other");
+        let err = load("", &unlisted).unwrap_err().to_string();
+        assert!(err.contains("is not one of [[sources]]"), "{err}");
+        let posters = format!("{RECONCILE}posters = [\"spiffe://t/svc/relay\"]\n");
+        let err = load("", &posters).unwrap_err().to_string();
+        assert!(err.contains("`http_listen` is not"), "{err}");
+        let c = load("http_listen = \"127.0.0.1:0\"\n", &posters).unwrap();
+        assert_eq!(c.http_listen.as_deref(), Some("127.0.0.1:0"));
+        let err = load("http_listen = \"nowhere\"\n", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http_listen"), "{err}");
+        let outside = format!("{RECONCILE}posters = [\"spiffe://elsewhere/svc/relay\"]\n");
+        let err = load("http_listen = \"127.0.0.1:0\"\n", &outside)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("reconcile.posters") && err.contains("not in trust domain"),
+            "{err}"
+        );
+    }
+}
