@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Event sources as ID=BASE64_PUBLIC_KEY (comma-separated; replaces the file's list).
     #[arg(long, value_delimiter = ',')]
     pub sources: Option<Vec<String>>,
+    /// Address of the HTTPS listener (tiles, checkpoint, EventBridge posts); off when unset.
+    #[arg(long)]
+    pub http_listen: Option<String>,
 }
 
 impl ServeArgs {
@@ -98,6 +101,7 @@ impl ServeArgs {
             ("origin", text(&self.origin)),
             ("auditors", self.auditors.as_deref().map(strings)),
             ("sources", sources),
+            ("http_listen", text(&self.http_listen)),
         ]);
         Ok(overrides)
     }
@@ -193,13 +197,14 @@ mod tests {
             ("tls-ca", "TWOKEY_AUDIT_TLS_CA"),
             ("tls-crl", "TWOKEY_AUDIT_TLS_CRL"),
             ("sources", "TWOKEY_AUDIT_SOURCES"),
+            ("http-listen", "TWOKEY_AUDIT_HTTP_LISTEN"),
         ] {
             assert!(
                 serve.contains(&(flag.to_owned(), var.to_owned())),
                 "--{flag}: {serve:?}"
             );
         }
-        assert_eq!(serve.len(), 13, "{serve:?}");
+        assert_eq!(serve.len(), 14, "{serve:?}");
         assert!(env_of("init-key").contains(&("origin".into(), "TWOKEY_AUDIT_ORIGIN".into())));
     }
 
@@ -295,8 +300,10 @@ public_key = "{key}"
         args.flags.listen = Some("127.0.0.1:0".into());
         args.auditors = Some(vec!["spiffe://twokey.local/user/dave".into()]);
         args.sources = Some(vec![format!("spiffe://twokey.local/svc/broker={}", key())]);
+        args.http_listen = Some("127.0.0.1:7404".into());
         let c = args.load().unwrap();
         assert_eq!(c.listen, "127.0.0.1:0");
+        assert_eq!(c.http_listen.as_deref(), Some("127.0.0.1:7404"));
         assert_eq!(
             c.auditors.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             ["spiffe://twokey.local/user/dave"]
