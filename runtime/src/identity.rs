@@ -185,6 +185,28 @@ pub fn identity_of_cert(der: &[u8], trust_domain: &str) -> Result<SpiffeId, Iden
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     trust_domain: String,
+    known: std::sync::Arc<KnownCerts>,
+}
+
+/// Most certificates whose identity an [`Authenticator`] keeps; when full
+/// it starts over (a caller's certificate is then read once more).
+const KNOWN_CERTS: usize = 1024;
+
+/// The identities of certificates already read, by certificate (DER): a
+/// connection's certificate is read on its first call, not on every call
+/// (parsing it twice per call was a measurable share of an empty call's
+/// cost). Only accepted identities are kept: the answer is a function of
+/// the certificate and the trust domain alone, and a refused certificate
+/// is read and refused again, with its own message. (Revocation and
+/// validity are checked by rustls in each handshake, not here.)
+#[derive(Default)]
+struct KnownCerts(std::sync::Mutex<std::collections::HashMap<Vec<u8>, SpiffeId>>);
+
+impl fmt::Debug for KnownCerts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.lock().map_or(0, |m| m.len());
+        write!(f, "KnownCerts({n})")
+    }
 }
 
 impl Authenticator {
@@ -192,7 +214,25 @@ impl Authenticator {
     pub fn new(trust_domain: impl Into<String>) -> Self {
         Self {
             trust_domain: trust_domain.into(),
+            known: std::sync::Arc::default(),
         }
+    }
+
+    /// The identity of a client's DER certificate, as [`identity_of_cert`]
+    /// reads it for this trust domain; an accepted one is kept (see
+    /// [`KnownCerts`]).
+    pub fn identity_of(&self, der: &[u8]) -> Result<SpiffeId, IdentityError> {
+        let lock = || self.known.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = lock().get(der) {
+            return Ok(id.clone());
+        }
+        let id = identity_of_cert(der, &self.trust_domain)?;
+        let mut known = lock();
+        if known.len() >= KNOWN_CERTS {
+            known.clear();
+        }
+        known.insert(der.to_vec(), id.clone());
+        Ok(id)
     }
 
     /// The trust domain this server accepts.
@@ -208,7 +248,8 @@ impl Authenticator {
         let leaf = certs
             .first()
             .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
-        let id = identity_of_cert(leaf, &self.trust_domain)
+        let id = self
+            .identity_of(leaf)
             .map_err(|e| Status::unauthenticated(e.to_string()))?;
         crate::trace::record_caller(&id);
         Ok(id)
@@ -237,6 +278,40 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client_cert(spiffe_id: &str) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe_id.try_into().unwrap())];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn a_certificate_is_read_once_and_a_refused_one_every_time() {
+        let alice = client_cert("spiffe://t.example/user/alice");
+        let foreign = client_cert("spiffe://other.example/user/mallory");
+        let auth = Authenticator::new("t.example");
+        for _ in 0..2 {
+            assert_eq!(
+                auth.identity_of(&alice).unwrap().as_str(),
+                "spiffe://t.example/user/alice"
+            );
+            assert_eq!(
+                auth.identity_of(&foreign),
+                Err(IdentityError::ForeignTrustDomain(
+                    "spiffe://other.example/user/mallory".into(),
+                    "t.example".into()
+                ))
+            );
+            assert_eq!(
+                auth.identity_of(b"not a certificate"),
+                Err(IdentityError::BadCertificate)
+            );
+        }
+        // Only the accepted certificate is kept.
+        assert_eq!(format!("{:?}", auth.known), "KnownCerts(1)");
+    }
 
     #[test]
     fn parses_parts_of_a_spiffe_id() {
