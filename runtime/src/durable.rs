@@ -39,6 +39,37 @@ pub fn fail_stop_on_storage_errors() {
     FAIL_STOP.store(true, Ordering::SeqCst);
 }
 
+/// Runs `write`, which makes something durable under `path` (a sync, or a
+/// file written and synced), under the fail-stop rule of the module
+/// documentation: with [`fail_stop_on_storage_errors`] on, a failure is
+/// tried once more after [`FAIL_STOP_RETRY`] and, failing again, stops the
+/// process with [`FAIL_STOP_STATUS`]; otherwise the error is returned.
+pub fn fail_stop<T, E: std::fmt::Display>(
+    path: &Path,
+    mut write: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let first = match write() {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    if !FAIL_STOP.load(Ordering::SeqCst) {
+        return Err(first);
+    }
+    std::thread::sleep(FAIL_STOP_RETRY);
+    match write() {
+        Ok(v) => Ok(v),
+        Err(again) => {
+            tracing::error!(
+                path = %path.display(),
+                "storage keeps failing ({first}; {FAIL_STOP_RETRY:?} later: {again}): stopping \
+                 with status {FAIL_STOP_STATUS} so that the supervisor restarts this service \
+                 once the disk is usable; nothing acknowledged is lost"
+            );
+            std::process::exit(FAIL_STOP_STATUS);
+        }
+    }
+}
+
 /// Why the database could not be opened or synced.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -181,21 +212,7 @@ impl DurableDb {
                 .sync_data()
                 .map_err(|e| StoreError::Sync(e.to_string()))
         };
-        if let Err(first) = flush_and_sync() {
-            if !FAIL_STOP.load(Ordering::SeqCst) {
-                return Err(first);
-            }
-            std::thread::sleep(FAIL_STOP_RETRY);
-            if let Err(again) = flush_and_sync() {
-                tracing::error!(
-                    path = %inner.path.display(),
-                    "storage keeps failing ({first}; {FAIL_STOP_RETRY:?} later: {again}): stopping \
-                     with status {FAIL_STOP_STATUS} so that the supervisor restarts this service \
-                     once the disk is usable; nothing acknowledged is lost"
-                );
-                std::process::exit(FAIL_STOP_STATUS);
-            }
-        }
+        fail_stop(&inner.path, flush_and_sync)?;
         *synced = target;
         Ok(())
     }

@@ -540,7 +540,11 @@ impl TileStore {
             }
             (target, files, state.staged.clone())
         };
-        write_tiles(&self.inner.dir, &files)?;
+        // A tile that cannot be written fails the sync like sled's own
+        // sync: in the service, tried once more, then the process stops.
+        twokey_runtime::durable::fail_stop(&self.inner.dir, || {
+            write_tiles(&self.inner.dir, &files)
+        })?;
         {
             let mut state = self.state();
             let mut batch = sled::Batch::default();
