@@ -123,13 +123,21 @@ fn remove_partial_snapshots(dir: &Path) -> std::io::Result<()> {
 /// a process (or a server in this process) that is still shutting down.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
-/// Opens sled at `dir`; while another holder's lock on it is still being
-/// released (a restart right after a stop), tries again for [`LOCK_WAIT`],
-/// then answers that error: two live services on one directory are refused.
-fn open_waiting_for_lock(dir: &Path) -> sled::Result<sled::Db> {
+/// sled's own page cache size, which [`DurableDb::open`] keeps: 1 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 1 << 30;
+
+/// Opens sled at `dir` with a page cache of `cache_bytes`; while another
+/// holder's lock on it is still being released (a restart right after a
+/// stop), tries again for [`LOCK_WAIT`], then answers that error: two live
+/// services on one directory are refused.
+fn open_waiting_for_lock(dir: &Path, cache_bytes: u64) -> sled::Result<sled::Db> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+        {
             // sled 0.34 wraps the lock failure as ErrorKind::Other with
             // this text (config.rs), so the text is what says it.
             Err(sled::Error::Io(e))
@@ -144,8 +152,17 @@ fn open_waiting_for_lock(dir: &Path) -> sled::Result<sled::Db> {
 }
 
 impl DurableDb {
-    /// Opens (creating if needed) the sled database in `dir`.
+    /// Opens (creating if needed) the sled database in `dir`, with sled's
+    /// default page cache ([`DEFAULT_CACHE_BYTES`]).
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (creating if needed) the sled database in `dir`, caching at
+    /// most about `cache_bytes` of its pages in memory (sled's
+    /// `cache_capacity`): a service whose data mostly lives elsewhere keeps
+    /// its memory small this way.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let err = |source| StoreError::Sled {
             path: dir.to_owned(),
             source,
@@ -157,7 +174,7 @@ impl DurableDb {
             .create(dir)
             .map_err(|e| err(e.into()))?;
         remove_partial_snapshots(dir).map_err(|e| err(e.into()))?;
-        let db = open_waiting_for_lock(dir).map_err(err)?;
+        let db = open_waiting_for_lock(dir, cache_bytes).map_err(err)?;
         // sled 0.34 keeps its log and pages in `<dir>/db`.
         let data_file = File::open(dir.join("db")).map_err(|e| err(e.into()))?;
         Ok(Self {
