@@ -1,5 +1,6 @@
 //! The `twokey-audit` command line: `serve` (the shared service flags plus
-//! the audit service's own) and `init-key`. Every long flag has its
+//! the audit service's own), `init-key` and `verify-store` (the whole
+//! stored log rehashed offline against its checkpoint). Every long flag has its
 //! `TWOKEY_AUDIT_<FLAG>` variable (`twokey_runtime::cli::parse`).
 
 use std::path::PathBuf;
@@ -41,6 +42,19 @@ pub enum Command {
         /// The log's origin, which names the key in checkpoints.
         #[arg(long, default_value = "twokey.local/audit")]
         origin: String,
+    },
+    /// Checks a stopped audit's stored log offline: every entry rehashed to
+    /// its leaf hash, every tile to its place in the level above, and the
+    /// root at the checkpoint's size against the checkpoint
+    /// (`DATA_DIR/log/checkpoint`); exits non-zero on any mismatch.
+    VerifyStore {
+        /// The audit service's data directory (its `data_dir`).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The log's verifier key (as `init-key` prints it): the checkpoint's
+        /// signature is checked too when given.
+        #[arg(long)]
+        verifier: Option<String>,
     },
 }
 
@@ -148,7 +162,112 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             println!("public key: {}", encode_public_key(&key.verifying_key()));
             Ok(())
         }
+        Command::VerifyStore { data_dir, verifier } => {
+            let verifier = verifier
+                .as_deref()
+                .map(NoteVerifier::parse)
+                .transpose()
+                .context("--verifier is not a verifier key; pass the line init-key printed")?;
+            let report =
+                tokio::task::spawn_blocking(move || verify_store(&data_dir, verifier.as_ref()))
+                    .await??;
+            println!("{report}");
+            Ok(())
+        }
     }
+}
+
+/// Rehashes the whole log stored in `data_dir` and checks it against the
+/// checkpoint next to its tiles (its signature too, given `verifier`);
+/// answers what was checked, or the first mismatch as the error.
+pub fn verify_store(
+    data_dir: &std::path::Path,
+    verifier: Option<&NoteVerifier>,
+) -> anyhow::Result<String> {
+    use crate::{
+        checkpoint::Checkpoint,
+        merkle::subtree_root,
+        store::{LogStore, TileStore},
+    };
+    let head = data_dir.join(crate::head::FILE_NAME);
+    // Opening would create a database where none is: refuse first.
+    if !data_dir.join("db").is_file() || !head.is_file() {
+        anyhow::bail!(
+            "{} holds no audit log (no sled database `db` or no checkpoint {}); pass the audit \
+             service's data_dir",
+            data_dir.display(),
+            head.display()
+        );
+    }
+    let note = std::fs::read_to_string(&head)
+        .with_context(|| format!("cannot read the checkpoint {}", head.display()))?;
+    let (checkpoint, signature) = match verifier {
+        Some(v) => (
+            v.open_checkpoint(&note).with_context(|| {
+                format!(
+                    "the checkpoint {} is not signed by {v}: it was altered, or the key is not \
+                     this log's",
+                    head.display()
+                )
+            })?,
+            format!("its signature by {} checked", v.name()),
+        ),
+        None => {
+            let (text, _) = twokey_tlog::checkpoint::split_note(&note).with_context(|| {
+                format!("the checkpoint {} is not a signed note", head.display())
+            })?;
+            (
+                Checkpoint::parse_body(text).with_context(|| {
+                    format!("the checkpoint {} is not a checkpoint", head.display())
+                })?,
+                "its signature not checked (pass --verifier to check it)".to_owned(),
+            )
+        }
+    };
+    let store = TileStore::open(data_dir)
+        .map_err(|e| anyhow::anyhow!("{e}; stop the audit service before verifying its store"))?;
+    if let Err(problem) = store.check() {
+        anyhow::bail!(
+            "the store in {} does not verify: {}",
+            data_dir.display(),
+            problem.why
+        );
+    }
+    let size = store.size();
+    if size < checkpoint.size {
+        anyhow::bail!(
+            "the store in {} holds {size} entries, fewer than the {} its checkpoint signs: \
+             entries were removed; restore the data directory from a backup",
+            data_dir.display(),
+            checkpoint.size
+        );
+    }
+    let root = store.verify_all().map_err(|e| {
+        anyhow::anyhow!(
+            "the store in {} does not verify: {e}; restore the data directory from a backup",
+            data_dir.display()
+        )
+    })?;
+    let signed = subtree_root(0, checkpoint.size, &mut |l, i| store.node(l, i))?;
+    if signed != checkpoint.root {
+        anyhow::bail!(
+            "the store in {} does not verify: its root at the checkpoint's size {} is {}, the \
+             checkpoint signs {}; restore the data directory from a backup",
+            data_dir.display(),
+            checkpoint.size,
+            hex::encode(signed),
+            hex::encode(checkpoint.root)
+        );
+    }
+    Ok(format!(
+        "verified {size} entries in {}: every entry hashes to its leaf hash and every tile to its \
+         place in the level above; root {}; the checkpoint {} (size {}, root {}) matches, {signature}",
+        data_dir.display(),
+        hex::encode(root),
+        head.display(),
+        checkpoint.size,
+        hex::encode(checkpoint.root)
+    ))
 }
 
 #[cfg(test)]
