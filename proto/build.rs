@@ -18,6 +18,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".twokey.types.v1.Code",
     ".twokey.vault.v1.EnrollRequest",
     ".twokey.vault.v1.EnrollRequest.seed",
+    ".twokey.vault.v1.UnsealRequest",
     ".twokey.broker.v1.EnrollAccountRequest",
     ".twokey.broker.v1.EnrollAccountRequest.seed",
     ".twokey.broker.v1.VerifyPinRequest",

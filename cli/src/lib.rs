@@ -20,6 +20,7 @@ pub mod profile;
 pub mod reconcile;
 pub mod request;
 pub mod sign;
+pub mod vault;
 pub mod whoami;
 
 use clap::{Parser, Subcommand};
@@ -112,6 +113,9 @@ pub enum Command {
     /// Make development certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
+    /// A `shamir`-sealed vault: unseal it with your share, or see where it stands.
+    #[command(subcommand)]
+    Vault(vault::VaultCommand),
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
     /// Run the whole story on loopback: PKI, the three services, an account,
@@ -193,6 +197,9 @@ fn execute(cli: Cli) -> Result<(), CliError> {
             with_runtime(policy::run(cmd, Settings::resolve(&cli.connection)?, out))
         }
         Command::Audit(cmd) => audit::run(cmd, &cli.connection, out),
+        Command::Vault(cmd) => {
+            with_runtime(vault::run(cmd, Settings::resolve(&cli.connection)?, out))
+        }
     }
 }
 

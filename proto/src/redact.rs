@@ -19,6 +19,14 @@ impl fmt::Debug for types::Code {
     }
 }
 
+impl fmt::Debug for vault::UnsealRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UnsealRequest")
+            .field("share", &REDACTED)
+            .finish()
+    }
+}
+
 /// `Debug` for a seed oneof: the variant's name, never its value.
 macro_rules! redacted_seed {
     ($($ty:ty),+) => {$(

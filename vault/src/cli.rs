@@ -31,11 +31,24 @@ pub struct Cli {
 enum Command {
     /// Serve the vault API over mutual TLS.
     Serve(Box<ServeArgs>),
-    /// Write a fresh 32-byte master key to a new file (mode 0600).
+    /// Make a fresh 32-byte master key: `--seal file` (the default) writes
+    /// it to a new file (mode 0600); `--seal shamir` never writes it, but
+    /// splits it K-of-N, encrypts each share to its holder's ssh-ed25519 key
+    /// (age) and writes `<name>.share.age` per holder and `seal.toml` into
+    /// the directory `--out`.
     InitKey {
-        /// The file to create.
+        /// The file to create (`file`), or a new or empty directory (`shamir`).
         #[arg(long)]
         out: PathBuf,
+        /// How the key is kept: `file` or `shamir`.
+        #[arg(long, value_enum, default_value_t = SealMode::File)]
+        seal: SealMode,
+        /// With `shamir`: K, the shares needed to unseal (at least 2).
+        #[arg(long, required_if_eq("seal", "shamir"))]
+        threshold: Option<u8>,
+        /// With `shamir`, once per holder: NAME=SPIFFE_ID=PATH_TO_SSH_ED25519_PUBKEY.
+        #[arg(long = "holder")]
+        holders: Vec<String>,
     },
     /// Write a fresh ed25519 event-signing key (mode 0600) and print its
     /// public half for the audit service's `[[sources]]`.
@@ -44,6 +57,41 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// How `init-key` keeps the master key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SealMode {
+    /// One key file (today's mode; the demo and tests use it).
+    File,
+    /// Split K-of-N among holders; the vault starts sealed.
+    Shamir,
+}
+
+/// `init-key --seal shamir`: splits a fresh key and writes the shares and
+/// the descriptor into `out`.
+fn init_shamir(out: &std::path::Path, threshold: u8, holders: &[String]) -> anyhow::Result<()> {
+    use crate::unseal::{HolderSpec, split, write_split};
+    if holders.is_empty() {
+        anyhow::bail!(
+            "--seal shamir needs the holders: --holder NAME=SPIFFE_ID=PATH_TO_SSH_ED25519_PUBKEY, once each"
+        );
+    }
+    let specs = holders
+        .iter()
+        .map(|h| HolderSpec::parse(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the directory {}", out.display()))?;
+    let split = split(&SecretKey::generate(), threshold, &specs)?;
+    for path in write_split(out, &split)? {
+        println!("wrote {}", path.display());
+    }
+    println!(
+        "the master key was split {threshold} of {} and never written; point [seal] descriptor at seal.toml and give each holder their own .share.age",
+        specs.len()
+    );
+    Ok(())
 }
 
 /// Flags of `serve`; each overrides the config file.
@@ -138,13 +186,23 @@ fn init_key_advice(out: &std::path::Path) -> String {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
+            // No core dumps or ptrace by other users' processes: the key
+            // and seeds live in this process's memory.
+            rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+                .context("cannot mark the vault process non-dumpable")?;
             let config = args.load()?;
             let _telemetry = telemetry::init("twokey-vault", config.log_format);
             twokey_runtime::metrics::observe_certificate_expiry("twokey-vault", &config.tls.cert);
             let listener = twokey_runtime::serve::bind(&config.listen).await?;
             crate::serve(config, listener, twokey_runtime::serve::shutdown_signal()).await?;
         }
-        Command::InitKey { out } => {
+        Command::InitKey {
+            out,
+            seal: SealMode::Shamir,
+            threshold,
+            holders,
+        } => init_shamir(&out, threshold.unwrap_or(0), &holders)?,
+        Command::InitKey { out, .. } => {
             SecretKey::generate()
                 .write(&out)
                 .with_context(|| init_key_advice(&out))?;

@@ -20,6 +20,9 @@ pub struct VaultConfig {
     /// sled data directory.
     pub data_dir: PathBuf,
     /// 32-byte master key file (mode 0600), made by `twokey-vault init-key`.
+    /// Required in the `file` seal mode (no `[seal]` section); unused in
+    /// `shamir` mode, where the key is never written.
+    #[serde(default)]
     pub master_key_file: PathBuf,
     /// ed25519 key that signs the vault's audit events.
     pub event_key_file: PathBuf,
@@ -56,6 +59,49 @@ pub struct VaultConfig {
     /// with what to write, not as a bare missing field).
     #[serde(default)]
     pub consent: Option<ConsentConfig>,
+    /// The `[seal]` section: absent for the `file` mode (the key in
+    /// `master_key_file`), present for `shamir`.
+    #[serde(default)]
+    pub seal: Option<SealConfig>,
+}
+
+/// The `[seal]` section: how the master key is kept.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealConfig {
+    /// `shamir` (the only mode the section takes; without the section the
+    /// key is read from `master_key_file`).
+    pub mode: String,
+    /// The seal descriptor `twokey-vault init-key --seal shamir` wrote
+    /// (`seal.toml`).
+    pub descriptor: PathBuf,
+    /// How long shares submitted without reaching K are kept, e.g. `10m`.
+    #[serde(default = "default_unseal_timeout")]
+    pub unseal_timeout: String,
+}
+
+impl SealConfig {
+    /// The unseal timeout, read; the message says how to write one.
+    pub fn timeout(&self) -> Result<std::time::Duration, String> {
+        twokey_runtime::time::parse_duration(&self.unseal_timeout)
+            .map_err(|e| format!("[seal] unseal_timeout: {e}"))
+    }
+
+    /// Checks the mode.
+    pub fn check(&self) -> Result<(), String> {
+        if self.mode == "shamir" {
+            Ok(())
+        } else {
+            Err(format!(
+                "[seal] mode = {:?}: the only mode the section takes is \"shamir\"; remove the section for the file mode",
+                self.mode
+            ))
+        }
+    }
+}
+
+fn default_unseal_timeout() -> String {
+    "10m".into()
 }
 
 /// The `[consent]` section: the pinned admins and threshold.
@@ -111,6 +157,9 @@ impl VaultConfig {
         paths.extend(tls.crl.as_mut().map(|p| ("tls.crl", p)));
         if let Some(c) = self.consent.as_mut() {
             paths.push(("consent.admins_file", &mut c.admins_file));
+        }
+        if let Some(s) = self.seal.as_mut() {
+            paths.push(("seal.descriptor", &mut s.descriptor));
         }
         paths
     }

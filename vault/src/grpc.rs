@@ -1,9 +1,16 @@
 //! The vault's thin gRPC layer: only the broker's SPIFFE ID may call; each
 //! method converts its request ([`convert`](crate::convert)), makes one
 //! domain call (naming the verified caller, which refusal events record),
-//! and [`VaultError`] maps to a status here.
+//! and [`VaultError`] maps to a status here. While a `shamir`-sealed vault
+//! waits for its holders, every call but `Status` answers UNAVAILABLE;
+//! [`SealGrpc`] takes the holders' shares.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
 
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -14,16 +21,21 @@ use twokey_proto::{
         AdminConsent, ApplyPolicyRequest, ApplyPolicyResponse, EnrollRequest, EnrollResponse,
         GenerateCodeRequest, GenerateCodeResponse, GetPolicyRequest, GetPolicyResponse,
         ListAccountsRequest, ListAccountsResponse, PolicyVersion, RemoveAccountRequest,
-        RemoveAccountResponse, RestoreAccountRequest, RestoreAccountResponse,
-        SetAccountEnabledRequest, SetAccountEnabledResponse, StatusRequest, StatusResponse,
-        vault_service_server::VaultService,
+        RemoveAccountResponse, RestoreAccountRequest, RestoreAccountResponse, SealProgress,
+        SealStatusRequest, SealStatusResponse, SetAccountEnabledRequest, SetAccountEnabledResponse,
+        StatusRequest, StatusResponse, UnsealRequest, UnsealResponse,
+        seal_service_server::SealService, vault_service_server::VaultService,
     },
 };
-use twokey_runtime::{Authenticator, SpiffeId, error::to_status, time::to_timestamp};
+use twokey_runtime::{
+    Authenticator, SpiffeId, error::to_status, outbox::Outbox, time::to_timestamp,
+};
 
 use crate::{
+    crypto::MasterKey,
     service::{Enrollment, Vault, VaultError},
     store::VaultStore,
+    unseal::{self, Progress, Submitted, Unsealer},
 };
 
 impl From<VaultError> for Status {
@@ -37,10 +49,14 @@ impl From<VaultError> for Status {
     }
 }
 
+/// Where the vault will be once unsealed (filled at start in the `file` mode).
+pub type VaultSlot<S> = Arc<OnceLock<Arc<Vault<S>>>>;
+
 /// The gRPC service.
 #[derive(Debug)]
 pub struct VaultGrpc<S> {
-    vault: Arc<Vault<S>>,
+    vault: VaultSlot<S>,
+    seal: Option<Arc<Unsealer>>,
     auth: Authenticator,
     broker: SpiffeId,
 }
@@ -49,10 +65,38 @@ impl<S> VaultGrpc<S> {
     /// Serves `vault` to the one caller `broker`.
     pub fn new(vault: Arc<Vault<S>>, auth: Authenticator, broker: SpiffeId) -> Self {
         Self {
-            vault,
+            vault: Arc::new(OnceLock::from(vault)),
+            seal: None,
             auth,
             broker,
         }
+    }
+
+    /// Serves the vault `slot` will hold once `seal` has unsealed it; until
+    /// then every call but `Status` answers UNAVAILABLE.
+    pub fn sealed(
+        slot: VaultSlot<S>,
+        seal: Arc<Unsealer>,
+        auth: Authenticator,
+        broker: SpiffeId,
+    ) -> Self {
+        Self {
+            vault: slot,
+            seal: Some(seal),
+            auth,
+            broker,
+        }
+    }
+
+    /// The vault, or UNAVAILABLE saying how far unsealing is.
+    fn vault(&self) -> Result<&Arc<Vault<S>>, Status> {
+        self.vault.get().ok_or_else(|| {
+            let message = self.seal.as_ref().map_or_else(
+                || "vault is sealed".to_owned(),
+                |u| u.progress(std::time::Instant::now()).0.sealed_message(),
+            );
+            Status::unavailable(message)
+        })
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
@@ -94,10 +138,10 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         let request = request.get_ref();
         twokey_runtime::trace::record_ids("", &request.account_id);
         // The grant first: without a valid one, the seed is not looked at.
-        let grant = self.vault.verify_enroll_grant(request.grant.as_ref())?;
+        let grant = self.vault()?.verify_enroll_grant(request.grant.as_ref())?;
         let enrollment = Enrollment::try_from(request)?;
         let enrolled = self
-            .vault
+            .vault()?
             .enroll(caller.as_str(), grant, enrollment)
             .await?;
         Ok(Response::new(EnrollResponse {
@@ -117,7 +161,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         let request = request.into_inner();
         // On a task of its own: a caller that gives up does not cut the
         // release off between `code.released` and `code.withheld`.
-        let vault = self.vault.clone();
+        let vault = self.vault()?.clone();
         let work = twokey_runtime::trace::spawn_in_call(async move {
             vault
                 .generate_code(
@@ -155,7 +199,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
     ) -> Result<Response<ListAccountsResponse>, Status> {
         self.authorize(&request)?;
         Ok(Response::new(ListAccountsResponse {
-            accounts: self.vault.list()?.iter().map(Account::from).collect(),
+            accounts: self.vault()?.list()?.iter().map(Account::from).collect(),
         }))
     }
 
@@ -166,7 +210,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         let caller = self.authorize(&request)?;
         let request = request.get_ref();
         let account_id = self
-            .vault
+            .vault()?
             .remove(
                 caller.as_str(),
                 request.grant.as_ref(),
@@ -181,10 +225,19 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         self.authorize(&request)?;
+        let Some(vault) = self.vault.get() else {
+            return Ok(Response::new(StatusResponse {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                account_count: 0,
+                server_time: Some(to_timestamp(std::time::SystemTime::now())),
+                sealed: true,
+            }));
+        };
         Ok(Response::new(StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            account_count: self.vault.count() as u64,
-            server_time: Some(to_timestamp(self.vault.clock().now())),
+            account_count: vault.count() as u64,
+            server_time: Some(to_timestamp(vault.clock().now())),
+            sealed: false,
         }))
     }
 
@@ -195,7 +248,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         let caller = self.authorize(&request)?;
         let request = request.get_ref();
         let applied = self
-            .vault
+            .vault()?
             .apply_policy(caller.as_str(), &request.document, &request.signatures)
             .await?;
         Ok(Response::new(ApplyPolicyResponse {
@@ -210,7 +263,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         self.authorize(&request)?;
         Ok(Response::new(GetPolicyResponse {
             versions: self
-                .vault
+                .vault()?
                 .policies()?
                 .iter()
                 .map(PolicyVersion::from)
@@ -225,7 +278,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         let caller = self.authorize(&request)?;
         let request = request.get_ref();
         let account = self
-            .vault
+            .vault()?
             .set_enabled(
                 caller.as_str(),
                 request.grant.as_ref(),
@@ -245,7 +298,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         let caller = self.authorize(&request)?;
         let request = request.get_ref();
         let (account, _) = self
-            .vault
+            .vault()?
             .restore(
                 caller.as_str(),
                 request.grant.as_ref(),
@@ -254,6 +307,131 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
             .await?;
         Ok(Response::new(RestoreAccountResponse {
             account: Some((&account).into()),
+        }))
+    }
+}
+
+/// What runs when K shares rebuilt the key: opens the vault with it and
+/// starts serving; an error message keeps the vault sealed.
+pub type OnUnseal = Box<dyn Fn(MasterKey) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// The seal service: the holders' shares, and where unsealing stands.
+pub struct SealGrpc {
+    unsealer: Arc<Unsealer>,
+    auth: Authenticator,
+    outbox: Outbox,
+    on_unseal: OnUnseal,
+}
+
+impl std::fmt::Debug for SealGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealGrpc")
+            .field("unsealer", &self.unsealer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealGrpc {
+    /// Takes shares for `unsealer`, recording each submission in `outbox`.
+    pub fn new(
+        unsealer: Arc<Unsealer>,
+        auth: Authenticator,
+        outbox: Outbox,
+        on_unseal: OnUnseal,
+    ) -> Self {
+        Self {
+            unsealer,
+            auth,
+            outbox,
+            on_unseal,
+        }
+    }
+
+    async fn audit(&self, draft: twokey_runtime::events::EventDraft) {
+        if let Err(e) = self.outbox.emit(draft).await {
+            tracing::warn!("recording an unseal event failed: {e}");
+        }
+    }
+
+    /// The progress now, dropping (and auditing) timed-out partial shares.
+    async fn progress(&self) -> Progress {
+        let (progress, dropped) = self.unsealer.progress(std::time::Instant::now());
+        if !dropped.is_empty() {
+            tracing::warn!(
+                "unseal timed out: the shares of {} were dropped",
+                dropped.join(", ")
+            );
+            self.audit(unseal::expired_event(&dropped)).await;
+        }
+        progress
+    }
+}
+
+impl From<Progress> for SealProgress {
+    fn from(p: Progress) -> Self {
+        Self {
+            sealed: p.sealed,
+            threshold: p.threshold,
+            holders: p.holders,
+            received_from: p.received_from,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SealService for SealGrpc {
+    async fn unseal(
+        &self,
+        request: Request<UnsealRequest>,
+    ) -> Result<Response<UnsealResponse>, Status> {
+        let caller = self
+            .auth
+            .authorize(&request, "a member of the trust domain", |_| true)?;
+        self.progress().await;
+        let result = self.unsealer.submit(
+            caller.as_str(),
+            &request.get_ref().share,
+            std::time::Instant::now(),
+        );
+        self.audit(unseal::submission_event(caller.as_str(), &result))
+            .await;
+        match result {
+            Ok(Submitted::Counted(progress)) => {
+                tracing::info!(
+                    "unseal: {caller}'s share taken, {} of {}",
+                    progress.received_from.len(),
+                    progress.threshold
+                );
+                Ok(Response::new(UnsealResponse {
+                    progress: Some(progress.into()),
+                }))
+            }
+            Ok(Submitted::Unsealed(key, progress)) => {
+                if let Err(e) = (self.on_unseal)(key).await {
+                    self.unsealer.reseal();
+                    tracing::error!("the rebuilt key opened no vault: {e}");
+                    return Err(Status::failed_precondition(format!(
+                        "the shares rebuilt the key but the vault did not open: {e}; every received share was dropped"
+                    )));
+                }
+                tracing::info!("unsealed by {} shares", progress.threshold);
+                self.audit(unseal::unsealed_event(&progress)).await;
+                Ok(Response::new(UnsealResponse {
+                    progress: Some(progress.into()),
+                }))
+            }
+            Err(e) => Err(to_status(&e)),
+        }
+    }
+
+    async fn seal_status(
+        &self,
+        request: Request<SealStatusRequest>,
+    ) -> Result<Response<SealStatusResponse>, Status> {
+        self.auth
+            .authorize(&request, "a member of the trust domain", |_| true)?;
+        Ok(Response::new(SealStatusResponse {
+            progress: Some(self.progress().await.into()),
         }))
     }
 }

@@ -17,11 +17,14 @@ pub mod seed;
 pub mod service;
 pub mod store;
 pub mod totp;
+pub mod unseal;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use twokey_proto::vault::v1::vault_service_server::VaultServiceServer;
+use twokey_proto::vault::v1::{
+    seal_service_server::SealServiceServer, vault_service_server::VaultServiceServer,
+};
 use twokey_runtime::{
     Authenticator,
     durable::DurableDb,
@@ -38,14 +41,70 @@ use service::{AuditWait, Vault};
 use store::SledVaultStore;
 pub use twokey_runtime::start::StartError;
 
-/// Runs the vault on `listener` until `shutdown` resolves.
+/// What the vault is opened with once its key is known.
+struct Parts {
+    store: SledVaultStore,
+    grants: twokey_runtime::grant::GrantVerifier,
+    audit: AuditWait,
+    clock: Arc<SystemClock>,
+    root: twokey_consent::TrustRoot,
+}
+
+impl Parts {
+    fn open(self, key: crypto::MasterKey) -> Result<Vault<SledVaultStore>, service::VaultError> {
+        Vault::open(
+            self.store,
+            key,
+            self.grants,
+            self.audit,
+            self.clock,
+            self.root,
+        )
+    }
+}
+
+type Served = VaultServiceServer<grpc::VaultGrpc<SledVaultStore>>;
+
+/// Sweeps used grants, consent history and kept seeds every minute.
+fn spawn_sweeper(vault: Arc<Vault<SledVaultStore>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = vault.sweep() {
+                tracing::warn!("sweeping used grants, consent history and kept seeds failed: {e}");
+            }
+        }
+    })
+}
+
+/// The unsealer of a `[seal]` config, or `None` in the file mode.
+fn unsealer(config: &VaultConfig) -> Result<Option<Arc<unseal::Unsealer>>, StartError> {
+    let Some(seal) = &config.seal else {
+        return Ok(None);
+    };
+    seal.check().map_err(StartError::Setting)?;
+    let timeout = seal.timeout().map_err(StartError::Setting)?;
+    let descriptor = unseal::Descriptor::load(&seal.descriptor)
+        .map_err(|e| StartError::Setting(e.to_string()))?;
+    Ok(Some(Arc::new(unseal::Unsealer::new(descriptor, timeout))))
+}
+
+/// Runs the vault on `listener` until `shutdown` resolves. In the `file`
+/// seal mode it serves at once; in `shamir` mode it starts sealed (health
+/// NOT_SERVING, every call but `Status` UNAVAILABLE) until K holders have
+/// submitted their shares to the `SealService`.
 pub async fn serve(
     config: VaultConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let root = config.trust_root().map_err(StartError::Setting)?;
-    let master = SecretKey::load(&config.master_key_file)?;
+    let seal = unsealer(&config)?;
+    let master = match seal {
+        None => Some(SecretKey::load(&config.master_key_file)?),
+        Some(_) => None,
+    };
     let grant_key = parse_public_key(&config.grant_public_key)?;
     let event_key = load_signing_key(&config.event_key_file)?;
     let source = config
@@ -67,23 +126,25 @@ pub async fn serve(
     )
     .map_err(StartError::Setting)?;
     let (shipper, shipper_task) = spawn_shipper_with(outbox.clone(), audit, receipts);
-    let opened = SledVaultStore::open(&db, outbox)
-        .map_err(service::VaultError::from)
-        .and_then(|store| {
-            Vault::open(
-                store,
-                crypto::MasterKey::new(master),
-                twokey_runtime::grant::GrantVerifier::new(grant_key),
-                AuditWait {
-                    gate: Arc::new(shipper),
-                    timeout: Duration::from_millis(config.audit_ack_timeout_ms),
-                },
-                clock,
-                root,
-            )
-        });
-    let vault = match opened {
-        Ok(vault) => Arc::new(vault),
+    let parts = SledVaultStore::open(&db, outbox.clone()).map(|store| Parts {
+        store,
+        grants: twokey_runtime::grant::GrantVerifier::new(grant_key),
+        audit: AuditWait {
+            gate: Arc::new(shipper),
+            timeout: Duration::from_millis(config.audit_ack_timeout_ms),
+        },
+        clock,
+        root,
+    });
+    let opened = match (parts, master) {
+        (Err(e), _) => Err(service::VaultError::from(e)),
+        (Ok(parts), Some(master)) => parts
+            .open(crypto::MasterKey::new(master))
+            .map(|v| (Some(Arc::new(v)), None)),
+        (Ok(parts), None) => Ok((None, Some(parts))),
+    };
+    let (vault, parts) = match opened {
+        Ok(opened) => opened,
         Err(e) => {
             // Let go of the database before answering: nothing runs.
             shipper_task.abort();
@@ -92,42 +153,84 @@ pub async fn serve(
         }
     };
 
-    let sweeper = vault.clone();
-    let sweeper_task = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            if let Err(e) = sweeper.sweep() {
-                tracing::warn!("sweeping used grants, consent history and kept seeds failed: {e}");
-            }
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let health = health
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let sweeper_task = Arc::new(std::sync::Mutex::new(None));
+    let auth = Authenticator::new(config.trust_domain.clone());
+    let (grpc, seal_service) = match (vault, seal, parts) {
+        (Some(vault), _, _) => {
+            health_reporter.set_serving::<Served>().await;
+            *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(spawn_sweeper(vault.clone()));
+            (
+                grpc::VaultGrpc::new(vault, auth, config.broker_id.clone()),
+                None,
+            )
         }
-    });
-
-    let grpc = grpc::VaultGrpc::new(
-        vault,
-        Authenticator::new(config.trust_domain.clone()),
-        config.broker_id.clone(),
-    );
+        (None, Some(seal), Some(parts)) => {
+            health_reporter.set_not_serving::<Served>().await;
+            let progress = seal.progress(std::time::Instant::now()).0;
+            tracing::warn!("{}", progress.sealed_message());
+            let slot: grpc::VaultSlot<SledVaultStore> = Arc::default();
+            let parts = Arc::new(std::sync::Mutex::new(Some(parts)));
+            let on_unseal: grpc::OnUnseal = {
+                let slot = slot.clone();
+                let sweeper_task = sweeper_task.clone();
+                Box::new(move |key| {
+                    let parts = parts.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let slot = slot.clone();
+                    let sweeper_task = sweeper_task.clone();
+                    let reporter = health_reporter.clone();
+                    Box::pin(async move {
+                        let parts = parts.ok_or_else(|| {
+                            "an earlier unseal failed to open the vault; restart it".to_owned()
+                        })?;
+                        let vault = Arc::new(parts.open(key).map_err(|e| e.to_string())?);
+                        let _ = slot.set(vault.clone());
+                        *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(spawn_sweeper(vault));
+                        reporter.set_serving::<Served>().await;
+                        Ok(())
+                    })
+                })
+            };
+            let seal_grpc = grpc::SealGrpc::new(seal.clone(), auth.clone(), outbox, on_unseal);
+            (
+                grpc::VaultGrpc::sealed(slot, seal, auth, config.broker_id.clone()),
+                Some(
+                    SealServiceServer::new(seal_grpc)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                ),
+            )
+        }
+        _ => unreachable!("a vault without a key has an unsealer"),
+    };
     let service = VaultServiceServer::new(grpc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let health = rt::health::<VaultServiceServer<grpc::VaultGrpc<SledVaultStore>>>().await;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.listen.clone(),
         source,
     })?;
     rt::announce("twokey-vault", addr);
-    let (reflection, reflection_v1alpha) =
-        rt::reflection::<VaultServiceServer<grpc::VaultGrpc<SledVaultStore>>>();
+    let (reflection, reflection_v1alpha) = rt::reflection::<Served>();
     let served = rt::server()?
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_optional_service(seal_service)
         .serve_with_incoming_shutdown(rt::incoming(listener, server_tls), shutdown)
         .await;
     // Stop the background tasks so the database is released.
-    for task in [sweeper_task, shipper_task] {
+    let sweeper = sweeper_task
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    for task in sweeper.into_iter().chain([shipper_task]) {
         task.abort();
         let _ = task.await;
     }

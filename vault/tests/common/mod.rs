@@ -330,6 +330,7 @@ impl Fixture {
                 admins_file: self.path().join("admins.allowed_signers"),
                 threshold: 2,
             }),
+            seal: None,
         }
     }
 

@@ -1,0 +1,253 @@
+//! `twokey vault unseal|status`: a share holder decrypts their share of a
+//! `shamir`-sealed vault locally with their OpenSSH key file (age) and
+//! submits it to the vault over mTLS with their own certificate; anyone of
+//! the trust domain can ask how far unsealing is.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use tonic::transport::Channel;
+use twokey_proto::vault::v1::{
+    SealProgress, SealStatusRequest, UnsealRequest, seal_service_client::SealServiceClient,
+};
+use zeroize::Zeroizing;
+
+use crate::{
+    error::{CliError, Target},
+    output::Output,
+    profile::{Settings, normalize_address},
+};
+
+/// The vault's seal: unseal it with your share, or see where it stands.
+#[derive(Debug, Subcommand)]
+pub enum VaultCommand {
+    /// Decrypt your share (`<name>.share.age`) with your ssh-ed25519 key
+    /// file and submit it. The key must be a file: ssh-agent cannot do the
+    /// X25519 decryption age needs (it only signs), so an agent-held key
+    /// cannot decrypt a share.
+    Unseal(UnsealArgs),
+    /// Sealed or unsealed, K of N received, and by whom.
+    Status(VaultArgs),
+}
+
+/// Where the vault is.
+#[derive(Debug, Args)]
+pub struct VaultArgs {
+    /// The vault's address, e.g. https://127.0.0.1:7401.
+    #[arg(long, env = "TWOKEY_VAULT", value_name = "URL")]
+    pub vault: String,
+    /// Name the vault's certificate must carry.
+    #[arg(long, default_value = "vault", value_name = "NAME")]
+    pub vault_server_name: String,
+}
+
+/// `vault unseal`'s flags.
+#[derive(Debug, Args)]
+pub struct UnsealArgs {
+    /// Where the vault is.
+    #[command(flatten)]
+    pub vault: VaultArgs,
+    /// Your encrypted share, `<name>.share.age`.
+    #[arg(long, value_name = "FILE")]
+    pub share: PathBuf,
+    /// Your OpenSSH ssh-ed25519 private key file (a passphrase is asked for
+    /// when it has one) [default: ~/.ssh/id_ed25519].
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+}
+
+/// Runs a `vault` command.
+pub async fn run(cmd: VaultCommand, settings: Settings, out: Output) -> Result<(), CliError> {
+    match cmd {
+        VaultCommand::Unseal(args) => {
+            let share = decrypt_share(&args.share, &identity_path(args.identity)?)?;
+            let (mut client, target) = client(&settings, &args.vault)?;
+            let progress = client
+                .unseal(UnsealRequest {
+                    share: share.to_vec(),
+                })
+                .await
+                .map_err(|s| target.error(s))?
+                .into_inner()
+                .progress
+                .unwrap_or_default();
+            out.answer(&progress, || human(&progress))
+        }
+        VaultCommand::Status(args) => {
+            let (mut client, target) = client(&settings, &args)?;
+            let progress = client
+                .seal_status(SealStatusRequest {})
+                .await
+                .map_err(|s| target.error(s))?
+                .into_inner()
+                .progress
+                .unwrap_or_default();
+            out.answer(&progress, || human(&progress))
+        }
+    }
+}
+
+fn identity_path(given: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    given
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh/id_ed25519")))
+        .ok_or_else(|| {
+            CliError::Usage(
+                "no --identity given and no $HOME to find ~/.ssh/id_ed25519: pass --identity FILE"
+                    .into(),
+            )
+        })
+}
+
+/// Asks for a key's passphrase on the terminal.
+#[derive(Clone)]
+struct Prompt;
+
+impl age::Callbacks for Prompt {
+    fn display_message(&self, message: &str) {
+        eprintln!("{message}");
+    }
+    fn confirm(&self, _: &str, _: &str, _: Option<&str>) -> Option<bool> {
+        None
+    }
+    fn request_public_string(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn request_passphrase(&self, description: &str) -> Option<age::secrecy::SecretString> {
+        rpassword::prompt_password(format!("{description}: "))
+            .ok()
+            .map(Into::into)
+    }
+}
+
+/// The decrypted share in `share`, with the OpenSSH key in `identity`.
+pub fn decrypt_share(
+    share: &std::path::Path,
+    identity: &std::path::Path,
+) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    let io = |action, path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| CliError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let key = std::fs::read(identity).map_err(io("read", identity))?;
+    let encrypted = std::fs::read(share).map_err(io("read", share))?;
+    let parsed = age::ssh::Identity::from_buffer(
+        key.as_slice(),
+        Some(identity.display().to_string()),
+    )
+    .map_err(|e| {
+        CliError::Input(format!(
+            "{} is not an OpenSSH private key ({e}); pass your ssh-ed25519 key file with --identity",
+            identity.display()
+        ))
+    })?;
+    if let age::ssh::Identity::Unsupported(_) = parsed {
+        return Err(CliError::Input(format!(
+            "{} is a key type age cannot decrypt with; shares are encrypted to ssh-ed25519 keys",
+            identity.display()
+        )));
+    }
+    let decrypted = age::decrypt(&parsed.with_callbacks(Prompt), &encrypted).map_err(|e| {
+        CliError::Input(format!(
+            "cannot decrypt {} with {}: {e}; is it your share, intact, and your key?",
+            share.display(),
+            identity.display()
+        ))
+    })?;
+    Ok(Zeroizing::new(decrypted))
+}
+
+fn client(
+    settings: &Settings,
+    args: &VaultArgs,
+) -> Result<(SealServiceClient<Channel>, Target), CliError> {
+    let tls = settings.tls()?;
+    let target = Target {
+        service: "vault",
+        address: normalize_address(&args.vault),
+        timeouts: settings.timeouts,
+    };
+    let channel = twokey_runtime::tls::endpoint(&target.address)
+        .map_err(|e| CliError::Usage(e.to_string()))?
+        .connect_timeout(settings.timeouts.connect)
+        .timeout(settings.timeouts.call)
+        .tls_config(
+            tls.client_config(&args.vault_server_name)?
+                .timeout(settings.timeouts.connect),
+        )
+        .map_err(twokey_runtime::tls::TlsError::from)?
+        .connect_lazy();
+    Ok((SealServiceClient::new(channel), target))
+}
+
+fn human(p: &SealProgress) -> String {
+    if !p.sealed {
+        return format!("unsealed ({} of {} holders needed)", p.threshold, p.holders);
+    }
+    format!(
+        "sealed: {} of {} shares received{}",
+        p.received_from.len(),
+        p.threshold,
+        if p.received_from.is_empty() {
+            String::new()
+        } else {
+            format!(", from {}", p.received_from.join(", "))
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_reads_as_sealed_with_who_or_unsealed() {
+        let p = SealProgress {
+            sealed: true,
+            threshold: 2,
+            holders: 3,
+            received_from: vec!["alice".into()],
+        };
+        assert_eq!(human(&p), "sealed: 1 of 2 shares received, from alice");
+        let p = SealProgress {
+            sealed: false,
+            received_from: vec![],
+            ..p
+        };
+        assert_eq!(human(&p), "unsealed (2 of 3 holders needed)");
+    }
+
+    #[test]
+    fn a_share_decrypts_only_with_its_holders_key_and_a_wrong_key_says_so() {
+        use twokey_consent::ssh_key::{LineEnding, PrivateKey, rand_core::OsRng};
+        let dir = tempfile::tempdir().unwrap();
+        let mine =
+            PrivateKey::random(&mut OsRng, twokey_consent::ssh_key::Algorithm::Ed25519).unwrap();
+        let other =
+            PrivateKey::random(&mut OsRng, twokey_consent::ssh_key::Algorithm::Ed25519).unwrap();
+        let recipient: age::ssh::Recipient =
+            mine.public_key().to_openssh().unwrap().parse().unwrap();
+        let share = dir.path().join("alice.share.age");
+        std::fs::write(&share, age::encrypt(&recipient, b"a share").unwrap()).unwrap();
+        for (name, key) in [("mine", &mine), ("other", &other)] {
+            std::fs::write(
+                dir.path().join(name),
+                key.to_openssh(LineEnding::LF).unwrap().as_bytes(),
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            decrypt_share(&share, &dir.path().join("mine"))
+                .unwrap()
+                .as_slice(),
+            b"a share"
+        );
+        let err = decrypt_share(&share, &dir.path().join("other")).unwrap_err();
+        assert!(err.to_string().starts_with("cannot decrypt"), "{err}");
+        let err = decrypt_share(&share, &dir.path().join("missing")).unwrap_err();
+        assert!(err.to_string().starts_with("cannot read"), "{err}");
+    }
+}

@@ -1,0 +1,490 @@
+//! The `shamir` seal mode over real mTLS: a vault started sealed answers
+//! UNAVAILABLE until K holders submitted their own shares; every wrong share
+//! is refused by name without changing what was received; partial shares
+//! time out; no share reaches a log; a real vault process is non-dumpable.
+
+mod common;
+
+use std::{
+    io::Write,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use tonic::Code;
+use twokey_consent::ssh_key::LineEnding;
+use twokey_proto::vault::v1::{
+    EnrollRequest, GenerateCodeRequest, SealStatusRequest, StatusRequest, UnsealRequest,
+    enroll_request::Seed, seal_service_client::SealServiceClient,
+};
+use twokey_runtime::keys::SecretKey;
+use twokey_vault::{
+    VaultConfig,
+    config::SealConfig,
+    unseal::{self, HolderSpec, Submitted, UnsealError, Unsealer},
+};
+
+const SECRET: &str = "JBSWY3DPEHPK3PXP";
+const HOLDERS: [&str; 3] = ["alice", "bob", "bea"];
+
+/// Every log line of this test binary, captured.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).unwrap();
+        logs
+    })
+    .clone()
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A 2-of-3 split among alice, bob and bea (their own ssh keys), written
+/// to `<fixture>/seal`; a certificate for each.
+struct Sealed {
+    fx: Fixture,
+    dir: std::path::PathBuf,
+}
+
+impl Sealed {
+    fn new() -> Self {
+        let fx = Fixture::new();
+        let people = [&fx.people.alice, &fx.people.bob, &fx.people.bea];
+        let specs: Vec<HolderSpec> = people
+            .iter()
+            .map(|p| HolderSpec {
+                name: p.name.clone(),
+                spiffe_id: user(&p.name),
+                public_key: p.key.public_key().to_openssh().unwrap(),
+            })
+            .collect();
+        for name in HOLDERS {
+            fx.ca
+                .issue_user(TD, name)
+                .unwrap()
+                .write(fx.path(), name)
+                .unwrap();
+        }
+        let dir = fx.path().join("seal");
+        std::fs::create_dir(&dir).unwrap();
+        let split = unseal::split(&SecretKey::generate(), 2, &specs).unwrap();
+        unseal::write_split(&dir, &split).unwrap();
+        Self { fx, dir }
+    }
+
+    fn config(&self, audit: std::net::SocketAddr) -> VaultConfig {
+        VaultConfig {
+            seal: Some(SealConfig {
+                mode: "shamir".into(),
+                descriptor: self.dir.join(unseal::DESCRIPTOR_FILE),
+                unseal_timeout: "10m".into(),
+            }),
+            ..self.fx.vault_config(audit)
+        }
+    }
+
+    /// `name`'s share, decrypted with their ssh key as `twokey vault unseal` does.
+    fn share(&self, name: &str) -> Vec<u8> {
+        let person = [
+            &self.fx.people.alice,
+            &self.fx.people.bob,
+            &self.fx.people.bea,
+        ]
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap();
+        let pem = person.key.to_openssh(LineEnding::LF).unwrap();
+        let identity = age::ssh::Identity::from_buffer(pem.as_bytes(), None).unwrap();
+        let encrypted = std::fs::read(self.dir.join(format!("{name}.share.age"))).unwrap();
+        age::decrypt(&identity, &encrypted).unwrap()
+    }
+
+    fn descriptor(&self) -> unseal::Descriptor {
+        unseal::Descriptor::load(&self.dir.join(unseal::DESCRIPTOR_FILE)).unwrap()
+    }
+
+    fn holder(
+        &self,
+        addr: std::net::SocketAddr,
+        name: &str,
+    ) -> SealServiceClient<tonic::transport::Channel> {
+        SealServiceClient::new(self.fx.channel(addr, name))
+    }
+}
+
+async fn submit(
+    client: &mut SealServiceClient<tonic::transport::Channel>,
+    share: Vec<u8>,
+) -> Result<Vec<String>, tonic::Status> {
+    let progress = client
+        .unseal(UnsealRequest { share })
+        .await?
+        .into_inner()
+        .progress
+        .unwrap();
+    Ok(progress.received_from)
+}
+
+async fn received(
+    client: &mut SealServiceClient<tonic::transport::Channel>,
+) -> (bool, Vec<String>) {
+    let p = client
+        .seal_status(SealStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap();
+    (p.sealed, p.received_from)
+}
+
+async fn a_code(fx: &Fixture, addr: std::net::SocketAddr) -> Result<String, tonic::Status> {
+    let release = fx.consented("aws-prod-root", 1);
+    let request = GenerateCodeRequest {
+        grant: Some(release.grant),
+        evidence: Some(release.evidence),
+    };
+    let code = fx
+        .broker_client(addr)
+        .generate_code(request)
+        .await?
+        .into_inner()
+        .code
+        .unwrap();
+    assert_eq!(code.code, code_of(SECRET, code.step));
+    Ok(code.code)
+}
+
+#[tokio::test]
+async fn exactly_k_shares_unseal_and_codes_work_k_minus_one_stays_sealed() {
+    let logs = captured_logs();
+    let s = Sealed::new();
+    let audit_events = FakeAudit::default();
+    let audit = start_fake_audit(&s.fx, audit_events.clone()).await;
+    let vault = start_vault(s.config(audit.addr)).await;
+    let broker = || s.fx.broker_client(vault.addr);
+
+    let status = broker()
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.sealed);
+    let err = a_code(&s.fx, vault.addr).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(
+        err.message(),
+        "vault is sealed: 0 of 2 shares received; holders run `twokey vault unseal --share FILE`"
+    );
+
+    let alice = s.share("alice");
+    let bob = s.share("bob");
+    assert_eq!(
+        submit(&mut s.holder(vault.addr, "alice"), alice.clone())
+            .await
+            .unwrap(),
+        ["alice"]
+    );
+    // K - 1 shares: still sealed, for every call that needs the key.
+    let err = a_code(&s.fx, vault.addr).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("1 of 2 shares received"),
+        "{}",
+        err.message()
+    );
+    let err = broker()
+        .apply_policy(s.fx.policy_request("x", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    submit(&mut s.holder(vault.addr, "bob"), bob.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        received(&mut s.holder(vault.addr, "bea")).await,
+        (false, vec![])
+    );
+    assert!(
+        !broker()
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .sealed
+    );
+    s.fx.apply(vault.addr, 1, &["aws-prod-root"]).await;
+    broker()
+        .enroll(EnrollRequest {
+            account_id: "aws-prod-root".into(),
+            seed: Some(Seed::Base32Secret(SECRET.into())),
+            grant: Some(s.fx.enroll_grant("aws-prod-root", "adam")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a_code(&s.fx, vault.addr).await.unwrap();
+
+    // A share after the unseal changes nothing.
+    let err = submit(&mut s.holder(vault.addr, "bea"), s.share("bea"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // Every submission and the unseal are audited, without share material.
+    let unsealed = stored_event(&audit_events, |e| e.action == "vault.unsealed").await;
+    assert_eq!(unsealed.attributes["threshold"], "2");
+    let shares: Vec<_> = audit_events
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.action == "vault.unseal_share")
+        .map(|e| e.actor.clone())
+        .collect();
+    assert!(
+        shares.contains(&user("alice")) && shares.contains(&user("bob")),
+        "{shares:?}"
+    );
+
+    // No share in any log line, in any spelling.
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("unsealed by 2 shares"), "the capture works");
+    use base64::Engine;
+    for share in [&alice, &bob] {
+        let y = &share[share.len() - 32..];
+        for spelling in [
+            base64::engine::general_purpose::STANDARD.encode(y),
+            y.iter().map(|b| format!("{b:02x}")).collect(),
+            format!("{:?}", &y[..8]).trim_end_matches(']').to_owned(),
+        ] {
+            assert!(!text.contains(&spelling), "a share in the log: {spelling}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn wrong_shares_are_refused_by_name_and_change_nothing_received() {
+    let s = Sealed::new();
+    let audit = start_fake_audit(&s.fx, FakeAudit::default()).await;
+    let vault = start_vault(s.config(audit.addr)).await;
+    let mut alice = s.holder(vault.addr, "alice");
+    submit(&mut alice, s.share("alice")).await.unwrap();
+
+    // A duplicate.
+    let err = submit(&mut alice, s.share("alice")).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        err.message(),
+        "alice's share was received already (a duplicate)"
+    );
+
+    // Another holder's share submitted by the wrong identity.
+    let err = submit(&mut alice, s.share("bob")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "this is bob's share; only bob may submit it");
+
+    // A corrupted share: one byte of the key part flipped.
+    let mut corrupted = s.share("bob");
+    let last = corrupted.len() - 1;
+    corrupted[last] ^= 1;
+    let err = submit(&mut s.holder(vault.addr, "bob"), corrupted)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("bob's share is corrupted"),
+        "{}",
+        err.message()
+    );
+
+    // Not a share at all (the encrypted file, undecrypted).
+    let raw = std::fs::read(s.dir.join("bob.share.age")).unwrap();
+    let err = submit(&mut s.holder(vault.addr, "bob"), raw)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("not a twokey share"),
+        "{}",
+        err.message()
+    );
+
+    // A share of another seal.
+    let other = Sealed::new();
+    let err = submit(&mut s.holder(vault.addr, "bob"), other.share("bob"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("foreign share"), "{}", err.message());
+
+    // Someone who holds no share.
+    let err = submit(&mut s.holder(vault.addr, "mallory"), s.share("bob"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        format!(
+            "{} is not a share holder of this vault's seal",
+            user("mallory")
+        )
+    );
+
+    // None of it changed what was received; the honest K-th share unseals.
+    assert_eq!(received(&mut alice).await, (true, vec!["alice".to_owned()]));
+    submit(&mut s.holder(vault.addr, "bob"), s.share("bob"))
+        .await
+        .unwrap();
+    assert!(!received(&mut alice).await.0);
+}
+
+#[test]
+fn partial_shares_are_dropped_after_the_timeout() {
+    let s = Sealed::new();
+    let unsealer = Unsealer::new(s.descriptor(), Duration::from_secs(600));
+    let t0 = Instant::now();
+    assert!(matches!(
+        unsealer.submit(&user("alice"), &s.share("alice"), t0),
+        Ok(Submitted::Counted(_))
+    ));
+    // Still there just before the timeout.
+    let (progress, dropped) = unsealer.progress(t0 + Duration::from_secs(599));
+    assert_eq!((progress.received_from.len(), dropped.len()), (1, 0));
+    // Gone at it, and said whose were dropped.
+    let (progress, dropped) = unsealer.progress(t0 + Duration::from_secs(600));
+    assert!(progress.sealed && progress.received_from.is_empty());
+    assert_eq!(dropped, ["alice"]);
+    // A late second share does not complete the dropped first one.
+    let late = t0 + Duration::from_secs(601);
+    match unsealer.submit(&user("bob"), &s.share("bob"), late) {
+        Ok(Submitted::Counted(p)) => assert_eq!(p.received_from, ["bob"]),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        unsealer.submit(&user("alice"), &s.share("alice"), late),
+        Ok(Submitted::Unsealed(..))
+    ));
+}
+
+#[test]
+fn shares_that_do_not_rebuild_the_recorded_key_drop_everything() {
+    let s = Sealed::new();
+    let mut d = s.descriptor();
+    // A descriptor whose key check belongs to another key.
+    d.key_check = {
+        use base64::Engine;
+        let other = twokey_vault::crypto::MasterKey::new(SecretKey::generate());
+        base64::engine::general_purpose::STANDARD.encode(other.key_check())
+    };
+    let unsealer = Unsealer::new(d, Duration::from_secs(600));
+    let now = Instant::now();
+    unsealer
+        .submit(&user("alice"), &s.share("alice"), now)
+        .unwrap();
+    let err = unsealer
+        .submit(&user("bob"), &s.share("bob"), now)
+        .unwrap_err();
+    assert_eq!(err, UnsealError::KeyMismatch);
+    assert!(unsealer.progress(now).0.received_from.is_empty());
+}
+
+#[tokio::test]
+async fn the_vault_process_is_not_dumpable() {
+    use std::os::unix::{fs::MetadataExt, process::CommandExt};
+    let s = Sealed::new();
+    let audit = start_fake_audit(&s.fx, FakeAudit::default()).await;
+    let mut config = s.config(audit.addr);
+    let path = s.fx.path().join("vault.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\ntrust_domain = \"{TD}\"\ndata_dir = \"{data}\"\nevent_key_file = \"{event}\"\nbroker_id = \"{broker}\"\ngrant_public_key = \"{grant}\"\naudit_address = \"{audit}\"\n\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nca = \"{ca}\"\n\n[consent]\nadmins_file = \"{admins}\"\nthreshold = 2\n\n[seal]\nmode = \"shamir\"\ndescriptor = \"{descriptor}\"\n",
+        data = config.data_dir.display(),
+        event = config.event_key_file.display(),
+        broker = config.broker_id,
+        grant = config.grant_public_key,
+        audit = config.audit_address,
+        cert = config.tls.cert.display(),
+        key = config.tls.key.display(),
+        ca = config.tls.ca.display(),
+        admins = config.consent.take().unwrap().admins_file.display(),
+        descriptor = config.seal.take().unwrap().descriptor.display(),
+    );
+    std::fs::write(&path, text).unwrap();
+    // Run as another user than root when the test is root, so that the
+    // owner of /proc/<pid> tells: a non-dumpable process's is root.
+    let root = rustix::process::geteuid().is_root();
+    let as_other = |cmd: &mut std::process::Command| {
+        if root {
+            cmd.uid(65534).gid(65534);
+        }
+    };
+    if root {
+        for entry in walk(s.fx.path()) {
+            std::os::unix::fs::chown(&entry, Some(65534), Some(65534)).unwrap();
+        }
+    }
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_twokey-vault"));
+    command.arg("serve").arg("--config").arg(&path);
+    as_other(&mut command);
+    let log = std::fs::File::create(s.fx.path().join("vault.log")).unwrap();
+    let (mut vault, _addr) = tokio::task::spawn_blocking(move || {
+        twokey_testkit::ready::start(command, "twokey-vault", log, Duration::from_secs(60))
+    })
+    .await
+    .unwrap()
+    .expect("the sealed vault serves");
+    let mut control = std::process::Command::new("sleep");
+    control.arg("30");
+    as_other(&mut control);
+    let mut control = control.spawn().unwrap();
+    let owner = |pid: u32| {
+        std::fs::metadata(format!("/proc/{pid}/status"))
+            .unwrap()
+            .uid()
+    };
+    let (vault_owner, control_owner) = (owner(vault.id()), owner(control.id()));
+    for child in [&mut vault, &mut control] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_ne!(
+        control_owner, 0,
+        "the control process is dumpable and not root's"
+    );
+    assert_eq!(
+        vault_owner, 0,
+        "the vault's /proc entry is root's: it is not dumpable"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = vec![dir.to_owned()];
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
