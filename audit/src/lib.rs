@@ -66,6 +66,31 @@ pub async fn serve(
     // An old log kept in sled moves into tiles, checked against the head.
     store::migrate::migrate(store.db(), &store, head.head().map(|h| (h.size, h.root)))
         .map_err(StartError::refused)?;
+    // sled lost (its files gone) under intact tiles: its indexes are made
+    // again from the tiles, if they give the signed root.
+    if store::LogStore::size(&store) == 0
+        && let Some(h) = head.head().filter(|h| h.size > 0)
+    {
+        tracing::warn!(
+            size = h.size,
+            "the index in sled is empty but this log signed {} entries: rebuilding it from the \
+             tiles in {}",
+            h.size,
+            store.log_dir().display()
+        );
+        store.rebuild(h.size, h.root).map_err(|e| {
+            StartError::refused(format!(
+                "the index in sled is empty and cannot be rebuilt from the tiles in {}: {e}; this \
+                 log signed {} entries with root {} (kept in {}). Restore the data directory from \
+                 a backup",
+                store.log_dir().display(),
+                h.size,
+                h.root_hex(),
+                config.data_dir.join(crate::head::FILE_NAME).display()
+            ))
+        })?;
+        tracing::info!(entries = h.size, "index rebuilt from the tiles");
+    }
     let log = Arc::new(
         AuditLog::new(
             store,

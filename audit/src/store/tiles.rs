@@ -508,6 +508,93 @@ impl TileStore {
         crate::merkle::subtree_root(0, size, &mut |l, i| self.node(l, i))
     }
 
+    /// Rebuilds sled's indexes from the tiles of a log of `size` entries
+    /// when sled holds none (its files were lost or moved away), only if
+    /// the tiles give `root` at that size (the signed checkpoint's root):
+    /// the right edge checked as at open, every entry read against its
+    /// leaf hash, each source's sequence numbers checked to follow on
+    /// from 1 and indexed again with the query keys, then the size
+    /// committed last. Received times were kept in sled alone: rebuilt
+    /// entries have none. On any mismatch nothing is committed and the
+    /// store stays empty.
+    pub fn rebuild(&self, size: u64, root: Hash) -> Result<(), AuditError> {
+        let _one = self.inner.sync.lock().unwrap_or_else(|e| e.into_inner());
+        if self.size() != 0 || self.inner.meta.get(SIZE)?.is_some() {
+            return Err(AuditError::Store(
+                "the index is not empty: only an empty one is rebuilt from the tiles".into(),
+            ));
+        }
+        let state = load_edge(&self.inner.dir, size).map_err(AuditError::Store)?;
+        *self.state() = state;
+        self.inner.size.store(size, Ordering::SeqCst);
+        match self.reindex(size, root) {
+            Ok(()) => {
+                self.inner.db.sync_blocking()?;
+                self.inner.committed.store(size, Ordering::SeqCst);
+                self.inner.indexed.store(size, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => {
+                // What was written of the index goes too: an empty store
+                // holds no keys.
+                self.inner.meta.clear()?;
+                self.inner.query.clear()?;
+                *self.state() = State::default();
+                self.inner.size.store(0, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    /// [`TileStore::rebuild`] once the right edge of `size` is loaded.
+    fn reindex(&self, size: u64, root: Hash) -> Result<(), AuditError> {
+        self.check_edge(size).map_err(AuditError::Store)?;
+        let got = crate::merkle::subtree_root(0, size, &mut |l, i| self.node(l, i))?;
+        if got != root {
+            return Err(AuditError::Store(format!(
+                "the tiles give the root {} at {size} entries, not the checkpoint's {}",
+                hex::encode(got),
+                hex::encode(root)
+            )));
+        }
+        let mut next: HashMap<String, u64> = HashMap::new();
+        let (mut meta, mut query) = (sled::Batch::default(), sled::Batch::default());
+        for index in 0..size {
+            let event = self
+                .entry(index)?
+                .and_then(|e| e.event)
+                .ok_or_else(|| AuditError::Store(format!("entry {index} is missing")))?;
+            let expected = next.get(&event.source).copied().unwrap_or(1);
+            if event.seq != expected {
+                return Err(AuditError::Store(format!(
+                    "entry {index} is seq {} of {}, which should be seq {expected}",
+                    event.seq, event.source
+                )));
+            }
+            meta.insert(
+                seq_index_key(&event.source, event.seq),
+                &index.to_be_bytes(),
+            );
+            for k in index::keys(&event, index) {
+                query.insert(k, &[]);
+            }
+            next.insert(event.source, expected + 1);
+            if (index + 1) % QUERY_BATCH == 0 {
+                self.inner.query.apply_batch(std::mem::take(&mut query))?;
+                self.inner.meta.apply_batch(std::mem::take(&mut meta))?;
+            }
+        }
+        self.inner.query.apply_batch(query)?;
+        for (source, seq) in &next {
+            meta.insert(next_seq_key(source), &seq.to_be_bytes());
+        }
+        meta.insert(INDEXED, &size.to_be_bytes());
+        // The commit point, last.
+        meta.insert(SIZE, &size.to_be_bytes());
+        self.inner.meta.apply_batch(meta)?;
+        Ok(())
+    }
+
     /// Writes what is staged: tiles, then the sled batch; blocking.
     pub(crate) fn sync_blocking(&self) -> Result<(), AuditError> {
         let _one = self.inner.sync.lock().unwrap_or_else(|e| e.into_inner());

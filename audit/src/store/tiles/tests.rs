@@ -555,3 +555,103 @@ async fn a_migration_cut_short_resumes_and_an_altered_old_log_is_not_moved() {
     );
     assert!(legacy_exists(store.db()));
 }
+
+#[tokio::test]
+async fn a_lost_index_is_rebuilt_from_the_tiles_only_at_the_signed_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = TileStore::open(dir.path()).unwrap();
+    let mut leaves = Vec::new();
+    let (mut vault, mut broker) = (0, 0);
+    for i in 0..600u64 {
+        let (source, seq) = if i % 3 == 0 {
+            broker += 1;
+            (BROKER, broker)
+        } else {
+            vault += 1;
+            (VAULT, vault)
+        };
+        let (e, leaf) = entry(i, source, seq);
+        store.append(&e, &leaf).unwrap();
+        leaves.push(leaf);
+        if i == 299 {
+            store.sync().await.unwrap();
+        }
+    }
+    store.sync().await.unwrap();
+    let signed = root(&leaves);
+    let walks = [
+        Walk::Account("acct1".into()),
+        Walk::ActorName("u2".into()),
+        Walk::Request("r7".into()),
+        Walk::Source(BROKER.into()),
+        Walk::Time {
+            since: Some((1_700_000_100, 0)),
+            until: Some((1_700_000_400, 0)),
+        },
+    ];
+    let before: Vec<Vec<u64>> = walks
+        .iter()
+        .map(|w| walk_all(&store, w, None, true))
+        .collect();
+    drop(store);
+    // sled's files are lost; the tiles (and the checkpoint) are not.
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let e = e.unwrap();
+        if e.file_name() != LOG_DIR {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(p).unwrap();
+            } else {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+    }
+
+    let store = TileStore::open(dir.path()).unwrap();
+    assert_eq!(store.size(), 0);
+    // Another root: refused, nothing committed, the store still empty.
+    let mut other = signed;
+    other[0] ^= 1;
+    let err = store.rebuild(600, other).unwrap_err().to_string();
+    assert!(err.contains("not the checkpoint's"), "{err}");
+    assert_eq!(store.size(), 0);
+    // More entries than the tiles hold: refused.
+    assert!(store.rebuild(601, signed).is_err());
+    assert_eq!(store.size(), 0);
+    drop(store);
+    let store = TileStore::open(dir.path()).unwrap();
+    assert_eq!(store.size(), 0);
+    assert_eq!(store.index_of(VAULT, 1).unwrap(), None);
+
+    store.rebuild(600, signed).unwrap();
+    let check = |store: &TileStore| {
+        assert_eq!(store.check(), Ok(()));
+        assert_eq!(store.size(), 600);
+        assert_eq!(root_of(store, 600), signed);
+        assert_eq!(store.next_seq(BROKER).unwrap(), 201);
+        assert_eq!(store.next_seq(VAULT).unwrap(), 401);
+        assert_eq!(store.index_of(BROKER, 2).unwrap(), Some(3));
+        assert_eq!(store.index_of(VAULT, 400).unwrap(), Some(599));
+        let got: Vec<Vec<u64>> = walks
+            .iter()
+            .map(|w| walk_all(store, w, None, true))
+            .collect();
+        assert_eq!(got, before);
+        // The received time was in sled alone.
+        let mut lost = entry(4, VAULT, 3).0;
+        lost.received_at = None;
+        assert_eq!(store.entry(4).unwrap().unwrap(), lost);
+    };
+    check(&store);
+    // Only an empty index is rebuilt.
+    assert!(store.rebuild(600, signed).is_err());
+    drop(store);
+    let store = TileStore::open(dir.path()).unwrap();
+    check(&store);
+    // It goes on from there.
+    let (e, leaf) = entry(600, BROKER, 201);
+    store.append(&e, &leaf).unwrap();
+    store.sync().await.unwrap();
+    leaves.push(leaf);
+    assert_eq!(root_from_files(store.log_dir(), 601), root(&leaves));
+}
