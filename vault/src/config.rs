@@ -173,3 +173,34 @@ impl VaultConfig {
 fn default_audit_keep_days() -> u64 {
     twokey_runtime::shipper::DEFAULT_KEEP_DAYS
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seal(text: &str) -> SealConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn the_seal_section_takes_shamir_and_a_timeout_defaulting_to_ten_minutes() {
+        let s = seal("mode = \"shamir\"\ndescriptor = \"seal.toml\"\n");
+        assert_eq!(s.check(), Ok(()));
+        assert_eq!(s.timeout(), Ok(std::time::Duration::from_secs(600)));
+        let s = seal("mode = \"file\"\ndescriptor = \"seal.toml\"\nunseal_timeout = \"ten\"\n");
+        assert!(
+            s.check()
+                .unwrap_err()
+                .contains("remove the section for the file mode")
+        );
+        assert!(
+            s.timeout()
+                .unwrap_err()
+                .starts_with("[seal] unseal_timeout:")
+        );
+        assert!(
+            toml::from_str::<SealConfig>("mode = \"shamir\"\ndescriptor = \"x\"\nkey = \"y\"\n")
+                .is_err()
+        );
+    }
+}

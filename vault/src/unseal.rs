@@ -581,3 +581,109 @@ pub fn expired_event(dropped: &[String]) -> EventDraft {
         .outcome(Outcome::Failure)
         .attr("dropped", dropped.join(","))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holder(dir: &Path, name: &str) -> HolderSpec {
+        let key = twokey_consent::ssh_key::PrivateKey::random(
+            &mut rand::rngs::OsRng,
+            twokey_consent::ssh_key::Algorithm::Ed25519,
+        )
+        .unwrap();
+        let path = dir.join(format!("{name}.pub"));
+        std::fs::write(&path, key.public_key().to_openssh().unwrap()).unwrap();
+        HolderSpec::parse(&format!(
+            "{name}=spiffe://twokey.test/user/{name}={}",
+            path.display()
+        ))
+        .unwrap()
+    }
+
+    fn setup_error(result: Result<impl std::fmt::Debug, SealError>) -> String {
+        match result {
+            Err(SealError::Setup(m)) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_split_needs_two_to_n_shares_and_distinct_holders() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (holder(dir.path(), "alice"), holder(dir.path(), "bob"));
+        let key = SecretKey::generate();
+        for k in [0, 1, 3] {
+            let m = setup_error(split(&key, k, &[a.clone(), b.clone()]));
+            assert!(
+                m.starts_with(&format!("--threshold {k} with 2 holders")),
+                "{m}"
+            );
+        }
+        let m = setup_error(split(&key, 2, &[a.clone(), a.clone()]));
+        assert!(m.contains("a name and a SPIFFE ID of their own"), "{m}");
+        let s = split(&key, 2, &[a, b]).unwrap();
+        assert_eq!(s.shares.len(), 2);
+        assert!(MasterKey::new(key.clone()).matches(&B64.decode(&s.descriptor.key_check).unwrap()));
+        // The key is in no file written.
+        let out = dir.path().join("seal");
+        std::fs::create_dir(&out).unwrap();
+        for path in write_split(&out, &s).unwrap() {
+            let bytes = std::fs::read(path).unwrap();
+            assert!(!bytes.windows(32).any(|w| w == key.expose()));
+            assert!(!String::from_utf8_lossy(&bytes).contains(&B64.encode(key.expose())));
+        }
+        assert_eq!(
+            Descriptor::load(&out.join(DESCRIPTOR_FILE)).unwrap(),
+            s.descriptor
+        );
+        // Written once: a second split into the same place is refused.
+        let m = setup_error(write_split(&out, &s));
+        assert!(m.starts_with("cannot create"), "{m}");
+    }
+
+    #[test]
+    fn a_bad_holder_flag_says_how_to_write_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = setup_error(HolderSpec::parse("alice"));
+        assert!(
+            m.contains("NAME=SPIFFE_ID=PATH_TO_SSH_ED25519_PUBKEY"),
+            "{m}"
+        );
+        let m = setup_error(HolderSpec::parse("Alice!=spiffe://t/user/a=/x"));
+        assert!(m.contains("[a-z0-9._-]"), "{m}");
+        let m = setup_error(HolderSpec::parse("alice=not-spiffe=/x"));
+        assert!(m.starts_with("--holder alice:"), "{m}");
+        let m = setup_error(HolderSpec::parse(
+            "alice=spiffe://t/user/a=/nonexistent.pub",
+        ));
+        assert!(m.contains("cannot read the public key"), "{m}");
+        let rsa = dir.path().join("rsa.pub");
+        std::fs::write(&rsa, "ssh-rsa AAAAB3NzaC1yc2E= x").unwrap();
+        let m = setup_error(HolderSpec::parse(&format!(
+            "alice=spiffe://t/user/a={}",
+            rsa.display()
+        )));
+        assert!(m.contains("not an ssh-ed25519 public key"), "{m}");
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_one_is_refused_saying_what_to_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DESCRIPTOR_FILE);
+        std::fs::write(&path, "mode = \"file\"\n").unwrap();
+        let m = setup_error(Descriptor::load(&path));
+        assert!(m.contains("init-key --seal shamir"), "{m}");
+    }
+
+    #[test]
+    fn share_debug_and_errors_carry_no_share_bytes() {
+        let request = twokey_proto::vault::v1::UnsealRequest {
+            share: b"twokey-share-v1\0secret".to_vec(),
+        };
+        assert_eq!(
+            format!("{request:?}"),
+            "UnsealRequest { share: \"[redacted]\" }"
+        );
+    }
+}

@@ -13,6 +13,9 @@ use std::{
 
 use common::*;
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use twokey_consent::ssh_key::LineEnding;
 use twokey_proto::vault::v1::{
     EnrollRequest, GenerateCodeRequest, SealStatusRequest, StatusRequest, UnsealRequest,
@@ -156,6 +159,18 @@ async fn received(
     (p.sealed, p.received_from)
 }
 
+/// The vault service's health as a holder's certificate sees it.
+async fn health(fx: &Fixture, addr: std::net::SocketAddr) -> ServingStatus {
+    let answer = HealthClient::new(fx.channel(addr, "alice"))
+        .check(HealthCheckRequest {
+            service: "twokey.vault.v1.VaultService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ServingStatus::try_from(answer.status).unwrap()
+}
+
 async fn a_code(fx: &Fixture, addr: std::net::SocketAddr) -> Result<String, tonic::Status> {
     let release = fx.consented("aws-prod-root", 1);
     let request = GenerateCodeRequest {
@@ -188,6 +203,7 @@ async fn exactly_k_shares_unseal_and_codes_work_k_minus_one_stays_sealed() {
         .unwrap()
         .into_inner();
     assert!(status.sealed);
+    assert_eq!(health(&s.fx, vault.addr).await, ServingStatus::NotServing);
     let err = a_code(&s.fx, vault.addr).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(
@@ -224,6 +240,7 @@ async fn exactly_k_shares_unseal_and_codes_work_k_minus_one_stays_sealed() {
         received(&mut s.holder(vault.addr, "bea")).await,
         (false, vec![])
     );
+    assert_eq!(health(&s.fx, vault.addr).await, ServingStatus::Serving);
     assert!(
         !broker()
             .status(StatusRequest {})
