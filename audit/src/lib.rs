@@ -78,7 +78,7 @@ pub async fn serve(
             h.size,
             store.log_dir().display()
         );
-        store.rebuild(h.size, h.root).map_err(|e| {
+        let rebuilt = store.rebuild(h.size, h.root).map_err(|e| {
             StartError::refused(format!(
                 "the index in sled is empty and cannot be rebuilt from the tiles in {}: {e}; this \
                  log signed {} entries with root {} (kept in {}). Restore the data directory from \
@@ -89,7 +89,11 @@ pub async fn serve(
                 config.data_dir.join(crate::head::FILE_NAME).display()
             ))
         })?;
-        tracing::info!(entries = h.size, "index rebuilt from the tiles");
+        tracing::info!(
+            entries = rebuilt,
+            signed = h.size,
+            "index rebuilt from the tiles"
+        );
     }
     let log = Arc::new(
         AuditLog::new(

@@ -508,26 +508,52 @@ impl TileStore {
         crate::merkle::subtree_root(0, size, &mut |l, i| self.node(l, i))
     }
 
-    /// Rebuilds sled's indexes from the tiles of a log of `size` entries
-    /// when sled holds none (its files were lost or moved away), only if
-    /// the tiles give `root` at that size (the signed checkpoint's root):
-    /// the right edge checked as at open, every entry read against its
-    /// leaf hash, each source's sequence numbers checked to follow on
-    /// from 1 and indexed again with the query keys, then the size
-    /// committed last. Received times were kept in sled alone: rebuilt
-    /// entries have none. On any mismatch nothing is committed and the
-    /// store stays empty.
-    pub fn rebuild(&self, size: u64, root: Hash) -> Result<(), AuditError> {
+    /// Rebuilds sled's indexes from the tiles when sled holds none (its
+    /// files were lost or moved away), only if the tiles give `root` at
+    /// `signed` entries (the signed checkpoint's): the tiles are read up to
+    /// the most entries they hold (the checkpoint may lag behind the last
+    /// group commits, whose partial tiles of its size are gone once full),
+    /// else up to `signed`; the right edge is checked as at open, every
+    /// entry against its leaf hash, each source's sequence numbers must
+    /// follow on from 1, and the size is committed last. Received times
+    /// were kept in sled alone: rebuilt entries have none. On any mismatch
+    /// nothing is committed and the store stays empty. Returns the size.
+    pub fn rebuild(&self, signed: u64, root: Hash) -> Result<u64, AuditError> {
         let _one = self.inner.sync.lock().unwrap_or_else(|e| e.into_inner());
         if self.size() != 0 || self.inner.meta.get(SIZE)?.is_some() {
             return Err(AuditError::Store(
                 "the index is not empty: only an empty one is rebuilt from the tiles".into(),
             ));
         }
-        let state = load_edge(&self.inner.dir, size).map_err(AuditError::Store)?;
-        *self.state() = state;
-        self.inner.size.store(size, Ordering::SeqCst);
-        match self.reindex(size, root) {
+        let held = held_from(&self.inner.dir, signed);
+        let mut first = None;
+        for size in [held, signed] {
+            if size < signed || (first.is_some() && size == held) {
+                continue;
+            }
+            match self.rebuild_at(size, signed, root) {
+                Ok(()) => return Ok(size),
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        Err(first.unwrap_or_else(|| {
+            AuditError::Store(format!(
+                "the tiles hold {held} entries, fewer than the {signed} signed"
+            ))
+        }))
+    }
+
+    fn rebuild_at(&self, size: u64, signed: u64, root: Hash) -> Result<(), AuditError> {
+        let result = load_edge(&self.inner.dir, size)
+            .map_err(AuditError::Store)
+            .and_then(|state| {
+                *self.state() = state;
+                self.inner.size.store(size, Ordering::SeqCst);
+                self.reindex(size, signed, root)
+            });
+        match result {
             Ok(()) => {
                 self.inner.db.sync_blocking()?;
                 self.inner.committed.store(size, Ordering::SeqCst);
@@ -547,12 +573,12 @@ impl TileStore {
     }
 
     /// [`TileStore::rebuild`] once the right edge of `size` is loaded.
-    fn reindex(&self, size: u64, root: Hash) -> Result<(), AuditError> {
+    fn reindex(&self, size: u64, signed: u64, root: Hash) -> Result<(), AuditError> {
         self.check_edge(size).map_err(AuditError::Store)?;
-        let got = crate::merkle::subtree_root(0, size, &mut |l, i| self.node(l, i))?;
+        let got = crate::merkle::subtree_root(0, signed, &mut |l, i| self.node(l, i))?;
         if got != root {
             return Err(AuditError::Store(format!(
-                "the tiles give the root {} at {size} entries, not the checkpoint's {}",
+                "the tiles give the root {} at {signed} entries, not the checkpoint's {}",
                 hex::encode(got),
                 hex::encode(root)
             )));
@@ -792,6 +818,29 @@ fn held_size(dir: &Path, size: u64) -> Option<u64> {
             return Some((n + 1) * WIDTH);
         }
     }
+}
+
+/// The most entries the entry bundles on disk hold from `from` on: the
+/// full bundles after it, then the widest partial of the next (for
+/// [`TileStore::rebuild`]).
+fn held_from(dir: &Path, from: u64) -> u64 {
+    let bundle = |index| Tile {
+        kind: Kind::Entries,
+        index,
+        width: WIDTH as u16,
+    };
+    let mut n = from / WIDTH;
+    while dir.join(bundle(n).path()).exists() {
+        n += 1;
+    }
+    let widest = fs::read_dir(dir.join(format!("{}.p", bundle(n).path())))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|w| *w < WIDTH)
+        .max();
+    n * WIDTH + widest.unwrap_or(0)
 }
 
 /// Removes tiles beyond a committed `size`: what a sync wrote before a
