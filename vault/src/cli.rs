@@ -81,9 +81,9 @@ fn init_shamir(out: &std::path::Path, threshold: u8, holders: &[String]) -> anyh
         .iter()
         .map(|h| HolderSpec::parse(h))
         .collect::<Result<Vec<_>, _>>()?;
+    let split = split(&SecretKey::generate(), threshold, &specs)?;
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the directory {}", out.display()))?;
-    let split = split(&SecretKey::generate(), threshold, &specs)?;
     for path in write_split(out, &split)? {
         println!("wrote {}", path.display());
     }

@@ -505,3 +505,63 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn init_key_seal_shamir_writes_shares_and_a_descriptor_but_no_key_and_refuses_bad_input() {
+    let s = Sealed::new();
+    let mut holders = Vec::new();
+    for p in [&s.fx.people.alice, &s.fx.people.bob, &s.fx.people.bea] {
+        let path = s.fx.path().join(format!("{}.pub", p.name));
+        std::fs::write(&path, p.key.public_key().to_openssh().unwrap()).unwrap();
+        holders.push(format!(
+            "--holder={}={}={}",
+            p.name,
+            user(&p.name),
+            path.display()
+        ));
+    }
+    let init = |out: &std::path::Path, threshold: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_twokey-vault"))
+            .args([
+                "init-key",
+                "--seal",
+                "shamir",
+                "--threshold",
+                threshold,
+                "--out",
+            ])
+            .arg(out)
+            .args(&holders)
+            .output()
+            .unwrap()
+    };
+    let out = s.fx.path().join("split");
+    let o = init(&out, "2");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut files: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "alice.share.age",
+            "bea.share.age",
+            "bob.share.age",
+            "seal.toml"
+        ]
+    );
+    let d = unseal::Descriptor::load(&out.join("seal.toml")).unwrap();
+    assert_eq!((d.threshold, d.holders.len()), (2, 3));
+    assert_eq!(d.holders[1].spiffe_id, user("bob"));
+
+    // K above N: a clear refusal, nothing written, no panic.
+    let bad = s.fx.path().join("bad");
+    let o = init(&bad, "4");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--threshold 4 with 3 holders"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!bad.exists());
+}
