@@ -387,12 +387,12 @@ impl SealService for SealGrpc {
         let caller = self
             .auth
             .authorize(&request, "a member of the trust domain", |_| true)?;
+        // The share's bytes are wiped when this call ends.
+        let share = zeroize::Zeroizing::new(request.into_inner().share);
         self.progress().await;
-        let result = self.unsealer.submit(
-            caller.as_str(),
-            &request.get_ref().share,
-            std::time::Instant::now(),
-        );
+        let result = self
+            .unsealer
+            .submit(caller.as_str(), &share, std::time::Instant::now());
         self.audit(unseal::submission_event(caller.as_str(), &result))
             .await;
         match result {
