@@ -902,6 +902,7 @@ fn clean_beyond(dir: &Path, size: u64) -> Result<(), AuditError> {
 /// created).
 fn write_tiles(dir: &Path, files: &[(Tile, Vec<u8>)]) -> Result<(), AuditError> {
     let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut written: Vec<(PathBuf, PathBuf, File)> = Vec::with_capacity(files.len());
     for (t, bytes) in files {
         let path = dir.join(t.path());
         let parent = path.parent().unwrap_or(dir).to_owned();
@@ -920,23 +921,51 @@ fn write_tiles(dir: &Path, files: &[(Tile, Vec<u8>)]) -> Result<(), AuditError> 
         let mut tmp = path.clone().into_os_string();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_data()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| io(&path, "write", e))?;
+        let file = File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes).map(|()| f))
+            .map_err(|e| io(&path, "write", e))?;
+        written.push((tmp, path, file));
         dirs.push(parent);
+    }
+    // The files' data, then the renames, then the directories that name
+    // them: each step's syncs run at once (one device flush for the lot,
+    // not one per file), and no step starts before the one before it is
+    // durable.
+    in_parallel(&written, |(_, path, file)| {
+        file.sync_data().map_err(|e| io(path, "write", e))
+    })?;
+    for (tmp, path, _) in &written {
+        fs::rename(tmp, path).map_err(|e| io(path, "write", e))?;
     }
     dirs.sort();
     dirs.dedup();
-    for d in dirs {
-        File::open(&d)
+    in_parallel(&dirs, |d| {
+        File::open(d)
             .and_then(|f| f.sync_all())
-            .map_err(|e| io(&d, "sync", e))?;
-    }
-    Ok(())
+            .map_err(|e| io(d, "sync", e))
+    })
+}
+
+/// Runs `f` on every item, each on its own thread (the first on this one),
+/// and returns the first error.
+fn in_parallel<T: Sync>(
+    items: &[T],
+    f: impl Fn(&T) -> Result<(), AuditError> + Sync,
+) -> Result<(), AuditError> {
+    let Some((first, rest)) = items.split_first() else {
+        return Ok(());
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = rest.iter().map(|item| scope.spawn(|| f(item))).collect();
+        let mut result = f(first);
+        for handle in others {
+            let r = handle
+                .join()
+                .unwrap_or_else(|_| Err(AuditError::Store("a tile sync thread panicked".into())));
+            result = result.and(r);
+        }
+        result
+    })
 }
 
 impl LogStore for TileStore {
