@@ -17,19 +17,16 @@
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt, future::BoxFuture};
+use futures::{Stream, future::BoxFuture};
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::{Bytes, Incoming};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use twokey_runtime::{
     SpiffeId,
+    http::HttpLimits,
     identity::identity_of_cert,
     tls::{ClientAuth, ServerTls, TlsError, TlsFiles},
 };
@@ -47,8 +44,6 @@ pub const EVENTS_PATH: &str = "/v1/cloudtrail/events";
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 /// How long a client may take to send the request head, and then the body.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for calls in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The body of every answer.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -272,52 +267,23 @@ pub async fn serve<S, I>(
     S: LogStore,
     I: Stream<Item = Result<TlsStream<TcpStream>, Infallible>> + Send,
 {
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut incoming = Box::pin(incoming);
-    loop {
-        let tls = tokio::select! {
-            () = &mut shutdown => break,
-            next = incoming.next() => match next {
-                Some(Ok(tls)) => tls,
-                Some(Err(never)) => match never {},
-                None => break,
-            },
-        };
+    let limits = HttpLimits {
+        header_read_timeout: READ_TIMEOUT,
+        max_concurrent_streams: 64,
+        keep_alive: None,
+    };
+    twokey_runtime::http::serve(incoming, shutdown, limits, move |tls| {
+        let caller = Arc::new(api.caller(tls.get_ref().1.peer_certificates()));
         let api = api.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let peer = tls.get_ref().0.peer_addr().ok();
-            let caller = Arc::new(api.caller(tls.get_ref().1.peer_certificates()));
-            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                let api = api.clone();
-                let caller = caller.clone();
-                let answer: BoxFuture<'static, Result<_, Infallible>> =
-                    Box::pin(async move { Ok(api.handle(request, &caller).await) });
-                answer
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(READ_TIMEOUT);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(64);
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(?peer, "http connection ended: {e}");
-            }
-        });
-    }
-    drop(incoming);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("http calls still running after {DRAIN_TIMEOUT:?}; stopping anyway");
-    }
+        move |request: http::Request<Incoming>| {
+            let api = api.clone();
+            let caller = caller.clone();
+            let answer: BoxFuture<'static, _> =
+                Box::pin(async move { api.handle(request, &caller).await });
+            answer
+        }
+    })
+    .await;
 }
 
 /// Announces the HTTP listener like the gRPC one, with its own prefix.

@@ -11,6 +11,7 @@ pub mod durable;
 pub mod error;
 pub mod events;
 pub mod grant;
+pub mod http;
 pub mod identity;
 pub mod keys;
 pub mod limits;

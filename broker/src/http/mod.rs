@@ -16,10 +16,6 @@ use futures::{Stream, StreamExt, future::BoxFuture, stream};
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited, StreamBody, combinators::BoxBody};
 use hyper::body::{Bytes, Frame, Incoming};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
-};
 use rustls::pki_types::CertificateDer;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::TcpStream;
@@ -30,6 +26,7 @@ use twokey_proto::broker::v1 as pb;
 use twokey_runtime::{
     Authenticator, SpiffeId,
     error::http_status_of,
+    http::HttpLimits,
     identity::identity_of_cert,
     serve::MAX_MESSAGE_BYTES,
     tls::{ClientAuth, ServerTls, TlsError, TlsFiles},
@@ -47,8 +44,6 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one call may run (as on the gRPC listener); `Connect-Timeout-Ms`
 /// may shorten it.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long shutdown waits for calls in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often a `WatchRequests` event stream carries a keep-alive comment.
 pub const KEEPALIVE: Duration = Duration::from_secs(15);
@@ -584,55 +579,23 @@ pub async fn serve<S>(api: Arc<HttpApi>, incoming: S, shutdown: impl Future<Outp
 where
     S: Stream<Item = Result<TlsStream<TcpStream>, Infallible>> + Send,
 {
-    let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut incoming = Box::pin(incoming);
-    loop {
-        let tls = tokio::select! {
-            () = &mut shutdown => break,
-            next = incoming.next() => match next {
-                Some(Ok(tls)) => tls,
-                Some(Err(never)) => match never {},
-                None => break,
-            },
-        };
+    let limits = HttpLimits {
+        header_read_timeout: READ_TIMEOUT,
+        max_concurrent_streams: 256,
+        keep_alive: Some((Duration::from_secs(30), Duration::from_secs(10))),
+    };
+    twokey_runtime::http::serve(incoming, shutdown, limits, move |tls| {
+        let caller = Arc::new(api.caller(tls.get_ref().1.peer_certificates()));
         let api = api.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let peer = tls.get_ref().0.peer_addr().ok();
-            let caller = Arc::new(api.caller(tls.get_ref().1.peer_certificates()));
-            let service = hyper::service::service_fn(move |request: http::Request<Incoming>| {
-                let api = api.clone();
-                let caller = caller.clone();
-                let answer: BoxFuture<'static, Result<_, Infallible>> =
-                    Box::pin(async move { Ok(api.handle(request, &caller).await) });
-                answer
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(READ_TIMEOUT);
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(256)
-                .keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(10));
-            let connection = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(connection.into_owned()).await {
-                tracing::debug!(?peer, "http connection ended: {e}");
-            }
-        });
-    }
-    // Dropping the stream stops accepting and closes the listener.
-    drop(incoming);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("http calls still running after {DRAIN_TIMEOUT:?}; stopping anyway");
-    }
+        move |request: http::Request<Incoming>| {
+            let api = api.clone();
+            let caller = caller.clone();
+            let answer: BoxFuture<'static, _> =
+                Box::pin(async move { api.handle(request, &caller).await });
+            answer
+        }
+    })
+    .await;
 }
 
 /// Announces the HTTP listener like the gRPC one, with its own prefix.
