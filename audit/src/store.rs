@@ -123,6 +123,7 @@ fn node_key(level: u32, index: u64) -> Vec<u8> {
     k
 }
 
+/// The key of where `source`'s event `seq` landed (both stores).
 fn seq_index_key(source: &str, seq: u64) -> Vec<u8> {
     let mut k = vec![SEQ_INDEX];
     k.extend_from_slice(source.as_bytes());
@@ -131,6 +132,7 @@ fn seq_index_key(source: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// The key of the sequence number `source` must send next (both stores).
 fn next_seq_key(source: &str) -> Vec<u8> {
     let mut k = vec![NEXT_SEQ];
     k.extend_from_slice(source.as_bytes());

@@ -35,7 +35,7 @@ use twokey_proto::{
 use twokey_runtime::{durable::DurableDb, start::StartError};
 use twokey_tlog::tile::{self, Kind, Tile, WIDTH};
 
-use super::{LogStore, StoreProblem, index};
+use super::{LogStore, SEQ_INDEX, StoreProblem, index, next_seq_key, read_u64, seq_index_key};
 use crate::{
     error::AuditError,
     merkle::{Hash, leaf_hash},
@@ -60,8 +60,6 @@ pub const QUERY_BATCH: u64 = 8192;
 /// [`QUERY_BATCH`] held 650 MiB when rebuilding 10^5 entries, one per 512
 /// 176 MiB (measured).
 const REBUILD_CHUNK: u64 = 512;
-const SEQ_INDEX: u8 = b'q';
-const NEXT_SEQ: u8 = b's';
 const RECEIVED: u8 = b'r';
 
 /// Bytes of full tiles kept in memory for reads.
@@ -76,31 +74,10 @@ const CACHE_BYTES: usize = 16 << 20;
 /// this. 32 MiB plus the tiles' [`CACHE_BYTES`] leave room for the rest.
 pub const SLED_CACHE_BYTES: u64 = 32 << 20;
 
-fn seq_index_key(source: &str, seq: u64) -> Vec<u8> {
-    let mut k = vec![SEQ_INDEX];
-    k.extend_from_slice(source.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn next_seq_key(source: &str) -> Vec<u8> {
-    let mut k = vec![NEXT_SEQ];
-    k.extend_from_slice(source.as_bytes());
-    k
-}
-
 fn received_key(index: u64) -> Vec<u8> {
     let mut k = vec![RECEIVED];
     k.extend_from_slice(&index.to_be_bytes());
     k
-}
-
-fn read_u64(bytes: &[u8], what: &str) -> Result<u64, AuditError> {
-    bytes
-        .try_into()
-        .map(u64::from_be_bytes)
-        .map_err(|_| AuditError::Store(format!("stored {what} is not 8 bytes")))
 }
 
 /// A tile's content, parsed.
