@@ -6,13 +6,13 @@
 
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -24,31 +24,7 @@ use twokey_broker::http::{PREFIX, STREAMING, UNARY, openapi};
 /// A TLS client config trusting the dev CA, presenting `user`'s certificate
 /// (or none), offering `alpn`.
 fn tls(h: &Harness, user: Option<&str>, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
-    let pki = pki_dir(h.dir.path());
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match user {
-        Some(user) => {
-            let certs: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_file_iter(pki.join(format!("{user}.crt")))
-                    .unwrap()
-                    .collect::<Result<_, _>>()
-                    .unwrap();
-            let key = PrivateKeyDer::from_pem_file(pki.join(format!("{user}.key"))).unwrap();
-            builder.with_client_auth_cert(certs, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    twokey_testkit::pki::https_connector(&pki_dir(h.dir.path()), user, alpn)
 }
 
 async fn connect(

@@ -563,6 +563,45 @@ fn prepare_dir(dir: &Path, force: bool) -> Result<(), PkiError> {
     }
 }
 
+/// A TLS connector for tests' HTTPS clients: trusts the `ca.crt` in `pki`,
+/// presents `name`'s certificate (`<name>.crt`, `<name>.key`) or none, and
+/// offers the ALPN protocols `alpn`.
+pub fn https_connector(
+    pki: &Path,
+    name: Option<&str>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(pki.join("ca.crt")).expect("the test CA") {
+        roots
+            .add(ca.expect("a CA certificate"))
+            .expect("the CA is usable");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots);
+    let mut config = match name {
+        Some(name) => {
+            let certs = CertificateDer::pem_file_iter(pki.join(format!("{name}.crt")))
+                .expect("the client certificate")
+                .collect::<Result<Vec<_>, _>>()
+                .expect("a PEM certificate");
+            let key = PrivateKeyDer::from_pem_file(pki.join(format!("{name}.key")))
+                .expect("the client key");
+            builder
+                .with_client_auth_cert(certs, key)
+                .expect("a usable client certificate")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use std::{
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::pki_types::ServerName;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use twokey_e2e::{System, user_id};
@@ -62,30 +62,7 @@ async fn webhook() -> (String, Arc<Mutex<Vec<Value>>>) {
 
 /// A TLS connector trusting the dev CA, presenting `name`'s certificate or none.
 fn tls(sys: &System, name: Option<&str>) -> tokio_rustls::TlsConnector {
-    let pki = sys.local.dir.join("pki");
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match name {
-        Some(name) => {
-            let certs = CertificateDer::pem_file_iter(pki.join(format!("{name}.crt")))
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            let key = PrivateKeyDer::from_pem_file(pki.join(format!("{name}.key"))).unwrap();
-            builder.with_client_auth_cert(certs, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+    twokey_testkit::pki::https_connector(&sys.local.dir.join("pki"), name, &[b"http/1.1"])
 }
 
 /// Posts one EventBridge event to audit's HTTP listener as `name`.

@@ -11,7 +11,6 @@ use std::{
 };
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use rustls::pki_types::pem::PemObject;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{Status, transport::Channel};
 use twokey_audit::{
@@ -342,31 +341,5 @@ pub fn go_build(name: &str, dir: &Path) -> Option<PathBuf> {
 /// A TLS connector trusting the test CA, presenting `name`'s certificate
 /// (or none), offering the one ALPN protocol `alpn`.
 pub fn https_connector(env: &Env, name: Option<&str>, alpn: &[u8]) -> tokio_rustls::TlsConnector {
-    let pki = env.path();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in rustls::pki_types::CertificateDer::pem_file_iter(pki.join("ca.crt")).unwrap() {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut config = match name {
-        Some(name) => {
-            let certs =
-                rustls::pki_types::CertificateDer::pem_file_iter(pki.join(format!("{name}.crt")))
-                    .unwrap()
-                    .collect::<Result<Vec<_>, _>>()
-                    .unwrap();
-            let key =
-                rustls::pki_types::PrivateKeyDer::from_pem_file(pki.join(format!("{name}.key")))
-                    .unwrap();
-            builder.with_client_auth_cert(certs, key).unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![alpn.to_vec()];
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    twokey_testkit::pki::https_connector(&env.path(), name, &[alpn])
 }
