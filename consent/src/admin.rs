@@ -1,8 +1,9 @@
 //! M-of-N admin actions on an account (enroll with replace, remove, disable,
-//! enable, restore): each admin signs their own statement binding the
-//! account, the action and one shared single-use action id; the vault checks
-//! M distinct admins of the account consented, under the active policy,
-//! recently, and that the id is unused.
+//! enable, restore) or on the vault itself (rotate the key, seal; an empty
+//! account id): each admin signs their own statement binding the account,
+//! the action and one shared single-use action id; the vault checks M
+//! distinct admins of the account (of the policy, for a vault-wide action)
+//! consented, under the active policy, recently, and that the id is unused.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -54,6 +55,25 @@ pub fn action_name(action: AdminAction) -> &'static str {
         AdminAction::Disable => "disable",
         AdminAction::Enable => "enable",
         AdminAction::Restore => "restore",
+        AdminAction::RotateKey => "rotate-key",
+        AdminAction::SealVault => "seal",
+    }
+}
+
+/// Whether `action` is on the vault itself (its statements bind an empty
+/// account id, and the policy's `[admins]` and threshold decide) rather
+/// than on one account.
+pub fn is_vault_wide(action: AdminAction) -> bool {
+    matches!(action, AdminAction::RotateKey | AdminAction::SealVault)
+}
+
+/// An action and what it is on, for messages: `remove of account X`, or
+/// `rotate-key of the vault`.
+pub fn describe(action: AdminAction, account_id: &str) -> String {
+    if account_id.is_empty() {
+        format!("{} of the vault", action_name(action))
+    } else {
+        format!("{} of account {account_id}", action_name(action))
     }
 }
 
@@ -63,7 +83,9 @@ pub fn action_name(action: AdminAction) -> &'static str {
 /// policy's `admin_action_window`, and come from an admin of the account
 /// (its own `admins`, else the policy's); at least the admin threshold of
 /// distinct people (one person's several statements count once); the action
-/// id not used before.
+/// id not used before. A vault-wide action ([`is_vault_wide`]) must name the
+/// empty account id and is decided by the policy's `[admins]` and threshold;
+/// an account action must name an account.
 pub fn check_admin_action<H: AdminHistory + ?Sized>(
     policy: &VerifiedPolicy,
     action: &AdminActionRequest,
@@ -77,6 +99,20 @@ pub fn check_admin_action<H: AdminHistory + ?Sized>(
         return Err(ConsentError::Malformed {
             statement: StatementRef::AdminAction(0),
             detail: "no action named".into(),
+        });
+    }
+    if is_vault_wide(action.action) != action.account_id.is_empty() {
+        return Err(ConsentError::Malformed {
+            statement: StatementRef::AdminAction(0),
+            detail: if action.account_id.is_empty() {
+                format!("{} needs an account id", action_name(action.action))
+            } else {
+                format!(
+                    "{} is on the vault itself, not on account {}",
+                    action_name(action.action),
+                    action.account_id
+                )
+            },
         });
     }
     if statements.is_empty() {
@@ -106,11 +142,12 @@ pub fn check_admin_action<H: AdminHistory + ?Sized>(
                 signer: s.signer.spiffe_id.clone(),
                 field: "action",
                 detail: format!(
-                    "it consents to {} of account {}, the vault is asked to {} account {}",
-                    action_name(AdminAction::try_from(b.action).unwrap_or_default()),
-                    b.account_id,
-                    action_name(action.action),
-                    action.account_id
+                    "it consents to {}, the vault is asked to {}",
+                    describe(
+                        AdminAction::try_from(b.action).unwrap_or_default(),
+                        &b.account_id
+                    ),
+                    describe(action.action, &action.account_id)
                 ),
             });
         }

@@ -341,11 +341,11 @@ pub enum ConsentError {
     },
     /// Fewer distinct admins than the threshold consented.
     #[error(
-        "{action} of account {account} needs {need} distinct admins, {} signed ({}); collect more admin signatures",
-        have.len(), if have.is_empty() { "nobody".to_string() } else { have.join(", ") }
+        "{action} of {} needs {need} distinct admins, {} signed ({}); collect more admin signatures",
+        if account.is_empty() { "the vault".to_string() } else { format!("account {account}") }, have.len(), if have.is_empty() { "nobody".to_string() } else { have.join(", ") }
     )]
     TooFewAdmins {
-        /// The account.
+        /// The account (empty: the vault itself).
         account: String,
         /// The action.
         action: &'static str,

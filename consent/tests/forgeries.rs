@@ -664,6 +664,112 @@ fn admin_forgeries_are_refused() {
     assert!(matches!(&e, E::Missing { .. }), "{e:?}");
 }
 
+#[test]
+fn vault_wide_actions_bind_no_account_and_need_the_policys_admins() {
+    use ConsentError as E;
+    let w = World::new();
+    let none = MemoryHistory::new();
+    let rotate = AdminActionRequest {
+        account_id: String::new(),
+        action: AdminAction::RotateKey,
+    };
+    let on = |who: &str, account: &str, action: AdminAction| {
+        w.admin_on(who, &id(who), account, action, "rot-1", 0)
+    };
+    let alice = on("alice", "", AdminAction::RotateKey);
+    let carol = on("carol", "", AdminAction::RotateKey);
+    let v = check_admin_action(&w.policy, &rotate, &[alice.clone(), carol], at(10), &none).unwrap();
+    assert_eq!(v.account_id, "");
+    assert_eq!(v.action, AdminAction::RotateKey);
+    assert_eq!(v.action_id, "rot-1");
+
+    // One admin: too few, and the message names the vault and the count.
+    let e = check_admin_action(
+        &w.policy,
+        &rotate,
+        std::slice::from_ref(&alice),
+        at(10),
+        &none,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, E::TooFewAdmins { need: 2, have, .. } if have == &["alice"]),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "rotate-key of the vault needs 2 distinct admins, 1 signed (alice); collect more admin signatures"
+    );
+    // A second statement for another action, or bound to an account, or
+    // from someone who is no admin of the policy (an account approver).
+    for (second, expected) in [
+        (
+            on("bob", "", AdminAction::SealVault),
+            "it consents to seal of the vault, the vault is asked to rotate-key of the vault",
+        ),
+        (
+            on("bob", ACCOUNT, AdminAction::RotateKey),
+            "it consents to rotate-key of account aws-prod-root, the vault is asked to rotate-key of the vault",
+        ),
+    ] {
+        let e = check_admin_action(&w.policy, &rotate, &[alice.clone(), second], at(10), &none)
+            .unwrap_err();
+        assert!(
+            matches!(&e, E::WrongBinding { statement: StatementRef::AdminAction(1), field: "action", detail, .. } if detail.contains(expected)),
+            "{e:?}"
+        );
+    }
+    let e = check_admin_action(
+        &w.policy,
+        &rotate,
+        &[alice.clone(), on("adam", "", AdminAction::RotateKey)],
+        at(10),
+        &none,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            E::MissingRole {
+                role: Role::Admin,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // A vault-wide action asked of an account, or an account action of
+    // the vault: refused before any statement is read.
+    for (account, action) in [
+        (ACCOUNT, AdminAction::RotateKey),
+        (ACCOUNT, AdminAction::SealVault),
+        ("", AdminAction::Remove),
+    ] {
+        let req = AdminActionRequest {
+            account_id: account.into(),
+            action,
+        };
+        let e = check_admin_action(&w.policy, &req, std::slice::from_ref(&alice), at(10), &none)
+            .unwrap_err();
+        assert!(matches!(&e, E::Malformed { .. }), "{e:?}");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+    // Replayed: the id is single use here too.
+    let mut used = MemoryHistory::new();
+    used.record_admin_action(&v);
+    let e = check_admin_action(
+        &w.policy,
+        &rotate,
+        &[alice, on("bob", "", AdminAction::RotateKey)],
+        at(20),
+        &used,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, E::AdminActionReplayed { action_id } if action_id == "rot-1"),
+        "{e:?}"
+    );
+}
+
 // ---- The policy ------------------------------------------------------------
 
 #[test]

@@ -226,13 +226,27 @@ impl World {
         action_id: &str,
         t: u64,
     ) -> SignedStatement {
+        self.admin_on(key, signer, ACCOUNT, action, action_id, t)
+    }
+
+    /// An admin's statement consenting to `action` on `account` (empty:
+    /// the vault itself).
+    pub fn admin_on(
+        &self,
+        key: &str,
+        signer: &str,
+        account: &str,
+        action: AdminAction,
+        action_id: &str,
+        t: u64,
+    ) -> SignedStatement {
         self.sign(
             key,
             signer,
             self.policy.version(),
             at(t),
             Binding::AdminAction(AdminActionBinding {
-                account_id: ACCOUNT.into(),
+                account_id: account.into(),
                 action: action as i32,
                 action_id: action_id.into(),
             }),
