@@ -2,7 +2,8 @@
 //! PKI (`pki`), a whole system on loopback (`local`), starting the real
 //! binaries and reading the line each prints once it serves (`ready`), and
 //! grants signed as the broker signs them (`grants`), people's OpenSSH keys
-//! and the admin-signed consent policy (`consent`). `twokey pki init` and
+//! and the admin-signed consent policy (`consent`), and a throwaway
+//! PostgreSQL server per test (`postgres`). `twokey pki init` and
 //! `twokey demo` are thin commands over this crate; no service binary links
 //! it (nor `rcgen`).
 #![forbid(unsafe_code)]
@@ -11,6 +12,7 @@ pub mod consent;
 pub mod grants;
 pub mod local;
 pub mod pki;
+pub mod postgres;
 pub mod ready;
 
 /// Copies directory `from` to `to` as it is (modes and times kept), with

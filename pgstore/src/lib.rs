@@ -1,0 +1,15 @@
+//! What every twokey PostgreSQL backend stands on: [`connect`] (a URL with
+//! no password in it, the password from a file, TLS through rustls with the
+//! operator's CA) and [`migrate`] (versioned, forward-only schema migrations,
+//! applied once under an advisory lock however many replicas start at once).
+//! The services' own stores build their tables on these; sled stays the
+//! embedded default.
+#![forbid(unsafe_code)]
+
+pub mod connect;
+pub mod error;
+pub mod migrate;
+
+pub use connect::{PgSettings, connect};
+pub use error::PgError;
+pub use migrate::{Migration, migrate};

@@ -1,0 +1,333 @@
+//! A throwaway PostgreSQL server for tests: `initdb` into a temporary
+//! directory, `pg_ctl start` on a free loopback port and a Unix socket in
+//! that directory, stopped (`-m immediate`) and deleted on drop. Run as root
+//! (CI), the server runs as the `postgres` user, since PostgreSQL refuses to
+//! run as root. Never a shared or long-lived server: each test gets its own.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+/// The superuser's name in every test server.
+pub const SUPERUSER: &str = "twokey_test_super";
+
+/// Why a test server could not start, with what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PgUnavailable(pub String);
+
+/// A running test server; stopped and removed on drop.
+#[derive(Debug)]
+pub struct TestPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    run_as: Option<String>,
+}
+
+/// The directory holding `initdb`, `pg_ctl` and `psql`: `$TWOKEY_PG_BIN`,
+/// else the first such directory on `PATH`, else Debian's `/usr/lib/postgresql/<newest>/bin`.
+pub fn bin_dir() -> Result<PathBuf, PgUnavailable> {
+    if let Some(dir) = std::env::var_os("TWOKEY_PG_BIN") {
+        return Ok(PathBuf::from(dir));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            if ["initdb", "pg_ctl", "psql"]
+                .iter()
+                .all(|tool| dir.join(tool).is_file())
+            {
+                return Ok(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        PgUnavailable(
+            "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin): \
+             scripts/test installs Debian's postgresql package; or set TWOKEY_PG_BIN"
+                .to_owned(),
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a loopback port")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+impl TestPostgres {
+    /// Starts a fresh server: `initdb` (UTF-8, `trust` on the Unix socket,
+    /// `scram-sha-256` over TCP), then `pg_ctl start -w` listening on
+    /// 127.0.0.1 only. Fails with the reason when PostgreSQL is missing or
+    /// does not start.
+    pub fn start() -> Result<Self, PgUnavailable> {
+        let bin = bin_dir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("twokey-pg-")
+            .tempdir()
+            .map_err(|e| PgUnavailable(format!("temp dir: {e}")))?;
+        let run_as = is_root().then(|| "postgres".to_owned());
+        if run_as.is_some() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(dir.path())
+                .status()
+                .map_err(|e| PgUnavailable(format!("chown: {e}")))?;
+            if !status.success() {
+                return Err(PgUnavailable(
+                    "running as root, the test server runs as the `postgres` user, \
+                     which does not exist: install Debian's postgresql package"
+                        .to_owned(),
+                ));
+            }
+        }
+        let me = Self {
+            dir,
+            bin,
+            port: free_port(),
+            run_as,
+        };
+        let pwfile = me.dir.path().join("superuser.pw");
+        std::fs::write(&pwfile, "twokey-test-superuser\n")
+            .map_err(|e| PgUnavailable(format!("write {}: {e}", pwfile.display())))?;
+        me.chown(&pwfile)?;
+        let data = me.data_dir();
+        me.run_ok(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                SUPERUSER,
+                "--pwfile",
+                path_str(&pwfile),
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-instructions",
+            ],
+        )?;
+        me.start_server()?;
+        Ok(me)
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), PgUnavailable> {
+        if self.run_as.is_some() {
+            Command::new("chown")
+                .arg("postgres:")
+                .arg(path)
+                .status()
+                .map_err(|e| PgUnavailable(format!("chown: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The directory holding the server's Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The loopback TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let path = self.bin.join(tool);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn run_ok(&self, tool: &str, args: &[&str]) -> Result<Output, PgUnavailable> {
+        let out = self
+            .command(tool)
+            .args(args)
+            .output()
+            .map_err(|e| PgUnavailable(format!("run {tool}: {e}")))?;
+        if !out.status.success() {
+            return Err(PgUnavailable(format!(
+                "{tool} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Starts the server (again, after [`TestPostgres::stop`]) on the same
+    /// port and data, and waits until it accepts connections.
+    pub fn start_server(&self) -> Result<(), PgUnavailable> {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=on -c synchronous_commit=on",
+            self.port,
+            path_str(self.socket_dir())
+        );
+        let log = self.dir.path().join("server.log");
+        self.run_ok(
+            "pg_ctl",
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                path_str(&self.data_dir()),
+                "-l",
+                path_str(&log),
+                "-o",
+                &options,
+            ],
+        )
+        .map(drop)
+        .map_err(|e| {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            PgUnavailable(format!("{e}\nserver log:\n{log}"))
+        })
+    }
+
+    /// Stops the server at once (`-m immediate`: like a crash, the next start
+    /// recovers from the WAL).
+    pub fn stop(&self) -> Result<(), PgUnavailable> {
+        self.run_ok(
+            "pg_ctl",
+            &["stop", "-m", "immediate", "-D", path_str(&self.data_dir())],
+        )
+        .map(drop)
+    }
+
+    /// Runs SQL as the superuser through `psql` on the Unix socket, stopping
+    /// at the first error; returns what it printed (unaligned, tuples only).
+    pub fn psql(&self, database: &str, sql: &str) -> Result<String, PgUnavailable> {
+        let port = self.port.to_string();
+        let out = self.run_ok(
+            "psql",
+            &[
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                path_str(self.socket_dir()),
+                "-p",
+                &port,
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Creates a login role with `password` and a database it owns, which no
+    /// other role may connect to (as each service's own database), and
+    /// returns the URL to reach it over loopback TCP (no password in it).
+    pub fn create_database(
+        &self,
+        name: &str,
+        role: &str,
+        password: &str,
+    ) -> Result<String, PgUnavailable> {
+        self.psql(
+            "postgres",
+            &format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"),
+        )?;
+        self.psql("postgres", &format!("CREATE DATABASE {name} OWNER {role}"))?;
+        self.psql(
+            "postgres",
+            &format!("REVOKE CONNECT, TEMPORARY ON DATABASE {name} FROM PUBLIC"),
+        )?;
+        self.psql(name, "REVOKE ALL ON SCHEMA public FROM PUBLIC")?;
+        Ok(self.url(name, role))
+    }
+
+    /// `postgresql://ROLE@127.0.0.1:PORT/DATABASE?sslmode=disable`.
+    pub fn url(&self, database: &str, role: &str) -> String {
+        format!(
+            "postgresql://{role}@127.0.0.1:{}/{database}?sslmode=disable",
+            self.port
+        )
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.data_dir())
+            .output();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_test_server_starts_answers_survives_a_crash_restart_and_keeps_committed_rows() {
+        let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
+        let url = pg.create_database("probe", "probe_role", "pw").unwrap();
+        assert_eq!(
+            url,
+            format!(
+                "postgresql://probe_role@127.0.0.1:{}/probe?sslmode=disable",
+                pg.port()
+            )
+        );
+        pg.psql("probe", "CREATE TABLE t (v int); INSERT INTO t VALUES (7)")
+            .unwrap();
+        assert_eq!(pg.psql("probe", "SHOW synchronous_commit").unwrap(), "on");
+        pg.stop().unwrap();
+        assert!(
+            pg.psql("probe", "SELECT 1").is_err(),
+            "stopped means stopped"
+        );
+        pg.start_server().unwrap();
+        assert_eq!(pg.psql("probe", "SELECT v FROM t").unwrap(), "7");
+        let err = pg.psql("probe", "SELECT * FROM missing").unwrap_err();
+        assert!(err.0.contains("missing"), "{err}");
+    }
+}
