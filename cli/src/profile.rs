@@ -31,11 +31,13 @@ pub struct ConnectionArgs {
     /// Config file holding profiles [default: ~/.config/twokey/config.toml].
     #[arg(long, global = true, env = "TWOKEY_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Broker address, e.g. https://127.0.0.1:7400.
-    #[arg(long, global = true, value_name = "URL")]
+    /// Broker address, e.g. https://127.0.0.1:7400; replicas
+    /// comma-separated (a dead one is passed over).
+    #[arg(long, global = true, value_name = "URL[,URL…]")]
     pub broker: Option<String>,
-    /// Audit service address, e.g. https://127.0.0.1:7403 (auditors only).
-    #[arg(long, global = true, value_name = "URL")]
+    /// Audit service address, e.g. https://127.0.0.1:7403 (auditors
+    /// only); replicas comma-separated.
+    #[arg(long, global = true, value_name = "URL[,URL…]")]
     pub audit: Option<String>,
     /// Your certificate (PEM), carrying your SPIFFE ID.
     #[arg(long, global = true, value_name = "FILE")]
@@ -130,10 +132,10 @@ pub fn show_duration(d: Duration) -> String {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
-    /// Broker address.
+    /// Broker address; replicas comma-separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
-    /// Audit service address (auditors only).
+    /// Audit service address (auditors only); replicas comma-separated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<String>,
     /// Certificate, PEM. Relative paths are relative to the config file.
@@ -388,7 +390,10 @@ impl Settings {
         // The connect timeout bounds the TCP connection and, separately,
         // the TLS handshake; the call timeout bounds each call's answer (a
         // stream's start), so no command waits for ever on a silent peer.
-        let channel = twokey_runtime::tls::endpoint(&target.address)
+        // Several comma-separated addresses are replicas of one service:
+        // each gets the connect timeout, and a dead one is passed over.
+        let list = twokey_runtime::failover::split_addresses(&target.address);
+        let endpoint = twokey_runtime::tls::endpoint_list(&list, &target.address)
             .map_err(|e| match e {
                 // A bad address is a bad setting (exit 2), not a failure.
                 twokey_runtime::tls::TlsError::NotHttps(_)
@@ -398,8 +403,8 @@ impl Settings {
             .connect_timeout(connect)
             .timeout(call)
             .tls_config(tls.client_config(server_name)?.timeout(connect))
-            .map_err(twokey_runtime::tls::TlsError::from)?
-            .connect_lazy();
+            .map_err(twokey_runtime::tls::TlsError::from)?;
+        let channel = twokey_runtime::tls::connect_lazy(endpoint, &list, connect)?;
         Ok((channel, target))
     }
 
@@ -451,18 +456,34 @@ fn pick(config: &Config, name: &str, path: &Path) -> Result<Profile, CliError> {
     })
 }
 
-/// `HOST:PORT` becomes `https://HOST:PORT`; URLs stay as they are.
+/// `HOST:PORT` becomes `https://HOST:PORT`; URLs stay as they are; in a
+/// comma-separated list of replicas, each.
 pub fn normalize_address(address: &str) -> String {
-    if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("https://{address}")
-    }
+    twokey_runtime::failover::split_addresses(address)
+        .into_iter()
+        .map(|a| {
+            if a.contains("://") {
+                a.to_owned()
+            } else {
+                format!("https://{a}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_replica_in_a_list_gets_https() {
+        assert_eq!(normalize_address("b1:7443"), "https://b1:7443");
+        assert_eq!(
+            normalize_address("b1:7443, https://b2:7443"),
+            "https://b1:7443,https://b2:7443"
+        );
+    }
 
     fn write(dir: &Path, text: &str) -> PathBuf {
         let path = dir.join("config.toml");

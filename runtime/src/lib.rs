@@ -10,6 +10,7 @@ pub mod config;
 pub mod durable;
 pub mod error;
 pub mod events;
+pub mod failover;
 pub mod grant;
 pub mod http;
 pub mod identity;

@@ -15,6 +15,8 @@ use rustls::{
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::failover;
+
 /// How long a client may take to complete the TLS handshake before the
 /// server closes the connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -265,12 +267,47 @@ impl TlsFiles {
             .domain_name(server_name))
     }
 
-    /// A lazily connecting channel to `address` (`https://HOST:PORT`).
-    pub fn channel(&self, address: &str, server_name: &str) -> Result<Channel, TlsError> {
-        Ok(endpoint(address)?
-            .tls_config(self.client_config(server_name)?)?
-            .connect_lazy())
+    /// A lazily connecting channel to `addresses`: one `https://HOST:PORT`,
+    /// or the replicas of one peer, comma-separated (see `failover`).
+    pub fn channel(&self, addresses: &str, server_name: &str) -> Result<Channel, TlsError> {
+        let list = failover::split_addresses(addresses);
+        let endpoint =
+            endpoint_list(&list, addresses)?.tls_config(self.client_config(server_name)?)?;
+        connect_lazy(endpoint, &list, CONNECT_TIMEOUT)
     }
+}
+
+/// How long one address gets to accept a TCP connection.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The endpoint of the first of `list` (the split `addresses`), every
+/// address checked as [`endpoint`] checks one.
+pub fn endpoint_list(list: &[&str], addresses: &str) -> Result<Endpoint, TlsError> {
+    let Some((first, rest)) = list.split_first() else {
+        return Err(TlsError::BadAddress(addresses.to_owned()));
+    };
+    for address in rest {
+        endpoint(address)?;
+    }
+    endpoint(first)
+}
+
+/// A lazily connecting channel over `endpoint` (TLS and timeouts set): to
+/// the endpoint's own address when `list` has one, else through
+/// [`failover::Failover`], each replica given `per_replica` to answer.
+pub fn connect_lazy(
+    endpoint: Endpoint,
+    list: &[&str],
+    per_replica: Duration,
+) -> Result<Channel, TlsError> {
+    if list.len() <= 1 {
+        return Ok(endpoint.connect_lazy());
+    }
+    let replicas = failover::Failover::new(list, per_replica)
+        .map_err(|_| TlsError::BadAddress(list.join(",")))?;
+    Ok(endpoint
+        .connect_timeout(per_replica * replicas.len() as u32 + Duration::from_secs(1))
+        .connect_with_connector_lazy(replicas))
 }
 
 /// An endpoint with twokey's connection defaults.
@@ -281,7 +318,7 @@ pub fn endpoint(address: &str) -> Result<Endpoint, TlsError> {
     }
     Ok(Endpoint::from_shared(address.to_owned())
         .map_err(|_| TlsError::BadAddress(address.to_owned()))?
-        .connect_timeout(Duration::from_secs(3))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10)))
