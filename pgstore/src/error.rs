@@ -11,6 +11,10 @@ pub enum PgError {
     /// The server cannot be reached or dropped the connection.
     #[error("PostgreSQL is unavailable: {0}")]
     Unavailable(String),
+    /// The TLS handshake failed: the server's certificate does not chain
+    /// to `ca_file` or does not name the host.
+    #[error("PostgreSQL TLS: {0}; check ca_file and the host in the url")]
+    Tls(String),
     /// The server refused or failed a statement.
     #[error("PostgreSQL: {0}")]
     Query(String),
@@ -31,12 +35,16 @@ impl From<tokio_postgres::Error> for PgError {
         // A closed connection or an I/O error has no SQLSTATE; a server
         // shutting down answers class 57P (operator intervention) or 08
         // (connection exception).
+        let text = describe(&e);
+        if e.code().is_none() && has_tls_error(&e) {
+            return PgError::Tls(text);
+        }
         match e.code() {
-            None => PgError::Unavailable(describe(&e)),
+            None => PgError::Unavailable(text),
             Some(code) if code.code().starts_with("08") || code.code().starts_with("57P") => {
-                PgError::Unavailable(describe(&e))
+                PgError::Unavailable(text)
             }
-            Some(_) => PgError::Query(describe(&e)),
+            Some(_) => PgError::Query(text),
         }
     }
 }
@@ -55,4 +63,21 @@ fn describe(e: &tokio_postgres::Error) -> String {
         source = s.source();
     }
     text
+}
+
+/// True when a rustls error is among the sources: a certificate refused is
+/// not a server that is down.
+fn has_tls_error(e: &tokio_postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<rustls::Error>().is_some()
+            || s.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }

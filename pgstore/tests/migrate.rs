@@ -183,3 +183,40 @@ async fn a_stopped_server_is_unavailable_and_a_restarted_one_serves_again() {
         1
     );
 }
+
+#[tokio::test]
+async fn verify_full_reaches_a_server_whose_certificate_chains_to_ca_file_and_no_other() {
+    let db = db();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = twokey_testkit::pki::DevCa::new("twokey.local").unwrap();
+    let server = ca.issue_service("twokey.local", "postgres").unwrap();
+    server.write(db.dir.path(), "pg").unwrap();
+    ca.write(db.dir.path()).unwrap();
+    let cert = std::fs::read_to_string(db.dir.path().join("pg.crt")).unwrap();
+    let key = std::fs::read_to_string(db.dir.path().join("pg.key")).unwrap();
+    db.pg.enable_tls(&cert, &key).unwrap();
+
+    let mut s = db.settings("vault", "vault_role", "vault-pw");
+    s.url = s.url.replace("sslmode=disable", "sslmode=verify-full");
+    s.ca_file = Some(db.dir.path().join("ca.crt"));
+    let c = connect(&s).await.unwrap();
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ssl, "the session runs over TLS");
+
+    let other = twokey_testkit::pki::DevCa::new("other.local").unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    other.write(other_dir.path()).unwrap();
+    s.ca_file = Some(other_dir.path().join("ca.crt"));
+    let e = connect(&s).await.unwrap_err();
+    assert!(
+        matches!(&e, PgError::Tls(m) if m.contains("certificate")),
+        "{e:?}"
+    );
+}

@@ -219,6 +219,28 @@ impl TestPostgres {
         })
     }
 
+    /// Turns TLS on with this server certificate and key (PEM), and
+    /// restarts: clients may then connect with `sslmode=verify-full`.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), PgUnavailable> {
+        let data = self.data_dir();
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem)
+                .map_err(|e| PgUnavailable(format!("write {}: {e}", path.display())))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| PgUnavailable(format!("chmod {}: {e}", path.display())))?;
+            self.chown(&path)?;
+        }
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf)
+            .map_err(|e| PgUnavailable(format!("read {}: {e}", conf.display())))?;
+        text.push_str("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        std::fs::write(&conf, text)
+            .map_err(|e| PgUnavailable(format!("write {}: {e}", conf.display())))?;
+        self.stop()?;
+        self.start_server()
+    }
+
     /// Stops the server at once (`-m immediate`: like a crash, the next start
     /// recovers from the WAL).
     pub fn stop(&self) -> Result<(), PgUnavailable> {
