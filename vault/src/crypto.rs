@@ -1,6 +1,9 @@
-//! Sealing seeds at rest: XChaCha20-Poly1305 under the master key, with a
-//! random 192-bit nonce per seal and the account id as associated data, so a
-//! sealed seed cannot be moved to another account.
+//! Sealing seeds at rest: XChaCha20-Poly1305 with a random 192-bit nonce per
+//! seal and the account id as associated data, so a sealed seed cannot be
+//! moved to another account. Seeds are sealed under a data key of the
+//! keyring ([`DataKey`], see [`crate::keyring`]); each data key is sealed
+//! under the master key, bound to its generation. Generation 0, the data
+//! written before the keyring, is sealed under the master key itself.
 
 use twokey_runtime::{
     keys::SecretKey,
@@ -12,6 +15,36 @@ const AAD_PREFIX: &[u8] = b"twokey-seed-v1\0";
 const KEY_CHECK_AAD: &[u8] = b"twokey-key-check-v1\0";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"twokey master key check";
 const POLICY_HEAD_AAD: &[u8] = b"twokey-policy-head-v1\0";
+const DATA_KEY_AAD: &[u8] = b"twokey-data-key-v1\0";
+
+fn seed_aad(account_id: &str) -> Vec<u8> {
+    [AAD_PREFIX, account_id.as_bytes()].concat()
+}
+
+/// One generation's data key: seals and opens seeds. Debug is redacted.
+#[derive(Debug, Clone)]
+pub struct DataKey(Sealer);
+
+impl DataKey {
+    /// Wraps a data key.
+    pub fn new(key: &SecretKey) -> Self {
+        Self(Sealer::new(key))
+    }
+
+    /// Seals a seed for `account_id`.
+    pub fn seal_seed(&self, account_id: &str, seed: &[u8]) -> Vec<u8> {
+        self.0.seal(&seed_aad(account_id), seed)
+    }
+
+    /// Opens a seed sealed for `account_id`.
+    pub fn open_seed(
+        &self,
+        account_id: &str,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
+        self.0.open(&seed_aad(account_id), sealed)
+    }
+}
 
 /// The key that seals every seed. Kept outside sled; Debug is redacted.
 #[derive(Debug, Clone)]
@@ -31,18 +64,38 @@ impl MasterKey {
         self.0.open(aad, sealed)
     }
 
-    /// Seals a seed for `account_id`.
+    /// Seals a seed for `account_id` directly under the master key, as
+    /// generation 0 (the vault before the keyring) did.
     pub fn seal_seed(&self, account_id: &str, seed: &[u8]) -> Vec<u8> {
-        self.seal_with(&[AAD_PREFIX, account_id.as_bytes()].concat(), seed)
+        self.seal_with(&seed_aad(account_id), seed)
     }
 
-    /// Opens a seed sealed for `account_id`.
+    /// Opens a seed sealed for `account_id` directly under the master key
+    /// (generation 0).
     pub fn open_seed(
         &self,
         account_id: &str,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
-        self.open_with(&[AAD_PREFIX, account_id.as_bytes()].concat(), sealed)
+        self.open_with(&seed_aad(account_id), sealed)
+    }
+
+    /// Generation 0's data key: the master key itself.
+    pub fn generation_zero(&self) -> DataKey {
+        DataKey(self.0.clone())
+    }
+
+    /// Seals the data key of `generation` (its slot is bound: it does not
+    /// open as another generation's).
+    pub fn seal_data_key(&self, generation: u32, key: &SecretKey) -> Vec<u8> {
+        self.seal_with(&data_key_aad(generation), key.expose())
+    }
+
+    /// Opens the data key of `generation`.
+    pub fn open_data_key(&self, generation: u32, sealed: &[u8]) -> Result<DataKey, OpenError> {
+        let bytes = self.open_with(&data_key_aad(generation), sealed)?;
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| OpenError)?;
+        Ok(DataKey::new(&SecretKey::from_bytes(key)))
     }
 
     /// A value stored beside the data that tells whether a key is the right one.
@@ -75,6 +128,10 @@ impl MasterKey {
     }
 }
 
+fn data_key_aad(generation: u32) -> Vec<u8> {
+    [DATA_KEY_AAD, &generation.to_be_bytes()].concat()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +160,39 @@ mod tests {
         let check = key.key_check();
         assert!(key.matches(&check));
         assert!(!MasterKey::new(SecretKey::generate()).matches(&check));
+    }
+
+    #[test]
+    fn a_data_key_opens_only_under_its_master_key_and_generation() {
+        let master = MasterKey::new(SecretKey::generate());
+        let data = SecretKey::generate();
+        let sealed = master.seal_data_key(3, &data);
+        assert!(!sealed.windows(32).any(|w| w == data.expose()));
+        let key = master.open_data_key(3, &sealed).unwrap();
+        let seed = key.seal_seed("acct", b"0123456789abcdef");
+        assert_eq!(
+            DataKey::new(&data)
+                .open_seed("acct", &seed)
+                .unwrap()
+                .as_slice(),
+            b"0123456789abcdef"
+        );
+        // Another generation's slot, another master key: refused.
+        assert!(master.open_data_key(4, &sealed).is_err());
+        let other = MasterKey::new(SecretKey::generate());
+        assert!(other.open_data_key(3, &sealed).is_err());
+        // A seed under a data key is not a seed under the master key.
+        assert_eq!(master.open_seed("acct", &seed), Err(OpenError));
+        // Generation 0 is the master key.
+        let old = master.seal_seed("acct", b"old seed");
+        assert_eq!(
+            master
+                .generation_zero()
+                .open_seed("acct", &old)
+                .unwrap()
+                .as_slice(),
+            b"old seed"
+        );
+        assert_eq!(format!("{key:?}"), "DataKey(Sealer([redacted]))");
     }
 }
