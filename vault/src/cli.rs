@@ -35,12 +35,15 @@ enum Command {
     /// it to a new file (mode 0600); `--seal shamir` never writes it, but
     /// splits it K-of-N, encrypts each share to its holder's ssh-ed25519 key
     /// (age) and writes `<name>.share.age` per holder and `seal.toml` into
-    /// the directory `--out`.
+    /// the directory `--out`; `--seal pkcs11` never writes it either, but
+    /// has the HSM encrypt it under an AES-256 key that never leaves the
+    /// token (made if `--key-label` names none) and writes only that and
+    /// the descriptor, `seal.toml`, into `--out`.
     InitKey {
-        /// The file to create (`file`), or a new or empty directory (`shamir`).
+        /// The file to create (`file`), or a new or empty directory (`shamir`, `pkcs11`).
         #[arg(long)]
         out: PathBuf,
-        /// How the key is kept: `file` or `shamir`.
+        /// How the key is kept: `file`, `shamir` or `pkcs11`.
         #[arg(long, value_enum, default_value_t = SealMode::File)]
         seal: SealMode,
         /// With `shamir`: K, the shares needed to unseal (at least 2).
@@ -49,6 +52,9 @@ enum Command {
         /// With `shamir`, once per holder: NAME=SPIFFE_ID=PATH_TO_SSH_ED25519_PUBKEY.
         #[arg(long = "holder")]
         holders: Vec<String>,
+        /// With `pkcs11`: where the token is and the key that wraps the master key.
+        #[command(flatten)]
+        pkcs11: Pkcs11Args,
     },
     /// Write a fresh ed25519 event-signing key (mode 0600) and print its
     /// public half for the audit service's `[[sources]]`.
@@ -66,6 +72,88 @@ enum SealMode {
     File,
     /// Split K-of-N among holders; the vault starts sealed.
     Shamir,
+    /// Wrapped by a key inside an HSM (PKCS#11); the vault unwraps it at start.
+    Pkcs11,
+}
+
+/// `init-key --seal pkcs11`'s flags: the same settings as `[seal]`. The PIN
+/// is read from a file or a variable, never from the command line.
+#[derive(Debug, Default, Args)]
+struct Pkcs11Args {
+    /// The token's PKCS#11 module, e.g. /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, required_if_eq("seal", "pkcs11"))]
+    module: Option<PathBuf>,
+    /// The token's label.
+    #[arg(long, conflicts_with = "slot")]
+    token_label: Option<String>,
+    /// The token's slot number (instead of --token-label).
+    #[arg(long)]
+    slot: Option<u64>,
+    /// The label of the AES-256 wrapping key: found, or made if the token has none.
+    #[arg(long, required_if_eq("seal", "pkcs11"))]
+    key_label: Option<String>,
+    /// A file (mode 0600) holding the token's user PIN.
+    #[arg(long, conflicts_with = "pin_env")]
+    pin_file: Option<PathBuf>,
+    /// The environment variable holding the token's user PIN.
+    #[arg(long)]
+    pin_env: Option<String>,
+}
+
+/// `init-key --seal pkcs11`: has the HSM wrap a fresh key and writes the
+/// descriptor into `out`.
+fn init_pkcs11(out: &std::path::Path, args: Pkcs11Args) -> anyhow::Result<()> {
+    use crate::hsm::{self, PinSource, Settings, TokenRef};
+    let token = match (args.token_label, args.slot) {
+        (Some(label), _) => TokenRef::Label(label),
+        (None, Some(slot)) => TokenRef::Slot(slot),
+        (None, None) => {
+            anyhow::bail!("--seal pkcs11 needs the token: --token-label LABEL or --slot N")
+        }
+    };
+    let pin = match (args.pin_file, args.pin_env) {
+        (Some(file), _) => PinSource::File(file),
+        (None, Some(var)) => PinSource::Env(var),
+        (None, None) => anyhow::bail!(
+            "--seal pkcs11 needs the user PIN: --pin-file FILE (mode 0600) or --pin-env VARIABLE; never on the command line"
+        ),
+    };
+    let settings = Settings {
+        module: args.module.unwrap_or_default(),
+        token,
+        key_label: args.key_label.unwrap_or_default(),
+        pin,
+    };
+    let path = out.join(hsm::DESCRIPTOR_FILE);
+    if path.exists() {
+        anyhow::bail!(
+            "{} exists and is never overwritten (it may be the only copy of a vault's wrapped key); choose a new, empty directory for --out",
+            path.display()
+        );
+    }
+    let wrapped = hsm::wrap(&settings, &SecretKey::generate())?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the directory {}", out.display()))?;
+    wrapped.descriptor.write(&path)?;
+    if let Ok(d) = std::fs::File::open(out) {
+        let _ = d.sync_all();
+    }
+    println!(
+        "{} the AES-256 key {:?} in {} ({})",
+        if wrapped.made { "made" } else { "found" },
+        settings.key_label,
+        settings.token,
+        if wrapped.born_inside {
+            "sensitive, never extractable"
+        } else {
+            "sensitive and not extractable now, but imported: copies of it may exist outside the token"
+        }
+    );
+    println!(
+        "wrote {}: the master key wrapped by that key, and never written in the clear; set [seal] mode = \"pkcs11\", descriptor, module, token_label or slot, key_label and pin_file or pin_env",
+        path.display()
+    );
+    Ok(())
 }
 
 /// `init-key --seal shamir`: splits a fresh key and writes the shares and
@@ -201,7 +289,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             seal: SealMode::Shamir,
             threshold,
             holders,
+            ..
         } => init_shamir(&out, threshold.unwrap_or(0), &holders)?,
+        Command::InitKey {
+            out,
+            seal: SealMode::Pkcs11,
+            pkcs11,
+            ..
+        } => init_pkcs11(&out, pkcs11)?,
         Command::InitKey { out, .. } => {
             SecretKey::generate()
                 .write(&out)

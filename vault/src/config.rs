@@ -66,18 +66,38 @@ pub struct VaultConfig {
 }
 
 /// The `[seal]` section: how the master key is kept.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealConfig {
-    /// `shamir` (the only mode the section takes; without the section the
-    /// key is read from `master_key_file`).
+    /// `shamir` or `pkcs11` (without the section the key is read from
+    /// `master_key_file`).
     pub mode: String,
-    /// The seal descriptor `twokey-vault init-key --seal shamir` wrote
-    /// (`seal.toml`).
+    /// The seal descriptor `twokey-vault init-key --seal shamir|pkcs11`
+    /// wrote (`seal.toml`).
     pub descriptor: PathBuf,
     /// How long shares submitted without reaching K are kept, e.g. `10m`.
     #[serde(default = "default_unseal_timeout")]
     pub unseal_timeout: String,
+    /// `pkcs11`: the token's PKCS#11 module (`.so`), e.g.
+    /// `/usr/lib/softhsm/libsofthsm2.so`. Not a secret.
+    #[serde(default)]
+    pub module: Option<PathBuf>,
+    /// `pkcs11`: the token's label (or give `slot`).
+    #[serde(default)]
+    pub token_label: Option<String>,
+    /// `pkcs11`: the token's slot number (or give `token_label`).
+    #[serde(default)]
+    pub slot: Option<u64>,
+    /// `pkcs11`: the label of the AES-256 key that wraps the master key.
+    #[serde(default)]
+    pub key_label: Option<String>,
+    /// `pkcs11`: a file (mode 0600) holding the token's user PIN.
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// `pkcs11`: the environment variable holding the user PIN (instead of
+    /// `pin_file`).
+    #[serde(default)]
+    pub pin_env: Option<String>,
 }
 
 impl SealConfig {
@@ -89,14 +109,53 @@ impl SealConfig {
 
     /// Checks the mode.
     pub fn check(&self) -> Result<(), String> {
-        if self.mode == "shamir" {
+        if self.mode == "shamir" || self.mode == crate::hsm::MODE {
             Ok(())
         } else {
             Err(format!(
-                "[seal] mode = {:?}: the only mode the section takes is \"shamir\"; remove the section for the file mode",
+                "[seal] mode = {:?}: the section takes \"shamir\" or \"pkcs11\"; remove the section for the file mode",
                 self.mode
             ))
         }
+    }
+
+    /// The `pkcs11` mode's settings, checked: the module, exactly one of
+    /// `token_label` and `slot`, `key_label`, exactly one of `pin_file` and
+    /// `pin_env`. The message names what to write.
+    pub fn pkcs11(&self) -> Result<crate::hsm::Settings, String> {
+        use crate::hsm::{PinSource, Settings, TokenRef};
+        let module = self.module.clone().ok_or(
+            "[seal] mode = \"pkcs11\" needs module = \"/path/to/the/pkcs11-module.so\" (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so)",
+        )?;
+        let token = match (&self.token_label, self.slot) {
+            (Some(label), None) => TokenRef::Label(label.clone()),
+            (None, Some(slot)) => TokenRef::Slot(slot),
+            _ => {
+                return Err(
+                    "[seal] mode = \"pkcs11\" needs exactly one of token_label = \"LABEL\" and slot = N"
+                        .into(),
+                );
+            }
+        };
+        let key_label = self.key_label.clone().ok_or(
+            "[seal] mode = \"pkcs11\" needs key_label = \"LABEL\": the wrapping key init-key made or found",
+        )?;
+        let pin = match (&self.pin_file, &self.pin_env) {
+            (Some(file), None) => PinSource::File(file.clone()),
+            (None, Some(var)) => PinSource::Env(var.clone()),
+            _ => {
+                return Err(
+                    "[seal] mode = \"pkcs11\" needs exactly one of pin_file = \"/path/pin\" (mode 0600) and pin_env = \"VARIABLE\" for the token's user PIN"
+                        .into(),
+                );
+            }
+        };
+        Ok(Settings {
+            module,
+            token,
+            key_label,
+            pin,
+        })
     }
 }
 
@@ -160,6 +219,7 @@ impl VaultConfig {
         }
         if let Some(s) = self.seal.as_mut() {
             paths.push(("seal.descriptor", &mut s.descriptor));
+            paths.extend(s.pin_file.as_mut().map(|p| ("seal.pin_file", p)));
         }
         paths
     }
@@ -188,10 +248,9 @@ mod tests {
         assert_eq!(s.check(), Ok(()));
         assert_eq!(s.timeout(), Ok(std::time::Duration::from_secs(600)));
         let s = seal("mode = \"file\"\ndescriptor = \"seal.toml\"\nunseal_timeout = \"ten\"\n");
-        assert!(
-            s.check()
-                .unwrap_err()
-                .contains("remove the section for the file mode")
+        assert_eq!(
+            s.check().unwrap_err(),
+            "[seal] mode = \"file\": the section takes \"shamir\" or \"pkcs11\"; remove the section for the file mode"
         );
         assert!(
             s.timeout()
@@ -202,5 +261,51 @@ mod tests {
             toml::from_str::<SealConfig>("mode = \"shamir\"\ndescriptor = \"x\"\nkey = \"y\"\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_pkcs11_mode_needs_a_module_one_token_a_key_label_and_one_pin_source() {
+        use crate::hsm::{PinSource, TokenRef};
+        let base = "mode = \"pkcs11\"\ndescriptor = \"seal.toml\"\n";
+        let full = format!(
+            "{base}module = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"twokey\"\nkey_label = \"master\"\npin_file = \"pin\"\n"
+        );
+        let s = seal(&full);
+        assert_eq!(s.check(), Ok(()));
+        let p = s.pkcs11().unwrap();
+        assert_eq!(p.token, TokenRef::Label("twokey".into()));
+        assert_eq!(p.pin, PinSource::File("pin".into()));
+        assert_eq!(p.key_label, "master");
+        let by_slot = seal(&format!(
+            "{base}module = \"/m.so\"\nslot = 7\nkey_label = \"k\"\npin_env = \"HSM_PIN\"\n"
+        ))
+        .pkcs11()
+        .unwrap();
+        assert_eq!(
+            (by_slot.token, by_slot.pin),
+            (TokenRef::Slot(7), PinSource::Env("HSM_PIN".into()))
+        );
+        let e = seal(base).pkcs11().unwrap_err();
+        assert!(e.contains("needs module ="), "{e}");
+        let e = seal(&format!(
+            "{base}module = \"/m.so\"\ntoken_label = \"t\"\nslot = 1\nkey_label = \"k\"\npin_env = \"P\"\n"
+        ))
+        .pkcs11()
+        .unwrap_err();
+        assert!(e.contains("exactly one of token_label"), "{e}");
+        let e = seal(&format!(
+            "{base}module = \"/m.so\"\nslot = 1\npin_env = \"P\"\n"
+        ))
+        .pkcs11()
+        .unwrap_err();
+        assert!(e.contains("needs key_label"), "{e}");
+        let e = seal(&format!(
+            "{base}module = \"/m.so\"\nslot = 1\nkey_label = \"k\"\npin_file = \"f\"\npin_env = \"P\"\n"
+        ))
+        .pkcs11()
+        .unwrap_err();
+        assert!(e.contains("exactly one of pin_file"), "{e}");
+        // The PIN itself has no place in the section.
+        assert!(toml::from_str::<SealConfig>(&format!("{full}pin = \"1234\"\n")).is_err());
     }
 }

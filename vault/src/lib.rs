@@ -12,6 +12,7 @@ pub mod config;
 pub mod convert;
 pub mod crypto;
 pub mod grpc;
+pub mod hsm;
 pub mod metrics;
 pub mod seed;
 pub mod service;
@@ -78,16 +79,38 @@ fn spawn_sweeper(vault: Arc<Vault<SledVaultStore>>) -> tokio::task::JoinHandle<(
     })
 }
 
-/// The unsealer of a `[seal]` config, or `None` in the file mode.
+/// The unsealer of a `[seal]` config, or `None` in the file and `pkcs11`
+/// modes.
 fn unsealer(config: &VaultConfig) -> Result<Option<Arc<unseal::Unsealer>>, StartError> {
     let Some(seal) = &config.seal else {
         return Ok(None);
     };
     seal.check().map_err(StartError::Setting)?;
+    if seal.mode == hsm::MODE {
+        return Ok(None);
+    }
     let timeout = seal.timeout().map_err(StartError::Setting)?;
     let descriptor = unseal::Descriptor::load(&seal.descriptor)
         .map_err(|e| StartError::Setting(e.to_string()))?;
     Ok(Some(Arc::new(unseal::Unsealer::new(descriptor, timeout))))
+}
+
+/// The master key of the file mode (`master_key_file`), or of the `pkcs11`
+/// mode: unwrapped by the HSM at start, held only in memory.
+async fn master_key(config: &VaultConfig) -> Result<SecretKey, StartError> {
+    let Some(seal) = config.seal.clone().filter(|s| s.mode == hsm::MODE) else {
+        return Ok(SecretKey::load(&config.master_key_file)?);
+    };
+    let settings = seal.pkcs11().map_err(StartError::Setting)?;
+    let key = tokio::task::spawn_blocking(move || {
+        let descriptor = hsm::Descriptor::load(&seal.descriptor)?;
+        hsm::unwrap(&settings, &descriptor, &seal.descriptor)
+    })
+    .await
+    .map_err(StartError::refused)?
+    .map_err(StartError::refused)?;
+    tracing::info!("pkcs11: the master key was unwrapped by the HSM");
+    Ok(key)
 }
 
 /// Runs the vault on `listener` until `shutdown` resolves. In the `file`
@@ -102,7 +125,7 @@ pub async fn serve(
     let root = config.trust_root().map_err(StartError::Setting)?;
     let seal = unsealer(&config)?;
     let master = match seal {
-        None => Some(SecretKey::load(&config.master_key_file)?),
+        None => Some(master_key(&config).await?),
         Some(_) => None,
     };
     let grant_key = parse_public_key(&config.grant_public_key)?;

@@ -99,6 +99,7 @@ impl Sealed {
                 mode: "shamir".into(),
                 descriptor: self.dir.join(unseal::DESCRIPTOR_FILE),
                 unseal_timeout: "10m".into(),
+                ..Default::default()
             }),
             ..self.fx.vault_config(audit)
         }
