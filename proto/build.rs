@@ -19,6 +19,7 @@ const SECRET_MESSAGES: &[&str] = &[
     ".twokey.vault.v1.EnrollRequest",
     ".twokey.vault.v1.EnrollRequest.seed",
     ".twokey.vault.v1.UnsealRequest",
+    ".twokey.vault.v1.ReshareRequest",
     ".twokey.broker.v1.EnrollAccountRequest",
     ".twokey.broker.v1.EnrollAccountRequest.seed",
     ".twokey.broker.v1.VerifyPinRequest",

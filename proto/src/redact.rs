@@ -27,6 +27,15 @@ impl fmt::Debug for vault::UnsealRequest {
     }
 }
 
+impl fmt::Debug for vault::ReshareRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReshareRequest")
+            .field("plan_id", &self.plan_id)
+            .field("share", &REDACTED)
+            .finish()
+    }
+}
+
 /// `Debug` for a seed oneof: the variant's name, never its value.
 macro_rules! redacted_seed {
     ($($ty:ty),+) => {$(

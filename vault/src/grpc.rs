@@ -6,7 +6,7 @@
 //! [`SealGrpc`] takes the holders' shares.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -20,11 +20,12 @@ use twokey_proto::{
     vault::v1::{
         AdminConsent, ApplyPolicyRequest, ApplyPolicyResponse, EnrollRequest, EnrollResponse,
         GenerateCodeRequest, GenerateCodeResponse, GetPolicyRequest, GetPolicyResponse,
-        ListAccountsRequest, ListAccountsResponse, PolicyVersion, RemoveAccountRequest,
-        RemoveAccountResponse, RestoreAccountRequest, RestoreAccountResponse, SealProgress,
-        SealStatusRequest, SealStatusResponse, SetAccountEnabledRequest, SetAccountEnabledResponse,
-        StatusRequest, StatusResponse, UnsealRequest, UnsealResponse,
-        seal_service_server::SealService, vault_service_server::VaultService,
+        ListAccountsRequest, ListAccountsResponse, NewShare, PolicyVersion, RemoveAccountRequest,
+        RemoveAccountResponse, ReshareRequest, ReshareResponse, RestoreAccountRequest,
+        RestoreAccountResponse, SealProgress, SealRequest, SealResponse, SealStatusRequest,
+        SealStatusResponse, SetAccountEnabledRequest, SetAccountEnabledResponse, ShareHolder,
+        StartReshareRequest, StartReshareResponse, StatusRequest, StatusResponse, UnsealRequest,
+        UnsealResponse, seal_service_server::SealService, vault_service_server::VaultService,
     },
 };
 use twokey_runtime::{
@@ -35,7 +36,7 @@ use crate::{
     crypto::MasterKey,
     service::{Enrollment, Vault, VaultError},
     store::VaultStore,
-    unseal::{self, Progress, Submitted, Unsealer},
+    unseal::{self, HolderSpec, Progress, Reshared, Submitted, UnsealError, Unsealer},
 };
 
 impl From<VaultError> for Status {
@@ -49,8 +50,43 @@ impl From<VaultError> for Status {
     }
 }
 
-/// Where the vault will be once unsealed (filled at start in the `file` mode).
-pub type VaultSlot<S> = Arc<OnceLock<Arc<Vault<S>>>>;
+/// Where the open vault is: filled at start in the `file` mode, by the
+/// K-th share in the `shamir` mode, and emptied by a seal.
+pub struct Slot<S>(RwLock<Option<Arc<Vault<S>>>>);
+
+impl<S> Default for Slot<S> {
+    fn default() -> Self {
+        Self(RwLock::new(None))
+    }
+}
+
+impl<S> std::fmt::Debug for Slot<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("open", &self.get().is_some())
+            .finish()
+    }
+}
+
+impl<S> Slot<S> {
+    /// The open vault, if any.
+    pub fn get(&self) -> Option<Arc<Vault<S>>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts the open vault in.
+    pub fn set(&self, vault: Arc<Vault<S>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(vault);
+    }
+
+    /// Takes the vault out: calls that start from now on find it sealed.
+    pub fn take(&self) -> Option<Arc<Vault<S>>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The slot the vault service and the seal service share.
+pub type VaultSlot<S> = Arc<Slot<S>>;
 
 /// The gRPC service.
 #[derive(Debug)]
@@ -64,8 +100,15 @@ pub struct VaultGrpc<S> {
 impl<S> VaultGrpc<S> {
     /// Serves `vault` to the one caller `broker`.
     pub fn new(vault: Arc<Vault<S>>, auth: Authenticator, broker: SpiffeId) -> Self {
+        let slot = VaultSlot::default();
+        slot.set(vault);
+        Self::with_slot(slot, auth, broker)
+    }
+
+    /// Serves the vault in `slot` (filled at start in the `file` mode).
+    pub fn with_slot(slot: VaultSlot<S>, auth: Authenticator, broker: SpiffeId) -> Self {
         Self {
-            vault: Arc::new(OnceLock::from(vault)),
+            vault: slot,
             seal: None,
             auth,
             broker,
@@ -88,8 +131,9 @@ impl<S> VaultGrpc<S> {
         }
     }
 
-    /// The vault, or UNAVAILABLE saying how far unsealing is.
-    fn vault(&self) -> Result<&Arc<Vault<S>>, Status> {
+    /// The vault, or UNAVAILABLE saying how far unsealing is. A call holds
+    /// it until it ends, so a seal meanwhile does not cut it off.
+    fn vault(&self) -> Result<Arc<Vault<S>>, Status> {
         self.vault.get().ok_or_else(|| {
             let message = self.seal.as_ref().map_or_else(
                 || "vault is sealed".to_owned(),
@@ -161,7 +205,7 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
         let request = request.into_inner();
         // On a task of its own: a caller that gives up does not cut the
         // release off between `code.released` and `code.withheld`.
-        let vault = self.vault()?.clone();
+        let vault = self.vault()?;
         let work = twokey_runtime::trace::spawn_in_call(async move {
             vault
                 .generate_code(
@@ -315,15 +359,29 @@ impl<S: VaultStore> VaultService for VaultGrpc<S> {
 /// starts serving; an error message keeps the vault sealed.
 pub type OnUnseal = Box<dyn Fn(MasterKey) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
-/// The seal service: the holders' shares, and where unsealing stands.
-pub struct SealGrpc {
-    unsealer: Arc<Unsealer>,
+/// What runs when the vault is sealed, after it left the slot: stops the
+/// background work that holds it and reports NOT_SERVING.
+pub type OnSeal = Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// How long a seal waits for the calls in flight to let go of the vault
+/// (and so of its key) before it answers; they are never cut off.
+const SEAL_DRAIN: Duration = Duration::from_secs(30);
+
+/// The seal service: the holders' shares, where unsealing stands, sealing
+/// by M admins, and re-sharing. In the `file` and `pkcs11` modes (no
+/// unsealer) every call answers FAILED_PRECONDITION.
+pub struct SealGrpc<S> {
+    unsealer: Option<Arc<Unsealer>>,
+    slot: VaultSlot<S>,
     auth: Authenticator,
     outbox: Outbox,
     on_unseal: OnUnseal,
+    on_seal: OnSeal,
+    /// One seal or unseal completion at a time.
+    turning: tokio::sync::Mutex<()>,
 }
 
-impl std::fmt::Debug for SealGrpc {
+impl<S> std::fmt::Debug for SealGrpc<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SealGrpc")
             .field("unsealer", &self.unsealer)
@@ -331,31 +389,56 @@ impl std::fmt::Debug for SealGrpc {
     }
 }
 
-impl SealGrpc {
-    /// Takes shares for `unsealer`, recording each submission in `outbox`.
+/// The answer of the seal service in a mode without holders.
+fn no_holders() -> Status {
+    Status::failed_precondition(
+        "this vault does not run in the shamir seal mode: it has no share holders, and it cannot be sealed while running (its key comes from a file or an HSM at every start; stop the process to take the key out of memory)",
+    )
+}
+
+impl<S: VaultStore> SealGrpc<S> {
+    /// Takes shares for `unsealer` (none in the `file` and `pkcs11`
+    /// modes), recording each step in `outbox`; `slot` holds the vault
+    /// while it is open.
     pub fn new(
-        unsealer: Arc<Unsealer>,
+        unsealer: Option<Arc<Unsealer>>,
+        slot: VaultSlot<S>,
         auth: Authenticator,
         outbox: Outbox,
         on_unseal: OnUnseal,
+        on_seal: OnSeal,
     ) -> Self {
         Self {
             unsealer,
+            slot,
             auth,
             outbox,
             on_unseal,
+            on_seal,
+            turning: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn unsealer(&self) -> Result<&Arc<Unsealer>, Status> {
+        self.unsealer.as_ref().ok_or_else(no_holders)
     }
 
     async fn audit(&self, draft: twokey_runtime::events::EventDraft) {
         if let Err(e) = self.outbox.emit(draft).await {
-            tracing::warn!("recording an unseal event failed: {e}");
+            tracing::warn!("recording a seal event failed: {e}");
         }
     }
 
-    /// The progress now, dropping (and auditing) timed-out partial shares.
-    async fn progress(&self) -> Progress {
-        let (progress, dropped) = self.unsealer.progress(std::time::Instant::now());
+    /// The progress now, dropping (and auditing) timed-out partial shares
+    /// and a timed-out reshare.
+    async fn progress(&self, unsealer: &Unsealer) -> Progress {
+        let now = std::time::Instant::now();
+        if let Some((plan, dropped)) = unsealer.expire_reshare_at(now) {
+            tracing::warn!("reshare {plan} timed out and was dropped");
+            self.audit(unseal::reshare_expired_event(&plan, &dropped))
+                .await;
+        }
+        let (progress, dropped) = unsealer.progress(now);
         if !dropped.is_empty() {
             tracing::warn!(
                 "unseal timed out: the shares of {} were dropped",
@@ -364,6 +447,11 @@ impl SealGrpc {
             self.audit(unseal::expired_event(&dropped)).await;
         }
         progress
+    }
+
+    fn member<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        self.auth
+            .authorize(request, "a member of the trust domain", |_| true)
     }
 }
 
@@ -374,25 +462,41 @@ impl From<Progress> for SealProgress {
             threshold: p.threshold,
             holders: p.holders,
             received_from: p.received_from,
+            seal_id: p.seal_id,
+            reshare: p.reshare.map(|r| twokey_proto::vault::v1::ReshareProgress {
+                plan_id: r.plan_id,
+                threshold: r.threshold,
+                holders: r.holders.iter().map(ShareHolder::from).collect(),
+                started_by: r.started_by,
+                received_from: r.received_from,
+            }),
+        }
+    }
+}
+
+impl From<&HolderSpec> for ShareHolder {
+    fn from(h: &HolderSpec) -> Self {
+        Self {
+            name: h.name.clone(),
+            spiffe_id: h.spiffe_id.clone(),
+            public_key: h.public_key.clone(),
         }
     }
 }
 
 #[tonic::async_trait]
-impl SealService for SealGrpc {
+impl<S: VaultStore> SealService for SealGrpc<S> {
     async fn unseal(
         &self,
         request: Request<UnsealRequest>,
     ) -> Result<Response<UnsealResponse>, Status> {
-        let caller = self
-            .auth
-            .authorize(&request, "a member of the trust domain", |_| true)?;
+        let caller = self.member(&request)?;
         // The share's bytes are wiped when this call ends.
         let share = zeroize::Zeroizing::new(request.into_inner().share);
-        self.progress().await;
-        let result = self
-            .unsealer
-            .submit(caller.as_str(), &share, std::time::Instant::now());
+        let unsealer = self.unsealer()?;
+        self.progress(unsealer).await;
+        let _turning = self.turning.lock().await;
+        let result = unsealer.submit(caller.as_str(), &share, std::time::Instant::now());
         self.audit(unseal::submission_event(caller.as_str(), &result))
             .await;
         match result {
@@ -408,7 +512,7 @@ impl SealService for SealGrpc {
             }
             Ok(Submitted::Unsealed(key, progress)) => {
                 if let Err(e) = (self.on_unseal)(key).await {
-                    self.unsealer.reseal();
+                    unsealer.reseal();
                     tracing::error!("the rebuilt key opened no vault: {e}");
                     return Err(Status::failed_precondition(format!(
                         "the shares rebuilt the key but the vault did not open: {e}; every received share was dropped"
@@ -428,11 +532,155 @@ impl SealService for SealGrpc {
         &self,
         request: Request<SealStatusRequest>,
     ) -> Result<Response<SealStatusResponse>, Status> {
-        self.auth
-            .authorize(&request, "a member of the trust domain", |_| true)?;
+        self.member(&request)?;
+        let unsealer = self.unsealer()?;
         Ok(Response::new(SealStatusResponse {
-            progress: Some(self.progress().await.into()),
+            progress: Some(self.progress(unsealer).await.into()),
         }))
+    }
+
+    async fn seal(&self, request: Request<SealRequest>) -> Result<Response<SealResponse>, Status> {
+        let caller = self.member(&request)?;
+        let unsealer = self.unsealer()?;
+        let _turning = self.turning.lock().await;
+        let Some(vault) = self.slot.get() else {
+            return Err(to_status(&UnsealError::SealedAlready));
+        };
+        let consent = request.into_inner().consent;
+        // M admins' consent, recorded with `vault.sealed` and the used
+        // action id, durably, before anything is dropped.
+        let admins = vault
+            .seal(caller.as_str(), statements(consent.as_ref()))
+            .await?;
+        let progress = match unsealer.seal() {
+            Ok(progress) => progress,
+            Err(e) => return Err(to_status(&e)),
+        };
+        // From here on no call finds the vault; the calls in flight hold
+        // it until they end (a release completes, with its audit event).
+        self.slot.take();
+        (self.on_seal)().await;
+        let deadline = Instant::now() + SEAL_DRAIN;
+        while Arc::strong_count(&vault) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if Arc::strong_count(&vault) > 1 {
+            tracing::warn!(
+                "sealed; calls still in flight after {SEAL_DRAIN:?} hold the key until they end"
+            );
+        }
+        drop(vault);
+        tracing::warn!("sealed by {}", admins.join(", "));
+        Ok(Response::new(SealResponse {
+            admins,
+            progress: Some(progress.into()),
+        }))
+    }
+
+    async fn start_reshare(
+        &self,
+        request: Request<StartReshareRequest>,
+    ) -> Result<Response<StartReshareResponse>, Status> {
+        let caller = self.member(&request)?;
+        let unsealer = self.unsealer()?;
+        let request = request.into_inner();
+        let holders: Vec<HolderSpec> = request
+            .holders
+            .into_iter()
+            .map(|h| HolderSpec {
+                name: h.name,
+                spiffe_id: h.spiffe_id,
+                public_key: h.public_key,
+            })
+            .collect();
+        let result = unsealer.start_reshare(
+            caller.as_str(),
+            request.threshold,
+            holders.clone(),
+            std::time::Instant::now(),
+        );
+        self.audit(unseal::reshare_started_event(
+            caller.as_str(),
+            request.threshold,
+            &holders,
+            &result,
+        ))
+        .await;
+        let progress = result.map_err(|e| to_status(&e))?;
+        tracing::info!(
+            "reshare {} started by {caller}",
+            progress
+                .reshare
+                .as_ref()
+                .map(|r| r.plan_id.as_str())
+                .unwrap_or_default()
+        );
+        Ok(Response::new(StartReshareResponse {
+            progress: Some(progress.into()),
+        }))
+    }
+
+    async fn reshare(
+        &self,
+        request: Request<ReshareRequest>,
+    ) -> Result<Response<ReshareResponse>, Status> {
+        let caller = self.member(&request)?;
+        let unsealer = self.unsealer()?.clone();
+        let request = request.into_inner();
+        let plan_id = request.plan_id;
+        let share = zeroize::Zeroizing::new(request.share);
+        // The K-th share writes and syncs files: off the async workers.
+        let result = {
+            let (caller, plan_id) = (caller.to_string(), plan_id.clone());
+            tokio::task::spawn_blocking(move || {
+                unsealer.submit_reshare(&caller, &plan_id, &share, std::time::Instant::now())
+            })
+            .await
+            .map_err(|_| Status::unavailable("the vault is stopping; try again"))?
+        };
+        self.audit(unseal::reshare_share_event(
+            caller.as_str(),
+            &plan_id,
+            &result,
+        ))
+        .await;
+        match result {
+            Ok(Reshared::Counted(progress)) => Ok(Response::new(ReshareResponse {
+                progress: Some(progress.into()),
+                seal_id: String::new(),
+                shares: Vec::new(),
+            })),
+            Ok(Reshared::Done {
+                old_seal_id,
+                split,
+                written,
+                progress,
+            }) => {
+                tracing::warn!(
+                    "reshared: seal {old_seal_id} replaced by {} ({} of {}); new shares in {}",
+                    split.descriptor.seal_id,
+                    split.descriptor.threshold,
+                    split.descriptor.holders.len(),
+                    written
+                        .first()
+                        .and_then(|p| p.parent())
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                );
+                self.audit(unseal::reshared_event(&old_seal_id, &split.descriptor))
+                    .await;
+                Ok(Response::new(ReshareResponse {
+                    progress: Some(progress.into()),
+                    seal_id: split.descriptor.seal_id.clone(),
+                    shares: split
+                        .shares
+                        .into_iter()
+                        .map(|(holder, encrypted)| NewShare { holder, encrypted })
+                        .collect(),
+                }))
+            }
+            Err(e) => Err(to_status(&e)),
+        }
     }
 }
 

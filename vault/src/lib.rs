@@ -42,7 +42,9 @@ use service::{AuditWait, Vault};
 use store::SledVaultStore;
 pub use twokey_runtime::start::StartError;
 
-/// What the vault is opened with once its key is known.
+/// What the vault is opened with once its key is known (kept, and cloned
+/// for each unseal: a sealed vault opens again).
+#[derive(Clone)]
 struct Parts {
     store: SledVaultStore,
     grants: twokey_runtime::grant::GrantVerifier,
@@ -92,7 +94,9 @@ fn unsealer(config: &VaultConfig) -> Result<Option<Arc<unseal::Unsealer>>, Start
     let timeout = seal.timeout().map_err(StartError::Setting)?;
     let descriptor = unseal::Descriptor::load(&seal.descriptor)
         .map_err(|e| StartError::Setting(e.to_string()))?;
-    Ok(Some(Arc::new(unseal::Unsealer::new(descriptor, timeout))))
+    Ok(Some(Arc::new(
+        unseal::Unsealer::new(descriptor, timeout).with_descriptor_file(seal.descriptor.clone()),
+    )))
 }
 
 /// The master key of the file mode (`master_key_file`), or of the `pkcs11`
@@ -180,38 +184,56 @@ pub async fn serve(
     let health = health
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let sweeper_task = Arc::new(std::sync::Mutex::new(None));
+    let sweeper_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
     let auth = Authenticator::new(config.trust_domain.clone());
-    let (grpc, seal_service) = match (vault, seal, parts) {
+    let slot: grpc::VaultSlot<SledVaultStore> = Arc::default();
+    // Sealing stops the sweeper (it holds the vault) and reports NOT_SERVING.
+    let on_seal: grpc::OnSeal = {
+        let sweeper_task = sweeper_task.clone();
+        let reporter = health_reporter.clone();
+        Box::new(move || {
+            let sweeper = sweeper_task
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let reporter = reporter.clone();
+            Box::pin(async move {
+                if let Some(task) = sweeper {
+                    task.abort();
+                    let _ = task.await;
+                }
+                reporter.set_not_serving::<Served>().await;
+            })
+        })
+    };
+    let (grpc, seal) = match (vault, seal, parts) {
         (Some(vault), _, _) => {
             health_reporter.set_serving::<Served>().await;
             *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
                 Some(spawn_sweeper(vault.clone()));
+            slot.set(vault);
+            let on_unseal: grpc::OnUnseal =
+                Box::new(|_| Box::pin(async { Err("no unsealer in this mode".to_owned()) }));
             (
-                grpc::VaultGrpc::new(vault, auth, config.broker_id.clone()),
-                None,
+                grpc::VaultGrpc::with_slot(slot.clone(), auth.clone(), config.broker_id.clone()),
+                grpc::SealGrpc::new(None, slot, auth, outbox, on_unseal, on_seal),
             )
         }
         (None, Some(seal), Some(parts)) => {
             health_reporter.set_not_serving::<Served>().await;
             let progress = seal.progress(std::time::Instant::now()).0;
             tracing::warn!("{}", progress.sealed_message());
-            let slot: grpc::VaultSlot<SledVaultStore> = Arc::default();
-            let parts = Arc::new(std::sync::Mutex::new(Some(parts)));
             let on_unseal: grpc::OnUnseal = {
                 let slot = slot.clone();
                 let sweeper_task = sweeper_task.clone();
                 Box::new(move |key| {
-                    let parts = parts.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    let parts = parts.clone();
                     let slot = slot.clone();
                     let sweeper_task = sweeper_task.clone();
                     let reporter = health_reporter.clone();
                     Box::pin(async move {
-                        let parts = parts.ok_or_else(|| {
-                            "an earlier unseal failed to open the vault; restart it".to_owned()
-                        })?;
                         let vault = Arc::new(parts.open(key).map_err(|e| e.to_string())?);
-                        let _ = slot.set(vault.clone());
+                        slot.set(vault.clone());
                         *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(spawn_sweeper(vault));
                         reporter.set_serving::<Served>().await;
@@ -219,18 +241,21 @@ pub async fn serve(
                     })
                 })
             };
-            let seal_grpc = grpc::SealGrpc::new(seal.clone(), auth.clone(), outbox, on_unseal);
             (
-                grpc::VaultGrpc::sealed(slot, seal, auth, config.broker_id.clone()),
-                Some(
-                    SealServiceServer::new(seal_grpc)
-                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+                grpc::VaultGrpc::sealed(
+                    slot.clone(),
+                    seal.clone(),
+                    auth.clone(),
+                    config.broker_id.clone(),
                 ),
+                grpc::SealGrpc::new(Some(seal), slot, auth, outbox, on_unseal, on_seal),
             )
         }
         _ => unreachable!("a vault without a key has an unsealer"),
     };
+    let seal_service = SealServiceServer::new(seal)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let service = VaultServiceServer::new(grpc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -245,7 +270,7 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .add_optional_service(seal_service)
+        .add_service(seal_service)
         .serve_with_incoming_shutdown(rt::incoming(listener, server_tls), shutdown)
         .await;
     // Stop the background tasks so the database is released.

@@ -1074,6 +1074,96 @@ impl<S: VaultStore> Vault<S> {
         Ok((record, kept))
     }
 
+    /// Checks M admins' consent to seal the vault (ADMIN_ACTION_SEAL_VAULT,
+    /// the policy's own admins and threshold) and records the used action
+    /// id with `vault.sealed` (naming the admins) durably; a refusal is
+    /// audited as `admin_action.refused`. Answers the admins' SPIFFE IDs;
+    /// the caller then drops the vault and its key. No wait for audit's
+    /// acknowledgement: a seal only takes the key away, and must work while
+    /// audit is down.
+    pub async fn seal(
+        &self,
+        caller: &str,
+        statements: &[SignedStatement],
+    ) -> Result<Vec<String>, VaultError> {
+        let action = AdminAction::SealVault;
+        let checked = match self.active_policy() {
+            None => Err(VaultError::NoPolicy),
+            Some(policy) => check_admin_action(
+                &policy,
+                &AdminActionRequest {
+                    account_id: String::new(),
+                    action,
+                },
+                statements,
+                self.clock.now(),
+                &self.store,
+            )
+            .map(|v| (v, policy.admin_action_window()))
+            .map_err(VaultError::Consent),
+        };
+        let recorded = checked.and_then(|(verified, window)| {
+            let now = self.now();
+            let admin = AdminUse {
+                action_id: verified.action_id.clone(),
+                action_until: remember_until(now, window + Duration::from_secs(60)),
+                now,
+                keep_until: now,
+            };
+            let event = EventDraft::new(admins_actor(&verified), "vault.sealed")
+                .outcome(Outcome::Success)
+                .attr("caller", caller)
+                .attr("action_id", &verified.action_id)
+                .attr("policy_version", verified.policy_version.to_string())
+                .attr(
+                    "admins",
+                    verified
+                        .admins
+                        .iter()
+                        .map(|a| a.person.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
+            self.store
+                .use_vault_action(&admin, event)
+                .map_err(VaultError::from)
+                .map(|_| verified)
+        });
+        let verified = match recorded {
+            Ok(verified) => verified,
+            Err(e) => {
+                if e.is_consent_refusal() {
+                    tracing::info!("seal refused: {e}");
+                    let kind = e.kind().grpc_code();
+                    let consent = match &e {
+                        VaultError::Consent(c) | VaultError::Store(VaultStoreError::Consent(c)) => {
+                            Some(c)
+                        }
+                        _ => None,
+                    };
+                    let event = EventDraft::new(caller, "admin_action.refused")
+                        .outcome(Outcome::Denied)
+                        .attr("admin_action", twokey_consent::admin::action_name(action))
+                        .attr("status", format!("{kind:?}"))
+                        .attr(
+                            "statement",
+                            consent.map(refused_statement).unwrap_or_default(),
+                        )
+                        .attr("signer", consent.map(refused_signer).unwrap_or_default())
+                        .attr("reason", e.to_string());
+                    self.audit_refusal(event).await;
+                }
+                return Err(e);
+            }
+        };
+        self.store.commit().await?;
+        Ok(verified
+            .admins
+            .iter()
+            .map(|a| a.spiffe_id.clone())
+            .collect())
+    }
+
     /// The SPIFFE IDs of the admins named `names` in the authority that
     /// signed the next version (the active policy, or the pinned root).
     fn admin_ids(&self, current: Option<&VerifiedPolicy>, names: &[String]) -> Vec<String> {

@@ -258,6 +258,11 @@ pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
     fn restore(&self, restore: Restore) -> Result<(u64, AccountRecord, KeptSeed), VaultStoreError>;
     /// Records an event that goes with no other change.
     fn record(&self, event: EventDraft) -> Result<u64, VaultStoreError>;
+    /// Marks a vault-wide admin action (a seal) used, with its event, in
+    /// one transaction; refuses a used action id. Not durable until
+    /// [`VaultStore::commit`].
+    fn use_vault_action(&self, admin: &AdminUse, event: EventDraft)
+    -> Result<u64, VaultStoreError>;
     /// Records `code.withheld` for a code of `step` that never left the
     /// vault, and gives the step back if it is still the account's highest
     /// (the one below it then counts as handed out, which is only cautious).
@@ -1127,6 +1132,18 @@ impl VaultStore for SledVaultStore {
             TransactionError::Abort(()) => VaultStoreError::Corrupt("outbox".into()),
             TransactionError::Storage(e) => sled_err(&self.db)(e),
         })
+    }
+
+    fn use_vault_action(
+        &self,
+        admin: &AdminUse,
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError> {
+        let result = (&self.consent, self.outbox.tree()).transaction(|(consent, outbox)| {
+            use_action(consent, admin)?;
+            self.outbox.push::<Abort>(outbox, event.clone())
+        });
+        self.finish(result, &admin.action_id)
     }
 
     fn withhold(&self, w: Withheld<'_>, event: EventDraft) -> Result<u64, VaultStoreError> {

@@ -114,6 +114,33 @@ impl HolderSpec {
     }
 }
 
+impl HolderSpec {
+    /// A holder given as its parts (a reshare's new holders): the name,
+    /// the SPIFFE ID and the `ssh-ed25519` key line are checked as
+    /// [`HolderSpec::parse`] checks them.
+    pub fn checked(name: &str, spiffe_id: &str, public_key: &str) -> Result<Self, SealError> {
+        if !valid_name(name) {
+            return Err(SealError::Setup(format!(
+                "holder {name:?}: the name must be 1 to 64 characters of [a-z0-9._-]"
+            )));
+        }
+        twokey_runtime::SpiffeId::parse(spiffe_id)
+            .map_err(|e| SealError::Setup(format!("holder {name}: {e}")))?;
+        let key = public_key.trim();
+        if !key.starts_with("ssh-ed25519 ") {
+            return Err(SealError::Setup(format!(
+                "holder {name}: the public key is not an ssh-ed25519 key (ssh-keygen -t ed25519 makes one)"
+            )));
+        }
+        recipient(name, key)?;
+        Ok(Self {
+            name: name.to_owned(),
+            spiffe_id: spiffe_id.to_owned(),
+            public_key: key.to_owned(),
+        })
+    }
+}
+
 fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
@@ -180,8 +207,9 @@ fn parse_share(bytes: &[u8]) -> Option<Parsed<'_>> {
     })
 }
 
-/// Splits `key` K-of-N among `holders`, each share encrypted to its holder.
-pub fn split(key: &SecretKey, threshold: u8, holders: &[HolderSpec]) -> Result<Split, SealError> {
+/// Checks a split's K and holders: 2 <= K <= N <= 255, distinct names and
+/// SPIFFE IDs.
+fn check_plan(threshold: u8, holders: &[HolderSpec]) -> Result<(), SealError> {
     let n = holders.len();
     if threshold < 2 || usize::from(threshold) > n || n > 255 {
         return Err(SealError::Setup(format!(
@@ -199,6 +227,13 @@ pub fn split(key: &SecretKey, threshold: u8, holders: &[HolderSpec]) -> Result<S
             )));
         }
     }
+    Ok(())
+}
+
+/// Splits `key` K-of-N among `holders`, each share encrypted to its holder.
+pub fn split(key: &SecretKey, threshold: u8, holders: &[HolderSpec]) -> Result<Split, SealError> {
+    check_plan(threshold, holders)?;
+    let n = holders.len();
     let mut seal_id = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seal_id);
     let mut shares = Vec::with_capacity(n);
@@ -262,10 +297,6 @@ impl Descriptor {
             .map_err(|e| SealError::Setup(format!("encoding the seal descriptor: {e}")))?;
         write_new(path, text.as_bytes())
     }
-
-    fn seal_id(&self) -> String {
-        self.seal_id.clone()
-    }
 }
 
 /// Writes `bytes` to a new file (never overwriting one) and syncs it.
@@ -304,8 +335,8 @@ pub fn write_split(dir: &Path, split: &Split) -> Result<Vec<PathBuf>, SealError>
     Ok(written)
 }
 
-/// Why a submitted share was refused. Each names what was wrong; none
-/// changes what was received before it.
+/// Why a submitted share, a seal or a reshare was refused. Each names what
+/// was wrong; none changes what was received before it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UnsealError {
     /// The caller is not a holder.
@@ -339,19 +370,90 @@ pub enum UnsealError {
         "the shares do not rebuild the sealed key (key check failed); every received share was dropped: submit again"
     )]
     KeyMismatch,
+    /// A seal of a vault that is sealed.
+    #[error("the vault is sealed already")]
+    SealedAlready,
+    /// A reshare of a sealed vault.
+    #[error(
+        "the vault is sealed: a reshare splits the running key, so unseal it first (`twokey vault unseal --share FILE`)"
+    )]
+    SealedForReshare,
+    /// A second reshare while one is in progress.
+    #[error(
+        "reshare {plan_id} started by {started_by} is in progress; its holders finish it with `twokey vault reshare --plan {plan_id} --share FILE`, or it expires"
+    )]
+    ReshareInProgress {
+        /// The plan in progress.
+        plan_id: String,
+        /// Who started it.
+        started_by: String,
+    },
+    /// A reshare share when no reshare is in progress.
+    #[error(
+        "no reshare is in progress (it may have expired); a holder starts one with `twokey vault reshare start`"
+    )]
+    NoReshare,
+    /// A reshare share for another plan than the one in progress.
+    #[error(
+        "the reshare in progress is {current}, not {asked}; check it with `twokey vault status` before submitting"
+    )]
+    OtherPlan {
+        /// The plan in progress.
+        current: String,
+        /// The plan the share was sent for.
+        asked: String,
+    },
+    /// The new split asked for is not a valid one.
+    #[error("{0}")]
+    BadPlan(String),
+    /// This vault's descriptor file is unknown, so no reshare can replace it.
+    #[error(
+        "this vault was started without a seal descriptor file to rewrite; a reshare needs [seal] descriptor"
+    )]
+    NoDescriptorFile,
+    /// Writing the new split failed; the old one stays in force.
+    #[error(
+        "writing the new split failed ({0}); the old shares stay in force and every reshare share was dropped: fix the seal directory and start again"
+    )]
+    Write(String),
 }
 
 impl ServiceError for UnsealError {
     fn kind(&self) -> ErrorKind {
         match self {
             Self::NotHolder(_) => ErrorKind::PermissionDenied,
-            Self::Malformed | Self::Foreign | Self::OtherHolder { .. } | Self::Corrupted(_) => {
-                ErrorKind::InvalidArgument
+            Self::Malformed
+            | Self::Foreign
+            | Self::OtherHolder { .. }
+            | Self::Corrupted(_)
+            | Self::BadPlan(_) => ErrorKind::InvalidArgument,
+            Self::Duplicate(_) | Self::Unsealed | Self::ReshareInProgress { .. } => {
+                ErrorKind::AlreadyExists
             }
-            Self::Duplicate(_) | Self::Unsealed => ErrorKind::AlreadyExists,
-            Self::KeyMismatch => ErrorKind::FailedPrecondition,
+            Self::KeyMismatch
+            | Self::SealedAlready
+            | Self::SealedForReshare
+            | Self::NoReshare
+            | Self::OtherPlan { .. }
+            | Self::NoDescriptorFile => ErrorKind::FailedPrecondition,
+            Self::Write(_) => ErrorKind::Unavailable,
         }
     }
+}
+
+/// A reshare in progress, as shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReshareProgress {
+    /// The plan's id.
+    pub plan_id: String,
+    /// The new K.
+    pub threshold: u32,
+    /// The new holders.
+    pub holders: Vec<HolderSpec>,
+    /// The SPIFFE ID of the holder who started it.
+    pub started_by: String,
+    /// Names of the current holders whose shares are in.
+    pub received_from: Vec<String>,
 }
 
 /// Where unsealing stands.
@@ -365,6 +467,10 @@ pub struct Progress {
     pub holders: u32,
     /// Names of the holders whose shares are in, in order of arrival.
     pub received_from: Vec<String>,
+    /// The split in force.
+    pub seal_id: String,
+    /// The reshare in progress, if any.
+    pub reshare: Option<ReshareProgress>,
 }
 
 impl Progress {
@@ -387,33 +493,97 @@ pub enum Submitted {
     Unsealed(MasterKey, Progress),
 }
 
+/// What one accepted reshare submission did.
+#[derive(Debug)]
+pub enum Reshared {
+    /// Counted; more are needed.
+    Counted(Progress),
+    /// The K-th share: the new split is written and in force.
+    Done {
+        /// The seal id the new split replaced.
+        old_seal_id: String,
+        /// The new split (descriptor and encrypted shares).
+        split: Split,
+        /// Where the new share files were written.
+        written: Vec<PathBuf>,
+        /// Where things stand now.
+        progress: Progress,
+    },
+}
+
 struct Received {
     holder: String,
     share: Share,
 }
 
-#[derive(Default)]
+struct Reshare {
+    plan_id: String,
+    threshold: u8,
+    holders: Vec<HolderSpec>,
+    started_by: String,
+    started_at: Instant,
+    received: Vec<Received>,
+}
+
 struct State {
+    descriptor: Descriptor,
+    key_check: Vec<u8>,
     received: Vec<Received>,
     first_at: Option<Instant>,
     unsealed: bool,
+    reshare: Option<Reshare>,
 }
 
-/// Collects shares from the holders until K of them rebuild the key.
+/// Collects shares from the holders until K of them rebuild the key; seals
+/// again on demand; re-shares the running key among new holders.
 pub struct Unsealer {
-    descriptor: Descriptor,
-    key_check: Vec<u8>,
     timeout: Duration,
+    /// The descriptor file a reshare replaces, when known.
+    path: Option<PathBuf>,
     state: Mutex<State>,
 }
 
 impl std::fmt::Debug for Unsealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
         f.debug_struct("Unsealer")
-            .field("seal_id", &self.descriptor.seal_id)
-            .field("threshold", &self.descriptor.threshold)
+            .field("seal_id", &state.descriptor.seal_id)
+            .field("threshold", &state.descriptor.threshold)
             .finish_non_exhaustive()
     }
+}
+
+/// Checks a share's bytes against `descriptor` for the holder `holder`.
+fn check_share(
+    descriptor: &Descriptor,
+    holder: &Holder,
+    bytes: &[u8],
+) -> Result<Share, UnsealError> {
+    let parsed = parse_share(bytes).ok_or(UnsealError::Malformed)?;
+    if hex(&parsed.seal_id) != descriptor.seal_id {
+        return Err(UnsealError::Foreign);
+    }
+    if parsed.holder != holder.name {
+        return Err(UnsealError::OtherHolder {
+            owner: parsed.holder.to_owned(),
+        });
+    }
+    if B64.encode(Sha256::digest(bytes)) != holder.share_digest {
+        return Err(UnsealError::Corrupted(holder.name.clone()));
+    }
+    Share::try_from(parsed.share).map_err(|_| UnsealError::Malformed)
+}
+
+/// The key `received` rebuild, if it passes `key_check`.
+fn rebuild(threshold: u8, received: &[Received], key_check: &[u8]) -> Option<SecretKey> {
+    let rebuilt = Sharks(threshold)
+        .recover(received.iter().map(|r| &r.share))
+        .map(Zeroizing::new)
+        .ok()?;
+    let key = SecretKey::from_bytes(<[u8; 32]>::try_from(rebuilt.as_slice()).ok()?);
+    MasterKey::new(key.clone())
+        .matches(key_check)
+        .then_some(key)
 }
 
 impl Unsealer {
@@ -422,16 +592,28 @@ impl Unsealer {
     pub fn new(descriptor: Descriptor, timeout: Duration) -> Self {
         let key_check = B64.decode(&descriptor.key_check).unwrap_or_default();
         Self {
-            descriptor,
-            key_check,
             timeout,
-            state: Mutex::new(State::default()),
+            path: None,
+            state: Mutex::new(State {
+                descriptor,
+                key_check,
+                received: Vec::new(),
+                first_at: None,
+                unsealed: false,
+                reshare: None,
+            }),
         }
     }
 
-    /// The descriptor it unseals.
-    pub fn descriptor(&self) -> &Descriptor {
-        &self.descriptor
+    /// The descriptor was read from `path`: a reshare replaces that file.
+    pub fn with_descriptor_file(mut self, path: PathBuf) -> Self {
+        self.path = Some(path);
+        self
+    }
+
+    /// The descriptor in force.
+    pub fn descriptor(&self) -> Descriptor {
+        self.lock().descriptor.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -452,12 +634,34 @@ impl Unsealer {
         }
     }
 
-    fn progress_of(&self, state: &State) -> Progress {
+    /// Drops a reshare older than the timeout; its id and whose shares it
+    /// held if it did.
+    fn expire_reshare(&self, state: &mut State, now: Instant) -> Option<(String, Vec<String>)> {
+        let r = state.reshare.as_ref()?;
+        if now.saturating_duration_since(r.started_at) < self.timeout {
+            return None;
+        }
+        let r = state.reshare.take()?;
+        Some((
+            r.plan_id,
+            r.received.into_iter().map(|r| r.holder).collect(),
+        ))
+    }
+
+    fn progress_of(state: &State) -> Progress {
         Progress {
             sealed: !state.unsealed,
-            threshold: self.descriptor.threshold.into(),
-            holders: self.descriptor.holders.len() as u32,
+            threshold: state.descriptor.threshold.into(),
+            holders: state.descriptor.holders.len() as u32,
             received_from: state.received.iter().map(|r| r.holder.clone()).collect(),
+            seal_id: state.descriptor.seal_id.clone(),
+            reshare: state.reshare.as_ref().map(|r| ReshareProgress {
+                plan_id: r.plan_id.clone(),
+                threshold: r.threshold.into(),
+                holders: r.holders.clone(),
+                started_by: r.started_by.clone(),
+                received_from: r.received.iter().map(|r| r.holder.clone()).collect(),
+            }),
         }
     }
 
@@ -471,13 +675,42 @@ impl Unsealer {
         } else {
             Vec::new()
         };
-        (self.progress_of(&state), dropped)
+        (Self::progress_of(&state), dropped)
+    }
+
+    /// Drops a reshare that timed out at `now`: its plan id and whose
+    /// shares it held.
+    pub fn expire_reshare_at(&self, now: Instant) -> Option<(String, Vec<String>)> {
+        let mut state = self.lock();
+        self.expire_reshare(&mut state, now)
     }
 
     /// Back to sealed with nothing received: the rebuilt key opened no vault.
     pub fn reseal(&self) {
         let mut state = self.lock();
-        *state = State::default();
+        state.received.clear();
+        state.first_at = None;
+        state.unsealed = false;
+        state.reshare = None;
+    }
+
+    /// Seals an unsealed vault: collecting shares again from nothing, any
+    /// reshare in progress dropped. Refuses a sealed one.
+    pub fn seal(&self) -> Result<Progress, UnsealError> {
+        let mut state = self.lock();
+        if !state.unsealed {
+            return Err(UnsealError::SealedAlready);
+        }
+        state.received.clear();
+        state.first_at = None;
+        state.unsealed = false;
+        state.reshare = None;
+        Ok(Self::progress_of(&state))
+    }
+
+    /// True while unsealed.
+    pub fn is_unsealed(&self) -> bool {
+        self.lock().unsealed
     }
 
     /// Takes the decrypted share `bytes` from the holder whose certificate
@@ -488,25 +721,15 @@ impl Unsealer {
         bytes: &[u8],
         now: Instant,
     ) -> Result<Submitted, UnsealError> {
-        let holder = self
+        let mut state = self.lock();
+        let holder = state
             .descriptor
             .holders
             .iter()
             .find(|h| h.spiffe_id == caller)
-            .ok_or_else(|| UnsealError::NotHolder(caller.to_owned()))?;
-        let parsed = parse_share(bytes).ok_or(UnsealError::Malformed)?;
-        if hex(&parsed.seal_id) != self.descriptor.seal_id() {
-            return Err(UnsealError::Foreign);
-        }
-        if parsed.holder != holder.name {
-            return Err(UnsealError::OtherHolder {
-                owner: parsed.holder.to_owned(),
-            });
-        }
-        if B64.encode(Sha256::digest(bytes)) != holder.share_digest {
-            return Err(UnsealError::Corrupted(holder.name.clone()));
-        }
-        let mut state = self.lock();
+            .ok_or_else(|| UnsealError::NotHolder(caller.to_owned()))?
+            .clone();
+        let share = check_share(&state.descriptor, &holder, bytes)?;
         if state.unsealed {
             return Err(UnsealError::Unsealed);
         }
@@ -514,40 +737,194 @@ impl Unsealer {
         if state.received.iter().any(|r| r.holder == holder.name) {
             return Err(UnsealError::Duplicate(holder.name.clone()));
         }
-        let share = Share::try_from(parsed.share).map_err(|_| UnsealError::Malformed)?;
         state.received.push(Received {
             holder: holder.name.clone(),
             share,
         });
         state.first_at.get_or_insert(now);
-        if state.received.len() < usize::from(self.descriptor.threshold) {
-            return Ok(Submitted::Counted(self.progress_of(&state)));
+        if state.received.len() < usize::from(state.descriptor.threshold) {
+            return Ok(Submitted::Counted(Self::progress_of(&state)));
         }
-        let sharks = Sharks(self.descriptor.threshold);
-        let rebuilt = sharks
-            .recover(state.received.iter().map(|r| &r.share))
-            .map(Zeroizing::new);
-        let key = rebuilt
-            .ok()
-            .and_then(|k| <[u8; 32]>::try_from(k.as_slice()).ok())
-            .map(|k| MasterKey::new(SecretKey::from_bytes(k)))
-            .filter(|k| k.matches(&self.key_check));
+        let key = rebuild(
+            state.descriptor.threshold,
+            &state.received,
+            &state.key_check,
+        );
+        state.received.clear();
+        state.first_at = None;
         match key {
             Some(key) => {
-                state.received.clear();
-                state.first_at = None;
                 state.unsealed = true;
-                let mut progress = self.progress_of(&state);
-                progress.received_from = Vec::new();
-                Ok(Submitted::Unsealed(key, progress))
+                Ok(Submitted::Unsealed(
+                    MasterKey::new(key),
+                    Self::progress_of(&state),
+                ))
             }
-            None => {
-                state.received.clear();
-                state.first_at = None;
-                Err(UnsealError::KeyMismatch)
-            }
+            None => Err(UnsealError::KeyMismatch),
         }
     }
+
+    /// Starts a reshare by the current holder `caller`: the running key
+    /// split `threshold`-of-N among `holders` once K current holders have
+    /// submitted their shares for it.
+    pub fn start_reshare(
+        &self,
+        caller: &str,
+        threshold: u32,
+        holders: Vec<HolderSpec>,
+        now: Instant,
+    ) -> Result<Progress, UnsealError> {
+        let mut state = self.lock();
+        if !state
+            .descriptor
+            .holders
+            .iter()
+            .any(|h| h.spiffe_id == caller)
+        {
+            return Err(UnsealError::NotHolder(caller.to_owned()));
+        }
+        if !state.unsealed {
+            return Err(UnsealError::SealedForReshare);
+        }
+        if self.path.is_none() {
+            return Err(UnsealError::NoDescriptorFile);
+        }
+        self.expire_reshare(&mut state, now);
+        if let Some(r) = &state.reshare {
+            return Err(UnsealError::ReshareInProgress {
+                plan_id: r.plan_id.clone(),
+                started_by: r.started_by.clone(),
+            });
+        }
+        let threshold = u8::try_from(threshold).unwrap_or(0);
+        check_plan(threshold, &holders).map_err(|SealError::Setup(m)| UnsealError::BadPlan(m))?;
+        for h in &holders {
+            HolderSpec::checked(&h.name, &h.spiffe_id, &h.public_key)
+                .map_err(|SealError::Setup(m)| UnsealError::BadPlan(m))?;
+        }
+        let mut id = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id);
+        state.reshare = Some(Reshare {
+            plan_id: hex(&id),
+            threshold,
+            holders,
+            started_by: caller.to_owned(),
+            started_at: now,
+            received: Vec::new(),
+        });
+        Ok(Self::progress_of(&state))
+    }
+
+    /// Takes the current holder `caller`'s decrypted share for the reshare
+    /// `plan_id`. The K-th rebuilds and checks the key, splits it anew,
+    /// writes the new shares under `<descriptor dir>/<new seal id>/` and
+    /// then replaces the descriptor atomically (temporary file, fsync,
+    /// rename, directory fsync): until the rename the old split is in
+    /// force, after it the new one.
+    pub fn submit_reshare(
+        &self,
+        caller: &str,
+        plan_id: &str,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<Reshared, UnsealError> {
+        let mut state = self.lock();
+        let holder = state
+            .descriptor
+            .holders
+            .iter()
+            .find(|h| h.spiffe_id == caller)
+            .ok_or_else(|| UnsealError::NotHolder(caller.to_owned()))?
+            .clone();
+        self.expire_reshare(&mut state, now);
+        if !state.unsealed {
+            return Err(UnsealError::SealedForReshare);
+        }
+        let current = match &state.reshare {
+            None => return Err(UnsealError::NoReshare),
+            Some(r) => r.plan_id.clone(),
+        };
+        if current != plan_id {
+            return Err(UnsealError::OtherPlan {
+                current,
+                asked: plan_id.to_owned(),
+            });
+        }
+        let share = check_share(&state.descriptor, &holder, bytes)?;
+        let k = state.descriptor.threshold;
+        let reshare = state.reshare.as_mut().ok_or(UnsealError::NoReshare)?;
+        if reshare.received.iter().any(|r| r.holder == holder.name) {
+            return Err(UnsealError::Duplicate(holder.name.clone()));
+        }
+        reshare.received.push(Received {
+            holder: holder.name.clone(),
+            share,
+        });
+        if reshare.received.len() < usize::from(k) {
+            return Ok(Reshared::Counted(Self::progress_of(&state)));
+        }
+        let Some(reshare) = state.reshare.take() else {
+            return Err(UnsealError::NoReshare);
+        };
+        let key =
+            rebuild(k, &reshare.received, &state.key_check).ok_or(UnsealError::KeyMismatch)?;
+        let split = split(&key, reshare.threshold, &reshare.holders)
+            .map_err(|SealError::Setup(m)| UnsealError::BadPlan(m))?;
+        let path = self.path.as_deref().ok_or(UnsealError::NoDescriptorFile)?;
+        let written =
+            install_split(path, &split).map_err(|SealError::Setup(m)| UnsealError::Write(m))?;
+        let old_seal_id =
+            std::mem::replace(&mut state.descriptor, split.descriptor.clone()).seal_id;
+        state.key_check = B64.decode(&state.descriptor.key_check).unwrap_or_default();
+        Ok(Reshared::Done {
+            old_seal_id,
+            split,
+            written,
+            progress: Self::progress_of(&state),
+        })
+    }
+}
+
+/// Writes a new split for the descriptor at `path`: the share files under
+/// `<dir>/<seal_id>/` (new files, synced, the directory synced), then the
+/// descriptor through a temporary file that is synced and renamed over
+/// `path`, then the directory synced. A crash before the rename leaves the
+/// old descriptor in force (and unused share files); after it, the new.
+pub fn install_split(path: &Path, split: &Split) -> Result<Vec<PathBuf>, SealError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let shares = dir.join(&split.descriptor.seal_id);
+    std::fs::create_dir(&shares)
+        .map_err(|e| SealError::Setup(format!("cannot create {}: {e}", shares.display())))?;
+    let mut written = Vec::new();
+    for (name, bytes) in &split.shares {
+        let share = shares.join(format!("{name}.share.age"));
+        write_new(&share, bytes)?;
+        written.push(share);
+    }
+    sync_dir(&shares)?;
+    let text = toml::to_string(&split.descriptor)
+        .map_err(|e| SealError::Setup(format!("encoding the seal descriptor: {e}")))?;
+    let temp = dir.join(format!(
+        ".{DESCRIPTOR_FILE}.{}.tmp",
+        split.descriptor.seal_id
+    ));
+    write_new(&temp, text.as_bytes())?;
+    std::fs::rename(&temp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&temp);
+        SealError::Setup(format!(
+            "renaming {} to {}: {e}",
+            temp.display(),
+            path.display()
+        ))
+    })?;
+    sync_dir(dir)?;
+    Ok(written)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SealError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SealError::Setup(format!("syncing the directory {}: {e}", dir.display())))
 }
 
 /// The audit event of one submission (never share material): who, and how
@@ -579,6 +956,82 @@ pub fn unsealed_event(progress: &Progress) -> EventDraft {
 pub fn expired_event(dropped: &[String]) -> EventDraft {
     EventDraft::new("vault", "vault.unseal_expired")
         .outcome(Outcome::Failure)
+        .attr("dropped", dropped.join(","))
+}
+
+/// The audit event of a reshare start (or its refusal).
+pub fn reshare_started_event(
+    caller: &str,
+    threshold: u32,
+    holders: &[HolderSpec],
+    result: &Result<Progress, UnsealError>,
+) -> EventDraft {
+    let draft = EventDraft::new(caller, "vault.reshare_started")
+        .attr("new_threshold", threshold.to_string())
+        .attr(
+            "new_holders",
+            holders
+                .iter()
+                .map(|h| format!("{}={}", h.name, h.spiffe_id))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    match result {
+        Ok(p) => draft.outcome(Outcome::Success).attr(
+            "plan_id",
+            p.reshare
+                .as_ref()
+                .map(|r| r.plan_id.clone())
+                .unwrap_or_default(),
+        ),
+        Err(e) => draft.outcome(Outcome::Denied).attr("reason", e.to_string()),
+    }
+}
+
+/// The audit event of one reshare submission (never share material).
+pub fn reshare_share_event(
+    caller: &str,
+    plan_id: &str,
+    result: &Result<Reshared, UnsealError>,
+) -> EventDraft {
+    let draft = EventDraft::new(caller, "vault.reshare_share").attr("plan_id", plan_id);
+    match result {
+        Ok(Reshared::Counted(p)) => draft.outcome(Outcome::Success).attr(
+            "received",
+            p.reshare
+                .as_ref()
+                .map_or(0, |r| r.received_from.len())
+                .to_string(),
+        ),
+        Ok(Reshared::Done { .. }) => draft.outcome(Outcome::Success).attr("received", "all"),
+        Err(e) => draft.outcome(Outcome::Denied).attr("reason", e.to_string()),
+    }
+}
+
+/// The audit event of a completed reshare: the old and new split, the new
+/// holders; no share material.
+pub fn reshared_event(old_seal_id: &str, descriptor: &Descriptor) -> EventDraft {
+    EventDraft::new("vault", "vault.reshared")
+        .outcome(Outcome::Success)
+        .attr("old_seal_id", old_seal_id)
+        .attr("seal_id", descriptor.seal_id.clone())
+        .attr("threshold", descriptor.threshold.to_string())
+        .attr(
+            "holders",
+            descriptor
+                .holders
+                .iter()
+                .map(|h| format!("{}={}", h.name, h.spiffe_id))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+}
+
+/// The audit event of a reshare dropped after the timeout.
+pub fn reshare_expired_event(plan_id: &str, dropped: &[String]) -> EventDraft {
+    EventDraft::new("vault", "vault.reshare_expired")
+        .outcome(Outcome::Failure)
+        .attr("plan_id", plan_id)
         .attr("dropped", dropped.join(","))
 }
 

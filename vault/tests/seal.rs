@@ -17,8 +17,10 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use twokey_consent::ssh_key::LineEnding;
+use twokey_consent::{AdminAction, admin_binding, new_id, new_statement, sign_statement};
 use twokey_proto::vault::v1::{
-    EnrollRequest, GenerateCodeRequest, SealStatusRequest, StatusRequest, UnsealRequest,
+    AdminConsent, EnrollRequest, GenerateCodeRequest, ReshareRequest, ReshareResponse, SealRequest,
+    SealStatusRequest, ShareHolder, StartReshareRequest, StatusRequest, UnsealRequest,
     enroll_request::Seed, seal_service_client::SealServiceClient,
 };
 use twokey_runtime::keys::SecretKey;
@@ -107,18 +109,22 @@ impl Sealed {
 
     /// `name`'s share, decrypted with their ssh key as `twokey vault unseal` does.
     fn share(&self, name: &str) -> Vec<u8> {
-        let person = [
-            &self.fx.people.alice,
-            &self.fx.people.bob,
-            &self.fx.people.bea,
-        ]
-        .into_iter()
-        .find(|p| p.name == name)
-        .unwrap();
+        let encrypted = std::fs::read(self.dir.join(format!("{name}.share.age"))).unwrap();
+        self.decrypt(name, &encrypted)
+    }
+
+    /// `encrypted`, decrypted with `name`'s ssh key.
+    fn decrypt(&self, name: &str, encrypted: &[u8]) -> Vec<u8> {
+        let person = self
+            .fx
+            .people
+            .all()
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap();
         let pem = person.key.to_openssh(LineEnding::LF).unwrap();
         let identity = age::ssh::Identity::from_buffer(pem.as_bytes(), None).unwrap();
-        let encrypted = std::fs::read(self.dir.join(format!("{name}.share.age"))).unwrap();
-        age::decrypt(&identity, &encrypted).unwrap()
+        age::decrypt(&identity, encrypted).unwrap()
     }
 
     fn descriptor(&self) -> unseal::Descriptor {
@@ -565,4 +571,512 @@ fn init_key_seal_shamir_writes_shares_and_a_descriptor_but_no_key_and_refuses_ba
     assert!(stderr.contains("--threshold 4 with 3 holders"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!bad.exists());
+}
+
+/// A vault of `s` serving on `audit`, unsealed by alice and bob, with
+/// policy 1 applied and aws-prod-root enrolled.
+async fn opened(s: &Sealed, audit: std::net::SocketAddr) -> Running {
+    let vault = start_vault(s.config(audit)).await;
+    for name in ["alice", "bob"] {
+        submit(&mut s.holder(vault.addr, name), s.share(name))
+            .await
+            .unwrap();
+    }
+    s.fx.apply(vault.addr, 1, &["aws-prod-root"]).await;
+    s.fx.broker_client(vault.addr)
+        .enroll(EnrollRequest {
+            account_id: "aws-prod-root".into(),
+            seed: Some(Seed::Base32Secret(SECRET.into())),
+            grant: Some(s.fx.enroll_grant("aws-prod-root", "adam")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    vault
+}
+
+async fn sealed(fx: &Fixture, addr: std::net::SocketAddr) -> bool {
+    fx.broker_client(addr)
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .sealed
+}
+
+/// `admins`' consent to seal the vault under policy 1, issued `ago`.
+fn seal_consent(admins: &[&twokey_testkit::consent::Person], ago: Duration) -> AdminConsent {
+    let action_id = new_id();
+    AdminConsent {
+        statements: admins
+            .iter()
+            .map(|a| {
+                let statement = new_statement(
+                    1,
+                    a.id(),
+                    std::time::SystemTime::now() - ago,
+                    admin_binding("", AdminAction::SealVault, &action_id),
+                );
+                sign_statement(&a.key, TD, &statement).unwrap()
+            })
+            .collect(),
+    }
+}
+
+async fn seal(
+    client: &mut SealServiceClient<tonic::transport::Channel>,
+    consent: AdminConsent,
+) -> Result<Vec<String>, tonic::Status> {
+    Ok(client
+        .seal(SealRequest {
+            consent: Some(consent),
+        })
+        .await?
+        .into_inner()
+        .admins)
+}
+
+#[tokio::test]
+async fn admins_seal_a_running_vault_and_its_holders_unseal_it_again() {
+    let s = Sealed::new();
+    let events = FakeAudit::default();
+    let audit = start_fake_audit(&s.fx, events.clone()).await;
+    let vault = opened(&s, audit.addr).await;
+    let (adam, anna) = (&s.fx.people.adam, &s.fx.people.anna);
+    let consent = seal_consent(&[adam, anna], Duration::ZERO);
+
+    // Any member of the trust domain may carry the admins' statements.
+    let admins = seal(&mut s.holder(vault.addr, "mallory"), consent.clone())
+        .await
+        .unwrap();
+    assert_eq!(admins, [user("adam"), user("anna")]);
+
+    // Sealed exactly as at a sealed start.
+    assert!(sealed(&s.fx, vault.addr).await);
+    assert_eq!(health(&s.fx, vault.addr).await, ServingStatus::NotServing);
+    let err = a_code(&s.fx, vault.addr).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(
+        err.message(),
+        "vault is sealed: 0 of 2 shares received; holders run `twokey vault unseal --share FILE`"
+    );
+    let event = stored_event(&events, |e| e.action == "vault.sealed").await;
+    assert_eq!(event.attributes["admins"], "adam,anna");
+    assert_eq!(event.actor, format!("{},{}", user("adam"), user("anna")));
+
+    // Sealed already: refused, nothing recorded.
+    let again = seal_consent(&[adam, anna], Duration::ZERO);
+    let err = seal(&mut s.holder(vault.addr, "alice"), again)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(err.message(), "the vault is sealed already");
+
+    // The holders unseal it again (other holders than at start), and the
+    // same key opens the same seeds.
+    for name in ["bea", "alice"] {
+        submit(&mut s.holder(vault.addr, name), s.share(name))
+            .await
+            .unwrap();
+    }
+    assert_eq!(health(&s.fx, vault.addr).await, ServingStatus::Serving);
+    a_code(&s.fx, vault.addr).await.unwrap();
+
+    // The same statements again: the action id is used.
+    let err = seal(&mut s.holder(vault.addr, "alice"), consent)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("already"), "{}", err.message());
+    assert!(!sealed(&s.fx, vault.addr).await);
+}
+
+#[tokio::test]
+async fn a_seal_without_m_admins_fresh_consent_to_seal_is_refused_and_changes_nothing() {
+    let s = Sealed::new();
+    let events = FakeAudit::default();
+    let audit = start_fake_audit(&s.fx, events.clone()).await;
+    let vault = opened(&s, audit.addr).await;
+    let p = &s.fx.people;
+    let mut client = s.holder(vault.addr, "alice");
+    let other_action = |action: AdminAction, account: &str| {
+        let id = new_id();
+        AdminConsent {
+            statements: [&p.adam, &p.anna]
+                .iter()
+                .map(|a| by(a, 1, admin_binding(account, action, &id)))
+                .collect(),
+        }
+    };
+    let cases: Vec<(&str, AdminConsent, Code, &str)> = vec![
+        (
+            "too few admins",
+            seal_consent(&[&p.adam], Duration::ZERO),
+            Code::FailedPrecondition,
+            "seal of the vault needs 2 distinct admins, 1 signed (adam); collect more admin signatures",
+        ),
+        (
+            "a signer who is no admin",
+            seal_consent(&[&p.adam, &p.olivia], Duration::ZERO),
+            Code::PermissionDenied,
+            "admin statement #2: person olivia (spiffe://twokey.test/user/olivia) is not admin",
+        ),
+        (
+            "a statement for another action",
+            other_action(AdminAction::RotateKey, ""),
+            Code::FailedPrecondition,
+            "it consents to rotate-key of the vault, the vault is asked to seal of the vault",
+        ),
+        (
+            "an account action",
+            other_action(AdminAction::Disable, "aws-prod-root"),
+            Code::FailedPrecondition,
+            "disable of account aws-prod-root",
+        ),
+        (
+            "expired statements",
+            seal_consent(&[&p.adam, &p.anna], Duration::from_secs(25 * 3600)),
+            Code::FailedPrecondition,
+            "is out of its time window: signed 900",
+        ),
+        (
+            "no statements",
+            AdminConsent { statements: vec![] },
+            Code::PermissionDenied,
+            "admin statement #1 is missing",
+        ),
+    ];
+    for (what, consent, code, says) in cases {
+        let err = seal(&mut client, consent).await.unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {}", err.message());
+        assert!(err.message().contains(says), "{what}: {}", err.message());
+        assert!(!sealed(&s.fx, vault.addr).await, "{what} sealed the vault");
+    }
+    // Each refusal is audited; none sealed.
+    let refused = stored_event(&events, |e| {
+        e.action == "admin_action.refused" && e.attributes["reason"].contains("sign again")
+    })
+    .await;
+    assert_eq!(refused.attributes["admin_action"], "seal");
+    assert!(
+        !events
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.action == "vault.sealed")
+    );
+    a_code(&s.fx, vault.addr).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_file_mode_cannot_be_sealed_and_has_no_holders() {
+    let fx = Fixture::new();
+    fx.ca
+        .issue_user(TD, "alice")
+        .unwrap()
+        .write(fx.path(), "alice")
+        .unwrap();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let vault = start_vault(fx.vault_config(audit.addr)).await;
+    let mut client = SealServiceClient::new(fx.channel(vault.addr, "alice"));
+    let consent = seal_consent(&[&fx.people.adam, &fx.people.anna], Duration::ZERO);
+    let err = seal(&mut client, consent).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .starts_with("this vault does not run in the shamir seal mode"),
+        "{}",
+        err.message()
+    );
+    let err = client
+        .unseal(UnsealRequest { share: vec![1] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(!sealed(&fx, vault.addr).await);
+}
+
+/// A new holder of a reshare plan, with their own ssh key.
+fn new_holder(s: &Sealed, name: &str) -> ShareHolder {
+    let person =
+        s.fx.people
+            .all()
+            .into_iter()
+            .find(|p| p.name == name)
+            .unwrap();
+    ShareHolder {
+        name: name.into(),
+        spiffe_id: user(name),
+        public_key: person.key.public_key().to_openssh().unwrap(),
+    }
+}
+
+async fn reshare(
+    client: &mut SealServiceClient<tonic::transport::Channel>,
+    plan_id: &str,
+    share: Vec<u8>,
+) -> Result<ReshareResponse, tonic::Status> {
+    Ok(client
+        .reshare(ReshareRequest {
+            plan_id: plan_id.into(),
+            share,
+        })
+        .await?
+        .into_inner())
+}
+
+#[tokio::test]
+async fn reshare_2_of_3_to_3_of_4_keeps_the_key_and_after_a_restart_only_new_shares_unseal() {
+    let s = Sealed::new();
+    for name in ["olivia", "adam"] {
+        s.fx.ca
+            .issue_user(TD, name)
+            .unwrap()
+            .write(s.fx.path(), name)
+            .unwrap();
+    }
+    let events = FakeAudit::default();
+    let audit = start_fake_audit(&s.fx, events.clone()).await;
+    let vault = opened(&s, audit.addr).await;
+    let descriptor = s.dir.join(unseal::DESCRIPTOR_FILE);
+    let before = std::fs::read(&descriptor).unwrap();
+    let old = s.descriptor();
+    let holders: Vec<ShareHolder> = ["alice", "bob", "olivia", "adam"]
+        .iter()
+        .map(|n| new_holder(&s, n))
+        .collect();
+    let plan = |threshold| StartReshareRequest {
+        threshold,
+        holders: holders.clone(),
+    };
+    let (mut alice, mut bob) = (s.holder(vault.addr, "alice"), s.holder(vault.addr, "bob"));
+
+    // Only a current holder starts one; a plan must be a valid split.
+    let err = s
+        .holder(vault.addr, "olivia")
+        .start_reshare(plan(3))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = alice.start_reshare(plan(5)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("--threshold 5 with 4 holders"),
+        "{}",
+        err.message()
+    );
+    let started = alice
+        .start_reshare(plan(3))
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap()
+        .reshare
+        .unwrap();
+    assert_eq!(
+        (started.threshold, started.holders.len()),
+        (3, holders.len())
+    );
+    assert_eq!(started.started_by, user("alice"));
+    let id = started.plan_id;
+    let err = bob.start_reshare(plan(3)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    // K - 1 shares: counted, nothing changed.
+    let counted = reshare(&mut alice, &id, s.share("alice")).await.unwrap();
+    assert!(counted.seal_id.is_empty() && counted.shares.is_empty());
+    assert_eq!(
+        counted.progress.unwrap().reshare.unwrap().received_from,
+        ["alice"]
+    );
+
+    // Wrong, duplicate and foreign shares: refused by name, nothing changed.
+    let err = reshare(&mut alice, &id, s.share("alice"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    assert_eq!(
+        err.message(),
+        "alice's share was received already (a duplicate)"
+    );
+    let err = reshare(&mut bob, &id, s.share("alice")).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "this is alice's share; only alice may submit it"
+    );
+    let foreign = Sealed::new();
+    let err = reshare(&mut bob, &id, foreign.share("bob"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("foreign share"), "{}", err.message());
+    let err = reshare(&mut s.holder(vault.addr, "mallory"), &id, s.share("bob"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = reshare(&mut bob, "0000000000000000", s.share("bob"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message()
+            .starts_with(&format!("the reshare in progress is {id}")),
+        "{}",
+        err.message()
+    );
+    assert_eq!(std::fs::read(&descriptor).unwrap(), before);
+    let status = received_reshare(&mut bob).await;
+    assert_eq!(status, ["alice"]);
+
+    // The K-th share: a new split of the same key, written and in force.
+    let done = reshare(&mut bob, &id, s.share("bob")).await.unwrap();
+    assert_ne!(done.seal_id, old.seal_id);
+    assert_eq!(done.shares.len(), 4);
+    let new = s.descriptor();
+    assert_eq!(new.seal_id, done.seal_id);
+    assert_eq!((new.threshold, new.holders.len()), (3, 4));
+    for share in &done.shares {
+        let file = s
+            .dir
+            .join(&done.seal_id)
+            .join(format!("{}.share.age", share.holder));
+        assert_eq!(std::fs::read(file).unwrap(), share.encrypted);
+    }
+    let progress = done.progress.unwrap();
+    assert!(!progress.sealed && progress.reshare.is_none());
+    assert_eq!(progress.seal_id, done.seal_id);
+    let reshared = stored_event(&events, |e| e.action == "vault.reshared").await;
+    assert_eq!(reshared.attributes["old_seal_id"], old.seal_id);
+    assert_eq!(reshared.attributes["seal_id"], done.seal_id);
+    stored_event(&events, |e| e.action == "vault.reshare_started").await;
+    // Still unsealed and serving.
+    assert!(!sealed(&s.fx, vault.addr).await);
+
+    // After a restart: the old shares are foreign, the new ones unseal.
+    vault.stop().await;
+    let vault = start_vault(s.config(audit.addr)).await;
+    let err = submit(&mut s.holder(vault.addr, "alice"), s.share("alice"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("foreign share"), "{}", err.message());
+    let new_share = |name: &str| {
+        let encrypted = &done
+            .shares
+            .iter()
+            .find(|n| n.holder == name)
+            .unwrap()
+            .encrypted;
+        s.decrypt(name, encrypted)
+    };
+    for name in ["olivia", "adam"] {
+        submit(&mut s.holder(vault.addr, name), new_share(name))
+            .await
+            .unwrap();
+    }
+    assert!(
+        sealed(&s.fx, vault.addr).await,
+        "2 of the new 3 unseal nothing"
+    );
+    submit(&mut s.holder(vault.addr, "bob"), new_share("bob"))
+        .await
+        .unwrap();
+    assert!(!sealed(&s.fx, vault.addr).await);
+    // The same master key: the seed enrolled before the reshare gives codes.
+    a_code(&s.fx, vault.addr).await.unwrap();
+}
+
+async fn received_reshare(
+    client: &mut SealServiceClient<tonic::transport::Channel>,
+) -> Vec<String> {
+    client
+        .seal_status(SealStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .progress
+        .unwrap()
+        .reshare
+        .map(|r| r.received_from)
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_reshare_needs_an_unsealed_vault_and_expires_with_its_shares() {
+    let s = Sealed::new();
+    let path = s.dir.join(unseal::DESCRIPTOR_FILE);
+    let before = std::fs::read(&path).unwrap();
+    let unsealer =
+        Unsealer::new(s.descriptor(), Duration::from_secs(600)).with_descriptor_file(path.clone());
+    let holders: Vec<HolderSpec> = ["alice", "bob", "bea"]
+        .iter()
+        .map(|n| {
+            let h = new_holder(&s, n);
+            HolderSpec::checked(&h.name, &h.spiffe_id, &h.public_key).unwrap()
+        })
+        .collect();
+    let t0 = Instant::now();
+    assert_eq!(
+        unsealer
+            .start_reshare(&user("alice"), 3, holders.clone(), t0)
+            .unwrap_err(),
+        UnsealError::SealedForReshare
+    );
+    unsealer
+        .submit(&user("alice"), &s.share("alice"), t0)
+        .unwrap();
+    assert!(matches!(
+        unsealer.submit(&user("bob"), &s.share("bob"), t0),
+        Ok(Submitted::Unsealed(..))
+    ));
+    let p = unsealer
+        .start_reshare(&user("alice"), 3, holders, t0)
+        .unwrap();
+    let plan = p.reshare.unwrap().plan_id;
+    unsealer
+        .submit_reshare(&user("bea"), &plan, &s.share("bea"), t0)
+        .unwrap();
+    // Still there just before the timeout; gone at it, saying whose.
+    assert_eq!(
+        unsealer.expire_reshare_at(t0 + Duration::from_secs(599)),
+        None
+    );
+    assert_eq!(
+        unsealer.expire_reshare_at(t0 + Duration::from_secs(600)),
+        Some((plan.clone(), vec!["bea".to_owned()]))
+    );
+    // A late share completes nothing.
+    assert_eq!(
+        unsealer
+            .submit_reshare(
+                &user("alice"),
+                &plan,
+                &s.share("alice"),
+                t0 + Duration::from_secs(601)
+            )
+            .unwrap_err(),
+        UnsealError::NoReshare
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // A seal drops a reshare in progress too.
+    let p = unsealer
+        .start_reshare(
+            &user("alice"),
+            2,
+            vec![
+                HolderSpec::checked("alice", &user("alice"), &new_holder(&s, "alice").public_key)
+                    .unwrap(),
+                HolderSpec::checked("bob", &user("bob"), &new_holder(&s, "bob").public_key)
+                    .unwrap(),
+            ],
+            t0 + Duration::from_secs(601),
+        )
+        .unwrap();
+    assert!(p.reshare.is_some());
+    let sealed = unsealer.seal().unwrap();
+    assert!(sealed.sealed && sealed.reshare.is_none());
+    assert_eq!(unsealer.seal().unwrap_err(), UnsealError::SealedAlready);
 }
