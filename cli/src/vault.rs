@@ -210,6 +210,7 @@ mod tests {
             threshold: 2,
             holders: 3,
             received_from: vec!["alice".into()],
+            ..Default::default()
         };
         assert_eq!(human(&p), "sealed: 1 of 2 shares received, from alice");
         let p = SealProgress {
