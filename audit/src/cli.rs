@@ -233,6 +233,12 @@ pub fn verify_store(
             problem.why
         );
     }
+    // What the journal holds beyond the tiles (a crash before they were
+    // written) is checked and verified with them, read only.
+    let journal = crate::journal::Journal::read(data_dir, store.size())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let replayed = crate::journal::replay_into(&store, &journal.replay)
+        .map_err(|e| anyhow::anyhow!("the store in {} does not verify: {e}", data_dir.display()))?;
     let size = store.size();
     if size < checkpoint.size {
         anyhow::bail!(
@@ -259,9 +265,38 @@ pub fn verify_store(
             hex::encode(checkpoint.root)
         );
     }
+    // The journal's newest checkpoint, signed after the file's, too.
+    if let Some(note) = &journal.newest_checkpoint {
+        let (text, _) = twokey_tlog::checkpoint::split_note(note)
+            .context("the journal's newest checkpoint is not a signed note")?;
+        let newest = match verifier {
+            Some(v) => v
+                .open_checkpoint(note)
+                .with_context(|| format!("the journal's newest checkpoint is not signed by {v}"))?,
+            None => Checkpoint::parse_body(text)
+                .context("the journal's newest checkpoint is not a checkpoint")?,
+        };
+        if newest.size > size
+            || subtree_root(0, newest.size, &mut |l, i| store.node(l, i))? != newest.root
+        {
+            anyhow::bail!(
+                "the store in {} does not verify: the journal's newest checkpoint (size {}, root \
+                 {}) does not match the entries; restore the data directory from a backup",
+                data_dir.display(),
+                newest.size,
+                hex::encode(newest.root)
+            );
+        }
+    }
+    let journaled = if replayed > 0 {
+        format!(" ({replayed} of them from the journal, not yet in the tiles)")
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "verified {size} entries in {}: every entry hashes to its leaf hash and every tile to its \
-         place in the level above; root {}; the checkpoint {} (size {}, root {}) matches, {signature}",
+        "verified {size} entries{journaled} in {}: every entry hashes to its leaf hash and every \
+         tile to its place in the level above; root {}; the checkpoint {} (size {}, root {}) \
+         matches, {signature}",
         data_dir.display(),
         hex::encode(root),
         head.display(),

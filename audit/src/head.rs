@@ -51,6 +51,9 @@ pub struct TreeHeadFile {
     path: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     head: Option<TreeHead>,
+    /// The size of the head in the file (0 for none): with a journal the
+    /// head is durable in the journal first and reaches the file later.
+    persisted: u64,
     /// Whether the file was absent when loaded.
     missing: bool,
 }
@@ -98,6 +101,7 @@ impl TreeHeadFile {
                     path: Some(path),
                     data_dir: None,
                     head: None,
+                    persisted: 0,
                     missing: true,
                 });
             }
@@ -125,6 +129,7 @@ impl TreeHeadFile {
                 root: checkpoint.root,
                 note,
             }),
+            persisted: checkpoint.size,
             missing: false,
         })
     }
@@ -178,16 +183,41 @@ impl TreeHeadFile {
                 ))
             })?;
         }
+        self.persisted = head.size;
         self.head = Some(head);
         self.missing = false;
         Ok(true)
+    }
+
+    /// Records `head` if it is larger than the one kept, without writing
+    /// the file: the caller made it durable in the journal
+    /// ([`crate::journal`]) and writes the file later
+    /// ([`TreeHeadFile::persisted`]).
+    /// Returns whether it was larger.
+    pub fn record_journaled(&mut self, head: TreeHead) -> bool {
+        if head.size == 0 || self.head.as_ref().is_some_and(|h| h.size >= head.size) {
+            return false;
+        }
+        self.head = Some(head);
+        self.missing = false;
+        true
+    }
+
+    /// The size of the head in the file (0 for none).
+    pub fn persisted_size(&self) -> u64 {
+        self.persisted
+    }
+
+    /// The file now holds a head of `size` entries.
+    pub fn persisted(&mut self, size: u64) {
+        self.persisted = self.persisted.max(size);
     }
 }
 
 /// Replaces `path` with `bytes`: a temporary file in the same directory,
 /// synced, renamed over `path`, and the directory synced, so that after a
 /// crash the file holds either the old or the new content, durably.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".tmp");

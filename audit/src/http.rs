@@ -130,7 +130,20 @@ impl<S: LogStore> HttpApi<S> {
                 format!("{EVENTS_PATH} takes POST with one EventBridge event"),
             ),
             (&Method::GET, path) if tiles_http::is_log_path(path) => {
-                tiles_http::get(&self.log_dir, path, self.reader(caller)).await
+                let reader = self.reader(caller);
+                // The files lag the journal by up to an apply interval:
+                // a reader sees what gRPC shows.
+                if reader != tiles_http::Reader::Stranger
+                    && let Err(e) = self.log.apply().await
+                {
+                    tracing::error!("cannot apply the journal before serving {path}: {e}");
+                    return error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "unavailable",
+                        "the log's files cannot be brought up to date; try again later",
+                    );
+                }
+                tiles_http::get(&self.log_dir, path, reader).await
             }
             (_, path) if tiles_http::is_log_path(path) => error(
                 StatusCode::METHOD_NOT_ALLOWED,

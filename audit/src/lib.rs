@@ -3,7 +3,7 @@
 //! inclusion and consistency proofs, queries for auditors, and offline
 //! verification of exported logs.
 //!
-//! Domain: [`merkle`], [`checkpoint`], [`head`], [`store`], [`service`], [`append`],
+//! Domain: [`merkle`], [`checkpoint`], [`head`], [`store`], [`journal`], [`service`], [`append`],
 //! [`verify`], [`reconcile`] (CloudTrail sign-ins against released codes,
 //! findings appended as a source of their own) — no tonic. Edges: [`grpc`],
 //! [`http`] (the optional HTTP listener), [`convert`], [`config`], [`cli`]
@@ -20,6 +20,7 @@ pub mod error;
 pub mod grpc;
 pub mod head;
 pub mod http;
+pub mod journal;
 pub mod merkle;
 pub mod reconcile;
 pub mod service;
@@ -95,6 +96,9 @@ pub async fn serve(
             "index rebuilt from the tiles"
         );
     }
+    // The journal, read from what the store holds durably on.
+    let journal = journal::Journal::open(&config.data_dir, store::LogStore::size(&store))
+        .map_err(StartError::refused)?;
     let log = Arc::new(
         AuditLog::new(
             store,
@@ -103,9 +107,11 @@ pub async fn serve(
             signer,
             Arc::new(SystemClock),
         )
-        .with_tree_head(head),
+        .with_tree_head(head)
+        .with_journal(journal),
     );
     log.recover().await.map_err(StartError::refused)?;
+    log.spawn_applier();
     tracing::info!(
         entries = log.size(),
         sources = config.sources.len(),
@@ -149,6 +155,7 @@ pub async fn serve(
         .as_ref()
         .map(|r| r.readers.clone())
         .unwrap_or_default();
+    let last_apply = log.clone();
     let grpc = AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone()))
         .with_shutdown(stop_rx)
         .with_finding_readers(
@@ -170,6 +177,9 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming(listener, tls), shutdown)
         .await
         .map_err(ServeError::from)?;
+    // A clean stop leaves the journal applied: tiles, indexes and the
+    // checkpoint file hold every acknowledged entry.
+    last_apply.apply().await.map_err(StartError::refused)?;
     Ok(())
 }
 

@@ -6,6 +6,13 @@
 //! source, for an event naming that source and signed by its key. Only
 //! entries made durable are visible to queries, checkpoints and proofs, so
 //! nothing signed can be lost by a crash.
+//!
+//! With a journal ([`crate::journal`], as the service runs), a group commit
+//! is one journal record — the group's entries and the checkpoint signed
+//! over them — and one `fdatasync`; the store writes its tiles and indexes
+//! and the checkpoint file is written afterwards, in the background
+//! ([`AuditLog::apply`]), and a start replays what the journal holds
+//! beyond them ([`AuditLog::recover`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -27,6 +34,8 @@ use twokey_runtime::{
     time::{Clock, to_timestamp},
 };
 
+#[cfg(test)]
+mod journaled;
 mod restore;
 pub use restore::RestoreProgress;
 
@@ -34,6 +43,7 @@ use crate::{
     checkpoint::{Checkpoint, CheckpointSigner, split_note},
     error::AuditError,
     head::{TreeHead, TreeHeadFile},
+    journal::{self, Journal, Record},
     merkle::{self, Hash, leaf_hash},
     store::{LogStore, Walk},
 };
@@ -237,6 +247,35 @@ pub struct AuditLog<S> {
     /// A restore in progress: the log holds fewer entries than a checkpoint
     /// it signed, shown by a source ([`crate::restore`]).
     restore: Mutex<Option<restore::Restore>>,
+    /// The journal, when the log keeps one.
+    journal: Option<Journaling>,
+}
+
+/// How long the applier waits after a journal record before it applies
+/// what the journal holds, so one apply covers many group commits.
+pub const APPLY_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A log's journal and what goes with it.
+#[derive(Debug)]
+struct Journaling {
+    journal: Arc<Mutex<Journal>>,
+    /// Entries staged since the last record, in index order.
+    pending: Mutex<Vec<journal::Entry>>,
+    /// What the journal held beyond the store when opened, and its newest
+    /// checkpoint, until [`AuditLog::recover`] replays it.
+    replay: Mutex<Option<(Vec<Record>, Option<String>)>>,
+    /// One apply at a time.
+    apply: tokio::sync::Mutex<()>,
+    /// Wakes the applier after a record.
+    wake: Arc<tokio::sync::Notify>,
+    /// Entries the tiles, sled and the checkpoint file hold durably.
+    applied: AtomicU64,
+    /// Applies run so far.
+    applies: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The witness name of a source: its SPIFFE ID without the scheme (a
@@ -271,7 +310,40 @@ impl<S: LogStore> AuditLog<S> {
             signed: tokio::sync::watch::Sender::new(0),
             cosignatures: Mutex::new(BTreeMap::new()),
             restore: Mutex::new(None),
+            journal: None,
         }
+    }
+
+    /// The log keeps `opened` as its journal: each group commit is one
+    /// record and one sync there, and [`AuditLog::recover`] replays what it
+    /// held beyond the store. Run [`AuditLog::spawn_applier`] once serving.
+    pub fn with_journal(mut self, opened: journal::Opened) -> Self {
+        let applied = opened.journal.applied();
+        self.journal = Some(Journaling {
+            journal: Arc::new(Mutex::new(opened.journal)),
+            pending: Mutex::new(Vec::new()),
+            replay: Mutex::new(Some((opened.replay, opened.newest_checkpoint))),
+            apply: tokio::sync::Mutex::new(()),
+            wake: Arc::new(tokio::sync::Notify::new()),
+            applied: AtomicU64::new(applied),
+            applies: AtomicU64::new(0),
+        });
+        self
+    }
+
+    /// Entries the tiles, sled and checkpoint file hold durably (with a
+    /// journal; without one, every durable entry).
+    pub fn applied_size(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or_else(|| self.size(), |j| j.applied.load(Ordering::SeqCst))
+    }
+
+    /// How many applies of the journal ran.
+    pub fn apply_count(&self) -> u64 {
+        self.journal
+            .as_ref()
+            .map_or(0, |j| j.applies.load(Ordering::Relaxed))
     }
 
     /// Watches the size of the largest tree head signed.
@@ -387,12 +459,33 @@ impl<S: LogStore> AuditLog<S> {
     /// file is written from the store as it is (and a log line says so).
     /// An attacker who deletes the file gets the same treatment; only
     /// witnesses that remember the log's checkpoints close that gap.
+    ///
+    /// With a journal, the entries it holds beyond the store are staged
+    /// again first (each checked: the entries the store holds too must be
+    /// the same, the others must follow on in each source's sequence), and
+    /// its newest checkpoint, checked against this log's key, counts as
+    /// signed; the store and the checkpoint file are then written from them.
     pub async fn recover(&self) -> Result<(), AuditError> {
+        let before = self.store.size();
+        if let Err(e) = self.replay() {
+            // A store cut back under its signed head says more than the
+            // journal that no longer follows on from it.
+            self.check_stored_log(before)?;
+            return Err(e);
+        }
         let size = self.store.size();
         self.check_stored_log(size)?;
         self.store.discard_uncommitted()?;
         self.store.sync().await?;
         self.durable.fetch_max(size, Ordering::SeqCst);
+        if let Some(j) = &self.journal {
+            let head = self.head().head().cloned();
+            if let Some(head) = head {
+                self.persist_head(&head).await?;
+            }
+            lock(&j.journal).set_applied(size);
+            j.applied.fetch_max(size, Ordering::SeqCst);
+        }
         let missing = self.head().was_missing();
         if missing && size > 0 {
             let location = self.head().location();
@@ -406,6 +499,125 @@ impl<S: LogStore> AuditLog<S> {
             self.checkpoint()?;
         }
         Ok(())
+    }
+
+    /// Stages the entries the journal holds beyond the store (see
+    /// [`AuditLog::recover`]); nothing when the store found itself damaged
+    /// at open, which [`AuditLog::check_stored_log`] then reports.
+    fn replay(&self) -> Result<(), AuditError> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let Some((records, newest)) = lock(&j.replay).take() else {
+            return Ok(());
+        };
+        if self.store.check().is_err() {
+            return Ok(());
+        }
+        let replayed = journal::replay_into(&self.store, &records)?;
+        if let Some(note) = newest {
+            let verifier = self.signer.verifier();
+            let cp = verifier.open_checkpoint(&note).map_err(|e| {
+                AuditError::HeadFile(format!(
+                    "the newest checkpoint in the journal is not signed by this log's key \
+                     {verifier}: {e}. The journal was altered, or the checkpoint key or origin \
+                     changed; restore the data directory from a backup"
+                ))
+            })?;
+            self.head().record_journaled(TreeHead {
+                size: cp.size,
+                root: cp.root,
+                note,
+            });
+        }
+        if replayed > 0 {
+            tracing::info!(
+                entries = replayed,
+                size = self.store.size(),
+                "entries replayed from the journal"
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes `head` to the checkpoint file if the file holds a smaller one.
+    async fn persist_head(&self, head: &TreeHead) -> Result<(), AuditError> {
+        let path = {
+            let file = self.head();
+            if head.size <= file.persisted_size() {
+                return Ok(());
+            }
+            file.path().map(std::path::Path::to_path_buf)
+        };
+        if let Some(path) = path {
+            let note = head.note.clone();
+            let at = path.clone();
+            tokio::task::spawn_blocking(move || {
+                twokey_runtime::durable::fail_stop(&at, || {
+                    crate::head::write_atomically(&at, note.as_bytes())
+                })
+            })
+            .await
+            .map_err(|e| AuditError::Store(format!("the checkpoint file task failed: {e}")))?
+            .map_err(|e| {
+                AuditError::Store(format!(
+                    "cannot write the tree head of {} entries to {}: {e}; free space or fix the \
+                     permissions of the data directory",
+                    head.size,
+                    path.display()
+                ))
+            })?;
+        }
+        self.head().persisted(head.size);
+        Ok(())
+    }
+
+    /// Writes what the journal holds to the store (tiles, sled indexes,
+    /// each synced) and the checkpoint file, then lets the journal reuse
+    /// the segments they now hold. Runs in the background
+    /// ([`AuditLog::spawn_applier`]), when the journal is full, and at
+    /// shutdown; a no-op without a journal or with nothing new.
+    pub async fn apply(&self) -> Result<(), AuditError> {
+        let Some(j) = &self.journal else {
+            return Ok(());
+        };
+        let _one = j.apply.lock().await;
+        // Everything up to the largest signed head is journaled and staged
+        // in the store, so the store's sync below covers it.
+        let Some(head) = self.head().head().cloned() else {
+            return Ok(());
+        };
+        if head.size <= j.applied.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.store.sync().await?;
+        self.persist_head(&head).await?;
+        lock(&j.journal).set_applied(head.size);
+        j.applied.fetch_max(head.size, Ordering::SeqCst);
+        j.applies.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Starts the task that applies the journal [`APPLY_EVERY`] after a
+    /// record (see [`AuditLog::apply`]); it ends when the log is dropped.
+    pub fn spawn_applier(self: &Arc<Self>) {
+        let Some(j) = &self.journal else {
+            return;
+        };
+        let wake = j.wake.clone();
+        let log = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                wake.notified().await;
+                tokio::time::sleep(APPLY_EVERY).await;
+                let Some(log) = log.upgrade() else {
+                    return;
+                };
+                if let Err(e) = log.apply().await {
+                    tracing::error!("cannot apply the journal to the store: {e}");
+                }
+            }
+        });
     }
 
     /// Checks the `size` stored entries against the signed tree head: the
@@ -594,11 +806,22 @@ impl<S: LogStore> AuditLog<S> {
             event: Some(event),
             received_at: Some(to_timestamp(self.clock.now())),
         };
-        self.store.append(&entry, &leaf_hash(&leaf_data))?;
+        self.stage(&entry, leaf_data)?;
         Ok(PendingAck {
             ack: Ack::Stored { seq, index },
             needs_sync_below: Some(index + 1),
         })
+    }
+
+    /// Writes `entry` (leaf data `data`) to the store and, with a journal,
+    /// keeps it for the next record. Caller holds the write lock.
+    fn stage(&self, entry: &LogEntry, data: Vec<u8>) -> Result<(), AuditError> {
+        self.store.append(entry, &leaf_hash(&data))?;
+        if let Some(j) = &self.journal {
+            let received_at = entry.received_at.as_ref().map(|t| (t.seconds, t.nanos));
+            lock(&j.pending).push(journal::Entry { data, received_at });
+        }
+        Ok(())
     }
 
     /// Waits until a pending append is durable and returns its answer.
@@ -620,11 +843,75 @@ impl<S: LogStore> AuditLog<S> {
         if self.durable.load(Ordering::SeqCst) >= size {
             return Ok(());
         }
-        let covered = self.store.size();
-        self.store.sync().await?;
+        let covered = match &self.journal {
+            Some(j) => self.journal_group(j).await?,
+            None => {
+                let covered = self.store.size();
+                self.store.sync().await?;
+                covered
+            }
+        };
         self.syncs.fetch_add(1, Ordering::Relaxed);
         self.durable.fetch_max(covered, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// One group commit with a journal: the entries staged since the last
+    /// record and a checkpoint signed over them (checked against the
+    /// largest signed head first) in one record, one `fdatasync`; then the
+    /// checkpoint is the largest signed head. Returns the size covered.
+    /// On failure the entries stay staged for the next group.
+    async fn journal_group(&self, j: &Journaling) -> Result<u64, AuditError> {
+        let (first, entries) = {
+            let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+            let entries = std::mem::take(&mut *lock(&j.pending));
+            (self.store.size() - entries.len() as u64, entries)
+        };
+        let covered = first + entries.len() as u64;
+        if entries.is_empty() {
+            return Ok(covered);
+        }
+        let put_back = |entries: Vec<journal::Entry>| {
+            let mut pending = lock(&j.pending);
+            let later = std::mem::replace(&mut *pending, entries);
+            pending.extend(later);
+        };
+        let head = match self.sign_checked(&self.head(), covered) {
+            Ok(head) => head,
+            Err(e) => {
+                put_back(entries);
+                return Err(e);
+            }
+        };
+        let records = Arc::new(Record::group(first, entries, Some(head.note.clone())));
+        let written = loop {
+            let (journal, r) = (j.journal.clone(), records.clone());
+            let done = tokio::task::spawn_blocking(move || lock(&journal).append(&r))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(AuditError::Store(format!("the journal task failed: {e}")))
+                });
+            match done {
+                Ok(true) => break Ok(()),
+                // Every segment holds records not yet applied.
+                Ok(false) => {
+                    if let Err(e) = self.apply().await {
+                        break Err(e);
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        if let Err(e) = written {
+            let records = Arc::try_unwrap(records).unwrap_or_else(|a| (*a).clone());
+            put_back(records.into_iter().flat_map(|r| r.entries).collect());
+            return Err(e);
+        }
+        let size = head.size;
+        self.head().record_journaled(head);
+        self.note_signed(size);
+        j.wake.notify_one();
+        Ok(covered)
     }
 
     /// How many syncs appends have waited for so far.
@@ -709,6 +996,27 @@ impl<S: LogStore> AuditLog<S> {
         self.refuse_while_restoring()?;
         let mut head = self.head();
         let size = self.size();
+        let signed = self.sign_checked(&head, size)?;
+        let root = signed.root;
+        let note = signed.note.clone();
+        head.record(signed)?;
+        drop(head);
+        self.note_signed(size);
+        Ok(SignedCheckpoint { note, size, root })
+    }
+
+    /// Tells open append streams that a head of `size` entries is signed.
+    fn note_signed(&self, size: u64) {
+        self.signed.send_if_modified(|s| {
+            let grew = size > *s;
+            *s = (*s).max(size);
+            grew
+        });
+    }
+
+    /// A checkpoint of the first `size` entries, signed, if they extend
+    /// `head` (same root at its size); see [`AuditLog::checkpoint`].
+    fn sign_checked(&self, head: &TreeHeadFile, size: u64) -> Result<TreeHead, AuditError> {
         let root = self.mth(0, size)?;
         if let Some(signed) = head.head() {
             let found = if size < signed.size {
@@ -751,18 +1059,7 @@ impl<S: LogStore> AuditLog<S> {
             size,
             root,
         })?;
-        head.record(TreeHead {
-            size,
-            root,
-            note: note.clone(),
-        })?;
-        drop(head);
-        self.signed.send_if_modified(|s| {
-            let grew = size > *s;
-            *s = (*s).max(size);
-            grew
-        });
-        Ok(SignedCheckpoint { note, size, root })
+        Ok(TreeHead { size, root, note })
     }
 
     /// A checkpoint over every durable entry (see [`AuditLog::checkpoint`])

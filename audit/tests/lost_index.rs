@@ -13,7 +13,8 @@ use common::*;
 use twokey_audit::store::tiles::LOG_DIR;
 use twokey_proto::audit::v1::AppendStatus;
 
-/// Removes everything of the data directory but the tiles and checkpoint.
+/// Removes everything of the data directory but the tiles and checkpoint
+/// (sled, and the journal with it).
 fn lose_sled(data: &Path) {
     for e in std::fs::read_dir(data).unwrap() {
         let e = e.unwrap();
@@ -47,7 +48,9 @@ async fn a_lost_sled_is_rebuilt_from_intact_tiles_and_the_log_goes_on() {
     let before = checkpoint(&mut carol).await;
     assert_eq!(before.tree_size, 20);
     let entries = query_all(&mut carol).await;
-    drop(child);
+    // Stopped cleanly: the tiles and checkpoint file hold every entry (a
+    // crash leaves the newest in the journal, lost here with sled).
+    child.stop().await;
 
     lose_sled(&env.config.data_dir);
     let (child, addr) = start(&serve_flags(&env)).await;
@@ -115,7 +118,7 @@ async fn a_lost_sled_over_altered_tiles_is_refused_at_start() {
     }
     let signed = checkpoint(&mut env.client(addr, "carol")).await;
     assert_eq!(signed.tree_size, 12);
-    drop(child);
+    child.stop().await;
 
     lose_sled(&env.config.data_dir);
     // A leaf hash changed in the level-0 tile: another root.

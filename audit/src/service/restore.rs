@@ -367,16 +367,14 @@ impl<S: LogStore> AuditLog<S> {
         }
         let now = to_timestamp(self.clock.now());
         for (index, signed, event) in decoded {
-            let leaf = leaf_hash(&signed.encode_to_vec());
+            let data = signed.encode_to_vec();
             let entry = LogEntry {
                 index,
                 signed_event: Some(signed),
                 event: Some(event),
                 received_at: Some(now),
             };
-            self.store
-                .append(&entry, &leaf)
-                .map_err(|e| e.to_string())?;
+            self.stage(&entry, data).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

@@ -703,6 +703,36 @@ impl TileStore {
     }
 }
 
+/// Merges two key-ordered walks (descending when `rev`) into one, a key
+/// in both once (the staged value).
+fn merge_keys(
+    stored: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), AuditError>> + Send,
+    staged: impl Iterator<Item = (Vec<u8>, Vec<u8>)> + Send,
+    rev: bool,
+) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), AuditError>> + Send {
+    let mut stored = stored.peekable();
+    let mut staged = staged.peekable();
+    std::iter::from_fn(move || {
+        let order = match (stored.peek(), staged.peek()) {
+            (None, None) => return None,
+            (Some(Err(_)), _) | (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (Some(Ok((a, _))), Some((b, _))) => {
+                let o = a.cmp(b);
+                if rev { o.reverse() } else { o }
+            }
+        };
+        match order {
+            std::cmp::Ordering::Less => stored.next(),
+            std::cmp::Ordering::Greater => staged.next().map(Ok),
+            std::cmp::Ordering::Equal => {
+                stored.next();
+                staged.next().map(Ok)
+            }
+        }
+    })
+}
+
 fn io(path: &Path, what: &str, e: std::io::Error) -> AuditError {
     AuditError::Store(format!(
         "cannot {what} {}: {e}; check the disk and the permissions of the data directory",
@@ -1126,17 +1156,29 @@ impl LogStore for TileStore {
                         high.extend_from_slice(&[0xff; 9]);
                     }
                 }
+                // Keys staged since the last sync (a journal acknowledges
+                // entries before the store syncs) merged with sled's, in
+                // key order; a key in both (mid-sync) once.
+                let staged: Vec<(Vec<u8>, Vec<u8>)> = self
+                    .state()
+                    .staged
+                    .range(low.clone()..high.clone())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
                 let range = self.inner.meta.range(low..high);
-                let parse =
-                    |item: sled::Result<(sled::IVec, sled::IVec)>| -> Result<u64, AuditError> {
-                        let (_, v) = item?;
-                        read_u64(&v, "leaf index")
-                    };
-                Ok(if newest_first {
-                    Box::new(range.rev().map(parse))
+                let stored = range.map(|item| -> Result<(Vec<u8>, Vec<u8>), AuditError> {
+                    let (k, v) = item?;
+                    Ok((k.to_vec(), v.to_vec()))
+                });
+                let merged: Box<dyn Iterator<Item = _> + Send> = if newest_first {
+                    Box::new(merge_keys(stored.rev(), staged.into_iter().rev(), true))
                 } else {
-                    Box::new(range.map(parse))
-                })
+                    Box::new(merge_keys(stored, staged.into_iter(), false))
+                };
+                Ok(Box::new(merged.map(|item| {
+                    let (_, v) = item?;
+                    read_u64(&v, "leaf index")
+                })))
             }
             index::Walk::Time { .. } => {
                 let start = match start {

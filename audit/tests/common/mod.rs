@@ -283,6 +283,21 @@ impl Drop for Running {
     }
 }
 
+impl Running {
+    /// Stops the binary as a supervisor does (SIGTERM) and waits until it
+    /// exits, which it does after applying its journal; panics if it
+    /// failed.
+    pub async fn stop(mut self) {
+        let pid = self.0.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        let status = tokio::task::spawn_blocking(move || self.0.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(status.success(), "twokey-audit exited with {status}");
+    }
+}
+
 /// Starts the binary and waits for its "listening on" line.
 pub async fn start(flags: &[String]) -> (Running, SocketAddr) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_twokey-audit"));
