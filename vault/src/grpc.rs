@@ -583,6 +583,8 @@ impl<S: VaultStore> SealService for SealGrpc<S> {
     ) -> Result<Response<StartReshareResponse>, Status> {
         let caller = self.member(&request)?;
         let unsealer = self.unsealer()?;
+        // A timed-out plan is dropped (and audited) before a new one starts.
+        self.progress(unsealer).await;
         let request = request.into_inner();
         let holders: Vec<HolderSpec> = request
             .holders
@@ -626,6 +628,8 @@ impl<S: VaultStore> SealService for SealGrpc<S> {
     ) -> Result<Response<ReshareResponse>, Status> {
         let caller = self.member(&request)?;
         let unsealer = self.unsealer()?.clone();
+        // A timed-out plan is dropped (and audited) before this share.
+        self.progress(&unsealer).await;
         let request = request.into_inner();
         let plan_id = request.plan_id;
         let share = zeroize::Zeroizing::new(request.share);
