@@ -12,6 +12,7 @@ pub mod code;
 pub mod completions;
 pub mod demo;
 pub mod error;
+pub mod holder;
 pub mod output;
 pub mod pin;
 pub mod pki;

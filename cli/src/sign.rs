@@ -30,6 +30,7 @@ use twokey_consent::{
 };
 
 use twokey_proto::broker::v1::{GetRequestRequest, Request, WhoAmIRequest};
+use zeroize::Zeroizing;
 
 use crate::{
     error::{CliError, Target},
@@ -227,6 +228,56 @@ impl SshSigner {
         sig.to_pem(LineEnding::LF)
             .map(String::into_bytes)
             .map_err(|e| CliError::Input(format!("cannot armor the signature: {e}")))
+    }
+
+    /// A plain Ed25519 signature (RFC 8032, deterministic) over `data`, no
+    /// sshsig framing: from the key file, or from the agent and then
+    /// verified against the public key. Only for `ssh-ed25519` keys; the
+    /// caller keeps the data apart from every other use of the key.
+    pub fn sign_ed25519(&self, data: &[u8]) -> Result<Zeroizing<[u8; 64]>, CliError> {
+        let public = self
+            .public
+            .key_data()
+            .ed25519()
+            .ok_or_else(|| key_error(&self.path, "it is not an ssh-ed25519 key"))?;
+        let signature = match &self.source {
+            Source::File(key) => {
+                let pair = key
+                    .key_data()
+                    .ed25519()
+                    .ok_or_else(|| key_error(&self.path, "it is not an ssh-ed25519 key"))?;
+                let seed = Zeroizing::new(pair.private.to_bytes());
+                let signing = ed25519_dalek::SigningKey::from_bytes(&seed);
+                Zeroizing::new(ed25519_dalek::Signer::sign(&signing, data).to_bytes())
+            }
+            Source::Agent(sock) => {
+                let signature = self.agent_sign(sock, data)?;
+                let bytes = <[u8; 64]>::try_from(signature.as_bytes()).map_err(|_| {
+                    CliError::Input(format!(
+                        "the agent at {} answered with a signature that is not Ed25519",
+                        sock.display()
+                    ))
+                })?;
+                Zeroizing::new(bytes)
+            }
+        };
+        let verifying = ed25519_dalek::VerifyingKey::from_bytes(&public.0)
+            .map_err(|_| key_error(&self.path, "its public key is not a valid Ed25519 point"))?;
+        verifying
+            .verify_strict(data, &ed25519_dalek::Signature::from_bytes(&signature))
+            .map_err(|_| {
+                CliError::Input(format!(
+                    "the signature from {} does not verify with {} ({})",
+                    if self.via_agent() {
+                        "the agent"
+                    } else {
+                        "the key file"
+                    },
+                    self.path.display(),
+                    self.fingerprint()
+                ))
+            })?;
+        Ok(signature)
     }
 
     /// Signs a consent statement under `twokey-consent@<trust domain>`.

@@ -1,5 +1,6 @@
-//! `twokey vault unseal|status`: a share holder decrypts their share of a
-//! `shamir`-sealed vault locally with their OpenSSH key file (age) and
+//! `twokey vault unseal|status|holder-key`: a share holder decrypts their
+//! share of a `shamir`-sealed vault locally — with their OpenSSH key file
+//! (age), or with the key derived through ssh-agent (`holder`) — and
 //! submits it to the vault over mTLS with their own certificate; anyone of
 //! the trust domain can ask how far unsealing is.
 
@@ -21,11 +22,17 @@ use crate::{
 /// The vault's seal: unseal it with your share, or see where it stands.
 #[derive(Debug, Subcommand)]
 pub enum VaultCommand {
-    /// Decrypt your share (`<name>.share.age`) with your ssh-ed25519 key
-    /// file and submit it. The key must be a file: ssh-agent cannot do the
-    /// X25519 decryption age needs (it only signs), so an agent-held key
-    /// cannot decrypt a share.
+    /// Decrypt your share (`<name>.share.age`) and submit it: with your
+    /// ssh-ed25519 key file when the share was encrypted to that key, or,
+    /// with `--ssh-agent`, with the key `holder-key` derived through the
+    /// agent when it was encrypted to that `age1…` recipient.
     Unseal(UnsealArgs),
+    /// Print your share recipient (`age1…`) for `twokey-vault init-key
+    /// --holder NAME=SPIFFE_ID=FILE`: derived from your ssh-ed25519 key's
+    /// signature of a fixed challenge, through ssh-agent (`--ssh-agent`) or
+    /// the key file, so a key that lives only in the agent can decrypt the
+    /// share. The signature never leaves this machine.
+    HolderKey(HolderKeyArgs),
     /// Sealed or unsealed, K of N received, and by whom.
     Status(VaultArgs),
 }
@@ -51,7 +58,30 @@ pub struct UnsealArgs {
     #[arg(long, value_name = "FILE")]
     pub share: PathBuf,
     /// Your OpenSSH ssh-ed25519 private key file (a passphrase is asked for
-    /// when it has one) [default: ~/.ssh/id_ed25519].
+    /// when it has one); with --ssh-agent, the key whose FILE.pub the agent
+    /// holds [default: ~/.ssh/id_ed25519].
+    #[arg(long, value_name = "FILE")]
+    pub identity: Option<PathBuf>,
+    /// Decrypt with the key derived through ssh-agent ($SSH_AUTH_SOCK), for
+    /// a share encrypted to the recipient `holder-key` printed.
+    #[arg(long)]
+    pub ssh_agent: bool,
+    /// With --ssh-agent: your holder name [default: NAME of NAME.share.age].
+    #[arg(long, value_name = "NAME")]
+    pub holder: Option<String>,
+}
+
+/// `vault holder-key`'s flags.
+#[derive(Debug, Args)]
+pub struct HolderKeyArgs {
+    /// Your holder name, the NAME of init-key's --holder NAME=SPIFFE_ID=FILE.
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// Sign through ssh-agent ($SSH_AUTH_SOCK) instead of with the key file.
+    #[arg(long)]
+    pub ssh_agent: bool,
+    /// Your ssh-ed25519 key: the private key file, or with --ssh-agent the
+    /// key whose FILE.pub the agent holds [default: ~/.ssh/id_ed25519].
     #[arg(long, value_name = "FILE")]
     pub identity: Option<PathBuf>,
 }
@@ -60,7 +90,21 @@ pub struct UnsealArgs {
 pub async fn run(cmd: VaultCommand, settings: Settings, out: Output) -> Result<(), CliError> {
     match cmd {
         VaultCommand::Unseal(args) => {
-            let share = decrypt_share(&args.share, &identity_path(args.identity)?)?;
+            let share = if args.ssh_agent {
+                let name = args
+                    .holder
+                    .or_else(|| crate::holder::name_of_share(&args.share))
+                    .ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "{} is not named NAME.share.age: pass your holder name with --holder NAME",
+                            args.share.display()
+                        ))
+                    })?;
+                let signer = crate::holder::signer(&identity_path(args.identity)?, true)?;
+                crate::holder::decrypt_share(&args.share, &signer, &name)?
+            } else {
+                decrypt_share(&args.share, &identity_path(args.identity)?)?
+            };
             let (mut client, target) = client(&settings, &args.vault)?;
             let progress = client
                 .unseal(UnsealRequest {
@@ -72,6 +116,14 @@ pub async fn run(cmd: VaultCommand, settings: Settings, out: Output) -> Result<(
                 .progress
                 .unwrap_or_default();
             out.answer(&progress, || human(&progress))
+        }
+        VaultCommand::HolderKey(args) => {
+            let signer = crate::holder::signer(&identity_path(args.identity)?, args.ssh_agent)?;
+            let recipient = crate::holder::recipient(&signer, &args.name)?;
+            out.answer(
+                &serde_json::json!({ "name": args.name, "recipient": recipient }),
+                || recipient.clone(),
+            )
         }
         VaultCommand::Status(args) => {
             let (mut client, target) = client(&settings, &args)?;

@@ -100,12 +100,12 @@ impl HolderSpec {
             ))
         })?;
         let key = key.trim().to_owned();
-        if !key.starts_with("ssh-ed25519 ") {
+        if !key.starts_with("ssh-ed25519 ") && !key.starts_with("age1") {
             return Err(SealError::Setup(format!(
-                "--holder {name}: {path} is not an ssh-ed25519 public key (ssh-keygen -t ed25519 makes one)"
+                "--holder {name}: {path} is neither an ssh-ed25519 public key (ssh-keygen -t ed25519 makes one) nor the age1… recipient `twokey vault holder-key` prints"
             )));
         }
-        recipient(name, &key)?;
+        encrypt_to(name, &key, b"")?;
         Ok(Self {
             name: name.to_owned(),
             spiffe_id: id.to_owned(),
@@ -146,6 +146,22 @@ fn valid_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+/// Encrypts `payload` to holder `name`'s key: an `ssh-ed25519` public key,
+/// or the native age recipient (`age1…`) `twokey vault holder-key` derives
+/// from one for a key that lives in ssh-agent.
+fn encrypt_to(name: &str, key: &str, payload: &[u8]) -> Result<Vec<u8>, SealError> {
+    let failed = |e: age::EncryptError| SealError::Setup(format!("encrypting {name}'s share: {e}"));
+    if key.starts_with("age1") {
+        let r = key.parse::<age::x25519::Recipient>().map_err(|e| {
+            SealError::Setup(format!(
+                "--holder {name}: not a usable age recipient ({e}); paste the line `twokey vault holder-key` printed"
+            ))
+        })?;
+        return age::encrypt(&r, payload).map_err(failed);
+    }
+    age::encrypt(&recipient(name, key)?, payload).map_err(failed)
 }
 
 fn recipient(name: &str, key: &str) -> Result<age::ssh::Recipient, SealError> {
@@ -241,8 +257,7 @@ pub fn split(key: &SecretKey, threshold: u8, holders: &[HolderSpec]) -> Result<S
     for (h, share) in holders.iter().zip(Sharks(threshold).dealer(key.expose())) {
         let raw = Zeroizing::new(Vec::<u8>::from(&share));
         let payload = encode_share(&seal_id, &h.name, &raw);
-        let encrypted = age::encrypt(&recipient(&h.name, &h.public_key)?, &payload)
-            .map_err(|e| SealError::Setup(format!("encrypting {}'s share: {e}", h.name)))?;
+        let encrypted = encrypt_to(&h.name, &h.public_key, &payload)?;
         described.push(Holder {
             name: h.name.clone(),
             spiffe_id: h.spiffe_id.clone(),
@@ -1117,7 +1132,24 @@ mod tests {
             "alice=spiffe://t/user/a={}",
             rsa.display()
         )));
-        assert!(m.contains("not an ssh-ed25519 public key"), "{m}");
+        assert!(
+            m.contains("is neither an ssh-ed25519 public key")
+                && m.contains("nor the age1… recipient `twokey vault holder-key` prints"),
+            "{m}"
+        );
+        // An age recipient is taken; a broken one is refused saying what to paste.
+        let age_file = dir.path().join("alice.recipient");
+        let recipient = age::x25519::Identity::generate().to_public().to_string();
+        std::fs::write(&age_file, format!("{recipient}\n")).unwrap();
+        let spec =
+            HolderSpec::parse(&format!("alice=spiffe://t/user/a={}", age_file.display())).unwrap();
+        assert_eq!(spec.public_key, recipient);
+        std::fs::write(&age_file, "age1notarecipient\n").unwrap();
+        let m = setup_error(HolderSpec::parse(&format!(
+            "alice=spiffe://t/user/a={}",
+            age_file.display()
+        )));
+        assert!(m.contains("not a usable age recipient"), "{m}");
     }
 
     #[test]
