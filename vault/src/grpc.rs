@@ -693,6 +693,118 @@ fn statements(consent: Option<&AdminConsent>) -> &[SignedStatement] {
     consent.map_or(&[], |c| c.statements.as_slice())
 }
 
+/// The key service: `RotateKey` for M admins' signed consent (carried by
+/// any certificate of the trust domain; the statements are the authority)
+/// and `KeyStatus` for any identity of the trust domain. While sealed,
+/// both answer UNAVAILABLE.
+pub struct KeyGrpc<S> {
+    slot: VaultSlot<S>,
+    auth: Authenticator,
+}
+
+impl<S> std::fmt::Debug for KeyGrpc<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyGrpc").finish_non_exhaustive()
+    }
+}
+
+impl<S> KeyGrpc<S> {
+    /// Serves the vault `slot` holds.
+    pub fn new(slot: VaultSlot<S>, auth: Authenticator) -> Self {
+        Self { slot, auth }
+    }
+
+    fn vault(&self) -> Result<Arc<Vault<S>>, Status> {
+        self.slot.get().ok_or_else(|| {
+            Status::unavailable("vault is sealed: unseal it first (`twokey vault status`)")
+        })
+    }
+}
+
+fn key_rotation(
+    r: &crate::store::Rotation,
+    remaining: u64,
+    finished: Option<&crate::store::FinishedRotation>,
+) -> twokey_proto::vault::v1::KeyRotation {
+    let at = |secs: u64| to_timestamp(std::time::UNIX_EPOCH + Duration::from_secs(secs));
+    twokey_proto::vault::v1::KeyRotation {
+        generation: r.generation,
+        action_id: r.action_id.clone(),
+        admins: r
+            .admins
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        started_at: Some(at(r.started_at)),
+        resealed: r.resealed,
+        remaining,
+        phase: if finished.is_some() {
+            "finished".into()
+        } else {
+            r.cursor.phase().into()
+        },
+        finished_at: finished.map(|f| at(f.finished_at)),
+        retired: finished.map(|f| f.retired.clone()).unwrap_or_default(),
+    }
+}
+
+/// The keyring's state on the wire.
+pub fn keyring_state(state: &crate::rotate::KeyState) -> twokey_proto::vault::v1::KeyringState {
+    twokey_proto::vault::v1::KeyringState {
+        current_generation: state.current,
+        generations: state
+            .generations
+            .iter()
+            .map(
+                |&(generation, seeds)| twokey_proto::vault::v1::KeyGeneration { generation, seeds },
+            )
+            .collect(),
+        rotation: state
+            .rotation
+            .as_ref()
+            .map(|r| key_rotation(r, state.remaining, None)),
+        last_rotation: state
+            .last
+            .as_ref()
+            .map(|f| key_rotation(&f.rotation, 0, Some(f))),
+    }
+}
+
+#[tonic::async_trait]
+impl<S: VaultStore> twokey_proto::vault::v1::key_service_server::KeyService for KeyGrpc<S> {
+    async fn rotate_key(
+        &self,
+        request: Request<twokey_proto::vault::v1::RotateKeyRequest>,
+    ) -> Result<Response<twokey_proto::vault::v1::RotateKeyResponse>, Status> {
+        let caller = self.auth.authenticate(&request)?;
+        let vault = self.vault()?;
+        let statements = request
+            .get_ref()
+            .consent
+            .as_ref()
+            .map(|c| c.statements.clone())
+            .unwrap_or_default();
+        let answer = vault.rotate_key(caller.as_str(), &statements).await?;
+        Ok(Response::new(twokey_proto::vault::v1::RotateKeyResponse {
+            started: answer.started,
+            state: Some(keyring_state(&answer.state)),
+        }))
+    }
+
+    async fn key_status(
+        &self,
+        request: Request<twokey_proto::vault::v1::KeyStatusRequest>,
+    ) -> Result<Response<twokey_proto::vault::v1::KeyStatusResponse>, Status> {
+        self.auth.authenticate(&request)?;
+        let vault = self.vault()?;
+        let state = vault.key_status()?;
+        Ok(Response::new(twokey_proto::vault::v1::KeyStatusResponse {
+            state: Some(keyring_state(&state)),
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

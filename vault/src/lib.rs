@@ -13,7 +13,9 @@ pub mod convert;
 pub mod crypto;
 pub mod grpc;
 pub mod hsm;
+pub mod keyring;
 pub mod metrics;
+pub mod rotate;
 pub mod seed;
 pub mod service;
 pub mod store;
@@ -24,7 +26,8 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use twokey_proto::vault::v1::{
-    seal_service_server::SealServiceServer, vault_service_server::VaultServiceServer,
+    key_service_server::KeyServiceServer, seal_service_server::SealServiceServer,
+    vault_service_server::VaultServiceServer,
 };
 use twokey_runtime::{
     Authenticator,
@@ -55,6 +58,10 @@ struct Parts {
 
 impl Parts {
     fn open(self, key: crypto::MasterKey) -> Result<Vault<SledVaultStore>, service::VaultError> {
+        // The rotation's pace: TWOKEY_VAULT_ROTATION_BATCH and
+        // TWOKEY_VAULT_ROTATION_PAUSE_MS (a throttle), else the defaults.
+        let pace =
+            rotate::RotationPace::from_env().map_err(service::VaultError::InvalidArgument)?;
         Vault::open(
             self.store,
             key,
@@ -63,14 +70,21 @@ impl Parts {
             self.clock,
             self.root,
         )
+        .map(|v| v.with_rotation_pace(pace))
     }
 }
 
 type Served = VaultServiceServer<grpc::VaultGrpc<SledVaultStore>>;
 
-/// Sweeps used grants, consent history and kept seeds every minute.
+/// Sweeps used grants, consent history and kept seeds every minute, and
+/// first resumes a key rotation a stop interrupted; the rotation worker
+/// is stopped with this task (at a seal or shutdown).
 fn spawn_sweeper(vault: Arc<Vault<SledVaultStore>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let _worker = rotate::StopsWorker(vault.clone());
+        if let Err(e) = vault.resume_rotation().await {
+            tracing::error!("cannot resume the key rotation: {e}");
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(60));
         loop {
             tick.tick().await;
@@ -206,6 +220,9 @@ pub async fn serve(
             })
         })
     };
+    let keys = KeyServiceServer::new(grpc::KeyGrpc::new(slot.clone(), auth.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (grpc, seal) = match (vault, seal, parts) {
         (Some(vault), _, _) => {
             health_reporter.set_serving::<Served>().await;
@@ -271,6 +288,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(seal_service)
+        .add_service(keys)
         .serve_with_incoming_shutdown(rt::incoming(listener, server_tls), shutdown)
         .await;
     // Stop the background tasks so the database is released.

@@ -38,11 +38,13 @@ use twokey_runtime::{
 
 use crate::{
     crypto::MasterKey,
+    keyring::{Keyring, KeyringError},
+    rotate::RotationPace,
     seed::{Seed, SeedError, SeedSpec},
     store::{
-        AccountRecord, AdminUse, EnabledChange, GrantUse, KeptSeed, NewAccount, ReleaseUse,
-        Removal, Restore, SpentGrant, StoredPolicy, VaultStore, VaultStoreError, Withheld,
-        remember_until,
+        AccountRecord, AdminUse, EnabledChange, GrantUse, KeptSeed, NewAccount, NewGeneration,
+        ReleaseUse, Removal, Restore, SpentGrant, StoredPolicy, VaultStore, VaultStoreError,
+        Withheld, remember_until,
     },
     totp::{CodeValue, code_for_step},
 };
@@ -138,6 +140,9 @@ pub enum VaultError {
     /// Audit did not acknowledge in time.
     #[error("{0}")]
     AuditUnavailable(String),
+    /// The keyring does not open.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
 }
 
 /// The service error kind of a consent or policy refusal.
@@ -175,7 +180,10 @@ impl ServiceError for VaultError {
             Self::Store(VaultStoreError::Corrupt(_))
             | Self::Integrity(_)
             | Self::WrongMasterKey
-            | Self::PolicyChain(_) => ErrorKind::Internal,
+            | Self::PolicyChain(_)
+            | Self::Keyring(_)
+            | Self::Store(VaultStoreError::Reseal(..)) => ErrorKind::Internal,
+            Self::Store(VaultStoreError::Rotating(_)) => ErrorKind::AlreadyExists,
         }
     }
 }
@@ -186,10 +194,14 @@ impl VaultError {
     pub fn is_private(&self) -> bool {
         matches!(
             self,
-            Self::Store(VaultStoreError::Store(_) | VaultStoreError::Corrupt(_))
-                | Self::Integrity(_)
+            Self::Store(
+                VaultStoreError::Store(_)
+                    | VaultStoreError::Corrupt(_)
+                    | VaultStoreError::Reseal(..)
+            ) | Self::Integrity(_)
                 | Self::WrongMasterKey
                 | Self::PolicyChain(_)
+                | Self::Keyring(_)
         )
     }
 
@@ -253,8 +265,19 @@ pub struct AuditWait {
 /// The vault.
 #[derive(Debug)]
 pub struct Vault<S> {
-    store: S,
-    key: MasterKey,
+    pub(crate) store: S,
+    /// The master key and the data keys of every generation in use.
+    pub(crate) keys: Keyring,
+    /// Held (read) by every writer of sealed seeds around its seal and its
+    /// write, and (write) by a rotation's last check and retirement, so no
+    /// seed of a retired generation can be written meanwhile.
+    pub(crate) seal_lock: tokio::sync::RwLock<()>,
+    /// One rotation start at a time.
+    pub(crate) rotating: tokio::sync::Mutex<()>,
+    /// The rotation worker, while one runs.
+    pub(crate) worker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// How fast a rotation re-seals.
+    pub(crate) pace: RotationPace,
     grants: GrantVerifier,
     audit: AuditWait,
     clock: Arc<dyn Clock>,
@@ -446,6 +469,51 @@ fn released_event(grant: &Grant, v: &Verified) -> EventDraft {
         .attr("release_digest", hex(&v.release_digest))
 }
 
+/// Opens the keyring with `key`; on the first start with a keyring (a new
+/// vault, or one whose seeds were all sealed under the master key), adds
+/// generation 1, durably, before any seed uses it. Seeds sealed before
+/// stay generation 0 (the master key) until a rotation re-seals them.
+fn open_keyring<S: VaultStore>(store: &S, key: MasterKey) -> Result<Keyring, VaultError> {
+    let stored = store.keyring()?;
+    let keys = Keyring::open(key, &stored)?;
+    if stored.is_empty() {
+        let older = !store.is_empty()?;
+        let (data_key, sealed_key) = keys.new_data_key(1);
+        let event = EventDraft::new(store.source(), "key.generation.added")
+            .attr("generation", "1")
+            .attr(
+                "note",
+                if older {
+                    "seeds sealed before the keyring stay generation 0 (the master key) until `twokey vault rotate-key`"
+                } else {
+                    "the keyring's first generation"
+                },
+            );
+        store.add_generation(NewGeneration {
+            generation: 1,
+            sealed_key,
+            with_generation_zero: older,
+            rotation: None,
+            admin: None,
+            event,
+        })?;
+        store.sync_now()?;
+        if older {
+            keys.insert(0, keys.master().generation_zero());
+        }
+        keys.insert(1, data_key);
+        tracing::info!(
+            "keyring: generation 1 added{}",
+            if older {
+                "; seeds sealed before stay generation 0 until `twokey vault rotate-key`"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(keys)
+}
+
 /// Verifies the stored policy chain from the pinned `root`, and that its
 /// newest version is the one the sealed head names.
 fn load_chain<S: VaultStore>(
@@ -523,9 +591,14 @@ impl<S: VaultStore> Vault<S> {
         if let Some(p) = &policy {
             tracing::info!("in force: {p}");
         }
+        let keys = open_keyring(&store, key)?;
         Ok(Self {
             store,
-            key,
+            keys,
+            seal_lock: tokio::sync::RwLock::new(()),
+            rotating: tokio::sync::Mutex::new(()),
+            worker: std::sync::Mutex::new(None),
+            pace: RotationPace::default(),
             grants,
             audit,
             clock,
@@ -535,7 +608,13 @@ impl<S: VaultStore> Vault<S> {
         })
     }
 
-    fn now(&self) -> u64 {
+    /// Sets how fast a rotation re-seals (before the vault is shared).
+    pub fn with_rotation_pace(mut self, pace: RotationPace) -> Self {
+        self.pace = pace;
+        self
+    }
+
+    pub(crate) fn now(&self) -> u64 {
         unix_seconds(self.clock.now())
     }
 
@@ -555,7 +634,7 @@ impl<S: VaultStore> Vault<S> {
         })
     }
 
-    async fn commit_and_confirm(&self, seq: u64, what: &str) -> Result<(), VaultError> {
+    pub(crate) async fn commit_and_confirm(&self, seq: u64, what: &str) -> Result<(), VaultError> {
         self.commit_and_confirm_within(seq, what, None).await
     }
 
@@ -598,7 +677,7 @@ impl<S: VaultStore> Vault<S> {
 
     /// Writes a refusal to audit and waits (bounded) for it to be
     /// acknowledged; the refusal is answered whatever happens here.
-    async fn audit_refusal(&self, event: EventDraft) {
+    pub(crate) async fn audit_refusal(&self, event: EventDraft) {
         let seq = match self.store.record(event) {
             Ok(seq) => seq,
             Err(e) => {
@@ -688,6 +767,31 @@ impl<S: VaultStore> Vault<S> {
         }
     }
 
+    /// Opens an account's seed under the generation it records. A seed
+    /// read just before a rotation retired its generation is read again
+    /// (it is re-sealed by then).
+    pub(crate) fn open_seed(
+        &self,
+        record: &AccountRecord,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, VaultError> {
+        let integrity = |_| VaultError::Integrity(record.account_id.clone());
+        match self
+            .keys
+            .open_seed(record.key_generation, &record.account_id, &record.sealed())
+        {
+            Err(KeyringError::NoGeneration(_)) => {
+                let again = self
+                    .store
+                    .get(&record.account_id)?
+                    .ok_or_else(|| VaultStoreError::NotFound(record.account_id.clone()))?;
+                self.keys
+                    .open_seed(again.key_generation, &again.account_id, &again.sealed())
+                    .map_err(integrity)
+            }
+            other => other.map_err(integrity),
+        }
+    }
+
     /// Checks an enrollment grant's signature, purpose and lifetime, before
     /// the request's seed is looked at.
     pub fn verify_enroll_grant(
@@ -749,8 +853,14 @@ impl<S: VaultStore> Vault<S> {
             min_seconds_left,
             last_step: Some(current_step + 1),
             disabled: false,
+            key_generation: 0,
         };
-        record.set_sealed(&self.key.seal_seed(&record.account_id, spec.seed.expose()));
+        // Sealed and written under the seal lock: a rotation's last check
+        // sees this seed, or it is sealed under the rotation's generation.
+        let sealing = self.seal_lock.read().await;
+        let (generation, sealed) = self.keys.seal_seed(&record.account_id, spec.seed.expose());
+        record.key_generation = generation;
+        record.set_sealed(&sealed);
         let mut warnings = Vec::new();
         if spec.seed.is_weak() {
             warnings.push(format!(
@@ -774,7 +884,9 @@ impl<S: VaultStore> Vault<S> {
             grant: &spent,
             admin: admin.as_ref().map(|(_, a)| a),
         };
-        let seq = match self.store.put(new, event) {
+        let put = self.store.put(new, event);
+        drop(sealing);
+        let seq = match put {
             Ok(seq) => seq,
             Err(e) => {
                 return Err(self
@@ -886,10 +998,7 @@ impl<S: VaultStore> Vault<S> {
         if record.disabled {
             return Err(refused(VaultStoreError::Disabled(record.account_id.clone()).into()).await);
         }
-        let seed = self
-            .key
-            .open_seed(&record.account_id, &record.sealed())
-            .map_err(|_| VaultError::Integrity(record.account_id.clone()))?;
+        let seed = self.open_seed(&record)?;
         let seed = Seed::from_bytes(seed.to_vec())?;
         let operator = verified.operator.spiffe_id.clone();
         let now = self.now();
@@ -979,7 +1088,11 @@ impl<S: VaultStore> Vault<S> {
             admin,
             event,
         };
-        let seq = match self.store.remove(removal) {
+        let removed = {
+            let _sealing = self.seal_lock.read().await;
+            self.store.remove(removal)
+        };
+        let seq = match removed {
             Ok(seq) => seq,
             Err(e) => {
                 return Err(self
@@ -1058,7 +1171,11 @@ impl<S: VaultStore> Vault<S> {
             event: admin_event("account.restored", &grant, &verified),
             admin,
         };
-        let (seq, record, kept) = match self.store.restore(restore) {
+        let restored = {
+            let _sealing = self.seal_lock.read().await;
+            self.store.restore(restore)
+        };
+        let (seq, record, kept) = match restored {
             Ok(ok) => ok,
             Err(e) => {
                 return Err(self
@@ -1237,7 +1354,8 @@ impl<S: VaultStore> Vault<S> {
             applied_at: now,
         };
         let head = self
-            .key
+            .keys
+            .master()
             .seal_policy_head(verified.version(), &verified.digest());
         let admins = self.admin_ids(current.as_deref(), verified.signed_by());
         let event = EventDraft::new(admins.join(","), "policy.applied")

@@ -15,8 +15,15 @@
 //! Each account keeps the highest time step whose code it handed out,
 //! written in the same transaction, so no step is handed out twice, across
 //! restarts too.
+//! The keyring (issue 19): one data key per generation, each sealed under
+//! the master key, in its own tree; every sealed seed (kept ones too)
+//! records its generation. A rotation adds a generation with its progress
+//! record in one transaction, re-seals seeds in batches (one transaction
+//! each, progress with them) and retires old generations in the
+//! transaction that ends it.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -46,6 +53,11 @@ pub const CONSENT_TREE: &str = "consent_history";
 /// The tree of seeds kept for restore: key the account id, value a JSON list
 /// of [`KeptSeed`], oldest first.
 pub const RECOVERY_TREE: &str = "recovery";
+
+/// The keyring tree: key a generation (u32 big-endian), value its data key
+/// sealed under the master key; generation 0, the master key itself, is
+/// stored with an empty value while seeds sealed before the keyring exist.
+pub const KEYRING_TREE: &str = "keyring";
 
 /// Consent history: a used release id → when it may be forgotten.
 const RELEASE_ID: &[u8] = b"r/";
@@ -93,6 +105,11 @@ pub struct AccountRecord {
     /// written before it existed, which load as enabled.
     #[serde(default)]
     pub disabled: bool,
+    /// The keyring generation whose data key sealed the seed. Absent in
+    /// records written before the keyring: generation 0, sealed under the
+    /// master key itself.
+    #[serde(default)]
+    pub key_generation: u32,
 }
 
 impl AccountRecord {
@@ -121,6 +138,96 @@ pub struct KeptSeed {
     /// The admin action that put it here.
     pub action_id: String,
 }
+
+/// Where a rotation's walk over the sealed seeds is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RotationCursor {
+    /// Walking the accounts, after this account id (none: from the start).
+    Accounts(Option<String>),
+    /// Walking the kept seeds, after this account id.
+    Kept(Option<String>),
+    /// Walked both: count what still names an older generation, then
+    /// retire or walk again.
+    Check,
+}
+
+impl RotationCursor {
+    /// The phase's name, for status and events.
+    pub fn phase(&self) -> &'static str {
+        match self {
+            Self::Accounts(_) => "resealing accounts",
+            Self::Kept(_) => "resealing kept seeds",
+            Self::Check => "checking",
+        }
+    }
+}
+
+/// A key rotation in progress, as stored (in the transaction that added
+/// its generation, then with every batch).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rotation {
+    /// The generation seeds are re-sealed to.
+    pub generation: u32,
+    /// The admins' single-use action id.
+    pub action_id: String,
+    /// The admins' SPIFFE IDs, comma-separated.
+    pub admins: String,
+    /// Unix time it started.
+    pub started_at: u64,
+    /// Seeds re-sealed so far.
+    pub resealed: u64,
+    /// Where the walk is.
+    pub cursor: RotationCursor,
+    /// Walks begun (a seed sealed under an older generation meanwhile
+    /// makes another).
+    pub passes: u32,
+}
+
+/// A finished rotation, kept so that its action id answers again.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FinishedRotation {
+    /// The rotation.
+    pub rotation: Rotation,
+    /// Unix time it finished.
+    pub finished_at: u64,
+    /// The generations it retired.
+    pub retired: Vec<u32>,
+}
+
+/// A generation to add to the keyring, as [`VaultStore::add_generation`]
+/// takes it.
+#[derive(Debug, Clone)]
+pub struct NewGeneration {
+    /// The generation (above every stored one).
+    pub generation: u32,
+    /// Its data key, sealed under the master key.
+    pub sealed_key: Vec<u8>,
+    /// Also record generation 0 (seeds sealed before the keyring exist).
+    pub with_generation_zero: bool,
+    /// The rotation it starts (none: the keyring's first generation).
+    pub rotation: Option<Rotation>,
+    /// The admins' consent whose action id it uses up.
+    pub admin: Option<AdminUse>,
+    /// The event.
+    pub event: EventDraft,
+}
+
+/// What one re-seal batch did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Seeds re-sealed in it.
+    pub resealed: u64,
+    /// The rotation after it (none: no rotation in progress).
+    pub rotation: Option<Rotation>,
+    /// Its event's sequence number, if it wrote one.
+    pub seq: Option<u64>,
+}
+
+/// Re-seals one record to the rotation's generation (the seed opened with
+/// its own generation's key, sealed with the new one); an `Err` names why
+/// it cannot be opened.
+pub type Reseal<'a> = &'a (dyn Fn(&AccountRecord) -> Result<AccountRecord, String> + Sync);
 
 /// One applied policy version as stored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -202,6 +309,12 @@ pub enum VaultStoreError {
         /// The newest stored.
         stored: u64,
     },
+    /// A key rotation is in progress already.
+    #[error("key rotation to generation {0} is in progress; `twokey vault key-status` shows it")]
+    Rotating(u32),
+    /// A stored seed does not open with its generation's key.
+    #[error("the seed of {0} cannot be re-sealed: {1}")]
+    Reseal(String, String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -286,6 +399,52 @@ pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
     ) -> Result<u64, VaultStoreError>;
     /// Makes every change so far durable and hands new events to the shipper.
     fn commit(&self) -> impl Future<Output = Result<(), VaultStoreError>> + Send;
+    /// The vault's own SPIFFE ID, the actor of what it does by itself.
+    fn source(&self) -> String;
+    /// Makes every change so far durable now, blocking (at start).
+    fn sync_now(&self) -> Result<(), VaultStoreError>;
+    /// The keyring: each generation's sealed data key (empty for
+    /// generation 0, the master key itself).
+    fn keyring(&self) -> Result<std::collections::BTreeMap<u32, Vec<u8>>, VaultStoreError>;
+    /// Whether no account and no kept seed is stored.
+    fn is_empty(&self) -> Result<bool, VaultStoreError>;
+    /// The rotation in progress, if any.
+    fn rotation(&self) -> Result<Option<Rotation>, VaultStoreError>;
+    /// The last finished rotation, if any.
+    fn last_rotation(&self) -> Result<Option<FinishedRotation>, VaultStoreError>;
+    /// Adds a generation to the keyring, with the rotation it starts (its
+    /// action id used up) and its event, in one transaction; refuses a
+    /// generation not above the stored ones and a second rotation
+    /// ([`VaultStoreError::Rotating`]). Not durable until
+    /// [`VaultStore::commit`].
+    fn add_generation(&self, new: NewGeneration) -> Result<u64, VaultStoreError>;
+    /// Re-seals up to `limit` seeds of older generations from where the
+    /// rotation's walk is, and moves the walk on, in one transaction with
+    /// an event (`key.rotation.batch`, when it re-sealed any); at the end
+    /// of the accounts the walk goes on with the kept seeds, then to
+    /// [`RotationCursor::Check`]. Not durable until [`VaultStore::commit`].
+    fn reseal_batch(
+        &self,
+        limit: usize,
+        reseal: Reseal<'_>,
+        event: EventDraft,
+    ) -> Result<Batch, VaultStoreError>;
+    /// Seeds (accounts and kept seeds) per generation.
+    fn seeds_per_generation(&self)
+    -> Result<std::collections::BTreeMap<u32, u64>, VaultStoreError>;
+    /// Starts the rotation's walk again from the first account (a seed of
+    /// an older generation was found at the check).
+    fn rewalk(&self) -> Result<Option<Rotation>, VaultStoreError>;
+    /// Ends the rotation: removes the `retire`d generations from the
+    /// keyring and the rotation record, keeps it as the last one, with its
+    /// event, in one transaction. The caller checks first, with every
+    /// writer of seeds held off, that no seed names a retired generation.
+    fn finish_rotation(
+        &self,
+        retire: &[u32],
+        now: u64,
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError>;
 }
 
 /// A code recorded as released that never left the vault, as
@@ -454,6 +613,7 @@ pub struct SledVaultStore {
     policies: sled::Tree,
     consent: sled::Tree,
     recovery: sled::Tree,
+    keyring: sled::Tree,
     outbox: Outbox,
     /// Grant uses waiting for a leader to write them.
     queued: Arc<Mutex<Vec<QueuedUse>>>,
@@ -470,6 +630,10 @@ const KEY_CHECK: &[u8] = b"key_check";
 const POLICY_HEAD: &[u8] = b"policy_head";
 /// The active policy version (u64 big-endian), read by grant uses.
 const POLICY_VERSION: &[u8] = b"policy_version";
+/// The rotation in progress (JSON [`Rotation`]).
+const ROTATION: &[u8] = b"key_rotation";
+/// The last finished rotation (JSON [`FinishedRotation`]).
+const LAST_ROTATION: &[u8] = b"key_rotation_last";
 /// Used grant ids are kept this long past their expiry.
 const GRANT_ID_GRACE_SECS: u64 = 600;
 
@@ -487,6 +651,8 @@ enum Abort {
     ActionUsed,
     NothingKept,
     NotNewer(u64),
+    Rotating(u32),
+    Reseal(String, String),
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<Abort>>;
@@ -606,6 +772,7 @@ impl SledVaultStore {
             policies: db.tree(POLICIES_TREE)?,
             consent: db.tree(CONSENT_TREE)?,
             recovery: db.tree(RECOVERY_TREE)?,
+            keyring: db.tree(KEYRING_TREE)?,
             db: db.clone(),
             outbox,
             queued: Arc::default(),
@@ -809,6 +976,19 @@ impl SledVaultStore {
         }
     }
 
+    /// A JSON value of the meta tree.
+    fn meta_json<T: serde::de::DeserializeOwned>(
+        &self,
+        k: &[u8],
+        what: &str,
+    ) -> Result<Option<T>, VaultStoreError> {
+        self.meta
+            .get(k)
+            .map_err(sled_err(&self.db))?
+            .map(|v| serde_json::from_slice(&v).map_err(|_| VaultStoreError::Corrupt(what.into())))
+            .transpose()
+    }
+
     fn consent_get(&self, k: &[u8]) -> Option<sled::IVec> {
         // A read that fails counts as present: the checks then refuse, and
         // the transaction that would use it reports the storage failure.
@@ -869,6 +1049,8 @@ fn refusal(why: Abort, id: &str, grant_id: &str) -> VaultStoreError {
             proposed: 0,
             stored,
         },
+        Abort::Rotating(generation) => VaultStoreError::Rotating(generation),
+        Abort::Reseal(account, why) => VaultStoreError::Reseal(account, why),
         Abort::PolicyChanged(_) | Abort::ReleaseUsed | Abort::CodesUsed(_) | Abort::Rate(_) => {
             VaultStoreError::Corrupt(id)
         }
@@ -1296,6 +1478,298 @@ impl VaultStore for SledVaultStore {
         self.outbox.committed();
         Ok(())
     }
+
+    fn source(&self) -> String {
+        self.outbox.signer().source().to_string()
+    }
+
+    fn sync_now(&self) -> Result<(), VaultStoreError> {
+        self.db.sync_blocking()?;
+        self.outbox.committed();
+        Ok(())
+    }
+
+    fn keyring(&self) -> Result<BTreeMap<u32, Vec<u8>>, VaultStoreError> {
+        self.keyring
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(sled_err(&self.db))?;
+                let generation = k
+                    .as_ref()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| VaultStoreError::Corrupt("the keyring".into()))?;
+                Ok((generation, v.to_vec()))
+            })
+            .collect()
+    }
+
+    fn is_empty(&self) -> Result<bool, VaultStoreError> {
+        Ok(self.accounts.first().map_err(sled_err(&self.db))?.is_none()
+            && self.recovery.first().map_err(sled_err(&self.db))?.is_none())
+    }
+
+    fn rotation(&self) -> Result<Option<Rotation>, VaultStoreError> {
+        self.meta_json(ROTATION, "the key rotation record")
+    }
+
+    fn last_rotation(&self) -> Result<Option<FinishedRotation>, VaultStoreError> {
+        self.meta_json(LAST_ROTATION, "the last key rotation record")
+    }
+
+    fn add_generation(&self, new: NewGeneration) -> Result<u64, VaultStoreError> {
+        let generation = new.generation;
+        let result = (&self.keyring, &self.meta, &self.consent, self.outbox.tree()).transaction(
+            |(keyring, meta, consent, outbox)| {
+                if keyring.get(generation.to_be_bytes())?.is_some() {
+                    return abort(Abort::Exists);
+                }
+                if new.rotation.is_some()
+                    && let Some(bytes) = meta.get(ROTATION)?
+                {
+                    let Ok(running) = serde_json::from_slice::<Rotation>(&bytes) else {
+                        return abort(Abort::Corrupt);
+                    };
+                    return abort(Abort::Rotating(running.generation));
+                }
+                if let Some(admin) = &new.admin {
+                    use_action(consent, admin)?;
+                }
+                if new.with_generation_zero {
+                    keyring.insert(&0u32.to_be_bytes(), &[][..])?;
+                }
+                keyring.insert(&generation.to_be_bytes(), new.sealed_key.as_slice())?;
+                if let Some(rotation) = &new.rotation {
+                    let bytes = serde_json::to_vec(rotation).expect("rotations serialize");
+                    meta.insert(ROTATION, bytes)?;
+                }
+                self.outbox.push(outbox, new.event.clone())
+            },
+        );
+        let action_id = new.admin.as_ref().map_or("", |a| a.action_id.as_str());
+        match result {
+            Ok(seq) => Ok(seq),
+            Err(TransactionError::Abort(Abort::Exists)) => Err(VaultStoreError::Corrupt(format!(
+                "key generation {generation}, stored already"
+            ))),
+            Err(TransactionError::Abort(why)) => Err(refusal(why, "the keyring", action_id)),
+            Err(TransactionError::Storage(e)) => Err(sled_err(&self.db)(e)),
+        }
+    }
+
+    fn reseal_batch(
+        &self,
+        limit: usize,
+        reseal: Reseal<'_>,
+        event: EventDraft,
+    ) -> Result<Batch, VaultStoreError> {
+        let err = sled_err(&self.db);
+        let Some(rotation) = self.rotation()? else {
+            return Ok(Batch {
+                resealed: 0,
+                rotation: None,
+                seq: None,
+            });
+        };
+        let target = rotation.generation;
+        let (tree, after, kept) = match &rotation.cursor {
+            RotationCursor::Accounts(after) => (&self.accounts, after.clone(), false),
+            RotationCursor::Kept(after) => (&self.recovery, after.clone(), true),
+            RotationCursor::Check => {
+                return Ok(Batch {
+                    resealed: 0,
+                    rotation: Some(rotation),
+                    seq: None,
+                });
+            }
+        };
+        let older = |v: &[u8]| {
+            if kept {
+                kept_list(Some(v))
+                    .map_or(true, |l| l.iter().any(|k| k.record.key_generation < target))
+            } else {
+                decode_record(v).map_or(true, |r| r.key_generation < target)
+            }
+        };
+        // Choose the batch outside the transaction; each is read again in it.
+        let walk = match &after {
+            Some(a) => tree.range::<&[u8], _>((
+                std::ops::Bound::Excluded(a.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => tree.iter(),
+        };
+        let limit = limit.max(1);
+        let (mut chosen, mut last, mut at_end, mut visited) = (Vec::new(), None, true, 0);
+        for item in walk {
+            let (k, v) = item.map_err(&err)?;
+            visited += 1;
+            if older(&v) {
+                chosen.push(k.clone());
+            }
+            last = Some(String::from_utf8_lossy(&k).into_owned());
+            if chosen.len() >= limit || visited >= limit.saturating_mul(16) {
+                at_end = false;
+                break;
+            }
+        }
+        let next = match (&rotation.cursor, at_end) {
+            (RotationCursor::Accounts(_), true) => RotationCursor::Kept(None),
+            (RotationCursor::Accounts(_), false) => RotationCursor::Accounts(last),
+            (_, true) => RotationCursor::Check,
+            (_, false) => RotationCursor::Kept(last),
+        };
+        let reseal_one = |record: &AccountRecord| -> Result<AccountRecord, Abort> {
+            match reseal(record) {
+                Ok(r) if r.key_generation == target => Ok(r),
+                Ok(_) => Err(Abort::Reseal(
+                    record.account_id.clone(),
+                    "re-sealed to another generation".into(),
+                )),
+                Err(why) => Err(Abort::Reseal(record.account_id.clone(), why)),
+            }
+        };
+        let result = (tree, &self.meta, self.outbox.tree()).transaction(|(t, meta, outbox)| {
+            let Some(bytes) = meta.get(ROTATION)? else {
+                return Ok((0, None, None));
+            };
+            let Ok(mut r) = serde_json::from_slice::<Rotation>(&bytes) else {
+                return abort(Abort::Corrupt);
+            };
+            let mut n = 0u64;
+            for k in &chosen {
+                let Some(v) = t.get(k)? else { continue };
+                if kept {
+                    let mut list = match kept_list(Some(&v)) {
+                        Ok(l) => l,
+                        Err(e) => return abort(e),
+                    };
+                    let mut changed = false;
+                    for entry in &mut list {
+                        if entry.record.key_generation < target {
+                            entry.record = match reseal_one(&entry.record) {
+                                Ok(r) => r,
+                                Err(e) => return abort(e),
+                            };
+                            n += 1;
+                            changed = true;
+                        }
+                    }
+                    if changed {
+                        t.insert(k, serde_json::to_vec(&list).expect("kept seeds serialize"))?;
+                    }
+                } else {
+                    let Ok(record) = decode_record(&v) else {
+                        return abort(Abort::Corrupt);
+                    };
+                    if record.key_generation < target {
+                        let record = match reseal_one(&record) {
+                            Ok(r) => r,
+                            Err(e) => return abort(e),
+                        };
+                        t.insert(k, serde_json::to_vec(&record).expect("records serialize"))?;
+                        n += 1;
+                    }
+                }
+            }
+            r.resealed += n;
+            r.cursor = next.clone();
+            meta.insert(
+                ROTATION,
+                serde_json::to_vec(&r).expect("rotations serialize"),
+            )?;
+            let seq = if n > 0 {
+                let event = event
+                    .clone()
+                    .attr("generation", target.to_string())
+                    .attr("resealed", n.to_string())
+                    .attr("resealed_total", r.resealed.to_string())
+                    .attr("phase", rotation.cursor.phase());
+                Some(self.outbox.push(outbox, event)?)
+            } else {
+                None
+            };
+            Ok((n, Some(r), seq))
+        });
+        match result {
+            Ok((resealed, rotation, seq)) => Ok(Batch {
+                resealed,
+                rotation,
+                seq,
+            }),
+            Err(TransactionError::Abort(why)) => Err(refusal(why, "a kept seed", "")),
+            Err(TransactionError::Storage(e)) => Err(err(e)),
+        }
+    }
+
+    fn seeds_per_generation(&self) -> Result<BTreeMap<u32, u64>, VaultStoreError> {
+        let err = sled_err(&self.db);
+        let mut counts = BTreeMap::new();
+        for item in self.accounts.iter() {
+            let (k, v) = item.map_err(&err)?;
+            let record = self.decode(&String::from_utf8_lossy(&k), &v)?;
+            *counts.entry(record.key_generation).or_default() += 1;
+        }
+        for item in self.recovery.iter() {
+            let (k, v) = item.map_err(&err)?;
+            let list = kept_list(Some(&v))
+                .map_err(|_| VaultStoreError::Corrupt(String::from_utf8_lossy(&k).into_owned()))?;
+            for kept in list {
+                *counts.entry(kept.record.key_generation).or_default() += 1;
+            }
+        }
+        Ok(counts)
+    }
+
+    fn rewalk(&self) -> Result<Option<Rotation>, VaultStoreError> {
+        let result = self.meta.transaction(|meta| {
+            let Some(bytes) = meta.get(ROTATION)? else {
+                return Ok(None);
+            };
+            let Ok(mut r) = serde_json::from_slice::<Rotation>(&bytes) else {
+                return abort(Abort::Corrupt);
+            };
+            r.cursor = RotationCursor::Accounts(None);
+            r.passes += 1;
+            meta.insert(
+                ROTATION,
+                serde_json::to_vec(&r).expect("rotations serialize"),
+            )?;
+            Ok(Some(r))
+        });
+        self.finish(result, "the key rotation record")
+    }
+
+    fn finish_rotation(
+        &self,
+        retire: &[u32],
+        now: u64,
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError> {
+        let result = (&self.keyring, &self.meta, self.outbox.tree()).transaction(
+            |(keyring, meta, outbox)| {
+                let Some(bytes) = meta.get(ROTATION)? else {
+                    return abort(Abort::Missing);
+                };
+                let Ok(rotation) = serde_json::from_slice::<Rotation>(&bytes) else {
+                    return abort(Abort::Corrupt);
+                };
+                for generation in retire {
+                    keyring.remove(&generation.to_be_bytes())?;
+                }
+                meta.remove(ROTATION)?;
+                let finished = FinishedRotation {
+                    rotation,
+                    finished_at: now,
+                    retired: retire.to_vec(),
+                };
+                let bytes = serde_json::to_vec(&finished).expect("rotations serialize");
+                meta.insert(LAST_ROTATION, bytes)?;
+                self.outbox.push(outbox, event.clone())
+            },
+        );
+        self.finish(result, "the key rotation record")
+    }
 }
 
 /// Names the grant and action ids in a refusal the transaction could only
@@ -1350,6 +1824,7 @@ mod tests {
             min_seconds_left: 0,
             last_step: None,
             disabled: false,
+            key_generation: 0,
         };
         let grant = SpentGrant {
             grant_id: format!("g-enroll-{account_id}"),
