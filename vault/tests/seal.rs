@@ -828,6 +828,7 @@ async fn reshare(
 
 #[tokio::test]
 async fn reshare_2_of_3_to_3_of_4_keeps_the_key_and_after_a_restart_only_new_shares_unseal() {
+    let logs = captured_logs();
     let s = Sealed::new();
     for name in ["olivia", "adam"] {
         s.fx.ca
@@ -987,6 +988,27 @@ async fn reshare_2_of_3_to_3_of_4_keeps_the_key_and_after_a_restart_only_new_sha
     assert!(!sealed(&s.fx, vault.addr).await);
     // The same master key: the seed enrolled before the reshare gives codes.
     a_code(&s.fx, vault.addr).await.unwrap();
+
+    // No old or new share in any log line, in any spelling.
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(text.contains("reshared: seal"), "the capture works");
+    use base64::Engine;
+    let shares = [
+        s.share("alice"),
+        s.share("bob"),
+        new_share("olivia"),
+        new_share("bob"),
+    ];
+    for share in &shares {
+        let y = &share[share.len() - 32..];
+        for spelling in [
+            base64::engine::general_purpose::STANDARD.encode(y),
+            y.iter().map(|b| format!("{b:02x}")).collect(),
+            format!("{:?}", &y[..8]).trim_end_matches(']').to_owned(),
+        ] {
+            assert!(!text.contains(&spelling), "a share in the log: {spelling}");
+        }
+    }
 }
 
 async fn received_reshare(
