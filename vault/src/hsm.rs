@@ -610,9 +610,12 @@ pub fn unwrap(
         )) => return Err(HsmError::Blob(shown)),
         Err(e) => return Err(call("unwrapping the master key")(e)),
     };
-    let bytes =
-        <[u8; 32]>::try_from(plain.as_slice()).map_err(|_| HsmError::Blob(shown.clone()))?;
-    let key = SecretKey::from_bytes(bytes);
+    if plain.len() != 32 {
+        return Err(HsmError::Blob(shown));
+    }
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    bytes.copy_from_slice(&plain);
+    let key = SecretKey::from_bytes(*bytes);
     let check = B64.decode(&descriptor.key_check).unwrap_or_default();
     if !MasterKey::new(key.clone()).matches(&check) {
         return Err(HsmError::KeyCheck(shown));
