@@ -2,9 +2,9 @@
 //! test makes its own token in a temp dir (`SOFTHSM2_CONF` is set only for
 //! the processes it starts), runs the real `twokey-vault init-key --seal
 //! pkcs11` and `serve` binaries over real mTLS, and checks that codes come
-//! from the same seed across restarts, that a wrong PIN, key, token or blob
-//! is refused by name with no PIN in any output, and that the descriptor
-//! holds no key byte.
+//! from the same seed across restarts and across a key rotation, that a
+//! wrong PIN, key, token or blob is refused by name with no PIN in any
+//! output, and that the descriptor holds no key byte.
 
 mod common;
 
@@ -32,6 +32,8 @@ const SO_PIN: &str = "5732195846";
 struct Token {
     conf: PathBuf,
     pin_file: PathBuf,
+    /// The slot SoftHSM2 gave the token.
+    slot: u64,
 }
 
 impl Token {
@@ -58,10 +60,21 @@ impl Token {
             "softhsm2-util --init-token: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        let said = String::from_utf8_lossy(&out.stdout);
+        let slot = said
+            .split("reassigned to slot ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no slot in softhsm2-util's answer: {said}"));
         let pin_file = dir.join("hsm.pin");
         std::fs::write(&pin_file, format!("{PIN}\n")).unwrap();
         std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        Self { conf, pin_file }
+        Self {
+            conf,
+            pin_file,
+            slot,
+        }
     }
 
     fn command(&self, args: &[&str]) -> Command {
@@ -470,6 +483,31 @@ fn init_key_makes_or_finds_the_wrapping_key_refuses_an_unfit_one_and_never_overw
         load(&second).wrapping_key_check
     );
 
+    // The token by its slot number finds the same key.
+    let by_slot = fx.path().join("by-slot");
+    let o = token
+        .command(&["init-key", "--seal", "pkcs11", "--module", MODULE])
+        .args(["--slot", &token.slot.to_string(), "--key-label", "master"])
+        .arg("--pin-file")
+        .arg(&token.pin_file)
+        .arg("--out")
+        .arg(&by_slot)
+        .output()
+        .unwrap();
+    assert!(
+        text(&o).starts_with(&format!(
+            "found the AES-256 key \"master\" in the token in slot {}",
+            token.slot
+        )),
+        "{}",
+        text(&o)
+    );
+    let d = load(&by_slot);
+    assert_eq!(
+        (d.token_label.as_str(), d.wrapping_key_check.as_str()),
+        (TOKEN, load(&first).wrapping_key_check.as_str())
+    );
+
     // Never overwritten, and refused before the token is touched.
     let before = std::fs::read(first.join(hsm::DESCRIPTOR_FILE)).unwrap();
     let o = token.init(&first, "master");
@@ -603,4 +641,90 @@ fn wrap_and_unwrap_a_known_key(dir: &Path) {
     assert_eq!(again.wrapping_key_check, d.wrapping_key_check);
     assert_ne!(again.wrapped_key, d.wrapped_key, "a fresh IV and seal id");
     std::fs::write(dir.join("checked"), "wrapped, unwrapped, found").unwrap();
+}
+
+/// The keyring's state, as any identity of the trust domain may ask.
+async fn key_state(
+    fx: &Fixture,
+    addr: std::net::SocketAddr,
+) -> twokey_proto::vault::v1::KeyringState {
+    twokey_proto::vault::v1::key_service_client::KeyServiceClient::new(fx.channel(addr, "mallory"))
+        .key_status(twokey_proto::vault::v1::KeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_key_rotation_under_a_softhsm2_seal_keeps_every_seed_across_a_restart() {
+    let fx = Fixture::new();
+    let token = Token::new(fx.path());
+    let seal = fx.path().join("seal");
+    assert!(token.init(&seal, "master").status.success());
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let pin_line = format!("pin_file = \"{}\"", token.pin_file.display());
+    let config = write_config(
+        &fx,
+        audit.addr,
+        "vault.toml",
+        &seal_section(&seal.join(hsm::DESCRIPTOR_FILE), TOKEN, "master", &pin_line),
+    );
+    let log = fx.path().join("vault.log");
+    let vault = serve(&token, &config, &log).await;
+    fx.apply(vault.addr, 1, &["aws-prod-root", "aws-dev-root"])
+        .await;
+    enroll(&fx, vault.addr, "aws-prod-root", SECRET).await;
+    enroll(&fx, vault.addr, "aws-dev-root", OTHER_SECRET).await;
+    assert_eq!(key_state(&fx, vault.addr).await.current_generation, 1);
+
+    // Two admins rotate; the vault re-seals both seeds under generation 2.
+    let consent = fx.admin_consent(
+        1,
+        "",
+        twokey_consent::AdminAction::RotateKey,
+        &[&fx.people.adam, &fx.people.anna],
+    );
+    let answer = twokey_proto::vault::v1::key_service_client::KeyServiceClient::new(
+        // Any identity of the trust domain: the statements are the authority.
+        fx.channel(vault.addr, "mallory"),
+    )
+    .rotate_key(twokey_proto::vault::v1::RotateKeyRequest {
+        consent: Some(consent),
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(answer.started);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut state = key_state(&fx, vault.addr).await;
+    while state.rotation.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the rotation did not end: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        state = key_state(&fx, vault.addr).await;
+    }
+    let generations = |s: &twokey_proto::vault::v1::KeyringState| -> Vec<(u32, u64)> {
+        s.generations
+            .iter()
+            .map(|g| (g.generation, g.seeds))
+            .collect()
+    };
+    assert_eq!(state.current_generation, 2);
+    assert_eq!(generations(&state), [(2, 2)]);
+    release(&fx, vault.addr, "aws-prod-root", SECRET).await;
+    drop(vault);
+
+    // Restarted, the HSM unwraps the same master key, which opens the
+    // rotated keyring: the same seeds, the same codes.
+    let vault = serve(&token, &config, &log).await;
+    let state = key_state(&fx, vault.addr).await;
+    assert_eq!(
+        (state.current_generation, generations(&state)),
+        (2, vec![(2, 2)])
+    );
+    release(&fx, vault.addr, "aws-dev-root", OTHER_SECRET).await;
 }
