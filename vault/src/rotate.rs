@@ -791,6 +791,8 @@ mod tests {
         let (vault, db) = open(dir.path(), 50);
         put_seeds(&vault, &db, 5, 1);
         start(&vault).await;
+        // New seeds are sealed under the rotation's generation from its start.
+        assert_eq!(vault.keys.seal_seed("new", b"new seed").0, 2);
         while vault.store.rotation().unwrap().unwrap().cursor != RotationCursor::Check {
             one_batch(&vault).await;
         }

@@ -124,6 +124,21 @@ fn rotate_request(fx: &Fixture, admins: &[&twokey_testkit::consent::Person]) -> 
     }
 }
 
+/// Enrolls `account` with `secret` (one-second steps: releases of one
+/// account never wait long for a step no code was handed out for).
+async fn enroll(fx: &Fixture, addr: std::net::SocketAddr, account: &str, secret: &str) {
+    fx.broker_client(addr)
+        .enroll(EnrollRequest {
+            account_id: account.into(),
+            seed: Some(Seed::Base32Secret(secret.into())),
+            period: 1,
+            grant: Some(fx.enroll_grant(account, "adam")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// One code of `account`, checked against the code computed here from
 /// its known seed for the step the vault chose.
 async fn right_code(fx: &Fixture, addr: std::net::SocketAddr, account: &str, secret: &str) {
@@ -169,23 +184,14 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     let audit_server = start_fake_audit(&fx, audit.clone()).await;
     let config = write_config(&fx, audit_server.addr);
     let (mut child, mut addr) = start_process(&config).await;
-    let accounts: Vec<String> = (0..ACCOUNTS).map(account).collect();
-    let names: Vec<&str> = accounts.iter().map(String::as_str).collect();
+    // ACCOUNTS enrolled first, one more in each round while a rotation runs.
+    let mut accounts: Vec<String> = (0..ACCOUNTS).map(account).collect();
+    let late: Vec<String> = (0..ROUNDS).map(|r| format!("late-{r:02}")).collect();
+    let names: Vec<&str> = accounts.iter().chain(&late).map(String::as_str).collect();
     fx.apply(addr, 1, &names).await;
-    let secrets: Vec<String> = (0..ACCOUNTS).map(|_| secret()).collect();
+    let mut secrets: Vec<String> = (0..ACCOUNTS).map(|_| secret()).collect();
     for (id, secret) in accounts.iter().zip(&secrets) {
-        fx.broker_client(addr)
-            .enroll(EnrollRequest {
-                account_id: id.clone(),
-                seed: Some(Seed::Base32Secret(secret.clone())),
-                // One-second steps: releases of one account never wait long
-                // for a step no code was handed out for.
-                period: 1,
-                grant: Some(fx.enroll_grant(id, "adam")),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        enroll(&fx, addr, id, secret).await;
     }
     let first = key_status(&fx, addr).await;
     assert_eq!(first.current_generation, 1);
@@ -206,6 +212,11 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
             assert!(answer.started);
             started += 1;
         }
+        // A seed enrolled meanwhile is sealed under the newest generation.
+        let secret = secret();
+        enroll(&fx, addr, &late[round], &secret).await;
+        accounts.push(late[round].clone());
+        secrets.push(secret);
         // Codes are served while it runs.
         let i = round % ACCOUNTS;
         right_code(&fx, addr, &accounts[i], &secrets[i]).await;
@@ -217,7 +228,7 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
         // Every seed is readable by the vault at every point.
         let state = key_status(&fx, addr).await;
         let seeds: u64 = state.generations.iter().map(|g| g.seeds).sum();
-        assert_eq!(seeds, ACCOUNTS as u64, "round {round}");
+        assert_eq!(seeds, accounts.len() as u64, "round {round}");
         if state.rotation.is_some() {
             killed_mid_rotation += 1;
         }
@@ -235,8 +246,11 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     // One generation in use: the newest, every seed under it.
     assert_eq!(state.generations.len(), 1, "{state:?}");
     assert_eq!(state.generations[0].generation, state.current_generation);
-    assert_eq!(state.generations[0].seeds, ACCOUNTS as u64);
+    assert_eq!(state.generations[0].seeds, (ACCOUNTS + ROUNDS) as u64);
     assert_eq!(state.current_generation, 1 + started);
+    eprintln!(
+        "{started} rotations started; {killed_mid_rotation} of {ROUNDS} kills landed inside one"
+    );
     assert!(killed_mid_rotation >= 1, "no kill landed inside a rotation");
     for (id, secret) in accounts.iter().zip(&secrets) {
         right_code(&fx, addr, id, secret).await;
