@@ -2,6 +2,9 @@
 //! ssh-ed25519 key is the same through a real `ssh-agent` and from the key
 //! file; an agent without the key, no agent at all, a security key and a
 //! bad holder name each give a one-line error that says what to do.
+//! `twokey vault unseal --ssh-agent` decrypts a share made for that
+//! recipient before it connects, and names the flag to drop for a share
+//! encrypted to the ssh key itself.
 
 mod common;
 
@@ -93,6 +96,67 @@ fn the_recipient_through_the_agent_equals_the_key_files_and_errors_say_what_to_d
     );
     assert!(
         err.contains("a share key is derived only from an ssh-ed25519 key"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unseal_through_the_agent_decrypts_a_share_made_for_the_derived_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path(), "alice", &generate_key()).unwrap();
+    let agent = Agent::start();
+    agent.add(&key);
+    let recipient: age::x25519::Recipient = json(&mut holder_key(&key, "alice"))["recipient"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let share = dir.path().join("alice.share.age");
+    std::fs::write(
+        &share,
+        age::encrypt(&recipient, b"not a real share").unwrap(),
+    )
+    .unwrap();
+    let unseal = |share: &std::path::Path| {
+        let mut cmd = twokey();
+        cmd.args(["vault", "unseal", "--vault", "https://127.0.0.1:9"])
+            .arg("--share")
+            .arg(share)
+            .args(["--ssh-agent", "--identity"])
+            .arg(&key)
+            .env("SSH_AUTH_SOCK", &agent.socket);
+        cmd
+    };
+    // Decrypted (the holder name from the file name), then stopped only by
+    // the missing connection settings of this bare test profile.
+    let out = unseal(&share).assert().failure();
+    let err = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(!err.contains("cannot decrypt"), "{err}");
+    assert!(err.contains("cert"), "{err}");
+
+    // A share encrypted to the ssh key itself: drop --ssh-agent.
+    let ssh_recipient: age::ssh::Recipient =
+        std::fs::read_to_string(dir.path().join("alice.ssh.pub"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let ssh_share = dir.path().join("sub");
+    std::fs::create_dir(&ssh_share).unwrap();
+    let ssh_share = ssh_share.join("alice.share.age");
+    std::fs::write(&ssh_share, age::encrypt(&ssh_recipient, b"x").unwrap()).unwrap();
+    let err = one_line_error(&mut unseal(&ssh_share), 1);
+    assert!(
+        err.contains("cannot decrypt") && err.contains("drop --ssh-agent"),
+        "{err}"
+    );
+
+    // A file not named NAME.share.age needs --holder.
+    let odd = dir.path().join("share.bin");
+    std::fs::copy(&share, &odd).unwrap();
+    let err = one_line_error(&mut unseal(&odd), 2);
+    assert!(
+        err.contains("pass your holder name with --holder NAME"),
         "{err}"
     );
 }
