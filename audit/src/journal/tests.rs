@@ -7,7 +7,9 @@ use super::*;
 fn entry(i: u64) -> Entry {
     Entry {
         data: format!("entry {i}").into_bytes(),
-        received_at: i.is_multiple_of(2).then_some((1_700_000_000 + i as i64, i as i32)),
+        received_at: i
+            .is_multiple_of(2)
+            .then_some((1_700_000_000 + i as i64, i as i32)),
     }
 }
 
