@@ -201,7 +201,7 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     let admins = [&fx.people.adam, &fx.people.anna];
     let mut started = 0;
     let mut killed_mid_rotation = 0;
-    for round in 0..ROUNDS {
+    for (round, late_id) in late.iter().enumerate() {
         let state = key_status(&fx, addr).await;
         if state.rotation.is_none() {
             let answer = keys_client(&fx, addr, "mallory")
@@ -214,8 +214,8 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
         }
         // A seed enrolled meanwhile is sealed under the newest generation.
         let secret = secret();
-        enroll(&fx, addr, &late[round], &secret).await;
-        accounts.push(late[round].clone());
+        enroll(&fx, addr, late_id, &secret).await;
+        accounts.push(late_id.clone());
         secrets.push(secret);
         // Codes are served while it runs.
         let i = round % ACCOUNTS;
