@@ -407,7 +407,10 @@ impl<S: VaultStore> Vault<S> {
                 older,
                 "seeds sealed under older generations meanwhile; walking again"
             );
-            self.store.rewalk()?;
+            self.store.rewalk(
+                EventDraft::new(&rotation.admins, "key.rotation.rewalk")
+                    .attr("older_seeds", older.to_string()),
+            )?;
             self.store.commit().await?;
             return Ok(false);
         }

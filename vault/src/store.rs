@@ -433,8 +433,8 @@ pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
     fn seeds_per_generation(&self)
     -> Result<std::collections::BTreeMap<u32, u64>, VaultStoreError>;
     /// Starts the rotation's walk again from the first account (a seed of
-    /// an older generation was found at the check).
-    fn rewalk(&self) -> Result<Option<Rotation>, VaultStoreError>;
+    /// an older generation was found at the check), with its event.
+    fn rewalk(&self, event: EventDraft) -> Result<Option<Rotation>, VaultStoreError>;
     /// Ends the rotation: removes the `retire`d generations from the
     /// keyring and the rotation record, keeps it as the last one, with its
     /// event, in one transaction. The caller checks first, with every
@@ -1721,8 +1721,8 @@ impl VaultStore for SledVaultStore {
         Ok(counts)
     }
 
-    fn rewalk(&self) -> Result<Option<Rotation>, VaultStoreError> {
-        let result = self.meta.transaction(|meta| {
+    fn rewalk(&self, event: EventDraft) -> Result<Option<Rotation>, VaultStoreError> {
+        let result = (&self.meta, self.outbox.tree()).transaction(|(meta, outbox)| {
             let Some(bytes) = meta.get(ROTATION)? else {
                 return Ok(None);
             };
@@ -1735,6 +1735,11 @@ impl VaultStore for SledVaultStore {
                 ROTATION,
                 serde_json::to_vec(&r).expect("rotations serialize"),
             )?;
+            let event = event
+                .clone()
+                .attr("generation", r.generation.to_string())
+                .attr("pass", r.passes.to_string());
+            self.outbox.push(outbox, event)?;
             Ok(Some(r))
         });
         self.finish(result, "the key rotation record")
