@@ -68,8 +68,13 @@ pub fn signer(key: &Path, agent: bool) -> Result<SshSigner, CliError> {
     } else {
         None
     };
-    SshSigner::open(key, sock)
+    Ok(SshSigner::open(key, sock)?.advising(WITHOUT_AGENT))
 }
+
+/// The way around the agent that `holder-key` and `unseal` name when the
+/// agent refuses: these commands use it only with `--ssh-agent`.
+const WITHOUT_AGENT: &str =
+    "or drop --ssh-agent to derive the share key from the unencrypted key file";
 
 /// Holder `name`'s age identity, derived from `signer`'s key.
 pub fn identity(signer: &SshSigner, name: &str) -> Result<age::x25519::Identity, CliError> {

@@ -68,7 +68,13 @@ pub struct SshSigner {
     public: PublicKey,
     path: PathBuf,
     source: Source,
+    /// The way around the agent that its refusals name.
+    without_agent: &'static str,
 }
+
+/// The way around the agent for commands that sign through it whenever
+/// `SSH_AUTH_SOCK` is set.
+const UNSET_AGENT: &str = "or unset SSH_AUTH_SOCK to sign with the unencrypted key file";
 
 impl std::fmt::Debug for SshSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -182,7 +188,16 @@ impl SshSigner {
             public,
             path: path.to_owned(),
             source,
+            without_agent: UNSET_AGENT,
         })
+    }
+
+    /// The same signer, whose agent refusals name `advice` (e.g. `or drop
+    /// --ssh-agent …`) as the way around the agent instead of unsetting
+    /// `SSH_AUTH_SOCK`: for commands where the agent is chosen by a flag.
+    pub fn advising(mut self, advice: &'static str) -> Self {
+        self.without_agent = advice;
+        self
     }
 
     /// The public key.
@@ -314,10 +329,11 @@ impl SshSigner {
         let held = agent_identities(sock).map_err(agent_error)?;
         if !held.contains(&blob) {
             return Err(agent_error(format!(
-                "it does not hold your key {} ({}) — add it with `ssh-add {}`, or unset SSH_AUTH_SOCK to sign with the unencrypted key file",
+                "it does not hold your key {} ({}) — add it with `ssh-add {}`, {}",
                 self.path.display(),
                 self.fingerprint(),
-                self.path.display()
+                self.path.display(),
+                self.without_agent
             )));
         }
         let mut request = vec![SIGN_REQUEST];
@@ -333,8 +349,11 @@ impl SshSigner {
                     .map_err(|e| agent_error(format!("malformed signature: {e}")))
             }
             Some((&AGENT_FAILURE, _)) => Err(agent_error(format!(
-                "it refused to sign with {} (for a security key: was it touched?)",
-                self.fingerprint()
+                "it refused to sign with {} (for a security key: was it touched?) — {}",
+                self.fingerprint(),
+                self.without_agent
+                    .strip_prefix("or ")
+                    .unwrap_or(self.without_agent)
             ))),
             _ => Err(agent_error("unexpected answer".into())),
         }

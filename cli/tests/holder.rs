@@ -1,7 +1,8 @@
 //! `twokey vault holder-key`: the share recipient derived from an
 //! ssh-ed25519 key is the same through a real `ssh-agent` and from the key
 //! file; an agent without the key, no agent at all, a security key and a
-//! bad holder name each give a one-line error that says what to do.
+//! bad holder name each give a one-line error that says what to do (for an
+//! agent without the key: `ssh-add` it or drop `--ssh-agent`).
 //! `twokey vault unseal --ssh-agent` decrypts a share made for that
 //! recipient before it connects, and names the flag to drop for a share
 //! encrypted to the ssh key itself.
@@ -59,6 +60,10 @@ fn the_recipient_through_the_agent_equals_the_key_files_and_errors_say_what_to_d
     );
     assert!(err.contains("it does not hold your key"), "{err}");
     assert!(err.contains("ssh-add"), "{err}");
+    // The agent was chosen by --ssh-agent, so that is what to drop;
+    // unsetting SSH_AUTH_SOCK would change nothing here.
+    assert!(err.contains("or drop --ssh-agent"), "{err}");
+    assert!(!err.contains("unset SSH_AUTH_SOCK"), "{err}");
 
     // --ssh-agent without an agent.
     let err = one_line_error(holder_key(&key, "alice").arg("--ssh-agent"), 2);
@@ -150,6 +155,16 @@ fn unseal_through_the_agent_decrypts_a_share_made_for_the_derived_recipient() {
         err.contains("cannot decrypt") && err.contains("drop --ssh-agent"),
         "{err}"
     );
+
+    // An agent that does not hold the key: ssh-add it, or drop --ssh-agent.
+    let empty = Agent::start();
+    let err = one_line_error(unseal(&share).env("SSH_AUTH_SOCK", &empty.socket), 1);
+    assert!(
+        err.contains("it does not hold your key") && err.contains("ssh-add"),
+        "{err}"
+    );
+    assert!(err.contains("or drop --ssh-agent"), "{err}");
+    assert!(!err.contains("unset SSH_AUTH_SOCK"), "{err}");
 
     // A file not named NAME.share.age needs --holder.
     let odd = dir.path().join("share.bin");
