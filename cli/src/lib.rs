@@ -13,6 +13,7 @@ pub mod completions;
 pub mod demo;
 pub mod error;
 pub mod holder;
+pub mod keys;
 pub mod output;
 pub mod pin;
 pub mod pki;
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod profile;
 pub mod reconcile;
 pub mod request;
+pub mod seal;
 pub mod sign;
 pub mod vault;
 pub mod whoami;
@@ -114,7 +116,8 @@ pub enum Command {
     /// Make development certificates.
     #[command(subcommand)]
     Pki(pki::PkiCommand),
-    /// A `shamir`-sealed vault: unseal it with your share, or see where it stands.
+    /// The vault's seal and keys: unseal a `shamir`-sealed vault with your
+    /// share, see where it stands; rotate the key that seals the seeds.
     #[command(subcommand)]
     Vault(vault::VaultCommand),
     /// Print a shell completion script.

@@ -33,8 +33,29 @@ pub enum VaultCommand {
     /// the key file, so a key that lives only in the agent can decrypt the
     /// share. The signature never leaves this machine.
     HolderKey(HolderKeyArgs),
-    /// Sealed or unsealed, K of N received, and by whom.
+    /// Sealed or unsealed, K of N received, and by whom; a reshare in
+    /// progress, its plan and whose shares are in.
     Status(VaultArgs),
+    /// Seal the running vault with M admins' statement files (`twokey
+    /// vault sign-action seal`): it drops its key and serves no code until
+    /// K holders unseal it.
+    Seal(crate::seal::SealArgs),
+    /// Re-share the running key among new holders: `reshare start` (a
+    /// current holder) names K' and the holders; then K current holders
+    /// each submit their share for the plan with `reshare --plan ID --share
+    /// FILE`.
+    Reshare(crate::seal::ReshareArgs),
+    /// Sign your statement for a vault-wide admin action (rotate-key,
+    /// seal) into a file; the first admin starts the action, the others
+    /// sign its id.
+    SignAction(crate::keys::SignActionArgs),
+    /// Rotate the key that seals the seeds, online, with M admins'
+    /// statement files; the vault re-seals every seed and retires the old
+    /// key generations.
+    RotateKey(crate::keys::RotateKeyArgs),
+    /// The key generations, seeds per generation, and a rotation's
+    /// progress (`--wait`: until it ends).
+    KeyStatus(crate::keys::KeyStatusArgs),
 }
 
 /// Where the vault is.
@@ -136,10 +157,15 @@ pub async fn run(cmd: VaultCommand, settings: Settings, out: Output) -> Result<(
                 .unwrap_or_default();
             out.answer(&progress, || human(&progress))
         }
+        VaultCommand::Seal(args) => crate::seal::seal(args, settings, out).await,
+        VaultCommand::Reshare(args) => crate::seal::reshare(args, settings, out).await,
+        VaultCommand::SignAction(args) => crate::keys::sign_action(args, settings, out).await,
+        VaultCommand::RotateKey(args) => crate::keys::rotate_key(args, settings, out).await,
+        VaultCommand::KeyStatus(args) => crate::keys::key_status(args, settings, out).await,
     }
 }
 
-fn identity_path(given: Option<PathBuf>) -> Result<PathBuf, CliError> {
+pub(crate) fn identity_path(given: Option<PathBuf>) -> Result<PathBuf, CliError> {
     given
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".ssh/id_ed25519")))
         .ok_or_else(|| {
@@ -216,6 +242,12 @@ fn client(
     settings: &Settings,
     args: &VaultArgs,
 ) -> Result<(SealServiceClient<Channel>, Target), CliError> {
+    let (channel, target) = channel(settings, args)?;
+    Ok((SealServiceClient::new(channel), target))
+}
+
+/// A channel to the vault, with the caller's own certificate.
+pub fn channel(settings: &Settings, args: &VaultArgs) -> Result<(Channel, Target), CliError> {
     let tls = settings.tls()?;
     let target = Target {
         service: "vault",
@@ -232,12 +264,17 @@ fn client(
         )
         .map_err(twokey_runtime::tls::TlsError::from)?
         .connect_lazy();
-    Ok((SealServiceClient::new(channel), target))
+    Ok((channel, target))
 }
 
-fn human(p: &SealProgress) -> String {
+/// Where sealing (and a reshare) stands, for people.
+pub(crate) fn human(p: &SealProgress) -> String {
     if !p.sealed {
-        return format!("unsealed ({} of {} holders needed)", p.threshold, p.holders);
+        let unsealed = format!("unsealed ({} of {} holders needed)", p.threshold, p.holders);
+        return match crate::seal::human_reshare(p) {
+            Some(reshare) => format!("{unsealed}\n{reshare}"),
+            None => unsealed,
+        };
     }
     format!(
         "sealed: {} of {} shares received{}",
