@@ -7,8 +7,12 @@
 //! retention the service sets (`audit_keep_days`), so that an audit service
 //! restored from an older backup gets it back: at the same index when audit
 //! asks (`Restore`), or sent again from its sequence number on a GAP.
+//!
+//! [`OutboxStore`] is what the shipper and the receipt checker use of an
+//! outbox, whatever keeps it: this sled [`Outbox`], or the PostgreSQL one
+//! (`twokey_pgstore::outbox::PgOutbox`) that several replicas write.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
@@ -377,6 +381,172 @@ pub enum RequeueError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The outbox's database failed.
+    #[error(transparent)]
+    Outbox(OutboxError),
+}
+
+/// Why an [`OutboxStore`] call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The outbox's database cannot be reached (shipping pauses, and
+    /// resumes when it answers again); the message says so.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The outbox's database refused or failed a statement.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What the shipper and the receipt checker use of a source's outbox,
+/// whichever store keeps it. The calls that reach the store are async:
+/// a database may be across the network. Sequence numbers are this
+/// source's, consecutive from 1; leaf indices are audit's.
+pub trait OutboxStore: Clone + Send + Sync + 'static {
+    /// The signer (source identity and key).
+    fn signer(&self) -> &EventSigner;
+
+    /// Tells the observer (if any) that `event` was acknowledged.
+    fn observe_acked(&self, event: &Event);
+
+    /// Returns when new events may be waiting (at once after a commit
+    /// where the store can say so, else after a short poll).
+    fn notified(&self) -> impl Future<Output = ()> + Send;
+
+    /// The sequence number the next event will get.
+    fn next_seq(&self) -> impl Future<Output = Result<u64, OutboxError>> + Send;
+
+    /// The lowest sequence number still waiting, if any.
+    fn first_pending(&self) -> impl Future<Output = Result<Option<u64>, OutboxError>> + Send;
+
+    /// Up to `limit` waiting events with sequence numbers from `from`, in order.
+    fn pending(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, SignedEvent)>, OutboxError>> + Send;
+
+    /// Number of events waiting.
+    fn depth(&self) -> impl Future<Output = Result<usize, OutboxError>> + Send;
+
+    /// Notes that audit acknowledged event `seq` at leaf `index`.
+    fn record_leaf(
+        &self,
+        seq: u64,
+        index: u64,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send;
+
+    /// Settles every event up to and including `seq`, atomically: each one
+    /// with a known leaf index is kept under it, the others dropped.
+    fn settle_through(&self, seq: u64) -> impl Future<Output = Result<(), OutboxError>> + Send;
+
+    /// Events audit acknowledged at leaf indices from `from` on, in leaf
+    /// order, at most `limit`: the kept ones, then pending ones whose leaf
+    /// index is known.
+    fn kept_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(u64, SignedEvent)>, OutboxError>> + Send;
+
+    /// Puts kept events from sequence number `seq` on back among the
+    /// pending ones; fails, changing nothing, when the oldest is gone.
+    fn requeue_from(&self, seq: u64) -> impl Future<Output = Result<(), RequeueError>> + Send;
+
+    /// Drops kept events from before `cutoff` (oldest first, stopping at
+    /// the first newer one); returns how many.
+    fn prune_kept(
+        &self,
+        cutoff: std::time::SystemTime,
+    ) -> impl Future<Output = Result<usize, OutboxError>> + Send;
+
+    /// Number of events kept after their acknowledgement.
+    fn kept(&self) -> impl Future<Output = Result<usize, OutboxError>> + Send;
+
+    /// The last audit checkpoint (signed note) this source accepted, if any.
+    fn accepted_checkpoint(
+        &self,
+    ) -> impl Future<Output = Result<Option<String>, OutboxError>> + Send;
+
+    /// Keeps `note` as the last audit checkpoint this source accepted.
+    fn set_accepted_checkpoint(
+        &self,
+        note: &str,
+    ) -> impl Future<Output = Result<(), OutboxError>> + Send;
+}
+
+/// The sled outbox, through its own (synchronous) methods.
+impl OutboxStore for Outbox {
+    fn signer(&self) -> &EventSigner {
+        Outbox::signer(self)
+    }
+
+    fn observe_acked(&self, event: &Event) {
+        Outbox::observe_acked(self, event)
+    }
+
+    async fn notified(&self) {
+        Outbox::notified(self).await
+    }
+
+    async fn next_seq(&self) -> Result<u64, OutboxError> {
+        Ok(Outbox::next_seq(self))
+    }
+
+    async fn first_pending(&self) -> Result<Option<u64>, OutboxError> {
+        Ok(Outbox::first_pending(self))
+    }
+
+    async fn pending(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, SignedEvent)>, OutboxError> {
+        Ok(Outbox::pending(self, from, limit))
+    }
+
+    async fn depth(&self) -> Result<usize, OutboxError> {
+        Ok(Outbox::depth(self))
+    }
+
+    async fn record_leaf(&self, seq: u64, index: u64) -> Result<(), OutboxError> {
+        Ok(Outbox::record_leaf(self, seq, index)?)
+    }
+
+    async fn settle_through(&self, seq: u64) -> Result<(), OutboxError> {
+        Ok(Outbox::settle_through(self, seq)?)
+    }
+
+    async fn kept_from(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, SignedEvent)>, OutboxError> {
+        Ok(Outbox::kept_from(self, from, limit))
+    }
+
+    async fn requeue_from(&self, seq: u64) -> Result<(), RequeueError> {
+        Outbox::requeue_from(self, seq)
+    }
+
+    async fn prune_kept(&self, cutoff: std::time::SystemTime) -> Result<usize, OutboxError> {
+        Ok(Outbox::prune_kept(self, cutoff)?)
+    }
+
+    async fn kept(&self) -> Result<usize, OutboxError> {
+        Ok(Outbox::kept(self))
+    }
+
+    async fn accepted_checkpoint(&self) -> Result<Option<String>, OutboxError> {
+        Ok(Outbox::accepted_checkpoint(self))
+    }
+
+    async fn set_accepted_checkpoint(&self, note: &str) -> Result<(), OutboxError> {
+        Ok(Outbox::set_accepted_checkpoint(self, note)?)
+    }
 }
 
 #[cfg(test)]

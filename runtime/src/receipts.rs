@@ -28,7 +28,7 @@ use twokey_tlog::{
     merkle::{self, Hash},
 };
 
-use crate::outbox::Outbox;
+use crate::outbox::OutboxStore;
 
 /// A tree head: size and root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,24 +160,11 @@ pub struct ReceiptChecker {
 }
 
 impl ReceiptChecker {
-    /// A checker with audit's checkpoint `verifier`, starting from the
-    /// checkpoint kept in `outbox` (if it still verifies), and the health
-    /// it reports.
-    pub fn new(verifier: NoteVerifier, outbox: &Outbox) -> (Self, ReceiptHealth) {
-        let source = outbox.signer().source().to_string();
-        let accepted = outbox.accepted_checkpoint().and_then(|note| {
-            match verifier.open_checkpoint(&note) {
-                Ok(c) => Some((Head::from(&c), note)),
-                Err(e) => {
-                    tracing::warn!(
-                        %source,
-                        "the audit checkpoint this source kept does not verify with {verifier}: {e}; \
-                         starting over from the next one audit serves"
-                    );
-                    None
-                }
-            }
-        });
+    /// A checker of `source`'s receipts with audit's checkpoint `verifier`,
+    /// with no accepted checkpoint until [`ReceiptChecker::resume`], and the
+    /// health it reports.
+    pub fn new(verifier: NoteVerifier, source: String) -> (Self, ReceiptHealth) {
+        let accepted = None;
         let (tx, rx) = watch::channel(None);
         let flag = Arc::new(AtomicU64::new(0));
         observe(source.clone(), flag.clone());
@@ -194,6 +181,24 @@ impl ReceiptChecker {
             },
             ReceiptHealth(rx),
         )
+    }
+
+    /// Starts from `kept`, the checkpoint the outbox kept (if it still
+    /// verifies; otherwise from the next one audit serves).
+    pub fn resume(&mut self, kept: Option<String>) {
+        let verifier = &self.verifier;
+        let source = &self.source;
+        self.accepted = kept.and_then(|note| match verifier.open_checkpoint(&note) {
+            Ok(c) => Some((Head::from(&c), note)),
+            Err(e) => {
+                tracing::warn!(
+                    %source,
+                    "the audit checkpoint this source kept does not verify with {verifier}: {e}; \
+                     starting over from the next one audit serves"
+                );
+                None
+            }
+        });
     }
 
     /// Cosigns, as a witness, each checkpoint accepted with a size larger
@@ -264,9 +269,9 @@ impl ReceiptChecker {
     /// not verify or does not cover the entry is an error (nothing changes);
     /// otherwise the verdict, already applied (accepted checkpoint kept in
     /// `outbox`, health set or cleared, logs and metric).
-    pub fn check(
+    pub async fn check<O: OutboxStore>(
         &mut self,
-        outbox: &Outbox,
+        outbox: &O,
         note: &str,
         covers: Option<u64>,
         proof: &[Vec<u8>],
@@ -333,7 +338,7 @@ impl ReceiptChecker {
             .as_ref()
             .is_none_or(|(h, _)| h.size < served.size)
         {
-            if let Err(e) = outbox.set_accepted_checkpoint(note) {
+            if let Err(e) = outbox.set_accepted_checkpoint(note).await {
                 tracing::warn!(source = %self.source, "cannot keep the accepted audit checkpoint: {e}");
             }
             self.accepted = Some((served, note.to_owned()));

@@ -47,7 +47,7 @@ use twokey_proto::audit::v1::{
 use twokey_tlog::checkpoint::NoteVerifier;
 
 use crate::{
-    outbox::{Outbox, RequeueError},
+    outbox::{OutboxStore, RequeueError},
     receipts::{ReceiptChecker, ReceiptHealth, Verdict},
 };
 
@@ -169,46 +169,48 @@ impl ShipperHandle {
 }
 
 /// Starts shipping `outbox` to the audit service at the other end of `channel`.
-pub fn spawn_shipper(outbox: Outbox, channel: Channel) -> ShipperHandle {
+pub fn spawn_shipper<O: OutboxStore>(outbox: O, channel: Channel) -> ShipperHandle {
     spawn_shipper_task(outbox, channel).0
 }
 
 /// Like [`spawn_shipper`], also returning the task so a server can stop it
 /// (abort, then await) on shutdown and release the database.
-pub fn spawn_shipper_task(
-    outbox: Outbox,
+pub fn spawn_shipper_task<O: OutboxStore>(
+    outbox: O,
     channel: Channel,
 ) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
     spawn_shipper_with(outbox, channel, ShipperOptions::default())
 }
 
 /// Like [`spawn_shipper_task`], checking receipts as `options` say.
-pub fn spawn_shipper_with(
-    outbox: Outbox,
+///
+/// The outbox is read in the task: the acknowledged sequence number starts
+/// at 0 and is set to the one below the oldest waiting event (and the
+/// accepted checkpoint loaded) as soon as the outbox answers; while it does
+/// not, shipping is paused and retried like a failed stream.
+pub fn spawn_shipper_with<O: OutboxStore>(
+    outbox: O,
     channel: Channel,
     options: ShipperOptions,
 ) -> (ShipperHandle, tokio::task::JoinHandle<()>) {
+    let source = outbox.signer().source().to_string();
     let (mut checker, receipts) = match options.audit_key {
         Some(key) => {
-            let (c, h) = ReceiptChecker::new(key, &outbox);
+            let (c, h) = ReceiptChecker::new(key, source.clone());
             (Some(c.with_witness(outbox.signer().cosigner())), h)
         }
         None => (None, ReceiptHealth::unchecked()),
     };
-    let start = outbox
-        .first_pending()
-        .unwrap_or_else(|| outbox.next_seq())
-        .saturating_sub(1);
-    let (acked_tx, acked_rx) = watch::channel(start);
+    let (acked_tx, acked_rx) = watch::channel(0);
     let depth = Arc::new(AtomicU64::new(0));
     {
         let depth = depth.clone();
-        crate::metrics::observe_outbox_depth(outbox.signer().source().to_string(), move || {
+        crate::metrics::observe_outbox_depth(source.clone(), move || {
             depth.load(Ordering::Relaxed) as usize
         });
     }
     let stalled: Stalled = Arc::default();
-    observe_stalled(outbox.signer().source().to_string(), stalled.clone());
+    observe_stalled(source, stalled.clone());
     let (keep, alarm_after) = (options.keep, options.stall_alarm);
     let handle_stalled = stalled.clone();
     let task = tokio::spawn(async move {
@@ -216,33 +218,50 @@ pub fn spawn_shipper_with(
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing: Option<(Instant, Option<Instant>)> = None;
+        let mut loaded = false;
         loop {
-            update_depth(&outbox, &acked_tx, &depth);
-            let checker = checker.as_mut();
-            let mut progressed = false;
-            let mut tick = Housekeeping {
-                prune: &mut prune,
-                keep,
-                progressed: &mut progressed,
+            let outcome = if loaded {
+                update_depth(&outbox, &acked_tx, &depth).await;
+                let checker = checker.as_mut();
+                let mut progressed = false;
+                let mut tick = Housekeeping {
+                    prune: &mut prune,
+                    keep,
+                    progressed: &mut progressed,
+                };
+                let outcome = session(
+                    &outbox,
+                    channel.clone(),
+                    &acked_tx,
+                    &mut backoff,
+                    &depth,
+                    checker,
+                    &mut tick,
+                )
+                .await;
+                if progressed {
+                    failing = None;
+                    *stalled.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                outcome
+            } else {
+                match load(&outbox, checker.as_mut()).await {
+                    Ok(start) => {
+                        acked_tx.send_if_modified(|a| {
+                            let changed = start > *a;
+                            *a = (*a).max(start);
+                            changed
+                        });
+                        loaded = true;
+                        continue;
+                    }
+                    Err(e) => Err(format!("cannot read the outbox: {e}")),
+                }
             };
-            let outcome = session(
-                &outbox,
-                channel.clone(),
-                &acked_tx,
-                &mut backoff,
-                &depth,
-                checker,
-                &mut tick,
-            )
-            .await;
-            if progressed {
-                failing = None;
-                *stalled.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            }
             if let Err(why) = outcome {
                 tracing::warn!(
                     source = %outbox.signer().source(),
-                    depth = outbox.depth(),
+                    depth = depth.load(Ordering::Relaxed),
                     "audit shipping paused: {why}"
                 );
                 let now = Instant::now();
@@ -256,7 +275,7 @@ pub fn spawn_shipper_with(
                     *alarmed = Some(now);
                     tracing::error!(
                         source = %outbox.signer().source(),
-                        depth = outbox.depth(),
+                        depth = depth.load(Ordering::Relaxed),
                         failing_for_s = now.duration_since(*since).as_secs(),
                         "audit shipping keeps failing and this source cannot recover on its \
                          own: {why}; see docs/RELIABILITY.md"
@@ -279,6 +298,22 @@ pub fn spawn_shipper_with(
         },
         task,
     )
+}
+
+/// Reads what shipping starts from: the accepted checkpoint (into the
+/// receipt checker) and the sequence number below the oldest waiting event.
+async fn load<O: OutboxStore>(
+    outbox: &O,
+    checker: Option<&mut ReceiptChecker>,
+) -> Result<u64, crate::outbox::OutboxError> {
+    if let Some(c) = checker {
+        c.resume(outbox.accepted_checkpoint().await?);
+    }
+    let start = match outbox.first_pending().await? {
+        Some(seq) => seq,
+        None => outbox.next_seq().await?,
+    };
+    Ok(start.saturating_sub(1))
 }
 
 /// Gauge `twokey.audit.shipping.stalled` per source.
@@ -304,11 +339,11 @@ struct Housekeeping<'a> {
 }
 
 impl Housekeeping<'_> {
-    fn prune(&self, outbox: &Outbox) {
+    async fn prune<O: OutboxStore>(&self, outbox: &O) {
         let Some(cutoff) = std::time::SystemTime::now().checked_sub(self.keep) else {
             return;
         };
-        match outbox.prune_kept(cutoff) {
+        match outbox.prune_kept(cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(
                 source = %outbox.signer().source(),
@@ -324,7 +359,11 @@ impl Housekeeping<'_> {
 
 /// Sends audit the events this source kept from leaf index `from` on, in
 /// leaf order, for a log restored from an older backup.
-async fn restore(outbox: &Outbox, channel: Channel, from: u64) -> Result<RestoreResponse, String> {
+async fn restore<O: OutboxStore>(
+    outbox: &O,
+    channel: Channel,
+    from: u64,
+) -> Result<RestoreResponse, String> {
     let mut client = AuditServiceClient::new(channel)
         .max_decoding_message_size(crate::serve::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::serve::MAX_MESSAGE_BYTES);
@@ -333,9 +372,12 @@ async fn restore(outbox: &Outbox, channel: Channel, from: u64) -> Result<Restore
         let mut next = from;
         let mut sent = 0u64;
         loop {
-            let batch = outbox.kept_from(next, RESTORE_BATCH);
+            let batch = match outbox.kept_from(next, RESTORE_BATCH).await {
+                Ok(batch) => batch,
+                Err(e) => return Err(format!("restore: cannot read the kept events: {e}")),
+            };
             if batch.is_empty() {
-                return sent;
+                return Ok(sent);
             }
             for (index, event) in batch {
                 next = index + 1;
@@ -344,7 +386,7 @@ async fn restore(outbox: &Outbox, channel: Channel, from: u64) -> Result<Restore
                     event: Some(event),
                 };
                 if tx.send(item).await.is_err() {
-                    return sent;
+                    return Ok(sent);
                 }
                 sent += 1;
             }
@@ -352,6 +394,7 @@ async fn restore(outbox: &Outbox, channel: Channel, from: u64) -> Result<Restore
     };
     let call = client.restore(ReceiverStream::new(rx));
     let (sent, answer) = tokio::join!(feed, call);
+    let sent = sent?;
     let answer = answer
         .map_err(|s| format!("restore: {}: {}", s.code(), s.message()))?
         .into_inner();
@@ -370,8 +413,12 @@ async fn restore(outbox: &Outbox, channel: Channel, from: u64) -> Result<Restore
 
 /// Events written and not yet acknowledged: the sequence numbers above the
 /// acknowledged one.
-fn update_depth(outbox: &Outbox, acked: &watch::Sender<u64>, depth: &AtomicU64) {
-    let written = outbox.next_seq().saturating_sub(1);
+/// Kept as it was when the outbox cannot be read.
+async fn update_depth<O: OutboxStore>(outbox: &O, acked: &watch::Sender<u64>, depth: &AtomicU64) {
+    let Ok(next) = outbox.next_seq().await else {
+        return;
+    };
+    let written = next.saturating_sub(1);
     depth.store(written.saturating_sub(*acked.borrow()), Ordering::Relaxed);
 }
 
@@ -384,7 +431,7 @@ struct Sent {
 
 /// Reports the events acknowledged through `seq` to the metrics and the
 /// outbox's observer.
-fn acknowledged(outbox: &Outbox, sent: &mut VecDeque<Sent>, seq: u64) {
+fn acknowledged<O: OutboxStore>(outbox: &O, sent: &mut VecDeque<Sent>, seq: u64) {
     let source = outbox.signer().source().to_string();
     while sent.front().is_some_and(|s| s.seq <= seq) {
         let Some(s) = sent.pop_front() else { break };
@@ -401,8 +448,8 @@ fn acknowledged(outbox: &Outbox, sent: &mut VecDeque<Sent>, seq: u64) {
     }
 }
 
-async fn session(
-    outbox: &Outbox,
+async fn session<O: OutboxStore>(
+    outbox: &O,
     channel: Channel,
     acked: &watch::Sender<u64>,
     backoff: &mut Duration,
@@ -422,7 +469,10 @@ async fn session(
     let mut client = AuditServiceClient::new(channel)
         .max_decoding_message_size(crate::serve::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(crate::serve::MAX_MESSAGE_BYTES);
-    let mut next = outbox.first_pending().unwrap_or_else(|| outbox.next_seq());
+    let mut next = match outbox.first_pending().await.map_err(|e| e.to_string())? {
+        Some(seq) => seq,
+        None => outbox.next_seq().await.map_err(|e| e.to_string())?,
+    };
     let mut in_flight = 0usize;
     if checker.is_some() {
         // Hello: the size of the checkpoint accepted last, and a receipt now
@@ -489,27 +539,27 @@ async fn session(
                 if let Some(seq) = settle {
                     // Those acknowledged before a refusal in the same group
                     // are settled and answered too, as they were one by one.
-                    outbox.settle_through(seq).map_err(|e| e.to_string())?;
+                    outbox.settle_through(seq).await.map_err(|e| e.to_string())?;
                     acked.send_if_modified(|a| {
                         let changed = seq > *a;
                         *a = (*a).max(seq);
                         changed
                     });
                     acknowledged(outbox, &mut sent, seq);
-                    update_depth(outbox, acked, depth);
+                    update_depth(outbox, acked, depth).await;
                     *backoff = Duration::from_millis(50);
                 }
                 outcome?;
             }
-            () = outbox.notified() => update_depth(outbox, acked, depth),
-            _ = tick.prune.tick() => tick.prune(outbox),
+            () = outbox.notified() => update_depth(outbox, acked, depth).await,
+            _ = tick.prune.tick() => tick.prune(outbox).await,
         }
     }
 }
 
 /// What one answer of the append stream needs besides the answer.
-struct Answering<'a> {
-    outbox: &'a Outbox,
+struct Answering<'a, O> {
+    outbox: &'a O,
     tx: &'a mpsc::Sender<AppendRequest>,
     checker: Option<&'a mut ReceiptChecker>,
     in_flight: &'a mut usize,
@@ -517,7 +567,7 @@ struct Answering<'a> {
     restore_channel: &'a Channel,
 }
 
-impl Answering<'_> {
+impl<O: OutboxStore> Answering<'_, O> {
     /// Handles one answer: `Ok(Some(seq))` when every event through `seq`
     /// is acknowledged (and covered by an accepted receipt, when receipts
     /// are checked) and may be settled; `Ok(None)` when nothing is to be
@@ -531,12 +581,15 @@ impl Answering<'_> {
         if status == Ok(AppendStatus::Unspecified) && !response.checkpoint.is_empty() {
             // A receipt alone: no event answered.
             if let Some(c) = self.checker.as_deref_mut() {
-                if let Verdict::Inconsistent(i) = c.check(
-                    outbox,
-                    &response.checkpoint,
-                    None,
-                    &response.consistency_proof,
-                )? {
+                if let Verdict::Inconsistent(i) = c
+                    .check(
+                        outbox,
+                        &response.checkpoint,
+                        None,
+                        &response.consistency_proof,
+                    )
+                    .await?
+                {
                     return Err(i.to_string());
                 }
                 send_cosignature(c, self.tx);
@@ -559,6 +612,7 @@ impl Answering<'_> {
             Ok(AppendStatus::Stored | AppendStatus::Duplicate) => {
                 outbox
                     .record_leaf(response.seq, response.leaf_index)
+                    .await
                     .map_err(|e| e.to_string())?;
                 *self.progressed = true;
                 if let Some(c) = self.checker.as_deref_mut() {
@@ -566,12 +620,14 @@ impl Answering<'_> {
                         // Covered by the next receipt on this stream.
                         return Ok(None);
                     }
-                    let verdict = c.check(
-                        outbox,
-                        &response.checkpoint,
-                        Some(response.leaf_index),
-                        &response.consistency_proof,
-                    )?;
+                    let verdict = c
+                        .check(
+                            outbox,
+                            &response.checkpoint,
+                            Some(response.leaf_index),
+                            &response.consistency_proof,
+                        )
+                        .await?;
                     if let Verdict::Inconsistent(i) = verdict {
                         return Err(i.to_string());
                     }
@@ -582,12 +638,14 @@ impl Answering<'_> {
             Ok(AppendStatus::Gap) => {
                 if let Some(c) = self.checker.as_deref_mut()
                     && !response.checkpoint.is_empty()
-                    && let Verdict::Inconsistent(i) = c.check(
-                        outbox,
-                        &response.checkpoint,
-                        None,
-                        &response.consistency_proof,
-                    )?
+                    && let Verdict::Inconsistent(i) = c
+                        .check(
+                            outbox,
+                            &response.checkpoint,
+                            None,
+                            &response.consistency_proof,
+                        )
+                        .await?
                 {
                     return Err(i.to_string());
                 }
@@ -595,11 +653,14 @@ impl Answering<'_> {
                 // there, with kept events put back if audit lost some it
                 // had acknowledged.
                 let stored = response.expected_seq.saturating_sub(1);
-                outbox.settle_through(stored).map_err(|e| e.to_string())?;
-                match outbox.requeue_from(response.expected_seq) {
+                outbox
+                    .settle_through(stored)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match outbox.requeue_from(response.expected_seq).await {
                     Ok(()) => {}
                     Err(RequeueError::Unrecoverable(u)) => return Err(u.to_string()),
-                    Err(RequeueError::Store(e)) => return Err(e.to_string()),
+                    Err(e) => return Err(e.to_string()),
                 }
                 Err(format!(
                     "audit expects event {} next; resending",
@@ -622,8 +683,8 @@ fn send_cosignature(checker: &mut ReceiptChecker, tx: &mpsc::Sender<AppendReques
     }
 }
 
-async fn queue(
-    outbox: &Outbox,
+async fn queue<O: OutboxStore>(
+    outbox: &O,
     tx: &mpsc::Sender<AppendRequest>,
     next: &mut u64,
     in_flight: &mut usize,
@@ -633,7 +694,11 @@ async fn queue(
     if *in_flight >= WINDOW {
         return Ok(());
     }
-    for (seq, event) in outbox.pending(*next, WINDOW - *in_flight) {
+    let pending = outbox
+        .pending(*next, WINDOW - *in_flight)
+        .await
+        .map_err(|e| e.to_string())?;
+    for (seq, event) in pending {
         sent.push_back(Sent {
             seq,
             at: Instant::now(),
