@@ -78,7 +78,8 @@ pub struct ReshareStartArgs {
     /// K': the shares the new split needs.
     #[arg(long, value_name = "K")]
     pub threshold: u32,
-    /// A new holder, NAME=SPIFFE_ID=PATH_TO_SSH_ED25519_PUBKEY; once per
+    /// A new holder, NAME=SPIFFE_ID=FILE, FILE holding their ssh-ed25519
+    /// public key or the age1… recipient `holder-key` printed; once per
     /// holder.
     #[arg(long = "holder", value_name = "NAME=SPIFFE_ID=FILE", required = true)]
     pub holders: Vec<String>,
@@ -205,9 +206,9 @@ pub fn holder(text: &str) -> Result<ShareHolder, CliError> {
         source,
     })?;
     let key = key.trim();
-    if !key.starts_with("ssh-ed25519 ") {
+    if !key.starts_with("ssh-ed25519 ") && !key.starts_with("age1") {
         return Err(CliError::Input(format!(
-            "--holder {name}: {path} is not an ssh-ed25519 public key (ssh-keygen -t ed25519 makes one)"
+            "--holder {name}: {path} is neither an ssh-ed25519 public key (ssh-keygen -t ed25519 makes one) nor the age1… recipient `twokey vault holder-key` prints"
         )));
     }
     Ok(ShareHolder {
@@ -295,7 +296,8 @@ mod tests {
         std::fs::write(&rsa, "ssh-rsa AAAA x\n").unwrap();
         let err = holder(&format!("alice=spiffe://t/user/alice={}", rsa.display())).unwrap_err();
         assert!(
-            err.to_string().contains("not an ssh-ed25519 public key"),
+            err.to_string()
+                .contains("is neither an ssh-ed25519 public key"),
             "{err}"
         );
         let ed = dir.path().join("ed.pub");

@@ -116,7 +116,8 @@ impl HolderSpec {
 
 impl HolderSpec {
     /// A holder given as its parts (a reshare's new holders): the name,
-    /// the SPIFFE ID and the `ssh-ed25519` key line are checked as
+    /// the SPIFFE ID and the key line (`ssh-ed25519`, or an `age1…`
+    /// recipient from `twokey vault holder-key`) are checked as
     /// [`HolderSpec::parse`] checks them.
     pub fn checked(name: &str, spiffe_id: &str, public_key: &str) -> Result<Self, SealError> {
         if !valid_name(name) {
@@ -127,12 +128,12 @@ impl HolderSpec {
         twokey_runtime::SpiffeId::parse(spiffe_id)
             .map_err(|e| SealError::Setup(format!("holder {name}: {e}")))?;
         let key = public_key.trim();
-        if !key.starts_with("ssh-ed25519 ") {
+        if !key.starts_with("ssh-ed25519 ") && !key.starts_with("age1") {
             return Err(SealError::Setup(format!(
-                "holder {name}: the public key is not an ssh-ed25519 key (ssh-keygen -t ed25519 makes one)"
+                "holder {name}: the public key is neither an ssh-ed25519 key (ssh-keygen -t ed25519 makes one) nor the age1… recipient `twokey vault holder-key` prints"
             )));
         }
-        recipient(name, key)?;
+        encrypt_to(name, key, b"")?;
         Ok(Self {
             name: name.to_owned(),
             spiffe_id: spiffe_id.to_owned(),
@@ -1149,6 +1150,36 @@ mod tests {
             "alice=spiffe://t/user/a={}",
             age_file.display()
         )));
+        assert!(m.contains("not a usable age recipient"), "{m}");
+    }
+
+    #[test]
+    fn a_reshare_holder_is_checked_like_a_holder_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let ssh = holder(dir.path(), "alice").public_key;
+        let id = "spiffe://twokey.test/user/alice";
+        assert_eq!(
+            HolderSpec::checked("alice", id, &format!("{ssh}\n"))
+                .unwrap()
+                .public_key,
+            ssh
+        );
+        let age = age::x25519::Identity::generate().to_public().to_string();
+        assert_eq!(
+            HolderSpec::checked("alice", id, &age).unwrap().public_key,
+            age
+        );
+        let m = setup_error(HolderSpec::checked("Alice", id, &ssh));
+        assert!(m.contains("[a-z0-9._-]"), "{m}");
+        let m = setup_error(HolderSpec::checked("alice", "not-spiffe", &ssh));
+        assert!(m.starts_with("holder alice:"), "{m}");
+        let m = setup_error(HolderSpec::checked(
+            "alice",
+            id,
+            "ssh-rsa AAAAB3NzaC1yc2E= x",
+        ));
+        assert!(m.contains("is neither an ssh-ed25519 key"), "{m}");
+        let m = setup_error(HolderSpec::checked("alice", id, "age1notarecipient"));
         assert!(m.contains("not a usable age recipient"), "{m}");
     }
 
