@@ -602,8 +602,10 @@ impl Journal {
                     let n = journal.segments.len();
                     journal.segments.push(make_segment(&journal.dir, n)?);
                 }
-                // Writing starts in a fresh generation of segment 0.
-                journal.pos = SEGMENT_BYTES;
+                // Writing starts in a fresh generation at offset 0 of
+                // segment 0.
+                journal.current = 0;
+                journal.pos = 0;
             }
         }
         Ok(Opened {
