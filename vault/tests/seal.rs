@@ -576,7 +576,12 @@ fn init_key_seal_shamir_writes_shares_and_a_descriptor_but_no_key_and_refuses_ba
 /// A vault of `s` serving on `audit`, unsealed by alice and bob, with
 /// policy 1 applied and aws-prod-root enrolled.
 async fn opened(s: &Sealed, audit: std::net::SocketAddr) -> Running {
-    let vault = start_vault(s.config(audit)).await;
+    opened_with(s, s.config(audit)).await
+}
+
+/// [`opened`] with `config`.
+async fn opened_with(s: &Sealed, config: VaultConfig) -> Running {
+    let vault = start_vault(config).await;
     for name in ["alice", "bob"] {
         submit(&mut s.holder(vault.addr, name), s.share(name))
             .await
@@ -689,6 +694,70 @@ async fn admins_seal_a_running_vault_and_its_holders_unseal_it_again() {
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("already"), "{}", err.message());
     assert!(!sealed(&s.fx, vault.addr).await);
+}
+
+#[tokio::test]
+async fn a_release_in_flight_when_the_vault_is_sealed_ends_whole_with_its_events() {
+    let s = Sealed::new();
+    let events = FakeAudit::default();
+    let audit = start_fake_audit(&s.fx, events.clone()).await;
+    let audit_addr = audit.addr;
+    let config = VaultConfig {
+        audit_ack_timeout_ms: 3000,
+        ..s.config(audit_addr)
+    };
+    let vault = opened_with(&s, config).await;
+    // Audit down: a release waits (up to 3 s) for its acknowledgement.
+    audit.stop().await;
+    let mut broker = s.fx.broker_client(vault.addr);
+    broker.status(StatusRequest {}).await.unwrap();
+    let release = s.fx.consented("aws-prod-root", 1);
+    let call = tokio::spawn(async move {
+        broker
+            .generate_code(GenerateCodeRequest {
+                grant: Some(release.grant),
+                evidence: Some(release.evidence),
+            })
+            .await
+    });
+    // Give the call time to reach the vault (it then holds it until it ends).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let consent = seal_consent(&[&s.fx.people.adam, &s.fx.people.anna], Duration::ZERO);
+    // The seal needs no acknowledgement from audit: it works while audit is down.
+    seal(&mut s.holder(vault.addr, "alice"), consent)
+        .await
+        .unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert!(sealed(&s.fx, vault.addr).await);
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    // Audit back on its address: the events the vault kept arrive.
+    let _audit = start_fake_audit_on(&s.fx, events.clone(), &audit_addr.to_string()).await;
+    stored_event(&events, |e| e.action == "vault.sealed").await;
+    let released = |events: &FakeAudit| {
+        events
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.action == "code.released")
+            .count()
+    };
+    if err.message().starts_with("vault is sealed") {
+        // The seal came first: the call never started, nothing released.
+        assert_eq!(released(&events), 0);
+    } else {
+        // The call was in flight: it ran its whole path, not cut off by
+        // the seal: released, not acknowledged, withheld, both recorded.
+        assert!(
+            err.message()
+                .contains("audit unavailable, no code released"),
+            "{}",
+            err.message()
+        );
+        stored_event(&events, |e| e.action == "code.withheld").await;
+        assert_eq!(released(&events), 1);
+    }
 }
 
 #[tokio::test]
