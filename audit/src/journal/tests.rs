@@ -250,3 +250,14 @@ fn a_group_larger_than_a_record_is_split_with_the_checkpoint_last() {
     let flat: Vec<Entry> = records.into_iter().flat_map(|r| r.entries).collect();
     assert_eq!(flat, entries);
 }
+
+#[test]
+fn a_new_journal_is_one_segment_and_its_first_record_goes_at_offset_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = open(dir.path(), 0).journal;
+    j.append(&[record(0, 1)]).unwrap();
+    drop(j);
+    let files: Vec<_> = fs::read_dir(dir.path().join(DIR)).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(offsets(dir.path()).1, vec![0]);
+}
