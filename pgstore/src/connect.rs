@@ -8,7 +8,11 @@
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
-use tokio_postgres::{Client, config::Host};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel},
+};
+use tokio_postgres::{AsyncMessage, Client, Notification, config::Host};
 use zeroize::Zeroizing;
 
 use crate::error::PgError;
@@ -190,6 +194,52 @@ pub async fn connect(settings: &PgSettings) -> Result<Client, PgError> {
             let (client, connection) = config.connect(tls).await?;
             tokio::spawn(drive(connection));
             Ok(client)
+        }
+    }
+}
+
+/// Like [`connect`], also handing over the notifications (`LISTEN`) the
+/// server sends on this session; the receiver ends when the connection does.
+pub async fn connect_listening(
+    settings: &PgSettings,
+) -> Result<(Client, UnboundedReceiver<Notification>), PgError> {
+    let (config, tls) = config(settings)?;
+    let (tx, rx) = unbounded_channel();
+    let client = match tls {
+        Tls::Disable => {
+            let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+            tokio::spawn(drive_listening(connection, tx));
+            client
+        }
+        Tls::VerifyFull => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(rustls_config(settings)?);
+            let (client, connection) = config.connect(tls).await?;
+            tokio::spawn(drive_listening(connection, tx));
+            client
+        }
+    };
+    Ok((client, rx))
+}
+
+/// Drives a connection, passing its notifications on.
+async fn drive_listening<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    notifications: UnboundedSender<Notification>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(AsyncMessage::Notification(n))) => {
+                let _ = notifications.send(n);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => {
+                tracing::warn!(error = %PgError::from(e), "PostgreSQL connection closed");
+                return;
+            }
+            None => return,
         }
     }
 }

@@ -3,12 +3,15 @@
 //! operator's CA) and [`migrate`] (versioned, forward-only schema migrations,
 //! applied once under an advisory lock however many replicas start at once).
 //! The services' own stores build their tables on these; sled stays the
-//! embedded default.
+//! embedded default. [`outbox`] is the audit outbox in PostgreSQL: written
+//! by every replica in its own transactions, shipped by the one holding the
+//! shipping lease.
 #![forbid(unsafe_code)]
 
 pub mod connect;
 pub mod error;
 pub mod migrate;
+pub mod outbox;
 
 pub use connect::{PgSettings, connect};
 pub use error::PgError;

@@ -1,0 +1,676 @@
+//! The outbox in PostgreSQL against a real server (`TestPostgres`) and a
+//! real audit service in process over mTLS: concurrent pushes from several
+//! sessions are seen in sequence order with no gap that fills later; two
+//! replicas push and the one holding the shipping lease ships, each event
+//! once and in order; the holder dies and the other takes over; PostgreSQL
+//! stops and starts during shipping; and the settle / keep / requeue /
+//! prune / restore semantics are the sled outbox's, one test body run
+//! against both backends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use ed25519_dalek::SigningKey;
+use prost::Message;
+use rand::Rng;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+use twokey_audit::{AuditConfig, StartError, checkpoint::NoteVerifier, verify::verify_log};
+use twokey_pgstore::{
+    PgSettings, connect,
+    outbox::{self, PgOutbox, spawn_leased},
+};
+use twokey_proto::audit::v1::{
+    Event, GetCheckpointRequest, LogEntry, QueryRequest, SignedEvent,
+    audit_service_client::AuditServiceClient,
+};
+use twokey_runtime::{
+    SpiffeId,
+    durable::DurableDb,
+    events::{EventDraft, EventSigner, verify_event},
+    keys::{generate_signing_key, load_signing_key},
+    outbox::{Outbox, OutboxStore, RequeueError},
+    shipper::{ShipperOptions, spawn_shipper_with},
+    telemetry::LogFormat,
+    time::{Clock, ManualClock, SystemClock},
+    tls::TlsFiles,
+};
+use twokey_testkit::{pki::DevCa, postgres::TestPostgres};
+
+const TD: &str = "twokey.test";
+const VAULT: &str = "spiffe://twokey.test/svc/vault";
+const CAROL: &str = "spiffe://twokey.test/user/carol";
+/// How long a test waits for something that should happen much sooner.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn id(s: &str) -> SpiffeId {
+    SpiffeId::parse(s).unwrap()
+}
+
+/// A throwaway PostgreSQL with the vault's database, its outbox migrated.
+struct Pg {
+    pg: TestPostgres,
+    settings: PgSettings,
+    _dir: tempfile::TempDir,
+}
+
+async fn pg() -> Pg {
+    let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
+    pg.create_database("vault", "vault_role", "vault-pw")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("vault_role.pw");
+    std::fs::write(&file, "vault-pw\n").unwrap();
+    let settings = PgSettings {
+        url: pg.url("vault", "vault_role"),
+        password_file: Some(file),
+        ca_file: None,
+    };
+    let mut client = connect(&settings).await.unwrap();
+    let m = outbox::migrate(&mut client).await.unwrap();
+    assert_eq!((m.from, m.to), (0, 1));
+    Pg {
+        pg,
+        settings,
+        _dir: dir,
+    }
+}
+
+fn vault_key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn signer() -> Arc<EventSigner> {
+    Arc::new(EventSigner::new(id(VAULT), vault_key()))
+}
+
+/// One "replica": its outbox session, and a session for its transactions.
+struct Replica {
+    outbox: PgOutbox,
+    client: tokio_postgres::Client,
+}
+
+async fn replica(settings: &PgSettings) -> Replica {
+    Replica {
+        outbox: PgOutbox::connect(settings, signer(), Arc::new(SystemClock))
+            .await
+            .unwrap(),
+        client: connect(settings).await.unwrap(),
+    }
+}
+
+impl Replica {
+    /// A state change's transaction with its event: pushed and committed.
+    async fn push(&mut self, action: &str) -> u64 {
+        let tx = self.client.transaction().await.unwrap();
+        let seq = self
+            .outbox
+            .push(
+                &tx,
+                EventDraft::new("spiffe://twokey.test/user/alice", action),
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        seq
+    }
+}
+
+fn seq_of(event: &SignedEvent) -> u64 {
+    Event::decode(event.event.as_slice()).unwrap().seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_pushes_commit_in_seq_order_and_a_reader_never_sees_a_gap_that_fills_later() {
+    let db = pg().await;
+    let reader = PgOutbox::connect(&db.settings, signer(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let settings = db.settings.clone();
+        writers.push(tokio::spawn(async move {
+            let mut r = replica(&settings).await;
+            let mut committed = 0u64;
+            for i in 0..25 {
+                let tx = r.client.transaction().await.unwrap();
+                r.outbox
+                    .push(&tx, EventDraft::new("spiffe://twokey.test/user/alice", "x"))
+                    .await
+                    .unwrap();
+                // Hold the transaction open a random while, so commits of
+                // the sessions interleave; one in five rolls back.
+                let pause = rand::thread_rng().gen_range(0..8);
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                if i % 5 == 4 {
+                    tx.rollback().await.unwrap();
+                } else {
+                    tx.commit().await.unwrap();
+                    committed += 1;
+                }
+            }
+            committed
+        }));
+    }
+    let watcher = {
+        let (reader, done) = (reader.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut looks = 0u64;
+            let mut seen = 0usize;
+            loop {
+                let last = done.load(std::sync::atomic::Ordering::SeqCst);
+                let seqs: Vec<u64> = reader
+                    .pending(1, 100_000)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .collect();
+                // Every event seen is preceded by all those before it.
+                let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+                assert_eq!(seqs, expected, "a gap that a later commit would fill");
+                assert!(seqs.len() >= seen, "events disappeared");
+                seen = seqs.len();
+                looks += 1;
+                if last {
+                    return (looks, seen);
+                }
+            }
+        })
+    };
+    let mut committed = 0;
+    for w in writers {
+        committed += w.await.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (looks, seen) = watcher.await.unwrap();
+    assert!(looks > 1, "the reader looked while writers were writing");
+    assert_eq!(committed, 80);
+    assert_eq!(seen as u64, committed);
+    // Rolled-back pushes gave their numbers back: 1..=80, each signed.
+    assert_eq!(reader.next_seq().await.unwrap(), committed + 1);
+    for (seq, signed) in reader.pending(1, 1000).await.unwrap() {
+        let event = verify_event(&signed, &vault_key().verifying_key()).unwrap();
+        assert_eq!((event.seq, event.source.as_str()), (seq, VAULT));
+    }
+}
+
+// ---------------------------------------------------------------------
+// The audit service, in process, over mTLS.
+
+struct Audit {
+    dir: tempfile::TempDir,
+    config: AuditConfig,
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: Option<JoinHandle<Result<(), StartError>>>,
+}
+
+impl Audit {
+    async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path();
+        let ca = DevCa::new(TD).unwrap();
+        ca.write(pki).unwrap();
+        for svc in ["audit", "vault"] {
+            ca.issue_service(TD, svc).unwrap().write(pki, svc).unwrap();
+        }
+        ca.issue_user(TD, "carol")
+            .unwrap()
+            .write(pki, "carol")
+            .unwrap();
+        generate_signing_key(&pki.join("checkpoint.key")).unwrap();
+        let config = AuditConfig {
+            listen: "127.0.0.1:0".into(),
+            trust_domain: TD.into(),
+            data_dir: pki.join("data"),
+            checkpoint_key_file: pki.join("checkpoint.key"),
+            origin: "twokey.test/audit".into(),
+            auditors: BTreeSet::from([id(CAROL)]),
+            log_format: LogFormat::Human,
+            tls: TlsFiles::in_dir(pki, "audit"),
+            sources: BTreeMap::from([(id(VAULT), vault_key().verifying_key())]),
+            http_listen: None,
+            reconcile: None,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let join = tokio::spawn(twokey_audit::serve(config.clone(), listener, async {
+            let _ = rx.await;
+        }));
+        Self {
+            dir,
+            config,
+            addr,
+            shutdown: Some(tx),
+            join: Some(join),
+        }
+    }
+
+    fn channel(&self, name: &str) -> Channel {
+        TlsFiles::in_dir(self.dir.path(), name)
+            .channel(&format!("https://{}", self.addr), "audit")
+            .unwrap()
+    }
+
+    fn verifier(&self) -> NoteVerifier {
+        NoteVerifier::new(
+            &self.config.origin,
+            load_signing_key(&self.config.checkpoint_key_file)
+                .unwrap()
+                .verifying_key(),
+        )
+        .unwrap()
+    }
+
+    /// What the vault's shipper runs with: receipts checked.
+    fn options(&self) -> ShipperOptions {
+        ShipperOptions {
+            audit_key: Some(self.verifier()),
+            ..ShipperOptions::default()
+        }
+    }
+
+    /// The starter of a shipper for [`spawn_leased`].
+    fn ship(&self) -> impl Fn(PgOutbox) -> JoinHandle<()> + Send + 'static {
+        let (channel, options) = (self.channel("vault"), self.options());
+        move |o| spawn_shipper_with(o, channel.clone(), options.clone()).1
+    }
+
+    async fn entries(&self) -> Vec<LogEntry> {
+        let mut carol = AuditServiceClient::new(self.channel("carol"));
+        let mut stream = carol
+            .query(QueryRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let mut entries = Vec::new();
+        while let Some(batch) = stream.message().await.unwrap() {
+            entries.extend(batch.entries);
+        }
+        entries
+    }
+
+    /// Waits until the log holds `n` entries (or more), then checks that
+    /// it holds exactly the vault's events 1..=n, once each and in order,
+    /// and that it verifies against the signed checkpoint.
+    async fn expect_exactly(&self, n: u64) {
+        let start = Instant::now();
+        let entries = loop {
+            let entries = self.entries().await;
+            if entries.len() as u64 >= n || start.elapsed() > PATIENCE {
+                break entries;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let seqs: Vec<u64> = entries
+            .iter()
+            .map(|e| e.event.as_ref().map_or(0, |e| e.seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=n).collect::<Vec<_>>(),
+            "each event once, in order"
+        );
+        let mut carol = AuditServiceClient::new(self.channel("carol"));
+        let note = carol
+            .get_checkpoint(GetCheckpointRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .checkpoint;
+        let keys = BTreeMap::from([(VAULT.to_owned(), vault_key().verifying_key())]);
+        verify_log(&entries, &keys, Some((&note, &self.verifier()))).unwrap();
+    }
+
+    async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let join = self.join.take().unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), join).await {
+            Ok(Ok(result)) => result.expect("the audit server failed"),
+            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => panic!("the audit server did not stop within 10 s"),
+        }
+    }
+}
+
+/// Waits until `f` holds.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < PATIENCE, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_push_the_lease_holder_ships_each_event_once_and_the_other_takes_over() {
+    let db = pg().await;
+    let audit = Audit::start().await;
+    let mut a = replica(&db.settings).await;
+    let mut b = replica(&db.settings).await;
+    let lease_a = spawn_leased(
+        db.settings.clone(),
+        signer(),
+        Arc::new(SystemClock),
+        audit.ship(),
+    );
+    lease_a.wait_shipping(true).await;
+    let lease_b = spawn_leased(
+        db.settings.clone(),
+        signer(),
+        Arc::new(SystemClock),
+        audit.ship(),
+    );
+    // Both replicas write; only A ships (B keeps trying for the lease).
+    for i in 0..10 {
+        a.push(&format!("a.{i}")).await;
+        b.push(&format!("b.{i}")).await;
+    }
+    audit.expect_exactly(20).await;
+    assert!(lease_a.shipping());
+    assert!(!lease_b.shipping(), "one shipper at a time");
+
+    // A dies with events written and not yet shipped: its session (and
+    // the lease with it) goes away; B takes over and ships the rest.
+    for i in 0..20 {
+        b.push(&format!("b.late.{i}")).await;
+    }
+    lease_a.stop().await;
+    lease_b.wait_shipping(true).await;
+    for i in 0..10 {
+        b.push(&format!("b.after.{i}")).await;
+    }
+    audit.expect_exactly(50).await;
+    // Settled once a receipt covers them, and kept for a restore.
+    let start = Instant::now();
+    while b.outbox.depth().await.unwrap() > 0 {
+        assert!(start.elapsed() < PATIENCE, "events never settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.outbox.kept().await.unwrap(), 50, "kept for restore");
+
+    // The holder's session is killed by the server: it stops shipping and
+    // competes again; shipping goes on from whichever replica wins.
+    let killed = db
+        .pg
+        .psql(
+            "vault",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted",
+        )
+        .unwrap();
+    assert_eq!(killed.trim(), "1");
+    let lease_c = spawn_leased(
+        db.settings.clone(),
+        signer(),
+        Arc::new(SystemClock),
+        audit.ship(),
+    );
+    for i in 0..10 {
+        a.push(&format!("a.after-kill.{i}")).await;
+    }
+    audit.expect_exactly(60).await;
+    until("one replica ships", || {
+        lease_b.shipping() != lease_c.shipping()
+    })
+    .await;
+    lease_b.stop().await;
+    lease_c.stop().await;
+    audit.stop().await;
+}
+
+/// Log lines written while a test runs.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Lines {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+// One thread, so the log subscriber set for this test sees every task.
+#[tokio::test]
+async fn shipping_pauses_while_postgres_is_down_and_resumes_with_nothing_lost() {
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let db = pg().await;
+    let audit = Audit::start().await;
+    let mut r = replica(&db.settings).await;
+    let lease = spawn_leased(
+        db.settings.clone(),
+        signer(),
+        Arc::new(SystemClock),
+        audit.ship(),
+    );
+    for i in 0..5 {
+        r.push(&format!("before.{i}")).await;
+    }
+    audit.expect_exactly(5).await;
+    lease.wait_shipping(true).await;
+
+    db.pg.stop().unwrap();
+    // A write while the database is down fails as unavailable.
+    let err = r
+        .outbox
+        .emit(EventDraft::new("spiffe://twokey.test/user/alice", "x"))
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    lease.wait_shipping(false).await;
+    let start = Instant::now();
+    while !lines
+        .text()
+        .contains("audit shipping paused: PostgreSQL is unavailable")
+    {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "no pause line:\n{}",
+            lines.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    db.pg.start_server().unwrap();
+    lease.wait_shipping(true).await;
+    let mut r = replica(&db.settings).await;
+    for i in 0..5 {
+        r.push(&format!("after.{i}")).await;
+    }
+    audit.expect_exactly(10).await;
+    assert!(
+        lines
+            .text()
+            .contains("this replica holds the shipping lease"),
+        "{}",
+        lines.text()
+    );
+    lease.stop().await;
+    audit.stop().await;
+}
+
+// ---------------------------------------------------------------------
+// One body per case, run against the sled outbox and the PostgreSQL one.
+
+fn seqs(events: &[(u64, SignedEvent)]) -> Vec<(u64, u64)> {
+    events.iter().map(|(i, s)| (*i, seq_of(s))).collect()
+}
+
+async fn kept_at_their_leaf_index_and_sent_again<O, F, Fut>(outbox: &O, emit: F)
+where
+    O: OutboxStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = u64>,
+{
+    for i in 1..=5 {
+        assert_eq!(emit().await, i);
+    }
+    assert_eq!(outbox.next_seq().await.unwrap(), 6);
+    // Audit stored seq 1..=4 at leaves 10, 12, 13, 20; a receipt covers 1..=3.
+    for (seq, leaf) in [(1, 10), (2, 12), (3, 13), (4, 20)] {
+        outbox.record_leaf(seq, leaf).await.unwrap();
+    }
+    outbox.settle_through(3).await.unwrap();
+    assert_eq!(
+        (
+            outbox.first_pending().await.unwrap(),
+            outbox.kept().await.unwrap(),
+            outbox.depth().await.unwrap()
+        ),
+        (Some(4), 3, 2)
+    );
+    // Restore from leaf 12: the kept ones, then pending with a known leaf.
+    assert_eq!(
+        seqs(&outbox.kept_from(12, 100).await.unwrap()),
+        vec![(12, 2), (13, 3), (20, 4)]
+    );
+    assert_eq!(
+        seqs(&outbox.kept_from(0, 2).await.unwrap()),
+        vec![(10, 1), (12, 2)]
+    );
+    // A GAP at 2: events 2 and 3 are pending again, in order.
+    outbox.requeue_from(2).await.unwrap();
+    assert_eq!(outbox.first_pending().await.unwrap(), Some(2));
+    let pending: Vec<u64> = outbox
+        .pending(0, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(s, _)| *s)
+        .collect();
+    assert_eq!(pending, vec![2, 3, 4, 5]);
+    assert_eq!(outbox.kept().await.unwrap(), 1);
+    // Nothing to put back at or above the oldest pending event.
+    outbox.requeue_from(4).await.unwrap();
+    assert_eq!(outbox.depth().await.unwrap(), 4);
+    // An event settled without a known leaf index is only dropped.
+    outbox.settle_through(2).await.unwrap();
+    assert_eq!(outbox.kept().await.unwrap(), 1);
+    // The accepted checkpoint is kept, and replaced.
+    assert_eq!(outbox.accepted_checkpoint().await.unwrap(), None);
+    outbox.set_accepted_checkpoint("note 1").await.unwrap();
+    outbox.set_accepted_checkpoint("note 2").await.unwrap();
+    assert_eq!(
+        outbox.accepted_checkpoint().await.unwrap().as_deref(),
+        Some("note 2")
+    );
+}
+
+async fn past_the_retention_dropped_then_not_sent_again<O, F, Fut>(
+    outbox: &O,
+    clock: &ManualClock,
+    start: SystemTime,
+    emit: F,
+) where
+    O: OutboxStore,
+    F: Fn() -> Fut,
+    Fut: Future<Output = u64>,
+{
+    for seq in 1..=4 {
+        assert_eq!(emit().await, seq);
+        outbox.record_leaf(seq, seq - 1).await.unwrap();
+        clock.advance(Duration::from_secs(3600));
+    }
+    outbox.settle_through(4).await.unwrap();
+    // Events 1 and 2 are older than the cutoff.
+    let cutoff = start + Duration::from_secs(2 * 3600);
+    assert_eq!(outbox.prune_kept(cutoff).await.unwrap(), 2);
+    assert_eq!(
+        seqs(&outbox.kept_from(0, 10).await.unwrap()),
+        vec![(2, 3), (3, 4)]
+    );
+    match outbox.requeue_from(1).await {
+        Err(RequeueError::Unrecoverable(u)) => {
+            assert_eq!((u.expected, u.kept_from), (1, 3));
+            assert!(u.to_string().contains("audit_keep_days"), "{u}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        outbox.first_pending().await.unwrap(),
+        None,
+        "nothing put back on failure"
+    );
+    outbox.requeue_from(3).await.unwrap();
+    assert_eq!(outbox.first_pending().await.unwrap(), Some(3));
+}
+
+fn draft() -> EventDraft {
+    EventDraft::new("spiffe://twokey.test/user/alice", "x")
+}
+
+fn manual_clock() -> (Arc<ManualClock>, SystemTime) {
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    (Arc::new(ManualClock::new(start)), start)
+}
+
+fn sled_outbox(dir: &std::path::Path, clock: Arc<dyn Clock>) -> Outbox {
+    let db = DurableDb::open(dir).unwrap();
+    Outbox::open(&db, EventSigner::new(id(VAULT), vault_key()), clock).unwrap()
+}
+
+#[tokio::test]
+async fn sled_keeps_events_at_their_leaf_index_and_sends_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = sled_outbox(dir.path(), Arc::new(SystemClock));
+    kept_at_their_leaf_index_and_sent_again(&o, || async { o.emit(draft()).await.unwrap() }).await;
+}
+
+#[tokio::test]
+async fn postgres_keeps_events_at_their_leaf_index_and_sends_them_again() {
+    let db = pg().await;
+    let o = PgOutbox::connect(&db.settings, signer(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    kept_at_their_leaf_index_and_sent_again(&o, || async { o.emit(draft()).await.unwrap() }).await;
+}
+
+#[tokio::test]
+async fn sled_drops_kept_events_past_the_retention_and_cannot_send_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, start) = manual_clock();
+    let o = sled_outbox(dir.path(), clock.clone());
+    past_the_retention_dropped_then_not_sent_again(&o, &clock, start, || async {
+        o.emit(draft()).await.unwrap()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_drops_kept_events_past_the_retention_and_cannot_send_them_again() {
+    let db = pg().await;
+    let (clock, start) = manual_clock();
+    let o = PgOutbox::connect(&db.settings, signer(), clock.clone())
+        .await
+        .unwrap();
+    past_the_retention_dropped_then_not_sent_again(&o, &clock, start, || async {
+        o.emit(draft()).await.unwrap()
+    })
+    .await;
+}
