@@ -385,8 +385,10 @@ async fn two_replicas_push_the_lease_holder_ships_each_event_once_and_the_other_
     for i in 0..20 {
         b.push(&format!("b.late.{i}")).await;
     }
+    let stopped = Instant::now();
     lease_a.stop().await;
     lease_b.wait_shipping(true).await;
+    eprintln!("takeover: B ships {:?} after A stopped", stopped.elapsed());
     for i in 0..10 {
         b.push(&format!("b.after.{i}")).await;
     }
@@ -497,8 +499,13 @@ async fn shipping_pauses_while_postgres_is_down_and_resumes_with_nothing_lost() 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let restarted = Instant::now();
     db.pg.start_server().unwrap();
     lease.wait_shipping(true).await;
+    eprintln!(
+        "PostgreSQL back: shipping again {:?} after pg_ctl start",
+        restarted.elapsed()
+    );
     let mut r = replica(&db.settings).await;
     for i in 0..5 {
         r.push(&format!("after.{i}")).await;
