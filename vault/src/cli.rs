@@ -278,8 +278,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // and seeds live in this process's memory.
             rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
                 .context("cannot mark the vault process non-dumpable")?;
+            let memory = crate::memlock::lock_memory();
             let config = args.load()?;
             let _telemetry = telemetry::init("twokey-vault", config.log_format);
+            match memory {
+                crate::memlock::MemoryLock::Locked => {
+                    tracing::info!("memory locked: keys and seeds never reach swap")
+                }
+                crate::memlock::MemoryLock::NotLocked(why) => tracing::warn!("{why}"),
+            }
             twokey_runtime::metrics::observe_certificate_expiry("twokey-vault", &config.tls.cert);
             let listener = twokey_runtime::serve::bind(&config.listen).await?;
             crate::serve(config, listener, twokey_runtime::serve::shutdown_signal()).await?;

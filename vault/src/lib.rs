@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod grpc;
 pub mod hsm;
 pub mod keyring;
+pub mod memlock;
 pub mod metrics;
 pub mod rotate;
 pub mod seed;

@@ -241,3 +241,50 @@ async fn the_vault_does_not_start_without_its_consent_section() {
         "{err}"
     );
 }
+
+/// `VmLck` of process `pid`, in kB.
+fn locked_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmLck in /proc/PID/status")
+}
+
+#[tokio::test]
+async fn the_vault_locks_its_memory_where_allowed_and_says_why_not_otherwise() {
+    let fx = Fixture::new();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let config = write_config(&fx, audit.addr);
+    let (mut child, addr) = start_vault_process(&config).await;
+    // Touch the vault, so that it has faulted in the pages serving takes.
+    fx.apply(addr, 1, &["aws-prod-root"]).await;
+    let locked = locked_kb(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = read_log(&config);
+    // The vault inherits this test's capabilities and limit.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ipc_lock = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 14) != 0);
+    let unlimited = rustix::process::getrlimit(rustix::process::Resource::Memlock)
+        .current
+        .is_none();
+    if ipc_lock || unlimited {
+        assert!(locked > 0, "VmLck is {locked} kB");
+        assert!(
+            log.contains("memory locked: keys and seeds never reach swap"),
+            "{log}"
+        );
+    } else {
+        assert_eq!(locked, 0);
+        assert!(
+            log.contains("memory not locked: RLIMIT_MEMLOCK is"),
+            "{log}"
+        );
+    }
+}
