@@ -138,20 +138,21 @@ impl<S: VaultStore> Vault<S> {
     /// The keyring's generations, seeds per generation and the rotation's
     /// progress.
     pub fn key_status(&self) -> Result<KeyState, VaultError> {
-        let counts = self.store.seeds_per_generation()?;
+        // From the store, the rotation first: the transaction that ends a
+        // rotation removes its record and the retired generations at once,
+        // so a status without a rotation never lists a retired generation
+        // (the keys in memory are dropped only after that transaction).
         let rotation = self.store.rotation()?;
-        let mut generations: std::collections::BTreeMap<u32, u64> = self
-            .keys
-            .generations()
-            .into_iter()
-            .map(|g| (g, 0))
-            .collect();
+        let stored = self.store.keyring()?;
+        let counts = self.store.seeds_per_generation()?;
+        let mut generations: std::collections::BTreeMap<u32, u64> =
+            stored.keys().map(|g| (*g, 0)).collect();
         generations.extend(counts.iter().map(|(g, n)| (*g, *n)));
         let remaining = rotation.as_ref().map_or(0, |r| {
             counts.range(..r.generation).map(|(_, n)| n).sum::<u64>()
         });
         Ok(KeyState {
-            current: self.keys.current(),
+            current: stored.keys().next_back().copied().unwrap_or(0),
             generations: generations.into_iter().collect(),
             rotation,
             remaining,
