@@ -1171,3 +1171,50 @@ fn a_reshare_needs_an_unsealed_vault_and_expires_with_its_shares() {
     assert!(sealed.sealed && sealed.reshare.is_none());
     assert_eq!(unsealer.seal().unwrap_err(), UnsealError::SealedAlready);
 }
+
+#[test]
+fn a_new_split_that_cannot_be_written_whole_leaves_the_old_descriptor_in_force() {
+    let s = Sealed::new();
+    let path = s.dir.join(unseal::DESCRIPTOR_FILE);
+    let before = std::fs::read(&path).unwrap();
+    let specs: Vec<HolderSpec> = ["alice", "bob"]
+        .iter()
+        .map(|n| {
+            let h = new_holder(&s, n);
+            HolderSpec::checked(&h.name, &h.spiffe_id, &h.public_key).unwrap()
+        })
+        .collect();
+    let split = || unseal::split(&SecretKey::generate(), 2, &specs).unwrap();
+
+    // The shares cannot be written (their directory's name is taken).
+    let first = split();
+    std::fs::write(s.dir.join(&first.descriptor.seal_id), b"taken").unwrap();
+    assert!(unseal::install_split(&path, &first).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+
+    // The shares are written, the descriptor is not (a temporary file of
+    // an earlier crash is in the way): the old one stays in force.
+    let second = split();
+    let temp = s.dir.join(format!(
+        ".{}.{}.tmp",
+        unseal::DESCRIPTOR_FILE,
+        second.descriptor.seal_id
+    ));
+    std::fs::write(&temp, b"half").unwrap();
+    assert!(unseal::install_split(&path, &second).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    let old: unseal::Descriptor = toml::from_str(std::str::from_utf8(&before).unwrap()).unwrap();
+    assert_eq!(s.descriptor(), old);
+
+    // Written whole: the new one, and no temporary file left.
+    let third = split();
+    let written = unseal::install_split(&path, &third).unwrap();
+    assert_eq!(written.len(), 2);
+    assert_eq!(s.descriptor(), third.descriptor);
+    let temps: Vec<_> = std::fs::read_dir(&s.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert_eq!(temps, [temp.file_name().unwrap().to_str().unwrap()]);
+}
