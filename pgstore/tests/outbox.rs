@@ -3,9 +3,10 @@
 //! sessions are seen in sequence order with no gap that fills later; two
 //! replicas push and the one holding the shipping lease ships, each event
 //! once and in order; the holder dies and the other takes over; PostgreSQL
-//! stops and starts during shipping; and the settle / keep / requeue /
-//! prune / restore semantics are the sled outbox's, one test body run
-//! against both backends.
+//! stops and starts during shipping; an audit restored from an older
+//! backup gets its tail back from the events kept in PostgreSQL; and the
+//! settle / keep / requeue / prune / restore-read semantics are the sled
+//! outbox's, one test body run against both backends.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -209,8 +210,20 @@ struct Audit {
     dir: tempfile::TempDir,
     config: AuditConfig,
     addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    join: Option<JoinHandle<Result<(), StartError>>>,
+    running: Option<Running>,
+}
+
+type Running = (oneshot::Sender<()>, JoinHandle<Result<(), StartError>>);
+
+/// Serves `config` on `addr`.
+async fn serve_audit(config: &AuditConfig, addr: SocketAddr) -> (SocketAddr, Running) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let join = tokio::spawn(twokey_audit::serve(config.clone(), listener, async {
+        let _ = rx.await;
+    }));
+    (addr, (tx, join))
 }
 
 impl Audit {
@@ -241,19 +254,30 @@ impl Audit {
             http_listen: None,
             reconcile: None,
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let join = tokio::spawn(twokey_audit::serve(config.clone(), listener, async {
-            let _ = rx.await;
-        }));
+        let (addr, running) = serve_audit(&config, "127.0.0.1:0".parse().unwrap()).await;
         Self {
             dir,
             config,
             addr,
-            shutdown: Some(tx),
-            join: Some(join),
+            running: Some(running),
         }
+    }
+
+    /// Stops the server (its data stays).
+    async fn halt(&mut self) {
+        let (shutdown, join) = self.running.take().expect("running");
+        let _ = shutdown.send(());
+        match tokio::time::timeout(Duration::from_secs(10), join).await {
+            Ok(Ok(result)) => result.expect("the audit server failed"),
+            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => panic!("the audit server did not stop within 10 s"),
+        }
+    }
+
+    /// Starts the server again on the same address and data.
+    async fn resume(&mut self) {
+        let (_, running) = serve_audit(&self.config, self.addr).await;
+        self.running = Some(running);
     }
 
     fn channel(&self, name: &str) -> Channel {
@@ -333,13 +357,7 @@ impl Audit {
     }
 
     async fn stop(mut self) {
-        let _ = self.shutdown.take().unwrap().send(());
-        let join = self.join.take().unwrap();
-        match tokio::time::timeout(Duration::from_secs(10), join).await {
-            Ok(Ok(result)) => result.expect("the audit server failed"),
-            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => panic!("the audit server did not stop within 10 s"),
-        }
+        self.halt().await;
     }
 }
 
@@ -680,4 +698,80 @@ async fn postgres_drops_kept_events_past_the_retention_and_cannot_send_them_agai
         o.emit(draft()).await.unwrap()
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_audit_restored_from_an_older_backup_gets_its_tail_back_from_postgres() {
+    let db = pg().await;
+    let mut audit = Audit::start().await;
+    let mut r = replica(&db.settings).await;
+    let lease = spawn_leased(
+        db.settings.clone(),
+        signer(),
+        Arc::new(SystemClock),
+        audit.ship(),
+    );
+    for i in 0..3 {
+        r.push(&format!("before.{i}")).await;
+    }
+    audit.expect_exactly(3).await;
+
+    // A backup of audit's data, taken with audit stopped.
+    audit.halt().await;
+    let backup = audit.dir.path().join("backup");
+    twokey_testkit::copy_dir(&audit.config.data_dir, &backup);
+    audit.resume().await;
+
+    // Five more, acknowledged, covered by a checkpoint the source accepted
+    // (kept in PostgreSQL), settled and kept.
+    for i in 0..5 {
+        r.push(&format!("after.{i}")).await;
+    }
+    audit.expect_exactly(8).await;
+    let before = audit.entries().await;
+    let verifier = audit.verifier();
+    let start = Instant::now();
+    loop {
+        let accepted = r
+            .outbox
+            .accepted_checkpoint()
+            .await
+            .unwrap()
+            .map(|note| verifier.open_checkpoint(&note).unwrap().size);
+        if accepted == Some(8) && r.outbox.depth().await.unwrap() == 0 {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "never accepted and settled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(r.outbox.kept().await.unwrap(), 8);
+
+    // Audit's host is lost and the older backup restored: it asks the
+    // source, which sends what it kept in PostgreSQL, at the same indices.
+    audit.halt().await;
+    std::fs::remove_dir_all(&audit.config.data_dir).unwrap();
+    twokey_testkit::copy_dir(&backup, &audit.config.data_dir);
+    audit.resume().await;
+    let start = Instant::now();
+    loop {
+        // Unavailable ("restoring") until the sources made it whole.
+        let mut carol = AuditServiceClient::new(audit.channel("carol"));
+        if let Ok(cp) = carol.get_checkpoint(GetCheckpointRequest {}).await
+            && cp.get_ref().tree_size >= 8
+        {
+            break;
+        }
+        assert!(start.elapsed() < PATIENCE, "audit was never restored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    audit.expect_exactly(8).await;
+    let after = audit.entries().await;
+    for (a, b) in before.iter().zip(&after) {
+        assert_eq!(a.signed_event, b.signed_event, "entry {}", a.index);
+    }
+    // New events flow again.
+    r.push("later").await;
+    audit.expect_exactly(9).await;
+    lease.stop().await;
+    audit.stop().await;
 }
