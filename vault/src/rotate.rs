@@ -323,6 +323,11 @@ impl<S: VaultStore> Vault<S> {
     }
 
     /// Starts the rotation worker unless one runs.
+    ///
+    /// A worker decides to end under the same lock, after looking once more
+    /// for a rotation (see [`Self::run_rotation`]), and the handle is stored
+    /// before the lock is let go: a rotation started just as a worker
+    /// ends is either seen by that worker or gets a worker of its own.
     fn spawn_worker(self: &Arc<Self>) {
         let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
         if worker.as_ref().is_some_and(|w| !w.is_finished()) {
@@ -331,6 +336,7 @@ impl<S: VaultStore> Vault<S> {
         let this = self.clone();
         *worker = Some(tokio::spawn(async move {
             if let Err(e) = this.run_rotation().await {
+                this.worker.lock().unwrap_or_else(|e| e.into_inner()).take();
                 tracing::error!(
                     "key rotation stopped: {e}; it resumes at the next start or `twokey vault rotate-key`"
                 );
@@ -352,12 +358,17 @@ impl<S: VaultStore> Vault<S> {
     async fn run_rotation(&self) -> Result<(), VaultError> {
         loop {
             let Some(rotation) = self.store.rotation()? else {
-                return Ok(());
-            };
-            if rotation.cursor == RotationCursor::Check {
-                if self.check_and_retire(&rotation).await? {
+                // Ends only if, under the worker lock, there is still none
+                // (a rotation started meanwhile is run by this worker).
+                let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
+                if self.store.rotation()?.is_none() {
+                    worker.take();
                     return Ok(());
                 }
+                continue;
+            };
+            if rotation.cursor == RotationCursor::Check {
+                self.check_and_retire(&rotation).await?;
                 continue;
             }
             let target = rotation.generation;
