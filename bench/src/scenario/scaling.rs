@@ -136,7 +136,8 @@ fn request_id(request: u64) -> String {
     format!("req-{request:012}")
 }
 
-/// Appends signed [`fill_event`]s through the audit's store until the log
+/// Appends signed [`fill_event`]s through the audit's store (after what its
+/// journal holds beyond it) until the log
 /// holds `target` entries, syncing every [`FILL_BATCH`], and returns the
 /// root computed from the store's tiles and the fill source's next
 /// sequence number.
@@ -148,6 +149,11 @@ fn request_id(request: u64) -> String {
 pub fn fill(dir: &Path, signer: &Arc<EventSigner>, target: u64) -> Result<(Hash, u64)> {
     let store = TileStore::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     let runtime = tokio::runtime::Handle::current();
+    // What the audit acknowledged from its journal before it was killed
+    // goes into the store first, as its own start would put it there.
+    let journal = twokey_audit::journal::Journal::open(dir, store.size())?;
+    twokey_audit::journal::replay_into(&store, &journal.replay)?;
+    runtime.block_on(store.sync())?;
     let source = signer.source().as_str().to_owned();
     let mut seq = store.next_seq(&source)?;
     while store.size() < target {
