@@ -500,6 +500,21 @@ mod tests {
 
     /// The vault over the store in `dir` (its keyring migrated or loaded).
     fn open(dir: &std::path::Path, batch: usize) -> (Arc<Vault<SledVaultStore>>, DurableDb) {
+        let admins =
+            ["adam", "anna"].map(|n| Person::generate(n, vec![format!("spiffe://t/user/{n}")]));
+        let pace = RotationPace {
+            batch,
+            pause: Duration::ZERO,
+        };
+        open_with(dir, pace, &admins)
+    }
+
+    /// The vault over the store in `dir`, `admins` pinned (M = 2).
+    fn open_with(
+        dir: &std::path::Path,
+        pace: RotationPace,
+        admins: &[Person; 2],
+    ) -> (Arc<Vault<SledVaultStore>>, DurableDb) {
         let db = DurableDb::open(dir).unwrap();
         let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
         let signer = EventSigner::new(
@@ -508,8 +523,6 @@ mod tests {
         );
         let outbox = Outbox::open(&db, signer, Arc::new(clock.clone())).unwrap();
         let store = SledVaultStore::open(&db, outbox).unwrap();
-        let admins =
-            ["adam", "anna"].map(|n| Person::generate(n, vec![format!("spiffe://t/user/{n}")]));
         let root = TrustRoot::from_allowed_signers(
             "t",
             &admins_allowed_signers(&[&admins[0], &admins[1]]),
@@ -528,10 +541,7 @@ mod tests {
             root,
         )
         .unwrap()
-        .with_rotation_pace(RotationPace {
-            batch,
-            pause: Duration::ZERO,
-        });
+        .with_rotation_pace(pace);
         (Arc::new(vault), db)
     }
 
@@ -872,6 +882,93 @@ mod tests {
                 .collect::<Vec<_>>(),
             [1, 2]
         );
+    }
+
+    #[tokio::test]
+    async fn a_rotation_in_progress_is_reported_and_its_own_action_id_answers_again() {
+        use twokey_consent::{admin_binding, new_statement, sign_statement};
+        use twokey_testkit::consent::{AccountRoles, PolicySpec, sign_policy};
+        let dir = tempfile::tempdir().unwrap();
+        let person = |n: &str| Person::generate(n, vec![format!("spiffe://t/user/{n}")]);
+        let admins = [person("adam"), person("anna")];
+        // One seed per batch and a long pause: the rotation stays in progress.
+        let pace = RotationPace {
+            batch: 1,
+            pause: Duration::from_secs(600),
+        };
+        let (vault, db) = open_with(dir.path(), pace, &admins);
+        put_seeds(&vault, &db, 5, 0);
+        let others = [person("alice"), person("bob"), person("olivia")];
+        let everyone: Vec<&Person> = others.iter().chain(&admins).collect();
+        let doc = PolicySpec::adam_and_anna(
+            1,
+            "t",
+            &everyone,
+            vec![AccountRoles::new("acct-000", "alice", "bob", "olivia")],
+        )
+        .to_toml();
+        let sigs: Vec<Vec<u8>> = admins
+            .iter()
+            .map(|a| sign_policy(&a.key, "t", &doc))
+            .collect();
+        vault
+            .apply_policy("spiffe://t/svc/broker", &doc, &sigs)
+            .await
+            .unwrap();
+        let now = vault.clock().now();
+        let consent = |who: &[&Person], id: &str| -> Vec<SignedStatement> {
+            who.iter()
+                .map(|p| {
+                    let s = new_statement(
+                        1,
+                        &p.ids[0],
+                        now,
+                        admin_binding("", AdminAction::RotateKey, id),
+                    );
+                    sign_statement(&p.key, "t", &s).unwrap()
+                })
+                .collect()
+        };
+        let both = [&admins[0], &admins[1]];
+        let first = vault
+            .rotate_key("caller", &consent(&both, "rot-a"))
+            .await
+            .unwrap();
+        assert!(first.started);
+        assert_eq!(first.state.rotation.as_ref().unwrap().generation, 2);
+        // Another action while it runs: reported, nothing started, the new
+        // action id left unused.
+        let other = vault
+            .rotate_key("caller", &consent(&both, "rot-b"))
+            .await
+            .unwrap();
+        assert!(!other.started);
+        assert_eq!(other.state.rotation.as_ref().unwrap().action_id, "rot-a");
+        assert_eq!(vault.store.keyring().unwrap().len(), 2);
+        assert!(!twokey_consent::AdminHistory::action_id_used(
+            &vault.store,
+            "rot-b"
+        ));
+        // Its own statements again (a retry): the same rotation.
+        let again = vault
+            .rotate_key("caller", &consent(&both, "rot-a"))
+            .await
+            .unwrap();
+        assert!(!again.started);
+        assert_eq!(again.state.rotation.unwrap().generation, 2);
+        // One admin is refused even while one runs.
+        let err = vault
+            .rotate_key("caller", &consent(&[&admins[0]], "rot-c"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                VaultError::Consent(ConsentError::TooFewAdmins { need: 2, .. })
+            ),
+            "{err:?}"
+        );
+        vault.stop_rotation_worker();
     }
 
     #[test]
