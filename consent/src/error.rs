@@ -79,7 +79,11 @@ pub enum ConsentError {
     /// A statement needed is not there (for example a grant with no consent
     /// evidence at all).
     #[error(
-        "{statement} is missing: a code needs the signed consent of the people the policy names; have them sign with `twokey` and send the statements with the grant"
+        "{statement} is missing: {}",
+        match statement {
+            StatementRef::AdminAction(_) => "an admin action needs the signed statements of M admins; have each sign it with `twokey` and send them together",
+            _ => "a code needs the signed consent of the people the policy names; have them sign with `twokey` and send the statements with the grant",
+        }
     )]
     Missing {
         /// The statement that is missing.
@@ -190,7 +194,8 @@ pub enum ConsentError {
     },
     /// The person does not hold the role the statement needs on the account.
     #[error(
-        "{statement}: person {person} ({id}) is not {role} of account {account} in the policy; ask an admin, or have someone who is sign"
+        "{statement}: person {person} ({id}) is not {role} of {} in the policy; ask an admin, or have someone who is sign",
+        if account.is_empty() { "the vault (the policy's [admins])".to_string() } else { format!("account {account}") }
     )]
     MissingRole {
         /// The statement.
@@ -554,6 +559,48 @@ mod tests {
         assert_eq!(
             e(2, 1),
             "account aws needs 2 approvals from distinct approvers, 1 was presented; wait for more approvals"
+        );
+    }
+
+    #[test]
+    fn vault_wide_admin_refusals_name_the_vault_and_admin_statements() {
+        let lacks = ConsentError::MissingRole {
+            statement: StatementRef::AdminAction(0),
+            person: "eve".into(),
+            id: "spiffe://t/user/eve".into(),
+            role: Role::Admin,
+            account: String::new(),
+        };
+        assert_eq!(
+            lacks.to_string(),
+            "admin statement #1: person eve (spiffe://t/user/eve) is not admin of the vault (the policy's [admins]) in the policy; ask an admin, or have someone who is sign"
+        );
+        let of_account = ConsentError::MissingRole {
+            statement: StatementRef::AdminAction(0),
+            person: "eve".into(),
+            id: "spiffe://t/user/eve".into(),
+            role: Role::Admin,
+            account: "aws".into(),
+        };
+        assert!(
+            of_account
+                .to_string()
+                .contains("is not admin of account aws in")
+        );
+        let missing = ConsentError::Missing {
+            statement: StatementRef::AdminAction(0),
+        };
+        assert_eq!(
+            missing.to_string(),
+            "admin statement #1 is missing: an admin action needs the signed statements of M admins; have each sign it with `twokey` and send them together"
+        );
+        let missing = ConsentError::Missing {
+            statement: StatementRef::Release,
+        };
+        assert!(
+            missing
+                .to_string()
+                .contains("a code needs the signed consent")
         );
     }
 }
