@@ -19,7 +19,7 @@ use crate::{
     keys::{VaultAction, read_statements},
     output::Output,
     profile::Settings,
-    vault::{VaultArgs, channel, decrypt_share, human, identity_path},
+    vault::{VaultArgs, channel, human, read_share},
 };
 
 /// `vault seal`'s flags.
@@ -51,9 +51,17 @@ pub struct ReshareArgs {
     /// Your current encrypted share, `<name>.share.age`.
     #[arg(long, value_name = "FILE", required = true)]
     pub share: Option<PathBuf>,
-    /// Your OpenSSH ssh-ed25519 private key file [default: ~/.ssh/id_ed25519].
+    /// Your OpenSSH ssh-ed25519 private key file; with --ssh-agent, the key
+    /// whose FILE.pub the agent holds [default: ~/.ssh/id_ed25519].
     #[arg(long, value_name = "FILE")]
     pub identity: Option<PathBuf>,
+    /// Decrypt with the key derived through ssh-agent ($SSH_AUTH_SOCK), for
+    /// a share encrypted to the recipient `holder-key` printed.
+    #[arg(long)]
+    pub ssh_agent: bool,
+    /// With --ssh-agent: your holder name [default: NAME of NAME.share.age].
+    #[arg(long, value_name = "NAME")]
+    pub holder: Option<String>,
     /// Where to write the new shares when yours is the K-th (a new
     /// directory; the vault writes them beside its descriptor too).
     #[arg(long, value_name = "DIR", default_value = "new-shares")]
@@ -121,7 +129,7 @@ pub async fn reshare(args: ReshareArgs, settings: Settings, out: Output) -> Resu
             args.out.display()
         )));
     }
-    let share = decrypt_share(&share_file, &identity_path(args.identity)?)?;
+    let share = read_share(&share_file, args.identity, args.ssh_agent, args.holder)?;
     let (channel, target) = channel(&settings, &vault)?;
     let answer = target.answer(
         SealServiceClient::new(channel)

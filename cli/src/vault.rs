@@ -107,25 +107,35 @@ pub struct HolderKeyArgs {
     pub identity: Option<PathBuf>,
 }
 
+/// Decrypts `share`: with the key file `identity`, or with `ssh_agent`
+/// through the key `holder-key` derived for `holder` (default: the NAME of
+/// NAME.share.age).
+pub fn read_share(
+    share: &std::path::Path,
+    identity: Option<PathBuf>,
+    ssh_agent: bool,
+    holder: Option<String>,
+) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    if !ssh_agent {
+        return decrypt_share(share, &identity_path(identity)?);
+    }
+    let name = holder
+        .or_else(|| crate::holder::name_of_share(share))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{} is not named NAME.share.age: pass your holder name with --holder NAME",
+                share.display()
+            ))
+        })?;
+    let signer = crate::holder::signer(&identity_path(identity)?, true)?;
+    crate::holder::decrypt_share(share, &signer, &name)
+}
+
 /// Runs a `vault` command.
 pub async fn run(cmd: VaultCommand, settings: Settings, out: Output) -> Result<(), CliError> {
     match cmd {
         VaultCommand::Unseal(args) => {
-            let share = if args.ssh_agent {
-                let name = args
-                    .holder
-                    .or_else(|| crate::holder::name_of_share(&args.share))
-                    .ok_or_else(|| {
-                        CliError::Usage(format!(
-                            "{} is not named NAME.share.age: pass your holder name with --holder NAME",
-                            args.share.display()
-                        ))
-                    })?;
-                let signer = crate::holder::signer(&identity_path(args.identity)?, true)?;
-                crate::holder::decrypt_share(&args.share, &signer, &name)?
-            } else {
-                decrypt_share(&args.share, &identity_path(args.identity)?)?
-            };
+            let share = read_share(&args.share, args.identity, args.ssh_agent, args.holder)?;
             let (mut client, target) = client(&settings, &args.vault)?;
             let progress = client
                 .unseal(UnsealRequest {

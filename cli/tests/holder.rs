@@ -175,3 +175,44 @@ fn unseal_through_the_agent_decrypts_a_share_made_for_the_derived_recipient() {
         "{err}"
     );
 }
+
+#[test]
+fn reshare_through_the_agent_decrypts_the_current_share_as_unseal_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = write_key(dir.path(), "alice", &generate_key()).unwrap();
+    let agent = Agent::start();
+    agent.add(&key);
+    let recipient: age::x25519::Recipient = json(&mut holder_key(&key, "alice"))["recipient"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let share = dir.path().join("alice.share.age");
+    std::fs::write(
+        &share,
+        age::encrypt(&recipient, b"not a real share").unwrap(),
+    )
+    .unwrap();
+    let reshare = |agent_socket: &std::path::Path| {
+        let mut cmd = twokey();
+        cmd.args(["vault", "reshare", "--vault", "https://127.0.0.1:9"])
+            .args(["--plan", "p1", "--share"])
+            .arg(&share)
+            .args(["--ssh-agent", "--identity"])
+            .arg(&key)
+            .env("SSH_AUTH_SOCK", agent_socket);
+        cmd
+    };
+    // Decrypted through the agent, then stopped by the bare test profile.
+    let out = reshare(&agent.socket).assert().failure();
+    let err = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(!err.contains("cannot decrypt"), "{err}");
+    assert!(err.contains("cert"), "{err}");
+    // Without the key in the agent: the same advice as unseal.
+    let empty = Agent::start();
+    let err = one_line_error(&mut reshare(&empty.socket), 1);
+    assert!(
+        err.contains("it does not hold your key") && err.contains("or drop --ssh-agent"),
+        "{err}"
+    );
+}
