@@ -3,7 +3,8 @@
 //! random points of rotations in 20 rounds and started again each time,
 //! resumes by itself, serves codes meanwhile and ends with every seed
 //! readable under one generation; every refusal has its exact status and
-//! is audited; no seed or key reaches a log or a file in the clear.
+//! is audited; no seed or key reaches a log or a file in the clear; a
+//! sealed vault answers the key service UNAVAILABLE.
 
 mod common;
 
@@ -435,6 +436,118 @@ async fn rotate_key_needs_m_admins_of_the_policy_and_each_refusal_has_its_status
     assert_eq!(
         (state.generations[0].generation, state.generations[0].seeds),
         (3, 1)
+    );
+    vault.stop().await;
+}
+
+/// `name`'s share in `dir`, decrypted with their ssh key as `twokey vault
+/// unseal` does.
+fn share(fx: &Fixture, dir: &std::path::Path, name: &str) -> Vec<u8> {
+    use twokey_consent::ssh_key::LineEnding;
+    let encrypted = std::fs::read(dir.join(format!("{name}.share.age"))).unwrap();
+    let person = fx
+        .people
+        .all()
+        .into_iter()
+        .find(|p| p.name == name)
+        .unwrap();
+    let pem = person.key.to_openssh(LineEnding::LF).unwrap();
+    let identity = age::ssh::Identity::from_buffer(pem.as_bytes(), None).unwrap();
+    age::decrypt(&identity, &encrypted).unwrap()
+}
+
+#[tokio::test]
+async fn the_key_service_answers_unavailable_while_the_vault_is_sealed() {
+    use twokey_proto::vault::v1::{
+        SealRequest, UnsealRequest, seal_service_client::SealServiceClient,
+    };
+    use twokey_vault::{
+        config::SealConfig,
+        unseal::{self, HolderSpec},
+    };
+    let fx = Fixture::new();
+    // A 2-of-2 split between alice and bob.
+    let specs: Vec<HolderSpec> = [&fx.people.alice, &fx.people.bob]
+        .iter()
+        .map(|p| HolderSpec {
+            name: p.name.clone(),
+            spiffe_id: p.id().to_owned(),
+            public_key: p.key.public_key().to_openssh().unwrap(),
+        })
+        .collect();
+    for name in ["alice", "bob"] {
+        fx.ca
+            .issue_user(TD, name)
+            .unwrap()
+            .write(fx.path(), name)
+            .unwrap();
+    }
+    let dir = fx.path().join("seal");
+    std::fs::create_dir(&dir).unwrap();
+    let split = unseal::split(&twokey_runtime::keys::SecretKey::generate(), 2, &specs).unwrap();
+    unseal::write_split(&dir, &split).unwrap();
+    let audit = start_fake_audit(&fx, FakeAudit::default()).await;
+    let config = twokey_vault::VaultConfig {
+        seal: Some(SealConfig {
+            mode: "shamir".into(),
+            descriptor: dir.join(unseal::DESCRIPTOR_FILE),
+            unseal_timeout: "10m".into(),
+            ..Default::default()
+        }),
+        ..fx.vault_config(audit.addr)
+    };
+    let vault = start_vault(config).await;
+    let addr = vault.addr;
+    let unavailable = |e: tonic::Status| {
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+        assert!(e.message().starts_with("vault is sealed"), "{e:?}");
+    };
+    unavailable(
+        keys_client(&fx, addr, "mallory")
+            .key_status(KeyStatusRequest {})
+            .await
+            .unwrap_err(),
+    );
+    unavailable(
+        keys_client(&fx, addr, "mallory")
+            .rotate_key(rotate_request(&fx, &[&fx.people.adam, &fx.people.anna]))
+            .await
+            .unwrap_err(),
+    );
+    for name in ["alice", "bob"] {
+        SealServiceClient::new(fx.channel(addr, name))
+            .unseal(UnsealRequest {
+                share: share(&fx, &dir, name),
+            })
+            .await
+            .unwrap();
+    }
+    // Unsealed: the keyring's first generation.
+    assert_eq!(key_status(&fx, addr).await.current_generation, 1);
+    fx.apply(addr, 1, &["aws-prod-root"]).await;
+    let rotated = keys_client(&fx, addr, "mallory")
+        .rotate_key(rotate_request(&fx, &[&fx.people.adam, &fx.people.anna]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rotated.started);
+    // Sealed by two admins: the key service is closed again.
+    SealServiceClient::new(fx.channel(addr, "mallory"))
+        .seal(SealRequest {
+            consent: Some(fx.admin_consent(
+                1,
+                "",
+                AdminAction::SealVault,
+                &[&fx.people.adam, &fx.people.anna],
+            )),
+        })
+        .await
+        .unwrap();
+    unavailable(
+        keys_client(&fx, addr, "mallory")
+            .key_status(KeyStatusRequest {})
+            .await
+            .unwrap_err(),
     );
     vault.stop().await;
 }
