@@ -68,22 +68,46 @@ const STATES: [State; 8] = [
     State::Locked,
 ];
 
-/// Reports `twokey.broker.requests` (requests in the store, by state) at
-/// each export, for as long as `store` lives.
-pub fn observe_requests<S: RequestStore>(store: &Arc<S>) {
+/// How often the request counts behind `twokey.broker.requests` are read
+/// from the store (the gauge's callback cannot wait for a database).
+pub const REQUEST_COUNT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Reports `twokey.broker.requests` (requests in the store, by state): a
+/// task reads the store every [`REQUEST_COUNT_INTERVAL`] for as long as
+/// `store` lives, and each export reports the last counts.
+pub fn observe_requests<S: RequestStore + ?Sized>(store: &Arc<S>) {
     let store: Weak<S> = Arc::downgrade(store);
+    let counts: Arc<std::sync::Mutex<Option<[u64; STATES.len()]>>> = Arc::default();
+    let read = counts.clone();
     meter()
         .u64_observable_gauge("twokey.broker.requests")
         .with_description("requests the broker holds, by state")
         .with_unit("{request}")
         .with_callback(move |gauge| {
-            let Some(Ok(all)) = store.upgrade().map(|s| s.all()) else {
+            let Some(counts) = *read.lock().unwrap_or_else(|e| e.into_inner()) else {
                 return;
             };
-            for state in STATES {
-                let n = all.iter().filter(|r| r.state == state).count() as u64;
+            for (state, n) in STATES.iter().zip(counts) {
                 gauge.observe(n, &[KeyValue::new("state", state.as_str())]);
             }
         })
         .build();
+    tokio::spawn(async move {
+        loop {
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            if let Ok(all) = store.all().await {
+                let mut n = [0u64; STATES.len()];
+                for r in &all {
+                    if let Some(i) = STATES.iter().position(|s| *s == r.state) {
+                        n[i] += 1;
+                    }
+                }
+                *counts.lock().unwrap_or_else(|e| e.into_inner()) = Some(n);
+            }
+            drop(store);
+            tokio::time::sleep(REQUEST_COUNT_INTERVAL).await;
+        }
+    });
 }

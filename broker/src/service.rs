@@ -463,7 +463,8 @@ impl Broker {
             &mut RequestRecord,
             &AccountPolicy,
             SystemTime,
-        ) -> Result<Effects, BrokerError>,
+        ) -> Result<Effects, BrokerError>
+        + Send,
     ) -> Result<RequestRecord, BrokerError> {
         let now = self.clock.now();
         let policy = self.policy();
@@ -515,7 +516,8 @@ impl Broker {
                     messages,
                     claims: effects.claims,
                 })
-            })?
+            })
+            .await?
             .ok_or_else(|| not_found(request_id))?;
         self.store.commit().await?;
         let (action, fail) = outcome.unwrap_or_default();
@@ -619,7 +621,7 @@ impl Broker {
                             now,
                         },
                     )?;
-                    if self.store.get(&rb.request_id)?.is_some() {
+                    if self.store.get(&rb.request_id).await?.is_some() {
                         return Err(refused(
                             ErrorKind::PermissionDenied,
                             format!(
@@ -670,7 +672,8 @@ impl Broker {
                     messages,
                     claims: Vec::new(),
                 },
-            )?;
+            )
+            .await?;
             self.store.commit().await?;
             tracing::info!(
                 request_id = %record.id,
@@ -686,8 +689,12 @@ impl Broker {
         .await
     }
 
-    fn load_visible(&self, caller: &SpiffeId, id: &str) -> Result<RequestRecord, BrokerError> {
-        let record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
+    async fn load_visible(
+        &self,
+        caller: &SpiffeId,
+        id: &str,
+    ) -> Result<RequestRecord, BrokerError> {
+        let record = self.store.get(id).await?.ok_or_else(|| not_found(id))?;
         if !record.visible_to(self.policy().account(&record.account_id), caller) {
             return Err(BrokerError::denied(format!(
                 "{caller} may not see request {id}; only the people on it and the account's approvers, operators and admins may"
@@ -705,12 +712,12 @@ impl Broker {
         self.known(caller)?;
         let id = call.input?;
         let id = id.as_str();
-        let mut record = self.load_visible(caller, id)?;
+        let mut record = self.load_visible(caller, id).await?;
         if record.is_due(self.clock.now()) {
             match self.act(id, true, |_, _, _| Ok(Effects::default())).await {
                 Ok(r) => record = r,
                 Err(BrokerError::FailedPrecondition(_)) => {
-                    record = self.load_visible(caller, id)?;
+                    record = self.load_visible(caller, id).await?;
                 }
                 Err(e) => return Err(e),
             }
@@ -749,7 +756,8 @@ impl Broker {
         let now = self.clock.now();
         let mut records: Vec<RequestRecord> = self
             .store
-            .all()?
+            .all()
+            .await?
             .into_iter()
             .filter(|r| r.visible_to(policy.account(&r.account_id), caller))
             .filter(|r| !req.mine || &r.requester == caller || &r.filed_by == caller)
@@ -834,7 +842,7 @@ impl Broker {
 
     /// An audited change of the request `call` names: once the caller is
     /// known and the input valid, `rule` applied through [`Self::act`].
-    async fn change<T: OnRequest>(
+    async fn change<T: OnRequest + Sync>(
         &self,
         caller: &SpiffeId,
         attempted: &str,
@@ -844,7 +852,8 @@ impl Broker {
             &mut RequestRecord,
             &AccountPolicy,
             SystemTime,
-        ) -> Result<Effects, BrokerError>,
+        ) -> Result<Effects, BrokerError>
+        + Send,
     ) -> Result<RequestRecord, BrokerError> {
         self.authorised(caller, attempted, &call.target, async {
             let input = call.input?;
@@ -966,12 +975,12 @@ impl Broker {
             let id = call.input?;
             let id = id.as_str();
             let now = self.clock.now();
-            let mut record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
+            let mut record = self.store.get(id).await?.ok_or_else(|| not_found(id))?;
             if &record.requester == caller && record.is_due(now) {
                 match self.act(id, true, |_, _, _| Ok(Effects::default())).await {
                     Ok(r) => record = r,
                     Err(BrokerError::FailedPrecondition(_)) => {
-                        record = self.store.get(id)?.ok_or_else(|| not_found(id))?;
+                        record = self.store.get(id).await?.ok_or_else(|| not_found(id))?;
                     }
                     Err(e) => return Err(e),
                 }
@@ -1162,7 +1171,13 @@ impl Broker {
                 Target::Nothing => (String::new(), ""),
                 Target::Account(a) => (a.clone(), ""),
                 Target::Request(id) => {
-                    let account = self.store.get(id).ok().flatten().map(|r| r.account_id);
+                    let account = self
+                        .store
+                        .get(id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .map(|r| r.account_id);
                     (account.unwrap_or_default(), id.as_str())
                 }
             };
@@ -1180,7 +1195,7 @@ impl Broker {
     }
 
     async fn emit(&self, event: EventDraft) -> Result<(), BrokerError> {
-        self.store.emit(vec![event])?;
+        self.store.emit(vec![event]).await?;
         self.store.commit().await
     }
 
@@ -1198,7 +1213,11 @@ impl Broker {
             return 0;
         }
         let refused: u64 = tallies.iter().map(Tally::count).sum();
-        if let Err(e) = self.store.emit(tallies.iter().map(Tally::event).collect()) {
+        if let Err(e) = self
+            .store
+            .emit(tallies.iter().map(Tally::event).collect())
+            .await
+        {
             tracing::error!(
                 refused,
                 "cannot record refused attempts of identities outside the policy; counts kept to try again: {e}"
@@ -1261,7 +1280,8 @@ impl Broker {
                     account,
                     AdminAction::EnrollReplace,
                     req.action_id.as_deref(),
-                )?
+                )
+                .await?
             } else {
                 None
             };
@@ -1339,8 +1359,9 @@ impl Broker {
                     "reason is required; say why the account is removed",
                 ));
             }
-            let action =
-                self.admin_consent(account, AdminAction::Remove, req.action_id.as_deref())?;
+            let action = self
+                .admin_consent(account, AdminAction::Remove, req.action_id.as_deref())
+                .await?;
             let grant_id = GrantSigner::new_grant_id();
             let (_, signed) = self.grants.sign(
                 grant_id.clone(),
@@ -1369,7 +1390,8 @@ impl Broker {
         let now = self.clock.now();
         let due: Vec<String> = self
             .store
-            .all()?
+            .all()
+            .await?
             .into_iter()
             .filter(|r| r.is_due(now))
             .map(|r| r.id)

@@ -1,5 +1,6 @@
-//! Where requests live: a small trait, so sled can later be joined by a
-//! replicated backend, and its sled implementation on `DurableDb`. Every
+//! Where requests live: a small async trait with two backends, sled on
+//! `DurableDb` (one machine, the default) and PostgreSQL ([`postgres`],
+//! shared by replicas). In sled every
 //! change is one sled transaction over the request, its audit events (the
 //! outbox), its queued notifications and the ids it uses up. Policy
 //! proposals and open admin actions are kept beside them, each change with
@@ -8,6 +9,7 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+pub use postgres::PgStore;
 use sled::{
     Transactional,
     transaction::{ConflictableTransactionError, TransactionError},
@@ -15,6 +17,8 @@ use sled::{
 use twokey_runtime::{
     durable::DurableDb, events::EventDraft, outbox::Outbox, receipts::ReceiptHealth,
 };
+
+pub mod postgres;
 
 use crate::{
     error::BrokerError,
@@ -62,36 +66,53 @@ pub struct DocChange {
     pub events: Vec<EventDraft>,
 }
 
-/// Storage for requests.
+/// A request change: gets the stored request, changes it, and answers the
+/// writes that go with the change. It may run more than once (on conflict).
+pub type UpdateFn<'a> = dyn FnMut(&mut RequestRecord) -> Result<Writes, BrokerError> + Send + 'a;
+
+/// A document change: gets the current value (none when absent) and answers
+/// the change. It may run more than once (on conflict).
+pub type DocFn<'a> = dyn FnMut(Option<Vec<u8>>) -> Result<DocChange, BrokerError> + Send + 'a;
+
+/// Storage for requests. Object safe (`Arc<dyn RequestStore>`): every
+/// method answers a boxed future.
 pub trait RequestStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a new request with its writes.
-    fn create(&self, record: &RequestRecord, writes: &Writes) -> Result<(), BrokerError>;
+    fn create<'a>(
+        &'a self,
+        record: &'a RequestRecord,
+        writes: &'a Writes,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
     /// Changes a stored request: reads it, applies `f` (which may run more
     /// than once, on conflict), and stores the result with `f`'s events and
     /// messages atomically. `Ok(None)` if there is no such request.
-    fn update(
-        &self,
-        id: &str,
-        f: &mut dyn FnMut(&mut RequestRecord) -> Result<Writes, BrokerError>,
-    ) -> Result<Option<RequestRecord>, BrokerError>;
+    fn update<'a>(
+        &'a self,
+        id: &'a str,
+        f: &'a mut UpdateFn<'_>,
+    ) -> BoxFuture<'a, Result<Option<RequestRecord>, BrokerError>>;
     /// One request.
-    fn get(&self, id: &str) -> Result<Option<RequestRecord>, BrokerError>;
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RequestRecord>, BrokerError>>;
     /// Every request (the broker keeps history; counts are small).
-    fn all(&self) -> Result<Vec<RequestRecord>, BrokerError>;
+    fn all(&self) -> BoxFuture<'_, Result<Vec<RequestRecord>, BrokerError>>;
     /// Records events that go with no request change.
-    fn emit(&self, events: Vec<EventDraft>) -> Result<(), BrokerError>;
+    fn emit(&self, events: Vec<EventDraft>) -> BoxFuture<'_, Result<(), BrokerError>>;
     /// Every document of a kind, in key order.
-    fn docs(&self, kind: Docs) -> Result<Vec<Vec<u8>>, BrokerError>;
+    fn docs(&self, kind: Docs) -> BoxFuture<'_, Result<Vec<Vec<u8>>, BrokerError>>;
     /// One document.
-    fn doc(&self, kind: Docs, key: &str) -> Result<Option<Vec<u8>>, BrokerError>;
+    fn doc<'a>(
+        &'a self,
+        kind: Docs,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BrokerError>>;
     /// Changes one document with its events atomically: `f` gets the current
     /// value (it may run more than once, on conflict).
-    fn update_doc(
-        &self,
+    fn update_doc<'a>(
+        &'a self,
         kind: Docs,
-        key: &str,
-        f: &mut dyn FnMut(Option<Vec<u8>>) -> Result<DocChange, BrokerError>,
-    ) -> Result<(), BrokerError>;
+        key: &'a str,
+        f: &'a mut DocFn<'_>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>>;
     /// Makes everything written so far durable, then wakes the shipper and
     /// the notification worker.
     fn commit(&self) -> BoxFuture<'_, Result<(), BrokerError>>;
@@ -218,8 +239,8 @@ impl SledStore {
     }
 }
 
-impl RequestStore for SledStore {
-    fn create(&self, record: &RequestRecord, writes: &Writes) -> Result<(), BrokerError> {
+impl SledStore {
+    fn create_now(&self, record: &RequestRecord, writes: &Writes) -> Result<(), BrokerError> {
         self.write(&record.id, &mut |current| {
             if current.is_some() {
                 return Err(BrokerError::Store(format!(
@@ -231,10 +252,10 @@ impl RequestStore for SledStore {
         })
     }
 
-    fn update(
+    fn update_now(
         &self,
         id: &str,
-        f: &mut dyn FnMut(&mut RequestRecord) -> Result<Writes, BrokerError>,
+        f: &mut UpdateFn<'_>,
     ) -> Result<Option<RequestRecord>, BrokerError> {
         let mut out = None;
         self.write(id, &mut |current| {
@@ -249,18 +270,18 @@ impl RequestStore for SledStore {
         Ok(out)
     }
 
-    fn get(&self, id: &str) -> Result<Option<RequestRecord>, BrokerError> {
+    fn get_now(&self, id: &str) -> Result<Option<RequestRecord>, BrokerError> {
         self.requests
             .get(id.as_bytes())?
             .map(|b| decode(&b))
             .transpose()
     }
 
-    fn all(&self) -> Result<Vec<RequestRecord>, BrokerError> {
+    fn all_now(&self) -> Result<Vec<RequestRecord>, BrokerError> {
         self.requests.iter().map(|kv| decode(&kv?.1)).collect()
     }
 
-    fn emit(&self, events: Vec<EventDraft>) -> Result<(), BrokerError> {
+    fn emit_now(&self, events: Vec<EventDraft>) -> Result<(), BrokerError> {
         self.outbox
             .tree()
             .transaction(|o| {
@@ -272,23 +293,18 @@ impl RequestStore for SledStore {
             .map_err(flatten)
     }
 
-    fn docs(&self, kind: Docs) -> Result<Vec<Vec<u8>>, BrokerError> {
+    fn docs_now(&self, kind: Docs) -> Result<Vec<Vec<u8>>, BrokerError> {
         self.tree(kind)
             .iter()
             .map(|kv| Ok(kv?.1.to_vec()))
             .collect()
     }
 
-    fn doc(&self, kind: Docs, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+    fn doc_now(&self, kind: Docs, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         Ok(self.tree(kind).get(key.as_bytes())?.map(|v| v.to_vec()))
     }
 
-    fn update_doc(
-        &self,
-        kind: Docs,
-        key: &str,
-        f: &mut dyn FnMut(Option<Vec<u8>>) -> Result<DocChange, BrokerError>,
-    ) -> Result<(), BrokerError> {
+    fn update_doc_now(&self, kind: Docs, key: &str, f: &mut DocFn<'_>) -> Result<(), BrokerError> {
         self.receipts_consistent()?;
         let f = std::cell::RefCell::new(f);
         (self.tree(kind), self.outbox.tree())
@@ -305,6 +321,59 @@ impl RequestStore for SledStore {
                 Ok(())
             })
             .map_err(flatten)
+    }
+}
+
+/// sled's calls are short and local: each future does its work when first
+/// polled, as the synchronous store did.
+impl RequestStore for SledStore {
+    fn create<'a>(
+        &'a self,
+        record: &'a RequestRecord,
+        writes: &'a Writes,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move { self.create_now(record, writes) })
+    }
+
+    fn update<'a>(
+        &'a self,
+        id: &'a str,
+        f: &'a mut UpdateFn<'_>,
+    ) -> BoxFuture<'a, Result<Option<RequestRecord>, BrokerError>> {
+        Box::pin(async move { self.update_now(id, f) })
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RequestRecord>, BrokerError>> {
+        Box::pin(async move { self.get_now(id) })
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<RequestRecord>, BrokerError>> {
+        Box::pin(async move { self.all_now() })
+    }
+
+    fn emit(&self, events: Vec<EventDraft>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move { self.emit_now(events) })
+    }
+
+    fn docs(&self, kind: Docs) -> BoxFuture<'_, Result<Vec<Vec<u8>>, BrokerError>> {
+        Box::pin(async move { self.docs_now(kind) })
+    }
+
+    fn doc<'a>(
+        &'a self,
+        kind: Docs,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BrokerError>> {
+        Box::pin(async move { self.doc_now(kind, key) })
+    }
+
+    fn update_doc<'a>(
+        &'a self,
+        kind: Docs,
+        key: &'a str,
+        f: &'a mut DocFn<'_>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(async move { self.update_doc_now(kind, key, f) })
     }
 
     fn commit(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
@@ -356,7 +425,7 @@ mod tests {
             .unwrap()
             .with_receipts(health);
         let change = |store: &SledStore| {
-            store.update_doc(Docs::Proposals, "0001", &mut |_| {
+            store.update_doc_now(Docs::Proposals, "0001", &mut |_| {
                 Ok(DocChange {
                     value: Some(b"v".to_vec()),
                     events: vec![EventDraft::new("spiffe://t/user/adam", "policy.proposed")],
@@ -386,10 +455,10 @@ mod tests {
             )),
             "{message}"
         );
-        assert!(store.doc(Docs::Proposals, "0001").unwrap().is_none());
+        assert!(store.doc_now(Docs::Proposals, "0001").unwrap().is_none());
         // Events alone (refusals) are still recorded.
         store
-            .emit(vec![EventDraft::new(
+            .emit_now(vec![EventDraft::new(
                 "spiffe://t/user/eve",
                 "access.denied",
             )])
@@ -399,7 +468,7 @@ mod tests {
         flag.send_replace(None);
         change(&store).unwrap();
         assert_eq!(
-            store.doc(Docs::Proposals, "0001").unwrap().as_deref(),
+            store.doc_now(Docs::Proposals, "0001").unwrap().as_deref(),
             Some(&b"v"[..])
         );
     }

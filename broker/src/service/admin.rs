@@ -154,33 +154,35 @@ impl Broker {
     /// Updates the document under `key` through `f` (given the stored bytes,
     /// none when absent), commits, and answers the document `f` settled on;
     /// `what` names it should no document come out.
-    async fn update_one<T: Serialize>(
+    async fn update_one<T: Serialize + Send>(
         &self,
         kind: Docs,
         key: &str,
         what: &str,
-        mut f: impl FnMut(Option<&[u8]>) -> Result<Outcome<T>, BrokerError>,
+        mut f: impl FnMut(Option<&[u8]>) -> Result<Outcome<T>, BrokerError> + Send,
     ) -> Result<T, BrokerError> {
         let mut out = None;
-        self.store.update_doc(kind, key, &mut |current| {
-            Ok(match f(current.as_deref())? {
-                Outcome::Unchanged(doc) => {
-                    out = Some(doc);
-                    DocChange {
-                        value: current,
-                        events: Vec::new(),
+        self.store
+            .update_doc(kind, key, &mut |current| {
+                Ok(match f(current.as_deref())? {
+                    Outcome::Unchanged(doc) => {
+                        out = Some(doc);
+                        DocChange {
+                            value: current,
+                            events: Vec::new(),
+                        }
                     }
-                }
-                Outcome::Changed(doc, event) => {
-                    let value = encode(&doc)?;
-                    out = Some(doc);
-                    DocChange {
-                        value: Some(value),
-                        events: vec![event],
+                    Outcome::Changed(doc, event) => {
+                        let value = encode(&doc)?;
+                        out = Some(doc);
+                        DocChange {
+                            value: Some(value),
+                            events: vec![event],
+                        }
                     }
-                }
+                })
             })
-        })?;
+            .await?;
         self.store.commit().await?;
         out.ok_or_else(|| BrokerError::Store(format!("the {what} was not stored")))
     }
@@ -202,17 +204,19 @@ impl Broker {
         }
     }
 
-    fn load_action(&self, id: &str) -> Result<Option<AdminActionRecord>, BrokerError> {
+    async fn load_action(&self, id: &str) -> Result<Option<AdminActionRecord>, BrokerError> {
         self.store
-            .doc(Docs::AdminActions, id)?
+            .doc(Docs::AdminActions, id)
+            .await?
             .map(|b| decode(&b, "admin action"))
             .transpose()
     }
 
-    fn load_proposal(&self, version: u64) -> Result<Proposal, BrokerError> {
+    async fn load_proposal(&self, version: u64) -> Result<Proposal, BrokerError> {
         let bytes = self
             .store
-            .doc(Docs::Proposals, &proposal_key(version))?
+            .doc(Docs::Proposals, &proposal_key(version))
+            .await?
             .ok_or_else(|| {
                 BrokerError::NotFound(format!(
                     "no proposed policy version {version}; list the proposals with `twokey policy show`"
@@ -224,7 +228,7 @@ impl Broker {
     /// The collected admin consent an account call carries out: none
     /// without a signed policy in force; with one, the call names an open
     /// action for this account and action that enough admins signed.
-    pub(super) fn admin_consent(
+    pub(super) async fn admin_consent(
         &self,
         account: &AccountPolicy,
         action: AdminAction,
@@ -247,7 +251,7 @@ impl Broker {
                 ),
             ));
         };
-        let record = self.load_action(id)?.ok_or_else(|| {
+        let record = self.load_action(id).await?.ok_or_else(|| {
             BrokerError::NotFound(format!(
                 "no open admin action {:?}; list the open ones with `twokey account actions`",
                 id.chars().take(70).collect::<String>()
@@ -300,7 +304,8 @@ impl Broker {
                     value: None,
                     events: event.clone().into_iter().collect(),
                 })
-            })?;
+            })
+            .await?;
         event.take();
         self.store.commit().await
     }
@@ -325,7 +330,8 @@ impl Broker {
                 (AdminAction::Disable, "disabling an account")
             };
             let record = self
-                .admin_consent(account, action, req.action_id.as_deref())?
+                .admin_consent(account, action, req.action_id.as_deref())
+                .await?
                 .ok_or_else(|| no_policy(what))?;
             let grant_id = GrantSigner::new_grant_id();
             let (_, grant) = self.grants.sign(
@@ -370,7 +376,8 @@ impl Broker {
                 return Err(lacks_role(caller, Role::Admin, &account.id));
             }
             let record = self
-                .admin_consent(account, AdminAction::Restore, req.action_id.as_deref())?
+                .admin_consent(account, AdminAction::Restore, req.action_id.as_deref())
+                .await?
                 .ok_or_else(|| no_policy("restoring a seed"))?;
             let grant_id = GrantSigner::new_grant_id();
             let (_, grant) = self.grants.sign(
@@ -484,7 +491,8 @@ impl Broker {
         self.any_admin(caller)?;
         let mut actions: Vec<AdminActionRecord> = self
             .store
-            .docs(Docs::AdminActions)?
+            .docs(Docs::AdminActions)
+            .await?
             .iter()
             .map(|b| decode::<AdminActionRecord>(b, "admin action"))
             .collect::<Result<_, _>>()?;
@@ -590,7 +598,7 @@ impl Broker {
                     "the broker has no [consent] section (admins_file, threshold), so it cannot check policy signatures; configure it",
                 ));
             };
-            let proposal = self.load_proposal(version)?;
+            let proposal = self.load_proposal(version).await?;
             self.applied_versions().await?;
             let active = self.signed.active();
             match verify_policy_update(
@@ -640,7 +648,7 @@ impl Broker {
         self.authorised(caller, "apply_policy", &call.target, async {
             let PolicyApply { version } = call.input?;
             self.any_admin(caller)?;
-            let proposal = self.load_proposal(version)?;
+            let proposal = self.load_proposal(version).await?;
             let applied = self
                 .vault
                 .apply_policy(ApplyPolicyRequest {
@@ -658,7 +666,8 @@ impl Broker {
             self.policy();
             let stale: Vec<u64> = self
                 .store
-                .docs(Docs::Proposals)?
+                .docs(Docs::Proposals)
+                .await?
                 .iter()
                 .filter_map(|b| decode::<Proposal>(b, "policy proposal").ok())
                 .map(|p| p.version)
@@ -678,10 +687,11 @@ impl Broker {
                             value: None,
                             events: events.clone(),
                         })
-                    })?;
+                    })
+                    .await?;
             }
             if let Some(event) = event {
-                self.store.emit(vec![event])?;
+                self.store.emit(vec![event]).await?;
             }
             self.store.commit().await?;
             Ok(Applied(applied))
@@ -697,7 +707,8 @@ impl Broker {
         let active = applied.first().map_or(0, |v| v.version);
         let proposals = self
             .store
-            .docs(Docs::Proposals)?
+            .docs(Docs::Proposals)
+            .await?
             .iter()
             .map(|b| decode::<Proposal>(b, "policy proposal"))
             .collect::<Result<Vec<_>, _>>()?

@@ -1,0 +1,453 @@
+//! Requests in PostgreSQL, shared by every broker replica. Each change is
+//! one transaction under READ COMMITTED that first locks what it changes:
+//! a request's row (`SELECT … FOR UPDATE`) or a document's key
+//! (`pg_advisory_xact_lock`). Replicas changing the same request therefore
+//! take turns, each reading the other's committed result, so two approvals
+//! count once each and PIN attempts add up whichever replica takes them. The
+//! ids a change uses up (grant and release ids) are rows under a primary
+//! key, so a reused id is refused by the database on any replica. The
+//! record, the claims, the documents and the audit events
+//! ([`PgOutbox::push`]) commit together; with PostgreSQL's default
+//! `synchronous_commit = on`, committed means durable, so the store's
+//! [`RequestStore::commit`] has nothing left to make durable in PostgreSQL.
+//!
+//! Notifications are not in PostgreSQL yet: once a change has committed,
+//! its messages go to this replica's sled queue (synced by `commit`). A
+//! replica that dies between the two loses those messages (the requester
+//! can still show the PIN); the PostgreSQL queue is issue 18's next step.
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+use futures::future::BoxFuture;
+use tokio::sync::{Mutex, MutexGuard};
+use tokio_postgres::{Client, Transaction};
+use twokey_pgstore::{Migration, PgError, PgSettings, outbox::PgOutbox};
+use twokey_runtime::{
+    durable::DurableDb, error::ErrorKind, events::EventDraft, receipts::ReceiptHealth,
+};
+
+use super::{Claim, DocFn, Docs, NO_CHANGE, RequestStore, UpdateFn, Writes, decode, encode};
+use crate::{
+    error::BrokerError,
+    notify::{Message, NotifyQueue},
+    state::RequestRecord,
+};
+
+/// The migration component of the broker's tables.
+pub const COMPONENT: &str = "broker";
+
+/// The broker's tables, in order (forward only).
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "broker: requests, used ids, documents",
+    sql: "
+CREATE TABLE broker_requests (
+    id         text   PRIMARY KEY,
+    created_ms bigint NOT NULL,
+    record     bytea  NOT NULL
+);
+CREATE TABLE broker_claims (
+    key text PRIMARY KEY
+);
+CREATE TABLE broker_docs (
+    kind  text  NOT NULL,
+    key   text  NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+",
+}];
+
+/// Sessions one replica's store keeps open.
+pub const SESSIONS: usize = 4;
+
+/// Brings the broker's tables and the outbox's to this binary's version
+/// (what a replica does at start, before it serves).
+pub async fn migrate(settings: &PgSettings) -> Result<(), PgError> {
+    let mut client = twokey_pgstore::connect(settings).await?;
+    twokey_pgstore::outbox::migrate(&mut client).await?;
+    twokey_pgstore::migrate(&mut client, COMPONENT, MIGRATIONS).await?;
+    Ok(())
+}
+
+/// A PostgreSQL failure as the broker answers it: a database that cannot
+/// be reached is UNAVAILABLE with what to do; anything else is a store
+/// failure (also UNAVAILABLE: the change was not made).
+fn pg(e: impl Into<PgError>) -> BrokerError {
+    let e = e.into();
+    if e.is_unavailable() {
+        BrokerError::Store(format!(
+            "the broker's database is unavailable ({e}); nothing was changed unless the \
+             request shows it: retry, through another replica if this one stays down"
+        ))
+    } else {
+        BrokerError::Store(format!("the broker's database refused a change: {e}"))
+    }
+}
+
+fn kind_name(kind: Docs) -> &'static str {
+    match kind {
+        Docs::Proposals => "proposals",
+        Docs::AdminActions => "admin_actions",
+    }
+}
+
+fn to_db(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// A few sessions, each reopened when it is found closed.
+struct Sessions {
+    settings: PgSettings,
+    slots: Vec<Mutex<Option<Client>>>,
+    next: AtomicUsize,
+}
+
+impl Sessions {
+    async fn get(&self) -> Result<MutexGuard<'_, Option<Client>>, BrokerError> {
+        // A free slot if there is one, else wait for the next in turn.
+        let mut guard = None;
+        for slot in &self.slots {
+            if let Ok(g) = slot.try_lock() {
+                guard = Some(g);
+                break;
+            }
+        }
+        let mut guard = match guard {
+            Some(g) => g,
+            None => {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
+                self.slots[i].lock().await
+            }
+        };
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = None;
+            *guard = Some(twokey_pgstore::connect(&self.settings).await.map_err(pg)?);
+        }
+        Ok(guard)
+    }
+}
+
+/// Requests in PostgreSQL.
+#[derive(Clone)]
+pub struct PgStore {
+    sessions: Arc<Sessions>,
+    outbox: PgOutbox,
+    db: DurableDb,
+    queue: Arc<NotifyQueue>,
+    receipts: ReceiptHealth,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("settings", &self.sessions.settings)
+            .field("outbox", &self.outbox)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The client of a session in hand (always there once `get` answered).
+fn client<'g>(
+    guard: &'g mut MutexGuard<'_, Option<Client>>,
+) -> Result<&'g mut Client, BrokerError> {
+    guard
+        .as_mut()
+        .ok_or_else(|| BrokerError::Store("no PostgreSQL session".into()))
+}
+
+impl PgStore {
+    /// A store on the (migrated) database of `settings`: events go to
+    /// `outbox`, messages to this replica's `queue` in `db`. Sessions open
+    /// when first needed.
+    pub fn new(
+        settings: PgSettings,
+        outbox: PgOutbox,
+        db: &DurableDb,
+        queue: Arc<NotifyQueue>,
+    ) -> Self {
+        Self {
+            sessions: Arc::new(Sessions {
+                settings,
+                slots: (0..SESSIONS).map(|_| Mutex::new(None)).collect(),
+                next: AtomicUsize::new(0),
+            }),
+            outbox,
+            db: db.clone(),
+            queue,
+            receipts: ReceiptHealth::unchecked(),
+        }
+    }
+
+    /// Refuses every state change (not events alone) while `receipts`
+    /// reports audit's checkpoints inconsistent.
+    pub fn with_receipts(mut self, receipts: ReceiptHealth) -> Self {
+        self.receipts = receipts;
+        self
+    }
+
+    fn receipts_consistent(&self) -> Result<(), BrokerError> {
+        self.receipts.check(NO_CHANGE).map_err(|message| {
+            tracing::warn!("refused: {message}");
+            BrokerError::AuditInconsistent(message)
+        })
+    }
+
+    async fn claim(tx: &Transaction<'_>, claims: &[Claim]) -> Result<(), BrokerError> {
+        for claim in claims {
+            let n = tx
+                .execute(
+                    "INSERT INTO broker_claims (key) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&claim.key],
+                )
+                .await
+                .map_err(pg)?;
+            if n == 0 {
+                return Err(crate::consent::refused(
+                    ErrorKind::PermissionDenied,
+                    claim.taken.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn push(&self, tx: &Transaction<'_>, events: &[EventDraft]) -> Result<(), BrokerError> {
+        for event in events {
+            self.outbox.push(tx, event.clone()).await.map_err(pg)?;
+        }
+        Ok(())
+    }
+
+    /// Queues the messages of a committed change on this replica.
+    fn enqueue(&self, messages: &[Message]) -> Result<(), BrokerError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.queue
+            .tree()
+            .transaction(|q| self.queue.enqueue(q, messages))
+            .map_err(super::flatten)
+    }
+
+    async fn create_tx(&self, record: &RequestRecord, writes: &Writes) -> Result<(), BrokerError> {
+        self.receipts_consistent()?;
+        let mut guard = self.sessions.get().await?;
+        let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
+        let n = tx
+            .execute(
+                "INSERT INTO broker_requests (id, created_ms, record) VALUES ($1, $2, $3)
+                 ON CONFLICT (id) DO NOTHING",
+                &[&record.id, &to_db(record.created_ms), &encode(record)?],
+            )
+            .await
+            .map_err(pg)?;
+        if n == 0 {
+            return Err(BrokerError::Store(format!(
+                "request id {} is taken",
+                record.id
+            )));
+        }
+        Self::claim(&tx, &writes.claims).await?;
+        self.push(&tx, &writes.events).await?;
+        tx.commit().await.map_err(pg)?;
+        drop(guard);
+        self.enqueue(&writes.messages)
+    }
+
+    async fn update_tx(
+        &self,
+        id: &str,
+        f: &mut UpdateFn<'_>,
+    ) -> Result<Option<RequestRecord>, BrokerError> {
+        self.receipts_consistent()?;
+        let mut guard = self.sessions.get().await?;
+        let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
+        // The row lock orders the replicas' changes of this request: each
+        // reads the record as the one before it committed it.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT record FROM broker_requests WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(pg)?
+        else {
+            return Ok(None);
+        };
+        let mut record = decode(row.get::<_, &[u8]>(0))?;
+        let writes = f(&mut record)?;
+        Self::claim(&tx, &writes.claims).await?;
+        tx.execute(
+            "UPDATE broker_requests SET record = $2 WHERE id = $1",
+            &[&id, &encode(&record)?],
+        )
+        .await
+        .map_err(pg)?;
+        self.push(&tx, &writes.events).await?;
+        tx.commit().await.map_err(pg)?;
+        drop(guard);
+        self.enqueue(&writes.messages)?;
+        Ok(Some(record))
+    }
+
+    async fn get_now(&self, id: &str) -> Result<Option<RequestRecord>, BrokerError> {
+        let mut guard = self.sessions.get().await?;
+        let row = client(&mut guard)?
+            .query_opt("SELECT record FROM broker_requests WHERE id = $1", &[&id])
+            .await
+            .map_err(pg)?;
+        row.map(|r| decode(r.get::<_, &[u8]>(0))).transpose()
+    }
+
+    async fn all_now(&self) -> Result<Vec<RequestRecord>, BrokerError> {
+        let mut guard = self.sessions.get().await?;
+        let rows = client(&mut guard)?
+            .query("SELECT record FROM broker_requests ORDER BY id", &[])
+            .await
+            .map_err(pg)?;
+        rows.iter().map(|r| decode(r.get::<_, &[u8]>(0))).collect()
+    }
+
+    async fn emit_tx(&self, events: &[EventDraft]) -> Result<(), BrokerError> {
+        let mut guard = self.sessions.get().await?;
+        let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
+        self.push(&tx, events).await?;
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn docs_now(&self, kind: Docs) -> Result<Vec<Vec<u8>>, BrokerError> {
+        let mut guard = self.sessions.get().await?;
+        let rows = client(&mut guard)?
+            .query(
+                "SELECT value FROM broker_docs WHERE kind = $1 ORDER BY key",
+                &[&kind_name(kind)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn doc_now(&self, kind: Docs, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        let mut guard = self.sessions.get().await?;
+        let row = client(&mut guard)?
+            .query_opt(
+                "SELECT value FROM broker_docs WHERE kind = $1 AND key = $2",
+                &[&kind_name(kind), &key],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(row.map(|r| r.get(0)))
+    }
+
+    async fn update_doc_tx(
+        &self,
+        kind: Docs,
+        key: &str,
+        f: &mut DocFn<'_>,
+    ) -> Result<(), BrokerError> {
+        self.receipts_consistent()?;
+        let kind = kind_name(kind);
+        let mut guard = self.sessions.get().await?;
+        let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
+        // A lock on the key, whether or not the document exists yet.
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('twokey-broker-doc:' || $1 || ':' || $2))",
+            &[&kind, &key],
+        )
+        .await
+        .map_err(pg)?;
+        let current: Option<Vec<u8>> = tx
+            .query_opt(
+                "SELECT value FROM broker_docs WHERE kind = $1 AND key = $2",
+                &[&kind, &key],
+            )
+            .await
+            .map_err(pg)?
+            .map(|r| r.get(0));
+        let change = f(current)?;
+        match &change.value {
+            Some(value) => tx
+                .execute(
+                    "INSERT INTO broker_docs (kind, key, value) VALUES ($1, $2, $3)
+                     ON CONFLICT (kind, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[&kind, &key, value],
+                )
+                .await
+                .map_err(pg)?,
+            None => tx
+                .execute(
+                    "DELETE FROM broker_docs WHERE kind = $1 AND key = $2",
+                    &[&kind, &key],
+                )
+                .await
+                .map_err(pg)?,
+        };
+        self.push(&tx, &change.events).await?;
+        tx.commit().await.map_err(pg)
+    }
+}
+
+impl RequestStore for PgStore {
+    fn create<'a>(
+        &'a self,
+        record: &'a RequestRecord,
+        writes: &'a Writes,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.create_tx(record, writes))
+    }
+
+    fn update<'a>(
+        &'a self,
+        id: &'a str,
+        f: &'a mut UpdateFn<'_>,
+    ) -> BoxFuture<'a, Result<Option<RequestRecord>, BrokerError>> {
+        Box::pin(self.update_tx(id, f))
+    }
+
+    fn get<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<RequestRecord>, BrokerError>> {
+        Box::pin(self.get_now(id))
+    }
+
+    fn all(&self) -> BoxFuture<'_, Result<Vec<RequestRecord>, BrokerError>> {
+        Box::pin(self.all_now())
+    }
+
+    fn emit(&self, events: Vec<EventDraft>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move { self.emit_tx(&events).await })
+    }
+
+    fn docs(&self, kind: Docs) -> BoxFuture<'_, Result<Vec<Vec<u8>>, BrokerError>> {
+        Box::pin(self.docs_now(kind))
+    }
+
+    fn doc<'a>(
+        &'a self,
+        kind: Docs,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BrokerError>> {
+        Box::pin(self.doc_now(kind, key))
+    }
+
+    fn update_doc<'a>(
+        &'a self,
+        kind: Docs,
+        key: &'a str,
+        f: &'a mut DocFn<'_>,
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        Box::pin(self.update_doc_tx(kind, key, f))
+    }
+
+    /// Every change committed in PostgreSQL before it answered; what is
+    /// left is this replica's queued messages.
+    fn commit(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            self.db.sync().await?;
+            self.queue.wake();
+            Ok(())
+        })
+    }
+}
