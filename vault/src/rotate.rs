@@ -231,7 +231,14 @@ impl<S: VaultStore> Vault<S> {
             });
         }
         let now = self.now();
-        let generation = self.keys.current().saturating_add(1);
+        // Above every generation the store holds (the keys in memory may
+        // still hold one a rotation that just ended retired).
+        let generation = self
+            .store
+            .keyring()?
+            .keys()
+            .next_back()
+            .map_or(1, |g| g.saturating_add(1));
         let admins = verified
             .admins
             .iter()
