@@ -578,16 +578,27 @@ where
             tracing::info!(%source, "this replica holds the shipping lease: shipping to audit");
             let shipper = AbortOnDrop(ship(outbox.clone()));
             tx.send_replace(true);
-            while outbox.alive().await {
+            while !shipper.0.is_finished() && outbox.alive().await {
                 tokio::time::sleep(LEASE_RETRY).await;
             }
+            let ended = shipper.0.is_finished();
+            // Dropping the shipper and the session gives the lease back.
             drop(shipper);
+            drop(outbox);
             tx.send_replace(false);
-            tracing::warn!(
-                %source,
-                "audit shipping paused: the shipping lease is lost (its PostgreSQL session \
-                 ended); stopped shipping, and competing for the lease again"
-            );
+            if ended {
+                tracing::error!(
+                    %source,
+                    "audit shipping paused: the shipper ended on its own; giving the lease up \
+                     and competing for it again"
+                );
+            } else {
+                tracing::warn!(
+                    %source,
+                    "audit shipping paused: the shipping lease is lost (its PostgreSQL session \
+                     ended); stopped shipping, and competing for the lease again"
+                );
+            }
         }
     });
     Leased { shipping: rx, task }

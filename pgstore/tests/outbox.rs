@@ -3,129 +3,31 @@
 //! sessions are seen in sequence order with no gap that fills later; two
 //! replicas push and the one holding the shipping lease ships, each event
 //! once and in order; the holder dies and the other takes over; PostgreSQL
-//! stops and starts during shipping; an audit restored from an older
+//! stops and starts during shipping (`outage.rs`); an audit restored from an older
 //! backup gets its tail back from the events kept in PostgreSQL; and the
 //! settle / keep / requeue / prune / restore-read semantics are the sled
 //! outbox's, one test body run against both backends.
 
+mod common;
+
 use std::{
-    collections::{BTreeMap, BTreeSet},
     future::Future,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use ed25519_dalek::SigningKey;
-use prost::Message;
+use common::{Audit, PATIENCE, VAULT, id, pg, replica, seq_of, signer, until, vault_key};
 use rand::Rng;
-use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::transport::Channel;
-use twokey_audit::{AuditConfig, StartError, checkpoint::NoteVerifier, verify::verify_log};
-use twokey_pgstore::{
-    PgSettings, connect,
-    outbox::{self, PgOutbox, spawn_leased},
-};
+use twokey_pgstore::outbox::{PgOutbox, spawn_leased};
 use twokey_proto::audit::v1::{
-    Event, GetCheckpointRequest, LogEntry, QueryRequest, SignedEvent,
-    audit_service_client::AuditServiceClient,
+    GetCheckpointRequest, SignedEvent, audit_service_client::AuditServiceClient,
 };
 use twokey_runtime::{
-    SpiffeId,
     durable::DurableDb,
     events::{EventDraft, EventSigner, verify_event},
-    keys::{generate_signing_key, load_signing_key},
     outbox::{Outbox, OutboxStore, RequeueError},
-    shipper::{ShipperOptions, spawn_shipper_with},
-    telemetry::LogFormat,
     time::{Clock, ManualClock, SystemClock},
-    tls::TlsFiles,
 };
-use twokey_testkit::{pki::DevCa, postgres::TestPostgres};
-
-const TD: &str = "twokey.test";
-const VAULT: &str = "spiffe://twokey.test/svc/vault";
-const CAROL: &str = "spiffe://twokey.test/user/carol";
-/// How long a test waits for something that should happen much sooner.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn id(s: &str) -> SpiffeId {
-    SpiffeId::parse(s).unwrap()
-}
-
-/// A throwaway PostgreSQL with the vault's database, its outbox migrated.
-struct Pg {
-    pg: TestPostgres,
-    settings: PgSettings,
-    _dir: tempfile::TempDir,
-}
-
-async fn pg() -> Pg {
-    let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
-    pg.create_database("vault", "vault_role", "vault-pw")
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("vault_role.pw");
-    std::fs::write(&file, "vault-pw\n").unwrap();
-    let settings = PgSettings {
-        url: pg.url("vault", "vault_role"),
-        password_file: Some(file),
-        ca_file: None,
-    };
-    let mut client = connect(&settings).await.unwrap();
-    let m = outbox::migrate(&mut client).await.unwrap();
-    assert_eq!((m.from, m.to), (0, 1));
-    Pg {
-        pg,
-        settings,
-        _dir: dir,
-    }
-}
-
-fn vault_key() -> SigningKey {
-    SigningKey::from_bytes(&[7; 32])
-}
-
-fn signer() -> Arc<EventSigner> {
-    Arc::new(EventSigner::new(id(VAULT), vault_key()))
-}
-
-/// One "replica": its outbox session, and a session for its transactions.
-struct Replica {
-    outbox: PgOutbox,
-    client: tokio_postgres::Client,
-}
-
-async fn replica(settings: &PgSettings) -> Replica {
-    Replica {
-        outbox: PgOutbox::connect(settings, signer(), Arc::new(SystemClock))
-            .await
-            .unwrap(),
-        client: connect(settings).await.unwrap(),
-    }
-}
-
-impl Replica {
-    /// A state change's transaction with its event: pushed and committed.
-    async fn push(&mut self, action: &str) -> u64 {
-        let tx = self.client.transaction().await.unwrap();
-        let seq = self
-            .outbox
-            .push(
-                &tx,
-                EventDraft::new("spiffe://twokey.test/user/alice", action),
-            )
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        seq
-    }
-}
-
-fn seq_of(event: &SignedEvent) -> u64 {
-    Event::decode(event.event.as_slice()).unwrap().seq
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_pushes_commit_in_seq_order_and_a_reader_never_sees_a_gap_that_fills_later() {
@@ -200,173 +102,6 @@ async fn concurrent_pushes_commit_in_seq_order_and_a_reader_never_sees_a_gap_tha
     for (seq, signed) in reader.pending(1, 1000).await.unwrap() {
         let event = verify_event(&signed, &vault_key().verifying_key()).unwrap();
         assert_eq!((event.seq, event.source.as_str()), (seq, VAULT));
-    }
-}
-
-// ---------------------------------------------------------------------
-// The audit service, in process, over mTLS.
-
-struct Audit {
-    dir: tempfile::TempDir,
-    config: AuditConfig,
-    addr: SocketAddr,
-    running: Option<Running>,
-}
-
-type Running = (oneshot::Sender<()>, JoinHandle<Result<(), StartError>>);
-
-/// Serves `config` on `addr`.
-async fn serve_audit(config: &AuditConfig, addr: SocketAddr) -> (SocketAddr, Running) {
-    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let join = tokio::spawn(twokey_audit::serve(config.clone(), listener, async {
-        let _ = rx.await;
-    }));
-    (addr, (tx, join))
-}
-
-impl Audit {
-    async fn start() -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let pki = dir.path();
-        let ca = DevCa::new(TD).unwrap();
-        ca.write(pki).unwrap();
-        for svc in ["audit", "vault"] {
-            ca.issue_service(TD, svc).unwrap().write(pki, svc).unwrap();
-        }
-        ca.issue_user(TD, "carol")
-            .unwrap()
-            .write(pki, "carol")
-            .unwrap();
-        generate_signing_key(&pki.join("checkpoint.key")).unwrap();
-        let config = AuditConfig {
-            listen: "127.0.0.1:0".into(),
-            trust_domain: TD.into(),
-            data_dir: pki.join("data"),
-            checkpoint_key_file: pki.join("checkpoint.key"),
-            origin: "twokey.test/audit".into(),
-            auditors: BTreeSet::from([id(CAROL)]),
-            log_format: LogFormat::Human,
-            tls: TlsFiles::in_dir(pki, "audit"),
-            sources: BTreeMap::from([(id(VAULT), vault_key().verifying_key())]),
-            http_listen: None,
-            reconcile: None,
-        };
-        let (addr, running) = serve_audit(&config, "127.0.0.1:0".parse().unwrap()).await;
-        Self {
-            dir,
-            config,
-            addr,
-            running: Some(running),
-        }
-    }
-
-    /// Stops the server (its data stays).
-    async fn halt(&mut self) {
-        let (shutdown, join) = self.running.take().expect("running");
-        let _ = shutdown.send(());
-        match tokio::time::timeout(Duration::from_secs(10), join).await {
-            Ok(Ok(result)) => result.expect("the audit server failed"),
-            Ok(Err(e)) => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => panic!("the audit server did not stop within 10 s"),
-        }
-    }
-
-    /// Starts the server again on the same address and data.
-    async fn resume(&mut self) {
-        let (_, running) = serve_audit(&self.config, self.addr).await;
-        self.running = Some(running);
-    }
-
-    fn channel(&self, name: &str) -> Channel {
-        TlsFiles::in_dir(self.dir.path(), name)
-            .channel(&format!("https://{}", self.addr), "audit")
-            .unwrap()
-    }
-
-    fn verifier(&self) -> NoteVerifier {
-        NoteVerifier::new(
-            &self.config.origin,
-            load_signing_key(&self.config.checkpoint_key_file)
-                .unwrap()
-                .verifying_key(),
-        )
-        .unwrap()
-    }
-
-    /// What the vault's shipper runs with: receipts checked.
-    fn options(&self) -> ShipperOptions {
-        ShipperOptions {
-            audit_key: Some(self.verifier()),
-            ..ShipperOptions::default()
-        }
-    }
-
-    /// The starter of a shipper for [`spawn_leased`].
-    fn ship(&self) -> impl Fn(PgOutbox) -> JoinHandle<()> + Send + 'static {
-        let (channel, options) = (self.channel("vault"), self.options());
-        move |o| spawn_shipper_with(o, channel.clone(), options.clone()).1
-    }
-
-    async fn entries(&self) -> Vec<LogEntry> {
-        let mut carol = AuditServiceClient::new(self.channel("carol"));
-        let mut stream = carol
-            .query(QueryRequest::default())
-            .await
-            .unwrap()
-            .into_inner();
-        let mut entries = Vec::new();
-        while let Some(batch) = stream.message().await.unwrap() {
-            entries.extend(batch.entries);
-        }
-        entries
-    }
-
-    /// Waits until the log holds `n` entries (or more), then checks that
-    /// it holds exactly the vault's events 1..=n, once each and in order,
-    /// and that it verifies against the signed checkpoint.
-    async fn expect_exactly(&self, n: u64) {
-        let start = Instant::now();
-        let entries = loop {
-            let entries = self.entries().await;
-            if entries.len() as u64 >= n || start.elapsed() > PATIENCE {
-                break entries;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let seqs: Vec<u64> = entries
-            .iter()
-            .map(|e| e.event.as_ref().map_or(0, |e| e.seq))
-            .collect();
-        assert_eq!(
-            seqs,
-            (1..=n).collect::<Vec<_>>(),
-            "each event once, in order"
-        );
-        let mut carol = AuditServiceClient::new(self.channel("carol"));
-        let note = carol
-            .get_checkpoint(GetCheckpointRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .checkpoint;
-        let keys = BTreeMap::from([(VAULT.to_owned(), vault_key().verifying_key())]);
-        verify_log(&entries, &keys, Some((&note, &self.verifier()))).unwrap();
-    }
-
-    async fn stop(mut self) {
-        self.halt().await;
-    }
-}
-
-/// Waits until `f` holds.
-async fn until(what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < PATIENCE, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -446,97 +181,6 @@ async fn two_replicas_push_the_lease_holder_ships_each_event_once_and_the_other_
     .await;
     lease_b.stop().await;
     lease_c.stop().await;
-    audit.stop().await;
-}
-
-/// Log lines written while a test runs.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-// One thread, so the log subscriber set for this test sees every task.
-#[tokio::test]
-async fn shipping_pauses_while_postgres_is_down_and_resumes_with_nothing_lost() {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let _log = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish(),
-    );
-    let db = pg().await;
-    let audit = Audit::start().await;
-    let mut r = replica(&db.settings).await;
-    let lease = spawn_leased(
-        db.settings.clone(),
-        signer(),
-        Arc::new(SystemClock),
-        audit.ship(),
-    );
-    for i in 0..5 {
-        r.push(&format!("before.{i}")).await;
-    }
-    audit.expect_exactly(5).await;
-    lease.wait_shipping(true).await;
-
-    db.pg.stop().unwrap();
-    // A write while the database is down fails as unavailable.
-    let err = r
-        .outbox
-        .emit(EventDraft::new("spiffe://twokey.test/user/alice", "x"))
-        .await
-        .unwrap_err();
-    assert!(err.is_unavailable(), "{err}");
-    lease.wait_shipping(false).await;
-    let start = Instant::now();
-    while !lines
-        .text()
-        .contains("audit shipping paused: PostgreSQL is unavailable")
-    {
-        assert!(
-            start.elapsed() < PATIENCE,
-            "no pause line:\n{}",
-            lines.text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-
-    let restarted = Instant::now();
-    db.pg.start_server().unwrap();
-    lease.wait_shipping(true).await;
-    eprintln!(
-        "PostgreSQL back: shipping again {:?} after pg_ctl start",
-        restarted.elapsed()
-    );
-    let mut r = replica(&db.settings).await;
-    for i in 0..5 {
-        r.push(&format!("after.{i}")).await;
-    }
-    audit.expect_exactly(10).await;
-    assert!(
-        lines
-            .text()
-            .contains("this replica holds the shipping lease"),
-        "{}",
-        lines.text()
-    );
-    lease.stop().await;
     audit.stop().await;
 }
 
