@@ -22,6 +22,9 @@
 //!   takes over within [`LEASE_RETRY`]. An event sent twice across a
 //!   takeover is stored once: audit answers a repeated sequence number as
 //!   a duplicate at the same leaf.
+//! - [`PgOutbox::wait_settled`] lets any replica wait until its event is
+//!   settled by whichever replica ships (woken by the shipper's NOTIFY
+//!   after each settle, polling every [`POLL`] besides).
 //!
 //! The tables are this crate's migrations of component [`COMPONENT`]
 //! (`outbox`), migrated by [`migrate`] in the service's own database.
@@ -86,6 +89,21 @@ CREATE TABLE twokey_outbox_checkpoint (
 
 /// The NOTIFY channel a push signals at commit (payload: the source).
 const CHANNEL: &str = "twokey_outbox";
+/// The NOTIFY channel the shipper signals after settling (payload: the
+/// source), for replicas waiting until their event is acknowledged.
+const SETTLED_CHANNEL: &str = "twokey_outbox_settled";
+
+/// An event was not acknowledged in time.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// Not settled before the deadline (audit or the shipping replica is
+    /// down, or slow).
+    #[error("audit unavailable: event {0} not acknowledged in time")]
+    Timeout(u64),
+    /// The database failed while waiting.
+    #[error(transparent)]
+    Db(#[from] PgError),
+}
 
 /// Longest wait of [`OutboxStore::notified`] without a notification: a
 /// NOTIFY lost with a connection delays shipping by this much at most.
@@ -129,6 +147,7 @@ pub struct PgOutbox {
     source: String,
     clock: Arc<dyn Clock>,
     notify: Arc<Notify>,
+    settled: Arc<Notify>,
     observer: Option<Observer>,
 }
 
@@ -150,19 +169,29 @@ impl PgOutbox {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, PgError> {
         let (client, mut notifications) = connect_listening(settings).await?;
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {SETTLED_CHANNEL}"))
+            .await?;
         let notify = Arc::new(Notify::new());
+        let settled = Arc::new(Notify::new());
         let source = signer.source().to_string();
         {
-            let (notify, source) = (notify.clone(), source.clone());
+            let (notify, settled, source) = (notify.clone(), settled.clone(), source.clone());
             tokio::spawn(async move {
                 while let Some(n) = notifications.recv().await {
-                    if n.payload() == source {
+                    if n.payload() != source {
+                        continue;
+                    }
+                    if n.channel() == SETTLED_CHANNEL {
+                        settled.notify_waiters();
+                    } else {
                         notify.notify_one();
                     }
                 }
-                // The session ended: wake the shipper so it finds out.
+                // The session ended: wake the shipper and the waiters so
+                // they find out.
                 notify.notify_one();
+                settled.notify_waiters();
             });
         }
         Ok(Self {
@@ -171,8 +200,47 @@ impl PgOutbox {
             source,
             clock,
             notify,
+            settled,
             observer: None,
         })
+    }
+
+    /// Whether event `seq` (pushed by any replica) is settled: acknowledged
+    /// by audit, and covered by a checkpoint the shipper verified when it
+    /// checks receipts.
+    pub async fn is_settled(&self, seq: u64) -> Result<bool, PgError> {
+        let client = self.client.lock().await;
+        let row = client
+            .query_one(
+                "SELECT $2 < coalesce(
+                            (SELECT next_seq FROM twokey_outbox_seq WHERE source = $1), 1)
+                        AND NOT EXISTS (SELECT 1 FROM twokey_outbox_pending
+                                        WHERE source = $1 AND seq <= $2)",
+                &[&self.source, &to_db(seq)],
+            )
+            .await?;
+        Ok(row.get(0))
+    }
+
+    /// Waits until event `seq` is settled, at most `timeout`, whichever
+    /// replica ships: woken by the shipper's NOTIFY after each settle, and
+    /// looking again every [`POLL`] in case one is lost.
+    pub async fn wait_settled(&self, seq: u64, timeout: Duration) -> Result<(), WaitError> {
+        let wait = async {
+            loop {
+                let woken = self.settled.notified();
+                if self.is_settled(seq).await? {
+                    return Ok(());
+                }
+                tokio::select! {
+                    () = woken => {}
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .unwrap_or(Err(WaitError::Timeout(seq)))
     }
 
     /// Calls `observer` with each event once the audit service has
@@ -361,6 +429,15 @@ impl OutboxStore for PgOutbox {
                      event = EXCLUDED.event, time_s = EXCLUDED.time_s,
                      time_ns = EXCLUDED.time_ns",
                 &[&self.source, &to_db(seq)],
+            )
+            .await
+            .map_err(outbox_error)?;
+        // Wakes the replicas waiting for their events (delivered at once:
+        // the statement above is committed).
+        client
+            .execute(
+                "SELECT pg_notify($1, $2)",
+                &[&SETTLED_CHANNEL, &self.source],
             )
             .await
             .map_err(outbox_error)?;

@@ -2,9 +2,11 @@
 //! real audit service in process over mTLS: concurrent pushes from several
 //! sessions are seen in sequence order with no gap that fills later; two
 //! replicas push and the one holding the shipping lease ships, each event
-//! once and in order; the holder dies and the other takes over; PostgreSQL
-//! stops and starts during shipping (`outage.rs`); an audit restored from an older
-//! backup gets its tail back from the events kept in PostgreSQL; and the
+//! once and in order, and a replica that does not ship learns when its
+//! event is settled; the holder dies and the other takes over (PostgreSQL
+//! stopping and starting during shipping is in `outage.rs`); an audit
+//! restored from an older backup gets its tail back from the events kept
+//! in PostgreSQL; and the
 //! settle / keep / requeue / prune / restore-read semantics are the sled
 //! outbox's, one test body run against both backends.
 
@@ -18,7 +20,7 @@ use std::{
 
 use common::{Audit, PATIENCE, VAULT, id, pg, replica, seq_of, signer, until, vault_key};
 use rand::Rng;
-use twokey_pgstore::outbox::{PgOutbox, spawn_leased};
+use twokey_pgstore::outbox::{PgOutbox, WaitError, spawn_leased};
 use twokey_proto::audit::v1::{
     GetCheckpointRequest, SignedEvent, audit_service_client::AuditServiceClient,
 };
@@ -417,5 +419,46 @@ async fn an_audit_restored_from_an_older_backup_gets_its_tail_back_from_postgres
     r.push("later").await;
     audit.expect_exactly(9).await;
     lease.stop().await;
+    audit.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_does_not_ship_learns_when_its_event_is_settled() {
+    let db = pg().await;
+    let audit = Audit::start().await;
+    let mut a = replica(&db.settings).await;
+    let mut b = replica(&db.settings).await;
+    // No replica ships yet: B's event is not settled, and waiting says so.
+    let first = b.push("b.0").await;
+    assert!(!b.outbox.is_settled(first).await.unwrap());
+    match b
+        .outbox
+        .wait_settled(first, Duration::from_millis(300))
+        .await
+    {
+        Err(WaitError::Timeout(seq)) => assert_eq!(seq, first),
+        other => panic!("{other:?}"),
+    }
+    // A ships; B, which does not, sees its events settled.
+    let lease_a = spawn_leased(
+        db.settings.clone(),
+        signer(),
+        Arc::new(SystemClock),
+        audit.ship(),
+    );
+    for i in 1..=5 {
+        let seq = b.push(&format!("b.{i}")).await;
+        b.outbox.wait_settled(seq, PATIENCE).await.unwrap();
+        assert!(b.outbox.is_settled(seq).await.unwrap());
+        assert!(a.outbox.is_settled(seq).await.unwrap());
+    }
+    assert!(b.outbox.is_settled(first).await.unwrap());
+    // A sequence number not yet handed out is not settled.
+    assert!(!b.outbox.is_settled(7).await.unwrap());
+    let seq = a.push("a.0").await;
+    assert_eq!(seq, 7);
+    a.outbox.wait_settled(seq, PATIENCE).await.unwrap();
+    audit.expect_exactly(7).await;
+    lease_a.stop().await;
     audit.stop().await;
 }
