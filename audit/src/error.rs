@@ -76,6 +76,9 @@ pub enum AuditError {
     /// getting them back from the sources; the message says how far.
     #[error("{0}")]
     Restoring(String),
+    /// This replica does not hold the sequencer lease: another appends.
+    #[error("{0}")]
+    NotSequencer(String),
     /// A stored entry cannot be read.
     #[error("stored entry {index} is corrupt: {why}")]
     Corrupt {
@@ -98,7 +101,7 @@ impl ServiceError for AuditError {
             | Self::Merkle(_) => ErrorKind::InvalidArgument,
             Self::Conflict { .. } => ErrorKind::AlreadyExists,
             Self::OutOfRange(_) => ErrorKind::OutOfRange,
-            Self::Store(_) | Self::Restoring(_) => ErrorKind::Unavailable,
+            Self::Store(_) | Self::Restoring(_) | Self::NotSequencer(_) => ErrorKind::Unavailable,
             Self::Checkpoint(_) | Self::Corrupt { .. } | Self::TreeHead(_) | Self::HeadFile(_) => {
                 ErrorKind::Internal
             }

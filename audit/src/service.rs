@@ -37,6 +37,7 @@ use twokey_runtime::{
 #[cfg(test)]
 mod journaled;
 mod restore;
+pub mod sequencer;
 pub use restore::RestoreProgress;
 
 use crate::{
@@ -82,6 +83,8 @@ pub enum Ack {
 pub struct PendingAck {
     ack: Ack,
     needs_sync_below: Option<u64>,
+    /// The store's epoch when staged ([`LogStore::epoch`]).
+    epoch: u64,
 }
 
 impl PendingAck {
@@ -766,11 +769,14 @@ impl<S: LogStore> AuditLog<S> {
 
         let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
         self.refuse_while_restoring()?;
+        self.store.may_append()?;
+        let epoch = self.store.epoch();
         let expected = self.store.next_seq(peer.as_str())?;
         if seq > expected {
             return Ok(PendingAck {
                 ack: Ack::Gap { seq, expected },
                 needs_sync_below: None,
+                epoch,
             });
         }
         if seq < expected {
@@ -797,6 +803,7 @@ impl<S: LogStore> AuditLog<S> {
                     expected,
                 },
                 needs_sync_below: Some(index + 1),
+                epoch,
             });
         }
         let index = self.store.size();
@@ -810,6 +817,7 @@ impl<S: LogStore> AuditLog<S> {
         Ok(PendingAck {
             ack: Ack::Stored { seq, index },
             needs_sync_below: Some(index + 1),
+            epoch,
         })
     }
 
@@ -828,6 +836,16 @@ impl<S: LogStore> AuditLog<S> {
     pub async fn finish(&self, pending: PendingAck) -> Result<Ack, AuditError> {
         if let Some(size) = pending.needs_sync_below {
             self.make_durable(size).await?;
+            if self.store.epoch() != pending.epoch || self.durable.load(Ordering::SeqCst) < size {
+                // The lease was lost with this append staged: it may be
+                // in the database or not; the source sends it again and
+                // the sequencer answers it.
+                return Err(AuditError::NotSequencer(
+                    "this audit replica lost the sequencer lease before the event was \
+                     committed: send it again (to the next audit address)"
+                        .into(),
+                ));
+            }
         }
         Ok(pending.ack)
     }
@@ -844,6 +862,7 @@ impl<S: LogStore> AuditLog<S> {
             return Ok(());
         }
         let covered = match &self.journal {
+            _ if self.store.keeps_head() => self.head_group().await?,
             Some(j) => self.journal_group(j).await?,
             None => {
                 let covered = self.store.size();
@@ -912,6 +931,26 @@ impl<S: LogStore> AuditLog<S> {
         self.note_signed(size);
         j.wake.notify_one();
         Ok(covered)
+    }
+
+    /// One group commit in a store that keeps the signed tree head: a
+    /// checkpoint over everything staged, checked against the largest
+    /// signed head, committed with the entries in one transaction. Returns
+    /// the size covered.
+    async fn head_group(&self) -> Result<u64, AuditError> {
+        let head = {
+            let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
+            let covered = self.store.size();
+            if covered <= self.durable.load(Ordering::SeqCst) {
+                return Ok(covered);
+            }
+            self.sign_checked(&self.head(), covered)?
+        };
+        self.store.commit_with_head(&head).await?;
+        let size = head.size;
+        self.head().record_journaled(head);
+        self.note_signed(size);
+        Ok(size)
     }
 
     /// How many syncs appends have waited for so far.

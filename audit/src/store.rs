@@ -33,9 +33,11 @@ use crate::{
 
 pub mod index;
 pub mod migrate;
+pub mod postgres;
 pub mod tiles;
 
 pub use index::Walk;
+pub use postgres::PgLogStore;
 pub use tiles::TileStore;
 
 /// What a store found wrong with itself when opened.
@@ -88,6 +90,31 @@ pub trait LogStore: Send + Sync + 'static {
     /// Removes what a crash left beyond the committed log; called once the
     /// store is found to extend the signed tree head.
     fn discard_uncommitted(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
+    /// Whether the store keeps the signed tree head itself, committed with
+    /// the entries it covers ([`LogStore::commit_with_head`], PostgreSQL);
+    /// otherwise the log keeps it in its journal and checkpoint file.
+    fn keeps_head(&self) -> bool {
+        false
+    }
+    /// Makes every staged entry durable together with `head`, signed over
+    /// them, in one atomic write (stores that [`LogStore::keeps_head`]).
+    fn commit_with_head(
+        &self,
+        head: &crate::head::TreeHead,
+    ) -> impl Future<Output = Result<(), AuditError>> + Send {
+        let _ = head;
+        self.sync()
+    }
+    /// Changes whenever staged appends were dropped without being written
+    /// (a lost lease): an append staged in an older epoch is never
+    /// acknowledged.
+    fn epoch(&self) -> u64 {
+        0
+    }
+    /// Whether this replica may append now (one sequencer at a time).
+    fn may_append(&self) -> Result<(), AuditError> {
         Ok(())
     }
     /// Leaf indices along `walk` from `start` (inclusive), oldest or newest

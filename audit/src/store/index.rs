@@ -74,7 +74,7 @@ fn time_key(time: (i64, i32), index: u64) -> Vec<u8> {
 
 /// The bare name an actor is also found by: the last segment of a SPIFFE
 /// ID, or the actor itself when it has no `/`.
-fn actor_name(actor: &str) -> Option<&str> {
+pub(crate) fn actor_name(actor: &str) -> Option<&str> {
     if !actor.contains('/') {
         return Some(actor);
     }
