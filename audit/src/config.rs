@@ -33,6 +33,14 @@
 //! vault = "spiffe://twokey.local/svc/vault"
 //! posters = ["spiffe://twokey.local/svc/eventbridge-relay"]
 //! readers = ["spiffe://twokey.local/svc/broker"]
+//! # Optional: the log in PostgreSQL, shared by several replicas, one of
+//! # them the sequencer (docs/HA.md); tiles in data_dir by default.
+//! [store]
+//! backend = "postgres"
+//! [store.postgres]
+//! url = "postgresql://twokey_audit@db.internal:5432/twokey_audit"
+//! password_file = "audit-db.pw"
+//! ca_file = "db-ca.crt"
 //! ```
 
 use std::{
@@ -82,6 +90,53 @@ pub struct AuditConfig {
     /// absent.
     #[serde(default)]
     pub reconcile: Option<ReconcileConfig>,
+    /// Where the log is kept: `[store]`.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]`: C2SP tiles and sled indexes in `data_dir` (the default, one
+/// machine), or PostgreSQL shared by several replicas (`[store.postgres]`,
+/// docs/HA.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `tiles` or `postgres`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// How to reach the audit database; required with `postgres`.
+    #[serde(default)]
+    pub postgres: Option<twokey_pgstore::PgSettings>,
+}
+
+/// The store backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Tiles and sled in `data_dir`.
+    #[default]
+    Tiles,
+    /// PostgreSQL (`[store.postgres]`).
+    Postgres,
+}
+
+impl StoreConfig {
+    /// The PostgreSQL settings when the backend is PostgreSQL; an error
+    /// saying what to set when they are missing or wrong.
+    pub fn postgres(&self) -> Result<Option<&twokey_pgstore::PgSettings>, String> {
+        match (self.backend, &self.postgres) {
+            (StoreBackend::Tiles, _) => Ok(None),
+            (StoreBackend::Postgres, None) => Err(
+                "`store.backend = \"postgres\"` needs [store.postgres] with url (and \
+                 password_file, ca_file)"
+                    .to_owned(),
+            ),
+            (StoreBackend::Postgres, Some(p)) => {
+                twokey_pgstore::connect::check(p).map_err(|e| format!("`store.postgres`: {e}"))?;
+                Ok(Some(p))
+            }
+        }
+    }
 }
 
 /// `[reconcile]`: the reconciler of CloudTrail sign-ins with the vault's
@@ -181,6 +236,17 @@ impl AuditConfig {
             .into_iter()
             .chain(tls.crl.as_mut().map(|crl| ("tls.crl", crl))),
         );
+        if let Some(p) = self.store.postgres.as_mut() {
+            twokey_runtime::config::paths_relative_to_file(
+                file,
+                |_| false,
+                p.password_file
+                    .as_mut()
+                    .map(|f| ("store.postgres.password_file", f))
+                    .into_iter()
+                    .chain(p.ca_file.as_mut().map(|f| ("store.postgres.ca_file", f))),
+            );
+        }
         if let Some(r) = self.reconcile.as_mut() {
             twokey_runtime::config::paths_relative_to_file(
                 file,
@@ -220,6 +286,15 @@ impl AuditConfig {
                 "`{field}`: {id} is not in trust domain {}",
                 self.trust_domain
             )));
+        }
+        let postgres = self.store.postgres().map_err(invalid)?.is_some();
+        if postgres && (self.reconcile.is_some() || self.http_listen.is_some()) {
+            return Err(invalid(
+                "`store.backend = \"postgres\"` does not take [reconcile] or http_listen yet \
+                 (both read the log's files in data_dir): run the reconciler beside an audit on \
+                 tiles, or remove them"
+                    .to_owned(),
+            ));
         }
         if let Some(r) = &self.reconcile {
             if !self.sources.contains_key(&r.source_id) {
@@ -387,5 +462,42 @@ mod tests {
             err.contains("reconcile.posters") && err.contains("not in trust domain"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_store_is_tiles_by_default_and_postgres_needs_its_settings() {
+        assert_eq!(load("", "").unwrap().store.backend, StoreBackend::Tiles);
+        let err = load("", "[store]\nbackend = \"postgres\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs [store.postgres] with url"), "{err}");
+        let pg = "[store]\nbackend = \"postgres\"\n[store.postgres]\n\
+                  url = \"postgresql://audit@127.0.0.1:5432/audit?sslmode=disable\"\n";
+        let c = load("", pg).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Postgres);
+        // The password file is read at load, relative to the config file.
+        let err = load("", &format!("{pg}password_file = \"db.pw\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("password_file /"), "{err}");
+        assert!(err.contains("/db.pw: No such file"), "{err}");
+        let err = load("", &pg.replace("sslmode=disable", "sslmode=prefer"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`store.postgres`: postgres url: sslmode=prefer"),
+            "{err}"
+        );
+        let err = load("", &format!("{RECONCILE}{pg}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not take [reconcile] or http_listen"),
+            "{err}"
+        );
+        let err = load("", "[store]\nbackend = \"sled\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `sled`"), "{err}");
     }
 }

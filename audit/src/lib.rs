@@ -61,6 +61,10 @@ pub async fn serve(
     let tls = config
         .tls
         .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
+    if let Some(settings) = config.store.postgres().map_err(StartError::Setting)? {
+        let settings = settings.clone();
+        return serve_postgres(config, settings, signer, tls, listener, shutdown).await;
+    }
     let store = TileStore::open(&config.data_dir)?;
     let head =
         TreeHeadFile::load(&config.data_dir, &signer.verifier()).map_err(StartError::refused)?;
@@ -180,6 +184,85 @@ pub async fn serve(
     // A clean stop leaves the journal applied: tiles, indexes and the
     // checkpoint file hold every acknowledged entry.
     last_apply.apply().await.map_err(StartError::refused)?;
+    Ok(())
+}
+
+/// [`serve`] with the log in PostgreSQL: one replica among several, the
+/// sequencer while it holds the lease ([`service::sequencer`]). gRPC
+/// health reports the audit service NOT_SERVING while this replica does
+/// not hold the lease (appends go elsewhere; reads are served all the
+/// same), and the server as a whole ("") SERVING.
+async fn serve_postgres(
+    config: AuditConfig,
+    settings: twokey_pgstore::PgSettings,
+    signer: CheckpointSigner,
+    tls: twokey_runtime::tls::ServerTls,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    type Server = AuditServiceServer<AuditGrpc<store::PgLogStore>>;
+    let store = store::PgLogStore::open(settings)
+        .await
+        .map_err(|e| StartError::refused(format!("the audit database: {e}")))?;
+    let log = Arc::new(AuditLog::new(
+        store,
+        config.sources.clone(),
+        config.auditors.clone(),
+        signer,
+        Arc::new(SystemClock),
+    ));
+    log.follow().await.map_err(StartError::refused)?;
+    tracing::info!(
+        entries = log.size(),
+        sources = config.sources.len(),
+        auditors = config.auditors.len(),
+        verifier = %log.signer().verifier(),
+        "audit log open in PostgreSQL; competing for the sequencer lease"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (sequencer_tx, mut sequencer_rx) = tokio::sync::watch::channel(false);
+    let lease = tokio::spawn(service::sequencer::run_lease(
+        log.clone(),
+        sequencer_tx,
+        stop_rx.clone(),
+    ));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_not_serving::<Server>().await;
+    tokio::spawn(async move {
+        loop {
+            if *sequencer_rx.borrow_and_update() {
+                reporter.set_serving::<Server>().await;
+            } else {
+                reporter.set_not_serving::<Server>().await;
+            }
+            if sequencer_rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let grpc =
+        AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone())).with_shutdown(stop_rx);
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen.clone(),
+        source,
+    })?;
+    let (reflection, reflection_v1alpha) = reflection::<Server>();
+    let router = server()?
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(grpc.into_server());
+    announce("twokey-audit", addr);
+    router
+        .serve_with_incoming_shutdown(incoming(listener, tls), shutdown)
+        .await
+        .map_err(ServeError::from)?;
+    // The lease goes back at once: its session closes.
+    let _ = lease.await;
     Ok(())
 }
 

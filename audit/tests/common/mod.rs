@@ -79,6 +79,7 @@ impl Env {
             ]),
             http_listen: None,
             reconcile: None,
+            store: Default::default(),
         };
         Self {
             dir,

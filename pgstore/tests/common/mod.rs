@@ -168,6 +168,7 @@ impl Audit {
             sources: BTreeMap::from([(id(VAULT), vault_key().verifying_key())]),
             http_listen: None,
             reconcile: None,
+            store: Default::default(),
         };
         let (addr, running) = serve_audit(&config, "127.0.0.1:0".parse().unwrap()).await;
         Self {

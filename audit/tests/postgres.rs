@@ -1,0 +1,151 @@
+//! Two audit replicas — real processes, real mTLS — on one real PostgreSQL
+//! database: the lease holder appends, the other refuses appends with
+//! UNAVAILABLE naming the situation, reports NOT_SERVING and serves the
+//! same log; `kill -9` of the holder and the other takes over with every
+//! acknowledged event there and the source's sequence going on.
+
+mod common;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use common::*;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use twokey_audit::store::postgres::NOT_SEQUENCER;
+use twokey_proto::audit::v1::{AppendStatus, GetInclusionProofRequest};
+use twokey_testkit::postgres::TestPostgres;
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The database, and a config file naming it (the other settings are flags).
+fn database(env: &Env) -> (TestPostgres, PathBuf) {
+    let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
+    let url = pg
+        .create_database("audit", "audit_role", "audit-pw")
+        .unwrap();
+    let dir = env.path();
+    std::fs::write(dir.join("audit-db.pw"), "audit-pw\n").unwrap();
+    let file = dir.join("audit-pg.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"{url}\"\n\
+             password_file = \"audit-db.pw\"\n"
+        ),
+    )
+    .unwrap();
+    (pg, file)
+}
+
+async fn replica(env: &Env, config: &std::path::Path) -> (Running, SocketAddr) {
+    let mut flags = serve_flags(env);
+    flags.extend(["--config".to_owned(), config.display().to_string()]);
+    start(&flags).await
+}
+
+async fn audit_health(env: &Env, addr: SocketAddr) -> ServingStatus {
+    let mut health = HealthClient::new(env.channel(addr, "carol"));
+    health
+        .check(HealthCheckRequest {
+            service: "twokey.audit.v1.AuditService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+async fn wait_for_health(env: &Env, addr: SocketAddr, want: ServingStatus) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while audit_health(env, addr).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{addr} never reported {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Appends the vault's events `seqs` on one stream; every one must be
+/// stored at the index that follows `first_index`.
+async fn append_stored(env: &Env, addr: SocketAddr, seqs: std::ops::RangeInclusive<u64>) {
+    let mut client = env.client(addr, "vault");
+    let events = seqs.clone().map(|s| event(&env.vault(), s, "x")).collect();
+    let answers: Vec<_> = append_all(&mut client, events)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .filter(|r| r.seq != 0)
+        .collect();
+    let got: Vec<(u64, i32, u64)> = answers
+        .iter()
+        .map(|r| (r.seq, r.status, r.leaf_index))
+        .collect();
+    let want: Vec<(u64, i32, u64)> = seqs
+        .map(|s| (s, AppendStatus::Stored as i32, s - 1))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn the_lease_holder_appends_the_other_serves_reads_and_takes_over_when_killed() {
+    let env = Env::new();
+    let (pg, config) = database(&env);
+    let (a, a_addr) = replica(&env, &config).await;
+    wait_for_health(&env, a_addr, ServingStatus::Serving).await;
+    let (b, b_addr) = replica(&env, &config).await;
+    append_stored(&env, a_addr, 1..=10).await;
+
+    // B does not hold the lease: it says so and refuses appends.
+    assert_eq!(audit_health(&env, b_addr).await, ServingStatus::NotServing);
+    let mut to_b = env.client(b_addr, "vault");
+    let refused = append_all(&mut to_b, vec![event(&env.vault(), 11, "x")])
+        .await
+        .and_then(|mut answers| answers.pop().expect("an answer"))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(refused.message(), NOT_SEQUENCER);
+
+    // B serves the same log: checkpoint, entries, proofs.
+    let mut carol_a = env.client(a_addr, "carol");
+    let mut carol_b = env.client(b_addr, "carol");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while checkpoint(&mut carol_b).await.tree_size < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "B never followed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let on_a = checkpoint(&mut carol_a).await;
+    let on_b = checkpoint(&mut carol_b).await;
+    assert_eq!(on_a.checkpoint, on_b.checkpoint);
+    let entries = query_all(&mut carol_b).await;
+    assert_eq!(entries.len(), 10);
+    env.verify(&entries, &on_b.checkpoint);
+    let proof = |c: &mut twokey_proto::audit::v1::audit_service_client::AuditServiceClient<_>| {
+        let mut c = c.clone();
+        async move {
+            c.get_inclusion_proof(GetInclusionProofRequest {
+                leaf_index: 3,
+                tree_size: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    assert_eq!(proof(&mut carol_a).await, proof(&mut carol_b).await);
+
+    // kill -9 of the holder: its session ends, B takes the lease, checks
+    // the stored head and appends; the vault's seq goes on at 11.
+    drop(a);
+    wait_for_health(&env, b_addr, ServingStatus::Serving).await;
+    append_stored(&env, b_addr, 11..=15).await;
+    let entries = query_all(&mut carol_b).await;
+    let head = checkpoint(&mut carol_b).await;
+    assert_eq!(head.tree_size, 15);
+    let report = env.verify(&entries, &head.checkpoint);
+    assert_eq!(entries.len(), 15, "{report:?}");
+    b.stop().await;
+    drop(pg);
+}
