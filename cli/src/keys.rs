@@ -13,8 +13,8 @@ use twokey_consent::{AdminAction, Binding, admin_binding, decode_statement, new_
 use twokey_proto::{
     consent::v1::SignedStatement,
     vault::v1::{
-        AdminConsent, KeyRotation, KeyStatusRequest, KeyringState, RotateKeyRequest,
-        key_service_client::KeyServiceClient,
+        AdminConsent, KeyRotation, KeyStatusRequest, KeyringState, MasterReplaced,
+        RotateKeyRequest, key_service_client::KeyServiceClient,
     },
 };
 
@@ -226,11 +226,41 @@ pub async fn rotate_key(
         } else {
             "a key rotation was started before"
         };
-        format!(
+        let mut text = format!(
             "{head}; `twokey vault key-status --wait` follows it\n{}",
             human(&state)
-        )
+        );
+        if let Some(m) = &answer.master_replaced {
+            text.push_str(&replaced(m));
+        }
+        text
     })
+}
+
+/// Where a replaced master key's new seal material is.
+fn replaced(m: &MasterReplaced) -> String {
+    let mut text = format!("\nthe master key was replaced: generation {}", m.generation);
+    if !m.seal_id.is_empty() {
+        text.push_str(&format!(", new seal id {}", m.seal_id));
+    }
+    let shares: Vec<&String> = m
+        .files
+        .iter()
+        .filter(|f| f.ends_with(".share.age"))
+        .collect();
+    if shares.is_empty() {
+        for f in &m.files {
+            text.push_str(&format!("\n  written: {f}"));
+        }
+    } else {
+        text.push_str(
+            "\nshare holders: your old share is foreign from now on; fetch your new one from the vault host:",
+        );
+        for f in shares {
+            text.push_str(&format!("\n  {f}"));
+        }
+    }
+    text
 }
 
 /// Shows the keyring; with `--wait`, until no rotation is in progress.
@@ -292,6 +322,22 @@ pub fn human(s: &KeyringState) -> String {
         Some(r) => lines.push(progress(r)),
         None => lines.push("no rotation in progress".into()),
     }
+    if let Some(m) = &s.master {
+        let mut line = format!("master key: generation {}", m.generation);
+        if !m.seal_mode.is_empty() {
+            line.push_str(&format!(", {} seal", m.seal_mode));
+        }
+        if !m.seal_id.is_empty() {
+            line.push_str(&format!(" {}", m.seal_id));
+        }
+        if m.pending_generation != 0 {
+            line.push_str(&format!(
+                "; replacement by generation {} pending (finished at the next start or `twokey vault rotate-key`)",
+                m.pending_generation
+            ));
+        }
+        lines.push(line);
+    }
     if let Some(l) = &s.last_rotation {
         lines.push(format!(
             "last rotation: to generation {}, action {}, by {}, {} re-sealed, retired {}",
@@ -316,7 +362,7 @@ pub fn human(s: &KeyringState) -> String {
 #[cfg(test)]
 mod tests {
     use twokey_consent::new_statement;
-    use twokey_proto::vault::v1::KeyGeneration;
+    use twokey_proto::vault::v1::{KeyGeneration, MasterKeyState};
 
     use super::*;
 
@@ -414,10 +460,29 @@ mod tests {
                 ..Default::default()
             }),
             last_rotation: None,
+            master: Some(MasterKeyState {
+                generation: 2,
+                pending_generation: 0,
+                seal_mode: "shamir".into(),
+                seal_id: "ab12".into(),
+                replaced_at: None,
+            }),
         };
         assert_eq!(
             human(&state),
-            "current generation: 3\n  generation 2: 1 seed\n  generation 3: 3 seeds\nrotating to generation 3: 3 re-sealed, 1 to go (resealing accounts, 75%)"
+            "current generation: 3\n  generation 2: 1 seed\n  generation 3: 3 seeds\nrotating to generation 3: 3 re-sealed, 1 to go (resealing accounts, 75%)\nmaster key: generation 2, shamir seal ab12"
+        );
+        let text = replaced(&MasterReplaced {
+            generation: 2,
+            seal_id: "ab12".into(),
+            files: vec![
+                "/seal/ab12/alice.share.age".into(),
+                "/seal/ab12/bob.share.age".into(),
+            ],
+        });
+        assert_eq!(
+            text,
+            "\nthe master key was replaced: generation 2, new seal id ab12\nshare holders: your old share is foreign from now on; fetch your new one from the vault host:\n  /seal/ab12/alice.share.age\n  /seal/ab12/bob.share.age"
         );
     }
 }

@@ -16,6 +16,7 @@ const KEY_CHECK_AAD: &[u8] = b"twokey-key-check-v1\0";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"twokey master key check";
 const POLICY_HEAD_AAD: &[u8] = b"twokey-policy-head-v1\0";
 const DATA_KEY_AAD: &[u8] = b"twokey-data-key-v1\0";
+const MASTER_KEY_AAD: &[u8] = b"twokey-next-master-key-v1\0";
 
 fn seed_aad(account_id: &str) -> Vec<u8> {
     [AAD_PREFIX, account_id.as_bytes()].concat()
@@ -46,14 +47,63 @@ impl DataKey {
     }
 }
 
-/// The key that seals every seed. Kept outside sled; Debug is redacted.
-#[derive(Debug, Clone)]
-pub struct MasterKey(Sealer);
+/// The key that seals the keyring. Kept outside sled; Debug is redacted.
+#[derive(Clone)]
+pub struct MasterKey(Sealer, SecretKey);
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("MasterKey").field(&self.0).finish()
+    }
+}
 
 impl MasterKey {
     /// Wraps a loaded key.
     pub fn new(key: SecretKey) -> Self {
-        Self(Sealer::new(&key))
+        Self(Sealer::new(&key), key)
+    }
+
+    /// The key's bytes, for writing its seal material (a key file, a
+    /// split, an HSM wrap) when it replaces the master key.
+    pub fn secret(&self) -> &SecretKey {
+        &self.1
+    }
+
+    /// Seals the next master key (`generation`) under this one: the
+    /// pending replacement's record, so a restart with this key can finish
+    /// writing the next one's seal material.
+    pub fn seal_next_master(&self, generation: u32, next: &MasterKey) -> Vec<u8> {
+        self.seal_with(&master_aad(generation), next.1.expose())
+    }
+
+    /// Opens the master key of `generation` sealed by
+    /// [`MasterKey::seal_next_master`].
+    pub fn open_next_master(&self, generation: u32, sealed: &[u8]) -> Result<MasterKey, OpenError> {
+        let bytes = self.open_with(&master_aad(generation), sealed)?;
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| OpenError)?;
+        Ok(MasterKey::new(SecretKey::from_bytes(key)))
+    }
+
+    /// The data key of `generation` sealed under this key, re-sealed under
+    /// `to` (the data key itself does not change). Generation 0 stored
+    /// empty (this key itself) becomes an explicit data key under `to`.
+    pub fn reseal_data_key(
+        &self,
+        generation: u32,
+        sealed: &[u8],
+        to: &MasterKey,
+    ) -> Result<Vec<u8>, OpenError> {
+        if generation == 0 && sealed.is_empty() {
+            return Ok(to.seal_with(&data_key_aad(0), self.1.expose()));
+        }
+        let bytes = self.open_with(&data_key_aad(generation), sealed)?;
+        Ok(to.seal_with(&data_key_aad(generation), &bytes))
+    }
+
+    /// The policy head sealed under this key, re-sealed under `to`.
+    pub fn reseal_policy_head(&self, head: &[u8], to: &MasterKey) -> Result<Vec<u8>, OpenError> {
+        let bytes = self.open_with(POLICY_HEAD_AAD, head)?;
+        Ok(to.seal_with(POLICY_HEAD_AAD, &bytes))
     }
 
     fn seal_with(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
@@ -128,6 +178,10 @@ impl MasterKey {
     }
 }
 
+fn master_aad(generation: u32) -> Vec<u8> {
+    [MASTER_KEY_AAD, &generation.to_be_bytes()].concat()
+}
+
 fn data_key_aad(generation: u32) -> Vec<u8> {
     [DATA_KEY_AAD, &generation.to_be_bytes()].concat()
 }
@@ -194,5 +248,48 @@ mod tests {
             b"old seed"
         );
         assert_eq!(format!("{key:?}"), "DataKey(Sealer([redacted]))");
+    }
+
+    #[test]
+    fn a_replacement_moves_data_keys_and_the_policy_head_under_the_next_master_key() {
+        let old = MasterKey::new(SecretKey::generate());
+        let next = MasterKey::new(SecretKey::generate());
+        let sealed_next = old.seal_next_master(2, &next);
+        assert!(!sealed_next.windows(32).any(|w| w == next.secret().expose()));
+        let opened = old.open_next_master(2, &sealed_next).unwrap();
+        assert!(opened.matches(&next.key_check()));
+        assert!(old.open_next_master(3, &sealed_next).is_err());
+        assert!(next.open_next_master(2, &sealed_next).is_err());
+        // A data key keeps its bytes, now sealed under the next key only.
+        let data = SecretKey::generate();
+        let moved = old
+            .reseal_data_key(4, &old.seal_data_key(4, &data), &next)
+            .unwrap();
+        let seed = DataKey::new(&data).seal_seed("acct", b"seed");
+        assert_eq!(
+            next.open_data_key(4, &moved)
+                .unwrap()
+                .open_seed("acct", &seed)
+                .unwrap()
+                .as_slice(),
+            b"seed"
+        );
+        assert!(old.open_data_key(4, &moved).is_err());
+        // Generation 0 (the old key itself) becomes a data key under the next.
+        let zero = old.reseal_data_key(0, &[], &next).unwrap();
+        let old_seed = old.seal_seed("acct", b"old seed");
+        assert_eq!(
+            next.open_data_key(0, &zero)
+                .unwrap()
+                .open_seed("acct", &old_seed)
+                .unwrap()
+                .as_slice(),
+            b"old seed"
+        );
+        let head = old.seal_policy_head(7, b"digest");
+        let head = old.reseal_policy_head(&head, &next).unwrap();
+        assert!(next.policy_head_matches(&head, 7, b"digest"));
+        assert!(!old.policy_head_matches(&head, 7, b"digest"));
+        assert_eq!(format!("{next:?}"), "MasterKey(Sealer([redacted]))");
     }
 }

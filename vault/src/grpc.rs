@@ -768,6 +768,17 @@ pub fn keyring_state(state: &crate::rotate::KeyState) -> twokey_proto::vault::v1
             .last
             .as_ref()
             .map(|f| key_rotation(&f.rotation, 0, Some(f))),
+        master: Some(twokey_proto::vault::v1::MasterKeyState {
+            generation: state.master.generation,
+            pending_generation: state.master.pending.unwrap_or(0),
+            seal_mode: state.master.mode.clone(),
+            seal_id: state.master.seal_id.clone(),
+            replaced_at: state
+                .master
+                .last
+                .as_ref()
+                .map(|l| to_timestamp(std::time::UNIX_EPOCH + Duration::from_secs(l.replaced_at))),
+        }),
     }
 }
 
@@ -789,6 +800,18 @@ impl<S: VaultStore> twokey_proto::vault::v1::key_service_server::KeyService for 
         Ok(Response::new(twokey_proto::vault::v1::RotateKeyResponse {
             started: answer.started,
             state: Some(keyring_state(&answer.state)),
+            master_replaced: answer
+                .replaced
+                .map(|r| twokey_proto::vault::v1::MasterReplaced {
+                    generation: r.master.generation,
+                    seal_id: r.installed.seal_id,
+                    files: r
+                        .installed
+                        .files
+                        .iter()
+                        .map(|f| f.display().to_string())
+                        .collect(),
+                }),
         }))
     }
 

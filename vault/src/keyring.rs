@@ -3,7 +3,8 @@
 //! the newest generation; a seed opens under the generation it records.
 //! Generation 0 is the master key itself, for seeds sealed before the
 //! keyring. A retired generation's key is dropped (zeroized) here once the
-//! store no longer holds it.
+//! store no longer holds it. A master key replacement swaps the master key
+//! here once the store promoted the next one; the data keys stay.
 
 use std::{
     collections::BTreeMap,
@@ -34,7 +35,7 @@ pub enum KeyringError {
 /// The keys that seal seeds. `Debug` shows generations, never a key.
 #[derive(Clone)]
 pub struct Keyring {
-    master: MasterKey,
+    master: Arc<RwLock<MasterKey>>,
     keys: Arc<RwLock<BTreeMap<u32, DataKey>>>,
 }
 
@@ -62,7 +63,7 @@ impl Keyring {
             keys.insert(generation, key);
         }
         Ok(Self {
-            master,
+            master: Arc::new(RwLock::new(master)),
             keys: Arc::new(RwLock::new(keys)),
         })
     }
@@ -75,10 +76,19 @@ impl Keyring {
         self.keys.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The master key (the key check and the policy head stay sealed
-    /// under it).
-    pub fn master(&self) -> &MasterKey {
-        &self.master
+    /// The master key (the key check, the data keys and the policy head
+    /// are sealed under it).
+    pub fn master(&self) -> MasterKey {
+        self.master
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Holds `master` as the master key (after the store promoted it); the
+    /// data keys in memory do not change.
+    pub fn set_master(&self, master: MasterKey) {
+        *self.master.write().unwrap_or_else(|e| e.into_inner()) = master;
     }
 
     /// The newest generation (0 when the keyring is empty).
@@ -97,7 +107,7 @@ impl Keyring {
         let keys = self.read();
         match keys.iter().next_back() {
             Some((&generation, key)) => (generation, key.seal_seed(account_id, seed)),
-            None => (0, self.master.seal_seed(account_id, seed)),
+            None => (0, self.master().seal_seed(account_id, seed)),
         }
     }
 
@@ -134,7 +144,7 @@ impl Keyring {
     /// has it durably, and its sealed bytes for the store.
     pub fn new_data_key(&self, generation: u32) -> (DataKey, Vec<u8>) {
         let key = SecretKey::generate();
-        let sealed = self.master.seal_data_key(generation, &key);
+        let sealed = self.master().seal_data_key(generation, &key);
         (DataKey::new(&key), sealed)
     }
 

@@ -14,6 +14,7 @@ pub mod crypto;
 pub mod grpc;
 pub mod hsm;
 pub mod keyring;
+pub mod master;
 pub mod memlock;
 pub mod metrics;
 pub mod rotate;
@@ -55,23 +56,39 @@ struct Parts {
     audit: AuditWait,
     clock: Arc<SystemClock>,
     root: twokey_consent::TrustRoot,
+    /// Writes a new master key's seal material (each rotation replaces
+    /// the master key).
+    seal: Arc<dyn master::MasterSeal>,
 }
 
 impl Parts {
-    fn open(self, key: crypto::MasterKey) -> Result<Vault<SledVaultStore>, service::VaultError> {
+    /// Opens the vault with `key` (the current master key, or the pending
+    /// one whose seal material was written before a stop: promoted), then
+    /// finishes a master key replacement a stop interrupted before its
+    /// seal material was written. If that fails the vault serves under the
+    /// current key and says so.
+    async fn open(
+        self,
+        key: crypto::MasterKey,
+    ) -> Result<Vault<SledVaultStore>, service::VaultError> {
         // The rotation's pace: TWOKEY_VAULT_ROTATION_BATCH and
         // TWOKEY_VAULT_ROTATION_PAUSE_MS (a throttle), else the defaults.
         let pace =
             rotate::RotationPace::from_env().map_err(service::VaultError::InvalidArgument)?;
-        Vault::open(
+        let vault = Vault::open(
             self.store,
             key,
             self.grants,
             self.audit,
             self.clock,
             self.root,
-        )
-        .map(|v| v.with_rotation_pace(pace))
+        )?
+        .with_rotation_pace(pace)
+        .with_master_seal(self.seal);
+        if let Err(e) = vault.resume_master().await {
+            tracing::error!("{e}");
+        }
+        Ok(vault)
     }
 }
 
@@ -159,6 +176,16 @@ pub async fn serve(
         .tls
         .channel(&config.audit_address, &config.audit_server_name)?;
 
+    let master_seal: Arc<dyn master::MasterSeal> = match (&seal, config.seal.as_ref()) {
+        (Some(unsealer), _) => Arc::new(master::ShamirSeal(unsealer.clone())),
+        (None, Some(s)) if s.mode == hsm::MODE => Arc::new(master::HsmSeal {
+            settings: s.pkcs11().map_err(StartError::Setting)?,
+            path: s.descriptor.clone(),
+        }),
+        (None, _) => Arc::new(master::FileSeal {
+            path: config.master_key_file.clone(),
+        }),
+    };
     let db = DurableDb::open(&config.data_dir)?;
     let clock = Arc::new(SystemClock);
     let outbox = Outbox::open(&db, EventSigner::new(source, event_key), clock.clone())?;
@@ -177,11 +204,13 @@ pub async fn serve(
         },
         clock,
         root,
+        seal: master_seal,
     });
     let opened = match (parts, master) {
         (Err(e), _) => Err(service::VaultError::from(e)),
         (Ok(parts), Some(master)) => parts
             .open(crypto::MasterKey::new(master))
+            .await
             .map(|v| (Some(Arc::new(v)), None)),
         (Ok(parts), None) => Ok((None, Some(parts))),
     };
@@ -250,7 +279,7 @@ pub async fn serve(
                     let sweeper_task = sweeper_task.clone();
                     let reporter = health_reporter.clone();
                     Box::pin(async move {
-                        let vault = Arc::new(parts.open(key).map_err(|e| e.to_string())?);
+                        let vault = Arc::new(parts.open(key).await.map_err(|e| e.to_string())?);
                         slot.set(vault.clone());
                         *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
                             Some(spawn_sweeper(vault));

@@ -18,6 +18,7 @@ use twokey_proto::audit::v1::Outcome;
 use twokey_runtime::events::EventDraft;
 
 use crate::{
+    master::{MasterState, Replaced},
     service::{Vault, VaultError},
     store::{
         AccountRecord, AdminUse, FinishedRotation, NewGeneration, Rotation, RotationCursor,
@@ -104,6 +105,8 @@ pub struct KeyState {
     pub remaining: u64,
     /// The last finished rotation.
     pub last: Option<FinishedRotation>,
+    /// The master key: its generation, a pending replacement, the seal.
+    pub master: MasterState,
 }
 
 impl KeyState {
@@ -125,6 +128,9 @@ pub struct RotateAnswer {
     pub started: bool,
     /// The keyring now.
     pub state: KeyState,
+    /// The master key this call replaced, and where its new seal material
+    /// is (the shamir holders' new share files).
+    pub replaced: Option<Replaced>,
 }
 
 fn rotation_request() -> AdminActionRequest {
@@ -157,6 +163,7 @@ impl<S: VaultStore> Vault<S> {
             rotation,
             remaining,
             last: self.store.last_rotation()?,
+            master: self.master_state()?,
         })
     }
 
@@ -198,10 +205,13 @@ impl<S: VaultStore> Vault<S> {
                         .last_rotation()?
                         .is_some_and(|l| l.rotation.action_id == action_id) =>
             {
+                drop(_one_at_a_time);
+                let replaced = self.resume_master().await?;
                 self.spawn_worker();
                 return Ok(RotateAnswer {
                     started: false,
                     state: self.key_status()?,
+                    replaced,
                 });
             }
             Err(e) => {
@@ -224,12 +234,18 @@ impl<S: VaultStore> Vault<S> {
             }
         };
         if in_progress.is_some() {
+            drop(_one_at_a_time);
+            let replaced = self.resume_master().await?;
             self.spawn_worker();
             return Ok(RotateAnswer {
                 started: false,
                 state: self.key_status()?,
+                replaced,
             });
         }
+        // No policy head is sealed between planning the master key's
+        // replacement and its promotion.
+        let _policy_held = self.applying.lock().await;
         let now = self.now();
         // Above every generation the store holds (the keys in memory may
         // still hold one a rotation that just ended retired).
@@ -255,6 +271,8 @@ impl<S: VaultStore> Vault<S> {
             passes: 1,
         };
         let (data_key, sealed_key) = self.keys.new_data_key(generation);
+        let planned =
+            self.plan_master(generation, &sealed_key, &verified.action_id, &admins, now)?;
         let event = EventDraft::new(&admins, "key.rotation.started")
             .attr("generation", generation.to_string())
             .attr("action_id", &verified.action_id)
@@ -276,6 +294,12 @@ impl<S: VaultStore> Vault<S> {
                     .map(u32::to_string)
                     .collect::<Vec<_>>()
                     .join(","),
+            )
+            .attr(
+                "next_master_generation",
+                planned
+                    .as_ref()
+                    .map_or(String::new(), |(_, p)| p.generation.to_string()),
             );
         let seq = self.store.add_generation(NewGeneration {
             generation,
@@ -288,11 +312,17 @@ impl<S: VaultStore> Vault<S> {
                 now,
                 keep_until: now,
             }),
+            pending_master: planned.as_ref().map(|(_, p)| p.clone()),
             event,
         })?;
         // Durable before any seed is sealed under it.
         self.store.commit().await?;
         self.keys.insert(generation, data_key);
+        let replaced = match planned {
+            None => None,
+            Some((next, pending)) => Some(self.finish_master(next, &pending).await?),
+        };
+        drop(_policy_held);
         tracing::info!(generation, "key rotation started by {admins}");
         self.spawn_worker();
         self.commit_and_confirm(
@@ -303,6 +333,7 @@ impl<S: VaultStore> Vault<S> {
         Ok(RotateAnswer {
             started: true,
             state: self.key_status()?,
+            replaced,
         })
     }
 
@@ -336,6 +367,14 @@ impl<S: VaultStore> Vault<S> {
     /// before the lock is let go: a rotation started just as a worker
     /// ends is either seen by that worker or gets a worker of its own.
     fn spawn_worker(self: &Arc<Self>) {
+        // Not while a master key replacement waits: its record holds the
+        // keyring as it was, which a retirement would change.
+        if !matches!(self.store.pending_master(), Ok(None)) {
+            tracing::warn!(
+                "the key rotation waits for the master key replacement to finish (restart the vault or repeat `twokey vault rotate-key`)"
+            );
+            return;
+        }
         let mut worker = self.worker.lock().unwrap_or_else(|e| e.into_inner());
         if worker.as_ref().is_some_and(|w| !w.is_finished()) {
             return;
@@ -480,8 +519,10 @@ mod tests {
     use super::*;
     use crate::{
         crypto::MasterKey,
+        master::{FileSeal, MasterSeal},
         seed::TotpParams,
         service::{AuditGate, AuditWait},
+        store::PendingMaster,
         store::{KeptSeed, SledVaultStore},
     };
 
@@ -522,6 +563,16 @@ mod tests {
         pace: RotationPace,
         admins: &[Person; 2],
     ) -> (Arc<Vault<SledVaultStore>>, DurableDb) {
+        let (vault, db) = open_keyed(dir, master(), admins).unwrap();
+        (Arc::new(vault.with_rotation_pace(pace)), db)
+    }
+
+    /// The vault over the store in `dir` opened with `key`.
+    fn open_keyed(
+        dir: &std::path::Path,
+        key: MasterKey,
+        admins: &[Person; 2],
+    ) -> Result<(Vault<SledVaultStore>, DurableDb), VaultError> {
         let db = DurableDb::open(dir).unwrap();
         let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_800_000_000));
         let signer = EventSigner::new(
@@ -538,7 +589,7 @@ mod tests {
         .unwrap();
         let vault = Vault::open(
             store,
-            master(),
+            key,
             GrantVerifier::new(ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key()),
             AuditWait {
                 gate: Arc::new(Acked),
@@ -546,10 +597,8 @@ mod tests {
             },
             Arc::new(clock),
             root,
-        )
-        .unwrap()
-        .with_rotation_pace(pace);
-        (Arc::new(vault), db)
+        )?;
+        Ok((vault, db))
     }
 
     fn record(account: &str, generation: u32, sealed: &[u8]) -> AccountRecord {
@@ -654,6 +703,7 @@ mod tests {
                     passes: 1,
                 }),
                 admin: None,
+                pending_master: None,
                 event: EventDraft::new("admins", "key.rotation.started"),
             })
             .unwrap();
@@ -872,6 +922,7 @@ mod tests {
                 with_generation_zero: false,
                 rotation: Some(vault.store.rotation().unwrap().unwrap()),
                 admin: None,
+                pending_master: None,
                 event: EventDraft::new("admins", "key.rotation.started"),
             })
             .unwrap_err();
@@ -976,6 +1027,217 @@ mod tests {
             "{err:?}"
         );
         vault.stop_rotation_worker();
+    }
+
+    fn person(n: &str) -> Person {
+        Person::generate(n, vec![format!("spiffe://t/user/{n}")])
+    }
+
+    /// Both admins sign and apply policy `version` (its head is sealed
+    /// under the master key).
+    async fn apply_policy(
+        vault: &Vault<SledVaultStore>,
+        admins: &[Person; 2],
+        version: u64,
+    ) -> Result<crate::store::StoredPolicy, VaultError> {
+        use twokey_testkit::consent::{AccountRoles, PolicySpec, sign_policy};
+        let others = [person("alice"), person("bob"), person("olivia")];
+        let everyone: Vec<&Person> = others.iter().chain(admins).collect();
+        let doc = PolicySpec::adam_and_anna(
+            version,
+            "t",
+            &everyone,
+            vec![AccountRoles::new("acct-000", "alice", "bob", "olivia")],
+        )
+        .to_toml();
+        let sigs: Vec<Vec<u8>> = admins
+            .iter()
+            .map(|a| sign_policy(&a.key, "t", &doc))
+            .collect();
+        vault
+            .apply_policy("spiffe://t/svc/broker", &doc, &sigs)
+            .await
+    }
+
+    /// Step 1 of a rotation that replaces the master key, as `rotate_key`
+    /// does it: the new generation, the rotation and the pending master
+    /// key in one synced transaction.
+    async fn start_replacing(vault: &Vault<SledVaultStore>) -> (MasterKey, PendingMaster) {
+        let _held = vault.applying.lock().await;
+        let generation = vault.store.keyring().unwrap().keys().next_back().unwrap() + 1;
+        let (key, sealed_key) = vault.keys.new_data_key(generation);
+        let (next, pending) = vault
+            .plan_master(generation, &sealed_key, "rot-m", "admins", 1)
+            .unwrap()
+            .unwrap();
+        vault
+            .store
+            .add_generation(NewGeneration {
+                generation,
+                sealed_key,
+                with_generation_zero: false,
+                rotation: Some(Rotation {
+                    generation,
+                    action_id: "rot-m".into(),
+                    admins: "admins".into(),
+                    started_at: 1,
+                    resealed: 0,
+                    cursor: RotationCursor::Accounts(None),
+                    passes: 1,
+                }),
+                admin: None,
+                pending_master: Some(pending.clone()),
+                event: EventDraft::new("admins", "key.rotation.started"),
+            })
+            .unwrap();
+        vault.store.commit().await.unwrap();
+        vault.keys.insert(generation, key);
+        (next, pending)
+    }
+
+    /// A store with one seed sealed before the keyring (generation 0, the
+    /// master key itself).
+    fn write_generation_zero_seed(dir: &std::path::Path) {
+        let db = DurableDb::open(dir).unwrap();
+        db.tree("meta")
+            .unwrap()
+            .insert("key_check", master().key_check())
+            .unwrap();
+        let mut old = record(
+            "old-root",
+            0,
+            &master().seal_seed("old-root", b"an old seed"),
+        );
+        old.key_generation = 0;
+        db.tree("accounts")
+            .unwrap()
+            .insert("old-root", serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        db.sync_blocking().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_master_key_replacement_stopped_after_each_step_reopens_with_what_the_seal_gives() {
+        for stop in 1..=3u8 {
+            let dir = tempfile::tempdir().unwrap();
+            let data = dir.path().join("data");
+            let key_file = dir.path().join("master.key");
+            SecretKey::from_bytes(MASTER).write(&key_file).unwrap();
+            let seal: Arc<dyn MasterSeal> = Arc::new(FileSeal {
+                path: key_file.clone(),
+            });
+            let admins = [person("adam"), person("anna")];
+            write_generation_zero_seed(&data);
+            let (vault, db) = open_keyed(&data, master(), &admins).unwrap();
+            let vault = vault.with_master_seal(seal.clone());
+            assert_eq!(vault.keys.generations(), [0, 1]);
+            put_seeds(&vault, &db, 6, 2);
+            apply_policy(&vault, &admins, 1).await.unwrap();
+            let before = opened(&vault, &db);
+            assert_eq!(before.len(), 9, "stop {stop}");
+            let (next, pending) = start_replacing(&vault).await;
+            assert_eq!(pending.generation, 2);
+            assert_eq!(
+                pending.keyring.keys().copied().collect::<Vec<_>>(),
+                [0, 1, 2]
+            );
+            // Pending: no policy is applied (its head is sealed for the next key).
+            let err = apply_policy(&vault, &admins, 2).await.unwrap_err();
+            assert!(
+                matches!(&err, VaultError::MasterSeal(m) if m.contains("master key replacement is pending")),
+                "{err:?}"
+            );
+            match stop {
+                1 => {}
+                2 => {
+                    seal.install(next.secret()).unwrap();
+                }
+                _ => {
+                    let replaced = vault.finish_master(next, &pending).await.unwrap();
+                    assert_eq!(replaced.master.generation, 2);
+                    assert_eq!(replaced.installed.files, std::slice::from_ref(&key_file));
+                }
+            }
+            // "Killed" after step `stop`; started with what the key file holds.
+            drop((vault, db));
+            let given = MasterKey::new(SecretKey::load(&key_file).unwrap());
+            let (vault, db) = open_keyed(&data, given, &admins).unwrap();
+            let vault = vault.with_master_seal(seal.clone());
+            let resumed = vault.resume_master().await.unwrap();
+            assert_eq!(resumed.is_some(), stop == 1, "stop {stop}");
+            let state = vault.master_state().unwrap();
+            assert_eq!(state.generation, 2, "stop {stop}");
+            assert_eq!(state.pending, None, "stop {stop}");
+            assert_eq!(state.mode, "file");
+            assert!(vault.active_policy().is_some(), "stop {stop}");
+            assert_eq!(opened(&vault, &db), before, "stop {stop}");
+            let on_disk = SecretKey::load(&key_file).unwrap();
+            assert_ne!(on_disk.expose(), &MASTER, "stop {stop}");
+            // The key file is private (0600).
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "stop {stop}");
+            // No data key is sealed under the old master key any more.
+            for (g, sealed) in vault.store.keyring().unwrap() {
+                assert!(master().open_data_key(g, &sealed).is_err(), "stop {stop}");
+            }
+            drop((vault, db));
+            // The old key (an old copy of the key file) opens nothing.
+            let err = open_keyed(&data, master(), &admins).unwrap_err();
+            assert!(matches!(err, VaultError::WrongMasterKey), "{err:?}");
+            // The new one opens everything, the policy head too, and the
+            // rotation goes on to retire generations 0 and 1.
+            let (vault, db) = open_keyed(&data, MasterKey::new(on_disk), &admins).unwrap();
+            let vault = Arc::new(vault.with_master_seal(seal.clone()));
+            assert_eq!(opened(&vault, &db), before, "stop {stop}");
+            apply_policy(&vault, &admins, 2).await.unwrap();
+            finish(&vault).await;
+            assert_eq!(vault.keys.generations(), [2], "stop {stop}");
+            assert_eq!(opened(&vault, &db), before, "stop {stop}");
+        }
+    }
+
+    #[tokio::test]
+    async fn seal_material_that_cannot_be_written_leaves_the_current_key_in_force_until_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let admins = [person("adam"), person("anna")];
+        // A key file in a directory that does not exist: the write fails.
+        let broken: Arc<dyn MasterSeal> = Arc::new(FileSeal {
+            path: dir.path().join("missing").join("master.key"),
+        });
+        let (vault, db) = open_keyed(&data, master(), &admins).unwrap();
+        let vault = vault.with_master_seal(broken);
+        put_seeds(&vault, &db, 3, 1);
+        let before = opened(&vault, &db);
+        let (next, pending) = start_replacing(&vault).await;
+        let err = vault.finish_master(next, &pending).await.unwrap_err();
+        assert!(
+            matches!(&err, VaultError::MasterSeal(m) if m.contains("could not be written") && m.contains("serves under the current master key")),
+            "{err:?}"
+        );
+        assert!(!format!("{err}").contains(&B64.encode(MASTER)));
+        assert_eq!(vault.master_state().unwrap().pending, Some(2));
+        assert_eq!(opened(&vault, &db), before);
+        drop((vault, db));
+        // The old key still opens; with a working seal the next start finishes.
+        let key_file = dir.path().join("master.key");
+        SecretKey::from_bytes(MASTER).write(&key_file).unwrap();
+        let (vault, db) = open_keyed(&data, master(), &admins).unwrap();
+        let vault = vault.with_master_seal(Arc::new(FileSeal {
+            path: key_file.clone(),
+        }));
+        assert_eq!(opened(&vault, &db), before);
+        assert!(vault.resume_master().await.unwrap().is_some());
+        assert_eq!(vault.master_state().unwrap().generation, 2);
+        drop((vault, db));
+        assert!(matches!(
+            open_keyed(&data, master(), &admins).unwrap_err(),
+            VaultError::WrongMasterKey
+        ));
+        let given = MasterKey::new(SecretKey::load(&key_file).unwrap());
+        let (vault, db) = open_keyed(&data, given, &admins).unwrap();
+        assert_eq!(opened(&vault, &db), before);
     }
 
     #[test]

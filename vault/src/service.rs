@@ -39,6 +39,7 @@ use twokey_runtime::{
 use crate::{
     crypto::MasterKey,
     keyring::{Keyring, KeyringError},
+    master::MasterSeal,
     rotate::RotationPace,
     seed::{Seed, SeedError, SeedSpec},
     store::{
@@ -143,6 +144,10 @@ pub enum VaultError {
     /// The keyring does not open.
     #[error(transparent)]
     Keyring(#[from] KeyringError),
+    /// The next master key's seal material could not be written, or a
+    /// replacement is pending.
+    #[error("{0}")]
+    MasterSeal(String),
 }
 
 /// The service error kind of a consent or policy refusal.
@@ -182,7 +187,10 @@ impl ServiceError for VaultError {
             | Self::WrongMasterKey
             | Self::PolicyChain(_)
             | Self::Keyring(_)
-            | Self::Store(VaultStoreError::Reseal(..)) => ErrorKind::Internal,
+            | Self::Store(VaultStoreError::Reseal(..) | VaultStoreError::PendingMismatch(_)) => {
+                ErrorKind::Internal
+            }
+            Self::MasterSeal(_) => ErrorKind::Unavailable,
             Self::Store(VaultStoreError::Rotating(_)) => ErrorKind::AlreadyExists,
         }
     }
@@ -198,6 +206,7 @@ impl VaultError {
                 VaultStoreError::Store(_)
                     | VaultStoreError::Corrupt(_)
                     | VaultStoreError::Reseal(..)
+                    | VaultStoreError::PendingMismatch(_)
             ) | Self::Integrity(_)
                 | Self::WrongMasterKey
                 | Self::PolicyChain(_)
@@ -278,13 +287,16 @@ pub struct Vault<S> {
     pub(crate) worker: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// How fast a rotation re-seals.
     pub(crate) pace: RotationPace,
+    /// Writes a new master key's seal material (none: rotations keep the
+    /// master key).
+    pub(crate) master_seal: Option<Arc<dyn MasterSeal>>,
     grants: GrantVerifier,
     audit: AuditWait,
     clock: Arc<dyn Clock>,
     root: TrustRoot,
     policy: RwLock<Option<Arc<VerifiedPolicy>>>,
-    /// One policy update at a time.
-    applying: tokio::sync::Mutex<()>,
+    /// One policy update (or master key replacement) at a time.
+    pub(crate) applying: tokio::sync::Mutex<()>,
 }
 
 /// Checks an account id: 1 to 64 characters of `[a-z0-9._-]`.
@@ -495,6 +507,7 @@ fn open_keyring<S: VaultStore>(store: &S, key: MasterKey) -> Result<Keyring, Vau
             with_generation_zero: older,
             rotation: None,
             admin: None,
+            pending_master: None,
             event,
         })?;
         store.sync_now()?;
@@ -583,7 +596,14 @@ impl<S: VaultStore> Vault<S> {
         root: TrustRoot,
     ) -> Result<Self, VaultError> {
         match store.key_check()? {
-            Some(check) if !key.matches(&check) => return Err(VaultError::WrongMasterKey),
+            Some(check) if !key.matches(&check) => match store.pending_master()? {
+                // Killed after the next master key's seal material was
+                // written and before its promotion: promote now.
+                Some(pending) if key.matches(&pending.key_check()) => {
+                    crate::master::promote_at_start(&store, &pending, unix_seconds(clock.now()))?;
+                }
+                _ => return Err(VaultError::WrongMasterKey),
+            },
             Some(_) => {}
             None => store.set_key_check(&key.key_check())?,
         }
@@ -599,6 +619,7 @@ impl<S: VaultStore> Vault<S> {
             rotating: tokio::sync::Mutex::new(()),
             worker: std::sync::Mutex::new(None),
             pace: RotationPace::default(),
+            master_seal: None,
             grants,
             audit,
             clock,
@@ -611,6 +632,13 @@ impl<S: VaultStore> Vault<S> {
     /// Sets how fast a rotation re-seals (before the vault is shared).
     pub fn with_rotation_pace(mut self, pace: RotationPace) -> Self {
         self.pace = pace;
+        self
+    }
+
+    /// Sets what writes a new master key's seal material: with it, a
+    /// rotation also replaces the master key.
+    pub fn with_master_seal(mut self, seal: Arc<dyn MasterSeal>) -> Self {
+        self.master_seal = Some(seal);
         self
     }
 
@@ -1311,6 +1339,11 @@ impl<S: VaultStore> Vault<S> {
         signatures: &[Vec<u8>],
     ) -> Result<StoredPolicy, VaultError> {
         let _one_at_a_time = self.applying.lock().await;
+        if self.store.pending_master()?.is_some() {
+            return Err(VaultError::MasterSeal(
+                "a master key replacement is pending and the policy head is sealed for it: restart the vault (or repeat `twokey vault rotate-key`) so it finishes, then apply the policy".into(),
+            ));
+        }
         let current = self.active_policy();
         let active = current.as_ref().map_or(0, |c| c.version());
         let verified = match verify_policy_update(

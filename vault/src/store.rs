@@ -20,7 +20,11 @@
 //! records its generation. A rotation adds a generation with its progress
 //! record in one transaction, re-seals seeds in batches (one transaction
 //! each, progress with them) and retires old generations in the
-//! transaction that ends it.
+//! transaction that ends it. A rotation also replaces the master key: the
+//! transaction that starts it records the next master key sealed under the
+//! current one, with the keyring, the key check and the policy head sealed
+//! under the next ([`PendingMaster`]); once the next key's seal material is
+//! written, one transaction promotes those and drops the old ones.
 
 use std::{
     collections::BTreeMap,
@@ -209,8 +213,62 @@ pub struct NewGeneration {
     pub rotation: Option<Rotation>,
     /// The admins' consent whose action id it uses up.
     pub admin: Option<AdminUse>,
+    /// The master key replacement it starts (none: the master key stays).
+    pub pending_master: Option<PendingMaster>,
     /// The event.
     pub event: EventDraft,
+}
+
+/// A master key replacement in progress, as stored from the transaction
+/// that starts a rotation until the one that promotes the next key. Binary
+/// fields are base64; none is in the clear.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PendingMaster {
+    /// The next master key's generation (the current one's plus one).
+    pub generation: u32,
+    /// The next master key, sealed under the current one.
+    pub sealed_master: String,
+    /// The next master key's key check.
+    pub key_check: String,
+    /// The keyring (every generation's data key, the new one included)
+    /// sealed under the next master key.
+    pub keyring: BTreeMap<u32, String>,
+    /// The policy head sealed under the next master key, when a policy is
+    /// applied.
+    pub policy_head: Option<String>,
+    /// The rotation's action id.
+    pub action_id: String,
+    /// The admins' SPIFFE IDs, comma-separated.
+    pub admins: String,
+    /// Unix time it started.
+    pub started_at: u64,
+}
+
+impl PendingMaster {
+    fn bytes(text: &str) -> Vec<u8> {
+        B64.decode(text).unwrap_or_default()
+    }
+
+    /// The next master key, sealed under the current one.
+    pub fn sealed_master(&self) -> Vec<u8> {
+        Self::bytes(&self.sealed_master)
+    }
+
+    /// The next master key's key check.
+    pub fn key_check(&self) -> Vec<u8> {
+        Self::bytes(&self.key_check)
+    }
+}
+
+/// The last master key replacement, kept for `KeyStatus`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReplacedMaster {
+    /// The master key's generation it made current.
+    pub generation: u32,
+    /// The rotation's action id.
+    pub action_id: String,
+    /// Unix time it was promoted.
+    pub replaced_at: u64,
 }
 
 /// What one re-seal batch did.
@@ -312,6 +370,12 @@ pub enum VaultStoreError {
     /// A key rotation is in progress already.
     #[error("key rotation to generation {0} is in progress; `twokey vault key-status` shows it")]
     Rotating(u32),
+    /// The keyring changed between a master key replacement's start and
+    /// its promotion.
+    #[error(
+        "the pending master key replacement does not match the keyring (generations {0}); the keyring was changed outside the vault"
+    )]
+    PendingMismatch(String),
     /// A stored seed does not open with its generation's key.
     #[error("the seed of {0} cannot be re-sealed: {1}")]
     Reseal(String, String),
@@ -443,6 +507,23 @@ pub trait VaultStore: ReleaseHistory + AdminHistory + Send + Sync + 'static {
         &self,
         retire: &[u32],
         now: u64,
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError>;
+    /// The master key replacement in progress, if any.
+    fn pending_master(&self) -> Result<Option<PendingMaster>, VaultStoreError>;
+    /// The master key's generation (1 until the first replacement).
+    fn master_generation(&self) -> Result<u32, VaultStoreError>;
+    /// The last master key replacement, if any.
+    fn last_master(&self) -> Result<Option<ReplacedMaster>, VaultStoreError>;
+    /// Promotes the pending master key, in one transaction with its event:
+    /// its keyring, key check and policy head become current, the old ones
+    /// and the pending record are removed, its generation and `replaced`
+    /// are kept. Refused ([`VaultStoreError::PendingMismatch`]) when the
+    /// keyring's generations are not the pending record's. Not durable
+    /// until [`VaultStore::commit`] or [`VaultStore::sync_now`].
+    fn promote_master(
+        &self,
+        replaced: &ReplacedMaster,
         event: EventDraft,
     ) -> Result<u64, VaultStoreError>;
 }
@@ -634,6 +715,12 @@ const POLICY_VERSION: &[u8] = b"policy_version";
 const ROTATION: &[u8] = b"key_rotation";
 /// The last finished rotation (JSON [`FinishedRotation`]).
 const LAST_ROTATION: &[u8] = b"key_rotation_last";
+/// The master key replacement in progress (JSON [`PendingMaster`]).
+const MASTER_PENDING: &[u8] = b"master_pending";
+/// The master key's generation (u32 big-endian; absent: 1).
+const MASTER_GENERATION: &[u8] = b"master_generation";
+/// The last master key replacement (JSON [`ReplacedMaster`]).
+const MASTER_LAST: &[u8] = b"master_last";
 /// Used grant ids are kept this long past their expiry.
 const GRANT_ID_GRACE_SECS: u64 = 600;
 
@@ -1543,6 +1630,13 @@ impl VaultStore for SledVaultStore {
                     let bytes = serde_json::to_vec(rotation).expect("rotations serialize");
                     meta.insert(ROTATION, bytes)?;
                 }
+                if let Some(pending) = &new.pending_master {
+                    if meta.get(MASTER_PENDING)?.is_some() {
+                        return abort(Abort::Exists);
+                    }
+                    let bytes = serde_json::to_vec(pending).expect("pending masters serialize");
+                    meta.insert(MASTER_PENDING, bytes)?;
+                }
                 self.outbox.push(outbox, new.event.clone())
             },
         );
@@ -1774,6 +1868,94 @@ impl VaultStore for SledVaultStore {
             },
         );
         self.finish(result, "the key rotation record")
+    }
+
+    fn pending_master(&self) -> Result<Option<PendingMaster>, VaultStoreError> {
+        self.meta_json(MASTER_PENDING, "the pending master key record")
+    }
+
+    fn master_generation(&self) -> Result<u32, VaultStoreError> {
+        Ok(self
+            .meta
+            .get(MASTER_GENERATION)
+            .map_err(sled_err(&self.db))?
+            .and_then(|v| v.as_ref().try_into().ok().map(u32::from_be_bytes))
+            .unwrap_or(1))
+    }
+
+    fn last_master(&self) -> Result<Option<ReplacedMaster>, VaultStoreError> {
+        self.meta_json(MASTER_LAST, "the last master key replacement record")
+    }
+
+    fn promote_master(
+        &self,
+        replaced: &ReplacedMaster,
+        event: EventDraft,
+    ) -> Result<u64, VaultStoreError> {
+        let last = serde_json::to_vec(replaced).expect("replacements serialize");
+        // Generations are added and retired only by rotations, which wait
+        // for a pending replacement: a generation the pending record lacks
+        // would stay sealed under the old key.
+        if let Some(pending) = self.pending_master()?
+            && !pending.keyring.keys().eq(self.keyring()?.keys())
+        {
+            return Err(VaultStoreError::PendingMismatch(
+                pending
+                    .keyring
+                    .keys()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ));
+        }
+        let result = (&self.keyring, &self.meta, self.outbox.tree()).transaction(
+            |(keyring, meta, outbox)| {
+                let Some(bytes) = meta.get(MASTER_PENDING)? else {
+                    return abort(Abort::Missing);
+                };
+                let Ok(pending) = serde_json::from_slice::<PendingMaster>(&bytes) else {
+                    return abort(Abort::Corrupt);
+                };
+                // Each generation the keyring holds gets its key sealed
+                // under the next master key; one the keyring does not hold
+                // (or lacks) means it changed outside the vault.
+                for (&generation, sealed) in &pending.keyring {
+                    if keyring.get(generation.to_be_bytes())?.is_none() {
+                        return abort(Abort::Reseal(
+                            "keyring".into(),
+                            pending
+                                .keyring
+                                .keys()
+                                .map(u32::to_string)
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        ));
+                    }
+                    let Ok(sealed) = B64.decode(sealed) else {
+                        return abort(Abort::Corrupt);
+                    };
+                    keyring.insert(&generation.to_be_bytes(), sealed)?;
+                }
+                meta.insert(KEY_CHECK, pending.key_check())?;
+                if let Some(head) = &pending.policy_head {
+                    let Ok(head) = B64.decode(head) else {
+                        return abort(Abort::Corrupt);
+                    };
+                    meta.insert(POLICY_HEAD, head)?;
+                }
+                meta.insert(MASTER_GENERATION, &pending.generation.to_be_bytes())?;
+                meta.insert(MASTER_LAST, last.as_slice())?;
+                meta.remove(MASTER_PENDING)?;
+                self.outbox.push(outbox, event.clone())
+            },
+        );
+        match result {
+            Ok(seq) => Ok(seq),
+            Err(TransactionError::Abort(Abort::Reseal(_, generations))) => {
+                Err(VaultStoreError::PendingMismatch(generations))
+            }
+            other => self.finish(other, "the pending master key record"),
+        }
     }
 }
 

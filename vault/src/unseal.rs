@@ -901,6 +901,39 @@ impl Unsealer {
     }
 }
 
+impl Unsealer {
+    /// A rotation replaced the master key: splits `key` among the same
+    /// holders with the same K and installs it as a reshare does (new
+    /// share files under `<descriptor dir>/<new seal id>/`, then the
+    /// descriptor replaced atomically). From then on the old shares are
+    /// foreign. A reshare being collected (shares of the old split) is
+    /// dropped. Returns the new descriptor and the files written.
+    pub fn replace_key(&self, key: &SecretKey) -> Result<(Descriptor, Vec<PathBuf>), SealError> {
+        let mut state = self.lock();
+        let holders: Vec<HolderSpec> = state
+            .descriptor
+            .holders
+            .iter()
+            .map(|h| HolderSpec {
+                name: h.name.clone(),
+                spiffe_id: h.spiffe_id.clone(),
+                public_key: h.public_key.clone(),
+            })
+            .collect();
+        let split = split(key, state.descriptor.threshold, &holders)?;
+        let path = self.path.as_deref().ok_or_else(|| {
+            SealError::Setup(
+                "the seal descriptor's file is not known: start the vault with [seal] descriptor set".into(),
+            )
+        })?;
+        let written = install_split(path, &split)?;
+        state.descriptor = split.descriptor.clone();
+        state.key_check = B64.decode(&state.descriptor.key_check).unwrap_or_default();
+        state.reshare = None;
+        Ok((split.descriptor, written))
+    }
+}
+
 /// Writes a new split for the descriptor at `path`: the share files under
 /// `<dir>/<seal_id>/` (new files, synced, the directory synced), then the
 /// descriptor through a temporary file that is synced and renamed over
