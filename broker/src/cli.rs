@@ -100,6 +100,18 @@ struct ServeArgs {
     /// Extra CA certificates (PEM) trusted for the Slack API base.
     #[arg(long, value_name = "FILE")]
     notify_slack_ca_file: Option<PathBuf>,
+    /// Where requests are kept: sled (in data_dir) or postgres [default: sled].
+    #[arg(long)]
+    store_backend: Option<String>,
+    /// postgresql://ROLE@HOST:PORT/DATABASE?sslmode=verify-full, no password.
+    #[arg(long)]
+    store_postgres_url: Option<String>,
+    /// File whose first line is the PostgreSQL role's password.
+    #[arg(long, value_name = "FILE")]
+    store_postgres_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the PostgreSQL server's certificate.
+    #[arg(long, value_name = "FILE")]
+    store_postgres_ca_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -136,6 +148,13 @@ impl ServeArgs {
             ),
             ("notify.slack.channel", text(&self.notify_slack_channel)),
             ("notify.slack.ca_file", path(&self.notify_slack_ca_file)),
+            ("store.backend", text(&self.store_backend)),
+            ("store.postgres.url", text(&self.store_postgres_url)),
+            (
+                "store.postgres.password_file",
+                path(&self.store_postgres_password_file),
+            ),
+            ("store.postgres.ca_file", path(&self.store_postgres_ca_file)),
         ]);
         BrokerConfig::load(self.service.config.as_deref(), &overrides)
     }

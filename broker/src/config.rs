@@ -93,6 +93,65 @@ pub struct BrokerConfig {
     /// no statement (the vault still checks every release).
     #[serde(default)]
     pub consent: Option<ConsentConfig>,
+    /// Where requests are kept: `[store]`.
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// `[store]`: sled in `data_dir` (the default, one machine), or PostgreSQL
+/// shared by several replicas (`[store.postgres]`, docs/HA.md).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sled` or `postgres`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// How to reach the broker's database; required with `postgres`.
+    #[serde(default)]
+    pub postgres: Option<twokey_pgstore::PgSettings>,
+}
+
+impl PartialEq for StoreConfig {
+    fn eq(&self, other: &Self) -> bool {
+        let key = |p: &Option<twokey_pgstore::PgSettings>| {
+            p.as_ref()
+                .map(|p| (p.url.clone(), p.password_file.clone(), p.ca_file.clone()))
+        };
+        self.backend == other.backend && key(&self.postgres) == key(&other.postgres)
+    }
+}
+
+impl Eq for StoreConfig {}
+
+/// The store backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// sled in `data_dir`.
+    #[default]
+    Sled,
+    /// PostgreSQL (`[store.postgres]`).
+    Postgres,
+}
+
+impl StoreConfig {
+    /// The PostgreSQL settings when the backend is PostgreSQL; an error
+    /// saying what to set when they are missing or wrong.
+    pub fn postgres(&self) -> Result<Option<&twokey_pgstore::PgSettings>, String> {
+        match (self.backend, &self.postgres) {
+            (StoreBackend::Sled, _) => Ok(None),
+            (StoreBackend::Postgres, None) => Err(
+                "store.backend = \"postgres\" needs [store.postgres] with url (and \
+                 password_file, ca_file): set them in the config file, or with \
+                 --store-postgres-url and the flags beside it"
+                    .to_owned(),
+            ),
+            (StoreBackend::Postgres, Some(p)) => {
+                twokey_pgstore::connect::check(p).map_err(|e| e.to_string())?;
+                Ok(Some(p))
+            }
+        }
+    }
 }
 
 /// `[consent]`: the root of trust of the signed policy, the same as the
@@ -354,6 +413,16 @@ impl BrokerConfig {
             |field| config::overridden(overrides, field),
             config.paths_mut(),
         );
+        config
+            .store
+            .postgres()
+            .map_err(|message| ConfigError::Invalid {
+                origin: file.map_or_else(
+                    || "from flags and environment".to_owned(),
+                    |p| p.display().to_string(),
+                ),
+                message,
+            })?;
         Ok(config)
     }
 
@@ -384,6 +453,14 @@ impl BrokerConfig {
         if let Some(s) = n.slack.as_mut() {
             paths.push(("notify.slack.token_file", &mut s.token_file));
             paths.extend(s.ca_file.as_mut().map(|p| ("notify.slack.ca_file", p)));
+        }
+        if let Some(p) = self.store.postgres.as_mut() {
+            paths.extend(
+                p.password_file
+                    .as_mut()
+                    .map(|f| ("store.postgres.password_file", f)),
+            );
+            paths.extend(p.ca_file.as_mut().map(|f| ("store.postgres.ca_file", f)));
         }
         paths
     }
@@ -431,6 +508,59 @@ channel = "#root-access"
 
     fn text(value: &str) -> Option<toml::Value> {
         Some(toml::Value::String(value.into()))
+    }
+
+    #[test]
+    fn the_store_is_sled_by_default_and_postgres_needs_its_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(&path, EXAMPLE).unwrap();
+        let c = BrokerConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Sled);
+        assert!(c.store.postgres().unwrap().is_none());
+
+        let error = |extra: &str| {
+            std::fs::write(&path, format!("{EXAMPLE}{extra}")).unwrap();
+            BrokerConfig::load(Some(&path), &[])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = error("[store]\nbackend = \"postgres\"\n");
+        assert!(
+            e.contains("store.backend = \"postgres\" needs [store.postgres] with url"),
+            "{e}"
+        );
+        let e = error(
+            "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgresql://broker@db.example/broker\"\n",
+        );
+        assert!(e.contains("needs ca_file"), "{e}");
+        let e = error(
+            "[store]\nbackend = \"postgres\"\n[store.postgres]\nurl = \"postgresql://broker:pw@db.example/broker\"\n",
+        );
+        assert!(e.contains("password_file"), "{e}");
+        assert!(!e.contains(":pw@"), "{e}");
+        let e = error("[store]\nbackend = \"mysql\"\n");
+        assert!(e.contains("mysql"), "{e}");
+
+        std::fs::write(dir.path().join("pg.pw"), "pg-hunter2\n").unwrap();
+        std::fs::write(
+            &path,
+            format!(
+                "{EXAMPLE}[store]\nbackend = \"postgres\"\n[store.postgres]\n\
+                 url = \"postgresql://broker@127.0.0.1/broker?sslmode=disable\"\n\
+                 password_file = \"pg.pw\"\n"
+            ),
+        )
+        .unwrap();
+        let c = BrokerConfig::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.store.backend, StoreBackend::Postgres);
+        let p = c.store.postgres().unwrap().unwrap();
+        assert_eq!(
+            p.url,
+            "postgresql://broker@127.0.0.1/broker?sslmode=disable"
+        );
+        assert_eq!(p.password_file.as_deref(), Some(&*dir.path().join("pg.pw")));
+        assert!(!format!("{c:?}").contains("pg-hunter2"));
     }
 
     #[test]

@@ -65,7 +65,7 @@ use crate::{
     pin::PinKey,
     policy::Policy,
     service::{Broker, BrokerParts},
-    store::SledStore,
+    store::{PgStore, RequestStore, SledStore},
     vault::Vault,
 };
 
@@ -360,6 +360,12 @@ pub async fn serve(
     let notifiers = notifiers(&config.notify)?;
     warn_unreachable_requesters(&policy, &config.notify);
 
+    let postgres = config
+        .store
+        .postgres()
+        .map_err(StartError::Setting)?
+        .cloned();
+    let pg_signer = Arc::new(EventSigner::new(identity.clone(), event_key.clone()));
     let db = DurableDb::open(&config.data_dir)?;
     let outbox = Outbox::open(&db, EventSigner::new(identity, event_key), clock.clone())?
         .with_ack_observer(metrics::observe_event);
@@ -372,7 +378,33 @@ pub async fn serve(
     // The shipper starts before the store so that the store can check its
     // receipts' health before every state change.
     let findings_channel = audit_channel.clone();
+    // On PostgreSQL the replica holding the shipping lease ships the events
+    // every replica committed there.
+    let mut leased = None;
     let shipper = match audit_channel {
+        Some(channel) if postgres.is_some() => {
+            let options = ShipperOptions::from_setting(
+                config.audit_checkpoint_key.as_deref(),
+                config.audit_keep_days,
+            )
+            .map_err(StartError::Setting)?;
+            leased = postgres.clone().map(|settings| {
+                twokey_pgstore::outbox::spawn_leased(
+                    settings,
+                    pg_signer.clone(),
+                    clock.clone(),
+                    move |outbox| {
+                        spawn_shipper_with(
+                            outbox.with_ack_observer(metrics::observe_event),
+                            channel.clone(),
+                            options.clone(),
+                        )
+                        .1
+                    },
+                )
+            });
+            None
+        }
         Some(channel) => {
             let options = ShipperOptions::from_setting(
                 config.audit_checkpoint_key.as_deref(),
@@ -387,15 +419,43 @@ pub async fn serve(
         .as_ref()
         .map_or_else(ReceiptHealth::unchecked, |(h, _)| h.receipts().clone());
     let shipper = shipper.map(|(_, task)| task);
-    let store = match SledStore::open(&db, outbox.clone(), queue.clone()) {
-        Ok(store) => Arc::new(store.with_receipts(receipts)),
-        Err(e) => {
-            if let Some(task) = shipper {
-                task.abort();
-                let _ = task.await;
-            }
-            return Err(StartError::refused(e));
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    let health = health
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let mut migrating = None;
+    let store: Arc<dyn RequestStore> = match &postgres {
+        Some(settings) => {
+            // Serving starts NOT_SERVING; the store answers UNAVAILABLE
+            // until the schema is migrated and the outbox session is open.
+            health_reporter
+                .set_not_serving::<BrokerServiceServer<BrokerGrpc>>()
+                .await;
+            let store = Arc::new(PgStore::starting(settings.clone(), &db, queue.clone()));
+            migrating = Some(tokio::spawn(migrate_then_serve(
+                settings.clone(),
+                store.clone(),
+                pg_signer.clone(),
+                clock.clone(),
+                health_reporter.clone(),
+            )));
+            store
         }
+        None => match SledStore::open(&db, outbox.clone(), queue.clone()) {
+            Ok(store) => {
+                health_reporter
+                    .set_serving::<BrokerServiceServer<BrokerGrpc>>()
+                    .await;
+                Arc::new(store.with_receipts(receipts))
+            }
+            Err(e) => {
+                if let Some(task) = shipper {
+                    task.abort();
+                    let _ = task.await;
+                }
+                return Err(StartError::refused(e));
+            }
+        },
     };
     metrics::observe_requests(&store);
     let clock_for_findings = clock.clone();
@@ -485,7 +545,6 @@ pub async fn serve(
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let health = serve::health::<BrokerServiceServer<BrokerGrpc>>().await;
     let addr = listener
         .local_addr()
         .map_err(|source| serve::ServeError::Bind {
@@ -529,5 +588,55 @@ pub async fn serve(
         shipper.abort();
         let _ = shipper.await;
     }
+    if let Some(task) = migrating {
+        task.abort();
+        let _ = task.await;
+    }
+    if let Some(leased) = leased {
+        leased.stop().await;
+    }
     result.map_err(|e| StartError::Serve(e.into()))
+}
+
+/// How long a replica waits before it tries its database again at start.
+const MIGRATE_RETRY: Duration = Duration::from_secs(1);
+
+/// Migrates the broker's database (retrying while it cannot be reached),
+/// opens the outbox session, makes `store` ready and reports SERVING.
+async fn migrate_then_serve(
+    settings: twokey_pgstore::PgSettings,
+    store: Arc<PgStore>,
+    signer: Arc<EventSigner>,
+    clock: Arc<dyn Clock>,
+    health: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let ready = async {
+            store::postgres::migrate(&settings).await?;
+            twokey_pgstore::outbox::PgOutbox::connect(&settings, signer.clone(), clock.clone())
+                .await
+        };
+        match ready.await {
+            Ok(outbox) => {
+                store.ready(outbox);
+                health
+                    .set_serving::<BrokerServiceServer<BrokerGrpc>>()
+                    .await;
+                tracing::info!("the broker's PostgreSQL schema is migrated: serving");
+                return;
+            }
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(
+                    "waiting for the broker's database: {e}; NOT_SERVING until it answers"
+                );
+            }
+            Err(e) => {
+                tracing::error!(
+                    "cannot use the broker's database: {e}; NOT_SERVING, trying again in {} s",
+                    MIGRATE_RETRY.as_secs()
+                );
+            }
+        }
+        tokio::time::sleep(MIGRATE_RETRY).await;
+    }
 }

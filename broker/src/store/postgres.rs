@@ -135,7 +135,8 @@ impl Sessions {
 #[derive(Clone)]
 pub struct PgStore {
     sessions: Arc<Sessions>,
-    outbox: PgOutbox,
+    /// Set once the schema is migrated ([`PgStore::ready`]).
+    outbox: Arc<std::sync::OnceLock<PgOutbox>>,
     db: DurableDb,
     queue: Arc<NotifyQueue>,
     receipts: ReceiptHealth,
@@ -169,17 +170,46 @@ impl PgStore {
         db: &DurableDb,
         queue: Arc<NotifyQueue>,
     ) -> Self {
+        let store = Self::starting(settings, db, queue);
+        store.ready(outbox);
+        store
+    }
+
+    /// A store whose database is not migrated yet: every call answers
+    /// UNAVAILABLE until [`PgStore::ready`].
+    pub fn starting(settings: PgSettings, db: &DurableDb, queue: Arc<NotifyQueue>) -> Self {
         Self {
             sessions: Arc::new(Sessions {
                 settings,
                 slots: (0..SESSIONS).map(|_| Mutex::new(None)).collect(),
                 next: AtomicUsize::new(0),
             }),
-            outbox,
+            outbox: Arc::default(),
             db: db.clone(),
             queue,
             receipts: ReceiptHealth::unchecked(),
         }
+    }
+
+    /// The schema is migrated: calls go to the database, events to `outbox`.
+    pub fn ready(&self, outbox: PgOutbox) {
+        let _ = self.outbox.set(outbox);
+    }
+
+    fn outbox(&self) -> Result<&PgOutbox, BrokerError> {
+        self.outbox.get().ok_or_else(|| {
+            BrokerError::Store(
+                "the broker is migrating its database or waiting for it to answer; retry in a \
+                 moment, or through another replica"
+                    .into(),
+            )
+        })
+    }
+
+    /// A session, once the store is ready.
+    async fn session(&self) -> Result<MutexGuard<'_, Option<Client>>, BrokerError> {
+        self.outbox()?;
+        self.sessions.get().await
     }
 
     /// Refuses every state change (not events alone) while `receipts`
@@ -216,8 +246,9 @@ impl PgStore {
     }
 
     async fn push(&self, tx: &Transaction<'_>, events: &[EventDraft]) -> Result<(), BrokerError> {
+        let outbox = self.outbox()?;
         for event in events {
-            self.outbox.push(tx, event.clone()).await.map_err(pg)?;
+            outbox.push(tx, event.clone()).await.map_err(pg)?;
         }
         Ok(())
     }
@@ -235,7 +266,7 @@ impl PgStore {
 
     async fn create_tx(&self, record: &RequestRecord, writes: &Writes) -> Result<(), BrokerError> {
         self.receipts_consistent()?;
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
         let n = tx
             .execute(
@@ -264,7 +295,7 @@ impl PgStore {
         f: &mut UpdateFn<'_>,
     ) -> Result<Option<RequestRecord>, BrokerError> {
         self.receipts_consistent()?;
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
         // The row lock orders the replicas' changes of this request: each
         // reads the record as the one before it committed it.
@@ -295,7 +326,7 @@ impl PgStore {
     }
 
     async fn get_now(&self, id: &str) -> Result<Option<RequestRecord>, BrokerError> {
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let row = client(&mut guard)?
             .query_opt("SELECT record FROM broker_requests WHERE id = $1", &[&id])
             .await
@@ -304,7 +335,7 @@ impl PgStore {
     }
 
     async fn all_now(&self) -> Result<Vec<RequestRecord>, BrokerError> {
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let rows = client(&mut guard)?
             .query("SELECT record FROM broker_requests ORDER BY id", &[])
             .await
@@ -313,14 +344,14 @@ impl PgStore {
     }
 
     async fn emit_tx(&self, events: &[EventDraft]) -> Result<(), BrokerError> {
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
         self.push(&tx, events).await?;
         tx.commit().await.map_err(pg)
     }
 
     async fn docs_now(&self, kind: Docs) -> Result<Vec<Vec<u8>>, BrokerError> {
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let rows = client(&mut guard)?
             .query(
                 "SELECT value FROM broker_docs WHERE kind = $1 ORDER BY key",
@@ -332,7 +363,7 @@ impl PgStore {
     }
 
     async fn doc_now(&self, kind: Docs, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let row = client(&mut guard)?
             .query_opt(
                 "SELECT value FROM broker_docs WHERE kind = $1 AND key = $2",
@@ -351,7 +382,7 @@ impl PgStore {
     ) -> Result<(), BrokerError> {
         self.receipts_consistent()?;
         let kind = kind_name(kind);
-        let mut guard = self.sessions.get().await?;
+        let mut guard = self.session().await?;
         let tx = client(&mut guard)?.transaction().await.map_err(pg)?;
         // A lock on the key, whether or not the document exists yet.
         tx.execute(

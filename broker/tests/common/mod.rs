@@ -461,6 +461,19 @@ impl Harness {
     /// A harness whose broker has `[consent]` (the pinned admins of
     /// `consent`) and whose fake vault serves `consent`'s versions.
     pub async fn start_with(policy: &str, consent: Option<ConsentSetup>) -> Self {
+        let mut h = Self::prepare(
+            policy,
+            consent,
+            UNIX_EPOCH + Duration::from_secs(1_900_000_000),
+        )
+        .await;
+        h.start_broker().await;
+        h
+    }
+
+    /// The PKI, keys, policy and fake vault (its clock at `now`), with no
+    /// broker started yet.
+    pub async fn prepare(policy: &str, consent: Option<ConsentSetup>, now: SystemTime) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let pki = pki_dir(dir.path());
@@ -489,7 +502,7 @@ impl Harness {
             .unwrap();
         std::fs::write(dir.path().join("policy.toml"), policy).unwrap();
 
-        let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_900_000_000));
+        let clock = ManualClock::new(now);
         let vault = Arc::new(VaultState::default());
         let fake = FakeVault {
             key: grant.verifying_key(),
@@ -540,8 +553,9 @@ impl Harness {
             sweep_interval: Duration::from_secs(3600),
             findings_interval: Duration::from_secs(3600),
             consent: consent_config,
+            store: Default::default(),
         };
-        let mut h = Self {
+        Self {
             dir,
             clock,
             vault,
@@ -550,9 +564,7 @@ impl Harness {
             refusal_events: tokio::sync::watch::Sender::new(0),
             broker: None,
             vault_server: Some(vault_server),
-        };
-        h.start_broker().await;
-        h
+        }
     }
 
     pub async fn start_broker(&mut self) {
