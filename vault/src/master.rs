@@ -300,6 +300,7 @@ impl<S: VaultStore> Vault<S> {
                     .into(),
             ));
         };
+        tokio::time::sleep(self.pace.master_pause).await;
         let key = next.secret().clone();
         let installed = tokio::task::spawn_blocking(move || seal.install(&key))
             .await
@@ -320,6 +321,7 @@ impl<S: VaultStore> Vault<S> {
                 .attr("seal_id", &installed.seal_id),
         )?;
         self.store.commit().await?;
+        tokio::time::sleep(self.pace.master_pause).await;
         let replaced = ReplacedMaster {
             generation: pending.generation,
             action_id: pending.action_id.clone(),

@@ -34,6 +34,9 @@ pub struct RotationPace {
     pub batch: usize,
     /// Pause after each batch.
     pub pause: Duration,
+    /// Pause after each step of a master key replacement (a throttle;
+    /// tests use it to land a kill between the steps).
+    pub master_pause: Duration,
 }
 
 impl Default for RotationPace {
@@ -41,13 +44,15 @@ impl Default for RotationPace {
         Self {
             batch: 64,
             pause: Duration::ZERO,
+            master_pause: Duration::ZERO,
         }
     }
 }
 
 impl RotationPace {
-    /// The pace from `TWOKEY_VAULT_ROTATION_BATCH` (seeds per batch) and
-    /// `TWOKEY_VAULT_ROTATION_PAUSE_MS`, each the default when unset; a
+    /// The pace from `TWOKEY_VAULT_ROTATION_BATCH` (seeds per batch),
+    /// `TWOKEY_VAULT_ROTATION_PAUSE_MS` and
+    /// `TWOKEY_VAULT_MASTER_PAUSE_MS`, each the default when unset; a
     /// value that does not parse is refused with what to write.
     pub fn from_env() -> Result<Self, String> {
         Self::from_vars(|name| std::env::var(name).ok())
@@ -74,6 +79,9 @@ impl RotationPace {
         }
         if let Some(ms) = read("TWOKEY_VAULT_ROTATION_PAUSE_MS")? {
             pace.pause = Duration::from_millis(ms.min(60_000));
+        }
+        if let Some(ms) = read("TWOKEY_VAULT_MASTER_PAUSE_MS")? {
+            pace.master_pause = Duration::from_millis(ms.min(60_000));
         }
         Ok(pace)
     }
@@ -552,7 +560,7 @@ mod tests {
             ["adam", "anna"].map(|n| Person::generate(n, vec![format!("spiffe://t/user/{n}")]));
         let pace = RotationPace {
             batch,
-            pause: Duration::ZERO,
+            ..RotationPace::default()
         };
         open_with(dir, pace, &admins)
     }
@@ -953,6 +961,7 @@ mod tests {
         let pace = RotationPace {
             batch: 1,
             pause: Duration::from_secs(600),
+            ..RotationPace::default()
         };
         let (vault, db) = open_with(dir.path(), pace, &admins);
         put_seeds(&vault, &db, 5, 0);
@@ -1255,7 +1264,8 @@ mod tests {
             vars(Some("2"), Some("150")).unwrap(),
             RotationPace {
                 batch: 2,
-                pause: Duration::from_millis(150)
+                pause: Duration::from_millis(150),
+                master_pause: Duration::ZERO,
             }
         );
         assert_eq!(

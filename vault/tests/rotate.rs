@@ -4,7 +4,9 @@
 //! resumes by itself, serves codes meanwhile and ends with every seed
 //! readable under one generation; every refusal has its exact status and
 //! is audited; no seed or key reaches a log or a file in the clear; a
-//! sealed vault answers the key service UNAVAILABLE.
+//! sealed vault answers the key service UNAVAILABLE. Each rotation also
+//! replaces the master key (file mode: the key file); kills land inside
+//! that too, and at the end the first master key file opens nothing.
 
 mod common;
 
@@ -89,7 +91,8 @@ async fn start_process(config: &std::path::Path) -> (Child, std::net::SocketAddr
         .arg(config)
         .env("TWOKEY_LOG", "trace")
         .env("TWOKEY_VAULT_ROTATION_BATCH", "2")
-        .env("TWOKEY_VAULT_ROTATION_PAUSE_MS", "25");
+        .env("TWOKEY_VAULT_ROTATION_PAUSE_MS", "25")
+        .env("TWOKEY_VAULT_MASTER_PAUSE_MS", "40");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -200,9 +203,33 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     assert_eq!(first.generations[0].seeds, ACCOUNTS as u64);
 
     let admins = [&fx.people.adam, &fx.people.anna];
+    let key_file = fx.path().join("master.key");
+    let first_key = std::fs::read_to_string(&key_file).unwrap();
+    let mut masters = vec![first_key.clone()];
     let mut started = 0;
+    let mut in_flight = 0;
     let mut killed_mid_rotation = 0;
     for (round, late_id) in late.iter().enumerate() {
+        if round % 4 != 0 && key_status(&fx, addr).await.rotation.is_none() {
+            in_flight += 1;
+            // Killed while the call runs: inside the master key's
+            // replacement (before, between or after its steps).
+            let mut keys = keys_client(&fx, addr, "mallory");
+            let request = rotate_request(&fx, &admins);
+            let call = tokio::spawn(async move { keys.rotate_key(request).await });
+            let delay = rand::thread_rng().gen_range(0..150);
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let _ = call.await;
+            (child, addr) = start_process(&config).await;
+            let state = key_status(&fx, addr).await;
+            let master = state.master.clone().unwrap();
+            // Finished or promoted at the start, before serving.
+            assert_eq!(master.pending_generation, 0, "round {round}");
+            assert_eq!(master.generation, state.current_generation, "round {round}");
+            masters.push(std::fs::read_to_string(&key_file).unwrap());
+        }
         let state = key_status(&fx, addr).await;
         if state.rotation.is_none() {
             let answer = keys_client(&fx, addr, "mallory")
@@ -211,6 +238,14 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
                 .expect("two admins rotate the key")
                 .into_inner();
             assert!(answer.started);
+            let replaced = answer.master_replaced.expect("the master key is replaced");
+            assert_eq!(replaced.files, [key_file.display().to_string()]);
+            let now = std::fs::read_to_string(&key_file).unwrap();
+            assert!(
+                !masters.contains(&now),
+                "round {round}: the key file did not change"
+            );
+            masters.push(now);
             started += 1;
         }
         // A seed enrolled meanwhile is sealed under the newest generation.
@@ -226,8 +261,14 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
         child.kill().unwrap();
         child.wait().unwrap();
         (child, addr) = start_process(&config).await;
+        masters.push(std::fs::read_to_string(&key_file).unwrap());
         // Every seed is readable by the vault at every point.
         let state = key_status(&fx, addr).await;
+        assert_eq!(
+            state.master.as_ref().unwrap().generation,
+            state.current_generation,
+            "round {round}"
+        );
         let seeds: u64 = state.generations.iter().map(|g| g.seeds).sum();
         assert_eq!(seeds, accounts.len() as u64, "round {round}");
         if state.rotation.is_some() {
@@ -248,7 +289,13 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     assert_eq!(state.generations.len(), 1, "{state:?}");
     assert_eq!(state.generations[0].generation, state.current_generation);
     assert_eq!(state.generations[0].seeds, (ACCOUNTS + ROUNDS) as u64);
-    assert_eq!(state.current_generation, 1 + started);
+    // Every rotation started, answered or killed in flight, made a
+    // generation and a master key.
+    assert!(state.current_generation > started, "{state:?}");
+    let master = state.master.clone().unwrap();
+    assert_eq!(master.generation, state.current_generation);
+    assert_eq!(master.pending_generation, 0);
+    assert_eq!(master.seal_mode, "file");
     eprintln!(
         "{started} rotations started; {killed_mid_rotation} of {ROUNDS} kills landed inside one"
     );
@@ -260,6 +307,10 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     assert!(events_named(&audit, "key.rotation.started").len() >= started as usize);
     assert!(!events_named(&audit, "key.rotation.resumed").is_empty());
     assert!(!events_named(&audit, "key.rotation.batch").is_empty());
+    assert!(
+        events_named(&audit, "key.master.replaced").len() >= started as usize,
+        "each rotation replaced the master key"
+    );
     let finished = events_named(&audit, "key.rotation.finished");
     assert!(!finished.is_empty());
     assert!(finished.iter().all(|e| e.actor.contains("/user/adam")));
@@ -270,22 +321,64 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     // clear; no event carries one either.
     let log = std::fs::read_to_string(config.with_extension("log")).unwrap();
     assert!(log.contains("resuming the key rotation"), "not logged");
+    let inside_master = log.matches("resuming the master key replacement").count()
+        + log
+            .matches("interrupted after its seal material was written is promoted")
+            .count();
+    eprintln!(
+        "{inside_master} of {in_flight} kills during a RotateKey call landed inside its master key replacement"
+    );
+    assert!(
+        inside_master >= 1,
+        "no kill landed inside a master key replacement"
+    );
+
+    // A copy of the first master key file opens nothing any more.
+    let old_key = fx.path().join("old-master.key");
+    std::fs::write(&old_key, &first_key).unwrap();
+    std::fs::set_permissions(
+        &old_key,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let old_config = fx.path().join("old-vault.toml");
+    std::fs::write(
+        &old_config,
+        std::fs::read_to_string(&config).unwrap().replace(
+            &format!("master_key_file = \"{}\"", key_file.display()),
+            &format!("master_key_file = \"{}\"", old_key.display()),
+        ),
+    )
+    .unwrap();
+    let refused = refused_start(&old_config).await;
+    assert!(
+        refused.contains("the master key file is not the key this data directory was created with"),
+        "{refused}"
+    );
     let master = std::fs::read_to_string(fx.path().join("master.key")).unwrap();
-    let master_bytes =
-        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, master.trim()).unwrap();
+    let master_keys: Vec<Vec<u8>> = masters
+        .iter()
+        .map(|m| {
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, m.trim()).unwrap()
+        })
+        .collect();
     let events = format!("{:?}", audit.events.lock().unwrap());
     for secret in &secrets {
         assert!(!log.contains(secret.as_str()), "a seed in the log");
         assert!(!events.contains(secret.as_str()), "a seed in an event");
     }
-    assert!(!log.contains(master.trim()), "the master key in the log");
+    for m in &masters {
+        assert!(!log.contains(m.trim()), "a master key in the log");
+        assert!(!events.contains(m.trim()), "a master key in an event");
+    }
+    assert!(masters.contains(&master));
     let raw: Vec<Vec<u8>> = secrets
         .iter()
         .map(|s| data_encoding::BASE32_NOPAD.decode(s.as_bytes()).unwrap())
         .collect();
     for file in files_under(&fx.path().join("vault-data")) {
         let bytes = std::fs::read(&file).unwrap();
-        for seed in raw.iter().chain([&master_bytes]) {
+        for seed in raw.iter().chain(&master_keys) {
             assert!(
                 !bytes.windows(seed.len()).any(|w| w == seed.as_slice()),
                 "{} holds a seed or the master key",
@@ -293,6 +386,33 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
             );
         }
     }
+}
+
+/// Runs the vault binary with `config`, which must refuse to start:
+/// returns what it printed.
+async fn refused_start(config: &std::path::Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_twokey-vault"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..600 {
+        if child.try_wait().unwrap().is_some() {
+            let out = child.wait_with_output().unwrap();
+            assert!(!out.status.success());
+            return format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().unwrap();
+    panic!("the vault started with a master key it should refuse");
 }
 
 #[tokio::test]
