@@ -166,7 +166,14 @@ pub struct PgLogStore {
     epoch: AtomicU64,
     /// Set once a commit fails: the lease session is given up.
     lost: AtomicBool,
+    /// Committed nodes read or written lately: a node never changes once
+    /// committed, and signing and proofs read the same right edge again
+    /// and again. Emptied when it reaches [`NODE_CACHE`] entries.
+    nodes: Mutex<std::collections::HashMap<(u32, u64), Hash>>,
 }
+
+/// How many committed nodes [`PgLogStore`] keeps in memory at most.
+const NODE_CACHE: usize = 1 << 16;
 
 impl PgLogStore {
     /// Connects with `settings`, applies the audit migrations and reads the
@@ -188,6 +195,7 @@ impl PgLogStore {
             state: Mutex::new(State::default()),
             epoch: AtomicU64::new(0),
             lost: AtomicBool::new(false),
+            nodes: Mutex::new(std::collections::HashMap::new()),
         };
         let settings = store.settings.clone();
         store
@@ -523,9 +531,10 @@ impl PgLogStore {
                 let n = group.len();
                 state.committed = from + n as u64;
                 state.staged.drain(..n);
-                // Nodes and seq maps of later appends stay staged; those
-                // committed are read from the database from now on.
+                // Nodes of later appends stay staged; those committed are
+                // read from the cache or the database from now on.
                 state.nodes.retain(|k, _| !nodes.contains_key(k));
+                self.cache_nodes(nodes.into_iter());
                 let committed: Vec<_> = group
                     .iter()
                     .filter_map(|(e, _)| e.event.as_ref().map(|ev| (ev.source.clone(), ev.seq)))
@@ -533,12 +542,8 @@ impl PgLogStore {
                 for key in committed {
                     state.seq_index.remove(&key);
                 }
-                let keep: std::collections::BTreeSet<String> = state
-                    .staged
-                    .iter()
-                    .filter_map(|(e, _)| e.event.as_ref().map(|ev| ev.source.clone()))
-                    .collect();
-                state.next_seq.retain(|s, _| keep.contains(s));
+                // Each source's next seq stays known: only the lease holder
+                // writes, and losing the lease clears it.
                 Ok(())
             }
             Err(e) => {
@@ -570,8 +575,28 @@ impl PgLogStore {
         if let Some(h) = staged.nodes.get(&(level, index)) {
             return Ok(*h);
         }
-        self.db_node(level, index)?
-            .ok_or_else(|| AuditError::Store(format!("missing tree node {level}/{index}")))
+        if let Some(h) = self.cached().get(&(level, index)) {
+            return Ok(*h);
+        }
+        let h = self
+            .db_node(level, index)?
+            .ok_or_else(|| AuditError::Store(format!("missing tree node {level}/{index}")))?;
+        self.cache_nodes(std::iter::once(((level, index), h)));
+        Ok(h)
+    }
+
+    fn cached(&self) -> MutexGuard<'_, std::collections::HashMap<(u32, u64), Hash>> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn cache_nodes(&self, nodes: impl Iterator<Item = ((u32, u64), Hash)>) {
+        let mut cache = self.cached();
+        for (k, h) in nodes {
+            if cache.len() >= NODE_CACHE {
+                cache.clear();
+            }
+            cache.insert(k, h);
+        }
     }
 
     /// The epoch of staged appends (see [`LogStore::epoch`]).
