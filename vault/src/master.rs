@@ -300,6 +300,10 @@ impl<S: VaultStore> Vault<S> {
                     .into(),
             ));
         };
+        tracing::info!(
+            master_generation = pending.generation,
+            "master key replacement: the next key is recorded; writing its seal material"
+        );
         tokio::time::sleep(self.pace.master_pause).await;
         let key = next.secret().clone();
         let installed = tokio::task::spawn_blocking(move || seal.install(&key))
@@ -321,6 +325,10 @@ impl<S: VaultStore> Vault<S> {
                 .attr("seal_id", &installed.seal_id),
         )?;
         self.store.commit().await?;
+        tracing::info!(
+            master_generation = pending.generation,
+            "master key replacement: the seal material is written; promoting"
+        );
         tokio::time::sleep(self.pace.master_pause).await;
         let replaced = ReplacedMaster {
             generation: pending.generation,

@@ -678,8 +678,21 @@ async fn a_key_rotation_under_a_softhsm2_seal_keeps_every_seed_across_a_restart(
     enroll(&fx, vault.addr, "aws-prod-root", SECRET).await;
     enroll(&fx, vault.addr, "aws-dev-root", OTHER_SECRET).await;
     assert_eq!(key_state(&fx, vault.addr).await.current_generation, 1);
+    let descriptor = seal.join(hsm::DESCRIPTOR_FILE);
+    let old_descriptor = std::fs::read_to_string(&descriptor).unwrap();
+    let old_seal_id = hsm::Descriptor::load(&descriptor).unwrap().seal_id;
+    let master = key_state(&fx, vault.addr).await.master.unwrap();
+    assert_eq!(
+        (
+            master.generation,
+            master.seal_mode.as_str(),
+            master.seal_id.as_str()
+        ),
+        (1, "pkcs11", old_seal_id.as_str())
+    );
 
-    // Two admins rotate; the vault re-seals both seeds under generation 2.
+    // Two admins rotate; the vault re-seals both seeds under generation 2
+    // and replaces the master key, wrapped anew by the same HSM key.
     let consent = fx.admin_consent(
         1,
         "",
@@ -697,6 +710,18 @@ async fn a_key_rotation_under_a_softhsm2_seal_keeps_every_seed_across_a_restart(
     .unwrap()
     .into_inner();
     assert!(answer.started);
+    let replaced = answer.master_replaced.unwrap();
+    let new = hsm::Descriptor::load(&descriptor).unwrap();
+    assert_eq!(replaced.generation, 2);
+    assert_eq!(replaced.seal_id, new.seal_id);
+    assert_ne!(new.seal_id, old_seal_id);
+    assert_ne!(
+        new.key_check,
+        toml::from_str::<hsm::Descriptor>(&old_descriptor)
+            .unwrap()
+            .key_check
+    );
+    assert_eq!(replaced.files, [descriptor.display().to_string()]);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut state = key_state(&fx, vault.addr).await;
     while state.rotation.is_some() {
@@ -727,4 +752,29 @@ async fn a_key_rotation_under_a_softhsm2_seal_keeps_every_seed_across_a_restart(
         (2, vec![(2, 2)])
     );
     release(&fx, vault.addr, "aws-dev-root", OTHER_SECRET).await;
+    let master = state.master.unwrap();
+    assert_eq!((master.generation, master.seal_id), (2, new.seal_id));
+    drop(vault);
+
+    // The old seal.toml unwraps the old master key, which opens nothing.
+    let old_seal = fx.path().join("old-seal");
+    std::fs::create_dir(&old_seal).unwrap();
+    std::fs::write(old_seal.join(hsm::DESCRIPTOR_FILE), &old_descriptor).unwrap();
+    let old_config = write_config(
+        &fx,
+        audit.addr,
+        "old-vault.toml",
+        &seal_section(
+            &old_seal.join(hsm::DESCRIPTOR_FILE),
+            TOKEN,
+            "master",
+            &pin_line,
+        ),
+    );
+    let (code, text) = refused(&token, &old_config);
+    assert_ne!(code, Some(0));
+    assert!(
+        text.contains("not the key this data directory was created with"),
+        "{text}"
+    );
 }

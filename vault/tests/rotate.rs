@@ -92,7 +92,7 @@ async fn start_process(config: &std::path::Path) -> (Child, std::net::SocketAddr
         .env("TWOKEY_LOG", "trace")
         .env("TWOKEY_VAULT_ROTATION_BATCH", "2")
         .env("TWOKEY_VAULT_ROTATION_PAUSE_MS", "25")
-        .env("TWOKEY_VAULT_MASTER_PAUSE_MS", "40");
+        .env("TWOKEY_VAULT_MASTER_PAUSE_MS", "300");
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -210,15 +210,42 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     let mut in_flight = 0;
     let mut killed_mid_rotation = 0;
     for (round, late_id) in late.iter().enumerate() {
-        if round % 4 != 0 && key_status(&fx, addr).await.rotation.is_none() {
+        if round % 2 == 1 {
+            // Killed inside the master key's replacement, after its step 1
+            // (odd rounds 1, 5, ...) or its step 2 (3, 7, ...): once the
+            // rotation before has ended, a RotateKey call runs and the kill
+            // follows the step's log line (each step is followed by a
+            // 300 ms pause).
+            for _ in 0..600 {
+                if key_status(&fx, addr).await.rotation.is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             in_flight += 1;
-            // Killed while the call runs: inside the master key's
-            // replacement (before, between or after its steps).
+            let marker = if round % 4 == 1 {
+                "the next key is recorded; writing its seal material"
+            } else {
+                "the seal material is written; promoting"
+            };
+            let log_file = config.with_extension("log");
+            let seen = || {
+                std::fs::read_to_string(&log_file)
+                    .unwrap()
+                    .matches(marker)
+                    .count()
+            };
+            let before = seen();
             let mut keys = keys_client(&fx, addr, "mallory");
             let request = rotate_request(&fx, &admins);
             let call = tokio::spawn(async move { keys.rotate_key(request).await });
-            let delay = rand::thread_rng().gen_range(0..150);
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+            for _ in 0..3000 {
+                if seen() > before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            assert!(seen() > before, "round {round}: {marker:?} not logged");
             child.kill().unwrap();
             child.wait().unwrap();
             let _ = call.await;
@@ -321,17 +348,16 @@ async fn rotations_killed_at_random_points_in_20_rounds_leave_every_seed_readabl
     // clear; no event carries one either.
     let log = std::fs::read_to_string(config.with_extension("log")).unwrap();
     assert!(log.contains("resuming the key rotation"), "not logged");
-    let inside_master = log.matches("resuming the master key replacement").count()
-        + log
-            .matches("interrupted after its seal material was written is promoted")
-            .count();
+    let resumed = log.matches("resuming the master key replacement").count();
+    let promoted = log
+        .matches("interrupted after its seal material was written is promoted")
+        .count();
     eprintln!(
-        "{inside_master} of {in_flight} kills during a RotateKey call landed inside its master key replacement"
+        "of {in_flight} kills inside a master key replacement, {resumed} resumed writing the seal material at the next start, {promoted} promoted it"
     );
-    assert!(
-        inside_master >= 1,
-        "no kill landed inside a master key replacement"
-    );
+    assert!(resumed >= 1, "no kill landed between steps 1 and 2");
+    assert!(promoted >= 1, "no kill landed between steps 2 and 3");
+    assert!(!events_named(&audit, "key.master.resumed").is_empty());
 
     // A copy of the first master key file opens nothing any more.
     let old_key = fx.path().join("old-master.key");

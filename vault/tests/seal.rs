@@ -1218,3 +1218,101 @@ fn a_new_split_that_cannot_be_written_whole_leaves_the_old_descriptor_in_force()
         .collect();
     assert_eq!(temps, [temp.file_name().unwrap().to_str().unwrap()]);
 }
+
+#[tokio::test]
+async fn a_rotation_splits_a_new_master_key_to_the_same_holders_and_only_the_new_shares_unseal() {
+    use twokey_proto::vault::v1::{
+        KeyStatusRequest, RotateKeyRequest, key_service_client::KeyServiceClient,
+    };
+    let s = Sealed::new();
+    let events = FakeAudit::default();
+    let audit = start_fake_audit(&s.fx, events.clone()).await;
+    let vault = opened(&s, audit.addr).await;
+    let old = s.descriptor();
+    let keys = || KeyServiceClient::new(s.fx.channel(vault.addr, "mallory"));
+    let answer = keys()
+        .rotate_key(RotateKeyRequest {
+            consent: Some(s.fx.admin_consent(
+                1,
+                "",
+                AdminAction::RotateKey,
+                &[&s.fx.people.adam, &s.fx.people.anna],
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.started);
+    let replaced = answer.master_replaced.unwrap();
+    let new = s.descriptor();
+    // A new split: new seal id and key, the same K and holders.
+    assert_ne!(new.seal_id, old.seal_id);
+    assert_ne!(new.key_check, old.key_check);
+    assert_eq!(replaced.seal_id, new.seal_id);
+    assert_eq!(replaced.generation, 2);
+    assert_eq!(new.threshold, old.threshold);
+    let who = |d: &unseal::Descriptor| -> Vec<(String, String, String)> {
+        d.holders
+            .iter()
+            .map(|h| (h.name.clone(), h.spiffe_id.clone(), h.public_key.clone()))
+            .collect()
+    };
+    assert_eq!(who(&new), who(&old));
+    // Each holder is told where their new share file is.
+    let files: Vec<String> = HOLDERS
+        .iter()
+        .map(|n| {
+            s.dir
+                .join(&new.seal_id)
+                .join(format!("{n}.share.age"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(replaced.files, files);
+    let master = keys()
+        .key_status(KeyStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .state
+        .unwrap()
+        .master
+        .unwrap();
+    assert_eq!(
+        (
+            master.generation,
+            master.seal_mode.as_str(),
+            master.seal_id.as_str()
+        ),
+        (2, "shamir", new.seal_id.as_str())
+    );
+    let event = stored_event(&events, |e| e.action == "key.master.replaced").await;
+    assert_eq!(event.attributes["seal_id"], new.seal_id);
+    assert_eq!(event.attributes["mode"], "shamir");
+    // Still unsealed and serving.
+    assert!(!sealed(&s.fx, vault.addr).await);
+
+    // After a restart the old shares are foreign; K new ones unseal and
+    // open the same seeds.
+    vault.stop().await;
+    let vault = start_vault(s.config(audit.addr)).await;
+    let err = submit(&mut s.holder(vault.addr, "alice"), s.share("alice"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("foreign share"), "{}", err.message());
+    let new_share = |name: &str| {
+        let file = s.dir.join(&new.seal_id).join(format!("{name}.share.age"));
+        s.decrypt(name, &std::fs::read(file).unwrap())
+    };
+    submit(&mut s.holder(vault.addr, "bea"), new_share("bea"))
+        .await
+        .unwrap();
+    assert!(sealed(&s.fx, vault.addr).await);
+    submit(&mut s.holder(vault.addr, "alice"), new_share("alice"))
+        .await
+        .unwrap();
+    assert!(!sealed(&s.fx, vault.addr).await);
+    a_code(&s.fx, vault.addr).await.unwrap();
+}
