@@ -424,6 +424,7 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let mut migrating = None;
+    let mut pg_store = None;
     let store: Arc<dyn RequestStore> = match &postgres {
         Some(settings) => {
             // Serving starts NOT_SERVING; the store answers UNAVAILABLE
@@ -439,6 +440,7 @@ pub async fn serve(
                 clock.clone(),
                 health_reporter.clone(),
             )));
+            pg_store = Some(store.clone());
             store
         }
         None => match SledStore::open(&db, outbox.clone(), queue.clone()) {
@@ -473,6 +475,16 @@ pub async fn serve(
         broker = broker.with_refusal_counter(counter);
     }
     let broker = Arc::new(broker);
+    // Other replicas' changes, to this replica's watchers.
+    let following = pg_store.map(|store| {
+        let broker = broker.clone();
+        store.follow_changes(move |request, action| {
+            broker.publish_change(service::Change {
+                request: Arc::new(request),
+                action,
+            });
+        })
+    });
     // Not in `tasks`: it must finish a write it started, not be aborted.
     let refusal_flusher = tokio::spawn(broker.clone().run_refusal_flusher());
     let refusals = broker.clone();
@@ -588,7 +600,7 @@ pub async fn serve(
         shipper.abort();
         let _ = shipper.await;
     }
-    if let Some(task) = migrating {
+    for task in [migrating, following].into_iter().flatten() {
         task.abort();
         let _ = task.await;
     }
@@ -619,6 +631,7 @@ async fn migrate_then_serve(
         match ready.await {
             Ok(outbox) => {
                 store.ready(outbox);
+                store.wait_listening().await;
                 health
                     .set_serving::<BrokerServiceServer<BrokerGrpc>>()
                     .await;

@@ -510,11 +510,13 @@ impl Broker {
                             .attr("error", "no notifier can reach the requester"),
                     );
                 }
+                let action = effects.action.clone();
                 outcome = Some((effects.action, effects.fail));
                 Ok(Writes {
                     events,
                     messages,
                     claims: effects.claims,
+                    action,
                 })
             })
             .await?
@@ -671,6 +673,7 @@ impl Broker {
                     events: effects.events,
                     messages,
                     claims: Vec::new(),
+                    action: effects.action.clone(),
                 },
             )
             .await?;
@@ -795,6 +798,11 @@ impl Broker {
             requests,
             next_page_token,
         })
+    }
+
+    /// Tells this replica's watchers of a change another replica made.
+    pub fn publish_change(&self, change: Change) {
+        let _ = self.changes.send(change);
     }
 
     /// A stream of changes the caller may see, optionally for one account.

@@ -36,6 +36,9 @@ pub struct Writes {
     /// Ids used up for good by the change (grant and release ids): the
     /// change is refused if one was used before.
     pub claims: Vec<Claim>,
+    /// What watchers are told happened (`request.approved`); empty: nothing
+    /// to tell. A store shared by replicas tells the others' watchers.
+    pub action: String,
 }
 
 /// An id used once for good.

@@ -3,7 +3,8 @@
 //! the tests' fake vault: both report NOT_SERVING until migrated, then
 //! SERVING; a request filed and approved through one replica has its PIN
 //! verified and its code released through the other, and either replica
-//! sees the same request.
+//! sees the same request; a watcher on either replica sees every change,
+//! each once, whichever replica made it.
 
 mod common;
 
@@ -101,6 +102,25 @@ async fn health(h: &Harness, r: &Replica) -> i32 {
         .status
 }
 
+async fn watch(h: &Harness, r: &Replica) -> tonic::Streaming<pb::WatchRequestsResponse> {
+    client(h, "olivia", r)
+        .watch_requests(pb::WatchRequestsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The next change on a watch: its action, request id and PIN attempts.
+async fn next(s: &mut tonic::Streaming<pb::WatchRequestsResponse>) -> (String, String, u32) {
+    let change = tokio::time::timeout(PATIENCE, s.message())
+        .await
+        .unwrap_or_else(|_| panic!("no change arrived on {s:?}"))
+        .unwrap()
+        .expect("the watch ended");
+    let request = change.request.unwrap();
+    (change.action, request.request_id, request.pin_attempts)
+}
+
 async fn wait_serving(h: &Harness, r: &Replica) {
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     let start = Instant::now();
@@ -146,6 +166,8 @@ async fn a_flow_approved_on_one_replica_is_verified_and_released_on_the_other() 
     let b = replica(&h, "b", &url, &password_file).await;
     wait_serving(&h, &a).await;
     wait_serving(&h, &b).await;
+    let mut on_a = watch(&h, &a).await;
+    let mut on_b = watch(&h, &b).await;
 
     // Filed and approved on A.
     let r = request_of(
@@ -179,6 +201,14 @@ async fn a_flow_approved_on_one_replica_is_verified_and_released_on_the_other() 
     );
     assert_eq!(state_of(&seen), pb::RequestState::Approved);
     let pin = h.wait_for_pin("alice", &id, 1).await;
+    // Made on A: A's watcher sees them once, B's through PostgreSQL.
+    for watch in [&mut on_a, &mut on_b] {
+        assert_eq!(next(watch).await, ("request.created".into(), id.clone(), 0));
+        assert_eq!(
+            next(watch).await,
+            ("request.approved".into(), id.clone(), 0)
+        );
+    }
 
     // A wrong PIN on B counts, and A sees the count.
     let wrong = if pin.starts_with('0') { "1" } else { "0" }.repeat(pin.len());
@@ -199,6 +229,10 @@ async fn a_flow_approved_on_one_replica_is_verified_and_released_on_the_other() 
             .await,
     );
     assert_eq!(seen.pin_attempts, 1);
+    // Made on B: both watchers see it, each once.
+    for watch in [&mut on_a, &mut on_b] {
+        assert_eq!(next(watch).await, ("pin.failed".into(), id.clone(), 1));
+    }
 
     // The right PIN and the release on B.
     let r = request_of(
@@ -229,6 +263,12 @@ async fn a_flow_approved_on_one_replica_is_verified_and_released_on_the_other() 
     );
     assert_eq!(seen.codes_released, 1);
     assert_eq!(h.vault.grants.lock().unwrap().len(), 1);
+    for watch in [&mut on_a, &mut on_b] {
+        assert_eq!(next(watch).await.0, "pin.verified");
+        let (action, rid, _) = next(watch).await;
+        assert_eq!(rid, id);
+        assert_ne!(action, "pin.verified", "a change told twice");
+    }
     // The events of both replicas are in the one outbox in PostgreSQL.
     let events: usize = pg
         .psql("broker", "SELECT count(*) FROM twokey_outbox_pending")

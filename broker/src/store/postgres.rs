@@ -11,6 +11,13 @@
 //! `synchronous_commit = on`, committed means durable, so the store's
 //! [`RequestStore::commit`] has nothing left to make durable in PostgreSQL.
 //!
+//! A change with an action for watchers also sends `pg_notify` on
+//! [`CHANGES`] in its transaction (delivered at commit); every replica
+//! listens ([`PgStore::follow_changes`]) and tells its own `WatchRequests`
+//! callers of the other replicas' changes, with the request as it is when
+//! read. A notification sent while a replica's listening session is down
+//! is not seen by that replica's watchers.
+//!
 //! Notifications are not in PostgreSQL yet: once a change has committed,
 //! its messages go to this replica's sled queue (synced by `commit`). A
 //! replica that dies between the two loses those messages (the requester
@@ -60,6 +67,14 @@ CREATE TABLE broker_docs (
 );
 ",
 }];
+
+/// The NOTIFY channel of request changes (payload: replica, action and
+/// request id, tab-separated).
+pub const CHANGES: &str = "twokey_broker_changes";
+
+/// How long a replica waits before it listens again after its listening
+/// session ended.
+const LISTEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sessions one replica's store keeps open.
 pub const SESSIONS: usize = 4;
@@ -140,6 +155,10 @@ pub struct PgStore {
     db: DurableDb,
     queue: Arc<NotifyQueue>,
     receipts: ReceiptHealth,
+    /// This replica's id in change notifications, to skip its own.
+    replica: String,
+    /// Whether [`PgStore::follow_changes`] is listening now.
+    listening: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -188,7 +207,89 @@ impl PgStore {
             db: db.clone(),
             queue,
             receipts: ReceiptHealth::unchecked(),
+            replica: uuid::Uuid::new_v4().to_string(),
+            listening: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Waits until [`PgStore::follow_changes`] listens (a replica reports
+    /// SERVING only then, so its watchers miss no change made after).
+    pub async fn wait_listening(&self) {
+        let mut rx = self.listening.subscribe();
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
+    /// Listens for the changes other replicas commit and hands each to
+    /// `publish` with the request as stored now; reconnects when the
+    /// listening session ends. Runs until the task is aborted.
+    pub fn follow_changes(
+        &self,
+        publish: impl Fn(RequestRecord, String) + Send + Sync + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match twokey_pgstore::connect::connect_listening(&store.sessions.settings).await {
+                    Ok((client, mut notifications)) => {
+                        match client.batch_execute(&format!("LISTEN {CHANGES}")).await {
+                            Ok(()) => {
+                                store.listening.send_replace(true);
+                                while let Some(n) = notifications.recv().await {
+                                    store.tell(&n, &publish).await;
+                                }
+                                store.listening.send_replace(false);
+                                tracing::warn!(
+                                    "the session listening for other replicas' changes ended; \
+                                     listening again"
+                                );
+                            }
+                            Err(e) => tracing::warn!(
+                                "cannot listen for other replicas' changes: {}",
+                                PgError::from(e)
+                            ),
+                        }
+                    }
+                    Err(e) => tracing::warn!("cannot listen for other replicas' changes: {e}"),
+                }
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+        })
+    }
+
+    async fn tell(
+        &self,
+        n: &tokio_postgres::Notification,
+        publish: &(impl Fn(RequestRecord, String) + Send + Sync),
+    ) {
+        let mut parts = n.payload().splitn(3, '\t');
+        let (Some(replica), Some(action), Some(id)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        if replica == self.replica {
+            return;
+        }
+        match self.get_now(id).await {
+            Ok(Some(record)) => publish(record, action.to_owned()),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(request_id = id, "cannot read a changed request: {e}"),
+        }
+    }
+
+    async fn notify_change(
+        &self,
+        tx: &Transaction<'_>,
+        id: &str,
+        action: &str,
+    ) -> Result<(), BrokerError> {
+        if action.is_empty() {
+            return Ok(());
+        }
+        let payload = format!("{}\t{action}\t{id}", self.replica);
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANGES, &payload])
+            .await
+            .map_err(pg)?;
+        Ok(())
     }
 
     /// The schema is migrated: calls go to the database, events to `outbox`.
@@ -284,6 +385,7 @@ impl PgStore {
         }
         Self::claim(&tx, &writes.claims).await?;
         self.push(&tx, &writes.events).await?;
+        self.notify_change(&tx, &record.id, &writes.action).await?;
         tx.commit().await.map_err(pg)?;
         drop(guard);
         self.enqueue(&writes.messages)
@@ -319,6 +421,7 @@ impl PgStore {
         .await
         .map_err(pg)?;
         self.push(&tx, &writes.events).await?;
+        self.notify_change(&tx, id, &writes.action).await?;
         tx.commit().await.map_err(pg)?;
         drop(guard);
         self.enqueue(&writes.messages)?;
