@@ -170,6 +170,10 @@ pub struct PgLogStore {
     /// committed, and signing and proofs read the same right edge again
     /// and again. Emptied when it reaches [`NODE_CACHE`] entries.
     nodes: Mutex<std::collections::HashMap<(u32, u64), Hash>>,
+    /// Why the last request for the lease failed (PostgreSQL unreachable),
+    /// until one succeeds: what a refused append says instead of naming
+    /// another replica.
+    unreachable: Mutex<Option<String>>,
 }
 
 /// How many committed nodes [`PgLogStore`] keeps in memory at most.
@@ -196,6 +200,7 @@ impl PgLogStore {
             epoch: AtomicU64::new(0),
             lost: AtomicBool::new(false),
             nodes: Mutex::new(std::collections::HashMap::new()),
+            unreachable: Mutex::new(None),
         };
         let settings = store.settings.clone();
         store
@@ -337,7 +342,7 @@ impl PgLogStore {
             .take()
             .filter(|c| !c.is_closed());
         let settings = self.settings.clone();
-        let (client, held) = self
+        let asked = self
             .run(async move {
                 // A kept session may have died since (its server restarted):
                 // then once more on a new one.
@@ -354,7 +359,10 @@ impl PgLogStore {
                 Ok::<_, PgError>((client, held))
             })
             .await?
-            .map_err(pg_error)?;
+            .map_err(pg_error);
+        *self.unreachable.lock().unwrap_or_else(|e| e.into_inner()) =
+            asked.as_ref().err().map(ToString::to_string);
+        let (client, held) = asked?;
         if held {
             *lease = Some(client);
             self.lost.store(false, Ordering::SeqCst);
@@ -819,9 +827,14 @@ impl LogStore for PgLogStore {
 
     fn may_append(&self) -> Result<(), AuditError> {
         if self.state().sequencer {
-            Ok(())
-        } else {
-            Err(AuditError::NotSequencer(NOT_SEQUENCER.into()))
+            return Ok(());
+        }
+        match &*self.unreachable.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(AuditError::NotSequencer(format!(
+                "this audit replica cannot append: it cannot reach its database to take the \
+                 sequencer lease ({why}); retry, or send to the next audit address"
+            ))),
+            None => Err(AuditError::NotSequencer(NOT_SEQUENCER.into())),
         }
     }
 
