@@ -266,7 +266,7 @@ pub fn write_new_shares(dir: &Path, answer: &ReshareResponse) -> Result<Vec<Path
 pub fn human_reshare(p: &SealProgress) -> Option<String> {
     let r = p.reshare.as_ref()?;
     Some(format!(
-        "reshare {} started by {}: {} of {} new holders ({}); {} of {} current shares received{}",
+        "reshare {} started by {}: {} of {} new holders ({}); current shares: {}",
         r.plan_id,
         r.started_by,
         r.threshold,
@@ -276,14 +276,22 @@ pub fn human_reshare(p: &SealProgress) -> Option<String> {
             .map(|h| format!("{} {}", h.name, h.spiffe_id))
             .collect::<Vec<_>>()
             .join(", "),
-        r.received_from.len(),
-        p.threshold,
-        if r.received_from.is_empty() {
+        received(&r.received_from, p.threshold),
+    ))
+}
+
+/// "N of K shares received, from A, B": what a vault has of the shares it
+/// needs, for `twokey vault status` and the reshare plan.
+pub(crate) fn received(from: &[String], threshold: u32) -> String {
+    format!(
+        "{} of {threshold} shares received{}",
+        from.len(),
+        if from.is_empty() {
             String::new()
         } else {
-            format!(", from {}", r.received_from.join(", "))
+            format!(", from {}", from.join(", "))
         }
-    ))
+    )
 }
 
 #[cfg(test)]
@@ -433,7 +441,7 @@ mod tests {
         };
         assert_eq!(
             human_reshare(&p).unwrap(),
-            "reshare 0123abcd started by spiffe://t/user/alice: 3 of 1 new holders (olivia spiffe://t/user/olivia); 1 of 2 current shares received, from alice"
+            "reshare 0123abcd started by spiffe://t/user/alice: 3 of 1 new holders (olivia spiffe://t/user/olivia); current shares: 1 of 2 shares received, from alice"
         );
         assert_eq!(human_reshare(&SealProgress::default()), None);
     }

@@ -287,14 +287,8 @@ pub(crate) fn human(p: &SealProgress) -> String {
         };
     }
     format!(
-        "sealed: {} of {} shares received{}",
-        p.received_from.len(),
-        p.threshold,
-        if p.received_from.is_empty() {
-            String::new()
-        } else {
-            format!(", from {}", p.received_from.join(", "))
-        }
+        "sealed: {}",
+        crate::seal::received(&p.received_from, p.threshold)
     )
 }
 
