@@ -279,6 +279,73 @@ impl TestPostgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
+    /// Runs a psql script file (as `psql -f`, fed on stdin) as the
+    /// superuser on the Unix socket, with `-v NAME=VALUE` for each of
+    /// `vars`, stopping at the first error; returns what it printed. This is
+    /// how a deployment's own SQL (deploy/postgres/init.sql) is tested as
+    /// written. Backquoted shell commands in the script run as the server's
+    /// user: give them files from [`TestPostgres::write_private`].
+    pub fn psql_file(
+        &self,
+        database: &str,
+        script: &Path,
+        vars: &[(&str, &str)],
+    ) -> Result<String, PgUnavailable> {
+        use std::io::Write;
+        let text = std::fs::read(script)
+            .map_err(|e| PgUnavailable(format!("read {}: {e}", script.display())))?;
+        let port = self.port.to_string();
+        let mut command = self.command("psql");
+        command.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]);
+        for (name, value) in vars {
+            command.arg("-v").arg(format!("{name}={value}"));
+        }
+        command
+            .args(["-h", path_str(self.socket_dir()), "-p", &port])
+            .args(["-U", SUPERUSER, "-d", database, "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command
+            .spawn()
+            .map_err(|e| PgUnavailable(format!("run psql: {e}")))?;
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(&text)
+            .map_err(|e| PgUnavailable(format!("feed psql: {e}")))?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| PgUnavailable(format!("run psql: {e}")))?;
+        if !out.status.success() {
+            return Err(PgUnavailable(format!(
+                "psql -f {} failed: {}{}",
+                script.display(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Writes `contents` to `name` in a directory of this test server's
+    /// (mode 0600, owned by the user the server and `psql` run as), and
+    /// returns its path: secrets a script reads, such as password files.
+    pub fn write_private(&self, name: &str, contents: &str) -> Result<PathBuf, PgUnavailable> {
+        let dir = self.dir.path().join("private");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| PgUnavailable(format!("create {}: {e}", dir.display())))?;
+        self.chown(&dir)?;
+        let path = dir.join(name);
+        std::fs::write(&path, contents)
+            .map_err(|e| PgUnavailable(format!("write {}: {e}", path.display())))?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| PgUnavailable(format!("chmod {}: {e}", path.display())))?;
+        self.chown(&path)?;
+        Ok(path)
+    }
+
     /// Creates a login role with `password` and a database it owns, which no
     /// other role may connect to (as each service's own database), and
     /// returns the URL to reach it over loopback TCP (no password in it).
