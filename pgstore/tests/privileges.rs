@@ -230,20 +230,22 @@ async fn three_login_roles_no_superuser_each_owning_only_its_database() {
         "3"
     );
     // Nor can a service make a database or a role, or read server files.
-    let c = s.client("twokey_vault", "twokey_vault").await;
-    for (sql, message) in [
-        (
-            "CREATE DATABASE elsewhere",
-            "permission denied to create database",
-        ),
-        ("CREATE ROLE someone", "permission denied to create role"),
-        (
-            "SELECT pg_read_file('postgresql.conf')",
-            "permission denied for function pg_read_file",
-        ),
-    ] {
-        let e = c.batch_execute(sql).await.unwrap_err();
-        assert_eq!(refusal(&e), denied(message), "{sql}");
+    for role in ROLES {
+        let c = s.client(role, role).await;
+        for (sql, message) in [
+            (
+                "CREATE DATABASE elsewhere",
+                "permission denied to create database",
+            ),
+            ("CREATE ROLE someone", "permission denied to create role"),
+            (
+                "SELECT pg_read_file('postgresql.conf')",
+                "permission denied for function pg_read_file",
+            ),
+        ] {
+            let e = c.batch_execute(sql).await.unwrap_err();
+            assert_eq!(refusal(&e), denied(message), "{role}: {sql}");
+        }
     }
 }
 
