@@ -35,6 +35,10 @@ root="${TWOKEY_CONFIG_ROOT:-/etc/twokey}"
 for svc in vault broker audit; do
   [ -f "$out/$svc/$svc.toml" ] || { echo "store-config: no $out/$svc/$svc.toml: run bootstrap.sh $out first" >&2; exit 1; }
 done
+command -v openssl >/dev/null || [ -f "$out/pki/postgres-ca.crt" ] || {
+  echo "store-config: openssl is needed to make the database's certificate (apt-get install openssl), or put your own in $out/pki/postgres-ca.crt and $out/db/server.{crt,key}" >&2
+  exit 1
+}
 if [ -e "$out/db/secrets" ]; then
   echo "store-config: $out/db/secrets exists: already done (passwords are never replaced)" >&2
   exit 1

@@ -3,7 +3,10 @@
 //! may create neither databases nor roles, each owning its own database and
 //! reaching no other one (SQLSTATE 42501), each migrating and using its own
 //! tables, none reading another's even with a CONNECT granted by mistake;
-//! run again, it takes such grants back and sets the passwords anew.
+//! run again, it takes such grants back and sets the passwords anew. And
+//! what deploy/postgres/store-config.sh writes (the database's certificate,
+//! pg_hba.conf, each service's [store.postgres]) connects each role to its
+//! own database over verify-full and to nothing else.
 
 mod common;
 
@@ -465,4 +468,168 @@ async fn a_missing_password_file_stops_the_script_before_it_changes_anything() {
         .unwrap(),
         "0"
     );
+}
+
+fn deploy_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/postgres")
+        .join(name)
+}
+
+/// The `key = "value"` of `[store.postgres]` in a config store-config.sh wrote.
+fn store_setting(config: &str, key: &str) -> String {
+    let section = config
+        .split("[store.postgres]")
+        .nth(1)
+        .expect("store-config.sh wrote [store.postgres]");
+    section
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key} = \"")))
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or_else(|| panic!("no {key} in {section}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn what_store_config_writes_serves_each_role_its_own_database_over_verify_full_only() {
+    // bootstrap.sh's layout, as far as store-config.sh reads it.
+    let out = tempfile::tempdir().unwrap();
+    std::fs::create_dir(out.path().join("pki")).unwrap();
+    for svc in ["vault", "broker", "audit"] {
+        std::fs::create_dir(out.path().join(svc)).unwrap();
+        std::fs::write(
+            out.path().join(svc).join(format!("{svc}.toml")),
+            "listen = \"0.0.0.0:1\"\n",
+        )
+        .unwrap();
+    }
+    let run = std::process::Command::new(deploy_script("store-config.sh"))
+        .arg(out.path())
+        .env("TWOKEY_DB_HOST", "localhost")
+        .env("TWOKEY_CONFIG_ROOT", out.path())
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "store-config.sh: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let db = out.path().join("db");
+    let read = |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+
+    // The database as store-config.sh and init.sql make it.
+    let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
+    pg.enable_tls(&read(db.join("server.crt")), &read(db.join("server.key")))
+        .unwrap();
+    pg.set_hba(&read(db.join("pg_hba.conf"))).unwrap();
+    let mut secrets = PathBuf::new();
+    for role in ROLES {
+        let file = pg
+            .write_private(
+                &format!("{role}.password"),
+                &read(db.join("secrets").join(format!("{role}.password"))),
+            )
+            .unwrap();
+        secrets = file.parent().unwrap().to_owned();
+    }
+    pg.psql_file(
+        "postgres",
+        &script(),
+        &[("secrets", secrets.to_str().unwrap())],
+    )
+    .unwrap();
+
+    let port = pg.port().to_string();
+    for svc in ["vault", "broker", "audit"] {
+        let role = format!("twokey_{svc}");
+        let config = read(out.path().join(svc).join(format!("{svc}.toml")));
+        assert!(
+            config.contains("[store]\nbackend = \"postgres\""),
+            "{config}"
+        );
+        let url = store_setting(&config, "url");
+        assert_eq!(
+            url,
+            format!("postgresql://{role}@localhost:5432/{role}?sslmode=verify-full")
+        );
+        // The service's own settings, on this server's port.
+        let settings = PgSettings {
+            url: url.replace(":5432/", &format!(":{port}/")),
+            password_file: Some(store_setting(&config, "password_file").into()),
+            ca_file: Some(store_setting(&config, "ca_file").into()),
+        };
+        let c = connect(&settings)
+            .await
+            .unwrap_or_else(|e| panic!("{svc}: {e}"));
+        let row = c
+            .query_one(
+                "SELECT current_user::text, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (row.get::<_, String>(0), row.get::<_, bool>(1)),
+            (role.clone(), true)
+        );
+        // Another service's database, over TLS with the right password:
+        // pg_hba has no line for it.
+        let other = if svc == "vault" {
+            "twokey_broker"
+        } else {
+            "twokey_vault"
+        };
+        let wrong_db = PgSettings {
+            url: settings
+                .url
+                .replace(&format!("/{role}?"), &format!("/{other}?")),
+            ..settings.clone()
+        };
+        let e = connect(&wrong_db).await.unwrap_err();
+        assert!(
+            matches!(&e, PgError::Query(m) if m.contains("no pg_hba.conf entry")
+                && m.contains(&format!("database \"{other}\""))),
+            "{svc}: {e}"
+        );
+        // Cleartext over TCP: refused by the server too (the services
+        // themselves take sslmode=disable on loopback only).
+        let password = read(out.path().join(svc).join("postgres.password"));
+        let e = cleartext_refusal(pg.port(), &role, password.trim()).await;
+        assert_eq!(
+            e.0,
+            SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
+            "{}",
+            e.1
+        );
+        assert!(
+            e.1.contains("no pg_hba.conf entry") && e.1.contains("no encryption"),
+            "{}",
+            e.1
+        );
+    }
+    // The certificate names `localhost` only: another name for the same
+    // server is refused by verify-full.
+    let audit = read(out.path().join("audit/audit.toml"));
+    let by_ip = PgSettings {
+        url: format!("postgresql://twokey_audit@127.0.0.1:{port}/twokey_audit?sslmode=verify-full"),
+        password_file: Some(store_setting(&audit, "password_file").into()),
+        ca_file: Some(store_setting(&audit, "ca_file").into()),
+    };
+    let e = connect(&by_ip).await.unwrap_err();
+    assert!(matches!(e, PgError::Tls(_)), "{e}");
+}
+
+/// A cleartext TCP connection's refusal: SQLSTATE and message.
+async fn cleartext_refusal(port: u16, role: &str, password: &str) -> (SqlState, String) {
+    let e = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .port(port)
+        .user(role)
+        .password(password)
+        .dbname(role)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map(drop)
+        .unwrap_err();
+    refusal(&e)
 }

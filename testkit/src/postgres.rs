@@ -241,6 +241,17 @@ impl TestPostgres {
         self.start_server()
     }
 
+    /// Replaces the server's `pg_hba.conf` with `text` (a deployment's
+    /// own) and restarts, so that it is in force for every new connection.
+    pub fn set_hba(&self, text: &str) -> Result<(), PgUnavailable> {
+        let path = self.data_dir().join("pg_hba.conf");
+        std::fs::write(&path, text)
+            .map_err(|e| PgUnavailable(format!("write {}: {e}", path.display())))?;
+        self.chown(&path)?;
+        self.stop()?;
+        self.start_server()
+    }
+
     /// Stops the server at once (`-m immediate`: like a crash, the next start
     /// recovers from the WAL).
     pub fn stop(&self) -> Result<(), PgUnavailable> {
