@@ -179,9 +179,11 @@ impl ServiceError for VaultError {
             Self::Store(VaultStoreError::NotFound(_) | VaultStoreError::NothingKept(_)) => {
                 ErrorKind::NotFound
             }
-            Self::AuditUnavailable(_) | Self::Store(VaultStoreError::Store(_)) => {
+            Self::AuditUnavailable(_)
+            | Self::Store(VaultStoreError::Store(_) | VaultStoreError::Database(_)) => {
                 ErrorKind::Unavailable
             }
+            Self::Store(VaultStoreError::Unsupported(_)) => ErrorKind::FailedPrecondition,
             Self::Store(VaultStoreError::Corrupt(_))
             | Self::Integrity(_)
             | Self::WrongMasterKey

@@ -44,6 +44,8 @@ use twokey_runtime::{
     outbox::Outbox,
 };
 
+pub mod postgres;
+
 use crate::{
     seed::TotpParams,
     totp::{MAX_STEPS_AHEAD, choose_step, min_seconds_left},
@@ -382,6 +384,14 @@ pub enum VaultStoreError {
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The PostgreSQL store cannot reach its database (or it refused the
+    /// change): nothing was changed; the message says what to do.
+    #[error("{0}")]
+    Database(String),
+    /// The store does not do this yet (the PostgreSQL store and key
+    /// rotation); the message says so.
+    #[error("{0}")]
+    Unsupported(String),
     /// A stored record is unreadable.
     #[error("stored record for {0} is unreadable")]
     Corrupt(String),
