@@ -432,7 +432,7 @@ pub async fn serve(
             health_reporter
                 .set_not_serving::<BrokerServiceServer<BrokerGrpc>>()
                 .await;
-            let store = Arc::new(PgStore::starting(settings.clone(), &db, queue.clone()));
+            let store = Arc::new(PgStore::starting(settings.clone(), &queue));
             migrating = Some(tokio::spawn(migrate_then_serve(
                 settings.clone(),
                 store.clone(),
@@ -475,6 +475,7 @@ pub async fn serve(
         broker = broker.with_refusal_counter(counter);
     }
     let broker = Arc::new(broker);
+    let pg_queue = pg_store.as_ref().map(|store| store.queue().clone());
     // Other replicas' changes, to this replica's watchers.
     let following = pg_store.map(|store| {
         let broker = broker.clone();
@@ -528,7 +529,11 @@ pub async fn serve(
             loaded,
         ));
     }
+    // On PostgreSQL the sled queue still carries the findings' alerts.
     tasks.spawn(queue.clone().run());
+    if let Some(pg_queue) = &pg_queue {
+        tasks.spawn(pg_queue.clone().run());
+    }
     if let Some(channel) = findings_channel {
         let rules = broker.clone();
         let poller = findings::FindingsPoller::new(

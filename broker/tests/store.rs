@@ -142,11 +142,11 @@ async fn pg() -> Pg {
 /// One replica's store on `pg`.
 async fn pg_backend(pg: &Pg) -> Backend {
     let dir = tempfile::tempdir().unwrap();
-    let (db, _, queue) = local(dir.path());
+    let (_, _, queue) = local(dir.path());
     let outbox = PgOutbox::connect(&pg.settings, signer(), clock())
         .await
         .unwrap();
-    let store = PgStore::new(pg.settings.clone(), outbox.clone(), &db, queue);
+    let store = PgStore::new(pg.settings.clone(), outbox.clone(), &queue);
     Backend {
         name: "postgres",
         store: Arc::new(store),
@@ -385,7 +385,37 @@ async fn migrating_again_applies_nothing_and_the_versions_are_recorded() {
     let m = twokey_pgstore::migrate(&mut client, COMPONENT, MIGRATIONS)
         .await
         .unwrap();
-    assert_eq!((m.from, m.to), (1, 1));
+    assert_eq!((m.from, m.to), (2, 2));
+}
+
+#[tokio::test]
+async fn a_database_at_version_1_gains_the_notification_queue() {
+    let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
+    pg.create_database("broker", "broker_role", "broker-pw")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file: PathBuf = dir.path().join("broker_role.pw");
+    std::fs::write(&file, "broker-pw\n").unwrap();
+    let settings = PgSettings {
+        url: pg.url("broker", "broker_role"),
+        password_file: Some(file),
+        ca_file: None,
+    };
+    let mut client = twokey_pgstore::connect(&settings).await.unwrap();
+    // As a broker of the release before the queue left it.
+    twokey_pgstore::migrate(&mut client, COMPONENT, &MIGRATIONS[..1])
+        .await
+        .unwrap();
+    let m = twokey_pgstore::migrate(&mut client, COMPONENT, MIGRATIONS)
+        .await
+        .unwrap();
+    assert_eq!((m.from, m.to), (1, 2));
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM broker_notify_queue", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
 }
 
 /// Runs `f` on both replicas at once.

@@ -1,6 +1,7 @@
 //! Notifications: what goes to whom when a request changes, a [`Notifier`]
 //! trait with mailbox, webhook and Slack implementations, and a durable
-//! queue in sled that retries with exponential backoff and records a
+//! queue — in sled ([`NotifyQueue`]) or, shared by replicas, in PostgreSQL
+//! ([`pg::PgQueue`]) — that retries with exponential backoff and records a
 //! notification that finally fails (`notification.failed`).
 //!
 //! A PIN travels only in a message to the requester. In the queue it is
@@ -9,6 +10,7 @@
 
 pub mod http;
 pub mod mailbox;
+pub mod pg;
 mod queue;
 mod rules;
 mod seal;

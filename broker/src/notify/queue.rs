@@ -1,8 +1,20 @@
-//! The durable delivery queue in sled: one entry per message and notifier,
+//! The durable delivery queue: one entry per message and notifier,
 //! retried with exponential backoff; a notification that finally fails is
 //! recorded (`notification.failed`). A queued PIN is sealed ([`PinSeal`]).
+//!
+//! What both storages share lives here ([`Deliveries`]: the entries, the
+//! order of a pass — PINs first, a bounded batch, a pass cut short when a
+//! PIN is queued —, the retries and their backoff, the failed event, the
+//! worker loop); [`NotifyQueue`] keeps the entries in sled (one broker),
+//! `super::pg::PgQueue` in PostgreSQL (shared by replicas).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc, PoisonError, RwLock,
+        atomic::{AtomicBool, Ordering::SeqCst},
+    },
+    time::Duration,
+};
 
 use serde::{Deserialize, Serialize};
 use sled::{
@@ -23,16 +35,19 @@ use crate::{
 /// Attempts before a notification is given up.
 pub const MAX_ATTEMPTS: u32 = 6;
 /// Most notifications one pass delivers before it looks for PINs again.
-const DELIVERY_BATCH: usize = 64;
+pub(crate) const DELIVERY_BATCH: usize = 64;
 /// First retry delay; doubled on each failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest retry delay.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// Longest wait of the worker between passes: retries that came due, and
+/// (in PostgreSQL) entries whose wake-up was lost with a session.
+pub(crate) const POLL: Duration = Duration::from_secs(1);
 
 /// A queued delivery: one message for one notifier.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Entry {
-    id: String,
+pub(crate) struct Entry {
+    pub(crate) id: String,
     notifier: String,
     message_id: String,
     kind: String,
@@ -42,34 +57,262 @@ struct Entry {
     text: String,
     /// base64(nonce ‖ ciphertext) of the PIN; AAD is the entry id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    sealed_pin: Option<String>,
+    pub(crate) sealed_pin: Option<String>,
     at_ms: u64,
     attempts: u32,
-    next_ms: u64,
+    pub(crate) next_ms: u64,
     #[serde(default)]
     last_error: String,
 }
 
-/// The durable delivery queue and its notifiers.
+/// What one pass decided for the entries it tried.
+#[derive(Debug, Default)]
+pub(crate) struct Settlement {
+    /// Each entry tried: kept for its retry (with its new attempts and
+    /// due time), or gone (delivered, or given up).
+    pub(crate) entries: Vec<(String, Option<Entry>)>,
+    /// `notification.failed` of the entries given up.
+    pub(crate) failed: Vec<EventDraft>,
+    /// How many were delivered.
+    pub(crate) delivered: u64,
+}
+
+/// The worker's signals of one queue: woken when entries are queued, and
+/// whether a PIN was queued since the pass began.
+#[derive(Debug, Default)]
+pub(crate) struct Signals {
+    pub(crate) wake: Notify,
+    pub(crate) pin_queued: AtomicBool,
+}
+
+/// What the sled and the PostgreSQL queue share: the notifiers, the PIN
+/// seal, the clock, the delivery counter, and the delivery logic.
+pub(crate) struct Deliveries {
+    notifiers: Vec<Arc<dyn Notifier>>,
+    seal: PinSeal,
+    pub(crate) clock: Arc<dyn Clock>,
+    delivered: RwLock<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Deliveries {
+    pub(crate) fn new(
+        notifiers: Vec<Arc<dyn Notifier>>,
+        key: &PinKey,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            notifiers,
+            seal: PinSeal::new(key),
+            clock,
+            delivered: RwLock::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+
+    /// Counts deliveries with `counter` from now on.
+    pub(crate) fn set_delivery_counter(&self, counter: tokio::sync::watch::Sender<u64>) {
+        *self
+            .delivered
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = counter;
+    }
+
+    pub(crate) fn deliveries(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.delivered
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .subscribe()
+    }
+
+    pub(crate) fn deliverable(&self, message: &Message) -> bool {
+        self.notifiers.iter().any(|n| n.accepts(message))
+    }
+
+    pub(crate) fn now_ms(&self) -> u64 {
+        millis(self.clock.now())
+    }
+
+    /// The entries of `messages`: one per notifier that takes each, in
+    /// order, each with the id `id` gives it and its PIN sealed to that
+    /// id. Sets `signals.pin_queued` when one holds a PIN.
+    pub(crate) fn entries(
+        &self,
+        signals: &Signals,
+        messages: &[Message],
+        mut id: impl FnMut() -> String,
+    ) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for message in messages {
+            if message.pin.is_some() {
+                // (Set again if the transaction runs again: harmless.)
+                signals.pin_queued.store(true, SeqCst);
+            }
+            for notifier in self.notifiers.iter().filter(|n| n.accepts(message)) {
+                let id = id();
+                out.push(Entry {
+                    sealed_pin: message.pin.as_ref().map(|p| self.seal.seal(&id, p)),
+                    id,
+                    notifier: notifier.name().to_owned(),
+                    message_id: message.id.clone(),
+                    kind: message.kind.clone(),
+                    request_id: message.request_id.clone(),
+                    account_id: message.account_id.clone(),
+                    to: message.to.clone(),
+                    text: message.text.clone(),
+                    at_ms: message.at_ms,
+                    attempts: 0,
+                    next_ms: 0,
+                    last_error: String::new(),
+                });
+            }
+        }
+        out
+    }
+
+    fn open_pin(&self, entry: &Entry) -> Result<Option<Pin>, NotifyError> {
+        entry
+            .sealed_pin
+            .as_deref()
+            .map(|sealed| self.seal.open(&entry.id, sealed))
+            .transpose()
+    }
+
+    /// Delivers `due` (PINs first, as the storage picked them) in order;
+    /// stops after the delivery in hand when a PIN was queued meanwhile
+    /// (then says so: `true`).
+    pub(crate) async fn deliver_all(
+        &self,
+        signals: &Signals,
+        due: Vec<Entry>,
+    ) -> (Vec<(Entry, Result<(), NotifyError>)>, bool) {
+        let mut done = Vec::with_capacity(due.len());
+        for entry in due {
+            let result = self.deliver(&entry).await;
+            done.push((entry, result));
+            if signals.pin_queued.load(SeqCst) {
+                return (done, true);
+            }
+        }
+        (done, false)
+    }
+
+    async fn deliver(&self, entry: &Entry) -> Result<(), NotifyError> {
+        let notifier = self
+            .notifiers
+            .iter()
+            .find(|n| n.name() == entry.notifier)
+            .ok_or_else(|| {
+                NotifyError(format!(
+                    "notifier {} is no longer configured",
+                    entry.notifier
+                ))
+            })?;
+        let message = Message {
+            id: entry.message_id.clone(),
+            kind: entry.kind.clone(),
+            request_id: entry.request_id.clone(),
+            account_id: entry.account_id.clone(),
+            to: entry.to.clone(),
+            text: entry.text.clone(),
+            pin: self.open_pin(entry)?,
+            at_ms: entry.at_ms,
+        };
+        notifier.send(&message).await
+    }
+
+    /// What becomes of each delivery tried: a delivered entry leaves the
+    /// queue, a failed one is kept for its retry after [`backoff`] or, at
+    /// the last attempt, replaced by its `notification.failed` event.
+    pub(crate) fn settlement(&self, done: Vec<(Entry, Result<(), NotifyError>)>) -> Settlement {
+        let now_ms = self.now_ms();
+        let mut out = Settlement::default();
+        for (mut entry, result) in done {
+            match &result {
+                Ok(()) => {
+                    out.delivered += 1;
+                    tracing::debug!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, "notification delivered");
+                    out.entries.push((entry.id, None));
+                }
+                Err(e) => {
+                    entry.attempts += 1;
+                    entry.last_error = e.0.clone();
+                    if entry.attempts >= MAX_ATTEMPTS {
+                        tracing::warn!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed for good: {e}");
+                        let to = match &entry.to {
+                            Recipient::Person { identity, .. } => identity.clone(),
+                            Recipient::Channel => "channel".into(),
+                        };
+                        out.failed.push(
+                            EventDraft::new("broker", "notification.failed")
+                                .account(&entry.account_id)
+                                .request(&entry.request_id)
+                                .outcome(Outcome::Failure)
+                                .attr("notifier", &entry.notifier)
+                                .attr("kind", &entry.kind)
+                                .attr("to", to)
+                                .attr("attempts", entry.attempts.to_string())
+                                .attr("error", &entry.last_error),
+                        );
+                        out.entries.push((entry.id, None));
+                    } else {
+                        entry.next_ms = now_ms.saturating_add(
+                            u64::try_from(backoff(entry.attempts).as_millis()).unwrap_or(u64::MAX),
+                        );
+                        tracing::info!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed, will retry: {e}");
+                        out.entries.push((entry.id.clone(), Some(entry)));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Counts deliveries once their settlement is stored.
+    pub(crate) fn count(&self, delivered: u64) {
+        if delivered > 0 {
+            self.delivered
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .send_modify(|n| *n += delivered);
+        }
+    }
+}
+
+/// The worker loop of either queue: a pass (which clears
+/// `signals.pin_queued` before it looks for due entries) whenever woken,
+/// and at least every [`POLL`]; at once again after a full batch or a pass
+/// cut short for a PIN.
+pub(crate) async fn work<F, Fut>(signals: &Signals, pass: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (usize, bool)>,
+{
+    loop {
+        let (tried, interrupted) = pass().await;
+        if tried >= DELIVERY_BATCH || interrupted {
+            // More may be due (or a PIN was queued): go on at once.
+            continue;
+        }
+        tokio::select! {
+            () = signals.wake.notified() => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// The durable delivery queue in sled, and its notifiers.
 pub struct NotifyQueue {
     db: DurableDb,
     tree: sled::Tree,
     outbox: Outbox,
-    notifiers: Vec<Arc<dyn Notifier>>,
-    seal: PinSeal,
-    clock: Arc<dyn Clock>,
-    wake: Notify,
-    delivered: tokio::sync::watch::Sender<u64>,
+    deliveries: Arc<Deliveries>,
+    signals: Signals,
     next_seq: std::sync::atomic::AtomicU64,
-    /// Set when a PIN is queued: a pass delivering other messages stops
-    /// after the one in hand, so the PIN goes out next.
-    pin_queued: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for NotifyQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NotifyQueue")
-            .field("notifiers", &self.notifiers)
+            .field("notifiers", &self.deliveries.notifiers)
             .finish_non_exhaustive()
     }
 }
@@ -82,7 +325,8 @@ fn may_hold_pin(entry: &[u8]) -> bool {
     entry.windows(KEY.len()).any(|w| w == KEY)
 }
 
-fn backoff(attempts: u32) -> Duration {
+/// The delay before retry `attempts` (1: the first retry).
+pub(crate) fn backoff(attempts: u32) -> Duration {
     FIRST_BACKOFF
         .saturating_mul(1u32 << attempts.saturating_sub(1).min(16))
         .min(MAX_BACKOFF)
@@ -109,25 +353,27 @@ impl NotifyQueue {
             db: db.clone(),
             tree,
             outbox,
-            notifiers,
-            seal: PinSeal::new(key),
-            clock,
-            wake: Notify::new(),
-            delivered: tokio::sync::watch::Sender::new(0),
+            deliveries: Arc::new(Deliveries::new(notifiers, key, clock)),
+            signals: Signals::default(),
             next_seq: std::sync::atomic::AtomicU64::new(next_seq),
-            pin_queued: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Uses `counter` to count successful deliveries (tests wait on it).
-    pub fn with_delivery_counter(mut self, counter: tokio::sync::watch::Sender<u64>) -> Self {
-        self.delivered = counter;
+    pub fn with_delivery_counter(self, counter: tokio::sync::watch::Sender<u64>) -> Self {
+        self.deliveries.set_delivery_counter(counter);
         self
     }
 
     /// The number of messages delivered so far, as a watch.
     pub fn deliveries(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.delivered.subscribe()
+        self.deliveries.deliveries()
+    }
+
+    /// The notifiers, seal, clock and delivery counter, shared with the
+    /// PostgreSQL queue.
+    pub(crate) fn shared(&self) -> Arc<Deliveries> {
+        self.deliveries.clone()
     }
 
     /// The queue's tree, to include in a transaction.
@@ -137,20 +383,12 @@ impl NotifyQueue {
 
     /// Whether any notifier takes `message`.
     pub fn deliverable(&self, message: &Message) -> bool {
-        self.notifiers.iter().any(|n| n.accepts(message))
+        self.deliveries.deliverable(message)
     }
 
     /// Queued deliveries.
     pub fn depth(&self) -> usize {
         self.tree.len()
-    }
-
-    fn open_pin(&self, entry: &Entry) -> Result<Option<Pin>, NotifyError> {
-        entry
-            .sealed_pin
-            .as_deref()
-            .map(|sealed| self.seal.open(&entry.id, sealed))
-            .transpose()
     }
 
     /// Queues `messages` inside a transaction over [`NotifyQueue::tree`]:
@@ -160,45 +398,25 @@ impl NotifyQueue {
         tx: &TransactionalTree,
         messages: &[Message],
     ) -> Result<(), ConflictableTransactionError<BrokerError>> {
-        for message in messages {
-            if message.pin.is_some() {
-                // (Set again if the transaction runs again: harmless.)
-                self.pin_queued
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-            for notifier in self.notifiers.iter().filter(|n| n.accepts(message)) {
-                // Ordered keys: deliveries go out in the order they were queued.
-                let seq = self
-                    .next_seq
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let id = format!("{seq:016x}-{}", uuid::Uuid::new_v4());
-                let entry = Entry {
-                    sealed_pin: message.pin.as_ref().map(|p| self.seal.seal(&id, p)),
-                    id: id.clone(),
-                    notifier: notifier.name().to_owned(),
-                    message_id: message.id.clone(),
-                    kind: message.kind.clone(),
-                    request_id: message.request_id.clone(),
-                    account_id: message.account_id.clone(),
-                    to: message.to.clone(),
-                    text: message.text.clone(),
-                    at_ms: message.at_ms,
-                    attempts: 0,
-                    next_ms: 0,
-                    last_error: String::new(),
-                };
-                let bytes = serde_json::to_vec(&entry).map_err(|e| {
-                    ConflictableTransactionError::Abort(BrokerError::Store(e.to_string()))
-                })?;
-                tx.insert(id.as_bytes(), bytes)?;
-            }
+        // Ordered keys: deliveries go out in the order they were queued.
+        let entries = self.deliveries.entries(&self.signals, messages, || {
+            let seq = self
+                .next_seq
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("{seq:016x}-{}", uuid::Uuid::new_v4())
+        });
+        for entry in entries {
+            let bytes = serde_json::to_vec(&entry).map_err(|e| {
+                ConflictableTransactionError::Abort(BrokerError::Store(e.to_string()))
+            })?;
+            tx.insert(entry.id.as_bytes(), bytes)?;
         }
         Ok(())
     }
 
     /// Tells the worker that new entries are durable.
     pub fn wake(&self) {
-        self.wake.notify_one();
+        self.signals.wake.notify_one();
     }
 
     /// Tries every entry that is due now once; returns how many were tried.
@@ -212,10 +430,9 @@ impl NotifyQueue {
     /// queued meanwhile; says so (`true`), so that the next pass starts at
     /// once with that PIN.
     async fn run_pass(&self) -> (usize, bool) {
-        use std::sync::atomic::Ordering::SeqCst;
         // Cleared before the scan: a PIN queued after it sets it again.
-        self.pin_queued.store(false, SeqCst);
-        let now_ms = millis(self.clock.now());
+        self.signals.pin_queued.store(false, SeqCst);
+        let now_ms = self.deliveries.now_ms();
         // PINs first: a requester is waiting on the call for theirs, while
         // the rest only tell people about a change. A bounded batch, so a
         // PIN queued behind a burst of such messages waits for at most one
@@ -245,99 +462,29 @@ impl NotifyQueue {
         }
         due.extend(others);
         due.truncate(DELIVERY_BATCH);
-        let mut done = Vec::with_capacity(due.len());
-        let mut interrupted = false;
-        for entry in due {
-            let result = self.deliver(&entry).await;
-            done.push((entry, result));
-            if self.pin_queued.load(SeqCst) {
-                interrupted = true;
-                break;
-            }
-        }
+        let (done, interrupted) = self.deliveries.deliver_all(&self.signals, due).await;
         let tried = done.len();
-        if let Err(e) = self.settle(done).await {
+        if let Err(e) = self.settle(self.deliveries.settlement(done)).await {
             tracing::error!("notification queue: {e}");
         }
         (tried, interrupted)
     }
 
-    async fn deliver(&self, entry: &Entry) -> Result<(), NotifyError> {
-        let notifier = self
-            .notifiers
-            .iter()
-            .find(|n| n.name() == entry.notifier)
-            .ok_or_else(|| {
-                NotifyError(format!(
-                    "notifier {} is no longer configured",
-                    entry.notifier
-                ))
-            })?;
-        let message = Message {
-            id: entry.message_id.clone(),
-            kind: entry.kind.clone(),
-            request_id: entry.request_id.clone(),
-            account_id: entry.account_id.clone(),
-            to: entry.to.clone(),
-            text: entry.text.clone(),
-            pin: self.open_pin(entry)?,
-            at_ms: entry.at_ms,
-        };
-        notifier.send(&message).await
-    }
-
-    /// Records what became of each delivery tried, in one transaction: a
-    /// delivered entry leaves the queue, a failed one is kept for its retry
-    /// or, at the last attempt, replaced by its `notification.failed`
-    /// event (then synced, so the event ships).
-    async fn settle(&self, done: Vec<(Entry, Result<(), NotifyError>)>) -> Result<(), BrokerError> {
-        if done.is_empty() {
+    /// Stores a pass's settlement in one transaction (then synced, when it
+    /// holds a `notification.failed` event, so the event ships).
+    async fn settle(&self, settlement: Settlement) -> Result<(), BrokerError> {
+        if settlement.entries.is_empty() {
             return Ok(());
         }
-        let now_ms = millis(self.clock.now());
-        let mut writes = Vec::with_capacity(done.len());
-        let mut failed_events = Vec::new();
-        let mut delivered = 0u64;
-        for (mut entry, result) in done {
-            match &result {
-                Ok(()) => {
-                    delivered += 1;
-                    tracing::debug!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, "notification delivered");
-                    writes.push((entry.id, None));
-                }
-                Err(e) => {
-                    entry.attempts += 1;
-                    entry.last_error = e.0.clone();
-                    if entry.attempts >= MAX_ATTEMPTS {
-                        tracing::warn!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed for good: {e}");
-                        let to = match &entry.to {
-                            Recipient::Person { identity, .. } => identity.clone(),
-                            Recipient::Channel => "channel".into(),
-                        };
-                        failed_events.push(
-                            EventDraft::new("broker", "notification.failed")
-                                .account(&entry.account_id)
-                                .request(&entry.request_id)
-                                .outcome(Outcome::Failure)
-                                .attr("notifier", &entry.notifier)
-                                .attr("kind", &entry.kind)
-                                .attr("to", to)
-                                .attr("attempts", entry.attempts.to_string())
-                                .attr("error", &entry.last_error),
-                        );
-                        writes.push((entry.id, None));
-                    } else {
-                        entry.next_ms = now_ms.saturating_add(
-                            u64::try_from(backoff(entry.attempts).as_millis()).unwrap_or(u64::MAX),
-                        );
-                        tracing::info!(notifier = %entry.notifier, kind = %entry.kind, request_id = %entry.request_id, attempts = entry.attempts, "notification failed, will retry: {e}");
-                        let bytes = serde_json::to_vec(&entry)
-                            .map_err(|e| BrokerError::Store(e.to_string()))?;
-                        writes.push((entry.id, Some(bytes)));
-                    }
-                }
-            }
+        let mut writes = Vec::with_capacity(settlement.entries.len());
+        for (id, keep) in settlement.entries {
+            let bytes = keep
+                .map(|entry| serde_json::to_vec(&entry))
+                .transpose()
+                .map_err(|e| BrokerError::Store(e.to_string()))?;
+            writes.push((id, bytes));
         }
+        let failed_events = settlement.failed;
         (&self.tree, self.outbox.tree())
             .transaction(|(q, o)| {
                 for (id, keep) in &writes {
@@ -358,26 +505,14 @@ impl NotifyQueue {
             self.db.sync().await?;
             self.outbox.committed();
         }
-        if delivered > 0 {
-            self.delivered.send_modify(|n| *n += delivered);
-        }
+        self.deliveries.count(settlement.delivered);
         Ok(())
     }
 
     /// Delivers forever: whenever woken, and at least every second to pick
     /// up retries that came due.
     pub async fn run(self: Arc<Self>) {
-        loop {
-            let (tried, interrupted) = self.run_pass().await;
-            if tried >= DELIVERY_BATCH || interrupted {
-                // More may be due (or a PIN was queued): go on at once.
-                continue;
-            }
-            tokio::select! {
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+        work(&self.signals, || self.run_pass()).await;
     }
 }
 

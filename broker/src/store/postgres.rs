@@ -18,10 +18,9 @@
 //! read. A notification sent while a replica's listening session is down
 //! is not seen by that replica's watchers.
 //!
-//! Notifications are not in PostgreSQL yet: once a change has committed,
-//! its messages go to this replica's sled queue (synced by `commit`). A
-//! replica that dies between the two loses those messages (the requester
-//! can still show the PIN); the PostgreSQL queue is issue 18's next step.
+//! A change's messages are queued in PostgreSQL in its transaction
+//! ([`PgQueue::enqueue`]); any replica's worker delivers them
+//! ([`crate::notify::pg`]).
 
 use std::sync::{
     Arc,
@@ -32,14 +31,12 @@ use futures::future::BoxFuture;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio_postgres::{Client, Transaction};
 use twokey_pgstore::{Migration, PgError, PgSettings, outbox::PgOutbox};
-use twokey_runtime::{
-    durable::DurableDb, error::ErrorKind, events::EventDraft, receipts::ReceiptHealth,
-};
+use twokey_runtime::{error::ErrorKind, events::EventDraft, receipts::ReceiptHealth};
 
 use super::{Claim, DocFn, Docs, NO_CHANGE, RequestStore, UpdateFn, Writes, decode, encode};
 use crate::{
     error::BrokerError,
-    notify::{Message, NotifyQueue},
+    notify::{NotifyQueue, pg::PgQueue},
     state::RequestRecord,
 };
 
@@ -47,10 +44,11 @@ use crate::{
 pub const COMPONENT: &str = "broker";
 
 /// The broker's tables, in order (forward only).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "broker: requests, used ids, documents",
-    sql: "
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "broker: requests, used ids, documents",
+        sql: "
 CREATE TABLE broker_requests (
     id         text   PRIMARY KEY,
     created_ms bigint NOT NULL,
@@ -66,7 +64,13 @@ CREATE TABLE broker_docs (
     PRIMARY KEY (kind, key)
 );
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "broker: the notification queue",
+        sql: crate::notify::pg::MIGRATION,
+    },
+];
 
 /// The NOTIFY channel of request changes (payload: replica, action and
 /// request id, tab-separated).
@@ -152,8 +156,7 @@ pub struct PgStore {
     sessions: Arc<Sessions>,
     /// Set once the schema is migrated ([`PgStore::ready`]).
     outbox: Arc<std::sync::OnceLock<PgOutbox>>,
-    db: DurableDb,
-    queue: Arc<NotifyQueue>,
+    queue: Arc<PgQueue>,
     receipts: ReceiptHealth,
     /// This replica's id in change notifications, to skip its own.
     replica: String,
@@ -181,22 +184,19 @@ fn client<'g>(
 
 impl PgStore {
     /// A store on the (migrated) database of `settings`: events go to
-    /// `outbox`, messages to this replica's `queue` in `db`. Sessions open
-    /// when first needed.
-    pub fn new(
-        settings: PgSettings,
-        outbox: PgOutbox,
-        db: &DurableDb,
-        queue: Arc<NotifyQueue>,
-    ) -> Self {
-        let store = Self::starting(settings, db, queue);
+    /// `outbox`, messages to the queue in PostgreSQL, delivered with the
+    /// notifiers of `sled` ([`PgStore::queue`]). Sessions open when first
+    /// needed.
+    pub fn new(settings: PgSettings, outbox: PgOutbox, sled: &NotifyQueue) -> Self {
+        let store = Self::starting(settings, sled);
         store.ready(outbox);
         store
     }
 
     /// A store whose database is not migrated yet: every call answers
     /// UNAVAILABLE until [`PgStore::ready`].
-    pub fn starting(settings: PgSettings, db: &DurableDb, queue: Arc<NotifyQueue>) -> Self {
+    pub fn starting(settings: PgSettings, sled: &NotifyQueue) -> Self {
+        let queue = Arc::new(PgQueue::new(settings.clone(), sled));
         Self {
             sessions: Arc::new(Sessions {
                 settings,
@@ -204,7 +204,6 @@ impl PgStore {
                 next: AtomicUsize::new(0),
             }),
             outbox: Arc::default(),
-            db: db.clone(),
             queue,
             receipts: ReceiptHealth::unchecked(),
             replica: uuid::Uuid::new_v4().to_string(),
@@ -294,7 +293,14 @@ impl PgStore {
 
     /// The schema is migrated: calls go to the database, events to `outbox`.
     pub fn ready(&self, outbox: PgOutbox) {
+        self.queue.ready(outbox.clone());
         let _ = self.outbox.set(outbox);
+    }
+
+    /// The notification queue in PostgreSQL (run its worker on each
+    /// replica).
+    pub fn queue(&self) -> &Arc<PgQueue> {
+        &self.queue
     }
 
     fn outbox(&self) -> Result<&PgOutbox, BrokerError> {
@@ -354,17 +360,6 @@ impl PgStore {
         Ok(())
     }
 
-    /// Queues the messages of a committed change on this replica.
-    fn enqueue(&self, messages: &[Message]) -> Result<(), BrokerError> {
-        if messages.is_empty() {
-            return Ok(());
-        }
-        self.queue
-            .tree()
-            .transaction(|q| self.queue.enqueue(q, messages))
-            .map_err(super::flatten)
-    }
-
     async fn create_tx(&self, record: &RequestRecord, writes: &Writes) -> Result<(), BrokerError> {
         self.receipts_consistent()?;
         let mut guard = self.session().await?;
@@ -385,10 +380,9 @@ impl PgStore {
         }
         Self::claim(&tx, &writes.claims).await?;
         self.push(&tx, &writes.events).await?;
+        self.queue.enqueue(&tx, &writes.messages).await?;
         self.notify_change(&tx, &record.id, &writes.action).await?;
-        tx.commit().await.map_err(pg)?;
-        drop(guard);
-        self.enqueue(&writes.messages)
+        tx.commit().await.map_err(pg)
     }
 
     async fn update_tx(
@@ -421,10 +415,9 @@ impl PgStore {
         .await
         .map_err(pg)?;
         self.push(&tx, &writes.events).await?;
+        self.queue.enqueue(&tx, &writes.messages).await?;
         self.notify_change(&tx, id, &writes.action).await?;
         tx.commit().await.map_err(pg)?;
-        drop(guard);
-        self.enqueue(&writes.messages)?;
         Ok(Some(record))
     }
 
@@ -575,11 +568,11 @@ impl RequestStore for PgStore {
         Box::pin(self.update_doc_tx(kind, key, f))
     }
 
-    /// Every change committed in PostgreSQL before it answered; what is
-    /// left is this replica's queued messages.
+    /// Every change, with its messages, committed in PostgreSQL before it
+    /// answered: this wakes this replica's worker (the others are woken by
+    /// the NOTIFY of the queue).
     fn commit(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
-            self.db.sync().await?;
             self.queue.wake();
             Ok(())
         })
