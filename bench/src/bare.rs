@@ -116,6 +116,9 @@ impl BareServer {
             .spawn(move || {
                 let runtime = match tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
+                    // Named apart from the load tool's own workers, so a
+                    // profile of the bench process tells the two apart.
+                    .thread_name("bare-tonic-w")
                     .enable_all()
                     .build()
                 {

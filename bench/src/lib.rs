@@ -104,6 +104,18 @@ pub struct Options {
     /// Latency probes per operation and size in the scaling run.
     #[arg(long)]
     pub probes: Option<usize>,
+    /// First pages of `Query` per index and size in the scaling run
+    /// (default: the probes, at most 200).
+    #[arg(long)]
+    pub query_probes: Option<usize>,
+    /// `Status` calls on the bare server and on the vault (default: as many
+    /// as codes); more make a phase long enough to profile.
+    #[arg(long)]
+    pub status_calls: Option<usize>,
+    /// Keep the temp dir (PKI, configs, the services' data and logs) and
+    /// print its path, e.g. to start the filled vault again by hand.
+    #[arg(long)]
+    pub keep: bool,
     /// Write the scaling plot (PNG) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -135,6 +147,10 @@ pub struct Sizes {
     pub sizes: Vec<u64>,
     /// See [`Options`].
     pub probes: usize,
+    /// First pages of `Query` per index and size.
+    pub query_probes: usize,
+    /// `Status` calls per server.
+    pub status_calls: usize,
 }
 
 impl Options {
@@ -162,6 +178,12 @@ impl Options {
                 }
             }),
             probes: pick(self.probes, 500, 5),
+            query_probes: self
+                .query_probes
+                .unwrap_or_else(|| pick(self.probes, 500, 5).min(200)),
+            status_calls: self
+                .status_calls
+                .unwrap_or_else(|| pick(self.codes, 640, 64)),
         }
     }
 
@@ -189,7 +211,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
             sizes.concurrent_flows,
         )),
     );
-    let world = World::new(&flow_accounts)?;
+    let mut world = World::new(&flow_accounts)?;
+    if opts.keep {
+        world.keep();
+    }
     let mut sys = System::start(&world, &bin_dir).await?;
     let vault = vault_client(&world, &sys.vault.address)?;
     // The admin-signed policy naming every account codes are released for
@@ -219,6 +244,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             &world.people,
             &code_accounts,
             sizes.codes,
+            sizes.status_calls,
             opts.vault_concurrency,
             limit,
         )
@@ -270,8 +296,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
             sizes.accounts
         );
         report.scenarios.push(row);
+        let phase = stats::Phase::start("footprint: vault restart");
         sys.restart_vault(&world, &format!("{} accounts", sizes.accounts + held))
             .await?;
+        drop(phase);
     }
     report.footprint = std::mem::take(&mut sys.footprints);
     drop(sys);
@@ -288,6 +316,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             &sizes_run,
             (sizes.appends / 4).max(4),
             sizes.probes,
+            sizes.query_probes,
             limit,
         )
         .await?;

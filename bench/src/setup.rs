@@ -159,6 +159,12 @@ impl World {
         self.tmp.path()
     }
 
+    /// Leaves the temp dir in place when the bench ends, and says where.
+    pub fn keep(&mut self) {
+        self.tmp.disable_cleanup(true);
+        eprintln!("twokey-bench: keeping {}", self.tmp.path().display());
+    }
+
     /// TLS files of `name` (service, user or source).
     pub fn tls(&self, name: &str) -> TlsFiles {
         TlsFiles::in_dir(&self.pki, name)

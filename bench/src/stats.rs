@@ -82,6 +82,26 @@ pub fn summarise(
     }
 }
 
+/// Marks a measured phase on stderr, `twokey-bench: phase start: NAME`
+/// now and `twokey-bench: phase end: NAME` when dropped, so a profiler can
+/// be attached to exactly that phase (see `bench/profile-phase.sh`).
+#[derive(Debug)]
+pub struct Phase(String);
+
+impl Phase {
+    /// Prints the start marker.
+    pub fn start(name: &str) -> Self {
+        eprintln!("twokey-bench: phase start: {name}");
+        Self(name.to_owned())
+    }
+}
+
+impl Drop for Phase {
+    fn drop(&mut self) {
+        eprintln!("twokey-bench: phase end: {}", self.0);
+    }
+}
+
 /// What [`drive`] measured.
 #[derive(Debug, Default)]
 pub struct Driven {

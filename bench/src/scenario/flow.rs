@@ -32,7 +32,7 @@ use twokey_testkit::consent::Person;
 
 use crate::{
     setup::{BenchPeople, TD},
-    stats::{Row, drive},
+    stats::{Phase, Row, drive},
 };
 
 /// Watches a mailbox file on its own thread (polling every 100 µs, reading
@@ -264,19 +264,23 @@ pub async fn run(
         true,
         1,
     );
+    let phase = Phase::start("flow: sequential");
     let mut seq = drive(sequential, 1, limit, op.clone()).await.row(
         "flow",
         "create → approve → PIN → verify → release",
         false,
         1,
     );
+    drop(phase);
     seq.target = "p50 ≤ 5 ms, p99 ≤ 20 ms".into();
+    let phase = Phase::start("flow: concurrent");
     let mut conc = drive(concurrent_count, concurrency, limit, op).await.row(
         "flow",
         "create → approve → PIN → verify → release",
         false,
         concurrency,
     );
+    drop(phase);
     conc.target = "≥ 400 flows/s".into();
     Ok(vec![floor, seq, conc])
 }

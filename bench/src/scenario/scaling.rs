@@ -289,6 +289,7 @@ pub async fn run(
     sizes: &[u64],
     appends_per_source: usize,
     probes: usize,
+    query_probes: usize,
     limit: Duration,
 ) -> Result<(Vec<ScaleRow>, Vec<Footprint>)> {
     let data = world.dir().join("data").join("scaling");
@@ -373,7 +374,8 @@ pub async fn run(
         let fill_seqs = fill_seq.max(2) - 1;
         let mut queries = Vec::new();
         for by in QUERY_KINDS {
-            let (samples, counts, e) = timed_counts(probes.min(200), limit, |_| {
+            let phase = crate::stats::Phase::start(&format!("scaling {size}: Query by {by}"));
+            let (samples, counts, e) = timed_counts(query_probes, limit, |_| {
                 let seq = 1 + rand::random::<u64>() % fill_seqs;
                 let request = seq / 5;
                 let mut req = QueryRequest {
@@ -402,6 +404,7 @@ pub async fn run(
                 }
             })
             .await;
+            drop(phase);
             errors += e;
             queries.push(QueryLatency {
                 by: by.into(),

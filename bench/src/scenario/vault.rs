@@ -35,7 +35,7 @@ use twokey_testkit::consent::Person;
 
 use crate::{
     setup::{BenchPeople, TD},
-    stats::{Row, drive},
+    stats::{Phase, Row, drive},
 };
 
 /// The row of `Status` on the bare tonic mTLS server.
@@ -222,6 +222,7 @@ pub async fn run(
     people: &BenchPeople,
     accounts: &[String],
     count: usize,
+    status_calls: usize,
     concurrency: usize,
     limit: Duration,
 ) -> Result<Vec<Row>> {
@@ -238,7 +239,7 @@ pub async fn run(
     }
     let status_of = |c: &VaultServiceClient<Channel>| {
         let c = c.clone();
-        drive(count, concurrency, limit, move |_| {
+        drive(status_calls, concurrency, limit, move |_| {
             let mut c = c.clone();
             async move {
                 c.status(StatusRequest {}).await?;
@@ -246,13 +247,17 @@ pub async fn run(
             }
         })
     };
+    let phase = Phase::start("vault: bare Status");
     let floor = status_of(bare)
         .await
         .row("vault", BARE_STATUS, true, concurrency);
+    drop(phase);
+    let phase = Phase::start("vault: Status");
     let mut status =
         status_of(client)
             .await
             .row("vault", "Status (empty mTLS round trip)", true, concurrency);
+    drop(phase);
     status.target = "≥ 60% of the bare server".into();
 
     // Grants and statements are made before the clock starts; grants live
@@ -264,6 +269,7 @@ pub async fn run(
     );
     let c = client.clone();
     let limit = limit.min(Duration::from_secs(100));
+    let phase = Phase::start("vault: GenerateCode");
     let mut codes = drive(count, concurrency, limit, move |i| {
         let mut c = c.clone();
         let request = grants[i].clone();
@@ -280,6 +286,7 @@ pub async fn run(
         false,
         concurrency,
     );
+    drop(phase);
     codes.target = "≥ 40% of Status".into();
     Ok(vec![floor, status, codes])
 }
