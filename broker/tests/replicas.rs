@@ -4,7 +4,11 @@
 //! SERVING; a request filed and approved through one replica has its PIN
 //! verified and its code released through the other, and either replica
 //! sees the same request; a watcher on either replica sees every change,
-//! each once, whichever replica made it.
+//! each once, whichever replica made it. The notification queue is in
+//! PostgreSQL: every message of flows made on both replicas reaches the
+//! mailbox once; a replica killed (SIGKILL) right after its changes
+//! committed, before it could deliver them, has them delivered by the
+//! other, the PIN sealed in the table meanwhile.
 
 mod common;
 
@@ -40,6 +44,16 @@ impl Drop for Replica {
 }
 
 async fn replica(h: &Harness, name: &str, url: &str, password_file: &Path) -> Replica {
+    replica_with_mailbox(h, name, url, password_file, &h.mailbox_dir()).await
+}
+
+async fn replica_with_mailbox(
+    h: &Harness,
+    name: &str,
+    url: &str,
+    password_file: &Path,
+    mailbox: &Path,
+) -> Replica {
     let c = &h.config;
     let data = h.dir.path().join(format!("data-{name}"));
     let mut child = Command::new(BIN)
@@ -56,7 +70,7 @@ async fn replica(h: &Harness, name: &str, url: &str, password_file: &Path) -> Re
         .env("TWOKEY_BROKER_TLS_CERT", &c.tls.cert)
         .env("TWOKEY_BROKER_TLS_KEY", &c.tls.key)
         .env("TWOKEY_BROKER_TLS_CA", &c.tls.ca)
-        .env("TWOKEY_BROKER_NOTIFY_MAILBOX_DIR", h.mailbox_dir())
+        .env("TWOKEY_BROKER_NOTIFY_MAILBOX_DIR", mailbox)
         .env("TWOKEY_BROKER_STORE_BACKEND", "postgres")
         .env("TWOKEY_BROKER_STORE_POSTGRES_URL", url)
         .env("TWOKEY_BROKER_STORE_POSTGRES_PASSWORD_FILE", password_file)
@@ -278,4 +292,191 @@ async fn a_flow_approved_on_one_replica_is_verified_and_released_on_the_other() 
         .unwrap();
     assert!(events >= 5, "{events} events");
     drop((a, b));
+}
+
+/// Every line of every file of the mailbox: (message id, kind, request id,
+/// PIN if any).
+fn mailbox_lines(h: &Harness) -> Vec<(String, String, String, Option<String>)> {
+    let Ok(dir) = std::fs::read_dir(h.mailbox_dir()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for file in dir {
+        let text = std::fs::read_to_string(file.unwrap().path()).unwrap();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+            out.push((
+                s("id"),
+                s("kind"),
+                s("request_id"),
+                v["pin"].as_str().map(str::to_owned),
+            ));
+        }
+    }
+    out
+}
+
+/// Entries in the queue table.
+fn queued(pg: &TestPostgres) -> usize {
+    pg.psql("broker", "SELECT count(*) FROM broker_notify_queue")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits until the queue table is empty.
+async fn wait_drained(pg: &TestPostgres) {
+    let start = Instant::now();
+    while queued(pg) != 0 {
+        assert!(start.elapsed() < PATIENCE, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until the mailbox holds `alice`'s PIN of `id`; returns it.
+async fn wait_pin(h: &Harness, id: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let pins: Vec<String> = mailbox_lines(h)
+            .into_iter()
+            .filter(|(_, kind, rid, _)| kind == "pin" && rid == id)
+            .filter_map(|(.., pin)| pin)
+            .collect();
+        if let Some(pin) = pins.first() {
+            return pin.clone();
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the PIN never reached the mailbox"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn file_and_approve(h: &Harness, on: &Replica, approve_on: &Replica) -> String {
+    let r = request_of(
+        client(h, "alice", on)
+            .create_request(pb::CreateRequestRequest {
+                account_id: PROD.into(),
+                reason: "rotate the root password".into(),
+                ticket: "OPS-1".into(),
+                ..Default::default()
+            })
+            .await,
+    );
+    let r = request_of(
+        client(h, "bob", approve_on)
+            .approve_request(pb::ApproveRequestRequest {
+                request_id: r.request_id,
+                comment: "ok".into(),
+                statement: None,
+            })
+            .await,
+    );
+    assert_eq!(state_of(&r), pb::RequestState::Approved);
+    r.request_id
+}
+
+async fn start_pg(h: &Harness) -> (TestPostgres, String, std::path::PathBuf) {
+    let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
+    let url = pg
+        .create_database("broker", "broker_role", "broker-pw")
+        .unwrap();
+    let password_file = h.dir.path().join("broker_role.pw");
+    std::fs::write(&password_file, "broker-pw\n").unwrap();
+    (pg, url, password_file)
+}
+
+#[tokio::test]
+async fn every_message_of_flows_made_on_both_replicas_is_delivered_once() {
+    let h = Harness::prepare(POLICY, None, SystemTime::now()).await;
+    let (pg, url, password_file) = start_pg(&h).await;
+    let a = replica(&h, "a", &url, &password_file).await;
+    let b = replica(&h, "b", &url, &password_file).await;
+    wait_serving(&h, &a).await;
+    wait_serving(&h, &b).await;
+    // Filed on one replica and approved on the other, both ways round.
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let (on, other) = if i % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        ids.push(file_and_approve(&h, on, other).await);
+    }
+    for id in &ids {
+        wait_pin(&h, id).await;
+    }
+    wait_drained(&pg).await;
+    // Both workers had their chance at every entry; give a duplicate time
+    // to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let lines = mailbox_lines(&h);
+    let mut seen: Vec<&str> = lines.iter().map(|(id, ..)| id.as_str()).collect();
+    seen.sort_unstable();
+    let all = seen.len();
+    seen.dedup();
+    assert_eq!(all, seen.len(), "a message delivered twice: {lines:?}");
+    for id in &ids {
+        let of = |kind: &str| {
+            lines
+                .iter()
+                .filter(|(_, k, rid, _)| k == kind && rid == id)
+                .count()
+        };
+        assert_eq!(of("pin"), 1, "{id}: {lines:?}");
+        assert!(of("request.created") >= 1, "{id}: {lines:?}");
+        assert!(of("request.approved") >= 1, "{id}: {lines:?}");
+    }
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn a_replica_killed_right_after_its_changes_committed_has_them_delivered_by_the_other() {
+    let h = Harness::prepare(POLICY, None, SystemTime::now()).await;
+    let (pg, url, password_file) = start_pg(&h).await;
+    // A cannot deliver: its mailbox directory is a file.
+    let broken = h.dir.path().join("broken-mailbox");
+    std::fs::write(&broken, "not a directory").unwrap();
+    let mut a = replica_with_mailbox(&h, "a", &url, &password_file, &broken).await;
+    wait_serving(&h, &a).await;
+    let id = file_and_approve(&h, &a, &a).await;
+    // Killed at once: its messages are only in PostgreSQL now.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    assert!(queued(&pg) >= 3, "{} entries queued", queued(&pg));
+    let table = pg
+        .psql("broker", "SELECT id, pin, entry FROM broker_notify_queue")
+        .unwrap();
+    assert!(table.contains("sealed_pin"), "{table}");
+    assert!(mailbox_lines(&h).is_empty());
+
+    let b = replica(&h, "b", &url, &password_file).await;
+    wait_serving(&h, &b).await;
+    let pin = wait_pin(&h, &id).await;
+    wait_drained(&pg).await;
+    assert!(!table.contains(&pin), "the PIN in the clear in PostgreSQL");
+    let lines = mailbox_lines(&h);
+    let mut seen: Vec<&str> = lines.iter().map(|(id, ..)| id.as_str()).collect();
+    seen.sort_unstable();
+    let all = seen.len();
+    seen.dedup();
+    assert_eq!(all, seen.len(), "a message delivered twice: {lines:?}");
+    for kind in ["request.created", "request.approved", "pin"] {
+        assert!(
+            lines.iter().any(|(_, k, rid, _)| k == kind && rid == &id),
+            "no {kind}: {lines:?}"
+        );
+    }
+    // The PIN verifies on B.
+    let r = request_of(
+        client(&h, "olivia", &b)
+            .verify_pin(pb::VerifyPinRequest {
+                request_id: id.clone(),
+                pin,
+                releases: vec![],
+            })
+            .await,
+    );
+    assert_eq!(state_of(&r), pb::RequestState::Verified);
+    drop(b);
 }
