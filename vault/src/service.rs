@@ -1499,12 +1499,14 @@ mod tests {
 
     const TD: &str = "t";
 
-    struct Fx {
-        vault: Vault<SledVaultStore>,
+    struct Fx<S = SledVaultStore> {
+        vault: Vault<S>,
         clock: ManualClock,
         key: SigningKey,
         audit: Arc<Gate>,
         _dir: tempfile::TempDir,
+        /// The PostgreSQL server the store is on, if it is.
+        pg: Option<twokey_testkit::postgres::TestPostgres>,
         ids: std::sync::atomic::AtomicU32,
         /// alice requests, bob approves, olivia operates, adam and anna admin.
         people: [Person; 5],
@@ -1525,6 +1527,49 @@ mod tests {
             );
             let outbox = Outbox::open(&db, signer, Arc::new(clock.clone())).unwrap();
             let store = SledVaultStore::open(&db, outbox).unwrap();
+            Fx::with_store(store, clock, dir, None)
+        }
+    }
+
+    impl Fx<crate::store::postgres::PgVaultStore> {
+        /// The vault on a throwaway PostgreSQL server's database, migrated.
+        async fn on_postgres() -> Self {
+            let pg = twokey_testkit::postgres::TestPostgres::start()
+                .expect("scripts/test installs PostgreSQL");
+            pg.create_database("vault", "vault_role", "vault-pw")
+                .unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("vault_role.pw");
+            std::fs::write(&file, "vault-pw\n").unwrap();
+            let settings = twokey_pgstore::PgSettings {
+                url: pg.url("vault", "vault_role"),
+                password_file: Some(file),
+                ca_file: None,
+            };
+            crate::store::postgres::migrate(&settings).await.unwrap();
+            let clock = ManualClock::new(UNIX_EPOCH + Duration::from_secs(T0));
+            let signer = Arc::new(EventSigner::new(
+                SpiffeId::parse("spiffe://t/svc/vault").unwrap(),
+                SigningKey::from_bytes(&[7; 32]),
+            ));
+            let store = crate::store::postgres::PgVaultStore::open(
+                settings,
+                signer,
+                Arc::new(clock.clone()),
+            )
+            .await
+            .unwrap();
+            Fx::with_store(store, clock, dir, Some(pg))
+        }
+    }
+
+    impl<S: VaultStore> Fx<S> {
+        fn with_store(
+            store: S,
+            clock: ManualClock,
+            dir: tempfile::TempDir,
+            pg: Option<twokey_testkit::postgres::TestPostgres>,
+        ) -> Self {
             let key = SigningKey::from_bytes(&[9; 32]);
             let audit = Arc::new(Gate::default());
             let people = ["alice", "bob", "olivia", "adam", "anna"].map(person);
@@ -1552,6 +1597,7 @@ mod tests {
                 key,
                 audit,
                 _dir: dir,
+                pg,
                 ids: Default::default(),
                 people,
             }
@@ -1684,6 +1730,44 @@ mod tests {
         async fn release(&self, account: &str) -> Result<CodeValue, VaultError> {
             let consented = self.consented(account);
             self.generate(&consented).await.map(|(c, _)| c)
+        }
+    }
+
+    /// The vault on PostgreSQL (issue 18): enrollment and a release
+    /// through the whole consent path, the same grant again refused as on
+    /// sled, and no table the vault writes holds the seed: neither its
+    /// Base32, nor its bytes, nor their hex.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres_a_release_works_once_and_the_database_holds_no_seed() {
+        let fx = Fx::on_postgres().await;
+        fx.place(0, 3);
+        let enrolled = fx.enroll("aws-root", 0).await;
+        let consented = fx.consented("aws-root");
+        let (code, _) = fx.generate(&consented).await.unwrap();
+        assert!(code.step > enrolled.next.step);
+        let again = fx.generate(&consented).await.unwrap_err();
+        assert_eq!(again.kind(), ErrorKind::PermissionDenied, "{again}");
+        let pg = fx.pg.as_ref().unwrap();
+        let mut dump = String::new();
+        for sql in [
+            "SELECT tree, encode(key, 'escape'), encode(value, 'escape'), encode(value, 'hex') FROM vault_kv",
+            "SELECT encode(event, 'escape'), encode(event, 'hex') FROM twokey_outbox_pending",
+            "SELECT encode(event, 'escape'), encode(event, 'hex') FROM twokey_outbox_kept",
+        ] {
+            dump.push_str(&pg.psql("vault", sql).unwrap());
+        }
+        assert!(
+            dump.contains("aws-root") && dump.contains("code.released"),
+            "{dump}"
+        );
+        let seed = b"12345678901234567890";
+        let base32 = data_encoding::BASE32_NOPAD.encode(seed);
+        let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+        for needle in [base32.as_str(), "12345678901234567890", hex.as_str()] {
+            assert!(
+                !dump.to_lowercase().contains(&needle.to_lowercase()),
+                "{needle} in the database"
+            );
         }
     }
 
