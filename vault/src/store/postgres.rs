@@ -13,8 +13,8 @@
 //! `INSERT … ON CONFLICT DO NOTHING`: a second use of one id, on any
 //! replica and at the same moment, waits for the first and is refused
 //! ([`VaultStoreError::GrantUsed`]). The audit events go to the outbox
-//! tables ([`PgOutbox::push`]) in the same transaction. Committed with the
-//! server's default `synchronous_commit = on`, an answered change is
+//! tables ([`PgOutbox::push`]) in the same transaction. Committed with
+//! `synchronous_commit = on` (set on each session), an answered change is
 //! durable, so [`VaultStore::commit`] and [`VaultStore::sync_now`] have
 //! nothing left to do (the shipper wakes on the outbox's NOTIFY).
 //!
@@ -178,7 +178,14 @@ impl Sessions {
         };
         if guard.as_ref().is_none_or(Client::is_closed) {
             *guard = None;
-            *guard = Some(twokey_pgstore::connect(&self.settings).await.map_err(pg)?);
+            let client = twokey_pgstore::connect(&self.settings).await.map_err(pg)?;
+            // A commit is the acknowledgement: durable whatever the
+            // server's or the role's default says.
+            client
+                .batch_execute("SET synchronous_commit = on")
+                .await
+                .map_err(pg)?;
+            *guard = Some(client);
         }
         Ok(guard)
     }
