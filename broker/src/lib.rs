@@ -547,7 +547,7 @@ pub async fn serve(
         tasks.spawn(poller.run(config.findings_interval));
     }
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
-    if shipper.is_none() {
+    if shipper.is_none() && leased.is_none() {
         tracing::warn!("no audit_address: audit events stay in the outbox until one is configured");
     }
 
