@@ -5,13 +5,15 @@
 //! The services' own stores build their tables on these; sled stays the
 //! embedded default. [`outbox`] is the audit outbox in PostgreSQL: written
 //! by every replica in its own transactions, shipped by the one holding the
-//! shipping lease.
+//! shipping lease. [`sessions`]: the few sessions a store keeps, and a
+//! runtime of its own for a store with synchronous methods.
 #![forbid(unsafe_code)]
 
 pub mod connect;
 pub mod error;
 pub mod migrate;
 pub mod outbox;
+pub mod sessions;
 
 pub use connect::{PgSettings, connect};
 pub use error::PgError;

@@ -29,7 +29,7 @@ use std::{
 
 use prost::Message;
 use tokio_postgres::Client;
-use twokey_pgstore::{Migration, PgError, PgSettings};
+use twokey_pgstore::{Migration, PgError, PgSettings, sessions::StoreRuntime};
 use twokey_proto::{
     Timestamp,
     audit::v1::{Event, LogEntry, SignedEvent},
@@ -95,25 +95,6 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const NOT_SEQUENCER: &str = "this audit replica is not the sequencer; another replica holds \
      the lease (send appends to the next audit address)";
 
-/// The runtime the sessions run on; shut down in the background when
-/// dropped (a runtime cannot be dropped inside another's task).
-#[derive(Debug)]
-struct Runtime(Option<tokio::runtime::Runtime>);
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Runtime {
-    fn handle(&self) -> &tokio::runtime::Handle {
-        self.0.as_ref().expect("taken only on drop").handle()
-    }
-}
-
 fn pg_error(e: PgError) -> AuditError {
     AuditError::Store(e.to_string())
 }
@@ -152,7 +133,7 @@ impl State {
 #[derive(Debug)]
 pub struct PgLogStore {
     settings: PgSettings,
-    rt: Arc<Runtime>,
+    rt: Arc<StoreRuntime>,
     /// The session reads go through; reconnected when lost.
     reader: Mutex<Option<Arc<Client>>>,
     /// The session holding the lease, when this replica holds it; commits
@@ -184,15 +165,10 @@ impl PgLogStore {
     /// committed size. The replica does not append until it takes the
     /// lease ([`PgLogStore::try_lease`]).
     pub async fn open(settings: PgSettings) -> Result<Self, AuditError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("audit-postgres")
-            .enable_all()
-            .build()
-            .map_err(|e| AuditError::Store(format!("cannot start the PostgreSQL runtime: {e}")))?;
+        let rt = StoreRuntime::new("audit-postgres").map_err(pg_error)?;
         let store = Self {
             settings,
-            rt: Arc::new(Runtime(Some(rt))),
+            rt: Arc::new(rt),
             reader: Mutex::new(None),
             lease: Arc::new(tokio::sync::Mutex::new(None)),
             candidate: Mutex::new(None),

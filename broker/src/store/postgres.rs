@@ -22,15 +22,12 @@
 //! ([`PgQueue::enqueue`]); any replica's worker delivers them
 //! ([`crate::notify::pg`]).
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
-};
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::MutexGuard;
 use tokio_postgres::{Client, Transaction};
-use twokey_pgstore::{Migration, PgError, PgSettings, outbox::PgOutbox};
+use twokey_pgstore::{Migration, PgError, PgSettings, outbox::PgOutbox, sessions::Sessions};
 use twokey_runtime::{error::ErrorKind, events::EventDraft, receipts::ReceiptHealth};
 
 use super::{Claim, DocFn, Docs, NO_CHANGE, RequestStore, UpdateFn, Writes, decode, encode};
@@ -118,38 +115,6 @@ fn to_db(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// A few sessions, each reopened when it is found closed.
-struct Sessions {
-    settings: PgSettings,
-    slots: Vec<Mutex<Option<Client>>>,
-    next: AtomicUsize,
-}
-
-impl Sessions {
-    async fn get(&self) -> Result<MutexGuard<'_, Option<Client>>, BrokerError> {
-        // A free slot if there is one, else wait for the next in turn.
-        let mut guard = None;
-        for slot in &self.slots {
-            if let Ok(g) = slot.try_lock() {
-                guard = Some(g);
-                break;
-            }
-        }
-        let mut guard = match guard {
-            Some(g) => g,
-            None => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-                self.slots[i].lock().await
-            }
-        };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = None;
-            *guard = Some(twokey_pgstore::connect(&self.settings).await.map_err(pg)?);
-        }
-        Ok(guard)
-    }
-}
-
 /// Requests in PostgreSQL.
 #[derive(Clone)]
 pub struct PgStore {
@@ -167,7 +132,7 @@ pub struct PgStore {
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("settings", &self.sessions.settings)
+            .field("settings", self.sessions.settings())
             .field("outbox", &self.outbox)
             .finish_non_exhaustive()
     }
@@ -198,11 +163,7 @@ impl PgStore {
     pub fn starting(settings: PgSettings, sled: &NotifyQueue) -> Self {
         let queue = Arc::new(PgQueue::new(settings.clone(), sled));
         Self {
-            sessions: Arc::new(Sessions {
-                settings,
-                slots: (0..SESSIONS).map(|_| Mutex::new(None)).collect(),
-                next: AtomicUsize::new(0),
-            }),
+            sessions: Arc::new(Sessions::new(settings, SESSIONS)),
             outbox: Arc::default(),
             queue,
             receipts: ReceiptHealth::unchecked(),
@@ -228,7 +189,7 @@ impl PgStore {
         let store = self.clone();
         tokio::spawn(async move {
             loop {
-                match twokey_pgstore::connect::connect_listening(&store.sessions.settings).await {
+                match twokey_pgstore::connect::connect_listening(store.sessions.settings()).await {
                     Ok((client, mut notifications)) => {
                         match client.batch_execute(&format!("LISTEN {CHANGES}")).await {
                             Ok(()) => {
@@ -316,7 +277,7 @@ impl PgStore {
     /// A session, once the store is ready.
     async fn session(&self) -> Result<MutexGuard<'_, Option<Client>>, BrokerError> {
         self.outbox()?;
-        self.sessions.get().await
+        self.sessions.get().await.map_err(pg)
     }
 
     /// Refuses every state change (not events alone) while `receipts`

@@ -26,20 +26,15 @@
 //! (refused with [`VaultStoreError::Unsupported`], FAILED_PRECONDITION).
 //! The keyring's first generation is written at the first start.
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
-use tokio::sync::{Mutex, MutexGuard};
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::Transaction;
 use twokey_consent::{AdminHistory, ReleaseHistory};
-use twokey_pgstore::{Migration, PgError, PgSettings, outbox::PgOutbox};
+use twokey_pgstore::{
+    Migration, PgError, PgSettings,
+    outbox::PgOutbox,
+    sessions::{Sessions, StoreRuntime},
+};
 use twokey_runtime::{
     events::{EventDraft, EventSigner},
     time::Clock,
@@ -134,68 +129,11 @@ fn fail<T>(why: Abort) -> Result<T, Fail> {
     Err(Fail::Abort(why))
 }
 
-/// The runtime the sessions run on; shut down in the background when
-/// dropped (a runtime cannot be dropped inside another's task).
-#[derive(Debug)]
-struct Runtime(Option<tokio::runtime::Runtime>);
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Runtime {
-    fn handle(&self) -> &tokio::runtime::Handle {
-        self.0.as_ref().expect("taken only on drop").handle()
-    }
-}
-
-/// A few sessions, each reopened when it is found closed.
-struct Sessions {
-    settings: PgSettings,
-    slots: Vec<Mutex<Option<Client>>>,
-    next: AtomicUsize,
-}
-
-impl Sessions {
-    async fn get(&self) -> Result<MutexGuard<'_, Option<Client>>, VaultStoreError> {
-        let mut guard = None;
-        for slot in &self.slots {
-            if let Ok(g) = slot.try_lock() {
-                guard = Some(g);
-                break;
-            }
-        }
-        let mut guard = match guard {
-            Some(g) => g,
-            None => {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-                self.slots[i].lock().await
-            }
-        };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = None;
-            let client = twokey_pgstore::connect(&self.settings).await.map_err(pg)?;
-            // A commit is the acknowledgement: durable whatever the
-            // server's or the role's default says.
-            client
-                .batch_execute("SET synchronous_commit = on")
-                .await
-                .map_err(pg)?;
-            *guard = Some(client);
-        }
-        Ok(guard)
-    }
-}
-
 struct Inner {
     sessions: Sessions,
     outbox: PgOutbox,
     source: String,
-    rt: Runtime,
+    rt: StoreRuntime,
 }
 
 /// The vault's store in PostgreSQL; see the module documentation.
@@ -207,7 +145,7 @@ pub struct PgVaultStore {
 impl std::fmt::Debug for PgVaultStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgVaultStore")
-            .field("settings", &self.inner.sessions.settings)
+            .field("settings", self.inner.sessions.settings())
             .finish_non_exhaustive()
     }
 }
@@ -218,7 +156,7 @@ impl std::fmt::Debug for PgVaultStore {
 macro_rules! in_tx {
     ($store:expr, |$tx:ident| $body:expr) => {{
         async {
-            let mut guard = $store.sessions.get().await?;
+            let mut guard = $store.sessions.get().await.map_err(pg)?;
             let client = guard
                 .as_mut()
                 .ok_or_else(|| VaultStoreError::Database("no PostgreSQL session".into()))?;
@@ -402,14 +340,7 @@ impl PgVaultStore {
         signer: Arc<EventSigner>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, VaultStoreError> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("vault-postgres")
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                VaultStoreError::Database(format!("cannot start the PostgreSQL runtime: {e}"))
-            })?;
+        let rt = StoreRuntime::new("vault-postgres").map_err(pg)?;
         let source = signer.source().to_string();
         let outbox = {
             let settings = settings.clone();
@@ -421,14 +352,10 @@ impl PgVaultStore {
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                sessions: Sessions {
-                    settings,
-                    slots: (0..SESSIONS).map(|_| Mutex::new(None)).collect(),
-                    next: AtomicUsize::new(0),
-                },
+                sessions: Sessions::new(settings, SESSIONS),
                 outbox,
                 source,
-                rt: Runtime(Some(rt)),
+                rt,
             }),
         })
     }
@@ -467,7 +394,7 @@ impl PgVaultStore {
     fn read(&self, tree: &'static str, k: Vec<u8>) -> Result<Option<Vec<u8>>, VaultStoreError> {
         let inner = &self.inner;
         self.block(async move {
-            let guard = inner.sessions.get().await?;
+            let guard = inner.sessions.get().await.map_err(pg)?;
             let client = guard.as_ref().expect("connected by get");
             Ok(client
                 .query_opt(
@@ -484,7 +411,7 @@ impl PgVaultStore {
     fn scan(&self, tree: &'static str) -> Result<Vec<KeyValue>, VaultStoreError> {
         let inner = &self.inner;
         self.block(async move {
-            let guard = inner.sessions.get().await?;
+            let guard = inner.sessions.get().await.map_err(pg)?;
             let client = guard.as_ref().expect("connected by get");
             Ok(client
                 .query(
@@ -687,7 +614,7 @@ impl VaultStore for PgVaultStore {
     fn count(&self) -> usize {
         let inner = &self.inner;
         self.block(async move {
-            let guard = inner.sessions.get().await?;
+            let guard = inner.sessions.get().await.map_err(pg)?;
             let client = guard.as_ref().expect("connected by get");
             let row = client
                 .query_one(
@@ -950,7 +877,7 @@ impl VaultStore for PgVaultStore {
             };
             if expired {
                 removed += self.block(async move {
-                    let guard = inner.sessions.get().await?;
+                    let guard = inner.sessions.get().await.map_err(pg)?;
                     let client = guard.as_ref().expect("connected by get");
                     client
                         .execute(
