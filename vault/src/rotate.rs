@@ -281,34 +281,26 @@ impl<S: VaultStore> Vault<S> {
         let (data_key, sealed_key) = self.keys.new_data_key(generation);
         let planned =
             self.plan_master(generation, &sealed_key, &verified.action_id, &admins, now)?;
-        let event = EventDraft::new(&admins, "key.rotation.started")
-            .attr("generation", generation.to_string())
-            .attr("action_id", &verified.action_id)
-            .attr("policy_version", verified.policy_version.to_string())
-            .attr(
-                "admins",
-                verified
-                    .admins
-                    .iter()
-                    .map(|a| a.person.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .attr(
-                "older_generations",
-                self.keys
-                    .generations()
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
-            .attr(
-                "next_master_generation",
-                planned
-                    .as_ref()
-                    .map_or(String::new(), |(_, p)| p.generation.to_string()),
-            );
+        let event = crate::service::admin_attrs(
+            EventDraft::new(&admins, "key.rotation.started")
+                .attr("generation", generation.to_string()),
+            &verified,
+        )
+        .attr(
+            "older_generations",
+            self.keys
+                .generations()
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .attr(
+            "next_master_generation",
+            planned
+                .as_ref()
+                .map_or(String::new(), |(_, p)| p.generation.to_string()),
+        );
         let seq = self.store.add_generation(NewGeneration {
             generation,
             sealed_key,

@@ -437,9 +437,18 @@ fn admins_actor(action: &VerifiedAdminAction) -> String {
 
 /// An admin action's event, naming the verified admins.
 fn admin_event(name: &str, grant: &Grant, action: &VerifiedAdminAction) -> EventDraft {
-    EventDraft::new(admins_actor(action), name)
-        .account(&action.account_id)
-        .attr("grant_id", &grant.grant_id)
+    admin_attrs(
+        EventDraft::new(admins_actor(action), name)
+            .account(&action.account_id)
+            .attr("grant_id", &grant.grant_id),
+        action,
+    )
+}
+
+/// `event` with what every admin action's event says of the action: its
+/// id, the policy version it was checked under and the admins by name.
+pub(crate) fn admin_attrs(event: EventDraft, action: &VerifiedAdminAction) -> EventDraft {
+    event
         .attr("action_id", &action.action_id)
         .attr("policy_version", action.policy_version.to_string())
         .attr(
@@ -1257,20 +1266,12 @@ impl<S: VaultStore> Vault<S> {
                 now,
                 keep_until: now,
             };
-            let event = EventDraft::new(admins_actor(&verified), "vault.sealed")
-                .outcome(Outcome::Success)
-                .attr("caller", caller)
-                .attr("action_id", &verified.action_id)
-                .attr("policy_version", verified.policy_version.to_string())
-                .attr(
-                    "admins",
-                    verified
-                        .admins
-                        .iter()
-                        .map(|a| a.person.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
-                );
+            let event = admin_attrs(
+                EventDraft::new(admins_actor(&verified), "vault.sealed")
+                    .outcome(Outcome::Success)
+                    .attr("caller", caller),
+                &verified,
+            );
             self.store
                 .use_vault_action(&admin, event)
                 .map_err(VaultError::from)
