@@ -859,6 +859,105 @@ fn decode_record(bytes: &[u8]) -> Result<AccountRecord, Abort> {
     serde_json::from_slice(bytes).map_err(|_| Abort::Corrupt)
 }
 
+/// Where a grant use's consent history lives in the consent tree: its
+/// release id, its request's code count and its account's release times.
+struct UseKeys {
+    release: Vec<u8>,
+    request: Vec<u8>,
+    rate: Vec<u8>,
+}
+
+impl UseKeys {
+    fn of(u: &GrantUse) -> Self {
+        Self {
+            release: key(RELEASE_ID, u.consent.release_id.as_bytes()),
+            request: key(REQUEST_CODES, &u.consent.request_digest),
+            rate: key(ACCOUNT_RELEASES, u.account_id.as_bytes()),
+        }
+    }
+}
+
+/// What a grant use reads inside its transaction (its grant id already
+/// claimed or checked), as stored.
+struct UseReads {
+    /// The active policy version (0: none).
+    active_policy: u64,
+    /// Whether the release id was used.
+    release_used: bool,
+    /// The request's code count.
+    request_count: Option<Vec<u8>>,
+    /// The account's record.
+    account: Option<Vec<u8>>,
+    /// The account's recent release times.
+    recent: Option<Vec<u8>>,
+}
+
+/// What a grant use writes once every check passed, under [`UseKeys`]
+/// and the account's id.
+struct UseWrites {
+    release: [u8; 8],
+    request_count: Vec<u8>,
+    recent: Vec<u8>,
+    account: Vec<u8>,
+    step: u64,
+    event: EventDraft,
+}
+
+/// The release rules every store applies to a grant use, in one place:
+/// the policy version it was checked under is still active, its release
+/// id is unused, its request has codes left, the account exists and is
+/// enabled, its release rate has room, and a step is free
+/// ([`choose_step`]: never one handed out before). Pure: the stores read
+/// and write, inside their own transactions.
+fn decide_use(u: &GrantUse, r: UseReads) -> Result<UseWrites, Abort> {
+    let c = &u.consent;
+    if r.active_policy != c.policy_version {
+        return Err(Abort::PolicyChanged(r.active_policy));
+    }
+    if r.release_used {
+        return Err(Abort::ReleaseUsed);
+    }
+    let (released, _) = request_count(r.request_count.as_deref());
+    if released >= c.codes_per_request {
+        return Err(Abort::CodesUsed(released));
+    }
+    let mut record = decode_record(&r.account.ok_or(Abort::Missing)?)?;
+    if record.disabled {
+        return Err(Abort::Disabled);
+    }
+    let since = u.now.saturating_sub(c.rate.per.as_secs());
+    let mut recent: Vec<u64> = r
+        .recent
+        .map(|v| times(&v))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&t| t >= since)
+        .collect();
+    let count = u32::try_from(recent.len()).unwrap_or(u32::MAX);
+    if count >= c.rate.max {
+        return Err(Abort::Rate(count));
+    }
+    let period = record.params.period;
+    let min_left = min_seconds_left(record.min_seconds_left, period);
+    let step = choose_step(u.now, period, min_left, record.last_step).map_err(Abort::Wait)?;
+    let mut request_count = (released + 1).to_be_bytes().to_vec();
+    request_count.extend(c.request_until.to_be_bytes());
+    recent.push(u.now);
+    record.last_used_at = Some(u.now);
+    record.last_step = Some(step);
+    Ok(UseWrites {
+        release: c.release_id_until.to_be_bytes(),
+        request_count,
+        recent: pack(&recent),
+        account: serde_json::to_vec(&record).expect("records serialize"),
+        step,
+        event: u.event.clone().attr("step", step.to_string()).attr(
+            "codes_released",
+            format!("{} of {}", released + 1, c.codes_per_request),
+        ),
+    })
+}
+
 impl SledVaultStore {
     /// Opens the store's trees in `db`; events go to `outbox`.
     pub fn open(db: &DurableDb, outbox: Outbox) -> Result<Self, VaultStoreError> {
@@ -899,70 +998,30 @@ impl SledVaultStore {
         ),
     ) -> Result<Result<Released, Abort>, ConflictableTransactionError<std::convert::Infallible>>
     {
-        let c = &u.consent;
         if grants.get(&u.grant_id)?.is_some() {
             return Ok(Err(Abort::Used));
         }
-        let active = meta.get(POLICY_VERSION)?.map_or(0, |v| be_u64(&v));
-        if active != c.policy_version {
-            return Ok(Err(Abort::PolicyChanged(active)));
-        }
-        let release_key = key(RELEASE_ID, c.release_id.as_bytes());
-        if consent.get(&release_key)?.is_some() {
-            return Ok(Err(Abort::ReleaseUsed));
-        }
-        let request_key = key(REQUEST_CODES, &c.request_digest);
-        let (released, _) = request_count(consent.get(&request_key)?.as_deref());
-        if released >= c.codes_per_request {
-            return Ok(Err(Abort::CodesUsed(released)));
-        }
-        let Some(bytes) = accounts.get(&u.account_id)? else {
-            return Ok(Err(Abort::Missing));
+        let keys = UseKeys::of(u);
+        let reads = UseReads {
+            active_policy: meta.get(POLICY_VERSION)?.map_or(0, |v| be_u64(&v)),
+            release_used: consent.get(&keys.release)?.is_some(),
+            request_count: consent.get(&keys.request)?.map(|v| v.to_vec()),
+            account: accounts.get(&u.account_id)?.map(|v| v.to_vec()),
+            recent: consent.get(&keys.rate)?.map(|v| v.to_vec()),
         };
-        let Ok(mut record) = decode_record(&bytes) else {
-            return Ok(Err(Abort::Corrupt));
-        };
-        if record.disabled {
-            return Ok(Err(Abort::Disabled));
-        }
-        let rate_key = key(ACCOUNT_RELEASES, u.account_id.as_bytes());
-        let since = u.now.saturating_sub(c.rate.per.as_secs());
-        let mut recent: Vec<u64> = consent
-            .get(&rate_key)?
-            .map(|v| times(&v))
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|&t| t >= since)
-            .collect();
-        let count = u32::try_from(recent.len()).unwrap_or(u32::MAX);
-        if count >= c.rate.max {
-            return Ok(Err(Abort::Rate(count)));
-        }
-        let period = record.params.period;
-        let min_left = min_seconds_left(record.min_seconds_left, period);
-        let step = match choose_step(u.now, period, min_left, record.last_step) {
-            Ok(step) => step,
-            Err(wait) => return Ok(Err(Abort::Wait(wait))),
+        let w = match decide_use(u, reads) {
+            Ok(w) => w,
+            Err(why) => return Ok(Err(why)),
         };
         grants.insert(u.grant_id.as_bytes(), &u.expires_at.to_be_bytes())?;
-        consent.insert(release_key, &c.release_id_until.to_be_bytes())?;
-        let mut count_value = (released + 1).to_be_bytes().to_vec();
-        count_value.extend(c.request_until.to_be_bytes());
-        consent.insert(request_key, count_value)?;
-        recent.push(u.now);
-        consent.insert(rate_key, pack(&recent))?;
-        record.last_used_at = Some(u.now);
-        record.last_step = Some(step);
-        let updated = serde_json::to_vec(&record).expect("records serialize");
-        accounts.insert(u.account_id.as_bytes(), updated)?;
-        let event = u.event.clone().attr("step", step.to_string()).attr(
-            "codes_released",
-            format!("{} of {}", released + 1, c.codes_per_request),
-        );
-        let seq = self.outbox.push(outbox, event)?;
+        consent.insert(keys.release, w.release.as_slice())?;
+        consent.insert(keys.request, w.request_count)?;
+        consent.insert(keys.rate, w.recent)?;
+        accounts.insert(u.account_id.as_bytes(), w.account)?;
+        let seq = self.outbox.push(outbox, w.event)?;
         Ok(Ok(Released {
             seq,
-            step,
+            step: w.step,
             sync_error: None,
         }))
     }

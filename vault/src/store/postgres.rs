@@ -46,10 +46,10 @@ use super::{
     KeptSeed, LAST_ROTATION, MASTER_GENERATION, MASTER_LAST, MASTER_PENDING, MAX_RATE_WINDOW_SECS,
     NewAccount, NewGeneration, POLICIES_TREE, POLICY_HEAD, POLICY_VERSION, PendingMaster,
     RECOVERY_TREE, RELEASE_ID, REQUEST_CODES, ROTATION, Released, Removal, ReplacedMaster, Reseal,
-    Restore, Rotation, StoredPolicy, VaultStore, VaultStoreError, Withheld, be_u64, decode_record,
-    kept_list, key, name_ids, pack, refusal, refusal_of_use, request_count, times, unix,
+    Restore, Rotation, StoredPolicy, UseKeys, UseReads, VaultStore, VaultStoreError, Withheld,
+    be_u64, decide_use, decode_record, kept_list, key, name_ids, pack, refusal, refusal_of_use,
+    request_count, times, unix,
 };
-use crate::totp::{choose_step, min_seconds_left};
 
 /// The migration component of the vault's tables.
 pub const COMPONENT: &str = "vault";
@@ -449,76 +449,36 @@ impl PgVaultStore {
         u: &GrantUse,
     ) -> Result<Result<Released, Abort>, VaultStoreError> {
         in_tx!(inner, |tx| {
-            let c = &u.consent;
             // The account first: every use of it, on every replica, takes
             // turns from here, reading what the one before committed.
             lock(&tx, &account_lock(&u.account_id)).await?;
             lock_shared(&tx, POLICY_LOCK).await?;
             claim_grant(&tx, &u.grant_id, u.expires_at).await?;
-            let active = get(&tx, META, POLICY_VERSION)
-                .await?
-                .map_or(0, |v| be_u64(&v));
-            if active != c.policy_version {
-                return fail(Abort::PolicyChanged(active));
-            }
-            let release_key = key(RELEASE_ID, c.release_id.as_bytes());
-            if !claim(
-                &tx,
-                CONSENT_TREE,
-                &release_key,
-                &c.release_id_until.to_be_bytes(),
-            )
-            .await?
-            {
+            let keys = UseKeys::of(u);
+            let reads = UseReads {
+                active_policy: get(&tx, META, POLICY_VERSION)
+                    .await?
+                    .map_or(0, |v| be_u64(&v)),
+                release_used: get(&tx, CONSENT_TREE, &keys.release).await?.is_some(),
+                request_count: get(&tx, CONSENT_TREE, &keys.request).await?,
+                account: get(&tx, ACCOUNTS, u.account_id.as_bytes()).await?,
+                recent: get(&tx, CONSENT_TREE, &keys.rate).await?,
+            };
+            let w = match decide_use(u, reads) {
+                Ok(w) => w,
+                Err(why) => return fail(why),
+            };
+            // Claimed, not overwritten: the primary key decides.
+            if !claim(&tx, CONSENT_TREE, &keys.release, &w.release).await? {
                 return fail(Abort::ReleaseUsed);
             }
-            let request_key = key(REQUEST_CODES, &c.request_digest);
-            let (released, _) =
-                request_count(get(&tx, CONSENT_TREE, &request_key).await?.as_deref());
-            if released >= c.codes_per_request {
-                return fail(Abort::CodesUsed(released));
-            }
-            let Some(mut record) = account(&tx, &u.account_id).await? else {
-                return fail(Abort::Missing);
-            };
-            if record.disabled {
-                return fail(Abort::Disabled);
-            }
-            let rate_key = key(ACCOUNT_RELEASES, u.account_id.as_bytes());
-            let since = u.now.saturating_sub(c.rate.per.as_secs());
-            let mut recent: Vec<u64> = get(&tx, CONSENT_TREE, &rate_key)
-                .await?
-                .map(|v| times(&v))
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|&t| t >= since)
-                .collect();
-            let count = u32::try_from(recent.len()).unwrap_or(u32::MAX);
-            if count >= c.rate.max {
-                return fail(Abort::Rate(count));
-            }
-            let period = record.params.period;
-            let min_left = min_seconds_left(record.min_seconds_left, period);
-            let step = match choose_step(u.now, period, min_left, record.last_step) {
-                Ok(step) => step,
-                Err(wait) => return fail(Abort::Wait(wait)),
-            };
-            let mut count_value = (released + 1).to_be_bytes().to_vec();
-            count_value.extend(c.request_until.to_be_bytes());
-            put(&tx, CONSENT_TREE, &request_key, &count_value).await?;
-            recent.push(u.now);
-            put(&tx, CONSENT_TREE, &rate_key, &pack(&recent)).await?;
-            record.last_used_at = Some(u.now);
-            record.last_step = Some(step);
-            put(&tx, ACCOUNTS, u.account_id.as_bytes(), &encode(&record)).await?;
-            let event = u.event.clone().attr("step", step.to_string()).attr(
-                "codes_released",
-                format!("{} of {}", released + 1, c.codes_per_request),
-            );
-            let seq = inner.outbox.push(&tx, event).await.map_err(pg)?;
+            put(&tx, CONSENT_TREE, &keys.request, &w.request_count).await?;
+            put(&tx, CONSENT_TREE, &keys.rate, &w.recent).await?;
+            put(&tx, ACCOUNTS, u.account_id.as_bytes(), &w.account).await?;
+            let seq = inner.outbox.push(&tx, w.event).await.map_err(pg)?;
             Ok(Released {
                 seq,
-                step,
+                step: w.step,
                 sync_error: None,
             })
         })
