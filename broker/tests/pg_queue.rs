@@ -256,3 +256,44 @@ async fn a_failing_webhook_is_retried_with_backoff_then_recorded_once_as_failed(
         .unwrap();
     assert!(attempts.contains('t'), "{attempts}");
 }
+
+#[tokio::test]
+async fn entries_that_do_not_decode_are_kept_out_of_the_due_set_and_never_starve_the_others() {
+    let pg = pg().await;
+    let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(now()));
+    let seen = Arc::new(Recorder::default());
+    let (a, _da) = replica(&pg, seen.clone(), clock).await;
+    // More unreadable rows than one pass takes, queued before the good
+    // ones (as a bug or a hand edit of the table would leave them).
+    pg.pg
+        .psql(
+            "broker",
+            "INSERT INTO broker_notify_queue (id, pin, next_ms, entry)
+             SELECT 'bad-' || g, false, 0, '{not an entry' FROM generate_series(1, 70) g",
+        )
+        .unwrap();
+    enqueue(&pg, &a, &[message("good-1", None), message("good-2", None)]).await;
+    // The first pass parks 64 of them, the next the other 6 and sends both.
+    assert_eq!(a.run_due().await.unwrap(), 64);
+    assert_eq!(a.run_due().await.unwrap(), 8);
+    assert_eq!(a.run_due().await.unwrap(), 0);
+    let mut ids: Vec<String> = seen
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["good-1", "good-2"]);
+    // Kept, never due again, not deleted.
+    let parked = pg
+        .pg
+        .psql(
+            "broker",
+            "SELECT count(*) FROM broker_notify_queue WHERE id LIKE 'bad-%' AND next_ms = 9223372036854775807",
+        )
+        .unwrap();
+    assert_eq!(parked.trim(), "70");
+    assert_eq!(a.depth().await.unwrap(), 70);
+}

@@ -40,6 +40,9 @@ CREATE TABLE broker_notify_queue (
 CREATE INDEX broker_notify_queue_order ON broker_notify_queue (pin DESC, seq);
 ";
 
+/// `next_ms` of an entry that is never due again (one that does not decode).
+const NEVER: i64 = i64::MAX;
+
 fn to_db(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -207,22 +210,41 @@ impl PgQueue {
         let tx = client.transaction().await.map_err(store_error)?;
         let rows = tx
             .query(
-                "SELECT entry FROM broker_notify_queue WHERE next_ms <= $1
+                "SELECT id, entry FROM broker_notify_queue WHERE next_ms <= $1
                  ORDER BY pin DESC, seq LIMIT $2 FOR UPDATE SKIP LOCKED",
                 &[&to_db(now_ms), &to_db(DELIVERY_BATCH as u64)],
             )
             .await
             .map_err(store_error)?;
         let mut due = Vec::with_capacity(rows.len());
+        let mut unreadable: Vec<String> = Vec::new();
         for row in &rows {
-            match serde_json::from_str::<Entry>(row.get(0)) {
+            match serde_json::from_str::<Entry>(row.get(1)) {
                 Ok(entry) => due.push(entry),
-                Err(e) => tracing::error!("a queued notification does not decode: {e}"),
+                Err(e) => {
+                    let id: String = row.get(0);
+                    tracing::error!(
+                        entry_id = %id,
+                        "a queued notification does not decode ({e}); it is kept in \
+                         broker_notify_queue with next_ms = {NEVER} and not tried again"
+                    );
+                    unreadable.push(id);
+                }
             }
+        }
+        // Kept for whoever looks into it, but out of the due set, so that
+        // rows which can never be sent cannot fill every batch.
+        if !unreadable.is_empty() {
+            tx.execute(
+                "UPDATE broker_notify_queue SET next_ms = $2 WHERE id = ANY($1)",
+                &[&unreadable, &NEVER],
+            )
+            .await
+            .map_err(store_error)?;
         }
         if due.is_empty() {
             tx.commit().await.map_err(store_error)?;
-            return Ok((0, false));
+            return Ok((unreadable.len(), false));
         }
         let (done, interrupted) = self.deliveries.deliver_all(&self.signals, due).await;
         let tried = done.len();
@@ -250,6 +272,6 @@ impl PgQueue {
         }
         tx.commit().await.map_err(store_error)?;
         self.deliveries.count(settlement.delivered);
-        Ok((tried, interrupted))
+        Ok((tried + unreadable.len(), interrupted))
     }
 }
