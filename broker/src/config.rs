@@ -98,61 +98,7 @@ pub struct BrokerConfig {
     pub store: StoreConfig,
 }
 
-/// `[store]`: sled in `data_dir` (the default, one machine), or PostgreSQL
-/// shared by several replicas (`[store.postgres]`, docs/HA.md).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StoreConfig {
-    /// `sled` or `postgres`.
-    #[serde(default)]
-    pub backend: StoreBackend,
-    /// How to reach the broker's database; required with `postgres`.
-    #[serde(default)]
-    pub postgres: Option<twokey_pgstore::PgSettings>,
-}
-
-impl PartialEq for StoreConfig {
-    fn eq(&self, other: &Self) -> bool {
-        let key = |p: &Option<twokey_pgstore::PgSettings>| {
-            p.as_ref()
-                .map(|p| (p.url.clone(), p.password_file.clone(), p.ca_file.clone()))
-        };
-        self.backend == other.backend && key(&self.postgres) == key(&other.postgres)
-    }
-}
-
-impl Eq for StoreConfig {}
-
-/// The store backends.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreBackend {
-    /// sled in `data_dir`.
-    #[default]
-    Sled,
-    /// PostgreSQL (`[store.postgres]`).
-    Postgres,
-}
-
-impl StoreConfig {
-    /// The PostgreSQL settings when the backend is PostgreSQL; an error
-    /// saying what to set when they are missing or wrong.
-    pub fn postgres(&self) -> Result<Option<&twokey_pgstore::PgSettings>, String> {
-        match (self.backend, &self.postgres) {
-            (StoreBackend::Sled, _) => Ok(None),
-            (StoreBackend::Postgres, None) => Err(
-                "store.backend = \"postgres\" needs [store.postgres] with url (and \
-                 password_file, ca_file): set them in the config file, or with \
-                 --store-postgres-url and the flags beside it"
-                    .to_owned(),
-            ),
-            (StoreBackend::Postgres, Some(p)) => {
-                twokey_pgstore::connect::check(p).map_err(|e| e.to_string())?;
-                Ok(Some(p))
-            }
-        }
-    }
-}
+pub use twokey_pgstore::config::{StoreBackend, StoreConfig};
 
 /// `[consent]`: the root of trust of the signed policy, the same as the
 /// vault's.
@@ -454,14 +400,7 @@ impl BrokerConfig {
             paths.push(("notify.slack.token_file", &mut s.token_file));
             paths.extend(s.ca_file.as_mut().map(|p| ("notify.slack.ca_file", p)));
         }
-        if let Some(p) = self.store.postgres.as_mut() {
-            paths.extend(
-                p.password_file
-                    .as_mut()
-                    .map(|f| ("store.postgres.password_file", f)),
-            );
-            paths.extend(p.ca_file.as_mut().map(|f| ("store.postgres.ca_file", f)));
-        }
+        paths.extend(self.store.paths_mut());
         paths
     }
 }

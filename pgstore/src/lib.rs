@@ -6,9 +6,11 @@
 //! embedded default. [`outbox`] is the audit outbox in PostgreSQL: written
 //! by every replica in its own transactions, shipped by the one holding the
 //! shipping lease. [`sessions`]: the few sessions a store keeps, and a
-//! runtime of its own for a store with synchronous methods.
+//! runtime of its own for a store with synchronous methods. [`config`]: the
+//! `[store]` section the broker and the vault share.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod connect;
 pub mod error;
 pub mod migrate;

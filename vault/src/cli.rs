@@ -212,6 +212,18 @@ pub struct ServeArgs {
     /// Milliseconds a release waits for audit.
     #[arg(long)]
     pub audit_ack_timeout_ms: Option<u64>,
+    /// Where seeds are kept: sled (in data_dir) or postgres [default: sled].
+    #[arg(long)]
+    pub store_backend: Option<String>,
+    /// postgresql://ROLE@HOST:PORT/DATABASE?sslmode=verify-full, no password.
+    #[arg(long)]
+    pub store_postgres_url: Option<String>,
+    /// File whose first line is the PostgreSQL role's password.
+    #[arg(long, value_name = "FILE")]
+    pub store_postgres_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign the PostgreSQL server's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub store_postgres_ca_file: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -231,6 +243,13 @@ impl ServeArgs {
                 self.audit_ack_timeout_ms
                     .map(|v| toml::Value::Integer(i64::try_from(v).unwrap_or(i64::MAX))),
             ),
+            ("store.backend", text(&self.store_backend)),
+            ("store.postgres.url", text(&self.store_postgres_url)),
+            (
+                "store.postgres.password_file",
+                path(&self.store_postgres_password_file),
+            ),
+            ("store.postgres.ca_file", path(&self.store_postgres_ca_file)),
         ]);
         let file = self.flags.config.as_deref();
         let mut config: VaultConfig = config::load(file, &overrides, ENV_PREFIX)?;
@@ -239,6 +258,15 @@ impl ServeArgs {
             |field| config::overridden(&overrides, field),
             config.paths_mut(),
         );
+        if let Err(message) = config.store.postgres() {
+            return Err(config::ConfigError::Invalid {
+                origin: file.map_or_else(
+                    || "from flags and environment".to_owned(),
+                    |p| p.display().to_string(),
+                ),
+                message,
+            });
+        }
         Ok(config)
     }
 }

@@ -63,6 +63,11 @@ pub struct VaultConfig {
     /// `master_key_file`), present for `shamir`.
     #[serde(default)]
     pub seal: Option<SealConfig>,
+    /// Where seeds, used grants and consent history are kept: `[store]`,
+    /// sled in `data_dir` (the default) or PostgreSQL shared by several
+    /// vault replicas (docs/HA.md).
+    #[serde(default)]
+    pub store: twokey_pgstore::config::StoreConfig,
 }
 
 /// The `[seal]` section: how the master key is kept.
@@ -221,6 +226,7 @@ impl VaultConfig {
             paths.push(("seal.descriptor", &mut s.descriptor));
             paths.extend(s.pin_file.as_mut().map(|p| ("seal.pin_file", p)));
         }
+        paths.extend(self.store.paths_mut());
         paths
     }
 

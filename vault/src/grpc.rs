@@ -29,7 +29,8 @@ use twokey_proto::{
     },
 };
 use twokey_runtime::{
-    Authenticator, SpiffeId, error::to_status, outbox::Outbox, time::to_timestamp,
+    Authenticator, SpiffeId, error::to_status, events::EventDraft, outbox::Outbox,
+    time::to_timestamp,
 };
 
 use crate::{
@@ -50,13 +51,14 @@ impl From<VaultError> for Status {
     }
 }
 
-/// Where the open vault is: filled at start in the `file` mode, by the
-/// K-th share in the `shamir` mode, and emptied by a seal.
-pub struct Slot<S>(RwLock<Option<Arc<Vault<S>>>>);
+/// Where the open vault is: filled at start in the `file` mode (on
+/// PostgreSQL once its database is migrated), by the K-th share in the
+/// `shamir` mode, and emptied by a seal.
+pub struct Slot<S>(RwLock<Option<Arc<Vault<S>>>>, RwLock<Option<String>>);
 
 impl<S> Default for Slot<S> {
     fn default() -> Self {
-        Self(RwLock::new(None))
+        Self(RwLock::new(None), RwLock::new(None))
     }
 }
 
@@ -82,6 +84,29 @@ impl<S> Slot<S> {
     /// Takes the vault out: calls that start from now on find it sealed.
     pub fn take(&self) -> Option<Arc<Vault<S>>> {
         self.0.write().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// What calls are told while the slot is empty for another reason than
+    /// a seal (the store is not ready yet); `None` once it is.
+    pub fn set_waiting(&self, why: Option<String>) {
+        *self.1.write().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    fn waiting(&self) -> Option<String> {
+        self.1.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Where the seal service records its events: the outbox of the store the
+/// vault runs on (sled's, or PostgreSQL's once the database is ready).
+pub trait EventSink: Send + Sync + 'static {
+    /// Records `draft` durably, or says why it could not.
+    fn emit(&self, draft: EventDraft) -> BoxFuture<'_, Result<u64, String>>;
+}
+
+impl EventSink for Outbox {
+    fn emit(&self, draft: EventDraft) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move { Outbox::emit(self, draft).await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -135,10 +160,11 @@ impl<S> VaultGrpc<S> {
     /// it until it ends, so a seal meanwhile does not cut it off.
     fn vault(&self) -> Result<Arc<Vault<S>>, Status> {
         self.vault.get().ok_or_else(|| {
-            let message = self.seal.as_ref().map_or_else(
-                || "vault is sealed".to_owned(),
-                |u| u.progress(std::time::Instant::now()).0.sealed_message(),
-            );
+            let message = match (self.vault.waiting(), &self.seal) {
+                (Some(why), _) => why,
+                (None, Some(u)) => u.progress(std::time::Instant::now()).0.sealed_message(),
+                (None, None) => "vault is sealed".to_owned(),
+            };
             Status::unavailable(message)
         })
     }
@@ -374,7 +400,7 @@ pub struct SealGrpc<S> {
     unsealer: Option<Arc<Unsealer>>,
     slot: VaultSlot<S>,
     auth: Authenticator,
-    outbox: Outbox,
+    events: Arc<dyn EventSink>,
     on_unseal: OnUnseal,
     on_seal: OnSeal,
     /// One seal or unseal completion at a time.
@@ -398,13 +424,13 @@ fn no_holders() -> Status {
 
 impl<S: VaultStore> SealGrpc<S> {
     /// Takes shares for `unsealer` (none in the `file` and `pkcs11`
-    /// modes), recording each step in `outbox`; `slot` holds the vault
+    /// modes), recording each step in `events`; `slot` holds the vault
     /// while it is open.
     pub fn new(
         unsealer: Option<Arc<Unsealer>>,
         slot: VaultSlot<S>,
         auth: Authenticator,
-        outbox: Outbox,
+        events: Arc<dyn EventSink>,
         on_unseal: OnUnseal,
         on_seal: OnSeal,
     ) -> Self {
@@ -412,7 +438,7 @@ impl<S: VaultStore> SealGrpc<S> {
             unsealer,
             slot,
             auth,
-            outbox,
+            events,
             on_unseal,
             on_seal,
             turning: tokio::sync::Mutex::new(()),
@@ -424,7 +450,7 @@ impl<S: VaultStore> SealGrpc<S> {
     }
 
     async fn audit(&self, draft: twokey_runtime::events::EventDraft) {
-        if let Err(e) = self.outbox.emit(draft).await {
+        if let Err(e) = self.events.emit(draft).await {
             tracing::warn!("recording a seal event failed: {e}");
         }
     }

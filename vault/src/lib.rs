@@ -43,15 +43,15 @@ use twokey_runtime::{
 };
 
 pub use config::VaultConfig;
-use service::{AuditWait, Vault};
-use store::SledVaultStore;
+use service::{AuditGate, AuditWait, Vault};
+use store::{SledVaultStore, VaultStore};
 pub use twokey_runtime::start::StartError;
 
 /// What the vault is opened with once its key is known (kept, and cloned
 /// for each unseal: a sealed vault opens again).
 #[derive(Clone)]
-struct Parts {
-    store: SledVaultStore,
+struct Parts<S> {
+    store: S,
     grants: twokey_runtime::grant::GrantVerifier,
     audit: AuditWait,
     clock: Arc<SystemClock>,
@@ -61,16 +61,13 @@ struct Parts {
     seal: Arc<dyn master::MasterSeal>,
 }
 
-impl Parts {
+impl<S: VaultStore> Parts<S> {
     /// Opens the vault with `key` (the current master key, or the pending
     /// one whose seal material was written before a stop: promoted), then
     /// finishes a master key replacement a stop interrupted before its
     /// seal material was written. If that fails the vault serves under the
     /// current key and says so.
-    async fn open(
-        self,
-        key: crypto::MasterKey,
-    ) -> Result<Vault<SledVaultStore>, service::VaultError> {
+    async fn open(self, key: crypto::MasterKey) -> Result<Vault<S>, service::VaultError> {
         // The rotation's pace: TWOKEY_VAULT_ROTATION_BATCH and
         // TWOKEY_VAULT_ROTATION_PAUSE_MS (a throttle), else the defaults.
         let pace =
@@ -92,12 +89,13 @@ impl Parts {
     }
 }
 
+/// The health service's name for the vault (the same for every store).
 type Served = VaultServiceServer<grpc::VaultGrpc<SledVaultStore>>;
 
 /// Sweeps used grants, consent history and kept seeds every minute, and
 /// first resumes a key rotation a stop interrupted; the rotation worker
 /// is stopped with this task (at a seal or shutdown).
-fn spawn_sweeper(vault: Arc<Vault<SledVaultStore>>) -> tokio::task::JoinHandle<()> {
+fn spawn_sweeper<S: VaultStore>(vault: Arc<Vault<S>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let _worker = rotate::StopsWorker(vault.clone());
         if let Err(e) = vault.resume_rotation().await {
@@ -149,88 +147,317 @@ async fn master_key(config: &VaultConfig) -> Result<SecretKey, StartError> {
     Ok(key)
 }
 
+/// What a vault's parts share, whatever the store.
+#[derive(Clone)]
+struct Shared {
+    grants: twokey_runtime::grant::GrantVerifier,
+    clock: Arc<SystemClock>,
+    root: twokey_consent::TrustRoot,
+    seal: Arc<dyn master::MasterSeal>,
+    ack_timeout: Duration,
+}
+
+impl Shared {
+    /// The parts of a vault on `store`, waiting for `gate` before a release.
+    fn parts<S>(self, store: S, gate: Arc<dyn AuditGate>) -> Parts<S> {
+        Parts {
+            store,
+            grants: self.grants,
+            audit: AuditWait {
+                gate,
+                timeout: self.ack_timeout,
+            },
+            clock: self.clock,
+            root: self.root,
+            seal: self.seal,
+        }
+    }
+}
+
+/// What every start needs, whatever the store.
+struct Start {
+    shared: Shared,
+    /// The unsealer (`shamir` mode).
+    seal: Option<Arc<unseal::Unsealer>>,
+    /// The master key, known at start in the `file` and `pkcs11` modes.
+    master: Option<SecretKey>,
+    source: twokey_runtime::SpiffeId,
+    event_key: ed25519_dalek::SigningKey,
+    server_tls: twokey_runtime::tls::ServerTls,
+    audit: tonic::transport::Channel,
+    receipts: ShipperOptions,
+    clock: Arc<SystemClock>,
+}
+
+impl Start {
+    async fn load(config: &VaultConfig) -> Result<Self, StartError> {
+        let root = config.trust_root().map_err(StartError::Setting)?;
+        let seal = unsealer(config)?;
+        let master = match seal {
+            None => Some(master_key(config).await?),
+            Some(_) => None,
+        };
+        let grant_key = parse_public_key(&config.grant_public_key)?;
+        let event_key = load_signing_key(&config.event_key_file)?;
+        let source = config
+            .source_id()
+            .map_err(|e| StartError::Setting(format!("trust_domain: {e}")))?;
+        let server_tls = config
+            .tls
+            .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
+        let audit = config
+            .tls
+            .channel(&config.audit_address, &config.audit_server_name)?;
+        let receipts = ShipperOptions::from_setting(
+            config.audit_checkpoint_key.as_deref(),
+            config.audit_keep_days,
+        )
+        .map_err(StartError::Setting)?;
+        let master_seal: Arc<dyn master::MasterSeal> = match (&seal, config.seal.as_ref()) {
+            (Some(unsealer), _) => Arc::new(master::ShamirSeal(unsealer.clone())),
+            (None, Some(s)) if s.mode == hsm::MODE => Arc::new(master::HsmSeal {
+                settings: s.pkcs11().map_err(StartError::Setting)?,
+                path: s.descriptor.clone(),
+            }),
+            (None, _) => Arc::new(master::FileSeal {
+                path: config.master_key_file.clone(),
+            }),
+        };
+        let clock = Arc::new(SystemClock);
+        Ok(Self {
+            shared: Shared {
+                grants: twokey_runtime::grant::GrantVerifier::new(grant_key),
+                clock: clock.clone(),
+                root,
+                seal: master_seal,
+                ack_timeout: Duration::from_millis(config.audit_ack_timeout_ms),
+            },
+            seal,
+            master,
+            source,
+            event_key,
+            server_tls,
+            audit,
+            receipts,
+            clock,
+        })
+    }
+
+    fn signer(&self) -> EventSigner {
+        EventSigner::new(self.source.clone(), self.event_key.clone())
+    }
+}
+
 /// Runs the vault on `listener` until `shutdown` resolves. In the `file`
 /// seal mode it serves at once; in `shamir` mode it starts sealed (health
 /// NOT_SERVING, every call but `Status` UNAVAILABLE) until K holders have
-/// submitted their shares to the `SealService`.
+/// submitted their shares to the `SealService`. On PostgreSQL
+/// (`[store] backend = "postgres"`) it also reports NOT_SERVING, and
+/// answers UNAVAILABLE, until its database is migrated and open.
 pub async fn serve(
     config: VaultConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let root = config.trust_root().map_err(StartError::Setting)?;
-    let seal = unsealer(&config)?;
-    let master = match seal {
-        None => Some(master_key(&config).await?),
-        Some(_) => None,
-    };
-    let grant_key = parse_public_key(&config.grant_public_key)?;
-    let event_key = load_signing_key(&config.event_key_file)?;
-    let source = config
-        .source_id()
-        .map_err(|e| StartError::Setting(format!("trust_domain: {e}")))?;
-    let server_tls = config
-        .tls
-        .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
-    let audit = config
-        .tls
-        .channel(&config.audit_address, &config.audit_server_name)?;
+    let postgres = config
+        .store
+        .postgres()
+        .map_err(StartError::Setting)?
+        .cloned();
+    let start = Start::load(&config).await?;
+    match postgres {
+        None => serve_sled(config, start, listener, shutdown).await,
+        Some(settings) => serve_postgres(config, settings, start, listener, shutdown).await,
+    }
+}
 
-    let master_seal: Arc<dyn master::MasterSeal> = match (&seal, config.seal.as_ref()) {
-        (Some(unsealer), _) => Arc::new(master::ShamirSeal(unsealer.clone())),
-        (None, Some(s)) if s.mode == hsm::MODE => Arc::new(master::HsmSeal {
-            settings: s.pkcs11().map_err(StartError::Setting)?,
-            path: s.descriptor.clone(),
-        }),
-        (None, _) => Arc::new(master::FileSeal {
-            path: config.master_key_file.clone(),
-        }),
-    };
+/// The vault on sled in `data_dir`, shipping its own outbox.
+async fn serve_sled(
+    config: VaultConfig,
+    start: Start,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let db = DurableDb::open(&config.data_dir)?;
-    let clock = Arc::new(SystemClock);
-    let outbox = Outbox::open(&db, EventSigner::new(source, event_key), clock.clone())?;
-    let receipts = ShipperOptions::from_setting(
-        config.audit_checkpoint_key.as_deref(),
-        config.audit_keep_days,
-    )
-    .map_err(StartError::Setting)?;
-    let (shipper, shipper_task) = spawn_shipper_with(outbox.clone(), audit, receipts);
-    let parts = SledVaultStore::open(&db, outbox.clone()).map(|store| Parts {
-        store,
-        grants: twokey_runtime::grant::GrantVerifier::new(grant_key),
-        audit: AuditWait {
-            gate: Arc::new(shipper),
-            timeout: Duration::from_millis(config.audit_ack_timeout_ms),
-        },
-        clock,
-        root,
-        seal: master_seal,
-    });
-    let opened = match (parts, master) {
-        (Err(e), _) => Err(service::VaultError::from(e)),
-        (Ok(parts), Some(master)) => parts
-            .open(crypto::MasterKey::new(master))
+    let outbox = Outbox::open(&db, start.signer(), start.clock.clone())?;
+    let (shipper, shipper_task) =
+        spawn_shipper_with(outbox.clone(), start.audit.clone(), start.receipts.clone());
+    let parts = SledVaultStore::open(&db, outbox.clone())
+        .map(|store| start.shared.clone().parts(store, Arc::new(shipper)))
+        .map_err(StartError::refused);
+    let served = match parts {
+        Ok(parts) => {
+            let ready = Box::pin(async move { Ok(parts) });
+            serve_store(
+                &config,
+                start,
+                Opening::Now(ready),
+                Arc::new(outbox),
+                listener,
+                shutdown,
+            )
             .await
-            .map(|v| (Some(Arc::new(v)), None)),
-        (Ok(parts), None) => Ok((None, Some(parts))),
-    };
-    let (vault, parts) = match opened {
-        Ok(opened) => opened,
-        Err(e) => {
-            // Let go of the database before answering: nothing runs.
-            shipper_task.abort();
-            let _ = shipper_task.await;
-            return Err(StartError::refused(e));
         }
+        Err(e) => Err(e),
     };
+    // Stop shipping so the database is released.
+    shipper_task.abort();
+    let _ = shipper_task.await;
+    served
+}
 
+/// How long a replica waits before it tries its database again at start.
+const MIGRATE_RETRY: Duration = Duration::from_secs(1);
+
+/// The vault on PostgreSQL: serving (NOT_SERVING) at once, the store
+/// opened once the database is migrated; the replica holding the shipping
+/// lease ships every replica's events.
+async fn serve_postgres(
+    config: VaultConfig,
+    settings: twokey_pgstore::PgSettings,
+    start: Start,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let signer = Arc::new(start.signer());
+    let clock: Arc<dyn twokey_runtime::time::Clock> = start.clock.clone();
+    let leased = {
+        let (channel, options) = (start.audit.clone(), start.receipts.clone());
+        twokey_pgstore::outbox::spawn_leased(settings.clone(), signer.clone(), clock.clone(), {
+            move |outbox| spawn_shipper_with(outbox, channel.clone(), options.clone()).1
+        })
+    };
+    let events = store::postgres::PgEvents::default();
+    let ready = {
+        let events = events.clone();
+        let shared = start.shared.clone();
+        Box::pin(async move {
+            loop {
+                let opened = async {
+                    store::postgres::migrate(&settings)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    store::postgres::PgVaultStore::open(
+                        settings.clone(),
+                        signer.clone(),
+                        clock.clone(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+                };
+                match opened.await {
+                    Ok(store) => {
+                        let _ = events.0.set(store.outbox());
+                        tracing::info!("the vault's PostgreSQL schema is migrated and open");
+                        let gate = Arc::new(store.audit_gate());
+                        return Ok(shared.parts(store, gate));
+                    }
+                    Err(e) => tracing::warn!(
+                        "waiting for the vault's database: {e}; NOT_SERVING, trying again in {} s",
+                        MIGRATE_RETRY.as_secs()
+                    ),
+                }
+                tokio::time::sleep(MIGRATE_RETRY).await;
+            }
+        }) as futures::future::BoxFuture<'static, _>
+    };
+    let served = serve_store(
+        &config,
+        start,
+        Opening::Later(ready),
+        Arc::new(events),
+        listener,
+        shutdown,
+    )
+    .await;
+    leased.stop().await;
+    served
+}
+
+/// The store's parts: ready before serving (sled), or once the database
+/// answers (PostgreSQL; the vault serves NOT_SERVING meanwhile).
+enum Opening<S> {
+    Now(futures::future::BoxFuture<'static, Result<Parts<S>, StartError>>),
+    Later(futures::future::BoxFuture<'static, Result<Parts<S>, StartError>>),
+}
+
+/// What calls hear while a PostgreSQL vault's database is not ready.
+const DATABASE_NOT_READY: &str = "the vault's database is not ready (unreachable or being \
+     migrated); retry, through another vault replica if this one stays NOT_SERVING";
+
+/// Serves the vault on the store `opening` gives.
+async fn serve_store<S: VaultStore + Clone>(
+    config: &VaultConfig,
+    start: Start,
+    opening: Opening<S>,
+    events: Arc<dyn grpc::EventSink>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     let health = health
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    health_reporter.set_not_serving::<Served>().await;
     let sweeper_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>> = Arc::default();
     let auth = Authenticator::new(config.trust_domain.clone());
-    let slot: grpc::VaultSlot<SledVaultStore> = Arc::default();
+    let slot: grpc::VaultSlot<S> = Arc::default();
+    // The parts a share-holders' unseal opens (shamir mode), once known.
+    let sealed_parts: Arc<std::sync::OnceLock<Parts<S>>> = Arc::default();
+    // Opens the vault when its key is known, or keeps the parts for the
+    // unseal; then serves.
+    let open = {
+        let (slot, sweeper_task, reporter) =
+            (slot.clone(), sweeper_task.clone(), health_reporter.clone());
+        let sealed_parts = sealed_parts.clone();
+        let master = start.master;
+        let unsealer = start.seal.clone();
+        move |parts: Result<Parts<S>, StartError>| async move {
+            let parts = parts?;
+            match master {
+                Some(master) => {
+                    let vault = Arc::new(
+                        parts
+                            .open(crypto::MasterKey::new(master))
+                            .await
+                            .map_err(StartError::refused)?,
+                    );
+                    slot.set(vault.clone());
+                    slot.set_waiting(None);
+                    *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(spawn_sweeper(vault));
+                    reporter.set_serving::<Served>().await;
+                }
+                None => {
+                    let _ = sealed_parts.set(parts);
+                    slot.set_waiting(None);
+                    if let Some(seal) = unsealer {
+                        let progress = seal.progress(std::time::Instant::now()).0;
+                        tracing::warn!("{}", progress.sealed_message());
+                    }
+                }
+            }
+            Ok::<(), StartError>(())
+        }
+    };
+    // A PostgreSQL vault that cannot open (a wrong master key, say) stops
+    // with the error, as a sled vault does before it serves.
+    let (fail, failed) = tokio::sync::oneshot::channel::<StartError>();
+    let opening_task = match opening {
+        Opening::Now(parts) => {
+            open(parts.await).await?;
+            None
+        }
+        Opening::Later(parts) => {
+            slot.set_waiting(Some(DATABASE_NOT_READY.to_owned()));
+            Some(tokio::spawn(async move {
+                if let Err(e) = open(parts.await).await {
+                    let _ = fail.send(e);
+                }
+            }))
+        }
+    };
+
     // Sealing stops the sweeper (it holds the vault) and reports NOT_SERVING.
     let on_seal: grpc::OnSeal = {
         let sweeper_task = sweeper_task.clone();
@@ -253,32 +480,26 @@ pub async fn serve(
     let keys = KeyServiceServer::new(grpc::KeyGrpc::new(slot.clone(), auth.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let (grpc, seal) = match (vault, seal, parts) {
-        (Some(vault), _, _) => {
-            health_reporter.set_serving::<Served>().await;
-            *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(spawn_sweeper(vault.clone()));
-            slot.set(vault);
+    let (grpc, seal) = match start.seal {
+        None => {
             let on_unseal: grpc::OnUnseal =
                 Box::new(|_| Box::pin(async { Err("no unsealer in this mode".to_owned()) }));
             (
                 grpc::VaultGrpc::with_slot(slot.clone(), auth.clone(), config.broker_id.clone()),
-                grpc::SealGrpc::new(None, slot, auth, outbox, on_unseal, on_seal),
+                grpc::SealGrpc::new(None, slot, auth, events, on_unseal, on_seal),
             )
         }
-        (None, Some(seal), Some(parts)) => {
-            health_reporter.set_not_serving::<Served>().await;
-            let progress = seal.progress(std::time::Instant::now()).0;
-            tracing::warn!("{}", progress.sealed_message());
+        Some(seal) => {
             let on_unseal: grpc::OnUnseal = {
                 let slot = slot.clone();
                 let sweeper_task = sweeper_task.clone();
                 Box::new(move |key| {
-                    let parts = parts.clone();
+                    let parts = sealed_parts.get().cloned();
                     let slot = slot.clone();
                     let sweeper_task = sweeper_task.clone();
                     let reporter = health_reporter.clone();
                     Box::pin(async move {
+                        let parts = parts.ok_or_else(|| DATABASE_NOT_READY.to_owned())?;
                         let vault = Arc::new(parts.open(key).await.map_err(|e| e.to_string())?);
                         slot.set(vault.clone());
                         *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -295,10 +516,9 @@ pub async fn serve(
                     auth.clone(),
                     config.broker_id.clone(),
                 ),
-                grpc::SealGrpc::new(Some(seal), slot, auth, outbox, on_unseal, on_seal),
+                grpc::SealGrpc::new(Some(seal), slot, auth, events, on_unseal, on_seal),
             )
         }
-        _ => unreachable!("a vault without a key has an unsealer"),
     };
     let seal_service = SealServiceServer::new(seal)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -312,6 +532,13 @@ pub async fn serve(
     })?;
     rt::announce("twokey-vault", addr);
     let (reflection, reflection_v1alpha) = rt::reflection::<Served>();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<StartError>();
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown => {}
+            Ok(e) = failed => { let _ = stop.send(e); }
+        }
+    };
     let served = rt::server()?
         .add_service(health)
         .add_service(reflection)
@@ -319,16 +546,19 @@ pub async fn serve(
         .add_service(service)
         .add_service(seal_service)
         .add_service(keys)
-        .serve_with_incoming_shutdown(rt::incoming(listener, server_tls), shutdown)
+        .serve_with_incoming_shutdown(rt::incoming(listener, start.server_tls), shutdown)
         .await;
     // Stop the background tasks so the database is released.
     let sweeper = sweeper_task
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .take();
-    for task in sweeper.into_iter().chain([shipper_task]) {
+    for task in sweeper.into_iter().chain(opening_task) {
         task.abort();
         let _ = task.await;
+    }
+    if let Ok(e) = stopped.await {
+        return Err(e);
     }
     served.map_err(ServeError::from)?;
     Ok(())

@@ -28,6 +28,7 @@
 
 use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
+use futures::future::BoxFuture;
 use tokio_postgres::Transaction;
 use twokey_consent::{AdminHistory, ReleaseHistory};
 use twokey_pgstore::{
@@ -37,8 +38,11 @@ use twokey_pgstore::{
 };
 use twokey_runtime::{
     events::{EventDraft, EventSigner},
+    shipper::AckTimeout,
     time::Clock,
 };
+
+use crate::{grpc::EventSink, service::AuditGate};
 
 use super::{
     ACCOUNT_RELEASES, ACTION_ID, Abort, AccountRecord, AdminUse, Batch, CONSENT_TREE,
@@ -81,6 +85,53 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// What a key rotation answers on PostgreSQL.
 pub const NO_ROTATION: &str = "key rotation and master key replacement are not supported on the \
      postgres store yet; run them on a sled vault, or wait for a release that builds them";
+
+/// Waits for an event to be settled in the PostgreSQL outbox, by whichever
+/// vault replica ships; audit's receipts are checked by that shipper.
+#[derive(Clone)]
+pub struct PgGate(PgOutbox);
+
+impl std::fmt::Debug for PgGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgGate").finish_non_exhaustive()
+    }
+}
+
+impl AuditGate for PgGate {
+    fn confirm(&self, seq: u64, timeout: Duration) -> BoxFuture<'_, Result<(), AckTimeout>> {
+        Box::pin(async move {
+            self.0.wait_settled(seq, timeout).await.map_err(|e| {
+                tracing::warn!("event {seq} not settled: {e}");
+                AckTimeout(seq)
+            })
+        })
+    }
+}
+
+/// The seal service's events, into the PostgreSQL outbox once the store is
+/// open (before that they cannot be recorded, and the seal service logs
+/// so: a vault whose database is not ready cannot be unsealed either).
+#[derive(Clone, Default)]
+pub struct PgEvents(pub Arc<std::sync::OnceLock<PgOutbox>>);
+
+impl std::fmt::Debug for PgEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgEvents")
+            .field("ready", &self.0.get().is_some())
+            .finish()
+    }
+}
+
+impl EventSink for PgEvents {
+    fn emit(&self, draft: EventDraft) -> BoxFuture<'_, Result<u64, String>> {
+        Box::pin(async move {
+            let outbox = self.0.get().ok_or_else(|| {
+                "the vault's database is not ready yet; the event is not recorded".to_owned()
+            })?;
+            outbox.emit(draft).await.map_err(|e| e.to_string())
+        })
+    }
+}
 
 /// Brings the vault's tables and the outbox's to this binary's version
 /// (what a replica does at start, before it serves).
@@ -363,6 +414,12 @@ impl PgVaultStore {
     /// The outbox the store pushes its events to (for the shipper's gate).
     pub fn outbox(&self) -> PgOutbox {
         self.inner.outbox.clone()
+    }
+
+    /// What a release waits on: its event settled by whichever replica
+    /// holds the shipping lease.
+    pub fn audit_gate(&self) -> PgGate {
+        PgGate(self.inner.outbox.clone())
     }
 
     /// Runs `fut` on the store's runtime and waits for it, blocking the
