@@ -1,12 +1,15 @@
 //! twokey-bench: load scenarios that drive the real `twokey-audit`,
 //! `twokey-vault` and `twokey-broker` processes over mTLS on loopback, each
 //! beside its baseline in the same run, plus footprint (RSS, start time)
-//! and audit-log scaling measurements. `benches/micro.rs` holds the
-//! criterion micro-benchmarks. The numbers are in docs/BENCHMARKS.md.
+//! and audit-log scaling measurements, with the services' state in sled (the
+//! default) or in one throwaway PostgreSQL (`--store postgres`).
+//! `benches/micro.rs` holds the criterion micro-benchmarks. The numbers are
+//! in docs/BENCHMARKS.md.
 #![forbid(unsafe_code)]
 
 pub mod bare;
 pub mod plot;
+pub mod postgres;
 pub mod procs;
 pub mod report;
 pub mod scenario;
@@ -16,9 +19,10 @@ pub mod system;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Result, ensure};
+use anyhow::{Result, bail, ensure};
 use twokey_proto::vault::v1::vault_service_client::VaultServiceClient;
 
+pub use postgres::{Store, Stores};
 pub use report::Report;
 
 use crate::{
@@ -62,9 +66,20 @@ pub enum Scale {
     about = "Drives the real twokey services over mTLS on loopback and reports throughput and latency, each scenario beside its baseline"
 )]
 pub struct Options {
-    /// Which scenarios.
-    #[arg(value_enum, default_value = "all")]
-    pub which: Which,
+    /// Which scenarios (comma-separated, e.g. `vault,audit,flow`).
+    #[arg(value_enum, value_delimiter = ',', default_value = "all")]
+    pub which: Vec<Which>,
+    /// Where the services keep their state: sled in each data_dir (the
+    /// audit service: its tiles), or one throwaway PostgreSQL server
+    /// (`initdb` in a temp dir, deploy/postgres/init.sql, a database and
+    /// role per service). The scaling run fills the audit's tiles directly
+    /// and is sled only.
+    #[arg(long, value_enum, default_value = "sled")]
+    pub store: Store,
+    /// The vault's store when it differs from `--store`, e.g. the vault on
+    /// sled while broker and audit run on PostgreSQL.
+    #[arg(long, value_enum)]
+    pub vault_store: Option<Store>,
     /// Preset sizes; the flags below override single ones.
     #[arg(long, value_enum, default_value = "full")]
     pub scale: Scale,
@@ -188,7 +203,15 @@ impl Options {
     }
 
     fn runs(&self, w: Which) -> bool {
-        self.which == Which::All || self.which == w
+        self.which.contains(&Which::All) || self.which.contains(&w)
+    }
+
+    /// Where each service keeps its state.
+    pub fn stores(&self) -> Stores {
+        Stores {
+            vault: self.vault_store.unwrap_or(self.store),
+            ..Stores::all(self.store)
+        }
     }
 }
 
@@ -196,8 +219,21 @@ impl Options {
 pub async fn run(opts: &Options) -> Result<Report> {
     let sizes = opts.sizes();
     let limit = Duration::from_secs(opts.time_limit);
+    let stores = opts.stores();
+    // The scaling run (and the footprint's audit on a filled log) fills the
+    // audit's tile store directly, not through the service.
+    let tiles_only = stores.audit == Store::Postgres;
+    if tiles_only && opts.which.contains(&Which::Scaling) {
+        bail!(
+            "the scaling run fills the audit's tile store directly and measures it: \
+             run it with --store sled"
+        );
+    }
     let mut report = Report {
-        machine: Machine::probe(),
+        machine: Machine {
+            stores,
+            ..Machine::probe()
+        },
         ..Report::default()
     };
     let bin_dir = procs::bin_dir(opts.bin_dir.as_deref())?;
@@ -211,7 +247,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
             sizes.concurrent_flows,
         )),
     );
-    let mut world = World::new(&flow_accounts)?;
+    let mut world = World::new(&flow_accounts, stores)?;
     if opts.keep {
         world.keep();
     }
@@ -303,7 +339,14 @@ pub async fn run(opts: &Options) -> Result<Report> {
     }
     report.footprint = std::mem::take(&mut sys.footprints);
     drop(sys);
-    if opts.runs(Which::Scaling) || opts.runs(Which::Footprint) {
+    if tiles_only {
+        if opts.runs(Which::Footprint) {
+            eprintln!(
+                "twokey-bench: no audit start on a filled log with the audit on PostgreSQL \
+                 (the fill writes tiles)"
+            );
+        }
+    } else if opts.runs(Which::Scaling) || opts.runs(Which::Footprint) {
         let sizes_run = if opts.runs(Which::Scaling) {
             sizes.sizes.clone()
         } else {

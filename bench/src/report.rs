@@ -6,7 +6,12 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::{scenario::scaling::ScaleRow, stats::Row, system::Footprint};
+use crate::{
+    postgres::{Store, Stores},
+    scenario::scaling::ScaleRow,
+    stats::Row,
+    system::Footprint,
+};
 
 /// What the numbers were measured on.
 #[derive(Debug, Clone, Serialize, PartialEq, Default)]
@@ -23,6 +28,8 @@ pub struct Machine {
     pub load_end: f64,
     /// Which build profile the services ran in.
     pub profile: String,
+    /// Where each service kept its state.
+    pub stores: Stores,
 }
 
 impl Machine {
@@ -53,6 +60,7 @@ impl Machine {
                 "release"
             }
             .into(),
+            stores: Stores::default(),
         }
     }
 }
@@ -95,8 +103,21 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "machine: {} CPUs, {}, {} MiB; load {:.2} → {:.2}; services: {} build\n",
-            m.nproc, m.cpu, m.memory_mib, m.load_start, m.load_end, m.profile
+            "machine: {} CPUs, {}, {} MiB; load {:.2} → {:.2}; services: {} build; \
+             stores: audit {}, vault {}, broker {}\n",
+            m.nproc,
+            m.cpu,
+            m.memory_mib,
+            m.load_start,
+            m.load_end,
+            m.profile,
+            // The audit service's own store on sled's side is its tiles.
+            match m.stores.audit {
+                Store::Sled => "tiles",
+                Store::Postgres => "postgres",
+            },
+            m.stores.vault.name(),
+            m.stores.broker.name(),
         );
         if !self.scenarios.is_empty() {
             s.push_str("| scenario | in flight | ok | errors | per s | p50 µs | p99 µs | p99.9 µs | target |\n");

@@ -3,13 +3,16 @@
 //! people's OpenSSH keys (alice requests, bob approves, olivia operates, adam
 //! and anna are the pinned admins, M = 2), the service configs (TOML, as an
 //! operator would write them, `[consent]` pinning adam and anna), the
-//! broker's role policy and the admin-signed consent policy the vault holds.
+//! broker's role policy and the admin-signed consent policy the vault holds;
+//! with `--store postgres` also the throwaway PostgreSQL server each service's
+//! `[store]` section names.
 
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
 };
 
+use crate::postgres::{BenchPostgres, Store, Stores};
 use anyhow::{Context, Result, ensure};
 use ed25519_dalek::SigningKey;
 use tonic::transport::Channel;
@@ -93,6 +96,10 @@ pub struct World {
     pub fill: Arc<EventSigner>,
     /// The people who sign statements and the policy.
     pub people: Arc<BenchPeople>,
+    /// Where each service keeps its state.
+    pub stores: Stores,
+    /// The PostgreSQL server when a service runs on it.
+    pub postgres: Option<BenchPostgres>,
 }
 
 fn source_name(i: usize) -> String {
@@ -106,8 +113,8 @@ pub fn svc_id(name: &str) -> SpiffeId {
 
 impl World {
     /// Makes the PKI, keys and configs, with a policy naming
-    /// `policy_accounts`.
-    pub fn new(policy_accounts: &[String]) -> Result<Self> {
+    /// `policy_accounts`, and starts PostgreSQL when `stores` names it.
+    pub fn new(policy_accounts: &[String], stores: Stores) -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tmp = tempfile::Builder::new().prefix("twokey-bench-").tempdir()?;
         let pki = tmp.path().join("pki");
@@ -142,6 +149,11 @@ impl World {
             pki.join("admins.allowed_signers"),
             admins_allowed_signers(&[&people.adam, &people.anna]),
         )?;
+        let postgres = if stores.any_postgres() {
+            Some(BenchPostgres::start(tmp.path())?)
+        } else {
+            None
+        };
         let world = Self {
             tmp,
             pki,
@@ -149,6 +161,8 @@ impl World {
             sources,
             fill,
             people: Arc::new(people),
+            stores,
+            postgres,
         };
         world.write_configs(policy_accounts)?;
         Ok(world)
@@ -245,8 +259,24 @@ impl World {
         Ok(())
     }
 
-    /// Writes `audit.toml` for a log in `data_dir`, naming every source.
+    /// The `[store]` section of `service`'s config: empty on sled (the
+    /// default), the service's own database on PostgreSQL.
+    pub fn store_section(&self, service: &str) -> String {
+        match (&self.postgres, self.stores.of(service)) {
+            (Some(pg), Store::Postgres) => pg.store_section(service),
+            _ => String::new(),
+        }
+    }
+
+    /// Writes `audit.toml` for a log in `data_dir`, naming every source, on
+    /// the tile store (the scaling run fills tiles directly).
     pub fn write_audit_config(&self, file: &Path, data_dir: &Path) -> Result<()> {
+        self.write_audit_config_on(file, data_dir, "")
+    }
+
+    /// [`World::write_audit_config`] with `store` (a `[store]` section)
+    /// after the rest.
+    fn write_audit_config_on(&self, file: &Path, data_dir: &Path, store: &str) -> Result<()> {
         let public = |key: &str| -> Result<String> {
             let k = twokey_runtime::keys::load_signing_key(&self.pki.join(key))?;
             Ok(encode_public_key(&k.verifying_key()))
@@ -276,6 +306,7 @@ impl World {
                 svc_id(&name)
             ));
         }
+        text.push_str(store);
         std::fs::write(file, text)?;
         Ok(())
     }
@@ -298,7 +329,11 @@ impl World {
     fn write_configs(&self, policy_accounts: &[String]) -> Result<()> {
         generate_signing_key(&self.pki.join("vault-event.key"))?;
         generate_signing_key(&self.pki.join("broker-event.key"))?;
-        self.write_audit_config(&self.config("audit"), &self.data("audit"))?;
+        self.write_audit_config_on(
+            &self.config("audit"),
+            &self.data("audit"),
+            &self.store_section("audit"),
+        )?;
         let policy = self.dir().join("policy.toml");
         std::fs::write(&policy, policy_text(policy_accounts))?;
         Ok(())
@@ -311,13 +346,14 @@ impl World {
              master_key_file = {:?}\nevent_key_file = {:?}\n\
              broker_id = \"spiffe://{TD}/svc/broker\"\ngrant_public_key = \"{}\"\n\
              audit_address = \"{audit}\"\naudit_server_name = \"audit\"\n\
-             audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}{}",
+             audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}{}{}",
             self.data("vault").display().to_string(),
             self.key("master.key"),
             self.key("vault-event.key"),
             encode_public_key(&self.grant_key.verifying_key()),
             self.tls_section("vault"),
             self.consent_section(),
+            self.store_section("vault"),
         );
         std::fs::write(self.config("vault"), text)?;
         Ok(())
@@ -330,7 +366,7 @@ impl World {
              policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
              pin_key_file = {:?}\nvault_address = \"{vault}\"\nvault_server_name = \"vault\"\n\
              audit_address = \"{audit}\"\naudit_server_name = \"audit\"\nlog_format = \"human\"\n\
-             {}[notify.mailbox]\ndir = {:?}\n{}",
+             {}[notify.mailbox]\ndir = {:?}\n{}{}",
             self.data("broker").display().to_string(),
             self.dir().join("policy.toml").display().to_string(),
             self.key("grant.key"),
@@ -339,6 +375,7 @@ impl World {
             self.tls_section("broker"),
             self.mailbox().display().to_string(),
             self.consent_section(),
+            self.store_section("broker"),
         );
         std::fs::write(self.config("broker"), text)?;
         Ok(())

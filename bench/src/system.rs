@@ -1,6 +1,8 @@
 //! The three services as processes on loopback over mTLS, started in order
 //! (audit, vault, broker) from the bench's [`World`], with the clients each
-//! role uses and the footprint of each start.
+//! role uses and the footprint of each start. A service on PostgreSQL counts
+//! as started when its gRPC health says SERVING (its database migrated; the
+//! audit service: holding the sequencer lease).
 
 use std::{
     path::{Path, PathBuf},
@@ -10,13 +12,16 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use twokey_proto::{
     audit::v1::{GetCheckpointRequest, audit_service_client::AuditServiceClient},
     broker::v1::{WhoAmIRequest, broker_service_client::BrokerServiceClient},
     vault::v1::{StatusRequest, vault_service_client::VaultServiceClient},
 };
 
-use crate::{procs::Service, setup::World};
+use crate::{postgres::Store, procs::Service, setup::World};
 
 /// One start of one service: how long until it served and how much memory
 /// it holds idle.
@@ -58,6 +63,21 @@ where
     }
 }
 
+/// Whether `service` (e.g. `twokey.vault.v1.VaultService`) reports SERVING
+/// on `channel`, when `store` is PostgreSQL; on sled the RPC the caller
+/// probes with is enough.
+async fn serving_on(store: Store, channel: Channel, service: &str) -> bool {
+    if store == Store::Sled {
+        return true;
+    }
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status() == ServingStatus::Serving)
+}
+
 /// A running system.
 #[derive(Debug)]
 pub struct System {
@@ -86,10 +106,21 @@ pub async fn start_audit(
 ) -> Result<(Service, Footprint)> {
     let spawned = Instant::now();
     let svc = Service::start(bin_dir, "twokey-audit", config, &log(world, "audit"))?;
-    let client = AuditServiceClient::new(world.channel("carol", &svc.address, "audit")?);
+    let channel = world.channel("carol", &svc.address, "audit")?;
+    let client = AuditServiceClient::new(channel.clone());
+    // The scaling run's audit is on tiles whatever the world's store.
+    let store = if config == world.config("audit") {
+        world.stores.audit
+    } else {
+        Store::Sled
+    };
     let ready = wait_ready(|| {
         let mut c = client.clone();
-        async move { c.get_checkpoint(GetCheckpointRequest {}).await.is_ok() }
+        let channel = channel.clone();
+        async move {
+            c.get_checkpoint(GetCheckpointRequest {}).await.is_ok()
+                && serving_on(store, channel, "twokey.audit.v1.AuditService").await
+        }
     })
     .await?;
     let fp = footprint(&svc, condition, spawned, ready).await?;
@@ -109,10 +140,16 @@ pub async fn start_vault(
         &world.config("vault"),
         &log(world, "vault"),
     )?;
-    let client = vault_client(world, &svc.address)?;
+    let channel = world.channel("broker", &svc.address, "vault")?;
+    let client = VaultServiceClient::new(channel.clone());
+    let store = world.stores.vault;
     let ready = wait_ready(|| {
         let mut c = client.clone();
-        async move { c.status(StatusRequest {}).await.is_ok() }
+        let channel = channel.clone();
+        async move {
+            c.status(StatusRequest {}).await.is_ok()
+                && serving_on(store, channel, "twokey.vault.v1.VaultService").await
+        }
     })
     .await?;
     let fp = footprint(&svc, condition, spawned, ready).await?;
@@ -168,10 +205,16 @@ impl System {
             &world.config("broker"),
             &log(world, "broker"),
         )?;
-        let client = broker_client(world, &broker.address, "alice")?;
+        let channel = world.channel("alice", &broker.address, "broker")?;
+        let client = BrokerServiceClient::new(channel.clone());
+        let store = world.stores.broker;
         let ready = wait_ready(|| {
             let mut c = client.clone();
-            async move { c.who_am_i(WhoAmIRequest {}).await.is_ok() }
+            let channel = channel.clone();
+            async move {
+                c.who_am_i(WhoAmIRequest {}).await.is_ok()
+                    && serving_on(store, channel, "twokey.broker.v1.BrokerService").await
+            }
         })
         .await
         .context("broker")?;

@@ -109,3 +109,70 @@ async fn every_scenario_runs_at_ci_scale() {
     assert!(report.table().contains("| scenario |"));
     assert!(std::fs::read(&plot).unwrap().starts_with(b"\x89PNG"));
 }
+
+/// The same load scenarios with broker and audit on one throwaway
+/// PostgreSQL (`--store postgres`, init.sql's databases and roles) and the
+/// vault on sled: every operation succeeds and the report says where the
+/// state was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_scenarios_run_on_postgres() {
+    let opts = Options::parse_from([
+        "twokey-bench",
+        "vault,audit,flow",
+        "--scale",
+        "ci",
+        "--store",
+        "postgres",
+        "--vault-store",
+        "sled",
+        "--codes",
+        "16",
+        "--flows",
+        "4",
+        "--concurrent-flows",
+        "8",
+        "--time-limit",
+        "120",
+    ]);
+    let sizes = opts.sizes();
+    let report = run(&opts).await.expect("bench run on PostgreSQL");
+    assert_eq!(
+        report.machine.stores,
+        twokey_bench::Stores {
+            vault: twokey_bench::Store::Sled,
+            ..twokey_bench::Stores::all(twokey_bench::Store::Postgres)
+        }
+    );
+    assert!(
+        report
+            .table()
+            .contains("stores: audit postgres, vault sled, broker postgres")
+    );
+    for r in &report.scenarios {
+        assert_eq!(r.errors, 0, "{}: {} failed", r.name, r.errors);
+        assert!(r.ok > 0, "{}: nothing measured", r.name);
+    }
+    let count = |name: &str| {
+        report
+            .scenarios
+            .iter()
+            .filter(|r| r.name == name)
+            .map(|r| r.ok)
+            .sum::<usize>()
+    };
+    assert_eq!(count("GenerateCode (signed grant, audit ack)"), sizes.codes);
+    assert_eq!(
+        count("Append, 8 sources × 64 in flight (group commit)"),
+        8 * sizes.appends
+    );
+    assert_eq!(
+        count("create → approve → PIN → verify → release"),
+        sizes.flows + sizes.concurrent_flows
+    );
+    let services: Vec<&str> = report
+        .footprint
+        .iter()
+        .map(|f| f.service.as_str())
+        .collect();
+    assert_eq!(services, ["twokey-audit", "twokey-vault", "twokey-broker"]);
+}
