@@ -184,3 +184,54 @@ async fn postgres_restarted_during_appends_answers_unavailable_then_recovers_wit
     a.stop().await;
     drop(pg);
 }
+
+/// A source's shipper that lists both replicas, the one that is not the
+/// sequencer first: its first stream is refused (UNAVAILABLE, not the
+/// sequencer) on a live connection; the next stream runs on a new
+/// connection that starts at the other replica, and every event is stored.
+/// With one channel kept for every stream it would be refused forever.
+#[tokio::test]
+async fn a_shipper_that_reached_the_follower_first_moves_on_to_the_sequencer() {
+    use std::sync::Arc;
+    use twokey_runtime::{
+        durable::DurableDb,
+        events::EventDraft,
+        outbox::Outbox,
+        shipper::{ShipperOptions, spawn_shipper_with},
+        time::SystemClock,
+        tls::TlsFiles,
+    };
+
+    let env = Env::new();
+    let (_pg, config) = database(&env);
+    let (_a, a_addr) = replica(&env, &config).await;
+    wait_for_health(&env, a_addr, ServingStatus::Serving).await;
+    let (_b, b_addr) = replica(&env, &config).await;
+    assert_eq!(audit_health(&env, b_addr).await, ServingStatus::NotServing);
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = DurableDb::open(dir.path()).unwrap();
+    let outbox = Outbox::open(&db, env.vault(), Arc::new(SystemClock)).unwrap();
+    let mut last = 0;
+    for _ in 0..5 {
+        last = outbox
+            .emit(EventDraft::new("spiffe://twokey.test/user/alice", "x"))
+            .await
+            .unwrap();
+    }
+    let peer = TlsFiles::in_dir(&env.path(), "vault")
+        .peer(&format!("https://{b_addr},https://{a_addr}"), "audit")
+        .unwrap();
+    let options = ShipperOptions {
+        reconnect: Some(peer.clone()),
+        ..ShipperOptions::default()
+    };
+    let (handle, task) = spawn_shipper_with(outbox.clone(), peer.channel(), options);
+    handle
+        .wait_acked(last, PATIENCE)
+        .await
+        .expect("the shipper reached the sequencer through the second address");
+    task.abort();
+    let entries = query_all(&mut env.client(a_addr, "carol")).await;
+    assert_eq!(entries.len(), 5);
+}

@@ -349,10 +349,11 @@ pub async fn serve(
             .with_release_deadline(Duration::from_millis(config.release_deadline_ms)),
         ),
     };
-    let audit_channel = match &config.audit_address {
-        Some(address) => Some(config.tls.channel(address, &config.audit_server_name)?),
+    let audit_peer = match &config.audit_address {
+        Some(address) => Some(config.tls.peer(address, &config.audit_server_name)?),
         None => None,
     };
+    let audit_channel = audit_peer.as_ref().map(twokey_runtime::tls::Peer::channel);
     let signed = Arc::new(SignedPolicy::new(trust_root(
         config.consent.as_ref(),
         &config.trust_domain,
@@ -383,11 +384,14 @@ pub async fn serve(
     let mut leased = None;
     let shipper = match audit_channel {
         Some(channel) if postgres.is_some() => {
-            let options = ShipperOptions::from_setting(
-                config.audit_checkpoint_key.as_deref(),
-                config.audit_keep_days,
-            )
-            .map_err(StartError::Setting)?;
+            let options = ShipperOptions {
+                reconnect: audit_peer.clone(),
+                ..ShipperOptions::from_setting(
+                    config.audit_checkpoint_key.as_deref(),
+                    config.audit_keep_days,
+                )
+                .map_err(StartError::Setting)?
+            };
             leased = postgres.clone().map(|settings| {
                 twokey_pgstore::outbox::spawn_leased(
                     settings,
@@ -406,11 +410,14 @@ pub async fn serve(
             None
         }
         Some(channel) => {
-            let options = ShipperOptions::from_setting(
-                config.audit_checkpoint_key.as_deref(),
-                config.audit_keep_days,
-            )
-            .map_err(StartError::Setting)?;
+            let options = ShipperOptions {
+                reconnect: audit_peer.clone(),
+                ..ShipperOptions::from_setting(
+                    config.audit_checkpoint_key.as_deref(),
+                    config.audit_keep_days,
+                )
+                .map_err(StartError::Setting)?
+            };
             Some(spawn_shipper_with(outbox.clone(), channel, options))
         }
         None => None,

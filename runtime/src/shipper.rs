@@ -92,6 +92,11 @@ pub struct ShipperOptions {
     /// How long shipping may keep failing before it is an alarm (ERROR
     /// line, gauge), and how often the ERROR line repeats.
     pub stall_alarm: Duration,
+    /// Audit's replicas: after a failed stream the next one runs on a new
+    /// connection, which starts at the next replica (an audit replica that
+    /// is not the sequencer refuses appends on a live connection). Without
+    /// it every stream runs on the one channel given.
+    pub reconnect: Option<crate::tls::Peer>,
 }
 
 impl Default for ShipperOptions {
@@ -100,6 +105,7 @@ impl Default for ShipperOptions {
             audit_key: None,
             keep: Duration::from_secs(DEFAULT_KEEP_DAYS * 86_400),
             stall_alarm: STALL_ALARM,
+            reconnect: None,
         }
     }
 }
@@ -212,6 +218,8 @@ pub fn spawn_shipper_with<O: OutboxStore>(
     let stalled: Stalled = Arc::default();
     observe_stalled(source, stalled.clone());
     let (keep, alarm_after) = (options.keep, options.stall_alarm);
+    let reconnect = options.reconnect;
+    let mut channel = channel;
     let handle_stalled = stalled.clone();
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
@@ -259,6 +267,9 @@ pub fn spawn_shipper_with<O: OutboxStore>(
                 }
             };
             if let Err(why) = outcome {
+                if let Some(peer) = &reconnect {
+                    channel = peer.channel();
+                }
                 tracing::warn!(
                     source = %outbox.signer().source(),
                     depth = depth.load(Ordering::Relaxed),

@@ -270,10 +270,59 @@ impl TlsFiles {
     /// A lazily connecting channel to `addresses`: one `https://HOST:PORT`,
     /// or the replicas of one peer, comma-separated (see `failover`).
     pub fn channel(&self, addresses: &str, server_name: &str) -> Result<Channel, TlsError> {
+        Ok(self.peer(addresses, server_name)?.channel())
+    }
+
+    /// The peer at `addresses`, whose channel can be opened again (see
+    /// [`Peer`]).
+    pub fn peer(&self, addresses: &str, server_name: &str) -> Result<Peer, TlsError> {
         let list = failover::split_addresses(addresses);
         let endpoint =
             endpoint_list(&list, addresses)?.tls_config(self.client_config(server_name)?)?;
-        connect_lazy(endpoint, &list, CONNECT_TIMEOUT)
+        Peer::new(endpoint, &list, CONNECT_TIMEOUT)
+    }
+}
+
+/// A peer at one address or several replicas: each [`Peer::channel`] is a
+/// new, lazily opened connection; with replicas it starts after the
+/// replica the last connection used. A caller whose replica answers but
+/// cannot serve it (an audit replica that is not the sequencer) opens a new
+/// channel to move on: one channel keeps its connection while it is alive.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    endpoint: Endpoint,
+    replicas: Option<failover::Failover>,
+}
+
+impl Peer {
+    /// The peer over `endpoint` (TLS and timeouts set): at the endpoint's
+    /// own address when `list` has one, else through
+    /// [`failover::Failover`], each replica given `per_replica` to answer.
+    pub fn new(endpoint: Endpoint, list: &[&str], per_replica: Duration) -> Result<Self, TlsError> {
+        if list.len() <= 1 {
+            return Ok(Self {
+                endpoint,
+                replicas: None,
+            });
+        }
+        let replicas = failover::Failover::new(list, per_replica)
+            .map_err(|_| TlsError::BadAddress(list.join(",")))?;
+        Ok(Self {
+            endpoint: endpoint
+                .connect_timeout(per_replica * replicas.len() as u32 + Duration::from_secs(1)),
+            replicas: Some(replicas),
+        })
+    }
+
+    /// A new lazily connecting channel to the peer.
+    pub fn channel(&self) -> Channel {
+        match &self.replicas {
+            None => self.endpoint.connect_lazy(),
+            Some(replicas) => self
+                .endpoint
+                .clone()
+                .connect_with_connector_lazy(replicas.clone()),
+        }
     }
 }
 
@@ -300,14 +349,7 @@ pub fn connect_lazy(
     list: &[&str],
     per_replica: Duration,
 ) -> Result<Channel, TlsError> {
-    if list.len() <= 1 {
-        return Ok(endpoint.connect_lazy());
-    }
-    let replicas = failover::Failover::new(list, per_replica)
-        .map_err(|_| TlsError::BadAddress(list.join(",")))?;
-    Ok(endpoint
-        .connect_timeout(per_replica * replicas.len() as u32 + Duration::from_secs(1))
-        .connect_with_connector_lazy(replicas))
+    Ok(Peer::new(endpoint, list, per_replica)?.channel())
 }
 
 /// An endpoint with twokey's connection defaults.

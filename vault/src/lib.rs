@@ -205,14 +205,18 @@ impl Start {
         let server_tls = config
             .tls
             .server_tls(twokey_runtime::tls::ClientAuth::Required)?;
-        let audit = config
+        let audit_peer = config
             .tls
-            .channel(&config.audit_address, &config.audit_server_name)?;
-        let receipts = ShipperOptions::from_setting(
-            config.audit_checkpoint_key.as_deref(),
-            config.audit_keep_days,
-        )
-        .map_err(StartError::Setting)?;
+            .peer(&config.audit_address, &config.audit_server_name)?;
+        let audit = audit_peer.channel();
+        let receipts = ShipperOptions {
+            reconnect: Some(audit_peer),
+            ..ShipperOptions::from_setting(
+                config.audit_checkpoint_key.as_deref(),
+                config.audit_keep_days,
+            )
+            .map_err(StartError::Setting)?
+        };
         let master_seal: Arc<dyn master::MasterSeal> = match (&seal, config.seal.as_ref()) {
             (Some(unsealer), _) => Arc::new(master::ShamirSeal(unsealer.clone())),
             (None, Some(s)) if s.mode == hsm::MODE => Arc::new(master::HsmSeal {
