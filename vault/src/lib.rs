@@ -385,6 +385,9 @@ enum Opening<S> {
     Later(futures::future::BoxFuture<'static, Result<Parts<S>, StartError>>),
 }
 
+/// How often a vault on PostgreSQL tries to open before it stops.
+const OPEN_TRIES: u32 = 3;
+
 /// What calls hear while a PostgreSQL vault's database is not ready.
 const DATABASE_NOT_READY: &str = "the vault's database is not ready (unreachable or being \
      migrated); retry, through another vault replica if this one stays NOT_SERVING";
@@ -416,16 +419,25 @@ async fn serve_store<S: VaultStore + Clone>(
         let sealed_parts = sealed_parts.clone();
         let master = start.master;
         let unsealer = start.seal.clone();
-        move |parts: Result<Parts<S>, StartError>| async move {
+        move |parts: Result<Parts<S>, StartError>, mut tries: u32| async move {
             let parts = parts?;
             match master {
                 Some(master) => {
-                    let vault = Arc::new(
-                        parts
-                            .open(crypto::MasterKey::new(master))
-                            .await
-                            .map_err(StartError::refused)?,
-                    );
+                    let key = crypto::MasterKey::new(master);
+                    // Replicas opening an empty database at once: one
+                    // writes the keyring's first generation, the other is
+                    // refused once and finds it there the next time.
+                    let vault = loop {
+                        match parts.clone().open(key.clone()).await {
+                            Ok(vault) => break Arc::new(vault),
+                            Err(e) if tries > 1 => {
+                                tries -= 1;
+                                tracing::warn!("cannot open the vault yet: {e}; trying again");
+                                tokio::time::sleep(MIGRATE_RETRY).await;
+                            }
+                            Err(e) => return Err(StartError::refused(e)),
+                        }
+                    };
                     slot.set(vault.clone());
                     slot.set_waiting(None);
                     *sweeper_task.lock().unwrap_or_else(|e| e.into_inner()) =
@@ -449,13 +461,13 @@ async fn serve_store<S: VaultStore + Clone>(
     let (fail, failed) = tokio::sync::oneshot::channel::<StartError>();
     let opening_task = match opening {
         Opening::Now(parts) => {
-            open(parts.await).await?;
+            open(parts.await, 1).await?;
             None
         }
         Opening::Later(parts) => {
             slot.set_waiting(Some(DATABASE_NOT_READY.to_owned()));
             Some(tokio::spawn(async move {
-                if let Err(e) = open(parts.await).await {
+                if let Err(e) = open(parts.await, OPEN_TRIES).await {
                     let _ = fail.send(e);
                 }
             }))
