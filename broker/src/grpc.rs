@@ -74,18 +74,54 @@ pub const RELEASE_DEADLINE: Duration = Duration::from_millis(3500);
 /// The vault over gRPC and mTLS.
 #[derive(Debug, Clone)]
 pub struct GrpcVault {
-    client: VaultServiceClient<Channel>,
+    client: Arc<std::sync::RwLock<VaultServiceClient<Channel>>>,
+    /// The vault's replicas, for a new connection after UNAVAILABLE.
+    peer: Option<twokey_runtime::tls::Peer>,
     release_deadline: Duration,
+}
+
+fn vault_client(channel: Channel) -> VaultServiceClient<Channel> {
+    VaultServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl GrpcVault {
     /// A vault client on `channel`, with [`RELEASE_DEADLINE`] for releases.
     pub fn new(channel: Channel) -> Self {
         Self {
-            client: VaultServiceClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            client: Arc::new(std::sync::RwLock::new(vault_client(channel))),
+            peer: None,
             release_deadline: RELEASE_DEADLINE,
+        }
+    }
+
+    /// A vault client of `peer`'s replicas: a call answered UNAVAILABLE
+    /// (a replica that is sealed, or whose database is not ready, or gone)
+    /// fails as it is — nothing was released — and the next call runs on a
+    /// new connection that starts at the next replica.
+    pub fn with_replicas(peer: twokey_runtime::tls::Peer) -> Self {
+        Self {
+            client: Arc::new(std::sync::RwLock::new(vault_client(peer.channel()))),
+            peer: Some(peer),
+            release_deadline: RELEASE_DEADLINE,
+        }
+    }
+
+    fn client(&self) -> VaultServiceClient<Channel> {
+        self.client
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// After an UNAVAILABLE answer: the next call on a new connection.
+    fn reconnect(&self, status: &Status) {
+        if status.code() != tonic::Code::Unavailable {
+            return;
+        }
+        if let Some(peer) = &self.peer {
+            *self.client.write().unwrap_or_else(|e| e.into_inner()) = vault_client(peer.channel());
         }
     }
 
@@ -120,13 +156,14 @@ macro_rules! vault_call {
         })
     };
     ($self:ident, $method:ident, $name:expr, $request:expr, $deadline:expr, |$answer:ident| $then:expr) => {{
-        let mut client = $self.client.clone();
+        let mut client = $self.client();
         let request = $request;
         Box::pin(
             async move {
                 let $answer = client
                     .$method(within($deadline, request))
-                    .await?
+                    .await
+                    .inspect_err(|status| $self.reconnect(status))?
                     .into_inner();
                 $then
             }

@@ -341,10 +341,10 @@ pub async fn serve(
     let vault: Arc<dyn Vault> = match options.vault {
         Some(vault) => vault,
         None => Arc::new(
-            GrpcVault::new(
+            GrpcVault::with_replicas(
                 config
                     .tls
-                    .channel(&config.vault_address, &config.vault_server_name)?,
+                    .peer(&config.vault_address, &config.vault_server_name)?,
             )
             .with_release_deadline(Duration::from_millis(config.release_deadline_ms)),
         ),

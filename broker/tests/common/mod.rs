@@ -413,6 +413,18 @@ pub struct ConsentSetup {
     pub versions: Vec<vpb::PolicyVersion>,
 }
 
+/// Stops a running server when dropped.
+struct StopOnDrop(Option<Running>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(running) = self.0.take() {
+            let _ = running.stop.send(());
+            running.task.abort();
+        }
+    }
+}
+
 /// A running server task with its shutdown trigger.
 struct Running {
     addr: SocketAddr,
@@ -615,6 +627,24 @@ impl Harness {
         if let Some(v) = self.vault_server.take() {
             v.stop().await;
         }
+    }
+
+    /// Another fake vault with the same grant key and its own state (a
+    /// second vault replica), served over mTLS on loopback: its address and
+    /// state; stopped when the returned guard is dropped.
+    pub async fn another_vault(&self) -> (SocketAddr, Arc<VaultState>, impl Drop) {
+        let grant = keys::load_signing_key(&self.dir.path().join("keys/grant.key")).unwrap();
+        let state = Arc::new(VaultState::default());
+        let fake = FakeVault {
+            key: grant.verifying_key(),
+            auth: Authenticator::new(TD),
+            clock: self.clock.clone(),
+            state: state.clone(),
+        };
+        let running =
+            start_vault(fake, &TlsFiles::in_dir(&pki_dir(self.dir.path()), "vault")).await;
+        let addr = running.addr;
+        (addr, state, StopOnDrop(Some(running)))
     }
 
     pub fn addr(&self) -> SocketAddr {
