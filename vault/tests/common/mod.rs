@@ -331,6 +331,7 @@ impl Fixture {
                 threshold: 2,
             }),
             seal: None,
+            store: Default::default(),
         }
     }
 
