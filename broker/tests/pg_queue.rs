@@ -5,7 +5,6 @@
 //! recorded once as `notification.failed` in the PostgreSQL outbox.
 
 use std::{
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -46,27 +45,18 @@ fn signer() -> EventSigner {
 struct Pg {
     pg: TestPostgres,
     settings: PgSettings,
-    _dir: tempfile::TempDir,
 }
 
 async fn pg() -> Pg {
     let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
-    pg.create_database("broker", "broker_role", "broker-pw")
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("broker_role.pw");
-    std::fs::write(&file, "broker-pw\n").unwrap();
+    let db = pg.database_for("broker", "broker_role").unwrap();
     let settings = PgSettings {
-        url: pg.url("broker", "broker_role"),
-        password_file: Some(file),
+        url: db.url,
+        password_file: Some(db.password_file),
         ca_file: None,
     };
     postgres::migrate(&settings).await.unwrap();
-    Pg {
-        pg,
-        settings,
-        _dir: dir,
-    }
+    Pg { pg, settings }
 }
 
 /// One replica's queue in PostgreSQL, delivering to `notifier`.

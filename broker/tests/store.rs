@@ -6,7 +6,6 @@
 //! on one replica is refused on the other.
 
 use std::{
-    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -116,26 +115,29 @@ fn sled_backend() -> Backend {
 struct Pg {
     pg: TestPostgres,
     settings: PgSettings,
-    _dir: tempfile::TempDir,
+    /// The broker role's password.
+    password: String,
+}
+
+/// The broker's database on `pg`: its settings and its role's password.
+fn database(pg: &TestPostgres) -> (PgSettings, String) {
+    let db = pg.database_for("broker", "broker_role").unwrap();
+    let settings = PgSettings {
+        url: db.url,
+        password_file: Some(db.password_file),
+        ca_file: None,
+    };
+    (settings, db.password)
 }
 
 async fn pg() -> Pg {
     let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
-    pg.create_database("broker", "broker_role", "broker-pw")
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("broker_role.pw");
-    std::fs::write(&file, "broker-pw\n").unwrap();
-    let settings = PgSettings {
-        url: pg.url("broker", "broker_role"),
-        password_file: Some(file),
-        ca_file: None,
-    };
+    let (settings, password) = database(&pg);
     postgres::migrate(&settings).await.unwrap();
     Pg {
         pg,
         settings,
-        _dir: dir,
+        password,
     }
 }
 
@@ -391,16 +393,7 @@ async fn migrating_again_applies_nothing_and_the_versions_are_recorded() {
 #[tokio::test]
 async fn a_database_at_version_1_gains_the_notification_queue() {
     let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
-    pg.create_database("broker", "broker_role", "broker-pw")
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("broker_role.pw");
-    std::fs::write(&file, "broker-pw\n").unwrap();
-    let settings = PgSettings {
-        url: pg.url("broker", "broker_role"),
-        password_file: Some(file),
-        ca_file: None,
-    };
+    let (settings, _) = database(&pg);
     let mut client = twokey_pgstore::connect(&settings).await.unwrap();
     // As a broker of the release before the queue left it.
     twokey_pgstore::migrate(&mut client, COMPONENT, &MIGRATIONS[..1])
@@ -655,7 +648,7 @@ async fn a_lost_database_is_unavailable_with_what_to_do_and_the_store_recovers()
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(err.to_string().contains(expected), "{err}");
-    assert!(!err.to_string().contains("broker-pw"), "{err}");
+    assert!(!err.to_string().contains(&pg.password), "{err}");
     // Back: the store opens new sessions; nothing was changed meanwhile.
     pg.pg.start_server().unwrap();
     let r = a.store.get("u1").await.unwrap().unwrap();

@@ -379,6 +379,26 @@ impl TestPostgres {
         Ok(self.url(name, role))
     }
 
+    /// A service's own database, as the service is given it: a database
+    /// `name` owned by login role `role` (as [`TestPostgres::create_database`])
+    /// with a random password, written (with a newline) to a 0600 file of
+    /// this server's ([`TestPostgres::write_private`], named
+    /// `ROLE.password`): `[store.postgres]`'s `url` and `password_file`.
+    pub fn database_for(&self, name: &str, role: &str) -> Result<TestDatabase, PgUnavailable> {
+        let password: String = rand::random::<[u8; 16]>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let url = self.create_database(name, role, &password)?;
+        let password_file =
+            self.write_private(&format!("{role}.password"), &format!("{password}\n"))?;
+        Ok(TestDatabase {
+            url,
+            password_file,
+            password,
+        })
+    }
+
     /// `postgresql://ROLE@127.0.0.1:PORT/DATABASE?sslmode=disable`.
     pub fn url(&self, database: &str, role: &str) -> String {
         format!(
@@ -386,6 +406,18 @@ impl TestPostgres {
             self.port
         )
     }
+}
+
+/// A service's database on a test server ([`TestPostgres::database_for`]):
+/// what its `[store.postgres]` section (or `PgSettings`) is given.
+#[derive(Debug, Clone)]
+pub struct TestDatabase {
+    /// `postgresql://ROLE@127.0.0.1:PORT/NAME?sslmode=disable`, no password.
+    pub url: String,
+    /// The role's password file (mode 0600, one line).
+    pub password_file: PathBuf,
+    /// The password itself, for tests that check it is never shown.
+    pub password: String,
 }
 
 fn path_str(p: &Path) -> &str {
@@ -429,5 +461,48 @@ mod tests {
         assert_eq!(pg.psql("probe", "SELECT v FROM t").unwrap(), "7");
         let err = pg.psql("probe", "SELECT * FROM missing").unwrap_err();
         assert!(err.0.contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_service_database_has_its_role_a_random_password_and_a_private_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
+        let db = pg.database_for("svc", "svc_role").unwrap();
+        assert_eq!(db.url, pg.url("svc", "svc_role"));
+        assert!(!db.url.contains(&db.password));
+        assert_eq!(db.password.len(), 32);
+        let mode = std::fs::metadata(&db.password_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&db.password_file).unwrap(),
+            format!("{}\n", db.password)
+        );
+        // The role logs in with it over TCP (scram-sha-256) and owns the
+        // database.
+        let login = |password: &str| {
+            pg.command("psql")
+                .args(["-X", "-A", "-t", "-w", "-h", "127.0.0.1", "-p"])
+                .arg(pg.port().to_string())
+                .args(["-U", "svc_role", "-d", "svc", "-c", "SELECT current_user"])
+                .env("PGPASSWORD", password)
+                .output()
+                .unwrap()
+        };
+        let out = login(&db.password);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "svc_role");
+        assert!(!login("wrong").status.success());
+        let owner = pg
+            .psql(
+                "postgres",
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'svc'",
+            )
+            .unwrap();
+        assert_eq!(owner, "svc_role");
+        let other = pg.database_for("svc2", "svc2_role").unwrap();
+        assert_ne!(other.password, db.password);
     }
 }

@@ -4,7 +4,7 @@
 //! the same moment yields one use, uses of one account never share a
 //! step, and a stopped server answers a clear error and is recovered from.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use twokey_consent::RateLimit;
 use twokey_pgstore::PgSettings;
@@ -46,27 +46,18 @@ fn sled_store(dir: &std::path::Path) -> SledVaultStore {
 struct Pg {
     pg: TestPostgres,
     settings: PgSettings,
-    _dir: tempfile::TempDir,
 }
 
 async fn pg() -> Pg {
     let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
-    pg.create_database("vault", "vault_role", "vault-pw")
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let file: PathBuf = dir.path().join("vault_role.pw");
-    std::fs::write(&file, "vault-pw\n").unwrap();
+    let db = pg.database_for("vault", "vault_role").unwrap();
     let settings = PgSettings {
-        url: pg.url("vault", "vault_role"),
-        password_file: Some(file),
+        url: db.url,
+        password_file: Some(db.password_file),
         ca_file: None,
     };
     postgres::migrate(&settings).await.unwrap();
-    Pg {
-        pg,
-        settings,
-        _dir: dir,
-    }
+    Pg { pg, settings }
 }
 
 async fn replica(pg: &Pg) -> PgVaultStore {

@@ -31,7 +31,10 @@ use tonic_health::pb::{
 use twokey_proto::vault::v1::{
     EnrollRequest, enroll_request::Seed, vault_service_client::VaultServiceClient,
 };
-use twokey_testkit::{postgres::TestPostgres, ready};
+use twokey_testkit::{
+    postgres::{TestDatabase, TestPostgres},
+    ready,
+};
 
 /// How long a test waits for something that should happen much sooner.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -41,21 +44,13 @@ const SERVED: &str = "twokey.vault.v1.VaultService";
 /// The throwaway server and the vault's database on it.
 struct Pg {
     pg: TestPostgres,
-    url: String,
-    password_file: PathBuf,
+    db: TestDatabase,
 }
 
 fn start_pg() -> Pg {
     let pg = TestPostgres::start().expect("scripts/test installs PostgreSQL");
-    let url = pg
-        .create_database("vault", "vault_role", "vault-pw")
-        .unwrap();
-    let password_file = pg.write_private("vault_role.pw", "vault-pw\n").unwrap();
-    Pg {
-        pg,
-        url,
-        password_file,
-    }
+    let db = pg.database_for("vault", "vault_role").unwrap();
+    Pg { pg, db }
 }
 
 /// A vault process, killed on drop.
@@ -131,8 +126,8 @@ password_file = "{password_file}"
         audit = c.audit_address,
         tls = toml::to_string(&c.tls).unwrap(),
         admins = fx.path().join("admins.allowed_signers").display(),
-        url = pg.url,
-        password_file = pg.password_file.display(),
+        url = pg.db.url,
+        password_file = pg.db.password_file.display(),
     );
     let path = fx.path().join(format!("vault-{name}.toml"));
     std::fs::write(&path, text).unwrap();
@@ -807,7 +802,7 @@ async fn postgres_restarted_during_calls_is_unavailable_then_releases_again_no_s
     // wait for; never a password.
     for (_, s) in &seen.refused {
         assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-        assert!(!s.message().contains("vault-pw"), "{s:?}");
+        assert!(!s.message().contains(&pg.db.password), "{s:?}");
     }
     let codes: Vec<(String, u64)> = seen.codes.iter().map(|(a, s, _)| (a.clone(), *s)).collect();
     assert_no_step_twice(&codes);
