@@ -320,24 +320,33 @@ fn is_steps_used(status: &Status) -> bool {
     status.code() == Code::Unavailable && status.message().contains("handed out already")
 }
 
-/// Every `code.released` step in audit, less those withheld, by account:
-/// the steps whose codes left a vault.
+/// Every `code.released` step in audit, by account, in log order, each
+/// `code.withheld` taking back the release of its step before it (a
+/// withheld step is given back and may be released again): the steps
+/// whose codes left a vault.
 fn released_in_audit(audit: &FakeAudit) -> Vec<(String, u64)> {
-    let events = audit.events.lock().unwrap().clone();
-    let step = |e: &twokey_proto::audit::v1::Event| -> u64 {
-        e.attributes["step"].parse().expect("a step attribute")
-    };
-    let withheld: BTreeSet<(String, u64)> = events
-        .iter()
-        .filter(|e| e.action == "code.withheld")
-        .map(|e| (e.account_id.clone(), step(e)))
-        .collect();
-    events
-        .iter()
-        .filter(|e| e.action == "code.released")
-        .map(|e| (e.account_id.clone(), step(e)))
-        .filter(|k| !withheld.contains(k))
-        .collect()
+    let mut events = audit.events.lock().unwrap().clone();
+    events.sort_by_key(|e| e.seq);
+    let mut released: Vec<(String, u64)> = Vec::new();
+    for e in &events {
+        let key = || {
+            let step = e.attributes["step"].parse().expect("a step attribute");
+            (e.account_id.clone(), step)
+        };
+        match e.action.as_str() {
+            "code.released" => released.push(key()),
+            "code.withheld" => {
+                let key = key();
+                let at = released
+                    .iter()
+                    .rposition(|k| *k == key)
+                    .unwrap_or_else(|| panic!("{key:?} withheld, never released"));
+                released.remove(at);
+            }
+            _ => {}
+        }
+    }
+    released
 }
 
 /// Fails if any (account, step) is in `released` twice.
