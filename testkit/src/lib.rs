@@ -3,13 +3,15 @@
 //! binaries and reading the line each prints once it serves (`ready`), and
 //! grants signed as the broker signs them (`grants`), people's OpenSSH keys
 //! and the admin-signed consent policy (`consent`), and a throwaway
-//! PostgreSQL server per test (`postgres`). `twokey pki init` and
+//! PostgreSQL server per test (`postgres`), a system with two replicas of
+//! each service on it (`ha`). `twokey pki init` and
 //! `twokey demo` are thin commands over this crate; no service binary links
 //! it (nor `rcgen`).
 #![forbid(unsafe_code)]
 
 pub mod consent;
 pub mod grants;
+pub mod ha;
 pub mod local;
 pub mod pki;
 pub mod postgres;

@@ -36,6 +36,7 @@ use twokey_runtime::tls::TlsFiles;
 
 use crate::{
     consent::{AccountRoles, Person, PolicySpec, admins_allowed_signers, sign_policy},
+    ha::{READY_TIMEOUT, REPLICAS, Replicated, wait_serving_blocking},
     pki::{self, Addresses, UserRole, UserSpec},
     ready::spawn_service,
 };
@@ -118,6 +119,21 @@ pub struct LocalSystem {
     children: Vec<(String, Child)>,
     /// Extra environment variables for every service (e.g. `OTEL_*`).
     env: Vec<(String, String)>,
+    /// The databases and extra accounts of a replicated system
+    /// ([`LocalSystem::start_replicated`]); `None` for one process each.
+    replicated: Option<Replicated>,
+    /// Each replica of a replicated system: its name (`vault-0`), kind
+    /// (`vault`), config file and `https://ADDR`.
+    replicas: Vec<ReplicaProcess>,
+}
+
+/// One replica's process of a replicated local system.
+#[derive(Debug, Clone)]
+struct ReplicaProcess {
+    name: String,
+    kind: String,
+    config: PathBuf,
+    address: String,
 }
 
 impl Drop for LocalSystem {
@@ -205,7 +221,26 @@ impl LocalSystem {
         bin_dir: &Path,
         env: Vec<(String, String)>,
     ) -> Result<Self, LocalError> {
-        Self::start_with(dir, bin_dir, env, None)
+        Self::start_with(dir, bin_dir, env, None, None)
+    }
+
+    /// Like [`LocalSystem::start`], with [`REPLICAS`] processes of each
+    /// service on PostgreSQL (`replicated`'s databases, see
+    /// [`crate::ha::databases`]): `audit-0`, `audit-1`, `vault-0`, … each
+    /// with its own config file `DIR/NAME.toml` (its own data directory and
+    /// the service's `[store]`), listen port and log `logs/NAME.log`, the
+    /// same keys. [`LocalSystem::audit`], [`LocalSystem::vault`] and
+    /// [`LocalSystem::broker`] are the comma lists of both replicas' addresses,
+    /// which is what each service's peer address and the CLI profiles name;
+    /// the broker replicas share one mailbox directory. Returns once both
+    /// vault replicas, both broker replicas and one audit replica (the
+    /// sequencer) report SERVING.
+    pub fn start_replicated(
+        dir: &Path,
+        bin_dir: &Path,
+        replicated: Replicated,
+    ) -> Result<Self, LocalError> {
+        Self::start_with(dir, bin_dir, Vec::new(), None, Some(replicated))
     }
 
     /// Like [`LocalSystem::start`], with audit's reconciler on: consent
@@ -218,7 +253,7 @@ impl LocalSystem {
         bin_dir: &Path,
         options: ReconcileOptions,
     ) -> Result<Self, LocalError> {
-        Self::start_with(dir, bin_dir, Vec::new(), Some(options))
+        Self::start_with(dir, bin_dir, Vec::new(), Some(options), None)
     }
 
     fn start_with(
@@ -226,7 +261,13 @@ impl LocalSystem {
         bin_dir: &Path,
         env: Vec<(String, String)>,
         reconcile: Option<ReconcileOptions>,
+        replicated: Option<Replicated>,
     ) -> Result<Self, LocalError> {
+        if reconcile.is_some() && replicated.is_some() {
+            return Err(LocalError(
+                "a replicated local system has no reconciler: start one or the other".into(),
+            ));
+        }
         let pki_dir = dir.join("pki");
         let users: Vec<UserSpec> = USERS
             .iter()
@@ -309,13 +350,21 @@ impl LocalSystem {
             people,
             children: Vec::new(),
             env,
+            replicated,
+            replicas: Vec::new(),
         };
 
         // The root of trust and consent policy version 1, signed by the
         // admins; applied once the vault serves.
         let admins: Vec<&Person> = ADMINS.iter().map(|n| system.person(n)).collect();
         write(&system.admins_file, &admins_allowed_signers(&admins))?;
-        let mut document = system.policy_spec().to_toml();
+        let mut spec = system.policy_spec();
+        for account in system.extra_accounts() {
+            let mut roles = AccountRoles::new(&account, "alice", "bob", "olivia");
+            roles.releases_per_hour = RELEASES_PER_HOUR;
+            spec.accounts.push(roles);
+        }
+        let mut document = spec.to_toml();
         if reconcile.is_some() {
             let section = format!("[accounts.{ACCOUNT}]\n");
             document = document.replace(
@@ -371,35 +420,54 @@ impl LocalSystem {
             let (grpc, http) = system.spawn_audit_with_http(bin_dir)?;
             system.audit = grpc;
             system.audit_http = http;
+        } else if system.replicated.is_some() {
+            system.audit = system
+                .spawn_replicas(bin_dir, "audit", &audit_config, &d("audit"), 0..REPLICAS)?
+                .join(",");
+            system.audit_config = dir.join("audit-0.toml");
         } else {
             system.audit = system.spawn(bin_dir, "audit", &system.audit_config.clone())?;
         }
 
         let vault_config = dir.join("vault.toml");
-        write(
-            &vault_config,
-            &format!(
-                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
+        let vault_text = format!(
+            "listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
                  master_key_file = {:?}\nevent_key_file = {:?}\n\
                  broker_id = \"spiffe://{td}/svc/broker\"\ngrant_public_key = \"{}\"\n\
                  audit_address = \"{}\"\naudit_server_name = \"audit\"\n\
                  audit_checkpoint_key = \"{}\"\n\
                  audit_ack_timeout_ms = 5000\nlog_format = \"human\"\n{}{}",
-                d("vault"),
-                k("master.key"),
-                k("vault-event.key"),
-                encode_public_key(&grant.verifying_key()),
-                system.audit,
-                system.verifier_key,
-                tls("vault"),
-                consent_section,
-            ),
-        )?;
-        system.vault = system.spawn(bin_dir, "vault", &vault_config)?;
-        system.apply_to_vault(&document, &signatures)?;
+            d("vault"),
+            k("master.key"),
+            k("vault-event.key"),
+            encode_public_key(&grant.verifying_key()),
+            system.audit,
+            system.verifier_key,
+            tls("vault"),
+            consent_section,
+        );
+        write(&vault_config, &vault_text)?;
+        if system.replicated.is_some() {
+            // Policy version 1 is applied through the first replica before
+            // the others start and load it from the database: a vault
+            // replica reads the policy chain when it starts.
+            let first = system.spawn_replicas(bin_dir, "vault", &vault_text, &d("vault"), 0..1)?;
+            system.vault = first.join(",");
+            system.apply_to_vault(&document, &signatures)?;
+            let rest =
+                system.spawn_replicas(bin_dir, "vault", &vault_text, &d("vault"), 1..REPLICAS)?;
+            system.vault = first.into_iter().chain(rest).collect::<Vec<_>>().join(",");
+        } else {
+            system.vault = system.spawn(bin_dir, "vault", &vault_config)?;
+            system.apply_to_vault(&document, &signatures)?;
+        }
 
         let policy = dir.join("policy.toml");
-        write(&policy, &policy_text())?;
+        let mut policy_file = policy_text();
+        for account in system.extra_accounts() {
+            policy_file.push_str(&account_policy(&account));
+        }
+        write(&policy, &policy_file)?;
         let broker_config = dir.join("broker.toml");
         let mut broker_extra = String::new();
         let mut broker_top = String::new();
@@ -414,29 +482,33 @@ impl LocalSystem {
                 ));
             }
         }
-        write(
-            &broker_config,
-            &format!(
-                "{broker_top}listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
+        let broker_text = format!(
+            "{broker_top}listen = \"127.0.0.1:0\"\ntrust_domain = \"{td}\"\ndata_dir = {:?}\n\
                  policy_file = {:?}\ngrant_key_file = {:?}\nevent_key_file = {:?}\n\
                  pin_key_file = {:?}\nvault_address = \"{}\"\nvault_server_name = \"vault\"\n\
                  audit_address = \"{}\"\naudit_server_name = \"audit\"\n\
                  audit_checkpoint_key = \"{}\"\nlog_format = \"human\"\n\
                  {}{}[notify.mailbox]\ndir = {:?}\n{broker_extra}",
-                d("broker"),
-                policy.display().to_string(),
-                k("grant.key"),
-                k("broker-event.key"),
-                k("pin.key"),
-                system.vault,
-                system.audit,
-                system.verifier_key,
-                tls("broker"),
-                consent_section,
-                system.mailbox.display().to_string(),
-            ),
-        )?;
-        system.broker = system.spawn(bin_dir, "broker", &broker_config)?;
+            d("broker"),
+            policy.display().to_string(),
+            k("grant.key"),
+            k("broker-event.key"),
+            k("pin.key"),
+            system.vault,
+            system.audit,
+            system.verifier_key,
+            tls("broker"),
+            consent_section,
+            system.mailbox.display().to_string(),
+        );
+        write(&broker_config, &broker_text)?;
+        system.broker = if system.replicated.is_some() {
+            system
+                .spawn_replicas(bin_dir, "broker", &broker_text, &d("broker"), 0..REPLICAS)?
+                .join(",")
+        } else {
+            system.spawn(bin_dir, "broker", &broker_config)?
+        };
 
         // Profiles with the real addresses; pki init's file, beside the
         // certificates, has none.
@@ -457,17 +529,119 @@ impl LocalSystem {
     /// Starts `twokey-<svc> serve --config CONFIG` and waits for its
     /// listening line; returns `https://ADDR`.
     fn spawn(&mut self, bin_dir: &Path, svc: &str, config: &Path) -> Result<String, LocalError> {
-        self.spawn_on(bin_dir, svc, config, None)
+        self.spawn_on(bin_dir, svc, svc, config, None)
+    }
+
+    /// The accounts a replicated system has besides [`ACCOUNT`].
+    fn extra_accounts(&self) -> Vec<String> {
+        self.replicated
+            .as_ref()
+            .map(|r| r.accounts.clone())
+            .unwrap_or_default()
+    }
+
+    /// Starts replicas `which` (of [`REPLICAS`]) of service `kind`, each
+    /// with `text` as its config but its own data directory (`data/NAME` for
+    /// the `data_dir` `data` in `text`) and the service's `[store]` section;
+    /// waits until they report SERVING (one of the audit replicas: the
+    /// sequencer) and returns their addresses.
+    fn spawn_replicas(
+        &mut self,
+        bin_dir: &Path,
+        kind: &str,
+        text: &str,
+        data: &str,
+        which: std::ops::Range<usize>,
+    ) -> Result<Vec<String>, LocalError> {
+        let store = self
+            .replicated
+            .as_ref()
+            .expect("a replicated system")
+            .store(kind)
+            .section();
+        let data_line = format!("data_dir = {data:?}\n");
+        if !text.contains(&data_line) {
+            return Err(LocalError(format!(
+                "the {kind} config names no data_dir {data:?}"
+            )));
+        }
+        let mut addresses = Vec::new();
+        for i in which.clone() {
+            let name = format!("{kind}-{i}");
+            let own = self.dir.join("data").join(&name).display().to_string();
+            let config = self.dir.join(format!("{name}.toml"));
+            let own_text = text.replace(&data_line, &format!("data_dir = {own:?}\n")) + &store;
+            write(&config, &own_text)?;
+            let address = self.spawn_on(bin_dir, &name, kind, &config, None)?;
+            self.replicas.push(ReplicaProcess {
+                name,
+                kind: kind.to_owned(),
+                config,
+                address: address.clone(),
+            });
+            addresses.push(address);
+        }
+        let at_least = if kind == "audit" { 1 } else { which.len() };
+        wait_serving_blocking(
+            &self.dir.join("pki"),
+            kind,
+            &addresses,
+            at_least,
+            READY_TIMEOUT,
+        )
+        .map_err(|e| {
+            let tails: Vec<String> = which
+                .map(|i| {
+                    let log = self.dir.join("logs").join(format!("{kind}-{i}.log"));
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let last: Vec<&str> = text.lines().rev().take(5).collect();
+                    format!("{kind}-{i}: {}", one_line(&last.join(" | ")))
+                })
+                .collect();
+            LocalError(format!("{e}; the logs end: {}", tails.join("; ")))
+        })?;
+        Ok(addresses)
+    }
+
+    /// The names of service `kind`'s replicas (`vault-0`, `vault-1`) in a
+    /// replicated system; `[kind]` otherwise.
+    pub fn replica_names(&self, kind: &str) -> Vec<String> {
+        if self.replicated.is_none() {
+            return vec![kind.to_owned()];
+        }
+        self.replicas
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| r.name.clone())
+            .collect()
+    }
+
+    /// `https://ADDR` of each of service `kind`'s replicas, in the order of
+    /// [`LocalSystem::replica_names`].
+    pub fn replica_addresses(&self, kind: &str) -> Vec<String> {
+        if self.replicated.is_none() {
+            return vec![match kind {
+                "audit" => self.audit.clone(),
+                "vault" => self.vault.clone(),
+                _ => self.broker.clone(),
+            }];
+        }
+        self.replicas
+            .iter()
+            .filter(|r| r.kind == kind)
+            .map(|r| r.address.clone())
+            .collect()
     }
 
     fn spawn_on(
         &mut self,
         bin_dir: &Path,
         svc: &str,
+        kind: &str,
         config: &Path,
         listen: Option<&str>,
     ) -> Result<String, LocalError> {
-        let bin = bin_dir.join(format!("twokey-{svc}"));
+        let bin = bin_dir.join(format!("twokey-{kind}"));
         let log = self.dir.join("logs").join(format!("{svc}.log"));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -481,9 +655,9 @@ impl LocalSystem {
             command.args(["--listen", addr]);
         }
         let (child, rx) =
-            spawn_service(command, &format!("twokey-{svc}"), log_file).map_err(|e| {
+            spawn_service(command, &format!("twokey-{kind}"), log_file).map_err(|e| {
                 LocalError(format!(
-                    "cannot start {}: {e} — build it first (cargo build -p twokey-{svc})",
+                    "cannot start {}: {e} — build it first (cargo build -p twokey-{kind})",
                     bin.display()
                 ))
             })?;
@@ -738,9 +912,15 @@ impl LocalSystem {
         self.children.retain(|(name, _)| name != svc);
     }
 
-    /// Starts a killed service again, with the same config and data, on the
-    /// address it had, so the others reach it where they expect it.
+    /// Starts a killed service (or replica, by its name: `vault-1`) again,
+    /// with the same config and data, on the address it had, so the others
+    /// reach it where they expect it.
     pub fn restart(&mut self, bin_dir: &Path, svc: &str) -> Result<(), LocalError> {
+        if let Some(r) = self.replicas.iter().find(|r| r.name == svc).cloned() {
+            let listen = r.address.trim_start_matches("https://").to_owned();
+            self.spawn_on(bin_dir, &r.name, &r.kind, &r.config, Some(&listen))?;
+            return Ok(());
+        }
         let address = match svc {
             "audit" => self.audit.clone(),
             "vault" => self.vault.clone(),
@@ -748,7 +928,7 @@ impl LocalSystem {
         };
         let listen = address.trim_start_matches("https://").to_owned();
         let config = self.dir.join(format!("{svc}.toml"));
-        self.spawn_on(bin_dir, svc, &config, Some(&listen))?;
+        self.spawn_on(bin_dir, svc, svc, &config, Some(&listen))?;
         Ok(())
     }
 
@@ -787,6 +967,16 @@ pub fn local_policy_spec(people: &[Person]) -> PolicySpec {
         threshold: ADMIN_THRESHOLD,
         accounts: vec![account],
     }
+}
+
+/// The broker's policy section of `account`, with the same groups and
+/// rules as [`ACCOUNT`]'s in [`policy_text`].
+pub fn account_policy(account: &str) -> String {
+    format!(
+        "\n[accounts.{account}]\nrequesters = [\"requesters\"]\napprovers = [\"approvers\"]\n\
+         operators = [\"operators\"]\nadmins = [\"adam\", \"anna\"]\napprovals_required = 1\n\
+         request_ttl = \"1h\"\nrelease_window = \"15m\"\ncodes_per_request = 1\n"
+    )
 }
 
 /// The broker's own policy of a local system (roles, groups, routing): one

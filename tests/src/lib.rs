@@ -212,6 +212,9 @@ pub fn bin_dir() -> PathBuf {
 pub struct System {
     /// The processes.
     pub local: LocalSystem,
+    /// The PostgreSQL server of a replicated system
+    /// ([`System::start_replicated`]), stopped after the processes.
+    pub pg: Option<twokey_testkit::postgres::TestPostgres>,
     _dir: tempfile::TempDir,
 }
 
@@ -222,7 +225,11 @@ impl System {
         let dir = tempfile::tempdir().expect("tempdir");
         let local = LocalSystem::start(&dir.path().join("sys"), &bin_dir())
             .unwrap_or_else(|e| panic!("local system did not start: {e}"));
-        Self { local, _dir: dir }
+        Self {
+            local,
+            pg: None,
+            _dir: dir,
+        }
     }
 
     fn tls(&self, user: &str) -> TlsFiles {
@@ -307,7 +314,11 @@ impl System {
             .collect();
         let local = LocalSystem::start_with_env(&dir.path().join("sys"), &bin_dir(), env)
             .unwrap_or_else(|e| panic!("local system did not start: {e}"));
-        Self { local, _dir: dir }
+        Self {
+            local,
+            pg: None,
+            _dir: dir,
+        }
     }
 
     /// Starts audit, vault and broker with audit's reconciler on
@@ -322,7 +333,11 @@ impl System {
             twokey_testkit::local::ReconcileOptions { webhook_url },
         )
         .unwrap_or_else(|e| panic!("local system did not start: {e}"));
-        Self { local, _dir: dir }
+        Self {
+            local,
+            pg: None,
+            _dir: dir,
+        }
     }
 
     /// What service `svc` (`audit`, `vault` or `broker`) wrote to its log.
@@ -511,16 +526,31 @@ pub fn check_request(r: &twokey_proto::broker::v1::Request) -> Result<(), String
     Ok(())
 }
 
-/// Checks that each grant yielded at most one code: the vault records
-/// `code.released` once per grant id. Returns what is wrong.
+/// Checks that no code was released twice: the vault records
+/// `code.released` once per grant id, once per release id, and once per
+/// (account, TOTP step). Returns what is wrong.
 pub fn check_single_use(log: &[LogEntry]) -> Result<(), String> {
-    let mut seen = std::collections::BTreeSet::new();
+    let mut grants = std::collections::BTreeSet::new();
+    let mut releases = std::collections::BTreeSet::new();
+    let mut steps = std::collections::BTreeSet::new();
     for e in log.iter().filter_map(|e| e.event.as_ref()) {
         if e.action == "code.released" && e.source.ends_with("/svc/vault") {
-            let grant = e.attributes.get("grant_id").cloned().unwrap_or_default();
-            if grant.is_empty() || !seen.insert(grant.clone()) {
+            let attr = |name: &str| e.attributes.get(name).cloned().unwrap_or_default();
+            let grant = attr("grant_id");
+            if grant.is_empty() || !grants.insert(grant.clone()) {
                 return Err(format!(
                     "grant {grant:?} released a code twice (or has no id)"
+                ));
+            }
+            let release = attr("release_id");
+            if !release.is_empty() && !releases.insert(release.clone()) {
+                return Err(format!("release id {release:?} released a code twice"));
+            }
+            let step = attr("step");
+            if !step.is_empty() && !steps.insert((e.account_id.clone(), step.clone())) {
+                return Err(format!(
+                    "step {step} of account {:?} was released twice",
+                    e.account_id
                 ));
             }
         }
@@ -624,7 +654,11 @@ impl System {
         prepare(&sys);
         let local = LocalSystem::start(&sys, &bin_dir())
             .unwrap_or_else(|e| panic!("local system did not start: {e}"));
-        Self { local, _dir: dir }
+        Self {
+            local,
+            pg: None,
+            _dir: dir,
+        }
     }
 
     /// The temporary directory the system lives in (beside `local.dir`).
@@ -1324,4 +1358,162 @@ pub fn account_section(doc: &mut toml::Table, account: &str) -> toml::Table {
         .and_then(toml::Value::as_table)
         .unwrap_or_else(|| panic!("the policy has no account {account}"))
         .clone()
+}
+
+// ---------------------------------------------------------------------------
+// A replicated system: two processes of each service on PostgreSQL (issue 18).
+// ---------------------------------------------------------------------------
+
+impl System {
+    /// Starts a throwaway PostgreSQL set up with deploy/postgres/init.sql
+    /// and two replicas of audit, vault and broker on it
+    /// (`LocalSystem::start_replicated`), with `accounts` besides the local
+    /// account in both policies (not enrolled). Panics, saying what to do,
+    /// when PostgreSQL is not installed: scripts/test installs it.
+    pub fn start_replicated(accounts: &[String]) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let pg = twokey_testkit::postgres::TestPostgres::start()
+            .unwrap_or_else(|e| panic!("scripts/test installs PostgreSQL: {e}"));
+        let replicated = twokey_testkit::ha::databases(&pg, accounts)
+            .unwrap_or_else(|e| panic!("deploy/postgres/init.sql did not set up the server: {e}"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = LocalSystem::start_replicated(&dir.path().join("sys"), &bin_dir(), replicated)
+            .unwrap_or_else(|e| panic!("the replicated system did not start: {e}"));
+        Self {
+            local,
+            pg: Some(pg),
+            _dir: dir,
+        }
+    }
+
+    /// The last `lines` lines of every service's log (`logs/*.log`), each
+    /// headed by its file name: for a failing test's message.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let mut files: Vec<_> = std::fs::read_dir(self.local.dir.join("logs"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("==> {} <==\n", file.display()));
+            for line in &all[all.len().saturating_sub(lines)..] {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The PostgreSQL server of a replicated system.
+    ///
+    /// # Panics
+    /// If the system is not replicated.
+    pub fn postgres(&self) -> &twokey_testkit::postgres::TestPostgres {
+        self.pg
+            .as_ref()
+            .expect("a replicated system has a PostgreSQL server")
+    }
+
+    /// A broker client presenting `user`'s certificate, to the broker at
+    /// `address` (one replica, or a comma list).
+    pub fn broker_at(&self, user: &str, address: &str) -> BrokerServiceClient<Channel> {
+        BrokerServiceClient::new(
+            self.tls(user)
+                .channel(address, "broker")
+                .expect("broker channel"),
+        )
+    }
+
+    /// An audit client presenting `user`'s certificate, to the audit
+    /// service at `address` (one replica, or a comma list).
+    pub fn audit_at(&self, user: &str, address: &str) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(
+            self.tls(user)
+                .channel(address, "audit")
+                .expect("audit channel"),
+        )
+    }
+
+    /// A vault client presenting the broker's certificate, to the vault at
+    /// `address` (one replica, or a comma list).
+    pub fn vault_at(
+        &self,
+        address: &str,
+    ) -> twokey_proto::vault::v1::vault_service_client::VaultServiceClient<Channel> {
+        twokey_proto::vault::v1::vault_service_client::VaultServiceClient::new(
+            self.tls("broker")
+                .channel(address, "vault")
+                .expect("vault channel"),
+        )
+    }
+
+    /// A crew of alice, bob and olivia for `account`, each person talking
+    /// to the broker at their own address of `[requester, approver,
+    /// operator]` (one replica, or a comma list).
+    pub fn crew_at(&self, account: &str, addresses: [&str; 3]) -> Crew {
+        let [requester, approver, operator] = ["alice", "bob", "olivia"];
+        Crew {
+            requester: requester.to_owned(),
+            account: account.to_owned(),
+            requester_client: self.broker_at(requester, addresses[0]),
+            approver: self.broker_at(approver, addresses[1]),
+            operator: self.broker_at(operator, addresses[2]),
+            requester_signer: self.signer(requester),
+            approver_signer: self.signer(approver),
+            operator_signer: self.signer(operator),
+            policy_version: None,
+        }
+    }
+
+    /// Every log entry the audit replica at `address` serves, oldest first,
+    /// read by the auditor `carol`; the failed call's status otherwise.
+    pub async fn log_at(&self, address: &str) -> Result<Vec<LogEntry>, tonic::Status> {
+        let mut stream = bounded(
+            self.audit_at("carol", address)
+                .query(QueryRequest::default()),
+        )
+        .await?;
+        let mut entries = Vec::new();
+        while let Some(batch) = stream.message().await? {
+            entries.extend(batch.entries);
+        }
+        Ok(entries)
+    }
+
+    /// The signed checkpoint of the audit replica at `address`.
+    pub async fn checkpoint_at(&self, address: &str) -> Result<String, tonic::Status> {
+        bounded(
+            self.audit_at("carol", address)
+                .get_checkpoint(twokey_proto::audit::v1::GetCheckpointRequest {}),
+        )
+        .await
+        .map(|c| c.checkpoint)
+    }
+
+    /// [`System::verified_log`] from the audit replica at `address` alone:
+    /// its checkpoint read first, then its log, every entry verified and
+    /// the checkpoint's root matched, also against `earlier` checkpoints.
+    pub async fn verified_log_at(&self, address: &str, earlier: &[String]) -> Vec<LogEntry> {
+        let checkpoint = self
+            .checkpoint_at(address)
+            .await
+            .unwrap_or_else(|e| panic!("the auditor reads no checkpoint at {address}: {e:?}"));
+        let log = self
+            .log_at(address)
+            .await
+            .unwrap_or_else(|e| panic!("the auditor reads no log at {address}: {e:?}"));
+        let verifier = twokey_audit::checkpoint::NoteVerifier::parse(&self.local.verifier_key)
+            .expect("verifier key");
+        let sources = self.sources();
+        for note in earlier.iter().chain([&checkpoint]) {
+            twokey_audit::verify::verify_log(&log, &sources, Some((note, &verifier)))
+                .unwrap_or_else(|e| panic!("the log at {address} does not verify: {e}"));
+        }
+        log
+    }
 }
