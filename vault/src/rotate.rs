@@ -189,7 +189,7 @@ impl<S: VaultStore> Vault<S> {
         consent: &[SignedStatement],
     ) -> Result<RotateAnswer, VaultError> {
         let _one_at_a_time = self.rotating.lock().await;
-        let checked = match self.active_policy() {
+        let checked = match self.policy_now()? {
             None => Err(VaultError::NoPolicy),
             Some(policy) => check_admin_action(
                 &policy,

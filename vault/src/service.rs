@@ -297,6 +297,9 @@ pub struct Vault<S> {
     clock: Arc<dyn Clock>,
     root: TrustRoot,
     policy: RwLock<Option<Arc<VerifiedPolicy>>>,
+    /// The sealed policy head `policy` was loaded with: another replica
+    /// sharing the store (PostgreSQL) that applies a version changes it.
+    policy_head: std::sync::Mutex<Option<Vec<u8>>>,
     /// One policy update (or master key replacement) at a time.
     pub(crate) applying: tokio::sync::Mutex<()>,
 }
@@ -618,6 +621,7 @@ impl<S: VaultStore> Vault<S> {
             Some(_) => {}
             None => store.set_key_check(&key.key_check())?,
         }
+        let policy_head = store.policy_head()?;
         let policy = load_chain(&store, &key, &root)?;
         if let Some(p) = &policy {
             tracing::info!("in force: {p}");
@@ -636,6 +640,7 @@ impl<S: VaultStore> Vault<S> {
             clock,
             root,
             policy: RwLock::new(policy.map(Arc::new)),
+            policy_head: std::sync::Mutex::new(policy_head),
             applying: tokio::sync::Mutex::new(()),
         })
     }
@@ -663,6 +668,25 @@ impl<S: VaultStore> Vault<S> {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The policy in force now: when the stored sealed head is not the one
+    /// the policy in memory was loaded with (another vault replica on the
+    /// same PostgreSQL store applied a version), the chain is loaded and
+    /// verified from the pinned admins again first. One read of the head
+    /// per check.
+    pub fn policy_now(&self) -> Result<Option<Arc<VerifiedPolicy>>, VaultError> {
+        let head = self.store.policy_head()?;
+        if *self.policy_head.lock().unwrap_or_else(|e| e.into_inner()) == head {
+            return Ok(self.active_policy());
+        }
+        let loaded = load_chain(&self.store, &self.keys.master(), &self.root)?.map(Arc::new);
+        if let Some(p) = &loaded {
+            tracing::info!("in force (applied through another replica): {p}");
+        }
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = loaded.clone();
+        *self.policy_head.lock().unwrap_or_else(|e| e.into_inner()) = head;
+        Ok(loaded)
     }
 
     /// Refuses (UNAVAILABLE) while audit's receipts are inconsistent.
@@ -776,7 +800,7 @@ impl<S: VaultStore> Vault<S> {
         action: AdminAction,
         statements: &[SignedStatement],
     ) -> Result<(VerifiedAdminAction, AdminUse), VaultError> {
-        let checked = match self.active_policy() {
+        let checked = match self.policy_now()? {
             None => Err(VaultError::NoPolicy),
             Some(policy) => check_admin_action(
                 &policy,
@@ -955,7 +979,7 @@ impl<S: VaultStore> Vault<S> {
         grant: &Grant,
         evidence: Option<&ReleaseEvidence>,
     ) -> Result<(Verified, ReleaseUse), VaultError> {
-        let policy = self.active_policy().ok_or(VaultError::NoPolicy)?;
+        let policy = self.policy_now()?.ok_or(VaultError::NoPolicy)?;
         let none = SignedStatement::default();
         let (request, approvals, release) = match evidence {
             Some(e) => (
@@ -1243,7 +1267,7 @@ impl<S: VaultStore> Vault<S> {
         statements: &[SignedStatement],
     ) -> Result<Vec<String>, VaultError> {
         let action = AdminAction::SealVault;
-        let checked = match self.active_policy() {
+        let checked = match self.policy_now()? {
             None => Err(VaultError::NoPolicy),
             Some(policy) => check_admin_action(
                 &policy,
@@ -1347,7 +1371,7 @@ impl<S: VaultStore> Vault<S> {
                 "a master key replacement is pending and the policy head is sealed for it: restart the vault (or repeat `twokey vault rotate-key`) so it finishes, then apply the policy".into(),
             ));
         }
-        let current = self.active_policy();
+        let current = self.policy_now()?;
         let active = current.as_ref().map_or(0, |c| c.version());
         let verified = match verify_policy_update(
             current.as_deref(),
@@ -1404,6 +1428,7 @@ impl<S: VaultStore> Vault<S> {
         self.store.commit().await?;
         tracing::info!("applied: {verified}");
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(verified));
+        *self.policy_head.lock().unwrap_or_else(|e| e.into_inner()) = Some(head);
         let audit = &self.audit;
         audit.gate.confirm(seq, audit.timeout).await.map_err(|_| {
             VaultError::AuditUnavailable(format!(
@@ -1562,6 +1587,39 @@ mod tests {
             .unwrap();
             Fx::with_store(store, clock, dir, Some(pg))
         }
+
+        /// A second vault replica on the same database, opened now.
+        async fn replica(&self) -> Vault<crate::store::postgres::PgVaultStore> {
+            let signer = Arc::new(EventSigner::new(
+                SpiffeId::parse("spiffe://t/svc/vault").unwrap(),
+                SigningKey::from_bytes(&[7; 32]),
+            ));
+            let store = crate::store::postgres::PgVaultStore::open(
+                self.vault.store.settings().clone(),
+                signer,
+                Arc::new(self.clock.clone()),
+            )
+            .await
+            .unwrap();
+            let root = TrustRoot::from_allowed_signers(
+                TD,
+                &admins_allowed_signers(&[&self.people[3], &self.people[4]]),
+                2,
+            )
+            .unwrap();
+            Vault::open(
+                store,
+                MasterKey::new(SecretKey::from_bytes([3; 32])),
+                GrantVerifier::new(self.key.verifying_key()),
+                AuditWait {
+                    gate: Arc::new(self.audit.clone()),
+                    timeout: Duration::from_secs(1),
+                },
+                Arc::new(self.clock.clone()),
+                root,
+            )
+            .unwrap()
+        }
     }
 
     impl<S: VaultStore> Fx<S> {
@@ -1606,8 +1664,13 @@ mod tests {
 
         /// Applies policy version 1: aws-root, 1000 codes an hour.
         async fn apply_policy(&self) {
+            self.apply_version(1).await;
+        }
+
+        /// Applies policy `version` (the same roles) through this vault.
+        async fn apply_version(&self, version: u64) {
             let spec = PolicySpec {
-                version: 1,
+                version,
                 trust_domain: TD.into(),
                 people: self
                     .people
@@ -1634,11 +1697,16 @@ mod tests {
 
         /// A release grant and the people's consent to it.
         fn consented(&self, account: &str) -> (SignedGrant, ReleaseEvidence) {
+            self.consented_under(1, account)
+        }
+
+        /// [`Self::consented`], the statements bound to policy `version`.
+        fn consented_under(&self, version: u64, account: &str) -> (SignedGrant, ReleaseEvidence) {
             let [alice, bob, olivia, ..] = &self.people;
             let now = self.clock.now();
             let (request_id, grant_id) = (new_id(), new_id());
             let sign = |p: &Person, b: Binding| {
-                sign_statement(&p.key, TD, &new_statement(1, p.id(), now, b)).unwrap()
+                sign_statement(&p.key, TD, &new_statement(version, p.id(), now, b)).unwrap()
             };
             let request = sign(
                 alice,
@@ -1770,6 +1838,36 @@ mod tests {
                 "{needle} in the database"
             );
         }
+    }
+
+    /// Two vault replicas on one PostgreSQL store: a policy version applied
+    /// through one is in force on the other at its next check (its chain
+    /// loaded and verified again): a release consented under the new
+    /// version works there, one under the old version is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_postgres_a_version_applied_through_one_replica_is_in_force_on_the_other() {
+        let fx = Fx::on_postgres().await;
+        fx.place(0, 3);
+        fx.enroll("aws-root", 0).await;
+        let other = fx.replica().await;
+        assert_eq!(other.active_policy().map(|p| p.version()), Some(1));
+        fx.apply_version(2).await;
+
+        let old = fx.consented_under(1, "aws-root");
+        let refused = other
+            .generate_code("spiffe://t/svc/broker", Some(&old.0), Some(&old.1), None)
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::FailedPrecondition, "{refused}");
+        assert!(refused.to_string().contains("version"), "{refused}");
+        assert_eq!(other.active_policy().map(|p| p.version()), Some(2));
+
+        let new = fx.consented_under(2, "aws-root");
+        let (code, _) = other
+            .generate_code("spiffe://t/svc/broker", Some(&new.0), Some(&new.1), None)
+            .await
+            .expect("released under the version applied through the other replica");
+        assert_eq!(code.code.len(), 6);
     }
 
     #[tokio::test]

@@ -411,6 +411,11 @@ impl PgVaultStore {
         })
     }
 
+    /// The database this store works on.
+    pub fn settings(&self) -> &PgSettings {
+        self.inner.sessions.settings()
+    }
+
     /// The outbox the store pushes its events to (for the shipper's gate).
     pub fn outbox(&self) -> PgOutbox {
         self.inner.outbox.clone()
