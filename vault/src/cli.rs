@@ -416,6 +416,10 @@ mod tests {
             "tls-key",
             "tls-ca",
             "tls-crl",
+            "store-backend",
+            "store-postgres-url",
+            "store-postgres-password-file",
+            "store-postgres-ca-file",
         ];
         for flag in want {
             let var = format!("TWOKEY_VAULT_{}", flag.replace('-', "_").to_uppercase());
