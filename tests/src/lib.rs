@@ -528,12 +528,18 @@ pub fn check_request(r: &twokey_proto::broker::v1::Request) -> Result<(), String
 
 /// Checks that no code was released twice: the vault records
 /// `code.released` once per grant id, once per release id, and once per
-/// (account, TOTP step). Returns what is wrong.
+/// (account, TOTP step) that it did not take back: a `code.withheld` (the
+/// code never left, audit did not acknowledge it) gives its step back, and
+/// the step may be released again. Returns what is wrong.
 pub fn check_single_use(log: &[LogEntry]) -> Result<(), String> {
     let mut grants = std::collections::BTreeSet::new();
     let mut releases = std::collections::BTreeSet::new();
     let mut steps = std::collections::BTreeSet::new();
     for e in log.iter().filter_map(|e| e.event.as_ref()) {
+        if e.action == "code.withheld" && e.source.ends_with("/svc/vault") {
+            let step = e.attributes.get("step").cloned().unwrap_or_default();
+            steps.remove(&(e.account_id.clone(), step));
+        }
         if e.action == "code.released" && e.source.ends_with("/svc/vault") {
             let attr = |name: &str| e.attributes.get(name).cloned().unwrap_or_default();
             let grant = attr("grant_id");

@@ -39,6 +39,8 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 /// How long one user's flow may take, retries included.
 const FLOW_LIMIT: Duration = Duration::from_secs(60);
+/// How long a flow started after a fault has healed may take.
+const FRESH_FLOW_LIMIT: Duration = Duration::from_secs(30);
 /// Between the starts of two of the concurrent flows a fault cuts into.
 const STAGGER: Duration = Duration::from_millis(150);
 /// How long the log may take to hold what the services acknowledged.
@@ -410,6 +412,7 @@ fn start_flows(
     accounts: &[String],
     version: u64,
     stagger: Duration,
+    limit: Duration,
 ) -> Vec<tokio::task::JoinHandle<Outcome>> {
     accounts
         .iter()
@@ -418,7 +421,7 @@ fn start_flows(
             let (sys, account) = (sys.clone(), account.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(stagger * i).await;
-                user_flow(&sys, &account, version, FLOW_LIMIT).await
+                user_flow(&sys, &account, version, limit).await
             })
         })
         .collect()
@@ -434,7 +437,14 @@ async fn finish(flows: Vec<tokio::task::JoinHandle<Outcome>>) -> Vec<Outcome> {
 
 /// Flows after a fault: each must release its code.
 async fn fresh_flows(sys: &Arc<System>, accounts: &[String], version: u64) -> Vec<Outcome> {
-    let outcomes = finish(start_flows(sys, accounts, version, Duration::ZERO)).await;
+    let outcomes = finish(start_flows(
+        sys,
+        accounts,
+        version,
+        Duration::ZERO,
+        FRESH_FLOW_LIMIT,
+    ))
+    .await;
     for o in &outcomes {
         if let Err((step, s)) = &o.result {
             let mut met: Vec<String> = o
@@ -478,7 +488,7 @@ async fn kill_9_of_one_replica_of_each_service_mid_flows_loses_no_event_and_rele
     let sys = Arc::new(sys);
     let started = Instant::now();
 
-    let flows = start_flows(&sys, during, version, STAGGER);
+    let flows = start_flows(&sys, during, version, STAGGER, FLOW_LIMIT);
     tokio::time::sleep(STAGGER * FLOWS as u32 / 2).await;
     // What an auditor read before the kill, from the sequencer.
     let audits = sys.local.replica_addresses("audit");
@@ -578,7 +588,7 @@ async fn postgres_restarted_during_flows_answers_unavailable_then_flows_succeed_
     let sys = Arc::new(sys);
     let started = Instant::now();
 
-    let flows = start_flows(&sys, during, version, STAGGER);
+    let flows = start_flows(&sys, during, version, STAGGER, FLOW_LIMIT);
     tokio::time::sleep(STAGGER * FLOWS as u32 / 2).await;
     let audits = sys.local.replica_addresses("audit");
     let seq = sequencer(&sys).await;
