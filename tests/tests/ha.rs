@@ -600,6 +600,7 @@ async fn postgres_restarted_during_flows_answers_unavailable_then_flows_succeed_
     // Meanwhile each replica answers UNAVAILABLE: the brokers to a new
     // request, the vaults to a release, the audit replicas to a read.
     for broker in sys.local.replica_addresses("broker") {
+        let asked = Instant::now();
         let statement = sys
             .signer("alice")
             .request(version, ACCOUNT, "while down", "OPS-18");
@@ -615,8 +616,10 @@ async fn postgres_restarted_during_flows_answers_unavailable_then_flows_succeed_
         .await
         .expect_err("no request is filed while the database is down");
         assert_eq!(refused.code(), Code::Unavailable, "{broker}: {refused:?}");
+        println!("broker {broker}: UNAVAILABLE after {:?}", asked.elapsed());
     }
     for vault in sys.local.replica_addresses("vault") {
+        let asked = Instant::now();
         let (grant, evidence) = sys.signed_release(version, ACCOUNT);
         let refused = bounded(sys.vault_at(&vault).generate_code(GenerateCodeRequest {
             grant: Some(grant),
@@ -625,13 +628,16 @@ async fn postgres_restarted_during_flows_answers_unavailable_then_flows_succeed_
         .await
         .expect_err("no code while the database is down");
         assert_eq!(refused.code(), Code::Unavailable, "{vault}: {refused:?}");
+        println!("vault {vault}: UNAVAILABLE after {:?}", asked.elapsed());
     }
     for audit in &audits {
+        let asked = Instant::now();
         let refused = sys
             .log_at(audit)
             .await
             .expect_err("no log read while the database is down");
         assert_eq!(refused.code(), Code::Unavailable, "{audit}: {refused:?}");
+        println!("audit {audit}: UNAVAILABLE after {:?}", asked.elapsed());
     }
     tokio::time::sleep(Duration::from_secs(3).saturating_sub(down.elapsed())).await;
     sys.postgres().start_server().unwrap();
