@@ -270,6 +270,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     if opts.runs(Which::Vault) {
         enroll_all(&vault, &world.grant_key, &code_accounts, 64, limit).await?;
         held += code_accounts.len();
+        let before = pg_counters(&world).await?;
         let bare_server = bare::BareServer::start(&world.tls("vault"))?;
         let bare =
             VaultServiceClient::new(world.channel("broker", &bare_server.address, "vault")?);
@@ -287,8 +288,14 @@ pub async fn run(opts: &Options) -> Result<Report> {
         .await?;
         drop(bare_server);
         report.scenarios.extend(rows);
+        let what = format!(
+            "GenerateCode (and {} Status, one read each)",
+            sizes.status_calls
+        );
+        pg_cost(&world, before, &mut report, "vault", &what, sizes.codes).await?;
     }
     if opts.runs(Which::Audit) {
+        let before = pg_counters(&world).await?;
         let rows = scenario::audit::run(
             &world,
             &sys.audit.address,
@@ -299,6 +306,10 @@ pub async fn run(opts: &Options) -> Result<Report> {
         )
         .await?;
         report.scenarios.extend(rows);
+        // 4 warm-up events per source, the grouped run, the single one.
+        let appends = sources.len() * (4 + sizes.appends) + sizes.baseline_appends;
+        let what = "Append (grouped and one in flight)";
+        pg_cost(&world, before, &mut report, "audit", what, appends).await?;
     }
     if opts.runs(Which::Flow) {
         let people = People {
@@ -310,6 +321,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
         let mailbox = Arc::new(MailboxWatcher::start(world.mailbox().join("alice.jsonl")));
         enroll_all(&vault, &world.grant_key, &flow_accounts, 64, limit).await?;
         held += flow_accounts.len();
+        let before = pg_counters(&world).await?;
         let rows = scenario::flow::run(
             people,
             mailbox,
@@ -321,6 +333,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
         )
         .await?;
         report.scenarios.extend(rows);
+        let flows = sizes.flows + sizes.concurrent_flows;
+        pg_cost(&world, before, &mut report, "flow", "full flow", flows).await?;
     }
     if opts.runs(Which::Footprint) {
         sys.record_loaded_rss()?;
@@ -373,4 +387,30 @@ pub async fn run(opts: &Options) -> Result<Report> {
     }
     report.machine.load_end = load_average();
     Ok(report)
+}
+
+/// The PostgreSQL server's counters when the world has one.
+async fn pg_counters(world: &World) -> Result<Option<postgres::PgCounters>> {
+    match &world.postgres {
+        Some(pg) => Ok(Some(pg.counters().await?)),
+        None => Ok(None),
+    }
+}
+
+/// Adds to `report` what the server did since `before` (if it runs).
+async fn pg_cost(
+    world: &World,
+    before: Option<postgres::PgCounters>,
+    report: &mut Report,
+    group: &str,
+    operations: &str,
+    count: usize,
+) -> Result<()> {
+    if let (Some(pg), Some(before)) = (&world.postgres, before) {
+        let after = pg.counters().await?;
+        report
+            .postgres
+            .push(before.cost(&after, group, operations, count));
+    }
+    Ok(())
 }

@@ -131,3 +131,85 @@ impl BenchPostgres {
         )
     }
 }
+
+/// What the server did during one scenario: WAL flushes and transactions
+/// per database, read from its statistics views before and after.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize)]
+pub struct PgCost {
+    /// The scenario group, e.g. `vault`.
+    pub group: String,
+    /// What the operations are, e.g. `GenerateCode`.
+    pub operations: String,
+    /// How many the scenario ran (successful or not).
+    pub count: usize,
+    /// `pg_stat_wal.wal_sync`: WAL flushes to disk, server-wide.
+    pub wal_syncs: u64,
+    /// `pg_stat_database.xact_commit` per service database (read-only
+    /// transactions and single statements included).
+    pub commits: Vec<(String, u64)>,
+}
+
+/// The server's counters at one moment.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PgCounters {
+    wal_syncs: u64,
+    commits: Vec<(String, u64)>,
+}
+
+/// How long a backend may hold its statistics before reporting them
+/// (PostgreSQL 15 flushes an idle backend's at most once a second).
+const STATS_DELAY: std::time::Duration = std::time::Duration::from_millis(1500);
+
+impl BenchPostgres {
+    /// The counters now, once every backend has reported what it did
+    /// (waits [`STATS_DELAY`] first: call it outside measured loops).
+    pub async fn counters(&self) -> Result<PgCounters> {
+        tokio::time::sleep(STATS_DELAY).await;
+        let text = self
+            .pg
+            .psql(
+                "postgres",
+                "SELECT 'wal', wal_sync FROM pg_stat_wal UNION ALL \
+                 SELECT datname, xact_commit FROM pg_stat_database \
+                 WHERE datname LIKE 'twokey\\_%' ORDER BY 1",
+            )
+            .map_err(|e| anyhow!("reading the server's statistics: {e}"))?;
+        let mut counters = PgCounters::default();
+        for line in text.lines() {
+            let (name, value) = line
+                .split_once('|')
+                .with_context(|| format!("statistics line {line:?}"))?;
+            let value: u64 = value.parse().with_context(|| format!("{line:?}"))?;
+            if name == "wal" {
+                counters.wal_syncs = value;
+            } else {
+                counters.commits.push((name.to_owned(), value));
+            }
+        }
+        Ok(counters)
+    }
+}
+
+impl PgCounters {
+    /// What happened between `self` and `later`, for `count` `operations`.
+    pub fn cost(&self, later: &Self, group: &str, operations: &str, count: usize) -> PgCost {
+        PgCost {
+            group: group.into(),
+            operations: operations.into(),
+            count,
+            wal_syncs: later.wal_syncs.saturating_sub(self.wal_syncs),
+            commits: later
+                .commits
+                .iter()
+                .map(|(db, n)| {
+                    let before = self
+                        .commits
+                        .iter()
+                        .find(|(d, _)| d == db)
+                        .map_or(0, |(_, b)| *b);
+                    (db.clone(), n.saturating_sub(before))
+                })
+                .collect(),
+        }
+    }
+}

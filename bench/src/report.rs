@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::{
-    postgres::{Store, Stores},
+    postgres::{PgCost, Store, Stores},
     scenario::scaling::ScaleRow,
     stats::Row,
     system::Footprint,
@@ -84,6 +84,8 @@ pub struct Report {
     pub footprint: Vec<Footprint>,
     /// Audit log at growing sizes.
     pub scaling: Vec<ScaleRow>,
+    /// What the PostgreSQL server did in each scenario (`--store postgres`).
+    pub postgres: Vec<PgCost>,
 }
 
 fn n(v: f64) -> String {
@@ -139,6 +141,29 @@ impl Report {
                     n(r.p99_us),
                     n(r.p999_us),
                     r.target
+                );
+            }
+            s.push('\n');
+        }
+        if !self.postgres.is_empty() {
+            s.push_str("| PostgreSQL in | operations | WAL flushes | per operation | transactions per database (per operation) |\n");
+            s.push_str("|---|---:|---:|---:|---|\n");
+            for c in &self.postgres {
+                let per = |v: u64| n(v as f64 / c.count.max(1) as f64);
+                let commits: Vec<String> = c
+                    .commits
+                    .iter()
+                    .map(|(db, v)| format!("{db} {v} ({})", per(*v)))
+                    .collect();
+                let _ = writeln!(
+                    s,
+                    "| {}: {} | {} | {} | {} | {} |",
+                    c.group,
+                    c.operations,
+                    c.count,
+                    c.wal_syncs,
+                    per(c.wal_syncs),
+                    commits.join(", ")
                 );
             }
             s.push('\n');

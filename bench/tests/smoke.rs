@@ -110,10 +110,9 @@ async fn every_scenario_runs_at_ci_scale() {
     assert!(std::fs::read(&plot).unwrap().starts_with(b"\x89PNG"));
 }
 
-/// The same load scenarios with broker and audit on one throwaway
-/// PostgreSQL (`--store postgres`, init.sql's databases and roles) and the
-/// vault on sled: every operation succeeds and the report says where the
-/// state was.
+/// The same load scenarios with every service on one throwaway PostgreSQL
+/// (`--store postgres`, init.sql's databases and roles): every operation
+/// succeeds and the report says where the state was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_scenarios_run_on_postgres() {
     let opts = Options::parse_from([
@@ -123,8 +122,6 @@ async fn the_load_scenarios_run_on_postgres() {
         "ci",
         "--store",
         "postgres",
-        "--vault-store",
-        "sled",
         "--codes",
         "16",
         "--flows",
@@ -138,15 +135,12 @@ async fn the_load_scenarios_run_on_postgres() {
     let report = run(&opts).await.expect("bench run on PostgreSQL");
     assert_eq!(
         report.machine.stores,
-        twokey_bench::Stores {
-            vault: twokey_bench::Store::Sled,
-            ..twokey_bench::Stores::all(twokey_bench::Store::Postgres)
-        }
+        twokey_bench::Stores::all(twokey_bench::Store::Postgres)
     );
     assert!(
         report
             .table()
-            .contains("stores: audit postgres, vault sled, broker postgres")
+            .contains("stores: audit postgres, vault postgres, broker postgres")
     );
     for r in &report.scenarios {
         assert_eq!(r.errors, 0, "{}: {} failed", r.name, r.errors);
@@ -169,6 +163,24 @@ async fn the_load_scenarios_run_on_postgres() {
         count("create → approve → PIN → verify → release"),
         sizes.flows + sizes.concurrent_flows
     );
+    // What the server did: every scenario committed in its databases, and
+    // each code and flow flushed the WAL at least once.
+    let groups: Vec<&str> = report.postgres.iter().map(|c| c.group.as_str()).collect();
+    assert_eq!(groups, ["vault", "audit", "flow"]);
+    for c in &report.postgres {
+        assert!(c.wal_syncs > 0, "{c:?}");
+        let commits = |db: &str| {
+            c.commits
+                .iter()
+                .find(|(d, _)| d == db)
+                .map_or(0, |(_, n)| *n)
+        };
+        assert!(commits("twokey_audit") > 0, "{c:?}");
+        if c.group != "audit" {
+            assert!(c.wal_syncs as usize >= c.count, "{c:?}");
+            assert!(commits("twokey_vault") as usize >= c.count, "{c:?}");
+        }
+    }
     let services: Vec<&str> = report
         .footprint
         .iter()
