@@ -381,6 +381,28 @@ async fn full_flows_pass_through_either_broker_replica_and_either_audit_replica_
             outcomes.len(),
             "codes in {audit}"
         );
+        // Each code's entry is in the tree this replica signs: its
+        // inclusion proof leads to the checkpoint's root.
+        let checkpoint = sys.checkpoint_at(audit).await.unwrap();
+        let verifier = twokey_audit::checkpoint::NoteVerifier::parse(&sys.local.verifier_key)
+            .expect("verifier key");
+        let size = log.len() as u64;
+        for entry in log.iter().filter(|e| {
+            e.event
+                .as_ref()
+                .is_some_and(|e| e.action == "code.released" && e.source.ends_with("/svc/vault"))
+        }) {
+            let proof = bounded(sys.audit_at("carol", audit).get_inclusion_proof(
+                twokey_proto::audit::v1::GetInclusionProofRequest {
+                    leaf_index: entry.index,
+                    tree_size: size,
+                },
+            ))
+            .await
+            .unwrap();
+            twokey::audit::check_inclusion(&verifier, &checkpoint, entry, &proof)
+                .unwrap_or_else(|e| panic!("entry {} on {audit}: {e}", entry.index));
+        }
         lengths.push(log.len());
     }
     // Each released request is RELEASED on either broker replica, by the
@@ -533,6 +555,15 @@ async fn kill_9_of_one_replica_of_each_service_mid_flows_loses_no_event_and_rele
     check_single_use(&log).unwrap();
     assert_codes_logged(&outcomes, &log);
     check_requests(&sys).await;
+    for o in outcomes.iter().filter(|o| o.result.is_err()) {
+        let actions: Vec<&str> = log
+            .iter()
+            .filter_map(|e| e.event.as_ref())
+            .filter(|e| e.request_id == o.request_id && e.source.ends_with("/svc/vault"))
+            .map(|e| e.action.as_str())
+            .collect();
+        println!("{}: the vault logged {actions:?}", o.request_id);
+    }
 
     // The killed replicas come back on their addresses; the restarted audit
     // replica serves the same log.
