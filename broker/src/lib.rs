@@ -486,12 +486,30 @@ pub async fn serve(
     // Other replicas' changes, to this replica's watchers.
     let following = pg_store.map(|store| {
         let broker = broker.clone();
-        store.follow_changes(move |request, action| {
-            broker.publish_change(service::Change {
-                request: Arc::new(request),
-                action,
-            });
-        })
+        let (signed, vault, rules) = (signed.clone(), vault.clone(), broker.clone());
+        store.follow_changes(
+            move |request, action| {
+                broker.publish_change(service::Change {
+                    request: Arc::new(request),
+                    action,
+                });
+            },
+            // A version applied through another replica: load it now.
+            move || {
+                let (signed, vault, rules) = (signed.clone(), vault.clone(), rules.clone());
+                tokio::spawn(async move {
+                    match signed.refresh(&*vault).await {
+                        Ok(_) => {
+                            rules.policy();
+                        }
+                        Err(e) => tracing::warn!(
+                            "another replica applied a policy version; loading it failed: {e} \
+                             (trying again at the next refresh)"
+                        ),
+                    }
+                });
+            },
+        )
     });
     // Not in `tasks`: it must finish a write it started, not be aborted.
     let refusal_flusher = tokio::spawn(broker.clone().run_refusal_flusher());

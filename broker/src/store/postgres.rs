@@ -75,6 +75,9 @@ pub const CHANGES: &str = "twokey_broker_changes";
 
 /// How long a replica waits before it listens again after its listening
 /// session ended.
+/// The event (and notification) of a policy version applied.
+const POLICY_APPLIED: &str = "policy.applied";
+
 const LISTEN_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sessions one replica's store keeps open.
@@ -182,9 +185,11 @@ impl PgStore {
     /// Listens for the changes other replicas commit and hands each to
     /// `publish` with the request as stored now; reconnects when the
     /// listening session ends. Runs until the task is aborted.
+    /// A version applied through another replica calls `policy_applied`.
     pub fn follow_changes(
         &self,
         publish: impl Fn(RequestRecord, String) + Send + Sync + 'static,
+        policy_applied: impl Fn() + Send + Sync + 'static,
     ) -> tokio::task::JoinHandle<()> {
         let store = self.clone();
         tokio::spawn(async move {
@@ -195,7 +200,7 @@ impl PgStore {
                             Ok(()) => {
                                 store.listening.send_replace(true);
                                 while let Some(n) = notifications.recv().await {
-                                    store.tell(&n, &publish).await;
+                                    store.tell(&n, &publish, &policy_applied).await;
                                 }
                                 store.listening.send_replace(false);
                                 tracing::warn!(
@@ -220,6 +225,7 @@ impl PgStore {
         &self,
         n: &tokio_postgres::Notification,
         publish: &(impl Fn(RequestRecord, String) + Send + Sync),
+        policy_applied: &(impl Fn() + Send + Sync),
     ) {
         let mut parts = n.payload().splitn(3, '\t');
         let (Some(replica), Some(action), Some(id)) = (parts.next(), parts.next(), parts.next())
@@ -227,6 +233,10 @@ impl PgStore {
             return;
         };
         if replica == self.replica {
+            return;
+        }
+        if action == POLICY_APPLIED {
+            policy_applied();
             return;
         }
         match self.get_now(id).await {
@@ -317,6 +327,10 @@ impl PgStore {
         let outbox = self.outbox()?;
         for event in events {
             outbox.push(tx, event.clone()).await.map_err(pg)?;
+        }
+        // The other replicas load the signed policy again at once.
+        if events.iter().any(|e| e.action == POLICY_APPLIED) {
+            self.notify_change(tx, "", POLICY_APPLIED).await?;
         }
         Ok(())
     }
