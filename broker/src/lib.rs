@@ -657,6 +657,7 @@ async fn migrate_then_serve(
             store::postgres::migrate(&settings).await?;
             twokey_pgstore::outbox::PgOutbox::connect(&settings, signer.clone(), clock.clone())
                 .await
+                .map(|o| o.reopening(&settings))
         };
         match ready.await {
             Ok(outbox) => {

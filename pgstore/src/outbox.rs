@@ -105,6 +105,37 @@ pub enum WaitError {
     Db(#[from] PgError),
 }
 
+/// Opens a session listening for `source`'s pushes (waking `notify`) and
+/// settles (waking `settled`); both are woken when it ends, so the shipper
+/// and the waiters find out.
+async fn listening_session(
+    settings: &PgSettings,
+    source: &str,
+    notify: &Arc<Notify>,
+    settled: &Arc<Notify>,
+) -> Result<Client, PgError> {
+    let (client, mut notifications) = connect_listening(settings).await?;
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {SETTLED_CHANNEL}"))
+        .await?;
+    let (notify, settled, source) = (notify.clone(), settled.clone(), source.to_owned());
+    tokio::spawn(async move {
+        while let Some(n) = notifications.recv().await {
+            if n.payload() != source {
+                continue;
+            }
+            if n.channel() == SETTLED_CHANNEL {
+                settled.notify_waiters();
+            } else {
+                notify.notify_one();
+            }
+        }
+        notify.notify_one();
+        settled.notify_waiters();
+    });
+    Ok(client)
+}
+
 /// Longest wait of [`OutboxStore::notified`] without a notification: a
 /// NOTIFY lost with a connection delays shipping by this much at most.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -149,6 +180,8 @@ pub struct PgOutbox {
     notify: Arc<Notify>,
     settled: Arc<Notify>,
     observer: Option<Observer>,
+    /// Set by [`PgOutbox::reopening`]: a closed session is opened again.
+    reopen: Option<PgSettings>,
 }
 
 impl std::fmt::Debug for PgOutbox {
@@ -168,32 +201,10 @@ impl PgOutbox {
         signer: Arc<EventSigner>,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, PgError> {
-        let (client, mut notifications) = connect_listening(settings).await?;
-        client
-            .batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {SETTLED_CHANNEL}"))
-            .await?;
         let notify = Arc::new(Notify::new());
         let settled = Arc::new(Notify::new());
         let source = signer.source().to_string();
-        {
-            let (notify, settled, source) = (notify.clone(), settled.clone(), source.clone());
-            tokio::spawn(async move {
-                while let Some(n) = notifications.recv().await {
-                    if n.payload() != source {
-                        continue;
-                    }
-                    if n.channel() == SETTLED_CHANNEL {
-                        settled.notify_waiters();
-                    } else {
-                        notify.notify_one();
-                    }
-                }
-                // The session ended: wake the shipper and the waiters so
-                // they find out.
-                notify.notify_one();
-                settled.notify_waiters();
-            });
-        }
+        let client = listening_session(settings, &source, &notify, &settled).await?;
         Ok(Self {
             client: Arc::new(Mutex::new(client)),
             signer,
@@ -202,14 +213,37 @@ impl PgOutbox {
             notify,
             settled,
             observer: None,
+            reopen: None,
         })
+    }
+
+    /// The same outbox, opening its session again (and listening again)
+    /// when it finds it closed — the database restarted — instead of
+    /// failing every call from then on. For an outbox that only waits and
+    /// emits (a store's); never for the shipping lease's, which is tied to
+    /// its session ([`spawn_leased`] connects a new outbox instead).
+    pub fn reopening(mut self, settings: &PgSettings) -> Self {
+        self.reopen = Some(settings.clone());
+        self
+    }
+
+    /// The outbox's session: opened again first if it is closed and this
+    /// outbox is [`PgOutbox::reopening`].
+    async fn session(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, PgError> {
+        let mut client = self.client.lock().await;
+        if let Some(settings) = self.reopen.as_ref().filter(|_| client.is_closed()) {
+            *client =
+                listening_session(settings, &self.source, &self.notify, &self.settled).await?;
+            tracing::info!(source = %self.source, "the outbox's session is open again");
+        }
+        Ok(client)
     }
 
     /// Whether event `seq` (pushed by any replica) is settled: acknowledged
     /// by audit, and covered by a checkpoint the shipper verified when it
     /// checks receipts.
     pub async fn is_settled(&self, seq: u64) -> Result<bool, PgError> {
-        let client = self.client.lock().await;
+        let client = self.session().await?;
         let row = client
             .query_one(
                 "SELECT $2 < coalesce(
@@ -288,7 +322,7 @@ impl PgOutbox {
     /// transaction of its own on this outbox's session; returns once it is
     /// committed.
     pub async fn emit(&self, draft: EventDraft) -> Result<u64, PgError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.session().await?;
         let tx = client.transaction().await?;
         let seq = self.push(&tx, draft).await?;
         tx.commit().await?;

@@ -462,3 +462,68 @@ async fn a_replica_that_does_not_ship_learns_when_its_event_is_settled() {
     lease_a.stop().await;
     audit.stop().await;
 }
+
+/// PostgreSQL restarted under a store's outbox: one opened `reopening`
+/// waits for and emits events again once the server is back (its session,
+/// and its LISTEN, opened again); one without it keeps failing, as every
+/// vault release did before (`audit unavailable` for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reopening_outbox_waits_and_emits_again_after_postgres_restarted() {
+    let db = pg().await;
+    let audit = Audit::start().await;
+    let reopening = PgOutbox::connect(&db.settings, signer(), Arc::new(SystemClock))
+        .await
+        .unwrap()
+        .reopening(&db.settings);
+    let plain = PgOutbox::connect(&db.settings, signer(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let lease = spawn_leased(
+        db.settings.clone(),
+        signer(),
+        Arc::new(SystemClock),
+        audit.ship(),
+    );
+    let before = reopening
+        .emit(EventDraft::new("spiffe://t/user/a", "before"))
+        .await
+        .unwrap();
+    reopening.wait_settled(before, PATIENCE).await.unwrap();
+
+    db.pg.stop().unwrap();
+    assert!(
+        reopening
+            .emit(EventDraft::new("spiffe://t/user/a", "down"))
+            .await
+            .is_err()
+    );
+    db.pg.start_server().unwrap();
+
+    // Back: the reopening outbox emits, and learns its event is settled.
+    let deadline = Instant::now() + PATIENCE;
+    let after = loop {
+        match reopening
+            .emit(EventDraft::new("spiffe://t/user/a", "after"))
+            .await
+        {
+            Ok(seq) => break seq,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never emitted again: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(after, before + 1);
+    reopening.wait_settled(after, PATIENCE).await.unwrap();
+    // The other one's session stays closed.
+    assert!(plain.is_settled(before).await.is_err());
+    assert!(
+        plain
+            .emit(EventDraft::new("spiffe://t/user/a", "x"))
+            .await
+            .is_err()
+    );
+    audit.expect_exactly(after).await;
+    lease.stop().await;
+    audit.stop().await;
+}

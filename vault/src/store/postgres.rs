@@ -396,7 +396,11 @@ impl PgVaultStore {
         let outbox = {
             let settings = settings.clone();
             rt.handle()
-                .spawn(async move { PgOutbox::connect(&settings, signer, clock).await })
+                .spawn(async move {
+                    PgOutbox::connect(&settings, signer, clock)
+                        .await
+                        .map(|o| o.reopening(&settings))
+                })
                 .await
                 .map_err(|e| VaultStoreError::Database(format!("the PostgreSQL task failed: {e}")))?
                 .map_err(pg)?
