@@ -218,6 +218,32 @@ pub struct System {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for System {
+    /// When a test fails and `TWOKEY_E2E_LOGS=DIR` is set, keeps the
+    /// services' logs (which go with the temporary directory) in
+    /// `DIR/logs-PID-N`, and says where.
+    fn drop(&mut self) {
+        let Some(dir) = std::env::var_os("TWOKEY_E2E_LOGS") else {
+            return;
+        };
+        if !std::thread::panicking() {
+            return;
+        }
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let to = Path::new(&dir).join(format!("logs-{}-{nanos}", std::process::id()));
+        if std::fs::create_dir_all(Path::new(&dir)).is_ok() {
+            let _ = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(self.local.dir.join("logs"))
+                .arg(&to)
+                .status();
+            eprintln!("the services' logs are kept in {}", to.display());
+        }
+    }
+}
+
 impl System {
     /// Starts audit, vault and broker.
     pub fn start() -> Self {

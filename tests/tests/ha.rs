@@ -10,8 +10,8 @@
 //! replicas, and the same grant to both vault replicas, yield one code.
 //!
 //! The tests take turns (one system of six processes and a database at a
-//! time, for 2 cores). With `TWOKEY_HA_DEBUG=DIR`, a fresh flow that fails
-//! after a fault copies the services' logs to DIR. The vault hands out each TOTP step of an account
+//! time, for 2 cores). With `TWOKEY_E2E_LOGS=DIR`, a failing test keeps
+//! the services' logs in DIR. The vault hands out each TOTP step of an account
 //! once, so concurrent flows each have an account of their own.
 
 use std::{
@@ -475,9 +475,6 @@ async fn fresh_flows(sys: &Arc<System>, accounts: &[String], version: u64) -> Ve
                 .map(|(step, code, message)| format!("{step} {code:?} {message}"))
                 .collect();
             met.dedup();
-            if let Ok(dir) = std::env::var("TWOKEY_HA_DEBUG") {
-                twokey_testkit::copy_dir(&sys.local.dir.join("logs"), std::path::Path::new(&dir));
-            }
             panic!(
                 "a fresh flow after the fault failed at {step}: {:?} {} (met {met:?})\n{}",
                 s.code(),
