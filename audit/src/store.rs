@@ -98,6 +98,13 @@ pub trait LogStore: Send + Sync + 'static {
     fn keeps_head(&self) -> bool {
         false
     }
+    /// Whether this replica appends to the store now, its size the
+    /// committed log's (false on a PostgreSQL follower, whose size may lag
+    /// the database's): only then can a source's checkpoint larger than
+    /// the size mean entries were lost.
+    fn appends(&self) -> bool {
+        true
+    }
     /// Makes every staged entry durable together with `head`, signed over
     /// them, in one atomic write (stores that [`LogStore::keeps_head`]).
     fn commit_with_head(

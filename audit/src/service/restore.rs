@@ -154,7 +154,10 @@ impl<S: LogStore> AuditLog<S> {
     pub fn hello(&self, peer: &SpiffeId, note: &str) -> Option<u64> {
         if !note.is_empty() {
             match self.signer.verifier().open_checkpoint(note) {
-                Ok(c) if c.origin == self.signer.name() => {
+                // A replica that does not append (a PostgreSQL follower,
+                // or one taking the lease over) cannot tell what the log
+                // lost: its size may lag the database's.
+                Ok(c) if c.origin == self.signer.name() && self.store.appends() => {
                     // Serialised with appends, so none lands in the range.
                     let _guard = self.write.lock().unwrap_or_else(|e| e.into_inner());
                     let size = self.store.size();

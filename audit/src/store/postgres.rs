@@ -278,20 +278,25 @@ impl PgLogStore {
     /// The committed size and the signed tree head note in the database.
     pub async fn load_head(&self) -> Result<(u64, Option<String>), AuditError> {
         let client = self.reader().await?;
-        let rows = self
+        // One statement, so the head and the count are of one snapshot (a
+        // sequencer committing between two would look like an altered
+        // table to a follower).
+        let row = self
             .run(async move {
-                let head = client
-                    .query_opt("SELECT size, note FROM audit_head", &[])
-                    .await?;
-                let count = client
-                    .query_one("SELECT coalesce(max(idx) + 1, 0) FROM audit_entries", &[])
-                    .await?;
-                Ok::<_, tokio_postgres::Error>((head, count))
+                client
+                    .query_one(
+                        "SELECT (SELECT size FROM audit_head), (SELECT note FROM audit_head),
+                                (SELECT coalesce(max(idx) + 1, 0) FROM audit_entries)",
+                        &[],
+                    )
+                    .await
             })
             .await?
             .map_err(from_pg)?;
-        let entries: i64 = rows.1.get(0);
-        let head = rows.0.map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)));
+        let entries: i64 = row.get(2);
+        let head = row
+            .get::<_, Option<i64>>(0)
+            .zip(row.get::<_, Option<String>>(1));
         let size = head.as_ref().map_or(0, |(s, _)| *s);
         if entries != size {
             return Err(AuditError::TreeHead(format!(
@@ -795,6 +800,10 @@ impl LogStore for PgLogStore {
 
     fn keeps_head(&self) -> bool {
         true
+    }
+
+    fn appends(&self) -> bool {
+        self.is_sequencer()
     }
 
     fn epoch(&self) -> u64 {

@@ -557,3 +557,59 @@ async fn postgres_restarted_during_appends_answers_unavailable_then_recovers_wit
         );
     }
 }
+
+/// A source's hello to a follower whose size lags the database (the
+/// source reached it while the sequencer died, before it took over): the
+/// larger checkpoint the source holds is not taken as entries lost — no
+/// restore starts, appends are not refused for one — and once the
+/// follower takes over with the database's size, the same hello is no
+/// restore either.
+#[tokio::test]
+async fn a_follower_behind_the_database_does_not_start_a_restore_at_a_hello() {
+    let s = sources();
+    let db = db();
+    let a = log_over(PgLogStore::open(db.settings.clone()).await.unwrap(), &s);
+    assert!(a.store().try_lease().await.unwrap());
+    a.take_over().await.unwrap();
+    let b = log_over(PgLogStore::open(db.settings.clone()).await.unwrap(), &s);
+    assert!(!b.store().try_lease().await.unwrap());
+    let v = id(VAULT);
+    for seq in 1..=3 {
+        a.append(&v, event(&s.vault, seq, "aws-prod", "release"))
+            .await
+            .unwrap();
+    }
+    b.follow().await.unwrap();
+    for seq in 4..=6 {
+        a.append(&v, event(&s.vault, seq, "aws-prod", "release"))
+            .await
+            .unwrap();
+    }
+    // B has followed to 3; the source holds the checkpoint of 6.
+    assert_eq!(b.size(), 3);
+    let note = a.checkpoint().unwrap().note;
+    assert_eq!(b.hello(&v, &note), None);
+
+    // The sequencer's sessions end; B takes over at 6 and appends on.
+    db.pg
+        .psql(
+            "postgres",
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = 'audit' AND pid <> pg_backend_pid()",
+        )
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if b.store().try_lease().await.unwrap_or(false) && b.take_over().await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "B never took over");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.size(), 6);
+    assert_eq!(b.hello(&v, &note), None);
+    b.append(&v, event(&s.vault, 7, "aws-prod", "release"))
+        .await
+        .unwrap();
+    assert_eq!(b.size(), 7);
+}
