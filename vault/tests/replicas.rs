@@ -2,7 +2,8 @@
 //! server), each with its own data directory and the same keys, over mTLS
 //! on loopback, with the tests' stand-in audit service and grant maker
 //! (issue 18): both report NOT_SERVING and answer UNAVAILABLE until the
-//! database answers, then SERVING; the same grant sent to both at the same
+//! database answers, then SERVING; a policy applied through either is in
+//! force on both; the same grant sent to both at the same
 //! moment yields one code, the other PERMISSION_DENIED; grants for one
 //! account spread over both never share a TOTP step; a replica killed
 //! (SIGKILL) in the middle of calls leaves the other releasing and every
@@ -235,10 +236,9 @@ async fn enroll_all(
 
 /// Applies policy 1 listing `n` accounts and enrolls them, each with a
 /// seed of its own and steps of `period` seconds (enrolling hands out the
-/// current step and the next), through a vault process of their own that is killed
-/// after, so that the replicas of a test open on a database that holds the
-/// policy (a replica reads the policy in force when it opens its store);
-/// returns the seeds by account.
+/// current step and the next), through a vault process of their own that
+/// is killed after, so that the replicas of a test start on a database
+/// that holds them; returns the seeds by account.
 async fn prepare(
     fx: &Fixture,
     audit: SocketAddr,
@@ -545,6 +545,44 @@ async fn grants_for_one_account_spread_over_both_replicas_never_share_a_step() {
     drop((a, b));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_applied_through_one_replica_is_in_force_on_the_other() {
+    let fx = Fixture::new();
+    let audit = FakeAudit::default();
+    let audit_server = start_fake_audit(&fx, audit.clone()).await;
+    let pg = start_pg();
+    let a = replica(&fx, "a", audit_server.addr, &pg).await;
+    let b = replica(&fx, "b", audit_server.addr, &pg).await;
+    wait_serving(&fx, &a).await;
+    wait_serving(&fx, &b).await;
+    // Both open on an empty database; version 1 applied through A.
+    let names = accounts(2);
+    let seeds = enroll_all(&fx, &a, &names, 30).await;
+    let code = release(b.client(&fx), &fx.consented("acct-00", 1))
+        .await
+        .unwrap_or_else(|s| panic!("version 1 not in force on B: {s:?}"));
+    assert_right_code(&seeds["acct-00"], &code);
+    // Version 2 through B: in force on A, and version 1's statements no
+    // longer release there.
+    let all: Vec<&str> = names.iter().map(String::as_str).collect();
+    fx.apply(b.addr, 2, &all).await;
+    let stale = release(a.client(&fx), &fx.consented("acct-01", 1))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+    assert!(
+        stale
+            .message()
+            .contains("made under policy version 1, the active one is 2"),
+        "{stale:?}"
+    );
+    let code = release(a.client(&fx), &fx.consented("acct-01", 2))
+        .await
+        .unwrap_or_else(|s| panic!("version 2 not in force on A: {s:?}"));
+    assert_right_code(&seeds["acct-01"], &code);
+    drop((a, b));
+}
+
 /// What a stream of calls saw.
 #[derive(Default)]
 struct Seen {
@@ -792,12 +830,13 @@ async fn postgres_restarted_during_calls_is_unavailable_then_releases_again_no_s
     .await;
     let codes_while_down = seen.lock().unwrap().codes.len();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    pg.pg.start_server().unwrap();
+    // Counted before the server starts: once it answers, codes may flow.
     let restarted = seen.lock().unwrap().codes.len();
     assert_eq!(
         codes_while_down, restarted,
         "a code released without PostgreSQL"
     );
+    pg.pg.start_server().unwrap();
     wait_seen(&seen, &[&a, &b], "codes from both after the restart", |s| {
         (0..2).all(|i| s.codes[restarted..].iter().filter(|c| c.2 == i).count() >= 2)
     })
