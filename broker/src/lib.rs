@@ -381,7 +381,9 @@ pub async fn serve(
     let findings_channel = audit_channel.clone();
     // On PostgreSQL the replica holding the shipping lease ships the events
     // every replica committed there.
-    let mut leased = None;
+    // On PostgreSQL: started once the outbox's tables exist.
+    let mut start_leased: Option<Box<dyn FnOnce() -> twokey_pgstore::outbox::Leased + Send>> = None;
+    let leased: Arc<std::sync::Mutex<Option<twokey_pgstore::outbox::Leased>>> = Arc::default();
     let shipper = match audit_channel {
         Some(channel) if postgres.is_some() => {
             let options = ShipperOptions {
@@ -392,20 +394,18 @@ pub async fn serve(
                 )
                 .map_err(StartError::Setting)?
             };
-            leased = postgres.clone().map(|settings| {
-                twokey_pgstore::outbox::spawn_leased(
-                    settings,
-                    pg_signer.clone(),
-                    clock.clone(),
-                    move |outbox| {
+            start_leased = postgres.clone().map(|settings| {
+                let (signer, clock) = (pg_signer.clone(), clock.clone());
+                Box::new(move || {
+                    twokey_pgstore::outbox::spawn_leased(settings, signer, clock, move |outbox| {
                         spawn_shipper_with(
                             outbox.with_ack_observer(metrics::observe_event),
                             channel.clone(),
                             options.clone(),
                         )
                         .1
-                    },
-                )
+                    })
+                }) as Box<dyn FnOnce() -> twokey_pgstore::outbox::Leased + Send>
             });
             None
         }
@@ -422,6 +422,7 @@ pub async fn serve(
         }
         None => None,
     };
+    let pg_shipping = start_leased.is_some();
     let receipts = shipper
         .as_ref()
         .map_or_else(ReceiptHealth::unchecked, |(h, _)| h.receipts().clone());
@@ -446,6 +447,7 @@ pub async fn serve(
                 pg_signer.clone(),
                 clock.clone(),
                 health_reporter.clone(),
+                start_leased.take().map(|start| (start, leased.clone())),
             )));
             pg_store = Some(store.clone());
             store
@@ -572,7 +574,7 @@ pub async fn serve(
         tasks.spawn(poller.run(config.findings_interval));
     }
     tasks.spawn(broker.clone().run_sweeper(config.sweep_interval));
-    if shipper.is_none() && leased.is_none() {
+    if shipper.is_none() && !pg_shipping {
         tracing::warn!("no audit_address: audit events stay in the outbox until one is configured");
     }
 
@@ -634,11 +636,19 @@ pub async fn serve(
         task.abort();
         let _ = task.await;
     }
+    let leased = leased.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(leased) = leased {
         leased.stop().await;
     }
     result.map_err(|e| StartError::Serve(e.into()))
 }
+
+/// What starts competing for the shipping lease, and where it is kept
+/// (to stop it at shutdown).
+type ShippingStart = (
+    Box<dyn FnOnce() -> twokey_pgstore::outbox::Leased + Send>,
+    Arc<std::sync::Mutex<Option<twokey_pgstore::outbox::Leased>>>,
+);
 
 /// How long a replica waits before it tries its database again at start.
 const MIGRATE_RETRY: Duration = Duration::from_secs(1);
@@ -651,10 +661,15 @@ async fn migrate_then_serve(
     signer: Arc<EventSigner>,
     clock: Arc<dyn Clock>,
     health: tonic_health::server::HealthReporter,
+    mut shipping: Option<ShippingStart>,
 ) {
     loop {
         let ready = async {
             store::postgres::migrate(&settings).await?;
+            // The outbox's tables exist: compete for the shipping lease.
+            if let Some((start, slot)) = shipping.take() {
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(start());
+            }
             twokey_pgstore::outbox::PgOutbox::connect(&settings, signer.clone(), clock.clone())
                 .await
                 .map(|o| o.reopening(&settings))

@@ -575,14 +575,21 @@ pub fn check_release<H: ReleaseHistory + ?Sized>(
         ));
     }
 
-    // What the vault has done already.
+    // What the vault has done already. Read in the reverse order of the
+    // checks: a release another vault replica commits between two reads is
+    // then seen as the replay it is (release id used), never as this
+    // request's codes used up; a release committed after the last read is
+    // refused inside the vault's transaction.
+    let rate = account.release_rate;
+    let since = now.checked_sub(rate.per).unwrap_or(UNIX_EPOCH);
+    let recent = already.releases_since(&rb.account_id, since);
+    let released = already.codes_released(&req.digest);
     if already.release_id_used(&lb.release_id) {
         return Err(ConsentError::ReleaseReplayed {
             release_id: lb.release_id.clone(),
             signer: rel.signer.spiffe_id.clone(),
         });
     }
-    let released = already.codes_released(&req.digest);
     if released >= account.codes_per_request {
         return Err(ConsentError::CodesExhausted {
             request_id: rb.request_id.clone(),
@@ -590,9 +597,6 @@ pub fn check_release<H: ReleaseHistory + ?Sized>(
             allowed: account.codes_per_request,
         });
     }
-    let rate = account.release_rate;
-    let since = now.checked_sub(rate.per).unwrap_or(UNIX_EPOCH);
-    let recent = already.releases_since(&rb.account_id, since);
     if recent >= rate.max {
         return Err(ConsentError::RateLimited {
             account: rb.account_id.clone(),

@@ -325,22 +325,35 @@ async fn serve_postgres(
 ) -> Result<(), StartError> {
     let signer = Arc::new(start.signer());
     let clock: Arc<dyn twokey_runtime::time::Clock> = start.clock.clone();
-    let leased = {
-        let (channel, options) = (start.audit.clone(), start.receipts.clone());
-        twokey_pgstore::outbox::spawn_leased(settings.clone(), signer.clone(), clock.clone(), {
-            move |outbox| spawn_shipper_with(outbox, channel.clone(), options.clone()).1
-        })
-    };
+    // Competing for the shipping lease starts once the outbox's tables
+    // exist (the first migration).
+    let leased: Arc<std::sync::Mutex<Option<twokey_pgstore::outbox::Leased>>> = Arc::default();
     let events = store::postgres::PgEvents::default();
     let ready = {
         let events = events.clone();
         let shared = start.shared.clone();
+        let (channel, options) = (start.audit.clone(), start.receipts.clone());
+        let leased = leased.clone();
         Box::pin(async move {
             loop {
                 let opened = async {
                     store::postgres::migrate(&settings)
                         .await
                         .map_err(|e| e.to_string())?;
+                    {
+                        let mut lease = leased.lock().unwrap_or_else(|e| e.into_inner());
+                        if lease.is_none() {
+                            let (channel, options) = (channel.clone(), options.clone());
+                            *lease = Some(twokey_pgstore::outbox::spawn_leased(
+                                settings.clone(),
+                                signer.clone(),
+                                clock.clone(),
+                                move |outbox| {
+                                    spawn_shipper_with(outbox, channel.clone(), options.clone()).1
+                                },
+                            ));
+                        }
+                    }
                     store::postgres::PgVaultStore::open(
                         settings.clone(),
                         signer.clone(),
@@ -374,7 +387,10 @@ async fn serve_postgres(
         shutdown,
     )
     .await;
-    leased.stop().await;
+    let leased = leased.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(leased) = leased {
+        leased.stop().await;
+    }
     served
 }
 
