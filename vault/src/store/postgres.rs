@@ -502,11 +502,14 @@ impl PgVaultStore {
             .transpose()
     }
 
-    /// A consent history value; a read that fails counts as present (the
-    /// checks then refuse, and the use reports the failure).
+    /// A consent history value for the checks before a use; a read that
+    /// fails counts as absent. Safe: the use's own transaction reads the
+    /// release id, the request's count, the rate and the action id again
+    /// under the account's lock and refuses there ([`decide_use`], the
+    /// claims under the primary key), so a database that is down answers
+    /// UNAVAILABLE from the use, not a made-up "used already".
     fn consent_get(&self, k: Vec<u8>) -> Option<Vec<u8>> {
-        self.read(CONSENT_TREE, k)
-            .unwrap_or_else(|_| Some(vec![0xff; 12]))
+        self.read(CONSENT_TREE, k).unwrap_or(None)
     }
 
     /// One grant use in its own transaction (see [`VaultStore::use_grant`]).
