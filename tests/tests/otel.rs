@@ -507,7 +507,7 @@ async fn a_release_is_one_trace_across_cli_broker_vault_and_audit_with_metrics_a
 async fn a_service_stopped_by_sigterm_exports_what_it_still_held() {
     let (receiver, endpoint, _stop) = start_receiver().await;
     // Nothing leaves on a timer during this test: only the shutdown flush.
-    let sys = System::start_with_env(&[
+    let mut sys = System::start_with_env(&[
         ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
         ("OTEL_BSP_SCHEDULE_DELAY", "600000"),
         ("OTEL_METRIC_EXPORT_INTERVAL", "600000"),
@@ -533,6 +533,25 @@ async fn a_service_stopped_by_sigterm_exports_what_it_still_held() {
         .status()
         .expect("run kill");
     assert!(status.success());
+    // A clean shutdown, not SIGTERM's default action (which exports nothing):
+    // the handler is installed before the broker says it listens.
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let exit = loop {
+        if let Some(exit) = sys.local.exited("broker") {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broker still runs {DEADLINE:?} after SIGTERM; its log:\n{}",
+            sys.service_log("broker")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        exit.success(),
+        "the broker ended by {exit} after SIGTERM, not by a clean shutdown; its log:\n{}",
+        sys.service_log("broker")
+    );
 
     let whoami = receiver
         .wait_for("the broker's spans after SIGTERM", |r| {
