@@ -4,8 +4,9 @@
 //! every reconnect starts after the replica it used last, so a dead replica
 //! is left behind at the next call. TLS runs on top as for one address:
 //! every replica must present the peer's certificate (`server_name`). A call
-//! in flight when its replica dies still fails (UNAVAILABLE); the next one
-//! goes elsewhere.
+//! in flight when its replica dies still fails, as tonic reports a broken
+//! connection (UNKNOWN "transport error" or UNAVAILABLE, depending on when
+//! the connection broke); the next one goes elsewhere.
 
 use std::{
     future::Future,
