@@ -4,7 +4,10 @@
 //! [`convert`](crate::convert), and maps [`AuditError`] to a status in one
 //! place.
 
-use std::{pin::Pin, sync::Arc};
+use std::{
+    pin::Pin,
+    sync::{Arc, OnceLock},
+};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
@@ -31,6 +34,14 @@ const QUERY_BATCH: usize = 100;
 /// Restore entries taken per step of a Restore call.
 const RESTORE_BATCH: usize = 1024;
 
+/// UNAVAILABLE's message while a replica has not opened its log yet (its
+/// PostgreSQL database unreachable or being migrated at start).
+pub const LOG_NOT_OPEN: &str = "this audit replica has not opened its log yet (its database is \
+    unreachable or being migrated): retry, or use another audit address";
+
+/// Where the service finds its log: set once, when the log is open.
+pub type LogSlot<S> = Arc<OnceLock<Arc<AuditLog<S>>>>;
+
 impl From<AuditError> for Status {
     fn from(e: AuditError) -> Self {
         to_status(&e)
@@ -40,7 +51,7 @@ impl From<AuditError> for Status {
 /// The `AuditService` implementation over an [`AuditLog`].
 #[derive(Debug)]
 pub struct AuditGrpc<S> {
-    log: Arc<AuditLog<S>>,
+    log: LogSlot<S>,
     auth: Authenticator,
     stopping: Option<watch::Receiver<bool>>,
     finding_readers: std::collections::BTreeSet<SpiffeId>,
@@ -50,8 +61,14 @@ pub struct AuditGrpc<S> {
 impl<S: LogStore> AuditGrpc<S> {
     /// The service for `log`, accepting callers of `auth`'s trust domain.
     pub fn new(log: Arc<AuditLog<S>>, auth: Authenticator) -> Self {
+        Self::opening(Arc::new(OnceLock::from(log)), auth)
+    }
+
+    /// The service for the log `slot` will hold: until it does, every call
+    /// answers UNAVAILABLE [`LOG_NOT_OPEN`].
+    pub fn opening(slot: LogSlot<S>, auth: Authenticator) -> Self {
         Self {
-            log,
+            log: slot,
             auth,
             stopping: None,
             finding_readers: Default::default(),
@@ -88,17 +105,23 @@ impl<S: LogStore> AuditGrpc<S> {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    /// The open log, or UNAVAILABLE [`LOG_NOT_OPEN`].
+    fn log(&self) -> Result<&Arc<AuditLog<S>>, Status> {
+        self.log
+            .get()
+            .ok_or_else(|| Status::unavailable(LOG_NOT_OPEN))
+    }
+
     fn source<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
+        let log = self.log()?;
         self.auth
-            .authorize(request, "a configured audit source", |id| {
-                self.log.is_source(id)
-            })
+            .authorize(request, "a configured audit source", |id| log.is_source(id))
     }
 
     fn auditor<T>(&self, request: &Request<T>) -> Result<SpiffeId, Status> {
-        self.auth.authorize(request, "a configured auditor", |id| {
-            self.log.is_auditor(id)
-        })
+        let log = self.log()?;
+        self.auth
+            .authorize(request, "a configured auditor", |id| log.is_auditor(id))
     }
 }
 
@@ -120,7 +143,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         &self,
         request: Request<Streaming<AppendRequest>>,
     ) -> Result<Response<Self::AppendStream>, Status> {
-        let log = self.log.clone();
+        let log = self.log()?.clone();
         let peer = self.source(&request)?;
         let (tx, rx) = mpsc::channel(PIPELINE);
         let who = peer.clone();
@@ -166,17 +189,18 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         &self,
         request: Request<QueryRequest>,
     ) -> Result<Response<Self::QueryStream>, Status> {
+        let log = self.log()?.clone();
         let who = self
             .auth
             .authorize(&request, "a configured auditor", |id| {
-                self.log.is_auditor(id) || self.finding_readers.contains(id)
+                log.is_auditor(id) || self.finding_readers.contains(id)
             })?;
         let Query {
             mut filter,
             start: mut cursor,
             page_size,
         } = Query::try_from(request.get_ref())?;
-        if !self.log.is_auditor(&who) {
+        if !log.is_auditor(&who) {
             let source = self.finding_source.as_ref().map(SpiffeId::as_str);
             if !is_finding_query(&filter.action)
                 || !(filter.source.is_empty() || Some(filter.source.as_str()) == source)
@@ -190,7 +214,6 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
             filter.source = source.unwrap_or_default().to_owned();
         }
         tracing::info!(auditor = %who, "query");
-        let log = self.log.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut remaining = page_size.unwrap_or(usize::MAX);
@@ -232,7 +255,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         request: Request<GetCheckpointRequest>,
     ) -> Result<Response<GetCheckpointResponse>, Status> {
         self.auditor(&request)?;
-        Ok(Response::new(self.log.cosigned_checkpoint()?.into()))
+        Ok(Response::new(self.log()?.cosigned_checkpoint()?.into()))
     }
 
     async fn get_inclusion_proof(
@@ -241,7 +264,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
     ) -> Result<Response<GetInclusionProofResponse>, Status> {
         self.auditor(&request)?;
         let req = request.into_inner();
-        let proof = self.log.inclusion_proof(req.leaf_index, req.tree_size)?;
+        let proof = self.log()?.inclusion_proof(req.leaf_index, req.tree_size)?;
         Ok(Response::new(inclusion_response(req.leaf_index, proof)))
     }
 
@@ -252,7 +275,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         self.auditor(&request)?;
         let req = request.into_inner();
         let proof = self
-            .log
+            .log()?
             .consistency_proof(req.first_size, req.second_size)?;
         Ok(Response::new(consistency_response(req.first_size, proof)))
     }
@@ -261,7 +284,7 @@ impl<S: LogStore> AuditService for AuditGrpc<S> {
         &self,
         request: Request<Streaming<RestoreRequest>>,
     ) -> Result<Response<RestoreResponse>, Status> {
-        let log = self.log.clone();
+        let log = self.log()?.clone();
         let peer = self.source(&request)?;
         let mut stream = request.into_inner();
         let (mut batch, mut accepted) = (Vec::new(), 0);

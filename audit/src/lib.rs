@@ -28,7 +28,7 @@ pub mod store;
 pub mod tiles_http;
 pub mod verify;
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use twokey_proto::audit::v1::audit_service_server::AuditServiceServer;
@@ -188,10 +188,13 @@ pub async fn serve(
 }
 
 /// [`serve`] with the log in PostgreSQL: one replica among several, the
-/// sequencer while it holds the lease ([`service::sequencer`]). gRPC
-/// health reports the audit service NOT_SERVING while this replica does
-/// not hold the lease (appends go elsewhere; reads are served all the
-/// same), and the server as a whole ("") SERVING.
+/// sequencer while it holds the lease ([`service::sequencer`]). It listens
+/// at once; until its database answers and is migrated every call is
+/// UNAVAILABLE ([`grpc::LOG_NOT_OPEN`]) and it tries again each
+/// [`OPEN_RETRY`]. gRPC health reports the audit service NOT_SERVING while
+/// this replica does not hold the lease (appends go elsewhere; reads are
+/// served all the same, once the log is open), and the server as a whole
+/// ("") SERVING.
 async fn serve_postgres(
     config: AuditConfig,
     settings: twokey_pgstore::PgSettings,
@@ -201,31 +204,8 @@ async fn serve_postgres(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     type Server = AuditServiceServer<AuditGrpc<store::PgLogStore>>;
-    let store = store::PgLogStore::open(settings)
-        .await
-        .map_err(|e| StartError::refused(format!("the audit database: {e}")))?;
-    let log = Arc::new(AuditLog::new(
-        store,
-        config.sources.clone(),
-        config.auditors.clone(),
-        signer,
-        Arc::new(SystemClock),
-    ));
-    log.follow().await.map_err(StartError::refused)?;
-    tracing::info!(
-        entries = log.size(),
-        sources = config.sources.len(),
-        auditors = config.auditors.len(),
-        verifier = %log.signer().verifier(),
-        "audit log open in PostgreSQL; competing for the sequencer lease"
-    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (sequencer_tx, mut sequencer_rx) = tokio::sync::watch::channel(false);
-    let lease = tokio::spawn(service::sequencer::run_lease(
-        log.clone(),
-        sequencer_tx,
-        stop_rx.clone(),
-    ));
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_not_serving::<Server>().await;
     tokio::spawn(async move {
@@ -240,12 +220,30 @@ async fn serve_postgres(
             }
         }
     });
+    let slot = grpc::LogSlot::default();
+    let opened = OpenPg {
+        settings,
+        sources: config.sources.clone(),
+        auditors: config.auditors.clone(),
+        signer,
+    };
+    // Opens the log, then competes for the lease until shutdown.
+    let lease = tokio::spawn({
+        let (slot, mut stop) = (slot.clone(), stop_rx.clone());
+        async move {
+            let Some(log) = opened.open_until(&mut stop).await else {
+                return;
+            };
+            let _ = slot.set(log.clone());
+            service::sequencer::run_lease(log, sequencer_tx, stop).await;
+        }
+    });
     let shutdown = async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let grpc =
-        AuditGrpc::new(log, Authenticator::new(config.trust_domain.clone())).with_shutdown(stop_rx);
+    let grpc = AuditGrpc::opening(slot, Authenticator::new(config.trust_domain.clone()))
+        .with_shutdown(stop_rx);
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: config.listen.clone(),
         source,
@@ -264,6 +262,77 @@ async fn serve_postgres(
     // The lease goes back at once: its session closes.
     let _ = lease.await;
     Ok(())
+}
+
+/// How long a replica waits before it tries its database again at start.
+const OPEN_RETRY: Duration = Duration::from_secs(1);
+
+/// What opens the audit log in PostgreSQL.
+struct OpenPg {
+    settings: twokey_pgstore::PgSettings,
+    sources: std::collections::BTreeMap<twokey_runtime::SpiffeId, ed25519_dalek::VerifyingKey>,
+    auditors: std::collections::BTreeSet<twokey_runtime::SpiffeId>,
+    signer: CheckpointSigner,
+}
+
+impl OpenPg {
+    /// Opens (migrating) and follows the log, trying again each
+    /// [`OPEN_RETRY`] while a step fails; `None` once `stop` turns true first.
+    async fn open_until(
+        self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Option<Arc<AuditLog<store::PgLogStore>>> {
+        let settings = &self.settings;
+        let store = retry(stop, "open", || store::PgLogStore::open(settings.clone())).await?;
+        let log = Arc::new(AuditLog::new(
+            store,
+            self.sources,
+            self.auditors,
+            self.signer,
+            Arc::new(SystemClock),
+        ));
+        retry(stop, "read", || log.follow()).await?;
+        tracing::info!(
+            entries = log.size(),
+            verifier = %log.signer().verifier(),
+            "audit log open in PostgreSQL; competing for the sequencer lease"
+        );
+        Some(log)
+    }
+}
+
+/// Runs `step` until it succeeds, each [`OPEN_RETRY`] after a failure;
+/// `None` once `stop` turns true first.
+async fn retry<T, F: Future<Output = Result<T, error::AuditError>>>(
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    what: &str,
+    mut step: impl FnMut() -> F,
+) -> Option<T> {
+    loop {
+        let result = tokio::select! {
+            result = step() => result,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        match result {
+            Ok(t) => return Some(t),
+            // Unreachable is a wait; anything else (a rolled-back or altered
+            // log, a newer schema) needs an operator.
+            Err(e @ error::AuditError::Store(_)) => tracing::warn!(
+                "cannot {what} the audit log in PostgreSQL: {e}; every call answers UNAVAILABLE \
+                 until it opens, trying again in {} s",
+                OPEN_RETRY.as_secs()
+            ),
+            Err(e) => tracing::error!(
+                "refusing to {what} the audit log in PostgreSQL: {e}; every call answers \
+                 UNAVAILABLE, trying again in {} s",
+                OPEN_RETRY.as_secs()
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(OPEN_RETRY) => {}
+            _ = stop.wait_for(|s| *s) => return None,
+        }
+    }
 }
 
 /// Starts the reconciler of `[reconcile]`, if set: its key must be the one

@@ -12,8 +12,8 @@ use common::*;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-use twokey_audit::store::postgres::NOT_SEQUENCER;
-use twokey_proto::audit::v1::{AppendStatus, GetInclusionProofRequest};
+use twokey_audit::{grpc::LOG_NOT_OPEN, store::postgres::NOT_SEQUENCER};
+use twokey_proto::audit::v1::{AppendStatus, GetCheckpointRequest, GetInclusionProofRequest};
 use twokey_testkit::postgres::TestPostgres;
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -180,6 +180,48 @@ async fn postgres_restarted_during_appends_answers_unavailable_then_recovers_wit
     let entries = query_all(&mut carol).await;
     let head = checkpoint(&mut carol).await;
     assert_eq!((entries.len(), head.tree_size), (10, 10));
+    env.verify(&entries, &head.checkpoint);
+    a.stop().await;
+    drop(pg);
+}
+
+/// A replica started while its database is down listens at once, reports
+/// NOT_SERVING and answers every call UNAVAILABLE naming why (it used to
+/// exit); once PostgreSQL answers it migrates, opens the log, takes the
+/// lease and appends, its first event stored at index 0.
+#[tokio::test]
+async fn a_replica_started_while_its_database_is_down_is_unavailable_until_it_answers() {
+    let env = Env::new();
+    let (pg, config) = database(&env);
+    pg.stop().unwrap();
+    let (a, addr) = replica(&env, &config).await;
+    assert_eq!(audit_health(&env, addr).await, ServingStatus::NotServing);
+    let mut client = env.client(addr, "vault");
+    let refused = append_all(&mut client, vec![event(&env.vault(), 1, "x")])
+        .await
+        .and_then(|mut answers| answers.pop().expect("an answer"))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert_eq!(refused.message(), LOG_NOT_OPEN);
+    let mut carol = env.client(addr, "carol");
+    let refused = carol
+        .get_checkpoint(GetCheckpointRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code(), refused.message()),
+        (tonic::Code::Unavailable, LOG_NOT_OPEN)
+    );
+    // Still waiting a few tries later, not exited.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(audit_health(&env, addr).await, ServingStatus::NotServing);
+
+    pg.start_server().unwrap();
+    wait_for_health(&env, addr, ServingStatus::Serving).await;
+    append_stored(&env, addr, 1..=5).await;
+    let entries = query_all(&mut carol).await;
+    let head = checkpoint(&mut carol).await;
+    assert_eq!((entries.len(), head.tree_size), (5, 5));
     env.verify(&entries, &head.checkpoint);
     a.stop().await;
     drop(pg);
