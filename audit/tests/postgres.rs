@@ -89,6 +89,18 @@ async fn append_stored(env: &Env, addr: SocketAddr, seqs: std::ops::RangeInclusi
     assert_eq!(got, want);
 }
 
+/// Sends the vault's event `seq` alone; it must be refused with UNAVAILABLE,
+/// whose status this returns.
+async fn append_unavailable(env: &Env, addr: SocketAddr, seq: u64) -> tonic::Status {
+    let mut client = env.client(addr, "vault");
+    let refused = append_all(&mut client, vec![event(&env.vault(), seq, "x")])
+        .await
+        .and_then(|mut answers| answers.pop().expect("an answer"))
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    refused
+}
+
 #[tokio::test]
 async fn the_lease_holder_appends_the_other_serves_reads_and_takes_over_when_killed() {
     let env = Env::new();
@@ -100,12 +112,7 @@ async fn the_lease_holder_appends_the_other_serves_reads_and_takes_over_when_kil
 
     // B does not hold the lease: it says so and refuses appends.
     assert_eq!(audit_health(&env, b_addr).await, ServingStatus::NotServing);
-    let mut to_b = env.client(b_addr, "vault");
-    let refused = append_all(&mut to_b, vec![event(&env.vault(), 11, "x")])
-        .await
-        .and_then(|mut answers| answers.pop().expect("an answer"))
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    let refused = append_unavailable(&env, b_addr, 11).await;
     assert_eq!(refused.message(), NOT_SEQUENCER);
 
     // B serves the same log: checkpoint, entries, proofs.
@@ -159,12 +166,7 @@ async fn postgres_restarted_during_appends_answers_unavailable_then_recovers_wit
     append_stored(&env, addr, 1..=5).await;
 
     pg.stop().unwrap();
-    let mut client = env.client(addr, "vault");
-    let refused = append_all(&mut client, vec![event(&env.vault(), 6, "x")])
-        .await
-        .and_then(|mut answers| answers.pop().expect("an answer"))
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    let refused = append_unavailable(&env, addr, 6).await;
     let m = refused.message();
     assert!(
         m.contains("PostgreSQL is unavailable") || m.contains("cannot reach its database"),
@@ -196,12 +198,7 @@ async fn a_replica_started_while_its_database_is_down_is_unavailable_until_it_an
     pg.stop().unwrap();
     let (a, addr) = replica(&env, &config).await;
     assert_eq!(audit_health(&env, addr).await, ServingStatus::NotServing);
-    let mut client = env.client(addr, "vault");
-    let refused = append_all(&mut client, vec![event(&env.vault(), 1, "x")])
-        .await
-        .and_then(|mut answers| answers.pop().expect("an answer"))
-        .unwrap_err();
-    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    let refused = append_unavailable(&env, addr, 1).await;
     assert_eq!(refused.message(), LOG_NOT_OPEN);
     let mut carol = env.client(addr, "carol");
     let refused = carol
