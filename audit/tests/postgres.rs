@@ -101,6 +101,21 @@ async fn append_unavailable(env: &Env, addr: SocketAddr, seq: u64) -> tonic::Sta
     refused
 }
 
+/// The whole log read through `carol`: `n` entries, the checkpoint of `n`,
+/// and they verify against it.
+async fn assert_log_of(
+    env: &Env,
+    carol: &mut twokey_proto::audit::v1::audit_service_client::AuditServiceClient<
+        tonic::transport::Channel,
+    >,
+    n: usize,
+) {
+    let entries = query_all(carol).await;
+    let head = checkpoint(carol).await;
+    assert_eq!((entries.len(), head.tree_size), (n, n as u64));
+    env.verify(&entries, &head.checkpoint);
+}
+
 #[tokio::test]
 async fn the_lease_holder_appends_the_other_serves_reads_and_takes_over_when_killed() {
     let env = Env::new();
@@ -148,11 +163,7 @@ async fn the_lease_holder_appends_the_other_serves_reads_and_takes_over_when_kil
     drop(a);
     wait_for_health(&env, b_addr, ServingStatus::Serving).await;
     append_stored(&env, b_addr, 11..=15).await;
-    let entries = query_all(&mut carol_b).await;
-    let head = checkpoint(&mut carol_b).await;
-    assert_eq!(head.tree_size, 15);
-    let report = env.verify(&entries, &head.checkpoint);
-    assert_eq!(entries.len(), 15, "{report:?}");
+    assert_log_of(&env, &mut carol_b, 15).await;
     b.stop().await;
     drop(pg);
 }
@@ -178,11 +189,7 @@ async fn postgres_restarted_during_appends_answers_unavailable_then_recovers_wit
     wait_for_health(&env, addr, ServingStatus::Serving).await;
     // Event 6 was never acknowledged: sent again, it is stored after 5.
     append_stored(&env, addr, 6..=10).await;
-    let mut carol = env.client(addr, "carol");
-    let entries = query_all(&mut carol).await;
-    let head = checkpoint(&mut carol).await;
-    assert_eq!((entries.len(), head.tree_size), (10, 10));
-    env.verify(&entries, &head.checkpoint);
+    assert_log_of(&env, &mut env.client(addr, "carol"), 10).await;
     a.stop().await;
     drop(pg);
 }
@@ -216,10 +223,7 @@ async fn a_replica_started_while_its_database_is_down_is_unavailable_until_it_an
     pg.start_server().unwrap();
     wait_for_health(&env, addr, ServingStatus::Serving).await;
     append_stored(&env, addr, 1..=5).await;
-    let entries = query_all(&mut carol).await;
-    let head = checkpoint(&mut carol).await;
-    assert_eq!((entries.len(), head.tree_size), (5, 5));
-    env.verify(&entries, &head.checkpoint);
+    assert_log_of(&env, &mut carol, 5).await;
     a.stop().await;
     drop(pg);
 }
